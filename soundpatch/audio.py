@@ -1,0 +1,190 @@
+"""Audio as numpy arrays: decode, splice, encode. Pure functions, no I/O beyond bytes.
+
+Bit-exactness outside the region is a promise to users, so samples are kept in the
+file's own integer type (int16 for 16-bit PCM, int32 for 24/32-bit) rather than floats:
+the splice only ever converts the region itself, and everything else is copied.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+
+from soundpatch.errors import RowError
+
+# How soundfile should hand each subtype over so that writing it back is lossless.
+_NATIVE_DTYPE = {
+    "PCM_S8": "int16", "PCM_U8": "int16", "PCM_16": "int16", "ULAW": "int16", "ALAW": "int16",
+    "PCM_24": "int32", "PCM_32": "int32", "FLOAT": "float32", "DOUBLE": "float64",
+}
+# Effective bits of integer subtypes, for rounding a float region back to the grid.
+_BITS = {"PCM_S8": 8, "PCM_U8": 8, "PCM_16": 16, "ULAW": 16, "ALAW": 16, "PCM_24": 24, "PCM_32": 32}
+
+OUTPUT_CONTAINERS = {"wav": "WAV", "flac": "FLAC", "mp3": "MP3", "ogg": "OGG"}
+EXTENSIONS = {"WAV": "wav", "FLAC": "flac", "MP3": "mp3", "OGG": "ogg", "AIFF": "aiff",
+              "W64": "w64", "RF64": "wav", "WAVEX": "wav", "CAF": "caf", "AU": "au"}
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    frames: int
+    rate: int
+    channels: int
+    format: str
+    subtype: str
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.rate
+
+
+@dataclass(frozen=True)
+class Audio:
+    """Samples shaped (frames, channels) in the file's native dtype, plus how it was stored."""
+
+    samples: np.ndarray
+    rate: int
+    format: str
+    subtype: str
+
+    @property
+    def frames(self) -> int:
+        return int(self.samples.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.samples.shape[1])
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.rate
+
+    def float_slice(self, start: int, stop: int) -> np.ndarray:
+        """Frames [start, stop) as float32 in [-1, 1), whatever the storage type."""
+        return to_float(self.samples[max(0, start) : max(0, stop)])
+
+
+def to_float(samples: np.ndarray) -> np.ndarray:
+    if samples.dtype == np.int16:
+        return samples.astype(np.float32) / np.float32(2**15)
+    if samples.dtype == np.int32:
+        return (samples.astype(np.float64) / 2**31).astype(np.float32)
+    return samples.astype(np.float32, copy=False)
+
+
+def from_float(values: np.ndarray, like: Audio) -> np.ndarray:
+    """Float samples back into `like`'s storage type, rounded to its bit depth and clipped."""
+    dtype = like.samples.dtype
+    if dtype == np.int16 or dtype == np.int32:
+        bits = _BITS.get(like.subtype, 16 if dtype == np.int16 else 32)
+        scale = float(2 ** (bits - 1))
+        q = np.clip(np.round(values.astype(np.float64) * scale), -scale, scale - 1)
+        shift = (16 if dtype == np.int16 else 32) - bits
+        return (q * (2**shift)).astype(dtype)
+    return values.astype(dtype)
+
+
+def inspect(data: bytes, name: str = "audio") -> AudioInfo:
+    """Read only the header: enough to check a region against the audio's length."""
+    try:
+        info = sf.info(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise RowError(f"{name} holds no audio samples")
+    return AudioInfo(info.frames, info.samplerate, info.channels, info.format, info.subtype)
+
+
+def decode(data: bytes, name: str = "audio") -> Audio:
+    """Decode any format libsndfile reads (WAV, FLAC, OGG, MP3, AIFF, ...)."""
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            dtype = _NATIVE_DTYPE.get(f.subtype, "float32")
+            samples = f.read(dtype=dtype, always_2d=True)
+            rate, fmt, subtype = f.samplerate, f.format, f.subtype
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
+    if samples.shape[0] == 0:
+        raise RowError(f"{name} holds no audio samples")
+    return Audio(np.ascontiguousarray(samples), rate, fmt, subtype)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).split(":")[-1].strip() or type(exc).__name__
+    return text[:1].lower() + text[1:]
+
+
+def region_frames(start: float, end: float, rate: int, frames: int) -> tuple[int, int]:
+    """Seconds to a frame range [a, b), rounded to the nearest sample, inside the audio."""
+    a = min(max(0, round(start * rate)), frames)
+    b = min(max(a, round(end * rate)), frames)
+    return a, b
+
+
+def equal_power_ramps(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fade_out, fade_in) of length n with fade_out^2 + fade_in^2 == 1 at every sample.
+
+    Sample k sits at (k + 0.5) / n so that neither end is exactly 0 or 1: the first and last
+    samples of the region are already a blend, and the curve is symmetric.
+    """
+    theta = (np.arange(n, dtype=np.float64) + 0.5) / n * (np.pi / 2)
+    return np.cos(theta).astype(np.float32)[:, None], np.sin(theta).astype(np.float32)[:, None]
+
+
+def splice(original: Audio, fill: np.ndarray, a: int, b: int, crossfade: int) -> Audio:
+    """Put `fill` (float32, (b - a, channels)) into frames [a, b) of `original`.
+
+    Outside [a, b) the result is `original` bit for bit. Inside, equal-power crossfades of
+    `crossfade` frames at each edge (capped at a quarter of the region) blend from the
+    original into the fill and back, so a fill that does not meet the surroundings exactly
+    still has no click at the seams.
+    """
+    if fill.ndim == 1:
+        fill = fill[:, None]
+    if fill.shape != (b - a, original.channels):
+        raise ValueError(
+            f"fill has shape {fill.shape}, expected {(b - a, original.channels)} for region [{a}, {b})"
+        )
+    out = original.samples.copy()
+    if b <= a:
+        return Audio(out, original.rate, original.format, original.subtype)
+    region = np.array(fill, dtype=np.float32, copy=True)
+    n = min(max(0, crossfade), (b - a) // 4)
+    if n > 0:
+        fade_out, fade_in = equal_power_ramps(n)
+        head = original.float_slice(a, a + n)
+        tail = original.float_slice(b - n, b)
+        region[:n] = head * fade_out + region[:n] * fade_in
+        region[-n:] = region[-n:] * fade_out + tail * fade_in
+    out[a:b] = from_float(region, original)
+    return Audio(out, original.rate, original.format, original.subtype)
+
+
+def output_subtype(audio: Audio, container: str) -> str:
+    """Keep the input's subtype when the container can hold it; otherwise the closest lossless-ish one."""
+    available = sf.available_subtypes(container)
+    if audio.subtype in available:
+        return audio.subtype
+    if container == "WAV":
+        return "FLOAT" if audio.samples.dtype.kind == "f" else "PCM_32"
+    if container == "FLAC":
+        return "PCM_24"
+    if container == "MP3":
+        return "MPEG_LAYER_III"
+    if container == "OGG":
+        return "VORBIS"
+    return sf.default_subtype(container)
+
+
+def encode(audio: Audio, container: str) -> bytes:
+    """Audio as a file in `container` (WAV, FLAC, MP3, OGG, ...) at its own rate and layout."""
+    subtype = output_subtype(audio, container)
+    buf = io.BytesIO()
+    samples = audio.samples
+    if subtype in ("MPEG_LAYER_III", "VORBIS", "OPUS") and samples.dtype.kind != "f":
+        samples = to_float(samples)
+    sf.write(buf, samples, audio.rate, format=container, subtype=subtype)
+    return buf.getvalue()

@@ -1,0 +1,135 @@
+"""Typed configuration; every default is the embedded setup (local engine, local folders).
+
+A config file is optional. Keys follow ../shared/design/interfaces.md. Unknown keys are
+rejected so that a typo (`budget: 5` instead of `budget_usd: 5`) cannot silently leave a
+limit at its default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from soundpatch.errors import ConfigError
+
+PROVIDERS = ("local", "eachlabs", "stability", "fal")
+
+# What each provider charges per prediction when the config does not say.
+DEFAULT_PRICES_USD = {"local": 0.0, "eachlabs": 0.20, "stability": 0.20, "fal": 0.20}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ProviderConfig(_Section):
+    name: str = "local"
+    base_url: str = "https://api.eachlabs.ai"
+    # The NAME of the environment variable holding the key; keys never live in files.
+    api_key_env: str = "EACHLABS_API_KEY"
+    price_usd: float | None = Field(default=None, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known_provider(cls, name: str) -> str:
+        if name not in PROVIDERS:
+            raise ValueError(f"unknown provider {name!r}; choose one of {', '.join(PROVIDERS)}")
+        return name
+
+    @property
+    def price(self) -> float:
+        return self.price_usd if self.price_usd is not None else DEFAULT_PRICES_USD[self.name]
+
+
+class LimitsConfig(_Section):
+    concurrency: int = Field(default=8, ge=1, le=1024)
+    requests_per_minute: float = Field(default=60, gt=0)
+    budget_usd: float = Field(default=10.0, ge=0)
+
+
+class S3Config(_Section):
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+
+
+class StorageConfig(_Section):
+    s3: S3Config = Field(default_factory=S3Config)
+    staging: str | None = None
+
+
+class OutputConfig(_Section):
+    uri: str = "./outputs/"
+    # `same` keeps each input's own container (an extension of interfaces.md).
+    format: Literal["wav", "flac", "mp3", "ogg", "same"] = "wav"
+
+
+class SpliceConfig(_Section):
+    # Equal-power crossfade inside each edge of the region; capped at a quarter of it.
+    crossfade_ms: float = Field(default=10.0, ge=0, le=1000)
+
+
+class Config(_Section):
+    provider: ProviderConfig = Field(default_factory=ProviderConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    splice: SpliceConfig = Field(default_factory=SpliceConfig)
+    runs_dir: str = "./runs"
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (or none: embedded defaults) and apply dotted-key overrides.
+
+    `overrides` maps dotted keys to values, e.g. {"limits.budget_usd": 5}; None values are
+    ignored so that unset CLI flags do not clobber the file.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"Cannot read config file {p}: {exc.strerror or exc}.") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"Config file {p} is not valid YAML{where}.") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"Config file {p} must be a mapping of sections, not a list or value.")
+        data = loaded
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node = child
+        node[leaf] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "config"
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "is not a known key"
+        source = f" in {path}" if path is not None else ""
+        raise ConfigError(f"Config key '{where}'{source} {_lower_first(message)}.") from None
+
+
+def _lower_first(text: str) -> str:
+    text = text.rstrip(".")
+    if text.startswith("Value error, "):
+        text = text[len("Value error, ") :]
+    return text[:1].lower() + text[1:] if text else text

@@ -1,0 +1,147 @@
+"""Find the passage elsewhere in a recording that best fits a long gap.
+
+In the spirit of Perraudin et al. (2018), "Inpainting of long audio segments with
+similarity graphs": music and most ambiences repeat, so the best fill for a long gap is
+usually a passage whose own surroundings look like the gap's surroundings. We score
+every candidate position by the normalised cross-correlation of its left and right
+context with the gap's, computed with FFTs at a reduced rate over a bounded search range
+(decoding minutes of audio is cheap; correlating all of it at full rate is not), then
+refine the best few to the exact sample at the full rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import soxr
+from scipy.signal import correlate
+
+SEARCH_RATE = 6000  # Hz; enough to discriminate rhythm and pitch, cheap to correlate
+SEARCH_RANGE_SECONDS = 90.0  # candidates further than this from the gap are not considered
+# Candidates scoring within this of the best are equally good; the seed picks among them.
+EQUAL_SCORE_MARGIN = 0.02
+
+
+@dataclass(frozen=True)
+class Match:
+    start: int  # first frame of the source passage, full rate
+    score: float  # mean normalised cross-correlation of the contexts, -1..1
+
+
+def context_frames(gap: int, rate: int) -> int:
+    """How much surrounding audio is compared: about the gap, 0.25 s to 1 s."""
+    return int(min(rate * 1.0, max(rate * 0.25, gap)))
+
+
+def find_matches(mono: np.ndarray, rate: int, a: int, b: int, limit: int = 8) -> list[Match]:
+    """Best source positions q for frames [a, b) of `mono`, best first.
+
+    A source passage [q, q + m) never overlaps the gap, nor do its contexts when the file
+    allows it. Returns [] when the file has no room for a non-overlapping passage.
+    """
+    m = b - a
+    n = len(mono)
+    c = context_frames(m, rate)
+    step = max(1, rate // SEARCH_RATE)
+    xs = soxr.resample(mono.astype(np.float32), rate, rate / step) if step > 1 else mono
+    ms, cs = m // step, max(1, c // step)
+    a_s, b_s = a // step, b // step
+    left = xs[max(0, a_s - cs) : a_s]
+    right = xs[b_s : b_s + cs]
+    lo = max(0, a_s - int(SEARCH_RANGE_SECONDS * rate / step))
+    hi = min(len(xs) - ms, a_s + int(SEARCH_RANGE_SECONDS * rate / step))
+    if hi <= lo:
+        return []
+    q = np.arange(lo, hi + 1)
+    score = np.zeros(len(q))
+    weight = np.zeros(len(q))
+    if len(left) >= 8:
+        s, ok = _ncc_at(xs, left, q - len(left))
+        score += s
+        weight += ok
+    if len(right) >= 8:
+        s, ok = _ncc_at(xs, right, q + ms)
+        score += s
+        weight += ok
+    # The source itself must not overlap the gap.
+    allowed = (weight > 0) & ((q + ms <= a_s) | (q >= b_s + 1))
+    strict = allowed & ((q + ms + len(right) <= a_s) | (q - len(left) >= b_s + 1))
+    if strict.any():
+        allowed = strict
+    if not allowed.any():
+        return []
+    mean = np.where(allowed, score / np.maximum(weight, 1), -np.inf)
+    picks = _distinct_peaks(mean, spacing=max(cs, ms // 2), limit=limit)
+    matches = [_refine(mono, a, b, int(q[i]) * step, step, c) for i in picks]
+    matches = [mt for mt in matches if mt.start + m <= a or mt.start >= b]
+    return sorted(matches, key=lambda mt: -mt.score)
+
+
+def choose(matches: list[Match], seed: int | None) -> Match:
+    """The best match, or (with a seed) one of those scoring as well as the best."""
+    best = matches[0]
+    tied = [mt for mt in matches if mt.score >= best.score - EQUAL_SCORE_MARGIN]
+    if seed is None or len(tied) == 1:
+        return best
+    return tied[seed % len(tied)]
+
+
+def _ncc_at(x: np.ndarray, template: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised cross-correlation of `template` with x[o : o + len] for each offset o."""
+    k = len(template)
+    t = template.astype(np.float64) - template.mean()
+    t_norm = np.sqrt(np.dot(t, t))
+    valid = (offsets >= 0) & (offsets + k <= len(x))
+    out = np.zeros(len(offsets))
+    if t_norm < 1e-9 or not valid.any():
+        return out, valid.astype(float)
+    o_lo, o_hi = int(offsets[valid].min()), int(offsets[valid].max())
+    seg = x[o_lo : o_hi + k].astype(np.float64)
+    num = correlate(seg, t, mode="valid", method="fft")
+    csum = np.concatenate([[0.0], np.cumsum(seg)])
+    csq = np.concatenate([[0.0], np.cumsum(seg * seg)])
+    win_sum = csum[k:] - csum[:-k]
+    win_energy = np.maximum(csq[k:] - csq[:-k] - win_sum**2 / k, 0.0)
+    denom = np.sqrt(win_energy) * t_norm
+    idx = offsets[valid] - o_lo
+    out[valid] = np.where(denom[idx] > 1e-9, num[idx] / np.maximum(denom[idx], 1e-12), 0.0)
+    return out, valid.astype(float)
+
+
+def _distinct_peaks(score: np.ndarray, spacing: int, limit: int) -> list[int]:
+    order = np.argsort(-score)
+    picks: list[int] = []
+    for i in order:
+        if not np.isfinite(score[i]) or len(picks) >= limit:
+            break
+        if all(abs(int(i) - j) >= spacing for j in picks):
+            picks.append(int(i))
+    return picks
+
+
+def _refine(mono: np.ndarray, a: int, b: int, q: int, step: int, c: int) -> Match:
+    """Sample-accurate position near q, by full-rate correlation of short contexts."""
+    m = b - a
+    k = min(c, 4096)
+    left = mono[max(0, a - k) : a]
+    right = mono[b : b + k]
+    lags = np.arange(q - 2 * step, q + 2 * step + 1)
+    lags = lags[(lags >= 0) & (lags + m <= len(mono))]
+    best = Match(q, -np.inf)
+    for source in lags:
+        parts = []
+        if len(left) and source - len(left) >= 0:
+            parts.append(_ncc(left, mono[source - len(left) : source]))
+        if len(right) and source + m + len(right) <= len(mono):
+            parts.append(_ncc(right, mono[source + m : source + m + len(right)]))
+        if parts and np.mean(parts) > best.score:
+            best = Match(int(source), float(np.mean(parts)))
+    return best
+
+
+def _ncc(u: np.ndarray, v: np.ndarray) -> float:
+    u = u.astype(np.float64) - u.mean()
+    v = v.astype(np.float64) - v.mean()
+    d = np.sqrt(np.dot(u, u) * np.dot(v, v))
+    return float(np.dot(u, v) / d) if d > 1e-12 else 0.0

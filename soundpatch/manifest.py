@@ -1,0 +1,434 @@
+"""Read a CSV or YAML manifest into edits: one edit is one result to produce.
+
+A row that cannot be used becomes an edit with `error` set: it is reported as `invalid`,
+costs nothing, and the rest of the batch goes on. Only a manifest that cannot be read at
+all raises `ManifestError` (the CLI exits 2).
+
+Columns (interfaces.md): input, start, end (or region "a-b"), prompt, and optionally id,
+seed, steps, guidance_scale, variations, output, provider. Anything else is carried
+through to the report and output metadata.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from soundpatch.config import PROVIDERS
+from soundpatch.errors import ManifestError
+
+KNOWN_COLUMNS = (
+    "id", "input", "start", "end", "region", "prompt", "seed", "steps", "guidance_scale",
+    "variations", "output", "provider",
+)
+# Report columns a carried-through manifest column must not overwrite.
+REPORT_COLUMNS = (
+    "row_id", "input", "start", "end", "prompt", "seed", "provider", "status", "cost_usd",
+    "output", "prediction_id", "attempts", "error",
+)
+MAX_PROMPT_CHARS = 2000
+MAX_VARIATIONS = 1000
+MAX_SEED = 2**32 - 1
+REMOTE_SCHEMES = ("s3://", "https://", "http://")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One result to produce: a region of one input replaced according to one prompt.
+
+    `error` is set when the row is invalid; then other fields hold what could be parsed.
+    """
+
+    row_id: str
+    line: str  # where the row is in the manifest, for messages ("line 7", "row 3")
+    input: str
+    start: float | None
+    end: float | None
+    prompt: str
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    output: str | None = None
+    provider: str | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.error is None
+
+    @property
+    def is_remote(self) -> bool:
+        return self.input.startswith(REMOTE_SCHEMES)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    edits: list[Edit]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resolve_input(self, edit: Edit) -> str:
+        """Local paths are relative to the manifest's folder, so a manifest travels with its audio."""
+        if edit.is_remote:
+            return edit.input
+        p = Path(edit.input).expanduser()
+        return str(p if p.is_absolute() else (self.base_dir / p))
+
+
+# --------------------------------------------------------------------------- times
+
+
+_TIMECODE = re.compile(r"^(?:(\d+):)?(\d+):(\d+(?:\.\d*)?)$")
+
+
+def parse_time(value: Any, what: str = "time") -> float:
+    """Seconds from `12.5`, `"12.5"`, `"1:02.5"` (mm:ss.f) or `"1:02:03.25"` (hh:mm:ss.f)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number of seconds, not {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        if not text:
+            raise ValueError(f"{what} is empty")
+        m = _TIMECODE.match(text)
+        if m:
+            hours, minutes, secs = m.groups()
+            if float(secs) >= 60 or (hours is not None and int(minutes) >= 60):
+                raise ValueError(f"{what} {text!r} is not a valid timecode")
+            seconds = int(hours or 0) * 3600 + int(minutes) * 60 + float(secs)
+        else:
+            try:
+                seconds = float(text)
+            except ValueError:
+                raise ValueError(
+                    f"{what} {text!r} is not a number of seconds or a mm:ss.f timecode"
+                ) from None
+    if not math.isfinite(seconds):
+        raise ValueError(f"{what} must be a finite number of seconds, not {value!r}")
+    if seconds < 0:
+        raise ValueError(f"{what} {value!r} is negative")
+    if seconds > 7 * 24 * 3600:
+        raise ValueError(f"{what} {value!r} is longer than a week of audio")
+    return seconds
+
+
+_REGION = re.compile(r"^\s*([^\s\-–]+)\s*(?:-|–|\.\.)\s*([^\s\-–]+)\s*$")
+
+
+def parse_region(text: Any) -> tuple[float, float]:
+    """`"12.5-15"`, `"0:12.5-0:15"` or `"12.5..15"` into (start, end) seconds."""
+    m = _REGION.match(str(text))
+    if not m:
+        raise ValueError(f"region {text!r} is not of the form start-end, e.g. 12.5-15")
+    return parse_time(m.group(1), "region start"), parse_time(m.group(2), "region end")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest; raises ManifestError only when it cannot be read at all."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"Manifest {p} does not exist.") from None
+    except IsADirectoryError:
+        raise ManifestError(f"Manifest {p} is a folder, not a CSV or YAML file.") from None
+    except OSError as exc:
+        raise ManifestError(f"Cannot read manifest {p}: {exc.strerror or exc}.") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(
+            f"Manifest {p} is not UTF-8 text (bad byte at position {exc.start}); "
+            "save it as UTF-8 and try again."
+        ) from None
+    suffix = p.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        records = list(_yaml_records(text, p))
+    elif suffix in (".csv", ".tsv", ".txt"):
+        records = list(_csv_records(text, p))
+    else:
+        raise ManifestError(f"Manifest {p} must end in .csv, .yaml or .yml.")
+    if not records:
+        raise ManifestError(f"Manifest {p} has no rows.")
+    return Manifest(path=p, edits=list(expand_rows(records)))
+
+
+def _csv_records(text: str, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    first_line = text.split("\n", 1)[0]
+    delimiter = ","
+    if "," not in first_line:
+        delimiter = "\t" if "\t" in first_line else (";" if ";" in first_line else ",")
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise ManifestError(f"Manifest {path} is empty.") from None
+    except csv.Error as exc:
+        raise ManifestError(f"Manifest {path} is not valid CSV: {exc}.") from None
+    header = [h.strip() for h in header]
+    _check_header(header, path)
+    try:
+        for values in reader:
+            if not any(v.strip() for v in values):
+                continue  # blank lines are not rows
+            where = f"line {reader.line_num}"
+            if len(values) > len(header):
+                yield where, {"__error__": (
+                    f"has {len(values)} fields but the header has {len(header)} "
+                    "(an unquoted comma in a prompt?)"
+                )}
+                continue
+            yield where, {k: v for k, v in zip(header, values, strict=False) if k}
+    except csv.Error as exc:
+        raise ManifestError(f"Manifest {path} is not valid CSV near line {reader.line_num}: {exc}.") from None
+
+
+def _check_header(columns: list[str], path: Path) -> None:
+    missing = [c for c in ("input", "prompt") if c not in columns]
+    if "region" not in columns and not {"start", "end"} <= set(columns):
+        missing.append("start/end or region")
+    if missing:
+        raise ManifestError(
+            f"Manifest {path} has no {' or '.join(repr(m) for m in missing)} column "
+            f"(found: {', '.join(c for c in columns if c) or 'nothing'})."
+        )
+    dupes = sorted({c for c in columns if c and columns.count(c) > 1})
+    if dupes:
+        raise ManifestError(f"Manifest {path} names the column {dupes[0]!r} twice.")
+
+
+def _yaml_records(text: str, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ManifestError(f"Manifest {path} is not valid YAML{where}.") from None
+    defaults: dict[str, Any] = {}
+    matrix: dict[str, Any] | None = None
+    if isinstance(doc, list):
+        rows = doc
+    elif isinstance(doc, dict):
+        unknown = set(doc) - {"rows", "defaults", "matrix"}
+        if unknown:
+            raise ManifestError(
+                f"Manifest {path} has unknown top-level key {sorted(unknown)[0]!r} "
+                "(expected rows, defaults, matrix)."
+            )
+        rows = doc.get("rows") or []
+        defaults = doc.get("defaults") or {}
+        matrix = doc.get("matrix")
+        if not isinstance(defaults, dict):
+            raise ManifestError(f"Manifest {path}: 'defaults' must be a mapping of columns.")
+        if not isinstance(rows, list):
+            raise ManifestError(f"Manifest {path}: 'rows' must be a list of mappings.")
+    else:
+        raise ManifestError(f"Manifest {path} must hold a 'rows:' list.")
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            yield f"row {i}", {"__error__": "is not a mapping of columns"}
+            continue
+        yield f"row {i}", {**defaults, **row}
+    if matrix is not None:
+        yield from _matrix_records(matrix, defaults, path)
+
+
+def _matrix_records(
+    matrix: Any, defaults: dict[str, Any], path: Path
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`matrix: {input: [...], prompt: [...], seed: [...]}` -> the cartesian product as rows."""
+    if not isinstance(matrix, dict) or not matrix:
+        raise ManifestError(f"Manifest {path}: 'matrix' must map columns to lists of values.")
+    keys = list(matrix)
+    axes = [v if isinstance(v, list) else [v] for v in matrix.values()]
+    for i, combo in enumerate(itertools.product(*axes), start=1):
+        yield f"matrix entry {i}", {**defaults, **dict(zip(keys, combo, strict=True))}
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def expand_rows(records: list[tuple[str, dict[str, Any]]]) -> Iterator[Edit]:
+    """Validate each record and expand `variations`; ids stay stable and unique."""
+    seen_ids: dict[str, str] = {}
+    derived_count: dict[str, int] = {}
+    for where, record in records:
+        for edit in _record_to_edits(where, record):
+            row_id = edit.row_id
+            if row_id in seen_ids:
+                if _has_explicit_id(record):
+                    edit = _invalid_copy(edit, f"id {row_id!r} is already used by {seen_ids[row_id]}")
+                    row_id = f"{row_id}@{where.replace(' ', '')}"
+                else:
+                    # Identical rows: keep both, distinguished by occurrence (stable for a
+                    # given manifest); sending them once is the dedup layer's job.
+                    derived_count[row_id] = derived_count.get(row_id, 1) + 1
+                    row_id = f"{row_id}-{derived_count[row_id]}"
+                edit = _replace(edit, row_id=row_id)
+            seen_ids[row_id] = where
+            yield edit
+
+
+def _has_explicit_id(record: Mapping[str, Any]) -> bool:
+    return str(record.get("id") or "").strip() != ""
+
+
+def _record_to_edits(where: str, record: dict[str, Any]) -> list[Edit]:
+    record = {str(k).strip(): v for k, v in record.items()}
+    text = {k: ("" if v is None else str(v)).strip() for k, v in record.items()}
+    extra = {}
+    for k, v in text.items():
+        if k not in KNOWN_COLUMNS and not k.startswith("__"):
+            extra[f"manifest_{k}" if k in REPORT_COLUMNS else k] = v
+    row_id = text.get("id") or _derived_id(text)
+    base = Edit(
+        row_id=row_id, line=where, input=text.get("input", ""), start=None, end=None,
+        prompt=text.get("prompt", ""), extra=extra,
+    )
+    if "__error__" in record:
+        return [_invalid_copy(base, f"{where} {record['__error__']}")]
+    try:
+        fields = _parse_fields(record, text)
+    except ValueError as exc:
+        return [_invalid_copy(_replace(base, **_partial_region(record)), str(exc))]
+    variations = fields.pop("variations")
+    base = _replace(base, **fields)
+    if variations == 1:
+        seed = base.seed if base.seed is not None else _derived_seed(row_id, 1)
+        return [_replace(base, seed=seed)]
+    edits = []
+    for k in range(1, variations + 1):
+        seed = (base.seed + k - 1) % (MAX_SEED + 1) if base.seed is not None else _derived_seed(row_id, k)
+        edits.append(_replace(base, row_id=f"{row_id}-v{k}", seed=seed))
+    return edits
+
+
+def _parse_fields(record: dict[str, Any], text: dict[str, str]) -> dict[str, Any]:
+    if len(text.get("id", "")) > 128:
+        raise ValueError("id is longer than 128 characters")
+    if any(ord(c) < 32 for c in text.get("id", "")):
+        raise ValueError("id contains control characters")
+    source = text.get("input", "")
+    if not source:
+        raise ValueError("input is empty; give a file path, s3://bucket/key or https:// URL")
+    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", source)
+    if scheme and not source.startswith(REMOTE_SCHEMES):
+        raise ValueError(
+            f"input scheme {scheme.group(1)}:// is not supported; use a file path, "
+            "s3://bucket/key or https:// URL"
+        )
+    start, end = _region_of(record, text)
+    if end <= start:
+        raise ValueError(f"region end {end:g} s is not after its start {start:g} s")
+    prompt = text.get("prompt", "")
+    if not prompt:
+        raise ValueError("prompt is empty; say what the region should become")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    provider = text.get("provider") or None
+    if provider is not None and provider not in PROVIDERS:
+        raise ValueError(f"provider {provider!r} is unknown; choose one of {', '.join(PROVIDERS)}")
+    return {
+        "start": start,
+        "end": end,
+        "prompt": prompt,
+        "seed": _int_field(text, "seed", 0, MAX_SEED),
+        "steps": _int_field(text, "steps", 1, 1000),
+        "guidance_scale": _float_field(text, "guidance_scale", 0.0, 100.0),
+        "variations": _int_field(text, "variations", 1, MAX_VARIATIONS) or 1,
+        "output": text.get("output") or None,
+        "provider": provider,
+    }
+
+
+def _region_of(record: dict[str, Any], text: dict[str, str]) -> tuple[float, float]:
+    has_bounds = bool(text.get("start")) or bool(text.get("end"))
+    if text.get("region"):
+        if has_bounds:
+            raise ValueError("give either region or start/end, not both")
+        return parse_region(text["region"])
+    if not text.get("start"):
+        raise ValueError("start is missing; give start and end in seconds or region: a-b")
+    if not text.get("end"):
+        raise ValueError("end is missing; give start and end in seconds or region: a-b")
+    return parse_time(record["start"], "start"), parse_time(record["end"], "end")
+
+
+def _partial_region(record: dict[str, Any]) -> dict[str, float]:
+    """What of the region parses, so an invalid row still shows it in the report."""
+    out = {}
+    for key in ("start", "end"):
+        try:
+            out[key] = parse_time(record.get(key), key)
+        except (ValueError, TypeError):
+            pass
+    return out
+
+
+def _int_field(text: dict[str, str], key: str, low: int, high: int) -> int | None:
+    raw = text.get(key, "")
+    if raw == "":
+        return None
+    try:
+        number = float(raw)
+    except ValueError:
+        raise ValueError(f"{key} {raw!r} is not a whole number") from None
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError(f"{key} {raw!r} is not a whole number")
+    if not low <= int(number) <= high:
+        raise ValueError(f"{key} {raw} is outside {low}..{high}")
+    return int(number)
+
+
+def _float_field(text: dict[str, str], key: str, low: float, high: float) -> float | None:
+    raw = text.get(key, "")
+    if raw == "":
+        return None
+    try:
+        number = float(raw)
+    except ValueError:
+        raise ValueError(f"{key} {raw!r} is not a number") from None
+    if not math.isfinite(number) or not low <= number <= high:
+        raise ValueError(f"{key} {raw} is outside {low:g}..{high:g}")
+    return number
+
+
+def _derived_id(text: Mapping[str, str]) -> str:
+    """A short id from the row's content: the same row gets the same id in every run."""
+    keys = ("input", "start", "end", "region", "prompt", "seed", "steps", "guidance_scale",
+            "variations", "output", "provider")
+    canonical = json.dumps({k: text.get(k, "") for k in keys}, sort_keys=True)
+    return "r" + hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def _derived_seed(row_id: str, variation: int) -> int:
+    digest = hashlib.sha256(f"{row_id}/{variation}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % (2**31)
+
+
+def _replace(edit: Edit, **changes: Any) -> Edit:
+    return replace(edit, **changes)
+
+
+def _invalid_copy(edit: Edit, reason: str) -> Edit:
+    reason = reason.strip().rstrip(".")
+    return _replace(edit, error=reason[:1].upper() + reason[1:] + ".")
