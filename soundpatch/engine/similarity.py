@@ -41,7 +41,6 @@ def find_matches(mono: np.ndarray, rate: int, a: int, b: int, limit: int = 8) ->
     allows it. Returns [] when the file has no room for a non-overlapping passage.
     """
     m = b - a
-    n = len(mono)
     c = context_frames(m, rate)
     step = max(1, rate // SEARCH_RATE)
     xs = soxr.resample(mono.astype(np.float32), rate, rate / step) if step > 1 else mono

@@ -1,0 +1,1 @@
+"""Prefect flows: thin, they wire tasks together."""

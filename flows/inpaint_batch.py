@@ -1,0 +1,75 @@
+"""The batch pipeline, top to bottom.
+
+1. Read the manifest and the config (the same ones `soundpatch validate` checks).
+2. Keep the rows this run already finished (running again with the same run id resumes).
+3. Fan out one `inpaint-row` task per remaining result, never more than
+   `limits.concurrency` in flight, so memory stays flat however long the manifest.
+4. Write the report (runs/<run_id>/report.csv, .json, .html) and return its summary.
+
+Parameters are plain values so the flow runs the same from the CLI, a deployment
+schedule, or a worker.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from soundpatch.batch import Batch, new_run_id
+from soundpatch.config import Config
+from soundpatch.manifest import load_manifest
+from soundpatch.outcome import Outcome
+from soundpatch.report import summarize, write_reports
+from tasks.inpaint import inpaint_row
+
+
+@flow(name="inpaint_batch", flow_run_name="soundpatch {run_id}", task_runner=ThreadPoolTaskRunner())
+def inpaint_batch(
+    manifest: str,
+    config: dict[str, Any] | None = None,
+    run_id: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    started = time.time()
+    cfg = Config.model_validate(config or {})
+    run_id = run_id or new_run_id()
+    batch = Batch(load_manifest(manifest), cfg, run_id, force=force)
+    try:
+        todo, kept = batch.split()
+        batch.journal.write("run_started", total=len(todo) + len(kept), kept=len(kept), manifest=manifest)
+        outcomes = kept + _fan_out(batch, todo, cfg.limits.concurrency)
+    finally:
+        batch.close()
+    order = {e.row_id: i for i, e in enumerate(batch.manifest.edits)}
+    outcomes.sort(key=lambda o: order.get(o.row_id, len(order)))
+    summary = summarize(outcomes, {
+        "run_id": run_id, "manifest": manifest, "provider": cfg.provider.name,
+        "budget_usd": cfg.limits.budget_usd, "output_uri": cfg.output.uri,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "wall_seconds": round(time.time() - started, 3), "notes": batch.notes(),
+    })
+    write_reports(batch.run_dir, outcomes, summary)
+    return {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
+
+
+def _fan_out(batch: Batch, edits: list, concurrency: int) -> list[Outcome]:
+    """Submit tasks through a sliding window of `concurrency` futures."""
+    outcomes: list[Outcome] = []
+    in_flight: list[PrefectFuture[Outcome]] = []
+    for edit in edits:
+        if len(in_flight) >= concurrency:
+            outcomes.append(_next_done(in_flight))
+        in_flight.append(inpaint_row.submit(batch, edit))
+    while in_flight:
+        outcomes.append(_next_done(in_flight))
+    return outcomes
+
+
+def _next_done(in_flight: list[PrefectFuture[Outcome]]) -> Outcome:
+    future = next(as_completed(in_flight))
+    in_flight.remove(future)
+    return future.result()

@@ -1,0 +1,287 @@
+"""One batch run: each edit's journey from manifest row to published result.
+
+    validate (no network, no money)  -> invalid + reason
+    reserve the price in the ledger  -> skipped_budget
+    decode the source (once per source), inpaint the region, splice it into the original
+    encode, publish under output.uri, journal the outcome
+
+`Batch.process` never raises: whatever goes wrong becomes that row's outcome with one
+sentence saying why, and the rest of the batch goes on. Orchestration (Prefect) lives in
+flows/ and tasks/; this module is plain Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from soundpatch import audio as audio_ops
+from soundpatch.audio import AudioInfo
+from soundpatch.config import Config
+from soundpatch.errors import ConfigError, RowError, SoundpatchError
+from soundpatch.journal import Journal, latest_outcomes
+from soundpatch.limits import BudgetLedger
+from soundpatch.manifest import Edit, Manifest
+from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SUCCEEDED, Outcome
+from soundpatch.providers import InpaintRequest, Provider, make_provider
+from soundpatch.sources import SourceReader
+from soundpatch.storage import OutputStore, open_store, output_name
+
+CONTENT_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg", "ogg": "audio/ogg",
+                 "aiff": "audio/aiff"}
+WRITABLE_CONTAINERS = ("WAV", "FLAC", "OGG", "MP3", "AIFF")
+# Typical seconds per prediction, for the wall-time estimate before a run.
+TYPICAL_SECONDS = {"local": 0.2, "eachlabs": 15.0, "stability": 15.0, "fal": 15.0}
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """An edit that passed validation, with what validation learned about its source."""
+
+    edit: Edit
+    source: str
+    info: AudioInfo
+    provider: Provider
+
+
+class Batch:
+    def __init__(
+        self, manifest: Manifest, config: Config, run_id: str, force: bool = False, dry_run: bool = False
+    ) -> None:
+        self.manifest = manifest
+        self.config = config
+        self.run_id = run_id
+        self.force = force
+        self.run_dir = Path(config.runs_dir).expanduser() / run_id
+        self.previous = {} if dry_run else latest_outcomes(self.run_dir)
+        self.providers: dict[str, Provider] = {config.provider.name: make_provider(config.provider)}
+        self.store: OutputStore = open_store(config.output.uri)
+        self.sources = SourceReader()
+        self._carried = self._carried_outcomes()
+        already = sum(o.get("cost_usd") or 0.0 for o in self.previous.values())
+        self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=already)
+        self.journal = Journal(self.run_dir)
+        self._lock = threading.Lock()
+        self._checksums: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ planning
+
+    def _carried_outcomes(self) -> dict[str, Outcome]:
+        """Rows this run already finished (same --run-id): kept as they were, not redone."""
+        carried = {}
+        for row_id, data in self.previous.items():
+            o = Outcome.from_dict(data)
+            if o.status == SUCCEEDED and o.output and Path(o.output).exists():
+                carried[row_id] = o
+        return carried
+
+    def split(self) -> tuple[list[Edit], list[Outcome]]:
+        """(edits still to do, outcomes kept from an earlier attempt of this run)."""
+        todo, kept = [], []
+        for edit in self.manifest.edits:
+            if edit.row_id in self._carried and not self.force:
+                kept.append(self._carried[edit.row_id])
+            else:
+                todo.append(edit)
+        return todo, kept
+
+    def provider_for(self, edit: Edit) -> Provider:
+        name = edit.provider or self.config.provider.name
+        with self._lock:
+            if name not in self.providers:
+                try:
+                    self.providers[name] = make_provider(self.config.provider, name)
+                except ConfigError as exc:
+                    raise RowError(str(exc)) from None
+            return self.providers[name]
+
+    def check(self, edit: Edit) -> Checked:
+        """Everything that can be known without spending: raises RowError with the reason."""
+        if edit.error:
+            raise RowError(edit.error)
+        provider = self.provider_for(edit)
+        source = self.manifest.resolve_input(edit)
+        info = self.sources.info(source)
+        assert edit.start is not None and edit.end is not None
+        half_sample = 0.5 / info.rate
+        if edit.start >= info.duration:
+            raise RowError(
+                f"region starts at {edit.start:g} s but {Path(edit.input).name} is only "
+                f"{info.duration:.3f} s long"
+            )
+        if edit.end > info.duration + half_sample:
+            raise RowError(
+                f"region ends at {edit.end:g} s but {Path(edit.input).name} is only "
+                f"{info.duration:.3f} s long"
+            )
+        a, b = audio_ops.region_frames(edit.start, edit.end, info.rate, info.frames)
+        if b <= a:
+            raise RowError(f"region {edit.start:g}-{edit.end:g} s is shorter than one sample")
+        return Checked(edit, source, info, provider)
+
+    def estimate(self, edits: list[Edit]) -> dict[str, Any]:
+        """What a run would do and cost, touching no provider."""
+        predictions, cost, invalid, errors = 0, 0.0, 0, []
+        per_provider: dict[str, int] = {}
+        for edit in edits:
+            try:
+                checked = self.check(edit)
+            except RowError as exc:
+                invalid += 1
+                errors.append((edit.row_id, edit.line, _sentence(exc)))
+                continue
+            predictions += 1
+            cost += checked.provider.price_usd
+            per_provider[checked.provider.name] = per_provider.get(checked.provider.name, 0) + 1
+        limits = self.config.limits
+        seconds = 0.0
+        for name, count in per_provider.items():
+            latency = TYPICAL_SECONDS.get(name, 15.0)
+            rate_per_s = min(limits.concurrency / latency, limits.requests_per_minute / 60.0)
+            seconds += count / rate_per_s
+        return {
+            "rows": len({e.line for e in edits}),
+            "results": len(edits),
+            "predictions": predictions,
+            "invalid": invalid,
+            "expected_cost_usd": round(cost, 6),
+            "budget_usd": limits.budget_usd,
+            "expected_seconds": round(seconds, 1),
+            "errors": errors,
+        }
+
+    # ------------------------------------------------------------------ processing
+
+    def process(self, edit: Edit) -> Outcome:
+        started = time.monotonic()
+        outcome = self._blank_outcome(edit)
+        try:
+            self._process(edit, outcome)
+        except RowError as exc:
+            outcome.status = outcome.status or FAILED
+            outcome.error = _sentence(exc)
+        except SoundpatchError as exc:
+            outcome.status = FAILED
+            outcome.error = _sentence(exc)
+        except Exception as exc:  # a bug or an environment fault: keep the batch going
+            outcome.status = FAILED
+            outcome.error = (
+                f"Unexpected {type(exc).__name__}: {str(exc)[:200]} "
+                f"(details in {self.run_dir / 'errors.log'})."
+            )
+            self._log_traceback(edit)
+        outcome.seconds = round(time.monotonic() - started, 3)
+        self.journal.write("outcome", edit.row_id, outcome=outcome.to_dict())
+        return outcome
+
+    def _blank_outcome(self, edit: Edit) -> Outcome:
+        previous_cost = (self.previous.get(edit.row_id) or {}).get("cost_usd") or 0.0
+        return Outcome(
+            row_id=edit.row_id, input=edit.input, start=edit.start, end=edit.end, prompt=edit.prompt,
+            seed=edit.seed, provider=edit.provider or self.config.provider.name, status="",
+            cost_usd=previous_cost, extra=dict(edit.extra),
+        )
+
+    def _process(self, edit: Edit, outcome: Outcome) -> None:
+        try:
+            checked = self.check(edit)
+            original = self.sources.audio(checked.source)
+        except RowError:
+            outcome.status = INVALID
+            raise
+        provider = checked.provider
+        reservation = self.ledger.reserve(provider.price_usd)
+        if reservation is None:
+            outcome.status = SKIPPED_BUDGET
+            outcome.error = (
+                f"Budget of ${self.ledger.budget_usd:.2f} reached "
+                f"(${self.ledger.spent_usd:.2f} spent); this row was not sent."
+            )
+            return
+        a, b = audio_ops.region_frames(edit.start or 0.0, edit.end or 0.0, original.rate, original.frames)
+        request = InpaintRequest(original, a, b, edit.prompt, edit.seed, edit.steps, edit.guidance_scale)
+        self.journal.write("sending", edit.row_id, provider=provider.name)
+        outcome.attempts += 1
+        try:
+            prediction = provider.inpaint(request)
+        except BaseException:
+            # The local engine never charges for a failure; hosted providers will say
+            # whether a prediction was created (and so is paid) before giving up.
+            self.ledger.release(reservation)
+            raise
+        self.ledger.settle(reservation, prediction.cost_usd)
+        outcome.cost_usd += prediction.cost_usd
+        outcome.prediction_id = prediction.prediction_id or ""
+        outcome.method = prediction.method
+        outcome.attempts = max(outcome.attempts, prediction.attempts)
+        self.journal.write("predicted", edit.row_id, prediction_id=outcome.prediction_id,
+                           cost_usd=prediction.cost_usd)
+
+        fade = prediction.crossfade
+        if fade is None:
+            fade = round(self.config.splice.crossfade_ms / 1000 * original.rate)
+        result = audio_ops.splice(original, prediction.fill, a, b, fade)
+        container = self._container(checked.info)
+        ext = audio_ops.EXTENSIONS.get(container, container.lower())
+        data = audio_ops.encode(result, container)
+        name = output_name(edit.output, {
+            "run_id": self.run_id, "row_id": edit.row_id, "stem": Path(edit.input).stem,
+            "seed": str(edit.seed), "ext": ext,
+        })
+        metadata = {
+            "row_id": edit.row_id, "run_id": self.run_id, "input": edit.input,
+            "region": f"{edit.start:g}-{edit.end:g}", "prompt": edit.prompt, "seed": str(edit.seed),
+            "provider": provider.name, "prediction_id": outcome.prediction_id,
+            "cost_usd": f"{prediction.cost_usd:.6f}", "method": prediction.method,
+            "source_sha256": self._checksum(checked.source), **dict(edit.extra),
+        }
+        outcome.output = self.store.put(name, data, CONTENT_TYPES.get(ext, "application/octet-stream"),
+                                        metadata)
+        outcome.status = SUCCEEDED
+
+    def _container(self, info: AudioInfo) -> str:
+        wanted = self.config.output.format
+        if wanted == "same":
+            return info.format if info.format in WRITABLE_CONTAINERS else "WAV"
+        return audio_ops.OUTPUT_CONTAINERS[wanted]
+
+    def _checksum(self, source: str) -> str:
+        with self._lock:
+            if source not in self._checksums:
+                self._checksums[source] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+            return self._checksums[source]
+
+    def _log_traceback(self, edit: Edit) -> None:
+        with self._lock, open(self.run_dir / "errors.log", "a", encoding="utf-8") as f:
+            f.write(f"--- row {edit.row_id} ({edit.line}) at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+            f.write(traceback.format_exc())
+
+    # ------------------------------------------------------------------ closing
+
+    def notes(self) -> list[str]:
+        notes = []
+        for p in self.providers.values():
+            if not p.uses_prompt:
+                notes.append(
+                    f"The {p.name} engine rebuilds each region from the rest of its recording; "
+                    "the prompt is recorded but does not steer it."
+                )
+        return notes
+
+    def close(self) -> None:
+        self.journal.close()
+
+
+def _sentence(exc: Exception) -> str:
+    text = str(exc).strip().rstrip(".")
+    return (text[:1].upper() + text[1:] + ".") if text else type(exc).__name__ + "."

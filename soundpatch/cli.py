@@ -1,0 +1,302 @@
+"""The `soundpatch` command. Flows (and so Prefect) are imported only when a run starts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from soundpatch import __version__
+from soundpatch.batch import Batch, new_run_id
+from soundpatch.config import Config, load_config
+from soundpatch.errors import SoundpatchError
+from soundpatch.journal import JournalTail, latest_outcomes
+from soundpatch.manifest import load_manifest
+from soundpatch.outcome import (
+    EXIT_NOTHING_RAN,
+    EXIT_ROWS_FAILED,
+    FAILED,
+    INVALID,
+    STATUSES,
+    SUCCEEDED,
+    Outcome,
+    exit_status,
+)
+from soundpatch.report import load_report, summarize, write_reports
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+class _UsageError(SoundpatchError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one sentence, exit 2, as for any other unusable input
+        raise _UsageError(f"{message[:1].upper()}{message[1:]} (see soundpatch {self.prog.split()[-1]} --help).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return EXIT_NOTHING_RAN
+        return int(args.handler(args))
+    except SoundpatchError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return EXIT_NOTHING_RAN
+    except KeyboardInterrupt:
+        err.print("Interrupted. Run the same command with --run-id to resume where it stopped.")
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="soundpatch", description="Batch audio inpainting: regions of recordings "
+                     "replaced from a manifest, with a budget cap and a cost report.")
+    parser.add_argument("--version", action="version", version=f"soundpatch {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="process a manifest")
+    run.add_argument("manifest")
+    _common(run)
+    run.add_argument("--run-id", help="name the run; the same id again resumes it")
+    run.add_argument("--budget", type=float, help="hard cap in USD for this run (limits.budget_usd)")
+    run.add_argument("--rpm", type=float, help="creates per minute (limits.requests_per_minute)")
+    run.add_argument("--concurrency", type=int, help="predictions in flight (limits.concurrency)")
+    run.add_argument("--provider", help="provider for rows that do not name one (provider.name)")
+    run.add_argument("--dry-run", action="store_true", help="validate and estimate; spend nothing")
+    run.add_argument("--force", action="store_true", help="redo rows whose result already exists")
+    run.add_argument("--verbose", action="store_true", help="show Prefect's own logs")
+    run.set_defaults(handler=cmd_run)
+
+    validate = sub.add_parser("validate", help="check rows and audio, print the cost estimate")
+    validate.add_argument("manifest")
+    _common(validate)
+    validate.set_defaults(handler=cmd_validate)
+
+    report = sub.add_parser("report", help="re-render a run's report from its journal")
+    report.add_argument("run_id")
+    _common(report)
+    report.set_defaults(handler=cmd_report)
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (default: embedded setup)")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides = {
+        "limits.budget_usd": getattr(args, "budget", None),
+        "limits.requests_per_minute": getattr(args, "rpm", None),
+        "limits.concurrency": getattr(args, "concurrency", None),
+        "provider.name": getattr(args, "provider", None),
+    }
+    return load_config(args.config, overrides)
+
+
+# ---------------------------------------------------------------------- validate / dry run
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    manifest = load_manifest(args.manifest)
+    batch = Batch(manifest, cfg, run_id="validate", dry_run=True)
+    est = batch.estimate(manifest.edits)
+    _print_estimate(est, cfg)
+    return EXIT_ROWS_FAILED if est["invalid"] else 0
+
+
+def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
+    table = Table(show_header=False, box=None)
+    table.add_row("manifest rows", str(est["rows"]))
+    table.add_row("results (variations counted)", str(est["results"]))
+    table.add_row("predictions to send", str(est["predictions"]))
+    table.add_row("invalid", str(est["invalid"]))
+    table.add_row("expected cost", f"${est['expected_cost_usd']:.2f} (budget ${est['budget_usd']:.2f})")
+    table.add_row("expected wall time", _duration(est["expected_seconds"]))
+    table.add_row("provider", cfg.provider.name)
+    out.print(table)
+    for row_id, line, reason in est["errors"][:20]:
+        out.print(f"  [red]invalid[/red] {row_id} ({line}): {reason}")
+    if len(est["errors"]) > 20:
+        out.print(f"  ... and {len(est['errors']) - 20} more invalid rows")
+    if est["expected_cost_usd"] > est["budget_usd"]:
+        out.print("[yellow]The expected cost is above the budget: rows past it will be skipped_budget.[/yellow]")
+
+
+# ---------------------------------------------------------------------- run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    manifest = load_manifest(args.manifest)  # fail fast (exit 2) before starting Prefect
+    if args.dry_run:
+        est = Batch(manifest, cfg, run_id="dry-run", dry_run=True).estimate(manifest.edits)
+        out.print("[bold]Dry run[/bold]: nothing is sent and nothing is spent.")
+        _print_estimate(est, cfg)
+        return EXIT_ROWS_FAILED if est["invalid"] else 0
+    run_id = args.run_id or new_run_id()
+    if args.run_id and not _safe_run_id(run_id):
+        raise SoundpatchError(f"Run id {run_id!r} may only hold letters, digits, '.', '_' and '-'.")
+    run_dir = Path(cfg.runs_dir).expanduser() / run_id
+    out.print(f"run id [bold]{run_id}[/bold]  ({len(manifest.edits)} results from {args.manifest})")
+
+    _quiet_prefect(args.verbose)
+    from flows.inpaint_batch import inpaint_batch  # noqa: PLC0415 - Prefect loads only here
+
+    watcher = _ProgressWatcher(run_dir, total=len(manifest.edits), budget=cfg.limits.budget_usd)
+    watcher.start()
+    try:
+        result = inpaint_batch(manifest=str(args.manifest), config=cfg.model_dump(), run_id=run_id,
+                               force=args.force)
+    except SoundpatchError:
+        raise
+    except Exception as exc:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "errors.log", "a", encoding="utf-8") as f:
+            f.write(traceback.format_exc())
+        raise SoundpatchError(
+            f"The run stopped unexpectedly ({type(exc).__name__}: {str(exc)[:200]}); details are in "
+            f"{run_dir / 'errors.log'}, and the same command with --run-id {run_id} resumes it."
+        ) from None
+    finally:
+        watcher.stop()
+    outcomes = [Outcome.from_dict(r) for r in result["rows"]]
+    _print_summary(result["summary"], outcomes, run_dir)
+    return exit_status(outcomes)
+
+
+def _safe_run_id(run_id: str) -> bool:
+    return bool(run_id) and len(run_id) <= 128 and all(c.isalnum() or c in "._-" for c in run_id) \
+        and run_id not in (".", "..")
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    """Keep Prefect's own chatter (and the ephemeral server's shutdown noise) off the screen.
+
+    Only defaults: a user's explicit PREFECT_* settings win.
+    """
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # The in-process ephemeral server logs cancelled background flushes at shutdown.
+        os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
+
+
+class _ProgressWatcher:
+    """Shows rows done / failed / spent by reading the run's journal as it grows."""
+
+    def __init__(self, run_dir: Path, total: int, budget: float) -> None:
+        self.run_dir, self.total, self.budget = run_dir, total, budget
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._tail = JournalTail(run_dir)
+        self._outcomes: dict[str, dict[str, Any]] = {}
+        self._sent: set[str] = set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _state(self) -> tuple[int, int, float, int]:
+        for e in self._tail.poll():
+            if e.get("event") == "sending":
+                self._sent.add(e["row"])
+            elif e.get("event") == "outcome":
+                self._outcomes[e["row"]] = e["outcome"]
+        done = sum(1 for o in self._outcomes.values() if o["status"])
+        bad = sum(1 for o in self._outcomes.values() if o["status"] in (FAILED, INVALID))
+        spent = sum(o.get("cost_usd") or 0.0 for o in self._outcomes.values())
+        return min(done, self.total), bad, spent, len(self._sent - set(self._outcomes))
+
+    def _loop(self) -> None:
+        if err.is_terminal:
+            columns = [TextColumn("[progress.description]{task.description}"), BarColumn(),
+                       MofNCompleteColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn()]
+            with Progress(*columns, console=err, transient=True) as bar:
+                task = bar.add_task("inpainting", total=self.total, detail="starting Prefect...")
+                while not self._stop.wait(0.25):
+                    done, bad, spent, flying = self._state()
+                    detail = f"{bad} failed · ${spent:.2f} of ${self.budget:.2f} · {flying} in flight"
+                    bar.update(task, completed=done, detail=detail)
+            return
+        last = -1.0
+        while not self._stop.wait(1.0):
+            if time.time() - last >= 10:
+                done, bad, spent, flying = self._state()
+                err.print(f"progress: {done}/{self.total} done, {bad} failed, ${spent:.2f} spent, "
+                          f"{flying} in flight")
+                last = time.time()
+
+
+def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Path) -> None:
+    counts = Counter(o.status for o in outcomes)
+    table = Table(title=f"soundpatch run {summary['run_id']}", show_header=False, title_justify="left")
+    for status in STATUSES:
+        if counts.get(status):
+            style = {"succeeded": "green", "failed": "red", "invalid": "red"}.get(status, "yellow")
+            table.add_row(f"[{style}]{status}[/{style}]", str(counts[status]))
+    table.add_row("spent", f"${summary['spent_usd']:.2f} of ${summary['budget_usd']:.2f} budget")
+    table.add_row("wall time", _duration(summary["wall_seconds"]))
+    table.add_row("outputs", str(summary.get("output_uri", "")))
+    table.add_row("report", str(run_dir / "report.html"))
+    out.print(table)
+    problems = [o for o in outcomes if o.status not in (SUCCEEDED, "skipped_done")]
+    for o in problems[:8]:
+        out.print(f"  [red]{o.status}[/red] {o.row_id}: {o.error}")
+    if len(problems) > 8:
+        out.print(f"  ... {len(problems) - 8} more in {run_dir / 'report.csv'}")
+    for note in summary.get("notes", []):
+        out.print(f"[dim]note: {note}[/dim]")
+
+
+def _duration(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+
+
+# ---------------------------------------------------------------------- report
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    run_dir = Path(cfg.runs_dir).expanduser() / args.run_id
+    if not (run_dir / "journal.jsonl").exists():
+        raise SoundpatchError(f"No run {args.run_id!r} in {Path(cfg.runs_dir)} (looked for {run_dir}).")
+    rows = latest_outcomes(run_dir)
+    outcomes = [Outcome.from_dict(r) for r in rows.values()]
+    meta: dict[str, Any] = {"run_id": args.run_id, "budget_usd": cfg.limits.budget_usd,
+                            "provider": cfg.provider.name, "output_uri": cfg.output.uri}
+    if (run_dir / "report.json").exists():
+        _, previous = load_report(run_dir)
+        meta.update({k: v for k, v in previous.items()
+                     if k not in ("by_status", "spent_usd", "results")})
+    summary = summarize(outcomes, meta)
+    write_reports(run_dir, outcomes, summary)
+    _print_summary(summary, outcomes, run_dir)
+    return exit_status(outcomes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The run's journal: an append-only log of what happened to each row, in runs/<run_id>/.
+
+Each line is one JSON event, written and flushed before the step it records is taken,
+so a later run with the same id knows what is already done. The progress display reads
+the same file, which is why it works whether rows run in this process or elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+JOURNAL_FILE = "journal.jsonl"
+
+
+class Journal:
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / JOURNAL_FILE
+        self._lock = threading.Lock()
+        self._file: TextIO | None = None  # opened at the first event: a dry run leaves no trace
+
+    def write(self, event: str, row_id: str | None = None, **fields: Any) -> None:
+        record = {"t": round(time.time(), 3), "event": event, **({"row": row_id} if row_id else {}), **fields}
+        line = json.dumps(record, default=str, ensure_ascii=False) + "\n"
+        with self._lock:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run
+            self._file.write(line)
+            self._file.flush()
+            if event in ("sending", "outcome"):
+                # These protect money and results: make them survive a power cut too.
+                os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+def read_events(run_dir: Path) -> Iterator[dict[str, Any]]:
+    """Every complete event; a torn last line (crash mid-write) is ignored."""
+    path = run_dir / JOURNAL_FILE
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def latest_outcomes(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The last outcome recorded for each row."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in read_events(run_dir):
+        if e.get("event") == "outcome":
+            out[e["row"]] = e["outcome"]
+    return out
+
+
+class JournalTail:
+    """Reads the events appended since the last call (for live progress)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / JOURNAL_FILE
+        self._offset = 0
+
+    def poll(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        end = chunk.rfind(b"\n") + 1  # leave a torn last line for the next poll
+        self._offset += end
+        events = []
+        for line in chunk[:end].splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return events

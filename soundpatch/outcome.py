@@ -1,0 +1,58 @@
+"""What happened to one result, and what a whole run's outcomes mean for the exit status."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+INVALID = "invalid"
+SKIPPED_BUDGET = "skipped_budget"
+SKIPPED_DONE = "skipped_done"
+STATUSES = (SUCCEEDED, FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE)
+
+EXIT_OK = 0
+EXIT_ROWS_FAILED = 1
+EXIT_NOTHING_RAN = 2
+EXIT_BUDGET = 3
+
+
+@dataclass
+class Outcome:
+    row_id: str
+    input: str
+    start: float | None
+    end: float | None
+    prompt: str
+    seed: int | None
+    provider: str
+    status: str
+    cost_usd: float = 0.0
+    output: str = ""
+    prediction_id: str = ""
+    attempts: int = 0
+    error: str = ""
+    method: str = ""
+    seconds: float = 0.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Outcome:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+def exit_status(outcomes: Iterable[Outcome]) -> int:
+    """0 all succeeded or already done; 1 any failed or invalid; 3 only the budget stopped rows."""
+    counts = Counter(o.status for o in outcomes)
+    if counts[FAILED] or counts[INVALID]:
+        return EXIT_ROWS_FAILED
+    if counts[SKIPPED_BUDGET]:
+        return EXIT_BUDGET
+    return EXIT_OK
