@@ -46,12 +46,19 @@ def inpaint_batch(
         batch.close()
     order = {e.row_id: i for i, e in enumerate(batch.manifest.edits)}
     outcomes.sort(key=lambda o: order.get(o.row_id, len(order)))
-    summary = summarize(outcomes, {
-        "run_id": run_id, "manifest": manifest, "provider": cfg.provider.name,
-        "budget_usd": cfg.limits.budget_usd, "output_uri": cfg.output.uri,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "wall_seconds": round(time.time() - started, 3), "notes": batch.notes(),
-    })
+    summary = summarize(
+        outcomes,
+        {
+            "run_id": run_id,
+            "manifest": manifest,
+            "provider": cfg.provider.name,
+            "budget_usd": cfg.limits.budget_usd,
+            "output_uri": cfg.output.uri,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "wall_seconds": round(time.time() - started, 3),
+            "notes": batch.notes(),
+        },
+    )
     write_reports(batch.run_dir, outcomes, summary)
     return {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
 

@@ -17,15 +17,32 @@ from soundpatch.errors import RowError
 
 # How soundfile should hand each subtype over so that writing it back is lossless.
 _NATIVE_DTYPE = {
-    "PCM_S8": "int16", "PCM_U8": "int16", "PCM_16": "int16", "ULAW": "int16", "ALAW": "int16",
-    "PCM_24": "int32", "PCM_32": "int32", "FLOAT": "float32", "DOUBLE": "float64",
+    "PCM_S8": "int16",
+    "PCM_U8": "int16",
+    "PCM_16": "int16",
+    "ULAW": "int16",
+    "ALAW": "int16",
+    "PCM_24": "int32",
+    "PCM_32": "int32",
+    "FLOAT": "float32",
+    "DOUBLE": "float64",
 }
 # Effective bits of integer subtypes, for rounding a float region back to the grid.
 _BITS = {"PCM_S8": 8, "PCM_U8": 8, "PCM_16": 16, "ULAW": 16, "ALAW": 16, "PCM_24": 24, "PCM_32": 32}
 
 OUTPUT_CONTAINERS = {"wav": "WAV", "flac": "FLAC", "mp3": "MP3", "ogg": "OGG"}
-EXTENSIONS = {"WAV": "wav", "FLAC": "flac", "MP3": "mp3", "OGG": "ogg", "AIFF": "aiff",
-              "W64": "w64", "RF64": "wav", "WAVEX": "wav", "CAF": "caf", "AU": "au"}
+EXTENSIONS = {
+    "WAV": "wav",
+    "FLAC": "flac",
+    "MP3": "mp3",
+    "OGG": "ogg",
+    "AIFF": "aiff",
+    "W64": "w64",
+    "RF64": "wav",
+    "WAVEX": "wav",
+    "CAF": "caf",
+    "AU": "au",
+}
 
 
 @dataclass(frozen=True)
@@ -166,11 +183,16 @@ def splice(original: Audio, fill: np.ndarray, a: int, b: int, crossfade: int) ->
 def output_subtype(audio: Audio, container: str) -> str:
     """Keep the input's subtype when the container can hold it; otherwise the closest lossless-ish one."""
     available = sf.available_subtypes(container)
-    if audio.subtype in available:
+    if container in ("MP3", "OGG"):
+        if audio.subtype in available:
+            return audio.subtype
+    elif audio.subtype in available and audio.subtype in _NATIVE_DTYPE:
+        # Only PCM and float carry over into a lossless container (libsndfile also
+        # lists MP3-in-WAV, which it cannot write).
         return audio.subtype
     if container == "WAV":
         return "FLOAT" if audio.samples.dtype.kind == "f" else "PCM_32"
-    if container == "FLAC":
+    if container in ("FLAC", "AIFF"):
         return "PCM_24"
     if container == "MP3":
         return "MPEG_LAYER_III"

@@ -33,8 +33,13 @@ from soundpatch.providers import InpaintRequest, Provider, make_provider
 from soundpatch.sources import SourceReader
 from soundpatch.storage import OutputStore, open_store, output_name
 
-CONTENT_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg", "ogg": "audio/ogg",
-                 "aiff": "audio/aiff"}
+CONTENT_TYPES = {
+    "wav": "audio/wav",
+    "flac": "audio/flac",
+    "mp3": "audio/mpeg",
+    "ogg": "audio/ogg",
+    "aiff": "audio/aiff",
+}
 WRITABLE_CONTAINERS = ("WAV", "FLAC", "OGG", "MP3", "AIFF")
 # Typical seconds per prediction, for the wall-time estimate before a run.
 TYPICAL_SECONDS = {"local": 0.2, "eachlabs": 15.0, "stability": 15.0, "fal": 15.0}
@@ -187,9 +192,16 @@ class Batch:
     def _blank_outcome(self, edit: Edit) -> Outcome:
         previous_cost = (self.previous.get(edit.row_id) or {}).get("cost_usd") or 0.0
         return Outcome(
-            row_id=edit.row_id, input=edit.input, start=edit.start, end=edit.end, prompt=edit.prompt,
-            seed=edit.seed, provider=edit.provider or self.config.provider.name, status="",
-            cost_usd=previous_cost, extra=dict(edit.extra),
+            row_id=edit.row_id,
+            input=edit.input,
+            start=edit.start,
+            end=edit.end,
+            prompt=edit.prompt,
+            seed=edit.seed,
+            provider=edit.provider or self.config.provider.name,
+            status="",
+            cost_usd=previous_cost,
+            extra=dict(edit.extra),
         )
 
     def _process(self, edit: Edit, outcome: Outcome) -> None:
@@ -224,8 +236,9 @@ class Batch:
         outcome.prediction_id = prediction.prediction_id or ""
         outcome.method = prediction.method
         outcome.attempts = max(outcome.attempts, prediction.attempts)
-        self.journal.write("predicted", edit.row_id, prediction_id=outcome.prediction_id,
-                           cost_usd=prediction.cost_usd)
+        self.journal.write(
+            "predicted", edit.row_id, prediction_id=outcome.prediction_id, cost_usd=prediction.cost_usd
+        )
 
         fade = prediction.crossfade
         if fade is None:
@@ -234,19 +247,33 @@ class Batch:
         container = self._container(checked.info)
         ext = audio_ops.EXTENSIONS.get(container, container.lower())
         data = audio_ops.encode(result, container)
-        name = output_name(edit.output, {
-            "run_id": self.run_id, "row_id": edit.row_id, "stem": Path(edit.input).stem,
-            "seed": str(edit.seed), "ext": ext,
-        })
+        name = output_name(
+            edit.output,
+            {
+                "run_id": self.run_id,
+                "row_id": edit.row_id,
+                "stem": Path(edit.input).stem,
+                "seed": str(edit.seed),
+                "ext": ext,
+            },
+        )
         metadata = {
-            "row_id": edit.row_id, "run_id": self.run_id, "input": edit.input,
-            "region": f"{edit.start:g}-{edit.end:g}", "prompt": edit.prompt, "seed": str(edit.seed),
-            "provider": provider.name, "prediction_id": outcome.prediction_id,
-            "cost_usd": f"{prediction.cost_usd:.6f}", "method": prediction.method,
-            "source_sha256": self._checksum(checked.source), **dict(edit.extra),
+            "row_id": edit.row_id,
+            "run_id": self.run_id,
+            "input": edit.input,
+            "region": f"{edit.start:g}-{edit.end:g}",
+            "prompt": edit.prompt,
+            "seed": str(edit.seed),
+            "provider": provider.name,
+            "prediction_id": outcome.prediction_id,
+            "cost_usd": f"{prediction.cost_usd:.6f}",
+            "method": prediction.method,
+            "source_sha256": self._checksum(checked.source),
+            **dict(edit.extra),
         }
-        outcome.output = self.store.put(name, data, CONTENT_TYPES.get(ext, "application/octet-stream"),
-                                        metadata)
+        outcome.output = self.store.put(
+            name, data, CONTENT_TYPES.get(ext, "application/octet-stream"), metadata
+        )
         outcome.status = SUCCEEDED
 
     def _container(self, info: AudioInfo) -> str:

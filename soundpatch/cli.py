@@ -44,7 +44,9 @@ class _UsageError(SoundpatchError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one sentence, exit 2, as for any other unusable input
-        raise _UsageError(f"{message[:1].upper()}{message[1:]} (see soundpatch {self.prog.split()[-1]} --help).")
+        raise _UsageError(
+            f"{message[:1].upper()}{message[1:]} (see soundpatch {self.prog.split()[-1]} --help)."
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="soundpatch", description="Batch audio inpainting: regions of recordings "
-                     "replaced from a manifest, with a budget cap and a cost report.")
+    parser = _Parser(
+        prog="soundpatch",
+        description="Batch audio inpainting: regions of recordings "
+        "replaced from a manifest, with a budget cap and a cost report.",
+    )
     parser.add_argument("--version", action="version", version=f"soundpatch {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
@@ -135,7 +140,9 @@ def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
     if len(est["errors"]) > 20:
         out.print(f"  ... and {len(est['errors']) - 20} more invalid rows")
     if est["expected_cost_usd"] > est["budget_usd"]:
-        out.print("[yellow]The expected cost is above the budget: rows past it will be skipped_budget.[/yellow]")
+        out.print(
+            "[yellow]The expected cost is above the budget: rows past it will be skipped_budget.[/yellow]"
+        )
 
 
 # ---------------------------------------------------------------------- run
@@ -161,8 +168,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     watcher = _ProgressWatcher(run_dir, total=len(manifest.edits), budget=cfg.limits.budget_usd)
     watcher.start()
     try:
-        result = inpaint_batch(manifest=str(args.manifest), config=cfg.model_dump(), run_id=run_id,
-                               force=args.force)
+        result = inpaint_batch(
+            manifest=str(args.manifest), config=cfg.model_dump(), run_id=run_id, force=args.force
+        )
     except SoundpatchError:
         raise
     except Exception as exc:
@@ -181,8 +189,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _safe_run_id(run_id: str) -> bool:
-    return bool(run_id) and len(run_id) <= 128 and all(c.isalnum() or c in "._-" for c in run_id) \
+    return (
+        bool(run_id)
+        and len(run_id) <= 128
+        and all(c.isalnum() or c in "._-" for c in run_id)
         and run_id not in (".", "..")
+    )
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -228,8 +240,13 @@ class _ProgressWatcher:
 
     def _loop(self) -> None:
         if err.is_terminal:
-            columns = [TextColumn("[progress.description]{task.description}"), BarColumn(),
-                       MofNCompleteColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn()]
+            columns = [
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeElapsedColumn(),
+            ]
             with Progress(*columns, console=err, transient=True) as bar:
                 task = bar.add_task("inpainting", total=self.total, detail="starting Prefect...")
                 while not self._stop.wait(0.25):
@@ -237,13 +254,17 @@ class _ProgressWatcher:
                     detail = f"{bad} failed · ${spent:.2f} of ${self.budget:.2f} · {flying} in flight"
                     bar.update(task, completed=done, detail=detail)
             return
-        last = -1.0
+        # Not a terminal (CI, a log file): a plain line every 10 s and one at the end.
+        last = time.time()
         while not self._stop.wait(1.0):
             if time.time() - last >= 10:
-                done, bad, spent, flying = self._state()
-                err.print(f"progress: {done}/{self.total} done, {bad} failed, ${spent:.2f} spent, "
-                          f"{flying} in flight")
+                self._print_line()
                 last = time.time()
+        self._print_line()
+
+    def _print_line(self) -> None:
+        done, bad, spent, flying = self._state()
+        err.print(f"progress: {done}/{self.total} done, {bad} failed, ${spent:.2f} spent, {flying} in flight")
 
 
 def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Path) -> None:
@@ -286,12 +307,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise SoundpatchError(f"No run {args.run_id!r} in {Path(cfg.runs_dir)} (looked for {run_dir}).")
     rows = latest_outcomes(run_dir)
     outcomes = [Outcome.from_dict(r) for r in rows.values()]
-    meta: dict[str, Any] = {"run_id": args.run_id, "budget_usd": cfg.limits.budget_usd,
-                            "provider": cfg.provider.name, "output_uri": cfg.output.uri}
+    meta: dict[str, Any] = {
+        "run_id": args.run_id,
+        "budget_usd": cfg.limits.budget_usd,
+        "provider": cfg.provider.name,
+        "output_uri": cfg.output.uri,
+    }
     if (run_dir / "report.json").exists():
         _, previous = load_report(run_dir)
-        meta.update({k: v for k, v in previous.items()
-                     if k not in ("by_status", "spent_usd", "results")})
+        meta.update({k: v for k, v in previous.items() if k not in ("by_status", "spent_usd", "results")})
     summary = summarize(outcomes, meta)
     write_reports(run_dir, outcomes, summary)
     _print_summary(summary, outcomes, run_dir)

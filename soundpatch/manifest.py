@@ -29,13 +29,34 @@ from soundpatch.config import PROVIDERS
 from soundpatch.errors import ManifestError
 
 KNOWN_COLUMNS = (
-    "id", "input", "start", "end", "region", "prompt", "seed", "steps", "guidance_scale",
-    "variations", "output", "provider",
+    "id",
+    "input",
+    "start",
+    "end",
+    "region",
+    "prompt",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "variations",
+    "output",
+    "provider",
 )
 # Report columns a carried-through manifest column must not overwrite.
 REPORT_COLUMNS = (
-    "row_id", "input", "start", "end", "prompt", "seed", "provider", "status", "cost_usd",
-    "output", "prediction_id", "attempts", "error",
+    "row_id",
+    "input",
+    "start",
+    "end",
+    "prompt",
+    "seed",
+    "provider",
+    "status",
+    "cost_usd",
+    "output",
+    "prediction_id",
+    "attempts",
+    "error",
 )
 MAX_PROMPT_CHARS = 2000
 MAX_VARIATIONS = 1000
@@ -192,10 +213,15 @@ def _csv_records(text: str, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 continue  # blank lines are not rows
             where = f"line {reader.line_num}"
             if len(values) > len(header):
-                yield where, {"__error__": (
-                    f"has {len(values)} fields but the header has {len(header)} "
-                    "(an unquoted comma in a prompt?)"
-                )}
+                yield (
+                    where,
+                    {
+                        "__error__": (
+                            f"has {len(values)} fields but the header has {len(header)} "
+                            "(an unquoted comma in a prompt?)"
+                        )
+                    },
+                )
                 continue
             yield where, {k: v for k, v in zip(header, values, strict=False) if k}
     except csv.Error as exc:
@@ -301,8 +327,13 @@ def _record_to_edits(where: str, record: dict[str, Any]) -> list[Edit]:
             extra[f"manifest_{k}" if k in REPORT_COLUMNS else k] = v
     row_id = text.get("id") or _derived_id(text)
     base = Edit(
-        row_id=row_id, line=where, input=text.get("input", ""), start=None, end=None,
-        prompt=text.get("prompt", ""), extra=extra,
+        row_id=row_id,
+        line=where,
+        input=text.get("input", ""),
+        start=None,
+        end=None,
+        prompt=text.get("prompt", ""),
+        extra=extra,
     )
     if "__error__" in record:
         return [_invalid_copy(base, f"{where} {record['__error__']}")]
@@ -414,8 +445,19 @@ def _float_field(text: dict[str, str], key: str, low: float, high: float) -> flo
 
 def _derived_id(text: Mapping[str, str]) -> str:
     """A short id from the row's content: the same row gets the same id in every run."""
-    keys = ("input", "start", "end", "region", "prompt", "seed", "steps", "guidance_scale",
-            "variations", "output", "provider")
+    keys = (
+        "input",
+        "start",
+        "end",
+        "region",
+        "prompt",
+        "seed",
+        "steps",
+        "guidance_scale",
+        "variations",
+        "output",
+        "provider",
+    )
     canonical = json.dumps({k: text.get(k, "") for k in keys}, sort_keys=True)
     return "r" + hashlib.sha256(canonical.encode()).hexdigest()[:10]
 

@@ -19,8 +19,21 @@ from soundpatch.outcome import STATUSES, Outcome
 from soundpatch.storage import atomic_write
 
 BASE_COLUMNS = [
-    "row_id", "input", "start", "end", "prompt", "seed", "provider", "status", "cost_usd",
-    "output", "prediction_id", "attempts", "error", "method", "seconds",
+    "row_id",
+    "input",
+    "start",
+    "end",
+    "prompt",
+    "seed",
+    "provider",
+    "status",
+    "cost_usd",
+    "output",
+    "prediction_id",
+    "attempts",
+    "error",
+    "method",
+    "seconds",
 ]
 
 
@@ -114,10 +127,11 @@ def render_html(df: pd.DataFrame, summary: dict[str, Any]) -> str:
         )
         body.append(f'<tr data-status="{esc(status)}">{cells}</tr>')
     options = "".join(f'<option value="{s}">{s}</option>' for s in STATUSES)
+    title = f"soundpatch run {esc(str(summary.get('run_id', '')))}"
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>soundpatch run {esc(str(summary.get("run_id", "")))}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>{_CSS}</style></head><body>
-<h1>soundpatch run {esc(str(summary.get("run_id", "")))}</h1>
+<h1>{title}</h1>
 <div class="cards">{cards}</div><p>{money}</p>{notes}
 <p><label>Show <select id="status"><option value="">all</option>{options}</select></label></p>
 <table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>

@@ -68,9 +68,7 @@ def extrapolate(context: np.ndarray, m: int, order: int, fade: bool = True) -> n
     return predicted * np.linspace(1.0, 0.0, m + 2)[1:-1] if fade else predicted
 
 
-def interpolate(
-    signal: np.ndarray, a: int, b: int, order: int, iterations: int = 2
-) -> np.ndarray:
+def interpolate(signal: np.ndarray, a: int, b: int, order: int, iterations: int = 2) -> np.ndarray:
     """Fill frames [a, b) of a 1-D signal from its surroundings; returns b - a samples.
 
     Uses up to `order` coefficients, reduced where the file has little context. The AR

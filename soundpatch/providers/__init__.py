@@ -16,6 +16,5 @@ def make_provider(config: ProviderConfig, name: str | None = None) -> Provider:
 
         return LocalEngine(price_usd=config.price if config.name == "local" else 0.0)
     raise ConfigError(
-        f"Provider {name!r} is not available in this version of soundpatch; "
-        "use provider.name: local."
+        f"Provider {name!r} is not available in this version of soundpatch; use provider.name: local."
     )

@@ -1,14 +1,16 @@
 """The embedded engine: context-based inpainting with no model, no network, no key, $0.
 
 It treats the region as missing and rebuilds it from the rest of the recording:
-- short regions (up to SHORT_GAP_SECONDS): least-squares AR interpolation from both
-  sides, per channel (engine/autoregressive.py);
-- longer regions: the best-matching passage elsewhere in the same recording
-  (engine/similarity.py), entered and left through short equal-power crossfades from
-  AR continuations of the surroundings, so the seams meet the original whatever the
-  region held before (a dropout, a click, unwanted sound);
-- a region too long for the recording to hold another passage like it: the longest
-  stretch of known audio, looped.
+- short regions (up to AR_ONLY_SECONDS): least-squares AR interpolation from both sides,
+  per channel (engine/autoregressive.py);
+- long regions (over SHORT_GAP_SECONDS): the best-matching passage elsewhere in the
+  same recording (engine/similarity.py); each seam is then re-interpolated as a short
+  gap between the original and the passage, so the seams meet the original whatever
+  the region held before (a dropout, a click, unwanted sound);
+- in between, both are tried on a probe: a gap of the same length punched into nearby
+  known audio. Whichever restores the probe better fills the region. Tonal music
+  favours the AR model, repetitive material the passage;
+- a region too long for the recording to hold another passage: known audio, looped.
 
 The prompt does not steer this engine; the report says so. The seed picks among
 passages that fit equally well, so variations differ where the material allows it.
@@ -16,18 +18,26 @@ passages that fit equally well, so variations differ where the material allows i
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
-from soundpatch.audio import equal_power_ramps
 from soundpatch.engine import autoregressive, similarity
+from soundpatch.engine.evaluation import restore_probe
 from soundpatch.providers.base import InpaintRequest, Prediction
 
+AR_ONLY_SECONDS = 0.02
 SHORT_GAP_SECONDS = 0.1
 # AR order for short gaps: about three times the gap (Janssen's rule of thumb), bounded.
 MAX_AR_ORDER = 1000
-# Crossfade between AR continuation and the matched passage at each seam.
-SEAM_SECONDS = 0.02
-SEAM_AR_ORDER = 256
+# Seams between the original and a passage are re-interpolated over this long.
+SEAM_SECONDS = 0.01
+# Relative error (-26 dB) below which a passage's neighbours count as the gap's own.
+SEAM_TOLERANCE = 10 ** (-26 / 10)
+
+
+def ar_order(m: int) -> int:
+    return int(min(MAX_AR_ORDER, max(16, 3 * m)))
 
 
 class LocalEngine:
@@ -39,78 +49,117 @@ class LocalEngine:
 
     def inpaint(self, request: InpaintRequest) -> Prediction:
         audio, a, b = request.audio, request.a, request.b
-        m = b - a
-        rate = audio.rate
-        if m <= SHORT_GAP_SECONDS * rate:
-            order = int(min(MAX_AR_ORDER, max(16, 3 * m)))
-            ctx = 4 * order
-            lo, hi = max(0, a - ctx), min(audio.frames, b + ctx)
-            window = audio.float_slice(lo, hi)
-            fill = np.stack(
-                [autoregressive.interpolate(window[:, ch], a - lo, b - lo, order)
-                 for ch in range(audio.channels)],
-                axis=1,
-            )
-            return self._prediction(fill, "autoregressive")
-        return self._passage_fill(request)
-
-    def _passage_fill(self, request: InpaintRequest) -> Prediction:
-        audio, a, b = request.audio, request.a, request.b
         m, rate = b - a, audio.rate
-        reach = int(similarity.SEARCH_RANGE_SECONDS * rate) + m + 2 * rate
+        # Work on a float window around the region only: an hour-long file costs no more
+        # than the context the methods look at.
+        reach = 4 * ar_order(m) + 2 * m + int(2 * rate)
+        if m > AR_ONLY_SECONDS * rate:
+            reach += int(similarity.SEARCH_RANGE_SECONDS * rate)
         lo, hi = max(0, a - reach), min(audio.frames, b + reach)
-        window = audio.float_slice(lo, hi)
+        x = audio.float_slice(lo, hi)
         wa, wb = a - lo, b - lo
-        matches = similarity.find_matches(window.mean(axis=1), rate, wa, wb)
-        if matches:
-            match = similarity.choose(matches, request.seed)
-            fill = window[match.start : match.start + m].copy()
-            method = f"similarity (passage at {(match.start + lo) / rate:.3f} s, score {match.score:.2f})"
+        if m <= AR_ONLY_SECONDS * rate:
+            fill, method = ar_fill(x, wa, wb), "autoregressive"
+        elif m > SHORT_GAP_SECONDS * rate:
+            fill, method = passage_fill(x, wa, wb, rate, request.seed)
         else:
-            fill = _loop_known(window, wa, wb)
-            method = "loop (recording too short for a matching passage)"
-        fill = _enter_and_leave(window, wa, wb, fill, rate)
-        return self._prediction(fill, method)
-
-    def _prediction(self, fill: np.ndarray, method: str) -> Prediction:
-        # Both methods meet the surroundings already; a splice crossfade would only mix
+            fill, method = self._probe_and_fill(x, wa, wb, rate, request.seed)
+        # The fill meets its surroundings already; a splice crossfade would only mix
         # in what the region held (often a dropout), so none is asked for.
         return Prediction(
             fill=np.clip(fill, -1.0, 1.0).astype(np.float32),
             cost_usd=self.price_usd,
             crossfade=0,
-            method=method,
+            method=method if lo == 0 else _shift_method(method, lo / rate),
         )
 
+    def _probe_and_fill(
+        self, x: np.ndarray, a: int, b: int, rate: int, seed: int | None
+    ) -> tuple[np.ndarray, str]:
+        m = b - a
+        guard = max(4 * ar_order(m), similarity.context_frames(m, rate)) + m
+        probes = [(a - guard - m, a - guard), (b + guard, b + guard + m)]
+        probes = [(pa, pb) for pa, pb in probes if pa - guard >= 0 and pb + guard <= len(x)]
+        if not probes:
+            return ar_fill(x, a, b), "autoregressive"
+        ar_score = sum(restore_probe(x, pa, pb, ar_fill) for pa, pb in probes)
+        passage_score = sum(
+            restore_probe(x, pa, pb, lambda h, i, j: passage_fill(h, i, j, rate, seed)[0])
+            for pa, pb in probes
+        )
+        if passage_score > ar_score:
+            fill, method = passage_fill(x, a, b, rate, seed)
+            return fill, method + ", chosen over AR on a probe gap"
+        return ar_fill(x, a, b), "autoregressive, chosen over a passage on a probe gap"
 
-def _loop_known(window: np.ndarray, a: int, b: int) -> np.ndarray:
-    before, after = window[:a], window[b:]
+
+def ar_fill(x: np.ndarray, a: int, b: int) -> np.ndarray:
+    order = ar_order(b - a)
+    return np.stack([autoregressive.interpolate(x[:, ch], a, b, order) for ch in range(x.shape[1])], axis=1)
+
+
+def passage_fill(x: np.ndarray, a: int, b: int, rate: int, seed: int | None) -> tuple[np.ndarray, str]:
+    m = b - a
+    matches = similarity.find_matches(x.mean(axis=1), rate, a, b)
+    n = min(int(SEAM_SECONDS * rate), m // 4)
+    if matches:
+        match = similarity.choose(matches, seed)
+        q = match.start
+        fill = x[q : q + m].copy()
+        method = f"similarity (passage at {q / rate:.3f} s, score {match.score:.2f})"
+        # A seam is natural already where the passage's own neighbours are the gap's.
+        mend_left = not _continuous(x[max(0, a - 2 * n) : a], x[max(0, q - 2 * n) : q])
+        mend_right = not _continuous(x[b : b + 2 * n], x[q + m : q + m + 2 * n])
+    else:
+        fill = _loop_known(x, a, b)
+        method = "loop (recording too short for a matching passage)"
+        mend_left = mend_right = True
+    return _mend_seams(x, a, b, fill, n, mend_left, mend_right), method
+
+
+def _continuous(target: np.ndarray, source: np.ndarray) -> bool:
+    if len(target) == 0 or target.shape != source.shape:
+        return False
+    err = float(np.sum((target - source) ** 2))
+    return err <= SEAM_TOLERANCE * max(float(np.sum(target**2)), 1e-12)
+
+
+def _loop_known(x: np.ndarray, a: int, b: int) -> np.ndarray:
+    before, after = x[:a], x[b:]
     material = before if len(before) >= len(after) else after
     if len(material) == 0:
-        return np.zeros((b - a, window.shape[1]), dtype=np.float32)
+        return np.zeros((b - a, x.shape[1]), dtype=np.float32)
     reps = int(np.ceil((b - a) / len(material)))
     return np.tile(material, (reps, 1))[: b - a]
 
 
-def _enter_and_leave(
-    window: np.ndarray, a: int, b: int, fill: np.ndarray, rate: int
+def _mend_seams(
+    x: np.ndarray, a: int, b: int, fill: np.ndarray, n: int, left_seam: bool, right_seam: bool
 ) -> np.ndarray:
-    """Crossfade from an AR continuation of the audio before the gap into the fill, and
-    from the fill into a backward AR continuation of the audio after it."""
+    """Re-interpolate the first and last n frames of a passage between it and the original."""
     m = b - a
-    n = min(int(SEAM_SECONDS * rate), m // 4)
-    if n <= 0:
+    if n <= 0 or not (left_seam or right_seam):
         return fill
-    fade_out, fade_in = equal_power_ramps(n)
-    fill = fill.astype(np.float32, copy=True)
-    for ch in range(window.shape[1]):
-        x = window[:, ch].astype(np.float64)
-        if a > 0:
-            ahead = autoregressive.extrapolate(x[max(0, a - 8 * SEAM_AR_ORDER) : a], n, SEAM_AR_ORDER, fade=False)
-            fill[:n, ch] = ahead * fade_out[:, 0] + fill[:n, ch] * fade_in[:, 0]
-        if b < len(x):
-            behind = autoregressive.extrapolate(
-                x[b : b + 8 * SEAM_AR_ORDER][::-1], n, SEAM_AR_ORDER, fade=False
-            )[::-1]
-            fill[-n:, ch] = fill[-n:, ch] * fade_out[:, 0] + behind * fade_in[:, 0]
-    return fill
+    order = ar_order(n)
+    ctx = 4 * order
+    left = x[max(0, a - ctx) : a]
+    right = x[b : b + ctx]
+    joined = np.concatenate([left, fill, right]).astype(np.float64)
+    s = len(left)
+    out = fill.astype(np.float32, copy=True)
+    for ch in range(x.shape[1]):
+        sig = joined[:, ch]
+        if left_seam and len(left):
+            out[:n, ch] = autoregressive.interpolate(sig, s, s + n, order)
+        if right_seam and len(right):
+            out[m - n :, ch] = autoregressive.interpolate(sig, s + m - n, s + m, order)
+    return out
+
+
+def _shift_method(method: str, offset_s: float) -> str:
+    """Passage times are found in a window; report them in the file's own timeline."""
+    return re.sub(
+        r"passage at ([0-9.]+) s",
+        lambda mt: f"passage at {float(mt.group(1)) + offset_s:.3f} s",
+        method,
+    )

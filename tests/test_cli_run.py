@@ -1,0 +1,178 @@
+"""`soundpatch` as users run it: a subprocess, Prefect's ephemeral server, real files.
+
+Each run that reaches Prefect takes several seconds (the ephemeral server starts and
+stops), so these tests share what they can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT_COLUMNS = [
+    "row_id",
+    "input",
+    "start",
+    "end",
+    "prompt",
+    "seed",
+    "provider",
+    "status",
+    "cost_usd",
+    "output",
+    "prediction_id",
+    "attempts",
+    "error",
+]
+
+
+def soundpatch_command() -> list[str]:
+    script = Path(sys.executable).parent / "soundpatch"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "soundpatch.cli"]
+
+
+@pytest.fixture(scope="session")
+def prefect_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    shutil.copytree(REPO / "manifests", tmp_path / "manifests")
+    return tmp_path
+
+
+def run(workdir: Path, prefect_home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(prefect_home)
+    return subprocess.run(
+        [*soundpatch_command(), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_clean(proc: subprocess.CompletedProcess) -> None:
+    for stream in (proc.stdout, proc.stderr):
+        assert "Traceback" not in stream
+        assert "ERROR" not in stream, stream
+
+
+def journal_events(run_dir: Path, event: str) -> list[dict]:
+    lines = (run_dir / "journal.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == event]
+
+
+def test_restoration_example_end_to_end_and_resume(workdir, prefect_home):
+    proc = run(workdir, prefect_home, "run", "manifests/restoration.csv", "--run-id", "e2e")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert_clean(proc)
+    assert "succeeded" in proc.stdout and "prompt is recorded but does not steer it" in proc.stdout
+
+    run_dir = workdir / "runs" / "e2e"
+    report = pd.read_csv(run_dir / "report.csv")
+    assert list(report.columns[: len(REPORT_COLUMNS)]) == REPORT_COLUMNS
+    assert list(report["status"]) == ["succeeded"] * 6
+    assert report["cost_usd"].sum() == 0.0
+    assert "note" in report.columns  # an unknown manifest column, carried through
+    summary = json.loads((run_dir / "report.json").read_text())["summary"]
+    assert summary["by_status"]["succeeded"] == 6
+    assert (run_dir / "report.html").read_text().count('data-status="succeeded"') == 6
+
+    for row in report.itertuples():
+        source = workdir / "manifests" / row.input
+        before, rate = sf.read(source, dtype="int16", always_2d=True)
+        after, out_rate = sf.read(row.output, dtype="int16", always_2d=True)
+        assert (out_rate, after.shape) == (rate, before.shape)
+        a, b = round(row.start * rate), round(row.end * rate)
+        assert np.array_equal(before[:a], after[:a]) and np.array_equal(before[b:], after[b:])
+        assert not np.array_equal(before[a:b], after[a:b])
+        assert json.loads(Path(row.output + ".json").read_text())["row_id"] == row.row_id
+
+    sent = len(journal_events(run_dir, "sending"))
+    again = run(workdir, prefect_home, "run", "manifests/restoration.csv", "--run-id", "e2e")
+    assert again.returncode == 0, again.stderr
+    assert len(journal_events(run_dir, "sending")) == sent  # nothing was redone
+    assert list(pd.read_csv(run_dir / "report.csv")["status"]) == ["succeeded"] * 6
+
+
+def test_bad_rows_get_reasons_and_the_rest_of_the_batch_completes(workdir, prefect_home):
+    proc = run(workdir, prefect_home, "run", "manifests/bad_rows.csv", "--run-id", "bad")
+    assert proc.returncode == 1
+    assert_clean(proc)
+    report = pd.read_csv(workdir / "runs" / "bad" / "report.csv").set_index("row_id")
+    assert report.loc["fine", "status"] == "succeeded"
+    expected = {
+        "missing-file": "does not exist",
+        "past-the-end": "is only 5.000 s long",
+        "backwards": "not after its start",
+        "not-a-number": "not a number of seconds",
+        "no-prompt": "prompt is empty",
+        "ftp-input": "ftp:// is not supported",
+    }
+    for row_id, reason in expected.items():
+        assert report.loc[row_id, "status"] == "invalid"
+        assert reason in report.loc[row_id, "error"].lower() or reason in report.loc[row_id, "error"]
+        assert report.loc[row_id, "cost_usd"] == 0
+    assert len(journal_events(workdir / "runs" / "bad", "sending")) == 1  # only the valid row was sent
+
+
+def test_budget_cap_skips_rows_and_exits_3(workdir, prefect_home):
+    (workdir / "priced.yaml").write_text(
+        "provider: {name: local, price_usd: 0.5}\nlimits: {budget_usd: 1.0, concurrency: 4}\n"
+    )
+    rows = "\n".join(f"r{i},manifests/audio/voice_damaged.flac,1.7,1.72,voice" for i in range(5))
+    (workdir / "five.csv").write_text("id,input,start,end,prompt\n" + rows + "\n")
+    proc = run(workdir, prefect_home, "run", "five.csv", "--config", "priced.yaml", "--run-id", "money")
+    assert proc.returncode == 3, proc.stderr
+    report = pd.read_csv(workdir / "runs" / "money" / "report.csv")
+    assert sorted(report["status"]) == ["skipped_budget"] * 3 + ["succeeded"] * 2
+    assert report["cost_usd"].sum() == pytest.approx(1.0)
+    assert (report.loc[report.status == "skipped_budget", "cost_usd"] == 0).all()
+
+
+def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_home):
+    for args in (
+        ["run", "manifests/sfx_variations.yaml", "--dry-run"],
+        ["validate", "manifests/bad_rows.csv"],
+    ):
+        proc = run(workdir, prefect_home, *args)
+        assert_clean(proc)
+        assert "expected cost" in proc.stdout
+    assert proc.returncode == 1 and "does_not_exist.wav" in proc.stdout
+    assert not (workdir / "runs").exists() and not (workdir / "outputs").exists()
+    (workdir / "priced.yaml").write_text("provider: {price_usd: 0.2}\nlimits: {budget_usd: 1.0}\n")
+    dry = run(
+        workdir, prefect_home, "run", "manifests/sfx_variations.yaml", "--dry-run", "--config", "priced.yaml"
+    )
+    assert dry.returncode == 0, dry.stderr
+    # 4 rows, 2 + 2 + 3 + 2 variations = 9 predictions at $0.20, over a $1.00 budget.
+    assert "$1.80" in dry.stdout and "above the budget" in dry.stdout
+    assert not (workdir / "runs").exists() and not (workdir / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "nope.csv"], "does not exist"),
+        (["run", "manifests/restoration.csv", "--config", "nope.yaml"], "Cannot read config file"),
+        (["run", "manifests/restoration.csv", "--concurrency", "0"], "limits.concurrency"),
+        (["run", "manifests/restoration.csv", "--budget", "lots"], "invalid float value"),
+        (["run", "manifests/restoration.csv", "--run-id", "../escape"], "Run id"),
+        (["report", "no-such-run"], "No run 'no-such-run'"),
+    ],
+)
+def test_unusable_input_exits_2_with_one_sentence(workdir, prefect_home, args, message):
+    proc = run(workdir, prefect_home, *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2  # one sentence (rich may wrap it once)

@@ -1,0 +1,168 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from soundpatch.errors import ManifestError
+from soundpatch.manifest import load_manifest, parse_region, parse_time
+
+
+def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
+    p = tmp_path / name
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return p
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("12.5", 12.5), ("0", 0.0), ("1:02.5", 62.5), ("01:02:03.25", 3723.25), ("2:00", 120.0), (7, 7.0)],
+)
+def test_times_accept_seconds_and_timecodes(text, seconds):
+    assert parse_time(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["abc", "nan", "inf", "-1", "1:75", "", "1e12"])
+def test_bad_times_are_refused_with_a_reason(text):
+    with pytest.raises(ValueError):
+        parse_time(text)
+
+
+def test_region_strings():
+    assert parse_region("12.5-15") == (12.5, 15.0)
+    assert parse_region(" 0:12.5 - 0:15 ") == (12.5, 15.0)
+    assert parse_region("1..2") == (1.0, 2.0)
+
+
+def test_csv_rows_parse_with_unknown_columns_carried(tmp_path):
+    m = load_manifest(
+        write(
+            tmp_path,
+            "m.csv",
+            (
+                "input,start,end,prompt,seed,mood\n"
+                "a.wav,1,2.5,rain on a tin roof,42,calm\n"
+                "b.flac,0:01.5,0:02,thunder,,dark\n"
+            ),
+        )
+    )
+    a, b = m.edits
+    assert (a.input, a.start, a.end, a.prompt, a.seed) == ("a.wav", 1.0, 2.5, "rain on a tin roof", 42)
+    assert a.extra == {"mood": "calm"}
+    assert (b.start, b.end) == (1.5, 2.0)
+    assert b.seed is not None and 0 <= b.seed < 2**31  # derived, reproducible
+    assert all(e.valid for e in m.edits)
+
+
+def test_ids_and_derived_seeds_are_stable_across_reads(tmp_path):
+    text = "input,start,end,prompt\na.wav,1,2,x\na.wav,1,2,y\n"
+    first = load_manifest(write(tmp_path, "m.csv", text)).edits
+    second = load_manifest(write(tmp_path, "n.csv", text)).edits
+    assert [(e.row_id, e.seed) for e in first] == [(e.row_id, e.seed) for e in second]
+    assert first[0].row_id != first[1].row_id
+
+
+def test_yaml_defaults_merge_and_variations_expand(tmp_path):
+    m = load_manifest(
+        write(
+            tmp_path,
+            "m.yaml",
+            """
+defaults: {input: fx.wav, region: "1-1.5", variations: 2}
+rows:
+  - {id: door, prompt: door slam}
+  - {id: glass, prompt: glass, variations: 3, seed: 10}
+""",
+        )
+    )
+    ids = [e.row_id for e in m.edits]
+    assert ids == ["door-v1", "door-v2", "glass-v1", "glass-v2", "glass-v3"]
+    assert [e.seed for e in m.edits[2:]] == [10, 11, 12]
+    assert m.edits[0].seed != m.edits[1].seed
+    assert all(e.input == "fx.wav" and (e.start, e.end) == (1.0, 1.5) for e in m.edits)
+
+
+def test_yaml_matrix_expands_to_the_product(tmp_path):
+    m = load_manifest(
+        write(
+            tmp_path,
+            "m.yaml",
+            """
+defaults: {region: "0-1"}
+matrix: {input: [a.wav, b.wav], prompt: [x, y, z], seed: [1, 2]}
+""",
+        )
+    )
+    assert len(m.edits) == 12
+    assert len({e.row_id for e in m.edits}) == 12
+
+
+BAD_ROWS = {
+    "empty-input": (",1,2,x", "input is empty"),
+    "end-before-start": ("a.wav,3,2,x", "not after its start"),
+    "equal": ("a.wav,2,2,x", "not after its start"),
+    "nan": ("a.wav,nan,2,x", "finite"),
+    "negative": ("a.wav,-1,2,x", "negative"),
+    "huge": ("a.wav,1,1e300,x", "longer than a week"),
+    "text-start": ("a.wav,abc,2,x", "not a number of seconds"),
+    "no-end": ("a.wav,1,,x", "end is missing"),
+    "empty-prompt": ("a.wav,1,2,", "prompt is empty"),
+    "long-prompt": ("a.wav,1,2," + "x" * 50_000, "limit is 2000"),
+    "bad-scheme": ("ftp://h/a.wav,1,2,x", "ftp:// is not supported"),
+    "bad-seed": ("a.wav,1,2,x,1.5", "seed"),
+    "negative-seed": ("a.wav,1,2,x,-3", "outside"),
+    "unknown-provider": ("a.wav,1,2,x,,nosuch", "provider 'nosuch' is unknown"),
+    "too-many-fields": ("a.wav,1,2,x,1,local,extra", "fields but the header has"),
+}
+
+
+def test_each_bad_row_is_invalid_with_a_reason_and_the_rest_survive(tmp_path):
+    lines = ["input,start,end,prompt,seed,provider", "good.wav,1,2,fine"]
+    lines += [row for row, _ in BAD_ROWS.values()]
+    m = load_manifest(write(tmp_path, "m.csv", "\n".join(lines) + "\n"))
+    assert len(m.edits) == 1 + len(BAD_ROWS)
+    assert m.edits[0].valid
+    for edit, (name, (_, reason)) in zip(m.edits[1:], BAD_ROWS.items(), strict=True):
+        assert not edit.valid, name
+        assert reason.lower() in edit.error.lower(), (name, edit.error)
+        assert edit.error.endswith(".") and "\n" not in edit.error
+
+
+def test_duplicate_explicit_ids_make_the_second_row_invalid(tmp_path):
+    m = load_manifest(write(tmp_path, "m.csv", "id,input,start,end,prompt\nx,a.wav,1,2,p\nx,b.wav,1,2,q\n"))
+    assert m.edits[0].valid
+    assert "already used" in m.edits[1].error
+    assert m.edits[0].row_id != m.edits[1].row_id
+
+
+def test_region_column_and_start_end_together_is_invalid(tmp_path):
+    m = load_manifest(write(tmp_path, "m.csv", "input,start,end,region,prompt\na.wav,1,2,1-2,p\n"))
+    assert "either region or start/end" in m.edits[0].error
+
+
+def test_semicolon_csv_and_bom_are_read(tmp_path):
+    m = load_manifest(write(tmp_path, "m.csv", "\ufeffinput;region;prompt\na.wav;1-2;p\n".encode()))
+    assert m.edits[0].valid and m.edits[0].start == 1.0
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("missing.csv", None, "does not exist"),
+        ("latin1.csv", "input,start,end,prompt\ncaf\xe9.wav,1,2,p\n".encode("latin-1"), "not UTF-8"),
+        ("noinput.csv", "file,start,end,prompt\na,1,2,p\n", "no 'input'"),
+        ("bad.yaml", "rows: [a, b\n", "not valid YAML"),
+        ("empty.csv", "", "empty"),
+        ("header-only.csv", "input,start,end,prompt\n", "has no rows"),
+        ("m.txt.json", "{}", "must end in .csv"),
+        ("top.yaml", "stuff: []\n", "unknown top-level key"),
+    ],
+)
+def test_unreadable_manifests_raise_one_clear_sentence(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    assert message in str(info.value)
+    assert str(info.value).endswith(".")
