@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import flow
 from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from soundpatch.batch import Batch, new_run_id
@@ -27,7 +28,11 @@ from soundpatch.report import summarize, write_reports
 from tasks.inpaint import inpaint_row
 
 
-@flow(name="inpaint_batch", flow_run_name="soundpatch {run_id}", task_runner=ThreadPoolTaskRunner())
+def _flow_run_name() -> str:
+    return f"soundpatch {flow_run.parameters.get('run_id') or 'new run'}"
+
+
+@flow(name="inpaint_batch", flow_run_name=_flow_run_name, task_runner=ThreadPoolTaskRunner())
 def inpaint_batch(
     manifest: str,
     config: dict[str, Any] | None = None,

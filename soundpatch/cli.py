@@ -202,7 +202,9 @@ def _quiet_prefect(verbose: bool) -> None:
 
     Only defaults: a user's explicit PREFECT_* settings win.
     """
+    # An offline batch tool does not phone home, and Prefect's notice about it is noise.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         # The in-process ephemeral server logs cancelled background flushes at shutdown.
@@ -314,8 +316,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         "output_uri": cfg.output.uri,
     }
     if (run_dir / "report.json").exists():
-        _, previous = load_report(run_dir)
+        previous_rows, previous = load_report(run_dir)
         meta.update({k: v for k, v in previous.items() if k not in ("by_status", "spent_usd", "results")})
+        order = {o.row_id: i for i, o in enumerate(previous_rows)}
+        outcomes.sort(key=lambda o: order.get(o.row_id, len(order)))
     summary = summarize(outcomes, meta)
     write_reports(run_dir, outcomes, summary)
     _print_summary(summary, outcomes, run_dir)

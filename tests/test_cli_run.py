@@ -103,6 +103,11 @@ def test_restoration_example_end_to_end_and_resume(workdir, prefect_home):
     assert len(journal_events(run_dir, "sending")) == sent  # nothing was redone
     assert list(pd.read_csv(run_dir / "report.csv")["status"]) == ["succeeded"] * 6
 
+    (run_dir / "report.csv").unlink()
+    rendered = run(workdir, prefect_home, "report", "e2e")
+    assert rendered.returncode == 0, rendered.stderr
+    assert list(pd.read_csv(run_dir / "report.csv")["row_id"]) == list(report["row_id"])
+
 
 def test_bad_rows_get_reasons_and_the_rest_of_the_batch_completes(workdir, prefect_home):
     proc = run(workdir, prefect_home, "run", "manifests/bad_rows.csv", "--run-id", "bad")
