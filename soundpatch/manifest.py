@@ -27,6 +27,7 @@ import yaml
 
 from soundpatch.config import PROVIDERS
 from soundpatch.errors import ManifestError
+from soundpatch.outcome import REPORT_COLUMNS
 
 KNOWN_COLUMNS = (
     "id",
@@ -41,22 +42,6 @@ KNOWN_COLUMNS = (
     "variations",
     "output",
     "provider",
-)
-# Report columns a carried-through manifest column must not overwrite.
-REPORT_COLUMNS = (
-    "row_id",
-    "input",
-    "start",
-    "end",
-    "prompt",
-    "seed",
-    "provider",
-    "status",
-    "cost_usd",
-    "output",
-    "prediction_id",
-    "attempts",
-    "error",
 )
 MAX_PROMPT_CHARS = 2000
 MAX_VARIATIONS = 1000
@@ -415,49 +400,35 @@ def _partial_region(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _int_field(text: dict[str, str], key: str, low: int, high: int) -> int | None:
+def _number_field(text: dict[str, str], key: str, low: float, high: float, whole: bool) -> float | None:
     raw = text.get(key, "")
     if raw == "":
         return None
+    kind = "a whole number" if whole else "a number"
     try:
         number = float(raw)
     except ValueError:
-        raise ValueError(f"{key} {raw!r} is not a whole number") from None
-    if not math.isfinite(number) or number != int(number):
-        raise ValueError(f"{key} {raw!r} is not a whole number")
-    if not low <= int(number) <= high:
-        raise ValueError(f"{key} {raw} is outside {low}..{high}")
-    return int(number)
+        raise ValueError(f"{key} {raw!r} is not {kind}") from None
+    if not math.isfinite(number) or (whole and number != int(number)):
+        raise ValueError(f"{key} {raw!r} is not {kind}")
+    if not low <= number <= high:
+        bounds = f"{int(low)}..{int(high)}" if whole else f"{low:g}..{high:g}"
+        raise ValueError(f"{key} {raw} is outside {bounds}")
+    return number
+
+
+def _int_field(text: dict[str, str], key: str, low: int, high: int) -> int | None:
+    number = _number_field(text, key, low, high, whole=True)
+    return None if number is None else int(number)
 
 
 def _float_field(text: dict[str, str], key: str, low: float, high: float) -> float | None:
-    raw = text.get(key, "")
-    if raw == "":
-        return None
-    try:
-        number = float(raw)
-    except ValueError:
-        raise ValueError(f"{key} {raw!r} is not a number") from None
-    if not math.isfinite(number) or not low <= number <= high:
-        raise ValueError(f"{key} {raw} is outside {low:g}..{high:g}")
-    return number
+    return _number_field(text, key, low, high, whole=False)
 
 
 def _derived_id(text: Mapping[str, str]) -> str:
     """A short id from the row's content: the same row gets the same id in every run."""
-    keys = (
-        "input",
-        "start",
-        "end",
-        "region",
-        "prompt",
-        "seed",
-        "steps",
-        "guidance_scale",
-        "variations",
-        "output",
-        "provider",
-    )
+    keys = [c for c in KNOWN_COLUMNS if c != "id"]
     canonical = json.dumps({k: text.get(k, "") for k in keys}, sort_keys=True)
     return "r" + hashlib.sha256(canonical.encode()).hexdigest()[:10]
 

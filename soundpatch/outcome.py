@@ -56,3 +56,8 @@ def exit_status(outcomes: Iterable[Outcome]) -> int:
     if counts[SKIPPED_BUDGET]:
         return EXIT_BUDGET
     return EXIT_OK
+
+
+# The report's columns, in order: every Outcome field but `extra` (which becomes the
+# manifest's own columns after these).
+REPORT_COLUMNS = tuple(name for name in Outcome.__dataclass_fields__ if name != "extra")

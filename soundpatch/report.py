@@ -15,26 +15,10 @@ from typing import Any
 
 import pandas as pd
 
-from soundpatch.outcome import STATUSES, Outcome
+from soundpatch.outcome import REPORT_COLUMNS, STATUSES, Outcome
 from soundpatch.storage import atomic_write
 
-BASE_COLUMNS = [
-    "row_id",
-    "input",
-    "start",
-    "end",
-    "prompt",
-    "seed",
-    "provider",
-    "status",
-    "cost_usd",
-    "output",
-    "prediction_id",
-    "attempts",
-    "error",
-    "method",
-    "seconds",
-]
+BASE_COLUMNS = list(REPORT_COLUMNS)
 
 
 def summarize(outcomes: Sequence[Outcome], meta: dict[str, Any]) -> dict[str, Any]:
