@@ -12,7 +12,6 @@ flows/ and tasks/; this module is plain Python.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import threading
 import time
@@ -77,7 +76,6 @@ class Batch:
         self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=already)
         self.journal = Journal(self.run_dir)
         self._lock = threading.Lock()
-        self._checksums: dict[str, str] = {}
 
     # ------------------------------------------------------------------ planning
 
@@ -268,7 +266,7 @@ class Batch:
             "prediction_id": outcome.prediction_id,
             "cost_usd": f"{prediction.cost_usd:.6f}",
             "method": prediction.method,
-            "source_sha256": self._checksum(checked.source),
+            "source_sha256": self.sources.checksum(checked.source),
             **dict(edit.extra),
         }
         outcome.output = self.store.put(
@@ -281,12 +279,6 @@ class Batch:
         if wanted == "same":
             return info.format if info.format in WRITABLE_CONTAINERS else "WAV"
         return audio_ops.OUTPUT_CONTAINERS[wanted]
-
-    def _checksum(self, source: str) -> str:
-        with self._lock:
-            if source not in self._checksums:
-                self._checksums[source] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
-            return self._checksums[source]
 
     def _log_traceback(self, edit: Edit) -> None:
         with self._lock, open(self.run_dir / "errors.log", "a", encoding="utf-8") as f:

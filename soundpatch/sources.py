@@ -7,6 +7,7 @@ bounded by bytes, and concurrent rows for the same source wait for one decode.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -27,6 +28,7 @@ class SourceReader:
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
         self._info: dict[str, AudioInfo] = {}
+        self._checksums: dict[str, str] = {}
 
     def info(self, uri: str) -> AudioInfo:
         """Length, rate, channels and format from the header only (no full decode)."""
@@ -57,14 +59,26 @@ class SourceReader:
                 if hit is not None:
                     return hit
             path = self._local_path(uri)
-            audio = decode(path.read_bytes(), path.name)
+            data = path.read_bytes()
+            audio = decode(data, path.name)
             with self._lock:
+                self._checksums[uri] = hashlib.sha256(data).hexdigest()
                 self._cache[uri] = audio
                 self._held += audio.samples.nbytes
                 while self._held > self._cache_bytes and len(self._cache) > 1:
                     _, old = self._cache.popitem(last=False)
                     self._held -= old.samples.nbytes
             return audio
+
+    def checksum(self, uri: str) -> str:
+        """SHA-256 of the source's bytes, taken when it was read for decoding."""
+        with self._lock:
+            known = self._checksums.get(uri)
+        if known is None:
+            self.audio(uri)
+            with self._lock:
+                known = self._checksums[uri]
+        return known
 
     def _local_path(self, uri: str) -> Path:
         if uri.startswith(("s3://", "http://", "https://")):

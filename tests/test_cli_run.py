@@ -6,6 +6,7 @@ stops), so these tests share what they can.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -95,7 +96,9 @@ def test_restoration_example_end_to_end_and_resume(workdir, prefect_home):
         a, b = round(row.start * rate), round(row.end * rate)
         assert np.array_equal(before[:a], after[:a]) and np.array_equal(before[b:], after[b:])
         assert not np.array_equal(before[a:b], after[a:b])
-        assert json.loads(Path(row.output + ".json").read_text())["row_id"] == row.row_id
+        metadata = json.loads(Path(row.output + ".json").read_text())
+        assert metadata["row_id"] == row.row_id and metadata["region"] == f"{row.start:g}-{row.end:g}"
+        assert metadata["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
 
     sent = len(journal_events(run_dir, "sending"))
     again = run(workdir, prefect_home, "run", "manifests/restoration.csv", "--run-id", "e2e")
