@@ -44,9 +44,7 @@ def main() -> None:
 
         for gap in (0.005, 0.02, 0.1, 0.3, 1.0):
             timings.clear()
-            r = compare(
-                x, rate, gap, {"engine": fill, "zero": zero_fill, "linear": linear_fill}, trials=args.trials
-            )
+            r = compare(x, rate, gap, {"engine": fill, "zero": zero_fill, "linear": linear_fill}, trials=args.trials)
             print(
                 f"{name:20s} {gap * 1000:5.0f}ms {r['engine']:10.1f} {r['zero']:8.1f} {r['linear']:10.1f} "
                 f"{r['engine'] - r['linear']:+10.1f} {np.mean(timings) * 1000:8.0f}"

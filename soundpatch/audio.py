@@ -162,9 +162,7 @@ def splice(original: Audio, fill: np.ndarray, a: int, b: int, crossfade: int) ->
     if fill.ndim == 1:
         fill = fill[:, None]
     if fill.shape != (b - a, original.channels):
-        raise ValueError(
-            f"fill has shape {fill.shape}, expected {(b - a, original.channels)} for region [{a}, {b})"
-        )
+        raise ValueError(f"fill has shape {fill.shape}, expected {(b - a, original.channels)} for region [{a}, {b})")
     out = original.samples.copy()
     if b <= a:
         return Audio(out, original.rate, original.format, original.subtype)

@@ -28,7 +28,8 @@ from soundpatch.journal import Journal, latest_outcomes
 from soundpatch.limits import BudgetLedger
 from soundpatch.manifest import Edit, Manifest
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SUCCEEDED, Outcome
-from soundpatch.providers import InpaintRequest, Provider, make_provider
+from soundpatch.providers import InpaintRequest, PredictionFailed, Provider, make_provider
+from soundpatch.s3 import S3
 from soundpatch.sources import SourceReader
 from soundpatch.storage import OutputStore, open_store, output_name
 
@@ -68,14 +69,17 @@ class Batch:
         self.force = force
         self.run_dir = Path(config.runs_dir).expanduser() / run_id
         self.previous = {} if dry_run else latest_outcomes(self.run_dir)
-        self.providers: dict[str, Provider] = {config.provider.name: make_provider(config.provider)}
+        self.dry_run = dry_run
+        self.s3 = S3(config.storage.s3)
+        self.providers: dict[str, Provider] = {}
+        self._lock = threading.Lock()
         self.store: OutputStore = open_store(config.output.uri)
-        self.sources = SourceReader()
+        self.sources = SourceReader(self.s3)
+        self._provider(config.provider.name)  # an unusable provider stops the run before it starts
         self._carried = self._carried_outcomes()
         already = sum(o.get("cost_usd") or 0.0 for o in self.previous.values())
         self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=already)
         self.journal = Journal(self.run_dir)
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ planning
 
@@ -98,15 +102,21 @@ class Batch:
                 todo.append(edit)
         return todo, kept
 
-    def provider_for(self, edit: Edit) -> Provider:
-        name = edit.provider or self.config.provider.name
+    def _provider(self, name: str) -> Provider:
         with self._lock:
             if name not in self.providers:
-                try:
-                    self.providers[name] = make_provider(self.config.provider, name)
-                except ConfigError as exc:
-                    raise RowError(str(exc)) from None
+                provider = make_provider(self.config, name, self.s3)
+                ready = getattr(provider, "ready", None)
+                if ready is not None and not self.dry_run:
+                    ready()  # a missing key or staging prefix: say so once, not on every row
+                self.providers[name] = provider
             return self.providers[name]
+
+    def provider_for(self, edit: Edit) -> Provider:
+        try:
+            return self._provider(edit.provider or self.config.provider.name)
+        except ConfigError as exc:
+            raise RowError(str(exc)) from None
 
     def check(self, edit: Edit) -> Checked:
         """Everything that can be known without spending: raises RowError with the reason."""
@@ -119,17 +129,16 @@ class Batch:
         half_sample = 0.5 / info.rate
         if edit.start >= info.duration:
             raise RowError(
-                f"region starts at {edit.start:g} s but {Path(edit.input).name} is only "
-                f"{info.duration:.3f} s long"
+                f"region starts at {edit.start:g} s but {Path(edit.input).name} is only {info.duration:.3f} s long"
             )
         if edit.end > info.duration + half_sample:
             raise RowError(
-                f"region ends at {edit.end:g} s but {Path(edit.input).name} is only "
-                f"{info.duration:.3f} s long"
+                f"region ends at {edit.end:g} s but {Path(edit.input).name} is only {info.duration:.3f} s long"
             )
         a, b = audio_ops.region_frames(edit.start, edit.end, info.rate, info.frames)
         if b <= a:
             raise RowError(f"region {edit.start:g}-{edit.end:g} s is shorter than one sample")
+        provider.check(info.frames, info.rate, a, b, edit.steps, edit.guidance_scale)
         return Checked(edit, source, info, provider)
 
     def estimate(self, edits: list[Edit]) -> dict[str, Any]:
@@ -179,8 +188,7 @@ class Batch:
         except Exception as exc:  # a bug or an environment fault: keep the batch going
             outcome.status = FAILED
             outcome.error = (
-                f"Unexpected {type(exc).__name__}: {str(exc)[:200]} "
-                f"(details in {self.run_dir / 'errors.log'})."
+                f"Unexpected {type(exc).__name__}: {str(exc)[:200]} (details in {self.run_dir / 'errors.log'})."
             )
             self._log_traceback(edit)
         outcome.seconds = round(time.monotonic() - started, 3)
@@ -219,14 +227,31 @@ class Batch:
             )
             return
         a, b = audio_ops.region_frames(edit.start or 0.0, edit.end or 0.0, original.rate, original.frames)
-        request = InpaintRequest(original, a, b, edit.prompt, edit.seed, edit.steps, edit.guidance_scale)
+        request = InpaintRequest(
+            original,
+            a,
+            b,
+            edit.prompt,
+            edit.seed,
+            edit.steps,
+            edit.guidance_scale,
+            source=checked.source,
+            name=f"{self.run_id}/{edit.row_id}-{secrets.token_hex(4)}",
+            notify=lambda event, fields: self.journal.write(event, edit.row_id, **fields),
+        )
         self.journal.write("sending", edit.row_id, provider=provider.name)
         outcome.attempts += 1
         try:
             prediction = provider.inpaint(request)
+        except PredictionFailed as exc:
+            # The provider was reached and may have charged: keep what it says is owed.
+            self.ledger.settle(reservation, exc.cost_usd)
+            outcome.cost_usd += exc.cost_usd
+            outcome.prediction_id = exc.prediction_id or ""
+            outcome.attempts = max(outcome.attempts, exc.attempts)
+            raise
         except BaseException:
-            # The local engine never charges for a failure; hosted providers will say
-            # whether a prediction was created (and so is paid) before giving up.
+            # Refused before a prediction existed (or never sent): nothing is owed.
             self.ledger.release(reservation)
             raise
         self.ledger.settle(reservation, prediction.cost_usd)
@@ -234,9 +259,7 @@ class Batch:
         outcome.prediction_id = prediction.prediction_id or ""
         outcome.method = prediction.method
         outcome.attempts = max(outcome.attempts, prediction.attempts)
-        self.journal.write(
-            "predicted", edit.row_id, prediction_id=outcome.prediction_id, cost_usd=prediction.cost_usd
-        )
+        self.journal.write("predicted", edit.row_id, prediction_id=outcome.prediction_id, cost_usd=prediction.cost_usd)
 
         fade = prediction.crossfade
         if fade is None:
@@ -269,9 +292,7 @@ class Batch:
             "source_sha256": self.sources.checksum(checked.source),
             **dict(edit.extra),
         }
-        outcome.output = self.store.put(
-            name, data, CONTENT_TYPES.get(ext, "application/octet-stream"), metadata
-        )
+        outcome.output = self.store.put(name, data, CONTENT_TYPES.get(ext, "application/octet-stream"), metadata)
         outcome.status = SUCCEEDED
 
     def _container(self, info: AudioInfo) -> str:

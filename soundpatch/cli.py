@@ -44,9 +44,7 @@ class _UsageError(SoundpatchError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one sentence, exit 2, as for any other unusable input
-        raise _UsageError(
-            f"{message[:1].upper()}{message[1:]} (see soundpatch {self.prog.split()[-1]} --help)."
-        )
+        raise _UsageError(f"{message[:1].upper()}{message[1:]} (see soundpatch {self.prog.split()[-1]} --help).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +89,21 @@ def _build_parser() -> argparse.ArgumentParser:
     validate.add_argument("manifest")
     _common(validate)
     validate.set_defaults(handler=cmd_validate)
+
+    sim = sub.add_parser("simulate", help="a local server speaking the Each Labs protocol (no cost)")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8787)
+    sim.add_argument("--latency", type=float, default=2.0, help="seconds per prediction")
+    sim.add_argument("--rpm", type=float, help="creates per minute before answering 429")
+    sim.add_argument("--error-rate", type=float, default=0.0, help="share of creates answered 503")
+    sim.add_argument("--fail-rate", type=float, default=0.0, help="share of predictions that fail")
+    sim.add_argument("--truncate-rate", type=float, default=0.0, help="share of downloads cut short")
+    sim.add_argument("--format", choices=["wav", "mp3"], default="wav", help="result format")
+    sim.add_argument("--shift-ms", type=float, default=0.0, help="misalign results by this much")
+    sim.add_argument("--fill", choices=["local", "tone"], default="local", help="what the 'model' writes")
+    sim.add_argument("--price", type=float, default=0.20, help="cost reported per prediction")
+    sim.add_argument("--api-key", help="the only key accepted (default: any non-empty key)")
+    sim.set_defaults(handler=cmd_simulate)
 
     report = sub.add_parser("report", help="re-render a run's report from its journal")
     report.add_argument("run_id")
@@ -140,9 +153,7 @@ def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
     if len(est["errors"]) > 20:
         out.print(f"  ... and {len(est['errors']) - 20} more invalid rows")
     if est["expected_cost_usd"] > est["budget_usd"]:
-        out.print(
-            "[yellow]The expected cost is above the budget: rows past it will be skipped_budget.[/yellow]"
-        )
+        out.print("[yellow]The expected cost is above the budget: rows past it will be skipped_budget.[/yellow]")
 
 
 # ---------------------------------------------------------------------- run
@@ -168,9 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     watcher = _ProgressWatcher(run_dir, total=len(manifest.edits), budget=cfg.limits.budget_usd)
     watcher.start()
     try:
-        result = inpaint_batch(
-            manifest=str(args.manifest), config=cfg.model_dump(), run_id=run_id, force=args.force
-        )
+        result = inpaint_batch(manifest=str(args.manifest), config=cfg.model_dump(), run_id=run_id, force=args.force)
     except SoundpatchError:
         raise
     except Exception as exc:
@@ -297,6 +306,42 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+
+
+# ---------------------------------------------------------------------- simulate
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from soundpatch.simulator import Simulator, SimulatorSettings
+
+    settings = SimulatorSettings(
+        latency=args.latency,
+        rpm=args.rpm,
+        error_rate=args.error_rate,
+        fail_rate=args.fail_rate,
+        truncate_rate=args.truncate_rate,
+        result_format=args.format,
+        shift_ms=args.shift_ms,
+        fill=args.fill,
+        price=args.price,
+        api_key=args.api_key,
+    )
+    try:
+        sim = Simulator(settings, host=args.host, port=args.port)
+    except OSError as exc:
+        raise SoundpatchError(f"Cannot listen on {args.host}:{args.port}: {exc.strerror}.") from None
+    out.print(f"Simulating Each Labs at [bold]{sim.base_url}[/bold] (Ctrl-C stops it). Point a config at it:")
+    out.print(f"  provider: {{name: eachlabs, base_url: {sim.base_url}}}")
+    out.print("  and set EACHLABS_API_KEY to any value" + (" it was given" if args.api_key else "") + ".")
+    try:
+        sim.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sim.server.server_close()
+    s = sim.stats
+    out.print(f"Served {s.accepted} predictions ({s.rate_limited} rate-limited, {s.server_errors} 5xx).")
+    return 0
 
 
 # ---------------------------------------------------------------------- report

@@ -31,6 +31,14 @@ class ProviderConfig(_Section):
     # The NAME of the environment variable holding the key; keys never live in files.
     api_key_env: str = "EACHLABS_API_KEY"
     price_usd: float | None = Field(default=None, ge=0)
+    # Hosted providers: how we talk to them.
+    timeout_seconds: float = Field(default=60.0, gt=0)  # per HTTP call
+    max_retries: int = Field(default=5, ge=0, le=20)  # per create or download
+    poll_seconds: float = Field(default=2.0, gt=0)  # first poll interval; grows x1.5
+    max_poll_seconds: float = Field(default=15.0, gt=0)
+    deadline_seconds: float = Field(default=900.0, gt=0)  # per prediction; then it is cancelled
+    context_seconds: float = Field(default=10.0, ge=0, le=95)  # audio sent each side of a region
+    pad: Literal["reflect", "silence", "loop"] = "reflect"  # how clips under 6 s are lengthened
 
     @field_validator("name")
     @classmethod

@@ -105,8 +105,6 @@ def effect(seconds: float = 2.5, rate: int = 48000, seed: int = 0) -> np.ndarray
     hit_at = int(1.0 * rate)
     ring = np.zeros(n)
     tt = t[: n - hit_at]
-    ring[hit_at:] = sum(
-        np.sin(2 * np.pi * f * tt) * np.exp(-tt * d) for f, d in ((180, 3), (423, 5), (911, 8))
-    )
+    ring[hit_at:] = sum(np.sin(2 * np.pi * f * tt) * np.exp(-tt * d) for f, d in ((180, 3), (423, 5), (911, 8)))
     sig = 0.4 * sweep / (np.abs(sweep).max() + 1e-9) + 0.5 * ring / 3
     return sig.astype(np.float32)[:, None]

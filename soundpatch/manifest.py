@@ -122,9 +122,7 @@ def parse_time(value: Any, what: str = "time") -> float:
             try:
                 seconds = float(text)
             except ValueError:
-                raise ValueError(
-                    f"{what} {text!r} is not a number of seconds or a mm:ss.f timecode"
-                ) from None
+                raise ValueError(f"{what} {text!r} is not a number of seconds or a mm:ss.f timecode") from None
     if not math.isfinite(seconds):
         raise ValueError(f"{what} must be a finite number of seconds, not {value!r}")
     if seconds < 0:
@@ -163,8 +161,7 @@ def load_manifest(path: str | Path) -> Manifest:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ManifestError(
-            f"Manifest {p} is not UTF-8 text (bad byte at position {exc.start}); "
-            "save it as UTF-8 and try again."
+            f"Manifest {p} is not UTF-8 text (bad byte at position {exc.start}); save it as UTF-8 and try again."
         ) from None
     suffix = p.suffix.lower()
     if suffix in (".yaml", ".yml"):
@@ -242,8 +239,7 @@ def _yaml_records(text: str, path: Path) -> Iterator[tuple[str, dict[str, Any]]]
         unknown = set(doc) - {"rows", "defaults", "matrix"}
         if unknown:
             raise ManifestError(
-                f"Manifest {path} has unknown top-level key {sorted(unknown)[0]!r} "
-                "(expected rows, defaults, matrix)."
+                f"Manifest {path} has unknown top-level key {sorted(unknown)[0]!r} (expected rows, defaults, matrix)."
             )
         rows = doc.get("rows") or []
         defaults = doc.get("defaults") or {}
@@ -263,9 +259,7 @@ def _yaml_records(text: str, path: Path) -> Iterator[tuple[str, dict[str, Any]]]
         yield from _matrix_records(matrix, defaults, path)
 
 
-def _matrix_records(
-    matrix: Any, defaults: dict[str, Any], path: Path
-) -> Iterator[tuple[str, dict[str, Any]]]:
+def _matrix_records(matrix: Any, defaults: dict[str, Any], path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """`matrix: {input: [...], prompt: [...], seed: [...]}` -> the cartesian product as rows."""
     if not isinstance(matrix, dict) or not matrix:
         raise ManifestError(f"Manifest {path}: 'matrix' must map columns to lists of values.")
@@ -349,8 +343,7 @@ def _parse_fields(record: dict[str, Any], text: dict[str, str]) -> dict[str, Any
     scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", source)
     if scheme and not source.startswith(REMOTE_SCHEMES):
         raise ValueError(
-            f"input scheme {scheme.group(1)}:// is not supported; use a file path, "
-            "s3://bucket/key or https:// URL"
+            f"input scheme {scheme.group(1)}:// is not supported; use a file path, s3://bucket/key or https:// URL"
         )
     start, end = _region_of(record, text)
     if end <= start:

@@ -106,9 +106,7 @@ def render_html(df: pd.DataFrame, summary: dict[str, Any]) -> str:
     body = []
     for _, row in df.iterrows():
         status = str(row["status"])
-        cells = "".join(
-            f'<td class="{esc(status) if c == "status" else ""}">{esc(_cell(row[c]))}</td>' for c in shown
-        )
+        cells = "".join(f'<td class="{esc(status) if c == "status" else ""}">{esc(_cell(row[c]))}</td>' for c in shown)
         body.append(f'<tr data-status="{esc(status)}">{cells}</tr>')
     options = "".join(f'<option value="{s}">{s}</option>' for s in STATUSES)
     title = f"soundpatch run {esc(str(summary.get('run_id', '')))}"

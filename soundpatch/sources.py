@@ -16,12 +16,15 @@ import soundfile as sf
 
 from soundpatch.audio import Audio, AudioInfo, decode
 from soundpatch.errors import RowError
+from soundpatch.s3 import S3, S3Uri
 
 DEFAULT_CACHE_BYTES = 1 << 30
+MAX_INPUT_BYTES = 2 << 30  # what one remote input may weigh
 
 
 class SourceReader:
-    def __init__(self, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(self, s3: S3 | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self._s3 = s3
         self._cache: OrderedDict[str, Audio] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._held = 0
@@ -35,6 +38,12 @@ class SourceReader:
         cached = self._info.get(uri)
         if cached is not None:
             return cached
+        if uri.startswith("s3://"):
+            # A remote header costs a request anyway: fetch and decode once, keep it.
+            a = self.audio(uri)
+            info = AudioInfo(a.frames, a.rate, a.channels, a.format, a.subtype)
+            self._info[uri] = info
+            return info
         path = self._local_path(uri)
         try:
             i = sf.info(str(path))
@@ -58,9 +67,8 @@ class SourceReader:
                 hit = self._cache.get(uri)
                 if hit is not None:
                     return hit
-            path = self._local_path(uri)
-            data = path.read_bytes()
-            audio = decode(data, path.name)
+            data, name = self._read(uri)
+            audio = decode(data, name)
             with self._lock:
                 self._checksums[uri] = hashlib.sha256(data).hexdigest()
                 self._cache[uri] = audio
@@ -80,12 +88,24 @@ class SourceReader:
                 known = self._checksums[uri]
         return known
 
+    def _read(self, uri: str) -> tuple[bytes, str]:
+        if uri.startswith("s3://"):
+            if self._s3 is None:
+                raise RowError("s3:// inputs need S3 settings (storage.s3)")
+            target = S3Uri.parse(uri)
+            data = self._s3.read(target, MAX_INPUT_BYTES)
+            if not data:
+                raise RowError(f"input {uri} is empty (0 bytes)")
+            return data, target.key.rsplit("/", 1)[-1] or uri
+        path = self._local_path(uri)
+        return path.read_bytes(), path.name
+
     def _local_path(self, uri: str) -> Path:
-        if uri.startswith(("s3://", "http://", "https://")):
+        if uri.startswith(("http://", "https://")):
             scheme = uri.split("://", 1)[0]
             raise RowError(
                 f"{scheme}:// inputs are not supported by this version of soundpatch yet; "
-                "copy the file locally and give its path"
+                "copy the file locally or to S3 and give its path"
             )
         path = Path(uri)
         if not path.exists():

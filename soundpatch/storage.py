@@ -105,9 +105,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def open_store(uri: str) -> OutputStore:
     if uri.startswith("s3://"):
-        raise ConfigError(
-            "output.uri s3:// is not supported by this version of soundpatch yet; use a local folder."
-        )
+        raise ConfigError("output.uri s3:// is not supported by this version of soundpatch yet; use a local folder.")
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", uri):
         raise ConfigError(f"output.uri {uri!r} must be a local folder or s3://bucket/prefix/.")
     return LocalFolder(uri)

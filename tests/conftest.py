@@ -1,7 +1,14 @@
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
 import soundfile as sf
@@ -29,3 +36,84 @@ def music_44k() -> np.ndarray:
 @pytest.fixture(scope="session")
 def voice_16k() -> np.ndarray:
     return demo_audio.voice(20.0, 16000, seed=2)
+
+
+# ------------------------------------------------------------------ real servers on loopback
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    client: object  # boto3 S3 client pointed at it
+
+    def bucket(self, name: str) -> str:
+        try:
+            self.client.create_bucket(Bucket=name)
+        except self.client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        listing = self.client.list_objects_v2(Bucket=bucket, Prefix=prefix)
+        return [o["Key"] for o in listing.get("Contents", [])]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """moto's S3-compatible server as its own process, speaking HTTP on loopback."""
+    port = _free_port()
+    script = Path(sys.executable).parent / "moto_server"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "moto.server"]
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("moto server did not start")
+        client = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+        )
+        yield S3Server(endpoint, client)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def aws_env(monkeypatch, s3_server):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server
+
+
+@pytest.fixture
+def simulator():
+    """Start simulators (real HTTP on loopback) with the given settings; all stopped after."""
+    from soundpatch.simulator import Simulator, SimulatorSettings
+
+    started = []
+
+    def start(**settings) -> Simulator:
+        sim = Simulator(SimulatorSettings(**settings)).start()
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.stop()

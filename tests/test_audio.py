@@ -46,9 +46,7 @@ def test_outside_the_region_is_bit_identical_after_a_round_trip(fmt, subtype, ra
         assert (f.samplerate, f.channels, f.frames, f.subtype) == (rate, channels, original.frames, subtype)
     # Compare what a user would read from both files, raw, sample for sample.
     before = sf.read(io.BytesIO(data), dtype="int32" if subtype != "FLOAT" else "float32", always_2d=True)[0]
-    after = sf.read(io.BytesIO(written), dtype="int32" if subtype != "FLOAT" else "float32", always_2d=True)[
-        0
-    ]
+    after = sf.read(io.BytesIO(written), dtype="int32" if subtype != "FLOAT" else "float32", always_2d=True)[0]
     assert np.array_equal(before[:a], after[:a])
     assert np.array_equal(before[b:], after[b:])
     assert not np.array_equal(before[a:b], after[a:b])
@@ -100,9 +98,7 @@ def test_splice_rejects_a_fill_of_the_wrong_shape():
         splice(original, np.zeros((10, 2), np.float32), 100, 120, 0)
 
 
-@pytest.mark.parametrize(
-    "content", [b"", b"RIFF\x00\x00\x00\x00WAVEfmt ", b"hello, I am text, not audio" * 10]
-)
+@pytest.mark.parametrize("content", [b"", b"RIFF\x00\x00\x00\x00WAVEfmt ", b"hello, I am text, not audio" * 10])
 def test_undecodable_bytes_raise_a_row_error(content):
     with pytest.raises(RowError):
         decode(content, "clip.wav")

@@ -158,9 +158,7 @@ def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_h
     assert proc.returncode == 1 and "does_not_exist.wav" in proc.stdout
     assert not (workdir / "runs").exists() and not (workdir / "outputs").exists()
     (workdir / "priced.yaml").write_text("provider: {price_usd: 0.2}\nlimits: {budget_usd: 1.0}\n")
-    dry = run(
-        workdir, prefect_home, "run", "manifests/sfx_variations.yaml", "--dry-run", "--config", "priced.yaml"
-    )
+    dry = run(workdir, prefect_home, "run", "manifests/sfx_variations.yaml", "--dry-run", "--config", "priced.yaml")
     assert dry.returncode == 0, dry.stderr
     # 4 rows, 2 + 2 + 3 + 2 variations = 9 predictions at $0.20, over a $1.00 budget.
     assert "$1.80" in dry.stdout and "above the budget" in dry.stdout

@@ -17,9 +17,7 @@ Filler = Callable[[np.ndarray, int, int], np.ndarray]
 def snr_db(truth: np.ndarray, estimate: np.ndarray) -> float:
     """Signal-to-error ratio of an estimate of `truth`, in dB (0 dB = as bad as silence)."""
     err = float(np.sum((np.asarray(truth, np.float64) - estimate) ** 2))
-    return 10 * float(
-        np.log10(max(float(np.sum(np.square(truth, dtype=np.float64))), 1e-20) / max(err, 1e-20))
-    )
+    return 10 * float(np.log10(max(float(np.sum(np.square(truth, dtype=np.float64))), 1e-20) / max(err, 1e-20)))
 
 
 def restore_probe(x: np.ndarray, a: int, b: int, fill: Filler) -> float:
@@ -56,7 +54,4 @@ def compare(
     """Mean SNR of each filler over the same `trials` audible gaps."""
     gaps = audible_gaps(x, rate, gap_seconds)
     spots = [next(gaps) for _ in range(trials)]
-    return {
-        name: float(np.mean([restore_probe(x, a, b, fill) for a, b in spots]))
-        for name, fill in fillers.items()
-    }
+    return {name: float(np.mean([restore_probe(x, a, b, fill) for a, b in spots])) for name, fill in fillers.items()}

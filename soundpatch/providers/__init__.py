@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
-from soundpatch.config import ProviderConfig
+from soundpatch.config import Config
 from soundpatch.errors import ConfigError
-from soundpatch.providers.base import InpaintRequest, Prediction, Provider
+from soundpatch.providers.base import InpaintRequest, Prediction, PredictionFailed, Provider
+from soundpatch.s3 import S3
 
-__all__ = ["InpaintRequest", "Prediction", "Provider", "make_provider"]
+__all__ = ["InpaintRequest", "Prediction", "PredictionFailed", "Provider", "make_provider"]
 
 
-def make_provider(config: ProviderConfig, name: str | None = None) -> Provider:
-    name = name or config.name
+def make_provider(config: Config, name: str | None = None, s3: S3 | None = None) -> Provider:
+    name = name or config.provider.name
+    # A row may name another provider than the config's; it then gets that provider's
+    # own default price rather than one meant for another service.
+    provider_config = (
+        config.provider
+        if name == config.provider.name
+        else config.provider.model_copy(update={"name": name, "price_usd": None})
+    )
     if name == "local":
         from soundpatch.providers.local import LocalEngine
 
-        return LocalEngine(price_usd=config.price if config.name == "local" else 0.0)
-    raise ConfigError(
-        f"Provider {name!r} is not available in this version of soundpatch; use provider.name: local."
-    )
+        return LocalEngine(price_usd=provider_config.price)
+    if name == "eachlabs":
+        from soundpatch.providers.eachlabs import EachLabs
+        from soundpatch.staging import Staging
+
+        staging = Staging(s3 or S3(config.storage.s3), config.storage.staging) if config.storage.staging else None
+        return EachLabs(provider_config, staging, concurrency=config.limits.concurrency)
+    raise ConfigError(f"Provider {name!r} is not available in this version of soundpatch; use local or eachlabs.")

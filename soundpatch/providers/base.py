@@ -7,12 +7,18 @@ for hosted models happen behind this interface; the splice is the caller's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from soundpatch.audio import Audio
+from soundpatch.errors import RowError
+
+# notify(event, fields): what a provider reports as it goes (prediction created, retry...),
+# journaled by the caller before the provider takes its next step.
+Notify = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,13 @@ class InpaintRequest:
     seed: int | None = None
     steps: int | None = None
     guidance_scale: float | None = None
+    source: str | None = None  # where the audio came from (an s3:// input can be shared as is)
+    name: str = "clip"  # a unique, safe name for staged files
+    notify: Notify | None = None
+
+    def tell(self, event: str, **fields: Any) -> None:
+        if self.notify is not None:
+            self.notify(event, fields)
 
 
 @dataclass(frozen=True)
@@ -38,10 +51,29 @@ class Prediction:
     method: str = ""  # how the fill was made, for the report
 
 
+class PredictionFailed(RowError):
+    """The provider was asked and it did not work out; `cost_usd` may still be owed.
+
+    A prediction that was created (or may have been: the request went out and no answer
+    came back) is paid for unless the provider says otherwise, so the ledger keeps it.
+    """
+
+    def __init__(self, message: str, cost_usd: float, prediction_id: str | None = None, attempts: int = 1):
+        super().__init__(message)
+        self.cost_usd = cost_usd
+        self.prediction_id = prediction_id
+        self.attempts = attempts
+
+
 class Provider(Protocol):
     name: str
     price_usd: float
     # Whether the prompt steers the result; the report says so when it does not.
     uses_prompt: bool
+
+    def check(
+        self, audio_frames: int, rate: int, a: int, b: int, steps: int | None, guidance_scale: float | None
+    ) -> None:
+        """Raise RowError if the provider would refuse this edit (checked before any money)."""
 
     def inpaint(self, request: InpaintRequest) -> Prediction: ...

@@ -47,6 +47,11 @@ class LocalEngine:
     def __init__(self, price_usd: float = 0.0) -> None:
         self.price_usd = price_usd
 
+    def check(
+        self, audio_frames: int, rate: int, a: int, b: int, steps: int | None, guidance_scale: float | None
+    ) -> None:
+        """Any region of any recording can be filled; model parameters are ignored."""
+
     def inpaint(self, request: InpaintRequest) -> Prediction:
         audio, a, b = request.audio, request.a, request.b
         m, rate = b - a, audio.rate
@@ -73,9 +78,7 @@ class LocalEngine:
             method=method if lo == 0 else _shift_method(method, lo / rate),
         )
 
-    def _probe_and_fill(
-        self, x: np.ndarray, a: int, b: int, rate: int, seed: int | None
-    ) -> tuple[np.ndarray, str]:
+    def _probe_and_fill(self, x: np.ndarray, a: int, b: int, rate: int, seed: int | None) -> tuple[np.ndarray, str]:
         m = b - a
         guard = max(4 * ar_order(m), similarity.context_frames(m, rate)) + m
         probes = [(a - guard - m, a - guard), (b + guard, b + guard + m)]
@@ -84,8 +87,7 @@ class LocalEngine:
             return ar_fill(x, a, b), "autoregressive"
         ar_score = sum(restore_probe(x, pa, pb, ar_fill) for pa, pb in probes)
         passage_score = sum(
-            restore_probe(x, pa, pb, lambda h, i, j: passage_fill(h, i, j, rate, seed)[0])
-            for pa, pb in probes
+            restore_probe(x, pa, pb, lambda h, i, j: passage_fill(h, i, j, rate, seed)[0]) for pa, pb in probes
         )
         if passage_score > ar_score:
             fill, method = passage_fill(x, a, b, rate, seed)

@@ -1,0 +1,194 @@
+"""What a hosted model is sent, and how its answer is put back where it belongs.
+
+Stable Audio 2.5 Inpaint takes a clip of 6-190 s, a mask in whole seconds, and works in
+44.1 kHz stereo. Users hand us sub-second regions, 2 s effects, hour-long tapes, any rate
+and layout. So:
+- plan_window: a clip of whole seconds around the region (context on both sides, at
+  most 190 s: the rest of a long file never leaves the machine) whose integer mask
+  covers the region; a recording shorter than 6 s is padded at its end;
+- prepare_clip: that clip at 44.1 kHz stereo;
+- recover_region: the answer aligned to what was sent (codecs and resamplers shift
+  audio; the offset is found by correlating the unmasked context), brought back to the
+  input's rate and layout, and cut to exactly the region; only that is spliced.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import soxr
+from scipy.signal import correlate
+
+from soundpatch.audio import Audio
+from soundpatch.errors import RowError
+
+MODEL_RATE = 44100
+MIN_SECONDS = 6
+MAX_SECONDS = 190
+MAX_ALIGN_SECONDS = 0.5  # the largest shift looked for (MP3 delay is ~25 ms)
+PadMode = Literal["reflect", "silence", "loop"]
+
+
+@dataclass(frozen=True)
+class Window:
+    lo: int  # first source frame sent
+    hi: int  # one past the last source frame sent
+    rate: int  # the source's rate
+    seconds_total: int  # the clip's length in whole seconds, padding included
+    pad: int  # model-rate frames of padding after the source audio
+    mask_start: int  # whole seconds, in the clip's timeline
+    mask_end: int
+
+    @property
+    def offset_seconds(self) -> float:
+        return self.lo / self.rate
+
+
+def plan_window(frames: int, rate: int, a: int, b: int, context_seconds: float = 10.0) -> Window:
+    """The clip to send for source frames [a, b) of a recording of `frames` frames."""
+    region = (b - a) / rate
+    if region > MAX_SECONDS:
+        raise RowError(f"region is {region:.1f} s long; the model replaces at most {MAX_SECONDS} s at once")
+    duration = frames / rate
+    start, end = a / rate, b / rate
+    # Whole seconds of clip: the region plus context, within the model's limits.
+    wanted = min(MAX_SECONDS, max(MIN_SECONDS, math.ceil(region + 2 * context_seconds)))
+    if duration <= wanted:
+        lo, hi = 0, frames
+        total = max(MIN_SECONDS, math.ceil(duration - 1e-9))
+    else:
+        total = wanted
+        lo, hi = _centered(frames, rate, a, b, total)
+    sent = (hi - lo) / rate
+    pad = max(0, round(total * MODEL_RATE) - round(sent * MODEL_RATE))
+    offset = lo / rate
+    mask_start = max(0, math.floor(start - offset + 1e-9))
+    mask_end = min(total, math.ceil(end - offset - 1e-9))
+    if mask_end <= mask_start:
+        mask_end = min(total, mask_start + 1)
+    return Window(lo, hi, rate, total, pad, mask_start, mask_end)
+
+
+def _centered(frames: int, rate: int, a: int, b: int, seconds: int) -> tuple[int, int]:
+    """`seconds` of source around [a, b), shifted to stay inside the recording."""
+    span = seconds * rate
+    lo = (a + b) // 2 - span // 2
+    lo = min(max(0, lo), frames - span)
+    return lo, lo + span
+
+
+def prepare_clip(audio: Audio, window: Window, pad_mode: PadMode = "reflect") -> np.ndarray:
+    """The clip as float32 (frames, 2) at MODEL_RATE: resampled, stereo, padded to length."""
+    x = audio.float_slice(window.lo, window.hi)
+    stereo = to_stereo(x)
+    if audio.rate != MODEL_RATE:
+        stereo = soxr.resample(stereo, audio.rate, MODEL_RATE).astype(np.float32)
+    length = window.seconds_total * MODEL_RATE
+    body = stereo[: length - window.pad] if window.pad else stereo[:length]
+    if len(body) < length:
+        body = pad_end(body, length - len(body), pad_mode)
+    return np.ascontiguousarray(body[:length], dtype=np.float32)
+
+
+def to_stereo(x: np.ndarray) -> np.ndarray:
+    if x.shape[1] == 2:
+        return x
+    if x.shape[1] == 1:
+        return np.repeat(x, 2, axis=1)
+    # More channels: even-numbered ones to the left, odd-numbered to the right.
+    return np.stack([x[:, 0::2].mean(axis=1), x[:, 1::2].mean(axis=1)], axis=1)
+
+
+def pad_end(x: np.ndarray, n: int, mode: PadMode) -> np.ndarray:
+    """Pad n frames after x. Reflection keeps level and spectrum continuous across the
+    join, so the model sees no artificial ending it might imitate inside the region."""
+    if n <= 0:
+        return x
+    if mode == "silence" or len(x) < 2:
+        return np.concatenate([x, np.zeros((n, x.shape[1]), x.dtype)])
+    if mode == "loop":
+        return np.concatenate([x, np.resize(x, (n, x.shape[1]))])
+    out = [x]
+    produced, flip = 0, True
+    while produced < n:
+        piece = x[::-1][1:] if flip else x[1:]
+        out.append(piece[: n - produced])
+        produced += len(out[-1])
+        flip = not flip
+    return np.concatenate(out)
+
+
+def find_offset(sent: np.ndarray, result: np.ndarray, window: Window) -> int:
+    """Frames by which `result` lags `sent`, measured on the audio outside the mask."""
+    max_lag = int(MAX_ALIGN_SECONDS * MODEL_RATE)
+    ref = sent.mean(axis=1)
+    got = result.mean(axis=1)
+    m0, m1 = window.mask_start * MODEL_RATE, window.mask_end * MODEL_RATE
+    real_end = window.seconds_total * MODEL_RATE - window.pad
+    spans = [(max(0, m0 - 5 * MODEL_RATE), m0), (m1, min(real_end, m1 + 5 * MODEL_RATE))]
+    scores = np.zeros(2 * max_lag + 1)
+    used = False
+    for s0, s1 in spans:
+        if s1 - s0 < MODEL_RATE // 10:
+            continue
+        template = ref[s0:s1]
+        if not np.any(template):
+            continue
+        lo = s0 - max_lag
+        segment = np.zeros(s1 - s0 + 2 * max_lag)
+        src_lo, src_hi = max(0, lo), min(len(got), s1 + max_lag)
+        if src_hi > src_lo:
+            segment[src_lo - lo : src_hi - lo] = got[src_lo:src_hi]
+        scores += correlate(segment, template, mode="valid", method="fft")
+        used = True
+    if not used:
+        return 0
+    return int(np.argmax(scores)) - max_lag
+
+
+def recover_region(
+    result: np.ndarray, result_rate: int, sent: np.ndarray, window: Window, original: Audio, a: int, b: int
+) -> tuple[np.ndarray, int]:
+    """The model's audio for source frames [a, b), at the source's rate and layout.
+
+    Returns (fill, offset) where offset is the shift (model-rate frames) that was undone.
+    """
+    if result.ndim == 1:
+        result = result[:, None]
+    result = to_stereo(result.astype(np.float32))
+    if result_rate != MODEL_RATE:
+        result = soxr.resample(result, result_rate, MODEL_RATE).astype(np.float32)
+    offset = find_offset(sent, result, window)
+    length = window.seconds_total * MODEL_RATE
+    aligned = np.zeros((length, 2), np.float32)
+    src_lo, src_hi = max(0, offset), min(len(result), offset + length)
+    if src_hi > src_lo:
+        aligned[src_lo - offset : src_hi - offset] = result[src_lo:src_hi]
+    # The clip starts exactly at source frame `lo`, so after resampling the whole of it
+    # back, frame k is source frame lo + k: no fractional drift at the region.
+    back = aligned if original.rate == MODEL_RATE else soxr.resample(aligned, MODEL_RATE, original.rate)
+    piece = back[a - window.lo : b - window.lo]
+    if len(piece) < b - a:
+        piece = np.concatenate([piece, np.zeros((b - a - len(piece), 2), np.float32)])
+    return from_stereo(piece, original, window).astype(np.float32), offset
+
+
+def from_stereo(piece: np.ndarray, original: Audio, window: Window) -> np.ndarray:
+    channels = original.channels
+    if channels == 2:
+        return piece
+    if channels == 1:
+        return piece.mean(axis=1, keepdims=True)
+    # Several channels: each takes its side of the stereo result, scaled so that the
+    # channel keeps its share of the level it had around the region (a quiet LFE or
+    # surround stays quiet).
+    context = original.float_slice(window.lo, window.hi)
+    side_level = [np.sqrt(np.mean(np.square(context[:, s::2].mean(axis=1)))) + 1e-9 for s in (0, 1)]
+    out = np.empty((len(piece), channels), np.float32)
+    for c in range(channels):
+        level = np.sqrt(np.mean(np.square(context[:, c]))) + 1e-9
+        out[:, c] = piece[:, c % 2] * min(4.0, level / side_level[c % 2])
+    return out

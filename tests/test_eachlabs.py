@@ -1,0 +1,342 @@
+"""The Each Labs provider against the simulator (real HTTP) and moto's S3 server (real HTTP).
+
+The simulator's "tone" model writes a sine whose pitch comes from the seed into the
+masked seconds, in phase with the clip's timeline, so every test can predict exactly
+which samples should come back where.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from soundpatch.batch import Batch
+from soundpatch.config import load_config
+from soundpatch.errors import ConfigError
+from soundpatch.manifest import load_manifest
+from soundpatch.window import plan_window
+
+KEY = "sk-test-9f8e7d6c5b4a"
+PRICE = 0.20
+
+
+def synth(seconds: float, rate: int, channels: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    base = 0.15 * np.sin(2 * np.pi * 110 * t) + 0.08 * np.sin(2 * np.pi * 275 * t)
+    return np.stack([base + 0.01 * rng.standard_normal(len(t)) for _ in range(channels)], 1).astype(np.float32)
+
+
+@pytest.fixture
+def library(tmp_path, aws_env):
+    """The issue's mix: a 2.5 s mono 48 kHz effect, a 30 s stereo loop, a 4-minute FLAC,
+    and an s3:// input (44.1 kHz stereo WAV, whole seconds: it can be shared as it is)."""
+    s3 = aws_env
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "fx.wav", synth(2.5, 48000, 1), 48000, subtype="PCM_16")
+    sf.write(audio / "loop.wav", synth(30.0, 44100, 2, 1), 44100, subtype="PCM_24")
+    sf.write(audio / "tape.flac", synth(240.0, 22050, 1, 2), 22050, subtype="PCM_16")
+    inputs = s3.bucket("inputs")
+    buf = io.BytesIO()
+    sf.write(buf, synth(8.0, 44100, 2, 3), 44100, format="WAV", subtype="PCM_16")
+    s3.client.put_object(Bucket=inputs, Key="bank/door.wav", Body=buf.getvalue())
+    (tmp_path / "mix.csv").write_text(
+        "id,input,start,end,prompt,seed\n"
+        "fx,audio/fx.wav,1.20,1.65,metal clang,11\n"
+        "loop,audio/loop.wav,10.0,14.5,brass stab,222\n"
+        "tape,audio/tape.flac,3:52.5,3:56,applause,333\n"
+        "s3,s3://inputs/bank/door.wav,3.0,4.5,creaky door,444\n"
+    )
+    s3.bucket("stage")
+    return tmp_path
+
+
+def hosted_config(tmp_path: Path, sim, s3, **provider):
+    return load_config(
+        overrides={
+            "provider.name": "eachlabs",
+            "provider.base_url": sim.base_url,
+            "provider.poll_seconds": 0.05,
+            "provider.max_poll_seconds": 0.2,
+            **{f"provider.{k}": v for k, v in provider.items()},
+            "storage.s3.endpoint_url": s3.endpoint,
+            "storage.staging": "s3://stage/clips/",
+            "output.uri": str(tmp_path / "outputs"),
+            "runs_dir": str(tmp_path / "runs"),
+        }
+    )
+
+
+def run_batch(tmp_path, sim, s3, manifest="mix.csv", run_id="t", **provider):
+    cfg = hosted_config(tmp_path, sim, s3, **provider)
+    batch = Batch(load_manifest(tmp_path / manifest), cfg, run_id)
+    try:
+        return [batch.process(e) for e in batch.manifest.edits], batch
+    finally:
+        batch.close()
+
+
+def read_source(tmp_path: Path, s3, uri: str) -> bytes:
+    if uri.startswith("s3://"):
+        bucket, key = uri[5:].split("/", 1)
+        return s3.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return (tmp_path / uri).read_bytes()
+
+
+def assert_result_is_right(tmp_path, s3, outcome, min_snr_db: float) -> None:
+    assert outcome.status == "succeeded", outcome.error
+    source = read_source(tmp_path, s3, outcome.input)
+    with sf.SoundFile(io.BytesIO(source)) as f:
+        rate, channels, frames = f.samplerate, f.channels, f.frames
+    before = sf.read(io.BytesIO(source), dtype="int32", always_2d=True)[0]
+    after, out_rate = sf.read(outcome.output, dtype="int32", always_2d=True)
+    assert (out_rate, after.shape) == (rate, (frames, channels))
+    a, b = round(outcome.start * rate), round(outcome.end * rate)
+    assert np.array_equal(before[:a], after[:a]) and np.array_equal(before[b:], after[b:])
+    # Inside: the model's tone, in phase with the clip that was sent, beyond the crossfades.
+    w = plan_window(frames, rate, a, b, context_seconds=10)
+    freq = 300.0 + (outcome.seed % 700)
+    expected = 0.3 * np.sin(2 * np.pi * freq * (np.arange(a, b) - w.lo) / rate)
+    got = sf.read(outcome.output, dtype="float32", always_2d=True)[0][a:b, 0]
+    fade = int(0.012 * rate)
+    inner = slice(fade, len(expected) - fade)
+    err = got[inner] - expected[inner]
+    snr = 10 * np.log10(np.sum(expected[inner] ** 2) / np.sum(err**2))
+    assert snr > min_snr_db, (outcome.row_id, snr)
+
+
+@pytest.mark.parametrize(("fmt", "shift_ms", "min_snr"), [("wav", 0, 35), ("mp3", 0, 18), ("mp3", 37, 18)])
+def test_every_kind_of_input_comes_back_right(library, aws_env, simulator, monkeypatch, fmt, shift_ms, min_snr):
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(latency=0.2, fill="tone", result_format=fmt, shift_ms=shift_ms)
+    outcomes, _ = run_batch(library, sim, aws_env)
+    for o in outcomes:
+        assert_result_is_right(library, aws_env, o, min_snr)
+        assert o.cost_usd == pytest.approx(PRICE) and o.prediction_id and o.attempts == 1
+    assert len({o.prediction_id for o in outcomes}) == 4 and sim.stats.accepted == 4
+    # The 8 s 44.1 kHz stereo WAV in the bucket needed no preparation: shared as it is.
+    assert any("/inputs/bank/door.wav" in url for url in sim.stats.audio_urls)
+    assert aws_env.keys("stage", "clips/") == []  # staged clips are cleaned up
+
+
+def test_run_against_the_simulator_from_the_command_line(library, aws_env, simulator):
+    sim = simulator(latency=0.3, fill="local", result_format="mp3", shift_ms=20)
+    (library / "hosted.yaml").write_text(
+        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.1}}\n"
+        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(EACHLABS_API_KEY=KEY, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
+    script = Path(sys.executable).parent / "soundpatch"
+    proc = subprocess.run(
+        [str(script), "run", "mix.csv", "--config", "hosted.yaml", "--run-id", "hosted"],
+        cwd=library,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = pd.read_csv(library / "runs" / "hosted" / "report.csv")
+    assert list(report["status"]) == ["succeeded"] * 4
+    assert (report["cost_usd"] == PRICE).all() and report["cost_usd"].sum() == pytest.approx(0.8)
+    assert report["prediction_id"].nunique() == 4 and (report["attempts"] == 1).all()
+    assert sim.stats.accepted == 4
+    assert "$0.80" in proc.stdout
+    # The key is nowhere: not on screen, not in the journal, reports or output metadata.
+    assert KEY not in proc.stdout + proc.stderr
+    for path in (library / "runs").rglob("*"):
+        if path.is_file():
+            assert KEY not in path.read_text(errors="ignore"), path
+    for path in (library / "outputs").rglob("*.json"):
+        assert KEY not in path.read_text()
+
+
+def single(tmp_path, row: str) -> str:
+    (tmp_path / "one.csv").write_text("id,input,start,end,prompt,seed,steps\n" + row + "\n")
+    return "one.csv"
+
+
+def test_rate_limits_are_waited_out_with_retry_after(library, aws_env, simulator, monkeypatch):
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(latency=0.05, fill="tone", rpm=60, rate_window=1.0)  # one create per second
+    outcomes, batch = run_batch(library, sim, aws_env)
+    assert [o.status for o in outcomes] == ["succeeded"] * 4
+    assert sim.stats.rate_limited >= 1 and sim.stats.accepted == 4
+    assert sum(o.attempts for o in outcomes) > 4
+    events = [json.loads(line) for line in batch.journal.path.read_text().splitlines()]
+    assert any(e["event"] == "retry" and "429" in e["reason"] for e in events)
+
+
+def test_server_errors_are_retried_then_the_row_fails_without_charge(library, aws_env, simulator, monkeypatch):
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(error_rate=1.0)
+    name = single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,")
+    [o], batch = run_batch(library, sim, aws_env, manifest=name, max_retries=2)
+    assert o.status == "failed" and "did not take the create after 3 attempts" in o.error
+    assert o.cost_usd == 0 and o.attempts == 3 and sim.stats.creates == 3
+    assert batch.ledger.spent_usd == 0
+
+
+def test_a_wrong_key_fails_at_once_and_is_never_echoed(library, aws_env, simulator, monkeypatch):
+    monkeypatch.setenv("EACHLABS_API_KEY", "sk-wrong-000111")
+    sim = simulator(api_key=KEY)
+    [o], _ = run_batch(library, sim, aws_env, manifest=single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,"))
+    assert o.status == "failed" and "HTTP 401" in o.error and "check the API key" in o.error
+    assert "sk-wrong-000111" not in o.error
+    assert o.attempts == 1 and sim.stats.creates == 1 and o.cost_usd == 0
+
+
+def test_a_request_the_provider_refuses_fails_with_its_message(library, aws_env, simulator, monkeypatch):
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(max_seconds=10)  # this "provider" takes at most 10 s clips
+    [o], _ = run_batch(library, sim, aws_env, manifest=single(library, "loop,audio/loop.wav,10,14.5,stab,1,"))
+    assert o.status == "failed" and "HTTP 400" in o.error and "between 6 and 10" in o.error
+    assert o.attempts == 1 and o.cost_usd == 0
+
+
+def test_a_failed_prediction_fails_the_row_with_the_providers_reason(library, aws_env, simulator, monkeypatch):
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(fail_rate=1.0)
+    [o], batch = run_batch(library, sim, aws_env, manifest=single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,"))
+    assert o.status == "failed" and "simulated failure" in o.error and o.prediction_id
+    assert o.cost_usd == 0 and batch.ledger.spent_usd == 0  # the provider says it cost nothing
+
+
+def test_a_prediction_past_its_deadline_is_cancelled_and_counted(library, aws_env, simulator, monkeypatch):
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(latency=60)
+    [o], _ = run_batch(
+        library, sim, aws_env, manifest=single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,"), deadline_seconds=1.0
+    )
+    assert o.status == "failed" and "was cancelled" in o.error
+    assert sim.get(KEY, o.prediction_id)[1]["status"] == "cancelled"
+    assert o.cost_usd == pytest.approx(PRICE)  # in doubt: kept as spent
+
+
+def test_truncated_downloads_are_retried(library, aws_env, simulator, monkeypatch):
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    name = single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,")
+    sim = simulator(latency=0.05, fill="tone", truncate_rate=1.0)
+    [o], _ = run_batch(library, sim, aws_env, manifest=name, max_retries=2)
+    assert o.status == "failed" and "truncated" in o.error
+    assert o.cost_usd == pytest.approx(PRICE) and sim.stats.accepted == 1  # paid once, not recreated
+    flaky = simulator(latency=0.05, fill="tone", truncate_rate=0.5, seed=3)
+    [o], _ = run_batch(library, flaky, aws_env, manifest=name, run_id="flaky")
+    assert o.status == "succeeded" and flaky.stats.downloads > 1 and flaky.stats.accepted == 1
+
+
+def test_an_unreachable_provider_fails_rows_without_charge(library, aws_env, simulator, monkeypatch):
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator()
+    sim.stop()  # nothing listens there any more
+    [o], batch = run_batch(
+        library, sim, aws_env, manifest=single(library, "fx,audio/fx.wav,1.2,1.65,c,1,"), max_retries=1
+    )
+    assert o.status == "failed" and "cannot connect" in o.error and o.cost_usd == 0
+
+
+def test_model_limits_make_rows_invalid_before_any_request(library, aws_env, simulator, monkeypatch):
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator()
+    sf.write(library / "audio" / "long.wav", np.zeros((250 * 8000, 1), np.float32), 8000)
+    (library / "limits.csv").write_text(
+        "id,input,start,end,prompt,steps\n"
+        "steps,audio/fx.wav,1.2,1.65,clang,9\n"
+        "huge,audio/long.wav,10,210,two hundred seconds,\n"
+    )
+    outcomes, _ = run_batch(library, sim, aws_env, manifest="limits.csv")
+    assert [o.status for o in outcomes] == ["invalid", "invalid"]
+    assert "Steps 9 is outside 4..8" in outcomes[0].error and "at most 190 s" in outcomes[1].error
+    assert sim.stats.creates == 0
+
+
+def test_missing_key_or_staging_stops_the_run_before_it_starts(library, aws_env, simulator, monkeypatch):
+    sim = simulator()
+    monkeypatch.delenv("EACHLABS_API_KEY", raising=False)
+    cfg = hosted_config(library, sim, aws_env)
+    with pytest.raises(ConfigError, match="EACHLABS_API_KEY"):
+        Batch(load_manifest(library / "mix.csv"), cfg, "nokey")
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    cfg.storage.staging = None
+    with pytest.raises(ConfigError, match="storage.staging"):
+        Batch(load_manifest(library / "mix.csv"), cfg, "nostage")
+    # A dry run needs neither: it touches no provider.
+    Batch(load_manifest(library / "mix.csv"), cfg, "dry", dry_run=True)
+
+
+def test_the_simulate_command_speaks_the_protocol(tmp_path):
+    """`soundpatch simulate` as users start it: create, poll, download over HTTP."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sf.write(tmp_path / "clip.wav", np.zeros((6 * 44100, 2), np.float32), 44100)
+    # The simulator fetches audio_url like the real service; serve the clip from loopback.
+    files = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    script = Path(sys.executable).parent / "soundpatch"
+    proc = subprocess.Popen(
+        [str(script), "simulate", "--port", str(port), "--latency", "0.1", "--fill", "tone"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base, headers = f"http://127.0.0.1:{port}", {"X-API-Key": "k"}
+    try:
+        with httpx.Client(timeout=5) as client:
+            wait_until(lambda: _answers(client, f"{base}/_sim/stats"))
+            body = {
+                "model": "stable-audio-2-5-inpaint",
+                "version": "0.0.1",
+                "input": {
+                    "prompt": "x",
+                    "audio_url": f"http://127.0.0.1:{files.server_address[1]}/clip.wav",
+                    "mask_start": 2,
+                    "mask_end": 3,
+                    "seconds_total": 6,
+                    "seed": 5,
+                },
+            }
+            created = client.post(f"{base}/v1/prediction", json=body, headers=headers).json()
+            assert created["status"] == "success"
+            url = f"{base}/v1/prediction/{created['predictionID']}"
+            wait_until(lambda: client.get(url, headers=headers).json()["status"] == "success")
+            done = client.get(url, headers=headers).json()
+            assert done["metrics"]["cost"] == pytest.approx(PRICE)
+            audio, rate = sf.read(io.BytesIO(client.get(done["output"]).content), always_2d=True)
+            assert rate == 44100 and audio.shape == (6 * 44100, 2)
+            assert np.abs(audio[2 * 44100 : 3 * 44100]).max() > 0.2 and not np.abs(audio[: 2 * 44100]).any()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        files.shutdown()
+
+
+def _answers(client: httpx.Client, url: str) -> bool:
+    try:
+        return client.get(url).status_code == 200
+    except httpx.ConnectError:
+        return False
+
+
+def wait_until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
