@@ -22,6 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from soundpatch.batch import Batch, new_run_id
 from soundpatch.config import Config
+from soundpatch.errors import ConfigError
 from soundpatch.manifest import load_manifest
 from soundpatch.outcome import Outcome
 from soundpatch.report import summarize, write_reports
@@ -42,7 +43,7 @@ def inpaint_batch(
     started = time.time()
     cfg = Config.model_validate(config or {})
     run_id = run_id or new_run_id()
-    batch = Batch(load_manifest(manifest), cfg, run_id, force=force)
+    batch = Batch(load_manifest(manifest), cfg, run_id, force=force, api_keys=_api_keys(cfg))
     try:
         todo, kept = batch.split()
         batch.journal.write("run_started", total=len(todo) + len(kept), kept=len(kept), manifest=manifest)
@@ -66,6 +67,22 @@ def inpaint_batch(
     )
     write_reports(batch.run_dir, outcomes, summary)
     return {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
+
+
+def _api_keys(cfg: Config) -> dict[str, str]:
+    """A provider key kept in a Prefect Secret block (provider.api_key_secret), if any."""
+    if not cfg.provider.api_key_secret:
+        return {}
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(cfg.provider.api_key_secret).get()
+    except ValueError:
+        raise ConfigError(
+            f"There is no Prefect Secret block named {cfg.provider.api_key_secret!r} "
+            "(provider.api_key_secret); create it or set the key's environment variable."
+        ) from None
+    return {cfg.provider.name: str(value)}
 
 
 def _fan_out(batch: Batch, edits: list, concurrency: int) -> list[Outcome]:

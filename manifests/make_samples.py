@@ -42,12 +42,8 @@ def main() -> None:
     music_rate, voice_rate = 22050, 16000
     music = demo_audio.music(12.0, music_rate, channels=2, seed=3)
     voice = demo_audio.voice(5.0, voice_rate, seed=5)
-    sf.write(
-        HERE / "music_damaged.flac", damaged(music, music_rate, MUSIC_DAMAGE), music_rate, subtype="PCM_16"
-    )
-    sf.write(
-        HERE / "voice_damaged.flac", damaged(voice, voice_rate, VOICE_DAMAGE), voice_rate, subtype="PCM_16"
-    )
+    sf.write(HERE / "music_damaged.flac", damaged(music, music_rate, MUSIC_DAMAGE), music_rate, subtype="PCM_16")
+    sf.write(HERE / "voice_damaged.flac", damaged(voice, voice_rate, VOICE_DAMAGE), voice_rate, subtype="PCM_16")
     sf.write(HERE / "whoosh_impact.wav", demo_audio.effect(2.5, 48000, seed=7), 48000, subtype="PCM_16")
     for p in sorted(HERE.iterdir()):
         print(f"{p.relative_to(HERE.parent.parent)}  {p.stat().st_size / 1024:.0f} KiB")

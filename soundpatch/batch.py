@@ -45,6 +45,14 @@ WRITABLE_CONTAINERS = ("WAV", "FLAC", "OGG", "MP3", "AIFF")
 TYPICAL_SECONDS = {"local": 0.2, "eachlabs": 15.0, "stability": 15.0, "fal": 15.0}
 
 
+def preflight(config: Config) -> None:
+    """Fail before anything starts if the configured provider cannot work (no key, no staging)."""
+    provider = make_provider(config, s3=S3(config.storage.s3))
+    ready = getattr(provider, "ready", None)
+    if ready is not None:
+        ready()
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
@@ -61,8 +69,15 @@ class Checked:
 
 class Batch:
     def __init__(
-        self, manifest: Manifest, config: Config, run_id: str, force: bool = False, dry_run: bool = False
+        self,
+        manifest: Manifest,
+        config: Config,
+        run_id: str,
+        force: bool = False,
+        dry_run: bool = False,
+        api_keys: dict[str, str] | None = None,
     ) -> None:
+        self.api_keys = api_keys or {}
         self.manifest = manifest
         self.config = config
         self.run_id = run_id
@@ -105,7 +120,7 @@ class Batch:
     def _provider(self, name: str) -> Provider:
         with self._lock:
             if name not in self.providers:
-                provider = make_provider(self.config, name, self.s3)
+                provider = make_provider(self.config, name, self.s3, self.api_keys.get(name))
                 ready = getattr(provider, "ready", None)
                 if ready is not None and not self.dry_run:
                     ready()  # a missing key or staging prefix: say so once, not on every row

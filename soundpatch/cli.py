@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from soundpatch import __version__
-from soundpatch.batch import Batch, new_run_id
+from soundpatch.batch import Batch, new_run_id, preflight
 from soundpatch.config import Config, load_config
 from soundpatch.errors import SoundpatchError
 from soundpatch.journal import JournalTail, latest_outcomes
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_NOTHING_RAN
         return int(args.handler(args))
     except SoundpatchError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # one line, whatever the width
         return EXIT_NOTHING_RAN
     except KeyboardInterrupt:
         err.print("Interrupted. Run the same command with --run-id to resume where it stopped.")
@@ -149,7 +150,7 @@ def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
     table.add_row("provider", cfg.provider.name)
     out.print(table)
     for row_id, line, reason in est["errors"][:20]:
-        out.print(f"  [red]invalid[/red] {row_id} ({line}): {reason}")
+        out.print(f"  [red]invalid[/red] {escape(row_id)} ({line}): {escape(reason)}", soft_wrap=True)
     if len(est["errors"]) > 20:
         out.print(f"  ... and {len(est['errors']) - 20} more invalid rows")
     if est["expected_cost_usd"] > est["budget_usd"]:
@@ -167,11 +168,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         out.print("[bold]Dry run[/bold]: nothing is sent and nothing is spent.")
         _print_estimate(est, cfg)
         return EXIT_ROWS_FAILED if est["invalid"] else 0
+    preflight(cfg)  # no key, no staging: one sentence now, not a failed flow later
     run_id = args.run_id or new_run_id()
     if args.run_id and not _safe_run_id(run_id):
         raise SoundpatchError(f"Run id {run_id!r} may only hold letters, digits, '.', '_' and '-'.")
     run_dir = Path(cfg.runs_dir).expanduser() / run_id
-    out.print(f"run id [bold]{run_id}[/bold]  ({len(manifest.edits)} results from {args.manifest})")
+    out.print(f"run id [bold]{run_id}[/bold]  ({len(manifest.edits)} results from {escape(str(args.manifest))})")
 
     _quiet_prefect(args.verbose)
     from flows.inpaint_batch import inpaint_batch  # noqa: PLC0415 - Prefect loads only here
@@ -218,6 +220,9 @@ def _quiet_prefect(verbose: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         # The in-process ephemeral server logs cancelled background flushes at shutdown.
         os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
+        # A flow that stops on an error is reported by us in one sentence (details in
+        # runs/<id>/errors.log); Prefect's own traceback of it would only repeat that.
+        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "CRITICAL")
 
 
 class _ProgressWatcher:
@@ -292,11 +297,11 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
     out.print(table)
     problems = [o for o in outcomes if o.status not in (SUCCEEDED, "skipped_done")]
     for o in problems[:8]:
-        out.print(f"  [red]{o.status}[/red] {o.row_id}: {o.error}")
+        out.print(f"  [red]{o.status}[/red] {escape(o.row_id)}: {escape(o.error)}", soft_wrap=True)
     if len(problems) > 8:
         out.print(f"  ... {len(problems) - 8} more in {run_dir / 'report.csv'}")
     for note in summary.get("notes", []):
-        out.print(f"[dim]note: {note}[/dim]")
+        out.print(f"[dim]note: {escape(note)}[/dim]", soft_wrap=True)
 
 
 def _duration(seconds: float) -> str:

@@ -30,6 +30,8 @@ class ProviderConfig(_Section):
     base_url: str = "https://api.eachlabs.ai"
     # The NAME of the environment variable holding the key; keys never live in files.
     api_key_env: str = "EACHLABS_API_KEY"
+    # Or the name of a Prefect Secret block holding the key (resolved by the flow).
+    api_key_secret: str | None = None
     price_usd: float | None = Field(default=None, ge=0)
     # Hosted providers: how we talk to them.
     timeout_seconds: float = Field(default=60.0, gt=0)  # per HTTP call

@@ -54,7 +54,7 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def run(workdir: Path, prefect_home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "EACHLABS_API_KEY"}
     env["PREFECT_HOME"] = str(prefect_home)
     return subprocess.run(
         [*soundpatch_command(), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
@@ -169,11 +169,16 @@ def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_h
     ("args", "message"),
     [
         (["run", "nope.csv"], "does not exist"),
+        (["run", "take[2].csv"], "Manifest take[2].csv does not exist"),
         (["run", "manifests/restoration.csv", "--config", "nope.yaml"], "Cannot read config file"),
         (["run", "manifests/restoration.csv", "--concurrency", "0"], "limits.concurrency"),
         (["run", "manifests/restoration.csv", "--budget", "lots"], "invalid float value"),
         (["run", "manifests/restoration.csv", "--run-id", "../escape"], "Run id"),
         (["report", "no-such-run"], "No run 'no-such-run'"),
+        (
+            ["run", "manifests/restoration.csv", "--provider", "eachlabs"],
+            "set the environment variable EACHLABS_API_KEY",
+        ),
     ],
 )
 def test_unusable_input_exits_2_with_one_sentence(workdir, prefect_home, args, message):
@@ -181,4 +186,4 @@ def test_unusable_input_exits_2_with_one_sentence(workdir, prefect_home, args, m
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) <= 2  # one sentence (rich may wrap it once)
+    assert len(proc.stderr.strip().splitlines()) == 1  # one sentence, on one line

@@ -168,6 +168,38 @@ def test_run_against_the_simulator_from_the_command_line(library, aws_env, simul
         assert KEY not in path.read_text()
 
 
+def test_the_key_can_come_from_a_prefect_secret_block(library, aws_env, simulator, tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home-secret")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "EACHLABS_API_KEY"}
+    env.update(
+        PREFECT_HOME=str(home),
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+        PREFECT_LOGGING_LEVEL="WARNING",
+        DO_NOT_TRACK="1",
+    )
+    save = f"from prefect.blocks.system import Secret; Secret(value={KEY!r}).save('eachlabs-key')"
+    subprocess.run([sys.executable, "-c", save], env=env, check=True, capture_output=True, timeout=120)
+    sim = simulator(latency=0.1, fill="tone", api_key=KEY)  # accepts only that key
+    (library / "secret.yaml").write_text(
+        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.1, api_key_secret: eachlabs-key}}\n"
+        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+    )
+    (library / "one.csv").write_text("id,input,start,end,prompt\nfx,audio/fx.wav,1.2,1.65,clang\n")
+    script = Path(sys.executable).parent / "soundpatch"
+    proc = subprocess.run(
+        [str(script), "run", "one.csv", "--config", "secret.yaml", "--run-id", "secret"],
+        cwd=library,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sim.stats.accepted == 1
+    assert KEY not in proc.stdout + proc.stderr + (library / "runs" / "secret" / "journal.jsonl").read_text()
+
+
 def single(tmp_path, row: str) -> str:
     (tmp_path / "one.csv").write_text("id,input,start,end,prompt,seed,steps\n" + row + "\n")
     return "one.csv"

@@ -10,7 +10,9 @@ from soundpatch.s3 import S3
 __all__ = ["InpaintRequest", "Prediction", "PredictionFailed", "Provider", "make_provider"]
 
 
-def make_provider(config: Config, name: str | None = None, s3: S3 | None = None) -> Provider:
+def make_provider(
+    config: Config, name: str | None = None, s3: S3 | None = None, api_key: str | None = None
+) -> Provider:
     name = name or config.provider.name
     # A row may name another provider than the config's; it then gets that provider's
     # own default price rather than one meant for another service.
@@ -28,5 +30,5 @@ def make_provider(config: Config, name: str | None = None, s3: S3 | None = None)
         from soundpatch.staging import Staging
 
         staging = Staging(s3 or S3(config.storage.s3), config.storage.staging) if config.storage.staging else None
-        return EachLabs(provider_config, staging, concurrency=config.limits.concurrency)
+        return EachLabs(provider_config, staging, api_key=api_key, concurrency=config.limits.concurrency)
     raise ConfigError(f"Provider {name!r} is not available in this version of soundpatch; use local or eachlabs.")

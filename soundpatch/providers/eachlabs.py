@@ -66,7 +66,7 @@ class EachLabs:
     # ------------------------------------------------------------------ before money
 
     def ready(self) -> None:
-        if not self._api_key:
+        if not self._api_key and not self.config.api_key_secret:
             raise ConfigError(
                 f"The {self.name} provider needs an API key: set the environment variable "
                 f"{self.config.api_key_env} (provider.api_key_env names it)."
