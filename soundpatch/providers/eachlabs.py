@@ -95,14 +95,22 @@ class EachLabs:
             request.tell("created", prediction_id=prediction_id)
             done = self._wait(prediction_id, request)
             cost = self._cost(done)
+            # From here on the prediction is paid for: whatever fails keeps its cost.
             try:
                 data = self._download(done.get("output"), request)
                 result, result_rate = _decode(data)
+                fill, offset = recover_region(result, result_rate, clip, window, audio, request.a, request.b)
             except RowError as exc:
                 raise PredictionFailed(str(exc), cost, prediction_id, attempts) from None
+            except Exception as exc:
+                raise PredictionFailed(
+                    f"The result of prediction {prediction_id} could not be used ({type(exc).__name__}: {exc})",
+                    cost,
+                    prediction_id,
+                    attempts,
+                ) from None
         finally:
             self.staging.remove(staged)
-        fill, offset = recover_region(result, result_rate, clip, window, audio, request.a, request.b)
         method = (
             f"{MODEL} (window {window.offset_seconds:.2f}+{window.seconds_total} s, "
             f"mask {window.mask_start}-{window.mask_end} s, aligned {offset} samples)"
