@@ -4,6 +4,7 @@
 2. Keep the rows this run already finished (running again with the same run id resumes).
 3. Fan out one `inpaint-row` task per remaining result, never more than
    `limits.concurrency` in flight, so memory stays flat however long the manifest.
+   Asked to stop (Ctrl-C, SIGTERM), it starts no more rows and lets those in flight end.
 4. Write the report (runs/<run_id>/report.csv, .json, .html) and return its summary.
 
 Parameters are plain values so the flow runs the same from the CLI, a deployment
@@ -20,6 +21,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from soundpatch import interrupt
 from soundpatch.batch import Batch, new_run_id
 from soundpatch.config import Config
 from soundpatch.errors import ConfigError
@@ -41,6 +43,7 @@ def inpaint_batch(
     force: bool = False,
 ) -> dict[str, Any]:
     started = time.time()
+    interrupt.reassert()  # Ctrl-C / SIGTERM: stop submitting, finish what is in flight
     cfg = Config.model_validate(config or {})
     run_id = run_id or new_run_id()
     batch = Batch(load_manifest(manifest), cfg, run_id, force=force, api_keys=_api_keys(cfg))
@@ -89,9 +92,12 @@ def _fan_out(batch: Batch, edits: list, concurrency: int) -> list[Outcome]:
     """Submit tasks through a sliding window of `concurrency` futures."""
     outcomes: list[Outcome] = []
     in_flight: list[PrefectFuture[Outcome]] = []
-    for edit in edits:
+    for i, edit in enumerate(edits):
         if len(in_flight) >= concurrency:
             outcomes.append(_next_done(in_flight))
+        if interrupt.stop_requested():
+            outcomes.extend(batch.not_started(e) for e in edits[i:])
+            break
         in_flight.append(inpaint_row.submit(batch, edit))
     while in_flight:
         outcomes.append(_next_done(in_flight))

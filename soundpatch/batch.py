@@ -24,23 +24,17 @@ from soundpatch import audio as audio_ops
 from soundpatch.audio import AudioInfo
 from soundpatch.config import Config
 from soundpatch.errors import ConfigError, RowError, SoundpatchError
-from soundpatch.journal import Journal, latest_outcomes
+from soundpatch.interrupt import stop_requested
+from soundpatch.journal import Journal, row_states
 from soundpatch.limits import BudgetLedger
 from soundpatch.manifest import Edit, Manifest
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SUCCEEDED, Outcome
 from soundpatch.providers import InpaintRequest, PredictionFailed, Provider, make_provider
-from soundpatch.s3 import S3
+from soundpatch.publish import Publisher
+from soundpatch.s3 import S3, S3Uri
 from soundpatch.sources import SourceReader
-from soundpatch.storage import OutputStore, open_store, output_name
+from soundpatch.storage import OutputStore, open_store
 
-CONTENT_TYPES = {
-    "wav": "audio/wav",
-    "flac": "audio/flac",
-    "mp3": "audio/mpeg",
-    "ogg": "audio/ogg",
-    "aiff": "audio/aiff",
-}
-WRITABLE_CONTAINERS = ("WAV", "FLAC", "OGG", "MP3", "AIFF")
 # Typical seconds per prediction, for the wall-time estimate before a run.
 TYPICAL_SECONDS = {"local": 0.2, "eachlabs": 15.0, "stability": 15.0, "fal": 15.0}
 
@@ -83,7 +77,7 @@ class Batch:
         self.run_id = run_id
         self.force = force
         self.run_dir = Path(config.runs_dir).expanduser() / run_id
-        self.previous = {} if dry_run else latest_outcomes(self.run_dir)
+        self.states = {} if dry_run else row_states(self.run_dir)
         self.dry_run = dry_run
         self.s3 = S3(config.storage.s3)
         self.providers: dict[str, Provider] = {}
@@ -91,9 +85,15 @@ class Batch:
         self.store: OutputStore = open_store(config.output.uri)
         self.sources = SourceReader(self.s3)
         self._provider(config.provider.name)  # an unusable provider stops the run before it starts
+        self.publisher = Publisher(self.store, config.output.format, run_id)
         self._carried = self._carried_outcomes()
-        already = sum(o.get("cost_usd") or 0.0 for o in self.previous.values())
-        self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=already)
+        # Money an earlier attempt of this run spent or committed counts against the cap:
+        # recorded costs, creates in doubt (at list price), predictions still to collect.
+        price = self.providers[config.provider.name].price_usd
+        spent = sum(s.spent_before for s in self.states.values())
+        spent += price * sum(1 for s in self.states.values() if s.in_doubt)
+        self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=spent)
+        self._held = {row: self.ledger.hold(price) for row, s in self.states.items() if s.prediction_id}
         self.journal = Journal(self.run_dir)
 
     # ------------------------------------------------------------------ planning
@@ -101,9 +101,11 @@ class Batch:
     def _carried_outcomes(self) -> dict[str, Outcome]:
         """Rows this run already finished (same --run-id): kept as they were, not redone."""
         carried = {}
-        for row_id, data in self.previous.items():
-            o = Outcome.from_dict(data)
-            if o.status == SUCCEEDED and o.output and Path(o.output).exists():
+        for row_id, state in self.states.items():
+            if state.outcome is None:
+                continue
+            o = Outcome.from_dict(state.outcome)
+            if o.status == SUCCEEDED and o.output and self.store.exists_uri(o.output):
                 carried[row_id] = o
         return carried
 
@@ -206,12 +208,35 @@ class Batch:
                 f"Unexpected {type(exc).__name__}: {str(exc)[:200]} (details in {self.run_dir / 'errors.log'})."
             )
             self._log_traceback(edit)
+        held = self._held.pop(edit.row_id, None)
+        if held is not None:  # a prediction from before the crash that was not collected
+            self.ledger.settle(held, held.amount_usd)
         outcome.seconds = round(time.monotonic() - started, 3)
+        self.journal.write("outcome", edit.row_id, outcome=outcome.to_dict())
+        self._remove_leftover_staging(edit.row_id)
+        return outcome
+
+    def not_started(self, edit: Edit) -> Outcome:
+        """A row the run stopped before (Ctrl-C): failed now, done by the next attempt."""
+        outcome = self._blank_outcome(edit)
+        outcome.status = FAILED
+        outcome.error = f"Not started: the run was interrupted; run it again with --run-id {self.run_id}."
         self.journal.write("outcome", edit.row_id, outcome=outcome.to_dict())
         return outcome
 
+    def _remove_leftover_staging(self, row_id: str) -> None:
+        state = self.states.get(row_id)
+        for uri in state.staged if state is not None else []:
+            if uri.startswith("s3://"):
+                self.s3.delete(S3Uri.parse(uri))
+
     def _blank_outcome(self, edit: Edit) -> Outcome:
-        previous_cost = (self.previous.get(edit.row_id) or {}).get("cost_usd") or 0.0
+        state = self.states.get(edit.row_id)
+        previous_cost = 0.0
+        if state is not None:
+            previous_cost = state.spent_before
+            if state.in_doubt:  # counted as spent (the ledger does so too)
+                previous_cost += self.providers[self.config.provider.name].price_usd
         return Outcome(
             row_id=edit.row_id,
             input=edit.input,
@@ -233,7 +258,18 @@ class Batch:
             outcome.status = INVALID
             raise
         provider = checked.provider
-        reservation = self.ledger.reserve(provider.price_usd)
+        state = self.states.get(edit.row_id)
+        if state is not None and state.in_doubt and not self.config.provider.resubmit_in_doubt:
+            raise RowError(
+                "A create for this row went out before the run stopped and its answer never came; the "
+                "prediction may exist and is counted as spent (set provider.resubmit_in_doubt: true to send "
+                "it again)"
+            )
+        resume_id = state.prediction_id if state is not None else None
+        if resume_id:
+            reservation = self._held.pop(edit.row_id)  # paid already: collect it, never recreate
+        else:
+            reservation = self.ledger.reserve(provider.price_usd)
         if reservation is None:
             outcome.status = SKIPPED_BUDGET
             outcome.error = (
@@ -253,8 +289,12 @@ class Batch:
             source=checked.source,
             name=f"{self.run_id}/{edit.row_id}-{secrets.token_hex(4)}",
             notify=lambda event, fields: self.journal.write(event, edit.row_id, **fields),
+            resume_prediction_id=resume_id,
+            should_cancel=self._should_cancel,
         )
         self.journal.write("sending", edit.row_id, provider=provider.name)
+        if resume_id:
+            self.journal.write("created", edit.row_id, prediction_id=resume_id, resumed=True)
         outcome.attempts += 1
         try:
             prediction = provider.inpaint(request)
@@ -280,41 +320,22 @@ class Batch:
         if fade is None:
             fade = round(self.config.splice.crossfade_ms / 1000 * original.rate)
         result = audio_ops.splice(original, prediction.fill, a, b, fade)
-        container = self._container(checked.info)
-        ext = audio_ops.EXTENSIONS.get(container, container.lower())
-        data = audio_ops.encode(result, container)
-        name = output_name(
-            edit.output,
+        outcome.output = self.publisher.publish(
+            edit,
+            result,
+            checked.info,
             {
-                "run_id": self.run_id,
-                "row_id": edit.row_id,
-                "stem": Path(edit.input).stem,
-                "seed": str(edit.seed),
-                "ext": ext,
+                "provider": provider.name,
+                "prediction_id": outcome.prediction_id,
+                "cost_usd": f"{prediction.cost_usd:.6f}",
+                "method": prediction.method,
+                "source_sha256": self.sources.checksum(checked.source),
             },
         )
-        metadata = {
-            "row_id": edit.row_id,
-            "run_id": self.run_id,
-            "input": edit.input,
-            "region": f"{edit.start:g}-{edit.end:g}",
-            "prompt": edit.prompt,
-            "seed": str(edit.seed),
-            "provider": provider.name,
-            "prediction_id": outcome.prediction_id,
-            "cost_usd": f"{prediction.cost_usd:.6f}",
-            "method": prediction.method,
-            "source_sha256": self.sources.checksum(checked.source),
-            **dict(edit.extra),
-        }
-        outcome.output = self.store.put(name, data, CONTENT_TYPES.get(ext, "application/octet-stream"), metadata)
         outcome.status = SUCCEEDED
 
-    def _container(self, info: AudioInfo) -> str:
-        wanted = self.config.output.format
-        if wanted == "same":
-            return info.format if info.format in WRITABLE_CONTAINERS else "WAV"
-        return audio_ops.OUTPUT_CONTAINERS[wanted]
+    def _should_cancel(self) -> bool:
+        return self.config.provider.on_interrupt == "cancel" and stop_requested()
 
     def _log_traceback(self, edit: Edit) -> None:
         with self._lock, open(self.run_dir / "errors.log", "a", encoding="utf-8") as f:

@@ -17,13 +17,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from soundpatch import __version__
+from soundpatch import __version__, interrupt
 from soundpatch.batch import Batch, new_run_id, preflight
 from soundpatch.config import Config, load_config
 from soundpatch.errors import SoundpatchError
 from soundpatch.journal import JournalTail, latest_outcomes
 from soundpatch.manifest import load_manifest
 from soundpatch.outcome import (
+    EXIT_INTERRUPTED,
     EXIT_NOTHING_RAN,
     EXIT_ROWS_FAILED,
     FAILED,
@@ -176,12 +177,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.print(f"run id [bold]{run_id}[/bold]  ({len(manifest.edits)} results from {escape(str(args.manifest))})")
 
     _quiet_prefect(args.verbose)
-    from flows.inpaint_batch import inpaint_batch  # noqa: PLC0415 - Prefect loads only here
+    from flows.ephemeral import isolated_api  # noqa: PLC0415 - Prefect loads only here
+    from flows.inpaint_batch import inpaint_batch  # noqa: PLC0415
 
+    _stop_on_signals(run_id)
     watcher = _ProgressWatcher(run_dir, total=len(manifest.edits), budget=cfg.limits.budget_usd)
     watcher.start()
     try:
-        result = inpaint_batch(manifest=str(args.manifest), config=cfg.model_dump(), run_id=run_id, force=args.force)
+        with isolated_api():
+            result = inpaint_batch(
+                manifest=str(args.manifest), config=cfg.model_dump(), run_id=run_id, force=args.force
+            )
     except SoundpatchError:
         raise
     except Exception as exc:
@@ -196,7 +202,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         watcher.stop()
     outcomes = [Outcome.from_dict(r) for r in result["rows"]]
     _print_summary(result["summary"], outcomes, run_dir)
+    if interrupt.stop_requested():
+        err.print(f"Interrupted. Run the same command with --run-id {run_id} to finish the rest.", soft_wrap=True)
+        return EXIT_INTERRUPTED
     return exit_status(outcomes)
+
+
+def _stop_on_signals(run_id: str) -> None:
+    """First Ctrl-C/SIGTERM: no new rows, in-flight ones end. Second: stop at once."""
+    signals = 0
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            interrupt.request_stop()
+            err.print(
+                "Stopping: no new rows will start; those in flight are finishing "
+                f"(press Ctrl-C again to stop at once; --run-id {run_id} resumes).",
+                soft_wrap=True,
+            )
+            return
+        err.print(f"Stopped at once. Run the same command with --run-id {run_id} to resume.", soft_wrap=True)
+        os._exit(EXIT_INTERRUPTED)
+
+    interrupt.install(handler)
 
 
 def _safe_run_id(run_id: str) -> bool:

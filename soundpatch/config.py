@@ -41,6 +41,11 @@ class ProviderConfig(_Section):
     deadline_seconds: float = Field(default=900.0, gt=0)  # per prediction; then it is cancelled
     context_seconds: float = Field(default=10.0, ge=0, le=95)  # audio sent each side of a region
     pad: Literal["reflect", "silence", "loop"] = "reflect"  # how clips under 6 s are lengthened
+    # A create that went out before a crash and whose answer never came may exist and be
+    # billed: by default it is counted as spent and not sent again.
+    resubmit_in_doubt: bool = False
+    # On Ctrl-C / SIGTERM: keep polling predictions in flight (they are paid) or cancel them.
+    on_interrupt: Literal["keep", "cancel"] = "keep"
 
     @field_validator("name")
     @classmethod

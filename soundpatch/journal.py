@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -91,3 +92,41 @@ class JournalTail:
             except json.JSONDecodeError:
                 continue
         return events
+
+
+@dataclass
+class RowState:
+    """What an earlier attempt of this run left for a row, as the journal tells it."""
+
+    outcome: dict[str, Any] | None = None  # the last outcome, unless an attempt started after it
+    prediction_id: str | None = None  # created, and no outcome recorded since: poll it, never recreate
+    in_doubt: bool = False  # a create was sent and no answer recorded: it may exist
+    spent_before: float = 0.0  # what the row's recorded outcomes cost
+    staged: list[str] = field(default_factory=list)  # staged clips not cleaned up
+
+
+def row_states(run_dir: Path) -> dict[str, RowState]:
+    states: dict[str, RowState] = {}
+    for e in read_events(run_dir):
+        row = e.get("row")
+        if not row:
+            continue
+        s = states.setdefault(row, RowState())
+        kind = e.get("event")
+        if kind == "sending":  # a new attempt at the row
+            s.outcome, s.in_doubt = None, False
+        elif kind == "creating":
+            s.in_doubt = True
+        elif kind == "create_refused":
+            s.in_doubt = False
+        elif kind == "created":
+            s.prediction_id, s.in_doubt = e.get("prediction_id"), False
+        elif kind == "staged":
+            s.staged.append(e.get("uri", ""))
+        elif kind == "unstaged":
+            s.staged = [u for u in s.staged if u != e.get("uri")]
+        elif kind == "outcome":
+            s.outcome = e["outcome"]
+            s.spent_before = float(e["outcome"].get("cost_usd") or 0.0)  # outcomes carry the running total
+            s.prediction_id, s.in_doubt = None, False
+    return states

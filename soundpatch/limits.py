@@ -40,6 +40,12 @@ class BudgetLedger:
             self._reserved += amount
         return Reservation(price_usd)
 
+    def hold(self, price_usd: float) -> Reservation:
+        """Reserve money already committed (a prediction created before a crash), cap or not."""
+        with self._lock:
+            self._reserved += _micro(price_usd)
+        return Reservation(price_usd)
+
     def settle(self, reservation: Reservation, cost_usd: float) -> None:
         """The prediction happened and cost `cost_usd` (normally the reserved price)."""
         with self._lock:

@@ -18,6 +18,7 @@ EXIT_OK = 0
 EXIT_ROWS_FAILED = 1
 EXIT_NOTHING_RAN = 2
 EXIT_BUDGET = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM; the same --run-id resumes
 
 
 @dataclass

@@ -18,6 +18,7 @@ import io
 import json
 import random
 import re
+import sys
 import threading
 import time
 import uuid
@@ -47,6 +48,9 @@ class SimulatorSettings:
     error_rate: float = 0.0  # share of creates answered with a 5xx
     fail_rate: float = 0.0  # share of predictions that end `failed`
     truncate_rate: float = 0.0  # share of result downloads cut short
+    poll_error_rate: float = 0.0  # share of polls answered with a 5xx
+    slow_create_rate: float = 0.0  # share of creates made but answered only after slow_create_seconds
+    slow_create_seconds: float = 30.0
     result_format: str = "wav"  # wav | mp3
     shift_ms: float = 0.0  # silence prepended to results (a misaligned model)
     fill: str = "local"  # local | tone
@@ -76,6 +80,7 @@ class Stats:
     downloads: int = 0
     create_times: list[float] = field(default_factory=list)
     audio_urls: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # one per prediction made
 
 
 class Simulator:
@@ -88,7 +93,7 @@ class Simulator:
         self._rng = random.Random(self.settings.seed)
         self._engine = LocalEngine()
         self._fetch = httpx.Client(timeout=30.0)
-        self.server = ThreadingHTTPServer((host, port), _handler(self))
+        self.server = _Server((host, port), _handler(self))
         self.server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -141,11 +146,15 @@ class Simulator:
             self._recent.append(now)
             self.stats.accepted += 1
             self.stats.audio_urls.append(body["input"]["audio_url"])
+            self.stats.prompts.append(str(body["input"]["prompt"]))
+            slow = bool(s.slow_create_rate and self._rng.random() < s.slow_create_rate)
             prediction = _Prediction(uuid.uuid4().hex, body["input"], time.monotonic())
             prediction.ext = "mp3" if s.result_format == "mp3" else "wav"
             fails = bool(s.fail_rate and self._rng.random() < s.fail_rate)
             self._predictions[prediction.id] = prediction
         threading.Thread(target=self._run, args=(prediction, fails), daemon=True).start()
+        if slow:  # made, and billed, but the answer comes too late for the client
+            time.sleep(s.slow_create_seconds)
         return 200, {"status": "success", "message": "Prediction created", "predictionID": prediction.id}, {}
 
     def get(self, key: str | None, prediction_id: str) -> tuple[int, dict[str, Any]]:
@@ -154,6 +163,8 @@ class Simulator:
         with self._lock:
             self.stats.polls += 1
             p = self._predictions.get(prediction_id)
+            if self.settings.poll_error_rate and self._rng.random() < self.settings.poll_error_rate:
+                return 502, {"status": "error", "message": "Bad gateway"}
         if p is None:
             return 404, {"status": "error", "message": "Prediction not found"}
         waited = time.monotonic() - p.created
@@ -246,6 +257,14 @@ class Simulator:
         else:
             sf.write(buf, out, rate, format="WAV", subtype="PCM_16")
         return buf.getvalue()
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that go away mid-answer (killed runs, timeouts) are part of the job.
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
 
 
 def tone_for_seed(seed: Any, rate: int, a: int, b: int) -> np.ndarray:

@@ -27,6 +27,10 @@ class OutputStore(Protocol):
 
     def uri(self, name: str) -> str: ...
 
+    def exists_uri(self, uri: str) -> bool:
+        """Whether a result this store returned from put() is still there."""
+        ...
+
 
 def output_name(template: str | None, fields: dict[str, str]) -> str:
     """Render a name template ({run_id}, {row_id}, {stem}, {seed}, {ext}) into a safe relative path.
@@ -84,6 +88,9 @@ class LocalFolder:
 
     def uri(self, name: str) -> str:
         return str(self._path(name))
+
+    def exists_uri(self, uri: str) -> bool:
+        return Path(uri).is_file()
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -33,6 +33,10 @@ class InpaintRequest:
     source: str | None = None  # where the audio came from (an s3:// input can be shared as is)
     name: str = "clip"  # a unique, safe name for staged files
     notify: Notify | None = None
+    # A prediction created by an earlier attempt (before a crash): poll it, never recreate.
+    resume_prediction_id: str | None = None
+    # Asked while waiting: should the prediction be cancelled now (the run is stopping)?
+    should_cancel: Callable[[], bool] | None = None
 
     def tell(self, event: str, **fields: Any) -> None:
         if self.notify is not None:

@@ -88,11 +88,15 @@ class EachLabs:
         window = plan_window(audio.frames, audio.rate, request.a, request.b, self.config.context_seconds)
         clip = prepare_clip(audio, window, self.config.pad)
         assert self.staging is not None
-        staged = self._stage(request, audio, window, clip)
+        staged = None
         try:
-            body = {"model": MODEL, "version": VERSION, "input": self._input(request, window, staged.url)}
-            prediction_id, attempts = self._create(body, request)
-            request.tell("created", prediction_id=prediction_id)
+            if request.resume_prediction_id:
+                prediction_id, attempts = request.resume_prediction_id, 0
+            else:
+                staged = self._stage(request, audio, window, clip)
+                body = {"model": MODEL, "version": VERSION, "input": self._input(request, window, staged.url)}
+                prediction_id, attempts = self._create(body, request)
+                request.tell("created", prediction_id=prediction_id)
             done = self._wait(prediction_id, request)
             cost = self._cost(done)
             # From here on the prediction is paid for: whatever fails keeps its cost.
@@ -110,7 +114,10 @@ class EachLabs:
                     attempts,
                 ) from None
         finally:
-            self.staging.remove(staged)
+            if staged is not None:
+                self.staging.remove(staged)
+                if staged.uri is not None:
+                    request.tell("unstaged", uri=str(staged.uri))
         method = (
             f"{MODEL} (window {window.offset_seconds:.2f}+{window.seconds_total} s, "
             f"mask {window.mask_start}-{window.mask_end} s, aligned {offset} samples)"
@@ -135,7 +142,9 @@ class EachLabs:
             return self.staging.share(request.source)
         buf = io.BytesIO()
         sf.write(buf, clip, MODEL_RATE, format="WAV", subtype="PCM_16")
-        return self.staging.stage(buf.getvalue(), f"{request.name}.wav")
+        staged = self.staging.stage(buf.getvalue(), f"{request.name}.wav")
+        request.tell("staged", uri=str(staged.uri))
+        return staged
 
     def _input(self, request: InpaintRequest, window, url: str) -> dict[str, Any]:
         model_input: dict[str, Any] = {
@@ -162,9 +171,12 @@ class EachLabs:
         def once() -> str:
             nonlocal attempts
             attempts += 1
+            # Journaled before the request goes out: if we die now, the row is "in doubt".
+            request.tell("creating", attempt=attempts)
             try:
                 response = self.client.post(f"{self.base_url}/v1/prediction", json=body, headers=self._headers())
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                request.tell("create_refused", reason=type(exc).__name__)
                 raise Retryable(f"cannot connect to {self.base_url} ({type(exc).__name__})") from None
             except httpx.HTTPError as exc:
                 # The request may have reached the provider: a prediction may exist.
@@ -175,6 +187,8 @@ class EachLabs:
                     None,
                     attempts,
                 ) from None
+            if response.status_code >= 400:
+                request.tell("create_refused", status=response.status_code)
             self._raise_for_status(response, "create")
             data = _json(response)
             prediction_id = data.get("predictionID") or data.get("id")
@@ -235,6 +249,13 @@ class EachLabs:
                         self._cost(last, default=self.price_usd),
                         prediction_id,
                     )
+            if request.should_cancel is not None and request.should_cancel():
+                self._cancel(prediction_id, last)
+                raise PredictionFailed(
+                    f"Prediction {prediction_id} was cancelled because the run was interrupted",
+                    self._cost(last, default=self.price_usd),
+                    prediction_id,
+                )
             if time.monotonic() + wait > deadline:
                 self._cancel(prediction_id, last)
                 raise PredictionFailed(
