@@ -156,6 +156,7 @@ class Batch:
         if b <= a:
             raise RowError(f"region {edit.start:g}-{edit.end:g} s is shorter than one sample")
         provider.check(info.frames, info.rate, a, b, edit.steps, edit.guidance_scale)
+        self.publisher.name(edit, info)  # an unusable output name is found now, not after paying
         return Checked(edit, source, info, provider)
 
     def estimate(self, edits: list[Edit]) -> dict[str, Any]:

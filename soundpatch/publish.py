@@ -35,21 +35,26 @@ class Publisher:
             return info.format if info.format in WRITABLE_CONTAINERS else "WAV"
         return audio_ops.OUTPUT_CONTAINERS[self.output_format]
 
+    def name(self, edit: Edit, info: AudioInfo) -> str:
+        """The result's name under the output prefix; raises RowError for an unusable template.
+
+        Checked while validating, before any money is spent, not first when publishing."""
+        container = self.container(info)
+        fields = {
+            "run_id": self.run_id,
+            "row_id": edit.row_id,
+            "stem": Path(edit.input).stem,
+            "seed": str(edit.seed),
+            "ext": audio_ops.EXTENSIONS.get(container, container.lower()),
+        }
+        return output_name(edit.output, fields)
+
     def publish(self, edit: Edit, result: Audio, info: AudioInfo, details: dict[str, str]) -> str:
         """Store `result` for `edit`; `details` (provider, prediction, cost...) go in its metadata."""
         container = self.container(info)
         ext = audio_ops.EXTENSIONS.get(container, container.lower())
         data = audio_ops.encode(result, container)
-        name = output_name(
-            edit.output,
-            {
-                "run_id": self.run_id,
-                "row_id": edit.row_id,
-                "stem": Path(edit.input).stem,
-                "seed": str(edit.seed),
-                "ext": ext,
-            },
-        )
+        name = self.name(edit, info)
         metadata = {
             "row_id": edit.row_id,
             "run_id": self.run_id,

@@ -215,6 +215,11 @@ class Simulator:
             return 200, p.result[: len(p.result) // 2], len(p.result)
         return 200, p.result, len(p.result)
 
+    def billed(self) -> float:
+        """What this "provider" has charged: every prediction that succeeded."""
+        with self._lock:
+            return self.settings.price * sum(1 for p in self._predictions.values() if p.status == "success")
+
     # ------------------------------------------------------------------ the "model"
 
     def _run(self, p: _Prediction, fails: bool) -> None:

@@ -117,3 +117,13 @@ def simulator():
     yield start
     for sim in started:
         sim.stop()
+
+
+@pytest.fixture
+def job_dir(tmp_path, aws_env):
+    """A folder with a 3 s effect (fx.wav) and a staging bucket, for whole hosted jobs."""
+    aws_env.bucket("stage")
+    rate = 48000
+    t = np.arange(int(3.0 * rate)) / rate
+    sf.write(tmp_path / "fx.wav", (0.2 * np.sin(2 * np.pi * 150 * t))[:, None], rate, subtype="PCM_16")
+    return tmp_path

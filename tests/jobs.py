@@ -1,0 +1,85 @@
+"""Shared pieces for tests that run whole hosted jobs: a manifest, a config, the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+KEY = "sk-crash-test"
+SCRIPT = Path(sys.executable).parent / "soundpatch"
+
+
+def write_job(workdir: Path, sim, s3, rows: int, concurrency: int, **provider) -> None:
+    lines = ["id,input,start,end,prompt,seed"]
+    lines += [f"r{i:02d},fx.wav,1.0,1.5,take {i:02d},{i}" for i in range(rows)]
+    (workdir / "job.csv").write_text("\n".join(lines) + "\n")
+    extra = "".join(f", {k}: {json.dumps(v)}" for k, v in provider.items())
+    (workdir / "job.yaml").write_text(
+        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.2, max_poll_seconds: 0.5"
+        f"{extra}}}\n"
+        f"limits: {{concurrency: {concurrency}, budget_usd: 100}}\n"
+        f"storage: {{s3: {{endpoint_url: '{s3.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+    )
+
+
+def environment(prefect_home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        EACHLABS_API_KEY=KEY, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", PREFECT_HOME=str(prefect_home)
+    )
+    return env
+
+
+def start(workdir: Path, env: dict[str, str], run_id: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(SCRIPT), "run", "job.csv", "--config", "job.yaml", "--run-id", run_id],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: a kill reaches everything it started
+    )
+
+
+def finish(workdir: Path, env: dict[str, str], run_id: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(SCRIPT), "run", "job.csv", "--config", "job.yaml", "--run-id", run_id],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def events(workdir: Path, run_id: str, kind: str) -> list[dict]:
+    path = workdir / "runs" / run_id / "journal.jsonl"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [e for e in (json.loads(x) for x in lines if x.endswith("}")) if e["event"] == kind]
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=30)
+
+
+def report(workdir: Path, run_id: str) -> pd.DataFrame:
+    return pd.read_csv(workdir / "runs" / run_id / "report.csv")

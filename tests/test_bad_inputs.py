@@ -1,0 +1,149 @@
+"""A corpus of bad rows and bad files, all in one manifest, run as a user would run it.
+
+Each must become that row's invalid outcome with a clear reason; nothing is sent for it,
+the good rows still complete, and no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+
+SCRIPT = Path(sys.executable).parent / "soundpatch"
+
+
+def make_files(d: Path, s3) -> None:
+    rate = 16000
+    tone = (0.2 * np.sin(2 * np.pi * 220 * np.arange(4 * rate) / rate)).astype(np.float32)[:, None]
+    sf.write(d / "good.wav", tone, rate, subtype="PCM_16")
+    sf.write(d / "good.flac", tone, rate, subtype="PCM_16")
+    (d / "empty.wav").write_bytes(b"")
+    (d / "text.wav").write_text("this is a text file pretending to be audio\n" * 20)
+    good = (d / "good.wav").read_bytes()
+    (d / "corrupt_header.wav").write_bytes(b"RIFX" + good[4:12] + b"\x00" * 32 + good[44:])
+    (d / "truncated.flac").write_bytes((d / "good.flac").read_bytes()[:60])
+    (d / "image.flac").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(2000))
+    sf.write(d / "no_frames.wav", np.zeros((0, 1), np.float32), rate)
+    (d / "folder.wav").mkdir()
+    s3.bucket("bad-inputs")
+    s3.client.put_object(Bucket="bad-inputs", Key="notaudio.wav", Body=b"hello")
+
+
+CORPUS = {
+    # id: (input, start, end, prompt, extra columns, expected words in the reason)
+    "missing-file": ("nope.wav", "1", "2", "x", {}, "does not exist"),
+    "zero-byte": ("empty.wav", "1", "2", "x", {}, "empty (0 bytes)"),
+    "text-as-wav": ("text.wav", "1", "2", "x", {}, "not audio that can be decoded"),
+    "corrupt-header": ("corrupt_header.wav", "1", "2", "x", {}, "not audio that can be decoded"),
+    "truncated-flac": ("truncated.flac", "1", "2", "x", {}, "decoded"),
+    "png-as-flac": ("image.flac", "1", "2", "x", {}, "not audio that can be decoded"),
+    "no-frames": ("no_frames.wav", "0", "1", "x", {}, "no audio samples"),
+    "a-folder": ("folder.wav", "1", "2", "x", {}, "is not a file"),
+    "past-the-end": ("good.wav", "3", "9", "x", {}, "only 4.000 s long"),
+    "starts-after-end-of-file": ("good.wav", "5", "6", "x", {}, "only 4.000 s long"),
+    "end-before-start": ("good.wav", "2", "1", "x", {}, "not after its start"),
+    "zero-length": ("good.wav", "2", "2", "x", {}, "not after its start"),
+    "shorter-than-a-sample": ("good.wav", "1.00001", "1.00002", "x", {}, "shorter than one sample"),
+    "nan-start": ("good.wav", "nan", "2", "x", {}, "finite"),
+    "inf-end": ("good.wav", "1", "inf", "x", {}, "finite"),
+    "negative": ("good.wav", "-1", "2", "x", {}, "negative"),
+    "huge-number": ("good.wav", "1", "1e300", "x", {}, "longer than a week"),
+    "words-for-time": ("good.wav", "one", "2", "x", {}, "not a number of seconds"),
+    "bad-timecode": ("good.wav", "1:75", "2", "x", {}, "not a valid timecode"),
+    "empty-prompt": ("good.wav", "1", "2", "", {}, "prompt is empty"),
+    "blank-prompt": ("good.wav", "1", "2", "   ", {}, "prompt is empty"),
+    "50kb-prompt": ("good.wav", "1", "2", "y" * 50_000, {}, "limit is 2000"),
+    "empty-input": ("", "1", "2", "x", {}, "input is empty"),
+    "ftp-scheme": ("ftp://example.com/a.wav", "1", "2", "x", {}, "ftp:// is not supported"),
+    "file-scheme": ("file:///etc/passwd", "1", "2", "x", {}, "file:// is not supported"),
+    "unknown-provider": ("good.wav", "1", "2", "x", {"provider": "acme"}, "provider 'acme' is unknown"),
+    "seed-not-whole": ("good.wav", "1", "2", "x", {"seed": "1.5"}, "seed '1.5' is not a whole number"),
+    "seed-too-big": ("good.wav", "1", "2", "x", {"seed": "99999999999"}, "outside 0..4294967295"),
+    "steps-words": ("good.wav", "1", "2", "x", {"steps": "many"}, "steps 'many' is not a whole number"),
+    "guidance-nan": ("good.wav", "1", "2", "x", {"guidance_scale": "nan"}, "guidance_scale"),
+    "variations-zero": ("good.wav", "1", "2", "x", {"variations": "0"}, "variations 0 is outside"),
+    "variations-too-many": ("good.wav", "1", "2", "x", {"variations": "5000"}, "outside 1..1000"),
+    "bad-output-template": ("good.wav", "1", "2", "x", {"output": "{nope}.wav"}, "output template"),
+    "s3-missing-bucket": ("s3://no-such-bucket-here/a.wav", "1", "2", "x", {}, "does not exist"),
+    "s3-missing-key": ("s3://bad-inputs/missing.wav", "1", "2", "x", {}, "no such object"),
+    "s3-not-audio": ("s3://bad-inputs/notaudio.wav", "1", "2", "x", {}, "not audio that can be decoded"),
+    "https-for-now": ("https://example.com/a.wav", "1", "2", "x", {}, "not supported by this version"),
+    "odd-encoding-id\u202e": ("good.wav", "1", "2", "x", {}, None),  # right-to-left mark: fine, kept
+    "dup": ("good.wav", "1", "2", "first", {}, None),
+}
+DUPLICATE = ("dup", "good.wav", "1.5", "2", "second")
+
+
+def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws_env, tmp_path_factory):
+    make_files(tmp_path, aws_env)
+    columns = [
+        "id",
+        "input",
+        "start",
+        "end",
+        "prompt",
+        "provider",
+        "seed",
+        "steps",
+        "guidance_scale",
+        "variations",
+        "output",
+    ]
+    rows = [
+        {"id": "good-1", "input": "good.wav", "start": "1", "end": "1.1", "prompt": "fill"},
+        {"id": "good-2", "input": "good.flac", "start": "0:02", "end": "0:02.5", "prompt": "fill"},
+    ]
+    for row_id, (src, start, end, prompt, extra, _) in CORPUS.items():
+        rows.append({"id": row_id, "input": src, "start": start, "end": end, "prompt": prompt, **extra})
+    rows.append(dict(zip(["id", "input", "start", "end", "prompt"], DUPLICATE, strict=True)))
+    rows.append({"id": "x" * 200, "input": "good.wav", "start": "1", "end": "2", "prompt": "long id"})
+    pd.DataFrame(rows, columns=columns).fillna("").to_csv(tmp_path / "bad.csv", index=False)
+    (tmp_path / "c.yaml").write_text(f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}}}\n")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", PREFECT_HOME=str(tmp_path_factory.mktemp("prefect"))
+    )
+    proc = subprocess.run(
+        [str(SCRIPT), "run", "bad.csv", "--config", "c.yaml", "--run-id", "bad"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+    report = pd.read_csv(tmp_path / "runs" / "bad" / "report.csv", keep_default_na=False).set_index("row_id")
+    kinds = 0
+    for row_id, (*_, reason) in CORPUS.items():
+        if reason is None:
+            continue
+        kinds += 1
+        got = report.loc[row_id]
+        assert got["status"] == "invalid", (row_id, got["error"])
+        assert reason.lower() in got["error"].lower(), (row_id, got["error"])
+        assert got["error"].endswith(".") and "\n" not in got["error"] and len(got["error"]) < 400
+        assert float(got["cost_usd"]) == 0
+    dupes = report[report["input"] == "good.wav"].loc[lambda r: r["prompt"] == "second"]
+    assert dupes["status"].tolist() == ["invalid"] and "already used" in dupes["error"].iloc[0]
+    long_id = report[report["prompt"] == "long id"]
+    assert long_id["status"].tolist() == ["invalid"] and "longer than 128" in long_id["error"].iloc[0]
+    assert kinds + 2 >= 30  # the corpus, the duplicate id and the long id
+
+    for row_id in ("good-1", "good-2", "odd-encoding-id\u202e", "dup"):
+        assert report.loc[row_id, "status"] == "succeeded", report.loc[row_id, "error"]
+    sent = [
+        json.loads(x)["row"]
+        for x in (tmp_path / "runs" / "bad" / "journal.jsonl").read_text().splitlines()
+        if json.loads(x)["event"] == "sending"
+    ]
+    assert sorted(sent) == sorted(["good-1", "good-2", "odd-encoding-id\u202e", "dup"])  # nothing else was sent

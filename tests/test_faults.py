@@ -1,0 +1,70 @@
+"""Everything going wrong at once, and the process killed at random points in between.
+
+After the dust settles: every row ended with a status (and a reason if it did not
+succeed), no row was ever created twice, the provider never charged more than the
+budget, and the report never shows less than the provider charged.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pandas as pd
+
+from tests.jobs import environment, events, finish, kill_group, start, wait_for, write_job
+
+ROWS = 24
+BUDGET = 4.00  # 20 of the 24 rows at $0.20
+
+
+def test_faults_and_random_kills_never_cost_twice_or_exceed_the_budget(job_dir, aws_env, simulator, tmp_path_factory):
+    sim = simulator(
+        latency=1.0,
+        fill="tone",
+        seed=11,
+        error_rate=0.2,  # 503 on create
+        poll_error_rate=0.2,  # 502 on poll
+        fail_rate=0.1,  # predictions that fail
+        truncate_rate=0.2,  # downloads cut short
+        rpm=240,
+        rate_window=2.0,  # 429 storms: 8 creates per 2 s
+        slow_create_rate=0.1,
+        slow_create_seconds=4.0,  # made, answered after the client gave up
+    )
+    write_job(job_dir, sim, aws_env, rows=ROWS, concurrency=8, timeout_seconds=2.0, max_retries=6)
+    (job_dir / "job.yaml").write_text(
+        (job_dir / "job.yaml").read_text().replace("budget_usd: 100", f"budget_usd: {BUDGET}")
+    )
+    env = environment(tmp_path_factory.mktemp("prefect"))
+    rng = random.Random(5)
+    for attempt in range(2):  # killed twice at random points
+        proc = start(job_dir, env, "faults")
+        target = len(events(job_dir, "faults", "sending")) + rng.randint(2, 8)
+        wait_for(
+            lambda t=target, p=proc: len(events(job_dir, "faults", "sending")) >= t or p.poll() is not None,
+            120,
+            f"rows in flight before kill {attempt + 1}",
+        )
+        if proc.poll() is None:
+            kill_group(proc)
+    final = finish(job_dir, env, "faults")
+    assert final.returncode in (1, 3), final.stdout + final.stderr
+    assert "Traceback" not in final.stdout + final.stderr
+
+    report = pd.read_csv(job_dir / "runs" / "faults" / "report.csv", keep_default_na=False)
+    assert len(report) == ROWS
+    assert set(report["status"]) <= {"succeeded", "failed", "skipped_budget"}
+    assert (report.loc[report.status != "succeeded", "error"].str.len() > 0).all()
+    assert (report["status"] == "succeeded").sum() >= ROWS // 2
+    # No row was ever created twice, across all attempts of the run.
+    assert max(Counter(sim.stats.prompts).values()) == 1
+    # The provider never charged more than the budget, and the report never shows less.
+    assert sim.billed() <= BUDGET + 1e-9
+    assert report["cost_usd"].sum() <= BUDGET + 1e-9
+    assert report["cost_usd"].sum() >= sim.billed() - 1e-9
+    print(
+        f"\nfaults: {dict(Counter(report.status))}, report ${report.cost_usd.sum():.2f}, "
+        f"provider billed ${sim.billed():.2f}, creates seen {sim.stats.creates}, "
+        f"429s {sim.stats.rate_limited}, 5xx {sim.stats.server_errors}"
+    )
