@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 JOURNAL_FILE = "journal.jsonl"
+# Events that protect money or results: on disk before the step they announce, even if
+# the machine loses power (a create about to go out, a prediction id, an outcome).
+DURABLE_EVENTS = ("sending", "creating", "created", "outcome")
 
 
 class Journal:
@@ -34,8 +37,7 @@ class Journal:
                 self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run
             self._file.write(line)
             self._file.flush()
-            if event in ("sending", "outcome"):
-                # These protect money and results: make them survive a power cut too.
+            if event in DURABLE_EVENTS:
                 os.fsync(self._file.fileno())
 
     def close(self) -> None:

@@ -127,3 +127,72 @@ def job_dir(tmp_path, aws_env):
     t = np.arange(int(3.0 * rate)) / rate
     sf.write(tmp_path / "fx.wav", (0.2 * np.sin(2 * np.pi * 150 * t))[:, None], rate, subtype="PCM_16")
     return tmp_path
+
+
+class _ThrottlingProxy:
+    """In front of the S3 server: answers a share of SDK requests with 503 SlowDown, as
+    S3 does under load. Presigned GETs (the provider's fetches) pass untouched."""
+
+    def __init__(self, upstream: str, rate: float, seed: int = 1) -> None:
+        import http.server
+        import random
+        import threading
+        import urllib.request
+
+        self.throttled = 0
+        rng = random.Random(seed)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if "Authorization" in self.headers and rng.random() < rate:
+                    proxy.throttled += 1
+                    xml = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(xml)))
+                    self.end_headers()
+                    self.wfile.write(xml)
+                    return
+                req = urllib.request.Request(
+                    upstream + self.path,
+                    data=body or None,
+                    method=self.command,
+                    headers={k: v for k, v in self.headers.items()},
+                )
+                try:
+                    with urllib.request.urlopen(req) as r:
+                        status, headers, data = r.status, r.headers, r.read()
+                except urllib.error.HTTPError as e:
+                    status, headers, data = e.code, e.headers, e.read()
+                self.send_response(status)
+                for k, v in headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def throttled_s3(aws_env):
+    proxy = _ThrottlingProxy(aws_env.endpoint, rate=0.3)
+    yield proxy
+    proxy.stop()

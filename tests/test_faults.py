@@ -7,11 +7,17 @@ budget, and the report never shows less than the provider charged.
 
 from __future__ import annotations
 
+import io
 import random
 from collections import Counter
 
+import numpy as np
 import pandas as pd
+import soundfile as sf
 
+from soundpatch.batch import Batch
+from soundpatch.config import load_config
+from soundpatch.manifest import load_manifest
 from tests.jobs import environment, events, finish, kill_group, start, wait_for, write_job
 
 ROWS = 24
@@ -68,3 +74,33 @@ def test_faults_and_random_kills_never_cost_twice_or_exceed_the_budget(job_dir, 
         f"provider billed ${sim.billed():.2f}, creates seen {sim.stats.creates}, "
         f"429s {sim.stats.rate_limited}, 5xx {sim.stats.server_errors}"
     )
+
+
+def test_s3_throttling_is_waited_out(job_dir, aws_env, throttled_s3, simulator, monkeypatch):
+    """Staging uploads and s3:// input reads through a store that answers 503 SlowDown."""
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((3 * 22050, 1), np.float32), 22050, format="WAV")
+    aws_env.client.put_object(Bucket=aws_env.bucket("archive"), Key="a.wav", Body=buf.getvalue())
+    (job_dir / "m.csv").write_text(
+        "id,input,start,end,prompt\n"
+        + "".join(f"s{i},s3://archive/a.wav,1,1.5,p{i}\n" for i in range(4))
+        + "".join(f"l{i},fx.wav,1,1.5,q{i}\n" for i in range(4))
+    )
+    sim = simulator(latency=0.05, fill="tone")
+    cfg = load_config(
+        overrides={
+            "provider.name": "eachlabs",
+            "provider.base_url": sim.base_url,
+            "provider.poll_seconds": 0.05,
+            "storage.s3.endpoint_url": throttled_s3.endpoint,
+            "storage.staging": "s3://stage/clips/",
+            "output.uri": str(job_dir / "out"),
+            "runs_dir": str(job_dir / "runs"),
+        }
+    )
+    batch = Batch(load_manifest(job_dir / "m.csv"), cfg, "throttled")
+    outcomes = [batch.process(e) for e in batch.manifest.edits]
+    batch.close()
+    assert [o.status for o in outcomes] == ["succeeded"] * 8, [o.error for o in outcomes]
+    assert throttled_s3.throttled > 0 and sim.stats.accepted == 8
