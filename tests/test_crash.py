@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.jobs import environment, events, finish, kill_group, report, start, wait_for, write_job
+from soundpatch import interrupt
+from soundpatch.batch import Batch
+from soundpatch.config import load_config
+from soundpatch.manifest import load_manifest
+from tests.jobs import KEY, environment, events, finish, kill_group, report, start, wait_for, write_job
 
 
 def test_sigkill_after_every_create_then_rerun_pays_each_prediction_once(job_dir, aws_env, simulator, tmp_path_factory):
@@ -64,13 +69,16 @@ def test_a_create_whose_answer_never_came_is_not_sent_again(job_dir, aws_env, si
     assert sim.stats.accepted == 2
 
 
-def test_ctrl_c_lets_work_in_flight_finish_and_the_rerun_does_the_rest(job_dir, aws_env, simulator, tmp_path_factory):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_lets_work_in_flight_finish_and_the_rerun_does_the_rest(
+    job_dir, aws_env, simulator, tmp_path_factory, stop_signal
+):
     sim = simulator(latency=3.0, fill="tone")
     write_job(job_dir, sim, aws_env, rows=12, concurrency=4)
     env = environment(tmp_path_factory.mktemp("prefect"))
     proc = start(job_dir, env, "ctrlc")
     wait_for(lambda: sim.stats.accepted >= 4, 60, "four creates")
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, stop_signal)
     out, err_text = proc.communicate(timeout=60)
     assert proc.returncode == 130, out + err_text
     assert "Stopping: no new rows will start" in err_text and "Traceback" not in out + err_text
@@ -103,3 +111,30 @@ def test_a_second_ctrl_c_stops_at_once_and_the_journal_still_resumes(job_dir, aw
     assert again.returncode == 0, again.stdout + again.stderr
     assert list(report(job_dir, "twice")["status"]) == ["succeeded"] * 6
     assert sim.stats.accepted == 6
+
+
+def test_on_interrupt_cancel_cancels_predictions_in_flight(job_dir, aws_env, simulator, monkeypatch):
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(latency=60.0, fill="tone")
+    (job_dir / "one.csv").write_text("id,input,start,end,prompt\nr0,fx.wav,1,1.5,take\n")
+    cfg = load_config(
+        overrides={
+            "provider.name": "eachlabs",
+            "provider.base_url": sim.base_url,
+            "provider.poll_seconds": 0.05,
+            "provider.on_interrupt": "cancel",
+            "storage.s3.endpoint_url": aws_env.endpoint,
+            "storage.staging": "s3://stage/clips/",
+            "output.uri": str(job_dir / "out"),
+            "runs_dir": str(job_dir / "runs"),
+        }
+    )
+    batch = Batch(load_manifest(job_dir / "one.csv"), cfg, "cancel")
+    threading.Timer(1.0, interrupt.request_stop).start()
+    try:
+        [outcome] = [batch.process(e) for e in batch.manifest.edits]
+    finally:
+        interrupt.reset()
+        batch.close()
+    assert outcome.status == "failed" and "cancelled because the run was interrupted" in outcome.error
+    assert sim.get(KEY, outcome.prediction_id)[1]["status"] == "cancelled"
