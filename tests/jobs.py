@@ -29,12 +29,22 @@ def write_job(workdir: Path, sim, s3, rows: int, concurrency: int, **provider) -
     )
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without Prefect settings or a provider key of the developer's, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "EACHLABS_API_KEY"}
+    env.update(extra)
+    return env
+
+
 def environment(prefect_home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
+    return clean_env(
         EACHLABS_API_KEY=KEY, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", PREFECT_HOME=str(prefect_home)
     )
-    return env
+
+
+def soundpatch(*args: str, cwd: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """The command as users run it, to completion."""
+    return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def start(workdir: Path, env: dict[str, str], run_id: str) -> subprocess.Popen:
@@ -50,14 +60,7 @@ def start(workdir: Path, env: dict[str, str], run_id: str) -> subprocess.Popen:
 
 
 def finish(workdir: Path, env: dict[str, str], run_id: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(SCRIPT), "run", "job.csv", "--config", "job.yaml", "--run-id", run_id],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return soundpatch("run", "job.csv", "--config", "job.yaml", "--run-id", run_id, cwd=workdir, env=env)
 
 
 def events(workdir: Path, run_id: str, kind: str) -> list[dict]:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import soundfile as sf
+
+from tests.jobs import clean_env, soundpatch
 
 SCRIPT = Path(sys.executable).parent / "soundpatch"
 
@@ -107,18 +108,10 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
     pd.DataFrame(rows, columns=columns).fillna("").to_csv(tmp_path / "bad.csv", index=False)
     (tmp_path / "c.yaml").write_text(f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}}}\n")
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
+    env = clean_env(
         AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", PREFECT_HOME=str(tmp_path_factory.mktemp("prefect"))
     )
-    proc = subprocess.run(
-        [str(SCRIPT), "run", "bad.csv", "--config", "c.yaml", "--run-id", "bad"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = soundpatch("run", "bad.csv", "--config", "c.yaml", "--run-id", "bad", cwd=tmp_path, env=env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
 

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+
+from tests.jobs import clean_env, soundpatch
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_COLUMNS = [
@@ -37,11 +37,6 @@ REPORT_COLUMNS = [
 ]
 
 
-def soundpatch_command() -> list[str]:
-    script = Path(sys.executable).parent / "soundpatch"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "soundpatch.cli"]
-
-
 @pytest.fixture(scope="session")
 def prefect_home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("prefect-home")
@@ -54,11 +49,7 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def run(workdir: Path, prefect_home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "EACHLABS_API_KEY"}
-    env["PREFECT_HOME"] = str(prefect_home)
-    return subprocess.run(
-        [*soundpatch_command(), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
-    )
+    return soundpatch(*args, cwd=workdir, env=clean_env(PREFECT_HOME=str(prefect_home)))
 
 
 def assert_clean(proc: subprocess.CompletedProcess) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from soundpatch.config import load_config
 from soundpatch.errors import ConfigError
 from soundpatch.manifest import load_manifest
 from soundpatch.window import plan_window
+from tests.jobs import clean_env, soundpatch
 
 KEY = "sk-test-9f8e7d6c5b4a"
 PRICE = 0.20
@@ -141,17 +141,8 @@ def test_run_against_the_simulator_from_the_command_line(library, aws_env, simul
         f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.1}}\n"
         f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(EACHLABS_API_KEY=KEY, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
-    script = Path(sys.executable).parent / "soundpatch"
-    proc = subprocess.run(
-        [str(script), "run", "mix.csv", "--config", "hosted.yaml", "--run-id", "hosted"],
-        cwd=library,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = clean_env(EACHLABS_API_KEY=KEY, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
+    proc = soundpatch("run", "mix.csv", "--config", "hosted.yaml", "--run-id", "hosted", cwd=library, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = pd.read_csv(library / "runs" / "hosted" / "report.csv")
     assert list(report["status"]) == ["succeeded"] * 4
@@ -170,8 +161,7 @@ def test_run_against_the_simulator_from_the_command_line(library, aws_env, simul
 
 def test_the_key_can_come_from_a_prefect_secret_block(library, aws_env, simulator, tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home-secret")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "EACHLABS_API_KEY"}
-    env.update(
+    env = clean_env(
         PREFECT_HOME=str(home),
         AWS_ACCESS_KEY_ID="test",
         AWS_SECRET_ACCESS_KEY="test",
@@ -186,15 +176,7 @@ def test_the_key_can_come_from_a_prefect_secret_block(library, aws_env, simulato
         f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
     )
     (library / "one.csv").write_text("id,input,start,end,prompt\nfx,audio/fx.wav,1.2,1.65,clang\n")
-    script = Path(sys.executable).parent / "soundpatch"
-    proc = subprocess.run(
-        [str(script), "run", "one.csv", "--config", "secret.yaml", "--run-id", "secret"],
-        cwd=library,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = soundpatch("run", "one.csv", "--config", "secret.yaml", "--run-id", "secret", cwd=library, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sim.stats.accepted == 1
     assert KEY not in proc.stdout + proc.stderr + (library / "runs" / "secret" / "journal.jsonl").read_text()
