@@ -61,7 +61,8 @@ class ProviderConfig(_Section):
 
 class LimitsConfig(_Section):
     concurrency: int = Field(default=8, ge=1, le=1024)
-    requests_per_minute: float = Field(default=60, gt=0)
+    requests_per_minute: float = Field(default=60, gt=0)  # creates sent to the provider
+    polls_per_minute: float = Field(default=600, gt=0)  # status polls, paced apart from creates
     budget_usd: float = Field(default=10.0, ge=0)
 
 

@@ -1,4 +1,6 @@
-"""The budget ledger: money is reserved before it can be spent, so the cap cannot be crossed.
+"""Limits that hold: the budget ledger and the rate limiter.
+
+The budget ledger: money is reserved before it can be spent, so the cap cannot be crossed.
 
 A row reserves its provider's price before a prediction is created. When the prediction
 reports what it cost, the reservation becomes that cost; when it provably cost nothing
@@ -9,6 +11,7 @@ whatever the concurrency.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 # Prices are compared in micro-dollars so that 50 x $0.20 is exactly $10.00.
@@ -65,3 +68,53 @@ class BudgetLedger:
     @property
     def budget_usd(self) -> float:
         return self._cap / _MICRO
+
+
+class RateLimiter:
+    """Paces requests smoothly at `per_minute`, shared by every task of the process.
+
+    A token bucket with a small burst (never a minute's worth at once). A 429 slows
+    everyone, not just the task that got it: nobody sends until the server's Retry-After
+    has passed, and the rate is halved; each later success wins back a twentieth of the
+    configured rate, so it recovers gradually instead of hammering the limit again.
+    """
+
+    def __init__(self, per_minute: float, burst: float | None = None, clock=time.monotonic, sleep=time.sleep):
+        self.configured = per_minute / 60.0
+        self.rate = self.configured
+        self.burst = burst if burst is not None else max(1.0, min(4.0, self.configured))
+        self._tokens = self.burst
+        self._clock, self._sleep = clock, sleep
+        self._last = clock()
+        self._blocked_until = 0.0
+        self._lock = threading.Lock()
+        self.waited = 0.0  # total seconds callers spent waiting, for the report
+
+    def acquire(self) -> float:
+        """Wait for the next slot; returns how long this caller waited."""
+        waited = 0.0
+        while True:
+            with self._lock:
+                now = self._clock()
+                self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+                self._last = now
+                if now >= self._blocked_until and self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    self.waited += waited
+                    return waited
+                pause = max(self._blocked_until - now, (1.0 - self._tokens) / self.rate, 0.001)
+            self._sleep(pause)
+            waited += pause
+
+    def throttled(self, retry_after: float | None) -> None:
+        """The server said 429: everyone waits, and the pace halves."""
+        with self._lock:
+            now = self._clock()
+            pause = retry_after if retry_after is not None else 1.0 / self.rate
+            self._blocked_until = max(self._blocked_until, now + pause)
+            self.rate = max(self.configured / 16, self.rate / 2)
+            self._tokens = 0.0
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self.rate = min(self.configured, self.rate + self.configured / 20)

@@ -16,7 +16,7 @@ KEY = "sk-crash-test"
 SCRIPT = Path(sys.executable).parent / "soundpatch"
 
 
-def write_job(workdir: Path, sim, s3, rows: int, concurrency: int, **provider) -> None:
+def write_job(workdir: Path, sim, s3, rows: int, concurrency: int, rpm: float = 600, **provider) -> None:
     lines = ["id,input,start,end,prompt,seed"]
     lines += [f"r{i:02d},fx.wav,1.0,1.5,take {i:02d},{i}" for i in range(rows)]
     (workdir / "job.csv").write_text("\n".join(lines) + "\n")
@@ -24,7 +24,7 @@ def write_job(workdir: Path, sim, s3, rows: int, concurrency: int, **provider) -
     (workdir / "job.yaml").write_text(
         f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.2, max_poll_seconds: 0.5"
         f"{extra}}}\n"
-        f"limits: {{concurrency: {concurrency}, budget_usd: 100}}\n"
+        f"limits: {{concurrency: {concurrency}, budget_usd: 100, requests_per_minute: {rpm}}}\n"
         f"storage: {{s3: {{endpoint_url: '{s3.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
     )
 

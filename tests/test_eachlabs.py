@@ -67,9 +67,10 @@ def library(tmp_path, aws_env):
     return tmp_path
 
 
-def hosted_config(tmp_path: Path, sim, s3, **provider):
+def hosted_config(tmp_path: Path, sim, s3, rpm: float = 600, **provider):
     return load_config(
         overrides={
+            "limits.requests_per_minute": rpm,
             "provider.name": "eachlabs",
             "provider.base_url": sim.base_url,
             "provider.poll_seconds": 0.05,
@@ -83,8 +84,8 @@ def hosted_config(tmp_path: Path, sim, s3, **provider):
     )
 
 
-def run_batch(tmp_path, sim, s3, manifest="mix.csv", run_id="t", **provider):
-    cfg = hosted_config(tmp_path, sim, s3, **provider)
+def run_batch(tmp_path, sim, s3, manifest="mix.csv", run_id="t", rpm: float = 600, **provider):
+    cfg = hosted_config(tmp_path, sim, s3, rpm, **provider)
     batch = Batch(load_manifest(tmp_path / manifest), cfg, run_id)
     try:
         return [batch.process(e) for e in batch.manifest.edits], batch
@@ -190,7 +191,7 @@ def single(tmp_path, row: str) -> str:
 def test_rate_limits_are_waited_out_with_retry_after(library, aws_env, simulator, monkeypatch):
     monkeypatch.setenv("EACHLABS_API_KEY", KEY)
     sim = simulator(latency=0.05, fill="tone", rpm=60, rate_window=1.0)  # one create per second
-    outcomes, batch = run_batch(library, sim, aws_env)
+    outcomes, batch = run_batch(library, sim, aws_env, rpm=6000)  # sent far faster than it allows
     assert [o.status for o in outcomes] == ["succeeded"] * 4
     assert sim.stats.rate_limited >= 1 and sim.stats.accepted == 4
     assert sum(o.attempts for o in outcomes) > 4

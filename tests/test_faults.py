@@ -38,7 +38,8 @@ def test_faults_and_random_kills_never_cost_twice_or_exceed_the_budget(job_dir, 
         slow_create_rate=0.1,
         slow_create_seconds=4.0,  # made, answered after the client gave up
     )
-    write_job(job_dir, sim, aws_env, rows=ROWS, concurrency=8, timeout_seconds=2.0, max_retries=6)
+    # Sent faster than the provider allows, so its 429 storms hit the adaptive limiter.
+    write_job(job_dir, sim, aws_env, rows=ROWS, concurrency=8, rpm=1200, timeout_seconds=2.0, max_retries=6)
     (job_dir / "job.yaml").write_text(
         (job_dir / "job.yaml").read_text().replace("budget_usd: 100", f"budget_usd: {BUDGET}")
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from soundpatch.config import Config
 from soundpatch.errors import ConfigError
+from soundpatch.limits import RateLimiter
 from soundpatch.providers.base import InpaintRequest, Prediction, PredictionFailed, Provider
 from soundpatch.s3 import S3
 
@@ -30,5 +31,12 @@ def make_provider(
         from soundpatch.staging import Staging
 
         staging = Staging(s3 or S3(config.storage.s3), config.storage.staging) if config.storage.staging else None
-        return EachLabs(provider_config, staging, api_key=api_key, concurrency=config.limits.concurrency)
+        return EachLabs(
+            provider_config,
+            staging,
+            api_key=api_key,
+            concurrency=config.limits.concurrency,
+            creates=RateLimiter(config.limits.requests_per_minute),
+            polls=RateLimiter(config.limits.polls_per_minute),
+        )
     raise ConfigError(f"Provider {name!r} is not available in this version of soundpatch; use local or eachlabs.")

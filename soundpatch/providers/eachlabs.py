@@ -25,6 +25,7 @@ import soundfile as sf
 from soundpatch.audio import Audio
 from soundpatch.config import ProviderConfig
 from soundpatch.errors import ConfigError, RowError
+from soundpatch.limits import RateLimiter
 from soundpatch.providers.base import InpaintRequest, Prediction, PredictionFailed
 from soundpatch.retry import Retryable, RetryPolicy
 from soundpatch.staging import StagedClip, Staging
@@ -50,7 +51,12 @@ class EachLabs:
         api_key: str | None = None,
         concurrency: int = 8,
         sleep=time.sleep,
+        creates: RateLimiter | None = None,
+        polls: RateLimiter | None = None,
     ) -> None:
+        # Shared by every task of the process: a 429 slows them all.
+        self.creates = creates or RateLimiter(60)
+        self.polls = polls or RateLimiter(600)
         self.config = config
         self.price_usd = config.price
         self.staging = staging
@@ -171,6 +177,7 @@ class EachLabs:
         def once() -> str:
             nonlocal attempts
             attempts += 1
+            self.creates.acquire()
             # Journaled before the request goes out: if we die now, the row is "in doubt".
             request.tell("creating", attempt=attempts)
             try:
@@ -189,6 +196,10 @@ class EachLabs:
                 ) from None
             if response.status_code >= 400:
                 request.tell("create_refused", status=response.status_code)
+            if response.status_code == 429:
+                self.creates.throttled(_retry_after(response))
+            elif response.status_code < 400:
+                self.creates.succeeded()
             self._raise_for_status(response, "create")
             data = _json(response)
             prediction_id = data.get("predictionID") or data.get("id")
@@ -223,6 +234,7 @@ class EachLabs:
         last: dict[str, Any] = {}
         while True:
             wait = interval
+            self.polls.acquire()
             try:
                 response = self.client.get(url, headers=self._headers())
             except httpx.HTTPError as exc:
@@ -230,6 +242,8 @@ class EachLabs:
                 response = None
             if response is not None and (response.status_code == 429 or response.status_code >= 500):
                 request.tell("poll_retry", status=response.status_code)
+                if response.status_code == 429:
+                    self.polls.throttled(_retry_after(response))
                 wait = max(interval, _retry_after(response) or 0.0)
             elif response is not None and response.status_code >= 400:
                 raise PredictionFailed(

@@ -1,0 +1,111 @@
+"""The budget ledger and the shared rate limiter."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from soundpatch.batch import Batch
+from soundpatch.config import load_config
+from soundpatch.limits import BudgetLedger, RateLimiter
+from soundpatch.manifest import load_manifest
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
+def test_the_ledger_never_lets_reservations_cross_the_cap_under_contention():
+    ledger = BudgetLedger(10.0)
+
+    def grab(_: int) -> bool:
+        held = ledger.reserve(0.20)
+        if held is None:
+            return False
+        ledger.settle(held, 0.20)
+        return True
+
+    with ThreadPoolExecutor(32) as pool:
+        granted = sum(pool.map(grab, range(500)))
+    assert granted == 50 and ledger.spent_usd == pytest.approx(10.0)
+
+
+def test_released_reservations_go_back_to_the_budget():
+    ledger = BudgetLedger(0.40)
+    a, b = ledger.reserve(0.20), ledger.reserve(0.20)
+    assert ledger.reserve(0.20) is None
+    ledger.release(a)
+    ledger.settle(b, 0.0)  # the provider said it cost nothing
+    assert ledger.reserve(0.20) is not None and ledger.spent_usd == 0.0
+
+
+def test_requests_are_paced_smoothly_with_a_small_burst():
+    clock = FakeClock()
+    limiter = RateLimiter(120, clock=clock, sleep=clock.sleep)  # 2 per second, burst 2
+    times = []
+    for _ in range(10):
+        limiter.acquire()
+        times.append(clock.now)
+    assert times[:2] == [0.0, 0.0]  # the burst
+    gaps = [b - a for a, b in zip(times[1:], times[2:], strict=False)]
+    assert all(g == pytest.approx(0.5, abs=1e-6) for g in gaps)  # then one every 0.5 s
+
+
+def test_a_429_stops_everyone_until_retry_after_and_recovery_is_gradual():
+    clock = FakeClock()
+    limiter = RateLimiter(60, clock=clock, sleep=clock.sleep)
+    limiter.acquire()
+    limiter.throttled(retry_after=5.0)
+    assert limiter.rate == pytest.approx(limiter.configured / 2)  # the pace halves
+    limiter.acquire()
+    assert clock.now >= 5.0  # nobody went before Retry-After
+    for _ in range(5):
+        limiter.succeeded()
+    assert limiter.rate == pytest.approx(limiter.configured * 0.75)  # +1/20 of the rate per success
+    for _ in range(50):
+        limiter.succeeded()
+    assert limiter.rate == pytest.approx(limiter.configured)
+
+
+def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulator, monkeypatch):
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    sf.write(tmp_path / "fx.wav", np.zeros((3 * 8000, 1), np.float32) + 0.1, 8000)
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt\n" + "".join(f"r{i},fx.wav,1,1.5,p{i}\n" for i in range(12))
+    )
+    aws_env.bucket("stage")
+    results = {}
+    for label, rpm in (("paced", 240), ("unpaced", 100000)):
+        sim = simulator(latency=0.05, fill="tone", rpm=240, rate_window=2.0)  # 8 per 2 s
+        cfg = load_config(
+            overrides={
+                "provider.name": "eachlabs",
+                "provider.base_url": sim.base_url,
+                "provider.poll_seconds": 0.05,
+                "limits.requests_per_minute": rpm,
+                "storage.s3.endpoint_url": aws_env.endpoint,
+                "storage.staging": "s3://stage/clips/",
+                "output.uri": str(tmp_path / label),
+                "runs_dir": str(tmp_path / "runs"),
+            }
+        )
+        batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, label)
+        with ThreadPoolExecutor(12) as pool:
+            outcomes = list(pool.map(batch.process, batch.manifest.edits))
+        batch.close()
+        assert [o.status for o in outcomes] == ["succeeded"] * 12
+        results[label] = sim.stats.rate_limited
+    assert results["paced"] <= 1 < results["unpaced"], results
