@@ -75,15 +75,21 @@ class RateLimiter:
 
     A token bucket with a small burst (never a minute's worth at once). A 429 slows
     everyone, not just the task that got it: nobody sends until the server's Retry-After
-    has passed, and the rate is halved; each later success wins back a twentieth of the
+    has passed, and the pace drops; each later success wins back a twentieth of the
     configured rate, so it recovers gradually instead of hammering the limit again.
     """
 
+    # Paced this much under the configured limit: requests arrive with jitter, and a
+    # provider counting over a sliding window sees an early arrival as one too many.
+    HEADROOM = 0.99
+
     def __init__(self, per_minute: float, burst: float | None = None, clock=time.monotonic, sleep=time.sleep):
-        self.configured = per_minute / 60.0
+        self.configured = per_minute / 60.0 * self.HEADROOM
         self.rate = self.configured
         self.burst = burst if burst is not None else max(1.0, min(4.0, self.configured))
-        self._tokens = self.burst
+        # Start with one token, not a full burst: a provider counting over a sliding window
+        # would see the burst on top of a full window's worth. The burst refills while idle.
+        self._tokens = 1.0
         self._clock, self._sleep = clock, sleep
         self._last = clock()
         self._blocked_until = 0.0
@@ -107,12 +113,16 @@ class RateLimiter:
             waited += pause
 
     def throttled(self, retry_after: float | None) -> None:
-        """The server said 429: everyone waits, and the pace halves."""
+        """The server said 429: everyone waits, and the pace drops.
+
+        With a Retry-After the server says when it frees up, so waiting that out and easing
+        off by a tenth is enough; without one the pace halves."""
         with self._lock:
             now = self._clock()
             pause = retry_after if retry_after is not None else 1.0 / self.rate
             self._blocked_until = max(self._blocked_until, now + pause)
-            self.rate = max(self.configured / 16, self.rate / 2)
+            factor = 0.9 if retry_after is not None else 0.5
+            self.rate = max(self.configured / 16, self.rate * factor)
             self._tokens = 0.0
 
     def succeeded(self) -> None:

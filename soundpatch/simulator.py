@@ -79,6 +79,7 @@ class Stats:
     polls: int = 0
     downloads: int = 0
     create_times: list[float] = field(default_factory=list)
+    accepted_times: list[float] = field(default_factory=list)
     audio_urls: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)  # one per prediction made
 
@@ -145,6 +146,7 @@ class Simulator:
                 return 503, {"status": "error", "message": "Service temporarily unavailable"}, {}
             self._recent.append(now)
             self.stats.accepted += 1
+            self.stats.accepted_times.append(time.time())
             self.stats.audio_urls.append(body["input"]["audio_url"])
             self.stats.prompts.append(str(body["input"]["prompt"]))
             slow = bool(s.slow_create_rate and self._rng.random() < s.slow_create_rate)

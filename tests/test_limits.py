@@ -59,9 +59,15 @@ def test_requests_are_paced_smoothly_with_a_small_burst():
     for _ in range(10):
         limiter.acquire()
         times.append(clock.now)
-    assert times[:2] == [0.0, 0.0]  # the burst
-    gaps = [b - a for a, b in zip(times[1:], times[2:], strict=False)]
-    assert all(g == pytest.approx(0.5, abs=1e-6) for g in gaps)  # then one every 0.5 s
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert times[0] == 0.0 and all(g == pytest.approx(0.5, abs=1e-6) for g in gaps)  # one every 0.5 s
+    clock.now += 60  # idle: the small burst refills, and no more than it
+    burst = []
+    for _ in range(4):
+        limiter.acquire()
+        burst.append(clock.now)
+    assert burst[:2] == [clock.now - 1.0, clock.now - 1.0] or burst[1] == burst[0]
+    assert burst[2] - burst[1] == pytest.approx(0.5 / 0.99, abs=2e-3)
 
 
 def test_a_429_stops_everyone_until_retry_after_and_recovery_is_gradual():
@@ -69,12 +75,14 @@ def test_a_429_stops_everyone_until_retry_after_and_recovery_is_gradual():
     limiter = RateLimiter(60, clock=clock, sleep=clock.sleep)
     limiter.acquire()
     limiter.throttled(retry_after=5.0)
-    assert limiter.rate == pytest.approx(limiter.configured / 2)  # the pace halves
+    assert limiter.rate == pytest.approx(limiter.configured * 0.9)  # it eases off
+    limiter.throttled(retry_after=None)
+    assert limiter.rate == pytest.approx(limiter.configured * 0.45)  # no Retry-After: it halves
     limiter.acquire()
     assert clock.now >= 5.0  # nobody went before Retry-After
     for _ in range(5):
         limiter.succeeded()
-    assert limiter.rate == pytest.approx(limiter.configured * 0.75)  # +1/20 of the rate per success
+    assert limiter.rate == pytest.approx(limiter.configured * 0.70)  # +1/20 of the rate per success
     for _ in range(50):
         limiter.succeeded()
     assert limiter.rate == pytest.approx(limiter.configured)

@@ -1,0 +1,110 @@
+"""How fully soundpatch uses a provider's rate limit without tripping it.
+
+    python bench/limits.py [--rpm 600] [--seconds 30] [--window 10]
+
+A simulator limits creates to --rpm per minute, counted over a sliding --window (as
+providers do, shortened so the bench runs in seconds). soundpatch's Each Labs client is
+configured with the same rate and driven by enough concurrent rows to saturate it.
+Printed: the create rate achieved over the sustained part of the run divided by the
+limit (utilization; target >= 0.97) and the 429s received as a share of creates
+(target <= 1%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import numpy as np
+import soundfile as sf
+
+from soundpatch.batch import Batch
+from soundpatch.config import load_config
+from soundpatch.manifest import load_manifest
+from soundpatch.simulator import Simulator, SimulatorSettings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rpm", type=float, default=600)
+    parser.add_argument("--seconds", type=float, default=30, help="how long to keep the limit saturated")
+    parser.add_argument("--window", type=float, default=10, help="the provider's counting window, seconds")
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", EACHLABS_API_KEY="bench")
+    port = free_port()
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="stage")
+                break
+            except Exception:
+                time.sleep(0.1)
+        rows = int(args.rpm / 60 * args.seconds)
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            Simulator(
+                SimulatorSettings(latency=0.2, fill="tone", rpm=args.rpm, rate_window=args.window, price=0.0)
+            ) as sim,
+        ):
+            work = Path(tmp)
+            sf.write(work / "fx.wav", np.full((6 * 8000, 1), 0.1, np.float32), 8000)
+            (work / "m.csv").write_text(
+                "id,input,start,end,prompt\n" + "".join(f"r{i},fx.wav,1,1.5,p{i}\n" for i in range(rows))
+            )
+            cfg = load_config(
+                overrides={
+                    "provider.name": "eachlabs",
+                    "provider.base_url": sim.base_url,
+                    "provider.poll_seconds": 0.1,
+                    "limits.requests_per_minute": args.rpm,
+                    "limits.concurrency": args.concurrency,
+                    "limits.budget_usd": 1e6,
+                    "storage.s3.endpoint_url": endpoint,
+                    "storage.staging": "s3://stage/clips/",
+                    "output.uri": str(work / "out"),
+                    "runs_dir": str(work / "runs"),
+                }
+            )
+            batch = Batch(load_manifest(work / "m.csv"), cfg, "bench")
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                outcomes = list(pool.map(batch.process, batch.manifest.edits))
+            batch.close()
+            ok = sum(o.status == "succeeded" for o in outcomes)
+            times = sorted(sim.stats.accepted_times)
+            # The sustained part: skip the first and last window's edges.
+            steady = [t for t in times if times[0] + 2 <= t <= times[-1] - 2]
+            achieved = (len(steady) - 1) / (steady[-1] - steady[0]) * 60 if len(steady) > 2 else 0.0
+            creates = sim.stats.creates
+            print(f"{'limit (creates/min)':28s} {args.rpm:10.0f}")
+            print(f"{'rows (succeeded)':28s} {rows:10d} ({ok})")
+            print(f"{'achieved (creates/min)':28s} {achieved:10.1f}")
+            print(f"{'utilization':28s} {achieved / args.rpm:10.3f}   target >= 0.97")
+            print(
+                f"{'429s / creates':28s} {sim.stats.rate_limited:5d} / {creates:<5d} "
+                f"= {sim.stats.rate_limited / max(creates, 1):.2%}   target <= 1%"
+            )
+    finally:
+        moto.terminate()
+
+
+if __name__ == "__main__":
+    main()
