@@ -1,0 +1,146 @@
+"""What soundpatch costs on top of the provider's own latency.
+
+    python bench/overhead.py [--rows 400] [--concurrency 40] [--latency 1.0]
+
+Against one simulator (1 s per prediction), in the same run:
+- baseline: a minimal asyncio + httpx script that creates, polls and downloads every
+  prediction with the same concurrency and poll interval, and nothing else;
+- soundpatch: `soundpatch run` on a manifest of the same rows (validation, staging to S3,
+  the journal, Prefect's temporary server and one task per row, splicing, the report).
+Printed: both wall times and their ratio (target <= 1.10), with soundpatch's time also
+split into start-up (Prefect's temporary server) and the flow itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+import httpx
+import numpy as np
+import soundfile as sf
+
+from soundpatch.simulator import Simulator, SimulatorSettings
+
+POLL = 0.25
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def baseline(base: str, audio_url: str, rows: int, concurrency: int) -> float:
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with gate:
+                body = {
+                    "model": "stable-audio-2-5-inpaint",
+                    "version": "0.0.1",
+                    "input": {
+                        "prompt": f"p{i}",
+                        "audio_url": audio_url,
+                        "mask_start": 1,
+                        "mask_end": 2,
+                        "seconds_total": 6,
+                        "seed": i,
+                    },
+                }
+                headers = {"X-API-Key": "bench"}
+                pid = (await client.post(f"{base}/v1/prediction", json=body, headers=headers)).json()["predictionID"]
+                while True:
+                    await asyncio.sleep(POLL)
+                    got = (await client.get(f"{base}/v1/prediction/{pid}", headers=headers)).json()
+                    if got["status"] == "success":
+                        break
+                await client.get(got["output"])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(rows)))
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--concurrency", type=int, default=40)
+    parser.add_argument("--latency", type=float, default=1.0)
+    args = parser.parse_args()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "EACHLABS_API_KEY": "bench"}
+    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+    port = free_port()
+    moto = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        for _ in range(100):
+            try:
+                s3.create_bucket(Bucket="stage")
+                break
+            except Exception:
+                time.sleep(0.1)
+        clip = io.BytesIO()
+        sf.write(clip, np.full((6 * 44100, 2), 0.1, np.float32), 44100, format="WAV", subtype="PCM_16")
+        s3.put_object(Bucket="stage", Key="bench/clip.wav", Body=clip.getvalue())
+        audio_url = s3.generate_presigned_url("get_object", Params={"Bucket": "stage", "Key": "bench/clip.wav"})
+        settings = SimulatorSettings(latency=args.latency, fill="tone", price=0.0)
+        with tempfile.TemporaryDirectory() as tmp, Simulator(settings) as sim:
+            base_s = asyncio.run(baseline(sim.base_url, audio_url, args.rows, args.concurrency))
+
+            work = Path(tmp)
+            sf.write(work / "fx.wav", np.full((6 * 44100, 2), 0.1, np.float32), 44100, subtype="PCM_16")
+            (work / "m.csv").write_text(
+                "id,input,start,end,prompt,seed\n"
+                + "".join(f"r{i},fx.wav,1.2,1.7,p{i},{i}\n" for i in range(args.rows))
+            )
+            (work / "c.yaml").write_text(
+                f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: {POLL}, "
+                f"max_poll_seconds: {POLL}, price_usd: 0}}\n"
+                f"limits: {{concurrency: {args.concurrency}, requests_per_minute: 1000000, "
+                f"polls_per_minute: 1000000}}\n"
+                f"storage: {{s3: {{endpoint_url: '{endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+            )
+            script = Path(sys.executable).parent / "soundpatch"
+            run_env = {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
+            run_env["PREFECT_HOME"] = str(work / "prefect")
+            t0 = time.perf_counter()
+            proc = subprocess.run(
+                [str(script), "run", "m.csv", "--config", "c.yaml", "--run-id", "bench"],
+                cwd=work,
+                env=run_env,
+                capture_output=True,
+                text=True,
+            )
+            ours = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise SystemExit(proc.stdout + proc.stderr)
+            flow = json.loads((work / "runs" / "bench" / "report.json").read_text())["summary"]["wall_seconds"]
+        print(f"{'rows / concurrency / latency':34s} {args.rows} / {args.concurrency} / {args.latency:g} s")
+        print(f"{'baseline (asyncio + httpx)':34s} {base_s:8.2f} s")
+        print(f"{'soundpatch run (whole command)':34s} {ours:8.2f} s")
+        print(f"{'  of which the flow':34s} {flow:8.2f} s")
+        print(f"{'  start-up, shutdown, imports':34s} {ours - flow:8.2f} s")
+        print(f"{'overhead ratio (whole command)':34s} {ours / base_s:8.2f}   target <= 1.10")
+        print(f"{'overhead ratio (flow only)':34s} {flow / base_s:8.2f}")
+    finally:
+        moto.terminate()
+
+
+if __name__ == "__main__":
+    main()
