@@ -120,3 +120,54 @@ def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulat
         assert [o.status for o in outcomes] == ["succeeded"] * 12
         results[label] = sim.stats.rate_limited
     assert results["paced"] <= 1 < results["unpaced"], results
+
+
+def test_the_budget_holds_at_concurrency_32_under_5xx_timeouts_and_429_bursts(
+    tmp_path, aws_env, simulator, monkeypatch
+):
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    sf.write(tmp_path / "fx.wav", np.full((3 * 8000, 1), 0.1, np.float32), 8000)
+    rows = 64
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt\n" + "".join(f"r{i:02d},fx.wav,1,1.5,p{i:02d}\n" for i in range(rows))
+    )
+    aws_env.bucket("stage")
+    sim = simulator(
+        latency=0.3,
+        fill="tone",
+        seed=3,
+        error_rate=0.2,  # 503 on create
+        slow_create_rate=0.2,
+        slow_create_seconds=2.0,  # made, but answered after the client's timeout
+        rpm=600,
+        rate_window=1.0,  # bursts beyond 10 per second are answered 429
+    )
+    budget = 6.0  # 30 of the 64 rows
+    cfg = load_config(
+        overrides={
+            "provider.name": "eachlabs",
+            "provider.base_url": sim.base_url,
+            "provider.poll_seconds": 0.05,
+            "provider.timeout_seconds": 1.0,
+            "provider.max_retries": 8,
+            "limits.requests_per_minute": 100000,  # no pacing: let the 429 bursts come
+            "limits.budget_usd": budget,
+            "storage.s3.endpoint_url": aws_env.endpoint,
+            "storage.staging": "s3://stage/clips/",
+            "output.uri": str(tmp_path / "out"),
+            "runs_dir": str(tmp_path / "runs"),
+        }
+    )
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "stress")
+    with ThreadPoolExecutor(32) as pool:
+        outcomes = list(pool.map(batch.process, batch.manifest.edits))
+    batch.close()
+    statuses = {o.status for o in outcomes}
+    assert statuses <= {"succeeded", "failed", "skipped_budget"} and "skipped_budget" in statuses
+    assert sim.stats.rate_limited > 0 and sim.stats.server_errors > 0  # the faults did happen
+    spent = sum(o.cost_usd for o in outcomes)
+    assert sim.billed() <= budget + 1e-9  # what the provider charged
+    assert spent <= budget + 1e-9 and spent >= sim.billed() - 1e-9  # what the report says
+    assert batch.ledger.spent_usd == pytest.approx(spent)
+    assert all(o.cost_usd == 0 for o in outcomes if o.status == "skipped_budget")
+    assert len(sim.stats.prompts) == len(set(sim.stats.prompts))  # never created twice
