@@ -79,6 +79,10 @@ class Audio:
     def duration(self) -> float:
         return self.frames / self.rate
 
+    @property
+    def info(self) -> AudioInfo:
+        return AudioInfo(self.frames, self.rate, self.channels, self.format, self.subtype)
+
     def float_slice(self, start: int, stop: int) -> np.ndarray:
         """Frames [start, stop) as float32 in [-1, 1), whatever the storage type."""
         return to_float(self.samples[max(0, start) : max(0, stop)])
@@ -104,10 +108,11 @@ def from_float(values: np.ndarray, like: Audio) -> np.ndarray:
     return values.astype(dtype)
 
 
-def inspect(data: bytes, name: str = "audio") -> AudioInfo:
-    """Read only the header: enough to check a region against the audio's length."""
+def inspect(source: bytes | str, name: str = "audio") -> AudioInfo:
+    """Read only the header (of bytes, or of a file by path): enough to check a region
+    against the audio's length without decoding it."""
     try:
-        info = sf.info(io.BytesIO(data))
+        info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else source)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
     if info.frames <= 0 or info.samplerate <= 0:
@@ -130,7 +135,9 @@ def decode(data: bytes, name: str = "audio") -> Audio:
 
 
 def _reason(exc: Exception) -> str:
-    text = str(exc).split(":")[-1].strip() or type(exc).__name__
+    """libsndfile's own words, without the file name it prefixes: 'Error opening x: ...'."""
+    lines = str(exc).strip().splitlines()
+    text = (lines[0].split(":")[-1].strip() if lines else "") or type(exc).__name__
     return text[:1].lower() + text[1:]
 
 

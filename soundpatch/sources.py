@@ -12,9 +12,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-import soundfile as sf
-
-from soundpatch.audio import Audio, AudioInfo, decode
+from soundpatch.audio import Audio, AudioInfo, decode, inspect
 from soundpatch.errors import RowError
 from soundpatch.s3 import S3, S3Uri
 
@@ -40,18 +38,10 @@ class SourceReader:
             return cached
         if uri.startswith("s3://"):
             # A remote header costs a request anyway: fetch and decode once, keep it.
-            a = self.audio(uri)
-            info = AudioInfo(a.frames, a.rate, a.channels, a.format, a.subtype)
-            self._info[uri] = info
-            return info
-        path = self._local_path(uri)
-        try:
-            i = sf.info(str(path))
-        except (sf.LibsndfileError, RuntimeError) as exc:
-            raise RowError(f"{path.name} is not audio that can be decoded ({_first_line(exc)})") from None
-        if i.frames <= 0:
-            raise RowError(f"{path.name} holds no audio samples")
-        info = AudioInfo(i.frames, i.samplerate, i.channels, i.format, i.subtype)
+            info = self.audio(uri).info
+        else:
+            path = self._local_path(uri)
+            info = inspect(str(path), path.name)
         self._info[uri] = info
         return info
 
@@ -119,9 +109,3 @@ class SourceReader:
         if size == 0:
             raise RowError(f"input file {uri} is empty (0 bytes)")
         return path
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    text = text.split(":")[-1].strip() or text
-    return text[:1].lower() + text[1:]
