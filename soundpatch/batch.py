@@ -41,10 +41,7 @@ TYPICAL_SECONDS = {"local": 0.2, "eachlabs": 15.0, "stability": 15.0, "fal": 15.
 
 def preflight(config: Config) -> None:
     """Fail before anything starts if the configured provider cannot work (no key, no staging)."""
-    provider = make_provider(config, s3=S3(config.storage.s3))
-    ready = getattr(provider, "ready", None)
-    if ready is not None:
-        ready()
+    make_provider(config, s3=S3(config.storage.s3)).ready()
 
 
 def new_run_id() -> str:
@@ -89,11 +86,11 @@ class Batch:
         self._carried = self._carried_outcomes()
         # Money an earlier attempt of this run spent or committed counts against the cap:
         # recorded costs, creates in doubt (at list price), predictions still to collect.
-        price = self.providers[config.provider.name].price_usd
+        self._list_price = self.providers[config.provider.name].price_usd
         spent = sum(s.spent_before for s in self.states.values())
-        spent += price * sum(1 for s in self.states.values() if s.in_doubt)
+        spent += self._list_price * sum(1 for s in self.states.values() if s.in_doubt)
         self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=spent)
-        self._held = {row: self.ledger.hold(price) for row, s in self.states.items() if s.prediction_id}
+        self._held = {row: self.ledger.hold(self._list_price) for row, s in self.states.items() if s.prediction_id}
         self.journal = Journal(self.run_dir)
 
     # ------------------------------------------------------------------ planning
@@ -123,9 +120,8 @@ class Batch:
         with self._lock:
             if name not in self.providers:
                 provider = make_provider(self.config, name, self.s3, self.api_keys.get(name))
-                ready = getattr(provider, "ready", None)
-                if ready is not None and not self.dry_run:
-                    ready()  # a missing key or staging prefix: say so once, not on every row
+                if not self.dry_run:
+                    provider.ready()  # a missing key or staging prefix: say so once, not on every row
                 self.providers[name] = provider
             return self.providers[name]
 
@@ -237,7 +233,7 @@ class Batch:
         if state is not None:
             previous_cost = state.spent_before
             if state.in_doubt:  # counted as spent (the ledger does so too)
-                previous_cost += self.providers[self.config.provider.name].price_usd
+                previous_cost += self._list_price
         return Outcome(
             row_id=edit.row_id,
             input=edit.input,

@@ -75,6 +75,9 @@ class Provider(Protocol):
     # Whether the prompt steers the result; the report says so when it does not.
     uses_prompt: bool
 
+    def ready(self) -> None:
+        """Raise ConfigError if the provider cannot work at all (no key, no staging)."""
+
     def check(
         self, audio_frames: int, rate: int, a: int, b: int, steps: int | None, guidance_scale: float | None
     ) -> None:

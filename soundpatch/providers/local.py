@@ -47,6 +47,9 @@ class LocalEngine:
     def __init__(self, price_usd: float = 0.0) -> None:
         self.price_usd = price_usd
 
+    def ready(self) -> None:
+        """Nothing to set up: no key, no network."""
+
     def check(
         self, audio_frames: int, rate: int, a: int, b: int, steps: int | None, guidance_scale: float | None
     ) -> None:
