@@ -23,7 +23,7 @@ from typing import Any
 from soundpatch import audio as audio_ops
 from soundpatch.audio import AudioInfo
 from soundpatch.config import Config
-from soundpatch.errors import ConfigError, RowError, SoundpatchError
+from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
 from soundpatch.interrupt import stop_requested
 from soundpatch.journal import Journal, row_states
 from soundpatch.limits import BudgetLedger
@@ -335,6 +335,7 @@ class Batch:
         return self.config.provider.on_interrupt == "cancel" and stop_requested()
 
     def _log_traceback(self, edit: Edit) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # the fault may have come before anything was written
         with self._lock, open(self.run_dir / "errors.log", "a", encoding="utf-8") as f:
             f.write(f"--- row {edit.row_id} ({edit.line}) at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
             f.write(traceback.format_exc())
@@ -356,5 +357,4 @@ class Batch:
 
 
 def _sentence(exc: Exception) -> str:
-    text = str(exc).strip().rstrip(".")
-    return (text[:1].upper() + text[1:] + ".") if text else type(exc).__name__ + "."
+    return as_sentence(str(exc), fallback=type(exc).__name__)

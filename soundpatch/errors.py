@@ -21,3 +21,11 @@ class ConfigError(SoundpatchError):
 
 class RowError(SoundpatchError):
     """One row cannot be processed; the message goes into that row's `error` column."""
+
+
+def as_sentence(text: str, fallback: str = "Unknown error") -> str:
+    """One sentence for a row's `error` column: capitalised, one closing full stop."""
+    text = text.strip().rstrip(".")
+    if not text:
+        text = fallback
+    return text[:1].upper() + text[1:] + "."

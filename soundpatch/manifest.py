@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from soundpatch.config import PROVIDERS
-from soundpatch.errors import ManifestError
+from soundpatch.errors import ManifestError, as_sentence
 from soundpatch.outcome import REPORT_COLUMNS
 
 KNOWN_COLUMNS = (
@@ -436,5 +436,4 @@ def _replace(edit: Edit, **changes: Any) -> Edit:
 
 
 def _invalid_copy(edit: Edit, reason: str) -> Edit:
-    reason = reason.strip().rstrip(".")
-    return _replace(edit, error=reason[:1].upper() + reason[1:] + ".")
+    return _replace(edit, error=as_sentence(reason))
