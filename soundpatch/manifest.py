@@ -18,7 +18,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from soundpatch.config import PROVIDERS
-from soundpatch.errors import ManifestError, as_sentence
+from soundpatch.errors import ManifestError, SoundpatchError, as_sentence
 from soundpatch.outcome import REPORT_COLUMNS
 
 KNOWN_COLUMNS = (
@@ -43,10 +43,17 @@ KNOWN_COLUMNS = (
     "output",
     "provider",
 )
+_UNSAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_PROMPT_CHARS = 2000
 MAX_VARIATIONS = 1000
 MAX_SEED = 2**32 - 1
 REMOTE_SCHEMES = ("s3://", "https://", "http://")
+GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def is_pattern(source: str) -> bool:
+    """Whether an input names many files (`*`, `?`, `[...]`) rather than one."""
+    return not source.startswith(("http://", "https://")) and bool(GLOB_CHARS.search(source))
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,41 @@ class Manifest:
             return edit.input
         p = Path(edit.input).expanduser()
         return str(p if p.is_absolute() else (self.base_dir / p))
+
+    def with_patterns_expanded(self, glob: Callable[[str], list[str]]) -> Manifest:
+        """Rows whose input is a pattern (`audio/*.wav`, `s3://bucket/archive/*.wav`) become one
+        row per file it matches, sharing the region, prompt and the rest; their ids get the
+        file's name appended. A pattern matching nothing is an invalid row."""
+        edits: list[Edit] = []
+        matched: dict[str, list[str]] = {}
+        for edit in self.edits:
+            if edit.error or not is_pattern(edit.input):
+                edits.append(edit)
+                continue
+            if edit.input not in matched:
+                try:
+                    matched[edit.input] = glob(self.resolve_input(edit))
+                except SoundpatchError as exc:
+                    edits.append(_invalid_copy(edit, str(exc)))
+                    continue
+            if not matched[edit.input]:
+                edits.append(_invalid_copy(edit, f"input {edit.input} matches no files"))
+                continue
+            fixed = GLOB_CHARS.split(self.resolve_input(edit), 1)[0]
+            for found in matched[edit.input]:
+                name = found[len(fixed) :] if found.startswith(fixed) else found
+                suffix = _UNSAFE_ID.sub("_", name.rsplit(".", 1)[0]).strip("_") or "file"
+                edits.append(_replace(edit, input=self._as_given(found), row_id=f"{edit.row_id}-{suffix}"))
+        return Manifest(self.path, edits)
+
+    def _as_given(self, found: str) -> str:
+        """A matched local file relative to the manifest's folder when it is inside it."""
+        if found.startswith(REMOTE_SCHEMES):
+            return found
+        try:
+            return str(Path(found).relative_to(self.base_dir))
+        except ValueError:
+            return found
 
 
 # --------------------------------------------------------------------------- times

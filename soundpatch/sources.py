@@ -7,22 +7,30 @@ bounded by bytes, and concurrent rows for the same source wait for one decode.
 
 from __future__ import annotations
 
+import glob as globbing
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from soundpatch import web
 from soundpatch.audio import Audio, AudioInfo, decode, inspect
+from soundpatch.config import StorageConfig
 from soundpatch.errors import RowError
+from soundpatch.manifest import GLOB_CHARS
 from soundpatch.s3 import S3, S3Uri
 
 DEFAULT_CACHE_BYTES = 1 << 30
-MAX_INPUT_BYTES = 2 << 30  # what one remote input may weigh
 
 
 class SourceReader:
-    def __init__(self, s3: S3 | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self, s3: S3 | None = None, storage: StorageConfig | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES
+    ) -> None:
         self._s3 = s3
+        self._storage = storage or StorageConfig()
+        self._max_bytes = int(self._storage.max_input_mb * 1024 * 1024)
         self._cache: OrderedDict[str, Audio] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._held = 0
@@ -36,7 +44,7 @@ class SourceReader:
         cached = self._info.get(uri)
         if cached is not None:
             return cached
-        if uri.startswith("s3://"):
+        if uri.startswith(("s3://", "http://", "https://")):
             # A remote header costs a request anyway: fetch and decode once, keep it.
             info = self.audio(uri).info
         else:
@@ -72,6 +80,14 @@ class SourceReader:
         """SHA-256 of the source's bytes, taken when it was read for decoding."""
         with self._lock:
             known = self._checksums.get(uri)
+        if known is None and not uri.startswith(("s3://", "http://", "https://")):
+            digest = hashlib.sha256()
+            with open(self._local_path(uri), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            known = digest.hexdigest()
+            with self._lock:
+                self._checksums[uri] = known
         if known is None:
             self.audio(uri)
             with self._lock:
@@ -83,20 +99,30 @@ class SourceReader:
             if self._s3 is None:
                 raise RowError("s3:// inputs need S3 settings (storage.s3)")
             target = S3Uri.parse(uri)
-            data = self._s3.read(target, MAX_INPUT_BYTES)
+            data = self._s3.read(target, self._max_bytes)
             if not data:
                 raise RowError(f"input {uri} is empty (0 bytes)")
             return data, target.key.rsplit("/", 1)[-1] or uri
+        if uri.startswith(("http://", "https://")):
+            data = web.fetch(uri, self._storage.http, self._max_bytes)
+            return data, web.shown(uri).rsplit("/", 1)[-1] or "input"
         path = self._local_path(uri)
         return path.read_bytes(), path.name
 
+    def glob(self, pattern: str) -> list[str]:
+        """The inputs a pattern names, sorted: local paths, or s3:// keys (`*` and `?` stay
+        within one folder level, `**` crosses levels)."""
+        if not pattern.startswith("s3://"):
+            return sorted(p for p in globbing.glob(pattern, recursive=True) if Path(p).is_file())
+        if self._s3 is None:
+            raise RowError("s3:// inputs need S3 settings (storage.s3)")
+        target = S3Uri.parse(pattern)
+        fixed = GLOB_CHARS.split(target.key, 1)[0]
+        regex = re.compile(_key_regex(target.key))
+        keys = self._s3.keys(S3Uri(target.bucket, fixed))
+        return [f"s3://{target.bucket}/{key}" for key in keys if regex.fullmatch(key) and not key.endswith("/")]
+
     def _local_path(self, uri: str) -> Path:
-        if uri.startswith(("http://", "https://")):
-            scheme = uri.split("://", 1)[0]
-            raise RowError(
-                f"{scheme}:// inputs are not supported by this version of soundpatch yet; "
-                "copy the file locally or to S3 and give its path"
-            )
         path = Path(uri)
         if not path.exists():
             raise RowError(f"input file {uri} does not exist")
@@ -108,4 +134,33 @@ class SourceReader:
             raise RowError(f"input file {uri} cannot be read ({exc.strerror})") from None
         if size == 0:
             raise RowError(f"input file {uri} is empty (0 bytes)")
+        if size > self._max_bytes:
+            raise RowError(f"input file {uri} is {size / 1e6:.0f} MB, over the {self._max_bytes / 1e6:.0f} MB limit")
         return path
+
+
+def _key_regex(pattern: str) -> str:
+    """A glob over S3 keys as a regular expression."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            close = pattern.find("]", i + 1)
+            if close == -1:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1 : close].replace("\\", "\\\\")
+                out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
+                i = close
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)

@@ -75,7 +75,11 @@ CORPUS = {
     "s3-missing-bucket": ("s3://no-such-bucket-here/a.wav", "1", "2", "x", {}, "does not exist"),
     "s3-missing-key": ("s3://bad-inputs/missing.wav", "1", "2", "x", {}, "no such object"),
     "s3-not-audio": ("s3://bad-inputs/notaudio.wav", "1", "2", "x", {}, "not audio that can be decoded"),
-    "https-for-now": ("https://example.com/a.wav", "1", "2", "x", {}, "not supported by this version"),
+    "https-loopback": ("https://127.0.0.1:9/a.wav", "1", "2", "x", {}, "private or local address"),
+    "https-metadata-service": ("http://169.254.169.254/latest/a.wav", "1", "2", "x", {}, "private or local address"),
+    "pattern-matches-nothing": ("nothing/*.wav", "1", "2", "x", {}, "matches no files"),
+    "s3-pattern-matches-nothing": ("s3://bad-inputs/none/*.wav", "1", "2", "x", {}, "matches no files"),
+    "s3-pattern-missing-bucket": ("s3://no-such-bucket-here/*.wav", "1", "2", "x", {}, "does not exist"),
     "odd-encoding-id\u202e": ("good.wav", "1", "2", "x", {}, None),  # right-to-left mark: fine, kept
     "dup": ("good.wav", "1", "2", "first", {}, None),
 }

@@ -1,0 +1,109 @@
+"""Fetching an `https://` input on a user's behalf, carefully.
+
+A manifest is data, often written by someone else; a URL in it must not turn soundpatch
+into a way to read from inside the network it runs in. So:
+
+- the host's addresses are resolved first and every one must be public (not loopback,
+  private, link-local, carrier-grade NAT, multicast or reserved), unless
+  `storage.http.allow_private_addresses` is set; redirects are followed by hand, at most
+  five, each hop checked the same way;
+- the body is capped (`storage.max_input_mb`), by Content-Length before reading and by
+  counting while reading; timeouts bound each read and the whole fetch;
+- transient failures (connection errors, 5xx, 429) are retried with backoff.
+
+Messages name the URL without its query string, which may hold a token.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import httpx
+
+from soundpatch.config import HttpConfig
+from soundpatch.errors import RowError
+from soundpatch.retry import Retryable, RetryPolicy
+
+MAX_REDIRECTS = 5
+_POLICY = RetryPolicy(attempts=3, base_seconds=0.5, cap_seconds=5.0)
+
+
+def shown(url: str) -> str:
+    """The URL as messages show it: without query string or fragment (they may hold tokens)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
+
+
+def check_address(url: str, allow_private: bool) -> None:
+    """Raise RowError unless every address the URL's host resolves to may be fetched."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RowError(f"{shown(url)} is not an http(s) URL with a host")
+    if allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise RowError(f"Cannot fetch {shown(url)}: host {parts.hostname!r} does not resolve") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if not address.is_global:
+            raise RowError(
+                f"Refused to fetch {shown(url)}: {parts.hostname} is a private or local address ({address}); "
+                "set storage.http.allow_private_addresses: true to allow it"
+            )
+
+
+def fetch(url: str, config: HttpConfig, max_bytes: int) -> bytes:
+    """The body of `url`, or RowError with one sentence saying why not."""
+    try:
+        return _POLICY.call(lambda: _fetch_once(url, config, max_bytes))
+    except Retryable as exc:  # still failing after the last try
+        raise RowError(str(exc)) from None
+
+
+def _fetch_once(url: str, config: HttpConfig, max_bytes: int) -> bytes:
+    deadline = time.monotonic() + config.timeout_seconds * 4
+    timeout = httpx.Timeout(config.timeout_seconds)
+    try:
+        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+            current = url
+            for _ in range(MAX_REDIRECTS + 1):
+                check_address(current, config.allow_private_addresses)
+                with client.stream("GET", current) as response:
+                    if response.is_redirect:
+                        current = urljoin(current, response.headers.get("location", ""))
+                        continue
+                    return _body(response, url, max_bytes, deadline)
+            raise RowError(f"Cannot fetch {shown(url)}: more than {MAX_REDIRECTS} redirects")
+    except httpx.TimeoutException:
+        raise Retryable(f"Cannot fetch {shown(url)}: no answer within {config.timeout_seconds:g} s") from None
+    except httpx.TransportError as exc:
+        raise Retryable(f"Cannot fetch {shown(url)}: {type(exc).__name__}") from None
+
+
+def _body(response: httpx.Response, url: str, max_bytes: int, deadline: float) -> bytes:
+    status = response.status_code
+    if status == 429 or status >= 500:
+        raise Retryable(f"Cannot fetch {shown(url)}: the server answered HTTP {status}")
+    if status >= 400:
+        raise RowError(f"Cannot fetch {shown(url)}: the server answered HTTP {status}")
+    declared = response.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise RowError(f"{shown(url)} is {int(declared) / 1e6:.0f} MB, over the {max_bytes / 1e6:.0f} MB limit")
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > max_bytes:
+            raise RowError(f"{shown(url)} is over the {max_bytes / 1e6:.0f} MB limit")
+        if time.monotonic() > deadline:
+            raise RowError(f"Cannot fetch {shown(url)}: the download took too long")
+        chunks.append(chunk)
+    if size == 0:
+        raise RowError(f"input {shown(url)} is empty (0 bytes)")
+    return b"".join(chunks)
