@@ -5,7 +5,8 @@
 3. Fan out one `inpaint-row` task per remaining result, never more than
    `limits.concurrency` in flight, so memory stays flat however long the manifest.
    Asked to stop (Ctrl-C, SIGTERM), it starts no more rows and lets those in flight end.
-4. Write the report (runs/<run_id>/report.csv, .json, .html) and return its summary.
+4. Write the report (runs/<run_id>/report.csv, .json, .html; also under
+   <output.uri>/<run_id>/ when the outputs are in a bucket) and return its summary.
 
 Parameters are plain values so the flow runs the same from the CLI, a deployment
 schedule, or a worker.
@@ -27,7 +28,7 @@ from soundpatch.config import Config
 from soundpatch.errors import ConfigError
 from soundpatch.manifest import load_manifest
 from soundpatch.outcome import Outcome
-from soundpatch.report import summarize, write_reports
+from soundpatch.report import publish_reports, summarize
 from tasks.inpaint import inpaint_row
 
 
@@ -68,7 +69,7 @@ def inpaint_batch(
             "notes": batch.notes(),
         },
     )
-    write_reports(batch.run_dir, outcomes, summary)
+    publish_reports(batch.run_dir, outcomes, summary, batch.store)
     return {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
 
 

@@ -12,6 +12,7 @@ flows/ and tasks/; this module is plain Python.
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -21,27 +22,31 @@ from pathlib import Path
 from typing import Any
 
 from soundpatch import audio as audio_ops
-from soundpatch.audio import AudioInfo
+from soundpatch.audio import Audio, AudioInfo
 from soundpatch.config import Config
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
+from soundpatch.identity import edit_identity
 from soundpatch.interrupt import stop_requested
 from soundpatch.journal import Journal, row_states
 from soundpatch.limits import BudgetLedger
 from soundpatch.manifest import Edit, Manifest
-from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SUCCEEDED, Outcome
+from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SUCCEEDED, Outcome
 from soundpatch.providers import InpaintRequest, PredictionFailed, Provider, make_provider
 from soundpatch.publish import Publisher
 from soundpatch.s3 import S3, S3Uri
 from soundpatch.sources import SourceReader
-from soundpatch.storage import OutputStore, open_store
+from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, open_store
 
 # Typical seconds per prediction, for the wall-time estimate before a run.
 TYPICAL_SECONDS = {"local": 0.2, "eachlabs": 15.0, "stability": 15.0, "fal": 15.0}
 
 
 def preflight(config: Config) -> None:
-    """Fail before anything starts if the configured provider cannot work (no key, no staging)."""
-    make_provider(config, s3=S3(config.storage.s3)).ready()
+    """Fail before anything starts if the provider or the output store cannot work (no key,
+    no staging, a missing bucket, wrong credentials)."""
+    s3 = S3(config.storage.s3)
+    make_provider(config, s3=s3).ready()
+    open_store(config.output.uri, s3).ready()
 
 
 def new_run_id() -> str:
@@ -69,7 +74,6 @@ class Batch:
         api_keys: dict[str, str] | None = None,
     ) -> None:
         self.api_keys = api_keys or {}
-        self.manifest = manifest
         self.config = config
         self.run_id = run_id
         self.force = force
@@ -79,9 +83,16 @@ class Batch:
         self.s3 = S3(config.storage.s3)
         self.providers: dict[str, Provider] = {}
         self._lock = threading.Lock()
-        self.store: OutputStore = open_store(config.output.uri)
-        self.sources = SourceReader(self.s3)
+        self.store: OutputStore = open_store(config.output.uri, self.s3)
+        self.sources = SourceReader(self.s3, config.storage)
+        self.manifest = manifest.with_patterns_expanded(self.sources.glob)
         self._provider(config.provider.name)  # an unusable provider stops the run before it starts
+        if not dry_run:
+            self.store.ready()  # a missing bucket or unwritable folder: once, before any row
+        # Results paid for but not published (the upload failed), from any earlier run here.
+        self.unpublished = LocalFolder(self.run_dir / "unpublished")
+        self._kept = kept_results(Path(config.runs_dir).expanduser())
+        self._in_flight: dict[str, threading.Event] = {}  # identity -> set when its owner is done
         self.publisher = Publisher(self.store, config.output.format, run_id)
         self._carried = self._carried_outcomes()
         # Money an earlier attempt of this run spent or committed counts against the cap:
@@ -102,7 +113,7 @@ class Batch:
             if state.outcome is None:
                 continue
             o = Outcome.from_dict(state.outcome)
-            if o.status == SUCCEEDED and o.output and self.store.exists_uri(o.output):
+            if o.status in (SUCCEEDED, SKIPPED_DONE) and o.output and self.store.exists_uri(o.output):
                 carried[row_id] = o
         return carried
 
@@ -156,15 +167,25 @@ class Batch:
         return Checked(edit, source, info, provider)
 
     def estimate(self, edits: list[Edit]) -> dict[str, Any]:
-        """What a run would do and cost, touching no provider."""
-        predictions, cost, invalid, errors = 0, 0.0, 0, []
+        """What a run would do and cost, touching no provider: identical rows count once, and
+        rows whose result the output store already holds count as done (unless --force)."""
+        predictions, cost, invalid, errors, done, duplicates = 0, 0.0, 0, [], 0, 0
         per_provider: dict[str, int] = {}
+        seen: set[str] = set()
         for edit in edits:
             try:
                 checked = self.check(edit)
+                identity = self.identity(checked)
             except RowError as exc:
                 invalid += 1
                 errors.append((edit.row_id, edit.line, _sentence(exc)))
+                continue
+            if identity in seen:
+                duplicates += 1
+                continue
+            seen.add(identity)
+            if not self.force and self._known(identity):
+                done += 1
                 continue
             predictions += 1
             cost += checked.provider.price_usd
@@ -180,6 +201,8 @@ class Batch:
             "results": len(edits),
             "predictions": predictions,
             "invalid": invalid,
+            "already_done": done,
+            "duplicates": duplicates,
             "expected_cost_usd": round(cost, 6),
             "budget_usd": limits.budget_usd,
             "expected_seconds": round(seconds, 1),
@@ -254,6 +277,62 @@ class Batch:
         except RowError:
             outcome.status = INVALID
             raise
+        identity = self.identity(checked)
+        while True:
+            if not self.force and self._reuse(edit, checked, identity, outcome):
+                return
+            with self._lock:
+                owner = self._in_flight.get(identity)
+                if owner is None:
+                    self._in_flight[identity] = threading.Event()
+                    break
+            owner.wait()  # an identical row is being produced: wait, then reuse its result
+        try:
+            self._produce(edit, checked, original, identity, outcome)
+        finally:
+            with self._lock:
+                self._in_flight.pop(identity).set()
+
+    def identity(self, checked: Checked) -> str:
+        provider = checked.provider
+        checksum = self.sources.checksum(checked.source)
+        return edit_identity(checked.edit, checksum, provider.name, provider.model, self.config)
+
+    def _known(self, identity: str) -> bool:
+        """Whether a result with this identity exists (in the output store or kept locally)."""
+        record = self.store.get_record(identity)
+        if record is not None and self.store.exists_uri(record.get("output", "")):
+            return True
+        kept = self._kept.get(identity)
+        return kept is not None and Path(kept.get("output", "")).is_file()
+
+    def _reuse(self, edit: Edit, checked: Checked, identity: str, outcome: Outcome) -> bool:
+        """Publish an earlier result with this identity under this row's name: skipped_done, cost 0."""
+        record = self.store.get_record(identity)
+        store = self.store
+        if record is None or not self.store.exists_uri(record.get("output", "")):
+            record, store = self._kept.get(identity), self.unpublished
+            if record is None or not Path(record.get("output", "")).is_file():
+                return False
+        details = {k: str(record.get(k, "")) for k in RESULT_DETAILS}
+        metadata = self.publisher.metadata(edit, {**details, "identity": identity, "reused_from": record["output"]})
+        name = self.publisher.name(edit, checked.info)
+        if store is self.store and record.get("ext") == self.publisher.ext(checked.info):
+            outcome.output = self.store.copy(record["output"], name, metadata)
+        else:  # another format asked for, or kept locally after a failed upload: encode and put
+            earlier = audio_ops.decode(store.read(record["output"]), record["output"])
+            encoded = self.publisher.encode(edit, earlier, checked.info)
+            outcome.output = self.store.put(encoded.name, encoded.data, encoded.content_type, metadata)
+            if store is not self.store:
+                self.store.put_record(identity, {**record, "output": outcome.output, "ext": encoded.ext})
+        outcome.status = SKIPPED_DONE
+        outcome.reused_from = record["output"]
+        outcome.prediction_id = str(record.get("prediction_id", ""))
+        outcome.method = str(record.get("method", ""))
+        self.journal.write("reused", edit.row_id, identity=identity, reused_from=record["output"])
+        return True
+
+    def _produce(self, edit: Edit, checked: Checked, original: Audio, identity: str, outcome: Outcome) -> None:
         provider = checked.provider
         state = self.states.get(edit.row_id)
         if state is not None and state.in_doubt and not self.config.provider.resubmit_in_doubt:
@@ -317,18 +396,37 @@ class Batch:
         if fade is None:
             fade = round(self.config.splice.crossfade_ms / 1000 * original.rate)
         result = audio_ops.splice(original, prediction.fill, a, b, fade)
-        outcome.output = self.publisher.publish(
-            edit,
-            result,
-            checked.info,
-            {
-                "provider": provider.name,
-                "prediction_id": outcome.prediction_id,
-                "cost_usd": f"{prediction.cost_usd:.6f}",
-                "method": prediction.method,
-                "source_sha256": self.sources.checksum(checked.source),
-            },
-        )
+        encoded = self.publisher.encode(edit, result, checked.info)
+        record = {
+            "identity": identity,
+            "provider": provider.name,
+            "model": provider.model,
+            "prediction_id": outcome.prediction_id,
+            "cost_usd": f"{prediction.cost_usd:.6f}",
+            "method": prediction.method,
+            "source_sha256": self.sources.checksum(checked.source),
+            "ext": encoded.ext,
+            "run_id": self.run_id,
+            "row_id": edit.row_id,
+            "input": edit.input,
+            "start": edit.start,
+            "end": edit.end,
+            "prompt": edit.prompt,
+            "seed": edit.seed,
+        }
+        details = {k: str(record[k]) for k in RESULT_DETAILS}
+        metadata = self.publisher.metadata(edit, {**details, "identity": identity})
+        try:
+            outcome.output = self.store.put(encoded.name, encoded.data, encoded.content_type, metadata)
+            self.store.put_record(identity, {**record, "output": outcome.output})
+        except RowError as exc:
+            # Paid for: keep it here so the next run publishes it instead of paying again.
+            kept = self.unpublished.put(encoded.name, encoded.data, encoded.content_type, metadata)
+            self.unpublished.put_record(identity, {**record, "output": kept})
+            raise RowError(
+                f"{as_sentence(str(exc)).rstrip('.')}; the paid result is kept at {kept} and the next run "
+                "publishes it without paying again"
+            ) from None
         outcome.status = SUCCEEDED
 
     def _should_cancel(self) -> bool:
@@ -354,6 +452,21 @@ class Batch:
 
     def close(self) -> None:
         self.journal.close()
+
+
+# What a result's metadata says of how it was made (also kept in its index record).
+RESULT_DETAILS = ("provider", "model", "prediction_id", "cost_usd", "method", "source_sha256")
+
+
+def kept_results(runs_dir: Path) -> dict[str, dict]:
+    """Index records of results kept in runs/*/unpublished/ after their upload failed."""
+    found: dict[str, dict] = {}
+    for path in sorted(runs_dir.glob(f"*/unpublished/{INDEX_PREFIX}/*.json")):
+        try:
+            found[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def _sentence(exc: Exception) -> str:

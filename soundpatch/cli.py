@@ -34,7 +34,9 @@ from soundpatch.outcome import (
     Outcome,
     exit_status,
 )
-from soundpatch.report import load_report, summarize, write_reports
+from soundpatch.report import load_report, publish_reports, summarize
+from soundpatch.s3 import S3
+from soundpatch.storage import open_store
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -133,9 +135,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    manifest = load_manifest(args.manifest)
-    batch = Batch(manifest, cfg, run_id="validate", dry_run=True)
-    est = batch.estimate(manifest.edits)
+    batch = Batch(load_manifest(args.manifest), cfg, run_id="validate", dry_run=True)
+    est = batch.estimate(batch.manifest.edits)
     _print_estimate(est, cfg)
     return EXIT_ROWS_FAILED if est["invalid"] else 0
 
@@ -146,6 +147,10 @@ def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
     table.add_row("results (variations counted)", str(est["results"]))
     table.add_row("predictions to send", str(est["predictions"]))
     table.add_row("invalid", str(est["invalid"]))
+    if est.get("already_done"):
+        table.add_row("already done (reused, no cost)", str(est["already_done"]))
+    if est.get("duplicates"):
+        table.add_row("identical to another row (sent once)", str(est["duplicates"]))
     table.add_row("expected cost", f"${est['expected_cost_usd']:.2f} (budget ${est['budget_usd']:.2f})")
     table.add_row("expected wall time", _duration(est["expected_seconds"]))
     table.add_row("provider", cfg.provider.name)
@@ -165,7 +170,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     manifest = load_manifest(args.manifest)  # fail fast (exit 2) before starting Prefect
     if args.dry_run:
-        est = Batch(manifest, cfg, run_id="dry-run", dry_run=True).estimate(manifest.edits)
+        batch = Batch(manifest, cfg, run_id="dry-run", dry_run=True)
+        est = batch.estimate(batch.manifest.edits)
         out.print("[bold]Dry run[/bold]: nothing is sent and nothing is spent.")
         _print_estimate(est, cfg)
         return EXIT_ROWS_FAILED if est["invalid"] else 0
@@ -279,6 +285,8 @@ class _ProgressWatcher:
                 self._sent.add(e["row"])
             elif e.get("event") == "outcome":
                 self._outcomes[e["row"]] = e["outcome"]
+            elif e.get("event") == "run_started":  # patterns in the manifest are expanded by now
+                self.total = int(e.get("total") or self.total)
         done = sum(1 for o in self._outcomes.values() if o["status"])
         bad = sum(1 for o in self._outcomes.values() if o["status"] in (FAILED, INVALID))
         spent = sum(o.get("cost_usd") or 0.0 for o in self._outcomes.values())
@@ -298,7 +306,7 @@ class _ProgressWatcher:
                 while not self._stop.wait(0.25):
                     done, bad, spent, flying = self._state()
                     detail = f"{bad} failed · ${spent:.2f} of ${self.budget:.2f} · {flying} in flight"
-                    bar.update(task, completed=done, detail=detail)
+                    bar.update(task, completed=done, total=self.total, detail=detail)
             return
         # Not a terminal (CI, a log file): a plain line every 10 s and one at the end.
         last = time.time()
@@ -324,6 +332,8 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
     table.add_row("wall time", _duration(summary["wall_seconds"]))
     table.add_row("outputs", str(summary.get("output_uri", "")))
     table.add_row("report", str(run_dir / "report.html"))
+    if summary.get("report_uri"):
+        table.add_row("report in bucket", str(summary["report_uri"]))
     out.print(table)
     problems = [o for o in outcomes if o.status not in (SUCCEEDED, "skipped_done")]
     for o in problems[:8]:
@@ -401,7 +411,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         order = {o.row_id: i for i, o in enumerate(previous_rows)}
         outcomes.sort(key=lambda o: order.get(o.row_id, len(order)))
     summary = summarize(outcomes, meta)
-    write_reports(run_dir, outcomes, summary)
+    publish_reports(run_dir, outcomes, summary, open_store(cfg.output.uri, S3(cfg.storage.s3)))
     _print_summary(summary, outcomes, run_dir)
     return exit_status(outcomes)
 

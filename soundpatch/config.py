@@ -69,11 +69,25 @@ class LimitsConfig(_Section):
 class S3Config(_Section):
     endpoint_url: str | None = None
     region: str = "us-east-1"
+    # Objects past this size are uploaded in parts (S3 parts are at least 5 MB).
+    multipart_threshold_mb: float = Field(default=64.0, ge=5)
+
+
+class HttpConfig(_Section):
+    """https:// inputs: fetched with a size cap and timeouts, public addresses only by default."""
+
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    # Loopback, private (10/8, 192.168/16, ...), link-local and similar addresses are refused
+    # unless this is set: a manifest must not make soundpatch fetch from inside your network.
+    allow_private_addresses: bool = False
 
 
 class StorageConfig(_Section):
     s3: S3Config = Field(default_factory=S3Config)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     staging: str | None = None
+    # What one input (local, s3:// or https://) may weigh.
+    max_input_mb: float = Field(default=2048.0, gt=0)
 
 
 class OutputConfig(_Section):

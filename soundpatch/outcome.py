@@ -38,6 +38,7 @@ class Outcome:
     error: str = ""
     method: str = ""
     seconds: float = 0.0
+    reused_from: str = ""  # skipped_done: the earlier result this one is a copy of
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

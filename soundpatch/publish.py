@@ -7,7 +7,8 @@ audio outside the region identical to the input.
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from soundpatch import audio as audio_ops
 from soundpatch.audio import Audio, AudioInfo
@@ -35,27 +36,31 @@ class Publisher:
             return info.format if info.format in WRITABLE_CONTAINERS else "WAV"
         return audio_ops.OUTPUT_CONTAINERS[self.output_format]
 
+    def ext(self, info: AudioInfo) -> str:
+        container = self.container(info)
+        return audio_ops.EXTENSIONS.get(container, container.lower())
+
     def name(self, edit: Edit, info: AudioInfo) -> str:
         """The result's name under the output prefix; raises RowError for an unusable template.
 
         Checked while validating, before any money is spent, not first when publishing."""
-        container = self.container(info)
         fields = {
             "run_id": self.run_id,
             "row_id": edit.row_id,
-            "stem": Path(edit.input).stem,
+            "stem": _stem(edit.input),
             "seed": str(edit.seed),
-            "ext": audio_ops.EXTENSIONS.get(container, container.lower()),
+            "ext": self.ext(info),
         }
         return output_name(edit.output, fields)
 
-    def publish(self, edit: Edit, result: Audio, info: AudioInfo, details: dict[str, str]) -> str:
-        """Store `result` for `edit`; `details` (provider, prediction, cost...) go in its metadata."""
-        container = self.container(info)
-        ext = audio_ops.EXTENSIONS.get(container, container.lower())
-        data = audio_ops.encode(result, container)
-        name = self.name(edit, info)
-        metadata = {
+    def encode(self, edit: Edit, result: Audio, info: AudioInfo) -> Encoded:
+        ext = self.ext(info)
+        data = audio_ops.encode(result, self.container(info))
+        return Encoded(self.name(edit, info), data, CONTENT_TYPES.get(ext, "application/octet-stream"), ext)
+
+    def metadata(self, edit: Edit, details: dict[str, str]) -> dict[str, str]:
+        """What travels with a result: the row, and `details` (provider, prediction, cost...)."""
+        return {
             "row_id": edit.row_id,
             "run_id": self.run_id,
             "input": edit.input,
@@ -65,4 +70,20 @@ class Publisher:
             **details,
             **dict(edit.extra),
         }
-        return self.store.put(name, data, CONTENT_TYPES.get(ext, "application/octet-stream"), metadata)
+
+    def publish(self, edit: Edit, result: Audio, info: AudioInfo, details: dict[str, str]) -> str:
+        encoded = self.encode(edit, result, info)
+        return self.store.put(encoded.name, encoded.data, encoded.content_type, self.metadata(edit, details))
+
+
+@dataclass(frozen=True)
+class Encoded:
+    name: str
+    data: bytes
+    content_type: str
+    ext: str
+
+
+def _stem(source: str) -> str:
+    """The input's file name without extension, for s3:// and https:// inputs too."""
+    return PurePosixPath(source.split("?", 1)[0].rstrip("/")).stem or "input"

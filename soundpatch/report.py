@@ -15,8 +15,9 @@ from typing import Any
 
 import pandas as pd
 
+from soundpatch.errors import SoundpatchError
 from soundpatch.outcome import REPORT_COLUMNS, STATUSES, Outcome
-from soundpatch.storage import atomic_write
+from soundpatch.storage import OutputStore, atomic_write
 
 BASE_COLUMNS = list(REPORT_COLUMNS)
 
@@ -62,6 +63,30 @@ def write_reports(run_dir: Path, outcomes: Sequence[Outcome], summary: dict[str,
     doc = {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
     atomic_write(paths["json"], json.dumps(doc, indent=2, default=str).encode("utf-8"))
     atomic_write(paths["html"], render_html(df, summary).encode("utf-8"))
+    return paths
+
+
+REPORT_TYPES = {"csv": "text/csv; charset=utf-8", "json": "application/json", "html": "text/html; charset=utf-8"}
+
+
+def publish_reports(
+    run_dir: Path, outcomes: Sequence[Outcome], summary: dict[str, Any], store: OutputStore
+) -> dict[str, Path]:
+    """Write the reports in the run folder and, when the outputs are remote, next to them
+    under `<output.uri>/<run_id>/`. A report that cannot be copied is noted, not fatal:
+    the run folder still has it."""
+    if store.remote:
+        summary["report_uri"] = store.uri(f"{summary['run_id']}/report.html")
+    paths = write_reports(run_dir, outcomes, summary)
+    if not store.remote:
+        return paths
+    try:
+        for kind, path in paths.items():
+            store.put_file(f"{summary['run_id']}/{path.name}", path.read_bytes(), REPORT_TYPES[kind])
+    except SoundpatchError as exc:
+        summary.pop("report_uri", None)
+        summary.setdefault("notes", []).append(f"The report was not copied next to the outputs: {exc}")
+        paths = write_reports(run_dir, outcomes, summary)
     return paths
 
 

@@ -7,16 +7,18 @@ sentence naming the bucket and key and what to check.
 
 from __future__ import annotations
 
+import io
 import threading
 from dataclasses import dataclass
 from urllib.parse import unquote
 
 import boto3
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
 from soundpatch.config import S3Config
-from soundpatch.errors import RowError
+from soundpatch.errors import ConfigError, RowError
 
 # S3 throttling (503 SlowDown) and transient network errors are retried by botocore
 # itself with exponential backoff and jitter ("adaptive" also paces the client).
@@ -53,6 +55,9 @@ class S3:
         self._config = config
         self._client = None
         self._lock = threading.Lock()
+        # Buckets found missing or out of reach (no credentials, endpoint down): later reads
+        # fail at once with the same sentence instead of waiting through retries per row.
+        self._unreachable: dict[str, Exception] = {}
 
     @property
     def client(self):  # noqa: ANN201 - boto3 clients are generated classes
@@ -67,6 +72,9 @@ class S3:
             return self._client
 
     def read(self, uri: S3Uri, max_bytes: int) -> bytes:
+        known = self._unreachable.get(uri.bucket)
+        if known is not None:
+            raise RowError(describe(known, uri, "read"))
         try:
             response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
             size = int(response.get("ContentLength") or 0)
@@ -75,6 +83,8 @@ class S3:
                 raise RowError(f"{uri} is {size / 1e6:.0f} MB, over the {max_bytes / 1e6:.0f} MB limit")
             data = response["Body"].read(max_bytes + 1)
         except (ClientError, BotoCoreError) as exc:
+            if _whole_bucket(exc):
+                self._unreachable[uri.bucket] = exc
             raise RowError(describe(exc, uri, "read")) from None
         if len(data) > max_bytes:
             raise RowError(f"{uri} is over the {max_bytes / 1e6:.0f} MB limit")
@@ -87,6 +97,88 @@ class S3:
             )
         except (ClientError, BotoCoreError) as exc:
             raise RowError(describe(exc, uri, "write")) from None
+
+    def upload(self, uri: S3Uri, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
+        """Managed upload: one PUT for small objects, multipart (parallel parts) past the threshold."""
+        threshold = int(self._config.multipart_threshold_mb * 1024 * 1024)
+        transfer = TransferConfig(multipart_threshold=threshold, multipart_chunksize=max(threshold, 5 << 20))
+        try:
+            self.client.upload_fileobj(
+                io.BytesIO(data),
+                uri.bucket,
+                uri.key,
+                ExtraArgs={"ContentType": content_type, "Metadata": metadata},
+                Config=transfer,
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise RowError(describe(exc, uri, "write")) from None
+        except boto3.exceptions.S3UploadFailedError as exc:
+            raise RowError(describe(_cause(exc), uri, "write")) from None
+
+    def copy(self, source: S3Uri, target: S3Uri, metadata: dict[str, str] | None = None) -> None:
+        """Server-side copy (nothing passes through this machine); new metadata if given."""
+        extra = {"MetadataDirective": "REPLACE", "Metadata": metadata} if metadata is not None else {}
+        if metadata is not None:
+            head = self.head(source)
+            if head is not None and head.get("ContentType"):
+                extra["ContentType"] = head["ContentType"]
+        try:
+            self.client.copy(
+                {"Bucket": source.bucket, "Key": source.key}, target.bucket, target.key, ExtraArgs=extra or None
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise RowError(describe(exc, target, "copy to")) from None
+
+    def head(self, uri: S3Uri) -> dict | None:
+        """The object's headers, or None if there is no such object."""
+        try:
+            return self.client.head_object(Bucket=uri.bucket, Key=uri.key)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise RowError(describe(exc, uri, "look up")) from None
+        except BotoCoreError as exc:
+            raise RowError(describe(exc, uri, "look up")) from None
+
+    def get(self, uri: S3Uri, max_bytes: int) -> bytes | None:
+        """An object's bytes, or None if there is no such object."""
+        try:
+            return self.read(uri, max_bytes)
+        except RowError:
+            if self.head(uri) is None:
+                return None
+            raise
+
+    def keys(self, prefix: S3Uri) -> list[str]:
+        """Every key under a prefix, in the order S3 lists them (lexicographic)."""
+        found = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.key):
+                found.extend(obj["Key"] for obj in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise RowError(describe(exc, prefix, "list")) from None
+        return found
+
+    def check_bucket(self, uri: S3Uri, purpose: str) -> None:
+        """Raise ConfigError (once, before any row) if the bucket is missing or out of reach."""
+        try:
+            self.client.head_bucket(Bucket=uri.bucket)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = exc.response.get("Error", {}).get("Code", "")
+            if status == 404 or code in ("404", "NoSuchBucket"):
+                raise ConfigError(
+                    f"{purpose} {uri}: bucket {uri.bucket!r} does not exist (check the name and "
+                    "storage.s3.endpoint_url)."
+                ) from None
+            if status == 403 or code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise ConfigError(
+                    f"{purpose} {uri}: access denied to bucket {uri.bucket!r} (check the credentials "
+                    "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and their permissions on the bucket)."
+                ) from None
+            raise ConfigError(as_config_sentence(describe(exc, uri, "reach"), purpose)) from None
+        except BotoCoreError as exc:
+            raise ConfigError(as_config_sentence(describe(exc, uri, "reach"), purpose)) from None
 
     def delete(self, uri: S3Uri) -> None:
         try:
@@ -101,6 +193,28 @@ class S3:
             )
         except (ClientError, BotoCoreError) as exc:
             raise RowError(describe(exc, uri, "presign")) from None
+
+
+def _whole_bucket(exc: Exception) -> bool:
+    """Whether the failure concerns every key of the bucket, not just this one."""
+    if isinstance(exc, (NoCredentialsError, EndpointConnectionError)):
+        return True
+    if isinstance(exc, ClientError):
+        return exc.response.get("Error", {}).get("Code", "") in (
+            "NoSuchBucket",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+        )
+    return False
+
+
+def _cause(exc: Exception) -> Exception:
+    """boto3's managed transfers wrap the ClientError; unwrap it for a precise message."""
+    return exc.__cause__ if isinstance(exc.__cause__, (ClientError, BotoCoreError)) else exc
+
+
+def as_config_sentence(message: str, purpose: str) -> str:
+    return f"{purpose}: {message[:1].lower()}{message[1:].rstrip('.')}."
 
 
 def describe(exc: Exception, uri: S3Uri, action: str) -> str:
@@ -119,9 +233,9 @@ def describe(exc: Exception, uri: S3Uri, action: str) -> str:
             return f"Cannot {action} {uri}: bucket {uri.bucket!r} does not exist (check the name and endpoint)"
         if code in ("NoSuchKey", "404") or status == 404:
             return f"Cannot {action} {uri}: no such object"
-        if code in ("AccessDenied", "403", "AllAccessDisabled") or status == 403:
-            return f"Cannot {action} {uri}: access denied (check the credentials' permissions on the bucket)"
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return f"Cannot {action} {uri}: the S3 credentials are not valid for this endpoint ({code})"
+        if code in ("AccessDenied", "403", "AllAccessDisabled") or status == 403:
+            return f"Cannot {action} {uri}: access denied (check the credentials' permissions on the bucket)"
         return f"Cannot {action} {uri}: {code or status} {exc.response.get('Error', {}).get('Message', '')}".strip()
     return f"Cannot {action} {uri}: {type(exc).__name__}: {exc}"

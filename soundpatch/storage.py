@@ -1,4 +1,4 @@
-"""Where results go: a local folder today, S3-compatible stores behind the same interface.
+"""Where results go: a local folder or an S3-compatible prefix, behind one interface.
 
 Names come from a template and are sanitised so that no row (nor its `output` column)
 can write outside the output prefix. Local writes are atomic: a reader never sees half
@@ -13,23 +13,50 @@ import re
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Protocol
+from urllib.parse import quote
 
 from soundpatch.errors import ConfigError, RowError
+from soundpatch.s3 import S3, S3Uri
 
 DEFAULT_TEMPLATE = "{run_id}/{stem}-{row_id}.{ext}"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._\-]+")
 
 
 class OutputStore(Protocol):
+    """A folder or bucket prefix that results, their index records and run reports go into."""
+
+    remote: bool  # reports are copied next to the outputs when True
+
+    def ready(self) -> None:
+        """Raise ConfigError once, before any row, if the store cannot be written."""
+        ...
+
     def put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> str: ...
 
-    def exists(self, name: str) -> bool: ...
+    def put_file(self, name: str, data: bytes, content_type: str) -> str:
+        """A plain file under the prefix (a report), without result metadata."""
+        ...
+
+    def copy(self, uri: str, name: str, metadata: dict[str, str]) -> str:
+        """A result this store holds, copied under a new name with new metadata."""
+        ...
+
+    def read(self, uri: str) -> bytes: ...
 
     def uri(self, name: str) -> str: ...
 
     def exists_uri(self, uri: str) -> bool:
         """Whether a result this store returned from put() is still there."""
         ...
+
+    def get_record(self, identity: str) -> dict | None:
+        """The index record of the result with this edit identity, if one was published here."""
+        ...
+
+    def put_record(self, identity: str, record: dict) -> None: ...
+
+
+INDEX_PREFIX = ".soundpatch/results"  # user names cannot start with "." (see output_name)
 
 
 def output_name(template: str | None, fields: dict[str, str]) -> str:
@@ -65,10 +92,20 @@ def output_name(template: str | None, fields: dict[str, str]) -> str:
 class LocalFolder:
     """Outputs under a local folder; metadata goes in a `<name>.json` sidecar."""
 
+    remote = False
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"output.uri {self.root} is a file, not a folder.")
+
+    def ready(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"Cannot create the output folder {self.root}: {exc.strerror or exc}.") from None
+        if not os.access(self.root, os.W_OK):
+            raise ConfigError(f"The output folder {self.root} is not writable.")
 
     def _path(self, name: str) -> Path:
         path = (self.root / name).resolve()
@@ -83,14 +120,123 @@ class LocalFolder:
         atomic_write(path.with_name(path.name + ".json"), json.dumps(sidecar, indent=2).encode())
         return str(path)
 
-    def exists(self, name: str) -> bool:
-        return self._path(name).is_file()
+    def put_file(self, name: str, data: bytes, content_type: str) -> str:
+        path = self._path(name)
+        atomic_write(path, data)
+        return str(path)
+
+    def copy(self, uri: str, name: str, metadata: dict[str, str]) -> str:
+        source = Path(uri)
+        if self._path(name) == source.resolve():
+            return str(source)  # the result already has this name: referenced, not copied
+        sidecar = source.with_name(source.name + ".json")
+        content_type = "application/octet-stream"
+        if sidecar.is_file():
+            content_type = json.loads(sidecar.read_text(encoding="utf-8")).get("content_type", content_type)
+        return self.put(name, source.read_bytes(), content_type, metadata)
+
+    def read(self, uri: str) -> bytes:
+        return Path(uri).read_bytes()
 
     def uri(self, name: str) -> str:
         return str(self._path(name))
 
     def exists_uri(self, uri: str) -> bool:
         return Path(uri).is_file()
+
+    def get_record(self, identity: str) -> dict | None:
+        path = self.root / INDEX_PREFIX / f"{identity}.json"
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def put_record(self, identity: str, record: dict) -> None:
+        atomic_write(self.root / INDEX_PREFIX / f"{identity}.json", json.dumps(record, indent=2).encode())
+
+
+class S3Prefix:
+    """Outputs under s3://bucket/prefix/: content type and metadata on each object, multipart
+    past `storage.s3.multipart_threshold_mb`. An S3 PUT is atomic: readers see the old object
+    or the new one, never a part."""
+
+    remote = True
+
+    def __init__(self, s3: S3, uri: str) -> None:
+        self.s3 = s3
+        self.prefix = S3Uri.parse(uri if uri.endswith("/") else uri + "/")
+
+    def ready(self) -> None:
+        self.s3.check_bucket(self.prefix, "output.uri")
+
+    def _uri(self, name: str) -> S3Uri:
+        if name.startswith("/") or ".." in PurePosixPath(name).parts:
+            raise RowError(f"output name {name!r} would leave the output prefix")
+        return self.prefix.child(name)
+
+    def put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> str:
+        target = self._uri(name)
+        self.s3.upload(target, data, content_type, s3_metadata(metadata))
+        return str(target)
+
+    def put_file(self, name: str, data: bytes, content_type: str) -> str:
+        target = self._uri(name)
+        self.s3.upload(target, data, content_type, {})
+        return str(target)
+
+    def copy(self, uri: str, name: str, metadata: dict[str, str]) -> str:
+        target = self._uri(name)
+        if str(target) == uri:
+            return uri  # the result already has this name: referenced, not copied
+        self.s3.copy(S3Uri.parse(uri), target, s3_metadata(metadata))
+        return str(target)
+
+    def read(self, uri: str) -> bytes:
+        return self.s3.read(S3Uri.parse(uri), MAX_RESULT_BYTES)
+
+    def uri(self, name: str) -> str:
+        return str(self._uri(name))
+
+    def exists_uri(self, uri: str) -> bool:
+        return uri.startswith("s3://") and self.s3.head(S3Uri.parse(uri)) is not None
+
+    def get_record(self, identity: str) -> dict | None:
+        data = self.s3.get(self.prefix.child(f"{INDEX_PREFIX}/{identity}.json"), 1 << 20)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            return None
+
+    def put_record(self, identity: str, record: dict) -> None:
+        target = self.prefix.child(f"{INDEX_PREFIX}/{identity}.json")
+        self.s3.upload(target, json.dumps(record, indent=2).encode(), "application/json", {})
+
+
+MAX_RESULT_BYTES = 4 << 30
+_METADATA_BYTES = 2048  # S3's limit for all user metadata keys and values together
+# Printable ASCII but '%': kept as is in metadata values; everything else is percent-encoded.
+_METADATA_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")
+
+
+def s3_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """Metadata as S3 carries it: lowercase ASCII keys, values percent-encoded UTF-8 where not
+    plain ASCII (a prompt in any language survives), the prompt shortened if the 2 KB limit
+    would be passed (the full text is in the result's index record)."""
+    out: dict[str, str] = {}
+    for key, value in metadata.items():
+        safe_key = re.sub(r"[^a-z0-9_-]+", "-", key.lower()).strip("-") or "x"
+        out[safe_key] = quote(str(value), safe=_METADATA_SAFE)
+    size = sum(len(k) + len(v) for k, v in out.items())
+    if size > _METADATA_BYTES and "prompt" in out:
+        room = _METADATA_BYTES - (size - len(out["prompt"])) - len("prompt-truncated" + "true")
+        text = str(metadata["prompt"])
+        while text and len(quote(text, safe=_METADATA_SAFE)) > room:
+            text = text[: len(text) * 9 // 10]
+        out["prompt"] = quote(text, safe=_METADATA_SAFE)
+        out["prompt-truncated"] = "true"
+    return out
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -110,9 +256,9 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def open_store(uri: str) -> OutputStore:
+def open_store(uri: str, s3: S3) -> OutputStore:
     if uri.startswith("s3://"):
-        raise ConfigError("output.uri s3:// is not supported by this version of soundpatch yet; use a local folder.")
+        return S3Prefix(s3, uri)
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", uri):
         raise ConfigError(f"output.uri {uri!r} must be a local folder or s3://bucket/prefix/.")
     return LocalFolder(uri)

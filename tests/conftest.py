@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,14 +66,16 @@ class S3Server:
         return [o["Key"] for o in listing.get("Contents", [])]
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+@contextmanager
+def _moto(log_dir: Path, **env: str) -> Iterator[S3Server]:
     """moto's S3-compatible server as its own process, speaking HTTP on loopback."""
     port = _free_port()
     script = Path(sys.executable).parent / "moto_server"
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "moto.server"]
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    log = open(log_dir / "moto.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log, env={**os.environ, **env}
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -91,6 +95,19 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    with _moto(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_server_checking_keys(tmp_path_factory) -> Iterator[S3Server]:
+    """A second S3 server that checks credentials (as AWS does): unknown keys are refused."""
+    with _moto(tmp_path_factory.mktemp("moto-auth"), INITIAL_NO_AUTH_ACTION_COUNT="0") as server:
+        yield server
 
 
 @pytest.fixture
@@ -129,18 +146,17 @@ def job_dir(tmp_path, aws_env):
     return tmp_path
 
 
-class _ThrottlingProxy:
-    """In front of the S3 server: answers a share of SDK requests with 503 SlowDown, as
-    S3 does under load. Presigned GETs (the provider's fetches) pass untouched."""
+class FaultProxy:
+    """In front of the S3 server: `fault(method, path, authorized)` may answer a request with
+    an S3 error (status, code) instead of forwarding it, as a real store does under load or
+    with a policy that denies some writes. Everything else is passed through untouched."""
 
-    def __init__(self, upstream: str, rate: float, seed: int = 1) -> None:
+    def __init__(self, upstream: str, fault) -> None:
         import http.server
-        import random
         import threading
         import urllib.request
 
-        self.throttled = 0
-        rng = random.Random(seed)
+        self.faults = 0
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -151,10 +167,12 @@ class _ThrottlingProxy:
 
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if "Authorization" in self.headers and rng.random() < rate:
-                    proxy.throttled += 1
-                    xml = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    self.send_response(503)
+                answer = fault(self.command, self.path, "Authorization" in self.headers)
+                if answer is not None:
+                    status, code = answer
+                    proxy.faults += 1
+                    xml = f"<Error><Code>{code}</Code><Message>{code}</Message></Error>".encode()
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(xml)))
                     self.end_headers()
@@ -186,6 +204,10 @@ class _ThrottlingProxy:
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    @property
+    def throttled(self) -> int:
+        return self.faults
+
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -193,6 +215,28 @@ class _ThrottlingProxy:
 
 @pytest.fixture
 def throttled_s3(aws_env):
-    proxy = _ThrottlingProxy(aws_env.endpoint, rate=0.3)
+    """A share of SDK requests answered with 503 SlowDown; presigned GETs (the provider's
+    fetches, which carry no Authorization header) pass untouched."""
+    import random
+
+    rng = random.Random(1)
+    proxy = FaultProxy(
+        aws_env.endpoint, lambda method, path, signed: (503, "SlowDown") if signed and rng.random() < 0.3 else None
+    )
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture
+def fault_proxy(aws_env):
+    """Start FaultProxy instances in front of the test S3 server; all stopped after."""
+    started = []
+
+    def start(fault):
+        proxy = FaultProxy(aws_env.endpoint, fault)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()

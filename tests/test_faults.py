@@ -78,7 +78,7 @@ def test_faults_and_random_kills_never_cost_twice_or_exceed_the_budget(job_dir, 
 
 
 def test_s3_throttling_is_waited_out(job_dir, aws_env, throttled_s3, simulator, monkeypatch):
-    """Staging uploads and s3:// input reads through a store that answers 503 SlowDown."""
+    """Staging uploads, s3:// input reads and s3:// outputs through a store that answers 503 SlowDown."""
     monkeypatch.setenv("EACHLABS_API_KEY", "k")
     buf = io.BytesIO()
     sf.write(buf, np.zeros((3 * 22050, 1), np.float32), 22050, format="WAV")
@@ -96,7 +96,7 @@ def test_s3_throttling_is_waited_out(job_dir, aws_env, throttled_s3, simulator, 
             "provider.poll_seconds": 0.05,
             "storage.s3.endpoint_url": throttled_s3.endpoint,
             "storage.staging": "s3://stage/clips/",
-            "output.uri": str(job_dir / "out"),
+            "output.uri": f"s3://{aws_env.bucket('results')}/out/",
             "runs_dir": str(job_dir / "runs"),
         }
     )
@@ -105,3 +105,5 @@ def test_s3_throttling_is_waited_out(job_dir, aws_env, throttled_s3, simulator, 
     batch.close()
     assert [o.status for o in outcomes] == ["succeeded"] * 8, [o.error for o in outcomes]
     assert throttled_s3.throttled > 0 and sim.stats.accepted == 8
+    results = [k for k in aws_env.keys("results", "out/throttled/") if k.endswith(".wav")]
+    assert len(results) == 8 and all(o.output.startswith("s3://results/out/throttled/") for o in outcomes)

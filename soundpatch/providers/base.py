@@ -71,6 +71,9 @@ class PredictionFailed(RowError):
 
 class Provider(Protocol):
     name: str
+    # What produces the audio, versioned: part of each edit's identity, so a new model or
+    # engine version never reuses results of the old one.
+    model: str
     price_usd: float
     # Whether the prompt steers the result; the report says so when it does not.
     uses_prompt: bool

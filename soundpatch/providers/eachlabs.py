@@ -40,6 +40,7 @@ TERMINAL_FAILURES = ("failed", "cancelled", "canceled", "error")
 
 class EachLabs:
     name = "eachlabs"
+    model = f"{MODEL}@{VERSION}"
     display = "Each Labs"
     uses_prompt = True
 

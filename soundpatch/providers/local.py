@@ -42,6 +42,7 @@ def ar_order(m: int) -> int:
 
 class LocalEngine:
     name = "local"
+    model = "soundpatch-local-1"
     uses_prompt = False
 
     def __init__(self, price_usd: float = 0.0) -> None:

@@ -1,0 +1,42 @@
+"""What makes two edits the same edit, so a paid result is never paid for again.
+
+An edit's identity is a SHA-256 over everything that decides the audio it produces: the
+input's content (not its name or place), the region, the prompt, the model parameters and
+seed, the provider and model version, and the settings that shape the clip sent and the
+splice made. Two rows, two runs or two machines with the same identity want the same
+result; the output store indexes results by it (storage.INDEX_PREFIX).
+
+The output container is not part of it: a result is re-encoded when a rerun asks for
+another format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from soundpatch.config import Config
+from soundpatch.manifest import Edit
+
+SCHEME = 1  # bump when the fields below change meaning
+
+
+def edit_identity(edit: Edit, source_sha256: str, provider: str, model: str, config: Config) -> str:
+    fields: dict[str, Any] = {
+        "scheme": SCHEME,
+        "source_sha256": source_sha256,
+        "start": repr(float(edit.start or 0.0)),
+        "end": repr(float(edit.end or 0.0)),
+        "prompt": edit.prompt,
+        "seed": edit.seed,
+        "steps": edit.steps,
+        "guidance_scale": edit.guidance_scale,
+        "provider": provider,
+        "model": model,
+        "context_seconds": config.provider.context_seconds,
+        "pad": config.provider.pad,
+        "crossfade_ms": config.splice.crossfade_ms,
+    }
+    canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

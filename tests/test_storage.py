@@ -1,0 +1,378 @@
+"""Inputs from and outputs to S3-compatible storage and the web, and never paying twice.
+
+Every S3 call goes to a real S3-compatible server process (moto's server mode) over HTTP
+on loopback; hosted predictions go to the provider simulator over HTTP; https inputs
+come from a real HTTP server on loopback.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import threading
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from soundpatch.batch import Batch
+from soundpatch.config import load_config
+from soundpatch.manifest import load_manifest
+from tests.jobs import clean_env, soundpatch
+
+
+def wav_bytes(seconds: float, rate: int = 22050, channels: int = 1, freq: float = 220.0, subtype="PCM_16") -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    tone = 0.2 * np.sin(2 * np.pi * freq * t)
+    buf = io.BytesIO()
+    sf.write(buf, np.repeat(tone[:, None], channels, axis=1), rate, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+def put(s3, bucket: str, key: str, data: bytes) -> None:
+    s3.client.put_object(Bucket=s3.bucket(bucket), Key=key, Body=data)
+
+
+def get(s3, uri: str) -> bytes:
+    bucket, key = uri[len("s3://") :].split("/", 1)
+    return s3.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def hosted(tmp_path: Path, sim, endpoint: str, **overrides):
+    return load_config(
+        overrides={
+            "provider.name": "eachlabs",
+            "provider.base_url": sim.base_url,
+            "provider.poll_seconds": 0.05,
+            "provider.max_poll_seconds": 0.2,
+            "limits.requests_per_minute": 6000,
+            "storage.s3.endpoint_url": endpoint,
+            "storage.staging": "s3://stage/clips/",
+            "runs_dir": str(tmp_path / "runs"),
+            **overrides,
+        }
+    )
+
+
+def run(manifest: Path, cfg, run_id: str, force: bool = False):
+    batch = Batch(load_manifest(manifest), cfg, run_id, force=force)
+    try:
+        return [batch.process(e) for e in batch.manifest.edits]
+    finally:
+        batch.close()
+
+
+# ---------------------------------------------------------------------- the whole job, as users run it
+
+
+def test_s3_in_s3_out_with_report_in_the_bucket_and_a_second_run_spends_nothing(
+    tmp_path, aws_env, simulator, tmp_path_factory
+):
+    archive = {f"archive/take{i}.wav": wav_bytes(3.0, freq=200 + 50 * i) for i in range(3)}
+    for key, data in archive.items():
+        put(aws_env, "library", key, data)
+    put(aws_env, "library", "archive/nested/skip.wav", wav_bytes(3.0))  # `*` stays in its folder
+    put(aws_env, "library", "archive/notes.txt", b"not matched")
+    aws_env.bucket("stage")
+    aws_env.bucket("results")
+    prompt = 'pluie légère, 雨 — "quoted", 100%'
+    (tmp_path / "job.csv").write_text(
+        "input,start,end,prompt,seed\n"
+        "s3://library/archive/*.wav,1.0,1.5,door slam,7\n"
+        f's3://library/archive/take1.wav,0.5,0.8,"{prompt.replace(chr(34), 2 * chr(34))}",9\n'
+        f's3://library/archive/take1.wav,0.5,0.8,"{prompt.replace(chr(34), 2 * chr(34))}",9\n',
+        encoding="utf-8",
+    )
+    sim = simulator(latency=0.05, fill="tone", price=0.2)
+    (tmp_path / "job.yaml").write_text(
+        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.05, max_poll_seconds: 0.2}}\n"
+        "limits: {concurrency: 4, requests_per_minute: 6000, budget_usd: 5}\n"
+        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+        "output: {uri: 's3://results/edits/'}\n"
+    )
+    env = clean_env(
+        EACHLABS_API_KEY="k",
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect")),
+    )
+
+    first = soundpatch("run", "job.csv", "--config", "job.yaml", "--run-id", "one", cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    report = pd.read_csv(tmp_path / "runs" / "one" / "report.csv", keep_default_na=False)
+    assert len(report) == 5  # three takes from the pattern, the prompted row and its twin
+    assert sorted(report["status"]) == ["skipped_done"] + ["succeeded"] * 4, report[["status", "error"]]
+    assert sim.stats.accepted == 4  # the identical row was sent once
+    assert report["cost_usd"].sum() == pytest.approx(0.8)
+    twin = report[report["status"] == "skipped_done"].iloc[0]
+    assert twin["cost_usd"] == 0 and twin["reused_from"].startswith("s3://results/edits/one/")
+
+    keys = set(aws_env.keys("results", "edits/one/"))
+    assert {"edits/one/report.csv", "edits/one/report.json", "edits/one/report.html"} <= keys
+    assert all(o.startswith("s3://results/edits/one/") for o in report["output"])
+    assert not any("nested" in i for i in report["input"])
+    assert "report in bucket" in first.stdout
+
+    # The prompted row's object: its metadata tells where it came from, the prompt survives.
+    row = report[(report["prompt"] == prompt) & (report["status"] == "succeeded")].iloc[0]
+    bucket, key = row["output"][len("s3://") :].split("/", 1)
+    head = aws_env.client.head_object(Bucket=bucket, Key=key)
+    meta = head["Metadata"]
+    assert head["ContentType"] == "audio/wav"
+    assert unquote(meta["prompt"]) == prompt
+    assert meta["row_id"] == row["row_id"] and meta["seed"] == "9" and meta["provider"] == "eachlabs"
+    assert meta["prediction_id"] == row["prediction_id"] and float(meta["cost_usd"]) == pytest.approx(0.2)
+    assert meta["source_sha256"] == hashlib.sha256(archive["archive/take1.wav"]).hexdigest()
+    assert meta["region"] == "0.5-0.8" and len(meta["identity"]) == 64
+
+    # Outside the region, the result is the input bit for bit.
+    before = sf.read(io.BytesIO(archive["archive/take1.wav"]), dtype="int16")[0]
+    after = sf.read(io.BytesIO(get(aws_env, row["output"])), dtype="int16")[0]
+    a, b = round(0.5 * 22050), round(0.8 * 22050)
+    assert after.shape == before.shape
+    assert np.array_equal(before[:a], after[:a]) and np.array_equal(before[b:], after[b:])
+
+    # A new run id, the same manifest: nothing is sent, nothing is spent, all is there.
+    second = soundpatch("run", "job.csv", "--config", "job.yaml", "--run-id", "two", cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    again = pd.read_csv(tmp_path / "runs" / "two" / "report.csv", keep_default_na=False)
+    assert (again["status"] == "skipped_done").all() and again["cost_usd"].sum() == 0
+    assert sim.stats.creates == 4 and sim.billed() == pytest.approx(0.8)
+    for uri in again["output"]:
+        assert uri.startswith("s3://results/edits/two/") and get(aws_env, uri)
+    assert "edits/two/report.html" in aws_env.keys("results", "edits/two/")
+
+    # The estimate knows too: nothing left to pay for.
+    est = soundpatch("validate", "job.csv", "--config", "job.yaml", cwd=tmp_path, env=env)
+    assert "already done" in est.stdout and "$0.00" in est.stdout, est.stdout
+
+
+def test_output_store_problems_stop_the_run_before_it_starts(tmp_path, aws_env, tmp_path_factory):
+    (tmp_path / "in.wav").write_bytes(wav_bytes(2.0))
+    (tmp_path / "job.csv").write_text("input,start,end,prompt\nin.wav,0.5,1,fill\n")
+    env = clean_env(
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+        AWS_EC2_METADATA_DISABLED="true",
+        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect")),
+    )
+
+    (tmp_path / "missing.yaml").write_text(
+        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}}}\noutput: {{uri: 's3://no-such-results/x/'}}\n"
+    )
+    proc = soundpatch("run", "job.csv", "--config", "missing.yaml", cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "bucket 'no-such-results' does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1  # once for the run, not once per row
+
+    no_keys = {k: v for k, v in env.items() if not k.startswith("AWS_ACCESS") and not k.startswith("AWS_SECRET")}
+    no_keys["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "none")
+    no_keys["AWS_CONFIG_FILE"] = str(tmp_path / "none")
+    (tmp_path / "ok.yaml").write_text(
+        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}}}\n"
+        f"output: {{uri: 's3://{aws_env.bucket('present')}/x/'}}\n"
+    )
+    proc = soundpatch("run", "job.csv", "--config", "ok.yaml", cwd=tmp_path, env=no_keys)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no S3 credentials found" in proc.stderr and "s3://present/x/" in proc.stderr
+
+
+def test_wrong_credentials_are_named_as_such(tmp_path, s3_server_checking_keys, tmp_path_factory, monkeypatch):
+    server = s3_server_checking_keys
+    (tmp_path / "in.wav").write_bytes(wav_bytes(2.0))
+    (tmp_path / "job.csv").write_text("input,start,end,prompt\nin.wav,0.5,1,fill\n")
+    (tmp_path / "c.yaml").write_text(
+        f"storage: {{s3: {{endpoint_url: '{server.endpoint}'}}}}\noutput: {{uri: 's3://results/x/'}}\n"
+    )
+    env = clean_env(
+        AWS_ACCESS_KEY_ID="AKIAWRONGWRONGWRONG",
+        AWS_SECRET_ACCESS_KEY="wrong",
+        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect")),
+    )
+    proc = soundpatch("run", "job.csv", "--config", "c.yaml", cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "access denied to bucket 'results'" in proc.stderr and "check the credentials" in proc.stderr
+
+    # Reading inputs with them: each row says so (and the bucket is not asked again per row).
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    rows = "".join(f"s3://lib/{i}.wav,0,1,p\n" for i in range(3))
+    (tmp_path / "m.csv").write_text("input,start,end,prompt\n" + rows)
+    cfg = load_config(overrides={"storage.s3.endpoint_url": server.endpoint, "runs_dir": str(tmp_path / "runs")})
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "v", dry_run=True)
+    est = batch.estimate(batch.manifest.edits)
+    assert est["invalid"] == 3
+    assert all("credentials are not valid" in reason and "InvalidAccessKeyId" in reason for *_, reason in est["errors"])
+
+
+# ---------------------------------------------------------------------- in process
+
+
+def test_a_failed_upload_keeps_the_paid_result_and_the_next_run_publishes_it_free(
+    tmp_path, aws_env, simulator, fault_proxy, monkeypatch
+):
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\na,fx.wav,1,1.5,slam\nb,fx.wav,2,2.5,creak\n")
+    aws_env.bucket("stage")
+    aws_env.bucket("results")
+    # A bucket policy that lets the staging and index through but denies result writes.
+    deny = fault_proxy(
+        lambda method, path, signed: (
+            (403, "AccessDenied") if method == "PUT" and "/results/out/" in path and ".wav" in path else None
+        )
+    )
+    sim = simulator(latency=0.05, fill="tone", price=0.2)
+
+    cfg = hosted(tmp_path, sim, deny.endpoint, **{"output.uri": "s3://results/out/"})
+    outcomes = run(tmp_path / "m.csv", cfg, "denied")
+    assert [o.status for o in outcomes] == ["failed", "failed"]
+    assert sim.stats.accepted == 2 and deny.faults >= 2
+    for o in outcomes:
+        assert "access denied" in o.error and "paid result is kept at" in o.error, o.error
+        assert o.cost_usd == pytest.approx(0.2)
+    kept = sorted((tmp_path / "runs" / "denied" / "unpublished").rglob("*.wav"))
+    assert len(kept) == 2
+
+    cfg = hosted(tmp_path, sim, aws_env.endpoint, **{"output.uri": "s3://results/out/"})
+    outcomes = run(tmp_path / "m.csv", cfg, "later")
+    assert [o.status for o in outcomes] == ["skipped_done", "skipped_done"], [o.error for o in outcomes]
+    assert [o.cost_usd for o in outcomes] == [0, 0] and sim.stats.creates == 2
+    for o, path in zip(outcomes, kept, strict=True):
+        assert o.reused_from == str(path)
+        assert get(aws_env, o.output) == path.read_bytes()
+
+
+def test_force_pays_again_and_another_format_is_encoded_from_the_earlier_result(
+    tmp_path, aws_env, simulator, monkeypatch
+):
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\na,fx.wav,1,1.5,slam\n")
+    aws_env.bucket("stage")
+    sim = simulator(latency=0.05, fill="tone")
+    out = {"output.uri": str(tmp_path / "out")}
+    assert run(tmp_path / "m.csv", hosted(tmp_path, sim, aws_env.endpoint, **out), "r1")[0].status == "succeeded"
+    [again] = run(tmp_path / "m.csv", hosted(tmp_path, sim, aws_env.endpoint, **out), "r2", force=True)
+    assert again.status == "succeeded" and sim.stats.accepted == 2
+    flac = run(tmp_path / "m.csv", hosted(tmp_path, sim, aws_env.endpoint, **out, **{"output.format": "flac"}), "r3")
+    assert flac[0].status == "skipped_done" and flac[0].output.endswith(".flac") and sim.stats.accepted == 2
+    wav = sf.read(again.output, dtype="int16")[0]
+    assert np.array_equal(sf.read(flac[0].output, dtype="int16")[0], wav)  # the same audio, losslessly
+
+
+def test_large_results_go_up_in_parts(tmp_path, aws_env):
+    (tmp_path / "long.wav").write_bytes(wav_bytes(40.0, rate=48000, channels=2, subtype="PCM_24"))  # ~11.5 MB
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nlong,long.wav,20,20.05,fill\n")
+    cfg = load_config(
+        overrides={
+            "storage.s3.endpoint_url": aws_env.endpoint,
+            "storage.s3.multipart_threshold_mb": 5,
+            "output.uri": f"s3://{aws_env.bucket('big')}/o/",
+            "runs_dir": str(tmp_path / "runs"),
+        }
+    )
+    [outcome] = run(tmp_path / "m.csv", cfg, "mp")
+    assert outcome.status == "succeeded", outcome.error
+    bucket, key = outcome.output[len("s3://") :].split("/", 1)
+    head = aws_env.client.head_object(Bucket=bucket, Key=key)
+    assert head["ETag"].strip('"').endswith("-3")  # 11.5 MB in 5 MB parts
+    data = get(aws_env, outcome.output)
+    assert sf.info(io.BytesIO(data)).frames == 40 * 48000
+
+
+def test_patterns_expand_into_rows_and_identical_rows_are_sent_once(tmp_path):
+    audio = tmp_path / "library"
+    audio.mkdir()
+    for level, name in enumerate(("a.wav", "b.wav", "c.flac"), start=1):  # different content each
+        sf.write(audio / name, np.zeros((16000, 1), np.float32) + 0.01 * level, 16000, subtype="PCM_16")
+    (tmp_path / "m.csv").write_text(
+        "input,start,end,prompt\n"
+        "library/*.wav,0.2,0.3,fill\n"
+        "library/*.mp3,0.2,0.3,fill\n"
+        "library/c.flac,0.2,0.3,same\nlibrary/c.flac,0.2,0.3,same\nlibrary/c.flac,0.2,0.3,same\n"
+    )
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "globs")
+    edits = batch.manifest.edits
+    assert [e.input for e in edits] == ["library/a.wav", "library/b.wav", "library/*.mp3"] + ["library/c.flac"] * 3
+    assert edits[0].row_id.endswith("-a") and edits[1].row_id.endswith("-b")
+    est = batch.estimate(edits)
+    assert (est["predictions"], est["duplicates"], est["invalid"]) == (3, 2, 1)
+    with _threads(4) as pool:
+        outcomes = list(pool.map(batch.process, edits))
+    batch.close()
+    assert outcomes[2].status == "invalid" and "matches no files" in outcomes[2].error
+    assert sorted(o.status for o in outcomes[3:]) == ["skipped_done", "skipped_done", "succeeded"]
+    sent = [e for e in _events(tmp_path / "runs" / "globs") if e["event"] == "sending"]
+    assert len(sent) == 3  # a.wav, b.wav and c.flac once
+
+
+# ---------------------------------------------------------------------- https inputs
+
+
+@pytest.fixture
+def web_server(tmp_path):
+    """A real HTTP server on loopback serving tmp_path/www."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_web_inputs_are_fetched_with_a_cap_and_local_addresses_refused_by_default(tmp_path, web_server):
+    root, base = web_server
+    (root / "clip.wav").write_bytes(wav_bytes(2.0))
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt\n"
+        f"ok,{base}/clip.wav?token=secret,0.5,1,fill\n"
+        f"missing,{base}/nope.wav,0.5,1,fill\n"
+        "private,https://10.1.2.3/clip.wav,0.5,1,fill\n"
+    )
+    base_cfg = {"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")}
+
+    refused = run(tmp_path / "m.csv", load_config(overrides=base_cfg), "default")
+    assert [o.status for o in refused] == ["invalid"] * 3
+    assert "private or local address (127.0.0.1)" in refused[0].error
+    assert "allow_private_addresses" in refused[0].error and "secret" not in refused[0].error
+    assert "private or local address (10.1.2.3)" in refused[2].error
+
+    allowed = {**base_cfg, "storage.http.allow_private_addresses": True, "storage.http.timeout_seconds": 2}
+    ok, missing, _ = run(tmp_path / "m.csv", load_config(overrides=allowed), "allowed")
+    assert ok.status == "succeeded", ok.error
+    before = sf.read(root / "clip.wav", dtype="int16")[0]
+    after = sf.read(ok.output, dtype="int16")[0]
+    assert np.array_equal(before[: int(0.5 * 22050)], after[: int(0.5 * 22050)])
+    assert Path(ok.output).name.startswith("clip-")
+    assert missing.status == "invalid" and "HTTP 404" in missing.error
+
+    capped = run(tmp_path / "m.csv", load_config(overrides={**allowed, "storage.max_input_mb": 0.01}), "capped")
+    assert capped[0].status == "invalid" and "over the" in capped[0].error and "limit" in capped[0].error
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _threads(n: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(n)
+
+
+def _events(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "journal.jsonl").read_text().splitlines()]
