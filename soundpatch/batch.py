@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from soundpatch import audio as audio_ops
+from soundpatch import preview
 from soundpatch.audio import Audio, AudioInfo
 from soundpatch.config import Config
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
@@ -33,6 +34,7 @@ from soundpatch.manifest import Edit, Manifest
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SUCCEEDED, Outcome
 from soundpatch.providers import InpaintRequest, PredictionFailed, Provider, make_provider
 from soundpatch.publish import Publisher
+from soundpatch.quality import measure
 from soundpatch.s3 import S3, S3Uri
 from soundpatch.sources import SourceReader
 from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, open_store
@@ -252,9 +254,9 @@ class Batch:
 
     def _blank_outcome(self, edit: Edit) -> Outcome:
         state = self.states.get(edit.row_id)
-        previous_cost = 0.0
+        previous_cost = reported = 0.0
         if state is not None:
-            previous_cost = state.spent_before
+            previous_cost, reported = state.spent_before, state.reported_before
             if state.in_doubt:  # counted as spent (the ledger does so too)
                 previous_cost += self._list_price
         return Outcome(
@@ -267,6 +269,7 @@ class Batch:
             provider=edit.provider or self.config.provider.name,
             status="",
             cost_usd=previous_cost,
+            provider_cost_usd=reported,
             extra=dict(edit.extra),
         )
 
@@ -326,6 +329,7 @@ class Batch:
             if store is not self.store:
                 self.store.put_record(identity, {**record, "output": outcome.output, "ext": encoded.ext})
         outcome.status = SKIPPED_DONE
+        _apply(record.get("quality") or {}, outcome)
         outcome.reused_from = record["output"]
         outcome.prediction_id = str(record.get("prediction_id", ""))
         outcome.method = str(record.get("method", ""))
@@ -378,6 +382,7 @@ class Batch:
             # The provider was reached and may have charged: keep what it says is owed.
             self.ledger.settle(reservation, exc.cost_usd)
             outcome.cost_usd += exc.cost_usd
+            outcome.provider_cost_usd += exc.cost_usd
             outcome.prediction_id = exc.prediction_id or ""
             outcome.attempts = max(outcome.attempts, exc.attempts)
             raise
@@ -387,6 +392,7 @@ class Batch:
             raise
         self.ledger.settle(reservation, prediction.cost_usd)
         outcome.cost_usd += prediction.cost_usd
+        outcome.provider_cost_usd += prediction.cost_usd
         outcome.prediction_id = prediction.prediction_id or ""
         outcome.method = prediction.method
         outcome.attempts = max(outcome.attempts, prediction.attempts)
@@ -397,6 +403,10 @@ class Batch:
             fade = round(self.config.splice.crossfade_ms / 1000 * original.rate)
         result = audio_ops.splice(original, prediction.fill, a, b, fade)
         encoded = self.publisher.encode(edit, result, checked.info)
+        published = audio_ops.decode(encoded.data, encoded.name)  # checked as users will read it
+        quality = measure(original, published, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
+        _apply(quality.to_dict(), outcome)
+        self._save_preview(edit, original, published, a, b)
         record = {
             "identity": identity,
             "provider": provider.name,
@@ -413,6 +423,7 @@ class Batch:
             "end": edit.end,
             "prompt": edit.prompt,
             "seed": edit.seed,
+            "quality": quality.to_dict(),
         }
         details = {k: str(record[k]) for k in RESULT_DETAILS}
         metadata = self.publisher.metadata(edit, {**details, "identity": identity})
@@ -428,6 +439,13 @@ class Batch:
                 "publishes it without paying again"
             ) from None
         outcome.status = SUCCEEDED
+
+    def _save_preview(self, edit: Edit, original: Audio, published: Audio, a: int, b: int) -> None:
+        """Listening copies for the report; a failure here costs the report a card's media, not the row."""
+        try:
+            preview.save(self.run_dir / "previews", edit.row_id, original, published, a, b)
+        except Exception:  # noqa: BLE001 - the result is published; the preview is a nicety
+            self._log_traceback(edit)
 
     def _should_cancel(self) -> bool:
         return self.config.provider.on_interrupt == "cancel" and stop_requested()
@@ -456,6 +474,16 @@ class Batch:
 
 # What a result's metadata says of how it was made (also kept in its index record).
 RESULT_DETAILS = ("provider", "model", "prediction_id", "cost_usd", "method", "source_sha256")
+
+
+LOSSLESS = ("wav", "flac", "aiff")
+
+
+def _apply(quality: dict, outcome: Outcome) -> None:
+    """The quality checks' numbers onto the outcome's report columns."""
+    for key in ("checks", "outside_max_diff", "seam_in", "seam_out", "loudness_delta_db", "clipped", "offset_ms"):
+        if key in quality:
+            setattr(outcome, key, quality[key])
 
 
 def kept_results(runs_dir: Path) -> dict[str, dict]:

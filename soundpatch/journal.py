@@ -104,6 +104,7 @@ class RowState:
     prediction_id: str | None = None  # created, and no outcome recorded since: poll it, never recreate
     in_doubt: bool = False  # a create was sent and no answer recorded: it may exist
     spent_before: float = 0.0  # what the row's recorded outcomes cost
+    reported_before: float = 0.0  # of which the provider itself reported
     staged: list[str] = field(default_factory=list)  # staged clips not cleaned up
 
 
@@ -130,5 +131,6 @@ def row_states(run_dir: Path) -> dict[str, RowState]:
         elif kind == "outcome":
             s.outcome = e["outcome"]
             s.spent_before = float(e["outcome"].get("cost_usd") or 0.0)  # outcomes carry the running total
+            s.reported_before = float(e["outcome"].get("provider_cost_usd") or 0.0)
             s.prediction_id, s.in_doubt = None, False
     return states

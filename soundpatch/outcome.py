@@ -39,6 +39,15 @@ class Outcome:
     method: str = ""
     seconds: float = 0.0
     reused_from: str = ""  # skipped_done: the earlier result this one is a copy of
+    provider_cost_usd: float = 0.0  # what the provider itself reported (cost_usd adds creates in doubt)
+    # Quality checks on the published result (soundpatch.quality); empty when none ran.
+    checks: str = ""
+    outside_max_diff: float | None = None
+    seam_in: float | None = None
+    seam_out: float | None = None
+    loudness_delta_db: float | None = None
+    clipped: int | None = None
+    offset_ms: float | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class Prediction:
     prediction_id: str | None = None
     attempts: int = 1
     method: str = ""  # how the fill was made, for the report
+    offset_ms: float = 0.0  # misalignment of the provider's result that was found and undone
 
 
 class PredictionFailed(RowError):

@@ -130,7 +130,13 @@ class EachLabs:
             f"mask {window.mask_start}-{window.mask_end} s, aligned {offset} samples)"
         )
         return Prediction(
-            fill=fill, cost_usd=cost, crossfade=None, prediction_id=prediction_id, attempts=attempts, method=method
+            fill=fill,
+            cost_usd=cost,
+            crossfade=None,
+            prediction_id=prediction_id,
+            attempts=attempts,
+            method=method,
+            offset_ms=offset / MODEL_RATE * 1000,
         )
 
     def _stage(self, request: InpaintRequest, audio: Audio, window, clip) -> StagedClip:

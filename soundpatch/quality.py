@@ -1,0 +1,133 @@
+"""Checks on every published result, so a bad splice is flagged rather than shipped quietly.
+
+Measured on the result as published (decoded back from the bytes stored), against the
+original:
+
+- `outside_max_diff`: the largest difference outside the region, in full-scale units.
+  It must be 0 for lossless outputs (WAV, FLAC, AIFF); lossy ones (MP3, Ogg) are not
+  flagged for it.
+- `seam_in`, `seam_out`: at each edge of the region, the largest second difference
+  within 2 ms, divided by the 99th percentile of second differences in the 100 ms of
+  untouched audio beside it. About 1 (up to 2 or 3 on busy material) means the edge is
+  as smooth as its surroundings; a click or a step reads well above (flagged past
+  SEAM_LIMIT).
+- `loudness_delta_db`: the region's loudness minus its context's (up to 3 s each side),
+  K-weighted as in ITU-R BS.1770 (pyloudnorm's filters; short regions are measured
+  ungated, so a 10 ms fill has a value too). None when either side is near silence.
+- `clipped`: samples at full scale inside the region that the original did not have.
+- `offset_ms`: the misalignment of a provider's result that was found and undone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyloudnorm
+import scipy.signal
+
+from soundpatch.audio import Audio, to_float
+
+SEAM_LIMIT = 3.0
+LOUDNESS_LIMIT_DB = 12.0
+SILENCE_LUFS = -70.0
+FULL_SCALE = 0.9999
+CONTEXT_SECONDS = 3.0
+
+
+@dataclass
+class Quality:
+    outside_max_diff: float
+    seam_in: float | None
+    seam_out: float | None
+    loudness_delta_db: float | None
+    clipped: int
+    offset_ms: float = 0.0
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def checks(self) -> str:
+        """What the report's `checks` column says: `ok`, or the flags."""
+        return "; ".join(self.flags) if self.flags else "ok"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "checks": self.checks}
+
+
+def measure(original: Audio, result: Audio, a: int, b: int, lossless: bool, offset_ms: float = 0.0) -> Quality:
+    before, after = to_float(original.samples), to_float(result.samples)
+    if after.shape != before.shape:  # a lossy codec's padding: compare what overlaps
+        n = min(len(after), len(before))
+        before, after = before[:n], after[:n]
+    outside = np.concatenate([np.abs(after[:a] - before[:a]).ravel(), np.abs(after[b:] - before[b:]).ravel()])
+    outside_max = float(outside.max()) if outside.size else 0.0
+    seam_in = _seam(after, a, side=-1, rate=result.rate)
+    seam_out = _seam(after, b, side=+1, rate=result.rate)
+    loudness = _loudness_delta(after, a, b, result.rate)
+    clipped = max(0, _clipped(after[a:b]) - _clipped(before[a:b]))
+    q = Quality(
+        outside_max_diff=outside_max,
+        seam_in=None if seam_in is None else round(seam_in, 2),
+        seam_out=None if seam_out is None else round(seam_out, 2),
+        loudness_delta_db=None if loudness is None else round(loudness, 1),
+        clipped=clipped,
+        offset_ms=round(offset_ms, 2),
+    )
+    if lossless and outside_max > 0:
+        q.flags.append(f"audio outside the region changed (max {outside_max:.2g})")
+    for name, value in (("start", q.seam_in), ("end", q.seam_out)):
+        if value is not None and value > SEAM_LIMIT:
+            q.flags.append(f"discontinuity at the region's {name} ({value:g}x its surroundings)")
+    if q.loudness_delta_db is not None and abs(q.loudness_delta_db) > LOUDNESS_LIMIT_DB:
+        q.flags.append(f"region is {q.loudness_delta_db:+g} dB against its context")
+    if clipped:
+        q.flags.append(f"{clipped} clipped samples in the region")
+    return q
+
+
+def _seam(x: np.ndarray, edge: int, side: int, rate: int) -> float | None:
+    """Largest step within 2 ms of `edge`, over the typical step of the untouched audio beside it."""
+    near = max(2, round(0.002 * rate))
+    ref = max(8, round(0.1 * rate))
+    if side < 0:
+        context = x[max(0, edge - ref) : edge]
+    else:
+        context = x[edge : edge + ref]
+    if len(context) < 8 or edge <= 0 or edge >= len(x):
+        return None  # the region touches the file's start or end: no seam there
+    window = x[max(0, edge - near) : min(len(x), edge + near)]
+    # Second differences: smooth audio has small ones whatever its level; a step or a
+    # kink (a click) stands out.
+    jump = float(np.abs(np.diff(window, n=2, axis=0)).max()) if len(window) > 2 else 0.0
+    typical = float(np.percentile(np.abs(np.diff(context, n=2, axis=0)), 99))
+    return jump / max(typical, 1e-5)
+
+
+def _loudness_delta(x: np.ndarray, a: int, b: int, rate: int) -> float | None:
+    lo, hi = max(0, a - round(CONTEXT_SECONDS * rate)), min(len(x), b + round(CONTEXT_SECONDS * rate))
+    weighted = _k_weighted(x[lo:hi], rate)
+    region = weighted[a - lo : b - lo]
+    context = np.concatenate([weighted[: a - lo], weighted[b - lo :]])
+    if len(region) == 0 or len(context) == 0:
+        return None
+    inside, around = _lufs(region), _lufs(context)
+    if inside < SILENCE_LUFS or around < SILENCE_LUFS:
+        return None
+    return inside - around
+
+
+def _k_weighted(x: np.ndarray, rate: int) -> np.ndarray:
+    meter = pyloudnorm.Meter(rate)
+    y = x.astype(np.float64)
+    for stage in meter._filters.values():  # the BS.1770 pre-filter: high shelf, then high pass
+        y = stage.passband_gain * scipy.signal.lfilter(stage.b, stage.a, y, axis=0)
+    return y
+
+
+def _lufs(y: np.ndarray) -> float:
+    power = float(np.mean(y**2, axis=0).sum())  # BS.1770 weights 1.0 for L, R and C
+    return -0.691 + 10 * np.log10(power) if power > 0 else -np.inf
+
+
+def _clipped(x: np.ndarray) -> int:
+    return int((np.abs(x) >= FULL_SCALE).sum())
