@@ -6,7 +6,9 @@
    `limits.concurrency` in flight, so memory stays flat however long the manifest.
    Asked to stop (Ctrl-C, SIGTERM), it starts no more rows and lets those in flight end.
 4. Write the report (runs/<run_id>/report.csv, .json, .html; also under
-   <output.uri>/<run_id>/ when the outputs are in a bucket) and return its summary.
+   <output.uri>/<run_id>/ when the outputs are in a bucket), show it on the flow run as
+   Prefect artifacts (progress while it goes, then outcomes and money), and return the
+   summary.
 
 Parameters are plain values so the flow runs the same from the CLI, a deployment
 schedule, or a worker.
@@ -22,10 +24,12 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import artifacts
 from soundpatch import interrupt
 from soundpatch.batch import Batch, new_run_id
 from soundpatch.config import Config
 from soundpatch.errors import ConfigError
+from soundpatch.journal import prediction_seconds
 from soundpatch.manifest import load_manifest
 from soundpatch.outcome import Outcome
 from soundpatch.report import publish_reports, summarize
@@ -51,7 +55,9 @@ def inpaint_batch(
     try:
         todo, kept = batch.split()
         batch.journal.write("run_started", total=len(todo) + len(kept), kept=len(kept), manifest=manifest)
-        outcomes = kept + _fan_out(batch, todo, cfg.limits.concurrency)
+        progress = artifacts.Progress(len(todo) + len(kept), run_id)
+        progress.advance(len(kept))
+        outcomes = kept + _fan_out(batch, todo, cfg.limits.concurrency, progress)
     finally:
         batch.close()
     order = {e.row_id: i for i, e in enumerate(batch.manifest.edits)}
@@ -68,8 +74,10 @@ def inpaint_batch(
             "wall_seconds": round(time.time() - started, 3),
             "notes": batch.notes(),
         },
+        prediction_seconds(batch.run_dir),
     )
-    publish_reports(batch.run_dir, outcomes, summary, batch.store)
+    paths = publish_reports(batch.run_dir, outcomes, summary, batch.store)
+    artifacts.publish(outcomes, summary, str(paths["html"]))
     return {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
 
 
@@ -89,19 +97,21 @@ def _api_keys(cfg: Config) -> dict[str, str]:
     return {cfg.provider.name: str(value)}
 
 
-def _fan_out(batch: Batch, edits: list, concurrency: int) -> list[Outcome]:
+def _fan_out(batch: Batch, edits: list, concurrency: int, progress: artifacts.Progress) -> list[Outcome]:
     """Submit tasks through a sliding window of `concurrency` futures."""
     outcomes: list[Outcome] = []
     in_flight: list[PrefectFuture[Outcome]] = []
     for i, edit in enumerate(edits):
         if len(in_flight) >= concurrency:
             outcomes.append(_next_done(in_flight))
+            progress.advance()
         if interrupt.stop_requested():
             outcomes.extend(batch.not_started(e) for e in edits[i:])
             break
         in_flight.append(inpaint_row.submit(batch, edit))
     while in_flight:
         outcomes.append(_next_done(in_flight))
+        progress.advance()
     return outcomes
 
 

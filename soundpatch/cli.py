@@ -21,7 +21,7 @@ from soundpatch import __version__, interrupt
 from soundpatch.batch import Batch, new_run_id, preflight
 from soundpatch.config import Config, load_config
 from soundpatch.errors import SoundpatchError
-from soundpatch.journal import JournalTail, latest_outcomes
+from soundpatch.journal import JournalTail, latest_outcomes, prediction_seconds
 from soundpatch.manifest import load_manifest
 from soundpatch.outcome import (
     EXIT_INTERRUPTED,
@@ -329,6 +329,10 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
             style = {"succeeded": "green", "failed": "red", "invalid": "red"}.get(status, "yellow")
             table.add_row(f"[{style}]{status}[/{style}]", str(counts[status]))
     table.add_row("spent", f"${summary['spent_usd']:.2f} of ${summary['budget_usd']:.2f} budget")
+    if summary.get("provider_cost_usd", 0) != summary["spent_usd"]:
+        table.add_row("provider reported", f"${summary.get('provider_cost_usd', 0):.2f}")
+    if summary.get("flagged"):
+        table.add_row("[yellow]flagged by checks[/yellow]", f"{summary['flagged']} (see the report)")
     table.add_row("wall time", _duration(summary["wall_seconds"]))
     table.add_row("outputs", str(summary.get("output_uri", "")))
     table.add_row("report", str(run_dir / "report.html"))
@@ -410,7 +414,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         meta.update({k: v for k, v in previous.items() if k not in ("by_status", "spent_usd", "results")})
         order = {o.row_id: i for i, o in enumerate(previous_rows)}
         outcomes.sort(key=lambda o: order.get(o.row_id, len(order)))
-    summary = summarize(outcomes, meta)
+    summary = summarize(outcomes, meta, prediction_seconds(run_dir))
     publish_reports(run_dir, outcomes, summary, open_store(cfg.output.uri, S3(cfg.storage.s3)))
     _print_summary(summary, outcomes, run_dir)
     return exit_status(outcomes)

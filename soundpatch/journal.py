@@ -134,3 +134,16 @@ def row_states(run_dir: Path) -> dict[str, RowState]:
             s.reported_before = float(e["outcome"].get("provider_cost_usd") or 0.0)
             s.prediction_id, s.in_doubt = None, False
     return states
+
+
+def prediction_seconds(run_dir: Path) -> list[float]:
+    """For each prediction that came back: seconds from its row being sent to the result."""
+    sent: dict[str, float] = {}
+    seconds = []
+    for e in read_events(run_dir):
+        row, kind = e.get("row"), e.get("event")
+        if kind == "sending" and row:
+            sent[row] = e["t"]
+        elif kind == "predicted" and row in sent:
+            seconds.append(round(e["t"] - sent.pop(row), 3))
+    return seconds

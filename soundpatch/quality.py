@@ -7,10 +7,10 @@ original:
   It must be 0 for lossless outputs (WAV, FLAC, AIFF); lossy ones (MP3, Ogg) are not
   flagged for it.
 - `seam_in`, `seam_out`: at each edge of the region, the largest second difference
-  within 2 ms, divided by the 99th percentile of second differences in the 100 ms of
-  untouched audio beside it. About 1 (up to 2 or 3 on busy material) means the edge is
-  as smooth as its surroundings; a click or a step reads well above (flagged past
-  SEAM_LIMIT).
+  within 2 ms, divided by what is usual there: the 99th percentile of second differences
+  in the 100 ms of untouched audio beside it, or the original's own at that spot if
+  larger (a transient on the edge is not the splice's fault). 1 or less means the edge
+  is as smooth as before; a click or a step reads well above (flagged past SEAM_LIMIT).
 - `loudness_delta_db`: the region's loudness minus its context's (up to 3 s each side),
   K-weighted as in ITU-R BS.1770 (pyloudnorm's filters; short regions are measured
   ungated, so a 10 ms fill has a value too). None when either side is near silence.
@@ -28,7 +28,7 @@ import scipy.signal
 
 from soundpatch.audio import Audio, to_float
 
-SEAM_LIMIT = 3.0
+SEAM_LIMIT = 2.5
 LOUDNESS_LIMIT_DB = 12.0
 SILENCE_LUFS = -70.0
 FULL_SCALE = 0.9999
@@ -61,8 +61,8 @@ def measure(original: Audio, result: Audio, a: int, b: int, lossless: bool, offs
         before, after = before[:n], after[:n]
     outside = np.concatenate([np.abs(after[:a] - before[:a]).ravel(), np.abs(after[b:] - before[b:]).ravel()])
     outside_max = float(outside.max()) if outside.size else 0.0
-    seam_in = _seam(after, a, side=-1, rate=result.rate)
-    seam_out = _seam(after, b, side=+1, rate=result.rate)
+    seam_in = _seam(after, before, a, side=-1, rate=result.rate)
+    seam_out = _seam(after, before, b, side=+1, rate=result.rate)
     loudness = _loudness_delta(after, a, b, result.rate)
     clipped = max(0, _clipped(after[a:b]) - _clipped(before[a:b]))
     q = Quality(
@@ -85,22 +85,25 @@ def measure(original: Audio, result: Audio, a: int, b: int, lossless: bool, offs
     return q
 
 
-def _seam(x: np.ndarray, edge: int, side: int, rate: int) -> float | None:
-    """Largest step within 2 ms of `edge`, over the typical step of the untouched audio beside it."""
+def _seam(after: np.ndarray, before: np.ndarray, edge: int, side: int, rate: int) -> float | None:
+    """Largest kink within 2 ms of `edge`, over what is usual there: the untouched audio
+    beside it, or the original's own kink at that spot (a drum hit on the edge is not a
+    fault of the splice)."""
     near = max(2, round(0.002 * rate))
     ref = max(8, round(0.1 * rate))
-    if side < 0:
-        context = x[max(0, edge - ref) : edge]
-    else:
-        context = x[edge : edge + ref]
-    if len(context) < 8 or edge <= 0 or edge >= len(x):
+    context = after[max(0, edge - ref) : edge] if side < 0 else after[edge : edge + ref]
+    if len(context) < 8 or edge <= 0 or edge >= len(after):
         return None  # the region touches the file's start or end: no seam there
-    window = x[max(0, edge - near) : min(len(x), edge + near)]
+    lo, hi = max(0, edge - near), min(len(after), edge + near)
+    jump = _kink(after[lo:hi])
+    usual = max(float(np.percentile(np.abs(np.diff(context, n=2, axis=0)), 99)), _kink(before[lo:hi]), 1e-5)
+    return jump / usual
+
+
+def _kink(x: np.ndarray) -> float:
     # Second differences: smooth audio has small ones whatever its level; a step or a
     # kink (a click) stands out.
-    jump = float(np.abs(np.diff(window, n=2, axis=0)).max()) if len(window) > 2 else 0.0
-    typical = float(np.percentile(np.abs(np.diff(context, n=2, axis=0)), 99))
-    return jump / max(typical, 1e-5)
+    return float(np.abs(np.diff(x, n=2, axis=0)).max()) if len(x) > 2 else 0.0
 
 
 def _loudness_delta(x: np.ndarray, a: int, b: int, rate: int) -> float | None:

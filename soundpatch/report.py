@@ -6,7 +6,6 @@ returned, never configuration values such as key names' contents.
 
 from __future__ import annotations
 
-import html
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from soundpatch import report_html
 from soundpatch.errors import SoundpatchError
 from soundpatch.outcome import REPORT_COLUMNS, STATUSES, Outcome
 from soundpatch.storage import OutputStore, atomic_write
@@ -22,18 +22,27 @@ from soundpatch.storage import OutputStore, atomic_write
 BASE_COLUMNS = list(REPORT_COLUMNS)
 
 
-def summarize(outcomes: Sequence[Outcome], meta: dict[str, Any]) -> dict[str, Any]:
+def summarize(
+    outcomes: Sequence[Outcome], meta: dict[str, Any], prediction_seconds: Sequence[float] = ()
+) -> dict[str, Any]:
+    """The run in numbers. `spent_usd` is what counts against the budget (creates in doubt
+    included at list price); `provider_cost_usd` is what the provider itself reported."""
     counts = Counter(o.status for o in outcomes)
-    spent = round(sum(o.cost_usd for o in outcomes), 6)
     ran = [o.seconds for o in outcomes if o.status in ("succeeded", "failed") and o.seconds > 0]
     wall = float(meta.get("wall_seconds") or 0.0)
+    latency = pd.Series(list(prediction_seconds), dtype=float)
     summary = {
         **meta,
         "results": len(outcomes),
         "by_status": {s: counts.get(s, 0) for s in STATUSES},
-        "spent_usd": spent,
+        "spent_usd": round(sum(o.cost_usd for o in outcomes), 6),
+        "provider_cost_usd": round(sum(o.provider_cost_usd for o in outcomes), 6),
+        "retries": sum(max(0, o.attempts - 1) for o in outcomes),
+        "flagged": sum(1 for o in outcomes if o.checks not in ("", "ok")),
         "p50_row_seconds": round(float(pd.Series(ran).quantile(0.5)), 3) if ran else None,
         "p95_row_seconds": round(float(pd.Series(ran).quantile(0.95)), 3) if ran else None,
+        "p50_prediction_seconds": round(float(latency.quantile(0.5)), 3) if len(latency) else None,
+        "p95_prediction_seconds": round(float(latency.quantile(0.95)), 3) if len(latency) else None,
         "results_per_minute": round(len(ran) / wall * 60, 1) if wall > 0 and ran else None,
     }
     return summary
@@ -62,7 +71,7 @@ def write_reports(run_dir: Path, outcomes: Sequence[Outcome], summary: dict[str,
     atomic_write(paths["csv"], df.to_csv(index=False).encode("utf-8"))
     doc = {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
     atomic_write(paths["json"], json.dumps(doc, indent=2, default=str).encode("utf-8"))
-    atomic_write(paths["html"], render_html(df, summary).encode("utf-8"))
+    atomic_write(paths["html"], report_html.render(outcomes, summary, run_dir / "previews").encode("utf-8"))
     return paths
 
 
@@ -93,62 +102,3 @@ def publish_reports(
 def load_report(run_dir: Path) -> tuple[list[Outcome], dict[str, Any]]:
     doc = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
     return [Outcome.from_dict(r) for r in doc["rows"]], doc["summary"]
-
-
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:2rem;color:#222}
-h1{font-size:1.4rem}table{border-collapse:collapse;width:100%}
-th,td{border-bottom:1px solid #ddd;padding:.35rem .5rem;text-align:left;vertical-align:top}
-th{background:#f4f4f4;position:sticky;top:0}.succeeded{color:#17692c}.failed,.invalid{color:#b00020}
-.skipped_budget{color:#9a6700}.skipped_done{color:#555}.cards{display:flex;gap:1rem;flex-wrap:wrap}
-.card{border:1px solid #ddd;border-radius:6px;padding:.6rem 1rem}.note{color:#555}
-"""
-
-_JS = """
-document.getElementById('status').addEventListener('change', e => {
-  const v = e.target.value;
-  document.querySelectorAll('tbody tr').forEach(tr => {
-    tr.style.display = (!v || tr.dataset.status === v) ? '' : 'none';
-  });
-});
-"""
-
-
-def render_html(df: pd.DataFrame, summary: dict[str, Any]) -> str:
-    esc = html.escape
-    cards = "".join(
-        f'<div class="card"><b>{esc(str(v))}</b><br>{esc(k.replace("_", " "))}</div>'
-        for k, v in summary.get("by_status", {}).items()
-    )
-    money = (
-        f"spent ${summary.get('spent_usd', 0):.2f} of ${summary.get('budget_usd', 0):.2f} budget"
-        f" &middot; provider {esc(str(summary.get('provider', '')))}"
-        f" &middot; wall time {summary.get('wall_seconds', 0):.1f} s"
-    )
-    notes = "".join(f'<p class="note">{esc(n)}</p>' for n in summary.get("notes", []))
-    shown = [c for c in df.columns if c not in ("method",)]
-    head = "".join(f"<th>{esc(c)}</th>" for c in shown)
-    body = []
-    for _, row in df.iterrows():
-        status = str(row["status"])
-        cells = "".join(f'<td class="{esc(status) if c == "status" else ""}">{esc(_cell(row[c]))}</td>' for c in shown)
-        body.append(f'<tr data-status="{esc(status)}">{cells}</tr>')
-    options = "".join(f'<option value="{s}">{s}</option>' for s in STATUSES)
-    title = f"soundpatch run {esc(str(summary.get('run_id', '')))}"
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<style>{_CSS}</style></head><body>
-<h1>{title}</h1>
-<div class="cards">{cards}</div><p>{money}</p>{notes}
-<p><label>Show <select id="status"><option value="">all</option>{options}</select></label></p>
-<table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
-<script>{_JS}</script></body></html>
-"""
-
-
-def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)

@@ -243,6 +243,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a result is an ordinary file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -254,6 +255,16 @@ def atomic_write(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import (single-threaded): os.umask can only be read by setting it.
+_UMASK = _read_umask()
 
 
 def open_store(uri: str, s3: S3) -> OutputStore:

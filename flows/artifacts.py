@@ -1,0 +1,95 @@
+"""What the Prefect UI shows for a run: progress while it goes, then outcomes and money.
+
+- a progress artifact, updated as results complete (at most once a second);
+- a table artifact of outcomes (key `soundpatch-outcomes`; the first TABLE_ROWS results,
+  the report has them all);
+- a markdown artifact with the summary and the money (key `soundpatch-summary`).
+
+Artifacts are a view: if the API refuses one, the run goes on and says so in its log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from soundpatch.outcome import STATUSES, Outcome
+
+TABLE_ROWS = 1000
+TABLE_COLUMNS = ("row_id", "status", "cost_usd", "checks", "output", "error")
+log = logging.getLogger("soundpatch")
+
+
+class Progress:
+    def __init__(self, total: int, run_id: str) -> None:
+        self.total, self.done, self._last = max(total, 1), 0, 0.0
+        self._id: UUID | None = _quietly(
+            lambda: create_progress_artifact(0.0, description=f"soundpatch run {run_id}: results done")
+        )
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        now = time.monotonic()
+        if self._id is not None and (now - self._last >= 1.0 or self.done >= self.total):
+            self._last = now
+            artifact = self._id
+            _quietly(lambda: update_progress_artifact(artifact, 100.0 * min(self.done, self.total) / self.total))
+
+
+def publish(outcomes: Sequence[Outcome], summary: dict[str, Any], report_path: str) -> None:
+    table = [{k: getattr(o, k) for k in TABLE_COLUMNS} for o in outcomes[:TABLE_ROWS]]
+    shown = f"first {TABLE_ROWS} of {len(outcomes)}" if len(outcomes) > TABLE_ROWS else f"all {len(outcomes)}"
+    _quietly(
+        lambda: create_table_artifact(
+            table, key="soundpatch-outcomes", description=f"Outcomes of run {summary['run_id']} ({shown})"
+        )
+    )
+    _quietly(
+        lambda: create_markdown_artifact(
+            summary_markdown(summary, report_path),
+            key="soundpatch-summary",
+            description=f"Summary of run {summary['run_id']}",
+        )
+    )
+
+
+def summary_markdown(summary: dict[str, Any], report_path: str) -> str:
+    by_status = summary.get("by_status", {})
+    lines = [
+        f"# soundpatch run `{summary['run_id']}`",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| spent | **${summary.get('spent_usd', 0):.2f}** of ${summary.get('budget_usd', 0):.2f} budget |",
+        f"| provider reported | ${summary.get('provider_cost_usd', 0):.2f} |",
+        f"| provider | {summary.get('provider', '')} |",
+        f"| wall time | {summary.get('wall_seconds', 0):.1f} s |",
+        f"| flagged by checks | {summary.get('flagged', 0)} |",
+        "",
+        "| status | results |",
+        "|---|---|",
+        *[f"| {s} | {by_status.get(s, 0)} |" for s in STATUSES],
+        "",
+        f"Report: `{report_path}`",
+    ]
+    if summary.get("report_uri"):
+        lines.append(f"In the bucket: `{summary['report_uri']}`")
+    return "\n".join(lines) + "\n"
+
+
+def _quietly(make):  # noqa: ANN001, ANN202 - a thunk and whatever it returns
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001 - a view must not stop a paid batch
+        log.warning("Prefect artifact not written: %s: %s", type(exc).__name__, exc)
+        return None

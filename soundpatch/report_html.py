@@ -1,0 +1,232 @@
+"""report.html: one self-contained page a person can read at a glance.
+
+The summary is on top (results by status, the money, time, throughput, latency,
+retries, reuse, flagged checks); below it one card per result, filterable by status,
+by "flagged only" and by text, fifty to a page so that a 10,000-result run opens
+without freezing. Cards are built by the page's script from a JSON block (text is
+set with textContent, never parsed as HTML). The first MEDIA_CARDS results with a
+preview (flagged ones first) carry before/after waveforms and spectrograms of the
+region with a second of context, and players for both; the rest link to their output.
+
+Everything is inline (CSS, script, images and audio as data: URIs), so the file opens
+from disk or from a bucket with no server.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from soundpatch import preview
+from soundpatch.outcome import STATUSES, Outcome
+
+MEDIA_CARDS = 100
+PAGE_SIZE = 50
+
+
+def render(outcomes: Sequence[Outcome], summary: dict[str, Any], previews_dir: Path | None) -> str:
+    rows = [_row(o) for o in outcomes]
+    media = _media(outcomes, previews_dir) if previews_dir is not None else {}
+    data = {"rows": rows, "media": media, "pageSize": PAGE_SIZE, "statuses": list(STATUSES)}
+    title = f"soundpatch run {html.escape(str(summary.get('run_id', '')))}"
+    return _PAGE.format(
+        title=title,
+        css=_asset("report.css"),
+        summary=_summary_html(summary, outcomes, len(media)),
+        options="".join(f'<option value="{s}">{s}</option>' for s in STATUSES),
+        data=_script_json(data),
+        js=_asset("report.js"),
+    )
+
+
+# ---------------------------------------------------------------------- summary
+
+
+def _summary_html(summary: dict[str, Any], outcomes: Sequence[Outcome], with_media: int) -> str:
+    esc = html.escape
+    by_status = summary.get("by_status", {})
+    tiles = "".join(
+        f'<div class="tile {s}"><b>{by_status.get(s, 0)}</b><span>{s.replace("_", " ")}</span></div>' for s in STATUSES
+    )
+    flagged = sum(1 for o in outcomes if o.checks not in ("", "ok"))
+    facts = [
+        ("spent", f"${summary.get('spent_usd', 0):.2f} of ${summary.get('budget_usd', 0):.2f} budget"),
+        ("provider reported", f"${summary.get('provider_cost_usd', 0):.2f}"),
+        ("provider", str(summary.get("provider", ""))),
+        ("wall time", _duration(summary.get("wall_seconds"))),
+        ("throughput", _per_minute(summary.get("results_per_minute"))),
+        ("prediction latency", _latency(summary)),
+        ("retries", str(summary.get("retries", 0))),
+        ("reused (no cost)", str(by_status.get("skipped_done", 0))),
+        ("flagged by checks", str(flagged)),
+    ]
+    if summary.get("report_uri"):
+        facts.append(("report in bucket", str(summary["report_uri"])))
+    table = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)
+    notes = "".join(f'<p class="note">{esc(str(n))}</p>' for n in summary.get("notes", []))
+    more = ""
+    if len(outcomes) > with_media and with_media:
+        more = (
+            f'<p class="note">Waveforms and players are shown for {with_media} of {len(outcomes)} results '
+            "(flagged ones first); every card links to its output.</p>"
+        )
+    return f'<div class="tiles">{tiles}</div><table class="facts">{table}</table>{notes}{more}'
+
+
+def _duration(seconds: Any) -> str:
+    if seconds is None:
+        return "-"
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def _per_minute(value: Any) -> str:
+    return "-" if value is None else f"{value:g} results/min"
+
+
+def _latency(summary: dict[str, Any]) -> str:
+    p50, p95 = summary.get("p50_prediction_seconds"), summary.get("p95_prediction_seconds")
+    if p50 is None:
+        return "-"
+    return f"p50 {p50:.2f} s, p95 {p95:.2f} s"
+
+
+# ---------------------------------------------------------------------- cards
+
+
+_CARD_FIELDS = (
+    "row_id",
+    "status",
+    "input",
+    "start",
+    "end",
+    "prompt",
+    "seed",
+    "provider",
+    "cost_usd",
+    "output",
+    "prediction_id",
+    "attempts",
+    "error",
+    "checks",
+    "outside_max_diff",
+    "seam_in",
+    "seam_out",
+    "loudness_delta_db",
+    "clipped",
+    "offset_ms",
+    "reused_from",
+    "seconds",
+)
+
+
+def _row(o: Outcome) -> dict[str, Any]:
+    d = o.to_dict()
+    row = {k: _plain(d.get(k)) for k in _CARD_FIELDS}
+    row["extra"] = {str(k): str(v) for k, v in (o.extra or {}).items()}
+    return row
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _media(outcomes: Sequence[Outcome], folder: Path) -> dict[str, dict[str, str]]:
+    flagged = [o for o in outcomes if o.checks not in ("", "ok")]
+    rest = [o for o in outcomes if o.checks in ("", "ok")]
+    media: dict[str, dict[str, str]] = {}
+    for o in flagged + rest:
+        if len(media) >= MEDIA_CARDS:
+            break
+        p = preview.load(folder, o.row_id)
+        if p is None:
+            continue
+        media[o.row_id] = {
+            "image": _data_uri("image/png", _figure(p)),
+            "before": _data_uri("audio/ogg", preview.ogg_bytes(folder, o.row_id, "before")),
+            "after": _data_uri("audio/ogg", preview.ogg_bytes(folder, o.row_id, "after")),
+        }
+    return media
+
+
+def _figure(p: preview.Preview) -> bytes:
+    """Before and after: waveform over spectrogram, the region shaded."""
+    fig = Figure(figsize=(7.2, 3.2), dpi=72)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2, sharex=True)
+    t0 = p.start
+    peak = max(float(np.abs(p.before).max(initial=0)), float(np.abs(p.after).max(initial=0)), 1e-3)
+    for col, (label, x) in enumerate((("before", p.before), ("after", p.after))):
+        t = t0 + np.arange(len(x)) / p.rate
+        wave, spec = axes[0][col], axes[1][col]
+        wave.plot(t, x, linewidth=0.5, color="#1f5fa8" if col == 0 else "#17692c")
+        wave.set_ylim(-peak * 1.05, peak * 1.05)
+        wave.set_title(label, fontsize=9)
+        wave.set_yticks([])
+        if len(x) >= 256:
+            *_, image = spec.specgram(
+                x, NFFT=256, Fs=p.rate, noverlap=192, xextent=(t0, t0 + len(x) / p.rate), cmap="magma"
+            )
+            top = image.get_clim()[1]
+            image.set_clim(top - 90, top)  # 90 dB of range: quiet detail visible, silence black
+        spec.set_ylabel("Hz" if col == 0 else "", fontsize=8)
+        spec.set_xlabel("s", fontsize=8)
+        spec.tick_params(labelsize=7)
+        for ax in (wave, spec):
+            ax.axvspan(t0 + p.region[0], t0 + p.region[1], color="#f2c14e", alpha=0.25, linewidth=0)
+    fig.tight_layout(pad=0.4)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _data_uri(media_type: str, data: bytes) -> str:
+    return f"data:{media_type};base64," + base64.b64encode(data).decode("ascii")
+
+
+def _asset(name: str) -> str:
+    return resources.files("soundpatch").joinpath("report_assets", name).read_text(encoding="utf-8")
+
+
+def _script_json(data: Any) -> str:
+    """JSON safe inside <script type="application/json">: no early </script>."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=str)
+    return text.replace("</", "<\\/").replace("<!--", "<\\!--")
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{title}</title><link rel="icon" href="data:,"><style>{css}</style></head><body>
+<h1>{title}</h1>
+{summary}
+<div class="controls">
+<label>Status <select id="status"><option value="">all</option>{options}</select></label>
+<label><input type="checkbox" id="flagged"> flagged only</label>
+<label>Find <input type="search" id="text" placeholder="row, prompt, input, error"></label>
+<span id="page-info"></span>
+</div>
+<main id="cards"></main>
+<div class="pager"><button id="prev">previous</button><button id="next">next</button></div>
+<script type="application/json" id="report-data">{data}</script>
+<script>{js}</script>
+</body></html>
+"""

@@ -1,0 +1,252 @@
+"""The report people open: quality checks that catch a broken splice, the HTML in a real
+browser (Debian's chromium, headless), and the Prefect artifacts on a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from soundpatch import audio as A
+from soundpatch import demo_audio
+from soundpatch.batch import Batch
+from soundpatch.config import load_config
+from soundpatch.manifest import load_manifest
+from soundpatch.outcome import Outcome
+from soundpatch.providers.base import InpaintRequest
+from soundpatch.providers.local import LocalEngine
+from soundpatch.quality import measure
+from soundpatch.report import summarize, write_reports
+from tests.jobs import clean_env
+
+RATE = 44100
+
+
+def music() -> A.Audio:
+    x = demo_audio.music(6.0, RATE, channels=2, seed=1)
+    like = A.Audio(np.zeros((1, 2), np.int16), RATE, "WAV", "PCM_16")
+    return A.Audio(A.from_float(x, like), RATE, "WAV", "PCM_16")
+
+
+# ---------------------------------------------------------------------- quality checks
+
+
+def test_a_good_splice_passes_every_check():
+    original = music()
+    a, b = 2 * RATE, int(2.3 * RATE)
+    fill = LocalEngine().inpaint(InpaintRequest(original, a, b, "x", 1))
+    published = A.decode(A.encode(A.splice(original, fill.fill, a, b, 0), "WAV"))
+    q = measure(original, published, a, b, lossless=True)
+    assert q.checks == "ok", q
+    assert q.outside_max_diff == 0 and q.clipped == 0
+    assert q.seam_in < 2 and q.seam_out < 2 and abs(q.loudness_delta_db) < 6
+
+
+def test_a_deliberately_broken_splice_is_flagged():
+    original = music()
+    a, b = 2 * RATE, int(2.3 * RATE)
+    shift = int(0.03 * RATE)  # the fill is taken 30 ms late and butted in without a crossfade
+    broken = A.splice(original, A.to_float(original.samples[a + shift : b + shift]), a, b, 0)
+    q = measure(original, broken, a, b, lossless=True)
+    assert "discontinuity at the region's" in q.checks, q
+
+    silence = A.splice(original, np.zeros((b - a, 2), np.float32), a, b, 0)
+    assert "dB against its context" in measure(original, silence, a, b, lossless=True).checks
+
+    loud = A.splice(original, np.ones((b - a, 2), np.float32), a, b, 0)
+    assert "clipped samples in the region" in measure(original, loud, a, b, lossless=True).checks
+
+    touched = A.Audio(original.samples.copy(), RATE, "WAV", "PCM_16")
+    touched.samples[100] += 1  # one sample, one LSB, far from the region
+    q = measure(original, touched, a, b, lossless=True)
+    assert "audio outside the region changed" in q.checks and q.outside_max_diff > 0
+    assert measure(original, touched, a, b, lossless=False).checks == "ok"  # lossy formats differ anyway
+
+
+# ---------------------------------------------------------------------- the HTML in a browser
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail("chromium is not installed: .ci/run installs Debian's chromium for this test")
+    pytest.skip("chromium is not installed (apt-get install chromium)")
+
+
+def browse(page: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Open a page headless as a person's browser would (file://, scripts on); the DOM after
+    its scripts ran is on stdout, console messages on stderr."""
+    return subprocess.run(
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--enable-logging=stderr",
+            "--v=0",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            "--virtual-time-budget=5000",
+            *extra,
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def console_errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+
+
+def run_example(tmp_path: Path) -> Path:
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    original = music()
+    (audio / "music.wav").write_bytes(A.encode(original, "WAV"))
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt,take\n"
+        "gap,audio/music.wav,2.0,2.05,fill the gap,1\n"
+        "click,audio/music.wav,3.1,3.102,remove the click,2\n"
+        "late,audio/music.wav,4.0,9.0,past the end,3\n"
+        "<script>alert(1)</script>,audio/music.wav,1.0,1.1,</script><b>not bold</b>,4\n"
+    )
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "html")
+    outcomes = [batch.process(e) for e in batch.manifest.edits]
+    batch.close()
+    summary = summarize(outcomes, {"run_id": "html", "budget_usd": 10, "provider": "local", "wall_seconds": 1.0})
+    return write_reports(batch.run_dir, outcomes, summary)["html"]
+
+
+def test_the_html_report_in_a_real_browser(tmp_path):
+    report = run_example(tmp_path)
+    text = report.read_text()
+    assert "<script>alert(1)</script>" not in text.split('id="report-data">')[1].split("</script>")[0]
+
+    shown = browse(report, tmp_path, "--dump-dom")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert console_errors(shown.stderr) == [], console_errors(shown.stderr)
+    dom = shown.stdout
+    assert 'data-ready="true"' in dom  # the page's script ran to its end
+    assert dom.count('class="card"') == 4
+    assert "4 results · page 1 of 1" in dom
+    assert "succeeded" in dom and "invalid" in dom and "spent" in dom and "provider reported" in dom
+    assert dom.count("<img") == 3 and dom.count("<audio") == 6  # media for each published result
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom and "<b>not bold</b>" not in dom
+
+    shot = tmp_path / "shot.png"
+    taken = browse(report, tmp_path, "--screenshot=" + str(shot), "--window-size=1200,1600", "--hide-scrollbars")
+    assert taken.returncode == 0 and shot.exists(), taken.stderr[-2000:]
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert pixels.std() > 0.05  # text, tiles and pictures, not a blank page
+    assert (pixels < 0.5).mean() > 0.01  # some dark ink
+
+
+def test_the_browser_check_does_see_console_errors(tmp_path):
+    """The harness itself: a page that throws is caught, so a clean report means something."""
+    page = tmp_path / "broken.html"
+    page.write_text("<!doctype html><html><body><script>undefinedFunction();</script></body></html>")
+    assert console_errors(browse(page, tmp_path, "--dump-dom").stderr)
+
+
+def test_a_10000_result_report_opens_without_freezing(tmp_path):
+    outcomes = [
+        Outcome(
+            row_id=f"row{i:05d}",
+            input=f"archive/take{i % 50}.wav",
+            start=1.0,
+            end=1.5,
+            prompt=f"variation {i}",
+            seed=i,
+            provider="eachlabs",
+            status=("succeeded", "failed", "skipped_done")[i % 3],
+            cost_usd=0.2 if i % 3 == 0 else 0.0,
+            output=f"s3://results/run/take-{i}.wav",
+            error="The provider answered 500 three times." if i % 3 == 1 else "",
+            checks="ok" if i % 7 else "discontinuity at the region's start (5x its surroundings)",
+        )
+        for i in range(10_000)
+    ]
+    summary = summarize(outcomes, {"run_id": "big", "budget_usd": 1000, "provider": "eachlabs", "wall_seconds": 9})
+    run_dir = tmp_path / "runs" / "big"
+    report = write_reports(run_dir, outcomes, summary)["html"]
+    assert report.stat().st_size < 10_000_000
+
+    shown = browse(report, tmp_path, "--dump-dom")
+    assert shown.returncode == 0 and console_errors(shown.stderr) == [], shown.stderr[-2000:]
+    assert "10000 results · page 1 of 200" in shown.stdout
+    assert shown.stdout.count('class="card"') == 50  # one page is built, not ten thousand cards
+
+
+# ---------------------------------------------------------------------- Prefect artifacts
+
+
+def test_the_prefect_ui_tells_the_same_story(tmp_path):
+    """A real run on Prefect's temporary server; the artifacts are read back from its API."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    (audio / "music.wav").write_bytes(A.encode(music(), "WAV"))
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt\n"
+        + "".join(f"r{i},audio/music.wav,{1 + i * 0.5},{1.05 + i * 0.5},fill {i}\n" for i in range(6))
+        + "bad,audio/missing.wav,1,2,x\n"
+    )
+    script = textwrap.dedent(
+        f"""
+        import json
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+        from flows.ephemeral import isolated_api
+        from flows.inpaint_batch import inpaint_batch
+
+        config = {{"output": {{"uri": {str(tmp_path / "out")!r}}}, "runs_dir": {str(tmp_path / "runs")!r}}}
+        with isolated_api():
+            state = inpaint_batch({str(tmp_path / "m.csv")!r}, config=config, run_id="ui", return_state=True)
+            with get_client(sync_client=True) as client:
+                flow_run_id = state.state_details.flow_run_id
+                artifacts = client.read_artifacts(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+                )
+                print(json.dumps([{{"key": a.key, "type": a.type, "data": a.data}} for a in artifacts]))
+        """
+    )
+    env = clean_env(PREFECT_HOME=str(tmp_path / "prefect"))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    artifacts = json.loads(proc.stdout.strip().splitlines()[-1])
+    by_type = {a["type"]: a for a in artifacts}
+    assert set(by_type) >= {"progress", "table", "markdown"}, artifacts
+    assert float(by_type["progress"]["data"]) == 100.0
+
+    table = by_type["table"]["data"]
+    table = json.loads(table) if isinstance(table, str) else table
+    assert by_type["table"]["key"] == "soundpatch-outcomes"
+    statuses = sorted(r["status"] for r in table)
+    assert statuses == ["invalid"] + ["succeeded"] * 6
+
+    markdown = by_type["markdown"]["data"]
+    assert by_type["markdown"]["key"] == "soundpatch-summary"
+    assert "| succeeded | 6 |" in markdown and "| invalid | 1 |" in markdown and "spent" in markdown
+    report = pd.read_csv(tmp_path / "runs" / "ui" / "report.csv")
+    assert (report["status"] == "succeeded").sum() == 6
