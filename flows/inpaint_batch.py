@@ -25,6 +25,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import artifacts
+from flows.shared_limits import PrefectSharedLimits, shared_limits
 from soundpatch import interrupt
 from soundpatch.batch import Batch, new_run_id
 from soundpatch.config import Config
@@ -51,7 +52,8 @@ def inpaint_batch(
     interrupt.reassert()  # Ctrl-C / SIGTERM: stop submitting, finish what is in flight
     cfg = Config.model_validate(config or {})
     run_id = run_id or new_run_id()
-    batch = Batch(load_manifest(manifest), cfg, run_id, force=force, api_keys=_api_keys(cfg))
+    shared = shared_limits(cfg)  # other processes on the same account, through the Prefect server
+    batch = Batch(load_manifest(manifest), cfg, run_id, force=force, api_keys=_api_keys(cfg), shared=shared)
     try:
         todo, kept = batch.split()
         batch.journal.write("run_started", total=len(todo) + len(kept), kept=len(kept), manifest=manifest)
@@ -73,12 +75,24 @@ def inpaint_batch(
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "wall_seconds": round(time.time() - started, 3),
             "notes": batch.notes(),
+            **_shared_waits(shared),
         },
         prediction_seconds(batch.run_dir),
     )
     paths = publish_reports(batch.run_dir, outcomes, summary, batch.store)
     artifacts.publish(outcomes, summary, str(paths["html"]))
     return {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
+
+
+def _shared_waits(shared: PrefectSharedLimits | None) -> dict[str, Any]:
+    """How long creates waited for the shared rate limit (its acquisition latency included)."""
+    if shared is None or not shared.create_waits:
+        return {}
+    waits = sorted(shared.create_waits)
+    return {
+        "shared_create_wait_p50_seconds": round(waits[len(waits) // 2], 3),
+        "shared_create_wait_p95_seconds": round(waits[min(len(waits) - 1, int(len(waits) * 0.95))], 3),
+    }
 
 
 def _api_keys(cfg: Config) -> dict[str, str]:

@@ -17,6 +17,7 @@ import secrets
 import threading
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentenc
 from soundpatch.identity import edit_identity
 from soundpatch.interrupt import stop_requested
 from soundpatch.journal import Journal, row_states
-from soundpatch.limits import BudgetLedger
+from soundpatch.limits import BudgetLedger, SharedLimits
 from soundpatch.manifest import Edit, Manifest
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SUCCEEDED, Outcome
 from soundpatch.providers import InpaintRequest, PredictionFailed, Provider, make_provider
@@ -74,8 +75,10 @@ class Batch:
         force: bool = False,
         dry_run: bool = False,
         api_keys: dict[str, str] | None = None,
+        shared: SharedLimits | None = None,
     ) -> None:
         self.api_keys = api_keys or {}
+        self.shared = shared  # limits shared with other processes on the account, if any
         self.config = config
         self.run_id = run_id
         self.force = force
@@ -132,7 +135,7 @@ class Batch:
     def _provider(self, name: str) -> Provider:
         with self._lock:
             if name not in self.providers:
-                provider = make_provider(self.config, name, self.s3, self.api_keys.get(name))
+                provider = make_provider(self.config, name, self.s3, self.api_keys.get(name), self.shared)
                 if not self.dry_run:
                     provider.ready()  # a missing key or staging prefix: say so once, not on every row
                 self.providers[name] = provider
@@ -377,7 +380,8 @@ class Batch:
             self.journal.write("created", edit.row_id, prediction_id=resume_id, resumed=True)
         outcome.attempts += 1
         try:
-            prediction = provider.inpaint(request)
+            with self.shared.prediction() if self.shared else nullcontext():
+                prediction = provider.inpaint(request)
         except PredictionFailed as exc:
             # The provider was reached and may have charged: keep what it says is owed.
             self.ledger.settle(reservation, exc.cost_usd)

@@ -185,6 +185,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _quiet_prefect(args.verbose)
     from flows.ephemeral import isolated_api  # noqa: PLC0415 - Prefect loads only here
     from flows.inpaint_batch import inpaint_batch  # noqa: PLC0415
+    from flows.shared_limits import check_server  # noqa: PLC0415
+
+    check_server(cfg)
 
     _stop_on_signals(run_id)
     watcher = _ProgressWatcher(run_dir, total=len(manifest.edits), budget=cfg.limits.budget_usd)

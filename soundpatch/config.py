@@ -64,6 +64,11 @@ class LimitsConfig(_Section):
     requests_per_minute: float = Field(default=60, gt=0)  # creates sent to the provider
     polls_per_minute: float = Field(default=600, gt=0)  # status polls, paced apart from creates
     budget_usd: float = Field(default=10.0, ge=0)
+    # Several processes or machines on one provider account: share the rate and the
+    # in-flight limit through the Prefect server they all use (PREFECT_API_URL), as global
+    # concurrency limits named `<shared_name>-creates` and `<shared_name>-predictions`.
+    shared: bool = False
+    shared_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")  # default soundpatch-<provider>
 
 
 class S3Config(_Section):

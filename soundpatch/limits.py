@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 # Prices are compared in micro-dollars so that 50 x $0.20 is exactly $10.00.
 _MICRO = 1_000_000
@@ -83,7 +86,14 @@ class RateLimiter:
     # provider counting over a sliding window sees an early arrival as one too many.
     HEADROOM = 0.99
 
-    def __init__(self, per_minute: float, burst: float | None = None, clock=time.monotonic, sleep=time.sleep):
+    def __init__(
+        self,
+        per_minute: float,
+        burst: float | None = None,
+        clock=time.monotonic,
+        sleep=time.sleep,
+        shared: Callable[[], None] | None = None,
+    ):
         self.configured = per_minute / 60.0 * self.HEADROOM
         self.rate = self.configured
         self.burst = burst if burst is not None else max(1.0, min(4.0, self.configured))
@@ -95,9 +105,20 @@ class RateLimiter:
         self._blocked_until = 0.0
         self._lock = threading.Lock()
         self.waited = 0.0  # total seconds callers spent waiting, for the report
+        # Other processes on the same account: after local pacing, a slot of the shared
+        # limit is taken too (see SharedLimits).
+        self._shared = shared
 
     def acquire(self) -> float:
-        """Wait for the next slot; returns how long this caller waited."""
+        """Wait for the next slot (local, then shared); returns how long this caller waited."""
+        waited = self._acquire_local()
+        if self._shared is not None:
+            started = self._clock()
+            self._shared()
+            waited += self._clock() - started
+        return waited
+
+    def _acquire_local(self) -> float:
         waited = 0.0
         while True:
             with self._lock:
@@ -128,3 +149,20 @@ class RateLimiter:
     def succeeded(self) -> None:
         with self._lock:
             self.rate = min(self.configured, self.rate + self.configured / 20)
+
+
+class SharedLimits(Protocol):
+    """Limits shared with other processes or machines using the same provider account.
+
+    The local RateLimiter keeps each process's pace precise; a SharedLimits keeps their
+    sum under the account's limits. Orchestration provides it (flows/shared_limits.py:
+    Prefect's global concurrency limits); the core only calls it.
+    """
+
+    def create(self) -> None:
+        """Block until one more create may go out under the shared rate."""
+        ...
+
+    def prediction(self) -> AbstractContextManager[None]:
+        """Hold one of the shared in-flight slots while a prediction runs."""
+        ...

@@ -68,6 +68,7 @@ class _Prediction:
     error: str | None = None
     result: bytes | None = None
     ext: str = "wav"
+    fetched: bool = False  # its result was downloaded at least once
 
 
 @dataclass
@@ -82,6 +83,8 @@ class Stats:
     accepted_times: list[float] = field(default_factory=list)
     audio_urls: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)  # one per prediction made
+    in_flight: int = 0  # predictions created whose result has not been downloaded yet
+    max_in_flight: int = 0  # the most there ever were at once
 
 
 class Simulator:
@@ -154,6 +157,8 @@ class Simulator:
             prediction.ext = "mp3" if s.result_format == "mp3" else "wav"
             fails = bool(s.fail_rate and self._rng.random() < s.fail_rate)
             self._predictions[prediction.id] = prediction
+            self.stats.in_flight += 1
+            self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         threading.Thread(target=self._run, args=(prediction, fails), daemon=True).start()
         if slow:  # made, and billed, but the answer comes too late for the client
             time.sleep(s.slow_create_seconds)
@@ -213,6 +218,10 @@ class Simulator:
             truncate = bool(self.settings.truncate_rate and self._rng.random() < self.settings.truncate_rate)
         if p is None or p.result is None:
             return 404, b"not found", 9
+        with self._lock:
+            if not p.fetched:
+                p.fetched = True
+                self.stats.in_flight -= 1
         if truncate:
             return 200, p.result[: len(p.result) // 2], len(p.result)
         return 200, p.result, len(p.result)

@@ -77,7 +77,10 @@ def test_restoration_example_end_to_end_and_resume(workdir, prefect_home):
     assert "note" in report.columns  # an unknown manifest column, carried through
     summary = json.loads((run_dir / "report.json").read_text())["summary"]
     assert summary["by_status"]["succeeded"] == 6
-    assert (run_dir / "report.html").read_text().count('data-status="succeeded"') == 6
+    page = (run_dir / "report.html").read_text()
+    cards = json.loads(page.split('id="report-data">', 1)[1].split("</script>", 1)[0])
+    assert [r["status"] for r in cards["rows"]] == ["succeeded"] * 6 and len(cards["media"]) == 6
+    assert list(report["checks"]) == ["ok"] * 6 and (report["outside_max_diff"] == 0).all()
 
     for row in report.itertuples():
         source = workdir / "manifests" / row.input

@@ -224,7 +224,7 @@ def test_the_prefect_ui_tells_the_same_story(tmp_path):
                 print(json.dumps([{{"key": a.key, "type": a.type, "data": a.data}} for a in artifacts]))
         """
     )
-    env = clean_env(PREFECT_HOME=str(tmp_path / "prefect"))
+    env = clean_env(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
     proc = subprocess.run(
         [sys.executable, "-c", script],
         cwd=Path(__file__).parent.parent,

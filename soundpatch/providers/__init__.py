@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from soundpatch.config import Config
 from soundpatch.errors import ConfigError
-from soundpatch.limits import RateLimiter
+from soundpatch.limits import RateLimiter, SharedLimits
 from soundpatch.providers.base import InpaintRequest, Prediction, PredictionFailed, Provider
 from soundpatch.s3 import S3
 
@@ -12,7 +12,11 @@ __all__ = ["InpaintRequest", "Prediction", "PredictionFailed", "Provider", "make
 
 
 def make_provider(
-    config: Config, name: str | None = None, s3: S3 | None = None, api_key: str | None = None
+    config: Config,
+    name: str | None = None,
+    s3: S3 | None = None,
+    api_key: str | None = None,
+    shared: SharedLimits | None = None,
 ) -> Provider:
     name = name or config.provider.name
     # A row may name another provider than the config's; it then gets that provider's
@@ -36,7 +40,7 @@ def make_provider(
             staging,
             api_key=api_key,
             concurrency=config.limits.concurrency,
-            creates=RateLimiter(config.limits.requests_per_minute),
+            creates=RateLimiter(config.limits.requests_per_minute, shared=shared.create if shared else None),
             polls=RateLimiter(config.limits.polls_per_minute),
         )
     raise ConfigError(f"Provider {name!r} is not available in this version of soundpatch; use local or eachlabs.")
