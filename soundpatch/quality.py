@@ -11,7 +11,7 @@ original:
   in the 100 ms of untouched audio beside it, or the original's own at that spot if
   larger (a transient on the edge is not the splice's fault). 1 or less means the edge
   is as smooth as before; a click or a step reads well above (flagged past SEAM_LIMIT).
-- `loudness_delta_db`: the region's loudness minus its context's (up to 3 s each side),
+- `loudness_delta_db`: the region's loudness minus its context's (up to 1 s each side),
   K-weighted as in ITU-R BS.1770 (pyloudnorm's filters; short regions are measured
   ungated, so a 10 ms fill has a value too). None when either side is near silence.
 - `clipped`: samples at full scale inside the region that the original did not have.
@@ -32,7 +32,7 @@ SEAM_LIMIT = 2.5
 LOUDNESS_LIMIT_DB = 12.0
 SILENCE_LUFS = -70.0
 FULL_SCALE = 0.9999
-CONTEXT_SECONDS = 3.0
+CONTEXT_SECONDS = 1.0
 
 
 @dataclass

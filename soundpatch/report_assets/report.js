@@ -46,7 +46,10 @@
       img.alt = 'waveform and spectrogram of ' + r.row_id + ', before and after';
       img.loading = 'lazy';
       img.src = m.image;
-      c.append(img);
+      const figure = el('figure');
+      const caption = el('figcaption', null, 'before | after: waveform over spectrogram, ' + m.caption);
+      figure.append(img, caption);
+      c.append(figure);
       const players = el('div', 'players');
       for (const which of ['before', 'after']) {
         const label = el('label', null, which);
