@@ -276,6 +276,10 @@ class Simulator:
 
 
 class _Server(ThreadingHTTPServer):
+    # A batch opens dozens of connections at once; the default backlog of 5 resets some.
+    request_queue_size = 256
+    daemon_threads = True
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients that go away mid-answer (killed runs, timeouts) are part of the job.
         if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
