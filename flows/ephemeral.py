@@ -18,9 +18,10 @@ import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
 _PR_SET_PDEATHSIG = 1
+STARTUP_TIMEOUT_SECONDS = 120
 
 
 def _die_with_parent() -> None:  # runs in the child, between fork and exec
@@ -48,7 +49,9 @@ def isolated_api() -> Iterator[None]:
     prefect_server.subprocess = proxy  # only for the spawn below, from this thread
     try:
         server = prefect_server.SubprocessASGIServer()
-        server.start()
+        # A first run on a new PREFECT_HOME creates and migrates the server's database;
+        # on a busy 2-core machine that alone can pass Prefect's default of 20 s.
+        server.start(timeout=max(STARTUP_TIMEOUT_SECONDS, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
     finally:
         prefect_server.subprocess = original
     try:
