@@ -20,6 +20,7 @@ original:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -55,12 +56,12 @@ class Quality:
 
 
 def measure(original: Audio, result: Audio, a: int, b: int, lossless: bool, offset_ms: float = 0.0) -> Quality:
-    before, after = to_float(original.samples), to_float(result.samples)
-    if after.shape != before.shape:  # a lossy codec's padding: compare what overlaps
-        n = min(len(after), len(before))
-        before, after = before[:n], after[:n]
-    outside = np.concatenate([np.abs(after[:a] - before[:a]).ravel(), np.abs(after[b:] - before[b:]).ravel()])
-    outside_max = float(outside.max()) if outside.size else 0.0
+    outside_max = _outside_max_diff(original.samples, result.samples, a, b)
+    # Only the region and the context around it are needed from here on, as floats.
+    lo = max(0, a - round(CONTEXT_SECONDS * result.rate))
+    hi = min(original.frames, result.frames, b + round(CONTEXT_SECONDS * result.rate))
+    before, after = to_float(original.samples[lo:hi]), to_float(result.samples[lo:hi])
+    a, b = a - lo, b - lo
     seam_in = _seam(after, before, a, side=-1, rate=result.rate)
     seam_out = _seam(after, before, b, side=+1, rate=result.rate)
     loudness = _loudness_delta(after, a, b, result.rate)
@@ -83,6 +84,18 @@ def measure(original: Audio, result: Audio, a: int, b: int, lossless: bool, offs
     if clipped:
         q.flags.append(f"{clipped} clipped samples in the region")
     return q
+
+
+def _outside_max_diff(before: np.ndarray, after: np.ndarray, a: int, b: int) -> float:
+    """Largest difference outside [a, b), in full-scale units; exact comparison first (cheap)."""
+    n = min(len(before), len(after))  # a lossy codec's padding: compare what overlaps
+    same_type = before.dtype == after.dtype
+    if same_type and np.array_equal(before[:a], after[:a]) and np.array_equal(before[b:n], after[b:n]):
+        return 0.0
+    x, y = to_float(before[:n]), to_float(after[:n])
+    parts = [np.abs(y[:a] - x[:a]).ravel(), np.abs(y[b:] - x[b:]).ravel()]
+    outside = np.concatenate(parts)
+    return float(outside.max()) if outside.size else 0.0
 
 
 def _seam(after: np.ndarray, before: np.ndarray, edge: int, side: int, rate: int) -> float | None:
@@ -120,15 +133,23 @@ def _loudness_delta(x: np.ndarray, a: int, b: int, rate: int) -> float | None:
 
 
 def _k_weighted(x: np.ndarray, rate: int) -> np.ndarray:
-    meter = pyloudnorm.Meter(rate)
-    y = x.astype(np.float64)
-    for stage in meter._filters.values():  # the BS.1770 pre-filter: high shelf, then high pass
-        y = stage.passband_gain * scipy.signal.lfilter(stage.b, stage.a, y, axis=0)
-    return y
+    b, a = _k_filter(rate)
+    return scipy.signal.lfilter(b, a, x, axis=0)
+
+
+@functools.cache
+def _k_filter(rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """The BS.1770 pre-filter (pyloudnorm's high shelf, then high pass) as one filter."""
+    b, a = np.array([1.0]), np.array([1.0])
+    for stage in pyloudnorm.Meter(rate)._filters.values():
+        b = np.convolve(b, stage.passband_gain * np.asarray(stage.b))
+        a = np.convolve(a, np.asarray(stage.a))
+    return b, a
 
 
 def _lufs(y: np.ndarray) -> float:
-    power = float(np.mean(y**2, axis=0).sum())  # BS.1770 weights 1.0 for L, R and C
+    # Mean square per channel, summed: BS.1770 weights L, R and C by 1.0.
+    power = float(np.einsum("ij,ij->", y, y) / len(y))
     return -0.691 + 10 * np.log10(power) if power > 0 else -np.inf
 
 
