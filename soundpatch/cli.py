@@ -21,6 +21,7 @@ from soundpatch import __version__, interrupt
 from soundpatch.batch import Batch, new_run_id, preflight
 from soundpatch.config import Config, load_config
 from soundpatch.errors import SoundpatchError
+from soundpatch.humanize import duration
 from soundpatch.journal import JournalTail, latest_outcomes, prediction_seconds
 from soundpatch.manifest import load_manifest
 from soundpatch.outcome import (
@@ -152,7 +153,7 @@ def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
     if est.get("duplicates"):
         table.add_row("identical to another row (sent once)", str(est["duplicates"]))
     table.add_row("expected cost", f"${est['expected_cost_usd']:.2f} (budget ${est['budget_usd']:.2f})")
-    table.add_row("expected wall time", _duration(est["expected_seconds"]))
+    table.add_row("expected wall time", duration(est["expected_seconds"]))
     table.add_row("provider", cfg.provider.name)
     out.print(table)
     for row_id, line, reason in est["errors"][:20]:
@@ -336,7 +337,7 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
         table.add_row("provider reported", f"${summary.get('provider_cost_usd', 0):.2f}")
     if summary.get("flagged"):
         table.add_row("[yellow]flagged by checks[/yellow]", f"{summary['flagged']} (see the report)")
-    table.add_row("wall time", _duration(summary["wall_seconds"]))
+    table.add_row("wall time", duration(summary["wall_seconds"]))
     table.add_row("outputs", str(summary.get("output_uri", "")))
     table.add_row("report", str(run_dir / "report.html"))
     if summary.get("report_uri"):
@@ -349,15 +350,6 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
         out.print(f"  ... {len(problems) - 8} more in {run_dir / 'report.csv'}")
     for note in summary.get("notes", []):
         out.print(f"[dim]note: {escape(note)}[/dim]", soft_wrap=True)
-
-
-def _duration(seconds: float) -> str:
-    seconds = float(seconds)
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
 
 
 # ---------------------------------------------------------------------- simulate

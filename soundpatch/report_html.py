@@ -24,11 +24,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-import matplotlib.image
 import numpy as np
 
 from soundpatch import preview
+from soundpatch.humanize import duration
 from soundpatch.outcome import STATUSES, Outcome
 
 MEDIA_CARDS = preview.KEEP
@@ -64,7 +63,7 @@ def _summary_html(summary: dict[str, Any], outcomes: Sequence[Outcome], with_med
         ("spent", f"${summary.get('spent_usd', 0):.2f} of ${summary.get('budget_usd', 0):.2f} budget"),
         ("provider reported", f"${summary.get('provider_cost_usd', 0):.2f}"),
         ("provider", str(summary.get("provider", ""))),
-        ("wall time", _duration(summary.get("wall_seconds"))),
+        ("wall time", duration(summary.get("wall_seconds"))),
         ("throughput", _per_minute(summary.get("results_per_minute"))),
         ("prediction latency", _latency(summary)),
         ("retries", str(summary.get("retries", 0))),
@@ -82,17 +81,6 @@ def _summary_html(summary: dict[str, Any], outcomes: Sequence[Outcome], with_med
             "(flagged ones first); every card links to its output.</p>"
         )
     return f'<div class="tiles">{tiles}</div><table class="facts">{table}</table>{notes}{more}'
-
-
-def _duration(seconds: Any) -> str:
-    if seconds is None:
-        return "-"
-    seconds = float(seconds)
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
 def _per_minute(value: Any) -> str:
@@ -180,6 +168,9 @@ def _figure(p: preview.Preview) -> bytes:
 
     Drawn straight into pixels (matplotlib's colormap and PNG writer, no figure layout): a
     hundred cards render in about a second instead of a minute."""
+    import matplotlib  # noqa: PLC0415 - only when a report has pictures to draw
+    import matplotlib.image  # noqa: PLC0415
+
     peak = max(float(np.abs(p.before).max(initial=0)), float(np.abs(p.after).max(initial=0)), 1e-3)
     n = max(len(p.before), 1)
     lo, hi = (round(p.region[0] * p.rate * WIDTH / n), round(p.region[1] * p.rate * WIDTH / n))

@@ -1,0 +1,15 @@
+"""Numbers as people read them in summaries and reports."""
+
+from __future__ import annotations
+
+
+def duration(seconds: float | None) -> str:
+    """`12.3 s`, `4 min 05 s`, `2 h 07 min`; `-` when unknown."""
+    if seconds is None:
+        return "-"
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
