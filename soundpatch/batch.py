@@ -411,8 +411,10 @@ class Batch:
         published = audio_ops.decode(encoded.data, encoded.name)  # checked as users will read it
         quality = measure(original, published, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
         _apply(quality.to_dict(), outcome)
-        if quality.flags or self._previews < preview.KEEP:  # the report shows no more than that
-            self._previews += 1
+        with self._lock:
+            keep = bool(quality.flags) or self._previews < preview.KEEP  # the report shows no more
+            self._previews += keep
+        if keep:
             self._save_preview(edit, original, published, a, b)
         record = {
             "identity": identity,
