@@ -37,8 +37,12 @@ class Journal:
                 self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run
             self._file.write(line)
             self._file.flush()
-            if event in DURABLE_EVENTS:
-                os.fsync(self._file.fileno())
+            fd = self._file.fileno()
+        if event in DURABLE_EVENTS:
+            # Outside the lock: other rows keep appending while this one waits for the disk,
+            # and the kernel serves concurrent fsyncs of one file together (group commit).
+            # The line is written before the fsync starts, so it is on disk when this returns.
+            os.fsync(fd)
 
     def close(self) -> None:
         with self._lock:
