@@ -190,7 +190,7 @@ class Batch:
                 duplicates += 1
                 continue
             seen.add(identity)
-            if not self.force and self._known(identity):
+            if not self.force and self._earlier(identity) is not None:
                 done += 1
                 continue
             predictions += 1
@@ -305,30 +305,31 @@ class Batch:
         checksum = self.sources.checksum(checked.source)
         return edit_identity(checked.edit, checksum, provider.name, provider.model, self.config)
 
-    def _known(self, identity: str) -> bool:
-        """Whether a result with this identity exists (in the output store or kept locally)."""
+    def _earlier(self, identity: str) -> tuple[dict, OutputStore] | None:
+        """An earlier result with this identity that still exists, and the store holding it:
+        the output store, or this machine's results kept after a failed upload."""
         record = self.store.get_record(identity)
         if record is not None and self.store.exists_uri(record.get("output", "")):
-            return True
+            return record, self.store
         kept = self._kept.get(identity)
-        return kept is not None and Path(kept.get("output", "")).is_file()
+        if kept is not None and Path(kept.get("output", "")).is_file():
+            return kept, self.unpublished
+        return None
 
     def _reuse(self, edit: Edit, checked: Checked, identity: str, outcome: Outcome) -> bool:
         """Publish an earlier result with this identity under this row's name: skipped_done, cost 0."""
-        record = self.store.get_record(identity)
-        store = self.store
-        if record is None or not self.store.exists_uri(record.get("output", "")):
-            record, store = self._kept.get(identity), self.unpublished
-            if record is None or not Path(record.get("output", "")).is_file():
-                return False
+        earlier = self._earlier(identity)
+        if earlier is None:
+            return False
+        record, store = earlier
         details = {k: str(record.get(k, "")) for k in RESULT_DETAILS}
         metadata = self.publisher.metadata(edit, {**details, "identity": identity, "reused_from": record["output"]})
         name = self.publisher.name(edit, checked.info)
         if store is self.store and record.get("ext") == self.publisher.ext(checked.info):
             outcome.output = self.store.copy(record["output"], name, metadata)
         else:  # another format asked for, or kept locally after a failed upload: encode and put
-            earlier = audio_ops.decode(store.read(record["output"]), record["output"])
-            encoded = self.publisher.encode(edit, earlier, checked.info)
+            audio = audio_ops.decode(store.read(record["output"]), record["output"])
+            encoded = self.publisher.encode(edit, audio, checked.info)
             outcome.output = self.store.put(encoded.name, encoded.data, encoded.content_type, metadata)
             if store is not self.store:
                 self.store.put_record(identity, {**record, "output": outcome.output, "ext": encoded.ext})
