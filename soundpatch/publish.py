@@ -71,10 +71,6 @@ class Publisher:
             **dict(edit.extra),
         }
 
-    def publish(self, edit: Edit, result: Audio, info: AudioInfo, details: dict[str, str]) -> str:
-        encoded = self.encode(edit, result, info)
-        return self.store.put(encoded.name, encoded.data, encoded.content_type, self.metadata(edit, details))
-
 
 @dataclass(frozen=True)
 class Encoded:
