@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 from soundpatch import audio as audio_ops
 from soundpatch import preview
 from soundpatch.audio import Audio, AudioInfo
@@ -109,6 +111,9 @@ class Batch:
         self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=spent)
         self._held = {row: self.ledger.hold(self._list_price) for row, s in self.states.items() if s.prediction_id}
         self.journal = Journal(self.run_dir)
+        # Rows run on many threads at once. BLAS's own threads on top of them fight for the
+        # same cores: with 40 rows a dot product or a solve took 100-300x longer. One each.
+        self._blas = threadpool_limits(limits=1, user_api="blas")
 
     # ------------------------------------------------------------------ planning
 
@@ -480,6 +485,7 @@ class Batch:
 
     def close(self) -> None:
         self.journal.close()
+        self._blas.restore_original_limits()
 
 
 # What a result's metadata says of how it was made (also kept in its index record).

@@ -20,7 +20,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from soundpatch.audio import Audio, to_float
+from soundpatch.audio import Audio, mono, to_float
 from soundpatch.storage import atomic_write
 
 KEEP = 100
@@ -80,4 +80,4 @@ def ogg_bytes(p: Preview, label: str) -> bytes:
 
 
 def _mono(samples: np.ndarray) -> np.ndarray:
-    return to_float(samples).mean(axis=1).astype(np.float32)
+    return mono(to_float(samples)).astype(np.float32)

@@ -22,7 +22,7 @@ import numpy as np
 import soxr
 from scipy.signal import correlate
 
-from soundpatch.audio import Audio
+from soundpatch.audio import Audio, mono
 from soundpatch.errors import RowError
 
 MODEL_RATE = 44100
@@ -99,7 +99,7 @@ def to_stereo(x: np.ndarray) -> np.ndarray:
     if x.shape[1] == 1:
         return np.repeat(x, 2, axis=1)
     # More channels: even-numbered ones to the left, odd-numbered to the right.
-    return np.stack([x[:, 0::2].mean(axis=1), x[:, 1::2].mean(axis=1)], axis=1)
+    return np.stack([mono(x[:, 0::2]), mono(x[:, 1::2])], axis=1)
 
 
 def pad_end(x: np.ndarray, n: int, mode: PadMode) -> np.ndarray:
@@ -122,30 +122,59 @@ def pad_end(x: np.ndarray, n: int, mode: PadMode) -> np.ndarray:
 
 
 def find_offset(sent: np.ndarray, result: np.ndarray, window: Window) -> int:
-    """Frames by which `result` lags `sent`, measured on the audio outside the mask."""
+    """Frames by which `result` lags `sent`, measured on the audio outside the mask.
+
+    Searched coarse to fine: every lag at 1/COARSE of the rate, then each frame around
+    the best one. A match that is not clearly the same audio (normalized correlation
+    under CONFIDENT, e.g. when little but high frequencies are there) is searched again
+    frame by frame over the whole range: as exact either way, ~10x less work usually.
+    """
     max_lag = int(MAX_ALIGN_SECONDS * MODEL_RATE)
-    ref = sent.mean(axis=1)
-    got = result.mean(axis=1)
+    pad = -(-max_lag // COARSE) * COARSE  # got[i] is result frame i - pad
+    ref = mono(sent.astype(np.float64))
+    got = np.zeros(len(result) + 2 * pad)
+    got[pad : pad + len(result)] = mono(result)
     m0, m1 = window.mask_start * MODEL_RATE, window.mask_end * MODEL_RATE
     real_end = window.seconds_total * MODEL_RATE - window.pad
-    spans = [(max(0, m0 - 5 * MODEL_RATE), m0), (m1, min(real_end, m1 + 5 * MODEL_RATE))]
-    scores = np.zeros(2 * max_lag + 1)
-    used = False
-    for s0, s1 in spans:
-        if s1 - s0 < MODEL_RATE // 10:
-            continue
-        template = ref[s0:s1]
-        if not np.any(template):
-            continue
-        lo = s0 - max_lag
-        segment = np.zeros(s1 - s0 + 2 * max_lag)
-        src_lo, src_hi = max(0, lo), min(len(got), s1 + max_lag)
-        if src_hi > src_lo:
-            segment[src_lo - lo : src_hi - lo] = got[src_lo:src_hi]
-        scores += correlate(segment, template, mode="valid", method="fft")
-        used = True
-    if not used:
+    spans = [
+        (s0, s1)
+        for s0, s1 in [(max(0, m0 - 5 * MODEL_RATE), m0), (m1, min(real_end, m1 + 5 * MODEL_RATE))]
+        if s1 - s0 >= MODEL_RATE // 10 and np.any(ref[s0:s1])
+    ]
+    if not spans:
         return 0
+    coarse_spans = [(s0 // COARSE, s1 // COARSE) for s0, s1 in spans]
+    coarse = COARSE * _best_lag(_decimate(ref), _decimate(got), coarse_spans, pad // COARSE, pad // COARSE)
+    near = range(max(-max_lag, coarse - 2 * COARSE), min(max_lag, coarse + 2 * COARSE) + 1)
+    scores = [sum(_dot(ref, got, s0, s1, lag + pad) for s0, s1 in spans) for lag in near]
+    best = near[int(np.argmax(scores))]
+    energy = sum(_dot(ref, ref, s0, s1, 0) for s0, s1 in spans)
+    echo = sum(_dot(got, got, s0 + best + pad, s1 + best + pad, 0) for s0, s1 in spans)
+    if energy > 0 and echo > 0 and max(scores) / np.sqrt(energy * echo) >= CONFIDENT:
+        return best
+    return _best_lag(ref, got, spans, max_lag, pad)
+
+
+COARSE = 8  # the first search's decimation
+CONFIDENT = 0.5  # normalized correlation that accepts the coarse-to-fine match
+
+
+def _decimate(x: np.ndarray) -> np.ndarray:
+    n = len(x) // COARSE * COARSE
+    return mono(x[:n].reshape(-1, COARSE))
+
+
+def _dot(a: np.ndarray, b: np.ndarray, s0: int, s1: int, shift: int) -> float:
+    return float(np.dot(a[s0:s1], b[s0 + shift : s1 + shift]))
+
+
+def _best_lag(ref: np.ndarray, got: np.ndarray, spans: list[tuple[int, int]], max_lag: int, pad: int) -> int:
+    """The lag in [-max_lag, max_lag] that best matches ref on spans (got[i] is frame i - pad)."""
+    scores = np.zeros(2 * max_lag + 1)
+    for s0, s1 in spans:
+        if s1 > s0:
+            segment = got[s0 + pad - max_lag : s1 + pad + max_lag]
+            scores += correlate(segment, ref[s0:s1], mode="valid", method="fft")
     return int(np.argmax(scores)) - max_lag
 
 
@@ -181,12 +210,12 @@ def from_stereo(piece: np.ndarray, original: Audio, window: Window) -> np.ndarra
     if channels == 2:
         return piece
     if channels == 1:
-        return piece.mean(axis=1, keepdims=True)
+        return mono(piece)[:, None]
     # Several channels: each takes its side of the stereo result, scaled so that the
     # channel keeps its share of the level it had around the region (a quiet LFE or
     # surround stays quiet).
     context = original.float_slice(window.lo, window.hi)
-    side_level = [np.sqrt(np.mean(np.square(context[:, s::2].mean(axis=1)))) + 1e-9 for s in (0, 1)]
+    side_level = [np.sqrt(np.mean(np.square(mono(context[:, s::2])))) + 1e-9 for s in (0, 1)]
     out = np.empty((len(piece), channels), np.float32)
     for c in range(channels):
         level = np.sqrt(np.mean(np.square(context[:, c]))) + 1e-9

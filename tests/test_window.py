@@ -114,3 +114,34 @@ def test_offset_is_zero_when_there_is_no_unmasked_audio_to_compare():
     sent = np.zeros((6 * MODEL_RATE, 2), np.float32)
     w = plan_window(6 * 44100, 44100, 0, 6 * 44100)
     assert find_offset(sent, sent, w) == 0
+
+
+def _noise(seed: int, kind: str | None = None, hz: float = 0.0) -> np.ndarray:
+    from scipy.signal import butter, sosfilt
+
+    x = np.random.default_rng(seed).normal(0, 0.3, 6 * MODEL_RATE)
+    return sosfilt(butter(8, hz, kind, fs=MODEL_RATE, output="sos"), x) if kind else x
+
+
+def _stereo(x: np.ndarray) -> np.ndarray:
+    return np.stack([x, 0.8 * x], axis=1).astype(np.float32)
+
+
+WINDOW_6S = plan_window(6 * 44100, 44100, int(2.2 * 44100), int(2.7 * 44100), 10)
+
+
+@pytest.mark.parametrize("shift", [0, 1, 7, 123, -77, 1999, -22050, 22050])
+def test_alignment_is_exact_to_the_frame_for_audio_with_only_high_frequencies(shift):
+    # The first search looks at 1/8 of the rate; content above that must not fool it.
+    sent = _stereo(_noise(1, "highpass", 8000))
+    assert find_offset(sent, 0.7 * np.roll(sent, shift, axis=0), WINDOW_6S) == shift
+
+
+@pytest.mark.parametrize("shift", [0, 5, 321, -1500])
+def test_alignment_holds_when_only_the_highs_came_back_and_the_lows_were_rewritten(shift):
+    # The coarse search sees mostly the (unrelated) lows and lands on a wrong lag; the
+    # weak match there sends it to the frame-by-frame search, which finds the highs.
+    highs = _noise(1, "highpass", 6000)
+    sent = _stereo(highs + _noise(2, "lowpass", 1500))
+    answer = _stereo(np.roll(highs, shift) + _noise(3, "lowpass", 1500))
+    assert find_offset(sent, answer, WINDOW_6S) == shift

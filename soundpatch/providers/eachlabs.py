@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import soundfile as sf
 
-from soundpatch.audio import Audio
+from soundpatch.audio import Audio, pcm16
 from soundpatch.config import ProviderConfig
 from soundpatch.errors import ConfigError, RowError
 from soundpatch.limits import RateLimiter
@@ -154,7 +154,7 @@ class EachLabs:
         if as_is:
             return self.staging.share(request.source)
         buf = io.BytesIO()
-        sf.write(buf, clip, MODEL_RATE, format="WAV", subtype="PCM_16")
+        sf.write(buf, pcm16(clip), MODEL_RATE, format="WAV", subtype="PCM_16")
         staged = self.staging.stage(buf.getvalue(), f"{request.name}.wav")
         request.tell("staged", uri=str(staged.uri))
         return staged

@@ -22,6 +22,7 @@ import re
 
 import numpy as np
 
+from soundpatch.audio import mono
 from soundpatch.engine import autoregressive, similarity
 from soundpatch.engine.evaluation import restore_probe
 from soundpatch.providers.base import InpaintRequest, Prediction
@@ -106,7 +107,7 @@ def ar_fill(x: np.ndarray, a: int, b: int) -> np.ndarray:
 
 def passage_fill(x: np.ndarray, a: int, b: int, rate: int, seed: int | None) -> tuple[np.ndarray, str]:
     m = b - a
-    matches = similarity.find_matches(x.mean(axis=1), rate, a, b)
+    matches = similarity.find_matches(mono(x), rate, a, b)
     n = min(int(SEAM_SECONDS * rate), m // 4)
     if matches:
         match = similarity.choose(matches, seed)
