@@ -2,8 +2,10 @@
 
 1. Read the manifest and the config (the same ones `soundpatch validate` checks).
 2. Keep the rows this run already finished (running again with the same run id resumes).
-3. Fan out one `inpaint-row` task per remaining result, never more than
-   `limits.concurrency` in flight, so memory stays flat however long the manifest.
+3. Fan out one `inpaint-row` task per remaining result, at most twice
+   `limits.concurrency` at once (predictions in flight are held to `limits.concurrency`
+   by the provider; the other rows prepare or finish), so memory stays flat however
+   long the manifest.
    Asked to stop (Ctrl-C, SIGTERM), it starts no more rows and lets those in flight end.
 4. Write the report (runs/<run_id>/report.csv, .json, .html; also under
    <output.uri>/<run_id>/ when the outputs are in a bucket), show it on the flow run as
@@ -59,7 +61,7 @@ def inpaint_batch(
         batch.journal.write("run_started", total=len(todo) + len(kept), kept=len(kept), manifest=manifest)
         progress = artifacts.Progress(len(todo) + len(kept), run_id)
         progress.advance(len(kept))
-        outcomes = kept + _fan_out(batch, todo, cfg.limits.concurrency, progress)
+        outcomes = kept + _fan_out(batch, todo, batch.rows_at_once, progress)
     finally:
         batch.close()
     order = {e.row_id: i for i, e in enumerate(batch.manifest.edits)}
@@ -111,20 +113,20 @@ def _api_keys(cfg: Config) -> dict[str, str]:
     return {cfg.provider.name: str(value)}
 
 
-def _fan_out(batch: Batch, edits: list, concurrency: int, progress: artifacts.Progress) -> list[Outcome]:
-    """Submit tasks through a sliding window of `concurrency` futures."""
+def _fan_out(batch: Batch, edits: list, window: int, progress: artifacts.Progress) -> list[Outcome]:
+    """Submit tasks through a sliding window of `window` futures."""
     outcomes: list[Outcome] = []
-    in_flight: list[PrefectFuture[Outcome]] = []
+    running: list[PrefectFuture[Outcome]] = []
     for i, edit in enumerate(edits):
-        if len(in_flight) >= concurrency:
-            outcomes.append(_next_done(in_flight))
+        if len(running) >= window:
+            outcomes.append(_next_done(running))
             progress.advance()
         if interrupt.stop_requested():
             outcomes.extend(batch.not_started(e) for e in edits[i:])
             break
-        in_flight.append(inpaint_row.submit(batch, edit))
-    while in_flight:
-        outcomes.append(_next_done(in_flight))
+        running.append(inpaint_row.submit(batch, edit))
+    while running:
+        outcomes.append(_next_done(running))
         progress.advance()
     return outcomes
 

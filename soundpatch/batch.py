@@ -17,7 +17,6 @@ import secrets
 import threading
 import time
 import traceback
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from soundpatch.journal import Journal, row_states
 from soundpatch.limits import BudgetLedger, SharedLimits
 from soundpatch.manifest import Edit, Manifest
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SUCCEEDED, Outcome
-from soundpatch.providers import InpaintRequest, PredictionFailed, Provider, make_provider
+from soundpatch.providers import InpaintRequest, NotStarted, PredictionFailed, Provider, make_provider
 from soundpatch.publish import Publisher
 from soundpatch.quality import measure
 from soundpatch.s3 import S3, S3Uri
@@ -127,6 +126,12 @@ class Batch:
             if o.status in (SUCCEEDED, SKIPPED_DONE) and o.output and self.store.exists_uri(o.output):
                 carried[row_id] = o
         return carried
+
+    @property
+    def rows_at_once(self) -> int:
+        """Rows worked on at once: twice the predictions allowed in flight, so that while
+        those run, other rows prepare their clips or finish their results."""
+        return 2 * self.config.limits.concurrency
 
     def split(self) -> tuple[list[Edit], list[Outcome]]:
         """(edits still to do, outcomes kept from an earlier attempt of this run)."""
@@ -251,7 +256,7 @@ class Batch:
         """A row the run stopped before (Ctrl-C): failed now, done by the next attempt."""
         outcome = self._blank_outcome(edit)
         outcome.status = FAILED
-        outcome.error = f"Not started: the run was interrupted; run it again with --run-id {self.run_id}."
+        outcome.error = self._not_started + "."
         self.journal.write("outcome", edit.row_id, outcome=outcome.to_dict())
         return outcome
 
@@ -381,14 +386,14 @@ class Batch:
             notify=lambda event, fields: self.journal.write(event, edit.row_id, **fields),
             resume_prediction_id=resume_id,
             should_cancel=self._should_cancel,
+            may_start=lambda: not stop_requested(),
         )
         self.journal.write("sending", edit.row_id, provider=provider.name)
         if resume_id:
             self.journal.write("created", edit.row_id, prediction_id=resume_id, resumed=True)
         outcome.attempts += 1
         try:
-            with self.shared.prediction() if self.shared else nullcontext():
-                prediction = provider.inpaint(request)
+            prediction = provider.inpaint(request)  # holds one of limits.concurrency slots while in flight
         except PredictionFailed as exc:
             # The provider was reached and may have charged: keep what it says is owed.
             self.ledger.settle(reservation, exc.cost_usd)
@@ -397,6 +402,9 @@ class Batch:
             outcome.prediction_id = exc.prediction_id or ""
             outcome.attempts = max(outcome.attempts, exc.attempts)
             raise
+        except NotStarted:
+            self.ledger.release(reservation)
+            raise RowError(self._not_started) from None
         except BaseException:
             # Refused before a prediction existed (or never sent): nothing is owed.
             self.ledger.release(reservation)
@@ -461,6 +469,10 @@ class Batch:
             preview.save(self.run_dir / "previews", edit.row_id, original, published, a, b)
         except Exception:  # noqa: BLE001 - the result is published; the preview is a nicety
             self._log_traceback(edit)
+
+    @property
+    def _not_started(self) -> str:
+        return f"Not started: the run was interrupted; run it again with --run-id {self.run_id}"
 
     def _should_cancel(self) -> bool:
         return self.config.provider.on_interrupt == "cancel" and stop_requested()

@@ -184,17 +184,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     out.print(f"run id [bold]{run_id}[/bold]  ({len(manifest.edits)} results from {escape(str(args.manifest))})")
 
     _quiet_prefect(args.verbose)
-    from flows.ephemeral import isolated_api  # noqa: PLC0415 - Prefect loads only here
-    from flows.inpaint_batch import inpaint_batch  # noqa: PLC0415
-    from flows.shared_limits import check_server  # noqa: PLC0415
+    from flows.ephemeral import TemporaryServer  # noqa: PLC0415 - Prefect loads only from here on
 
-    check_server(cfg)
+    # Prefect's temporary server takes seconds to start: it starts now, while Prefect and
+    # the flow load here, and is awaited when the flow begins (and stopped at once if
+    # Prefect's settings turn out to name a server of the user's).
+    server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer().start()
+    try:
+        from flows.ephemeral import isolated_api  # noqa: PLC0415
+        from flows.inpaint_batch import inpaint_batch  # noqa: PLC0415
+        from flows.shared_limits import check_server  # noqa: PLC0415
+
+        check_server(cfg)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
 
     _stop_on_signals(run_id)
     watcher = _ProgressWatcher(run_dir, total=len(manifest.edits), budget=cfg.limits.budget_usd)
     watcher.start()
     try:
-        with isolated_api():
+        with isolated_api(server):
             result = inpaint_batch(
                 manifest=str(args.manifest), config=cfg.model_dump(), run_id=run_id, force=args.force
             )

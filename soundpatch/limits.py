@@ -1,4 +1,4 @@
-"""Limits that hold: the budget ledger and the rate limiter.
+"""Limits that hold: the budget ledger, the rate limiter, predictions in flight.
 
 The budget ledger: money is reserved before it can be spent, so the cap cannot be crossed.
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -166,3 +166,23 @@ class SharedLimits(Protocol):
     def prediction(self) -> AbstractContextManager[None]:
         """Hold one of the shared in-flight slots while a prediction runs."""
         ...
+
+
+class InFlight:
+    """Predictions in flight (created, result not yet fetched): at most `limit` in this
+    process, and within the account's shared slots when several processes share it.
+
+    Only that stretch holds a slot: preparing and staging the clip before, aligning,
+    splicing, checking and publishing after run outside it, so they never keep the
+    provider's capacity idle.
+    """
+
+    def __init__(self, limit: int, shared: SharedLimits | None = None) -> None:
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+        self._shared = shared
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        with self._slots, self._shared.prediction() if self._shared is not None else nullcontext():
+            yield

@@ -152,6 +152,7 @@ def test_the_budget_holds_at_concurrency_32_under_5xx_timeouts_and_429_bursts(
             "provider.max_retries": 8,
             "limits.requests_per_minute": 100000,  # no pacing: let the 429 bursts come
             "limits.budget_usd": budget,
+            "limits.concurrency": 32,
             "storage.s3.endpoint_url": aws_env.endpoint,
             "storage.staging": "s3://stage/clips/",
             "output.uri": str(tmp_path / "out"),
@@ -171,3 +172,37 @@ def test_the_budget_holds_at_concurrency_32_under_5xx_timeouts_and_429_bursts(
     assert batch.ledger.spent_usd == pytest.approx(spent)
     assert all(o.cost_usd == 0 for o in outcomes if o.status == "skipped_budget")
     assert len(sim.stats.prompts) == len(set(sim.stats.prompts))  # never created twice
+
+
+def test_predictions_in_flight_never_pass_limits_concurrency_while_more_rows_are_worked_on(
+    tmp_path, aws_env, simulator, monkeypatch
+):
+    # Rows are worked on two per slot (clips staged, results finished), but only
+    # limits.concurrency predictions are ever out at the provider at once.
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    sf.write(tmp_path / "fx.wav", np.full((3 * 8000, 1), 0.1, np.float32), 8000)
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt\n" + "".join(f"r{i:02d},fx.wav,1,1.5,p{i:02d}\n" for i in range(18))
+    )
+    aws_env.bucket("stage")
+    sim = simulator(latency=0.4, fill="tone")
+    cfg = load_config(
+        overrides={
+            "provider.name": "eachlabs",
+            "provider.base_url": sim.base_url,
+            "provider.poll_seconds": 0.05,
+            "limits.concurrency": 3,
+            "limits.requests_per_minute": 100000,
+            "storage.s3.endpoint_url": aws_env.endpoint,
+            "storage.staging": "s3://stage/clips/",
+            "output.uri": str(tmp_path / "out"),
+            "runs_dir": str(tmp_path / "runs"),
+        }
+    )
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "slots")
+    assert batch.rows_at_once == 6
+    with ThreadPoolExecutor(batch.rows_at_once) as pool:
+        outcomes = list(pool.map(batch.process, batch.manifest.edits))
+    batch.close()
+    assert [o.status for o in outcomes] == ["succeeded"] * 18
+    assert sim.stats.max_in_flight == 3

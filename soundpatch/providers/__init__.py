@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from soundpatch.config import Config
 from soundpatch.errors import ConfigError
-from soundpatch.limits import RateLimiter, SharedLimits
-from soundpatch.providers.base import InpaintRequest, Prediction, PredictionFailed, Provider
+from soundpatch.limits import InFlight, RateLimiter, SharedLimits
+from soundpatch.providers.base import InpaintRequest, NotStarted, Prediction, PredictionFailed, Provider
 from soundpatch.s3 import S3
 
-__all__ = ["InpaintRequest", "Prediction", "PredictionFailed", "Provider", "make_provider"]
+__all__ = ["InpaintRequest", "NotStarted", "Prediction", "PredictionFailed", "Provider", "make_provider"]
 
 
 def make_provider(
@@ -29,7 +29,7 @@ def make_provider(
     if name == "local":
         from soundpatch.providers.local import LocalEngine
 
-        return LocalEngine(price_usd=provider_config.price)
+        return LocalEngine(price_usd=provider_config.price, in_flight=InFlight(config.limits.concurrency))
     if name == "eachlabs":
         from soundpatch.providers.eachlabs import EachLabs
         from soundpatch.staging import Staging
@@ -42,5 +42,6 @@ def make_provider(
             concurrency=config.limits.concurrency,
             creates=RateLimiter(config.limits.requests_per_minute, shared=shared.create if shared else None),
             polls=RateLimiter(config.limits.polls_per_minute),
+            in_flight=InFlight(config.limits.concurrency, shared),
         )
     raise ConfigError(f"Provider {name!r} is not available in this version of soundpatch; use local or eachlabs.")

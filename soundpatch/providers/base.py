@@ -37,6 +37,12 @@ class InpaintRequest:
     resume_prediction_id: str | None = None
     # Asked while waiting: should the prediction be cancelled now (the run is stopping)?
     should_cancel: Callable[[], bool] | None = None
+    # Asked once a slot is free, before a new prediction is made: may it still start?
+    may_start: Callable[[], bool] | None = None
+
+    def check_may_start(self) -> None:
+        if self.may_start is not None and not self.may_start():
+            raise NotStarted("the run is stopping")
 
     def tell(self, event: str, **fields: Any) -> None:
         if self.notify is not None:
@@ -68,6 +74,11 @@ class PredictionFailed(RowError):
         self.cost_usd = cost_usd
         self.prediction_id = prediction_id
         self.attempts = attempts
+
+
+class NotStarted(RowError):
+    """The row waited for a prediction slot and the run was asked to stop meanwhile: nothing
+    was sent, nothing is owed."""
 
 
 class Provider(Protocol):

@@ -25,7 +25,7 @@ import soundfile as sf
 from soundpatch.audio import Audio, pcm16
 from soundpatch.config import ProviderConfig
 from soundpatch.errors import ConfigError, RowError
-from soundpatch.limits import RateLimiter
+from soundpatch.limits import InFlight, RateLimiter
 from soundpatch.providers.base import InpaintRequest, Prediction, PredictionFailed
 from soundpatch.retry import Retryable, RetryPolicy
 from soundpatch.staging import StagedClip, Staging
@@ -54,18 +54,21 @@ class EachLabs:
         sleep=time.sleep,
         creates: RateLimiter | None = None,
         polls: RateLimiter | None = None,
+        in_flight: InFlight | None = None,
     ) -> None:
         # Shared by every task of the process: a 429 slows them all.
         self.creates = creates or RateLimiter(60)
         self.polls = polls or RateLimiter(600)
+        self.in_flight = in_flight or InFlight(concurrency)
         self.config = config
         self.price_usd = config.price
         self.staging = staging
         self.base_url = config.base_url.rstrip("/")
         self._api_key = api_key if api_key is not None else os.environ.get(config.api_key_env, "")
         timeout = httpx.Timeout(config.timeout_seconds, connect=10.0)
-        # Pool sized to the work in flight: a much larger pool costs CPU in bookkeeping.
-        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+        # Pool sized to the work in flight (polls, and creates and downloads of rows on
+        # either side of it): a much larger pool costs CPU in bookkeeping.
+        limits = httpx.Limits(max_connections=2 * concurrency + 4, max_keepalive_connections=2 * concurrency + 4)
         self.client = client or httpx.Client(timeout=timeout, limits=limits)
         self.retry = RetryPolicy(attempts=config.max_retries + 1)
         self._sleep = sleep
@@ -97,18 +100,25 @@ class EachLabs:
         assert self.staging is not None
         staged = None
         try:
-            if request.resume_prediction_id:
-                prediction_id, attempts = request.resume_prediction_id, 0
-            else:
+            if not request.resume_prediction_id:
                 staged = self._stage(request, audio, window, clip)
-                body = {"model": MODEL, "version": VERSION, "input": self._input(request, window, staged.url)}
-                prediction_id, attempts = self._create(body, request)
-                request.tell("created", prediction_id=prediction_id)
-            done = self._wait(prediction_id, request)
-            cost = self._cost(done)
-            # From here on the prediction is paid for: whatever fails keeps its cost.
+            with self.in_flight.slot():  # from the create until the result is fetched
+                if request.resume_prediction_id:
+                    prediction_id, attempts = request.resume_prediction_id, 0
+                else:
+                    assert staged is not None
+                    request.check_may_start()
+                    body = {"model": MODEL, "version": VERSION, "input": self._input(request, window, staged.url)}
+                    prediction_id, attempts = self._create(body, request)
+                    request.tell("created", prediction_id=prediction_id)
+                done = self._wait(prediction_id, request)
+                cost = self._cost(done)
+                # From here on the prediction is paid for: whatever fails keeps its cost.
+                try:
+                    data = self._download(done.get("output"), request)
+                except RowError as exc:
+                    raise PredictionFailed(str(exc), cost, prediction_id, attempts) from None
             try:
-                data = self._download(done.get("output"), request)
                 result, result_rate = _decode(data)
                 fill, offset = recover_region(result, result_rate, clip, window, audio, request.a, request.b)
             except RowError as exc:

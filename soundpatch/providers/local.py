@@ -25,6 +25,7 @@ import numpy as np
 from soundpatch.audio import mono
 from soundpatch.engine import autoregressive, similarity
 from soundpatch.engine.evaluation import restore_probe
+from soundpatch.limits import InFlight
 from soundpatch.providers.base import InpaintRequest, Prediction
 
 AR_ONLY_SECONDS = 0.02
@@ -46,8 +47,9 @@ class LocalEngine:
     model = "soundpatch-local-1"
     uses_prompt = False
 
-    def __init__(self, price_usd: float = 0.0) -> None:
+    def __init__(self, price_usd: float = 0.0, in_flight: InFlight | None = None) -> None:
         self.price_usd = price_usd
+        self.in_flight = in_flight or InFlight(8)
 
     def ready(self) -> None:
         """Nothing to set up: no key, no network."""
@@ -58,6 +60,11 @@ class LocalEngine:
         """Any region of any recording can be filled; model parameters are ignored."""
 
     def inpaint(self, request: InpaintRequest) -> Prediction:
+        with self.in_flight.slot():
+            request.check_may_start()
+            return self._inpaint(request)
+
+    def _inpaint(self, request: InpaintRequest) -> Prediction:
         audio, a, b = request.audio, request.a, request.b
         m, rate = b - a, audio.rate
         # Work on a float window around the region only: an hour-long file costs no more
