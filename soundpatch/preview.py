@@ -1,11 +1,12 @@
 """Small listening copies of each edit, kept in the run folder for the report.
 
 For published results, the region with up to a second of context each side is saved
-twice, before and after, mono 16-bit WAV at up to 16 kHz (cheap to write: a row spends a
-millisecond on it), with where the region sits in it. The report turns them into players
-(Ogg Vorbis), waveforms and spectrograms; `soundpatch report RUN_ID` can redo that without
-the sources or outputs. A run keeps KEEP of them, plus one for every flagged result: the
-report shows no more.
+twice, before and after, mono 16-bit WAV at up to 16 kHz, with where the region sits in
+it; and with them what the report's card shows: the picture (soundpatch/picture.py) and
+two players (Ogg Vorbis). Made when the row finishes (~50 ms, while other rows wait on
+the provider) rather than all at the end of the run; `soundpatch report RUN_ID` redoes
+what is missing from the WAVs, without the sources or outputs. A run keeps KEEP of them,
+plus one for every flagged result: the report shows no more.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import soundfile as sf
 import soxr
 
 from soundpatch.audio import Audio, mono, to_float
+from soundpatch.picture import draw
 from soundpatch.storage import atomic_write
 
 KEEP = 100
@@ -59,6 +61,37 @@ def save(folder: Path, row_id: str, original: Audio, result: Audio, a: int, b: i
         atomic_write(folder / f"{stem}.{label}.wav", buf.getvalue())
     meta = {"rate": target, "region": [(a - lo) / rate, (min(b, hi) - lo) / rate], "start": lo / rate}
     atomic_write(folder / f"{stem}.json", json.dumps(meta).encode())
+    p = load(folder, row_id)
+    if p is not None:
+        atomic_write(folder / f"{stem}.png", draw(p))
+        for label in ("before", "after"):
+            atomic_write(folder / f"{stem}.{label}.ogg", ogg_bytes(p, label))
+
+
+@dataclass(frozen=True)
+class Media:
+    """A report card's picture and players."""
+
+    picture: bytes  # PNG
+    before: bytes  # Ogg Vorbis
+    after: bytes
+    caption: str
+
+
+def media(folder: Path, row_id: str) -> Media | None:
+    """The card's media as saved when the row finished, or made now from its preview."""
+    p = load(folder, row_id)
+    if p is None:
+        return None
+    stem = file_stem(row_id)
+    try:
+        picture = (folder / f"{stem}.png").read_bytes()
+        before = (folder / f"{stem}.before.ogg").read_bytes()
+        after = (folder / f"{stem}.after.ogg").read_bytes()
+    except OSError:
+        picture, before, after = draw(p), ogg_bytes(p, "before"), ogg_bytes(p, "after")
+    caption = f"{p.start:.2f} s to {p.start + len(p.before) / p.rate:.2f} s; the region is shaded"
+    return Media(picture, before, after, caption)
 
 
 def load(folder: Path, row_id: str) -> Preview | None:
