@@ -85,7 +85,7 @@ def main() -> None:
                 }
             )
             batch = Batch(load_manifest(work / "m.csv"), cfg, "bench")
-            with ThreadPoolExecutor(args.concurrency) as pool:
+            with ThreadPoolExecutor(batch.rows_at_once) as pool:  # as the flow does
                 outcomes = list(pool.map(batch.process, batch.manifest.edits))
             batch.close()
             ok = sum(o.status == "succeeded" for o in outcomes)
