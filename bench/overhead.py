@@ -168,17 +168,21 @@ def main() -> None:
             run_env = {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
             run_env["PREFECT_HOME"] = str(work / "prefect")
             (work / "one.csv").write_text("id,input,start,end,prompt,seed\nw0,fx.wav,1.2,1.7,warm,0\n")
-            t0 = time.perf_counter()
-            warm = subprocess.run(
-                [str(script), "run", "one.csv", "--config", "c.yaml", "--run-id", "warm"],
-                cwd=work,
-                env=run_env,
-                capture_output=True,
-                text=True,
-            )
-            first = time.perf_counter() - t0
-            if warm.returncode != 0:
-                raise SystemExit(warm.stdout + warm.stderr)
+
+            def run(manifest: str, run_id: str) -> float:
+                t0 = time.perf_counter()
+                proc = subprocess.run(
+                    [str(script), "run", manifest, "--config", "c.yaml", "--run-id", run_id],
+                    cwd=work,
+                    env=run_env,
+                    capture_output=True,
+                    text=True,
+                )
+                if proc.returncode != 0:
+                    raise SystemExit(proc.stdout + proc.stderr)
+                return time.perf_counter() - t0
+
+            first = run("one.csv", "warm")
             needles = {
                 "soundpatch": f"{script} run m.csv",
                 "prefect server": "prefect.server.api.server:create_app",
@@ -186,18 +190,8 @@ def main() -> None:
             }
             own = resource.getrusage(resource.RUSAGE_SELF)
             with CpuWatch(needles) as cpu:
-                t0 = time.perf_counter()
-                proc = subprocess.run(
-                    [str(script), "run", "m.csv", "--config", "c.yaml", "--run-id", "bench"],
-                    cwd=work,
-                    env=run_env,
-                    capture_output=True,
-                    text=True,
-                )
-                ours = time.perf_counter() - t0
+                ours = run("m.csv", "bench")
             after = resource.getrusage(resource.RUSAGE_SELF)
-            if proc.returncode != 0:
-                raise SystemExit(proc.stdout + proc.stderr)
             flow = json.loads((work / "runs" / "bench" / "report.json").read_text())["summary"]["wall_seconds"]
         sim_cpu = after.ru_utime + after.ru_stime - own.ru_utime - own.ru_stime
         print(f"{'rows / concurrency / latency':34s} {args.rows} / {args.concurrency} / {args.latency:g} s")

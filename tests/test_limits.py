@@ -107,6 +107,7 @@ def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulat
                 "provider.base_url": sim.base_url,
                 "provider.poll_seconds": 0.05,
                 "limits.requests_per_minute": rpm,
+                "limits.concurrency": 12,  # all 12 at once unless paced
                 "storage.s3.endpoint_url": aws_env.endpoint,
                 "storage.staging": "s3://stage/clips/",
                 "output.uri": str(tmp_path / label),
