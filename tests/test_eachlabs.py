@@ -257,6 +257,27 @@ def test_truncated_downloads_are_retried(library, aws_env, simulator, monkeypatc
     assert o.status == "succeeded" and flaky.stats.downloads > 1 and flaky.stats.accepted == 1
 
 
+@pytest.mark.parametrize("stage", ["_download", "recover_region"])
+def test_an_unexpected_error_with_a_paid_result_keeps_its_cost(library, aws_env, simulator, monkeypatch, stage):
+    # Not a RowError: a bug or an environment fault after the prediction was paid for must
+    # not hand the reservation back (the budget would then allow one more than it should).
+    from soundpatch.providers import eachlabs
+
+    def broken(*args, **kwargs):
+        raise OSError("simulated fault")
+
+    if stage == "_download":
+        monkeypatch.setattr(eachlabs.EachLabs, "_download", broken)
+    else:
+        monkeypatch.setattr(eachlabs, "recover_region", broken)
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(latency=0.05, fill="tone")
+    [o], batch = run_batch(library, sim, aws_env, manifest=single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,"))
+    assert o.status == "failed" and "could not be used" in o.error and "simulated fault" in o.error
+    assert o.cost_usd == pytest.approx(PRICE) and batch.ledger.spent_usd == pytest.approx(PRICE)
+    assert sim.stats.accepted == 1
+
+
 def test_an_unreachable_provider_fails_rows_without_charge(library, aws_env, simulator, monkeypatch):
     monkeypatch.setenv("EACHLABS_API_KEY", KEY)
     sim = simulator()

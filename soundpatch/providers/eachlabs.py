@@ -17,6 +17,8 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -114,22 +116,11 @@ class EachLabs:
                 done = self._wait(prediction_id, request)
                 cost = self._cost(done)
                 # From here on the prediction is paid for: whatever fails keeps its cost.
-                try:
+                with _paid(cost, prediction_id, attempts):
                     data = self._download(done.get("output"), request)
-                except RowError as exc:
-                    raise PredictionFailed(str(exc), cost, prediction_id, attempts) from None
-            try:
+            with _paid(cost, prediction_id, attempts):
                 result, result_rate = _decode(data)
                 fill, offset = recover_region(result, result_rate, clip, window, audio, request.a, request.b)
-            except RowError as exc:
-                raise PredictionFailed(str(exc), cost, prediction_id, attempts) from None
-            except Exception as exc:
-                raise PredictionFailed(
-                    f"The result of prediction {prediction_id} could not be used ({type(exc).__name__}: {exc})",
-                    cost,
-                    prediction_id,
-                    attempts,
-                ) from None
         finally:
             if staged is not None:
                 self.staging.remove(staged)
@@ -394,6 +385,25 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RowError("the provider answered with JSON that is not an object")
     return data
+
+
+@contextmanager
+def _paid(cost: float, prediction_id: str, attempts: int) -> Iterator[None]:
+    """Whatever fails once a prediction is paid for fails as PredictionFailed with its
+    cost: the ledger keeps the money, whatever the error."""
+    try:
+        yield
+    except PredictionFailed:
+        raise
+    except RowError as exc:
+        raise PredictionFailed(str(exc), cost, prediction_id, attempts) from None
+    except Exception as exc:
+        raise PredictionFailed(
+            f"The result of prediction {prediction_id} could not be used ({type(exc).__name__}: {exc})",
+            cost,
+            prediction_id,
+            attempts,
+        ) from None
 
 
 def _decode(data: bytes) -> tuple[Any, int]:
