@@ -82,8 +82,13 @@ class TemporaryServer:
         ]
         # fmt: on
         self._env = env
-        self.process = subprocess.Popen(self._command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        self._spawn()
         return self
+
+    def _spawn(self) -> None:
+        self.process = subprocess.Popen(
+            self._command, env=self._env, start_new_session=True, preexec_fn=_die_with_parent
+        )
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
         assert self.process is not None, "start() first"
@@ -94,9 +99,7 @@ class TemporaryServer:
                 if code == _ADDRESS_IN_USE:  # another process took the port: try another
                     self.port = _free_port()
                     self._command[self._command.index("--port") + 1] = str(self.port)
-                    self.process = subprocess.Popen(
-                        self._command, env=self._env, start_new_session=True, preexec_fn=_die_with_parent
-                    )
+                    self._spawn()
                     continue
                 if code is not None:
                     raise RuntimeError(f"Prefect's temporary server exited with status {code} while starting")

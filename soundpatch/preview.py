@@ -52,20 +52,22 @@ def save(folder: Path, row_id: str, original: Audio, result: Audio, a: int, b: i
     hi = min(original.frames, min(b, a + round(MAX_REGION_SECONDS * rate)) + context)
     target = min(rate, PREVIEW_RATE)
     stem = file_stem(row_id)
+    sides = {}
     for label, audio in (("before", original), ("after", result)):
         mono = _mono(audio.samples[lo:hi])
         if target != rate:
             mono = soxr.resample(mono, rate, target).astype(np.float32)
+        sides[label] = np.clip(mono, -1, 1)
         buf = io.BytesIO()
-        sf.write(buf, np.clip(mono, -1, 1), target, format="WAV", subtype="PCM_16")
+        sf.write(buf, sides[label], target, format="WAV", subtype="PCM_16")
         atomic_write(folder / f"{stem}.{label}.wav", buf.getvalue())
-    meta = {"rate": target, "region": [(a - lo) / rate, (min(b, hi) - lo) / rate], "start": lo / rate}
+    region = ((a - lo) / rate, (min(b, hi) - lo) / rate)
+    meta = {"rate": target, "region": list(region), "start": lo / rate}
     atomic_write(folder / f"{stem}.json", json.dumps(meta).encode())
-    p = load(folder, row_id)
-    if p is not None:
-        atomic_write(folder / f"{stem}.png", draw(p))
-        for label in ("before", "after"):
-            atomic_write(folder / f"{stem}.{label}.ogg", ogg_bytes(p, label))
+    p = Preview(sides["before"], sides["after"], target, region, lo / rate)
+    atomic_write(folder / f"{stem}.png", draw(p))
+    for label in ("before", "after"):
+        atomic_write(folder / f"{stem}.{label}.ogg", ogg_bytes(p, label))
 
 
 @dataclass(frozen=True)
