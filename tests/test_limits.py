@@ -91,33 +91,50 @@ def test_a_429_stops_everyone_until_retry_after_and_recovery_is_gradual():
     assert limiter.rate == pytest.approx(limiter.configured)
 
 
-def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulator, monkeypatch):
+def hosted_job(tmp_path, aws_env, monkeypatch, rows: int) -> None:
+    """What the hosted-provider tests here run: `rows` rows of a 3 s clip, a staging bucket, a key."""
     monkeypatch.setenv("EACHLABS_API_KEY", "k")
-    sf.write(tmp_path / "fx.wav", np.zeros((3 * 8000, 1), np.float32) + 0.1, 8000)
+    sf.write(tmp_path / "fx.wav", np.full((3 * 8000, 1), 0.1, np.float32), 8000)
     (tmp_path / "m.csv").write_text(
-        "id,input,start,end,prompt\n" + "".join(f"r{i},fx.wav,1,1.5,p{i}\n" for i in range(12))
+        "id,input,start,end,prompt\n" + "".join(f"r{i:02d},fx.wav,1,1.5,p{i:02d}\n" for i in range(rows))
     )
     aws_env.bucket("stage")
+
+
+def run_hosted(tmp_path, aws_env, sim, run_id: str, threads: int | None = None, **overrides) -> tuple[list, Batch]:
+    """Every row of the job through one Batch on `threads` threads (default: as the flow does)."""
+    cfg = load_config(
+        overrides={
+            "provider.name": "eachlabs",
+            "provider.base_url": sim.base_url,
+            "provider.poll_seconds": 0.05,
+            "storage.s3.endpoint_url": aws_env.endpoint,
+            "storage.staging": "s3://stage/clips/",
+            "output.uri": str(tmp_path / run_id),
+            "runs_dir": str(tmp_path / "runs"),
+            **overrides,
+        }
+    )
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, run_id)
+    with ThreadPoolExecutor(threads or batch.rows_at_once) as pool:
+        outcomes = list(pool.map(batch.process, batch.manifest.edits))
+    batch.close()
+    return outcomes, batch
+
+
+def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulator, monkeypatch):
+    hosted_job(tmp_path, aws_env, monkeypatch, rows=12)
     results = {}
     for label, rpm in (("paced", 240), ("unpaced", 100000)):
         sim = simulator(latency=0.05, fill="tone", rpm=240, rate_window=2.0)  # 8 per 2 s
-        cfg = load_config(
-            overrides={
-                "provider.name": "eachlabs",
-                "provider.base_url": sim.base_url,
-                "provider.poll_seconds": 0.05,
-                "limits.requests_per_minute": rpm,
-                "limits.concurrency": 12,  # all 12 at once unless paced
-                "storage.s3.endpoint_url": aws_env.endpoint,
-                "storage.staging": "s3://stage/clips/",
-                "output.uri": str(tmp_path / label),
-                "runs_dir": str(tmp_path / "runs"),
-            }
+        outcomes, _ = run_hosted(
+            tmp_path,
+            aws_env,
+            sim,
+            label,
+            threads=12,
+            **{"limits.requests_per_minute": rpm, "limits.concurrency": 12},  # all 12 at once unless paced
         )
-        batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, label)
-        with ThreadPoolExecutor(12) as pool:
-            outcomes = list(pool.map(batch.process, batch.manifest.edits))
-        batch.close()
         assert [o.status for o in outcomes] == ["succeeded"] * 12
         results[label] = sim.stats.rate_limited
     assert results["paced"] <= 1 < results["unpaced"], results
@@ -126,13 +143,7 @@ def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulat
 def test_the_budget_holds_at_concurrency_32_under_5xx_timeouts_and_429_bursts(
     tmp_path, aws_env, simulator, monkeypatch
 ):
-    monkeypatch.setenv("EACHLABS_API_KEY", "k")
-    sf.write(tmp_path / "fx.wav", np.full((3 * 8000, 1), 0.1, np.float32), 8000)
-    rows = 64
-    (tmp_path / "m.csv").write_text(
-        "id,input,start,end,prompt\n" + "".join(f"r{i:02d},fx.wav,1,1.5,p{i:02d}\n" for i in range(rows))
-    )
-    aws_env.bucket("stage")
+    hosted_job(tmp_path, aws_env, monkeypatch, rows=64)
     sim = simulator(
         latency=0.3,
         fill="tone",
@@ -144,26 +155,20 @@ def test_the_budget_holds_at_concurrency_32_under_5xx_timeouts_and_429_bursts(
         rate_window=1.0,  # bursts beyond 10 per second are answered 429
     )
     budget = 6.0  # 30 of the 64 rows
-    cfg = load_config(
-        overrides={
-            "provider.name": "eachlabs",
-            "provider.base_url": sim.base_url,
-            "provider.poll_seconds": 0.05,
+    outcomes, batch = run_hosted(
+        tmp_path,
+        aws_env,
+        sim,
+        "stress",
+        threads=32,
+        **{
             "provider.timeout_seconds": 1.0,
             "provider.max_retries": 8,
             "limits.requests_per_minute": 100000,  # no pacing: let the 429 bursts come
             "limits.budget_usd": budget,
             "limits.concurrency": 32,
-            "storage.s3.endpoint_url": aws_env.endpoint,
-            "storage.staging": "s3://stage/clips/",
-            "output.uri": str(tmp_path / "out"),
-            "runs_dir": str(tmp_path / "runs"),
-        }
+        },
     )
-    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "stress")
-    with ThreadPoolExecutor(32) as pool:
-        outcomes = list(pool.map(batch.process, batch.manifest.edits))
-    batch.close()
     statuses = {o.status for o in outcomes}
     assert statuses <= {"succeeded", "failed", "skipped_budget"} and "skipped_budget" in statuses
     assert sim.stats.rate_limited > 0 and sim.stats.server_errors > 0  # the faults did happen
@@ -180,30 +185,11 @@ def test_predictions_in_flight_never_pass_limits_concurrency_while_more_rows_are
 ):
     # Rows are worked on two per slot (clips staged, results finished), but only
     # limits.concurrency predictions are ever out at the provider at once.
-    monkeypatch.setenv("EACHLABS_API_KEY", "k")
-    sf.write(tmp_path / "fx.wav", np.full((3 * 8000, 1), 0.1, np.float32), 8000)
-    (tmp_path / "m.csv").write_text(
-        "id,input,start,end,prompt\n" + "".join(f"r{i:02d},fx.wav,1,1.5,p{i:02d}\n" for i in range(18))
-    )
-    aws_env.bucket("stage")
+    hosted_job(tmp_path, aws_env, monkeypatch, rows=18)
     sim = simulator(latency=0.4, fill="tone")
-    cfg = load_config(
-        overrides={
-            "provider.name": "eachlabs",
-            "provider.base_url": sim.base_url,
-            "provider.poll_seconds": 0.05,
-            "limits.concurrency": 3,
-            "limits.requests_per_minute": 100000,
-            "storage.s3.endpoint_url": aws_env.endpoint,
-            "storage.staging": "s3://stage/clips/",
-            "output.uri": str(tmp_path / "out"),
-            "runs_dir": str(tmp_path / "runs"),
-        }
+    outcomes, batch = run_hosted(
+        tmp_path, aws_env, sim, "slots", **{"limits.concurrency": 3, "limits.requests_per_minute": 100000}
     )
-    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "slots")
-    assert batch.rows_at_once == 6
-    with ThreadPoolExecutor(batch.rows_at_once) as pool:
-        outcomes = list(pool.map(batch.process, batch.manifest.edits))
-    batch.close()
+    assert batch.rows_at_once == 6  # two rows per prediction slot
     assert [o.status for o in outcomes] == ["succeeded"] * 18
     assert sim.stats.max_in_flight == 3
