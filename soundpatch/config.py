@@ -63,6 +63,9 @@ class LimitsConfig(_Section):
     concurrency: int = Field(default=8, ge=1, le=1024)
     requests_per_minute: float = Field(default=60, gt=0)  # creates sent to the provider
     polls_per_minute: float = Field(default=600, gt=0)  # status polls, paced apart from creates
+    # The span a provider counts requests_per_minute over (a sliding minute unless it says
+    # otherwise); a shorter one leaves no room for a burst.
+    rate_window_seconds: float = Field(default=60.0, gt=0, le=3600)
     budget_usd: float = Field(default=10.0, ge=0)
     # Several processes or machines on one provider account: share the rate and the
     # in-flight limit through the Prefect server they all use (PREFECT_API_URL), as global

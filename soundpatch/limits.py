@@ -76,10 +76,13 @@ class BudgetLedger:
 class RateLimiter:
     """Paces requests smoothly at `per_minute`, shared by every task of the process.
 
-    A token bucket with a small burst (never a minute's worth at once). A 429 slows
-    everyone, not just the task that got it: nobody sends until the server's Retry-After
-    has passed, and the pace drops; each later success wins back a twentieth of the
-    configured rate, so it recovers gradually instead of hammering the limit again.
+    Each caller is given its own send time, one interval after the previous caller's, and
+    sleeps until then (virtual scheduling, as in GCRA): one wake-up per request, and a
+    thread that wakes late never costs the others their turn, so the pace holds when the
+    machine is busy. An idle limiter lets a small burst through, never a minute's worth.
+    A 429 slows everyone, not just the task that got it: nobody sends until the server's
+    Retry-After has passed, and the pace drops; each later success wins back a twentieth
+    of the configured rate, so it recovers gradually instead of hammering the limit again.
     """
 
     # Paced this much under the configured limit: requests arrive with jitter, and a
@@ -93,16 +96,23 @@ class RateLimiter:
         clock=time.monotonic,
         sleep=time.sleep,
         shared: Callable[[], None] | None = None,
+        window: float = 60.0,
     ):
         self.configured = per_minute / 60.0 * self.HEADROOM
         self.rate = self.configured
-        self.burst = burst if burst is not None else max(1.0, min(4.0, self.configured))
-        # Start with one token, not a full burst: a provider counting over a sliding window
-        # would see the burst on top of a full window's worth. The burst refills while idle.
-        self._tokens = 1.0
+        # A provider counting `per_minute` over a sliding `window` accepts the paced
+        # requests plus what the headroom leaves; the burst takes that, less one for a
+        # request that arrives late: 4 at 600/min counted per minute, none at 60/min or
+        # when the window is a few seconds.
+        spare = (1.0 - self.HEADROOM) * per_minute / 60.0 * window - 1.0
+        self.burst = burst if burst is not None else max(1.0, min(4.0, spare))
         self._clock, self._sleep = clock, sleep
-        self._last = clock()
+        # The earliest send time not yet given to a caller. The first caller gets no burst:
+        # a provider counting over a sliding window may still hold a full window's worth
+        # from an earlier run.
+        self._next: float | None = None
         self._blocked_until = 0.0
+        self._epoch = 0  # bumped by every 429: send times given out before it are void
         self._lock = threading.Lock()
         self.waited = 0.0  # total seconds callers spent waiting, for the report
         # Other processes on the same account: after local pacing, a slot of the shared
@@ -119,32 +129,37 @@ class RateLimiter:
         return waited
 
     def _acquire_local(self) -> float:
-        waited = 0.0
+        began = self._clock()
         while True:
             with self._lock:
                 now = self._clock()
-                self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-                self._last = now
-                if now >= self._blocked_until and self._tokens >= 1.0:
-                    self._tokens -= 1.0
+                # Idle time earns at most `burst - 1` early sends; a 429 earns none.
+                earliest = now if self._next is None else max(self._next, now - (self.burst - 1.0) / self.rate)
+                at = max(earliest, self._blocked_until)
+                self._next = at + 1.0 / self.rate
+                epoch = self._epoch
+            if at > now:
+                self._sleep(at - now)
+            with self._lock:
+                if epoch == self._epoch:  # no 429 while this caller slept: its turn stands
+                    waited = self._clock() - began
                     self.waited += waited
                     return waited
-                pause = max(self._blocked_until - now, (1.0 - self._tokens) / self.rate, 0.001)
-            self._sleep(pause)
-            waited += pause
 
     def throttled(self, retry_after: float | None) -> None:
         """The server said 429: everyone waits, and the pace drops.
 
         With a Retry-After the server says when it frees up, so waiting that out and easing
-        off by a tenth is enough; without one the pace halves."""
+        off by a tenth is enough; without one the pace halves. Send times already handed
+        out are void: their callers queue again behind the pause."""
         with self._lock:
             now = self._clock()
             pause = retry_after if retry_after is not None else 1.0 / self.rate
             self._blocked_until = max(self._blocked_until, now + pause)
             factor = 0.9 if retry_after is not None else 0.5
             self.rate = max(self.configured / 16, self.rate * factor)
-            self._tokens = 0.0
+            self._next = self._blocked_until
+            self._epoch += 1
 
     def succeeded(self) -> None:
         with self._lock:

@@ -54,23 +54,59 @@ def test_released_reservations_go_back_to_the_budget():
 
 def test_requests_are_paced_smoothly_with_a_small_burst():
     clock = FakeClock()
-    limiter = RateLimiter(120, clock=clock, sleep=clock.sleep)  # 2 per second, burst 2
+    limiter = RateLimiter(600, clock=clock, sleep=clock.sleep)  # 10 per second, counted per minute
     times = []
     for _ in range(10):
         limiter.acquire()
         times.append(clock.now)
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    # One every 0.5 s, 1% under the limit (to the limiter's 1 ms resolution).
-    assert times[0] == 0.0 and all(g == pytest.approx(0.5 / 0.99, abs=2e-3) for g in gaps)
+    interval = 0.1 / 0.99  # 1% under the limit
+    assert times[0] == 0.0 and all(g == pytest.approx(interval) for g in gaps)  # no burst at the start
     clock.now += 60  # idle: the small burst refills, and no more than it
     start = clock.now
     after_idle = []
-    for _ in range(4):
+    for _ in range(7):
         limiter.acquire()
         after_idle.append(clock.now - start)
-    interval = 0.5 / 0.99
-    assert after_idle[0] == 0.0 and after_idle[1] < interval / 2  # the burst: early, not a minute's worth
-    assert after_idle[3] - after_idle[2] == pytest.approx(interval, abs=2e-3)  # then the pace again
+    # The burst: 4 at once, not a minute's worth; then the pace again.
+    assert after_idle == pytest.approx([0.0] * 4 + [interval, 2 * interval, 3 * interval], abs=1e-9)
+
+
+def test_no_burst_where_the_provider_counts_over_a_short_window():
+    # 100 per 10 s: 99 paced requests leave room for one that arrives late, none for a burst.
+    assert RateLimiter(600, window=10).burst == 1.0
+    assert RateLimiter(60).burst == 1.0  # 1 per second over a minute: 0.6 to spare
+    assert RateLimiter(600).burst == 4.0
+
+
+def test_callers_waiting_together_get_their_own_turns_and_a_late_waker_costs_nobody_theirs():
+    clock = FakeClock()
+    slept: list[float] = []
+    limiter = RateLimiter(600, window=10, clock=clock, sleep=slept.append)  # the clock stands still
+    interval = 0.1 / 0.99
+    for _ in range(3):  # three rows arrive at once: each is told its own send time
+        limiter.acquire()
+    assert slept == pytest.approx([interval, 2 * interval])
+    # The machine was busy and everyone woke late; the next arrival keeps its own turn
+    # (three intervals after the first) instead of being pushed back by their lateness.
+    clock.now = 2.5 * interval
+    limiter.acquire()
+    assert slept[-1] == pytest.approx(0.5 * interval)
+
+
+def test_a_429_voids_the_turns_already_given_out():
+    clock = FakeClock()
+    limiter = RateLimiter(600, window=10, clock=clock)
+
+    def sleep_while_another_row_gets_a_429(seconds: float) -> None:
+        if clock.now == 0.0:
+            limiter.throttled(retry_after=2.0)
+        clock.sleep(seconds)
+
+    limiter.acquire()
+    limiter._sleep = sleep_while_another_row_gets_a_429
+    limiter.acquire()  # was told 0.1 s, slept through a 429: it queues again behind Retry-After
+    assert clock.now == pytest.approx(2.0)
 
 
 def test_a_429_stops_everyone_until_retry_after_and_recovery_is_gradual():

@@ -40,8 +40,12 @@ def make_provider(
             staging,
             api_key=api_key,
             concurrency=config.limits.concurrency,
-            creates=RateLimiter(config.limits.requests_per_minute, shared=shared.create if shared else None),
-            polls=RateLimiter(config.limits.polls_per_minute),
+            creates=RateLimiter(
+                config.limits.requests_per_minute,
+                shared=shared.create if shared else None,
+                window=config.limits.rate_window_seconds,
+            ),
+            polls=RateLimiter(config.limits.polls_per_minute, window=config.limits.rate_window_seconds),
             in_flight=InFlight(config.limits.concurrency, shared),
         )
     raise ConfigError(f"Provider {name!r} is not available in this version of soundpatch; use local or eachlabs.")
