@@ -199,6 +199,31 @@ def test_rate_limits_are_waited_out_with_retry_after(library, aws_env, simulator
     assert any(e["event"] == "retry" and "429" in e["reason"] for e in events)
 
 
+def test_a_row_waiting_its_turn_when_the_run_is_stopped_sends_nothing(library, aws_env, simulator, monkeypatch):
+    from soundpatch import interrupt
+
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(latency=0.05, fill="tone")
+    cfg = hosted_config(library, sim, aws_env)
+    batch = Batch(load_manifest(library / single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,")), cfg, "stopped")
+    limiter = batch.providers["eachlabs"].creates
+    wait_for_turn = limiter.acquire
+
+    def ctrl_c_while_waiting() -> float:
+        waited = wait_for_turn()
+        interrupt.request_stop()
+        return waited
+
+    monkeypatch.setattr(limiter, "acquire", ctrl_c_while_waiting)
+    try:
+        [o] = [batch.process(e) for e in batch.manifest.edits]
+    finally:
+        interrupt.reset()
+        batch.close()
+    assert o.status == "failed" and "Not started" in o.error and o.cost_usd == 0
+    assert sim.stats.creates == 0 and batch.ledger.spent_usd == 0
+
+
 def test_server_errors_are_retried_then_the_row_fails_without_charge(library, aws_env, simulator, monkeypatch):
     monkeypatch.setenv("EACHLABS_API_KEY", KEY)
     sim = simulator(error_rate=1.0)

@@ -28,7 +28,7 @@ from soundpatch.audio import Audio, pcm16
 from soundpatch.config import ProviderConfig
 from soundpatch.errors import ConfigError, RowError
 from soundpatch.limits import InFlight, RateLimiter
-from soundpatch.providers.base import InpaintRequest, Prediction, PredictionFailed
+from soundpatch.providers.base import InpaintRequest, NotStarted, Prediction, PredictionFailed
 from soundpatch.retry import Retryable, RetryPolicy
 from soundpatch.staging import StagedClip, Staging
 from soundpatch.window import MODEL_RATE, plan_window, prepare_clip, recover_region
@@ -186,6 +186,7 @@ class EachLabs:
             nonlocal attempts
             attempts += 1
             self.creates.acquire()
+            request.check_may_start()  # the run may have been stopped while this row waited its turn
             # Journaled before the request goes out: if we die now, the row is "in doubt".
             request.tell("creating", attempt=attempts)
             try:
@@ -228,7 +229,7 @@ class EachLabs:
             raise PredictionFailed(
                 f"{self.display} did not take the create after {attempts} attempts: {exc}", 0.0, None, attempts
             ) from None
-        except PredictionFailed:
+        except (PredictionFailed, NotStarted):
             raise
         except RowError as exc:  # refused (4xx): nothing was made, nothing is owed
             raise PredictionFailed(str(exc), 0.0, None, attempts) from None
