@@ -100,6 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, default=8787)
     sim.add_argument("--latency", type=float, default=2.0, help="seconds per prediction")
     sim.add_argument("--rpm", type=float, help="creates per minute before answering 429")
+    sim.add_argument("--rate-window", type=float, default=60.0, help="seconds --rpm is counted over (sliding)")
     sim.add_argument("--error-rate", type=float, default=0.0, help="share of creates answered 503")
     sim.add_argument("--fail-rate", type=float, default=0.0, help="share of predictions that fail")
     sim.add_argument("--truncate-rate", type=float, default=0.0, help="share of downloads cut short")
@@ -372,6 +373,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     settings = SimulatorSettings(
         latency=args.latency,
         rpm=args.rpm,
+        rate_window=args.rate_window,
         error_rate=args.error_rate,
         fail_rate=args.fail_rate,
         truncate_rate=args.truncate_rate,

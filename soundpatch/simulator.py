@@ -369,19 +369,20 @@ def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
                 status, data, announce = sim.file(m.group(1))
                 content_type = "audio/mpeg" if m.group(1).endswith(".mp3") else "audio/wav"
                 return self._send(status, data, content_type, announce=announce)
-            if self.path == "/_sim/stats":
+            if self.path in ("/_sim/stats", "/_sim/stats?times=1"):
                 s = sim.stats
-                return self._json(
-                    200,
-                    {
-                        "creates": s.creates,
-                        "accepted": s.accepted,
-                        "rate_limited": s.rate_limited,
-                        "server_errors": s.server_errors,
-                        "polls": s.polls,
-                        "downloads": s.downloads,
-                    },
-                )
+                stats = {
+                    "creates": s.creates,
+                    "accepted": s.accepted,
+                    "rate_limited": s.rate_limited,
+                    "server_errors": s.server_errors,
+                    "polls": s.polls,
+                    "downloads": s.downloads,
+                    "max_in_flight": s.max_in_flight,
+                }
+                if self.path.endswith("?times=1"):  # when each create was accepted (Unix seconds)
+                    stats["accepted_times"] = list(s.accepted_times)
+                return self._json(200, stats)
             self._json(404, {"status": "error", "message": "Not found"})
 
     return Handler
