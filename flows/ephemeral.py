@@ -25,8 +25,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
 _PR_SET_PDEATHSIG = 1
 STARTUP_TIMEOUT_SECONDS = 120  # a first run on a new PREFECT_HOME migrates a database
 _ADDRESS_IN_USE = 3  # uvicorn's exit status when the port was taken meanwhile
@@ -92,6 +90,8 @@ class TemporaryServer:
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
         assert self.process is not None, "start() first"
+        import httpx  # noqa: PLC0415 - not before it is needed: the server is spawned first thing
+
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=5) as client:
             while time.monotonic() < deadline:
@@ -122,6 +122,23 @@ class TemporaryServer:
             self.process.kill()
             self.process.wait()
         self.process = None
+
+
+def quiet_prefect(verbose: bool) -> None:
+    """Keep Prefect's own chatter (and the ephemeral server's shutdown noise) off the screen.
+
+    Only defaults: a user's explicit PREFECT_* settings win.
+    """
+    # An offline batch tool does not phone home, and Prefect's notice about it is noise.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # The in-process ephemeral server logs cancelled background flushes at shutdown.
+        os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
+        # A flow that stops on an error is reported by us in one sentence (details in
+        # runs/<id>/errors.log); Prefect's own traceback of it would only repeat that.
+        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "CRITICAL")
 
 
 def api_configured() -> bool:

@@ -10,7 +10,7 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -39,6 +39,9 @@ from soundpatch.report import load_report, publish_reports, summarize
 from soundpatch.s3 import S3
 from soundpatch.storage import open_store
 
+if TYPE_CHECKING:
+    from flows.ephemeral import TemporaryServer
+
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 
@@ -52,13 +55,15 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message[:1].upper()}{message[1:]} (see soundpatch {self.prog.split()[-1]} --help).")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, server: TemporaryServer | None = None) -> int:
+    """`server`: Prefect's temporary server, if already started for a run (soundpatch.entry)."""
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
         if not getattr(args, "command", None):
             parser.print_help()
             return EXIT_NOTHING_RAN
+        args.server = server
         return int(args.handler(args))
     except SoundpatchError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # one line, whatever the width
@@ -184,13 +189,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.runs_dir).expanduser() / run_id
     out.print(f"run id [bold]{run_id}[/bold]  ({len(manifest.edits)} results from {escape(str(args.manifest))})")
 
-    _quiet_prefect(args.verbose)
-    from flows.ephemeral import TemporaryServer  # noqa: PLC0415 - Prefect loads only from here on
+    from flows.ephemeral import TemporaryServer, quiet_prefect  # noqa: PLC0415 - Prefect loads only from here on
 
-    # Prefect's temporary server takes seconds to start: it starts now, while Prefect and
-    # the flow load here, and is awaited when the flow begins (and stopped at once if
-    # Prefect's settings turn out to name a server of the user's).
-    server = None if os.environ.get("PREFECT_API_URL") else TemporaryServer().start()
+    quiet_prefect(args.verbose)
+    # Prefect's temporary server takes seconds to start: it was started as the command
+    # began (soundpatch.entry) or starts now, while Prefect and the flow load here, and is
+    # awaited when the flow begins (and stopped at once if Prefect's settings turn out to
+    # name a server of the user's).
+    server = args.server
+    if server is None and not os.environ.get("PREFECT_API_URL"):
+        server = TemporaryServer().start()
     try:
         from flows.ephemeral import isolated_api  # noqa: PLC0415
         from flows.inpaint_batch import inpaint_batch  # noqa: PLC0415
@@ -258,23 +266,6 @@ def _safe_run_id(run_id: str) -> bool:
         and all(c.isalnum() or c in "._-" for c in run_id)
         and run_id not in (".", "..")
     )
-
-
-def _quiet_prefect(verbose: bool) -> None:
-    """Keep Prefect's own chatter (and the ephemeral server's shutdown noise) off the screen.
-
-    Only defaults: a user's explicit PREFECT_* settings win.
-    """
-    # An offline batch tool does not phone home, and Prefect's notice about it is noise.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-        # The in-process ephemeral server logs cancelled background flushes at shutdown.
-        os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
-        # A flow that stops on an error is reported by us in one sentence (details in
-        # runs/<id>/errors.log); Prefect's own traceback of it would only repeat that.
-        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "CRITICAL")
 
 
 class _ProgressWatcher:

@@ -23,3 +23,21 @@ def test_validating_a_manifest_does_not_load_prefect():
     code = "import sys, soundpatch.cli, soundpatch.batch; print('prefect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_only_a_real_run_starts_prefects_server_before_loading():
+    from soundpatch.entry import _starts_a_run
+
+    assert _starts_a_run(["run", "manifests/restoration.csv", "--run-id", "x"])
+    assert not _starts_a_run(["run", "m.csv", "--dry-run"])  # spends nothing, needs no Prefect
+    assert not _starts_a_run(["run", "--help"])
+    assert not _starts_a_run(["validate", "m.csv"]) and not _starts_a_run([])
+
+
+def test_the_command_starts_without_loading_numpy_or_prefect_first():
+    # The temporary server is spawned before the rest loads, so the entry must stay light.
+    code = (
+        "import sys, soundpatch.entry, flows.ephemeral; print(sorted({'numpy', 'prefect', 'httpx'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
