@@ -114,6 +114,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--fill", choices=["local", "tone"], default="local", help="what the 'model' writes")
     sim.add_argument("--price", type=float, default=0.20, help="cost reported per prediction")
     sim.add_argument("--api-key", help="the only key accepted (default: any non-empty key)")
+    sim.add_argument(
+        "--keep-results", type=float, default=3600.0, help="seconds a result stays downloadable (memory stays bounded)"
+    )
     sim.set_defaults(handler=cmd_simulate)
 
     report = sub.add_parser("report", help="re-render a run's report from its journal")
@@ -373,6 +376,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         fill=args.fill,
         price=args.price,
         api_key=args.api_key,
+        keep_results=args.keep_results,
     )
     try:
         sim = Simulator(settings, host=args.host, port=args.port)

@@ -57,6 +57,9 @@ class SimulatorSettings:
     price: float = 0.20
     api_key: str | None = None  # None: any non-empty key is accepted
     seed: int = 0
+    # Seconds a result stays downloadable after it is ready (real providers expire their
+    # output URLs too): a long rehearsal's memory stays bounded.
+    keep_results: float = 3600.0
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Simulator:
         self.stats = Stats()
         self._predictions: dict[str, _Prediction] = {}
         self._recent: deque[float] = deque()
+        self._expiring: deque[tuple[float, _Prediction]] = deque()  # (when its result goes, prediction)
         self._lock = threading.Lock()
         self._rng = random.Random(self.settings.seed)
         self._engine = LocalEngine()
@@ -127,6 +131,7 @@ class Simulator:
     def create(self, key: str | None, body: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
         s = self.settings
         with self._lock:
+            self._expire(time.monotonic())
             self.stats.creates += 1
             self.stats.create_times.append(time.time())
         if not key or (s.api_key is not None and key != s.api_key):
@@ -217,7 +222,7 @@ class Simulator:
             p = self._predictions.get(prediction_id)
             truncate = bool(self.settings.truncate_rate and self._rng.random() < self.settings.truncate_rate)
         if p is None or p.result is None:
-            return 404, b"not found", 9
+            return 404, b"not found", 9  # never made, or expired
         with self._lock:
             if not p.fetched:
                 p.fetched = True
@@ -242,9 +247,15 @@ class Simulator:
             with self._lock:
                 if p.status == "processing":  # not cancelled meanwhile
                     p.result, p.status = result, "success"
+                    self._expiring.append((time.monotonic() + self.settings.keep_results, p))
         except Exception as exc:  # the simulated service reports, it does not crash
             p.error = str(exc)
             p.status = "failed"
+
+    def _expire(self, now: float) -> None:
+        """Drop results past their time (under the lock); the predictions stay, results go."""
+        while self._expiring and self._expiring[0][0] <= now:
+            self._expiring.popleft()[1].result = None
 
     def _generate(self, spec: dict[str, Any]) -> bytes:
         response = self._fetch.get(spec["audio_url"])

@@ -353,7 +353,7 @@ def test_the_simulate_command_speaks_the_protocol(tmp_path):
     threading.Thread(target=files.serve_forever, daemon=True).start()
     script = Path(sys.executable).parent / "soundpatch"
     proc = subprocess.Popen(
-        [str(script), "simulate", "--port", str(port), "--latency", "0.1", "--fill", "tone"],
+        [str(script), "simulate", "--port", str(port), "--latency", "0.1", "--fill", "tone", "--keep-results", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -383,6 +383,12 @@ def test_the_simulate_command_speaks_the_protocol(tmp_path):
             audio, rate = sf.read(io.BytesIO(client.get(done["output"]).content), always_2d=True)
             assert rate == 44100 and audio.shape == (6 * 44100, 2)
             assert np.abs(audio[2 * 44100 : 3 * 44100]).max() > 0.2 and not np.abs(audio[: 2 * 44100]).any()
+            # Results expire (--keep-results 1), so a long rehearsal's memory stays bounded;
+            # the prediction itself is still known, and billed.
+            time.sleep(1.2)
+            client.post(f"{base}/v1/prediction", json=body, headers=headers)  # expired results go here
+            assert client.get(done["output"]).status_code == 404
+            assert client.get(url, headers=headers).json()["status"] == "success"
     finally:
         proc.terminate()
         proc.wait(timeout=10)
