@@ -169,7 +169,8 @@ def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulat
             sim,
             label,
             threads=12,
-            **{"limits.requests_per_minute": rpm, "limits.concurrency": 12},  # all 12 at once unless paced
+            # All 12 at once unless paced; told the provider's window, as its docs would say.
+            **{"limits.requests_per_minute": rpm, "limits.rate_window_seconds": 2, "limits.concurrency": 12},
         )
         assert [o.status for o in outcomes] == ["succeeded"] * 12
         results[label] = sim.stats.rate_limited
