@@ -119,16 +119,22 @@ class RateLimiter:
         # limit is taken too (see SharedLimits).
         self._shared = shared
 
-    def acquire(self) -> float:
-        """Wait for the next slot (local, then shared); returns how long this caller waited."""
-        waited = self._acquire_local()
-        if self._shared is not None:
+    # How often a waiter that may give up (its run is stopping) looks up from its wait.
+    LOOK_UP_SECONDS = 0.5
+
+    def acquire(self, give_up: Callable[[], bool] | None = None) -> float:
+        """Wait for the next slot (local, then shared); returns how long this caller waited.
+
+        With `give_up`, a long wait ends early once it returns True (the run was asked to
+        stop): the caller then has no turn, and must ask it again before sending."""
+        waited = self._acquire_local(give_up)
+        if self._shared is not None and not (give_up is not None and give_up()):
             started = self._clock()
             self._shared()
             waited += self._clock() - started
         return waited
 
-    def _acquire_local(self) -> float:
+    def _acquire_local(self, give_up: Callable[[], bool] | None) -> float:
         began = self._clock()
         while True:
             with self._lock:
@@ -138,8 +144,14 @@ class RateLimiter:
                 at = max(earliest, self._blocked_until)
                 self._next = at + 1.0 / self.rate
                 epoch = self._epoch
-            if at > now:
-                self._sleep(at - now)
+            if give_up is None:
+                if at > now:
+                    self._sleep(at - now)
+            else:
+                while (left := at - self._clock()) > 0 and not give_up():
+                    self._sleep(min(left, self.LOOK_UP_SECONDS))
+                if give_up():
+                    return self._clock() - began
             with self._lock:
                 if epoch == self._epoch:  # no 429 while this caller slept: its turn stands
                     waited = self._clock() - began

@@ -94,6 +94,18 @@ def test_callers_waiting_together_get_their_own_turns_and_a_late_waker_costs_nob
     assert slept[-1] == pytest.approx(0.5 * interval)
 
 
+def test_a_wait_ends_early_when_the_run_is_stopped():
+    # 6 a minute: the third caller's turn is 20 s away; the run is stopped 1 s into its wait.
+    clock = FakeClock()
+    limiter = RateLimiter(6, clock=clock, sleep=clock.sleep)
+    limiter.acquire()
+    limiter.acquire()
+    start = clock.now
+    waited = limiter.acquire(give_up=lambda: clock.now >= start + 1.0)
+    assert waited == pytest.approx(1.0, abs=limiter.LOOK_UP_SECONDS)
+    assert limiter.acquire() > 10  # without a stop, a caller waits its turn out
+
+
 def test_a_429_voids_the_turns_already_given_out():
     clock = FakeClock()
     limiter = RateLimiter(600, window=10, clock=clock)

@@ -40,8 +40,12 @@ class InpaintRequest:
     # Asked once a slot is free, before a new prediction is made: may it still start?
     may_start: Callable[[], bool] | None = None
 
+    def stopping(self) -> bool:
+        """The run was asked to stop: no new prediction may start."""
+        return self.may_start is not None and not self.may_start()
+
     def check_may_start(self) -> None:
-        if self.may_start is not None and not self.may_start():
+        if self.stopping():
             raise NotStarted("the run is stopping")
 
     def tell(self, event: str, **fields: Any) -> None:

@@ -185,8 +185,9 @@ class EachLabs:
         def once() -> str:
             nonlocal attempts
             attempts += 1
-            self.creates.acquire()
-            request.check_may_start()  # the run may have been stopped while this row waited its turn
+            # A run stopped while this row waits its turn ends the wait; then nothing is sent.
+            self.creates.acquire(give_up=request.stopping)
+            request.check_may_start()
             # Journaled before the request goes out: if we die now, the row is "in doubt".
             request.tell("creating", attempt=attempts)
             try:
