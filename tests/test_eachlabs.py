@@ -168,6 +168,10 @@ def test_the_key_can_come_from_a_prefect_secret_block(library, aws_env, simulato
         AWS_SECRET_ACCESS_KEY="test",
         PREFECT_LOGGING_LEVEL="WARNING",
         DO_NOT_TRACK="1",
+        # Prefect's own server (started by Secret.save on a new PREFECT_HOME) otherwise
+        # writes its telemetry session while creating the database, and SQLite's lock can
+        # fail the save; soundpatch's runs have it off already.
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
     save = f"from prefect.blocks.system import Secret; Secret(value={KEY!r}).save('eachlabs-key')"
     subprocess.run([sys.executable, "-c", save], env=env, check=True, capture_output=True, timeout=120)
@@ -209,8 +213,8 @@ def test_a_row_waiting_its_turn_when_the_run_is_stopped_sends_nothing(library, a
     limiter = batch.providers["eachlabs"].creates
     wait_for_turn = limiter.acquire
 
-    def ctrl_c_while_waiting() -> float:
-        waited = wait_for_turn()
+    def ctrl_c_while_waiting(give_up=None) -> float:
+        waited = wait_for_turn(give_up=give_up)
         interrupt.request_stop()
         return waited
 
