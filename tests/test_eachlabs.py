@@ -168,13 +168,16 @@ def test_the_key_can_come_from_a_prefect_secret_block(library, aws_env, simulato
         AWS_SECRET_ACCESS_KEY="test",
         PREFECT_LOGGING_LEVEL="WARNING",
         DO_NOT_TRACK="1",
-        # Prefect's own server (started by Secret.save on a new PREFECT_HOME) otherwise
-        # writes its telemetry session while creating the database, and SQLite's lock can
-        # fail the save; soundpatch's runs have it off already.
+        # Secret.save starts Prefect's own ephemeral server, which on a new PREFECT_HOME
+        # creates its database first: past Prefect's 20 s default on a busy 2-core machine.
+        # (soundpatch's own temporary server waits up to 120 s.) Its telemetry, off as in
+        # soundpatch's runs, only adds a write to that new database.
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
     save = f"from prefect.blocks.system import Secret; Secret(value={KEY!r}).save('eachlabs-key')"
-    subprocess.run([sys.executable, "-c", save], env=env, check=True, capture_output=True, timeout=120)
+    saved = subprocess.run([sys.executable, "-c", save], env=env, capture_output=True, text=True, timeout=180)
+    assert saved.returncode == 0, saved.stderr[-2000:]
     sim = simulator(latency=0.1, fill="tone", api_key=KEY)  # accepts only that key
     (library / "secret.yaml").write_text(
         f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.1, api_key_secret: eachlabs-key}}\n"
