@@ -9,8 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+
+from soundpatch.config import Config, load_config
 
 KEY = "sk-crash-test"
 SCRIPT = Path(sys.executable).parent / "soundpatch"
@@ -26,6 +29,23 @@ def write_job(workdir: Path, sim, s3, rows: int, concurrency: int, rpm: float = 
         f"{extra}}}\n"
         f"limits: {{concurrency: {concurrency}, budget_usd: 100, requests_per_minute: {rpm}}}\n"
         f"storage: {{s3: {{endpoint_url: '{s3.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+    )
+
+
+def hosted_config(sim, s3_endpoint: str, output: str, runs_dir: Path, **overrides: Any) -> Config:
+    """A config for in-process hosted runs: Each Labs at `sim`, clips staged in s3://stage/clips/
+    of the S3 server at `s3_endpoint`, quick polls; `overrides` win."""
+    return load_config(
+        overrides={
+            "provider.name": "eachlabs",
+            "provider.base_url": sim.base_url,
+            "provider.poll_seconds": 0.05,
+            "storage.s3.endpoint_url": s3_endpoint,
+            "storage.staging": "s3://stage/clips/",
+            "output.uri": output,
+            "runs_dir": str(runs_dir),
+            **overrides,
+        }
     )
 
 

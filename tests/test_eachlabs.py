@@ -25,11 +25,10 @@ import pytest
 import soundfile as sf
 
 from soundpatch.batch import Batch
-from soundpatch.config import load_config
 from soundpatch.errors import ConfigError
 from soundpatch.manifest import load_manifest
 from soundpatch.window import plan_window
-from tests.jobs import clean_env, soundpatch
+from tests.jobs import clean_env, hosted_config, soundpatch
 
 KEY = "sk-test-9f8e7d6c5b4a"
 PRICE = 0.20
@@ -67,25 +66,19 @@ def library(tmp_path, aws_env):
     return tmp_path
 
 
-def hosted_config(tmp_path: Path, sim, s3, rpm: float = 600, **provider):
-    return load_config(
-        overrides={
-            "limits.requests_per_minute": rpm,
-            "provider.name": "eachlabs",
-            "provider.base_url": sim.base_url,
-            "provider.poll_seconds": 0.05,
-            "provider.max_poll_seconds": 0.2,
-            **{f"provider.{k}": v for k, v in provider.items()},
-            "storage.s3.endpoint_url": s3.endpoint,
-            "storage.staging": "s3://stage/clips/",
-            "output.uri": str(tmp_path / "outputs"),
-            "runs_dir": str(tmp_path / "runs"),
-        }
+def eachlabs_config(tmp_path: Path, sim, s3, rpm: float = 600, **provider):
+    return hosted_config(
+        sim,
+        s3.endpoint,
+        str(tmp_path / "outputs"),
+        tmp_path / "runs",
+        **{"limits.requests_per_minute": rpm, "provider.max_poll_seconds": 0.2},
+        **{f"provider.{k}": v for k, v in provider.items()},
     )
 
 
 def run_batch(tmp_path, sim, s3, manifest="mix.csv", run_id="t", rpm: float = 600, **provider):
-    cfg = hosted_config(tmp_path, sim, s3, rpm, **provider)
+    cfg = eachlabs_config(tmp_path, sim, s3, rpm, **provider)
     batch = Batch(load_manifest(tmp_path / manifest), cfg, run_id)
     try:
         return [batch.process(e) for e in batch.manifest.edits], batch
@@ -211,7 +204,7 @@ def test_a_row_waiting_its_turn_when_the_run_is_stopped_sends_nothing(library, a
 
     monkeypatch.setenv("EACHLABS_API_KEY", KEY)
     sim = simulator(latency=0.05, fill="tone")
-    cfg = hosted_config(library, sim, aws_env)
+    cfg = eachlabs_config(library, sim, aws_env)
     batch = Batch(load_manifest(library / single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,")), cfg, "stopped")
     limiter = batch.providers["eachlabs"].creates
     wait_for_turn = limiter.acquire
@@ -338,7 +331,7 @@ def test_model_limits_make_rows_invalid_before_any_request(library, aws_env, sim
 def test_missing_key_or_staging_stops_the_run_before_it_starts(library, aws_env, simulator, monkeypatch):
     sim = simulator()
     monkeypatch.delenv("EACHLABS_API_KEY", raising=False)
-    cfg = hosted_config(library, sim, aws_env)
+    cfg = eachlabs_config(library, sim, aws_env)
     with pytest.raises(ConfigError, match="EACHLABS_API_KEY"):
         Batch(load_manifest(library / "mix.csv"), cfg, "nokey")
     monkeypatch.setenv("EACHLABS_API_KEY", KEY)

@@ -16,9 +16,8 @@ import pandas as pd
 import soundfile as sf
 
 from soundpatch.batch import Batch
-from soundpatch.config import load_config
 from soundpatch.manifest import load_manifest
-from tests.jobs import environment, events, finish, kill_group, start, wait_for, write_job
+from tests.jobs import environment, events, finish, hosted_config, kill_group, start, wait_for, write_job
 
 ROWS = 24
 BUDGET = 4.00  # 20 of the 24 rows at $0.20
@@ -89,17 +88,7 @@ def test_s3_throttling_is_waited_out(job_dir, aws_env, throttled_s3, simulator, 
         + "".join(f"l{i},fx.wav,1,1.5,q{i}\n" for i in range(4))
     )
     sim = simulator(latency=0.05, fill="tone")
-    cfg = load_config(
-        overrides={
-            "provider.name": "eachlabs",
-            "provider.base_url": sim.base_url,
-            "provider.poll_seconds": 0.05,
-            "storage.s3.endpoint_url": throttled_s3.endpoint,
-            "storage.staging": "s3://stage/clips/",
-            "output.uri": f"s3://{aws_env.bucket('results')}/out/",
-            "runs_dir": str(job_dir / "runs"),
-        }
-    )
+    cfg = hosted_config(sim, throttled_s3.endpoint, f"s3://{aws_env.bucket('results')}/out/", job_dir / "runs")
     batch = Batch(load_manifest(job_dir / "m.csv"), cfg, "throttled")
     outcomes = [batch.process(e) for e in batch.manifest.edits]
     batch.close()

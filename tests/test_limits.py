@@ -10,9 +10,9 @@ import pytest
 import soundfile as sf
 
 from soundpatch.batch import Batch
-from soundpatch.config import load_config
 from soundpatch.limits import BudgetLedger, RateLimiter
 from soundpatch.manifest import load_manifest
+from tests.jobs import hosted_config
 
 
 class FakeClock:
@@ -151,18 +151,7 @@ def hosted_job(tmp_path, aws_env, monkeypatch, rows: int) -> None:
 
 def run_hosted(tmp_path, aws_env, sim, run_id: str, threads: int | None = None, **overrides) -> tuple[list, Batch]:
     """Every row of the job through one Batch on `threads` threads (default: as the flow does)."""
-    cfg = load_config(
-        overrides={
-            "provider.name": "eachlabs",
-            "provider.base_url": sim.base_url,
-            "provider.poll_seconds": 0.05,
-            "storage.s3.endpoint_url": aws_env.endpoint,
-            "storage.staging": "s3://stage/clips/",
-            "output.uri": str(tmp_path / run_id),
-            "runs_dir": str(tmp_path / "runs"),
-            **overrides,
-        }
-    )
+    cfg = hosted_config(sim, aws_env.endpoint, str(tmp_path / run_id), tmp_path / "runs", **overrides)
     batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, run_id)
     with ThreadPoolExecutor(threads or batch.rows_at_once) as pool:
         outcomes = list(pool.map(batch.process, batch.manifest.edits))
