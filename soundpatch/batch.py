@@ -86,7 +86,7 @@ class Batch:
         self.run_dir = Path(config.runs_dir).expanduser() / run_id
         self.states = {} if dry_run else row_states(self.run_dir)
         self.dry_run = dry_run
-        self.s3 = S3(config.storage.s3)
+        self.s3 = S3(config.storage.s3, connections=self.rows_at_once + 4)
         self.providers: dict[str, Provider] = {}
         self._lock = threading.Lock()
         self.store: OutputStore = open_store(config.output.uri, self.s3)

@@ -49,10 +49,16 @@ class S3Uri:
 
 
 class S3:
-    """One boto3 client per process (clients are thread-safe), created on first use."""
+    """One boto3 client per process (clients are thread-safe), created on first use.
 
-    def __init__(self, config: S3Config) -> None:
+    `connections`: how many threads may use it at once. boto3 keeps 10 connections; a
+    batch's rows stage, read and publish from dozens of threads, and every request past
+    the tenth opened a new connection and threw it away after (with a warning on screen).
+    """
+
+    def __init__(self, config: S3Config, connections: int = 10) -> None:
         self._config = config
+        self._connections = max(10, connections)
         self._client = None
         self._lock = threading.Lock()
         # Buckets found missing or out of reach (no credentials, endpoint down): later reads
@@ -67,7 +73,7 @@ class S3:
                     "s3",
                     endpoint_url=self._config.endpoint_url,  # None: AWS_ENDPOINT_URL or AWS
                     region_name=self._config.region,
-                    config=_BOTO,
+                    config=_BOTO.merge(BotoConfig(max_pool_connections=self._connections)),
                 )
             return self._client
 

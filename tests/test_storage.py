@@ -286,6 +286,29 @@ def test_large_results_go_up_in_parts(tmp_path, aws_env):
     assert sf.info(io.BytesIO(data)).frames == 40 * 48000
 
 
+def test_a_batch_s_rows_share_s3_connections_instead_of_opening_new_ones(aws_env, caplog):
+    """boto3 keeps 10 connections unless told otherwise; 40 rows writing at once threw the
+    rest away after each request (and warned on the terminal)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from soundpatch.config import S3Config
+    from soundpatch.s3 import S3, S3Uri
+
+    bucket = aws_env.bucket("pool")
+    s3 = S3(S3Config(endpoint_url=aws_env.endpoint), connections=40)
+    gate = threading.Barrier(40)
+
+    def put(i: int) -> None:
+        gate.wait()  # all 40 requests in flight together
+        s3.write(S3Uri(bucket, f"k{i}"), b"x" * 100_000, "application/octet-stream")
+
+    with caplog.at_level("WARNING", logger="urllib3.connectionpool"):
+        with ThreadPoolExecutor(40) as pool:
+            list(pool.map(put, range(40)))
+    assert len(aws_env.keys(bucket)) == 40
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
+
+
 def test_patterns_expand_into_rows_and_identical_rows_are_sent_once(tmp_path):
     audio = tmp_path / "library"
     audio.mkdir()
