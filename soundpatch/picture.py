@@ -1,8 +1,9 @@
 """The picture on a report card: before | after, each a waveform over a spectrogram of
 the region with its context, the region shaded, as one small PNG.
 
-Drawn straight into pixels (min/max envelopes, a numpy STFT, matplotlib's colormap and
-PNG writer, no figure layout): ~30 ms a card, where matplotlib figures took 0.5 s.
+Drawn straight into pixels (min/max envelopes, a numpy STFT, the magma colormap) and
+written as an RGB PNG by Pillow: ~18 ms a card. Matplotlib figures took 0.5 s, and
+matplotlib's colormap and PNG writer (RGBA) 39 ms.
 """
 
 from __future__ import annotations
@@ -11,21 +12,38 @@ import io
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 
 if TYPE_CHECKING:
     from soundpatch.preview import Preview
 
 WIDTH, WAVE_HEIGHT, SPEC_HEIGHT = 360, 56, 80
-_BACKGROUND = np.array([1.0, 1.0, 1.0])
-_REGION = np.array([0.99, 0.93, 0.75])
-_INKS = (np.array([0.12, 0.37, 0.66]), np.array([0.09, 0.41, 0.17]))  # before blue, after green
+
+
+def _rgb(hex_colours: str) -> np.ndarray:
+    """'rrggbb ...' to uint8 RGB rows."""
+    return np.array([[int(c[i : i + 2], 16) for i in (0, 2, 4)] for c in hex_colours.split()], np.uint8)
+
+
+_BACKGROUND, _REGION = _rgb("ffffff fdedbf")
+_INKS = tuple(_rgb("1f5ea8 17692b"))  # before blue, after green
+# Matplotlib's "magma" (quiet is black, loud is pale yellow) at 17 evenly spaced points;
+# between them linear steps stay within 2.3/255 of the full table.
+_MAGMA = _rgb(
+    "000004 0a0822 1d1147 36106b 51127c 6a1c81 832681 9c2e7f b73779 "
+    "d0416f e75263 f56b5c fc8961 fea772 fec488 fde2a3 fcfdbf"
+)
+
+
+def magma(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] to uint8 RGB, shape (..., 3)."""
+    at = np.linspace(0, 1, len(_MAGMA))
+    channels = [np.interp(values, at, _MAGMA[:, c].astype(np.float64)) for c in range(3)]
+    return np.round(np.stack(channels, axis=-1)).astype(np.uint8)
 
 
 def draw(p: Preview) -> bytes:
     """Before | after: waveform over spectrogram, the region shaded, as PNG bytes."""
-    import matplotlib  # noqa: PLC0415 - only when a report has pictures to draw
-    import matplotlib.image  # noqa: PLC0415
-
     peak = max(float(np.abs(p.before).max(initial=0)), float(np.abs(p.after).max(initial=0)), 1e-3)
     n = max(len(p.before), 1)
     lo, hi = (round(p.region[0] * p.rate * WIDTH / n), round(p.region[1] * p.rate * WIDTH / n))
@@ -35,13 +53,14 @@ def draw(p: Preview) -> bytes:
     panels = []
     for x, spectrum, ink in zip((p.before, p.after), spectra, _INKS, strict=True):
         wave = _waveform(x, peak, ink, lo, hi)
-        spec = matplotlib.colormaps["magma"](np.clip((spectrum - (top - 90)) / 90, 0, 1))[..., :3]
+        spec = magma(np.clip((spectrum - (top - 90)) / 90, 0, 1))
         spec[:, max(0, lo - 1) : lo + 1] = _REGION
         spec[:, hi - 1 : hi + 1] = _REGION
-        panels.append(np.vstack([wave, np.ones((4, WIDTH, 3)), spec]))
-    image = np.hstack([panels[0], np.ones((panels[0].shape[0], 12, 3)), panels[1]])
+        panels.append(np.vstack([wave, np.full((4, WIDTH, 3), 255, np.uint8), spec]))
+    image = np.hstack([panels[0], np.full((panels[0].shape[0], 12, 3), 255, np.uint8), panels[1]])
     buf = io.BytesIO()
-    matplotlib.image.imsave(buf, image, format="png")
+    # zlib level 4: within 2% of level 6 in size (and smaller than matplotlib's RGBA), 3/4 of its time.
+    Image.fromarray(image, "RGB").save(buf, format="PNG", compress_level=4)
     return buf.getvalue()
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from soundpatch import audio as A
 from soundpatch import demo_audio
@@ -34,6 +35,37 @@ def music() -> A.Audio:
     x = demo_audio.music(6.0, RATE, channels=2, seed=1)
     like = A.Audio(np.zeros((1, 2), np.int16), RATE, "WAV", "PCM_16")
     return A.Audio(A.from_float(x, like), RATE, "WAV", "PCM_16")
+
+
+# ---------------------------------------------------------------------- card pictures
+
+
+def test_a_card_picture_shades_the_region_and_shows_what_changed_in_it():
+    """Before a 440 Hz tone throughout, after silence in 1-2 s of 3 s."""
+    import io
+
+    from soundpatch import picture
+    from soundpatch.preview import Preview
+
+    rate = 16000
+    before = (0.5 * np.sin(2 * np.pi * 440 * np.arange(3 * rate) / rate)).astype(np.float32)
+    after = before.copy()
+    after[rate : 2 * rate] = 0
+    png = picture.draw(Preview(before, after, rate, (1.0, 2.0), 0.0))
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    width, wave, spec = picture.WIDTH, picture.WAVE_HEIGHT, picture.SPEC_HEIGHT
+    assert image.shape == (wave + 4 + spec, 2 * width + 12, 3)
+    left, right = image[:, :width], image[:, width + 12 :]
+    region, outside = slice(width // 3 + 5, 2 * width // 3 - 5), slice(10, width // 3 - 5)
+    shaded = np.array([0xFD, 0xED, 0xBF])
+    assert (right[wave // 2 - 3, region] == shaded).all()  # the silent region: shade, no ink
+    assert not (left[wave // 2 - 3, region] == shaded).all(axis=-1).any()  # the tone's ink covers it
+    assert (left[wave // 2, outside] == [0x1F, 0x5E, 0xA8]).all()  # before's ink is blue
+    assert (right[wave // 2, outside] == [0x17, 0x69, 0x2B]).all()  # after's green
+    spectrogram = slice(wave + 4, None)
+    brightness = right[spectrogram].sum(axis=-1)
+    assert brightness[:, region].mean() < brightness[:, outside].mean() / 4  # silence reads dark
+    np.testing.assert_array_equal(left[spectrogram, outside], right[spectrogram, outside])
 
 
 # ---------------------------------------------------------------------- quality checks
@@ -149,9 +181,7 @@ def test_the_html_report_in_a_real_browser(tmp_path):
     shot = tmp_path / "shot.png"
     taken = browse(report, tmp_path, "--screenshot=" + str(shot), "--window-size=1200,1600", "--hide-scrollbars")
     assert taken.returncode == 0 and shot.exists(), taken.stderr[-2000:]
-    import matplotlib.image
-
-    pixels = matplotlib.image.imread(shot)[..., :3]
+    pixels = np.asarray(Image.open(shot).convert("RGB")) / 255
     assert pixels.std() > 0.05  # text, tiles and pictures, not a blank page
     assert (pixels < 0.5).mean() > 0.01  # some dark ink
 
