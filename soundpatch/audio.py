@@ -7,12 +7,12 @@ the splice only ever converts the region itself, and everything else is copied.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
 
+from soundpatch import soundio
 from soundpatch.errors import RowError
 
 # How soundfile should hand each subtype over so that writing it back is lossless.
@@ -127,18 +127,23 @@ def inspect(source: bytes | str, name: str = "audio") -> AudioInfo:
     """Read only the header (of bytes, or of a file by path): enough to check a region
     against the audio's length without decoding it."""
     try:
-        info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else source)
+        if isinstance(source, bytes):
+            with soundio.open_bytes(source) as f:
+                info = AudioInfo(f.frames, f.samplerate, f.channels, f.format, f.subtype)
+        else:
+            i = sf.info(source)
+            info = AudioInfo(i.frames, i.samplerate, i.channels, i.format, i.subtype)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
-    if info.frames <= 0 or info.samplerate <= 0:
+    if info.frames <= 0 or info.rate <= 0:
         raise RowError(f"{name} holds no audio samples")
-    return AudioInfo(info.frames, info.samplerate, info.channels, info.format, info.subtype)
+    return info
 
 
 def decode(data: bytes, name: str = "audio") -> Audio:
     """Decode any format libsndfile reads (WAV, FLAC, OGG, MP3, AIFF, ...)."""
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
+        with soundio.open_bytes(data) as f:
             dtype = _NATIVE_DTYPE.get(f.subtype, "float32")
             samples = f.read(dtype=dtype, always_2d=True)
             rate, fmt, subtype = f.samplerate, f.format, f.subtype
@@ -224,9 +229,7 @@ def output_subtype(audio: Audio, container: str) -> str:
 def encode(audio: Audio, container: str) -> bytes:
     """Audio as a file in `container` (WAV, FLAC, MP3, OGG, ...) at its own rate and layout."""
     subtype = output_subtype(audio, container)
-    buf = io.BytesIO()
     samples = audio.samples
     if subtype in ("MPEG_LAYER_III", "VORBIS", "OPUS") and samples.dtype.kind != "f":
         samples = to_float(samples)
-    sf.write(buf, samples, audio.rate, format=container, subtype=subtype)
-    return buf.getvalue()
+    return soundio.write(samples, audio.rate, container, subtype)

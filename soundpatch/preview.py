@@ -11,7 +11,6 @@ plus one for every flagged result: the report shows no more.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from soundpatch import soundio
 from soundpatch.audio import Audio, mono, to_float
 from soundpatch.picture import draw
 from soundpatch.storage import atomic_write
@@ -58,9 +58,7 @@ def save(folder: Path, row_id: str, original: Audio, result: Audio, a: int, b: i
         if target != rate:
             mono = soxr.resample(mono, rate, target).astype(np.float32)
         sides[label] = np.clip(mono, -1, 1)
-        buf = io.BytesIO()
-        sf.write(buf, sides[label], target, format="WAV", subtype="PCM_16")
-        atomic_write(folder / f"{stem}.{label}.wav", buf.getvalue())
+        atomic_write(folder / f"{stem}.{label}.wav", soundio.write(sides[label], target, "WAV", "PCM_16"))
     region = ((a - lo) / rate, (min(b, hi) - lo) / rate)
     meta = {"rate": target, "region": list(region), "start": lo / rate}
     atomic_write(folder / f"{stem}.json", json.dumps(meta).encode())
@@ -109,9 +107,7 @@ def load(folder: Path, row_id: str) -> Preview | None:
 
 def ogg_bytes(p: Preview, label: str) -> bytes:
     """One side of a preview as Ogg Vorbis, small enough to embed in a page."""
-    buf = io.BytesIO()
-    sf.write(buf, np.clip(p.before if label == "before" else p.after, -1, 1), p.rate, format="OGG", subtype="VORBIS")
-    return buf.getvalue()
+    return soundio.write(np.clip(p.before if label == "before" else p.after, -1, 1), p.rate, "OGG", "VORBIS")
 
 
 def _mono(samples: np.ndarray) -> np.ndarray:

@@ -14,7 +14,6 @@ above a rate (with Retry-After), 5xx on create, predictions that fail, MP3 resul
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import re
@@ -29,8 +28,8 @@ from typing import Any
 
 import httpx
 import numpy as np
-import soundfile as sf
 
+from soundpatch import soundio
 from soundpatch.audio import Audio
 from soundpatch.providers.base import InpaintRequest
 from soundpatch.providers.local import LocalEngine
@@ -263,7 +262,7 @@ class Simulator:
             raise RuntimeError(f"could not fetch audio_url: HTTP {response.status_code}")
         if len(response.content) > MAX_FETCH_BYTES:
             raise RuntimeError("audio_url is too large")
-        clip, rate = sf.read(io.BytesIO(response.content), dtype="float32", always_2d=True)
+        clip, rate = soundio.read(response.content, dtype="float32", always_2d=True)
         total = int(spec["seconds_total"])
         length = total * rate
         clip = np.concatenate([clip, np.zeros((max(0, length - len(clip)), clip.shape[1]), np.float32)])[:length]
@@ -278,12 +277,9 @@ class Simulator:
         shift = int(self.settings.shift_ms / 1000 * rate)
         if shift:
             out = np.concatenate([np.zeros((shift, out.shape[1]), np.float32), out])[:length]
-        buf = io.BytesIO()
         if self.settings.result_format == "mp3":
-            sf.write(buf, out, rate, format="MP3", subtype="MPEG_LAYER_III")
-        else:
-            sf.write(buf, out, rate, format="WAV", subtype="PCM_16")
-        return buf.getvalue()
+            return soundio.write(out, rate, "MP3", "MPEG_LAYER_III")
+        return soundio.write(out, rate, "WAV", "PCM_16")
 
 
 class _Server(ThreadingHTTPServer):

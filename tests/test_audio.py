@@ -102,3 +102,25 @@ def test_splice_rejects_a_fill_of_the_wrong_shape():
 def test_undecodable_bytes_raise_a_row_error(content):
     with pytest.raises(RowError):
         decode(content, "clip.wav")
+
+
+def test_in_memory_files_match_soundfile_and_leave_no_descriptor_open():
+    """soundio hands libsndfile a file descriptor instead of a BytesIO (no callbacks into
+    Python): the same bytes and samples as soundfile's own, and every descriptor closed."""
+    import os
+
+    from soundpatch import soundio
+
+    samples = (np.random.default_rng(3).standard_normal((44100, 2)) * 3000).astype(np.int16)
+    open_before = len(os.listdir("/proc/self/fd"))
+    for fmt in ("WAV", "FLAC"):
+        data = soundio.write(samples, 44100, fmt, "PCM_16")
+        theirs = io.BytesIO()
+        sf.write(theirs, samples, 44100, format=fmt, subtype="PCM_16")
+        assert data == theirs.getvalue()
+        back, rate = soundio.read(data, dtype="int16", always_2d=True)
+        assert rate == 44100 and np.array_equal(back, samples)
+    for _ in range(50):
+        with pytest.raises(sf.LibsndfileError):
+            soundio.read(b"RIFF" + os.urandom(500))
+    assert len(os.listdir("/proc/self/fd")) == open_before

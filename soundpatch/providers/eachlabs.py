@@ -14,7 +14,6 @@ The API key travels in the X-API-Key header only; it is redacted from every mess
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any
 import httpx
 import soundfile as sf
 
+from soundpatch import soundio
 from soundpatch.audio import Audio, pcm16
 from soundpatch.config import ProviderConfig
 from soundpatch.errors import ConfigError, RowError
@@ -154,9 +154,8 @@ class EachLabs:
         assert self.staging is not None
         if as_is:
             return self.staging.share(request.source)
-        buf = io.BytesIO()
-        sf.write(buf, pcm16(clip), MODEL_RATE, format="WAV", subtype="PCM_16")
-        staged = self.staging.stage(buf.getvalue(), f"{request.name}.wav")
+        wav = soundio.write(pcm16(clip), MODEL_RATE, "WAV", "PCM_16")
+        staged = self.staging.stage(wav, f"{request.name}.wav")
         request.tell("staged", uri=str(staged.uri))
         return staged
 
@@ -410,7 +409,7 @@ def _paid(cost: float, prediction_id: str, attempts: int) -> Iterator[None]:
 
 def _decode(data: bytes) -> tuple[Any, int]:
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        samples, rate = soundio.read(data, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError):
         raise RowError("the result is not audio that can be decoded") from None
     if len(samples) == 0:
