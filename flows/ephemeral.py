@@ -50,6 +50,12 @@ class TemporaryServer:
         self._command: list[str] = []
         self._env: dict[str, str] = {}
 
+    @classmethod
+    def unless_configured(cls) -> TemporaryServer | None:
+        """A server started now, unless PREFECT_API_URL names one to use (read from the
+        environment only: importing Prefect's settings would take the seconds we save)."""
+        return None if os.environ.get("PREFECT_API_URL") else cls().start()
+
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"

@@ -10,18 +10,17 @@ before its flow (bad config, missing manifest), leaves it unused, and it is stop
 from __future__ import annotations
 
 import gc
-import os
 import sys
 
 
 def main() -> int:
     argv = sys.argv[1:]
     server = None
-    if _starts_a_run(argv) and not os.environ.get("PREFECT_API_URL"):
+    if _starts_a_run(argv):
         from flows.ephemeral import TemporaryServer, quiet_prefect
 
         quiet_prefect("--verbose" in argv)  # the server reads the same settings
-        server = TemporaryServer().start()
+        server = TemporaryServer.unless_configured()
     try:
         from soundpatch.cli import main as cli_main
 

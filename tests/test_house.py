@@ -34,6 +34,13 @@ def test_only_a_real_run_starts_prefects_server_before_loading():
     assert not _starts_a_run(["validate", "m.csv"]) and not _starts_a_run([])
 
 
+def test_a_configured_prefect_api_means_no_temporary_server(monkeypatch):
+    from flows.ephemeral import TemporaryServer
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert TemporaryServer.unless_configured() is None
+
+
 def test_the_command_starts_without_loading_numpy_or_prefect_first():
     # The temporary server is spawned before the rest loads, so the entry must stay light.
     code = (
