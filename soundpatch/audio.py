@@ -131,8 +131,8 @@ def inspect(source: bytes | str, name: str = "audio") -> AudioInfo:
             with soundio.open_bytes(source) as f:
                 info = AudioInfo(f.frames, f.samplerate, f.channels, f.format, f.subtype)
         else:
-            i = sf.info(source)
-            info = AudioInfo(i.frames, i.samplerate, i.channels, i.format, i.subtype)
+            header = sf.info(source)
+            info = AudioInfo(header.frames, header.samplerate, header.channels, header.format, header.subtype)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
     if info.frames <= 0 or info.rate <= 0:
