@@ -7,6 +7,7 @@ the splice only ever converts the region itself, and everything else is copied.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,19 +126,15 @@ def from_float(values: np.ndarray, like: Audio) -> np.ndarray:
 
 def inspect(source: bytes | str, name: str = "audio") -> AudioInfo:
     """Read only the header (of bytes, or of a file by path): enough to check a region
-    against the audio's length without decoding it."""
+    against the audio's length without decoding it. Bytes go through a BytesIO: a header
+    is a few reads, and soundio would first copy the whole file."""
     try:
-        if isinstance(source, bytes):
-            with soundio.open_bytes(source) as f:
-                info = AudioInfo(f.frames, f.samplerate, f.channels, f.format, f.subtype)
-        else:
-            header = sf.info(source)
-            info = AudioInfo(header.frames, header.samplerate, header.channels, header.format, header.subtype)
+        info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else source)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
-    if info.frames <= 0 or info.rate <= 0:
+    if info.frames <= 0 or info.samplerate <= 0:
         raise RowError(f"{name} holds no audio samples")
-    return info
+    return AudioInfo(info.frames, info.samplerate, info.channels, info.format, info.subtype)
 
 
 def decode(data: bytes, name: str = "audio") -> Audio:
