@@ -99,7 +99,7 @@ class Batch:
         self.unpublished = LocalFolder(self.run_dir / "unpublished")
         self._kept = kept_results(Path(config.runs_dir).expanduser())
         self._in_flight: dict[str, threading.Event] = {}  # identity -> set when its owner is done
-        self._previews = 0  # listening copies kept for the report
+        self._previews = preview.Quota()  # listening copies kept for the report
         self.publisher = Publisher(self.store, config.output.format, run_id)
         self._carried = self._carried_outcomes()
         # Money an earlier attempt of this run spent or committed counts against the cap:
@@ -425,10 +425,7 @@ class Batch:
         published = audio_ops.decode(encoded.data, encoded.name)  # checked as users will read it
         quality = measure(original, published, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
         _apply(quality.to_dict(), outcome)
-        with self._lock:
-            keep = bool(quality.flags) or self._previews < preview.KEEP  # the report shows no more
-            self._previews += keep
-        if keep:
+        if self._previews.take(flagged=bool(quality.flags)):
             self._save_preview(edit, original, published, a, b)
         record = {
             "identity": identity,

@@ -5,14 +5,15 @@ twice, before and after, mono 16-bit WAV at up to 16 kHz, with where the region 
 it; and with them what the report's card shows: the picture (soundpatch/picture.py) and
 two players (Ogg Vorbis). Made when the row finishes (~50 ms, while other rows wait on
 the provider) rather than all at the end of the run; `soundpatch report RUN_ID` redoes
-what is missing from the WAVs, without the sources or outputs. A run keeps KEEP of them,
-plus one for every flagged result: the report shows no more.
+what is missing from the WAVs, without the sources or outputs. The report shows KEEP
+cards, flagged results first, so a run makes no more than it can show (see Quota).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,29 @@ class Preview:
     rate: int
     region: tuple[float, float]  # seconds within the excerpt
     start: float  # where the excerpt begins in the file, seconds
+
+
+class Quota:
+    """Which finished results get listening copies, decided as they finish.
+
+    The report shows `keep` cards, flagged results first: so the first `keep` flagged
+    results get one, and the others while fewer than `keep` are kept in all. At most
+    2 x `keep` in a run however long, where keeping one per flagged result made one for
+    every row of a batch that all came back flagged (~60 ms each, never shown).
+    """
+
+    def __init__(self, keep: int = KEEP) -> None:
+        self.keep, self.flagged, self.kept = keep, 0, 0
+        self._lock = threading.Lock()
+
+    def take(self, flagged: bool) -> bool:
+        with self._lock:
+            if flagged and self.flagged < self.keep:
+                self.flagged += 1
+            elif flagged or self.kept >= self.keep:
+                return False
+            self.kept += 1
+            return True
 
 
 def file_stem(row_id: str) -> str:

@@ -68,6 +68,20 @@ def test_a_card_picture_shades_the_region_and_shows_what_changed_in_it():
     np.testing.assert_array_equal(left[spectrogram, outside], right[spectrogram, outside])
 
 
+def test_a_run_makes_listening_copies_only_for_the_cards_its_report_can_show():
+    from soundpatch.preview import Quota
+
+    quota = Quota(keep=3)
+    assert [quota.take(flagged=False) for _ in range(5)] == [True, True, True, False, False]
+    # Flagged results come first in the report: the first three still get theirs.
+    assert [quota.take(flagged=True) for _ in range(5)] == [True, True, True, False, False]
+    assert quota.kept == 6
+
+    everything_flagged = Quota(keep=3)  # a batch whose every result came back flagged
+    assert sum(everything_flagged.take(flagged=True) for _ in range(400)) == 3
+    assert not everything_flagged.take(flagged=False)
+
+
 # ---------------------------------------------------------------------- quality checks
 
 
