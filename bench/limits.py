@@ -15,39 +15,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import boto3
 import httpx
 import numpy as np
 import soundfile as sf
+from servers import s3_server, simulator
 
 from soundpatch.batch import Batch
 from soundpatch.config import load_config
 from soundpatch.manifest import load_manifest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args: argparse.Namespace, rows: int, endpoint: str, sim_url: str) -> dict:
     """Every row through one Batch, as the flow runs them; the simulator's counts after."""
     with httpx.Client() as client:
-        for _ in range(100):
-            try:
-                client.get(f"{sim_url}/_sim/stats")
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             sf.write(work / "fx.wav", np.full((6 * 8000, 1), 0.1, np.float32), 8000)
@@ -86,57 +70,21 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", EACHLABS_API_KEY="bench")
-    port = free_port()
-    moto = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="stage")
-                break
-            except Exception:
-                time.sleep(0.1)
-        rows = int(args.rpm / 60 * args.seconds)
-        sim_port = free_port()
-        simulator = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "soundpatch"),
-                "simulate",
-                "--port",
-                str(sim_port),
-                "--latency",
-                "0.2",
-                "--fill",
-                "tone",
-                "--rpm",
-                str(args.rpm),
-                "--rate-window",
-                str(args.window),
-                "--price",
-                "0",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        sim_url = f"http://127.0.0.1:{sim_port}"
-        try:
-            stats = run(args, rows, endpoint, sim_url)
-        finally:
-            simulator.terminate()
-            simulator.wait()
-        times = sorted(stats["accepted_times"])
-        # The sustained part: skip the first and last two seconds.
-        steady = [t for t in times if times[0] + 2 <= t <= times[-1] - 2]
-        achieved = (len(steady) - 1) / (steady[-1] - steady[0]) * 60 if len(steady) > 2 else 0.0
-        creates, limited = stats["creates"], stats["rate_limited"]
-        print(f"{'limit (creates/min)':28s} {args.rpm:10.0f}")
-        print(f"{'rows (succeeded)':28s} {rows:10d} ({stats['succeeded']})")
-        print(f"{'achieved (creates/min)':28s} {achieved:10.1f}")
-        print(f"{'utilization':28s} {achieved / args.rpm:10.3f}   target >= 0.97")
-        print(f"{'429s / creates':28s} {limited:5d} / {creates:<5d} = {limited / max(creates, 1):.2%}   target <= 1%")
-    finally:
-        moto.terminate()
+    rows = int(args.rpm / 60 * args.seconds)
+    sim_options = ("--latency", "0.2", "--fill", "tone", "--price", "0")
+    sim_options += ("--rpm", str(args.rpm), "--rate-window", str(args.window))
+    with s3_server("stage") as endpoint, simulator(*sim_options) as sim_url:
+        stats = run(args, rows, endpoint, sim_url)
+    times = sorted(stats["accepted_times"])
+    # The sustained part: skip the first and last two seconds.
+    steady = [t for t in times if times[0] + 2 <= t <= times[-1] - 2]
+    achieved = (len(steady) - 1) / (steady[-1] - steady[0]) * 60 if len(steady) > 2 else 0.0
+    creates, limited = stats["creates"], stats["rate_limited"]
+    print(f"{'limit (creates/min)':28s} {args.rpm:10.0f}")
+    print(f"{'rows (succeeded)':28s} {rows:10d} ({stats['succeeded']})")
+    print(f"{'achieved (creates/min)':28s} {achieved:10.1f}")
+    print(f"{'utilization':28s} {achieved / args.rpm:10.3f}   target >= 0.97")
+    print(f"{'429s / creates':28s} {limited:5d} / {creates:<5d} = {limited / max(creates, 1):.2%}   target <= 1%")
 
 
 if __name__ == "__main__":

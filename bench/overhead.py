@@ -2,14 +2,15 @@
 
     python bench/overhead.py [--rows 400] [--concurrency 40] [--latency 1.0]
 
-Against one simulator (1 s per prediction), in the same run:
+Against one simulator (1 s per prediction) in its own process, as a provider is, and one
+S3 server (moto), in the same run:
 - baseline: a minimal asyncio + httpx script that creates, polls and downloads every
   prediction with the same concurrency and poll interval, and nothing else;
 - soundpatch: `soundpatch run` on a manifest of the same rows (validation, staging to S3,
   the journal, Prefect's temporary server and one task per row, splicing, the report).
 Printed: both wall times and their ratio (target <= 1.10), with soundpatch's time also
 split into start-up (Prefect's temporary server) and the flow itself, and the CPU time
-each process used (the machine's cores are shared by all of them).
+each process used during each (the machine's cores are shared by all of them).
 
 Prefect's database is created (and migrated) by a one-row run first, timed on its own:
 that happens once per PREFECT_HOME, not on every run.
@@ -23,7 +24,6 @@ import io
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,16 +35,9 @@ import boto3
 import httpx
 import numpy as np
 import soundfile as sf
-
-from soundpatch.simulator import Simulator, SimulatorSettings
+from servers import s3_server, simulator
 
 POLL = 0.25
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def baseline(base: str, audio_url: str, rows: int, concurrency: int) -> float:
@@ -130,84 +123,73 @@ def main() -> None:
     args = parser.parse_args()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "EACHLABS_API_KEY": "bench"}
     os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
-    port = free_port()
-    moto = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
+    sim_options = ("--latency", f"{args.latency:g}", "--fill", "tone", "--price", "0")
+    with s3_server("stage") as endpoint, simulator(*sim_options) as sim_url, tempfile.TemporaryDirectory() as tmp:
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        for _ in range(100):
-            try:
-                s3.create_bucket(Bucket="stage")
-                break
-            except Exception:
-                time.sleep(0.1)
         clip = io.BytesIO()
         sf.write(clip, np.full((6 * 44100, 2), 0.1, np.float32), 44100, format="WAV", subtype="PCM_16")
         s3.put_object(Bucket="stage", Key="bench/clip.wav", Body=clip.getvalue())
         audio_url = s3.generate_presigned_url("get_object", Params={"Bucket": "stage", "Key": "bench/clip.wav"})
-        settings = SimulatorSettings(latency=args.latency, fill="tone", price=0.0)
-        with tempfile.TemporaryDirectory() as tmp, Simulator(settings) as sim:
-            base_s = asyncio.run(baseline(sim.base_url, audio_url, args.rows, args.concurrency))
+        needles = {"simulator": "simulate --port", "moto": "moto.server"}
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        with CpuWatch(needles) as base_cpu:
+            base_s = asyncio.run(baseline(sim_url, audio_url, args.rows, args.concurrency))
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        base_cpu.seconds["client"] = after.ru_utime + after.ru_stime - own.ru_utime - own.ru_stime
 
-            work = Path(tmp)
-            sf.write(work / "fx.wav", np.full((6 * 44100, 2), 0.1, np.float32), 44100, subtype="PCM_16")
-            (work / "m.csv").write_text(
-                "id,input,start,end,prompt,seed\n"
-                + "".join(f"r{i},fx.wav,1.2,1.7,p{i},{i}\n" for i in range(args.rows))
+        work = Path(tmp)
+        sf.write(work / "fx.wav", np.full((6 * 44100, 2), 0.1, np.float32), 44100, subtype="PCM_16")
+        (work / "m.csv").write_text(
+            "id,input,start,end,prompt,seed\n" + "".join(f"r{i},fx.wav,1.2,1.7,p{i},{i}\n" for i in range(args.rows))
+        )
+        (work / "c.yaml").write_text(
+            f"provider: {{name: eachlabs, base_url: '{sim_url}', poll_seconds: {POLL}, "
+            f"max_poll_seconds: {POLL}, price_usd: 0}}\n"
+            f"limits: {{concurrency: {args.concurrency}, requests_per_minute: 1000000, "
+            f"polls_per_minute: 1000000}}\n"
+            f"storage: {{s3: {{endpoint_url: '{endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+        )
+        script = Path(sys.executable).parent / "soundpatch"
+        run_env = {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
+        run_env["PREFECT_HOME"] = str(work / "prefect")
+        (work / "one.csv").write_text("id,input,start,end,prompt,seed\nw0,fx.wav,1.2,1.7,warm,0\n")
+
+        def run(manifest: str, run_id: str) -> float:
+            t0 = time.perf_counter()
+            proc = subprocess.run(
+                [str(script), "run", manifest, "--config", "c.yaml", "--run-id", run_id],
+                cwd=work,
+                env=run_env,
+                capture_output=True,
+                text=True,
             )
-            (work / "c.yaml").write_text(
-                f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: {POLL}, "
-                f"max_poll_seconds: {POLL}, price_usd: 0}}\n"
-                f"limits: {{concurrency: {args.concurrency}, requests_per_minute: 1000000, "
-                f"polls_per_minute: 1000000}}\n"
-                f"storage: {{s3: {{endpoint_url: '{endpoint}'}}, staging: 's3://stage/clips/'}}\n"
-            )
-            script = Path(sys.executable).parent / "soundpatch"
-            run_env = {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
-            run_env["PREFECT_HOME"] = str(work / "prefect")
-            (work / "one.csv").write_text("id,input,start,end,prompt,seed\nw0,fx.wav,1.2,1.7,warm,0\n")
+            if proc.returncode != 0:
+                raise SystemExit(proc.stdout + proc.stderr)
+            return time.perf_counter() - t0
 
-            def run(manifest: str, run_id: str) -> float:
-                t0 = time.perf_counter()
-                proc = subprocess.run(
-                    [str(script), "run", manifest, "--config", "c.yaml", "--run-id", run_id],
-                    cwd=work,
-                    env=run_env,
-                    capture_output=True,
-                    text=True,
-                )
-                if proc.returncode != 0:
-                    raise SystemExit(proc.stdout + proc.stderr)
-                return time.perf_counter() - t0
-
-            first = run("one.csv", "warm")
-            needles = {
-                "soundpatch": f"{script} run m.csv",
-                "prefect server": "prefect.server.api.server:create_app",
-                "moto": "moto.server",
-            }
-            own = resource.getrusage(resource.RUSAGE_SELF)
-            with CpuWatch(needles) as cpu:
-                ours = run("m.csv", "bench")
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            flow = json.loads((work / "runs" / "bench" / "report.json").read_text())["summary"]["wall_seconds"]
-        sim_cpu = after.ru_utime + after.ru_stime - own.ru_utime - own.ru_stime
-        print(f"{'rows / concurrency / latency':34s} {args.rows} / {args.concurrency} / {args.latency:g} s")
-        print(f"{'baseline (asyncio + httpx)':34s} {base_s:8.2f} s")
-        print(f"{'soundpatch run (whole command)':34s} {ours:8.2f} s")
-        print(f"{'  of which the flow':34s} {flow:8.2f} s")
-        print(f"{'  start-up, shutdown, imports':34s} {ours - flow:8.2f} s")
-        print(f"{'overhead ratio (whole command)':34s} {ours / base_s:8.2f}   target <= 1.10")
-        print(f"{'overhead ratio (flow only)':34s} {flow / base_s:8.2f}")
-        print(f"{'CPU: soundpatch process':34s} {cpu.seconds['soundpatch']:8.2f} s")
-        print(f"{'CPU: its Prefect server':34s} {cpu.seconds['prefect server']:8.2f} s")
-        print(f"{'CPU: S3 (moto)':34s} {cpu.seconds['moto']:8.2f} s")
-        print(f"{'CPU: simulator and this script':34s} {sim_cpu:8.2f} s")
-        print(f"{'first run on a new PREFECT_HOME':34s} {first:8.2f} s   (1 row; creates Prefect's database)")
-    finally:
-        moto.terminate()
+        first = run("one.csv", "warm")
+        needles.update({"soundpatch": f"{script} run m.csv", "prefect server": "prefect.server.api.server:create_app"})
+        with CpuWatch(needles) as cpu:
+            ours = run("m.csv", "bench")
+        flow = json.loads((work / "runs" / "bench" / "report.json").read_text())["summary"]["wall_seconds"]
+    print(f"{'rows / concurrency / latency':34s} {args.rows} / {args.concurrency} / {args.latency:g} s")
+    print(f"{'baseline (asyncio + httpx)':34s} {base_s:8.2f} s")
+    print(f"{'soundpatch run (whole command)':34s} {ours:8.2f} s")
+    print(f"{'  of which the flow':34s} {flow:8.2f} s")
+    print(f"{'  start-up, shutdown, imports':34s} {ours - flow:8.2f} s")
+    print(f"{'overhead ratio (whole command)':34s} {ours / base_s:8.2f}   target <= 1.10")
+    print(f"{'overhead ratio (flow only)':34s} {flow / base_s:8.2f}")
+    print("CPU seconds (2 cores give 2 per second of wall time):")
+    print(
+        f"{'  baseline: client / simulator / S3':40s} {base_cpu.seconds['client']:6.1f} / "
+        f"{base_cpu.seconds['simulator']:.1f} / {base_cpu.seconds['moto']:.1f}"
+    )
+    print(
+        f"{'  soundpatch: run / its Prefect server':40s} {cpu.seconds['soundpatch']:6.1f} / "
+        f"{cpu.seconds['prefect server']:.1f}"
+    )
+    print(f"{'  soundpatch: simulator / S3':40s} {cpu.seconds['simulator']:6.1f} / {cpu.seconds['moto']:.1f}")
+    print(f"{'first run on a new PREFECT_HOME':34s} {first:8.2f} s   (1 row; creates Prefect's database)")
 
 
 if __name__ == "__main__":
