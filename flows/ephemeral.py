@@ -171,7 +171,10 @@ def isolated_api(server: TemporaryServer | None = None) -> Iterator[None]:
     server = server or TemporaryServer().start()
     try:
         server.wait_ready(max(STARTUP_TIMEOUT_SECONDS, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
+        # No flow run heartbeats: they tell a lasting server that a run died, and this one
+        # dies with the run. Their thread sleeps in whole seconds and is waited for when
+        # the flow ends, up to a second at the end of every run.
+        with temporary_settings({PREFECT_API_URL: server.api_url, "flows.heartbeat_frequency": None}):
             yield
     finally:
         server.stop()

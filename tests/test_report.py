@@ -259,6 +259,8 @@ def test_the_prefect_ui_tells_the_same_story(tmp_path):
 
         config = {{"output": {{"uri": {str(tmp_path / "out")!r}}}, "runs_dir": {str(tmp_path / "runs")!r}}}
         with isolated_api():
+            from prefect.settings import get_current_settings
+            print("heartbeats every", get_current_settings().flows.heartbeat_frequency)
             state = inpaint_batch({str(tmp_path / "m.csv")!r}, config=config, run_id="ui", return_state=True)
             with get_client(sync_client=True) as client:
                 flow_run_id = state.state_details.flow_run_id
@@ -278,6 +280,8 @@ def test_the_prefect_ui_tells_the_same_story(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The temporary server ends with the run: no heartbeats, whose thread held up its end.
+    assert "heartbeats every None" in proc.stdout.splitlines()
     artifacts = json.loads(proc.stdout.strip().splitlines()[-1])
     by_type = {a["type"]: a for a in artifacts}
     assert set(by_type) >= {"progress", "table", "markdown"}, artifacts
