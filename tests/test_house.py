@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -39,6 +40,22 @@ def test_a_configured_prefect_api_means_no_temporary_server(monkeypatch):
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     assert TemporaryServer.unless_configured() is None
+
+
+def test_prefects_server_imports_without_garbage_collection_and_serves_with_it():
+    # The run's temporary server starts through flows.prefect_server; uvicorn is stubbed to
+    # report the collector's state at the moment it would start serving.
+    code = (
+        "import gc, json, sys, uvicorn.main, flows.prefect_server as launcher\n"
+        "uvicorn.main.main = lambda **kw: print(json.dumps([gc.isenabled(), gc.get_freeze_count(),\n"
+        "    'prefect.server.api.server' in sys.modules, kw]))\n"
+        "launcher.main()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    enabled, frozen, imported, kwargs = json.loads(out.stdout)
+    assert enabled  # on while it serves: a long run's cycles are collected
+    assert imported and frozen > 100_000  # the server's modules, kept out of every later collection
+    assert kwargs == {"prog_name": "uvicorn"}
 
 
 def test_the_command_starts_without_loading_numpy_or_prefect_first():
