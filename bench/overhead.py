@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import resource
@@ -125,10 +124,10 @@ def main() -> None:
     os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
     sim_options = ("--latency", f"{args.latency:g}", "--fill", "tone", "--price", "0")
     with s3_server("stage") as endpoint, simulator(*sim_options) as sim_url, tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)  # one clip: the baseline's audio_url, and the manifest's input
+        sf.write(work / "fx.wav", np.full((6 * 44100, 2), 0.1, np.float32), 44100, subtype="PCM_16")
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        clip = io.BytesIO()
-        sf.write(clip, np.full((6 * 44100, 2), 0.1, np.float32), 44100, format="WAV", subtype="PCM_16")
-        s3.put_object(Bucket="stage", Key="bench/clip.wav", Body=clip.getvalue())
+        s3.put_object(Bucket="stage", Key="bench/clip.wav", Body=(work / "fx.wav").read_bytes())
         audio_url = s3.generate_presigned_url("get_object", Params={"Bucket": "stage", "Key": "bench/clip.wav"})
         needles = {"simulator": "simulate --port", "moto": "moto.server"}
         own = resource.getrusage(resource.RUSAGE_SELF)
@@ -137,8 +136,6 @@ def main() -> None:
         after = resource.getrusage(resource.RUSAGE_SELF)
         base_cpu.seconds["client"] = after.ru_utime + after.ru_stime - own.ru_utime - own.ru_stime
 
-        work = Path(tmp)
-        sf.write(work / "fx.wav", np.full((6 * 44100, 2), 0.1, np.float32), 44100, subtype="PCM_16")
         (work / "m.csv").write_text(
             "id,input,start,end,prompt,seed\n" + "".join(f"r{i},fx.wav,1.2,1.7,p{i},{i}\n" for i in range(args.rows))
         )
