@@ -27,6 +27,7 @@ from soundpatch import audio as audio_ops
 from soundpatch import preview
 from soundpatch.audio import Audio, AudioInfo
 from soundpatch.config import Config
+from soundpatch.cpu import crunching
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
 from soundpatch.identity import edit_identity
 from soundpatch.interrupt import stop_requested
@@ -338,8 +339,9 @@ class Batch:
         if store is self.store and record.get("ext") == self.publisher.ext(checked.info):
             outcome.output = self.store.copy(record["output"], name, metadata)
         else:  # another format asked for, or kept locally after a failed upload: encode and put
-            audio = audio_ops.decode(store.read(record["output"]), record["output"])
-            encoded = self.publisher.encode(edit, audio, checked.info)
+            data = store.read(record["output"])
+            with crunching():
+                encoded = self.publisher.encode(edit, audio_ops.decode(data, record["output"]), checked.info)
             outcome.output = self.store.put(encoded.name, encoded.data, encoded.content_type, metadata)
             if store is not self.store:
                 self.store.put_record(identity, {**record, "output": outcome.output, "ext": encoded.ext})
@@ -420,10 +422,11 @@ class Batch:
         fade = prediction.crossfade
         if fade is None:
             fade = round(self.config.splice.crossfade_ms / 1000 * original.rate)
-        result = audio_ops.splice(original, prediction.fill, a, b, fade)
-        encoded = self.publisher.encode(edit, result, checked.info)
-        published = audio_ops.decode(encoded.data, encoded.name)  # checked as users will read it
-        quality = measure(original, published, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
+        with crunching():
+            result = audio_ops.splice(original, prediction.fill, a, b, fade)
+            encoded = self.publisher.encode(edit, result, checked.info)
+            published = audio_ops.decode(encoded.data, encoded.name)  # checked as users will read it
+            quality = measure(original, published, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
         _apply(quality.to_dict(), outcome)
         if self._previews.take(flagged=bool(quality.flags)):
             self._save_preview(edit, original, published, a, b)

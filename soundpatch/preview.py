@@ -23,6 +23,7 @@ import soxr
 
 from soundpatch import soundio
 from soundpatch.audio import Audio, mono, to_float
+from soundpatch.cpu import crunching
 from soundpatch.picture import draw
 from soundpatch.storage import atomic_write
 
@@ -76,20 +77,23 @@ def save(folder: Path, row_id: str, original: Audio, result: Audio, a: int, b: i
     hi = min(original.frames, min(b, a + round(MAX_REGION_SECONDS * rate)) + context)
     target = min(rate, PREVIEW_RATE)
     stem = file_stem(row_id)
-    sides = {}
-    for label, audio in (("before", original), ("after", result)):
-        mono = _mono(audio.samples[lo:hi])
-        if target != rate:
-            mono = soxr.resample(mono, rate, target).astype(np.float32)
-        sides[label] = np.clip(mono, -1, 1)
-        atomic_write(folder / f"{stem}.{label}.wav", soundio.write(sides[label], target, "WAV", "PCM_16"))
-    region = ((a - lo) / rate, (min(b, hi) - lo) / rate)
-    meta = {"rate": target, "region": list(region), "start": lo / rate}
-    atomic_write(folder / f"{stem}.json", json.dumps(meta).encode())
-    p = Preview(sides["before"], sides["after"], target, region, lo / rate)
-    atomic_write(folder / f"{stem}.png", draw(p))
-    for label in ("before", "after"):
-        atomic_write(folder / f"{stem}.{label}.ogg", ogg_bytes(p, label))
+    files: dict[str, bytes] = {}
+    with crunching():  # the drawing and encoding; the files are written after
+        sides = {}
+        for label, audio in (("before", original), ("after", result)):
+            mono = _mono(audio.samples[lo:hi])
+            if target != rate:
+                mono = soxr.resample(mono, rate, target).astype(np.float32)
+            sides[label] = np.clip(mono, -1, 1)
+            files[f"{label}.wav"] = soundio.write(sides[label], target, "WAV", "PCM_16")
+        region = ((a - lo) / rate, (min(b, hi) - lo) / rate)
+        files["json"] = json.dumps({"rate": target, "region": list(region), "start": lo / rate}).encode()
+        p = Preview(sides["before"], sides["after"], target, region, lo / rate)
+        files["png"] = draw(p)
+        for label in ("before", "after"):
+            files[f"{label}.ogg"] = ogg_bytes(p, label)
+    for suffix, data in files.items():
+        atomic_write(folder / f"{stem}.{suffix}", data)
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from soundpatch import batch as batch_module
+from soundpatch import cpu, preview
 from soundpatch.batch import Batch
 from soundpatch.limits import BudgetLedger, RateLimiter
 from soundpatch.manifest import load_manifest
+from soundpatch.providers import eachlabs
 from tests.jobs import hosted_config
 
 
@@ -231,3 +235,43 @@ def test_predictions_in_flight_never_pass_limits_concurrency_while_more_rows_are
     assert batch.rows_at_once == 6  # two rows per prediction slot
     assert [o.status for o in outcomes] == ["succeeded"] * 18
     assert sim.stats.max_in_flight == 3
+
+
+def test_rows_crunch_their_audio_a_few_at_a_time_so_creates_and_polls_are_not_kept_waiting(
+    tmp_path, aws_env, simulator, monkeypatch
+):
+    # Twelve predictions end together. Preparing clips, aligning results, splicing, encoding,
+    # checking and drawing report cards are held to cpu.AT_ONCE rows at a time: otherwise a
+    # thread that only needs the interpreter lock to send the next create or poll waits
+    # behind all twelve, slice after slice.
+    hosted_job(tmp_path, aws_env, monkeypatch, rows=12)
+    sim = simulator(latency=0.3, fill="tone")
+    lock, inside, most = threading.Lock(), [0], [0]
+
+    def counted(fn):
+        def crunch(*args, **kwargs):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.02)  # time enough for every other row to get here, if let in
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+        return crunch
+
+    for module, name in (
+        (eachlabs, "prepare_clip"),
+        (eachlabs, "recover_region"),
+        (batch_module, "measure"),
+        (preview, "draw"),
+    ):
+        monkeypatch.setattr(module, name, counted(getattr(module, name)))
+    outcomes, _ = run_hosted(
+        tmp_path, aws_env, sim, "crunch", **{"limits.concurrency": 12, "limits.requests_per_minute": 100000}
+    )
+    assert [o.status for o in outcomes] == ["succeeded"] * 12
+    assert (tmp_path / "runs" / "crunch" / "previews").is_dir()  # report cards were drawn too
+    assert most[0] == cpu.AT_ONCE

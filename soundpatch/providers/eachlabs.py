@@ -26,6 +26,7 @@ import soundfile as sf
 from soundpatch import soundio
 from soundpatch.audio import Audio, pcm16
 from soundpatch.config import ProviderConfig
+from soundpatch.cpu import crunching
 from soundpatch.errors import ConfigError, RowError
 from soundpatch.limits import InFlight, RateLimiter
 from soundpatch.providers.base import InpaintRequest, NotStarted, Prediction, PredictionFailed
@@ -97,8 +98,9 @@ class EachLabs:
 
     def inpaint(self, request: InpaintRequest) -> Prediction:
         audio = request.audio
-        window = plan_window(audio.frames, audio.rate, request.a, request.b, self.config.context_seconds)
-        clip = prepare_clip(audio, window, self.config.pad)
+        with crunching():
+            window = plan_window(audio.frames, audio.rate, request.a, request.b, self.config.context_seconds)
+            clip = prepare_clip(audio, window, self.config.pad)
         assert self.staging is not None
         staged = None
         try:
@@ -118,7 +120,7 @@ class EachLabs:
                 # From here on the prediction is paid for: whatever fails keeps its cost.
                 with _paid(cost, prediction_id, attempts):
                     data = self._download(done.get("output"), request)
-            with _paid(cost, prediction_id, attempts):
+            with _paid(cost, prediction_id, attempts), crunching():
                 result, result_rate = _decode(data)
                 fill, offset = recover_region(result, result_rate, clip, window, audio, request.a, request.b)
         finally:
@@ -154,7 +156,8 @@ class EachLabs:
         assert self.staging is not None
         if as_is:
             return self.staging.share(request.source)
-        wav = soundio.write(pcm16(clip), MODEL_RATE, "WAV", "PCM_16")
+        with crunching():
+            wav = soundio.write(pcm16(clip), MODEL_RATE, "WAV", "PCM_16")
         staged = self.staging.stage(wav, f"{request.name}.wav")
         request.tell("staged", uri=str(staged.uri))
         return staged
