@@ -33,6 +33,10 @@ class Staging:
         self.prefix = S3Uri.parse(prefix)
         self.expires_seconds = expires_seconds
 
+    def ready(self) -> None:
+        """Raise ConfigError (once, before any row) if the staging bucket is missing or out of reach."""
+        self.s3.check_bucket(self.prefix, "storage.staging")
+
     def stage(self, data: bytes, name: str, content_type: str = "audio/wav") -> StagedClip:
         uri = self.prefix.child(name)
         self.s3.write(uri, data, content_type)

@@ -342,6 +342,18 @@ def test_missing_key_or_staging_stops_the_run_before_it_starts(library, aws_env,
     Batch(load_manifest(library / "mix.csv"), cfg, "dry", dry_run=True)
 
 
+def test_a_staging_bucket_that_is_not_there_stops_the_run_before_any_row(library, aws_env, simulator, monkeypatch):
+    # Said once, before the run starts: not once per row, after each row prepared its clip.
+    sim = simulator()
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    cfg = eachlabs_config(library, sim, aws_env)
+    cfg.storage.staging = "s3://no-such-staging/clips/"
+    with pytest.raises(ConfigError, match=r"storage.staging s3://no-such-staging/clips/: bucket 'no-such-staging'"):
+        Batch(load_manifest(library / "mix.csv"), cfg, "nobucket")
+    assert sim.stats.creates == 0
+    Batch(load_manifest(library / "mix.csv"), cfg, "dry", dry_run=True)  # a dry run touches no bucket
+
+
 def test_the_simulate_command_speaks_the_protocol(tmp_path):
     """`soundpatch simulate` as users start it: create, poll, download over HTTP."""
     with socket.socket() as s:

@@ -86,6 +86,7 @@ class EachLabs:
             )
         if self.staging is None:
             raise ConfigError(f"The {self.name} provider needs storage.staging (an s3:// prefix).")
+        self.staging.ready()
 
     def check(
         self, audio_frames: int, rate: int, a: int, b: int, steps: int | None, guidance_scale: float | None
