@@ -13,7 +13,8 @@
    summary.
 
 Parameters are plain values so the flow runs the same from the CLI, a deployment
-schedule, or a worker.
+schedule, or a worker (deploy/prefect.yaml). `config` is the config as a mapping (what
+the CLI passes) or a config file's path (what a deployment names).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import artifacts
 from flows.shared_limits import PrefectSharedLimits, shared_limits
 from soundpatch import interrupt
-from soundpatch.batch import Batch, new_run_id
-from soundpatch.config import Config
+from soundpatch.batch import Batch
+from soundpatch.config import Config, load_config
 from soundpatch.errors import ConfigError
 from soundpatch.journal import prediction_seconds
 from soundpatch.manifest import load_manifest
@@ -40,20 +41,28 @@ from tasks.inpaint import inpaint_row
 
 
 def _flow_run_name() -> str:
-    return f"soundpatch {flow_run.parameters.get('run_id') or 'new run'}"
+    return f"soundpatch {flow_run.parameters.get('run_id') or _run_id_of_this_flow_run()}"
+
+
+def _run_id_of_this_flow_run() -> str:
+    """The run id of a flow run started without one (a schedule, a worker): made from the
+    flow run's id, so that a retry of the same flow run (after a crashed worker, or from
+    the UI) resumes its journal and collects its predictions instead of paying again."""
+    scheduled = flow_run.scheduled_start_time
+    return f"{scheduled.strftime('%Y%m%d-%H%M%S')}-{str(flow_run.id)[:8]}"
 
 
 @flow(name="inpaint_batch", flow_run_name=_flow_run_name, task_runner=ThreadPoolTaskRunner())
 def inpaint_batch(
     manifest: str,
-    config: dict[str, Any] | None = None,
+    config: dict[str, Any] | str | None = None,
     run_id: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     started = time.time()
     interrupt.reassert()  # Ctrl-C / SIGTERM: stop submitting, finish what is in flight
-    cfg = Config.model_validate(config or {})
-    run_id = run_id or new_run_id()
+    cfg = load_config(config) if isinstance(config, str) else Config.model_validate(config or {})
+    run_id = run_id or _run_id_of_this_flow_run()
     shared = shared_limits(cfg)  # other processes on the same account, through the Prefect server
     batch = Batch(load_manifest(manifest), cfg, run_id, force=force, api_keys=_api_keys(cfg), shared=shared)
     try:
