@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
+import httpx
 import numpy as np
 import pytest
 import soundfile as sf
 
 from soundpatch import demo_audio
+from tests.jobs import SCRIPT, clean_env
 
 
 @pytest.fixture
@@ -240,3 +243,36 @@ def fault_proxy(aws_env):
     yield start
     for proxy in started:
         proxy.stop()
+
+
+@pytest.fixture
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on loopback, as a team would run one for its workers."""
+    port = _free_port()
+    home = tmp_path_factory.mktemp("prefect-server")
+    log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
+    env = clean_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.Popen(
+        [str(SCRIPT.parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+        env=env,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the Prefect server did not start: " + (home / "server.log").read_text()[-2000:])
+            time.sleep(0.3)
+        yield api
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()

@@ -8,55 +8,17 @@ limits on the server keep their sum under it. The same two runs without sharing 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
-import pytest
 import soundfile as sf
 
-from tests.conftest import _free_port
 from tests.jobs import SCRIPT, clean_env
 
 RPM = 120  # the account's limit, as the simulator enforces it over a 10 s window
 ROWS = 14  # per process
 IN_FLIGHT = 3
-
-
-@pytest.fixture
-def prefect_server(tmp_path_factory):
-    """`prefect server start` on loopback, as a team would run one for its workers."""
-    port = _free_port()
-    home = tmp_path_factory.mktemp("prefect-server")
-    log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
-    env = clean_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    proc = subprocess.Popen(
-        [str(SCRIPT.parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-        env=env,
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-    )
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{api}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the Prefect server did not start: " + (home / "server.log").read_text()[-2000:])
-            time.sleep(0.3)
-        yield api
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
 
 
 def job(workdir: Path, sim, s3, shared: bool) -> None:
