@@ -10,7 +10,10 @@ three differences:
   server takes seconds (5 s on a 2-core machine), which now overlap with our own start;
 - the parent never imports the server's code (Prefect's own launcher does, another 5 s);
 - the server imports with the garbage collector off (flows/prefect_server.py): 1.5 to
-  2 s sooner ready.
+  2 s sooner ready;
+- what it prints goes to a temporary file, not the user's terminal (`--verbose` shows
+  it): stopping it can log a cancelled database call with a traceback, which says
+  nothing about the run. If it fails to start, the end of that file is in the error.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 _PR_SET_PDEATHSIG = 1
 STARTUP_TIMEOUT_SECONDS = 120  # a first run on a new PREFECT_HOME migrates a database
@@ -46,17 +51,19 @@ def _free_port() -> int:
 class TemporaryServer:
     """A Prefect API server process for this run; `start()` returns at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, show_output: bool = False) -> None:
         self.process: subprocess.Popen | None = None
         self.port = 0
         self._command: list[str] = []
         self._env: dict[str, str] = {}
+        self._show_output = show_output
+        self._output: IO[bytes] | None = None  # what the server printed, when not shown
 
     @classmethod
-    def unless_configured(cls) -> TemporaryServer | None:
+    def unless_configured(cls, show_output: bool = False) -> TemporaryServer | None:
         """A server started now, unless PREFECT_API_URL names one to use (read from the
         environment only: importing Prefect's settings would take the seconds we save)."""
-        return None if os.environ.get("PREFECT_API_URL") else cls().start()
+        return None if os.environ.get("PREFECT_API_URL") else cls(show_output).start()
 
     @property
     def api_url(self) -> str:
@@ -92,9 +99,25 @@ class TemporaryServer:
         return self
 
     def _spawn(self) -> None:
+        if not self._show_output and self._output is None:
+            self._output = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
         self.process = subprocess.Popen(
-            self._command, env=self._env, start_new_session=True, preexec_fn=_die_with_parent
+            self._command,
+            env=self._env,
+            stdout=self._output,
+            stderr=self._output,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
+
+    def _printed(self) -> str:
+        """The end of what the server printed (when it was not shown), for an error message."""
+        if self._output is None:
+            return ""
+        self._output.seek(0, os.SEEK_END)
+        self._output.seek(max(0, self._output.tell() - 2000))
+        tail = self._output.read().decode("utf-8", "replace").strip()
+        return f"; it printed: {tail}" if tail else ""
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
         assert self.process is not None, "start() first"
@@ -110,26 +133,31 @@ class TemporaryServer:
                     self._spawn()
                     continue
                 if code is not None:
-                    raise RuntimeError(f"Prefect's temporary server exited with status {code} while starting")
+                    printed = self._printed()
+                    self.stop()
+                    raise RuntimeError(f"Prefect's temporary server exited with status {code} while starting{printed}")
                 try:
                     if client.get(f"{self.api_url}/health").status_code == 200:
                         return
                 except httpx.TransportError:
                     pass
                 time.sleep(0.1)
+        printed = self._printed()
         self.stop()
-        raise RuntimeError(f"Prefect's temporary server did not answer within {timeout:g} s")
+        raise RuntimeError(f"Prefect's temporary server did not answer within {timeout:g} s{printed}")
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+        if self._output is not None:
+            self._output.close()
+            self._output = None
 
 
 def quiet_prefect(verbose: bool) -> None:

@@ -199,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # began (soundpatch.entry) or starts now, while Prefect and the flow load here, and is
     # awaited when the flow begins (and stopped at once if Prefect's settings turn out to
     # name a server of the user's).
-    server = args.server or TemporaryServer.unless_configured()
+    server = args.server or TemporaryServer.unless_configured(show_output=args.verbose)
     try:
         from flows.ephemeral import isolated_api  # noqa: PLC0415
         from flows.inpaint_batch import inpaint_batch  # noqa: PLC0415

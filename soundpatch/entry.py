@@ -19,8 +19,9 @@ def main() -> int:
     if _starts_a_run(argv):
         from flows.ephemeral import TemporaryServer, quiet_prefect
 
-        quiet_prefect("--verbose" in argv)  # the server reads the same settings
-        server = TemporaryServer.unless_configured()
+        verbose = "--verbose" in argv
+        quiet_prefect(verbose)  # the server reads the same settings
+        server = TemporaryServer.unless_configured(show_output=verbose)
     try:
         from soundpatch.cli import main as cli_main
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 CORE = Path(__file__).resolve().parents[1] / "soundpatch"
 
@@ -65,3 +68,24 @@ def test_the_command_starts_without_loading_numpy_or_prefect_first():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_what_the_temporary_server_prints_stays_off_the_terminal_unless_verbose(capfd):
+    # Stopping Prefect's server can log a cancelled database call with a traceback; that is
+    # not the user's business. When the server fails to start, what it printed is the error.
+    from flows.ephemeral import TemporaryServer
+
+    failing = [sys.executable, "-c", "import sys; sys.stderr.write('Traceback: no database here'); sys.exit(4)"]
+    for show_output in (False, True):
+        server = TemporaryServer(show_output=show_output)
+        server._command, server._env = failing, dict(os.environ)  # a server that dies starting
+        server._spawn()
+        with pytest.raises(RuntimeError, match="exited with status 4 while starting") as raised:
+            server.wait_ready(timeout=60)
+        shown = capfd.readouterr()
+        if show_output:  # --verbose: on the terminal as it happens
+            assert "no database here" in shown.err
+        else:
+            assert "no database here" not in shown.out + shown.err
+            assert str(raised.value).endswith("; it printed: Traceback: no database here")
+        assert server._output is None  # its file is closed and gone
