@@ -277,8 +277,11 @@ class _ProgressWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._tail = JournalTail(run_dir)
-        self._outcomes: dict[str, dict[str, Any]] = {}
-        self._sent: set[str] = set()
+        # Only what the line shows, kept up to date event by event: a long run's journal is
+        # neither kept in memory nor added up again four times a second.
+        self._last: dict[str, tuple[int, int, float]] = {}  # row -> (done, bad, cost) of its last outcome
+        self._done, self._bad, self._spent = 0, 0, 0.0
+        self._flying: set[str] = set()  # rows sent and not yet ended
 
     def start(self) -> None:
         self._thread.start()
@@ -290,15 +293,19 @@ class _ProgressWatcher:
     def _state(self) -> tuple[int, int, float, int]:
         for e in self._tail.poll():
             if e.get("event") == "sending":
-                self._sent.add(e["row"])
+                self._flying.add(e["row"])
             elif e.get("event") == "outcome":
-                self._outcomes[e["row"]] = e["outcome"]
+                self._flying.discard(e["row"])
+                status = e["outcome"]["status"]
+                now = (int(bool(status)), int(status in (FAILED, INVALID)), e["outcome"].get("cost_usd") or 0.0)
+                was = self._last.get(e["row"], (0, 0, 0.0))  # an earlier attempt's, on a resumed run
+                self._last[e["row"]] = now
+                self._done += now[0] - was[0]
+                self._bad += now[1] - was[1]
+                self._spent += now[2] - was[2]
             elif e.get("event") == "run_started":  # patterns in the manifest are expanded by now
                 self.total = int(e.get("total") or self.total)
-        done = sum(1 for o in self._outcomes.values() if o["status"])
-        bad = sum(1 for o in self._outcomes.values() if o["status"] in (FAILED, INVALID))
-        spent = sum(o.get("cost_usd") or 0.0 for o in self._outcomes.values())
-        return min(done, self.total), bad, spent, len(self._sent - set(self._outcomes))
+        return min(self._done, self.total), self._bad, self._spent, len(self._flying)
 
     def _loop(self) -> None:
         if err.is_terminal:

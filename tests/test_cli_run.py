@@ -181,3 +181,28 @@ def test_unusable_input_exits_2_with_one_sentence(workdir, prefect_home, args, m
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1  # one sentence, on one line
+
+
+def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tmp_path):
+    from soundpatch.cli import _ProgressWatcher
+    from soundpatch.journal import Journal
+
+    journal, watcher = Journal(tmp_path), _ProgressWatcher(tmp_path, total=3, budget=1.0)
+
+    def outcome(row: str, status: str, cost: float) -> None:
+        journal.write("outcome", row, outcome={"row_id": row, "status": status, "cost_usd": cost})
+
+    journal.write("run_started", total=3, kept=0)
+    for row in ("a", "b", "c"):
+        journal.write("sending", row)
+    outcome("a", "failed", 0.2)
+    assert watcher._state() == (1, 1, 0.2, 2)  # done, failed, spent, in flight
+    outcome("b", "succeeded", 0.2)
+    # A resumed run: row a again, its outcome carries the row's running total.
+    journal.write("sending", "a")
+    assert watcher._state() == (2, 1, 0.4, 2)
+    outcome("a", "succeeded", 0.4)
+    outcome("c", "invalid", 0.0)
+    done, bad, spent, flying = watcher._state()
+    assert (done, bad, round(spent, 9), flying) == (3, 1, 0.6, 0)
+    journal.close()
