@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from prefect import flow
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -143,4 +144,16 @@ def _fan_out(batch: Batch, edits: list, window: int, progress: artifacts.Progres
 def _next_done(in_flight: list[PrefectFuture[Outcome]]) -> Outcome:
     future = next(as_completed(in_flight))
     in_flight.remove(future)
-    return future.result()
+    outcome = future.result()
+    _forget_result_links()
+    return outcome
+
+
+def _forget_result_links() -> None:
+    """Prefect links every task's result, and each field of it, to the task run's state for
+    as long as the flow runs, in case the flow passes that result on to another task: about
+    5 KB a row. Rows' results are never passed on, so the links are dropped as the results
+    come in, and the memory of a run stays flat however long its manifest."""
+    links = getattr(FlowRunContext.get(), "run_results", None)
+    if isinstance(links, dict):
+        links.clear()
