@@ -1,0 +1,128 @@
+"""Does a run's memory stay flat however long the manifest?
+
+    python bench/memory.py [--rows 250,1000,2500]
+
+Runs `soundpatch run` (the embedded local engine, default config: 8 predictions in flight,
+16 rows worked on at once) on manifests of each length: one 6 s clip, a 5 ms region per
+row, each row its own seed (so each is its own edit, nothing is reused). Samples every
+0.1 s how much memory the soundpatch process and its temporary Prefect server hold, and
+prints their peaks, with each peak as a ratio to the shortest manifest's (flat is 1.0).
+
+Prefect's database is created (and migrated) by a one-row run first, not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+SERVER = "flows.prefect_server"
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of one process now, in MB (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def server_of(pid: int) -> int | None:
+    for child in children(pid):
+        try:
+            if SERVER in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+                return child
+        except OSError:
+            continue
+    return None
+
+
+def measured_run(work: Path, env: dict[str, str], manifest: str, run_id: str) -> dict[str, float]:
+    """Run the command; its wall time and the peaks of both processes' resident memory."""
+    script = Path(sys.executable).parent / "soundpatch"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [str(script), "run", manifest, "--run-id", run_id],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    peaks = {"soundpatch": 0.0, "server": 0.0}
+    done = threading.Event()
+
+    def sample() -> None:
+        server = None
+        while not done.wait(0.1):
+            peaks["soundpatch"] = max(peaks["soundpatch"], rss_mb(proc.pid))
+            server = server or server_of(proc.pid)
+            if server is not None:
+                peaks["server"] = max(peaks["server"], rss_mb(server))
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    out, err = proc.communicate()
+    done.set()
+    watcher.join()
+    if proc.returncode != 0:
+        raise SystemExit(out + err)
+    summary = json.loads((work / "runs" / run_id / "report.json").read_text())["summary"]
+    return {"wall": time.perf_counter() - t0, "flow": summary["wall_seconds"], **peaks}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="250,1000,2500", help="manifest lengths, comma-separated")
+    args = parser.parse_args()
+    lengths = sorted(int(n) for n in args.rows.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        t = np.arange(6 * 44100) / 44100
+        tone = 0.2 * np.sin(2 * np.pi * 220 * t) + 0.05 * np.sin(2 * np.pi * 331 * t)
+        sf.write(work / "fx.wav", np.stack([tone, tone], axis=1).astype(np.float32), 44100, subtype="PCM_16")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env["PREFECT_HOME"] = str(work / "prefect")
+        header = "id,input,start,end,prompt,seed\n"
+        (work / "one.csv").write_text(header + "w,fx.wav,2.0,2.005,warm,0\n")
+        measured_run(work, env, "one.csv", "warm")
+        results = {}
+        for n in lengths:
+            rows = "".join(f"r{i},fx.wav,2.0,2.005,fill,{i}\n" for i in range(n))
+            (work / f"m{n}.csv").write_text(header + rows)
+            results[n] = measured_run(work, env, f"m{n}.csv", f"rows{n}")
+            print(f"  {n} rows done in {results[n]['wall']:.1f} s", file=sys.stderr)
+    first = results[lengths[0]]
+    print(f"{'rows':>6} {'wall s':>8} {'flow s':>8} {'soundpatch MB':>14} {'ratio':>6} {'server MB':>10} {'ratio':>6}")
+    for n, r in results.items():
+        print(
+            f"{n:6d} {r['wall']:8.1f} {r['flow']:8.1f} {r['soundpatch']:14.0f} "
+            f"{r['soundpatch'] / first['soundpatch']:6.2f} {r['server']:10.0f} {r['server'] / first['server']:6.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
