@@ -21,10 +21,19 @@ from contextlib import contextmanager
 
 AT_ONCE = max(1, min(2, os.cpu_count() or 1))
 _GATE = threading.BoundedSemaphore(AT_ONCE)
+_holding = threading.local()
 
 
 @contextmanager
 def crunching() -> Iterator[None]:
-    """Around a CPU-bound step of a row: waits while enough others crunch."""
-    with _GATE:
+    """Around a CPU-bound step of a row: waits while enough others crunch. A step inside
+    another (a thread already crunching) goes straight on rather than wait for itself."""
+    if getattr(_holding, "gate", False):
         yield
+        return
+    with _GATE:
+        _holding.gate = True
+        try:
+            yield
+        finally:
+            _holding.gate = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -275,3 +276,22 @@ def test_rows_crunch_their_audio_a_few_at_a_time_so_creates_and_polls_are_not_ke
     assert [o.status for o in outcomes] == ["succeeded"] * 12
     assert (tmp_path / "runs" / "crunch" / "previews").is_dir()  # report cards were drawn too
     assert most[0] == cpu.AT_ONCE
+
+
+def test_a_crunching_step_inside_another_goes_straight_on():
+    # Nested steps on one thread must not wait for the gate they already hold (with one core
+    # the gate has one place, and waiting for it would hang the row for good).
+    done = threading.Event()
+
+    def nested() -> None:
+        with ExitStack() as steps:
+            for _ in range(cpu.AT_ONCE + 1):  # deeper than the gate has places
+                steps.enter_context(cpu.crunching())
+            done.set()
+
+    worker = threading.Thread(target=nested, daemon=True)
+    worker.start()
+    worker.join(timeout=5)
+    assert done.is_set()
+    with cpu.crunching():  # and the gate was given back whole
+        pass
