@@ -356,9 +356,9 @@ class Batch:
     def _produce(self, edit: Edit, checked: Checked, original: Audio, identity: str, outcome: Outcome) -> None:
         provider = checked.provider
         state = self.states.get(edit.row_id)
-        if state is not None and state.in_doubt and not self.config.provider.resubmit_in_doubt:
+        if state is not None and (state.in_doubt or state.doubted) and not self.config.provider.resubmit_in_doubt:
             raise RowError(
-                "A create for this row went out before the run stopped and its answer never came; the "
+                "A create for this row went out in an earlier attempt and its answer never came; the "
                 "prediction may exist and is counted as spent (set provider.resubmit_in_doubt: true to send "
                 "it again)"
             )

@@ -107,6 +107,9 @@ class RowState:
     outcome: dict[str, Any] | None = None  # the last outcome, unless an attempt started after it
     prediction_id: str | None = None  # created, and no outcome recorded since: poll it, never recreate
     in_doubt: bool = False  # a create was sent and no answer recorded: it may exist
+    # The last attempt ended with a create still in doubt (its price is in spent_before):
+    # a rerun does not send the row again unless told to.
+    doubted: bool = False
     spent_before: float = 0.0  # what the row's recorded outcomes cost
     reported_before: float = 0.0  # of which the provider itself reported
     staged: list[str] = field(default_factory=list)  # staged clips not cleaned up
@@ -121,10 +124,10 @@ def row_states(run_dir: Path) -> dict[str, RowState]:
         s = states.setdefault(row, RowState())
         kind = e.get("event")
         if kind == "sending":  # a new attempt at the row
-            s.outcome, s.in_doubt = None, False
+            s.outcome, s.in_doubt, s.doubted = None, False, False
         elif kind == "creating":
             s.in_doubt = True
-        elif kind == "create_refused":
+        elif kind in ("create_refused", "answered"):  # the provider's answer came: no doubt
             s.in_doubt = False
         elif kind == "created":
             s.prediction_id, s.in_doubt = e.get("prediction_id"), False
@@ -136,6 +139,7 @@ def row_states(run_dir: Path) -> dict[str, RowState]:
             s.outcome = e["outcome"]
             s.spent_before = float(e["outcome"].get("cost_usd") or 0.0)  # outcomes carry the running total
             s.reported_before = float(e["outcome"].get("provider_cost_usd") or 0.0)
+            s.doubted = s.doubted or s.in_doubt
             s.prediction_id, s.in_doubt = None, False
     return states
 
