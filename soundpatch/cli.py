@@ -100,7 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _common(validate)
     validate.set_defaults(handler=cmd_validate)
 
-    sim = sub.add_parser("simulate", help="a local server speaking the Each Labs protocol (no cost)")
+    sim = sub.add_parser("simulate", help="a local server speaking the Each Labs and Stability AI protocols (no cost)")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8787)
     sim.add_argument("--latency", type=float, default=2.0, help="seconds per prediction")
@@ -109,6 +109,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--error-rate", type=float, default=0.0, help="share of creates answered 503")
     sim.add_argument("--fail-rate", type=float, default=0.0, help="share of predictions that fail")
     sim.add_argument("--truncate-rate", type=float, default=0.0, help="share of downloads cut short")
+    sim.add_argument("--filter-rate", type=float, default=0.0, help="Stability: share of results CONTENT_FILTERED")
     sim.add_argument("--format", choices=["wav", "mp3"], default="wav", help="result format")
     sim.add_argument("--shift-ms", type=float, default=0.0, help="misalign results by this much")
     sim.add_argument("--fill", choices=["local", "tone"], default="local", help="what the 'model' writes")
@@ -376,6 +377,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         error_rate=args.error_rate,
         fail_rate=args.fail_rate,
         truncate_rate=args.truncate_rate,
+        filter_rate=args.filter_rate,
         result_format=args.format,
         shift_ms=args.shift_ms,
         fill=args.fill,
@@ -387,9 +389,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         sim = Simulator(settings, host=args.host, port=args.port)
     except OSError as exc:
         raise SoundpatchError(f"Cannot listen on {args.host}:{args.port}: {exc.strerror}.") from None
-    out.print(f"Simulating Each Labs at [bold]{sim.base_url}[/bold] (Ctrl-C stops it). Point a config at it:")
-    out.print(f"  provider: {{name: eachlabs, base_url: {sim.base_url}}}")
-    out.print("  and set EACHLABS_API_KEY to any value" + (" it was given" if args.api_key else "") + ".")
+    out.print(
+        f"Simulating Each Labs and Stability AI at [bold]{sim.base_url}[/bold] (Ctrl-C stops it). Point a config at it:"
+    )
+    out.print(f"  provider: {{name: eachlabs, base_url: {sim.base_url}}}   (needs storage.staging)")
+    out.print(f"  provider: {{name: stability, base_url: {sim.base_url}}}")
+    value = "the key it was given" if args.api_key else "any value"
+    out.print(f"  and set EACHLABS_API_KEY or STABILITY_API_KEY to {value}.")
     try:
         sim.server.serve_forever()
     except KeyboardInterrupt:

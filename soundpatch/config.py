@@ -19,6 +19,14 @@ PROVIDERS = ("local", "eachlabs", "stability", "fal")
 
 # What each provider charges per prediction when the config does not say.
 DEFAULT_PRICES_USD = {"local": 0.0, "eachlabs": 0.20, "stability": 0.20, "fal": 0.20}
+# Where each hosted provider is reached, and the variable its key is read from by default.
+DEFAULT_BASE_URLS = {
+    "local": "",
+    "eachlabs": "https://api.eachlabs.ai",
+    "stability": "https://api.stability.ai",
+    "fal": "https://queue.fal.run",
+}
+DEFAULT_KEY_ENVS = {"local": "", "eachlabs": "EACHLABS_API_KEY", "stability": "STABILITY_API_KEY", "fal": "FAL_KEY"}
 
 
 class _Section(BaseModel):
@@ -27,9 +35,9 @@ class _Section(BaseModel):
 
 class ProviderConfig(_Section):
     name: str = "local"
-    base_url: str = "https://api.eachlabs.ai"
+    base_url: str | None = None  # default: the provider's own (DEFAULT_BASE_URLS)
     # The NAME of the environment variable holding the key; keys never live in files.
-    api_key_env: str = "EACHLABS_API_KEY"
+    api_key_env: str | None = None  # default: EACHLABS_API_KEY, STABILITY_API_KEY, FAL_KEY
     # Or the name of a Prefect Secret block holding the key (resolved by the flow).
     api_key_secret: str | None = None
     price_usd: float | None = Field(default=None, ge=0)
@@ -57,6 +65,21 @@ class ProviderConfig(_Section):
     @property
     def price(self) -> float:
         return self.price_usd if self.price_usd is not None else DEFAULT_PRICES_USD[self.name]
+
+    @property
+    def url(self) -> str:
+        return (self.base_url or DEFAULT_BASE_URLS[self.name]).rstrip("/")
+
+    @property
+    def key_env(self) -> str:
+        return self.api_key_env or DEFAULT_KEY_ENVS[self.name]
+
+    def for_provider(self, name: str) -> ProviderConfig:
+        """These settings for another provider (a row may name one): that provider's own
+        price, address and key variable rather than ones meant for another service."""
+        if name == self.name:
+            return self
+        return self.model_copy(update={"name": name, "price_usd": None, "base_url": None, "api_key_env": None})
 
 
 class LimitsConfig(_Section):

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import json
 import random
-import re
-import sys
 import threading
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -33,6 +30,7 @@ from soundpatch import soundio
 from soundpatch.audio import Audio
 from soundpatch.providers.base import InpaintRequest
 from soundpatch.providers.local import LocalEngine
+from soundpatch.simulator_http import serve
 
 MODEL = "stable-audio-2-5-inpaint"
 MAX_FETCH_BYTES = 128 * 1024 * 1024
@@ -50,6 +48,7 @@ class SimulatorSettings:
     poll_error_rate: float = 0.0  # share of polls answered with a 5xx
     slow_create_rate: float = 0.0  # share of creates made but answered only after slow_create_seconds
     slow_create_seconds: float = 30.0
+    filter_rate: float = 0.0  # Stability: share of results withheld (finish-reason CONTENT_FILTERED)
     result_format: str = "wav"  # wav | mp3
     shift_ms: float = 0.0  # silence prepended to results (a misaligned model)
     fill: str = "local"  # local | tone
@@ -98,10 +97,10 @@ class Simulator:
         self._expiring: deque[tuple[float, _Prediction]] = deque()  # (when its result goes, prediction)
         self._lock = threading.Lock()
         self._rng = random.Random(self.settings.seed)
+        self._sync_billed = 0  # Stability-style calls answered (billed) so far
         self._engine = LocalEngine()
         self._fetch = httpx.Client(timeout=30.0)
-        self.server = _Server((host, port), _handler(self))
-        self.server.daemon_threads = True
+        self.server = serve(self, host, port)
         self._thread: threading.Thread | None = None
 
     @property
@@ -128,45 +127,105 @@ class Simulator:
     # ------------------------------------------------------------------ protocol
 
     def create(self, key: str | None, body: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """Each Labs: POST /v1/prediction."""
         s = self.settings
-        with self._lock:
-            self._expire(time.monotonic())
-            self.stats.creates += 1
-            self.stats.create_times.append(time.time())
+        self._count_create()
         if not key or (s.api_key is not None and key != s.api_key):
             return 401, {"status": "error", "message": "Invalid or missing API key"}, {}
         error = _validate(body, s.max_seconds)
         if error:
             return 400, {"status": "error", "message": error}, {}
         with self._lock:
-            now = time.monotonic()
-            if s.rpm:
-                allowed = s.rpm * s.rate_window / 60.0
-                while self._recent and now - self._recent[0] >= s.rate_window:
-                    self._recent.popleft()
-                if len(self._recent) >= allowed:
-                    self.stats.rate_limited += 1
-                    retry = max(0.05, s.rate_window - (now - self._recent[0]))
-                    return 429, {"status": "error", "message": "Rate limit exceeded"}, {"Retry-After": f"{retry:.2f}"}
-            if s.error_rate and self._rng.random() < s.error_rate:
-                self.stats.server_errors += 1
-                return 503, {"status": "error", "message": "Service temporarily unavailable"}, {}
-            self._recent.append(now)
-            self.stats.accepted += 1
-            self.stats.accepted_times.append(time.time())
-            self.stats.audio_urls.append(body["input"]["audio_url"])
-            self.stats.prompts.append(str(body["input"]["prompt"]))
+            turned_away = self._turn_away(time.monotonic())
+            if turned_away:
+                status, message, headers = turned_away
+                return status, {"status": "error", "message": message}, headers
+            self._accept(body["input"]["audio_url"], body["input"]["prompt"])
             slow = bool(s.slow_create_rate and self._rng.random() < s.slow_create_rate)
             prediction = _Prediction(uuid.uuid4().hex, body["input"], time.monotonic())
             prediction.ext = "mp3" if s.result_format == "mp3" else "wav"
             fails = bool(s.fail_rate and self._rng.random() < s.fail_rate)
             self._predictions[prediction.id] = prediction
-            self.stats.in_flight += 1
-            self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         threading.Thread(target=self._run, args=(prediction, fails), daemon=True).start()
         if slow:  # made, and billed, but the answer comes too late for the client
             time.sleep(s.slow_create_seconds)
         return 200, {"status": "success", "message": "Prediction created", "predictionID": prediction.id}, {}
+
+    def inpaint_now(
+        self, key: str | None, fields: dict[str, str], clip: bytes | None
+    ) -> tuple[int, bytes, str, dict[str, str]]:
+        """Stability AI: POST /v2beta/audio/stable-audio-2/inpaint, answered with the audio
+        itself once the "model" is done. (status, body, content type, headers)"""
+        s = self.settings
+        began = time.monotonic()
+        self._count_create()
+
+        def error(status: int, name: str, message: str, headers: dict[str, str] | None = None):
+            body = json.dumps({"id": uuid.uuid4().hex, "name": name, "errors": [message]}).encode()
+            return status, body, "application/json", headers or {}
+
+        if not key or (s.api_key is not None and key != s.api_key):
+            return error(401, "unauthorized", "authorization: missing or invalid API key")
+        problem, spec, audio = _validate_stability(fields, clip, s.max_seconds)
+        if problem:
+            return error(400, "bad_request", problem)
+        with self._lock:
+            turned_away = self._turn_away(time.monotonic())
+            if turned_away:
+                status, message, headers = turned_away
+                name = "rate_limit_exceeded" if status == 429 else "service_unavailable"
+                return error(status, name, message, headers)
+            if s.fail_rate and self._rng.random() < s.fail_rate:
+                return error(500, "internal_error", "the model could not process this input (simulated failure)")
+            self._accept("(uploaded)", spec["prompt"])
+            slow = bool(s.slow_create_rate and self._rng.random() < s.slow_create_rate)
+            filtered = bool(s.filter_rate and self._rng.random() < s.filter_rate)
+        try:
+            ext = "mp3" if "mp3" in (s.result_format, fields.get("output_format")) else "wav"
+            result = self._generate(spec, audio, ext)
+            time.sleep(max(0.0, s.latency - (time.monotonic() - began)))
+            with self._lock:
+                self._sync_billed += 1  # a generation that ran is billed, filtered or not
+        finally:
+            with self._lock:
+                self.stats.in_flight -= 1
+        if slow:
+            time.sleep(s.slow_create_seconds)
+        headers = {"finish-reason": "CONTENT_FILTERED" if filtered else "SUCCESS", "seed": str(spec.get("seed", 0))}
+        return 200, result, "audio/mpeg" if ext == "mp3" else "audio/wav", headers
+
+    def _count_create(self) -> None:
+        with self._lock:
+            self._expire(time.monotonic())
+            self.stats.creates += 1
+            self.stats.create_times.append(time.time())
+
+    def _turn_away(self, now: float) -> tuple[int, str, dict[str, str]] | None:
+        """(status, message, headers) for a create refused by the rate limit or an injected
+        5xx (under the lock); None lets it through and counts it toward the rate."""
+        s = self.settings
+        if s.rpm:
+            allowed = s.rpm * s.rate_window / 60.0
+            while self._recent and now - self._recent[0] >= s.rate_window:
+                self._recent.popleft()
+            if len(self._recent) >= allowed:
+                self.stats.rate_limited += 1
+                retry = max(0.05, s.rate_window - (now - self._recent[0]))
+                return 429, "Rate limit exceeded", {"Retry-After": f"{retry:.2f}"}
+        if s.error_rate and self._rng.random() < s.error_rate:
+            self.stats.server_errors += 1
+            return 503, "Service temporarily unavailable", {}
+        self._recent.append(now)
+        return None
+
+    def _accept(self, audio: str, prompt: Any) -> None:
+        """A prediction is made (under the lock)."""
+        self.stats.accepted += 1
+        self.stats.accepted_times.append(time.time())
+        self.stats.audio_urls.append(audio)
+        self.stats.prompts.append(str(prompt))
+        self.stats.in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
 
     def get(self, key: str | None, prediction_id: str) -> tuple[int, dict[str, Any]]:
         if not key:
@@ -233,7 +292,8 @@ class Simulator:
     def billed(self) -> float:
         """What this "provider" has charged: every prediction that succeeded."""
         with self._lock:
-            return self.settings.price * sum(1 for p in self._predictions.values() if p.status == "success")
+            made = sum(1 for p in self._predictions.values() if p.status == "success") + self._sync_billed
+            return self.settings.price * made
 
     # ------------------------------------------------------------------ the "model"
 
@@ -242,7 +302,7 @@ class Simulator:
             if fails:
                 raise RuntimeError("the model could not process this input (simulated failure)")
             p.status = "processing"
-            result = self._generate(p.input)
+            result = self._generate(p.input, self._fetch_clip(p.input["audio_url"]), p.ext)
             with self._lock:
                 if p.status == "processing":  # not cancelled meanwhile
                     p.result, p.status = result, "success"
@@ -256,13 +316,16 @@ class Simulator:
         while self._expiring and self._expiring[0][0] <= now:
             self._expiring.popleft()[1].result = None
 
-    def _generate(self, spec: dict[str, Any]) -> bytes:
-        response = self._fetch.get(spec["audio_url"])
+    def _fetch_clip(self, url: str) -> bytes:
+        response = self._fetch.get(url)
         if response.status_code != 200:
             raise RuntimeError(f"could not fetch audio_url: HTTP {response.status_code}")
         if len(response.content) > MAX_FETCH_BYTES:
             raise RuntimeError("audio_url is too large")
-        clip, rate = soundio.read(response.content, dtype="float32", always_2d=True)
+        return response.content
+
+    def _generate(self, spec: dict[str, Any], data: bytes, ext: str) -> bytes:
+        clip, rate = soundio.read(data, dtype="float32", always_2d=True)
         total = int(spec["seconds_total"])
         length = total * rate
         clip = np.concatenate([clip, np.zeros((max(0, length - len(clip)), clip.shape[1]), np.float32)])[:length]
@@ -277,21 +340,9 @@ class Simulator:
         shift = int(self.settings.shift_ms / 1000 * rate)
         if shift:
             out = np.concatenate([np.zeros((shift, out.shape[1]), np.float32), out])[:length]
-        if self.settings.result_format == "mp3":
+        if ext == "mp3":
             return soundio.write(out, rate, "MP3", "MPEG_LAYER_III")
         return soundio.write(out, rate, "WAV", "PCM_16")
-
-
-class _Server(ThreadingHTTPServer):
-    # A batch opens dozens of connections at once; the default backlog of 5 resets some.
-    request_queue_size = 256
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients that go away mid-answer (killed runs, timeouts) are part of the job.
-        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            return
-        super().handle_error(request, client_address)
 
 
 def tone_for_seed(seed: Any, rate: int, a: int, b: int) -> np.ndarray:
@@ -323,77 +374,43 @@ def _validate(body: Any, max_seconds: int = 190) -> str | None:
     return None
 
 
-def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # Headers and body go out in two writes; with Nagle's algorithm on, the body waits
-        # for the client's delayed ACK of the headers: 40 ms on every answer of a kept-alive
-        # connection, which a real provider's server does not add.
-        disable_nagle_algorithm = True
+STABILITY_MODELS = ("stable-audio-2", "stable-audio-2.5")
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
-            pass  # quiet: the stats endpoint tells what happened
 
-        def _send(
-            self,
-            status: int,
-            body: bytes,
-            content_type: str,
-            headers: dict[str, str] | None = None,
-            announce: int | None = None,
-        ) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body) if announce is None else announce))
-            if announce is not None and announce > len(body):
-                self.close_connection = True
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, status: int, data: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-            self._send(status, json.dumps(data).encode(), "application/json", headers)
-
-        def do_POST(self) -> None:  # noqa: N802 - stdlib's name
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            key = self.headers.get("X-API-Key")
-            if self.path.rstrip("/") == "/v1/prediction":
-                try:
-                    body = json.loads(raw or b"null")
-                except json.JSONDecodeError:
-                    return self._json(400, {"status": "error", "message": "Body is not JSON"})
-                status, data, headers = sim.create(key, body)
-                return self._json(status, data, headers)
-            m = re.fullmatch(r"/v1/prediction/([0-9a-f]+)/cancel", self.path)
-            if m:
-                return self._json(*sim.cancel(m.group(1)))
-            self._json(404, {"status": "error", "message": "Not found"})
-
-        def do_GET(self) -> None:  # noqa: N802 - stdlib's name
-            m = re.fullmatch(r"/v1/prediction/([0-9a-f]+)", self.path)
-            if m:
-                return self._json(*sim.get(self.headers.get("X-API-Key"), m.group(1)))
-            m = re.fullmatch(r"/files/([0-9a-f]+\.(?:wav|mp3))", self.path)
-            if m:
-                status, data, announce = sim.file(m.group(1))
-                content_type = "audio/mpeg" if m.group(1).endswith(".mp3") else "audio/wav"
-                return self._send(status, data, content_type, announce=announce)
-            if self.path in ("/_sim/stats", "/_sim/stats?times=1"):
-                s = sim.stats
-                stats = {
-                    "creates": s.creates,
-                    "accepted": s.accepted,
-                    "rate_limited": s.rate_limited,
-                    "server_errors": s.server_errors,
-                    "polls": s.polls,
-                    "downloads": s.downloads,
-                    "max_in_flight": s.max_in_flight,
-                }
-                if self.path.endswith("?times=1"):  # when each create was accepted (Unix seconds)
-                    stats["accepted_times"] = list(s.accepted_times)
-                return self._json(200, stats)
-            self._json(404, {"status": "error", "message": "Not found"})
-
-    return Handler
+def _validate_stability(
+    fields: dict[str, str], clip: bytes | None, max_seconds: int = 190
+) -> tuple[str | None, dict[str, Any], bytes]:
+    """(problem, the edit as the model reads it, the uploaded clip) for a Stability call."""
+    if not clip:
+        return "audio: required (a file part named 'audio')", {}, b""
+    if not fields.get("prompt"):
+        return "prompt: required", {}, b""
+    if fields.get("model", "stable-audio-2.5") not in STABILITY_MODELS:
+        return f"model: must be one of {', '.join(STABILITY_MODELS)}", {}, b""
+    if fields.get("output_format", "mp3") not in ("mp3", "wav"):
+        return "output_format: must be mp3 or wav", {}, b""
+    try:
+        numbers = {k: int(fields[k]) for k in ("duration", "mask_start", "mask_end", "seed", "steps") if k in fields}
+    except ValueError:
+        return "duration, mask_start, mask_end, seed and steps must be integers", {}, b""
+    try:
+        with soundio.open_bytes(clip) as f:
+            seconds = f.frames / f.samplerate
+    except Exception:  # noqa: BLE001 - whatever the upload is, it is not audio we read
+        return "audio: not a readable audio file", {}, b""
+    if not 6 <= seconds <= max_seconds:
+        return f"audio: must be between 6 and {max_seconds} seconds long (got {seconds:.2f})", {}, b""
+    total = numbers.get("duration", 190)
+    start, end = numbers.get("mask_start", 30), numbers.get("mask_end", 190)
+    if not 1 <= total <= 190:
+        return "duration: must be between 1 and 190", {}, b""
+    if not 0 <= start < end <= 190:
+        return "mask_end: must be greater than mask_start, both within 0..190", {}, b""
+    if not 4 <= numbers.get("steps", 8) <= 8:
+        return "steps: must be between 4 and 8", {}, b""
+    if not 0 <= numbers.get("seed", 0) <= 4294967294:
+        return "seed: must be between 0 and 4294967294", {}, b""
+    spec = {"prompt": fields["prompt"], "seconds_total": total, "mask_start": start, "mask_end": min(end, total)}
+    if "seed" in numbers:
+        spec["seed"] = numbers["seed"]
+    return None, spec, clip

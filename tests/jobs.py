@@ -51,7 +51,8 @@ def hosted_config(sim, s3_endpoint: str, output: str, runs_dir: Path, **override
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without Prefect settings or a provider key of the developer's, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "EACHLABS_API_KEY"}
+    keys = ("EACHLABS_API_KEY", "STABILITY_API_KEY", "FAL_KEY")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in keys}
     env.update(extra)
     return env
 
@@ -106,3 +107,13 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 def report(workdir: Path, run_id: str) -> pd.DataFrame:
     return pd.read_csv(workdir / "runs" / run_id / "report.csv")
+
+
+def assert_key_nowhere(key: str, shown: str, workdir: Path) -> None:
+    """The key is not on screen, nor in the journal, reports or output metadata."""
+    assert key not in shown
+    for path in (workdir / "runs").rglob("*"):
+        if path.is_file():
+            assert key not in path.read_text(errors="ignore"), path
+    for path in (workdir / "outputs").rglob("*.json"):
+        assert key not in path.read_text()

@@ -28,7 +28,7 @@ from soundpatch.batch import Batch
 from soundpatch.errors import ConfigError
 from soundpatch.manifest import load_manifest
 from soundpatch.window import plan_window
-from tests.jobs import clean_env, hosted_config, soundpatch
+from tests.jobs import assert_key_nowhere, clean_env, hosted_config, soundpatch
 
 KEY = "sk-test-9f8e7d6c5b4a"
 PRICE = 0.20
@@ -144,13 +144,7 @@ def test_run_against_the_simulator_from_the_command_line(library, aws_env, simul
     assert report["prediction_id"].nunique() == 4 and (report["attempts"] == 1).all()
     assert sim.stats.accepted == 4
     assert "$0.80" in proc.stdout
-    # The key is nowhere: not on screen, not in the journal, reports or output metadata.
-    assert KEY not in proc.stdout + proc.stderr
-    for path in (library / "runs").rglob("*"):
-        if path.is_file():
-            assert KEY not in path.read_text(errors="ignore"), path
-    for path in (library / "outputs").rglob("*.json"):
-        assert KEY not in path.read_text()
+    assert_key_nowhere(KEY, proc.stdout + proc.stderr, library)
 
 
 def test_the_key_can_come_from_a_prefect_secret_block(library, aws_env, simulator, tmp_path_factory):

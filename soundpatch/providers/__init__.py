@@ -19,17 +19,18 @@ def make_provider(
     shared: SharedLimits | None = None,
 ) -> Provider:
     name = name or config.provider.name
-    # A row may name another provider than the config's; it then gets that provider's
-    # own default price rather than one meant for another service.
-    provider_config = (
-        config.provider
-        if name == config.provider.name
-        else config.provider.model_copy(update={"name": name, "price_usd": None})
-    )
+    provider_config = config.provider.for_provider(name)
     if name == "local":
         from soundpatch.providers.local import LocalEngine
 
         return LocalEngine(price_usd=provider_config.price, in_flight=InFlight(config.limits.concurrency))
+    # Shared by every row of this process on this provider: a 429 slows them all.
+    creates = RateLimiter(
+        config.limits.requests_per_minute,
+        shared=shared.create if shared else None,
+        window=config.limits.rate_window_seconds,
+    )
+    in_flight = InFlight(config.limits.concurrency, shared)
     if name == "eachlabs":
         from soundpatch.providers.eachlabs import EachLabs
         from soundpatch.staging import Staging
@@ -40,12 +41,20 @@ def make_provider(
             staging,
             api_key=api_key,
             concurrency=config.limits.concurrency,
-            creates=RateLimiter(
-                config.limits.requests_per_minute,
-                shared=shared.create if shared else None,
-                window=config.limits.rate_window_seconds,
-            ),
+            creates=creates,
             polls=RateLimiter(config.limits.polls_per_minute, window=config.limits.rate_window_seconds),
-            in_flight=InFlight(config.limits.concurrency, shared),
+            in_flight=in_flight,
         )
-    raise ConfigError(f"Provider {name!r} is not available in this version of soundpatch; use local or eachlabs.")
+    if name == "stability":
+        from soundpatch.providers.stability import Stability
+
+        return Stability(
+            provider_config,
+            api_key=api_key,
+            concurrency=config.limits.concurrency,
+            creates=creates,
+            in_flight=in_flight,
+        )
+    raise ConfigError(
+        f"Provider {name!r} is not available in this version of soundpatch; use local, eachlabs or stability."
+    )

@@ -1,0 +1,248 @@
+"""What every hosted provider shares: its key, its HTTP client, its limits, and the money
+rules for results that were paid for.
+
+A provider module says only what its service's protocol is (URLs, bodies, statuses);
+this one holds how soundpatch talks to any of them: the key read from the environment
+(or handed over from a Prefect Secret) and redacted from every message, one pooled
+client sized to the concurrency, creates and polls paced by shared limiters, bounded
+retries reported to the journal, and a result that arrives paid for staying paid for
+whatever goes wrong after.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import httpx
+import soundfile as sf
+
+from soundpatch import soundio
+from soundpatch.config import ProviderConfig
+from soundpatch.errors import ConfigError, RowError
+from soundpatch.limits import InFlight, RateLimiter
+from soundpatch.providers.base import InpaintRequest, NotStarted, PredictionFailed
+from soundpatch.retry import Retryable, RetryPolicy
+from soundpatch.window import plan_window
+
+MAX_RESULT_BYTES = 256 * 1024 * 1024  # a 190 s stereo float WAV is ~67 MB
+STEPS_RANGE = (4, 8)
+T = TypeVar("T")
+
+
+class HostedProvider:
+    name = "hosted"
+    display = "the provider"
+    uses_prompt = True
+
+    def __init__(
+        self,
+        config: ProviderConfig,
+        client: httpx.Client | None = None,
+        api_key: str | None = None,
+        concurrency: int = 8,
+        sleep=time.sleep,
+        creates: RateLimiter | None = None,
+        polls: RateLimiter | None = None,
+        in_flight: InFlight | None = None,
+    ) -> None:
+        # Shared by every task of the process: a 429 slows them all.
+        self.creates = creates or RateLimiter(60)
+        self.polls = polls or RateLimiter(600)
+        self.in_flight = in_flight or InFlight(concurrency)
+        self.config = config
+        self.price_usd = config.price
+        self.base_url = config.url
+        self._api_key = api_key if api_key is not None else os.environ.get(config.key_env, "")
+        timeout = httpx.Timeout(config.timeout_seconds, connect=10.0)
+        # Pool sized to the work in flight (polls, and creates and downloads of rows on
+        # either side of it): a much larger pool costs CPU in bookkeeping.
+        limits = httpx.Limits(max_connections=2 * concurrency + 4, max_keepalive_connections=2 * concurrency + 4)
+        self.client = client or httpx.Client(timeout=timeout, limits=limits)
+        self.retry = RetryPolicy(attempts=config.max_retries + 1)
+        self._sleep = sleep
+
+    def check(
+        self, audio_frames: int, rate: int, a: int, b: int, steps: int | None, guidance_scale: float | None
+    ) -> None:
+        """Every host of Stable Audio 2.5 Inpaint takes a 6-190 s clip and 4-8 steps."""
+        plan_window(audio_frames, rate, a, b, self.config.context_seconds)
+        if steps is not None and not STEPS_RANGE[0] <= steps <= STEPS_RANGE[1]:
+            raise RowError(f"steps {steps} is outside {STEPS_RANGE[0]}..{STEPS_RANGE[1]} for Stable Audio 2.5")
+
+    def ready(self) -> None:
+        if not self._api_key and not self.config.api_key_secret:
+            raise ConfigError(
+                f"The {self.name} provider needs an API key: set the environment variable "
+                f"{self.config.key_env} (provider.api_key_env names it)."
+            )
+
+    # ------------------------------------------------------------------ the create
+
+    def _create(self, send: Callable[[int], T], request: InpaintRequest) -> tuple[T, int]:
+        """`send(attempt)` makes the create (the request that is billed) and reads its answer;
+        here it is paced, journaled and retried under the money rules:
+        - refused (4xx) or turned away (429, 5xx, a connection that never opened): nothing
+          was made, nothing is owed; 429, 5xx and refused connections are tried again;
+        - sent and never answered: in doubt, counted as spent, never sent again.
+        (number of tries, result)"""
+        attempts = 0
+
+        def once() -> T:
+            nonlocal attempts
+            attempts += 1
+            # A run stopped while this row waits its turn ends the wait; then nothing is sent.
+            self.creates.acquire(give_up=request.stopping)
+            request.check_may_start()
+            # Journaled before the request goes out: if we die now, the row is "in doubt".
+            request.tell("creating", attempt=attempts)
+            try:
+                return send(attempts)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                request.tell("create_refused", reason=type(exc).__name__)
+                raise Retryable(f"cannot connect to {self.base_url} ({type(exc).__name__})") from None
+            except httpx.HTTPError as exc:
+                # Sent, and no (whole) answer: the provider may have made it, and billed it.
+                raise self._in_doubt(type(exc).__name__, attempts) from None
+
+        try:
+            result = self.retry.call(once, on_retry=self._on_retry(request, "create"), sleep=self._sleep)
+        except Retryable as exc:
+            raise PredictionFailed(
+                f"{self.display} did not take the create after {attempts} attempts: {exc}", 0.0, None, attempts
+            ) from None
+        except (PredictionFailed, NotStarted):
+            raise
+        except RowError as exc:  # refused (4xx): nothing was made, nothing is owed
+            raise PredictionFailed(str(exc), 0.0, None, attempts) from None
+        return result, attempts
+
+    def _take_answer(self, response: httpx.Response, request: InpaintRequest) -> None:
+        """Journal and pace by a create's answer; raise unless it is a success."""
+        status = response.status_code
+        if status >= 400:
+            request.tell("create_refused", status=status)
+        if status == 429:
+            self.creates.throttled(retry_after(response))
+        elif status < 400:
+            self.creates.succeeded()
+        self._raise_for_status(response, "create")
+
+    # ------------------------------------------------------------------ answers
+
+    def _raise_for_status(self, response: httpx.Response, what: str) -> None:
+        status = response.status_code
+        if status < 400:
+            return
+        if status == 429 or status >= 500:
+            raise Retryable(f"{what} answered HTTP {status}", retry_after(response))
+        hint = " (check the API key)" if status in (401, 403) else ""
+        raise RowError(f"{self.display} refused the {what}: HTTP {status} {self._message(response)}{hint}")
+
+    def _message(self, response: httpx.Response) -> str:
+        try:
+            data = response.json()
+            text = _error_text(data) or response.text
+        except ValueError:
+            text = response.text
+        return self._redact(str(text)).strip()[:300]
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _on_retry(self, request: InpaintRequest, what: str):
+        def report(attempt: int, exc: Retryable, wait: float) -> None:
+            request.tell("retry", step=what, attempt=attempt, reason=self._redact(str(exc)), wait=round(wait, 2))
+
+        return report
+
+    def _in_doubt(self, what: str, attempts: int, prediction_id: str | None = None) -> PredictionFailed:
+        """The request may have reached the provider and made a prediction: counted as spent,
+        never sent again."""
+        return PredictionFailed(
+            f"The create request to {self.display} got no answer ({what}); it may have been created, "
+            "so it is counted as spent and not sent again",
+            self.price_usd,
+            prediction_id,
+            attempts,
+        )
+
+
+def _error_text(data: Any) -> str:
+    """The human part of a provider's error body, whichever of the usual shapes it has."""
+    if not isinstance(data, dict):
+        return ""
+    for key in ("message", "error", "detail"):
+        value = data.get(key)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, list) and value:  # FastAPI-style validation details
+            return "; ".join(str(v.get("msg", v)) if isinstance(v, dict) else str(v) for v in value)
+    errors = data.get("errors")  # Stability: {"name": ..., "errors": [...]}
+    if isinstance(errors, list) and errors:
+        return f"{data.get('name', 'error')}: " + "; ".join(str(e) for e in errors)
+    return ""
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return min(300.0, max(0.0, float(value)))
+    except ValueError:
+        return None
+
+
+def json_object(response: httpx.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError:
+        raise RowError(f"the provider answered with something that is not JSON: {response.text[:120]!r}") from None
+    if not isinstance(data, dict):
+        raise RowError("the provider answered with JSON that is not an object")
+    return data
+
+
+@contextmanager
+def paid(cost: float, prediction_id: str | None, attempts: int) -> Iterator[None]:
+    """Whatever fails once a prediction is paid for fails as PredictionFailed with its
+    cost: the ledger keeps the money, whatever the error."""
+    try:
+        yield
+    except PredictionFailed:
+        raise
+    except RowError as exc:
+        raise PredictionFailed(str(exc), cost, prediction_id, attempts) from None
+    except Exception as exc:
+        which = f"prediction {prediction_id}" if prediction_id else "the prediction"
+        raise PredictionFailed(
+            f"The result of {which} could not be used ({type(exc).__name__}: {exc})", cost, prediction_id, attempts
+        ) from None
+
+
+def capped_body(response: httpx.Response) -> bytes:
+    """A result's bytes, refused past MAX_RESULT_BYTES (announced or counted)."""
+    declared = int(response.headers.get("content-length") or 0)
+    if declared > MAX_RESULT_BYTES:
+        raise RowError(f"the result is {declared / 1e6:.0f} MB, over the download limit")
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > MAX_RESULT_BYTES:
+            raise RowError("the result is over the download limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_result(data: bytes) -> tuple[Any, int]:
+    try:
+        samples, rate = soundio.read(data, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        raise RowError("the result is not audio that can be decoded") from None
+    if len(samples) == 0:
+        raise RowError("the result holds no audio")
+    return samples, rate

@@ -1,0 +1,209 @@
+"""The Stability AI provider against the simulator speaking Stability's protocol (real HTTP).
+
+One synchronous multipart call per edit, answered with the audio: no bucket, no prediction
+id. The simulator's "tone" model writes a sine whose pitch comes from the seed into the
+masked seconds, so each test can predict the samples that should come back.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from soundpatch.batch import Batch
+from soundpatch.config import load_config
+from soundpatch.manifest import load_manifest
+from tests.jobs import assert_key_nowhere, clean_env, soundpatch
+from tests.test_eachlabs import assert_result_is_right, synth
+
+KEY = "sk-stability-5e4d3c2b1a"
+PRICE = 0.20
+
+
+@pytest.fixture
+def library(tmp_path: Path) -> Path:
+    """Local files only (nothing needs a bucket): a 2.5 s mono 48 kHz effect, a 30 s stereo
+    24-bit loop, a 4-minute 22.05 kHz FLAC tape."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "fx.wav", synth(2.5, 48000, 1), 48000, subtype="PCM_16")
+    sf.write(audio / "loop.wav", synth(30.0, 44100, 2, 1), 44100, subtype="PCM_24")
+    sf.write(audio / "tape.flac", synth(240.0, 22050, 1, 2), 22050, subtype="PCM_16")
+    (tmp_path / "mix.csv").write_text(
+        "id,input,start,end,prompt,seed\n"
+        "fx,audio/fx.wav,1.20,1.65,metal clang,11\n"
+        "loop,audio/loop.wav,10.0,14.5,brass stab,222\n"
+        "tape,audio/tape.flac,3:52.5,3:56,applause,333\n"
+    )
+    return tmp_path
+
+
+def stability_config(tmp_path: Path, sim, **overrides):
+    return load_config(
+        overrides={
+            "provider.name": "stability",
+            "provider.base_url": sim.base_url,
+            "output.uri": str(tmp_path / "outputs"),
+            "runs_dir": str(tmp_path / "runs"),
+            "limits.requests_per_minute": 6000,
+            **overrides,
+        }
+    )
+
+
+def run_batch(tmp_path: Path, sim, run_id: str = "t", threads: int = 1, manifest: str = "mix.csv", **overrides):
+    batch = Batch(load_manifest(tmp_path / manifest), stability_config(tmp_path, sim, **overrides), run_id)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(batch.process, batch.manifest.edits)), batch
+    finally:
+        batch.close()
+
+
+def journal(batch: Batch) -> list[dict]:
+    return [json.loads(line) for line in batch.journal.path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("fmt", "shift_ms", "min_snr"), [("wav", 0, 35), ("mp3", 37, 18)])
+def test_every_kind_of_input_comes_back_right_with_no_bucket_at_all(
+    library, simulator, monkeypatch, fmt, shift_ms, min_snr
+):
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    sim = simulator(latency=0.2, fill="tone", result_format=fmt, shift_ms=shift_ms, api_key=KEY)
+    outcomes, _ = run_batch(library, sim)
+    for o in outcomes:
+        assert_result_is_right(library, None, o, min_snr)  # outside the region bit for bit, tone inside
+        assert o.cost_usd == pytest.approx(PRICE) and o.attempts == 1 and o.provider == "stability"
+    assert sim.stats.accepted == 3 and sim.billed() == pytest.approx(3 * PRICE)
+    assert sorted(sim.stats.prompts) == ["applause", "brass stab", "metal clang"]
+
+
+def test_run_from_the_command_line_and_the_key_is_nowhere(library, simulator):
+    sim = simulator(latency=0.2, fill="local", api_key=KEY)
+    (library / "stability.yaml").write_text(f"provider: {{name: stability, base_url: '{sim.base_url}'}}\n")
+    env = clean_env(STABILITY_API_KEY=KEY)
+    proc = soundpatch("run", "mix.csv", "--config", "stability.yaml", "--run-id", "sa", cwd=library, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = pd.read_csv(library / "runs" / "sa" / "report.csv")
+    assert list(report["status"]) == ["succeeded"] * 3 and (report["provider"] == "stability").all()
+    assert report["cost_usd"].sum() == pytest.approx(3 * PRICE) and "$0.60" in proc.stdout
+    assert all(Path(library / p).is_file() or Path(p).is_file() for p in report["output"])
+    assert_key_nowhere(KEY, proc.stdout + proc.stderr, library)
+
+    # Without the key: one sentence naming the variable, exit 2, nothing sent.
+    proc = soundpatch("run", "mix.csv", "--config", "stability.yaml", "--run-id", "nokey", cwd=library, env=clean_env())
+    assert proc.returncode == 2
+    assert "STABILITY_API_KEY" in proc.stderr and "Traceback" not in proc.stderr
+    assert sim.stats.creates == 3
+
+
+def test_refused_and_turned_away_calls_cost_nothing_and_busy_ones_are_retried(library, simulator, monkeypatch):
+    monkeypatch.setenv("STABILITY_API_KEY", "sk-wrong")
+    sim = simulator(latency=0.05, fill="tone", api_key=KEY)
+    outcomes, _ = run_batch(library, sim, "refused")
+    assert [o.status for o in outcomes] == ["failed"] * 3
+    assert all(o.cost_usd == 0 and "HTTP 401" in o.error and "check the API key" in o.error for o in outcomes)
+    assert "sk-wrong" not in " ".join(o.error for o in outcomes)
+
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    busy = simulator(latency=0.05, fill="tone", api_key=KEY, rpm=60, rate_window=1.0, error_rate=0.3, seed=4)
+    outcomes, batch = run_batch(library, busy, "busy", threads=3, **{"provider.max_retries": 12})
+    assert [o.status for o in outcomes] == ["succeeded"] * 3
+    assert busy.stats.rate_limited + busy.stats.server_errors > 0 and sum(o.attempts for o in outcomes) > 3
+    assert sum(o.cost_usd for o in outcomes) == pytest.approx(busy.billed()) == pytest.approx(3 * PRICE)
+    assert any(e["event"] == "retry" for e in journal(batch))
+
+
+def test_a_filtered_result_is_paid_for_and_says_why(library, simulator, monkeypatch):
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    sim = simulator(latency=0.05, fill="tone", filter_rate=1.0)
+    outcomes, _ = run_batch(library, sim, "filtered")
+    assert [o.status for o in outcomes] == ["failed"] * 3
+    assert all("content filter" in o.error and o.cost_usd == pytest.approx(PRICE) for o in outcomes)
+    assert sum(o.cost_usd for o in outcomes) == pytest.approx(sim.billed())
+
+
+def test_a_call_whose_answer_never_came_is_counted_and_never_sent_again(library, simulator, monkeypatch):
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    (library / "one.csv").write_text("id,input,start,end,prompt,seed\nfx,audio/fx.wav,1.2,1.65,clang,7\n")
+    sim = simulator(latency=0.05, fill="tone", slow_create_rate=1.0, slow_create_seconds=3.0)
+    # The model runs (and bills); the answer comes after the client stopped waiting.
+    outcomes, _ = run_batch(library, sim, "doubt", manifest="one.csv", **{"provider.deadline_seconds": 1.0})
+    (o,) = outcomes
+    assert o.status == "failed" and "counted as spent" in o.error and o.cost_usd == pytest.approx(PRICE)
+    assert sim.stats.accepted == 1 and sim.billed() == pytest.approx(PRICE)
+
+    # Rerun with the same id: the row is in doubt, so nothing is sent again.
+    sim.settings.slow_create_rate = 0.0
+    outcomes, _ = run_batch(library, sim, "doubt", manifest="one.csv")
+    assert outcomes[0].status == "failed" and "counted as spent" in outcomes[0].error
+    assert outcomes[0].cost_usd == pytest.approx(PRICE) and sim.stats.accepted == 1
+
+    # Asked to, it sends it again; the report shows both prices, and so does the bill.
+    outcomes, _ = run_batch(library, sim, "doubt", manifest="one.csv", **{"provider.resubmit_in_doubt": True})
+    assert outcomes[0].status == "succeeded" and outcomes[0].cost_usd == pytest.approx(2 * PRICE)
+    assert sim.stats.accepted == 2 and sim.billed() == pytest.approx(2 * PRICE)
+
+
+def test_the_budget_holds_at_concurrency_16_under_5xx_timeouts_and_429_bursts(tmp_path, simulator, monkeypatch):
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    sf.write(tmp_path / "fx.wav", np.full((3 * 8000, 1), 0.1, np.float32), 8000)
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt\n" + "".join(f"r{i:02d},fx.wav,1,1.5,p{i:02d}\n" for i in range(40))
+    )
+    sim = simulator(
+        latency=0.3,
+        fill="tone",
+        seed=5,
+        error_rate=0.2,  # 503
+        slow_create_rate=0.2,  # billed, answered after the client gave up
+        slow_create_seconds=3.0,
+        rpm=600,
+        rate_window=1.0,
+    )
+    budget = 4.0  # 20 of the 40 rows
+    outcomes, batch = run_batch(
+        tmp_path,
+        sim,
+        "stress",
+        threads=16,
+        manifest="m.csv",
+        **{
+            "provider.deadline_seconds": 1.5,
+            "provider.max_retries": 8,
+            "limits.requests_per_minute": 100000,
+            "limits.budget_usd": budget,
+            "limits.concurrency": 16,
+        },
+    )
+    statuses = {o.status for o in outcomes}
+    assert statuses <= {"succeeded", "failed", "skipped_budget"} and "skipped_budget" in statuses
+    assert sim.stats.rate_limited > 0 and sim.stats.server_errors > 0
+    spent = sum(o.cost_usd for o in outcomes)
+    assert sim.billed() <= budget + 1e-9
+    assert sim.billed() - 1e-9 <= spent <= budget + 1e-9
+    assert batch.ledger.spent_usd == pytest.approx(spent)
+    assert len(sim.stats.prompts) == len(set(sim.stats.prompts))  # never sent twice once made
+
+
+def test_rows_the_api_cannot_take_are_invalid_before_any_money(library, simulator, monkeypatch):
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    (library / "bad.csv").write_text(
+        "id,input,start,end,prompt,steps,guidance_scale\n"
+        "steps,audio/fx.wav,1.2,1.65,clang,12,\n"
+        "guidance,audio/fx.wav,1.2,1.65,clang,,3.5\n"
+        "fine,audio/fx.wav,1.2,1.65,clang,6,\n"
+    )
+    sim = simulator(latency=0.05, fill="tone")
+    outcomes, _ = run_batch(library, sim, "bad", manifest="bad.csv")
+    by_id = {o.row_id: o for o in outcomes}
+    assert by_id["steps"].status == "invalid" and "4..8" in by_id["steps"].error
+    assert by_id["guidance"].status == "invalid" and "guidance_scale" in by_id["guidance"].error
+    assert by_id["fine"].status == "succeeded"
+    assert sim.stats.creates == 1 and sum(o.cost_usd for o in outcomes) == pytest.approx(PRICE)
