@@ -100,7 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _common(validate)
     validate.set_defaults(handler=cmd_validate)
 
-    sim = sub.add_parser("simulate", help="a local server speaking the Each Labs and Stability AI protocols (no cost)")
+    sim = sub.add_parser("simulate", help="a local server speaking Each Labs', Stability AI's and fal's APIs ($0)")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8787)
     sim.add_argument("--latency", type=float, default=2.0, help="seconds per prediction")
@@ -389,13 +389,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         sim = Simulator(settings, host=args.host, port=args.port)
     except OSError as exc:
         raise SoundpatchError(f"Cannot listen on {args.host}:{args.port}: {exc.strerror}.") from None
-    out.print(
-        f"Simulating Each Labs and Stability AI at [bold]{sim.base_url}[/bold] (Ctrl-C stops it). Point a config at it:"
-    )
-    out.print(f"  provider: {{name: eachlabs, base_url: {sim.base_url}}}   (needs storage.staging)")
+    out.print(f"Simulating Each Labs, Stability AI and fal at [bold]{sim.base_url}[/bold] (Ctrl-C stops it).")
+    out.print("Point a config at it:")
     out.print(f"  provider: {{name: stability, base_url: {sim.base_url}}}")
+    out.print(f"  provider: {{name: eachlabs, base_url: {sim.base_url}}}   (with storage.staging)")
+    out.print(f"  provider: {{name: fal, base_url: {sim.base_url}}}        (with storage.staging)")
     value = "the key it was given" if args.api_key else "any value"
-    out.print(f"  and set EACHLABS_API_KEY or STABILITY_API_KEY to {value}.")
+    out.print(f"and set STABILITY_API_KEY, EACHLABS_API_KEY or FAL_KEY to {value}.")
     try:
         sim.server.serve_forever()
     except KeyboardInterrupt:

@@ -18,7 +18,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from soundpatch.simulator import Simulator
 
+MODEL = "stable-audio-2-5-inpaint"  # what the predictions underneath are made with
+
 STABILITY_INPAINT = "/v2beta/audio/stable-audio-2/inpaint"
+FAL_APP = "/fal-ai/stable-audio-25"
+FAL_STATUS = {"starting": "IN_QUEUE", "processing": "IN_PROGRESS"}  # the rest: COMPLETED
 
 
 def serve(sim: Simulator, host: str, port: int) -> ThreadingHTTPServer:
@@ -36,6 +40,54 @@ class _Server(ThreadingHTTPServer):
         if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
             return
         super().handle_error(request, client_address)
+
+
+def fal_submit(sim: Simulator, key: str | None, body: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
+    status, data, headers = sim.create(key, {"model": MODEL, "input": body})
+    if status != 200:
+        detail: Any = data.get("message", "")
+        if status == 400:  # fal validates with FastAPI: 422 and a list of details
+            status, detail = 422, [{"loc": ["body"], "msg": detail, "type": "value_error"}]
+        return status, {"detail": detail}, headers
+    request_id = data["predictionID"]
+    base = f"{sim.base_url}{FAL_APP}/requests/{request_id}"
+    return (
+        200,
+        {
+            "request_id": request_id,
+            "response_url": base,
+            "status_url": f"{base}/status",
+            "cancel_url": f"{base}/cancel",
+            "queue_position": 0,
+        },
+        {},
+    )
+
+
+def fal_status(sim: Simulator, key: str | None, request_id: str) -> tuple[int, dict[str, Any]]:
+    status, data = sim.get(key, request_id)
+    if status != 200:
+        return status, {"detail": data.get("message", "")}
+    state = FAL_STATUS.get(data["status"], "COMPLETED")
+    return (200 if state == "COMPLETED" else 202), {"status": state, "request_id": request_id}
+
+
+def fal_result(sim: Simulator, key: str | None, request_id: str) -> tuple[int, dict[str, Any]]:
+    status, data = sim.get(key, request_id)
+    if status != 200:
+        return status, {"detail": data.get("message", "")}
+    if data["status"] in FAL_STATUS:
+        return 400, {"detail": "Request is still in progress"}
+    if data["status"] == "failed":
+        return 500, {"detail": data.get("error") or "the model failed"}
+    if data["status"] != "success":
+        return 400, {"detail": f"Request was {data['status']}"}
+    url = data["output"]
+    kind = "audio/mpeg" if url.endswith(".mp3") else "audio/wav"
+    return 200, {
+        "audio": {"url": url, "content_type": kind, "file_name": url.rsplit("/", 1)[-1]},
+        "seed": data["input"].get("seed"),
+    }
 
 
 def multipart(content_type: str, body: bytes) -> tuple[dict[str, str], dict[str, bytes]]:
@@ -99,6 +151,12 @@ def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
                 fields, files = multipart(self.headers.get("Content-Type", ""), raw)
                 status, data, content_type, headers = sim.inpaint_now(bearer, fields, files.get("audio"))
                 return self._send(status, data, content_type, headers)
+            if self.path.rstrip("/") == f"{FAL_APP}/inpaint":
+                try:
+                    body = json.loads(raw or b"null")
+                except json.JSONDecodeError:
+                    return self._json(422, {"detail": "Body is not JSON"})
+                return self._json(*fal_submit(sim, _fal_key(self.headers), body))
             if self.path.rstrip("/") == "/v1/prediction":
                 try:
                     body = json.loads(raw or b"null")
@@ -111,7 +169,20 @@ def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
                 return self._json(*sim.cancel(m.group(1)))
             self._json(404, {"status": "error", "message": "Not found"})
 
+        def do_PUT(self) -> None:  # noqa: N802 - stdlib's name
+            m = re.fullmatch(FAL_APP + r"/requests/([0-9a-f]+)/cancel", self.path)
+            if m:
+                status, _ = sim.cancel(m.group(1))
+                return self._json(202 if status == 200 else status, {"status": "CANCELLATION_REQUESTED"})
+            self._json(404, {"detail": "Not found"})
+
         def do_GET(self) -> None:  # noqa: N802 - stdlib's name
+            m = re.fullmatch(FAL_APP + r"/requests/([0-9a-f]+)(/status)?", self.path)
+            if m:
+                key = _fal_key(self.headers)
+                if m.group(2):
+                    return self._json(*fal_status(sim, key, m.group(1)))
+                return self._json(*fal_result(sim, key, m.group(1)))
             m = re.fullmatch(r"/v1/prediction/([0-9a-f]+)", self.path)
             if m:
                 return self._json(*sim.get(self.headers.get("X-API-Key"), m.group(1)))
@@ -137,3 +208,8 @@ def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
             self._json(404, {"status": "error", "message": "Not found"})
 
     return Handler
+
+
+def _fal_key(headers: Any) -> str | None:
+    auth = headers.get("Authorization", "")
+    return auth[4:] if auth.lower().startswith("key ") else None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -18,7 +19,7 @@ import pytest
 import soundfile as sf
 
 from soundpatch import demo_audio
-from tests.jobs import SCRIPT, clean_env
+from tests.jobs import SCRIPT, clean_env, synth
 
 
 @pytest.fixture
@@ -41,6 +42,31 @@ def music_44k() -> np.ndarray:
 @pytest.fixture(scope="session")
 def voice_16k() -> np.ndarray:
     return demo_audio.voice(20.0, 16000, seed=2)
+
+
+@pytest.fixture
+def library(tmp_path, aws_env):
+    """The issue's mix: a 2.5 s mono 48 kHz effect, a 30 s stereo loop, a 4-minute FLAC,
+    and an s3:// input (44.1 kHz stereo WAV, whole seconds: it can be shared as it is)."""
+    s3 = aws_env
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sf.write(audio / "fx.wav", synth(2.5, 48000, 1), 48000, subtype="PCM_16")
+    sf.write(audio / "loop.wav", synth(30.0, 44100, 2, 1), 44100, subtype="PCM_24")
+    sf.write(audio / "tape.flac", synth(240.0, 22050, 1, 2), 22050, subtype="PCM_16")
+    inputs = s3.bucket("inputs")
+    buf = io.BytesIO()
+    sf.write(buf, synth(8.0, 44100, 2, 3), 44100, format="WAV", subtype="PCM_16")
+    s3.client.put_object(Bucket=inputs, Key="bank/door.wav", Body=buf.getvalue())
+    (tmp_path / "mix.csv").write_text(
+        "id,input,start,end,prompt,seed\n"
+        "fx,audio/fx.wav,1.20,1.65,metal clang,11\n"
+        "loop,audio/loop.wav,10.0,14.5,brass stab,222\n"
+        "tape,audio/tape.flac,3:52.5,3:56,applause,333\n"
+        "s3,s3://inputs/bank/door.wav,3.0,4.5,creaky door,444\n"
+    )
+    s3.bucket("stage")
+    return tmp_path
 
 
 # ------------------------------------------------------------------ real servers on loopback

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from soundpatch.config import Config, load_config
@@ -19,13 +20,23 @@ KEY = "sk-crash-test"
 SCRIPT = Path(sys.executable).parent / "soundpatch"
 
 
-def write_job(workdir: Path, sim, s3, rows: int, concurrency: int, rpm: float = 600, **provider) -> None:
+def synth(seconds: float, rate: int, channels: int, seed: int = 0) -> np.ndarray:
+    """A steady test tone (two partials and a little noise), float32 (frames, channels)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    base = 0.15 * np.sin(2 * np.pi * 110 * t) + 0.08 * np.sin(2 * np.pi * 275 * t)
+    return np.stack([base + 0.01 * rng.standard_normal(len(t)) for _ in range(channels)], 1).astype(np.float32)
+
+
+def write_job(
+    workdir: Path, sim, s3, rows: int, concurrency: int, rpm: float = 600, provider_name: str = "eachlabs", **provider
+) -> None:
     lines = ["id,input,start,end,prompt,seed"]
     lines += [f"r{i:02d},fx.wav,1.0,1.5,take {i:02d},{i}" for i in range(rows)]
     (workdir / "job.csv").write_text("\n".join(lines) + "\n")
     extra = "".join(f", {k}: {json.dumps(v)}" for k, v in provider.items())
     (workdir / "job.yaml").write_text(
-        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.2, max_poll_seconds: 0.5"
+        f"provider: {{name: {provider_name}, base_url: '{sim.base_url}', poll_seconds: 0.2, max_poll_seconds: 0.5"
         f"{extra}}}\n"
         f"limits: {{concurrency: {concurrency}, budget_usd: 100, requests_per_minute: {rpm}}}\n"
         f"storage: {{s3: {{endpoint_url: '{s3.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
@@ -59,7 +70,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def environment(prefect_home: Path) -> dict[str, str]:
     return clean_env(
-        EACHLABS_API_KEY=KEY, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", PREFECT_HOME=str(prefect_home)
+        EACHLABS_API_KEY=KEY,
+        FAL_KEY=KEY,
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+        PREFECT_HOME=str(prefect_home),
     )
 
 

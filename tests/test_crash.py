@@ -21,9 +21,12 @@ from soundpatch.manifest import load_manifest
 from tests.jobs import KEY, environment, events, finish, kill_group, report, start, wait_for, write_job
 
 
-def test_sigkill_after_every_create_then_rerun_pays_each_prediction_once(job_dir, aws_env, simulator, tmp_path_factory):
+@pytest.mark.parametrize("provider", ["eachlabs", "fal"])
+def test_sigkill_after_every_create_then_rerun_pays_each_prediction_once(
+    job_dir, aws_env, simulator, tmp_path_factory, provider
+):
     sim = simulator(latency=8.0, fill="tone")  # slower than the kill
-    write_job(job_dir, sim, aws_env, rows=16, concurrency=16)
+    write_job(job_dir, sim, aws_env, rows=16, concurrency=16, provider_name=provider)
     env = environment(tmp_path_factory.mktemp("prefect"))
     proc = start(job_dir, env, "kill9")
     wait_for(lambda: len(events(job_dir, "kill9", "created")) == 16, 90, "16 acknowledged creates")

@@ -34,38 +34,6 @@ KEY = "sk-test-9f8e7d6c5b4a"
 PRICE = 0.20
 
 
-def synth(seconds: float, rate: int, channels: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    base = 0.15 * np.sin(2 * np.pi * 110 * t) + 0.08 * np.sin(2 * np.pi * 275 * t)
-    return np.stack([base + 0.01 * rng.standard_normal(len(t)) for _ in range(channels)], 1).astype(np.float32)
-
-
-@pytest.fixture
-def library(tmp_path, aws_env):
-    """The issue's mix: a 2.5 s mono 48 kHz effect, a 30 s stereo loop, a 4-minute FLAC,
-    and an s3:// input (44.1 kHz stereo WAV, whole seconds: it can be shared as it is)."""
-    s3 = aws_env
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    sf.write(audio / "fx.wav", synth(2.5, 48000, 1), 48000, subtype="PCM_16")
-    sf.write(audio / "loop.wav", synth(30.0, 44100, 2, 1), 44100, subtype="PCM_24")
-    sf.write(audio / "tape.flac", synth(240.0, 22050, 1, 2), 22050, subtype="PCM_16")
-    inputs = s3.bucket("inputs")
-    buf = io.BytesIO()
-    sf.write(buf, synth(8.0, 44100, 2, 3), 44100, format="WAV", subtype="PCM_16")
-    s3.client.put_object(Bucket=inputs, Key="bank/door.wav", Body=buf.getvalue())
-    (tmp_path / "mix.csv").write_text(
-        "id,input,start,end,prompt,seed\n"
-        "fx,audio/fx.wav,1.20,1.65,metal clang,11\n"
-        "loop,audio/loop.wav,10.0,14.5,brass stab,222\n"
-        "tape,audio/tape.flac,3:52.5,3:56,applause,333\n"
-        "s3,s3://inputs/bank/door.wav,3.0,4.5,creaky door,444\n"
-    )
-    s3.bucket("stage")
-    return tmp_path
-
-
 def eachlabs_config(tmp_path: Path, sim, s3, rpm: float = 600, **provider):
     return hosted_config(
         sim,
@@ -280,7 +248,7 @@ def test_truncated_downloads_are_retried(library, aws_env, simulator, monkeypatc
 def test_an_unexpected_error_with_a_paid_result_keeps_its_cost(library, aws_env, simulator, monkeypatch, stage):
     # Not a RowError: a bug or an environment fault after the prediction was paid for must
     # not hand the reservation back (the budget would then allow one more than it should).
-    from soundpatch.providers import eachlabs
+    from soundpatch.providers import eachlabs, queued
 
     def broken(*args, **kwargs):
         raise OSError("simulated fault")
@@ -288,7 +256,7 @@ def test_an_unexpected_error_with_a_paid_result_keeps_its_cost(library, aws_env,
     if stage == "_download":
         monkeypatch.setattr(eachlabs.EachLabs, "_download", broken)
     else:
-        monkeypatch.setattr(eachlabs, "recover_region", broken)
+        monkeypatch.setattr(queued, "recover_region", broken)  # the queued providers' journey
     monkeypatch.setenv("EACHLABS_API_KEY", KEY)
     sim = simulator(latency=0.05, fill="tone")
     [o], batch = run_batch(library, sim, aws_env, manifest=single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,"))

@@ -16,7 +16,7 @@ from soundpatch import cpu, preview
 from soundpatch.batch import Batch
 from soundpatch.limits import BudgetLedger, RateLimiter
 from soundpatch.manifest import load_manifest
-from soundpatch.providers import eachlabs
+from soundpatch.providers import queued
 from tests.jobs import hosted_config
 
 
@@ -264,8 +264,8 @@ def test_rows_crunch_their_audio_a_few_at_a_time_so_creates_and_polls_are_not_ke
         return crunch
 
     for module, name in (
-        (eachlabs, "prepare_clip"),
-        (eachlabs, "recover_region"),
+        (queued, "prepare_clip"),  # Each Labs' journey
+        (queued, "recover_region"),
         (batch_module, "measure"),
         (preview, "draw"),
     ):

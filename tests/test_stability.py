@@ -19,15 +19,15 @@ import soundfile as sf
 from soundpatch.batch import Batch
 from soundpatch.config import load_config
 from soundpatch.manifest import load_manifest
-from tests.jobs import assert_key_nowhere, clean_env, soundpatch
-from tests.test_eachlabs import assert_result_is_right, synth
+from tests.jobs import assert_key_nowhere, clean_env, soundpatch, synth
+from tests.test_eachlabs import assert_result_is_right
 
 KEY = "sk-stability-5e4d3c2b1a"
 PRICE = 0.20
 
 
 @pytest.fixture
-def library(tmp_path: Path) -> Path:
+def local_library(tmp_path: Path) -> Path:
     """Local files only (nothing needs a bucket): a 2.5 s mono 48 kHz effect, a 30 s stereo
     24-bit loop, a 4-minute 22.05 kHz FLAC tape."""
     audio = tmp_path / "audio"
@@ -72,81 +72,82 @@ def journal(batch: Batch) -> list[dict]:
 
 @pytest.mark.parametrize(("fmt", "shift_ms", "min_snr"), [("wav", 0, 35), ("mp3", 37, 18)])
 def test_every_kind_of_input_comes_back_right_with_no_bucket_at_all(
-    library, simulator, monkeypatch, fmt, shift_ms, min_snr
+    local_library, simulator, monkeypatch, fmt, shift_ms, min_snr
 ):
     monkeypatch.setenv("STABILITY_API_KEY", KEY)
     sim = simulator(latency=0.2, fill="tone", result_format=fmt, shift_ms=shift_ms, api_key=KEY)
-    outcomes, _ = run_batch(library, sim)
+    outcomes, _ = run_batch(local_library, sim)
     for o in outcomes:
-        assert_result_is_right(library, None, o, min_snr)  # outside the region bit for bit, tone inside
+        assert_result_is_right(local_library, None, o, min_snr)  # outside the region bit for bit, tone inside
         assert o.cost_usd == pytest.approx(PRICE) and o.attempts == 1 and o.provider == "stability"
     assert sim.stats.accepted == 3 and sim.billed() == pytest.approx(3 * PRICE)
     assert sorted(sim.stats.prompts) == ["applause", "brass stab", "metal clang"]
 
 
-def test_run_from_the_command_line_and_the_key_is_nowhere(library, simulator):
+def test_run_from_the_command_line_and_the_key_is_nowhere(local_library, simulator):
     sim = simulator(latency=0.2, fill="local", api_key=KEY)
-    (library / "stability.yaml").write_text(f"provider: {{name: stability, base_url: '{sim.base_url}'}}\n")
+    (local_library / "stability.yaml").write_text(f"provider: {{name: stability, base_url: '{sim.base_url}'}}\n")
     env = clean_env(STABILITY_API_KEY=KEY)
-    proc = soundpatch("run", "mix.csv", "--config", "stability.yaml", "--run-id", "sa", cwd=library, env=env)
+    proc = soundpatch("run", "mix.csv", "--config", "stability.yaml", "--run-id", "sa", cwd=local_library, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = pd.read_csv(library / "runs" / "sa" / "report.csv")
+    report = pd.read_csv(local_library / "runs" / "sa" / "report.csv")
     assert list(report["status"]) == ["succeeded"] * 3 and (report["provider"] == "stability").all()
     assert report["cost_usd"].sum() == pytest.approx(3 * PRICE) and "$0.60" in proc.stdout
-    assert all(Path(library / p).is_file() or Path(p).is_file() for p in report["output"])
-    assert_key_nowhere(KEY, proc.stdout + proc.stderr, library)
+    assert all(Path(local_library / p).is_file() or Path(p).is_file() for p in report["output"])
+    assert_key_nowhere(KEY, proc.stdout + proc.stderr, local_library)
 
     # Without the key: one sentence naming the variable, exit 2, nothing sent.
-    proc = soundpatch("run", "mix.csv", "--config", "stability.yaml", "--run-id", "nokey", cwd=library, env=clean_env())
+    args = ("run", "mix.csv", "--config", "stability.yaml", "--run-id", "nokey")
+    proc = soundpatch(*args, cwd=local_library, env=clean_env())
     assert proc.returncode == 2
     assert "STABILITY_API_KEY" in proc.stderr and "Traceback" not in proc.stderr
     assert sim.stats.creates == 3
 
 
-def test_refused_and_turned_away_calls_cost_nothing_and_busy_ones_are_retried(library, simulator, monkeypatch):
+def test_refused_and_turned_away_calls_cost_nothing_and_busy_ones_are_retried(local_library, simulator, monkeypatch):
     monkeypatch.setenv("STABILITY_API_KEY", "sk-wrong")
     sim = simulator(latency=0.05, fill="tone", api_key=KEY)
-    outcomes, _ = run_batch(library, sim, "refused")
+    outcomes, _ = run_batch(local_library, sim, "refused")
     assert [o.status for o in outcomes] == ["failed"] * 3
     assert all(o.cost_usd == 0 and "HTTP 401" in o.error and "check the API key" in o.error for o in outcomes)
     assert "sk-wrong" not in " ".join(o.error for o in outcomes)
 
     monkeypatch.setenv("STABILITY_API_KEY", KEY)
     busy = simulator(latency=0.05, fill="tone", api_key=KEY, rpm=60, rate_window=1.0, error_rate=0.3, seed=4)
-    outcomes, batch = run_batch(library, busy, "busy", threads=3, **{"provider.max_retries": 12})
+    outcomes, batch = run_batch(local_library, busy, "busy", threads=3, **{"provider.max_retries": 12})
     assert [o.status for o in outcomes] == ["succeeded"] * 3
     assert busy.stats.rate_limited + busy.stats.server_errors > 0 and sum(o.attempts for o in outcomes) > 3
     assert sum(o.cost_usd for o in outcomes) == pytest.approx(busy.billed()) == pytest.approx(3 * PRICE)
     assert any(e["event"] == "retry" for e in journal(batch))
 
 
-def test_a_filtered_result_is_paid_for_and_says_why(library, simulator, monkeypatch):
+def test_a_filtered_result_is_paid_for_and_says_why(local_library, simulator, monkeypatch):
     monkeypatch.setenv("STABILITY_API_KEY", KEY)
     sim = simulator(latency=0.05, fill="tone", filter_rate=1.0)
-    outcomes, _ = run_batch(library, sim, "filtered")
+    outcomes, _ = run_batch(local_library, sim, "filtered")
     assert [o.status for o in outcomes] == ["failed"] * 3
     assert all("content filter" in o.error and o.cost_usd == pytest.approx(PRICE) for o in outcomes)
     assert sum(o.cost_usd for o in outcomes) == pytest.approx(sim.billed())
 
 
-def test_a_call_whose_answer_never_came_is_counted_and_never_sent_again(library, simulator, monkeypatch):
+def test_a_call_whose_answer_never_came_is_counted_and_never_sent_again(local_library, simulator, monkeypatch):
     monkeypatch.setenv("STABILITY_API_KEY", KEY)
-    (library / "one.csv").write_text("id,input,start,end,prompt,seed\nfx,audio/fx.wav,1.2,1.65,clang,7\n")
+    (local_library / "one.csv").write_text("id,input,start,end,prompt,seed\nfx,audio/fx.wav,1.2,1.65,clang,7\n")
     sim = simulator(latency=0.05, fill="tone", slow_create_rate=1.0, slow_create_seconds=3.0)
     # The model runs (and bills); the answer comes after the client stopped waiting.
-    outcomes, _ = run_batch(library, sim, "doubt", manifest="one.csv", **{"provider.deadline_seconds": 1.0})
+    outcomes, _ = run_batch(local_library, sim, "doubt", manifest="one.csv", **{"provider.deadline_seconds": 1.0})
     (o,) = outcomes
     assert o.status == "failed" and "counted as spent" in o.error and o.cost_usd == pytest.approx(PRICE)
     assert sim.stats.accepted == 1 and sim.billed() == pytest.approx(PRICE)
 
     # Rerun with the same id: the row is in doubt, so nothing is sent again.
     sim.settings.slow_create_rate = 0.0
-    outcomes, _ = run_batch(library, sim, "doubt", manifest="one.csv")
+    outcomes, _ = run_batch(local_library, sim, "doubt", manifest="one.csv")
     assert outcomes[0].status == "failed" and "counted as spent" in outcomes[0].error
     assert outcomes[0].cost_usd == pytest.approx(PRICE) and sim.stats.accepted == 1
 
     # Asked to, it sends it again; the report shows both prices, and so does the bill.
-    outcomes, _ = run_batch(library, sim, "doubt", manifest="one.csv", **{"provider.resubmit_in_doubt": True})
+    outcomes, _ = run_batch(local_library, sim, "doubt", manifest="one.csv", **{"provider.resubmit_in_doubt": True})
     assert outcomes[0].status == "succeeded" and outcomes[0].cost_usd == pytest.approx(2 * PRICE)
     assert sim.stats.accepted == 2 and sim.billed() == pytest.approx(2 * PRICE)
 
@@ -192,16 +193,16 @@ def test_the_budget_holds_at_concurrency_16_under_5xx_timeouts_and_429_bursts(tm
     assert len(sim.stats.prompts) == len(set(sim.stats.prompts))  # never sent twice once made
 
 
-def test_rows_the_api_cannot_take_are_invalid_before_any_money(library, simulator, monkeypatch):
+def test_rows_the_api_cannot_take_are_invalid_before_any_money(local_library, simulator, monkeypatch):
     monkeypatch.setenv("STABILITY_API_KEY", KEY)
-    (library / "bad.csv").write_text(
+    (local_library / "bad.csv").write_text(
         "id,input,start,end,prompt,steps,guidance_scale\n"
         "steps,audio/fx.wav,1.2,1.65,clang,12,\n"
         "guidance,audio/fx.wav,1.2,1.65,clang,,3.5\n"
         "fine,audio/fx.wav,1.2,1.65,clang,6,\n"
     )
     sim = simulator(latency=0.05, fill="tone")
-    outcomes, _ = run_batch(library, sim, "bad", manifest="bad.csv")
+    outcomes, _ = run_batch(local_library, sim, "bad", manifest="bad.csv")
     by_id = {o.row_id: o for o in outcomes}
     assert by_id["steps"].status == "invalid" and "4..8" in by_id["steps"].error
     assert by_id["guidance"].status == "invalid" and "guidance_scale" in by_id["guidance"].error

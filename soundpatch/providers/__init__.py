@@ -31,12 +31,15 @@ def make_provider(
         window=config.limits.rate_window_seconds,
     )
     in_flight = InFlight(config.limits.concurrency, shared)
-    if name == "eachlabs":
-        from soundpatch.providers.eachlabs import EachLabs
+    if name in ("eachlabs", "fal"):
         from soundpatch.staging import Staging
 
         staging = Staging(s3 or S3(config.storage.s3), config.storage.staging) if config.storage.staging else None
-        return EachLabs(
+        if name == "eachlabs":
+            from soundpatch.providers.eachlabs import EachLabs as Queued
+        else:
+            from soundpatch.providers.fal import Fal as Queued
+        return Queued(
             provider_config,
             staging,
             api_key=api_key,
@@ -55,6 +58,4 @@ def make_provider(
             creates=creates,
             in_flight=in_flight,
         )
-    raise ConfigError(
-        f"Provider {name!r} is not available in this version of soundpatch; use local, eachlabs or stability."
-    )
+    raise ConfigError(f"Provider {name!r} is not available in this version of soundpatch.")

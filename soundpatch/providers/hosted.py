@@ -80,6 +80,10 @@ class HostedProvider:
                 f"{self.config.key_env} (provider.api_key_env names it)."
             )
 
+    def _headers(self) -> dict[str, str]:
+        """The headers of every request to the service (its key among them)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ the create
 
     def _create(self, send: Callable[[int], T], request: InpaintRequest) -> tuple[T, int]:
