@@ -10,7 +10,10 @@
 4. Write the report (runs/<run_id>/report.csv, .json, .html; also under
    <output.uri>/<run_id>/ when the outputs are in a bucket), show it on the flow run as
    Prefect artifacts (progress while it goes, then outcomes and money), and return the
-   summary.
+   summary. The flow run ends Completed when every result is there, and Failed, saying
+   how many and why, when rows failed, were invalid or were stopped by the budget: what
+   the command's exit status says, the Prefect UI and its automations see too (a nightly
+   deployment that lost rows alerts instead of looking fine).
 
 Parameters are plain values so the flow runs the same from the CLI, a deployment
 schedule, or a worker (deploy/prefect.yaml). `config` is the config as a mapping (what
@@ -20,12 +23,14 @@ the CLI passes) or a config file's path (what a deployment names).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 from prefect import flow
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import artifacts
@@ -36,7 +41,7 @@ from soundpatch.config import Config, load_config
 from soundpatch.errors import ConfigError
 from soundpatch.journal import prediction_seconds
 from soundpatch.manifest import load_manifest
-from soundpatch.outcome import Outcome
+from soundpatch.outcome import EXIT_OK, Outcome, exit_status
 from soundpatch.report import publish_reports, summarize
 from tasks.inpaint import inpaint_row
 
@@ -59,7 +64,7 @@ def inpaint_batch(
     config: dict[str, Any] | str | None = None,
     run_id: str | None = None,
     force: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     started = time.time()
     interrupt.reassert()  # Ctrl-C / SIGTERM: stop submitting, finish what is in flight
     cfg = load_config(config) if isinstance(config, str) else Config.model_validate(config or {})
@@ -93,7 +98,17 @@ def inpaint_batch(
     )
     paths = publish_reports(batch.run_dir, outcomes, summary, batch.store)
     artifacts.publish(outcomes, summary, str(paths["html"]))
-    return {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
+    result = {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
+    if exit_status(outcomes) == EXIT_OK:
+        return result
+    return Failed(message=_what_went_wrong(outcomes, str(paths["html"])), data=result)
+
+
+def _what_went_wrong(outcomes: list[Outcome], report: str) -> str:
+    """One sentence for the flow run's state: how many results are missing, and why."""
+    missing = Counter(o.status for o in outcomes if o.status not in ("succeeded", "skipped_done"))
+    parts = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in sorted(missing.items()))
+    return f"{sum(missing.values())} of {len(outcomes)} results are missing ({parts}); the report is at {report}"
 
 
 def _shared_waits(shared: PrefectSharedLimits | None) -> dict[str, Any]:

@@ -217,9 +217,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     watcher.start()
     try:
         with isolated_api(server):
-            result = inpaint_batch(
-                manifest=str(args.manifest), config=cfg.model_dump(), run_id=run_id, force=args.force
+            # Failed when rows did not succeed (what Prefect's UI shows); the exit status below
+            # says the same in the command's terms.
+            state = inpaint_batch(
+                manifest=str(args.manifest), config=cfg.model_dump(), run_id=run_id, force=args.force, return_state=True
             )
+            result = state.result(raise_on_failure=False)
+            if isinstance(result, BaseException):  # the flow itself failed
+                raise result
     except SoundpatchError:
         raise
     except Exception as exc:

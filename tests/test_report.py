@@ -270,6 +270,7 @@ def test_the_prefect_ui_tells_the_same_story(tmp_path):
             from prefect.settings import get_current_settings
             print("heartbeats every", get_current_settings().flows.heartbeat_frequency)
             state = inpaint_batch({str(tmp_path / "m.csv")!r}, config=config, run_id="ui", return_state=True)
+            print("state", state.type.value, state.message)
             with get_client(sync_client=True) as client:
                 flow_run_id = state.state_details.flow_run_id
                 artifacts = client.read_artifacts(
@@ -293,6 +294,10 @@ def test_the_prefect_ui_tells_the_same_story(tmp_path):
     # Prefect's links from each row's result to its task run are dropped as results come in
     # (kept, they cost about 5 KB a row for the whole run): none is left at the end.
     assert "result links 0" in proc.stdout.splitlines()
+    # A row is missing: the flow run says so (automations on a deployment can alert on it).
+    (state,) = [line for line in proc.stdout.splitlines() if line.startswith("state ")]
+    assert state.startswith("state FAILED 1 of 7 results are missing (1 invalid)"), state
+    assert str(tmp_path / "runs" / "ui" / "report.html") in state
     artifacts = json.loads(proc.stdout.strip().splitlines()[-1])
     by_type = {a["type"]: a for a in artifacts}
     assert set(by_type) >= {"progress", "table", "markdown"}, artifacts
