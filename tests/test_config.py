@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from soundpatch.config import load_config
@@ -25,6 +27,31 @@ def test_file_values_and_flag_overrides(tmp_path):
 
 def test_eachlabs_has_its_own_price():
     assert load_config(overrides={"provider.name": "eachlabs"}).provider.price == pytest.approx(0.20)
+
+
+def test_each_provider_has_its_own_address_and_key_variable():
+    cfg = load_config(overrides={"provider.name": "stability", "provider.api_key_env": "MY_KEY"})
+    assert (cfg.provider.url, cfg.provider.key_env) == ("https://api.stability.ai", "MY_KEY")
+    # A row naming another provider gets that provider's own settings, not these.
+    fal = cfg.provider.for_provider("fal")
+    assert (fal.url, fal.key_env, fal.price) == ("https://queue.fal.run", "FAL_KEY", pytest.approx(0.20))
+    assert cfg.provider.for_provider("stability") is cfg.provider
+
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.provider.name in ("local", "eachlabs", "stability", "fal")
+    if cfg.provider.name in ("eachlabs", "fal"):
+        assert cfg.storage.staging, "these providers fetch clips by URL"
+
+
+def test_default_yaml_spells_out_exactly_the_defaults():
+    shipped = load_config(Path(__file__).parent.parent / "configs" / "default.yaml")
+    assert shipped.model_dump() == load_config().model_dump()
 
 
 @pytest.mark.parametrize(
