@@ -1,16 +1,18 @@
-"""A local server that speaks the Each Labs prediction protocol, backed by the local engine.
+"""A local server speaking the Each Labs, Stability AI and fal protocols, backed by the
+local engine.
 
 Rehearse a big batch before spending money, and test against real HTTP:
 
     soundpatch simulate --port 8787 --latency 2 --rpm 120 --error-rate 0.05 --format mp3
 
-It accepts creates (X-API-Key required), fetches the clip from `audio_url` like the
-real service, fills the masked seconds (with the local engine, or with a tone whose
-frequency comes from the seed, so tests can check where the model's audio landed), and
-serves the result after `latency` seconds. Knobs inject what real services do: 429s
-above a rate (with Retry-After), 5xx on create, predictions that fail, MP3 results
-(encoder delay), a deliberate shift, truncated downloads.
-"""
+Each Labs and fal: it accepts creates (a key required), fetches the clip from `audio_url`
+like the real service, fills the masked seconds (with the local engine, or with a tone
+whose frequency comes from the seed, so tests can check where the model's audio landed),
+and serves the result after `latency` seconds. Stability AI: the clip comes with the call,
+and the answer (the audio) after `latency` seconds. Knobs inject what real services do:
+429s above a rate (with Retry-After), 5xx on create, predictions that fail, answers that
+come too late, MP3 results (encoder delay), a deliberate shift, truncated downloads,
+results withheld by a content filter. Routes: simulator_http.py."""
 
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ from soundpatch.audio import Audio
 from soundpatch.providers.base import InpaintRequest
 from soundpatch.providers.local import LocalEngine
 from soundpatch.simulator_http import serve
+from soundpatch.simulator_requests import check_prediction, check_stability_call
 
-MODEL = "stable-audio-2-5-inpaint"
 MAX_FETCH_BYTES = 128 * 1024 * 1024
 
 
@@ -132,7 +134,7 @@ class Simulator:
         self._count_create()
         if not key or (s.api_key is not None and key != s.api_key):
             return 401, {"status": "error", "message": "Invalid or missing API key"}, {}
-        error = _validate(body, s.max_seconds)
+        error = check_prediction(body, s.max_seconds)
         if error:
             return 400, {"status": "error", "message": error}, {}
         with self._lock:
@@ -166,7 +168,7 @@ class Simulator:
 
         if not key or (s.api_key is not None and key != s.api_key):
             return error(401, "unauthorized", "authorization: missing or invalid API key")
-        problem, spec, audio = _validate_stability(fields, clip, s.max_seconds)
+        problem, spec, audio = check_stability_call(fields, clip, s.max_seconds)
         if problem:
             return error(400, "bad_request", problem)
         with self._lock:
@@ -351,66 +353,3 @@ def tone_for_seed(seed: Any, rate: int, a: int, b: int) -> np.ndarray:
     freq = 300.0 + (int(seed or 0) % 700)
     t = np.arange(a, b) / rate
     return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
-
-
-def _validate(body: Any, max_seconds: int = 190) -> str | None:
-    if not isinstance(body, dict) or not isinstance(body.get("input"), dict):
-        return "Body must be a JSON object with 'model' and 'input'"
-    if body.get("model") != MODEL:
-        return f"Unknown model {body.get('model')!r}"
-    spec = body["input"]
-    for key in ("prompt", "audio_url", "mask_start", "mask_end", "seconds_total"):
-        if key not in spec:
-            return f"input.{key} is required"
-    if not all(isinstance(spec[k], int) for k in ("mask_start", "mask_end", "seconds_total")):
-        return "mask_start, mask_end and seconds_total must be integers"
-    if not 6 <= spec["seconds_total"] <= max_seconds:
-        return f"seconds_total must be between 6 and {max_seconds}"
-    if not 0 <= spec["mask_start"] < spec["mask_end"] <= spec["seconds_total"]:
-        return "mask must satisfy 0 <= mask_start < mask_end <= seconds_total"
-    steps = spec.get("num_inference_steps")
-    if steps is not None and not 4 <= steps <= 8:
-        return "num_inference_steps must be between 4 and 8"
-    return None
-
-
-STABILITY_MODELS = ("stable-audio-2", "stable-audio-2.5")
-
-
-def _validate_stability(
-    fields: dict[str, str], clip: bytes | None, max_seconds: int = 190
-) -> tuple[str | None, dict[str, Any], bytes]:
-    """(problem, the edit as the model reads it, the uploaded clip) for a Stability call."""
-    if not clip:
-        return "audio: required (a file part named 'audio')", {}, b""
-    if not fields.get("prompt"):
-        return "prompt: required", {}, b""
-    if fields.get("model", "stable-audio-2.5") not in STABILITY_MODELS:
-        return f"model: must be one of {', '.join(STABILITY_MODELS)}", {}, b""
-    if fields.get("output_format", "mp3") not in ("mp3", "wav"):
-        return "output_format: must be mp3 or wav", {}, b""
-    try:
-        numbers = {k: int(fields[k]) for k in ("duration", "mask_start", "mask_end", "seed", "steps") if k in fields}
-    except ValueError:
-        return "duration, mask_start, mask_end, seed and steps must be integers", {}, b""
-    try:
-        with soundio.open_bytes(clip) as f:
-            seconds = f.frames / f.samplerate
-    except Exception:  # noqa: BLE001 - whatever the upload is, it is not audio we read
-        return "audio: not a readable audio file", {}, b""
-    if not 6 <= seconds <= max_seconds:
-        return f"audio: must be between 6 and {max_seconds} seconds long (got {seconds:.2f})", {}, b""
-    total = numbers.get("duration", 190)
-    start, end = numbers.get("mask_start", 30), numbers.get("mask_end", 190)
-    if not 1 <= total <= 190:
-        return "duration: must be between 1 and 190", {}, b""
-    if not 0 <= start < end <= 190:
-        return "mask_end: must be greater than mask_start, both within 0..190", {}, b""
-    if not 4 <= numbers.get("steps", 8) <= 8:
-        return "steps: must be between 4 and 8", {}, b""
-    if not 0 <= numbers.get("seed", 0) <= 4294967294:
-        return "seed: must be between 0 and 4294967294", {}, b""
-    spec = {"prompt": fields["prompt"], "seconds_total": total, "mask_start": start, "mask_end": min(end, total)}
-    if "seed" in numbers:
-        spec["seed"] = numbers["seed"]
-    return None, spec, clip

@@ -2,7 +2,10 @@
 
 Each Labs   POST /v1/prediction, GET /v1/prediction/{id}, POST .../cancel, GET /files/...
 Stability   POST /v2beta/audio/stable-audio-2/inpaint (multipart; answered with audio)
-both        GET /_sim/stats (what happened, for tests and benches)
+fal         POST /fal-ai/stable-audio-25/inpaint, GET .../requests/{id}/status,
+            GET .../requests/{id}, PUT .../requests/{id}/cancel (Each Labs-style
+            predictions underneath, told in fal's words)
+all         GET /_sim/stats (what happened, for tests and benches)
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
+from soundpatch.simulator_requests import MODEL  # what fal's predictions underneath are made with
+
 if TYPE_CHECKING:
     from soundpatch.simulator import Simulator
 
-MODEL = "stable-audio-2-5-inpaint"  # what the predictions underneath are made with
 
 STABILITY_INPAINT = "/v2beta/audio/stable-audio-2/inpaint"
 FAL_APP = "/fal-ai/stable-audio-25"
