@@ -105,11 +105,12 @@ class Batch:
         self._carried = self._carried_outcomes()
         # Money an earlier attempt of this run spent or committed counts against the cap:
         # recorded costs, creates in doubt (at list price), predictions still to collect.
-        self._list_price = self.providers[config.provider.name].price_usd
+        # At each row's own provider's price: a manifest may mix providers.
+        self._row_providers = {e.row_id: e.provider or config.provider.name for e in self.manifest.edits}
         spent = sum(s.spent_before for s in self.states.values())
-        spent += self._list_price * sum(1 for s in self.states.values() if s.in_doubt)
+        spent += sum(self._list_price(row) for row, s in self.states.items() if s.in_doubt)
         self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=spent)
-        self._held = {row: self.ledger.hold(self._list_price) for row, s in self.states.items() if s.prediction_id}
+        self._held = {row: self.ledger.hold(self._list_price(row)) for row, s in self.states.items() if s.prediction_id}
         self.journal = Journal(self.run_dir)
         # Rows run on many threads at once. BLAS's own threads on top of them fight for the
         # same cores: with 40 rows a dot product or a solve took 100-300x longer. One each.
@@ -143,6 +144,12 @@ class Batch:
             else:
                 todo.append(edit)
         return todo, kept
+
+    def _list_price(self, row_id: str) -> float:
+        """What one prediction costs at this row's provider: creates in doubt and predictions
+        still to collect from an earlier attempt count against the budget at it."""
+        name = self._row_providers.get(row_id, self.config.provider.name)
+        return self.config.provider.for_provider(name).price
 
     def _provider(self, name: str) -> Provider:
         with self._lock:
@@ -273,7 +280,7 @@ class Batch:
         if state is not None:
             previous_cost, reported = state.spent_before, state.reported_before
             if state.in_doubt:  # counted as spent (the ledger does so too)
-                previous_cost += self._list_price
+                previous_cost += self._list_price(edit.row_id)
         return Outcome(
             row_id=edit.row_id,
             input=edit.input,

@@ -18,6 +18,7 @@ import soundfile as sf
 
 from soundpatch.batch import Batch
 from soundpatch.config import load_config
+from soundpatch.journal import Journal
 from soundpatch.manifest import load_manifest
 from tests.jobs import assert_key_nowhere, clean_env, soundpatch, synth
 from tests.test_eachlabs import assert_result_is_right
@@ -208,3 +209,28 @@ def test_rows_the_api_cannot_take_are_invalid_before_any_money(local_library, si
     assert by_id["guidance"].status == "invalid" and "guidance_scale" in by_id["guidance"].error
     assert by_id["fine"].status == "succeeded"
     assert sim.stats.creates == 1 and sum(o.cost_usd for o in outcomes) == pytest.approx(PRICE)
+
+
+def test_a_crash_in_doubt_counts_at_the_rows_own_providers_price(local_library, simulator, monkeypatch):
+    # The config's provider is the free local engine; the rows name Stability. A crash left
+    # the first row's call in doubt (sent, no answer): on the rerun it counts $0.20 against
+    # the budget, not the local engine's $0, so the second row no longer fits under $0.30.
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    (local_library / "two.csv").write_text(
+        "id,input,start,end,prompt,provider\n"
+        "a,audio/fx.wav,1.2,1.65,clang,stability\n"
+        "b,audio/fx.wav,1.0,1.5,bell,stability\n"
+    )
+    run_dir = local_library / "runs" / "mixed"
+    crashed = Journal(run_dir)
+    crashed.write("sending", "a", provider="stability")
+    crashed.write("creating", "a", attempt=1)
+    crashed.close()
+    sim = simulator(latency=0.05, fill="tone")
+    overrides = {"provider.name": "local", "limits.budget_usd": 0.30}
+    outcomes, batch = run_batch(local_library, sim, "mixed", manifest="two.csv", **overrides)
+    by_id = {o.row_id: o for o in outcomes}
+    assert by_id["a"].status == "failed" and "counted as spent" in by_id["a"].error
+    assert by_id["a"].cost_usd == pytest.approx(PRICE)
+    assert by_id["b"].status == "skipped_budget" and sim.stats.creates == 0
+    assert batch.ledger.spent_usd == pytest.approx(PRICE)
