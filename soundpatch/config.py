@@ -141,6 +141,22 @@ class Config(_Section):
     runs_dir: str = "./runs"
 
 
+# What a config says about its provider that is meant for that provider only.
+PROVIDER_OWN_KEYS = ("base_url", "api_key_env", "api_key_secret", "price_usd")
+
+
+def _switch_provider(data: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """`--provider` naming another provider than the file's: the file's address, key and
+    price were written for its own provider and must not be sent to another one."""
+    name = overrides.get("provider.name")
+    section = data.get("provider")
+    if not name or not isinstance(section, dict) or section.get("name", "local") == name:
+        return
+    for key in PROVIDER_OWN_KEYS:
+        if overrides.get(f"provider.{key}") is None:
+            section.pop(key, None)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML config (or none: embedded defaults) and apply dotted-key overrides.
 
@@ -165,6 +181,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(loaded, dict):
             raise ConfigError(f"Config file {p} must be a mapping of sections, not a list or value.")
         data = loaded
+    _switch_provider(data, overrides or {})
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

@@ -38,6 +38,24 @@ def test_each_provider_has_its_own_address_and_key_variable():
     assert cfg.provider.for_provider("stability") is cfg.provider
 
 
+def test_switching_provider_on_the_command_line_drops_the_files_address_key_and_price(tmp_path):
+    path = tmp_path / "each.yaml"
+    path.write_text(
+        "provider: {name: eachlabs, base_url: 'https://proxy.example/each', api_key_env: EACH_KEY,\n"
+        "           api_key_secret: each-secret, price_usd: 0.5, poll_seconds: 1}\n"
+    )
+    cfg = load_config(path, {"provider.name": "stability"}).provider
+    assert (cfg.url, cfg.key_env, cfg.api_key_secret, cfg.price) == (
+        "https://api.stability.ai",
+        "STABILITY_API_KEY",
+        None,
+        pytest.approx(0.20),
+    )
+    assert cfg.poll_seconds == 1  # how to talk to a provider in general is kept
+    same = load_config(path, {"provider.name": "eachlabs"}).provider
+    assert (same.url, same.key_env, same.price) == ("https://proxy.example/each", "EACH_KEY", 0.5)
+
+
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
