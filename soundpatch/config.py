@@ -27,6 +27,8 @@ DEFAULT_BASE_URLS = {
     "fal": "https://queue.fal.run",
 }
 DEFAULT_KEY_ENVS = {"local": "", "eachlabs": "EACHLABS_API_KEY", "stability": "STABILITY_API_KEY", "fal": "FAL_KEY"}
+# What a config says about its provider that is meant for that provider only.
+PROVIDER_OWN_KEYS = ("base_url", "api_key_env", "api_key_secret", "price_usd")
 
 
 class _Section(BaseModel):
@@ -76,10 +78,10 @@ class ProviderConfig(_Section):
 
     def for_provider(self, name: str) -> ProviderConfig:
         """These settings for another provider (a row may name one): that provider's own
-        price, address and key variable rather than ones meant for another service."""
+        price, address and key rather than ones meant for another service."""
         if name == self.name:
             return self
-        return self.model_copy(update={"name": name, "price_usd": None, "base_url": None, "api_key_env": None})
+        return self.model_copy(update={"name": name, **dict.fromkeys(PROVIDER_OWN_KEYS)})
 
 
 class LimitsConfig(_Section):
@@ -139,10 +141,6 @@ class Config(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     splice: SpliceConfig = Field(default_factory=SpliceConfig)
     runs_dir: str = "./runs"
-
-
-# What a config says about its provider that is meant for that provider only.
-PROVIDER_OWN_KEYS = ("base_url", "api_key_env", "api_key_secret", "price_usd")
 
 
 def _switch_provider(data: dict[str, Any], overrides: dict[str, Any]) -> None:

@@ -30,11 +30,14 @@ def test_eachlabs_has_its_own_price():
 
 
 def test_each_provider_has_its_own_address_and_key_variable():
-    cfg = load_config(overrides={"provider.name": "stability", "provider.api_key_env": "MY_KEY"})
+    cfg = load_config(
+        overrides={"provider.name": "stability", "provider.api_key_env": "MY_KEY", "provider.api_key_secret": "s"}
+    )
     assert (cfg.provider.url, cfg.provider.key_env) == ("https://api.stability.ai", "MY_KEY")
     # A row naming another provider gets that provider's own settings, not these.
     fal = cfg.provider.for_provider("fal")
     assert (fal.url, fal.key_env, fal.price) == ("https://queue.fal.run", "FAL_KEY", pytest.approx(0.20))
+    assert fal.api_key_secret is None  # the Secret holds the other provider's key
     assert cfg.provider.for_provider("stability") is cfg.provider
 
 

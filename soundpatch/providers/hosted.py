@@ -92,7 +92,7 @@ class HostedProvider:
         - refused (4xx) or turned away (429, 5xx, a connection that never opened): nothing
           was made, nothing is owed; 429, 5xx and refused connections are tried again;
         - sent and never answered: in doubt, counted as spent, never sent again.
-        (number of tries, result)"""
+        (result, number of tries)"""
         attempts = 0
 
         def once() -> T:
