@@ -110,6 +110,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--fail-rate", type=float, default=0.0, help="share of predictions that fail")
     sim.add_argument("--truncate-rate", type=float, default=0.0, help="share of downloads cut short")
     sim.add_argument("--filter-rate", type=float, default=0.0, help="Stability: share of results CONTENT_FILTERED")
+    sim.add_argument(
+        "--timeout-after-429", type=float, default=60.0, help="Stability: seconds a key stays refused after a 429"
+    )
     sim.add_argument("--format", choices=["wav", "mp3"], default="wav", help="result format")
     sim.add_argument("--shift-ms", type=float, default=0.0, help="misalign results by this much")
     sim.add_argument("--fill", choices=["local", "tone"], default="local", help="what the 'model' writes")
@@ -383,6 +386,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         fail_rate=args.fail_rate,
         truncate_rate=args.truncate_rate,
         filter_rate=args.filter_rate,
+        timeout_after_429=args.timeout_after_429,
         result_format=args.format,
         shift_ms=args.shift_ms,
         fill=args.fill,

@@ -27,8 +27,11 @@ DEFAULT_BASE_URLS = {
     "fal": "https://queue.fal.run",
 }
 DEFAULT_KEY_ENVS = {"local": "", "eachlabs": "EACHLABS_API_KEY", "stability": "STABILITY_API_KEY", "fal": "FAL_KEY"}
+# How long a key stays timed out after a 429 that names no Retry-After, where a provider
+# documents it (Stability AI: 60 s after passing 150 requests in 10 s).
+DEFAULT_PAUSES_AFTER_429 = {"stability": 60.0}
 # What a config says about its provider that is meant for that provider only.
-PROVIDER_OWN_KEYS = ("base_url", "api_key_env", "api_key_secret", "price_usd")
+PROVIDER_OWN_KEYS = ("base_url", "api_key_env", "api_key_secret", "price_usd", "pause_after_429_seconds")
 
 
 class _Section(BaseModel):
@@ -54,6 +57,9 @@ class ProviderConfig(_Section):
     # A create that went out before a crash and whose answer never came may exist and be
     # billed: by default it is counted as spent and not sent again.
     resubmit_in_doubt: bool = False
+    # A 429 without Retry-After holds every create this long (null: the provider's own
+    # documented timeout, else a short pause while the pace halves).
+    pause_after_429_seconds: float | None = Field(default=None, gt=0)
     # On Ctrl-C / SIGTERM: keep polling predictions in flight (they are paid) or cancel them.
     on_interrupt: Literal["keep", "cancel"] = "keep"
 
@@ -71,6 +77,10 @@ class ProviderConfig(_Section):
     @property
     def url(self) -> str:
         return (self.base_url or DEFAULT_BASE_URLS[self.name]).rstrip("/")
+
+    @property
+    def pause_after_429(self) -> float | None:
+        return self.pause_after_429_seconds or DEFAULT_PAUSES_AFTER_429.get(self.name)
 
     @property
     def key_env(self) -> str:

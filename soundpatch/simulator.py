@@ -51,6 +51,7 @@ class SimulatorSettings:
     slow_create_rate: float = 0.0  # share of creates made but answered only after slow_create_seconds
     slow_create_seconds: float = 30.0
     filter_rate: float = 0.0  # Stability: share of results withheld (finish-reason CONTENT_FILTERED)
+    timeout_after_429: float = 60.0  # Stability: seconds a key stays refused after a 429
     result_format: str = "wav"  # wav | mp3
     shift_ms: float = 0.0  # silence prepended to results (a misaligned model)
     fill: str = "local"  # local | tone
@@ -100,6 +101,7 @@ class Simulator:
         self._lock = threading.Lock()
         self._rng = random.Random(self.settings.seed)
         self._sync_billed = 0  # Stability-style calls answered (billed) so far
+        self._timed_out_until = 0.0  # Stability: a key that got a 429 is refused until then
         self._engine = LocalEngine()
         self._fetch = httpx.Client(timeout=30.0)
         self.server = serve(self, host, port)
@@ -172,11 +174,17 @@ class Simulator:
         if problem:
             return error(400, "bad_request", problem)
         with self._lock:
-            turned_away = self._turn_away(time.monotonic())
+            now = time.monotonic()
+            if now < self._timed_out_until:  # as Stability does: no Retry-After, and a timeout
+                self.stats.rate_limited += 1
+                return error(429, "rate_limit_exceeded", "this key is timed out for exceeding the rate limit")
+            turned_away = self._turn_away(now)
             if turned_away:
                 status, message, headers = turned_away
-                name = "rate_limit_exceeded" if status == 429 else "service_unavailable"
-                return error(status, name, message, headers)
+                if status == 429:
+                    self._timed_out_until = now + s.timeout_after_429
+                    return error(429, "rate_limit_exceeded", f"{message}; timed out for {s.timeout_after_429:g} s")
+                return error(status, "service_unavailable", message, headers)
             if s.fail_rate and self._rng.random() < s.fail_rate:
                 return error(500, "internal_error", "the model could not process this input (simulated failure)")
             self._accept("(uploaded)", spec["prompt"])

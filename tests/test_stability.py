@@ -114,12 +114,28 @@ def test_refused_and_turned_away_calls_cost_nothing_and_busy_ones_are_retried(lo
     assert "sk-wrong" not in " ".join(o.error for o in outcomes)
 
     monkeypatch.setenv("STABILITY_API_KEY", KEY)
-    busy = simulator(latency=0.05, fill="tone", api_key=KEY, rpm=60, rate_window=1.0, error_rate=0.3, seed=4)
-    outcomes, batch = run_batch(local_library, busy, "busy", threads=3, **{"provider.max_retries": 12})
+    busy = simulator(
+        latency=0.05, fill="tone", api_key=KEY, rpm=60, rate_window=1.0, timeout_after_429=0.5, error_rate=0.3, seed=4
+    )
+    overrides = {"provider.max_retries": 12, "provider.pause_after_429_seconds": 0.5}
+    outcomes, batch = run_batch(local_library, busy, "busy", threads=3, **overrides)
     assert [o.status for o in outcomes] == ["succeeded"] * 3
     assert busy.stats.rate_limited + busy.stats.server_errors > 0 and sum(o.attempts for o in outcomes) > 3
     assert sum(o.cost_usd for o in outcomes) == pytest.approx(busy.billed()) == pytest.approx(3 * PRICE)
     assert any(e["event"] == "retry" for e in journal(batch))
+
+
+def test_a_429_timeout_is_waited_out_by_every_row_not_hammered(local_library, simulator, monkeypatch):
+    # Stability answers a key over its rate with 429 and no Retry-After, then refuses it for
+    # a while (60 s; 2 s here). Rows wait that long, all of them, instead of retrying into
+    # the timeout until their retries run out.
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    sim = simulator(latency=0.05, fill="tone", rpm=60, rate_window=1.0, timeout_after_429=2.0)
+    overrides = {"provider.max_retries": 2, "provider.pause_after_429_seconds": 2.0}
+    outcomes, _ = run_batch(local_library, sim, "timeout", threads=3, **overrides)
+    assert [o.status for o in outcomes] == ["succeeded"] * 3
+    assert 1 <= sim.stats.rate_limited <= 3  # the first 429s, then nobody knocks during the timeout
+    assert sim.billed() == pytest.approx(3 * PRICE)
 
 
 def test_a_filtered_result_is_paid_for_and_says_why(local_library, simulator, monkeypatch):
@@ -168,6 +184,7 @@ def test_the_budget_holds_at_concurrency_16_under_5xx_timeouts_and_429_bursts(tm
         slow_create_seconds=3.0,
         rpm=600,
         rate_window=1.0,
+        timeout_after_429=0.5,
     )
     budget = 4.0  # 20 of the 40 rows
     outcomes, batch = run_batch(
@@ -179,6 +196,7 @@ def test_the_budget_holds_at_concurrency_16_under_5xx_timeouts_and_429_bursts(tm
         **{
             "provider.deadline_seconds": 1.5,
             "provider.max_retries": 8,
+            "provider.pause_after_429_seconds": 0.5,
             "limits.requests_per_minute": 100000,
             "limits.budget_usd": budget,
             "limits.concurrency": 16,

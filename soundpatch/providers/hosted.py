@@ -130,7 +130,7 @@ class HostedProvider:
         if status >= 400:
             request.tell("create_refused", status=status)
         if status == 429:
-            self.creates.throttled(retry_after(response))
+            self.creates.throttled(self._retry_after(response))
         elif status < 400:
             self.creates.succeeded()
         self._raise_for_status(response, "create")
@@ -142,9 +142,17 @@ class HostedProvider:
         if status < 400:
             return
         if status == 429 or status >= 500:
-            raise Retryable(f"{what} answered HTTP {status}", retry_after(response))
+            raise Retryable(f"{what} answered HTTP {status}", self._retry_after(response))
         hint = " (check the API key)" if status in (401, 403) else ""
         raise RowError(f"{self.display} refused the {what}: HTTP {status} {self._message(response)}{hint}")
+
+    def _retry_after(self, response: httpx.Response) -> float | None:
+        """How long the service asks us to wait: its Retry-After, or after a 429 without one,
+        how long it is documented to keep the key timed out."""
+        asked = retry_after(response)
+        if asked is None and response.status_code == 429:
+            return self.config.pause_after_429
+        return asked
 
     def _message(self, response: httpx.Response) -> str:
         try:
