@@ -41,7 +41,7 @@ from soundpatch.config import Config, load_config
 from soundpatch.errors import ConfigError
 from soundpatch.journal import prediction_seconds
 from soundpatch.manifest import load_manifest
-from soundpatch.outcome import EXIT_OK, Outcome, exit_status
+from soundpatch.outcome import EXIT_OK, SKIPPED_DONE, SUCCEEDED, Outcome, exit_status
 from soundpatch.report import publish_reports, summarize
 from tasks.inpaint import inpaint_row
 
@@ -106,7 +106,7 @@ def inpaint_batch(
 
 def _what_went_wrong(outcomes: list[Outcome], report: str) -> str:
     """One sentence for the flow run's state: how many results are missing, and why."""
-    missing = Counter(o.status for o in outcomes if o.status not in ("succeeded", "skipped_done"))
+    missing = Counter(o.status for o in outcomes if o.status not in (SUCCEEDED, SKIPPED_DONE))
     parts = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in sorted(missing.items()))
     return f"{sum(missing.values())} of {len(outcomes)} results are missing ({parts}); the report is at {report}"
 

@@ -248,7 +248,7 @@ def test_truncated_downloads_are_retried(library, aws_env, simulator, monkeypatc
 def test_an_unexpected_error_with_a_paid_result_keeps_its_cost(library, aws_env, simulator, monkeypatch, stage):
     # Not a RowError: a bug or an environment fault after the prediction was paid for must
     # not hand the reservation back (the budget would then allow one more than it should).
-    from soundpatch.providers import eachlabs, queued
+    from soundpatch.providers import eachlabs, hosted
 
     def broken(*args, **kwargs):
         raise OSError("simulated fault")
@@ -256,7 +256,7 @@ def test_an_unexpected_error_with_a_paid_result_keeps_its_cost(library, aws_env,
     if stage == "_download":
         monkeypatch.setattr(eachlabs.EachLabs, "_download", broken)
     else:
-        monkeypatch.setattr(queued, "recover_region", broken)  # the queued providers' journey
+        monkeypatch.setattr(hosted, "recover_region", broken)  # every hosted provider's answer
     monkeypatch.setenv("EACHLABS_API_KEY", KEY)
     sim = simulator(latency=0.05, fill="tone")
     [o], batch = run_batch(library, sim, aws_env, manifest=single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,"))

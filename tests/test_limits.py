@@ -16,7 +16,7 @@ from soundpatch import cpu, preview
 from soundpatch.batch import Batch
 from soundpatch.limits import BudgetLedger, RateLimiter
 from soundpatch.manifest import load_manifest
-from soundpatch.providers import queued
+from soundpatch.providers import hosted, queued
 from tests.jobs import hosted_config
 
 
@@ -265,7 +265,7 @@ def test_rows_crunch_their_audio_a_few_at_a_time_so_creates_and_polls_are_not_ke
 
     for module, name in (
         (queued, "prepare_clip"),  # Each Labs' journey
-        (queued, "recover_region"),
+        (hosted, "recover_region"),
         (batch_module, "measure"),
         (preview, "draw"),
     ):

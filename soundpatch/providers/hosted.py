@@ -18,15 +18,17 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import httpx
+import numpy as np
 import soundfile as sf
 
 from soundpatch import soundio
 from soundpatch.config import ProviderConfig
+from soundpatch.cpu import crunching
 from soundpatch.errors import ConfigError, RowError
 from soundpatch.limits import InFlight, RateLimiter
-from soundpatch.providers.base import InpaintRequest, NotStarted, PredictionFailed
+from soundpatch.providers.base import InpaintRequest, NotStarted, Prediction, PredictionFailed
 from soundpatch.retry import Retryable, RetryPolicy
-from soundpatch.window import plan_window
+from soundpatch.window import MODEL_RATE, Window, plan_window, recover_region
 
 MAX_RESULT_BYTES = 256 * 1024 * 1024  # a 190 s stereo float WAV is ~67 MB
 STEPS_RANGE = (4, 8)
@@ -36,6 +38,7 @@ T = TypeVar("T")
 class HostedProvider:
     name = "hosted"
     display = "the provider"
+    model_name = "stable-audio-2.5"  # for the report's method column
     uses_prompt = True
 
     def __init__(
@@ -134,6 +137,34 @@ class HostedProvider:
         elif status < 400:
             self.creates.succeeded()
         self._raise_for_status(response, "create")
+
+    def _prediction(
+        self,
+        data: bytes,
+        clip: np.ndarray,
+        window: Window,
+        request: InpaintRequest,
+        cost: float,
+        prediction_id: str | None,
+        attempts: int,
+    ) -> Prediction:
+        """A paid answer put back where it belongs: aligned to the clip that was sent, back
+        at the input's rate and layout, cut to the region. Whatever fails keeps its cost."""
+        with paid(cost, prediction_id, attempts), crunching():
+            result, result_rate = decode_result(data)
+            fill, offset = recover_region(result, result_rate, clip, window, request.audio, request.a, request.b)
+        method = (
+            f"{self.model_name} via {self.display} (window {window.offset_seconds:.2f}+{window.seconds_total} s, "
+            f"mask {window.mask_start}-{window.mask_end} s, aligned {offset} samples)"
+        )
+        return Prediction(
+            fill=fill,
+            cost_usd=cost,
+            prediction_id=prediction_id,
+            attempts=attempts,
+            method=method,
+            offset_ms=offset / MODEL_RATE * 1000,
+        )
 
     # ------------------------------------------------------------------ answers
 

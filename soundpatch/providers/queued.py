@@ -27,10 +27,10 @@ from soundpatch.config import ProviderConfig
 from soundpatch.cpu import crunching
 from soundpatch.errors import ConfigError, RowError
 from soundpatch.providers.base import InpaintRequest, Prediction, PredictionFailed
-from soundpatch.providers.hosted import HostedProvider, capped_body, decode_result, paid, retry_after
+from soundpatch.providers.hosted import HostedProvider, capped_body, paid, retry_after
 from soundpatch.retry import Retryable
 from soundpatch.staging import StagedClip, Staging
-from soundpatch.window import MODEL_RATE, Window, plan_window, prepare_clip, recover_region
+from soundpatch.window import MODEL_RATE, Window, plan_window, prepare_clip
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,6 @@ class Poll:
 
 
 class QueuedProvider(HostedProvider):
-    model_name = "stable-audio-2.5"  # for the report's method column
-
     def __init__(self, config: ProviderConfig, staging: Staging | None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.staging = staging
@@ -101,27 +99,12 @@ class QueuedProvider(HostedProvider):
                 # From here on the prediction is paid for: whatever fails keeps its cost.
                 with paid(cost, prediction_id, attempts):
                     data = self._download(done.output, request)
-            with paid(cost, prediction_id, attempts), crunching():
-                result, result_rate = decode_result(data)
-                fill, offset = recover_region(result, result_rate, clip, window, audio, request.a, request.b)
         finally:
             if staged is not None:
                 self.staging.remove(staged)
                 if staged.uri is not None:
                     request.tell("unstaged", uri=str(staged.uri))
-        method = (
-            f"{self.model_name} via {self.display} (window {window.offset_seconds:.2f}+{window.seconds_total} s, "
-            f"mask {window.mask_start}-{window.mask_end} s, aligned {offset} samples)"
-        )
-        return Prediction(
-            fill=fill,
-            cost_usd=cost,
-            crossfade=None,
-            prediction_id=prediction_id,
-            attempts=attempts,
-            method=method,
-            offset_ms=offset / MODEL_RATE * 1000,
-        )
+        return self._prediction(data, clip, window, request, cost, prediction_id, attempts)
 
     def _stage(self, request: InpaintRequest, audio: Audio, window: Window, clip) -> StagedClip:
         as_is = (

@@ -27,8 +27,8 @@ from soundpatch.audio import pcm16
 from soundpatch.cpu import crunching
 from soundpatch.errors import RowError
 from soundpatch.providers.base import InpaintRequest, Prediction
-from soundpatch.providers.hosted import HostedProvider, capped_body, decode_result, paid
-from soundpatch.window import MODEL_RATE, plan_window, prepare_clip, recover_region
+from soundpatch.providers.hosted import HostedProvider, capped_body, paid
+from soundpatch.window import MODEL_RATE, plan_window, prepare_clip
 
 PATH = "/v2beta/audio/stable-audio-2/inpaint"
 MODEL = "stable-audio-2.5"
@@ -71,17 +71,8 @@ class Stability(HostedProvider):
         with self.in_flight.slot():  # from the call until its answer is in
             request.check_may_start()
             data, attempts = self._create(lambda attempt: self._send(fields, wav, request, attempt), request)
-        cost = self.price_usd  # Stability bills a generation it answered; it reports no amount
-        with paid(cost, None, attempts), crunching():
-            result, result_rate = decode_result(data)
-            fill, offset = recover_region(result, result_rate, clip, window, audio, request.a, request.b)
-        method = (
-            f"{MODEL} via Stability AI (window {window.offset_seconds:.2f}+{window.seconds_total} s, "
-            f"mask {window.mask_start}-{window.mask_end} s, aligned {offset} samples)"
-        )
-        return Prediction(
-            fill=fill, cost_usd=cost, attempts=attempts, method=method, offset_ms=offset / MODEL_RATE * 1000
-        )
+        # Stability bills a generation it answered; it reports no amount.
+        return self._prediction(data, clip, window, request, self.price_usd, None, attempts)
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key}", "Accept": "audio/*"}
