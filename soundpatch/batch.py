@@ -25,17 +25,18 @@ from threadpoolctl import threadpool_limits
 
 from soundpatch import audio as audio_ops
 from soundpatch import preview
+from soundpatch.answers import AnswerShelf
 from soundpatch.audio import Audio, AudioInfo
 from soundpatch.config import Config
 from soundpatch.cpu import crunching
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
 from soundpatch.identity import edit_identity
 from soundpatch.interrupt import stop_requested
-from soundpatch.journal import Journal, row_states
+from soundpatch.journal import Journal, RowState, row_states
 from soundpatch.limits import BudgetLedger, SharedLimits
 from soundpatch.manifest import Edit, Manifest
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SUCCEEDED, Outcome
-from soundpatch.providers import InpaintRequest, NotStarted, PredictionFailed, Provider, make_provider
+from soundpatch.providers import InpaintRequest, NotStarted, PaidAnswer, PredictionFailed, Provider, make_provider
 from soundpatch.publish import Publisher
 from soundpatch.quality import measure
 from soundpatch.s3 import S3, S3Uri
@@ -85,7 +86,8 @@ class Batch:
         self.run_id = run_id
         self.force = force
         self.run_dir = Path(config.runs_dir).expanduser() / run_id
-        self.states = {} if dry_run else row_states(self.run_dir)
+        self.answers = AnswerShelf(self.run_dir)  # paid answers in use, kept until their outcome
+        self.states = {} if dry_run else self._read_states()
         self.dry_run = dry_run
         self.s3 = S3(config.storage.s3, connections=self.rows_at_once + 4)
         self.providers: dict[str, Provider] = {}
@@ -110,13 +112,28 @@ class Batch:
         spent = sum(s.spent_before for s in self.states.values())
         spent += sum(self._list_price(row) for row, s in self.states.items() if s.in_doubt)
         self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=spent)
-        self._held = {row: self.ledger.hold(self._list_price(row)) for row, s in self.states.items() if s.prediction_id}
+        # Paid for and still to collect: a prediction to poll, or an answer kept on disk.
+        self._held = {
+            row: self.ledger.hold(float(s.answer["cost_usd"] or 0.0) if s.answer else self._list_price(row))
+            for row, s in self.states.items()
+            if s.prediction_id or s.answer
+        }
         self.journal = Journal(self.run_dir)
         # Rows run on many threads at once. BLAS's own threads on top of them fight for the
         # same cores: with 40 rows a dot product or a solve took 100-300x longer. One each.
         self._blas = threadpool_limits(limits=1, user_api="blas")
 
     # ------------------------------------------------------------------ planning
+
+    def _read_states(self) -> dict[str, RowState]:
+        """What earlier attempts of this run left, as the journal tells it; a paid answer
+        whose kept file is gone is lost, like a create that was never answered."""
+        states = row_states(self.run_dir)
+        for s in states.values():
+            if s.answer is not None and not self.answers.exists(s.answer):
+                s.answer = None
+                s.in_doubt = s.prediction_id is None  # with an id it can still be collected
+        return states
 
     def _carried_outcomes(self) -> dict[str, Outcome]:
         """Rows this run already finished (same --run-id): kept as they were, not redone."""
@@ -253,10 +270,12 @@ class Batch:
             )
             self._log_traceback(edit)
         held = self._held.pop(edit.row_id, None)
-        if held is not None:  # a prediction from before the crash that was not collected
+        if held is not None:  # paid for before the crash and not collected: still owed
             self.ledger.settle(held, held.amount_usd)
+            outcome.cost_usd += held.amount_usd
         outcome.seconds = round(time.monotonic() - started, 3)
         self.journal.write("outcome", edit.row_id, outcome=outcome.to_dict())
+        self.answers.discard(edit.row_id)  # the outcome is on disk: the answer is not needed
         self._remove_leftover_staging(edit.row_id)
         return outcome
 
@@ -365,12 +384,13 @@ class Batch:
         state = self.states.get(edit.row_id)
         if state is not None and (state.in_doubt or state.doubted) and not self.config.provider.resubmit_in_doubt:
             raise RowError(
-                "A create for this row went out in an earlier attempt and its answer never came; the "
-                "prediction may exist and is counted as spent (set provider.resubmit_in_doubt: true to send "
+                "A create for this row went out in an earlier attempt that ended before its result was kept; "
+                "the prediction may exist and is counted as spent (set provider.resubmit_in_doubt: true to send "
                 "it again)"
             )
         resume_id = state.prediction_id if state is not None else None
-        if resume_id:
+        kept = self.answers.load(state.answer) if state is not None else None
+        if resume_id or kept:
             reservation = self._held.pop(edit.row_id)  # paid already: collect it, never recreate
         else:
             reservation = self.ledger.reserve(provider.price_usd)
@@ -394,12 +414,16 @@ class Batch:
             name=f"{self.run_id}/{edit.row_id}-{secrets.token_hex(4)}",
             notify=lambda event, fields: self.journal.write(event, edit.row_id, **fields),
             resume_prediction_id=resume_id,
+            kept_answer=kept,
+            keep_answer=lambda answer: self._keep_answer(edit.row_id, answer),
             should_cancel=self._should_cancel,
             may_start=lambda: not stop_requested(),
         )
         self.journal.write("sending", edit.row_id, provider=provider.name)
         if resume_id:
             self.journal.write("created", edit.row_id, prediction_id=resume_id, resumed=True)
+        if kept is not None and state is not None:  # still kept, should this attempt die too
+            self.journal.write("answer_kept", edit.row_id, **(state.answer or {}), resumed=True)
         outcome.attempts += 1
         try:
             prediction = provider.inpaint(request)  # holds one of limits.concurrency slots while in flight
@@ -469,6 +493,17 @@ class Batch:
                 "publishes it without paying again"
             ) from None
         outcome.status = SUCCEEDED
+
+    def _keep_answer(self, row_id: str, answer: PaidAnswer) -> None:
+        """A paid answer on disk before it is used (see soundpatch/answers.py). A disk that
+        will not take it does not stop the row: the answer is used all the same, only
+        unprotected from a crash meanwhile."""
+        try:
+            kept = self.answers.keep(row_id, answer)
+        except OSError as exc:
+            self.journal.write("answer_not_kept", row_id, reason=f"{type(exc).__name__}: {exc}")
+            return
+        self.journal.write("answer_kept", row_id, **kept)
 
     def _save_preview(self, edit: Edit, original: Audio, published: Audio, a: int, b: int) -> None:
         """Listening copies for the report; a failure here costs the report a card's media, not the row."""

@@ -18,8 +18,9 @@ from typing import Any, TextIO
 
 JOURNAL_FILE = "journal.jsonl"
 # Events that protect money or results: on disk before the step they announce, even if
-# the machine loses power (a create about to go out, a prediction id, an outcome).
-DURABLE_EVENTS = ("sending", "creating", "created", "outcome")
+# the machine loses power (a create about to go out, a prediction id, a paid answer kept,
+# an outcome).
+DURABLE_EVENTS = ("sending", "creating", "created", "answer_kept", "outcome")
 
 
 class Journal:
@@ -110,6 +111,11 @@ class RowState:
     # The last attempt ended with a create still in doubt (its price is in spent_before):
     # a rerun does not send the row again unless told to.
     doubted: bool = False
+    # A paid answer was in hand and no outcome recorded since (the run died using it).
+    answered: bool = False
+    # ... and kept on disk first: {"file", "cost_usd", "prediction_id"}. A paid answer that
+    # was not kept is lost, and counts as a create in doubt.
+    answer: dict[str, Any] | None = None
     spent_before: float = 0.0  # what the row's recorded outcomes cost
     reported_before: float = 0.0  # of which the provider itself reported
     staged: list[str] = field(default_factory=list)  # staged clips not cleaned up
@@ -124,11 +130,16 @@ def row_states(run_dir: Path) -> dict[str, RowState]:
         s = states.setdefault(row, RowState())
         kind = e.get("event")
         if kind == "sending":  # a new attempt at the row
-            s.outcome, s.in_doubt, s.doubted = None, False, False
+            s.outcome, s.in_doubt, s.doubted, s.answered, s.answer = None, False, False, False, None
         elif kind == "creating":
             s.in_doubt = True
-        elif kind in ("create_refused", "answered"):  # the provider's answer came: no doubt
+        elif kind == "create_refused":  # nothing was made: no doubt
             s.in_doubt = False
+        elif kind == "answered":  # made, billed, and its answer is coming in
+            s.in_doubt, s.answered = False, e.get("status", 200) < 400
+        elif kind == "answer_kept":
+            s.answered = True
+            s.answer = {k: e.get(k) for k in ("file", "cost_usd", "prediction_id")}
         elif kind == "created":
             s.prediction_id, s.in_doubt = e.get("prediction_id"), False
         elif kind == "staged":
@@ -140,7 +151,10 @@ def row_states(run_dir: Path) -> dict[str, RowState]:
             s.spent_before = float(e["outcome"].get("cost_usd") or 0.0)  # outcomes carry the running total
             s.reported_before = float(e["outcome"].get("provider_cost_usd") or 0.0)
             s.doubted = s.doubted or s.in_doubt
-            s.prediction_id, s.in_doubt = None, False
+            s.prediction_id, s.in_doubt, s.answered, s.answer = None, False, False, None
+    for s in states.values():
+        if s.answered and s.answer is None and s.prediction_id is None:
+            s.in_doubt = True  # paid, and the answer was lost with the run: as good as unanswered
     return states
 
 

@@ -83,6 +83,21 @@ def soundpatch(*args: str, cwd: Path, env: dict[str, str], timeout: float = 300)
     return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def dying_at_decode(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The command, killed (exit 137, nothing cleaned up) the moment it starts decoding a
+    provider's paid answer: the result is paid for and exists nowhere but in memory."""
+    script = (
+        "import os, sys\n"
+        "from soundpatch.providers import hosted\n"
+        "hosted.decode_result = lambda data: os._exit(137)\n"
+        "from soundpatch.entry import main\n"
+        "sys.argv = ['soundpatch', *sys.argv[1:]]\n"
+        "sys.exit(main())\n"
+    )
+    command = [sys.executable, "-c", script, *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def start(workdir: Path, env: dict[str, str], run_id: str) -> subprocess.Popen:
     return subprocess.Popen(
         [str(SCRIPT), "run", "job.csv", "--config", "job.yaml", "--run-id", run_id],

@@ -18,7 +18,7 @@ from soundpatch import interrupt
 from soundpatch.batch import Batch
 from soundpatch.config import load_config
 from soundpatch.manifest import load_manifest
-from tests.jobs import KEY, environment, events, finish, kill_group, report, start, wait_for, write_job
+from tests.jobs import KEY, dying_at_decode, environment, events, finish, kill_group, report, start, wait_for, write_job
 
 
 @pytest.mark.parametrize("provider", ["eachlabs", "fal"])
@@ -42,6 +42,30 @@ def test_sigkill_after_every_create_then_rerun_pays_each_prediction_once(
     assert rows["cost_usd"].sum() == pytest.approx(16 * 0.20)
     assert all(Path(p).is_file() for p in rows["output"])
     assert aws_env.keys("stage", "clips/") == []  # clips staged before the kill are gone too
+
+
+@pytest.mark.parametrize("provider", ["eachlabs", "fal"])
+def test_a_run_that_dies_using_a_downloaded_result_finishes_it_without_fetching_it_again(
+    job_dir, aws_env, simulator, tmp_path_factory, provider
+):
+    # Downloaded, then the process died decoding it: the rerun neither polls nor downloads
+    # (the provider's result URL may have expired by then); it uses the answer kept on disk.
+    sim = simulator(latency=0.2, fill="tone")
+    write_job(job_dir, sim, aws_env, rows=1, concurrency=1, provider_name=provider)
+    env = environment(tmp_path_factory.mktemp("prefect"))
+    args = ("run", "job.csv", "--config", "job.yaml", "--run-id", "died")
+    died = dying_at_decode(*args, cwd=job_dir, env=env)
+    assert died.returncode == 137, died.stdout + died.stderr
+    assert events(job_dir, "died", "answer_kept") and not events(job_dir, "died", "outcome")
+    polls, downloads = sim.stats.polls, sim.stats.downloads
+    assert downloads == 1
+
+    again = finish(job_dir, env, "died")
+    assert again.returncode == 0, again.stdout + again.stderr
+    row = report(job_dir, "died").iloc[0]
+    assert row["status"] == "succeeded" and row["cost_usd"] == pytest.approx(0.20)
+    assert (sim.stats.accepted, sim.stats.polls, sim.stats.downloads) == (1, polls, downloads)
+    assert Path(row["output"]).is_file() and not any((job_dir / "runs" / "died" / "answers").iterdir())
 
 
 def test_a_create_whose_answer_never_came_is_not_sent_again(job_dir, aws_env, simulator, tmp_path_factory):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ from soundpatch.batch import Batch
 from soundpatch.config import load_config
 from soundpatch.journal import Journal
 from soundpatch.manifest import load_manifest
-from tests.jobs import assert_key_nowhere, clean_env, soundpatch, synth
+from tests.jobs import assert_key_nowhere, clean_env, dying_at_decode, soundpatch, synth
 from tests.test_eachlabs import assert_result_is_right
 
 KEY = "sk-stability-5e4d3c2b1a"
@@ -252,3 +253,46 @@ def test_a_crash_in_doubt_counts_at_the_rows_own_providers_price(local_library, 
     assert by_id["a"].cost_usd == pytest.approx(PRICE)
     assert by_id["b"].status == "skipped_budget" and sim.stats.creates == 0
     assert batch.ledger.spent_usd == pytest.approx(PRICE)
+
+
+def test_a_run_that_dies_using_a_paid_answer_finishes_it_on_the_rerun_without_paying_again(local_library, simulator):
+    # The answer came (Stability billed it) and the process died while decoding it: the
+    # exact window where the result is paid for and exists only in memory.
+    sim = simulator(latency=0.1, fill="tone", api_key=KEY)
+    (local_library / "one.csv").write_text("id,input,start,end,prompt,seed\nloop,audio/loop.wav,10,14.5,brass,222\n")
+    (local_library / "sa.yaml").write_text(f"provider: {{name: stability, base_url: '{sim.base_url}'}}\n")
+    env = clean_env(STABILITY_API_KEY=KEY)
+    args = ("run", "one.csv", "--config", "sa.yaml", "--run-id", "died")
+    died = dying_at_decode(*args, cwd=local_library, env=env)
+    assert died.returncode == 137, died.stdout + died.stderr
+    run_dir = local_library / "runs" / "died"
+    kinds = [json.loads(line)["event"] for line in (run_dir / "journal.jsonl").read_text().splitlines()]
+    assert "answer_kept" in kinds and "outcome" not in kinds and sim.billed() == pytest.approx(PRICE)
+
+    again = soundpatch(*args, cwd=local_library, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    report = pd.read_csv(run_dir / "report.csv", keep_default_na=False)
+    (row,) = report.itertuples()
+    assert row.status == "succeeded" and row.cost_usd == pytest.approx(PRICE)
+    assert sim.stats.creates == 1 and sim.billed() == pytest.approx(PRICE)  # not sent again
+    assert list((run_dir / "answers").iterdir()) == []  # the kept answer went with its outcome
+    # ... and it is the right audio: the model's tone inside, the original outside bit for bit.
+    result = SimpleNamespace(**row._asdict())
+    result.output = str(local_library / row.output)
+    assert_result_is_right(local_library, None, result, 35)
+
+
+def test_a_paid_answer_lost_with_the_run_is_counted_and_not_sent_again(local_library, simulator, monkeypatch):
+    # Answered, and the run died before the answer was kept (reading its body): it is paid
+    # for and gone, so it counts as spent like a create that was never answered.
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    (local_library / "one.csv").write_text("id,input,start,end,prompt,seed\nfx,audio/fx.wav,1.2,1.65,clang,7\n")
+    crashed = Journal(local_library / "runs" / "lost")
+    crashed.write("sending", "fx", provider="stability")
+    crashed.write("creating", "fx", attempt=1)
+    crashed.write("answered", "fx", status=200)
+    crashed.close()
+    sim = simulator(latency=0.05, fill="tone")
+    (o,), batch = run_batch(local_library, sim, "lost", manifest="one.csv", **{"limits.budget_usd": 0.30})
+    assert o.status == "failed" and "counted as spent" in o.error and o.cost_usd == pytest.approx(PRICE)
+    assert sim.stats.creates == 0 and batch.ledger.spent_usd == pytest.approx(PRICE)

@@ -22,6 +22,17 @@ Notify = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
+class PaidAnswer:
+    """A provider's paid answer as it came (the result's encoded bytes), before it is used:
+    kept on disk by the caller, so that a run that dies while using it can finish the row
+    from it instead of paying for another."""
+
+    data: bytes
+    cost_usd: float
+    prediction_id: str | None = None
+
+
+@dataclass(frozen=True)
 class InpaintRequest:
     audio: Audio
     a: int  # first frame of the region
@@ -35,6 +46,10 @@ class InpaintRequest:
     notify: Notify | None = None
     # A prediction created by an earlier attempt (before a crash): poll it, never recreate.
     resume_prediction_id: str | None = None
+    # A paid answer an earlier attempt kept and did not get to use: used now, nothing is sent.
+    kept_answer: PaidAnswer | None = None
+    # Given each paid answer the moment it is in hand, before anything is done with it.
+    keep_answer: Callable[[PaidAnswer], None] | None = None
     # Asked while waiting: should the prediction be cancelled now (the run is stopping)?
     should_cancel: Callable[[], bool] | None = None
     # Asked once a slot is free, before a new prediction is made: may it still start?
@@ -47,6 +62,10 @@ class InpaintRequest:
     def check_may_start(self) -> None:
         if self.stopping():
             raise NotStarted("the run is stopping")
+
+    def keep(self, answer: PaidAnswer) -> None:
+        if self.keep_answer is not None and self.kept_answer is None:
+            self.keep_answer(answer)
 
     def tell(self, event: str, **fields: Any) -> None:
         if self.notify is not None:

@@ -26,7 +26,7 @@ from soundpatch.config import ProviderConfig
 from soundpatch.cpu import crunching
 from soundpatch.errors import ConfigError, RowError
 from soundpatch.limits import InFlight, RateLimiter
-from soundpatch.providers.base import InpaintRequest, NotStarted, Prediction, PredictionFailed
+from soundpatch.providers.base import InpaintRequest, NotStarted, PaidAnswer, Prediction, PredictionFailed
 from soundpatch.retry import Retryable, RetryPolicy
 from soundpatch.window import MODEL_RATE, Window, plan_window, recover_region
 
@@ -149,7 +149,10 @@ class HostedProvider:
         attempts: int,
     ) -> Prediction:
         """A paid answer put back where it belongs: aligned to the clip that was sent, back
-        at the input's rate and layout, cut to the region. Whatever fails keeps its cost."""
+        at the input's rate and layout, cut to the region. Whatever fails keeps its cost.
+        The answer is handed to the caller to keep first: should the run die while it is
+        used, the next attempt finishes the row from it instead of paying again."""
+        request.keep(PaidAnswer(data, cost, prediction_id))
         with paid(cost, prediction_id, attempts), crunching():
             result, result_rate = decode_result(data)
             fill, offset = recover_region(result, result_rate, clip, window, request.audio, request.a, request.b)
@@ -165,6 +168,14 @@ class HostedProvider:
             method=method,
             offset_ms=offset / MODEL_RATE * 1000,
         )
+
+    def _kept(self, request: InpaintRequest, clip: np.ndarray, window: Window) -> Prediction | None:
+        """The row's paid answer that an earlier attempt kept and did not get to use, if any:
+        put back where it belongs, and nothing is sent."""
+        kept = request.kept_answer
+        if kept is None:
+            return None
+        return self._prediction(kept.data, clip, window, request, kept.cost_usd, kept.prediction_id, 0)
 
     # ------------------------------------------------------------------ answers
 

@@ -78,6 +78,9 @@ class QueuedProvider(HostedProvider):
         with crunching():
             window = plan_window(audio.frames, audio.rate, request.a, request.b, self.config.context_seconds)
             clip = prepare_clip(audio, window, self.config.pad)
+        kept = self._kept(request, clip, window)
+        if kept is not None:  # downloaded before the last attempt died: nothing to poll or fetch
+            return kept
         assert self.staging is not None
         staged = None
         try:

@@ -55,6 +55,10 @@ class Stability(HostedProvider):
         with crunching():
             window = plan_window(audio.frames, audio.rate, request.a, request.b, self.config.context_seconds)
             clip = prepare_clip(audio, window, self.config.pad)
+        kept = self._kept(request, clip, window)
+        if kept is not None:
+            return kept
+        with crunching():
             wav = soundio.write(pcm16(clip), MODEL_RATE, "WAV", "PCM_16")
         fields = {
             "prompt": request.prompt,
