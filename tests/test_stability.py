@@ -17,10 +17,12 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
+from soundpatch.answers import AnswerShelf
 from soundpatch.batch import Batch
 from soundpatch.config import load_config
 from soundpatch.journal import Journal
 from soundpatch.manifest import load_manifest
+from soundpatch.providers import PaidAnswer
 from tests.jobs import assert_key_nowhere, clean_env, dying_at_decode, soundpatch, synth
 from tests.test_eachlabs import assert_result_is_right
 
@@ -296,3 +298,22 @@ def test_a_paid_answer_lost_with_the_run_is_counted_and_not_sent_again(local_lib
     (o,), batch = run_batch(local_library, sim, "lost", manifest="one.csv", **{"limits.budget_usd": 0.30})
     assert o.status == "failed" and "counted as spent" in o.error and o.cost_usd == pytest.approx(PRICE)
     assert sim.stats.creates == 0 and batch.ledger.spent_usd == pytest.approx(PRICE)
+
+
+def test_a_kept_answer_whose_row_cannot_be_finished_still_shows_its_cost(local_library, simulator, monkeypatch):
+    # Paid and kept before a crash; by the rerun its source file is gone, so the row is
+    # invalid. The money was spent all the same: on the row's cost and against the budget.
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    (local_library / "one.csv").write_text("id,input,start,end,prompt,seed\nfx,audio/gone.wav,1.2,1.65,clang,7\n")
+    run_dir = local_library / "runs" / "gone"
+    crashed = Journal(run_dir)
+    crashed.write("sending", "fx", provider="stability")
+    crashed.write("creating", "fx", attempt=1)
+    crashed.write("answered", "fx", status=200)
+    crashed.write("answer_kept", "fx", **AnswerShelf(run_dir).keep("fx", PaidAnswer(b"RIFF....", PRICE)))
+    crashed.close()
+    sim = simulator(latency=0.05, fill="tone")
+    (o,), batch = run_batch(local_library, sim, "gone", manifest="one.csv")
+    assert o.status == "invalid" and o.cost_usd == pytest.approx(PRICE)
+    assert batch.ledger.spent_usd == pytest.approx(PRICE) and sim.stats.creates == 0
+    assert not AnswerShelf(run_dir).file_for("fx").exists()
