@@ -163,10 +163,24 @@ class Batch:
         return todo, kept
 
     def _list_price(self, row_id: str) -> float:
-        """What one prediction costs at this row's provider: creates in doubt and predictions
-        still to collect from an earlier attempt count against the budget at it."""
-        name = self._row_providers.get(row_id, self.config.provider.name)
+        """What one prediction costs at the provider an earlier attempt of this row went to
+        (else the row's own): creates in doubt and predictions still to collect count
+        against the budget at it."""
+        state = self.states.get(row_id)
+        name = (state.provider if state else None) or self._row_providers.get(row_id, self.config.provider.name)
         return self.config.provider.for_provider(name).price
+
+    def _maker(self, state: RowState, provider: Provider) -> Provider:
+        """The provider that made an earlier attempt's paid prediction: it alone can collect
+        it, even when this run names another (the config or the row changed meanwhile)."""
+        if not state.provider or state.provider == provider.name:
+            return provider
+        try:
+            return self._provider(state.provider)
+        except ConfigError as exc:
+            raise RowError(
+                f"The {state.provider} prediction an earlier attempt paid for cannot be collected: {exc}"
+            ) from None
 
     def _provider(self, name: str) -> Provider:
         with self._lock:
@@ -390,7 +404,9 @@ class Batch:
             )
         resume_id = state.prediction_id if state is not None else None
         kept = self.answers.load(state.answer) if state is not None else None
-        if resume_id or kept:
+        if state is not None and (resume_id or kept):
+            provider = self._maker(state, provider)
+            outcome.provider = provider.name
             reservation = self._held.pop(edit.row_id)  # paid already: collect it, never recreate
         else:
             reservation = self.ledger.reserve(provider.price_usd)

@@ -106,6 +106,7 @@ class RowState:
     """What an earlier attempt of this run left for a row, as the journal tells it."""
 
     outcome: dict[str, Any] | None = None  # the last outcome, unless an attempt started after it
+    provider: str | None = None  # where the last attempt went: only it can collect what it made
     prediction_id: str | None = None  # created, and no outcome recorded since: poll it, never recreate
     in_doubt: bool = False  # a create was sent and no answer recorded: it may exist
     # The last attempt ended with a create still in doubt (its price is in spent_before):
@@ -131,6 +132,7 @@ def row_states(run_dir: Path) -> dict[str, RowState]:
         kind = e.get("event")
         if kind == "sending":  # a new attempt at the row
             s.outcome, s.in_doubt, s.doubted, s.answered, s.answer = None, False, False, False, None
+            s.provider = e.get("provider")
         elif kind == "creating":
             s.in_doubt = True
         elif kind == "create_refused":  # nothing was made: no doubt

@@ -22,7 +22,7 @@ from soundpatch.batch import Batch
 from soundpatch.config import load_config
 from soundpatch.journal import Journal
 from soundpatch.manifest import load_manifest
-from soundpatch.providers import PaidAnswer
+from soundpatch.providers import PaidAnswer, hosted
 from tests.jobs import assert_key_nowhere, clean_env, dying_at_decode, soundpatch, synth
 from tests.test_eachlabs import assert_result_is_right
 
@@ -317,3 +317,24 @@ def test_a_kept_answer_whose_row_cannot_be_finished_still_shows_its_cost(local_l
     assert o.status == "invalid" and o.cost_usd == pytest.approx(PRICE)
     assert batch.ledger.spent_usd == pytest.approx(PRICE) and sim.stats.creates == 0
     assert not AnswerShelf(run_dir).file_for("fx").exists()
+
+
+class Died(BaseException):
+    """The process dying: nothing after it runs (no outcome, no cleanup)."""
+
+
+def test_a_rerun_naming_another_provider_still_collects_what_the_first_one_made(local_library, simulator, monkeypatch):
+    # Stability answered and was paid; the run died using the answer. The rerun's config
+    # says local (free): the paid answer is still used, and its price still shows.
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    (local_library / "one.csv").write_text("id,input,start,end,prompt,seed\nloop,audio/loop.wav,10,14.5,brass,222\n")
+    sim = simulator(latency=0.05, fill="tone")
+    with monkeypatch.context() as m:
+        m.setattr(hosted, "decode_result", lambda data: (_ for _ in ()).throw(Died()))
+        with pytest.raises(Died):
+            run_batch(local_library, sim, "switch", manifest="one.csv")
+    (o,), batch = run_batch(local_library, sim, "switch", manifest="one.csv", **{"provider.name": "local"})
+    assert o.status == "succeeded" and o.provider == "stability" and "via Stability AI" in o.method
+    assert o.cost_usd == pytest.approx(PRICE) and batch.ledger.spent_usd == pytest.approx(PRICE)
+    assert sim.stats.creates == 1
+    assert_result_is_right(local_library, None, o, 35)
