@@ -34,6 +34,7 @@ from soundpatch.identity import edit_identity
 from soundpatch.interrupt import stop_requested
 from soundpatch.journal import Journal, RowState, row_states
 from soundpatch.limits import BudgetLedger, SharedLimits
+from soundpatch.locks import STOPPED, WAITED, Claims, RunLock
 from soundpatch.manifest import Edit, Manifest
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SUCCEEDED, Outcome
 from soundpatch.providers import InpaintRequest, NotStarted, PaidAnswer, PredictionFailed, Provider, make_provider
@@ -86,6 +87,19 @@ class Batch:
         self.run_id = run_id
         self.force = force
         self.run_dir = Path(config.runs_dir).expanduser() / run_id
+        # One process per run id (its journal is the truth about what is paid for), taken
+        # before the journal is read; one producer per edit among this machine's processes.
+        self.run_lock = RunLock(self.run_dir)
+        if not dry_run:
+            self.run_lock.acquire()
+        try:
+            self._open(manifest, config, run_id, dry_run)
+        except BaseException:
+            self.run_lock.release()  # nothing will run: the run is free again
+            raise
+
+    def _open(self, manifest: Manifest, config: Config, run_id: str, dry_run: bool) -> None:
+        self.claims = Claims(config.output.uri)
         self.answers = AnswerShelf(self.run_dir)  # paid answers in use, kept until their outcome
         self.states = {} if dry_run else self._read_states()
         self.dry_run = dry_run
@@ -346,7 +360,13 @@ class Batch:
                     break
             owner.wait()  # an identical row is being produced: wait, then reuse its result
         try:
-            self._produce(edit, checked, original, identity, outcome)
+            # Another process writing the same outputs may be producing it too: wait for it.
+            with self.claims.claim(identity, give_up=stop_requested) as claim:
+                if claim == STOPPED:
+                    raise RowError(self._not_started)
+                if claim == WAITED and not self.force and self._reuse(edit, checked, identity, outcome):
+                    return
+                self._produce(edit, checked, original, identity, outcome)
         finally:
             with self._lock:
                 self._in_flight.pop(identity).set()
@@ -556,6 +576,7 @@ class Batch:
     def close(self) -> None:
         self.journal.close()
         self._blas.restore_original_limits()
+        self.run_lock.release()
 
 
 # What a result's metadata says of how it was made (also kept in its index record).

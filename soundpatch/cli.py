@@ -23,7 +23,8 @@ from soundpatch.config import Config, load_config
 from soundpatch.errors import SoundpatchError
 from soundpatch.humanize import duration
 from soundpatch.journal import JournalTail, latest_outcomes, prediction_seconds
-from soundpatch.manifest import load_manifest
+from soundpatch.locks import RunLock
+from soundpatch.manifest import Manifest, load_manifest
 from soundpatch.outcome import (
     EXIT_INTERRUPTED,
     EXIT_NOTHING_RAN,
@@ -194,6 +195,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.run_id and not _safe_run_id(run_id):
         raise SoundpatchError(f"Run id {run_id!r} may only hold letters, digits, '.', '_' and '-'.")
     run_dir = Path(cfg.runs_dir).expanduser() / run_id
+    run_lock = RunLock(run_dir).acquire()  # another process on this run: refused now, not after Prefect starts
+    try:
+        return _run(args, cfg, manifest, run_id, run_dir)
+    finally:
+        run_lock.release()
+
+
+def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str, run_dir: Path) -> int:
     out.print(f"run id [bold]{run_id}[/bold]  ({len(manifest.edits)} results from {escape(str(args.manifest))})")
 
     from flows.ephemeral import TemporaryServer, quiet_prefect  # noqa: PLC0415 - Prefect loads only from here on
