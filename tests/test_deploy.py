@@ -37,6 +37,9 @@ def test_the_nightly_deployment_runs_on_a_worker_and_a_retry_resumes_its_run(tmp
     deployment = api.get(f"/deployments/name/{DEPLOYMENT}").json()
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 2 * * *"]
     assert deployment["parameters"]["manifest"] == "manifests/dataset_matrix.yaml"
+    # Nights never overlap: a late one waits for the last instead of paying for the same edits.
+    assert deployment["global_concurrency_limit"]["limit"] == 1
+    assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     # The flow runs in the checkout it was deployed from, where its manifest's audio is.
     assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
 
