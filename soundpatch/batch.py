@@ -80,7 +80,10 @@ class Batch:
         dry_run: bool = False,
         api_keys: dict[str, str] | None = None,
         shared: SharedLimits | None = None,
+        earlier_attempts: bool = False,
     ) -> None:
+        """`earlier_attempts`: a dry run reads what earlier attempts of this run id left (to
+        estimate what resuming it costs) only when asked to; a run always does."""
         self.api_keys = api_keys or {}
         self.shared = shared  # limits shared with other processes on the account, if any
         self.config = config
@@ -93,15 +96,15 @@ class Batch:
         if not dry_run:
             self.run_lock.acquire()
         try:
-            self._open(manifest, config, run_id, dry_run)
+            self._open(manifest, config, run_id, dry_run, earlier_attempts or not dry_run)
         except BaseException:
             self.run_lock.release()  # nothing will run: the run is free again
             raise
 
-    def _open(self, manifest: Manifest, config: Config, run_id: str, dry_run: bool) -> None:
+    def _open(self, manifest: Manifest, config: Config, run_id: str, dry_run: bool, earlier_attempts: bool) -> None:
         self.claims = Claims(config.output.uri)
         self.answers = AnswerShelf(self.run_dir)  # paid answers in use, kept until their outcome
-        self.states = {} if dry_run else self._read_states()
+        self.states = self._read_states() if earlier_attempts else {}
         self.dry_run = dry_run
         self.s3 = S3(config.storage.s3, connections=self.rows_at_once + 4)
         self.providers: dict[str, Provider] = {}
@@ -237,8 +240,12 @@ class Batch:
 
     def estimate(self, edits: list[Edit]) -> dict[str, Any]:
         """What a run would do and cost, touching no provider: identical rows count once, and
-        rows whose result the output store already holds count as done (unless --force)."""
+        rows whose result the output store already holds count as done (unless --force).
+        Resuming a run, what its earlier attempts paid for is collected, not bought again,
+        and a create in doubt is not sent again: neither costs anything more."""
         predictions, cost, invalid, errors, done, duplicates = 0, 0.0, 0, [], 0, 0
+        to_collect = in_doubt = 0
+        resubmit = self.config.provider.resubmit_in_doubt
         per_provider: dict[str, int] = {}
         seen: set[str] = set()
         for edit in edits:
@@ -256,6 +263,13 @@ class Batch:
             if not self.force and self._earlier(identity) is not None:
                 done += 1
                 continue
+            state = self.states.get(edit.row_id)
+            if state is not None and (state.in_doubt or state.doubted) and not resubmit:
+                in_doubt += 1
+                continue
+            if state is not None and (state.prediction_id or state.answer):
+                to_collect += 1
+                continue
             predictions += 1
             cost += checked.provider.price_usd
             per_provider[checked.provider.name] = per_provider.get(checked.provider.name, 0) + 1
@@ -272,6 +286,10 @@ class Batch:
             "invalid": invalid,
             "already_done": done,
             "duplicates": duplicates,
+            "to_collect": to_collect,
+            "in_doubt": in_doubt,
+            # Spent or committed by earlier attempts of this run: it counts against the budget.
+            "spent_before_usd": round(self.ledger.spent_usd + sum(h.amount_usd for h in self._held.values()), 6),
             "expected_cost_usd": round(cost, 6),
             "budget_usd": limits.budget_usd,
             "expected_seconds": round(seconds, 1),

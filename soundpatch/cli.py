@@ -166,7 +166,13 @@ def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
         table.add_row("already done (reused, no cost)", str(est["already_done"]))
     if est.get("duplicates"):
         table.add_row("identical to another row (sent once)", str(est["duplicates"]))
-    table.add_row("expected cost", f"${est['expected_cost_usd']:.2f} (budget ${est['budget_usd']:.2f})")
+    if est.get("to_collect"):
+        table.add_row("paid earlier, to collect (no new cost)", str(est["to_collect"]))
+    if est.get("in_doubt"):
+        table.add_row("in doubt from earlier (not sent again)", str(est["in_doubt"]))
+    spent = est.get("spent_before_usd", 0.0)
+    earlier = f"; ${spent:.2f} spent by earlier attempts" if spent else ""
+    table.add_row("expected cost", f"${est['expected_cost_usd']:.2f} (budget ${est['budget_usd']:.2f}{earlier})")
     table.add_row("expected wall time", duration(est["expected_seconds"]))
     table.add_row("provider", cfg.provider.name)
     out.print(table)
@@ -174,7 +180,7 @@ def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
         out.print(f"  [red]invalid[/red] {escape(row_id)} ({line}): {escape(reason)}", soft_wrap=True)
     if len(est["errors"]) > 20:
         out.print(f"  ... and {len(est['errors']) - 20} more invalid rows")
-    if est["expected_cost_usd"] > est["budget_usd"]:
+    if est["expected_cost_usd"] + spent > est["budget_usd"] + 1e-9:
         out.print("[yellow]The expected cost is above the budget: rows past it will be skipped_budget.[/yellow]")
 
 
@@ -185,7 +191,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     manifest = load_manifest(args.manifest)  # fail fast (exit 2) before starting Prefect
     if args.dry_run:
-        batch = Batch(manifest, cfg, run_id="dry-run", dry_run=True)
+        # With --run-id, what resuming that run costs (what its earlier attempts paid counts).
+        batch = Batch(manifest, cfg, run_id=args.run_id or "dry-run", dry_run=True, earlier_attempts=bool(args.run_id))
         est = batch.estimate(batch.manifest.edits)
         out.print("[bold]Dry run[/bold]: nothing is sent and nothing is spent.")
         _print_estimate(est, cfg)

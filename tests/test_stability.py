@@ -338,3 +338,29 @@ def test_a_rerun_naming_another_provider_still_collects_what_the_first_one_made(
     assert o.cost_usd == pytest.approx(PRICE) and batch.ledger.spent_usd == pytest.approx(PRICE)
     assert sim.stats.creates == 1
     assert_result_is_right(local_library, None, o, 35)
+
+
+def test_a_dry_run_of_a_crashed_run_says_what_resuming_it_costs(local_library):
+    # The crash left "fx" in doubt and "loop" paid with its answer kept; "tape" never went.
+    run_dir = local_library / "runs" / "crashed"
+    crashed = Journal(run_dir)
+    crashed.write("sending", "fx", provider="stability")
+    crashed.write("creating", "fx", attempt=1)
+    crashed.write("sending", "loop", provider="stability")
+    crashed.write("creating", "loop", attempt=1)
+    crashed.write("answered", "loop", status=200)
+    crashed.write("answer_kept", "loop", **AnswerShelf(run_dir).keep("loop", PaidAnswer(b"RIFF....", PRICE)))
+    crashed.close()
+    journal_before = (run_dir / "journal.jsonl").read_text()
+    (local_library / "sa.yaml").write_text("provider: {name: stability}\nlimits: {budget_usd: 0.50}\n")
+    args = ("run", "mix.csv", "--config", "sa.yaml", "--run-id", "crashed", "--dry-run")
+    dry = soundpatch(*args, cwd=local_library, env=clean_env())  # no key needed: nothing is sent
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    shown = " ".join(dry.stdout.split())
+    assert "predictions to send 1" in shown
+    assert "paid earlier, to collect (no new cost) 1" in shown
+    assert "in doubt from earlier (not sent again) 1" in shown
+    assert "$0.20 (budget $0.50; $0.40 spent by earlier attempts)" in shown
+    assert "above the budget" in shown  # 0.20 more on top of 0.40 passes 0.50
+    assert (run_dir / "journal.jsonl").read_text() == journal_before
+    assert sorted(p.name for p in run_dir.iterdir()) == ["answers", "journal.jsonl"]  # nothing written
