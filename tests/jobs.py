@@ -114,6 +114,15 @@ def finish(workdir: Path, env: dict[str, str], run_id: str) -> subprocess.Comple
     return soundpatch("run", "job.csv", "--config", "job.yaml", "--run-id", run_id, cwd=workdir, env=env)
 
 
+def finish_every_row(workdir: Path, env: dict[str, str], run_id: str, rows: int) -> pd.DataFrame:
+    """Run it again to the end: exit 0, every row succeeded; the report."""
+    done = finish(workdir, env, run_id)
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = report(workdir, run_id)
+    assert list(table["status"]) == ["succeeded"] * rows
+    return table
+
+
 def events(workdir: Path, run_id: str, kind: str) -> list[dict]:
     path = workdir / "runs" / run_id / "journal.jsonl"
     if not path.exists():

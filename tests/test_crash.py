@@ -18,7 +18,19 @@ from soundpatch import interrupt
 from soundpatch.batch import Batch
 from soundpatch.config import load_config
 from soundpatch.manifest import load_manifest
-from tests.jobs import KEY, dying_at_decode, environment, events, finish, kill_group, report, start, wait_for, write_job
+from tests.jobs import (
+    KEY,
+    dying_at_decode,
+    environment,
+    events,
+    finish,
+    finish_every_row,
+    kill_group,
+    report,
+    start,
+    wait_for,
+    write_job,
+)
 
 
 @pytest.mark.parametrize("provider", ["eachlabs", "fal"])
@@ -114,9 +126,7 @@ def test_ctrl_c_lets_work_in_flight_finish_and_the_rerun_does_the_rest(
     assert len(done) == sim.stats.accepted  # everything sent was collected
     assert (first.loc[first.status != "succeeded", "error"].str.contains("Not started")).all()
 
-    again = finish(job_dir, env, "ctrlc")
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert list(report(job_dir, "ctrlc")["status"]) == ["succeeded"] * 12
+    finish_every_row(job_dir, env, "ctrlc", 12)
     assert sim.stats.accepted == 12
 
 
@@ -134,9 +144,7 @@ def test_a_second_ctrl_c_stops_at_once_and_the_journal_still_resumes(job_dir, aw
     assert proc.returncode == 130 and time.monotonic() - stopped_at < 10
 
     sim.settings.latency = 0.5
-    again = finish(job_dir, env, "twice")
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert list(report(job_dir, "twice")["status"]) == ["succeeded"] * 6
+    finish_every_row(job_dir, env, "twice", 6)
     assert sim.stats.accepted == 6
 
 

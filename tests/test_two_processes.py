@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.jobs import environment, events, finish, kill_group, report, start, wait_for, write_job
+from tests.jobs import environment, events, finish, finish_every_row, kill_group, report, start, wait_for, write_job
 
 
 def test_a_run_already_going_is_refused_and_is_free_again_once_its_process_is_gone(
@@ -28,9 +28,7 @@ def test_a_run_already_going_is_refused_and_is_free_again_once_its_process_is_go
 
     kill_group(first)  # kill -9: the kernel lets go of the lock with the process
     sim.settings.latency = 0.3
-    third = finish(job_dir, env, "busy")
-    assert third.returncode == 0, third.stdout + third.stderr
-    assert list(report(job_dir, "busy")["status"]) == ["succeeded"] * 3
+    finish_every_row(job_dir, env, "busy", 3)
     assert sim.stats.creates == 3
 
 
