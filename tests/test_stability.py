@@ -364,3 +364,21 @@ def test_a_dry_run_of_a_crashed_run_says_what_resuming_it_costs(local_library):
     assert "above the budget" in shown  # 0.20 more on top of 0.40 passes 0.50
     assert (run_dir / "journal.jsonl").read_text() == journal_before
     assert sorted(p.name for p in run_dir.iterdir()) == ["answers", "journal.jsonl"]  # nothing written
+
+
+def test_a_disk_that_will_not_keep_the_answer_does_not_cost_the_row(local_library, simulator, monkeypatch):
+    # Keeping the paid answer only guards against a crash meanwhile: if the disk refuses
+    # it, the answer is used all the same and the journal says it was not kept.
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    (local_library / "one.csv").write_text("id,input,start,end,prompt,seed\nloop,audio/loop.wav,10,14.5,brass,222\n")
+
+    def full(self, row_id, answer):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(AnswerShelf, "keep", full)
+    sim = simulator(latency=0.05, fill="tone")
+    (o,), batch = run_batch(local_library, sim, "full", manifest="one.csv")
+    assert_result_is_right(local_library, None, o, 35)
+    assert o.cost_usd == pytest.approx(PRICE) and sim.stats.creates == 1
+    (not_kept,) = [e for e in journal(batch) if e["event"] == "answer_not_kept"]
+    assert "No space left on device" in not_kept["reason"]
