@@ -244,10 +244,11 @@ def test_truncated_downloads_are_retried(library, aws_env, simulator, monkeypatc
     assert o.status == "succeeded" and flaky.stats.downloads > 1 and flaky.stats.accepted == 1
 
 
-@pytest.mark.parametrize("stage", ["_download", "recover_region"])
+@pytest.mark.parametrize("stage", ["_download", "keep_answer", "recover_region"])
 def test_an_unexpected_error_with_a_paid_result_keeps_its_cost(library, aws_env, simulator, monkeypatch, stage):
     # Not a RowError: a bug or an environment fault after the prediction was paid for must
     # not hand the reservation back (the budget would then allow one more than it should).
+    from soundpatch.batch import Batch
     from soundpatch.providers import eachlabs, hosted
 
     def broken(*args, **kwargs):
@@ -255,6 +256,8 @@ def test_an_unexpected_error_with_a_paid_result_keeps_its_cost(library, aws_env,
 
     if stage == "_download":
         monkeypatch.setattr(eachlabs.EachLabs, "_download", broken)
+    elif stage == "keep_answer":  # a fault past the disk's own errors, keeping the answer
+        monkeypatch.setattr(Batch, "_keep_answer", broken)
     else:
         monkeypatch.setattr(hosted, "recover_region", broken)  # every hosted provider's answer
     monkeypatch.setenv("EACHLABS_API_KEY", KEY)

@@ -152,10 +152,11 @@ class HostedProvider:
         at the input's rate and layout, cut to the region. Whatever fails keeps its cost.
         The answer is handed to the caller to keep first: should the run die while it is
         used, the next attempt finishes the row from it instead of paying again."""
-        request.keep(PaidAnswer(data, cost, prediction_id))
-        with paid(cost, prediction_id, attempts), crunching():
-            result, result_rate = decode_result(data)
-            fill, offset = recover_region(result, result_rate, clip, window, request.audio, request.a, request.b)
+        with paid(cost, prediction_id, attempts):
+            request.keep(PaidAnswer(data, cost, prediction_id))
+            with crunching():
+                result, result_rate = decode_result(data)
+                fill, offset = recover_region(result, result_rate, clip, window, request.audio, request.a, request.b)
         method = (
             f"{self.model_name} via {self.display} (window {window.offset_seconds:.2f}+{window.seconds_total} s, "
             f"mask {window.mask_start}-{window.mask_end} s, aligned {offset} samples)"
