@@ -28,7 +28,7 @@ from soundpatch.errors import ConfigError, RowError
 from soundpatch.limits import InFlight, RateLimiter
 from soundpatch.providers.base import InpaintRequest, NotStarted, PaidAnswer, Prediction, PredictionFailed
 from soundpatch.retry import Retryable, RetryPolicy
-from soundpatch.window import MODEL_RATE, Window, plan_window, recover_region
+from soundpatch.window import MODEL_RATE, Window, plan_window, prepare_clip, recover_region
 
 MAX_RESULT_BYTES = 256 * 1024 * 1024  # a 190 s stereo float WAV is ~67 MB
 STEPS_RANGE = (4, 8)
@@ -85,6 +85,24 @@ class HostedProvider:
 
     def _headers(self) -> dict[str, str]:
         """The headers of every request to the service (its key among them)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ one edit
+
+    def inpaint(self, request: InpaintRequest) -> Prediction:
+        """The window the model is sent, and the paid answer put back into it: the answer an
+        earlier attempt kept and did not get to use (then nothing is sent), or a new one."""
+        audio = request.audio
+        with crunching():
+            window = plan_window(audio.frames, audio.rate, request.a, request.b, self.config.context_seconds)
+            clip = prepare_clip(audio, window, self.config.pad)
+        kept = request.kept_answer
+        if kept is not None:
+            return self._prediction(kept.data, clip, window, request, kept.cost_usd, kept.prediction_id, 0)
+        return self._predict(request, window, clip)
+
+    def _predict(self, request: InpaintRequest, window: Window, clip: np.ndarray) -> Prediction:
+        """A new prediction for `clip`, in the service's protocol."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the create
@@ -169,14 +187,6 @@ class HostedProvider:
             method=method,
             offset_ms=offset / MODEL_RATE * 1000,
         )
-
-    def _kept(self, request: InpaintRequest, clip: np.ndarray, window: Window) -> Prediction | None:
-        """The row's paid answer that an earlier attempt kept and did not get to use, if any:
-        put back where it belongs, and nothing is sent."""
-        kept = request.kept_answer
-        if kept is None:
-            return None
-        return self._prediction(kept.data, clip, window, request, kept.cost_usd, kept.prediction_id, 0)
 
     # ------------------------------------------------------------------ answers
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
+import numpy as np
 
 from soundpatch import soundio
-from soundpatch.audio import Audio, pcm16
+from soundpatch.audio import pcm16
 from soundpatch.config import ProviderConfig
 from soundpatch.cpu import crunching
 from soundpatch.errors import ConfigError, RowError
@@ -30,7 +31,7 @@ from soundpatch.providers.base import InpaintRequest, Prediction, PredictionFail
 from soundpatch.providers.hosted import HostedProvider, capped_body, paid, retry_after
 from soundpatch.retry import Retryable
 from soundpatch.staging import StagedClip, Staging
-from soundpatch.window import MODEL_RATE, Window, plan_window, prepare_clip
+from soundpatch.window import MODEL_RATE, Window
 
 
 @dataclass(frozen=True)
@@ -73,19 +74,12 @@ class QueuedProvider(HostedProvider):
 
     # ------------------------------------------------------------------ the journey
 
-    def inpaint(self, request: InpaintRequest) -> Prediction:
-        audio = request.audio
-        with crunching():
-            window = plan_window(audio.frames, audio.rate, request.a, request.b, self.config.context_seconds)
-            clip = prepare_clip(audio, window, self.config.pad)
-        kept = self._kept(request, clip, window)
-        if kept is not None:  # downloaded before the last attempt died: nothing to poll or fetch
-            return kept
+    def _predict(self, request: InpaintRequest, window: Window, clip: np.ndarray) -> Prediction:
         assert self.staging is not None
         staged = None
         try:
             if not request.resume_prediction_id:
-                staged = self._stage(request, audio, window, clip)
+                staged = self._stage(request, window, clip)
             with self.in_flight.slot():  # from the create until the result is fetched
                 if request.resume_prediction_id:
                     prediction_id, attempts = request.resume_prediction_id, 0
@@ -109,7 +103,8 @@ class QueuedProvider(HostedProvider):
                     request.tell("unstaged", uri=str(staged.uri))
         return self._prediction(data, clip, window, request, cost, prediction_id, attempts)
 
-    def _stage(self, request: InpaintRequest, audio: Audio, window: Window, clip) -> StagedClip:
+    def _stage(self, request: InpaintRequest, window: Window, clip: np.ndarray) -> StagedClip:
+        audio = request.audio
         as_is = (
             request.source is not None
             and request.source.startswith("s3://")

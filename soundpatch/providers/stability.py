@@ -21,6 +21,7 @@ import base64
 import json
 
 import httpx
+import numpy as np
 
 from soundpatch import soundio
 from soundpatch.audio import pcm16
@@ -28,7 +29,7 @@ from soundpatch.cpu import crunching
 from soundpatch.errors import RowError
 from soundpatch.providers.base import InpaintRequest, Prediction
 from soundpatch.providers.hosted import HostedProvider, capped_body, paid
-from soundpatch.window import MODEL_RATE, plan_window, prepare_clip
+from soundpatch.window import MODEL_RATE, Window
 
 PATH = "/v2beta/audio/stable-audio-2/inpaint"
 MODEL = "stable-audio-2.5"
@@ -50,14 +51,7 @@ class Stability(HostedProvider):
                 "This provider takes no guidance_scale (Stability AI's inpaint API has no such setting); leave it out"
             )
 
-    def inpaint(self, request: InpaintRequest) -> Prediction:
-        audio = request.audio
-        with crunching():
-            window = plan_window(audio.frames, audio.rate, request.a, request.b, self.config.context_seconds)
-            clip = prepare_clip(audio, window, self.config.pad)
-        kept = self._kept(request, clip, window)
-        if kept is not None:
-            return kept
+    def _predict(self, request: InpaintRequest, window: Window, clip: np.ndarray) -> Prediction:
         with crunching():
             wav = soundio.write(pcm16(clip), MODEL_RATE, "WAV", "PCM_16")
         fields = {
