@@ -16,7 +16,7 @@ from soundpatch import cpu, preview
 from soundpatch.batch import Batch
 from soundpatch.limits import BudgetLedger, RateLimiter
 from soundpatch.manifest import load_manifest
-from soundpatch.providers import hosted, queued
+from soundpatch.providers import hosted
 from tests.jobs import hosted_config
 
 
@@ -264,7 +264,7 @@ def test_rows_crunch_their_audio_a_few_at_a_time_so_creates_and_polls_are_not_ke
         return crunch
 
     for module, name in (
-        (queued, "prepare_clip"),  # Each Labs' journey
+        (hosted, "prepare_clip"),  # every hosted provider's clip (Each Labs here)
         (hosted, "recover_region"),
         (batch_module, "measure"),
         (preview, "draw"),
