@@ -42,7 +42,7 @@ from soundpatch.publish import Publisher
 from soundpatch.quality import measure
 from soundpatch.s3 import S3, S3Uri
 from soundpatch.sources import SourceReader
-from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, open_store
+from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, local_result_holds, open_store
 
 # Typical seconds per prediction, for the wall-time estimate before a run.
 TYPICAL_SECONDS = {"local": 0.2, "eachlabs": 15.0, "stability": 15.0, "fal": 15.0}
@@ -159,7 +159,7 @@ class Batch:
             if state.outcome is None:
                 continue
             o = Outcome.from_dict(state.outcome)
-            if o.status in (SUCCEEDED, SKIPPED_DONE) and o.output and self.store.exists_uri(o.output):
+            if o.status in (SUCCEEDED, SKIPPED_DONE) and o.output and self.store.holds(o.output, None):
                 carried[row_id] = o
         return carried
 
@@ -398,10 +398,10 @@ class Batch:
         """An earlier result with this identity that still exists, and the store holding it:
         the output store, or this machine's results kept after a failed upload."""
         record = self.store.get_record(identity)
-        if record is not None and self.store.exists_uri(record.get("output", "")):
+        if record is not None and self.store.holds(record.get("output", ""), identity):
             return record, self.store
         kept = self._kept.get(identity)
-        if kept is not None and Path(kept.get("output", "")).is_file():
+        if kept is not None and local_result_holds(Path(kept.get("output", "")), identity):
             return kept, self.unpublished
         return None
 

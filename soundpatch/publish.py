@@ -59,8 +59,11 @@ class Publisher:
         return Encoded(self.name(edit, info), data, CONTENT_TYPES.get(ext, "application/octet-stream"), ext)
 
     def metadata(self, edit: Edit, details: dict[str, str]) -> dict[str, str]:
-        """What travels with a result: the row, and `details` (provider, prediction, cost...)."""
+        """What travels with a result: the row's own columns, then the row, then `details`
+        (provider, prediction, cost, identity...), which a column of the same name cannot
+        override: the identity is how a result is recognised later."""
         return {
+            **dict(edit.extra),
             "row_id": edit.row_id,
             "run_id": self.run_id,
             "input": edit.input,
@@ -68,7 +71,6 @@ class Publisher:
             "prompt": edit.prompt,
             "seed": str(edit.seed),
             **details,
-            **dict(edit.extra),
         }
 
 

@@ -45,8 +45,10 @@ class OutputStore(Protocol):
 
     def uri(self, name: str) -> str: ...
 
-    def exists_uri(self, uri: str) -> bool:
-        """Whether a result this store returned from put() is still there."""
+    def holds(self, uri: str, identity: str | None) -> bool:
+        """Whether a result this store returned from put() is still there, and still the
+        result of edit `identity` (its metadata says so): a later result given the same
+        name (another run, a changed row) replaces it. None: whatever result is there."""
         ...
 
     def get_record(self, identity: str) -> dict | None:
@@ -115,9 +117,11 @@ class LocalFolder:
 
     def put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> str:
         path = self._path(name)
-        atomic_write(path, data)
+        # The metadata first: cut short between the two, a result under this name never
+        # claims the identity of the one it replaces (see `holds`).
         sidecar = {"content_type": content_type, **metadata}
         atomic_write(path.with_name(path.name + ".json"), json.dumps(sidecar, indent=2).encode())
+        atomic_write(path, data)
         return str(path)
 
     def put_file(self, name: str, data: bytes, content_type: str) -> str:
@@ -141,8 +145,8 @@ class LocalFolder:
     def uri(self, name: str) -> str:
         return str(self._path(name))
 
-    def exists_uri(self, uri: str) -> bool:
-        return Path(uri).is_file()
+    def holds(self, uri: str, identity: str | None) -> bool:
+        return local_result_holds(Path(uri), identity)
 
     def get_record(self, identity: str) -> dict | None:
         path = self.root / INDEX_PREFIX / f"{identity}.json"
@@ -197,8 +201,9 @@ class S3Prefix:
     def uri(self, name: str) -> str:
         return str(self._uri(name))
 
-    def exists_uri(self, uri: str) -> bool:
-        return uri.startswith("s3://") and self.s3.head(S3Uri.parse(uri)) is not None
+    def holds(self, uri: str, identity: str | None) -> bool:
+        head = self.s3.head(S3Uri.parse(uri)) if uri.startswith("s3://") else None
+        return head is not None and _made_by(head.get("Metadata", {}).get("identity"), identity)
 
     def get_record(self, identity: str) -> dict | None:
         data = self.s3.get(self.prefix.child(f"{INDEX_PREFIX}/{identity}.json"), 1 << 20)
@@ -237,6 +242,22 @@ def s3_metadata(metadata: dict[str, str]) -> dict[str, str]:
         out["prompt"] = quote(text, safe=_METADATA_SAFE)
         out["prompt-truncated"] = "true"
     return out
+
+
+def local_result_holds(path: Path, identity: str | None) -> bool:
+    """A result file's own answer to `holds`, from the metadata file written beside it."""
+    if not path.is_file():
+        return False
+    try:
+        recorded = json.loads(path.with_name(path.name + ".json").read_text(encoding="utf-8")).get("identity")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    return _made_by(recorded, identity)
+
+
+def _made_by(recorded: str | None, identity: str | None) -> bool:
+    """Results written before their identity travelled with them cannot say: taken as theirs."""
+    return identity is None or recorded is None or recorded == identity
 
 
 def atomic_write(path: Path, data: bytes) -> None:
