@@ -30,7 +30,7 @@ from soundpatch.audio import Audio, AudioInfo
 from soundpatch.config import Config
 from soundpatch.cpu import crunching
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
-from soundpatch.identity import edit_identity
+from soundpatch.identity import edit_identity, request_identity
 from soundpatch.interrupt import stop_requested
 from soundpatch.journal import Journal, RowState, row_states
 from soundpatch.limits import BudgetLedger, SharedLimits
@@ -121,6 +121,8 @@ class Batch:
         self._in_flight: dict[str, threading.Event] = {}  # identity -> set when its owner is done
         self._previews = preview.Quota()  # listening copies kept for the report
         self.publisher = Publisher(self.store, config.output.format, run_id)
+        self._changed: list[str] = []  # rows an earlier attempt finished, changed since
+        self._set_aside: list[str] = []  # rows an earlier attempt paid for, changed since
         self._carried = self._carried_outcomes()
         # Money an earlier attempt of this run spent or committed counts against the cap:
         # recorded costs, creates in doubt (at list price), predictions still to collect.
@@ -153,15 +155,55 @@ class Batch:
         return states
 
     def _carried_outcomes(self) -> dict[str, Outcome]:
-        """Rows this run already finished (same --run-id): kept as they were, not redone."""
+        """Rows this run already finished (same --run-id): kept as they were, not redone,
+        unless the row now asks for something else or its result was replaced since."""
         carried = {}
+        edits = {e.row_id: e for e in self.manifest.edits}
         for row_id, state in self.states.items():
-            if state.outcome is None:
+            if state.outcome is None or row_id not in edits:
                 continue
             o = Outcome.from_dict(state.outcome)
-            if o.status in (SUCCEEDED, SKIPPED_DONE) and o.output and self.store.holds(o.output, None):
+            made_for = state.made_for or {}
+            if o.status not in (SUCCEEDED, SKIPPED_DONE) or not o.output:
+                continue
+            if not self._still_asked(edits[row_id], made_for):
+                self._changed.append(row_id)
+            elif self.store.holds(o.output, made_for.get("identity")):
                 carried[row_id] = o
         return carried
+
+    def _still_asked(self, edit: Edit, made_for: dict) -> bool:
+        """Whether the row asks for what its earlier result was made for (identity.py): the
+        same input content (known by its stamp when unchanged, not read again), region,
+        prompt, seed and settings of its own."""
+        if not made_for.get("request"):
+            return True  # recorded before requests were: taken as it was
+        if edit.error:
+            return False  # the row as it stands now is not the row that was done
+        try:
+            source = self.manifest.resolve_input(edit)
+            self.sources.vouch(source, made_for.get("source_stamp"), made_for.get("source_sha256") or "")
+            checksum = self.sources.checksum(source)
+        except (RowError, OSError):
+            return True  # its input cannot be read now: the result is all there is of it
+        return request_identity(edit, checksum) == made_for["request"]
+
+    def _earlier_attempt(self, row_id: str, request: str) -> RowState | None:
+        """What an earlier attempt of this run left of the row to collect or to doubt, if it
+        was for this same request. One for a request the row no longer makes (the manifest
+        changed) is set aside: what it cost stays counted, and the row is made anew."""
+        state = self.states.get(row_id)
+        if state is None or state.request in (None, request):
+            return state
+        if state.prediction_id or state.answer or state.in_doubt or state.doubted:
+            self.journal.write("set_aside", row_id, reason="the row asks for something else than when it was sent")
+            with self._lock:
+                self._set_aside.append(row_id)
+        return None
+
+    @property
+    def _clip_settings(self) -> dict[str, Any]:
+        return {"context_seconds": self.config.provider.context_seconds, "pad": self.config.provider.pad}
 
     @property
     def rows_at_once(self) -> int:
@@ -264,6 +306,8 @@ class Batch:
                 done += 1
                 continue
             state = self.states.get(edit.row_id)
+            if state is not None and state.request not in (None, self.request(checked)):
+                state = None  # the row changed since: a new prediction (what was paid stays counted)
             if state is not None and (state.in_doubt or state.doubted) and not resubmit:
                 in_doubt += 1
                 continue
@@ -301,8 +345,9 @@ class Batch:
     def process(self, edit: Edit) -> Outcome:
         started = time.monotonic()
         outcome = self._blank_outcome(edit)
+        made_for = None
         try:
-            self._process(edit, outcome)
+            made_for = self._process(edit, outcome)
         except RowError as exc:
             outcome.status = outcome.status or FAILED
             outcome.error = _sentence(exc)
@@ -320,7 +365,7 @@ class Batch:
             self.ledger.settle(held, held.amount_usd)
             outcome.cost_usd += held.amount_usd
         outcome.seconds = round(time.monotonic() - started, 3)
-        self.journal.write("outcome", edit.row_id, outcome=outcome.to_dict())
+        self.journal.write("outcome", edit.row_id, outcome=outcome.to_dict(), made_for=made_for)
         self.answers.discard(edit.row_id)  # the outcome is on disk: the answer is not needed
         self._remove_leftover_staging(edit.row_id)
         return outcome
@@ -360,7 +405,9 @@ class Batch:
             extra=dict(edit.extra),
         )
 
-    def _process(self, edit: Edit, outcome: Outcome) -> None:
+    def _process(self, edit: Edit, outcome: Outcome) -> dict[str, Any]:
+        """Do the row; returns what its result was made for (kept with its outcome, so that
+        a rerun can tell whether the row still asks for the same)."""
         try:
             checked = self.check(edit)
             original = self.sources.audio(checked.source)
@@ -368,9 +415,16 @@ class Batch:
             outcome.status = INVALID
             raise
         identity = self.identity(checked)
+        checksum = self.sources.checksum(checked.source)
+        made_for = {
+            "request": self.request(checked),
+            "identity": identity,
+            "source_sha256": checksum,
+            "source_stamp": self.sources.stamp(checked.source),
+        }
         while True:
             if not self.force and self._reuse(edit, checked, identity, outcome):
-                return
+                return made_for
             with self._lock:
                 owner = self._in_flight.get(identity)
                 if owner is None:
@@ -383,16 +437,20 @@ class Batch:
                 if claim == STOPPED:
                     raise RowError(self._not_started)
                 if claim == WAITED and not self.force and self._reuse(edit, checked, identity, outcome):
-                    return
-                self._produce(edit, checked, original, identity, outcome)
+                    return made_for
+                self._produce(edit, checked, original, made_for, outcome)
         finally:
             with self._lock:
                 self._in_flight.pop(identity).set()
+        return made_for
 
     def identity(self, checked: Checked) -> str:
         provider = checked.provider
         checksum = self.sources.checksum(checked.source)
         return edit_identity(checked.edit, checksum, provider.name, provider.model, self.config)
+
+    def request(self, checked: Checked) -> str:
+        return request_identity(checked.edit, self.sources.checksum(checked.source))
 
     def _earlier(self, identity: str) -> tuple[dict, OutputStore] | None:
         """An earlier result with this identity that still exists, and the store holding it:
@@ -431,9 +489,11 @@ class Batch:
         self.journal.write("reused", edit.row_id, identity=identity, reused_from=record["output"])
         return True
 
-    def _produce(self, edit: Edit, checked: Checked, original: Audio, identity: str, outcome: Outcome) -> None:
+    def _produce(self, edit: Edit, checked: Checked, original: Audio, made_for: dict, outcome: Outcome) -> None:
+        """A new prediction for the row, or the one an earlier attempt paid for (then
+        `made_for` takes the identity it was made under)."""
         provider = checked.provider
-        state = self.states.get(edit.row_id)
+        state = self._earlier_attempt(edit.row_id, made_for["request"])
         if state is not None and (state.in_doubt or state.doubted) and not self.config.provider.resubmit_in_doubt:
             raise RowError(
                 "A create for this row went out in an earlier attempt that ended before its result was kept; "
@@ -442,10 +502,13 @@ class Batch:
             )
         resume_id = state.prediction_id if state is not None else None
         kept = self.answers.load(state.answer) if state is not None else None
+        clip = self._clip_settings
         if state is not None and (resume_id or kept):
             provider = self._maker(state, provider)
             outcome.provider = provider.name
             reservation = self._held.pop(edit.row_id)  # paid already: collect it, never recreate
+            clip = state.clip or clip  # cut as it was sent, even if the settings changed since
+            made_for["identity"] = state.identity or made_for["identity"]
         else:
             reservation = self.ledger.reserve(provider.price_usd)
         if reservation is None:
@@ -469,11 +532,20 @@ class Batch:
             notify=lambda event, fields: self.journal.write(event, edit.row_id, **fields),
             resume_prediction_id=resume_id,
             kept_answer=kept,
+            context_seconds=clip["context_seconds"],
+            pad=clip["pad"],
             keep_answer=lambda answer: self._keep_answer(edit.row_id, answer),
             should_cancel=self._should_cancel,
             may_start=lambda: not stop_requested(),
         )
-        self.journal.write("sending", edit.row_id, provider=provider.name)
+        self.journal.write(
+            "sending",
+            edit.row_id,
+            provider=provider.name,
+            request=made_for["request"],
+            identity=made_for["identity"],
+            clip=clip,
+        )
         if resume_id:
             self.journal.write("created", edit.row_id, prediction_id=resume_id, resumed=True)
         if kept is not None and state is not None:  # still kept, should this attempt die too
@@ -515,6 +587,7 @@ class Batch:
         _apply(quality.to_dict(), outcome)
         if self._previews.take(flagged=bool(quality.flags)):
             self._save_preview(edit, original, published, a, b)
+        identity = made_for["identity"]
         record = {
             "identity": identity,
             "provider": provider.name,
@@ -589,6 +662,18 @@ class Batch:
                     f"The {p.name} engine rebuilds each region from the rest of its recording; "
                     "the prompt is recorded but does not steer it."
                 )
+        if self._changed:
+            notes.append(
+                f"{_rows(self._changed)} changed in the manifest since an earlier attempt of this run finished "
+                f"{'it' if len(self._changed) == 1 else 'them'}, and {'was' if len(self._changed) == 1 else 'were'} "
+                "done again."
+            )
+        if self._set_aside:
+            notes.append(
+                f"{_rows(self._set_aside)} changed in the manifest after an earlier attempt of this run paid for "
+                f"{'its' if len(self._set_aside) == 1 else 'their'} prediction: what was paid stays in cost_usd, "
+                f"and {'it was' if len(self._set_aside) == 1 else 'they were'} made anew."
+            )
         return notes
 
     def close(self) -> None:
@@ -602,6 +687,11 @@ RESULT_DETAILS = ("provider", "model", "prediction_id", "cost_usd", "method", "s
 
 
 LOSSLESS = ("wav", "flac", "aiff")
+
+
+def _rows(row_ids: list[str]) -> str:
+    shown = ", ".join(sorted(row_ids)[:5]) + (", ..." if len(row_ids) > 5 else "")
+    return f"{len(row_ids)} row{'s' if len(row_ids) != 1 else ''} ({shown})"
 
 
 def _apply(quality: dict, outcome: Outcome) -> None:

@@ -8,6 +8,12 @@ result; the output store indexes results by it (storage.INDEX_PREFIX).
 
 The output container is not part of it: a result is re-encoded when a rerun asks for
 another format.
+
+A request's identity is the part of it the row itself asks for (input content, region,
+prompt, seed, steps, guidance), without the settings of how it is made (provider, model,
+clip and splice settings). A rerun with the same run id compares it to what the earlier
+attempt recorded: a row asking for something else is done again, while a changed setting
+does not undo work already paid for (--force or a new run id does that).
 """
 
 from __future__ import annotations
@@ -24,6 +30,22 @@ SCHEME = 1  # bump when the fields below change meaning
 
 def edit_identity(edit: Edit, source_sha256: str, provider: str, model: str, config: Config) -> str:
     fields: dict[str, Any] = {
+        **_asked(edit, source_sha256),
+        "provider": provider,
+        "model": model,
+        "context_seconds": config.provider.context_seconds,
+        "pad": config.provider.pad,
+        "crossfade_ms": config.splice.crossfade_ms,
+    }
+    return _digest(fields)
+
+
+def request_identity(edit: Edit, source_sha256: str) -> str:
+    return _digest({**_asked(edit, source_sha256), "of": "request"})
+
+
+def _asked(edit: Edit, source_sha256: str) -> dict[str, Any]:
+    return {
         "scheme": SCHEME,
         "source_sha256": source_sha256,
         "start": repr(float(edit.start or 0.0)),
@@ -32,11 +54,9 @@ def edit_identity(edit: Edit, source_sha256: str, provider: str, model: str, con
         "seed": edit.seed,
         "steps": edit.steps,
         "guidance_scale": edit.guidance_scale,
-        "provider": provider,
-        "model": model,
-        "context_seconds": config.provider.context_seconds,
-        "pad": config.provider.pad,
-        "crossfade_ms": config.splice.crossfade_ms,
     }
+
+
+def _digest(fields: dict[str, Any]) -> str:
     canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -107,6 +107,13 @@ class RowState:
 
     outcome: dict[str, Any] | None = None  # the last outcome, unless an attempt started after it
     provider: str | None = None  # where the last attempt went: only it can collect what it made
+    # What the last attempt was for (identity.py), and the clip settings it was sent with:
+    # what it paid for is collected only for the same request, cut with those settings.
+    request: str | None = None
+    identity: str | None = None
+    clip: dict[str, Any] | None = None
+    # What the last outcome was for: {"request", "identity", "source_sha256", "source_stamp"}.
+    made_for: dict[str, Any] | None = None
     prediction_id: str | None = None  # created, and no outcome recorded since: poll it, never recreate
     in_doubt: bool = False  # a create was sent and no answer recorded: it may exist
     # The last attempt ended with a create still in doubt (its price is in spent_before):
@@ -132,7 +139,7 @@ def row_states(run_dir: Path) -> dict[str, RowState]:
         kind = e.get("event")
         if kind == "sending":  # a new attempt at the row
             s.outcome, s.in_doubt, s.doubted, s.answered, s.answer = None, False, False, False, None
-            s.provider = e.get("provider")
+            s.provider, s.request, s.identity, s.clip = (e.get(k) for k in ("provider", "request", "identity", "clip"))
         elif kind == "creating":
             s.in_doubt = True
         elif kind == "create_refused":  # nothing was made: no doubt
@@ -150,6 +157,7 @@ def row_states(run_dir: Path) -> dict[str, RowState]:
             s.staged = [u for u in s.staged if u != e.get("uri")]
         elif kind == "outcome":
             s.outcome = e["outcome"]
+            s.made_for = e.get("made_for")
             s.spent_before = float(e["outcome"].get("cost_usd") or 0.0)  # outcomes carry the running total
             s.reported_before = float(e["outcome"].get("provider_cost_usd") or 0.0)
             s.doubted = s.doubted or s.in_doubt

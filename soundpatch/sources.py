@@ -3,6 +3,10 @@
 Bulk variation runs hit the same source hundreds of times; decoding it for every row
 would cost more than the orchestration. Decoded sources are kept in a small cache
 bounded by bytes, and concurrent rows for the same source wait for one decode.
+
+Each source's SHA-256 is taken as it is read, with a stamp of the version read (a local
+file's size and modification time, an S3 object's ETag), so that a rerun can tell an
+unchanged source by its stamp alone instead of reading it all again (`vouch`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class SourceReader:
         self._key_locks: dict[str, threading.Lock] = {}
         self._info: dict[str, AudioInfo] = {}
         self._checksums: dict[str, str] = {}
+        self._stamps: dict[str, str | None] = {}
 
     def info(self, uri: str) -> AudioInfo:
         """Length, rate, channels and format from the header only (no full decode)."""
@@ -65,6 +70,7 @@ class SourceReader:
                 hit = self._cache.get(uri)
                 if hit is not None:
                     return hit
+            self._stamp_before_reading(uri)
             data, name = self._read(uri)
             audio = decode(data, name)
             with self._lock:
@@ -81,6 +87,7 @@ class SourceReader:
         with self._lock:
             known = self._checksums.get(uri)
         if known is None and not uri.startswith(("s3://", "http://", "https://")):
+            self._stamp_before_reading(uri)
             digest = hashlib.sha256()
             with open(self._local_path(uri), "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
@@ -93,6 +100,42 @@ class SourceReader:
             with self._lock:
                 known = self._checksums[uri]
         return known
+
+    def stamp(self, uri: str) -> str | None:
+        """The stamp of the version whose checksum was taken (None: no stamp to be had)."""
+        with self._lock:
+            return self._stamps.get(uri)
+
+    def vouch(self, uri: str, stamp: str | None, sha256: str) -> None:
+        """An earlier reading of `uri` (its stamp and checksum): taken as this run's if the
+        source still bears that stamp, so its checksum is known without reading it."""
+        if stamp is None:
+            return
+        try:
+            now = self._current_stamp(uri)
+        except (OSError, RowError):
+            return
+        if now == stamp:
+            with self._lock:
+                self._checksums.setdefault(uri, sha256)
+                self._stamps.setdefault(uri, stamp)
+
+    def _stamp_before_reading(self, uri: str) -> None:
+        try:
+            stamp = self._current_stamp(uri)
+        except (OSError, RowError):
+            stamp = None  # reading it will say what is wrong
+        with self._lock:
+            self._stamps[uri] = stamp
+
+    def _current_stamp(self, uri: str) -> str | None:
+        if uri.startswith("s3://"):
+            head = self._s3.head(S3Uri.parse(uri)) if self._s3 is not None else None
+            return f"etag {head.get('ETag')} {head.get('ContentLength')}" if head and head.get("ETag") else None
+        if uri.startswith(("http://", "https://")):
+            return None  # a download is the only sure reading
+        st = self._local_path(uri).stat()
+        return f"file {st.st_size} {st.st_mtime_ns}"
 
     def _read(self, uri: str) -> tuple[bytes, str]:
         if uri.startswith("s3://"):

@@ -382,3 +382,47 @@ def test_a_disk_that_will_not_keep_the_answer_does_not_cost_the_row(local_librar
     assert o.cost_usd == pytest.approx(PRICE) and sim.stats.creates == 1
     (not_kept,) = [e for e in journal(batch) if e["event"] == "answer_not_kept"]
     assert "No space left on device" in not_kept["reason"]
+
+
+def test_a_paid_answer_for_what_a_row_no_longer_asks_is_counted_and_not_used(local_library, simulator, monkeypatch):
+    # Paid, kept, and the run died using it; before the rerun the row's prompt and seed were
+    # changed. The answer is for the old request: it is not spliced in as the new one. Its
+    # price stays on the row and the budget, and the row is made anew.
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    one = local_library / "one.csv"
+    one.write_text("id,input,start,end,prompt,seed\nloop,audio/loop.wav,10,14.5,brass,222\n")
+    sim = simulator(latency=0.05, fill="tone")
+    with monkeypatch.context() as m:
+        m.setattr(hosted, "decode_result", lambda data: (_ for _ in ()).throw(Died()))
+        with pytest.raises(Died):
+            run_batch(local_library, sim, "changed", manifest="one.csv")
+    one.write_text("id,input,start,end,prompt,seed\nloop,audio/loop.wav,10,14.5,strings,7\n")
+    cfg = stability_config(local_library, sim)
+    dry = Batch(load_manifest(one), cfg, "changed", dry_run=True, earlier_attempts=True)
+    estimate = dry.estimate(dry.manifest.edits)
+    dry.close()
+    assert (estimate["predictions"], estimate["to_collect"]) == (1, 0)  # a new one, the old one counted
+    assert estimate["spent_before_usd"] == pytest.approx(PRICE)
+    (o,), batch = run_batch(local_library, sim, "changed", manifest="one.csv")
+    assert sim.stats.creates == 2 and o.status == "succeeded" and o.seed == 7
+    assert o.cost_usd == pytest.approx(2 * PRICE) and batch.ledger.spent_usd == pytest.approx(2 * PRICE)
+    assert_result_is_right(local_library, None, o, 35)  # seed 7's tone, not 222's
+    assert "set_aside" in [e["event"] for e in journal(batch)]
+    assert any("changed in the manifest after an earlier attempt" in n for n in batch.notes())
+    assert list((local_library / "runs" / "changed" / "answers").iterdir()) == []
+
+
+def test_a_paid_answer_is_cut_as_it_was_sent_when_the_clip_settings_changed(local_library, simulator, monkeypatch):
+    # Sent with 10 s of context each side; the run died using the answer, and the rerun's
+    # config asks for 3 s. The answer is still the 10 s clip's: put back with that window.
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    (local_library / "one.csv").write_text("id,input,start,end,prompt,seed\nloop,audio/loop.wav,10,14.5,brass,222\n")
+    sim = simulator(latency=0.05, fill="tone")
+    with monkeypatch.context() as m:
+        m.setattr(hosted, "decode_result", lambda data: (_ for _ in ()).throw(Died()))
+        with pytest.raises(Died):
+            run_batch(local_library, sim, "narrower", manifest="one.csv")
+    (o,), batch = run_batch(local_library, sim, "narrower", manifest="one.csv", **{"provider.context_seconds": 3})
+    assert sim.stats.creates == 1 and o.status == "succeeded" and o.cost_usd == pytest.approx(PRICE)
+    assert "window 0.00+25 s" in o.method, o.method
+    assert_result_is_right(local_library, None, o, 35)

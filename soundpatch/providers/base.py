@@ -48,6 +48,10 @@ class InpaintRequest:
     resume_prediction_id: str | None = None
     # A paid answer an earlier attempt kept and did not get to use: used now, nothing is sent.
     kept_answer: PaidAnswer | None = None
+    # The clip settings (provider.context_seconds, provider.pad) to cut with, when not the
+    # provider's own: what an earlier attempt paid for is cut as it was sent.
+    context_seconds: float | None = None
+    pad: str | None = None
     # Given each paid answer the moment it is in hand, before anything is done with it.
     keep_answer: Callable[[PaidAnswer], None] | None = None
     # Asked while waiting: should the prediction be cancelled now (the run is stopping)?

@@ -94,8 +94,9 @@ class HostedProvider:
         earlier attempt kept and did not get to use (then nothing is sent), or a new one."""
         audio = request.audio
         with crunching():
-            window = plan_window(audio.frames, audio.rate, request.a, request.b, self.config.context_seconds)
-            clip = prepare_clip(audio, window, self.config.pad)
+            context = self.config.context_seconds if request.context_seconds is None else request.context_seconds
+            window = plan_window(audio.frames, audio.rate, request.a, request.b, context)
+            clip = prepare_clip(audio, window, request.pad or self.config.pad)
         kept = request.kept_answer
         if kept is not None:
             return self._prediction(kept.data, clip, window, request, kept.cost_usd, kept.prediction_id, 0)
