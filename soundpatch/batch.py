@@ -121,6 +121,7 @@ class Batch:
         self._in_flight: dict[str, threading.Event] = {}  # identity -> set when its owner is done
         self._previews = preview.Quota()  # listening copies kept for the report
         self.publisher = Publisher(self.store, config.output.format, run_id)
+        self._name_clashes = self.publisher.clashes(self.manifest.edits, self._info_if_readable)
         self._changed: list[str] = []  # rows an earlier attempt finished, changed since
         self._set_aside: list[str] = []  # rows an earlier attempt paid for, changed since
         self._carried = self._carried_outcomes()
@@ -260,6 +261,8 @@ class Batch:
         """Everything that can be known without spending: raises RowError with the reason."""
         if edit.error:
             raise RowError(edit.error)
+        if edit.row_id in self._name_clashes:
+            raise RowError(self._name_clashes[edit.row_id])
         provider = self.provider_for(edit)
         source = self.manifest.resolve_input(edit)
         info = self.sources.info(source)
@@ -279,6 +282,12 @@ class Batch:
         provider.check(info.frames, info.rate, a, b, edit.steps, edit.guidance_scale)
         self.publisher.name(edit, info)  # an unusable output name is found now, not after paying
         return Checked(edit, source, info, provider)
+
+    def _info_if_readable(self, edit: Edit) -> AudioInfo | None:
+        try:
+            return self.sources.info(self.manifest.resolve_input(edit))
+        except (SoundpatchError, OSError):
+            return None
 
     def estimate(self, edits: list[Edit]) -> dict[str, Any]:
         """What a run would do and cost, touching no provider: identical rows count once, and

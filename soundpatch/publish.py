@@ -7,11 +7,13 @@ audio outside the region identical to the input.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from soundpatch import audio as audio_ops
 from soundpatch.audio import Audio, AudioInfo
+from soundpatch.errors import RowError
 from soundpatch.manifest import Edit
 from soundpatch.storage import OutputStore, output_name
 
@@ -40,18 +42,50 @@ class Publisher:
         container = self.container(info)
         return audio_ops.EXTENSIONS.get(container, container.lower())
 
-    def name(self, edit: Edit, info: AudioInfo) -> str:
+    def name(self, edit: Edit, info: AudioInfo | None) -> str:
         """The result's name under the output prefix; raises RowError for an unusable template.
 
-        Checked while validating, before any money is spent, not first when publishing."""
-        fields = {
-            "run_id": self.run_id,
-            "row_id": edit.row_id,
-            "stem": _stem(edit.input),
-            "seed": str(edit.seed),
-            "ext": self.ext(info),
-        }
-        return output_name(edit.output, fields)
+        Checked while validating, before any money is spent, not first when publishing.
+        Without `info` (the input not read yet) the extension is a stand-in when the
+        container follows the input's own (output.format: same)."""
+        if info is not None:
+            ext = self.ext(info)
+        elif self.output_format == "same":
+            ext = "same"
+        else:
+            ext = audio_ops.EXTENSIONS.get(audio_ops.OUTPUT_CONTAINERS[self.output_format], self.output_format)
+        fields = {"run_id": self.run_id, "row_id": edit.row_id, "stem": _stem(edit.input), "seed": str(edit.seed)}
+        return output_name(edit.output, {**fields, "ext": ext})
+
+    def clashes(self, edits: Sequence[Edit], info_of: Callable[[Edit], AudioInfo | None]) -> dict[str, str]:
+        """Rows whose result would take the name of an earlier row's result (in manifest
+        order), each with its reason: written there, it would replace that result, one paid
+        for and lost. Found before anything is spent. Rows asking for the very same edit may
+        share a name. `info_of` is asked only where the name follows the input's own format
+        (output.format: same) and two rows might share it."""
+        candidates: dict[str, list[Edit]] = {}
+        for edit in edits:
+            if edit.error:
+                continue
+            try:
+                candidates.setdefault(self.name(edit, None), []).append(edit)
+            except RowError:
+                continue  # its own check says what is wrong with its name
+        reasons: dict[str, str] = {}
+        for group in candidates.values():
+            owners: dict[str, Edit] = {}
+            for edit in group if len(group) > 1 else ():
+                info = info_of(edit) if self.output_format == "same" else None
+                if self.output_format == "same" and info is None:
+                    continue  # unreadable: invalid for its own reason
+                name = self.name(edit, info)
+                first = owners.setdefault(name, edit)
+                if first is not edit and _asks(first) != _asks(edit):
+                    reasons[edit.row_id] = (
+                        f"its output name {name} is also the name of row {first.row_id}'s result ({first.line}), "
+                        "which it would replace; give each row its own name (with {row_id} or {seed} in output)"
+                    )
+        return reasons
 
     def encode(self, edit: Edit, result: Audio, info: AudioInfo) -> Encoded:
         ext = self.ext(info)
@@ -80,6 +114,11 @@ class Encoded:
     data: bytes
     content_type: str
     ext: str
+
+
+def _asks(edit: Edit) -> tuple:
+    """What a row asks for, as written: rows alike in all of it make the very same result."""
+    return (edit.input, edit.start, edit.end, edit.prompt, edit.seed, edit.steps, edit.guidance_scale, edit.provider)
 
 
 def _stem(source: str) -> str:

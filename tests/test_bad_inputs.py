@@ -82,6 +82,7 @@ CORPUS = {
     "s3-pattern-missing-bucket": ("s3://no-such-bucket-here/*.wav", "1", "2", "x", {}, "does not exist"),
     "odd-encoding-id\u202e": ("good.wav", "1", "2", "x", {}, None),  # right-to-left mark: fine, kept
     "dup": ("good.wav", "1", "2", "first", {}, None),
+    "name-taken": ("good.wav", "3", "3.5", "x", {"output": "shared"}, "also the name of row good-3's result"),
 }
 DUPLICATE = ("dup", "good.wav", "1.5", "2", "second")
 
@@ -104,6 +105,7 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
     rows = [
         {"id": "good-1", "input": "good.wav", "start": "1", "end": "1.1", "prompt": "fill"},
         {"id": "good-2", "input": "good.flac", "start": "0:02", "end": "0:02.5", "prompt": "fill"},
+        {"id": "good-3", "input": "good.wav", "start": "2.5", "end": "2.6", "prompt": "fill", "output": "shared"},
     ]
     for row_id, (src, start, end, prompt, extra, _) in CORPUS.items():
         rows.append({"id": row_id, "input": src, "start": start, "end": end, "prompt": prompt, **extra})
@@ -136,11 +138,60 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
     assert long_id["status"].tolist() == ["invalid"] and "longer than 128" in long_id["error"].iloc[0]
     assert kinds + 2 >= 30  # the corpus, the duplicate id and the long id
 
-    for row_id in ("good-1", "good-2", "odd-encoding-id\u202e", "dup"):
+    for row_id in ("good-1", "good-2", "good-3", "odd-encoding-id\u202e", "dup"):
         assert report.loc[row_id, "status"] == "succeeded", report.loc[row_id, "error"]
     sent = [
         json.loads(x)["row"]
         for x in (tmp_path / "runs" / "bad" / "journal.jsonl").read_text().splitlines()
         if json.loads(x)["event"] == "sending"
     ]
-    assert sorted(sent) == sorted(["good-1", "good-2", "odd-encoding-id\u202e", "dup"])  # nothing else was sent
+    # nothing else was sent
+    assert sorted(sent) == sorted(["good-1", "good-2", "good-3", "odd-encoding-id\u202e", "dup"])
+
+
+def test_rows_that_would_overwrite_each_other_are_invalid_before_anything_is_made(tmp_path):
+    # A name without {row_id} or {seed}: variations of one row, or two rows, would each
+    # write the same file, the last one replacing the others. The first in the manifest
+    # keeps the name; the others are invalid, saying why. Rows asking for the very same
+    # edit may share it (it is made once).
+    from soundpatch.batch import Batch
+    from soundpatch.config import load_config
+    from soundpatch.manifest import load_manifest
+
+    rate = 16000
+    sf.write(tmp_path / "good.wav", 0.2 * np.sin(2 * np.pi * 220 * np.arange(4 * rate) / rate), rate)
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt,variations,output\n"
+        "one,good.wav,1,1.5,door,1,takes/door\n"
+        "two,good.wav,2,2.5,door,1,takes/door\n"  # another region, the same name
+        "same,good.wav,1,1.5,door,1,takes/door\n"  # the very same edit as one
+        "many,good.wav,1,1.5,wind,3,takes/wind\n"  # three variations, one name
+        "own,good.wav,1,1.5,wind,2,takes/wind-{seed}\n"  # each variation its own
+    )
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "names")
+    try:
+        estimate = batch.estimate(batch.manifest.edits)
+        outcomes = {o.row_id: o for o in map(batch.process, batch.manifest.edits)}
+    finally:
+        batch.close()
+    assert estimate["invalid"] == 3
+    statuses = {row: o.status for row, o in outcomes.items()}
+    assert statuses == {
+        "one": "succeeded",
+        "two": "invalid",
+        "same": "skipped_done",
+        "many-v1": "succeeded",
+        "many-v2": "invalid",
+        "many-v3": "invalid",
+        "own-v1": "succeeded",
+        "own-v2": "succeeded",
+    }, statuses
+    assert outcomes["two"].error == (
+        "Its output name takes/door.wav is also the name of row one's result (line 2), which it would "
+        "replace; give each row its own name (with {row_id} or {seed} in output)."
+    )
+    assert "row many-v1's result" in outcomes["many-v3"].error and outcomes["two"].cost_usd == 0
+    seeds = [outcomes[f"own-v{k}"].seed for k in (1, 2)]
+    written = sorted(p.name for p in (tmp_path / "out" / "takes").glob("*.wav"))
+    assert written == sorted(["door.wav", "wind.wav", *(f"wind-{seed}.wav" for seed in seeds)])
