@@ -537,7 +537,7 @@ class Batch:
             edit.steps,
             edit.guidance_scale,
             source=checked.source,
-            name=f"{self.run_id}/{edit.row_id}-{secrets.token_hex(4)}",
+            staging_folder=self.run_id,
             notify=lambda event, fields: self.journal.write(event, edit.row_id, **fields),
             resume_prediction_id=resume_id,
             kept_answer=kept,

@@ -4,11 +4,20 @@ The clip is uploaded under `storage.staging`, handed over as a presigned GET URL
 expires (long enough for the provider to fetch it, short enough not to linger), and
 deleted once the prediction is over. An `s3://` input the model can take as it is is
 presigned directly, without a copy.
+
+Rows sending the very same clip (variations of one source and region: other prompts,
+other seeds) share one upload: a clip is named by its content, uploaded by the first row
+that needs it, and deleted when the last row using it is done. The names carry a token of
+this process, so clips an earlier attempt left behind (deleted on the rerun, row by row)
+are never the ones this attempt is using.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import secrets
+import threading
+from dataclasses import dataclass, field
 
 from soundpatch.errors import ConfigError
 from soundpatch.s3 import S3, S3Uri
@@ -22,6 +31,15 @@ class StagedClip:
     uri: S3Uri | None  # None when nothing was uploaded (an input presigned as it is)
 
 
+@dataclass
+class _Shared:
+    """One clip in use by `users` rows; its lock is held while it is uploaded or deleted."""
+
+    users: int = 0
+    uploaded: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 class Staging:
     def __init__(self, s3: S3, prefix: str | None, expires_seconds: int = EXPIRES_SECONDS) -> None:
         if not prefix or not prefix.startswith("s3://"):
@@ -32,19 +50,54 @@ class Staging:
         self.s3 = s3
         self.prefix = S3Uri.parse(prefix)
         self.expires_seconds = expires_seconds
+        self._token = secrets.token_hex(4)
+        self._lock = threading.Lock()
+        self._clips: dict[str, _Shared] = {}  # staged uri -> its users
 
     def ready(self) -> None:
         """Raise ConfigError (once, before any row) if the staging bucket is missing or out of reach."""
         self.s3.check_bucket(self.prefix, "storage.staging")
 
-    def stage(self, data: bytes, name: str, content_type: str = "audio/wav") -> StagedClip:
-        uri = self.prefix.child(name)
-        self.s3.write(uri, data, content_type)
+    def stage(self, data: bytes, folder: str, content_type: str = "audio/wav") -> StagedClip:
+        """The clip under `folder`, uploaded unless a row using the same one already did;
+        give it back with `remove`."""
+        uri = self.prefix.child(f"{folder}/{self._token}-{hashlib.sha256(data).hexdigest()[:32]}.wav")
+        with self._lock:
+            shared = self._clips.setdefault(str(uri), _Shared())
+            shared.users += 1
+        try:
+            with shared.lock:
+                if not shared.uploaded:
+                    self.s3.write(uri, data, content_type)
+                    shared.uploaded = True
+        except BaseException:
+            self.remove(StagedClip("", uri))
+            raise
         return StagedClip(self.s3.presign(uri, self.expires_seconds), uri)
 
     def share(self, source: str) -> StagedClip:
         return StagedClip(self.s3.presign(S3Uri.parse(source), self.expires_seconds), None)
 
     def remove(self, clip: StagedClip) -> None:
-        if clip.uri is not None:
-            self.s3.delete(clip.uri)
+        """This row is done with the clip: deleted if no other row is using it."""
+        if clip.uri is None:
+            return
+        key = str(clip.uri)
+        with self._lock:
+            shared = self._clips.get(key)
+            if shared is None:  # not staged by this process
+                self.s3.delete(clip.uri)
+                return
+            shared.users -= 1
+            if shared.users > 0:
+                return
+        with shared.lock:  # a row staging it meanwhile waits, then uploads it again
+            with self._lock:
+                if shared.users > 0:
+                    return  # a row took it up again: it stays
+            if shared.uploaded:
+                shared.uploaded = False
+                self.s3.delete(clip.uri)
+            with self._lock:
+                if shared.users == 0 and self._clips.get(key) is shared:
+                    del self._clips[key]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -384,3 +385,28 @@ def wait_until(condition, seconds: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(0.05)
+
+
+def test_variations_of_one_clip_share_one_upload_and_leave_nothing_staged(library, aws_env, simulator, monkeypatch):
+    # Bulk variation: one source and region, many prompts and seeds. The clip sent is the
+    # same for all of them: uploaded once while they run at once, deleted after the last.
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    (library / "vary.csv").write_text(
+        "id,input,start,end,prompt,seed,variations\n"
+        "slam,audio/loop.wav,10.0,14.5,metal door slam,5,4\n"
+        "crate,audio/loop.wav,10.0,14.5,wooden crate,9,4\n"
+        "other,audio/loop.wav,20.0,21.0,glass,3,1\n"  # another region: another clip
+    )
+    sim = simulator(latency=0.3, fill="tone")
+    batch = Batch(load_manifest(library / "vary.csv"), eachlabs_config(library, sim, aws_env), "vary")
+    try:
+        with ThreadPoolExecutor(9) as pool:
+            outcomes = list(pool.map(batch.process, batch.manifest.edits))
+    finally:
+        batch.close()
+    for o in outcomes:
+        assert_result_is_right(library, aws_env, o, 35)
+    assert sim.stats.accepted == 9 and sim.stats.max_in_flight > 1
+    staged = {url.split("?", 1)[0] for url in sim.stats.audio_urls}
+    assert len(staged) == 2, staged  # one upload per distinct clip, not one per row
+    assert aws_env.keys("stage", "clips/") == []

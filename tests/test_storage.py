@@ -463,3 +463,46 @@ def test_a_rerun_redoes_the_rows_that_changed_and_a_replaced_result_is_never_tak
     assert todo == ["a", "c"] and sim.stats.creates == 7
     assert replaced["b"] == later["b"] and replaced["a"].status == replaced["c"].status == "succeeded"
     assert any("2 rows (a, c) changed" in n for n in notes), notes
+
+
+def test_a_shared_clip_given_back_while_another_row_takes_it_up_is_there_for_that_row(aws_env, monkeypatch):
+    # The last row using a staged clip deletes it; a row staging the same clip meanwhile
+    # must not be handed a URL to an object that is being deleted: it waits, then uploads.
+    from soundpatch.config import S3Config
+    from soundpatch.s3 import S3
+    from soundpatch.staging import Staging
+
+    aws_env.bucket("stage")
+    s3 = S3(S3Config(endpoint_url=aws_env.endpoint))
+    staging = Staging(s3, "s3://stage/clips/")
+    first = staging.stage(b"RIFF one clip", "run")
+    second = staging.stage(b"RIFF one clip", "run")  # a variation: the same clip, no new upload
+    assert first.uri == second.uri and len(aws_env.keys("stage", "clips/")) == 1
+    staging.remove(first)
+    assert len(aws_env.keys("stage", "clips/")) == 1  # the other row still uses it
+
+    deleting, go_on = threading.Event(), threading.Event()
+    real_delete = s3.delete
+
+    def slow_delete(uri):
+        deleting.set()
+        go_on.wait(10)
+        real_delete(uri)
+
+    monkeypatch.setattr(s3, "delete", slow_delete)
+    last = threading.Thread(target=staging.remove, args=(second,))
+    last.start()
+    assert deleting.wait(10)
+    taken: list = []
+    joining = threading.Thread(target=lambda: taken.append(staging.stage(b"RIFF one clip", "run")))
+    joining.start()
+    joining.join(0.3)
+    assert joining.is_alive()  # it waits for the delete under way
+    go_on.set()
+    last.join(10)
+    joining.join(10)
+    assert [taken[0].uri.key] == aws_env.keys("stage", "clips/")  # uploaded again after the delete
+    assert get(aws_env, str(taken[0].uri)) == b"RIFF one clip"
+    monkeypatch.setattr(s3, "delete", real_delete)
+    staging.remove(taken[0])
+    assert aws_env.keys("stage", "clips/") == []

@@ -42,7 +42,7 @@ class InpaintRequest:
     steps: int | None = None
     guidance_scale: float | None = None
     source: str | None = None  # where the audio came from (an s3:// input can be shared as is)
-    name: str = "clip"  # a unique, safe name for staged files
+    staging_folder: str = "clips"  # where clips for this run are staged (one per distinct clip)
     notify: Notify | None = None
     # A prediction created by an earlier attempt (before a crash): poll it, never recreate.
     resume_prediction_id: str | None = None

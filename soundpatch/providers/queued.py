@@ -120,7 +120,7 @@ class QueuedProvider(HostedProvider):
             return self.staging.share(request.source)
         with crunching():
             wav = soundio.write(pcm16(clip), MODEL_RATE, "WAV", "PCM_16")
-        staged = self.staging.stage(wav, f"{request.name}.wav")
+        staged = self.staging.stage(wav, request.staging_folder)
         request.tell("staged", uri=str(staged.uri))
         return staged
 
