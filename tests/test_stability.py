@@ -323,16 +323,23 @@ class Died(BaseException):
     """The process dying: nothing after it runs (no outcome, no cleanup)."""
 
 
-def test_a_rerun_naming_another_provider_still_collects_what_the_first_one_made(local_library, simulator, monkeypatch):
-    # Stability answered and was paid; the run died using the answer. The rerun's config
-    # says local (free): the paid answer is still used, and its price still shows.
+def died_using_the_answer(library: Path, simulator, monkeypatch, run_id: str):
+    """A run of one row (loop, brass, seed 222) that Stability answered and was paid for,
+    dead while decoding the answer: kept on disk, no outcome. The simulator, for counting."""
     monkeypatch.setenv("STABILITY_API_KEY", KEY)
-    (local_library / "one.csv").write_text("id,input,start,end,prompt,seed\nloop,audio/loop.wav,10,14.5,brass,222\n")
+    (library / "one.csv").write_text("id,input,start,end,prompt,seed\nloop,audio/loop.wav,10,14.5,brass,222\n")
     sim = simulator(latency=0.05, fill="tone")
     with monkeypatch.context() as m:
         m.setattr(hosted, "decode_result", lambda data: (_ for _ in ()).throw(Died()))
         with pytest.raises(Died):
-            run_batch(local_library, sim, "switch", manifest="one.csv")
+            run_batch(library, sim, run_id, manifest="one.csv")
+    return sim
+
+
+def test_a_rerun_naming_another_provider_still_collects_what_the_first_one_made(local_library, simulator, monkeypatch):
+    # Stability answered and was paid; the run died using the answer. The rerun's config
+    # says local (free): the paid answer is still used, and its price still shows.
+    sim = died_using_the_answer(local_library, simulator, monkeypatch, "switch")
     (o,), batch = run_batch(local_library, sim, "switch", manifest="one.csv", **{"provider.name": "local"})
     assert o.status == "succeeded" and o.provider == "stability" and "via Stability AI" in o.method
     assert o.cost_usd == pytest.approx(PRICE) and batch.ledger.spent_usd == pytest.approx(PRICE)
@@ -388,14 +395,8 @@ def test_a_paid_answer_for_what_a_row_no_longer_asks_is_counted_and_not_used(loc
     # Paid, kept, and the run died using it; before the rerun the row's prompt and seed were
     # changed. The answer is for the old request: it is not spliced in as the new one. Its
     # price stays on the row and the budget, and the row is made anew.
-    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    sim = died_using_the_answer(local_library, simulator, monkeypatch, "changed")
     one = local_library / "one.csv"
-    one.write_text("id,input,start,end,prompt,seed\nloop,audio/loop.wav,10,14.5,brass,222\n")
-    sim = simulator(latency=0.05, fill="tone")
-    with monkeypatch.context() as m:
-        m.setattr(hosted, "decode_result", lambda data: (_ for _ in ()).throw(Died()))
-        with pytest.raises(Died):
-            run_batch(local_library, sim, "changed", manifest="one.csv")
     one.write_text("id,input,start,end,prompt,seed\nloop,audio/loop.wav,10,14.5,strings,7\n")
     cfg = stability_config(local_library, sim)
     dry = Batch(load_manifest(one), cfg, "changed", dry_run=True, earlier_attempts=True)
@@ -415,13 +416,7 @@ def test_a_paid_answer_for_what_a_row_no_longer_asks_is_counted_and_not_used(loc
 def test_a_paid_answer_is_cut_as_it_was_sent_when_the_clip_settings_changed(local_library, simulator, monkeypatch):
     # Sent with 10 s of context each side; the run died using the answer, and the rerun's
     # config asks for 3 s. The answer is still the 10 s clip's: put back with that window.
-    monkeypatch.setenv("STABILITY_API_KEY", KEY)
-    (local_library / "one.csv").write_text("id,input,start,end,prompt,seed\nloop,audio/loop.wav,10,14.5,brass,222\n")
-    sim = simulator(latency=0.05, fill="tone")
-    with monkeypatch.context() as m:
-        m.setattr(hosted, "decode_result", lambda data: (_ for _ in ()).throw(Died()))
-        with pytest.raises(Died):
-            run_batch(local_library, sim, "narrower", manifest="one.csv")
+    sim = died_using_the_answer(local_library, simulator, monkeypatch, "narrower")
     (o,), batch = run_batch(local_library, sim, "narrower", manifest="one.csv", **{"provider.context_seconds": 3})
     assert sim.stats.creates == 1 and o.status == "succeeded" and o.cost_usd == pytest.approx(PRICE)
     assert "window 0.00+25 s" in o.method, o.method
