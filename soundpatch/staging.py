@@ -85,12 +85,13 @@ class Staging:
         key = str(clip.uri)
         with self._lock:
             shared = self._clips.get(key)
-            if shared is None:  # not staged by this process
-                self.s3.delete(clip.uri)
-                return
-            shared.users -= 1
-            if shared.users > 0:
-                return
+            if shared is not None:
+                shared.users -= 1
+                if shared.users > 0:
+                    return
+        if shared is None:  # not staged by this process
+            self.s3.delete(clip.uri)
+            return
         with shared.lock:  # a row staging it meanwhile waits, then uploads it again
             with self._lock:
                 if shared.users > 0:
