@@ -17,6 +17,7 @@ import secrets
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,21 +158,25 @@ class Batch:
 
     def _carried_outcomes(self) -> dict[str, Outcome]:
         """Rows this run already finished (same --run-id): kept as they were, not redone,
-        unless the row now asks for something else or its result was replaced since."""
-        carried = {}
+        unless the row now asks for something else or its result was replaced since.
+        Checked several rows at a time: in a bucket each check is a request or two."""
         edits = {e.row_id: e for e in self.manifest.edits}
+        finished = []
         for row_id, state in self.states.items():
-            if state.outcome is None or row_id not in edits:
-                continue
-            o = Outcome.from_dict(state.outcome)
-            made_for = state.made_for or {}
-            if o.status not in (SUCCEEDED, SKIPPED_DONE) or not o.output:
-                continue
-            if not self._still_asked(edits[row_id], made_for):
-                self._changed.append(row_id)
-            elif self.store.holds(o.output, made_for.get("identity")):
-                carried[row_id] = o
-        return carried
+            o = Outcome.from_dict(state.outcome) if state.outcome is not None and row_id in edits else None
+            if o is not None and o.status in (SUCCEEDED, SKIPPED_DONE) and o.output:
+                finished.append((edits[row_id], o, state.made_for or {}))
+
+        def verdict(item: tuple[Edit, Outcome, dict]) -> str:
+            edit, o, made_for = item
+            if not self._still_asked(edit, made_for):
+                return "changed"
+            return "kept" if self.store.holds(o.output, made_for.get("identity")) else "gone"
+
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(finished)))) as pool:
+            verdicts = list(pool.map(verdict, finished))
+        self._changed.extend(edit.row_id for (edit, _, _), v in zip(finished, verdicts, strict=True) if v == "changed")
+        return {edit.row_id: o for (edit, o, _), v in zip(finished, verdicts, strict=True) if v == "kept"}
 
     def _still_asked(self, edit: Edit, made_for: dict) -> bool:
         """Whether the row asks for what its earlier result was made for (identity.py): the

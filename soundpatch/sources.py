@@ -109,8 +109,9 @@ class SourceReader:
     def vouch(self, uri: str, stamp: str | None, sha256: str) -> None:
         """An earlier reading of `uri` (its stamp and checksum): taken as this run's if the
         source still bears that stamp, so its checksum is known without reading it."""
-        if stamp is None:
-            return
+        with self._lock:
+            if stamp is None or uri in self._checksums:
+                return
         try:
             now = self._current_stamp(uri)
         except (OSError, RowError):
