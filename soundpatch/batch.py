@@ -300,7 +300,7 @@ class Batch:
         Resuming a run, what its earlier attempts paid for is collected, not bought again,
         and a create in doubt is not sent again: neither costs anything more."""
         predictions, cost, invalid, errors, done, duplicates = 0, 0.0, 0, [], 0, 0
-        to_collect = in_doubt = 0
+        to_collect = in_doubt = changed = 0
         resubmit = self.config.provider.resubmit_in_doubt
         per_provider: dict[str, int] = {}
         seen: set[str] = set()
@@ -322,6 +322,9 @@ class Batch:
             state = self.states.get(edit.row_id)
             if state is not None and state.request not in (None, self.request(checked)):
                 state = None  # the row changed since: a new prediction (what was paid stays counted)
+                changed += 1
+            elif edit.row_id in self._changed:
+                changed += 1
             if state is not None and (state.in_doubt or state.doubted) and not resubmit:
                 in_doubt += 1
                 continue
@@ -345,6 +348,7 @@ class Batch:
             "already_done": done,
             "duplicates": duplicates,
             "to_collect": to_collect,
+            "changed": changed,  # since an earlier attempt of this run made or paid for it
             "in_doubt": in_doubt,
             # Spent or committed by earlier attempts of this run: it counts against the budget.
             "spent_before_usd": round(self.ledger.spent_usd + sum(h.amount_usd for h in self._held.values()), 6),

@@ -170,6 +170,8 @@ def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
         table.add_row("paid earlier, to collect (no new cost)", str(est["to_collect"]))
     if est.get("in_doubt"):
         table.add_row("in doubt from earlier (not sent again)", str(est["in_doubt"]))
+    if est.get("changed"):
+        table.add_row("changed since an earlier attempt (made anew)", str(est["changed"]))
     spent = est.get("spent_before_usd", 0.0)
     earlier = f"; ${spent:.2f} spent by earlier attempts" if spent else ""
     table.add_row("expected cost", f"${est['expected_cost_usd']:.2f} (budget ${est['budget_usd']:.2f}{earlier})")

@@ -402,7 +402,7 @@ def test_a_paid_answer_for_what_a_row_no_longer_asks_is_counted_and_not_used(loc
     dry = Batch(load_manifest(one), cfg, "changed", dry_run=True, earlier_attempts=True)
     estimate = dry.estimate(dry.manifest.edits)
     dry.close()
-    assert (estimate["predictions"], estimate["to_collect"]) == (1, 0)  # a new one, the old one counted
+    assert (estimate["predictions"], estimate["to_collect"], estimate["changed"]) == (1, 0, 1)  # the old one counted
     assert estimate["spent_before_usd"] == pytest.approx(PRICE)
     (o,), batch = run_batch(local_library, sim, "changed", manifest="one.csv")
     assert sim.stats.creates == 2 and o.status == "succeeded" and o.seed == 7
