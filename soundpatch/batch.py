@@ -190,7 +190,7 @@ class Batch:
             source = self.manifest.resolve_input(edit)
             self.sources.vouch(source, made_for.get("source_stamp"), made_for.get("source_sha256") or "")
             checksum = self.sources.checksum(source)
-        except (RowError, OSError):
+        except (SoundpatchError, OSError):
             return True  # its input cannot be read now: the result is all there is of it
         return request_identity(edit, checksum) == made_for["request"]
 

@@ -464,6 +464,12 @@ def test_a_rerun_redoes_the_rows_that_changed_and_a_replaced_result_is_never_tak
     assert replaced["b"] == later["b"] and replaced["a"].status == replaced["c"].status == "succeeded"
     assert any("2 rows (a, c) changed" in n for n in notes), notes
 
+    # An input gone since: nothing to compare with, and nothing to redo the row from. Its
+    # result is kept.
+    aws_env.client.delete_object(Bucket="inputs", Key="door.wav")
+    _, todo, _ = resume(manifest("creak", 2), cfg, "r2")
+    assert todo == [] and sim.stats.creates == 7
+
 
 def test_a_shared_clip_given_back_while_another_row_takes_it_up_is_there_for_that_row(aws_env, monkeypatch):
     # The last row using a staged clip deletes it; a row staging the same clip meanwhile
