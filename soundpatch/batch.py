@@ -12,13 +12,15 @@ flows/ and tasks/; this module is plain Python.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import threading
 import time
 import traceback
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,11 @@ class Batch:
         self._name_clashes = self.publisher.clashes(self.manifest.edits, self._info_if_readable)
         self._changed: list[str] = []  # rows an earlier attempt finished, changed since
         self._set_aside: list[str] = []  # rows an earlier attempt paid for, changed since
+        # Results of the local engine for regions the manifest asks for more than once:
+        # (source, region, result digest) -> (how many, the first few rows).
+        regions = Counter((e.input, e.start, e.end) for e in self.manifest.edits)
+        self._repeated_regions = {region for region, n in regions.items() if n > 1}
+        self._same_fills: dict[tuple, _Alike] = {}
         self._carried = self._carried_outcomes()
         # Money an earlier attempt of this run spent or committed counts against the cap:
         # recorded costs, creates in doubt (at list price), predictions still to collect.
@@ -602,6 +609,14 @@ class Batch:
             encoded = self.publisher.encode(edit, result, checked.info)
             published = audio_ops.decode(encoded.data, encoded.name)  # checked as users will read it
             quality = measure(original, published, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
+        if not provider.uses_prompt and (edit.input, edit.start, edit.end) in self._repeated_regions:
+            # Variations of a region from an engine that cannot vary much: which came out alike.
+            fill = (made_for["source_sha256"], a, b, hashlib.sha256(encoded.data).hexdigest())
+            with self._lock:
+                alike = self._same_fills.setdefault(fill, _Alike())
+                alike.results += 1
+                if len(alike.rows) < 3:
+                    alike.rows.append(edit.row_id)
         _apply(quality.to_dict(), outcome)
         if self._previews.take(flagged=bool(quality.flags)):
             self._save_preview(edit, original, published, a, b)
@@ -680,6 +695,14 @@ class Batch:
                     f"The {p.name} engine rebuilds each region from the rest of its recording; "
                     "the prompt is recorded but does not steer it."
                 )
+        alike = sorted((sorted(a.rows), a.results) for a in self._same_fills.values() if a.results > 1)
+        if alike:
+            shown = "; ".join(" = ".join(rows) + (" = ..." if n > len(rows) else "") for rows, n in alike[:3])
+            notes.append(
+                f"{sum(n for _, n in alike)} results came out identical to another of the same region "
+                f"({shown}{'; ...' if len(alike) > 3 else ''}): the local engine finds one best fill there whatever "
+                "the seed; a hosted model makes real variations."
+            )
         if self._changed:
             notes.append(
                 f"{_rows(self._changed)} changed in the manifest since an earlier attempt of this run finished "
@@ -705,6 +728,14 @@ RESULT_DETAILS = ("provider", "model", "prediction_id", "cost_usd", "method", "s
 
 
 LOSSLESS = ("wav", "flac", "aiff")
+
+
+@dataclass
+class _Alike:
+    """Results that came out identical: how many, and the first few rows."""
+
+    results: int = 0
+    rows: list[str] = field(default_factory=list)
 
 
 def _rows(row_ids: list[str]) -> str:

@@ -78,3 +78,34 @@ def test_seeds_choose_among_equally_good_passages(music_44k):
     for s in range(3):
         fill = LocalEngine().inpaint(InpaintRequest(audio, a, b, "p", seed=s)).fill
         assert snr_db(x[a:b], fill) > 40
+
+
+@pytest.mark.parametrize(
+    ("manifest", "alike"),
+    [("sfx_variations.yaml", "9 results came out identical"), ("restoration.csv", None)],
+)
+def test_variations_the_engine_made_alike_are_named_in_a_note(tmp_path, manifest, alike):
+    # The example manifests on the embedded engine: every variation of a region comes back
+    # the same (the engine has one best passage there), and the run says so instead of
+    # letting a user find out by listening. Restoration asks for each region once: no note.
+    from pathlib import Path
+
+    from soundpatch.batch import Batch
+    from soundpatch.config import load_config
+    from soundpatch.manifest import load_manifest
+
+    repo = Path(__file__).resolve().parent.parent
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    batch = Batch(load_manifest(repo / "manifests" / manifest), cfg, "alike")
+    try:
+        outcomes = [batch.process(e) for e in batch.manifest.edits]
+        notes = batch.notes()
+    finally:
+        batch.close()
+    assert {o.status for o in outcomes} == {"succeeded"}
+    said = [n for n in notes if "came out identical" in n]
+    if alike is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and said[0].startswith(alike), said
+        assert "(metal-v1 = metal-v2 = wood-v1 = ...; whoosh-tail-v1 = whoosh-tail-v2)" in said[0]
