@@ -201,18 +201,26 @@ class Batch:
             return True  # its input cannot be read now: the result is all there is of it
         return request_identity(edit, checksum) == made_for["request"]
 
-    def _earlier_attempt(self, row_id: str, request: str) -> RowState | None:
+    def _attempt_for(self, row_id: str, request: str) -> RowState | None:
         """What an earlier attempt of this run left of the row to collect or to doubt, if it
         was for this same request. One for a request the row no longer makes (the manifest
         changed) is set aside: what it cost stays counted, and the row is made anew."""
         state = self.states.get(row_id)
-        if state is None or state.request in (None, request):
-            return state
-        if state.prediction_id or state.answer or state.in_doubt or state.doubted:
+        return state if state is None or state.request in (None, request) else None
+
+    def _earlier_attempt(self, row_id: str, request: str) -> RowState | None:
+        """`_attempt_for`, saying so in the journal and the notes when an attempt is set aside."""
+        attempt = self._attempt_for(row_id, request)
+        state = self.states.get(row_id)
+        if (
+            attempt is None
+            and state is not None
+            and (state.prediction_id or state.answer or state.in_doubt or state.doubted)
+        ):
             self.journal.write("set_aside", row_id, reason="the row asks for something else than when it was sent")
             with self._lock:
                 self._set_aside.append(row_id)
-        return None
+        return attempt
 
     @property
     def _clip_settings(self) -> dict[str, Any]:
@@ -326,10 +334,9 @@ class Batch:
             if not self.force and self._earlier(identity) is not None:
                 done += 1
                 continue
-            state = self.states.get(edit.row_id)
-            if state is not None and state.request not in (None, self.request(checked)):
-                state = None  # the row changed since: a new prediction (what was paid stays counted)
-                changed += 1
+            state = self._attempt_for(edit.row_id, self.request(checked))
+            if state is None and edit.row_id in self.states:
+                changed += 1  # a new prediction (what was paid for the old request stays counted)
             elif edit.row_id in self._changed:
                 changed += 1
             if state is not None and (state.in_doubt or state.doubted) and not resubmit:
