@@ -33,12 +33,14 @@ class Publisher:
         self.output_format = output_format
         self.run_id = run_id
 
-    def container(self, info: AudioInfo) -> str:
+    def container(self, info: AudioInfo | None) -> str:
+        """`info` is needed only with output.format: same."""
         if self.output_format == "same":
+            assert info is not None
             return info.format if info.format in WRITABLE_CONTAINERS else "WAV"
         return audio_ops.OUTPUT_CONTAINERS[self.output_format]
 
-    def ext(self, info: AudioInfo) -> str:
+    def ext(self, info: AudioInfo | None) -> str:
         container = self.container(info)
         return audio_ops.EXTENSIONS.get(container, container.lower())
 
@@ -48,12 +50,7 @@ class Publisher:
         Checked while validating, before any money is spent, not first when publishing.
         Without `info` (the input not read yet) the extension is a stand-in when the
         container follows the input's own (output.format: same)."""
-        if info is not None:
-            ext = self.ext(info)
-        elif self.output_format == "same":
-            ext = "same"
-        else:
-            ext = audio_ops.EXTENSIONS.get(audio_ops.OUTPUT_CONTAINERS[self.output_format], self.output_format)
+        ext = "same" if info is None and self.output_format == "same" else self.ext(info)
         fields = {"run_id": self.run_id, "row_id": edit.row_id, "stem": _stem(edit.input), "seed": str(edit.seed)}
         return output_name(edit.output, {**fields, "ext": ext})
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import soundfile as sf
 
 from tests.jobs import clean_env, soundpatch
@@ -149,7 +150,8 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
     assert sorted(sent) == sorted(["good-1", "good-2", "good-3", "odd-encoding-id\u202e", "dup"])
 
 
-def test_rows_that_would_overwrite_each_other_are_invalid_before_anything_is_made(tmp_path):
+@pytest.mark.parametrize("output_format", ["wav", "same"])  # same: the name waits for the input's format
+def test_rows_that_would_overwrite_each_other_are_invalid_before_anything_is_made(tmp_path, output_format):
     # A name without {row_id} or {seed}: variations of one row, or two rows, would each
     # write the same file, the last one replacing the others. The first in the manifest
     # keeps the name; the others are invalid, saying why. Rows asking for the very same
@@ -168,7 +170,13 @@ def test_rows_that_would_overwrite_each_other_are_invalid_before_anything_is_mad
         "many,good.wav,1,1.5,wind,,3,takes/wind\n"  # three variations, one name
         "own,good.wav,1,1.5,wind,,2,takes/wind-{seed}\n"  # each variation its own
     )
-    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    cfg = load_config(
+        overrides={
+            "output.uri": str(tmp_path / "out"),
+            "output.format": output_format,
+            "runs_dir": str(tmp_path / "runs"),
+        }
+    )
     batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "names")
     try:
         estimate = batch.estimate(batch.manifest.edits)
