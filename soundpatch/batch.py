@@ -35,7 +35,8 @@ from soundpatch.cpu import crunching
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
 from soundpatch.identity import edit_identity, request_identity
 from soundpatch.interrupt import stop_requested
-from soundpatch.journal import Journal, RowState, row_states
+from soundpatch.journal import JOURNAL_FILE, Journal, RowState, parse, restore, row_states, states_from
+from soundpatch.journal_copy import JournalCopy
 from soundpatch.limits import BudgetLedger, SharedLimits
 from soundpatch.locks import STOPPED, WAITED, Claims, RunLock
 from soundpatch.manifest import Edit, Manifest
@@ -45,7 +46,7 @@ from soundpatch.publish import Publisher
 from soundpatch.quality import measure
 from soundpatch.s3 import S3, S3Uri
 from soundpatch.sources import SourceReader
-from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, local_result_holds, open_store
+from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, S3Prefix, local_result_holds, open_store
 
 # Typical seconds per prediction, for the wall-time estimate before a run.
 TYPICAL_SECONDS = {"local": 0.2, "eachlabs": 15.0, "stability": 15.0, "fal": 15.0}
@@ -107,17 +108,21 @@ class Batch:
     def _open(self, manifest: Manifest, config: Config, run_id: str, dry_run: bool, earlier_attempts: bool) -> None:
         self.claims = Claims(config.output.uri)
         self.answers = AnswerShelf(self.run_dir)  # paid answers in use, kept until their outcome
-        self.states = self._read_states() if earlier_attempts else {}
         self.dry_run = dry_run
         self.s3 = S3(config.storage.s3, connections=self.rows_at_once + 4)
         self.providers: dict[str, Provider] = {}
         self._lock = threading.Lock()
         self.store: OutputStore = open_store(config.output.uri, self.s3)
+        # With the outputs in a bucket, the journal is copied there: a run resumes elsewhere.
+        remote = isinstance(self.store, S3Prefix)
+        self.journal_copy = JournalCopy(self.s3, self.store.prefix, run_id) if remote else None
+        self._copy_read = ""  # what the start made of the copy, for the notes
         self.sources = SourceReader(self.s3, config.storage)
         self.manifest = manifest.with_patterns_expanded(self.sources.glob)
         self._provider(config.provider.name)  # an unusable provider stops the run before it starts
         if not dry_run:
             self.store.ready()  # a missing bucket or unwritable folder: once, before any row
+        self.states = self._read_states() if earlier_attempts else {}
         # Results paid for but not published (the upload failed), from any earlier run here.
         self.unpublished = LocalFolder(self.run_dir / "unpublished")
         self._kept = kept_results(Path(config.runs_dir).expanduser())
@@ -146,7 +151,7 @@ class Batch:
             for row, s in self.states.items()
             if s.prediction_id or s.answer
         }
-        self.journal = Journal(self.run_dir)
+        self.journal = Journal(self.run_dir, None if dry_run else self.journal_copy)
         # Rows run on many threads at once. BLAS's own threads on top of them fight for the
         # same cores: with 40 rows a dot product or a solve took 100-300x longer. One each.
         self._blas = threadpool_limits(limits=1, user_api="blas")
@@ -156,12 +161,36 @@ class Batch:
     def _read_states(self) -> dict[str, RowState]:
         """What earlier attempts of this run left, as the journal tells it; a paid answer
         whose kept file is gone is lost, like a create that was never answered."""
-        states = row_states(self.run_dir)
+        copied = self._copied_journal()
+        if copied and not self.dry_run:
+            restore(self.run_dir, copied)  # this machine's journal of the run from now on
+        states = states_from(parse(copied)) if copied else row_states(self.run_dir)
         for s in states.values():
             if s.answer is not None and not self.answers.exists(s.answer):
                 s.answer = None
                 s.in_doubt = s.prediction_id is None  # with an id it can still be collected
         return states
+
+    def _copied_journal(self) -> list[str]:
+        """The journal's copy in the bucket, when this machine has no journal of the run (it
+        began elsewhere, or in a container that is gone); [] otherwise."""
+        if self.journal_copy is None or (self.run_dir / JOURNAL_FILE).exists():
+            return []
+        try:
+            lines = self.journal_copy.lines()
+        except RowError as exc:
+            self._copy_read = (
+                f"The journal's copy in the bucket could not be read ({exc}); had run {self.run_id} begun on "
+                "another machine, what it paid for there would not be known here."
+            )
+            return []
+        if lines:
+            rows = len({e["row"] for e in parse(lines) if e.get("row")})
+            self._copy_read = (
+                f"This machine had no journal of run {self.run_id}: it went on from the journal's copy in the "
+                f"bucket ({rows} row{'s' if rows != 1 else ''} begun elsewhere)."
+            )
+        return lines
 
     def _carried_outcomes(self) -> dict[str, Outcome]:
         """Rows this run already finished (same --run-id): kept as they were, not redone,
@@ -722,10 +751,17 @@ class Batch:
                 f"{'its' if len(self._set_aside) == 1 else 'their'} prediction: what was paid stays in cost_usd, "
                 f"and {'it was' if len(self._set_aside) == 1 else 'they were'} made anew."
             )
+        if self._copy_read:
+            notes.append(self._copy_read)
+        behind = self.journal.copy.note() if self.journal.copy is not None else None
+        if behind:
+            notes.append(behind)
         return notes
 
     def close(self) -> None:
         self.journal.close()
+        if self.journal.copy is not None and self.journal.path.exists():
+            self.journal.copy.replace_with(self.journal.path)
         self._blas.restore_original_limits()
         self.run_lock.release()
 

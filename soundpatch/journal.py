@@ -11,10 +11,12 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+from soundpatch.journal_copy import BEFORE_MONEY, JournalCopy
 
 JOURNAL_FILE = "journal.jsonl"
 # Events that protect money or results: on disk before the step they announce, even if
@@ -24,14 +26,20 @@ DURABLE_EVENTS = ("sending", "creating", "created", "answer_kept", "outcome")
 
 
 class Journal:
-    def __init__(self, run_dir: Path) -> None:
+    """`copy`: the journal's copy in the output bucket (journal_copy.py), when there is one."""
+
+    def __init__(self, run_dir: Path, copy: JournalCopy | None = None) -> None:
         self.path = run_dir / JOURNAL_FILE
+        self.copy = copy
         self._lock = threading.Lock()
         self._file: TextIO | None = None  # opened at the first event: a dry run leaves no trace
 
     def write(self, event: str, row_id: str | None = None, **fields: Any) -> None:
         record = {"t": round(time.time(), 3), "event": event, **({"row": row_id} if row_id else {}), **fields}
         line = json.dumps(record, default=str, ensure_ascii=False) + "\n"
+        copy = self.copy if row_id else None
+        if copy is not None and event in BEFORE_MONEY:
+            copy.add(row_id, event, line, durable=True)  # in the bucket before money moves, or nothing moves
         with self._lock:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +52,8 @@ class Journal:
             # and the kernel serves concurrent fsyncs of one file together (group commit).
             # The line is written before the fsync starts, so it is on disk when this returns.
             os.fsync(fd)
+        if copy is not None and event not in BEFORE_MONEY:
+            copy.add(row_id, event, line, durable=event in DURABLE_EVENTS)
 
     def close(self) -> None:
         with self._lock:
@@ -58,13 +68,26 @@ def read_events(run_dir: Path) -> Iterator[dict[str, Any]]:
     if not path.exists():
         return
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        yield from parse(f)
+
+
+def parse(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if not line.endswith("\n"):
+            break
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
+def restore(run_dir: Path, lines: list[str]) -> None:
+    """Start this machine's journal of the run from `lines` (its copy in the bucket)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / JOURNAL_FILE, "a", encoding="utf-8") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def latest_outcomes(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -130,8 +153,12 @@ class RowState:
 
 
 def row_states(run_dir: Path) -> dict[str, RowState]:
+    return states_from(read_events(run_dir))
+
+
+def states_from(events: Iterable[dict[str, Any]]) -> dict[str, RowState]:
     states: dict[str, RowState] = {}
-    for e in read_events(run_dir):
+    for e in events:
         row = e.get("row")
         if not row:
             continue

@@ -192,6 +192,15 @@ class S3:
         except (ClientError, BotoCoreError):
             pass  # staging clean-up is best effort; a lifecycle rule catches what is left
 
+    def delete_keys(self, bucket: str, keys: list[str]) -> None:
+        """Delete many objects, a thousand a request (best effort, like `delete`)."""
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[i : i + 1000]]
+            try:
+                self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            except (ClientError, BotoCoreError):
+                pass
+
     def presign(self, uri: S3Uri, expires_seconds: int) -> str:
         try:
             return self.client.generate_presigned_url(

@@ -6,7 +6,9 @@ and counts every create it ever saw.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -54,6 +56,35 @@ def test_sigkill_after_every_create_then_rerun_pays_each_prediction_once(
     assert rows["cost_usd"].sum() == pytest.approx(16 * 0.20)
     assert all(Path(p).is_file() for p in rows["output"])
     assert aws_env.keys("stage", "clips/") == []  # clips staged before the kill are gone too
+
+
+def test_a_run_resumed_on_a_machine_without_its_journal_neither_pays_twice_nor_passes_its_budget(
+    job_dir, aws_env, simulator, tmp_path_factory
+):
+    # A worker in a container dies, and its runs/ folder with it; the flow run's retry runs
+    # on a fresh machine. The outputs (and the journal's copy) are in a bucket.
+    sim = simulator(latency=8.0, fill="tone")  # slower than the kill
+    write_job(job_dir, sim, aws_env, rows=12, concurrency=8)
+    aws_env.bucket("made")
+    config = (job_dir / "job.yaml").read_text().replace("budget_usd: 100", "budget_usd: 2.0")
+    (job_dir / "job.yaml").write_text(config + "output: {uri: 's3://made/takes/'}\n")
+    proc = start(job_dir, environment(tmp_path_factory.mktemp("prefect")), "moved")
+    wait_for(lambda: len(events(job_dir, "moved", "created")) == 8, 90, "8 acknowledged creates")
+    kill_group(proc)
+    assert sim.stats.accepted == 8
+    shutil.rmtree(job_dir / "runs")  # the machine is gone
+
+    again = finish(job_dir, environment(tmp_path_factory.mktemp("prefect")), "moved")
+    assert again.returncode == 3, again.stdout + again.stderr  # the budget stopped two rows
+    # The 8 paid for on the lost machine are collected, and only $0.40 was left for the rest.
+    assert sim.stats.creates == 10 and sim.stats.accepted == 10
+    rows = report(job_dir, "moved")
+    assert sorted(rows["status"]) == ["skipped_budget"] * 2 + ["succeeded"] * 10
+    assert rows["cost_usd"].sum() == pytest.approx(2.0)
+    summary = json.loads((job_dir / "runs" / "moved" / "report.json").read_text())["summary"]
+    assert any("went on from the journal's copy in the bucket (10 rows begun elsewhere)" in n for n in summary["notes"])
+    # Once the run ends, its whole journal replaces the rows' copies.
+    assert aws_env.keys("made", "takes/.soundpatch/runs/") == ["takes/.soundpatch/runs/moved/journal.jsonl"]
 
 
 @pytest.mark.parametrize("provider", ["eachlabs", "fal"])

@@ -67,6 +67,18 @@ def run(manifest: Path, cfg, run_id: str, force: bool = False):
         batch.close()
 
 
+def job_behind_a_bucket_policy(tmp_path: Path, aws_env, fault_proxy, monkeypatch, rows: str, bucket: str, denied):
+    """An Each Labs job on fx.wav (manifest m.csv with `rows`, outputs meant for `bucket`)
+    and a proxy in front of the S3 server answering 403 AccessDenied to the PUTs whose path
+    `denied(path)` names, as a bucket policy denying some writes would."""
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\n" + rows)
+    aws_env.bucket("stage")
+    aws_env.bucket(bucket)
+    return fault_proxy(lambda method, path, signed: (403, "AccessDenied") if method == "PUT" and denied(path) else None)
+
+
 # ---------------------------------------------------------------------- the whole job, as users run it
 
 
@@ -216,17 +228,10 @@ def test_wrong_credentials_are_named_as_such(tmp_path, s3_server_checking_keys, 
 def test_a_failed_upload_keeps_the_paid_result_and_the_next_run_publishes_it_free(
     tmp_path, aws_env, simulator, fault_proxy, monkeypatch
 ):
-    monkeypatch.setenv("EACHLABS_API_KEY", "k")
-    (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
-    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\na,fx.wav,1,1.5,slam\nb,fx.wav,2,2.5,creak\n")
-    aws_env.bucket("stage")
-    aws_env.bucket("results")
     # A bucket policy that lets the staging and index through but denies result writes.
-    deny = fault_proxy(
-        lambda method, path, signed: (
-            (403, "AccessDenied") if method == "PUT" and "/results/out/" in path and ".wav" in path else None
-        )
-    )
+    rows = "a,fx.wav,1,1.5,slam\nb,fx.wav,2,2.5,creak\n"
+    denied = lambda path: "/results/out/" in path and ".wav" in path  # noqa: E731
+    deny = job_behind_a_bucket_policy(tmp_path, aws_env, fault_proxy, monkeypatch, rows, "results", denied)
     sim = simulator(latency=0.05, fill="tone", price=0.2)
 
     cfg = hosted(tmp_path, sim, deny.endpoint, **{"output.uri": "s3://results/out/"})
@@ -246,6 +251,27 @@ def test_a_failed_upload_keeps_the_paid_result_and_the_next_run_publishes_it_fre
     for o, path in zip(outcomes, kept, strict=True):
         assert o.reused_from == str(path)
         assert get(aws_env, o.output) == path.read_bytes()
+
+
+def test_a_create_is_not_sent_while_the_bucket_refuses_the_journal_s_copy(
+    tmp_path, aws_env, simulator, fault_proxy, monkeypatch
+):
+    # Another machine resuming the run would not know of a create the copy does not name.
+    rows = "a,fx.wav,1,1.5,a creak no one has asked for\n"
+    denied = lambda path: "/.soundpatch/runs/" in path  # noqa: E731
+    deny = job_behind_a_bucket_policy(tmp_path, aws_env, fault_proxy, monkeypatch, rows, "copyless", denied)
+    sim = simulator(latency=0.05, fill="tone")
+    cfg = hosted(tmp_path, sim, deny.endpoint, **{"output.uri": "s3://copyless/out/"})
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "refused")
+    try:
+        [outcome] = [batch.process(e) for e in batch.manifest.edits]
+    finally:
+        batch.close()
+    assert outcome.status == "failed" and outcome.cost_usd == 0 and sim.stats.creates == 0
+    assert "journal could not be copied to the bucket before the create, so nothing was sent" in outcome.error
+    assert "access denied" in outcome.error
+    [note] = [n for n in batch.notes() if "copy in the bucket could not be written" in n]
+    assert "a rerun on this machine is not affected" in note
 
 
 def test_force_pays_again_and_another_format_is_encoded_from_the_earlier_result(
