@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -29,6 +30,7 @@ from tests.jobs import (
     finish_every_row,
     kill_group,
     report,
+    soundpatch,
     start,
     wait_for,
     write_job,
@@ -74,7 +76,14 @@ def test_a_run_resumed_on_a_machine_without_its_journal_neither_pays_twice_nor_p
     assert sim.stats.accepted == 8
     shutil.rmtree(job_dir / "runs")  # the machine is gone
 
-    again = finish(job_dir, environment(tmp_path_factory.mktemp("prefect")), "moved")
+    env = environment(tmp_path_factory.mktemp("prefect"))
+    dry = soundpatch("run", "job.csv", "--config", "job.yaml", "--run-id", "moved", "--dry-run", cwd=job_dir, env=env)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert re.search(r"paid earlier, to collect \(no new cost\) +8\s", dry.stdout), dry.stdout
+    assert "$1.60 spent by" in dry.stdout
+    assert not (job_dir / "runs" / "moved" / "journal.jsonl").exists()  # a dry run only reads the copy
+
+    again = finish(job_dir, env, "moved")
     assert again.returncode == 3, again.stdout + again.stderr  # the budget stopped two rows
     # The 8 paid for on the lost machine are collected, and only $0.40 was left for the rest.
     assert sim.stats.creates == 10 and sim.stats.accepted == 10
