@@ -181,9 +181,12 @@ class FaultProxy:
     with a policy that denies some writes. Everything else is passed through untouched."""
 
     def __init__(self, upstream: str, fault) -> None:
+        import http.client
         import http.server
         import threading
-        import urllib.request
+        from urllib.parse import urlsplit
+
+        target = urlsplit(upstream)
 
         self.faults = 0
         proxy = self
@@ -207,19 +210,17 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(xml)
                     return
-                req = urllib.request.Request(
-                    upstream + self.path,
-                    data=body or None,
-                    method=self.command,
-                    headers={k: v for k, v in self.headers.items()},
-                )
+                # As sent: urllib would add a form Content-Type to a POST without one (S3's
+                # DeleteObjects), and the server would then read its XML body as a form.
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
                 try:
-                    with urllib.request.urlopen(req) as r:
-                        status, headers, data = r.status, r.headers, r.read()
-                except urllib.error.HTTPError as e:
-                    status, headers, data = e.code, e.headers, e.read()
+                    conn.request(self.command, self.path, body=body or None, headers=dict(self.headers.items()))
+                    r = conn.getresponse()
+                    status, headers, data = r.status, r.getheaders(), r.read()
+                finally:
+                    conn.close()
                 self.send_response(status)
-                for k, v in headers.items():
+                for k, v in headers:
                     if k.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
