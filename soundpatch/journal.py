@@ -39,7 +39,7 @@ class Journal:
         line = json.dumps(record, default=str, ensure_ascii=False) + "\n"
         copy = self.copy if row_id else None
         if copy is not None and event in BEFORE_MONEY:
-            copy.add(row_id, event, line, durable=True)  # in the bucket before money moves, or nothing moves
+            copy.add(row_id, event, line)  # in the bucket before money moves, or nothing moves
         with self._lock:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ class Journal:
             # The line is written before the fsync starts, so it is on disk when this returns.
             os.fsync(fd)
         if copy is not None and event not in BEFORE_MONEY:
-            copy.add(row_id, event, line, durable=event in DURABLE_EVENTS)
+            copy.add(row_id, event, line)
 
     def close(self) -> None:
         with self._lock:

@@ -3,8 +3,9 @@
 The journal (journal.py) lives on the machine that ran the run. A worker in a container,
 or a machine that died, takes it along, and a retry of the run elsewhere would not know
 which predictions were paid for: it would pay for them again and count none of them
-against the budget. So when the outputs go to a bucket, each attempt at a row is copied
-there too, at the moments the journal goes to disk:
+against the budget. So when the outputs go to a bucket, each attempt at a row that
+involves a paid prediction is copied there too, at the moments that matter to money: a
+create about to go out, its prediction id, and the row's outcome (what it cost):
 
     <output.uri>/.soundpatch/runs/<run_id>/rows/<row>/<attempt>.jsonl   as the run goes
     <output.uri>/.soundpatch/runs/<run_id>/journal.jsonl                 once it ends
@@ -14,8 +15,10 @@ the run id starts from this copy.
 
 Money first: a create is not sent until the copy says it is about to be (`creating`); if
 the bucket cannot take that, the row fails and nothing is sent. After money moved (the
-prediction's id, a paid answer, the outcome) a copy that cannot be written does not stop
-the row: the journal on this machine has it, and the run's notes say the copy is behind.
+prediction's id, the outcome) a copy that cannot be written does not stop the row: the
+journal on this machine has it, and the run's notes say the copy is behind. Nothing else
+is copied: an attempt that never reached a create spent nothing, and a paid answer kept
+on this machine's disk (answers.py) is gone with it, so that row counts as in doubt.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ from soundpatch.s3 import S3, S3Uri
 RUNS_PREFIX = ".soundpatch/runs"  # beside the output index (storage.INDEX_PREFIX)
 # Copied before the step they announce; a copy that fails stops the step (nothing spent).
 BEFORE_MONEY = ("creating",)
+# An attempt is copied from the first of these on (money is involved: a create going out,
+# a prediction paid for earlier being collected, a paid answer kept earlier being used) ...
+PAID = ("creating", "created", "answer_kept")
+# ... each time one of these is journaled.
+COPIED = ("creating", "created", "outcome")
 MAX_JOURNAL_BYTES = 1 << 30
 log = logging.getLogger("soundpatch")
 
@@ -45,6 +53,7 @@ class _Attempt:
 
     key: S3Uri
     lines: list[str] = field(default_factory=list)
+    paid: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -61,10 +70,10 @@ class JournalCopy:
 
     # ------------------------------------------------------------------ as the run goes
 
-    def add(self, row: str, event: str, line: str, durable: bool) -> None:
+    def add(self, row: str, event: str, line: str) -> None:
         """Keep `line` (one journal event of `row`) with the row's attempt, and copy the
-        attempt to the bucket if the event is `durable` (one the journal puts on disk).
-        Raises RowError when an event in BEFORE_MONEY cannot be copied."""
+        attempt to the bucket when the event matters to money. Raises RowError when an
+        event in BEFORE_MONEY cannot be copied."""
         with self._lock:
             if event == "sending":  # a new attempt at the row: its own object
                 key = self.folder.child(f"rows/{quote(row, safe='')}/{self._stamp}.jsonl")
@@ -76,7 +85,8 @@ class JournalCopy:
             return  # nothing of this row went towards a provider in this process
         with attempt.lock:  # one row's copies land in the order they were made
             attempt.lines.append(line)
-            if not durable:
+            attempt.paid = attempt.paid or event in PAID
+            if not attempt.paid or event not in COPIED:
                 return
             try:
                 self.s3.write(attempt.key, "".join(attempt.lines).encode(), "application/x-ndjson")

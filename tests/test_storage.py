@@ -274,6 +274,31 @@ def test_a_create_is_not_sent_while_the_bucket_refuses_the_journal_s_copy(
     assert "a rerun on this machine is not affected" in note
 
 
+def test_the_journal_s_copy_is_written_when_money_moves_and_ends_as_the_run_s_journal(
+    tmp_path, aws_env, simulator, fault_proxy, monkeypatch
+):
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\na,fx.wav,1,1.5,steam hiss\nb,fx.wav,2,2.5,wire hum\n")
+    aws_env.bucket("stage")
+    aws_env.bucket("copied")
+    puts: list[str] = []
+    proxy = fault_proxy(lambda method, path, signed: puts.append(path) if method == "PUT" else None)  # passes all
+    sim = simulator(latency=0.05, fill="tone")
+    for provider, run_id in (("eachlabs", "paid"), ("local", "free")):
+        cfg = hosted(tmp_path, sim, proxy.endpoint, **{"output.uri": "s3://copied/out/", "provider.name": provider})
+        assert {o.status for o in run(tmp_path / "m.csv", cfg, run_id)} == {"succeeded"}
+    # A create about to go out, its prediction id, the outcome: three copies a paid row.
+    copies = [path.split("/rows/")[1].split("/")[0] for path in puts if "/paid/rows/" in path]
+    assert sorted(copies) == ["a"] * 3 + ["b"] * 3
+    assert not any("/free/rows/" in path for path in puts)  # the local engine spends nothing
+    # Once each run ended, its whole journal replaced its rows' copies.
+    runs = "out/.soundpatch/runs/"
+    assert aws_env.keys("copied", runs) == [f"{runs}free/journal.jsonl", f"{runs}paid/journal.jsonl"]
+    copy = get(aws_env, f"s3://copied/{runs}paid/journal.jsonl")
+    assert copy == (tmp_path / "runs" / "paid" / "journal.jsonl").read_bytes()
+
+
 def test_force_pays_again_and_another_format_is_encoded_from_the_earlier_result(
     tmp_path, aws_env, simulator, monkeypatch
 ):
