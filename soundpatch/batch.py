@@ -37,6 +37,7 @@ from soundpatch.identity import edit_identity, request_identity
 from soundpatch.interrupt import stop_requested
 from soundpatch.journal import JOURNAL_FILE, Journal, RowState, parse, restore, row_states, states_from
 from soundpatch.journal_copy import JournalCopy
+from soundpatch.lease import RunLease
 from soundpatch.limits import BudgetLedger, SharedLimits
 from soundpatch.locks import STOPPED, WAITED, Claims, RunLock
 from soundpatch.manifest import Edit, Manifest
@@ -97,11 +98,14 @@ class Batch:
         # One process per run id (its journal is the truth about what is paid for), taken
         # before the journal is read; one producer per edit among this machine's processes.
         self.run_lock = RunLock(self.run_dir)
+        self.lease: RunLease | None = None  # ... and one machine, when the outputs are in a bucket
         if not dry_run:
             self.run_lock.acquire()
         try:
             self._open(manifest, config, run_id, dry_run, earlier_attempts or not dry_run)
         except BaseException:
+            if self.lease is not None:
+                self.lease.give_back()
             self.run_lock.release()  # nothing will run: the run is free again
             raise
 
@@ -122,6 +126,9 @@ class Batch:
         self._provider(config.provider.name)  # an unusable provider stops the run before it starts
         if not dry_run:
             self.store.ready()  # a missing bucket or unwritable folder: once, before any row
+            if self.journal_copy is not None:  # before its journal is read: no one else goes on with it
+                lease = self.journal_copy.folder.child("lease")
+                self.lease = RunLease(self.s3, lease, run_id, self.run_dir, config.storage.s3.lease_seconds).take()
         self.states = self._read_states() if earlier_attempts else {}
         # Results paid for but not published (the upload failed), from any earlier run here.
         self.unpublished = LocalFolder(self.run_dir / "unpublished")
@@ -597,7 +604,7 @@ class Batch:
             pad=clip["pad"],
             keep_answer=lambda answer: self._keep_answer(edit.row_id, answer),
             should_cancel=self._should_cancel,
-            may_start=lambda: not stop_requested(),
+            may_start=self._may_start,
         )
         self.journal.write(
             "sending",
@@ -708,8 +715,15 @@ class Batch:
         except Exception:  # noqa: BLE001 - the result is published; the preview is a nicety
             self._log_traceback(edit)
 
+    def _may_start(self) -> bool:
+        """Whether a new prediction may go out: the run is not stopping, and it is still this
+        machine's (lease.py)."""
+        return not stop_requested() and (self.lease is None or self.lease.holds())
+
     @property
     def _not_started(self) -> str:
+        if self.lease is not None and not self.lease.holds():
+            return f"Not started: {self.lease.why_not()}, so nothing more is sent from this machine"
         return f"Not started: the run was interrupted; run it again with --run-id {self.run_id}"
 
     def _should_cancel(self) -> bool:
@@ -762,6 +776,8 @@ class Batch:
         self.journal.close()
         if self.journal.copy is not None and self.journal.path.exists():
             self.journal.copy.replace_with(self.journal.path)
+        if self.lease is not None:
+            self.lease.give_back()
         self._blas.restore_original_limits()
         self.run_lock.release()
 

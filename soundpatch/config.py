@@ -114,6 +114,9 @@ class S3Config(_Section):
     region: str = "us-east-1"
     # Objects past this size are uploaded in parts (S3 parts are at least 5 MB).
     multipart_threshold_mb: float = Field(default=64.0, ge=5)
+    # A run whose outputs are in a bucket holds a lease there (one machine at a time): taken
+    # up by another machine this long after its holder last renewed it.
+    lease_seconds: float = Field(default=60.0, ge=3)
 
 
 class HttpConfig(_Section):

@@ -10,8 +10,8 @@
 
 Both are `flock` locks: the kernel drops them when their process ends, however it ends
 (kill -9 included), so a crash never leaves a stale lock behind. They hold among processes
-of one machine; processes on several machines are kept apart by what the deployment
-allows (deploy/prefect.yaml runs one nightly flow run at a time).
+of one machine. Across machines, a run whose outputs are in a bucket is held by a lease
+there (lease.py); deploy/prefect.yaml runs one nightly flow run at a time.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from urllib.parse import unquote
 
 import boto3
@@ -185,6 +187,33 @@ class S3:
             raise ConfigError(as_config_sentence(describe(exc, uri, "reach"), purpose)) from None
         except BotoCoreError as exc:
             raise ConfigError(as_config_sentence(describe(exc, uri, "reach"), purpose)) from None
+
+    def put_if(self, uri: S3Uri, data: bytes, metadata: dict[str, str], if_match: str | None) -> str | None:
+        """A conditional PUT: only if there is no such object (`if_match` None), or only if it
+        still has the ETag `if_match`. The new ETag, or None if the condition did not hold."""
+        condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+        try:
+            response = self.client.put_object(
+                Bucket=uri.bucket, Key=uri.key, Body=data, ContentType="text/plain", Metadata=metadata, **condition
+            )
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (404, 409, 412):  # gone, written meanwhile by another, or not as expected
+                return None
+            raise RowError(describe(exc, uri, "write")) from None
+        except BotoCoreError as exc:
+            raise RowError(describe(exc, uri, "write")) from None
+        return str(response["ETag"])
+
+    def age(self, uri: S3Uri) -> tuple[str, float, dict[str, str]] | None:
+        """(ETag, seconds since it was last written, metadata) of an object, both times by
+        the store's own clock (machines' clocks may differ); None if there is no such object."""
+        head = self.head(uri)
+        if head is None:
+            return None
+        date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(date) if date else datetime.now(UTC)
+        return str(head["ETag"]), (now - head["LastModified"]).total_seconds(), head.get("Metadata", {})
 
     def delete(self, uri: S3Uri) -> None:
         try:

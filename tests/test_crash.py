@@ -13,6 +13,7 @@ import shutil
 import signal
 import threading
 import time
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
@@ -68,15 +69,26 @@ def test_a_run_resumed_on_a_machine_without_its_journal_neither_pays_twice_nor_p
     sim = simulator(latency=8.0, fill="tone")  # slower than the kill
     write_job(job_dir, sim, aws_env, rows=12, concurrency=8)
     aws_env.bucket("made")
+    aws_env.bucket("stage-moved")  # its own: what it leaves behind, should it fail, is no other test's
     config = (job_dir / "job.yaml").read_text().replace("budget_usd: 100", "budget_usd: 2.0")
+    config = config.replace("s3://stage/clips/", "s3://stage-moved/clips/")
     (job_dir / "job.yaml").write_text(config + "output: {uri: 's3://made/takes/'}\n")
     proc = start(job_dir, environment(tmp_path_factory.mktemp("prefect")), "moved")
-    wait_for(lambda: len(events(job_dir, "moved", "created")) == 8, 90, "8 acknowledged creates")
+    wait_for(lambda: copied_creates(aws_env, "made", "takes/.soundpatch/runs/moved/") == 8, 90, "8 creates copied")
     kill_group(proc)
     assert sim.stats.accepted == 8
     shutil.rmtree(job_dir / "runs")  # the machine is gone
 
     env = environment(tmp_path_factory.mktemp("prefect"))
+    # At once, the new machine cannot tell the first one is gone: its lease (60 s) has not lapsed.
+    early = finish(job_dir, env, "moved")
+    assert early.returncode == 2 and "Run moved is going on another machine (process" in early.stderr, early.stderr
+    assert sim.stats.creates == 8
+    # Knowing it is gone, one can say so: a lease silent for 3 s is taken up (the test's wait).
+    config = (job_dir / "job.yaml").read_text().replace("{s3: {endpoint_url:", "{s3: {lease_seconds: 3, endpoint_url:")
+    (job_dir / "job.yaml").write_text(config)
+    lease = {"Bucket": "made", "Key": "takes/.soundpatch/runs/moved/lease"}
+    wait_for(lambda: lease_age(aws_env.client.head_object(**lease)) > 3, 10, "the lost machine's lease to lapse")
     dry = soundpatch("run", "job.csv", "--config", "job.yaml", "--run-id", "moved", "--dry-run", cwd=job_dir, env=env)
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert re.search(r"paid earlier, to collect \(no new cost\) +8\s", dry.stdout), dry.stdout
@@ -91,9 +103,23 @@ def test_a_run_resumed_on_a_machine_without_its_journal_neither_pays_twice_nor_p
     assert sorted(rows["status"]) == ["skipped_budget"] * 2 + ["succeeded"] * 10
     assert rows["cost_usd"].sum() == pytest.approx(2.0)
     summary = json.loads((job_dir / "runs" / "moved" / "report.json").read_text())["summary"]
-    assert any("went on from the journal's copy in the bucket (10 rows begun elsewhere)" in n for n in summary["notes"])
+    went_on = "went on from the journal's copy in the bucket (8 rows begun elsewhere)"
+    assert any(went_on in n for n in summary["notes"]), summary["notes"]
     # Once the run ends, its whole journal replaces the rows' copies.
     assert aws_env.keys("made", "takes/.soundpatch/runs/") == ["takes/.soundpatch/runs/moved/journal.jsonl"]
+    assert aws_env.keys("stage-moved") == []  # the lost machine's staged clip is gone too
+
+
+def copied_creates(s3, bucket: str, run: str) -> int:
+    """Predictions whose id the journal's copy in the bucket holds."""
+    copies = [s3.client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in s3.keys(bucket, run + "rows/")]
+    return sum(b'"event": "created"' in copy for copy in copies)
+
+
+def lease_age(head: dict) -> float:
+    """Seconds since an object was written, by the S3 server's clock."""
+    now = parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
+    return (now - head["LastModified"]).total_seconds()
 
 
 @pytest.mark.parametrize("provider", ["eachlabs", "fal"])

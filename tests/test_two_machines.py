@@ -1,0 +1,131 @@
+"""Two machines on one run id, through the lease in the output bucket (soundpatch/lease.py).
+
+Each "machine" is a Batch with a runs folder of its own (its journal, its run lock), both
+writing outputs to one bucket on the real S3 server: what two workers, or a laptop and a
+server, share.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from soundpatch.batch import Batch
+from soundpatch.locks import RunBusy
+from soundpatch.manifest import load_manifest
+from soundpatch.s3 import S3Uri
+from tests.jobs import hosted_config, wait_for
+from tests.test_storage import wav_bytes
+
+
+@pytest.fixture
+def job(tmp_path, aws_env, monkeypatch) -> Path:
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    aws_env.bucket("stage")
+    aws_env.bucket("shared-out")
+    (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
+    # An edit and a run of this test's own: the bucket outlives each test (one S3 server for the session).
+    prompt = f"a latch clicking shut ({tmp_path.name})"
+    (tmp_path / "m.csv").write_text(f"id,input,start,end,prompt\na,fx.wav,1,1.5,{prompt}\n")
+    return tmp_path / "m.csv"
+
+
+def machine(job: Path, sim, aws_env, name: str, run_id: str | None = None, lease_seconds: float = 60) -> Batch:
+    """A machine of its own (its runs folder) on the test's run (named after its folder)."""
+    lease = {"storage.s3.lease_seconds": lease_seconds}
+    cfg = hosted_config(sim, aws_env.endpoint, "s3://shared-out/takes/", job.parent / name / "runs", **lease)
+    return Batch(load_manifest(job), cfg, run_id or job.parent.name)
+
+
+def died(batch: Batch) -> None:
+    """The process of `batch` is gone: its lease is no longer renewed nor given back, and the
+    kernel dropped its run lock."""
+    batch.lease._stop.set()
+    batch.lease._keeper.join()
+    batch.run_lock.release()
+
+
+def test_a_run_going_on_one_machine_is_refused_on_another_until_it_ends(job, aws_env, simulator):
+    sim = simulator(latency=0.05, fill="tone")
+    first = machine(job, sim, aws_env, "server")
+    with pytest.raises(RunBusy) as refused:
+        machine(job, sim, aws_env, "laptop")
+    assert f"Run {job.parent.name} is going on another machine (process " in str(refused.value)
+    lease = r"its lease in the bucket was renewed [01] s ago and lapses 60 s after that\); wait for it to end"
+    assert re.search(lease, str(refused.value))
+    other = machine(job, sim, aws_env, "laptop", run_id="other")  # another run id is free
+    assert other.lease is not None and other.lease.holds()
+    other.close()
+
+    [outcome] = [first.process(e) for e in first.manifest.edits]
+    first.close()
+    assert outcome.status == "succeeded"
+    assert aws_env.keys("shared-out", f"takes/.soundpatch/runs/{job.parent.name}/lease") == []  # given back
+    second = machine(job, sim, aws_env, "laptop")  # free now: it goes on with the run
+    try:
+        [again] = [second.process(e) for e in second.manifest.edits]
+    finally:
+        second.close()
+    assert again.status == "skipped_done" and sim.stats.creates == 1
+
+
+def test_a_crashed_run_is_taken_back_at_once_with_its_runs_folder_and_after_its_lease_lapses_elsewhere(
+    job, aws_env, simulator
+):
+    sim = simulator(latency=0.05, fill="tone")
+    died(machine(job, sim, aws_env, "server", lease_seconds=3))
+    again = machine(job, sim, aws_env, "server", lease_seconds=3)  # the same command, after the crash
+    died(again)
+    with pytest.raises(RunBusy, match=r"renewed [01] s ago and lapses 3 s after that"):
+        machine(job, sim, aws_env, "laptop", lease_seconds=3)
+    uri = S3Uri("shared-out", f"takes/.soundpatch/runs/{job.parent.name}/lease")
+    wait_for(lambda: again.s3.age(uri)[1] > 3.0, 10, "the lease to lapse")
+    machine(job, sim, aws_env, "laptop", lease_seconds=3).close()
+
+
+def test_a_machine_that_stopped_renewing_loses_the_run_and_sends_nothing_more(job, aws_env, simulator):
+    sim = simulator(latency=0.05, fill="tone")
+    frozen = machine(job, sim, aws_env, "worker-1", lease_seconds=3)
+    # The machine freezes (a paused VM, a partitioned worker): its lease is not renewed.
+    frozen.lease._stop.set()
+    frozen.lease._keeper.join()
+    uri = S3Uri("shared-out", f"takes/.soundpatch/runs/{job.parent.name}/lease")
+    wait_for(lambda: frozen.s3.age(uri)[1] > 3.0, 10, "the lease to lapse")
+
+    retry = machine(job, sim, aws_env, "worker-2", lease_seconds=3)  # the flow run's retry, on another worker
+    # The frozen machine wakes up: its next renewal finds the lease taken.
+    frozen.lease._stop = threading.Event()
+    keeper = threading.Thread(target=frozen.lease._keep, daemon=True)
+    keeper.start()
+    wait_for(lambda: frozen.lease.lost, 5, "the old holder to find its lease taken")
+    try:
+        [late] = [frozen.process(e) for e in frozen.manifest.edits]
+    finally:
+        frozen.close()
+    assert late.status == "failed" and late.cost_usd == 0 and sim.stats.creates == 0
+    assert late.error.startswith("Not started: another machine took up this run after its lease in the bucket lapsed")
+    assert retry.lease.holds()  # the old holder's close left the retry's lease alone
+    try:
+        [made] = [retry.process(e) for e in retry.manifest.edits]
+    finally:
+        retry.close()
+    assert made.status == "succeeded" and sim.stats.creates == 1
+
+
+def test_a_holder_that_cannot_renew_stops_sending_before_its_lease_could_lapse(job, aws_env, simulator):
+    sim = simulator(latency=0.05, fill="tone")
+    cut_off = machine(job, sim, aws_env, "worker", lease_seconds=3)
+    assert cut_off.lease.holds()
+    cut_off.lease._stop.set()  # its renewals stop reaching the bucket
+    cut_off.lease._keeper.join()
+    time.sleep(2.1)  # two thirds of its lease
+    try:
+        [outcome] = [cut_off.process(e) for e in cut_off.manifest.edits]
+    finally:
+        cut_off.close()
+    assert outcome.status == "failed" and sim.stats.creates == 0
+    assert "the run's lease in the bucket could not be renewed for 2 s" in outcome.error
