@@ -45,7 +45,7 @@ from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SU
 from soundpatch.providers import InpaintRequest, NotStarted, PaidAnswer, PredictionFailed, Provider, make_provider
 from soundpatch.publish import Publisher
 from soundpatch.quality import measure
-from soundpatch.s3 import S3, S3Uri
+from soundpatch.s3 import S3, NoConditionalWrites, S3Uri
 from soundpatch.sources import SourceReader
 from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, S3Prefix, local_result_holds, open_store
 
@@ -121,14 +121,14 @@ class Batch:
         remote = isinstance(self.store, S3Prefix)
         self.journal_copy = JournalCopy(self.s3, self.store.prefix, run_id) if remote else None
         self._copy_read = ""  # what the start made of the copy, for the notes
+        self._no_lease = ""  # why the run holds no lease, for the notes
         self.sources = SourceReader(self.s3, config.storage)
         self.manifest = manifest.with_patterns_expanded(self.sources.glob)
         self._provider(config.provider.name)  # an unusable provider stops the run before it starts
         if not dry_run:
             self.store.ready()  # a missing bucket or unwritable folder: once, before any row
             if self.journal_copy is not None:  # before its journal is read: no one else goes on with it
-                lease = self.journal_copy.folder.child("lease")
-                self.lease = RunLease(self.s3, lease, run_id, self.run_dir, config.storage.s3.lease_seconds).take()
+                self.lease = self._take_lease()
         self.states = self._read_states() if earlier_attempts else {}
         # Results paid for but not published (the upload failed), from any earlier run here.
         self.unpublished = LocalFolder(self.run_dir / "unpublished")
@@ -164,6 +164,18 @@ class Batch:
         self._blas = threadpool_limits(limits=1, user_api="blas")
 
     # ------------------------------------------------------------------ planning
+
+    def _take_lease(self) -> RunLease | None:
+        """This machine's hold on the run (lease.py), or None where the store cannot do it."""
+        uri = self.journal_copy.folder.child("lease")
+        try:
+            return RunLease(self.s3, uri, self.run_id, self.run_dir, self.config.storage.s3.lease_seconds).take()
+        except NoConditionalWrites as exc:
+            self._no_lease = (
+                f"The output store does not do conditional writes ({exc}), so nothing keeps another machine "
+                f"from running {self.run_id} at the same time."
+            )
+            return None
 
     def _read_states(self) -> dict[str, RowState]:
         """What earlier attempts of this run left, as the journal tells it; a paid answer
@@ -767,6 +779,8 @@ class Batch:
             )
         if self._copy_read:
             notes.append(self._copy_read)
+        if self._no_lease:
+            notes.append(self._no_lease)
         behind = self.journal.copy.note() if self.journal.copy is not None else None
         if behind:
             notes.append(behind)
@@ -774,7 +788,9 @@ class Batch:
 
     def close(self) -> None:
         self.journal.close()
-        if self.journal.copy is not None and self.journal.path.exists():
+        # The whole journal in place of the rows' copies, unless the run is another machine's
+        # now: its rows' copies are its own.
+        if self.journal.copy is not None and self.journal.path.exists() and (self.lease is None or self.lease.holds()):
             self.journal.copy.replace_with(self.journal.path)
         if self.lease is not None:
             self.lease.give_back()

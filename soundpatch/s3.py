@@ -50,6 +50,10 @@ class S3Uri:
         return S3Uri(self.bucket, prefix + name)
 
 
+class NoConditionalWrites(RowError):
+    """The store does not do conditional writes (If-Match, If-None-Match on PUT)."""
+
+
 class S3:
     """One boto3 client per process (clients are thread-safe), created on first use.
 
@@ -200,6 +204,8 @@ class S3:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status in (404, 409, 412):  # gone, written meanwhile by another, or not as expected
                 return None
+            if status == 501 or exc.response.get("Error", {}).get("Code") == "NotImplemented":
+                raise NoConditionalWrites(describe(exc, uri, "write")) from None
             raise RowError(describe(exc, uri, "write")) from None
         except BotoCoreError as exc:
             raise RowError(describe(exc, uri, "write")) from None

@@ -102,15 +102,16 @@ def test_a_machine_that_stopped_renewing_loses_the_run_and_sends_nothing_more(jo
     keeper = threading.Thread(target=frozen.lease._keep, daemon=True)
     keeper.start()
     wait_for(lambda: frozen.lease.lost, 5, "the old holder to find its lease taken")
-    try:
-        [late] = [frozen.process(e) for e in frozen.manifest.edits]
-    finally:
-        frozen.close()
+    [late] = [frozen.process(e) for e in frozen.manifest.edits]
     assert late.status == "failed" and late.cost_usd == 0 and sim.stats.creates == 0
     assert late.error.startswith("Not started: another machine took up this run after its lease in the bucket lapsed")
-    assert retry.lease.holds()  # the old holder's close left the retry's lease alone
     try:
         [made] = [retry.process(e) for e in retry.manifest.edits]
+        # The old holder ends: the journal's copy and the lease are the retry's now, left alone.
+        frozen.close()
+        copy = f"takes/.soundpatch/runs/{job.parent.name}/"
+        assert [k.rsplit("/", 2)[1] for k in aws_env.keys("shared-out", copy + "rows/")] == ["a"]
+        assert aws_env.keys("shared-out", copy + "journal.jsonl") == [] and retry.lease.holds()
     finally:
         retry.close()
     assert made.status == "succeeded" and sim.stats.creates == 1
@@ -129,3 +130,17 @@ def test_a_holder_that_cannot_renew_stops_sending_before_its_lease_could_lapse(j
         cut_off.close()
     assert outcome.status == "failed" and sim.stats.creates == 0
     assert "the run's lease in the bucket could not be renewed for 2 s" in outcome.error
+
+
+def test_a_store_without_conditional_writes_runs_without_a_lease_and_says_so(job, aws_env, simulator, fault_proxy):
+    sim = simulator(latency=0.05, fill="tone")
+    older = fault_proxy(lambda method, path, signed: (501, "NotImplemented") if path.endswith("/lease") else None)
+    cfg = hosted_config(sim, older.endpoint, "s3://shared-out/takes/", job.parent / "runs")
+    batch = Batch(load_manifest(job), cfg, job.parent.name)
+    try:
+        [outcome] = [batch.process(e) for e in batch.manifest.edits]
+    finally:
+        batch.close()
+    assert outcome.status == "succeeded" and batch.lease is None
+    [note] = [n for n in batch.notes() if "conditional writes" in n]
+    assert note.startswith("The output store does not do conditional writes (") and "at the same time" in note
