@@ -62,8 +62,10 @@ class RunLease:
         """Hold the lease from now on, or raise RunBusy naming the machine that holds it."""
         sent = time.monotonic()
         etag = self.s3.put_if(self.uri, self._body(), self._metadata, if_match=None)
+        there = self.s3.age(self.uri) if etag is None else None
+        if there is not None and there[2].get("token") == self._token:
+            etag = there[0]  # ours after all: the write landed and its answer was lost (then retried)
         if etag is None:
-            there = self.s3.age(self.uri)
             if there is not None and there[1] < self.seconds and not self._ours_before(there[2]):
                 holder = there[2].get("holder") or "another process"
                 raise RunBusy(
@@ -104,9 +106,13 @@ class RunLease:
             sent = time.monotonic()
             try:
                 etag = self.s3.put_if(self.uri, self._body(), self._metadata, if_match=self._etag)
+                there = self.s3.age(self.uri) if etag is None else None
             except RowError as exc:
                 log.warning("The run's lease in the bucket was not renewed: %s", exc)
                 continue  # tried again; holds() turns false if it stays out of reach
+            if there is not None and there[2].get("token") == self._token:
+                self._etag = there[0]  # our last write landed and its answer was lost: renewed next time
+                continue
             if etag is None:
                 self.lost = "another machine took up this run after its lease in the bucket lapsed"
                 log.warning("Run %s: %s; no more creates are sent from here.", self.run_id, self.lost)

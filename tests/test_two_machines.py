@@ -41,11 +41,24 @@ def machine(job: Path, sim, aws_env, name: str, run_id: str | None = None, lease
     return Batch(load_manifest(job), cfg, run_id or job.parent.name)
 
 
+def freeze(batch: Batch) -> None:
+    """The machine of `batch` stops (a paused VM, a partitioned worker): its lease is no
+    longer renewed."""
+    batch.lease._stop.set()
+    batch.lease._keeper.join()
+
+
+def wake(batch: Batch) -> None:
+    """... and goes on: it renews its lease again."""
+    batch.lease._stop = threading.Event()
+    batch.lease._keeper = threading.Thread(target=batch.lease._keep, daemon=True)
+    batch.lease._keeper.start()
+
+
 def died(batch: Batch) -> None:
     """The process of `batch` is gone: its lease is no longer renewed nor given back, and the
     kernel dropped its run lock."""
-    batch.lease._stop.set()
-    batch.lease._keeper.join()
+    freeze(batch)
     batch.run_lock.release()
 
 
@@ -90,17 +103,12 @@ def test_a_crashed_run_is_taken_back_at_once_with_its_runs_folder_and_after_its_
 def test_a_machine_that_stopped_renewing_loses_the_run_and_sends_nothing_more(job, aws_env, simulator):
     sim = simulator(latency=0.05, fill="tone")
     frozen = machine(job, sim, aws_env, "worker-1", lease_seconds=3)
-    # The machine freezes (a paused VM, a partitioned worker): its lease is not renewed.
-    frozen.lease._stop.set()
-    frozen.lease._keeper.join()
+    freeze(frozen)
     uri = S3Uri("shared-out", f"takes/.soundpatch/runs/{job.parent.name}/lease")
     wait_for(lambda: frozen.s3.age(uri)[1] > 3.0, 10, "the lease to lapse")
 
     retry = machine(job, sim, aws_env, "worker-2", lease_seconds=3)  # the flow run's retry, on another worker
-    # The frozen machine wakes up: its next renewal finds the lease taken.
-    frozen.lease._stop = threading.Event()
-    keeper = threading.Thread(target=frozen.lease._keep, daemon=True)
-    keeper.start()
+    wake(frozen)  # its next renewal finds the lease taken
     wait_for(lambda: frozen.lease.lost, 5, "the old holder to find its lease taken")
     [late] = [frozen.process(e) for e in frozen.manifest.edits]
     assert late.status == "failed" and late.cost_usd == 0 and sim.stats.creates == 0
@@ -121,8 +129,7 @@ def test_a_holder_that_cannot_renew_stops_sending_before_its_lease_could_lapse(j
     sim = simulator(latency=0.05, fill="tone")
     cut_off = machine(job, sim, aws_env, "worker", lease_seconds=3)
     assert cut_off.lease.holds()
-    cut_off.lease._stop.set()  # its renewals stop reaching the bucket
-    cut_off.lease._keeper.join()
+    freeze(cut_off)  # its renewals stop reaching the bucket
     time.sleep(2.1)  # two thirds of its lease
     try:
         [outcome] = [cut_off.process(e) for e in cut_off.manifest.edits]
@@ -144,3 +151,21 @@ def test_a_store_without_conditional_writes_runs_without_a_lease_and_says_so(job
     assert outcome.status == "succeeded" and batch.lease is None
     [note] = [n for n in batch.notes() if "conditional writes" in n]
     assert note.startswith("The output store does not do conditional writes (") and "at the same time" in note
+
+
+def test_a_renewal_that_landed_with_its_answer_lost_keeps_the_lease(job, aws_env, simulator):
+    # A renewal reaches the bucket and its answer does not come back (then boto3 sends it
+    # again, and If-Match fails on the ETag the first one wrote): the lease is still ours.
+    sim = simulator(latency=0.05, fill="tone")
+    holder = machine(job, sim, aws_env, "worker", lease_seconds=3)
+    freeze(holder)
+    lease = holder.lease
+    landed = lease.s3.put_if(lease.uri, lease._body(), lease._metadata, if_match=lease._etag)
+    assert landed is not None and landed != lease._etag  # in the bucket, unknown to the holder
+    writes = lease._writes
+    wake(holder)
+    wait_for(lambda: lease._writes >= writes + 2, 5, "two more renewals")
+    try:
+        assert not lease.lost and lease.holds()
+    finally:
+        holder.close()
