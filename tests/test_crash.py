@@ -13,15 +13,15 @@ import shutil
 import signal
 import threading
 import time
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
 
 from soundpatch import interrupt
 from soundpatch.batch import Batch
-from soundpatch.config import load_config
+from soundpatch.config import S3Config, load_config
 from soundpatch.manifest import load_manifest
+from soundpatch.s3 import S3, S3Uri
 from tests.jobs import (
     KEY,
     dying_at_decode,
@@ -87,8 +87,8 @@ def test_a_run_resumed_on_a_machine_without_its_journal_neither_pays_twice_nor_p
     # Knowing it is gone, one can say so: a lease silent for 3 s is taken up (the test's wait).
     config = (job_dir / "job.yaml").read_text().replace("{s3: {endpoint_url:", "{s3: {lease_seconds: 3, endpoint_url:")
     (job_dir / "job.yaml").write_text(config)
-    lease = {"Bucket": "made", "Key": "takes/.soundpatch/runs/moved/lease"}
-    wait_for(lambda: lease_age(aws_env.client.head_object(**lease)) > 3, 10, "the lost machine's lease to lapse")
+    lease, s3 = S3Uri("made", "takes/.soundpatch/runs/moved/lease"), S3(S3Config(endpoint_url=aws_env.endpoint))
+    wait_for(lambda: s3.age(lease)[1] > 3, 10, "the lost machine's lease to lapse")
     dry = soundpatch("run", "job.csv", "--config", "job.yaml", "--run-id", "moved", "--dry-run", cwd=job_dir, env=env)
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert re.search(r"paid earlier, to collect \(no new cost\) +8\s", dry.stdout), dry.stdout
@@ -114,12 +114,6 @@ def copied_creates(s3, bucket: str, run: str) -> int:
     """Predictions whose id the journal's copy in the bucket holds."""
     copies = [s3.client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in s3.keys(bucket, run + "rows/")]
     return sum(b'"event": "created"' in copy for copy in copies)
-
-
-def lease_age(head: dict) -> float:
-    """Seconds since an object was written, by the S3 server's clock."""
-    now = parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
-    return (now - head["LastModified"]).total_seconds()
 
 
 @pytest.mark.parametrize("provider", ["eachlabs", "fal"])
