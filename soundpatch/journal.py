@@ -14,15 +14,19 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from soundpatch.journal_copy import BEFORE_MONEY, JournalCopy
+if TYPE_CHECKING:  # the copy needs boto3, which the progress display need not load
+    from soundpatch.journal_copy import JournalCopy
 
 JOURNAL_FILE = "journal.jsonl"
 # Events that protect money or results: on disk before the step they announce, even if
 # the machine loses power (a create about to go out, a prediction id, a paid answer kept,
 # an outcome).
 DURABLE_EVENTS = ("sending", "creating", "created", "answer_kept", "outcome")
+# ... and of those, the ones the journal's copy in the bucket has before the step, or the
+# step is not taken (journal_copy.py).
+BEFORE_MONEY = ("creating",)
 
 
 class Journal:

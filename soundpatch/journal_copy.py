@@ -33,11 +33,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 from soundpatch.errors import RowError
+from soundpatch.journal import BEFORE_MONEY
 from soundpatch.s3 import S3, S3Uri
 
 RUNS_PREFIX = ".soundpatch/runs"  # beside the output index (storage.INDEX_PREFIX)
-# Copied before the step they announce; a copy that fails stops the step (nothing spent).
-BEFORE_MONEY = ("creating",)
 # An attempt is copied from the first of these on (money is involved: a create going out,
 # a prediction paid for earlier being collected, a paid answer kept earlier being used) ...
 PAID = ("creating", "created", "answer_kept")
