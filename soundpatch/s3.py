@@ -217,8 +217,7 @@ class S3:
         head = self.head(uri)
         if head is None:
             return None
-        date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-        now = parsedate_to_datetime(date) if date else datetime.now(UTC)
+        now = _server_time(head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date"))
         return str(head["ETag"]), (now - head["LastModified"]).total_seconds(), head.get("Metadata", {})
 
     def delete(self, uri: S3Uri) -> None:
@@ -243,6 +242,16 @@ class S3:
             )
         except (ClientError, BotoCoreError) as exc:
             raise RowError(describe(exc, uri, "presign")) from None
+
+
+def _server_time(date: str | None) -> datetime:
+    """The time an answer's Date header gives (this machine's clock if it gives none). Two
+    Date headers (a proxy in between adds its own) come joined by a comma: the last counts."""
+    try:
+        when = parsedate_to_datetime(date.split(",", 2)[-1] if date and date.count(",") > 1 else date or "")
+    except (TypeError, ValueError):
+        return datetime.now(UTC)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _whole_bucket(exc: Exception) -> bool:

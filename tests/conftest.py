@@ -221,7 +221,7 @@ class FaultProxy:
                     conn.close()
                 self.send_response(status)
                 for k, v in headers:
-                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "date", "server"):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

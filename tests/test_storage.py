@@ -258,7 +258,7 @@ def test_a_create_is_not_sent_while_the_bucket_refuses_the_journal_s_copy(
 ):
     # Another machine resuming the run would not know of a create the copy does not name.
     rows = "a,fx.wav,1,1.5,a creak no one has asked for\n"
-    denied = lambda path: "/.soundpatch/runs/" in path  # noqa: E731
+    denied = lambda path: "/.soundpatch/runs/" in path and "/rows/" in path  # noqa: E731
     deny = job_behind_a_bucket_policy(tmp_path, aws_env, fault_proxy, monkeypatch, rows, "copyless", denied)
     sim = simulator(latency=0.05, fill="tone")
     cfg = hosted(tmp_path, sim, deny.endpoint, **{"output.uri": "s3://copyless/out/"})
