@@ -58,10 +58,14 @@ class Staging:
         """Raise ConfigError (once, before any row) if the staging bucket is missing or out of reach."""
         self.s3.check_bucket(self.prefix, "storage.staging")
 
+    def uri_for(self, data: bytes, folder: str) -> S3Uri:
+        """Where `stage` puts the clip: known before the upload, so it can be journaled first."""
+        return self.prefix.child(f"{folder}/{self._token}-{hashlib.sha256(data).hexdigest()[:32]}.wav")
+
     def stage(self, data: bytes, folder: str, content_type: str = "audio/wav") -> StagedClip:
         """The clip under `folder`, uploaded unless a row using the same one already did;
         give it back with `remove`."""
-        uri = self.prefix.child(f"{folder}/{self._token}-{hashlib.sha256(data).hexdigest()[:32]}.wav")
+        uri = self.uri_for(data, folder)
         with self._lock:
             shared = self._clips.setdefault(str(uri), _Shared())
             shared.users += 1

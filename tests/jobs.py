@@ -83,14 +83,21 @@ def soundpatch(*args: str, cwd: Path, env: dict[str, str], timeout: float = 300)
     return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def dying_at_decode(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """The command, killed (exit 137, nothing cleaned up) the moment it starts decoding a
-    provider's paid answer: the result is paid for and exists nowhere but in memory."""
+# Where `dying` kills the command (exit 137, nothing cleaned up):
+# the moment it starts decoding a provider's paid answer (paid for, in memory only) ...
+AT_DECODE = "from soundpatch.providers import hosted\nhosted.decode_result = lambda data: os._exit(137)\n"
+# ... or the moment a clip's upload to staging is done (in the bucket, and the row not sent).
+AFTER_STAGING = (
+    "from soundpatch.staging import Staging\n"
+    "upload = Staging.stage\n"
+    "Staging.stage = lambda *a, **k: (upload(*a, **k), os._exit(137))\n"
+)
+
+
+def dying(where: str, *args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The command, killed `where` (AT_DECODE, AFTER_STAGING)."""
     script = (
-        "import os, sys\n"
-        "from soundpatch.providers import hosted\n"
-        "hosted.decode_result = lambda data: os._exit(137)\n"
-        "from soundpatch.entry import main\n"
+        "import os, sys\n" + where + "from soundpatch.entry import main\n"
         "sys.argv = ['soundpatch', *sys.argv[1:]]\n"
         "sys.exit(main())\n"
     )

@@ -23,8 +23,10 @@ from soundpatch.config import S3Config, load_config
 from soundpatch.manifest import load_manifest
 from soundpatch.s3 import S3, S3Uri
 from tests.jobs import (
+    AFTER_STAGING,
+    AT_DECODE,
     KEY,
-    dying_at_decode,
+    dying,
     environment,
     events,
     finish,
@@ -126,7 +128,7 @@ def test_a_run_that_dies_using_a_downloaded_result_finishes_it_without_fetching_
     write_job(job_dir, sim, aws_env, rows=1, concurrency=1, provider_name=provider)
     env = environment(tmp_path_factory.mktemp("prefect"))
     args = ("run", "job.csv", "--config", "job.yaml", "--run-id", "died")
-    died = dying_at_decode(*args, cwd=job_dir, env=env)
+    died = dying(AT_DECODE, *args, cwd=job_dir, env=env)
     assert died.returncode == 137, died.stdout + died.stderr
     assert events(job_dir, "died", "answer_kept") and not events(job_dir, "died", "outcome")
     polls, downloads = sim.stats.polls, sim.stats.downloads
@@ -138,6 +140,24 @@ def test_a_run_that_dies_using_a_downloaded_result_finishes_it_without_fetching_
     assert row["status"] == "succeeded" and row["cost_usd"] == pytest.approx(0.20)
     assert (sim.stats.accepted, sim.stats.polls, sim.stats.downloads) == (1, polls, downloads)
     assert Path(row["output"]).is_file() and not any((job_dir / "runs" / "died" / "answers").iterdir())
+
+
+def test_a_clip_staged_by_a_run_killed_right_after_the_upload_is_removed_by_the_rerun(
+    job_dir, aws_env, simulator, tmp_path_factory
+):
+    sim = simulator(latency=0.2, fill="tone")
+    write_job(job_dir, sim, aws_env, rows=1, concurrency=1)
+    aws_env.bucket("stage-killed")  # its own: what it leaves behind, should it fail, is no other test's
+    config = (job_dir / "job.yaml").read_text().replace("s3://stage/clips/", "s3://stage-killed/clips/")
+    (job_dir / "job.yaml").write_text(config)
+    env = environment(tmp_path_factory.mktemp("prefect"))
+    args = ("run", "job.csv", "--config", "job.yaml", "--run-id", "staged")
+    died = dying(AFTER_STAGING, *args, cwd=job_dir, env=env)
+    assert died.returncode == 137, died.stdout + died.stderr
+    assert len(aws_env.keys("stage-killed")) == 1 and sim.stats.creates == 0
+
+    finish_every_row(job_dir, env, "staged", rows=1)
+    assert aws_env.keys("stage-killed") == [] and sim.stats.accepted == 1
 
 
 def test_a_create_whose_answer_never_came_is_not_sent_again(job_dir, aws_env, simulator, tmp_path_factory):

@@ -23,7 +23,7 @@ from soundpatch.config import load_config
 from soundpatch.journal import Journal
 from soundpatch.manifest import load_manifest
 from soundpatch.providers import PaidAnswer, hosted
-from tests.jobs import assert_key_nowhere, clean_env, dying_at_decode, soundpatch, synth
+from tests.jobs import AT_DECODE, assert_key_nowhere, clean_env, dying, soundpatch, synth
 from tests.test_eachlabs import assert_result_is_right
 
 KEY = "sk-stability-5e4d3c2b1a"
@@ -265,7 +265,7 @@ def test_a_run_that_dies_using_a_paid_answer_finishes_it_on_the_rerun_without_pa
     (local_library / "sa.yaml").write_text(f"provider: {{name: stability, base_url: '{sim.base_url}'}}\n")
     env = clean_env(STABILITY_API_KEY=KEY)
     args = ("run", "one.csv", "--config", "sa.yaml", "--run-id", "died")
-    died = dying_at_decode(*args, cwd=local_library, env=env)
+    died = dying(AT_DECODE, *args, cwd=local_library, env=env)
     assert died.returncode == 137, died.stdout + died.stderr
     run_dir = local_library / "runs" / "died"
     kinds = [json.loads(line)["event"] for line in (run_dir / "journal.jsonl").read_text().splitlines()]

@@ -120,9 +120,9 @@ class QueuedProvider(HostedProvider):
             return self.staging.share(request.source)
         with crunching():
             wav = soundio.write(pcm16(clip), MODEL_RATE, "WAV", "PCM_16")
-        staged = self.staging.stage(wav, request.staging_folder)
-        request.tell("staged", uri=str(staged.uri))
-        return staged
+        # Journaled before the upload: a run killed while it uploads still removes it on the rerun.
+        request.tell("staged", uri=str(self.staging.uri_for(wav, request.staging_folder)))
+        return self.staging.stage(wav, request.staging_folder)
 
     def _input(self, request: InpaintRequest, window: Window, url: str) -> dict[str, Any]:
         """The model's input, as Stable Audio 2.5 Inpaint names it on every queue that hosts it."""
