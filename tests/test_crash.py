@@ -60,7 +60,7 @@ def test_sigkill_after_every_create_then_rerun_pays_each_prediction_once(
     assert list(rows["status"]) == ["succeeded"] * 16
     assert rows["cost_usd"].sum() == pytest.approx(16 * 0.20)
     assert all(Path(p).is_file() for p in rows["output"])
-    assert aws_env.keys("stage", "clips/") == []  # clips staged before the kill are gone too
+    assert aws_env.keys("stage", "clips/kill9/") == []  # clips staged before the kill are gone too
 
 
 def test_a_run_resumed_on_a_machine_without_its_journal_neither_pays_twice_nor_passes_its_budget(

@@ -95,7 +95,7 @@ def test_every_kind_of_input_comes_back_right(library, aws_env, simulator, monke
     assert len({o.prediction_id for o in outcomes}) == 4 and sim.stats.accepted == 4
     # The 8 s 44.1 kHz stereo WAV in the bucket needed no preparation: shared as it is.
     assert any("/inputs/bank/door.wav" in url for url in sim.stats.audio_urls)
-    assert aws_env.keys("stage", "clips/") == []  # staged clips are cleaned up
+    assert aws_env.keys("stage", "clips/t/") == []  # staged clips are cleaned up
 
 
 def test_run_against_the_simulator_from_the_command_line(library, aws_env, simulator):
@@ -409,4 +409,4 @@ def test_variations_of_one_clip_share_one_upload_and_leave_nothing_staged(librar
     assert sim.stats.accepted == 9 and sim.stats.max_in_flight > 1
     staged = {url.split("?", 1)[0] for url in sim.stats.audio_urls}
     assert len(staged) == 2, staged  # one upload per distinct clip, not one per row
-    assert aws_env.keys("stage", "clips/") == []
+    assert aws_env.keys("stage", "clips/vary/") == []

@@ -44,7 +44,7 @@ def test_every_kind_of_input_comes_back_right(library, aws_env, simulator, monke
         assert_result_is_right(library, aws_env, o, 18)
         assert o.cost_usd == pytest.approx(PRICE) and o.prediction_id and o.provider == "fal"
     assert len({o.prediction_id for o in outcomes}) == 4 and sim.stats.accepted == 4
-    assert aws_env.keys("stage", "clips/") == []  # staged clips are cleaned up
+    assert aws_env.keys("stage", "clips/t/") == []  # staged clips are cleaned up
 
 
 def test_run_from_the_command_line_and_the_key_is_nowhere(library, aws_env, simulator):

@@ -534,9 +534,9 @@ def test_a_shared_clip_given_back_while_another_row_takes_it_up_is_there_for_tha
     staging = Staging(s3, "s3://stage/clips/")
     first = staging.stage(b"RIFF one clip", "run")
     second = staging.stage(b"RIFF one clip", "run")  # a variation: the same clip, no new upload
-    assert first.uri == second.uri and len(aws_env.keys("stage", "clips/")) == 1
+    assert first.uri == second.uri and len(aws_env.keys("stage", "clips/run/")) == 1
     staging.remove(first)
-    assert len(aws_env.keys("stage", "clips/")) == 1  # the other row still uses it
+    assert len(aws_env.keys("stage", "clips/run/")) == 1  # the other row still uses it
 
     deleting, go_on = threading.Event(), threading.Event()
     real_delete = s3.delete
@@ -558,8 +558,8 @@ def test_a_shared_clip_given_back_while_another_row_takes_it_up_is_there_for_tha
     go_on.set()
     last.join(10)
     joining.join(10)
-    assert [taken[0].uri.key] == aws_env.keys("stage", "clips/")  # uploaded again after the delete
+    assert [taken[0].uri.key] == aws_env.keys("stage", "clips/run/")  # uploaded again after the delete
     assert get(aws_env, str(taken[0].uri)) == b"RIFF one clip"
     monkeypatch.setattr(s3, "delete", real_delete)
     staging.remove(taken[0])
-    assert aws_env.keys("stage", "clips/") == []
+    assert aws_env.keys("stage", "clips/run/") == []
