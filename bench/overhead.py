@@ -1,6 +1,6 @@
 """What soundpatch costs on top of the provider's own latency.
 
-    python bench/overhead.py [--rows 400] [--concurrency 40] [--latency 1.0]
+    python bench/overhead.py [--rows 400] [--concurrency 40] [--latency 1.0] [--outputs folder|bucket]
 
 Against one simulator (1 s per prediction) in its own process, as a provider is, and one
 S3 server (moto), in the same run:
@@ -14,6 +14,10 @@ each process used during each (the machine's cores are shared by all of them).
 
 Prefect's database is created (and migrated) by a one-row run first, timed on its own:
 that happens once per PREFECT_HOME, not on every run.
+
+`--outputs bucket` puts soundpatch's results in the S3 server (s3://stage/out/) instead of
+a folder: each result is uploaded, and the run keeps its lease and the journal's copy
+there (the baseline uploads nothing, so the ratio includes the uploads).
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=400)
     parser.add_argument("--concurrency", type=int, default=40)
     parser.add_argument("--latency", type=float, default=1.0)
+    parser.add_argument("--outputs", choices=("folder", "bucket"), default="folder")
     args = parser.parse_args()
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "EACHLABS_API_KEY": "bench"}
     os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
@@ -145,6 +150,7 @@ def main() -> None:
             f"limits: {{concurrency: {args.concurrency}, requests_per_minute: 1000000, "
             f"polls_per_minute: 1000000}}\n"
             f"storage: {{s3: {{endpoint_url: '{endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+            + ("output: {uri: 's3://stage/out/'}\n" if args.outputs == "bucket" else "")
         )
         script = Path(sys.executable).parent / "soundpatch"
         run_env = {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
@@ -170,6 +176,7 @@ def main() -> None:
             ours = run("m.csv", "bench")
         flow = json.loads((work / "runs" / "bench" / "report.json").read_text())["summary"]["wall_seconds"]
     print(f"{'rows / concurrency / latency':34s} {args.rows} / {args.concurrency} / {args.latency:g} s")
+    print(f"{'soundpatch outputs to a':34s} {args.outputs}")
     print(f"{'baseline (asyncio + httpx)':34s} {base_s:8.2f} s")
     print(f"{'soundpatch run (whole command)':34s} {ours:8.2f} s")
     print(f"{'  of which the flow':34s} {flow:8.2f} s")
