@@ -184,6 +184,11 @@ class Batch:
         if copied and not self.dry_run:
             restore(self.run_dir, copied)  # this machine's journal of the run from now on
         states = states_from(parse(copied)) if copied else row_states(self.run_dir)
+        if copied:
+            self._copy_read = (
+                f"This machine had no journal of run {self.run_id}: it went on from the journal's copy in the "
+                f"bucket ({len(states)} row{'s' if len(states) != 1 else ''} begun elsewhere)."
+            )
         for s in states.values():
             if s.answer is not None and not self.answers.exists(s.answer):
                 s.answer = None
@@ -196,20 +201,13 @@ class Batch:
         if self.journal_copy is None or (self.run_dir / JOURNAL_FILE).exists():
             return []
         try:
-            lines = self.journal_copy.lines()
+            return self.journal_copy.lines()
         except RowError as exc:
             self._copy_read = (
                 f"The journal's copy in the bucket could not be read ({exc}); had run {self.run_id} begun on "
                 "another machine, what it paid for there would not be known here."
             )
             return []
-        if lines:
-            rows = len({e["row"] for e in parse(lines) if e.get("row")})
-            self._copy_read = (
-                f"This machine had no journal of run {self.run_id}: it went on from the journal's copy in the "
-                f"bucket ({rows} row{'s' if rows != 1 else ''} begun elsewhere)."
-            )
-        return lines
 
     def _carried_outcomes(self) -> dict[str, Outcome]:
         """Rows this run already finished (same --run-id): kept as they were, not redone,
