@@ -165,7 +165,7 @@ def run_hosted(tmp_path, aws_env, sim, run_id: str, threads: int | None = None, 
 
 
 def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulator, monkeypatch):
-    hosted_job(tmp_path, aws_env, monkeypatch, rows=12)
+    hosted_job(tmp_path, aws_env, monkeypatch, rows=24)
     results = {}
     for label, rpm in (("paced", 240), ("unpaced", 100000)):
         sim = simulator(latency=0.05, fill="tone", rpm=240, rate_window=2.0)  # 8 per 2 s
@@ -174,12 +174,14 @@ def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulat
             aws_env,
             sim,
             label,
-            threads=12,
-            # All 12 at once unless paced; told the provider's window, as its docs would say.
-            **{"limits.requests_per_minute": rpm, "limits.rate_window_seconds": 2, "limits.concurrency": 12},
+            threads=24,
+            # All 24 at once unless paced; told the provider's window, as its docs would say.
+            **{"limits.requests_per_minute": rpm, "limits.rate_window_seconds": 2, "limits.concurrency": 24},
         )
-        assert [o.status for o in outcomes] == ["succeeded"] * 12
+        assert [o.status for o in outcomes] == ["succeeded"] * 24
         results[label] = sim.stats.rate_limited
+    # Unpaced, 24 rows against 8 per 2 s draw some ten 429s; with 12 rows the shared Retry-After
+    # wait after the first one spread the other four out, and one 429 in all came up in CI.
     assert results["paced"] <= 1 < results["unpaced"], results
 
 
