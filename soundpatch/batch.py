@@ -20,6 +20,7 @@ import time
 import traceback
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from soundpatch.answers import AnswerShelf
 from soundpatch.audio import Audio, AudioInfo
 from soundpatch.config import Config
 from soundpatch.cpu import crunching
+from soundpatch.edit_claims import BucketClaims
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
 from soundpatch.identity import edit_identity, request_identity
 from soundpatch.interrupt import stop_requested
@@ -39,7 +41,7 @@ from soundpatch.journal import JOURNAL_FILE, Journal, RowState, parse, restore, 
 from soundpatch.journal_copy import JournalCopy
 from soundpatch.lease import RunLease
 from soundpatch.limits import BudgetLedger, SharedLimits
-from soundpatch.locks import STOPPED, WAITED, Claims, RunLock
+from soundpatch.locks import CLAIMED, STOPPED, WAITED, Claims, RunLock
 from soundpatch.manifest import Edit, Manifest
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SUCCEEDED, Outcome
 from soundpatch.providers import InpaintRequest, NotStarted, PaidAnswer, PredictionFailed, Provider, make_provider
@@ -129,6 +131,11 @@ class Batch:
             self.store.ready()  # a missing bucket or unwritable folder: once, before any row
             if self.journal_copy is not None:  # before its journal is read: no one else goes on with it
                 self.lease = self._take_lease()
+        self.bucket_claims = (
+            BucketClaims(self.s3, self.store.prefix, run_id, config.storage.s3.lease_seconds, self.lease.holds)
+            if self.lease is not None
+            else None
+        )
         self.states = self._read_states() if earlier_attempts else {}
         # Results paid for but not published (the upload failed), from any earlier run here.
         self.unpublished = LocalFolder(self.run_dir / "unpublished")
@@ -514,13 +521,24 @@ class Batch:
             with self.claims.claim(identity, give_up=stop_requested) as claim:
                 if claim == STOPPED:
                     raise RowError(self._not_started)
-                if claim == WAITED and not self.force and self._reuse(edit, checked, identity, outcome):
-                    return made_for
-                self._produce(edit, checked, original, made_for, outcome)
+                # ... and so may a run on another machine writing the same bucket.
+                with self._claim_in_bucket(checked.provider, identity) as across:
+                    if across == STOPPED:
+                        raise RowError(self._not_started)
+                    if WAITED in (claim, across) and not self.force and self._reuse(edit, checked, identity, outcome):
+                        return made_for
+                    self._produce(edit, checked, original, made_for, outcome)
         finally:
             with self._lock:
                 self._in_flight.pop(identity).set()
         return made_for
+
+    def _claim_in_bucket(self, provider: Provider, identity: str) -> AbstractContextManager[str]:
+        """The edit claimed among the machines writing the output bucket (edit_claims.py),
+        when it costs money and the run holds a lease there."""
+        if self.bucket_claims is None or provider.price_usd <= 0:
+            return nullcontext(CLAIMED)
+        return self.bucket_claims.claim(identity, give_up=lambda: not self._may_start())
 
     def identity(self, checked: Checked) -> str:
         provider = checked.provider
@@ -779,6 +797,8 @@ class Batch:
             notes.append(self._copy_read)
         if self._no_lease:
             notes.append(self._no_lease)
+        if self.bucket_claims is not None and self.bucket_claims.note():
+            notes.append(self.bucket_claims.note())
         behind = self.journal.copy.note() if self.journal.copy is not None else None
         if behind:
             notes.append(behind)

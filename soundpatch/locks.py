@@ -10,8 +10,9 @@
 
 Both are `flock` locks: the kernel drops them when their process ends, however it ends
 (kill -9 included), so a crash never leaves a stale lock behind. They hold among processes
-of one machine. Across machines, a run whose outputs are in a bucket is held by a lease
-there (lease.py); deploy/prefect.yaml runs one nightly flow run at a time.
+of one machine. Across machines, when the outputs are in a bucket, a run is held by a
+lease there (lease.py) and an edit by a claim there (edit_claims.py); deploy/prefect.yaml
+runs one nightly flow run at a time.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Two machines on one run id, through the lease in the output bucket (soundpatch/lease.py).
+"""Two machines on one run id, through the lease in the output bucket (soundpatch/lease.py),
+and two runs on one edit, through its claim there (soundpatch/edit_claims.py).
 
 Each "machine" is a Batch with a runs folder of its own (its journal, its run lock), both
 writing outputs to one bucket on the real S3 server: what two workers, or a laptop and a
@@ -38,7 +39,11 @@ def machine(job: Path, sim, aws_env, name: str, run_id: str | None = None, lease
     """A machine of its own (its runs folder) on the test's run (named after its folder)."""
     lease = {"storage.s3.lease_seconds": lease_seconds}
     cfg = hosted_config(sim, aws_env.endpoint, "s3://shared-out/takes/", job.parent / name / "runs", **lease)
-    return Batch(load_manifest(job), cfg, run_id or job.parent.name)
+    batch = Batch(load_manifest(job), cfg, run_id or job.parent.name)
+    batch.claims.folder = (
+        job.parent / name / "claims"
+    )  # its own /tmp: this machine's locks (locks.py) are not the other's
+    return batch
 
 
 def freeze(batch: Batch) -> None:
@@ -169,3 +174,103 @@ def test_a_renewal_that_landed_with_its_answer_lost_keeps_the_lease(job, aws_env
         assert not lease.lost and lease.holds()
     finally:
         holder.close()
+
+
+# ---------------------------------------------------------------------- one edit, two runs
+
+
+def producing(batch: Batch) -> tuple[threading.Thread, list]:
+    """The manifest's rows of `batch`, going on in a thread of their own; their outcomes land in the list."""
+    outcomes: list = []
+    worker = threading.Thread(target=lambda: outcomes.extend(batch.process(e) for e in batch.manifest.edits))
+    worker.start()
+    return worker, outcomes
+
+
+def claims_in(aws_env) -> list[str]:
+    return aws_env.keys("shared-out", "takes/.soundpatch/claims/")
+
+
+def test_two_runs_on_two_machines_pay_once_for_an_edit_both_ask_for(job, aws_env, simulator):
+    # Two workers given overlapping slices of a library: the same edit, other run ids, at once.
+    sim = simulator(latency=1.5, fill="tone")
+    first = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1")
+    second = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2")
+    try:
+        worker, made = producing(first)
+        wait_for(lambda: sim.stats.creates == 1, 10, "the first run's create")
+        [waited] = [second.process(e) for e in second.manifest.edits]  # while the first still polls
+        worker.join()
+    finally:
+        first.close()
+        second.close()
+    assert made[0].status == "succeeded" and made[0].cost_usd == pytest.approx(0.2)
+    assert waited.status == "skipped_done" and waited.cost_usd == 0 and waited.reused_from == made[0].output
+    assert sim.stats.creates == 1
+    [note] = [n for n in second.notes() if n.startswith("Rows waited for")]
+    assert f"run {first.run_id} (process " in note and "instead of paying for them twice" in note
+    assert claims_in(aws_env) == []  # let go as the rows ended
+
+
+def test_an_edit_claimed_by_a_run_whose_machine_died_is_made_once_its_lease_lapses(job, aws_env, simulator):
+    sim = simulator(latency=0.05, fill="tone")
+    gone = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1", lease_seconds=3)
+    edit = gone.manifest.edits[0]
+    held = gone.bucket_claims.claim(gone.identity(gone.check(edit)), give_up=lambda: False)
+    held.__enter__()  # (kept in `held`: a context manager dropped lets its claim go)
+    died(gone)  # between its claim and its create
+    other = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2", lease_seconds=3)
+    try:
+        worker, outcomes = producing(other)
+        time.sleep(1.0)
+        assert sim.stats.creates == 0 and not outcomes  # it waits: that run's lease has not lapsed yet
+        worker.join(timeout=15)
+    finally:
+        other.close()
+    assert outcomes[0].status == "succeeded" and sim.stats.creates == 1
+    [note] = [n for n in other.notes() if "claimed in the bucket" in n]
+    assert note.startswith(f"Edits that run {gone.run_id} (process ") and "were made here after its lease" in note
+    assert "Rows waited" not in note
+    assert claims_in(aws_env) == []
+
+
+def test_a_run_takes_back_its_own_claim_from_its_crashed_process_at_once(job, aws_env, simulator):
+    sim = simulator(latency=0.05, fill="tone")
+    crashed = machine(job, sim, aws_env, "server")
+    edit = crashed.manifest.edits[0]
+    held = crashed.bucket_claims.claim(crashed.identity(crashed.check(edit)), give_up=lambda: False)
+    held.__enter__()
+    died(crashed)
+    again = machine(job, sim, aws_env, "server")  # the same command; the lease (60 s) is taken back at once
+    try:
+        worker, outcomes = producing(again)
+        worker.join(timeout=15)  # not the 60 s another run would wait
+    finally:
+        again.close()
+    assert outcomes and outcomes[0].status == "succeeded" and sim.stats.creates == 1
+    assert again.bucket_claims.waited_on == {} and again.bucket_claims.taken_over == {}
+    assert claims_in(aws_env) == []
+
+
+def test_a_row_waiting_on_another_run_s_claim_ends_not_started_when_the_run_is_stopped(
+    job, aws_env, simulator, monkeypatch
+):
+    sim = simulator(latency=0.05, fill="tone")
+    holder = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1")
+    edit = holder.manifest.edits[0]
+    held = holder.bucket_claims.claim(holder.identity(holder.check(edit)), give_up=lambda: False)
+    held.__enter__()
+    waiting = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2")
+    stop = threading.Event()
+    monkeypatch.setattr("soundpatch.batch.stop_requested", stop.is_set)  # Ctrl-C, as interrupt.py hears it
+    try:
+        worker, outcomes = producing(waiting)
+        wait_for(lambda: waiting.bucket_claims.waited_on, 5, "the row to wait")
+        stop.set()
+        worker.join(timeout=10)
+    finally:
+        waiting.close()
+        held.__exit__(None, None, None)
+        holder.close()
+    assert outcomes[0].status == "failed" and outcomes[0].error.startswith("Not started: the run was interrupted")
+    assert sim.stats.creates == 0 and claims_in(aws_env) == []

@@ -1,0 +1,144 @@
+"""One producer per edit among machines writing one output bucket: a claim object there.
+
+The claims of locks.py keep two processes of one machine from paying for the same edit at
+once, and the output index (storage.py) keeps any later run from paying for one already
+made. Left open: two runs with different ids, on different machines, writing one bucket,
+whose manifests overlap (two workers given overlapping slices of a library, a laptop and a
+server on the same sources). Both would send the same edit before either had published it,
+and pay for it twice. So before a paid row is sent, its edit is claimed in the bucket:
+
+    <output.uri>/.soundpatch/claims/<identity>     written with If-None-Match: *
+
+A row that finds the edit claimed by a run that is still going waits until the claim is
+let go, then reuses the result that run published (at $0), or makes it if that run could
+not. "Still going" is the claimant's run lease (lease.py): a claim whose run holds no
+lease, or one not renewed for `storage.s3.lease_seconds` by the bucket's clock (its machine
+is gone), is taken over (If-Match on its ETag: of two machines, one wins). A claim of this
+very run (an earlier process, which crashed) is this run's to take back: the lease says no
+other machine goes on with it.
+
+Only with a run lease: a store without conditional writes can keep no claim either. Rows of
+the local engine, which cost nothing, claim nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from soundpatch.errors import RowError
+from soundpatch.journal_copy import RUNS_PREFIX
+from soundpatch.locks import CLAIMED, STOPPED, WAITED
+from soundpatch.s3 import S3, S3Uri
+
+CLAIMS_PREFIX = ".soundpatch/claims"  # beside the output index and the runs' journals
+POLL_SECONDS = 1.0
+
+
+class BucketClaims:
+    def __init__(
+        self,
+        s3: S3,
+        output: S3Uri,
+        run_id: str,
+        lease_seconds: float,
+        still_leased: Callable[[], bool],
+        poll_seconds: float = POLL_SECONDS,
+    ) -> None:
+        """`still_leased()`: whether this run's lease is known held (then no one can have
+        taken its claims over, and letting one go needs no look first)."""
+        self.s3, self.output, self.run_id = s3, output, run_id
+        self.lease_seconds, self.still_leased, self.poll_seconds = lease_seconds, still_leased, poll_seconds
+        self._holder = f"process {os.getpid()} on {socket.gethostname()}"
+        self._token = secrets.token_hex(8)
+        self._writes = 0
+        self._lock = threading.Lock()
+        self.waited_on: dict[str, str] = {}  # run id -> its holder, for runs whose claims rows waited on
+        self.taken_over: dict[str, str] = {}  # the same, for runs whose lapsed claims were taken over
+
+    @contextmanager
+    def claim(self, identity: str, give_up: Callable[[], bool]) -> Iterator[str]:
+        """Held while this run alone, among the machines writing the bucket, produces
+        `identity`. Yields CLAIMED; WAITED when it was claimed by another run first (its
+        result may be in the store now); STOPPED if `give_up()` turned true while waiting
+        (nothing is held then)."""
+        uri = self.output.child(f"{CLAIMS_PREFIX}/{identity}")
+        how = CLAIMED
+        etag = self._write(uri, if_match=None)
+        while etag is None:
+            how = WAITED
+            there = self.s3.age(uri)
+            run = there[2].get("run", "") if there is not None else ""
+            holder = there[2].get("holder", "") if there is not None else ""
+            if there is not None and run != self.run_id and self._going(run):
+                with self._lock:
+                    self.waited_on.setdefault(run, holder)
+                if give_up():
+                    yield STOPPED
+                    return
+                time.sleep(self.poll_seconds)
+                continue
+            # Let go meanwhile, this run's own (from an earlier process), or its run is gone.
+            etag = self._write(uri, if_match=there[0] if there is not None else None)
+            if etag is not None and there is not None and run != self.run_id:
+                with self._lock:
+                    self.taken_over.setdefault(run, holder)
+        try:
+            yield how
+        finally:
+            self._let_go(uri, etag)
+
+    def _write(self, uri: S3Uri, if_match: str | None) -> str | None:
+        with self._lock:
+            self._writes += 1
+            body = f"{self.run_id}\n{self._holder}\n{self._token} {self._writes}\n".encode()  # an ETag of its own
+        return self.s3.put_if(uri, body, {"run": self.run_id, "holder": self._holder}, if_match=if_match)
+
+    def _going(self, run: str) -> bool:
+        """Whether run `run` holds its lease: written less than `lease_seconds` ago."""
+        if not run:
+            return False
+        lease = self.s3.age(self.output.child(f"{RUNS_PREFIX}/{run}/lease"))
+        return lease is not None and lease[1] < self.lease_seconds
+
+    def _let_go(self, uri: S3Uri, etag: str) -> None:
+        """Delete the claim, unless another machine took it over (this run's lease lapsed)."""
+        try:
+            if not self.still_leased():
+                there = self.s3.age(uri)
+                if there is None or there[0] != etag:
+                    return
+            self.s3.delete(uri)
+        except RowError:
+            pass  # left behind: taken over once this run's lease lapses
+
+    def note(self) -> str:
+        """What the claims made rows do, for the run's notes ("" when nothing)."""
+        parts = []
+        waited = {run: holder for run, holder in self.waited_on.items() if run not in self.taken_over}
+        if waited:
+            parts.append(
+                f"Rows waited for {_runs(waited)}, which {'was' if len(waited) == 1 else 'were'} making the same "
+                "edits at the same time, instead of paying for them twice."
+            )
+        if self.taken_over:
+            parts.append(
+                f"Edits that {_runs(self.taken_over)} had claimed in the bucket were made here after "
+                + (
+                    "its lease there lapsed (its machine is gone)."
+                    if len(self.taken_over) == 1
+                    else "their leases there lapsed (their machines are gone)."
+                )
+            )
+        return " ".join(parts)
+
+
+def _runs(runs: dict[str, str]) -> str:
+    named = [f"run {run}" + (f" ({holder})" if holder else "") for run, holder in sorted(runs.items())[:3]]
+    more = len(runs) - len(named)
+    return ", ".join(named) + (f" and {more} more" if more > 0 else "")
