@@ -38,6 +38,7 @@ from soundpatch.s3 import S3, S3Uri
 
 CLAIMS_PREFIX = ".soundpatch/claims"  # beside the output index and the runs' journals
 POLL_SECONDS = 1.0
+_UNCLAIMED = "The edit could not be claimed in the output bucket before the create, so nothing was sent ({})"
 
 
 class BucketClaims:
@@ -72,7 +73,7 @@ class BucketClaims:
         etag = self._write(uri, if_match=None)
         while etag is None:
             how = WAITED
-            there = self.s3.age(uri)
+            there = self._look(uri)
             run = there[2].get("run", "") if there is not None else ""
             holder = there[2].get("holder", "") if there is not None else ""
             if there is not None and run != self.run_id and self._going(run):
@@ -97,13 +98,22 @@ class BucketClaims:
         with self._lock:
             self._writes += 1
             body = f"{self.run_id}\n{self._holder}\n{self._token} {self._writes}\n".encode()  # an ETag of its own
-        return self.s3.put_if(uri, body, {"run": self.run_id, "holder": self._holder}, if_match=if_match)
+        try:
+            return self.s3.put_if(uri, body, {"run": self.run_id, "holder": self._holder}, if_match=if_match)
+        except RowError as exc:
+            raise RowError(_UNCLAIMED.format(exc)) from None
+
+    def _look(self, uri: S3Uri) -> tuple[str, float, dict[str, str]] | None:
+        try:
+            return self.s3.age(uri)
+        except RowError as exc:
+            raise RowError(_UNCLAIMED.format(exc)) from None
 
     def _going(self, run: str) -> bool:
         """Whether run `run` holds its lease: written less than `lease_seconds` ago."""
         if not run:
             return False
-        lease = self.s3.age(self.output.child(f"{RUNS_PREFIX}/{run}/lease"))
+        lease = self._look(self.output.child(f"{RUNS_PREFIX}/{run}/lease"))
         return lease is not None and lease[1] < self.lease_seconds
 
     def _let_go(self, uri: S3Uri, etag: str) -> None:

@@ -274,6 +274,21 @@ def test_a_create_is_not_sent_while_the_bucket_refuses_the_journal_s_copy(
     assert "a rerun on this machine is not affected" in note
 
 
+def test_a_create_is_not_sent_while_the_bucket_refuses_the_edit_s_claim(
+    tmp_path, aws_env, simulator, fault_proxy, monkeypatch
+):
+    # A run on another machine making the same edit at the same time would not see it claimed.
+    rows = "a,fx.wav,1,1.5,a hinge no one has oiled\n"
+    denied = lambda path: "/.soundpatch/claims/" in path  # noqa: E731
+    deny = job_behind_a_bucket_policy(tmp_path, aws_env, fault_proxy, monkeypatch, rows, "claimless", denied)
+    sim = simulator(latency=0.05, fill="tone")
+    cfg = hosted(tmp_path, sim, deny.endpoint, **{"output.uri": "s3://claimless/out/"})
+    [outcome] = run(tmp_path / "m.csv", cfg, "unclaimed")
+    assert outcome.status == "failed" and outcome.cost_usd == 0 and sim.stats.creates == 0
+    assert outcome.error.startswith("The edit could not be claimed in the output bucket before the create, so nothing")
+    assert "access denied" in outcome.error
+
+
 def test_the_journal_s_copy_is_written_when_money_moves_and_ends_as_the_run_s_journal(
     tmp_path, aws_env, simulator, fault_proxy, monkeypatch
 ):

@@ -193,7 +193,7 @@ def claims_in(aws_env) -> list[str]:
 
 def test_two_runs_on_two_machines_pay_once_for_an_edit_both_ask_for(job, aws_env, simulator):
     # Two workers given overlapping slices of a library: the same edit, other run ids, at once.
-    sim = simulator(latency=1.5, fill="tone")
+    sim = simulator(latency=3.0, fill="tone")  # the second reaches the edit while the first polls
     first = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1")
     second = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2")
     try:
@@ -214,12 +214,12 @@ def test_two_runs_on_two_machines_pay_once_for_an_edit_both_ask_for(job, aws_env
 
 def test_an_edit_claimed_by_a_run_whose_machine_died_is_made_once_its_lease_lapses(job, aws_env, simulator):
     sim = simulator(latency=0.05, fill="tone")
-    gone = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1", lease_seconds=3)
+    gone = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1", lease_seconds=6)
     edit = gone.manifest.edits[0]
     held = gone.bucket_claims.claim(gone.identity(gone.check(edit)), give_up=lambda: False)
     held.__enter__()  # (kept in `held`: a context manager dropped lets its claim go)
     died(gone)  # between its claim and its create
-    other = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2", lease_seconds=3)
+    other = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2", lease_seconds=6)
     try:
         worker, outcomes = producing(other)
         time.sleep(1.0)
