@@ -535,8 +535,8 @@ class Batch:
 
     def _claim_in_bucket(self, provider: Provider, identity: str) -> AbstractContextManager[str]:
         """The edit claimed among the machines writing the output bucket (edit_claims.py),
-        when it costs money and the run holds a lease there."""
-        if self.bucket_claims is None or provider.price_usd <= 0:
+        when a hosted model makes it (a create: money) and the run holds a lease there."""
+        if self.bucket_claims is None or not provider.hosted:
             return nullcontext(CLAIMED)
         return self.bucket_claims.claim(identity, give_up=lambda: not self._may_start())
 

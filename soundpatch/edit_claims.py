@@ -18,7 +18,7 @@ very run (an earlier process, which crashed) is this run's to take back: the lea
 other machine goes on with it.
 
 Only with a run lease: a store without conditional writes can keep no claim either. Rows of
-the local engine, which cost nothing, claim nothing.
+the local engine, which sends nothing, claim nothing.
 """
 
 from __future__ import annotations

@@ -116,6 +116,8 @@ class Provider(Protocol):
     price_usd: float
     # Whether the prompt steers the result; the report says so when it does not.
     uses_prompt: bool
+    # Whether a prediction is made at a provider (a create goes out, and is paid for).
+    hosted: bool
 
     def ready(self) -> None:
         """Raise ConfigError if the provider cannot work at all (no key, no staging)."""

@@ -40,6 +40,7 @@ class HostedProvider:
     display = "the provider"
     model_name = "stable-audio-2.5"  # for the report's method column
     uses_prompt = True
+    hosted = True
 
     def __init__(
         self,

@@ -46,6 +46,7 @@ class LocalEngine:
     name = "local"
     model = "soundpatch-local-1"
     uses_prompt = False
+    hosted = False
 
     def __init__(self, price_usd: float = 0.0, in_flight: InFlight | None = None) -> None:
         self.price_usd = price_usd
