@@ -13,13 +13,14 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from soundpatch.batch import Batch
 from soundpatch.locks import RunBusy
 from soundpatch.manifest import load_manifest
 from soundpatch.s3 import S3Uri
-from tests.jobs import hosted_config, wait_for
+from tests.jobs import environment, hosted_config, report, start, wait_for, write_job
 from tests.test_storage import wav_bytes
 
 
@@ -274,3 +275,32 @@ def test_a_row_waiting_on_another_run_s_claim_ends_not_started_when_the_run_is_s
         holder.close()
     assert outcomes[0].status == "failed" and outcomes[0].error.startswith("Not started: the run was interrupted")
     assert sim.stats.creates == 0 and claims_in(aws_env) == []
+
+
+def test_two_workers_given_overlapping_manifests_pay_once_for_each_edit(aws_env, simulator, tmp_path_factory):
+    # As users run it: two `soundpatch run` commands at once, each on a machine of its own (its
+    # folder, its /tmp, its Prefect), with rows 04-07 in both manifests and one output bucket.
+    sim = simulator(latency=6.0, fill="tone")  # slower than the gap between the two starts
+    aws_env.bucket("stage")
+    aws_env.bucket("overlap")
+    procs, folders = [], []
+    for n, rows in ((1, range(0, 8)), (2, range(4, 12))):
+        folder = tmp_path_factory.mktemp(f"worker-{n}")
+        write_job(folder, sim, aws_env, rows=12, concurrency=8)
+        lines = (folder / "job.csv").read_text().splitlines()
+        (folder / "job.csv").write_text("\n".join([lines[0]] + [lines[1 + i] for i in rows]) + "\n")
+        (folder / "job.yaml").write_text((folder / "job.yaml").read_text() + "output: {uri: 's3://overlap/takes/'}\n")
+        (folder / "fx.wav").write_bytes(wav_bytes(3.0))  # the same sound on both: the same edits
+        (folder / "tmp").mkdir()
+        env = {**environment(folder / "prefect"), "TMPDIR": str(folder / "tmp")}
+        procs.append(start(folder, env, f"worker-{n}"))
+        folders.append(folder)
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out + err
+    assert sim.stats.creates == 12  # not 16: each edit both asked for was paid for once
+    first, second = (report(folder, f"worker-{n}") for n, folder in enumerate(folders, 1))
+    both = pd.concat([first, second])
+    assert both["cost_usd"].sum() == pytest.approx(12 * 0.20)
+    assert sorted(both["status"]) == ["skipped_done"] * 4 + ["succeeded"] * 12
+    assert aws_env.keys("overlap", "takes/.soundpatch/claims/") == []
