@@ -8,9 +8,11 @@ original:
   flagged for it.
 - `seam_in`, `seam_out`: at each edge of the region, the largest second difference
   within 2 ms, divided by what is usual there: the 99th percentile of second differences
-  in the 100 ms of untouched audio beside it, or the original's own at that spot if
-  larger (a transient on the edge is not the splice's fault). 1 or less means the edge
-  is as smooth as before; a click or a step reads well above (flagged past SEAM_LIMIT).
+  in the 100 ms of untouched audio beside it, or in the 20 ms of the fill next to the edge
+  (a noisy fill meeting a smooth ring changes texture there, which is not a click), or the
+  original's own at that spot, whichever is largest (a transient on the edge is not the
+  splice's fault). 1 or less means the edge is as smooth as its two sides; a click or a
+  step reads well above (flagged past SEAM_LIMIT).
 - `loudness_delta_db`: the region's loudness minus its context's (up to 1 s each side),
   K-weighted as in ITU-R BS.1770 (pyloudnorm's filters; short regions are measured
   ungated, so a 10 ms fill has a value too). None when either side is near silence.
@@ -62,8 +64,8 @@ def measure(original: Audio, result: Audio, a: int, b: int, lossless: bool, offs
     hi = min(original.frames, result.frames, b + round(CONTEXT_SECONDS * result.rate))
     before, after = to_float(original.samples[lo:hi]), to_float(result.samples[lo:hi])
     a, b = a - lo, b - lo
-    seam_in = _seam(after, before, a, side=-1, rate=result.rate)
-    seam_out = _seam(after, before, b, side=+1, rate=result.rate)
+    seam_in = _seam(after, before, a, side=-1, rate=result.rate, fill=b - a)
+    seam_out = _seam(after, before, b, side=+1, rate=result.rate, fill=b - a)
     loudness = _loudness_delta(after, a, b, result.rate)
     clipped = max(0, _clipped(after[a:b]) - _clipped(before[a:b]))
     q = Quality(
@@ -98,19 +100,25 @@ def _outside_max_diff(before: np.ndarray, after: np.ndarray, a: int, b: int) -> 
     return float(outside.max()) if outside.size else 0.0
 
 
-def _seam(after: np.ndarray, before: np.ndarray, edge: int, side: int, rate: int) -> float | None:
+def _seam(after: np.ndarray, before: np.ndarray, edge: int, side: int, rate: int, fill: int) -> float | None:
     """Largest kink within 2 ms of `edge`, over what is usual there: the untouched audio
-    beside it, or the original's own kink at that spot (a drum hit on the edge is not a
-    fault of the splice)."""
+    beside it, the fill's own texture next to it (`fill`: the region's length), or the
+    original's own kink at that spot (a drum hit on the edge is not a fault of the splice)."""
     near = max(2, round(0.002 * rate))
     ref = max(8, round(0.1 * rate))
     context = after[max(0, edge - ref) : edge] if side < 0 else after[edge : edge + ref]
     if len(context) < 8 or edge <= 0 or edge >= len(after):
         return None  # the region touches the file's start or end: no seam there
+    inner = min(round(0.02 * rate), fill)
+    inside = after[edge : edge + inner] if side < 0 else after[max(0, edge - inner) : edge]
     lo, hi = max(0, edge - near), min(len(after), edge + near)
     jump = _kink(after[lo:hi])
-    usual = max(float(np.percentile(np.abs(np.diff(context, n=2, axis=0)), 99)), _kink(before[lo:hi]), 1e-5)
+    usual = max(_usual_kink(context), _usual_kink(inside) if len(inside) >= 8 else 0.0, _kink(before[lo:hi]), 1e-5)
     return jump / usual
+
+
+def _usual_kink(x: np.ndarray) -> float:
+    return float(np.percentile(np.abs(np.diff(x, n=2, axis=0)), 99))
 
 
 def _kink(x: np.ndarray) -> float:

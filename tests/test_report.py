@@ -117,6 +117,23 @@ def test_a_deliberately_broken_splice_is_flagged():
     assert measure(original, touched, a, b, lossless=False).checks == "ok"  # lossy formats differ anyway
 
 
+def test_a_noisy_fill_meeting_a_smooth_ring_is_a_change_of_texture_not_a_click():
+    # An impact's ring (a low, pure tone) with its first 0.6 s replaced by something grainy,
+    # as a prompt may well ask for: no step at either edge, so no discontinuity. The same
+    # ring with its region lifted by a step is one.
+    t = np.arange(3 * RATE) / RATE
+    ring = np.round(9830 * np.exp(-t) * np.sin(2 * np.pi * 110 * t)).astype(np.int16)[:, None]
+    original = A.Audio(ring, RATE, "WAV", "PCM_16")
+    a, b = RATE, int(1.6 * RATE)
+    grain = np.random.default_rng(7).normal(0, 0.03, (b - a, 1)).astype(np.float32)
+    grain += A.to_float(original.samples[a:b])  # the ring goes on under it: it meets both edges
+    q = measure(original, A.splice(original, grain, a, b, 0), a, b, lossless=True)
+    assert "discontinuity" not in q.checks, q
+    step = A.to_float(original.samples[a:b]) + 0.1
+    q = measure(original, A.splice(original, step, a, b, 0), a, b, lossless=True)
+    assert "discontinuity at the region's start" in q.checks and "discontinuity at the region's end" in q.checks, q
+
+
 # ---------------------------------------------------------------------- the HTML in a browser
 
 
