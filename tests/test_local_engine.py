@@ -80,6 +80,22 @@ def test_seeds_choose_among_equally_good_passages(music_44k):
         assert snr_db(x[a:b], fill) > 40
 
 
+def test_a_dropout_is_not_filled_with_another_dropout(music_44k):
+    # An archive's recording with two dropouts, where the passage that fits the first best
+    # (its surroundings recur note for note later on) is the second: copying that one would
+    # restore nothing.
+    rate = 8000
+    x = music_44k[: 8 * rate, :1].copy()
+    x[5 * rate : 7 * rate] = x[1 * rate : 3 * rate]  # 1-3 s recurs at 5-7 s
+    a, b = int(1.8 * rate), int(2.2 * rate)
+    x[a + 4 * rate : b + 4 * rate] = 0.0  # the dropout in the recurrence
+    x[a:b] = 0.0  # the dropout being restored
+    made = LocalEngine().inpaint(InpaintRequest(Audio(x, rate, "WAV", "FLOAT"), a, b, "p"))
+    silent = np.abs(made.fill[:, 0]) < 1e-5
+    assert not silent[: len(silent) - 40].reshape(-1, 40).all(axis=1).any(), made.method  # no 5 ms of silence
+    assert np.sqrt(np.mean(made.fill**2)) > 0.3 * np.sqrt(np.mean(x[a - rate // 2 : a] ** 2)), made.method
+
+
 @pytest.mark.parametrize(
     ("manifest", "alike"),
     [("sfx_variations.yaml", "9 results came out identical"), ("restoration.csv", None)],

@@ -21,6 +21,11 @@ SEARCH_RATE = 6000  # Hz; enough to discriminate rhythm and pitch, cheap to corr
 SEARCH_RANGE_SECONDS = 90.0  # candidates further than this from the gap are not considered
 # Candidates scoring within this of the best are equally good; the seed picks among them.
 EQUAL_SCORE_MARGIN = 0.02
+# A passage holding this much digital silence (a dropout elsewhere in the recording) is not
+# a fill, where the gap's surroundings hold none: restoring one dropout with another
+# restores nothing.
+DEAD_SECONDS = 0.005
+SILENT = 1e-5  # -100 dBFS: below a 16-bit recording's least step
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,12 @@ def find_matches(mono: np.ndarray, rate: int, a: int, b: int, limit: int = 8) ->
         allowed = strict
     if not allowed.any():
         return []
+    dead = np.concatenate([[0], np.cumsum(_dead(xs, max(2, round(DEAD_SECONDS * rate / step))))])
+    whole = dead[q + ms] == dead[q]  # no dropout inside the passage
+    # ... unless silence is part of the material (a synthetic voice's pauses): its contexts hold some.
+    lively = dead[max(0, a_s - cs)] == dead[a_s] and dead[b_s] == dead[min(len(xs), b_s + cs)]
+    if lively and (allowed & whole).any():
+        allowed &= whole
     mean = np.where(allowed, score / np.maximum(weight, 1), -np.inf)
     picks = _distinct_peaks(mean, spacing=max(cs, ms // 2), limit=limit)
     matches = [_refine(mono, a, b, int(q[i]) * step, step, c) for i in picks]
@@ -84,6 +95,18 @@ def choose(matches: list[Match], seed: int | None) -> Match:
     if seed is None or len(tied) == 1:
         return best
     return tied[seed % len(tied)]
+
+
+def _dead(x: np.ndarray, shortest: int) -> np.ndarray:
+    """Where `x` is digitally silent for `shortest` samples or more in a row."""
+    quiet = np.abs(x) < SILENT
+    edges = np.diff(np.concatenate([[0], quiet.astype(np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    long = ends - starts >= shortest
+    marks = np.zeros(len(x) + 1, np.int32)
+    np.add.at(marks, starts[long], 1)
+    np.add.at(marks, ends[long], -1)
+    return np.cumsum(marks[:-1]) > 0
 
 
 def _ncc_at(x: np.ndarray, template: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
