@@ -522,7 +522,7 @@ class Batch:
                 if claim == STOPPED:
                     raise RowError(self._not_started)
                 # ... and so may a run on another machine writing the same bucket.
-                with self._claim_in_bucket(checked.provider, identity) as across:
+                with self._claim_in_bucket(checked.provider, identity, edit.row_id) as across:
                     if across == STOPPED:
                         raise RowError(self._not_started)
                     if WAITED in (claim, across) and not self.force and self._reuse(edit, checked, identity, outcome):
@@ -533,12 +533,16 @@ class Batch:
                 self._in_flight.pop(identity).set()
         return made_for
 
-    def _claim_in_bucket(self, provider: Provider, identity: str) -> AbstractContextManager[str]:
+    def _claim_in_bucket(self, provider: Provider, identity: str, row_id: str) -> AbstractContextManager[str]:
         """The edit claimed among the machines writing the output bucket (edit_claims.py),
         when a hosted model makes it (a create: money) and the run holds a lease there."""
         if self.bucket_claims is None or not provider.hosted:
             return nullcontext(CLAIMED)
-        return self.bucket_claims.claim(identity, give_up=lambda: not self._may_start())
+        return self.bucket_claims.claim(
+            identity,
+            give_up=lambda: not self._may_start(),
+            waiting=lambda run: self.journal.write("waiting", row_id, on=run),  # for the progress line
+        )
 
     def identity(self, checked: Checked) -> str:
         provider = checked.provider

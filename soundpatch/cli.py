@@ -309,6 +309,7 @@ class _ProgressWatcher:
         self._last: dict[str, tuple[int, int, float]] = {}  # row -> (done, bad, cost) of its last outcome
         self._done, self._bad, self._spent = 0, 0, 0.0
         self._flying: set[str] = set()  # rows sent and not yet ended
+        self._waiting: set[str] = set()  # rows waiting for another run making the same edit
 
     def start(self) -> None:
         self._thread.start()
@@ -317,11 +318,15 @@ class _ProgressWatcher:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def _state(self) -> tuple[int, int, float, int]:
+    def _state(self) -> tuple[int, int, float, int, int]:
         for e in self._tail.poll():
-            if e.get("event") == "sending":
+            if e.get("event") == "waiting":
+                self._waiting.add(e["row"])
+            elif e.get("event") == "sending":
+                self._waiting.discard(e["row"])
                 self._flying.add(e["row"])
             elif e.get("event") == "outcome":
+                self._waiting.discard(e["row"])
                 self._flying.discard(e["row"])
                 status = e["outcome"]["status"]
                 now = (int(bool(status)), int(status in (FAILED, INVALID)), e["outcome"].get("cost_usd") or 0.0)
@@ -332,7 +337,7 @@ class _ProgressWatcher:
                 self._spent += now[2] - was[2]
             elif e.get("event") == "run_started":  # patterns in the manifest are expanded by now
                 self.total = int(e.get("total") or self.total)
-        return min(self._done, self.total), self._bad, self._spent, len(self._flying)
+        return min(self._done, self.total), self._bad, self._spent, len(self._flying), len(self._waiting)
 
     def _loop(self) -> None:
         if err.is_terminal:
@@ -346,8 +351,9 @@ class _ProgressWatcher:
             with Progress(*columns, console=err, transient=True) as bar:
                 task = bar.add_task("inpainting", total=self.total, detail="starting Prefect...")
                 while not self._stop.wait(0.25):
-                    done, bad, spent, flying = self._state()
+                    done, bad, spent, flying, waiting = self._state()
                     detail = f"{bad} failed · ${spent:.2f} of ${self.budget:.2f} · {flying} in flight"
+                    detail += f" · {waiting} waiting for another run" if waiting else ""
                     bar.update(task, completed=done, total=self.total, detail=detail)
             return
         # Not a terminal (CI, a log file): a plain line every 10 s and one at the end.
@@ -359,8 +365,9 @@ class _ProgressWatcher:
         self._print_line()
 
     def _print_line(self) -> None:
-        done, bad, spent, flying = self._state()
-        err.print(f"progress: {done}/{self.total} done, {bad} failed, ${spent:.2f} spent, {flying} in flight")
+        done, bad, spent, flying, waiting = self._state()
+        line = f"progress: {done}/{self.total} done, {bad} failed, ${spent:.2f} spent, {flying} in flight"
+        err.print(line + (f", {waiting} waiting for another run making the same edits" if waiting else ""))
 
 
 def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Path) -> None:

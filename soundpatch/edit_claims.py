@@ -63,20 +63,24 @@ class BucketClaims:
         self.taken_over: dict[str, str] = {}  # the same, for runs whose lapsed claims were taken over
 
     @contextmanager
-    def claim(self, identity: str, give_up: Callable[[], bool]) -> Iterator[str]:
+    def claim(
+        self, identity: str, give_up: Callable[[], bool], waiting: Callable[[str], None] = lambda run: None
+    ) -> Iterator[str]:
         """Held while this run alone, among the machines writing the bucket, produces
         `identity`. Yields CLAIMED; WAITED when it was claimed by another run first (its
         result may be in the store now); STOPPED if `give_up()` turned true while waiting
-        (nothing is held then)."""
+        (nothing is held then). `waiting(run)` is told once when it begins to wait for `run`."""
         uri = self.output.child(f"{CLAIMS_PREFIX}/{identity}")
-        how = CLAIMED
+        how, told = CLAIMED, False
         etag = self._write(uri, if_match=None)
         while etag is None:
-            how = WAITED
             there = self._look(uri)
             run = there[2].get("run", "") if there is not None else ""
             holder = there[2].get("holder", "") if there is not None else ""
             if there is not None and run != self.run_id and self._going(run):
+                if not told:
+                    waiting(run)
+                how, told = WAITED, True
                 with self._lock:
                     self.waited_on.setdefault(run, holder)
                 if give_up():
@@ -86,6 +90,7 @@ class BucketClaims:
                 continue
             # Let go meanwhile, this run's own (from an earlier process), or its run is gone.
             etag = self._write(uri, if_match=there[0] if there is not None else None)
+            how = WAITED  # (its result may be there now)
             if etag is not None and there is not None and run != self.run_id:
                 with self._lock:
                     self.taken_over.setdefault(run, holder)

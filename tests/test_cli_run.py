@@ -196,13 +196,20 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     for row in ("a", "b", "c"):
         journal.write("sending", row)
     outcome("a", "failed", 0.2)
-    assert watcher._state() == (1, 1, 0.2, 2)  # done, failed, spent, in flight
+    assert watcher._state() == (1, 1, 0.2, 2, 0)  # done, failed, spent, in flight, waiting
     outcome("b", "succeeded", 0.2)
     # A resumed run: row a again, its outcome carries the row's running total.
     journal.write("sending", "a")
-    assert watcher._state() == (2, 1, 0.4, 2)
+    assert watcher._state() == (2, 1, 0.4, 2, 0)
     outcome("a", "succeeded", 0.4)
     outcome("c", "invalid", 0.0)
-    done, bad, spent, flying = watcher._state()
-    assert (done, bad, round(spent, 9), flying) == (3, 1, 0.6, 0)
+    done, bad, spent, flying, waiting = watcher._state()
+    assert (done, bad, round(spent, 9), flying, waiting) == (3, 1, 0.6, 0, 0)
+    # Rows waiting for another machine's run that is making the same edit (edit_claims.py).
+    journal.write("waiting", "d", on="nightly-2")
+    journal.write("waiting", "e", on="nightly-2")
+    assert watcher._state()[3:] == (0, 2)
+    journal.write("sending", "d")  # its claim was let go without a result: made here
+    outcome("e", "skipped_done", 0.0)  # reused
+    assert watcher._state()[3:] == (1, 0)
     journal.close()

@@ -8,6 +8,7 @@ server, share.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -210,6 +211,8 @@ def test_two_runs_on_two_machines_pay_once_for_an_edit_both_ask_for(job, aws_env
     assert sim.stats.creates == 1
     [note] = [n for n in second.notes() if n.startswith("Rows waited for")]
     assert f"run {first.run_id} (process " in note and "instead of paying for them twice" in note
+    waits = [json.loads(line) for line in (second.run_dir / "journal.jsonl").read_text().splitlines()]
+    assert [(e["row"], e["on"]) for e in waits if e["event"] == "waiting"] == [("a", first.run_id)]  # progress shows it
     assert claims_in(aws_env) == []  # let go as the rows ended
 
 
