@@ -39,7 +39,7 @@ from soundpatch import interrupt
 from soundpatch.batch import Batch
 from soundpatch.config import Config, load_config
 from soundpatch.errors import ConfigError
-from soundpatch.journal import prediction_seconds
+from soundpatch.journal import prediction_seconds, read_events
 from soundpatch.manifest import load_manifest
 from soundpatch.outcome import EXIT_OK, SKIPPED_DONE, SUCCEEDED, Outcome, exit_status
 from soundpatch.report import publish_reports, summarize
@@ -94,7 +94,7 @@ def inpaint_batch(
             "notes": batch.notes(),
             **_shared_waits(shared),
         },
-        prediction_seconds(batch.run_dir),
+        prediction_seconds(read_events(batch.run_dir)),
     )
     paths = publish_reports(batch.run_dir, outcomes, summary, batch.store)
     artifacts.publish(outcomes, summary, str(paths["html"]))

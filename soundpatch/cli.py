@@ -9,6 +9,7 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,9 +21,10 @@ from rich.table import Table
 from soundpatch import __version__, interrupt
 from soundpatch.batch import Batch, new_run_id, preflight
 from soundpatch.config import Config, load_config
-from soundpatch.errors import SoundpatchError
+from soundpatch.errors import RowError, SoundpatchError
 from soundpatch.humanize import duration
-from soundpatch.journal import JournalTail, latest_outcomes, prediction_seconds
+from soundpatch.journal import JOURNAL_FILE, JournalTail, latest_outcomes, parse, prediction_seconds, read_events
+from soundpatch.journal_copy import JournalCopy
 from soundpatch.locks import RunLock
 from soundpatch.manifest import Manifest, load_manifest
 from soundpatch.outcome import (
@@ -36,8 +38,8 @@ from soundpatch.outcome import (
     Outcome,
     exit_status,
 )
-from soundpatch.report import load_report, publish_reports, summarize
-from soundpatch.s3 import S3
+from soundpatch.report import parse_report, publish_reports, summarize
+from soundpatch.s3 import S3, S3Uri
 from soundpatch.storage import open_store
 
 if TYPE_CHECKING:
@@ -382,7 +384,8 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
         table.add_row("provider reported", f"${summary.get('provider_cost_usd', 0):.2f}")
     if summary.get("flagged"):
         table.add_row("[yellow]flagged by checks[/yellow]", f"{summary['flagged']} (see the report)")
-    table.add_row("wall time", duration(summary["wall_seconds"]))
+    if summary.get("wall_seconds") is not None:  # (unknown for a run that ended before its report)
+        table.add_row("wall time", duration(summary["wall_seconds"]))
     table.add_row("outputs", str(summary.get("output_uri", "")))
     table.add_row("report", str(run_dir / "report.html"))
     if summary.get("report_uri"):
@@ -447,9 +450,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     cfg = _config(args)
     run_dir = Path(cfg.runs_dir).expanduser() / args.run_id
-    if not (run_dir / "journal.jsonl").exists():
-        raise SoundpatchError(f"No run {args.run_id!r} in {Path(cfg.runs_dir)} (looked for {run_dir}).")
-    rows = latest_outcomes(run_dir)
+    events = list(_journal_of(args.run_id, run_dir, cfg))
+    rows = latest_outcomes(events)
     outcomes = [Outcome.from_dict(r) for r in rows.values()]
     meta: dict[str, Any] = {
         "run_id": args.run_id,
@@ -457,15 +459,53 @@ def cmd_report(args: argparse.Namespace) -> int:
         "provider": cfg.provider.name,
         "output_uri": cfg.output.uri,
     }
-    if (run_dir / "report.json").exists():
-        previous_rows, previous = load_report(run_dir)
+    earlier = _earlier_report(run_dir, cfg, args.run_id)
+    if earlier is not None:
+        previous_rows, previous = earlier
         meta.update({k: v for k, v in previous.items() if k not in ("by_status", "spent_usd", "results")})
         order = {o.row_id: i for i, o in enumerate(previous_rows)}
         outcomes.sort(key=lambda o: order.get(o.row_id, len(order)))
-    summary = summarize(outcomes, meta, prediction_seconds(run_dir))
+    summary = summarize(outcomes, meta, prediction_seconds(events))
     publish_reports(run_dir, outcomes, summary, open_store(cfg.output.uri, S3(cfg.storage.s3)))
     _print_summary(summary, outcomes, run_dir)
     return exit_status(outcomes)
+
+
+def _earlier_report(run_dir: Path, cfg: Config, run_id: str) -> tuple[list[Outcome], dict[str, Any]] | None:
+    """The report the run wrote as it ended (its rows' order, its wall time and notes): in
+    the run folder, or next to the outputs in a bucket; None if it wrote none (it crashed)."""
+    if (run_dir / "report.json").exists():
+        return parse_report((run_dir / "report.json").read_bytes())
+    if not cfg.output.uri.startswith("s3://"):
+        return None
+    try:
+        data = S3(cfg.storage.s3).get(S3Uri.parse(cfg.output.uri).child(f"{run_id}/report.json"), 64 << 20)
+    except RowError:
+        return None
+    return parse_report(data) if data else None
+
+
+def _journal_of(run_id: str, run_dir: Path, cfg: Config) -> Iterator[dict[str, Any]]:
+    """The run's journal: this machine's, or (a run made on another machine, a worker) its
+    copy in the output bucket. The copy is only read: written here, it would be a stale
+    journal of a run that may still go on elsewhere."""
+    if (run_dir / JOURNAL_FILE).exists():
+        return read_events(run_dir)
+    where = f"No run {run_id!r} in {Path(cfg.runs_dir)} (looked for {run_dir})"
+    if not cfg.output.uri.startswith("s3://"):
+        raise SoundpatchError(f"{where}.")
+    copy = JournalCopy(S3(cfg.storage.s3), S3Uri.parse(cfg.output.uri), run_id)
+    try:
+        lines = copy.lines()
+    except RowError as exc:
+        raise SoundpatchError(f"{where}, and its journal's copy in the bucket could not be read ({exc}).") from None
+    if not lines:
+        raise SoundpatchError(f"{where}, nor in the bucket (looked for {copy.folder}).")
+    out.print(
+        f"No journal of run {run_id} here: the report is made from its copy in the bucket ({copy.folder}).",
+        soft_wrap=True,
+    )
+    return parse(lines)
 
 
 if __name__ == "__main__":

@@ -94,10 +94,10 @@ def restore(run_dir: Path, lines: list[str]) -> None:
         os.fsync(f.fileno())
 
 
-def latest_outcomes(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """The last outcome recorded for each row."""
+def latest_outcomes(events: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The last outcome recorded for each row (of a journal's events: `read_events`)."""
     out: dict[str, dict[str, Any]] = {}
-    for e in read_events(run_dir):
+    for e in events:
         if e.get("event") == "outcome":
             out[e["row"]] = e["outcome"]
     return out
@@ -199,11 +199,12 @@ def states_from(events: Iterable[dict[str, Any]]) -> dict[str, RowState]:
     return states
 
 
-def prediction_seconds(run_dir: Path) -> list[float]:
-    """For each prediction that came back: seconds from its row being sent to the result."""
+def prediction_seconds(events: Iterable[dict[str, Any]]) -> list[float]:
+    """For each prediction that came back (of a journal's events): seconds from its row
+    being sent to the result."""
     sent: dict[str, float] = {}
     seconds = []
-    for e in read_events(run_dir):
+    for e in events:
         row, kind = e.get("row"), e.get("event")
         if kind == "sending" and row:
             sent[row] = e["t"]

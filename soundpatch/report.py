@@ -99,6 +99,7 @@ def publish_reports(
     return paths
 
 
-def load_report(run_dir: Path) -> tuple[list[Outcome], dict[str, Any]]:
-    doc = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+def parse_report(data: bytes) -> tuple[list[Outcome], dict[str, Any]]:
+    """The rows and summary of a report.json."""
+    doc = json.loads(data)
     return [Outcome.from_dict(r) for r in doc["rows"]], doc["summary"]

@@ -183,6 +183,23 @@ def test_unusable_input_exits_2_with_one_sentence(workdir, prefect_home, args, m
     assert len(proc.stderr.strip().splitlines()) == 1  # one sentence, on one line
 
 
+def test_the_report_of_a_run_that_ended_before_writing_one_is_rendered_from_its_journal(tmp_path):
+    from soundpatch.journal import Journal
+    from soundpatch.outcome import Outcome
+    from tests.jobs import clean_env, soundpatch
+
+    journal = Journal(tmp_path / "runs" / "crashed")  # killed before its report: a journal, no report.json
+    journal.write("run_started", total=2, kept=0)
+    for row, status in (("a", "succeeded"), ("b", "failed")):
+        o = Outcome(row, "fx.wav", 1.0, 1.5, "a gong", 1, "eachlabs", status=status, cost_usd=0.2, error="boom")
+        journal.write("outcome", row, outcome=o.to_dict())
+    journal.close()
+    shown = soundpatch("report", "crashed", cwd=tmp_path, env=clean_env())
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr, shown.stderr
+    assert "spent" in shown.stdout and "$0.40" in shown.stdout and "wall time" not in shown.stdout
+    assert (tmp_path / "runs" / "crashed" / "report.html").exists()
+
+
 def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tmp_path):
     from soundpatch.cli import _ProgressWatcher
     from soundpatch.journal import Journal

@@ -317,6 +317,38 @@ def test_the_journal_s_copy_is_written_when_money_moves_and_ends_as_the_run_s_jo
     assert copy == (tmp_path / "runs" / "paid" / "journal.jsonl").read_bytes()
 
 
+def test_the_report_of_a_run_made_on_another_machine_is_rendered_from_the_journal_s_copy(
+    tmp_path, aws_env, simulator, monkeypatch
+):
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt\na,fx.wav,1,1.5,a far gong\nb,fx.wav,2,2.5,a near gong\n"
+    )
+    aws_env.bucket("stage")
+    aws_env.bucket("worked")
+    sim = simulator(latency=0.05, fill="tone")
+    cfg = hosted(tmp_path, sim, aws_env.endpoint, **{"output.uri": "s3://worked/out/"})
+    assert {o.status for o in run(tmp_path / "m.csv", cfg, "on-a-worker")} == {"succeeded"}
+    # On a laptop: no runs/ of that run, the same config.
+    (tmp_path / "laptop.yaml").write_text(
+        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}}}\noutput: {{uri: 's3://worked/out/'}}\n"
+        "runs_dir: laptop-runs\n"
+    )
+    env = clean_env(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
+    shown = soundpatch("report", "on-a-worker", "--config", "laptop.yaml", cwd=tmp_path, env=env)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "the report is made from its copy in the bucket" in shown.stdout
+    table = pd.read_csv(tmp_path / "laptop-runs" / "on-a-worker" / "report.csv")
+    assert list(table["row_id"]) == ["a", "b"] and list(table["status"]) == ["succeeded"] * 2
+    assert table["cost_usd"].sum() == pytest.approx(0.4)
+    assert not (tmp_path / "laptop-runs" / "on-a-worker" / "journal.jsonl").exists()  # read, never taken as its own
+
+    nowhere = soundpatch("report", "never-ran", "--config", "laptop.yaml", cwd=tmp_path, env=env)
+    assert nowhere.returncode == 2 and "No run 'never-ran' in laptop-runs" in nowhere.stderr
+    assert "nor in the bucket (looked for s3://worked/out/.soundpatch/runs/never-ran/)" in nowhere.stderr
+
+
 def test_force_pays_again_and_another_format_is_encoded_from_the_earlier_result(
     tmp_path, aws_env, simulator, monkeypatch
 ):
