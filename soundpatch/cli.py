@@ -38,7 +38,7 @@ from soundpatch.outcome import (
     Outcome,
     exit_status,
 )
-from soundpatch.report import parse_report, publish_reports, summarize
+from soundpatch.report import parse_report, publish_reports, summarize, write_reports
 from soundpatch.s3 import S3, S3Uri
 from soundpatch.storage import open_store
 
@@ -449,8 +449,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    s3 = S3(cfg.storage.s3)
     run_dir = Path(cfg.runs_dir).expanduser() / args.run_id
-    events = list(_journal_of(args.run_id, run_dir, cfg))
+    here = (run_dir / JOURNAL_FILE).exists()
+    events = list(read_events(run_dir) if here else _copied_journal(args.run_id, run_dir, cfg, s3))
     rows = latest_outcomes(events)
     outcomes = [Outcome.from_dict(r) for r in rows.values()]
     meta: dict[str, Any] = {
@@ -459,19 +461,22 @@ def cmd_report(args: argparse.Namespace) -> int:
         "provider": cfg.provider.name,
         "output_uri": cfg.output.uri,
     }
-    earlier = _earlier_report(run_dir, cfg, args.run_id)
+    earlier = _earlier_report(run_dir, cfg, args.run_id, s3)
     if earlier is not None:
         previous_rows, previous = earlier
         meta.update({k: v for k, v in previous.items() if k not in ("by_status", "spent_usd", "results")})
         order = {o.row_id: i for i, o in enumerate(previous_rows)}
         outcomes.sort(key=lambda o: order.get(o.row_id, len(order)))
     summary = summarize(outcomes, meta, prediction_seconds(events))
-    publish_reports(run_dir, outcomes, summary, open_store(cfg.output.uri, S3(cfg.storage.s3)))
+    if here:
+        publish_reports(run_dir, outcomes, summary, open_store(cfg.output.uri, s3))
+    else:  # the report in the bucket is the one its machine made, with its cards' pictures: kept
+        write_reports(run_dir, outcomes, summary)
     _print_summary(summary, outcomes, run_dir)
     return exit_status(outcomes)
 
 
-def _earlier_report(run_dir: Path, cfg: Config, run_id: str) -> tuple[list[Outcome], dict[str, Any]] | None:
+def _earlier_report(run_dir: Path, cfg: Config, run_id: str, s3: S3) -> tuple[list[Outcome], dict[str, Any]] | None:
     """The report the run wrote as it ended (its rows' order, its wall time and notes): in
     the run folder, or next to the outputs in a bucket; None if it wrote none (it crashed)."""
     if (run_dir / "report.json").exists():
@@ -479,22 +484,20 @@ def _earlier_report(run_dir: Path, cfg: Config, run_id: str) -> tuple[list[Outco
     if not cfg.output.uri.startswith("s3://"):
         return None
     try:
-        data = S3(cfg.storage.s3).get(S3Uri.parse(cfg.output.uri).child(f"{run_id}/report.json"), 64 << 20)
+        data = s3.get(S3Uri.parse(cfg.output.uri).child(f"{run_id}/report.json"), 64 << 20)
     except RowError:
         return None
     return parse_report(data) if data else None
 
 
-def _journal_of(run_id: str, run_dir: Path, cfg: Config) -> Iterator[dict[str, Any]]:
-    """The run's journal: this machine's, or (a run made on another machine, a worker) its
-    copy in the output bucket. The copy is only read: written here, it would be a stale
-    journal of a run that may still go on elsewhere."""
-    if (run_dir / JOURNAL_FILE).exists():
-        return read_events(run_dir)
+def _copied_journal(run_id: str, run_dir: Path, cfg: Config, s3: S3) -> Iterator[dict[str, Any]]:
+    """The journal of a run made on another machine (a worker): its copy in the output
+    bucket. Only read: written here, it would be a stale journal of a run that may still go
+    on elsewhere."""
     where = f"No run {run_id!r} in {Path(cfg.runs_dir)} (looked for {run_dir})"
     if not cfg.output.uri.startswith("s3://"):
         raise SoundpatchError(f"{where}.")
-    copy = JournalCopy(S3(cfg.storage.s3), S3Uri.parse(cfg.output.uri), run_id)
+    copy = JournalCopy(s3, S3Uri.parse(cfg.output.uri), run_id)
     try:
         lines = copy.lines()
     except RowError as exc:

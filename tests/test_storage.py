@@ -336,6 +336,7 @@ def test_the_report_of_a_run_made_on_another_machine_is_rendered_from_the_journa
         "runs_dir: laptop-runs\n"
     )
     env = clean_env(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
+    made_there = get(aws_env, "s3://worked/out/on-a-worker/report.html")
     shown = soundpatch("report", "on-a-worker", "--config", "laptop.yaml", cwd=tmp_path, env=env)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert "the report is made from its copy in the bucket" in shown.stdout
@@ -343,6 +344,7 @@ def test_the_report_of_a_run_made_on_another_machine_is_rendered_from_the_journa
     assert list(table["row_id"]) == ["a", "b"] and list(table["status"]) == ["succeeded"] * 2
     assert table["cost_usd"].sum() == pytest.approx(0.4)
     assert not (tmp_path / "laptop-runs" / "on-a-worker" / "journal.jsonl").exists()  # read, never taken as its own
+    assert get(aws_env, "s3://worked/out/on-a-worker/report.html") == made_there  # its cards' pictures stay
 
     nowhere = soundpatch("report", "never-ran", "--config", "laptop.yaml", cwd=tmp_path, env=env)
     assert nowhere.returncode == 2 and "No run 'never-ran' in laptop-runs" in nowhere.stderr
