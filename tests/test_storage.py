@@ -336,7 +336,8 @@ def test_the_report_of_a_run_made_on_another_machine_is_rendered_from_the_journa
         "runs_dir: laptop-runs\n"
     )
     env = clean_env(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
-    made_there = get(aws_env, "s3://worked/out/on-a-worker/report.html")
+    made_there = b"<html>the worker's report, its cards' pictures drawn there</html>"
+    aws_env.client.put_object(Bucket="worked", Key="out/on-a-worker/report.html", Body=made_there)
     shown = soundpatch("report", "on-a-worker", "--config", "laptop.yaml", cwd=tmp_path, env=env)
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert "the report is made from its copy in the bucket" in shown.stdout
