@@ -39,7 +39,7 @@ from soundpatch.identity import edit_identity, request_identity
 from soundpatch.interrupt import stop_requested
 from soundpatch.journal import JOURNAL_FILE, Journal, RowState, parse, restore, row_states, states_from
 from soundpatch.journal_copy import JournalCopy
-from soundpatch.lease import RunLease
+from soundpatch.lease import RunLease, lease_uri
 from soundpatch.limits import BudgetLedger, SharedLimits
 from soundpatch.locks import CLAIMED, STOPPED, WAITED, Claims, RunLock
 from soundpatch.manifest import Edit, Manifest
@@ -174,7 +174,7 @@ class Batch:
 
     def _take_lease(self) -> RunLease | None:
         """This machine's hold on the run (lease.py), or None where the store cannot do it."""
-        uri = self.journal_copy.folder.child("lease")
+        uri = lease_uri(self.store.prefix, self.run_id)
         try:
             return RunLease(self.s3, uri, self.run_id, self.run_dir, self.config.storage.s3.lease_seconds).take()
         except NoConditionalWrites as exc:
@@ -801,8 +801,9 @@ class Batch:
             notes.append(self._copy_read)
         if self._no_lease:
             notes.append(self._no_lease)
-        if self.bucket_claims is not None and self.bucket_claims.note():
-            notes.append(self.bucket_claims.note())
+        claimed = self.bucket_claims.note() if self.bucket_claims is not None else ""
+        if claimed:
+            notes.append(claimed)
         behind = self.journal.copy.note() if self.journal.copy is not None else None
         if behind:
             notes.append(behind)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from soundpatch.errors import RowError
-from soundpatch.journal_copy import RUNS_PREFIX
+from soundpatch.lease import lease_uri
 from soundpatch.locks import CLAIMED, STOPPED, WAITED
 from soundpatch.s3 import S3, S3Uri
 
@@ -118,7 +118,7 @@ class BucketClaims:
         """Whether run `run` holds its lease: written less than `lease_seconds` ago."""
         if not run:
             return False
-        lease = self._look(self.output.child(f"{RUNS_PREFIX}/{run}/lease"))
+        lease = self._look(lease_uri(self.output, run))
         return lease is not None and lease[1] < self.lease_seconds
 
     def _let_go(self, uri: S3Uri, etag: str) -> None:

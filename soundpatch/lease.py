@@ -34,11 +34,17 @@ import time
 from pathlib import Path
 
 from soundpatch.errors import RowError
+from soundpatch.journal_copy import RUNS_PREFIX
 from soundpatch.locks import RunBusy
 from soundpatch.s3 import S3, S3Uri
 
 LEASE_FILE = "lease"  # in the run folder: the token of the last lease a process of it took
 log = logging.getLogger("soundpatch")
+
+
+def lease_uri(output: S3Uri, run_id: str) -> S3Uri:
+    """Where run `run_id`'s lease is, beside its journal's copy under the output prefix."""
+    return output.child(f"{RUNS_PREFIX}/{run_id}/lease")
 
 
 class RunLease:
