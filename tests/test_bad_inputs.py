@@ -50,6 +50,7 @@ CORPUS = {
     "a-folder": ("folder.wav", "1", "2", "x", {}, "is not a file"),
     "past-the-end": ("good.wav", "3", "9", "x", {}, "only 4.000 s long"),
     "starts-after-end-of-file": ("good.wav", "5", "6", "x", {}, "only 4.000 s long"),
+    "whole-recording-local": ("good.wav", "0", "4", "x", {}, "covers the whole recording"),
     "end-before-start": ("good.wav", "2", "1", "x", {}, "not after its start"),
     "zero-length": ("good.wav", "2", "2", "x", {}, "not after its start"),
     "shorter-than-a-sample": ("good.wav", "1.00001", "1.00002", "x", {}, "shorter than one sample"),

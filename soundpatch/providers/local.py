@@ -25,6 +25,7 @@ import numpy as np
 from soundpatch.audio import mono
 from soundpatch.engine import autoregressive, similarity
 from soundpatch.engine.evaluation import restore_probe
+from soundpatch.errors import RowError
 from soundpatch.limits import InFlight
 from soundpatch.providers.base import InpaintRequest, Prediction
 
@@ -58,7 +59,13 @@ class LocalEngine:
     def check(
         self, audio_frames: int, rate: int, a: int, b: int, steps: int | None, guidance_scale: float | None
     ) -> None:
-        """Any region of any recording can be filled; model parameters are ignored."""
+        """Any region that leaves some of its recording can be filled; model parameters are
+        ignored. A region over the whole recording leaves nothing to rebuild it from."""
+        if a <= 0 and b >= audio_frames:
+            raise RowError(
+                "The region covers the whole recording, and the local engine rebuilds a region "
+                "from the audio around it; choose a hosted provider to generate all of it"
+            )
 
     def inpaint(self, request: InpaintRequest) -> Prediction:
         with self.in_flight.slot():
