@@ -43,6 +43,26 @@ KNOWN_COLUMNS = (
     "output",
     "provider",
 )
+
+
+def column_name(name: Any) -> str:
+    """A header as written, stripped; a known column in any case (`Input`, `PROMPT`) is
+    that column, as spreadsheets like to capitalise their headers."""
+    text = str(name).strip()
+    return text.lower() if text.lower() in KNOWN_COLUMNS else text
+
+
+def _columns(mapping: Mapping[Any, Any]) -> dict[str, Any]:
+    """A YAML mapping's keys as columns; the same column twice is an error of that row."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = column_name(key)
+        if name in out:
+            return {"__error__": f"names the column {name!r} twice"}
+        out[name] = value
+    return out
+
+
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_PROMPT_CHARS = 2000
 MAX_VARIATIONS = 1000
@@ -229,7 +249,7 @@ def _csv_records(text: str, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise ManifestError(f"Manifest {path} is empty.") from None
     except csv.Error as exc:
         raise ManifestError(f"Manifest {path} is not valid CSV: {exc}.") from None
-    header = [h.strip() for h in header]
+    header = [column_name(h) for h in header]
     _check_header(header, path)
     try:
         for values in reader:
@@ -288,6 +308,9 @@ def _yaml_records(text: str, path: Path) -> Iterator[tuple[str, dict[str, Any]]]
         matrix = doc.get("matrix")
         if not isinstance(defaults, dict):
             raise ManifestError(f"Manifest {path}: 'defaults' must be a mapping of columns.")
+        defaults = _columns(defaults)
+        if "__error__" in defaults:
+            raise ManifestError(f"Manifest {path}: 'defaults' {defaults['__error__']}.")
         if not isinstance(rows, list):
             raise ManifestError(f"Manifest {path}: 'rows' must be a list of mappings.")
     else:
@@ -296,7 +319,8 @@ def _yaml_records(text: str, path: Path) -> Iterator[tuple[str, dict[str, Any]]]
         if not isinstance(row, dict):
             yield f"row {i}", {"__error__": "is not a mapping of columns"}
             continue
-        yield f"row {i}", {**defaults, **row}
+        row = _columns(row)
+        yield f"row {i}", row if "__error__" in row else {**defaults, **row}
     if matrix is not None:
         yield from _matrix_records(matrix, defaults, path)
 
@@ -305,7 +329,9 @@ def _matrix_records(matrix: Any, defaults: dict[str, Any], path: Path) -> Iterat
     """`matrix: {input: [...], prompt: [...], seed: [...]}` -> the cartesian product as rows."""
     if not isinstance(matrix, dict) or not matrix:
         raise ManifestError(f"Manifest {path}: 'matrix' must map columns to lists of values.")
-    keys = list(matrix)
+    keys = [column_name(k) for k in matrix]
+    if len(set(keys)) < len(keys):
+        raise ManifestError(f"Manifest {path}: 'matrix' names a column twice.")
     axes = [v if isinstance(v, list) else [v] for v in matrix.values()]
     for i, combo in enumerate(itertools.product(*axes), start=1):
         yield f"matrix entry {i}", {**defaults, **dict(zip(keys, combo, strict=True))}

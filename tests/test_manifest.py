@@ -145,6 +145,25 @@ def test_semicolon_csv_and_bom_are_read(tmp_path):
     assert m.edits[0].valid and m.edits[0].start == 1.0
 
 
+def test_known_columns_are_read_in_any_case_as_spreadsheets_write_them(tmp_path):
+    csv_rows = load_manifest(write(tmp_path, "m.csv", "ID,Input,Start,End,Prompt,Mood\nx,a.wav,1,2,p,calm\n")).edits
+    assert [(e.row_id, e.input, e.start, e.end, e.prompt, e.extra) for e in csv_rows] == [
+        ("x", "a.wav", 1.0, 2.0, "p", {"Mood": "calm"})
+    ]
+    yaml_rows = load_manifest(
+        write(
+            tmp_path,
+            "m.yaml",
+            "defaults: {Prompt: p, REGION: '1-2'}\n"
+            "rows:\n  - {Input: a.wav, Seed: 5}\n  - {input: a.wav, Input: b.wav}\n",
+        )
+    ).edits
+    assert (yaml_rows[0].input, yaml_rows[0].prompt, yaml_rows[0].start, yaml_rows[0].seed) == ("a.wav", "p", 1.0, 5)
+    assert "names the column 'input' twice" in yaml_rows[1].error
+    with pytest.raises(ManifestError, match="names the column 'input' twice"):
+        load_manifest(write(tmp_path, "d.csv", "input,Input,start,end,prompt\na,b,1,2,p\n"))
+
+
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
