@@ -7,7 +7,9 @@ the splice only ever converts the region itself, and everything else is copied.
 
 from __future__ import annotations
 
+import functools
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -221,6 +223,37 @@ def output_subtype(audio: Audio, container: str) -> str:
     if container == "OGG":
         return "VORBIS"
     return sf.default_subtype(container)
+
+
+def check_encodable(info: AudioInfo, container: str) -> None:
+    """Raises RowError when `container` cannot hold audio shaped like `info` (MP3 holds at
+    most two channels, at nine sample rates from 8 to 48 kHz; FLAC at most eight...):
+    found while validating, not after the row was paid for."""
+    reason = _encoding_refused(container, info.subtype, info.channels, info.rate)
+    if reason:
+        raise RowError(
+            f"the output format {container} cannot hold this recording ({info.channels} channels at "
+            f"{info.rate} Hz): {reason}; choose another output.format for it"
+        )
+
+
+_MAX_CHANNELS = {"MP3": 2, "FLAC": 8}
+
+
+@functools.lru_cache(maxsize=256)
+def _encoding_refused(container: str, subtype: str, channels: int, rate: int) -> str:
+    """Why libsndfile would refuse it ("" if it would not), asked on a few frames of
+    silence shaped like the recording."""
+    most = _MAX_CHANNELS.get(container)
+    if most is not None and channels > most:
+        return f"it holds at most {most} channels"
+    silence = np.zeros((64, channels), dtype=_NATIVE_DTYPE.get(subtype, "float32"))
+    try:
+        encode(Audio(silence, rate, container, subtype), container)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+        said = re.sub(r"^Error opening [^:]*:\s*(Error\s*:\s*)?", "", str(exc)).strip().rstrip(".")
+        return said or "libsndfile cannot write it"
+    return ""
 
 
 def encode(audio: Audio, container: str) -> bytes:

@@ -44,6 +44,10 @@ class Publisher:
         container = self.container(info)
         return audio_ops.EXTENSIONS.get(container, container.lower())
 
+    def check_encodable(self, info: AudioInfo) -> None:
+        """Raises RowError when the output format cannot hold this recording's layout."""
+        audio_ops.check_encodable(info, self.container(info))
+
     def name(self, edit: Edit, info: AudioInfo | None) -> str:
         """The result's name under the output prefix; raises RowError for an unusable template.
 

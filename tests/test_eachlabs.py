@@ -151,6 +151,40 @@ def single(tmp_path, row: str) -> str:
     return "one.csv"
 
 
+def test_a_recording_the_output_format_cannot_hold_is_invalid_before_anything_is_paid(
+    library, aws_env, simulator, monkeypatch
+):
+    # MP3 holds two channels at most, at 48 kHz at most: found when the row is checked,
+    # not by the encoder once the prediction was paid for.
+    from tests.jobs import synth
+
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(latency=0.05, fill="tone")
+    sf.write(library / "audio" / "surround.wav", synth(8.0, 48000, 6), 48000, subtype="PCM_16")
+    sf.write(library / "audio" / "hires.wav", synth(8.0, 96000, 2), 96000, subtype="PCM_24")
+    (library / "mp3.csv").write_text(
+        "id,input,start,end,prompt,seed\n"
+        "surround,audio/surround.wav,2,3,rain,1\n"
+        "hires,audio/hires.wav,2,3,rain,2\n"
+        "fx,audio/fx.wav,1.2,1.65,clang,3\n"
+    )
+    cfg = hosted_config(sim, aws_env.endpoint, str(library / "out"), library / "runs", **{"output.format": "mp3"})
+    batch = Batch(load_manifest(library / "mp3.csv"), cfg, "mp3")
+    try:
+        estimate = batch.estimate(batch.manifest.edits)
+        outcomes = {o.row_id: o for o in map(batch.process, batch.manifest.edits)}
+    finally:
+        batch.close()
+    assert [e[0] for e in estimate["errors"]] == ["surround", "hires"] and estimate["predictions"] == 1
+    assert outcomes["surround"].status == "invalid" and outcomes["surround"].error == (
+        "The output format MP3 cannot hold this recording (6 channels at 48000 Hz): it holds at most "
+        "2 channels; choose another output.format for it."
+    )
+    assert outcomes["hires"].status == "invalid" and "96000 Hz" in outcomes["hires"].error
+    assert outcomes["fx"].status == "succeeded", outcomes["fx"].error
+    assert sim.stats.creates == 1 and batch.ledger.spent_usd == pytest.approx(PRICE)
+
+
 def test_rate_limits_are_waited_out_with_retry_after(library, aws_env, simulator, monkeypatch):
     monkeypatch.setenv("EACHLABS_API_KEY", KEY)
     sim = simulator(latency=0.05, fill="tone", rpm=60, rate_window=1.0)  # one create per second
