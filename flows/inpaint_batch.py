@@ -77,6 +77,7 @@ def inpaint_batch(
         progress = artifacts.Progress(len(todo) + len(kept), run_id)
         progress.advance(len(kept))
         outcomes = kept + _fan_out(batch, todo, batch.rows_at_once, progress)
+        batch.combine(outcomes)  # the files several rows of one recording share
     finally:
         batch.close()
     order = {e.row_id: i for i, e in enumerate(batch.manifest.edits)}

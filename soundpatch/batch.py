@@ -31,6 +31,7 @@ from soundpatch import audio as audio_ops
 from soundpatch import preview
 from soundpatch.answers import AnswerShelf
 from soundpatch.audio import Audio, AudioInfo
+from soundpatch.combine import CombinedFile, combined_note, overlay
 from soundpatch.config import Config
 from soundpatch.cpu import crunching
 from soundpatch.edit_claims import BucketClaims
@@ -144,6 +145,8 @@ class Batch:
         self._previews = preview.Quota()  # listening copies kept for the report
         self.publisher = Publisher(self.store, config.output.format, run_id)
         self._name_clashes = self.publisher.clashes(self.manifest.edits, self._info_if_readable)
+        self._edits = {e.row_id: e for e in self.manifest.edits}
+        self._combined: list[CombinedFile] = []  # the files rows of one recording share, once made
         self._changed: list[str] = []  # rows an earlier attempt finished, changed since
         self._set_aside: list[str] = []  # rows an earlier attempt paid for, changed since
         # Results of the local engine for regions the manifest asks for more than once:
@@ -418,6 +421,8 @@ class Batch:
             "to_collect": to_collect,
             "changed": changed,  # since an earlier attempt of this run made or paid for it
             "in_doubt": in_doubt,
+            # Files holding several rows' edits of one recording (soundpatch/combine.py).
+            "combined_files": len(set(self.publisher.combined.values())),
             # Spent or committed by earlier attempts of this run: it counts against the budget.
             "spent_before_usd": round(self.ledger.spent_usd + sum(h.amount_usd for h in self._held.values()), 6),
             "expected_cost_usd": round(cost, 6),
@@ -770,6 +775,53 @@ class Batch:
 
     # ------------------------------------------------------------------ closing
 
+    def combine(self, outcomes: list[Outcome]) -> None:
+        """Build the files that rows of one recording share (soundpatch/combine.py), from
+        the rows' results, once the rows are done; sets each row's `combined`."""
+        groups: dict[str, list[Outcome]] = {}
+        for o in outcomes:
+            name = self.publisher.combined.get(o.row_id)
+            if name is not None:
+                groups.setdefault(name, []).append(o)
+        for name, rows in groups.items():
+            made = CombinedFile(name)
+            rows.sort(key=lambda o: o.start or 0.0)
+            done = [o for o in rows if o.status in (SUCCEEDED, SKIPPED_DONE) and o.output]
+            made.missing = [f"{o.row_id} ({o.status.replace('_', ' ')})" for o in rows if o not in done]
+            if stop_requested():
+                made.error = "the run was stopped first; run again with the same --run-id to make it."
+            elif not done:
+                made.error = "none of its rows finished."
+            else:
+                try:
+                    made.output = self._combine(name, done)
+                    made.rows = [o.row_id for o in done]
+                except (SoundpatchError, OSError) as exc:
+                    made.error = _sentence(exc)
+            for o in done if made.output else ():
+                o.combined = made.output
+            self.journal.write("combined", name=name, output=made.output, rows=made.rows, missing=made.missing)
+            self._combined.append(made)
+
+    def _combine(self, name: str, done: list[Outcome]) -> str:
+        edit = self._edits[done[0].row_id]
+        checked = self.check(edit)
+        original = self.sources.audio(checked.source)
+        parts = []
+        for o in done:
+            a, b = audio_ops.region_frames(o.start or 0.0, o.end or 0.0, original.rate, original.frames)
+            parts.append((o.row_id, audio_ops.decode(self.store.read(o.output), o.output), a, b))
+        with crunching():
+            encoded = self.publisher.encode(edit, overlay(original, parts), checked.info, name=name)
+        metadata = {
+            "run_id": self.run_id,
+            "input": edit.input,
+            "rows": ",".join(o.row_id for o in done),
+            "regions": ",".join(f"{o.start:g}-{o.end:g}" for o in done),
+            "source_sha256": self.sources.checksum(checked.source),
+        }
+        return self.store.put(encoded.name, encoded.data, encoded.content_type, metadata)
+
     def notes(self) -> list[str]:
         notes = []
         for p in self.providers.values():
@@ -798,6 +850,7 @@ class Batch:
                 f"{'its' if len(self._set_aside) == 1 else 'their'} prediction: what was paid stays in cost_usd, "
                 f"and {'it was' if len(self._set_aside) == 1 else 'they were'} made anew."
             )
+        notes.extend(combined_note(self._combined))
         if self._copy_read:
             notes.append(self._copy_read)
         if self._no_lease:

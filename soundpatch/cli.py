@@ -168,6 +168,8 @@ def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
         table.add_row("already done (reused, no cost)", str(est["already_done"]))
     if est.get("duplicates"):
         table.add_row("identical to another row (sent once)", str(est["duplicates"]))
+    if est.get("combined_files"):
+        table.add_row("files holding several rows' edits", str(est["combined_files"]))
     if est.get("to_collect"):
         table.add_row("paid earlier, to collect (no new cost)", str(est["to_collect"]))
     if est.get("in_doubt"):

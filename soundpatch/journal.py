@@ -100,6 +100,10 @@ def latest_outcomes(events: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any
     for e in events:
         if e.get("event") == "outcome":
             out[e["row"]] = e["outcome"]
+        elif e.get("event") == "combined":  # the file the row's edit went into, made after it
+            for row in e.get("rows", []):
+                if row in out:
+                    out[row] = {**out[row], "combined": e.get("output", "")}
     return out
 
 

@@ -48,6 +48,7 @@ class Outcome:
     loudness_delta_db: float | None = None
     clipped: int | None = None
     offset_ms: float | None = None
+    combined: str = ""  # the file this row's edit went into with other rows' (soundpatch/combine.py)
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

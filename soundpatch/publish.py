@@ -15,7 +15,7 @@ from soundpatch import audio as audio_ops
 from soundpatch.audio import Audio, AudioInfo
 from soundpatch.errors import RowError
 from soundpatch.manifest import Edit
-from soundpatch.storage import OutputStore, output_name
+from soundpatch.storage import OutputStore, output_name, part_name
 
 CONTENT_TYPES = {
     "wav": "audio/wav",
@@ -32,6 +32,8 @@ class Publisher:
         self.store = store
         self.output_format = output_format
         self.run_id = run_id
+        # Rows of one recording that name one file: row id -> that file's name (see clashes).
+        self.combined: dict[str, str] = {}
 
     def container(self, info: AudioInfo | None) -> str:
         """`info` is needed only with output.format: same."""
@@ -56,14 +58,17 @@ class Publisher:
         container follows the input's own (output.format: same)."""
         ext = "same" if info is None and self.output_format == "same" else self.ext(info)
         fields = {"run_id": self.run_id, "row_id": edit.row_id, "stem": _stem(edit.input), "seed": str(edit.seed)}
-        return output_name(edit.output, {**fields, "ext": ext})
+        name = output_name(edit.output, {**fields, "ext": ext})
+        return part_name(name, edit.row_id) if edit.row_id in self.combined else name
 
     def clashes(self, edits: Sequence[Edit], info_of: Callable[[Edit], AudioInfo | None]) -> dict[str, str]:
         """Rows whose result would take the name of an earlier row's result (in manifest
-        order), each with its reason: written there, it would replace that result, one paid
+        order), which it would overwrite: the row, and why. The result would be paid
         for and lost. Found before anything is spent. Rows asking for the very same edit may
-        share a name. `info_of` is asked only where the name follows the input's own format
-        (output.format: same) and two rows might share it."""
+        share a name, and so may rows of one recording whose regions do not overlap: their
+        edits are combined into that one file (`combined`), each row's own result kept
+        beside it (`part_name`). `info_of` is asked only where the name follows the input's
+        own format (output.format: same) and two rows might share it."""
         candidates: dict[str, list[Edit]] = {}
         for edit in edits:
             if edit.error:
@@ -74,24 +79,39 @@ class Publisher:
                 continue  # its own check says what is wrong with its name
         reasons: dict[str, str] = {}
         for group in candidates.values():
-            owners: dict[str, Edit] = {}
+            sharing: dict[str, list[Edit]] = {}  # name -> the rows sharing it, distinct asks
+            members: dict[str, list[Edit]] = {}  # name -> every row that gets it
             for edit in group if len(group) > 1 else ():
                 info = info_of(edit) if self.output_format == "same" else None
                 if self.output_format == "same" and info is None:
                     continue  # unreadable: invalid for its own reason
                 name = self.name(edit, info)
-                first = owners.setdefault(name, edit)
-                if first is not edit and _asks(first) != _asks(edit):
-                    reasons[edit.row_id] = (
-                        f"its output name {name} is also the name of row {first.row_id}'s result ({first.line}), "
-                        "which it would replace; give each row its own name (with {row_id} or {seed} in output)"
-                    )
+                owners = sharing.setdefault(name, [])
+                if owners and not any(_asks(o) == _asks(edit) for o in owners):
+                    if not all(_combinable(o, edit) for o in owners):
+                        first = owners[0]
+                        reasons[edit.row_id] = (
+                            f"its output name {name} is also the name of row {first.row_id}'s result "
+                            f"({first.line}), which it would replace; give each row its own name (with "
+                            "{row_id} or {seed} in output), or name one file for regions of one recording "
+                            "that do not overlap"
+                        )
+                        continue
+                    owners.append(edit)
+                elif not owners:
+                    owners.append(edit)
+                members.setdefault(name, []).append(edit)
+            for name, owners in sharing.items():
+                if len(owners) > 1:
+                    self.combined.update({e.row_id: name for e in members[name]})
         return reasons
 
-    def encode(self, edit: Edit, result: Audio, info: AudioInfo) -> Encoded:
+    def encode(self, edit: Edit, result: Audio, info: AudioInfo, name: str | None = None) -> Encoded:
+        """The row's result, as the file named for it (or `name`: a combined file)."""
         ext = self.ext(info)
         data = audio_ops.encode(result, self.container(info))
-        return Encoded(self.name(edit, info), data, CONTENT_TYPES.get(ext, "application/octet-stream"), ext)
+        name = name or self.name(edit, info)
+        return Encoded(name, data, CONTENT_TYPES.get(ext, "application/octet-stream"), ext)
 
     def metadata(self, edit: Edit, details: dict[str, str]) -> dict[str, str]:
         """What travels with a result: the row's own columns, then the row, then `details`
@@ -120,6 +140,12 @@ class Encoded:
 def _asks(edit: Edit) -> tuple:
     """What a row asks for, as written: rows alike in all of it make the very same result."""
     return (edit.input, edit.start, edit.end, edit.prompt, edit.seed, edit.steps, edit.guidance_scale, edit.provider)
+
+
+def _combinable(a: Edit, b: Edit) -> bool:
+    """Two rows whose edits one file can hold: one recording, regions apart."""
+    assert a.start is not None and a.end is not None and b.start is not None and b.end is not None
+    return a.input == b.input and (a.end <= b.start or b.end <= a.start)
 
 
 def _stem(source: str) -> str:

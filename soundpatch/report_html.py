@@ -118,6 +118,7 @@ _CARD_FIELDS = (
     "clipped",
     "offset_ms",
     "reused_from",
+    "combined",
     "seconds",
 )
 

@@ -91,6 +91,14 @@ def output_name(template: str | None, fields: dict[str, str]) -> str:
     return name
 
 
+def part_name(name: str, row_id: str) -> str:
+    """Where a row's own result goes when its edit is combined with others into `name`:
+    `restored/tape.flac` -> `restored/tape.rows/<row_id>.flac`."""
+    path = PurePosixPath(name)
+    safe = _UNSAFE.sub("_", row_id).strip("._") or "_"
+    return str(path.with_name(f"{path.stem}.rows") / f"{safe[:200]}{path.suffix}")
+
+
 class LocalFolder:
     """Outputs under a local folder; metadata goes in a `<name>.json` sidecar."""
 

@@ -153,21 +153,25 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
 
 @pytest.mark.parametrize("output_format", ["wav", "same"])  # same: the name waits for the input's format
 def test_rows_that_would_overwrite_each_other_are_invalid_before_anything_is_made(tmp_path, output_format):
-    # A name without {row_id} or {seed}: variations of one row, or two rows, would each
-    # write the same file, the last one replacing the others. The first in the manifest
-    # keeps the name; the others are invalid, saying why. Rows asking for the very same
-    # edit may share it (it is made once).
+    # A name without {row_id} or {seed}: variations of one row, or rows of two recordings,
+    # would each write the same file, the last one replacing the others. The first in the
+    # manifest keeps the name; the others are invalid, saying why. Rows asking for the very
+    # same edit may share it (it is made once), and so may regions of one recording that do
+    # not overlap: that file holds all their edits (test_cli_run has the whole story).
     from soundpatch.batch import Batch
     from soundpatch.config import load_config
     from soundpatch.manifest import load_manifest
 
     rate = 16000
     sf.write(tmp_path / "good.wav", 0.2 * np.sin(2 * np.pi * 220 * np.arange(4 * rate) / rate), rate)
+    sf.write(tmp_path / "other.wav", 0.2 * np.sin(2 * np.pi * 330 * np.arange(4 * rate) / rate), rate)
     (tmp_path / "m.csv").write_text(
         "id,input,start,end,prompt,seed,variations,output\n"
         "one,good.wav,1,1.5,door,5,1,takes/door\n"
-        "two,good.wav,2,2.5,door,5,1,takes/door\n"  # another region, the same name
+        "two,good.wav,2,2.5,door,5,1,takes/door\n"  # another region of it: both go into one file
         "same,good.wav,1,1.5,door,5,1,takes/door\n"  # the very same edit as one
+        "near,good.wav,1.4,1.8,door,5,1,takes/door\n"  # overlaps one's region
+        "elsewhere,other.wav,0,0.5,door,5,1,takes/door\n"  # another recording
         "many,good.wav,1,1.5,wind,,3,takes/wind\n"  # three variations, one name
         "own,good.wav,1,1.5,wind,,2,takes/wind-{seed}\n"  # each variation its own
     )
@@ -182,25 +186,35 @@ def test_rows_that_would_overwrite_each_other_are_invalid_before_anything_is_mad
     try:
         estimate = batch.estimate(batch.manifest.edits)
         outcomes = {o.row_id: o for o in map(batch.process, batch.manifest.edits)}
+        batch.combine(list(outcomes.values()))
     finally:
         batch.close()
-    assert [e[0] for e in estimate["errors"]] == ["two", "many-v2", "many-v3"]
+    assert [e[0] for e in estimate["errors"]] == ["near", "elsewhere", "many-v2", "many-v3"]
     statuses = {row: o.status for row, o in outcomes.items()}
     assert statuses == {
         "one": "succeeded",
-        "two": "invalid",
+        "two": "succeeded",
         "same": "skipped_done",
+        "near": "invalid",
+        "elsewhere": "invalid",
         "many-v1": "succeeded",
         "many-v2": "invalid",
         "many-v3": "invalid",
         "own-v1": "succeeded",
         "own-v2": "succeeded",
     }, statuses
-    assert outcomes["two"].error == (
+    assert outcomes["elsewhere"].error == (
         "Its output name takes/door.wav is also the name of row one's result (line 2), which it would "
-        "replace; give each row its own name (with {row_id} or {seed} in output)."
+        "replace; give each row its own name (with {row_id} or {seed} in output), or name one file for "
+        "regions of one recording that do not overlap."
     )
-    assert "row many-v1's result" in outcomes["many-v3"].error and outcomes["two"].cost_usd == 0
+    assert "row one's result" in outcomes["near"].error and outcomes["near"].cost_usd == 0
+    assert "row many-v1's result" in outcomes["many-v3"].error and outcomes["many-v2"].cost_usd == 0
+    door = str(tmp_path / "out" / "takes" / "door.wav")
+    assert {row: o.combined for row, o in outcomes.items() if o.combined} == {"one": door, "two": door, "same": door}
     seeds = [outcomes[f"own-v{k}"].seed for k in (1, 2)]
-    written = sorted(p.name for p in (tmp_path / "out" / "takes").glob("*.wav"))
-    assert written == sorted(["door.wav", "wind.wav", *(f"wind-{seed}.wav" for seed in seeds)])
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.wav"))
+    assert written == sorted(
+        ["takes/door.wav", "takes/wind.wav", *(f"takes/wind-{seed}.wav" for seed in seeds)]
+        + [f"takes/door.rows/{row}.wav" for row in ("one", "two", "same")]
+    )

@@ -93,6 +93,23 @@ def test_restoration_example_end_to_end_and_resume(workdir, prefect_home):
         metadata = json.loads(Path(row.output + ".json").read_text())
         assert metadata["row_id"] == row.row_id and metadata["region"] == f"{row.start:g}-{row.end:g}"
         assert metadata["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+        assert Path(row.output).parent.name == Path(row.input).stem + ".rows"  # each row's own result
+
+    # One restored file per recording (the rows name it): every row's region from that row's
+    # result, and the rest of the recording as it was, bit for bit.
+    for source_name, rows in report.groupby("input"):
+        [combined] = set(rows["combined"])
+        assert Path(combined) == workdir / "outputs" / "e2e" / (Path(source_name).stem + ".wav")
+        before, rate = sf.read(workdir / "manifests" / source_name, dtype="int16", always_2d=True)
+        after, _ = sf.read(combined, dtype="int16", always_2d=True)
+        untouched = np.ones(len(before), bool)
+        for row in rows.itertuples():
+            a, b = round(row.start * rate), round(row.end * rate)
+            assert np.array_equal(after[a:b], sf.read(row.output, dtype="int16", always_2d=True)[0][a:b])
+            untouched[a:b] = False
+        assert np.array_equal(before[untouched], after[untouched]) and not np.array_equal(before, after)
+        assert json.loads(Path(combined + ".json").read_text())["rows"] == ",".join(rows["row_id"])
+    assert "2 files hold the edits of several rows of one recording each" in proc.stdout
 
     sent = len(journal_events(run_dir, "sending"))
     again = run(workdir, prefect_home, "run", "manifests/restoration.csv", "--run-id", "e2e")
@@ -103,7 +120,35 @@ def test_restoration_example_end_to_end_and_resume(workdir, prefect_home):
     (run_dir / "report.csv").unlink()
     rendered = run(workdir, prefect_home, "report", "e2e")
     assert rendered.returncode == 0, rendered.stderr
-    assert list(pd.read_csv(run_dir / "report.csv")["row_id"]) == list(report["row_id"])
+    rerendered = pd.read_csv(run_dir / "report.csv")
+    assert list(rerendered["row_id"]) == list(report["row_id"])
+    assert list(rerendered["combined"]) == list(report["combined"])
+
+
+def test_a_file_for_several_rows_says_which_of_its_edits_it_lacks(workdir, prefect_home):
+    # A row of the recording that did not finish leaves its region as the input has it;
+    # the file holds the others' edits, and the run says which one is missing.
+    (workdir / "manifests" / "partly.csv").write_text(
+        "id,input,start,end,prompt,output\n"
+        "late,audio/music_damaged.flac,4.2,4.25,music,fixed/{stem}\n"
+        "early,audio/music_damaged.flac,2.729,2.736,music,fixed/{stem}\n"
+        "beyond,audio/music_damaged.flac,30,31,music,fixed/{stem}\n"
+    )
+    proc = run(workdir, prefect_home, "run", "manifests/partly.csv", "--run-id", "partly")
+    assert proc.returncode == 1, proc.stderr + proc.stdout
+    assert_clean(proc)
+    assert (
+        "fixed/music_damaged.wav holds 2 of its 3 rows' edits: beyond (invalid) did not finish, so its region "
+        "is as in the input" in " ".join(proc.stdout.split())
+    )
+    report = pd.read_csv(workdir / "runs" / "partly" / "report.csv", keep_default_na=False).set_index("row_id")
+    combined = workdir / "outputs" / "fixed" / "music_damaged.wav"
+    assert list(report["combined"]) == [str(combined), str(combined), ""]
+    assert json.loads((combined.parent / "music_damaged.wav.json").read_text())["rows"] == "early,late"
+    before, rate = sf.read(workdir / "manifests" / "audio" / "music_damaged.flac", dtype="int16", always_2d=True)
+    after, _ = sf.read(combined, dtype="int16", always_2d=True)
+    differs = np.flatnonzero(np.any(before != after, axis=1))
+    assert differs.min() >= round(2.729 * rate) and differs.max() < round(4.25 * rate)
 
 
 def test_bad_rows_get_reasons_and_the_rest_of_the_batch_completes(workdir, prefect_home):
@@ -156,6 +201,8 @@ def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_h
     assert dry.returncode == 0, dry.stderr
     # 4 rows, 2 + 2 + 3 + 2 variations = 9 predictions at $0.20, over a $1.00 budget.
     assert "$1.80" in dry.stdout and "above the budget" in dry.stdout
+    restoration = run(workdir, prefect_home, "validate", "manifests/restoration.csv")
+    assert restoration.returncode == 0 and "files holding several rows' edits  2" in restoration.stdout
     assert not (workdir / "runs").exists() and not (workdir / "outputs").exists()
 
 

@@ -370,6 +370,51 @@ def test_force_pays_again_and_another_format_is_encoded_from_the_earlier_result(
     assert np.array_equal(sf.read(flac[0].output, dtype="int16")[0], wav)  # the same audio, losslessly
 
 
+def test_rows_of_one_recording_naming_one_file_get_it_in_the_bucket_with_all_their_edits(
+    tmp_path, aws_env, simulator, monkeypatch
+):
+    # The restoration case with a hosted model and results in a bucket: each row's own
+    # result under <name>.rows/, then the named file from the input and those results.
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    source = wav_bytes(8.0, channels=2, freq=330.0)
+    put(aws_env, "tapes", "reel-1.wav", source)
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt,output\n"
+        "hiss,s3://tapes/reel-1.wav,5,5.5,quiet room tone,restored/{stem}\n"
+        "thud,s3://tapes/reel-1.wav,1,1.25,quiet room tone,restored/{stem}\n"
+    )
+    aws_env.bucket("stage")
+    out = aws_env.bucket("restored-out")
+    sim = simulator(latency=0.05, fill="tone")
+    cfg = hosted(tmp_path, sim, aws_env.endpoint, **{"output.uri": f"s3://{out}/lib/"})
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "reels")
+    try:
+        outcomes = [batch.process(e) for e in batch.manifest.edits]
+        batch.combine(outcomes)
+        notes = batch.notes()
+    finally:
+        batch.close()
+    assert [(o.status, o.output) for o in outcomes] == [
+        ("succeeded", f"s3://{out}/lib/restored/reel-1.rows/hiss.wav"),
+        ("succeeded", f"s3://{out}/lib/restored/reel-1.rows/thud.wav"),
+    ]
+    assert {o.combined for o in outcomes} == {f"s3://{out}/lib/restored/reel-1.wav"}
+    assert sim.stats.accepted == 2  # combining pays for nothing
+    before = sf.read(io.BytesIO(source), dtype="int16")[0]
+    after = sf.read(io.BytesIO(get(aws_env, f"s3://{out}/lib/restored/reel-1.wav")), dtype="int16")[0]
+    rate = 22050
+    untouched = np.ones(len(before), bool)
+    for o in outcomes:
+        a, b = round(o.start * rate), round(o.end * rate)
+        assert np.array_equal(after[a:b], sf.read(io.BytesIO(get(aws_env, o.output)), dtype="int16")[0][a:b])
+        assert not np.array_equal(after[a:b], before[a:b])
+        untouched[a:b] = False
+    assert np.array_equal(after[untouched], before[untouched])
+    head = aws_env.client.head_object(Bucket=out, Key="lib/restored/reel-1.wav")
+    assert head["Metadata"]["rows"] == "thud,hiss" and head["Metadata"]["regions"] == "1-1.25,5-5.5"
+    assert any("restored/reel-1.wav (2 rows)" in n for n in notes)
+
+
 def test_large_results_go_up_in_parts(tmp_path, aws_env):
     (tmp_path / "long.wav").write_bytes(wav_bytes(40.0, rate=48000, channels=2, subtype="PCM_24"))  # ~11.5 MB
     (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nlong,long.wav,20,20.05,fill\n")

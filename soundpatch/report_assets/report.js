@@ -31,6 +31,7 @@
     add('cost', '$' + num(r.cost_usd, 4) + (r.attempts > 1 ? ' after ' + r.attempts + ' attempts' : ''));
     add('output', r.output);
     add('reused from', r.reused_from);
+    add('combined into', r.combined);
     add('error', r.error, 'error');
     if (r.checks) {
       add('checks', 'outside the region ' + (r.outside_max_diff === 0 ? 'untouched' : 'max diff ' + r.outside_max_diff)
