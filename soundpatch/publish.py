@@ -7,6 +7,7 @@ audio outside the region identical to the input.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -145,7 +146,8 @@ def _asks(edit: Edit) -> tuple:
 def _combinable(a: Edit, b: Edit) -> bool:
     """Two rows whose edits one file can hold: one recording, regions apart."""
     assert a.start is not None and a.end is not None and b.start is not None and b.end is not None
-    return a.input == b.input and (a.end <= b.start or b.end <= a.start)
+    same_recording = a.input == b.input or posixpath.normpath(a.input) == posixpath.normpath(b.input)
+    return same_recording and (a.end <= b.start or b.end <= a.start)
 
 
 def _stem(source: str) -> str:

@@ -168,7 +168,7 @@ def test_rows_that_would_overwrite_each_other_are_invalid_before_anything_is_mad
     (tmp_path / "m.csv").write_text(
         "id,input,start,end,prompt,seed,variations,output\n"
         "one,good.wav,1,1.5,door,5,1,takes/door\n"
-        "two,good.wav,2,2.5,door,5,1,takes/door\n"  # another region of it: both go into one file
+        "two,./good.wav,2,2.5,door,5,1,takes/door\n"  # another region of it: both go into one file
         "same,good.wav,1,1.5,door,5,1,takes/door\n"  # the very same edit as one
         "near,good.wav,1.4,1.8,door,5,1,takes/door\n"  # overlaps one's region
         "elsewhere,other.wav,0,0.5,door,5,1,takes/door\n"  # another recording
