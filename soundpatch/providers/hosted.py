@@ -138,8 +138,9 @@ class HostedProvider:
         try:
             result = self.retry.call(once, on_retry=self._on_retry(request, "create"), sleep=self._sleep)
         except Retryable as exc:
+            tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
             raise PredictionFailed(
-                f"{self.display} did not take the create after {attempts} attempts: {exc}", 0.0, None, attempts
+                f"{self.display} did not take the create after {tries}: {exc}", 0.0, None, attempts
             ) from None
         except (PredictionFailed, NotStarted):
             raise
