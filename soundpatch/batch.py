@@ -798,6 +798,9 @@ class Batch:
                     made.rows = [o.row_id for o in done]
                 except (SoundpatchError, OSError) as exc:
                     made.error = _sentence(exc)
+                except Exception as exc:  # a bug: the rows are paid for; their report still gets written
+                    made.error = f"Unexpected {type(exc).__name__} (details in {self.run_dir / 'errors.log'})."
+                    self._log_traceback(self._edits[done[0].row_id])
             for o in done if made.output else ():
                 o.combined = made.output
             self.journal.write("combined", name=name, output=made.output, rows=made.rows, missing=made.missing)

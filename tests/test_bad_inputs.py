@@ -218,3 +218,38 @@ def test_rows_that_would_overwrite_each_other_are_invalid_before_anything_is_mad
         ["takes/door.wav", "takes/wind.wav", *(f"takes/wind-{seed}.wav" for seed in seeds)]
         + [f"takes/door.rows/{row}.wav" for row in ("one", "two", "same")]
     )
+
+
+def test_a_fault_while_combining_a_recording_s_file_costs_that_file_not_the_run(tmp_path, monkeypatch):
+    # The rows are done (and, with a hosted model, paid for) when their file is combined:
+    # a fault there must leave their outcomes and the report standing, and say what failed.
+    import soundpatch.batch
+    from soundpatch.batch import Batch
+    from soundpatch.config import load_config
+    from soundpatch.manifest import load_manifest
+
+    rate = 16000
+    sf.write(tmp_path / "good.wav", 0.2 * np.sin(2 * np.pi * 220 * np.arange(4 * rate) / rate), rate)
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt,output\none,good.wav,1,1.5,x,fixed\ntwo,good.wav,2,2.5,x,fixed\n"
+    )
+
+    def broken(*_args):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(soundpatch.batch, "overlay", broken)
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "fault")
+    try:
+        outcomes = [batch.process(e) for e in batch.manifest.edits]
+        batch.combine(outcomes)
+        notes = batch.notes()
+    finally:
+        batch.close()
+    assert [(o.status, o.combined) for o in outcomes] == [("succeeded", ""), ("succeeded", "")]
+    assert (
+        f"fixed.wav was not made: Unexpected ValueError (details in {tmp_path / 'runs' / 'fault' / 'errors.log'})."
+        in notes
+    )
+    assert "ValueError: a bug" in (tmp_path / "runs" / "fault" / "errors.log").read_text()
+    assert not (tmp_path / "out" / "fixed.wav").exists() and (tmp_path / "out" / "fixed.rows" / "one.wav").exists()
