@@ -84,7 +84,8 @@ CORPUS = {
     "s3-pattern-missing-bucket": ("s3://no-such-bucket-here/*.wav", "1", "2", "x", {}, "does not exist"),
     "odd-encoding-id\u202e": ("good.wav", "1", "2", "x", {}, None),  # right-to-left mark: fine, kept
     "dup": ("good.wav", "1", "2", "first", {}, None),
-    "name-taken": ("good.wav", "3", "3.5", "x", {"output": "shared"}, "also the name of row good-3's result"),
+    # another recording under the name good-3 has taken:
+    "name-taken": ("good.flac", "3", "3.5", "x", {"output": "shared"}, "also the name of row good-3's result"),
 }
 DUPLICATE = ("dup", "good.wav", "1.5", "2", "second")
 
