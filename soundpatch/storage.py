@@ -233,22 +233,37 @@ _METADATA_BYTES = 2048  # S3's limit for all user metadata keys and values toget
 _METADATA_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")
 
 
+# Never shortened to fit: what a result is recognised and priced by.
+_METADATA_KEPT = ("identity", "run_id", "row_id", "source_sha256", "prediction_id", "provider", "model", "cost_usd")
+
+
 def s3_metadata(metadata: dict[str, str]) -> dict[str, str]:
     """Metadata as S3 carries it: lowercase ASCII keys, values percent-encoded UTF-8 where not
-    plain ASCII (a prompt in any language survives), the prompt shortened if the 2 KB limit
-    would be passed (the full text is in the result's index record)."""
+    plain ASCII (a prompt in any language survives). Past S3's 2 KB limit the longest values
+    are shortened to one common length, as long as the limit allows (a long prompt, whose
+    full text is in the result's index record; a long extra column; a combined file's list
+    of rows), each marked `<key>-truncated: true`; what identifies the result never is."""
     out: dict[str, str] = {}
+    texts: dict[str, str] = {}
     for key, value in metadata.items():
         safe_key = re.sub(r"[^a-z0-9_-]+", "-", key.lower()).strip("-") or "x"
+        texts[safe_key] = str(value)
         out[safe_key] = quote(str(value), safe=_METADATA_SAFE)
-    size = sum(len(k) + len(v) for k, v in out.items())
-    if size > _METADATA_BYTES and "prompt" in out:
-        room = _METADATA_BYTES - (size - len(out["prompt"])) - len("prompt-truncated" + "true")
-        text = str(metadata["prompt"])
-        while text and len(quote(text, safe=_METADATA_SAFE)) > room:
-            text = text[: len(text) * 9 // 10]
-        out["prompt"] = quote(text, safe=_METADATA_SAFE)
-        out["prompt-truncated"] = "true"
+    if sum(len(k) + len(v) for k, v in out.items()) <= _METADATA_BYTES:
+        return out
+    shrinkable = [k for k in out if k not in _METADATA_KEPT]
+    fixed = sum(len(k) + len(v) for k, v in out.items() if k not in shrinkable)
+    fixed += sum(len(k) + len(f"{k}-truncated") + len("true") for k in shrinkable)  # markers, to be safe
+    cap = max(0, _METADATA_BYTES - fixed)  # the common length: the largest the limit allows
+    while cap > 0 and sum(min(len(out[k]), cap) for k in shrinkable) > _METADATA_BYTES - fixed:
+        cap -= 1 + cap // 50
+    for key in shrinkable:
+        if len(out[key]) > cap:
+            text = texts[key]
+            while text and len(quote(text, safe=_METADATA_SAFE)) > cap:
+                text = text[: len(text) * 9 // 10]
+            out[key] = quote(text, safe=_METADATA_SAFE)
+            out[f"{key}-truncated"] = "true"
     return out
 
 

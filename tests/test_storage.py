@@ -415,6 +415,52 @@ def test_rows_of_one_recording_naming_one_file_get_it_in_the_bucket_with_all_the
     assert any("restored/reel-1.wav (2 rows)" in n for n in notes)
 
 
+def test_metadata_past_s3_s_limit_is_shortened_fairly_and_never_what_identifies_the_result(tmp_path, aws_env):
+    # S3 refuses an object whose user metadata passes 2 KB: a long prompt, a long extra
+    # column, a combined file's list of rows. Each is shortened to one common length and
+    # marked; the identity a rerun recognises the result by stays whole.
+    (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
+    prompt = "la pluie sur le toit de tôle, " * 60  # 1800 characters, more once encoded
+    note = "n" * 1500
+    pd.DataFrame(
+        [
+            {
+                "id": "long",
+                "input": "fx.wav",
+                "start": 1,
+                "end": 1.2,
+                "prompt": prompt,
+                "note": note,
+                "output": "fixed",
+            },
+            {"id": "also", "input": "fx.wav", "start": 2, "end": 2.2, "prompt": "x", "note": "", "output": "fixed"},
+        ]
+    ).to_csv(tmp_path / "m.csv", index=False)
+    out = aws_env.bucket("long-metadata")
+    cfg = load_config(
+        overrides={
+            "output.uri": f"s3://{out}/",
+            "storage.s3.endpoint_url": aws_env.endpoint,
+            "runs_dir": str(tmp_path / "runs"),
+        }
+    )
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "long-md")
+    try:
+        outcomes = [batch.process(e) for e in batch.manifest.edits]
+        batch.combine(outcomes)
+    finally:
+        batch.close()
+    assert [o.status for o in outcomes] == ["succeeded", "succeeded"], [o.error for o in outcomes]
+    head = aws_env.client.head_object(Bucket=out, Key="fixed.rows/long.wav")["Metadata"]
+    assert sum(len(k) + len(v) for k, v in head.items()) <= 2048
+    assert head["prompt-truncated"] == head["note-truncated"] == "true"
+    assert prompt.startswith(unquote(head["prompt"])) and len(unquote(head["prompt"])) > 100
+    assert note.startswith(head["note"]) and len(head["note"]) > 300
+    identity = batch.identity(batch.check(batch.manifest.edits[0]))
+    assert head["identity"] == identity and head["row_id"] == "long"
+    assert outcomes[0].combined == f"s3://{out}/fixed.wav"
+
+
 def test_large_results_go_up_in_parts(tmp_path, aws_env):
     (tmp_path / "long.wav").write_bytes(wav_bytes(40.0, rate=48000, channels=2, subtype="PCM_24"))  # ~11.5 MB
     (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nlong,long.wav,20,20.05,fill\n")
