@@ -789,9 +789,9 @@ class Batch:
             done = [o for o in rows if o.status in (SUCCEEDED, SKIPPED_DONE) and o.output]
             made.missing = [f"{o.row_id} ({o.status.replace('_', ' ')})" for o in rows if o not in done]
             if stop_requested():
-                made.error = "the run was stopped first; run again with the same --run-id to make it."
+                made.error = "The run was stopped first; run again with the same --run-id to make it."
             elif not done:
-                made.error = "none of its rows finished."
+                made.error = "None of its rows finished."
             else:
                 try:
                     made.output = self._combine(name, done)

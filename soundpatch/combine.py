@@ -30,7 +30,7 @@ class CombinedFile:
     output: str = ""  # where it was put; "" if it was not
     rows: list[str] = field(default_factory=list)  # rows whose regions it holds
     missing: list[str] = field(default_factory=list)  # rows of it that did not finish: "id (status)"
-    error: str = ""  # why it was not put
+    error: str = ""  # why it was not put: one or two sentences
 
 
 def overlay(original: Audio, parts: Iterable[tuple[str, Audio, int, int]]) -> Audio:
@@ -56,7 +56,7 @@ def combined_note(files: list[CombinedFile]) -> list[str]:
     notes = []
     made = [f for f in files if f.output]
     if made:
-        shown = ", ".join(f"{f.name} ({len(f.rows)} rows)" for f in made[:3])
+        shown = ", ".join(f"{f.name} ({len(f.rows)} row{'s' if len(f.rows) != 1 else ''})" for f in made[:3])
         notes.append(
             f"{len(made)} {'file holds' if len(made) == 1 else 'files hold'} the edits of several rows of one "
             f"recording each: {shown}{', ...' if len(made) > 3 else ''}; each row's own result is beside it "
@@ -71,7 +71,7 @@ def combined_note(files: list[CombinedFile]) -> list[str]:
                 "them again with the same --run-id to complete it."
             )
         elif not f.output:
-            notes.append(f"{f.name} was not made: {f.error}")
+            notes.append(f"{f.name} was not made. {f.error}")
     return notes
 
 

@@ -249,7 +249,7 @@ def test_a_fault_while_combining_a_recording_s_file_costs_that_file_not_the_run(
         batch.close()
     assert [(o.status, o.combined) for o in outcomes] == [("succeeded", ""), ("succeeded", "")]
     assert (
-        f"fixed.wav was not made: Unexpected ValueError (details in {tmp_path / 'runs' / 'fault' / 'errors.log'})."
+        f"fixed.wav was not made. Unexpected ValueError (details in {tmp_path / 'runs' / 'fault' / 'errors.log'})."
         in notes
     )
     assert "ValueError: a bug" in (tmp_path / "runs" / "fault" / "errors.log").read_text()
