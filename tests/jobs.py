@@ -43,6 +43,21 @@ def write_job(
     )
 
 
+def run_in_process(manifest: Path, cfg: Config, run_id: str) -> tuple[list, list[str], Any]:
+    """A run's rows in this process, in manifest order, then what the flow does after them
+    (the files rows of one recording share); returns (outcomes, the run's notes, the batch)."""
+    from soundpatch.batch import Batch
+    from soundpatch.manifest import load_manifest
+
+    batch = Batch(load_manifest(manifest), cfg, run_id)
+    try:
+        outcomes = [batch.process(e) for e in batch.manifest.edits]
+        batch.combine(outcomes)
+        return outcomes, batch.notes(), batch
+    finally:
+        batch.close()
+
+
 def hosted_config(sim, s3_endpoint: str, output: str, runs_dir: Path, **overrides: Any) -> Config:
     """A config for in-process hosted runs: Each Labs at `sim`, clips staged in s3://stage/clips/
     of the S3 server at `s3_endpoint`, quick polls; `overrides` win."""

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from tests.jobs import clean_env, soundpatch
+from tests.jobs import clean_env, run_in_process, soundpatch
 
 SCRIPT = Path(sys.executable).parent / "soundpatch"
 
@@ -225,9 +225,7 @@ def test_a_fault_while_combining_a_recording_s_file_costs_that_file_not_the_run(
     # The rows are done (and, with a hosted model, paid for) when their file is combined:
     # a fault there must leave their outcomes and the report standing, and say what failed.
     import soundpatch.batch
-    from soundpatch.batch import Batch
     from soundpatch.config import load_config
-    from soundpatch.manifest import load_manifest
 
     rate = 16000
     sf.write(tmp_path / "good.wav", 0.2 * np.sin(2 * np.pi * 220 * np.arange(4 * rate) / rate), rate)
@@ -240,13 +238,7 @@ def test_a_fault_while_combining_a_recording_s_file_costs_that_file_not_the_run(
 
     monkeypatch.setattr(soundpatch.batch, "overlay", broken)
     cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
-    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "fault")
-    try:
-        outcomes = [batch.process(e) for e in batch.manifest.edits]
-        batch.combine(outcomes)
-        notes = batch.notes()
-    finally:
-        batch.close()
+    outcomes, notes, _ = run_in_process(tmp_path / "m.csv", cfg, "fault")
     assert [(o.status, o.combined) for o in outcomes] == [("succeeded", ""), ("succeeded", "")]
     assert (
         f"fixed.wav was not made. Unexpected ValueError (details in {tmp_path / 'runs' / 'fault' / 'errors.log'})."

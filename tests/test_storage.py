@@ -23,7 +23,7 @@ import soundfile as sf
 from soundpatch.batch import Batch
 from soundpatch.config import load_config
 from soundpatch.manifest import load_manifest
-from tests.jobs import clean_env, soundpatch
+from tests.jobs import clean_env, run_in_process, soundpatch
 
 
 def wav_bytes(seconds: float, rate: int = 22050, channels: int = 1, freq: float = 220.0, subtype="PCM_16") -> bytes:
@@ -387,13 +387,7 @@ def test_rows_of_one_recording_naming_one_file_get_it_in_the_bucket_with_all_the
     out = aws_env.bucket("restored-out")
     sim = simulator(latency=0.05, fill="tone")
     cfg = hosted(tmp_path, sim, aws_env.endpoint, **{"output.uri": f"s3://{out}/lib/"})
-    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "reels")
-    try:
-        outcomes = [batch.process(e) for e in batch.manifest.edits]
-        batch.combine(outcomes)
-        notes = batch.notes()
-    finally:
-        batch.close()
+    outcomes, notes, _ = run_in_process(tmp_path / "m.csv", cfg, "reels")
     assert [(o.status, o.output) for o in outcomes] == [
         ("succeeded", f"s3://{out}/lib/restored/reel-1.rows/hiss.wav"),
         ("succeeded", f"s3://{out}/lib/restored/reel-1.rows/thud.wav"),
@@ -444,12 +438,7 @@ def test_metadata_past_s3_s_limit_is_shortened_fairly_and_never_what_identifies_
             "runs_dir": str(tmp_path / "runs"),
         }
     )
-    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "long-md")
-    try:
-        outcomes = [batch.process(e) for e in batch.manifest.edits]
-        batch.combine(outcomes)
-    finally:
-        batch.close()
+    outcomes, _, batch = run_in_process(tmp_path / "m.csv", cfg, "long-md")
     assert [o.status for o in outcomes] == ["succeeded", "succeeded"], [o.error for o in outcomes]
     head = aws_env.client.head_object(Bucket=out, Key="fixed.rows/long.wav")["Metadata"]
     assert sum(len(k) + len(v) for k, v in head.items()) <= 2048
