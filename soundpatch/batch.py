@@ -145,7 +145,7 @@ class Batch:
         self._previews = preview.Quota()  # listening copies kept for the report
         self.publisher = Publisher(self.store, config.output.format, run_id)
         self._name_clashes = self.publisher.clashes(self.manifest.edits, self._info_if_readable)
-        self._edits = {e.row_id: e for e in self.manifest.edits}
+        self._edits = {e.row_id: e for e in self.manifest.edits}  # by row id
         self._combined: list[CombinedFile] = []  # the files rows of one recording share, once made
         self._changed: list[str] = []  # rows an earlier attempt finished, changed since
         self._set_aside: list[str] = []  # rows an earlier attempt paid for, changed since
@@ -223,12 +223,11 @@ class Batch:
         """Rows this run already finished (same --run-id): kept as they were, not redone,
         unless the row now asks for something else or its result was replaced since.
         Checked several rows at a time: in a bucket each check is a request or two."""
-        edits = {e.row_id: e for e in self.manifest.edits}
         finished = []
         for row_id, state in self.states.items():
-            o = Outcome.from_dict(state.outcome) if state.outcome is not None and row_id in edits else None
+            o = Outcome.from_dict(state.outcome) if state.outcome is not None and row_id in self._edits else None
             if o is not None and o.status in (SUCCEEDED, SKIPPED_DONE) and o.output:
-                finished.append((edits[row_id], o, state.made_for or {}))
+                finished.append((self._edits[row_id], o, state.made_for or {}))
 
         def verdict(item: tuple[Edit, Outcome, dict]) -> str:
             edit, o, made_for = item
