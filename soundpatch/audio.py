@@ -227,9 +227,12 @@ def output_subtype(audio: Audio, container: str) -> str:
 
 def check_encodable(info: AudioInfo, container: str) -> None:
     """Raises RowError when `container` cannot hold audio shaped like `info` (MP3 holds at
-    most two channels, at nine sample rates from 8 to 48 kHz; FLAC at most eight...):
-    found while validating, not after the row was paid for."""
+    most two channels, at nine sample rates from 8 to 48 kHz; FLAC at most eight; WAV
+    under 4 GB...): found while validating, not after the row was paid for."""
     reason = _encoding_refused(container, info.subtype, info.channels, info.rate)
+    size = info.frames * info.channels * _SAMPLE_BYTES.get(info.subtype, 4)
+    if not reason and container in _SIZE_LIMITED and size > _SIZE_LIMITED[container]:
+        reason = f"{size / 2**30:.1f} GB of samples, where one {container} file holds under 4 GB"
     if reason:
         raise RowError(
             f"the output format {container} cannot hold this recording ({info.channels} channels at "
@@ -238,6 +241,9 @@ def check_encodable(info: AudioInfo, container: str) -> None:
 
 
 _MAX_CHANNELS = {"MP3": 2, "FLAC": 8}
+# Containers whose sizes are 32-bit (less their header); bytes a sample of each subtype takes.
+_SIZE_LIMITED = {"WAV": 2**32 - 2**20, "AIFF": 2**32 - 2**20}
+_SAMPLE_BYTES = {"PCM_S8": 1, "PCM_U8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "DOUBLE": 8}
 
 
 @functools.lru_cache(maxsize=256)

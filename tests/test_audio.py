@@ -1,12 +1,22 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from soundpatch.audio import decode, encode, equal_power_ramps, region_frames, splice, to_float
+from soundpatch.audio import (
+    AudioInfo,
+    check_encodable,
+    decode,
+    encode,
+    equal_power_ramps,
+    region_frames,
+    splice,
+    to_float,
+)
 from soundpatch.errors import RowError
 
 
@@ -124,3 +134,24 @@ def test_in_memory_files_match_soundfile_and_leave_no_descriptor_open():
         with pytest.raises(sf.LibsndfileError):
             soundio.read(b"RIFF" + os.urandom(500))
     assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+@pytest.mark.parametrize(
+    ("info", "container", "reason"),
+    [
+        (AudioInfo(48000 * 10, 48000, 6, "WAV", "PCM_16"), "MP3", "it holds at most 2 channels"),
+        (AudioInfo(96000 * 10, 96000, 2, "WAV", "PCM_24"), "MP3", "only supports sample rates of 8000"),
+        (AudioInfo(48000 * 10, 48000, 10, "WAV", "PCM_16"), "FLAC", "it holds at most 8 channels"),
+        # Four hours of a 96 kHz, 24-bit stereo transfer: 7.7 GB, past what WAV's sizes can say.
+        (AudioInfo(4 * 3600 * 96000, 96000, 2, "WAV", "PCM_24"), "WAV", "7.7 GB of samples, where one WAV file"),
+        (AudioInfo(4 * 3600 * 96000, 96000, 2, "WAV", "PCM_24"), "FLAC", None),
+        (AudioInfo(3600 * 48000, 48000, 2, "WAV", "PCM_24"), "WAV", None),  # an hour: 1 GB
+        (AudioInfo(48000 * 10, 48000, 6, "WAV", "PCM_16"), "OGG", None),
+    ],
+)
+def test_an_output_format_that_cannot_hold_a_recording_is_known_before_anything_is_made(info, container, reason):
+    if reason is None:
+        check_encodable(info, container)
+        return
+    with pytest.raises(RowError, match=re.escape(reason)):
+        check_encodable(info, container)
