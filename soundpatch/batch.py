@@ -782,7 +782,7 @@ class Batch:
             name = self.publisher.combined.get(o.row_id)
             if name is not None:
                 groups.setdefault(name, []).append(o)
-        for name, rows in groups.items():
+        for name, rows in sorted(groups.items()):  # in the same order whichever row ended first
             made = CombinedFile(name)
             rows.sort(key=lambda o: o.start or 0.0)
             done = [o for o in rows if o.status in (SUCCEEDED, SKIPPED_DONE) and o.output]
