@@ -782,6 +782,8 @@ class Batch:
             name = self.publisher.combined.get(o.row_id)
             if name is not None:
                 groups.setdefault(name, []).append(o)
+        if groups:
+            self.journal.write("combining", files=len(groups))  # for the progress line
         for name, rows in sorted(groups.items()):  # in the same order whichever row ended first
             made = CombinedFile(name)
             rows.sort(key=lambda o: o.start or 0.0)

@@ -314,6 +314,7 @@ class _ProgressWatcher:
         self._done, self._bad, self._spent = 0, 0, 0.0
         self._flying: set[str] = set()  # rows sent and not yet ended
         self._waiting: set[str] = set()  # rows waiting for another run making the same edit
+        self._files = self._files_made = 0  # files of several rows (combine.py): to make, made
 
     def start(self) -> None:
         self._thread.start()
@@ -341,6 +342,10 @@ class _ProgressWatcher:
                 self._spent += now[2] - was[2]
             elif e.get("event") == "run_started":  # patterns in the manifest are expanded by now
                 self.total = int(e.get("total") or self.total)
+            elif e.get("event") == "combining":
+                self._files, self._files_made = int(e.get("files") or 0), 0
+            elif e.get("event") == "combined":
+                self._files_made += 1
         return min(self._done, self.total), self._bad, self._spent, len(self._flying), len(self._waiting)
 
     def _loop(self) -> None:
@@ -358,6 +363,7 @@ class _ProgressWatcher:
                     done, bad, spent, flying, waiting = self._state()
                     detail = f"{bad} failed · ${spent:.2f} of ${self.budget:.2f} · {flying} in flight"
                     detail += f" · {waiting} waiting for another run" if waiting else ""
+                    detail += f" · files of several rows {self._files_made}/{self._files}" if self._files else ""
                     bar.update(task, completed=done, total=self.total, detail=detail)
             return
         # Not a terminal (CI, a log file): a plain line every 10 s and one at the end.
@@ -371,7 +377,9 @@ class _ProgressWatcher:
     def _print_line(self) -> None:
         done, bad, spent, flying, waiting = self._state()
         line = f"progress: {done}/{self.total} done, {bad} failed, ${spent:.2f} spent, {flying} in flight"
-        err.print(line + (f", {waiting} waiting for another run making the same edits" if waiting else ""))
+        line += f", {waiting} waiting for another run making the same edits" if waiting else ""
+        line += f", files of several rows made: {self._files_made}/{self._files}" if self._files else ""
+        err.print(line, soft_wrap=True)  # one line in a log, however long
 
 
 def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Path) -> None:

@@ -247,7 +247,7 @@ def test_the_report_of_a_run_that_ended_before_writing_one_is_rendered_from_its_
     assert (tmp_path / "runs" / "crashed" / "report.html").exists()
 
 
-def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tmp_path):
+def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tmp_path, capsys):
     from soundpatch.cli import _ProgressWatcher
     from soundpatch.journal import Journal
 
@@ -276,4 +276,9 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     journal.write("sending", "d")  # its claim was let go without a result: made here
     outcome("e", "skipped_done", 0.0)  # reused
     assert watcher._state()[3:] == (1, 0)
+    # Then the files several rows of one recording share are made (combine.py).
+    journal.write("combining", files=2)
+    journal.write("combined", name="fixed/a.wav", output="/o/fixed/a.wav", rows=["a"], missing=[])
+    watcher._print_line()
+    assert capsys.readouterr().err.strip().endswith("1 in flight, files of several rows made: 1/2")
     journal.close()
