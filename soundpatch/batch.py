@@ -355,7 +355,7 @@ class Batch:
         if b <= a:
             raise RowError(f"region {edit.start:g}-{edit.end:g} s is shorter than one sample")
         provider.check(info.frames, info.rate, a, b, edit.steps, edit.guidance_scale)
-        self.publisher.name(edit, info)  # an unusable output name is found now, not after paying
+        self.store.uri(self.publisher.name(edit, info))  # an unusable output name is found now, not after paying
         self.publisher.check_encodable(info)  # and an output format that cannot hold the audio
         return Checked(edit, source, info, provider)
 

@@ -184,7 +184,13 @@ class S3Prefix:
     def _uri(self, name: str) -> S3Uri:
         if name.startswith("/") or ".." in PurePosixPath(name).parts:
             raise RowError(f"output name {name!r} would leave the output prefix")
-        return self.prefix.child(name)
+        target = self.prefix.child(name)
+        if len(target.key.encode()) > MAX_KEY_BYTES:
+            raise RowError(
+                f"output name {name[:60]}... makes an S3 key of {len(target.key.encode())} bytes, "
+                f"where S3 takes {MAX_KEY_BYTES}; give the rows shorter output names"
+            )
+        return target
 
     def put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> str:
         target = self._uri(name)
@@ -228,6 +234,7 @@ class S3Prefix:
 
 
 MAX_RESULT_BYTES = 4 << 30
+MAX_KEY_BYTES = 1024  # S3's limit on an object key
 _METADATA_BYTES = 2048  # S3's limit for all user metadata keys and values together
 # Printable ASCII but '%': kept as is in metadata values; everything else is percent-encoded.
 _METADATA_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import http.server
 import io
+import re
 import threading
 from pathlib import Path
 from urllib.parse import unquote
@@ -448,6 +449,24 @@ def test_metadata_past_s3_s_limit_is_shortened_fairly_and_never_what_identifies_
     identity = batch.identity(batch.check(batch.manifest.edits[0]))
     assert head["identity"] == identity and head["row_id"] == "long"
     assert outcomes[0].combined == f"s3://{out}/fixed.wav"
+
+
+def test_an_output_name_too_long_for_an_s3_key_is_invalid_before_anything_is_made(tmp_path, aws_env):
+    stem = "take-" + "x" * 180
+    (tmp_path / f"{stem}.wav").write_bytes(wav_bytes(3.0))
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt,output\n"
+        f"deep,{stem}.wav,1,1.2,x,{'{stem}/' * 6}{{row_id}}\n"  # 6 x 186 bytes, and more
+        f"fine,{stem}.wav,1,1.2,x,{{stem}}/{{row_id}}\n"
+    )
+    out = aws_env.bucket("long-keys")
+    cfg = load_config(
+        overrides={"output.uri": f"s3://{out}/", "storage.s3.endpoint_url": aws_env.endpoint, "runs_dir": str(tmp_path)}
+    )
+    (deep, fine), _, _ = run_in_process(tmp_path / "m.csv", cfg, "keys")
+    assert deep.status == "invalid" and deep.cost_usd == 0
+    assert re.search(r"makes an S3 key of \d{4} bytes, where S3 takes 1024", deep.error), deep.error
+    assert fine.status == "succeeded" and aws_env.keys(out, stem) == [f"{stem}/fine.wav"]
 
 
 def test_large_results_go_up_in_parts(tmp_path, aws_env):
