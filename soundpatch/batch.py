@@ -726,8 +726,14 @@ class Batch:
             self.store.put_record(identity, {**record, "output": outcome.output})
         except RowError as exc:
             # Paid for: keep it here so the next run publishes it instead of paying again.
-            kept = self.unpublished.put(encoded.name, encoded.data, encoded.content_type, metadata)
-            self.unpublished.put_record(identity, {**record, "output": kept})
+            try:
+                kept = self.unpublished.put(encoded.name, encoded.data, encoded.content_type, metadata)
+                self.unpublished.put_record(identity, {**record, "output": kept})
+            except RowError as lost:
+                raise RowError(
+                    f"{as_sentence(str(exc)).rstrip('.')}; keeping the paid result here failed too "
+                    f"({as_sentence(str(lost)).rstrip('.')}), so it is lost"
+                ) from None
             raise RowError(
                 f"{as_sentence(str(exc)).rstrip('.')}; the paid result is kept at {kept} and the next run "
                 "publishes it without paying again"

@@ -254,6 +254,37 @@ def test_a_failed_upload_keeps_the_paid_result_and_the_next_run_publishes_it_fre
         assert get(aws_env, o.output) == path.read_bytes()
 
 
+def test_a_result_the_output_folder_cannot_take_is_kept_and_the_next_run_publishes_it_free(
+    tmp_path, aws_env, simulator, monkeypatch
+):
+    # A folder where the result should go (or a full disk, a lost mount): the paid result
+    # is kept in the run's folder, not lost to "Unexpected OSError".
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\na,fx.wav,1,1.5,a latch in a folder's way\n")
+    aws_env.bucket("stage")
+    sim = simulator(latency=0.05, fill="tone", price=0.2)
+    out = {"output.uri": str(tmp_path / "out")}
+    # When the run's own folder cannot take it either, the row says the result is lost.
+    (tmp_path / "out" / "lost" / "fx-a.wav").mkdir(parents=True)
+    (tmp_path / "runs" / "lost" / "unpublished" / "lost" / "fx-a.wav").mkdir(parents=True)
+    [lost] = run(tmp_path / "m.csv", hosted(tmp_path, sim, aws_env.endpoint, **out), "lost")
+    assert lost.status == "failed" and lost.cost_usd == pytest.approx(0.2) and sim.stats.creates == 1
+    assert "; keeping the paid result here failed too (" in lost.error and lost.error.endswith("so it is lost.")
+
+    (tmp_path / "out" / "blocked" / "fx-a.wav").mkdir(parents=True)  # in the way of the result
+    [o] = run(tmp_path / "m.csv", hosted(tmp_path, sim, aws_env.endpoint, **out), "blocked")
+    assert o.status == "failed" and o.cost_usd == pytest.approx(0.2), o.error
+    assert o.error.startswith(f"{tmp_path / 'out' / 'blocked' / 'fx-a.wav'} could not be written (Is a directory)")
+    assert "the paid result is kept at" in o.error and "Unexpected" not in o.error
+    [kept] = (tmp_path / "runs" / "blocked" / "unpublished").rglob("*.wav")
+
+    [again] = run(tmp_path / "m.csv", hosted(tmp_path, sim, aws_env.endpoint, **out), "later")
+    assert again.status == "skipped_done" and again.cost_usd == 0 and sim.stats.creates == 2
+    assert again.reused_from == str(kept)
+    assert Path(again.output).read_bytes() == kept.read_bytes()
+
+
 def test_a_create_is_not_sent_while_the_bucket_refuses_the_journal_s_copy(
     tmp_path, aws_env, simulator, fault_proxy, monkeypatch
 ):
