@@ -68,14 +68,20 @@ def run(manifest: Path, cfg, run_id: str, force: bool = False):
         batch.close()
 
 
-def job_behind_a_bucket_policy(tmp_path: Path, aws_env, fault_proxy, monkeypatch, rows: str, bucket: str, denied):
-    """An Each Labs job on fx.wav (manifest m.csv with `rows`, outputs meant for `bucket`)
-    and a proxy in front of the S3 server answering 403 AccessDenied to the PUTs whose path
-    `denied(path)` names, as a bucket policy denying some writes would."""
+def each_labs_job(tmp_path: Path, aws_env, monkeypatch, rows: str) -> None:
+    """An Each Labs job on a 3 s fx.wav: manifest m.csv with `rows` (id,input,start,end,prompt),
+    its key in the environment, clips staged in s3://stage/."""
     monkeypatch.setenv("EACHLABS_API_KEY", "k")
     (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
     (tmp_path / "m.csv").write_text("id,input,start,end,prompt\n" + rows)
     aws_env.bucket("stage")
+
+
+def job_behind_a_bucket_policy(tmp_path: Path, aws_env, fault_proxy, monkeypatch, rows: str, bucket: str, denied):
+    """An Each Labs job on fx.wav (manifest m.csv with `rows`, outputs meant for `bucket`)
+    and a proxy in front of the S3 server answering 403 AccessDenied to the PUTs whose path
+    `denied(path)` names, as a bucket policy denying some writes would."""
+    each_labs_job(tmp_path, aws_env, monkeypatch, rows)
     aws_env.bucket(bucket)
     return fault_proxy(lambda method, path, signed: (403, "AccessDenied") if method == "PUT" and denied(path) else None)
 
@@ -259,10 +265,7 @@ def test_a_result_the_output_folder_cannot_take_is_kept_and_the_next_run_publish
 ):
     # A folder where the result should go (or a full disk, a lost mount): the paid result
     # is kept in the run's folder, not lost to "Unexpected OSError".
-    monkeypatch.setenv("EACHLABS_API_KEY", "k")
-    (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
-    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\na,fx.wav,1,1.5,a latch in a folder's way\n")
-    aws_env.bucket("stage")
+    each_labs_job(tmp_path, aws_env, monkeypatch, "a,fx.wav,1,1.5,a latch in a folder's way\n")
     sim = simulator(latency=0.05, fill="tone", price=0.2)
     out = {"output.uri": str(tmp_path / "out")}
     # When the run's own folder cannot take it either, the row says the result is lost.
@@ -324,10 +327,7 @@ def test_a_create_is_not_sent_while_the_bucket_refuses_the_edit_s_claim(
 def test_the_journal_s_copy_is_written_when_money_moves_and_ends_as_the_run_s_journal(
     tmp_path, aws_env, simulator, fault_proxy, monkeypatch
 ):
-    monkeypatch.setenv("EACHLABS_API_KEY", "k")
-    (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
-    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\na,fx.wav,1,1.5,steam hiss\nb,fx.wav,2,2.5,wire hum\n")
-    aws_env.bucket("stage")
+    each_labs_job(tmp_path, aws_env, monkeypatch, "a,fx.wav,1,1.5,steam hiss\nb,fx.wav,2,2.5,wire hum\n")
     aws_env.bucket("copied")
     puts: list[str] = []
     proxy = fault_proxy(lambda method, path, signed: puts.append(path) if method == "PUT" else None)  # passes all
@@ -352,12 +352,7 @@ def test_the_journal_s_copy_is_written_when_money_moves_and_ends_as_the_run_s_jo
 def test_the_report_of_a_run_made_on_another_machine_is_rendered_from_the_journal_s_copy(
     tmp_path, aws_env, simulator, monkeypatch
 ):
-    monkeypatch.setenv("EACHLABS_API_KEY", "k")
-    (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
-    (tmp_path / "m.csv").write_text(
-        "id,input,start,end,prompt\na,fx.wav,1,1.5,a far gong\nb,fx.wav,2,2.5,a near gong\n"
-    )
-    aws_env.bucket("stage")
+    each_labs_job(tmp_path, aws_env, monkeypatch, "a,fx.wav,1,1.5,a far gong\nb,fx.wav,2,2.5,a near gong\n")
     aws_env.bucket("worked")
     sim = simulator(latency=0.05, fill="tone")
     cfg = hosted(tmp_path, sim, aws_env.endpoint, **{"output.uri": "s3://worked/out/"})
@@ -387,10 +382,7 @@ def test_the_report_of_a_run_made_on_another_machine_is_rendered_from_the_journa
 def test_force_pays_again_and_another_format_is_encoded_from_the_earlier_result(
     tmp_path, aws_env, simulator, monkeypatch
 ):
-    monkeypatch.setenv("EACHLABS_API_KEY", "k")
-    (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
-    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\na,fx.wav,1,1.5,slam\n")
-    aws_env.bucket("stage")
+    each_labs_job(tmp_path, aws_env, monkeypatch, "a,fx.wav,1,1.5,slam\n")
     sim = simulator(latency=0.05, fill="tone")
     out = {"output.uri": str(tmp_path / "out")}
     assert run(tmp_path / "m.csv", hosted(tmp_path, sim, aws_env.endpoint, **out), "r1")[0].status == "succeeded"
