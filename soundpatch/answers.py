@@ -6,7 +6,9 @@ to a bucket). A run that dies in that time used to lose the result, and for Stab
 (no prediction id to collect again) the row could only be counted as spent. So the answer
 is written here first, made durable, and journaled ("answer_kept"); the next attempt of
 the run finishes the row from it without sending anything. Once the row's outcome is in
-the journal the file is removed, so the folder holds at most the rows in flight.
+the journal the file is removed, so the folder holds at most the rows in flight, and the
+rows that failed using their answer: those keep it for the next attempt (journal.py,
+"kept_paid"), which tries it again rather than paying for another.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ class AnswerShelf:
         except OSError:
             return None
         return PaidAnswer(data, float(record.get("cost_usd") or 0.0), record.get("prediction_id"))
+
+    def record(self, row_id: str, cost_usd: float, prediction_id: str | None) -> dict[str, Any] | None:
+        """What the journal records of the row's kept answer (as `keep` returns it), if one is kept."""
+        path = self.file_for(row_id)
+        if not path.is_file():
+            return None
+        return {"file": path.name, "cost_usd": cost_usd, "prediction_id": prediction_id}
 
     def exists(self, record: dict[str, Any] | None) -> bool:
         return bool(record and record.get("file")) and (self.folder / Path(str(record["file"])).name).is_file()

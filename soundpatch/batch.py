@@ -149,6 +149,7 @@ class Batch:
         self._combined: list[CombinedFile] = []  # the files rows of one recording share, once made
         self._changed: list[str] = []  # rows an earlier attempt finished, changed since
         self._set_aside: list[str] = []  # rows an earlier attempt paid for, changed since
+        self._kept_paid: list[str] = []  # rows that failed using a paid prediction, kept for a rerun
         # Results of the local engine for regions the manifest asks for more than once:
         # (source, region, result digest) -> (how many, the first few rows).
         regions = Counter((e.input, e.start, e.end) for e in self.manifest.edits)
@@ -162,12 +163,18 @@ class Batch:
         spent = sum(s.spent_before for s in self.states.values())
         spent += sum(self._list_price(row) for row, s in self.states.items() if s.in_doubt)
         self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=spent)
-        # Paid for and still to collect: a prediction to poll, or an answer kept on disk.
+        # Paid for and still to collect: a prediction to poll, or an answer kept on disk
+        # (nothing more when a failed outcome counted it already).
         self._held = {
-            row: self.ledger.hold(float(s.answer["cost_usd"] or 0.0) if s.answer else self._list_price(row))
+            row: self.ledger.hold(
+                0.0 if s.settled else float(s.answer["cost_usd"] or 0.0) if s.answer else self._list_price(row)
+            )
             for row, s in self.states.items()
             if s.prediction_id or s.answer
         }
+        # Rows holding a paid prediction their result is not out of yet (not published, nor
+        # kept unpublished): should the row fail, it is kept for the next attempt.
+        self._unused: dict[str, dict[str, Any]] = {}
         self.journal = Journal(self.run_dir, None if dry_run else self.journal_copy)
         # Rows run on many threads at once. BLAS's own threads on top of them fight for the
         # same cores: with 40 rows a dot product or a solve took 100-300x longer. One each.
@@ -202,7 +209,12 @@ class Batch:
         for s in states.values():
             if s.answer is not None and not self.answers.exists(s.answer):
                 s.answer = None
-                s.in_doubt = s.prediction_id is None  # with an id it can still be collected
+                if s.prediction_id is not None:
+                    continue  # with an id it can still be collected
+                if s.settled:  # its price is in the row's outcome already: counted, not sent again
+                    s.settled, s.doubted = False, True
+                else:
+                    s.in_doubt = True
         return states
 
     def _copied_journal(self) -> list[str]:
@@ -391,7 +403,9 @@ class Batch:
                 done += 1
                 continue
             state = self._attempt_for(edit.row_id, self.request(checked))
-            if state is None and edit.row_id in self.states:
+            if state is not None and state.settled and self.config.provider.resubmit_unusable:
+                state = None  # what it could not use is given up: a new prediction
+            elif state is None and edit.row_id in self.states:
                 changed += 1  # a new prediction (what was paid for the old request stays counted)
             elif edit.row_id in self._changed:
                 changed += 1
@@ -455,10 +469,32 @@ class Batch:
             self.ledger.settle(held, held.amount_usd)
             outcome.cost_usd += held.amount_usd
         outcome.seconds = round(time.monotonic() - started, 3)
-        self.journal.write("outcome", edit.row_id, outcome=outcome.to_dict(), made_for=made_for)
-        self.answers.discard(edit.row_id)  # the outcome is on disk: the answer is not needed
+        unused = self._unused.pop(edit.row_id, None)
+        kept = self._to_collect_again(edit.row_id, unused) if unused and outcome.status == FAILED else None
+        if kept is not None:
+            with self._lock:
+                self._kept_paid.append(edit.row_id)
+            again = " (provider.resubmit_unusable: true pays for a new one instead)" if unused["again"] else ""
+            outcome.error = (
+                f"{outcome.error.rstrip('.')}; the paid prediction is kept, and rerunning with --run-id "
+                f"{self.run_id} tries it again at no new cost{again}."
+            )
+        to_collect = {"kept_paid": kept} if kept else {}  # the next attempt collects it (journal.py)
+        self.journal.write("outcome", edit.row_id, outcome=outcome.to_dict(), made_for=made_for, **to_collect)
+        if kept is None or kept["answer"] is None:
+            self.answers.discard(edit.row_id)  # the outcome is on disk: the answer is not needed
         self._remove_leftover_staging(edit.row_id)
         return outcome
+
+    def _to_collect_again(self, row_id: str, unused: dict[str, Any]) -> dict[str, Any] | None:
+        """What the next attempt can collect of a paid prediction this row failed using: its
+        kept answer, or its id to poll; None if neither is left (Stability's answer that
+        was never kept: there is no id to ask for it again)."""
+        prediction_id = unused["prediction_id"] or None
+        answer = self.answers.record(row_id, unused["cost_usd"], prediction_id)
+        if answer is None and prediction_id is None:
+            return None
+        return {"prediction_id": prediction_id, "answer": answer}
 
     def not_started(self, edit: Edit) -> Outcome:
         """A row the run stopped before (Ctrl-C): failed now, done by the next attempt."""
@@ -599,6 +635,10 @@ class Batch:
         `made_for` takes the identity it was made under)."""
         provider = checked.provider
         state = self._earlier_attempt(edit.row_id, made_for["request"])
+        if state is not None and state.settled and self.config.provider.resubmit_unusable:
+            self._give_up_unusable(edit.row_id)
+            state = None
+        settled = state is not None and state.settled  # collected at no new cost: counted already
         if state is not None and (state.in_doubt or state.doubted) and not self.config.provider.resubmit_in_doubt:
             raise RowError(
                 "A create for this row went out in an earlier attempt that ended before its result was kept; "
@@ -650,6 +690,7 @@ class Batch:
             request=made_for["request"],
             identity=made_for["identity"],
             clip=clip,
+            **({"settled": True} if settled else {}),
         )
         if resume_id:
             self.journal.write("created", edit.row_id, prediction_id=resume_id, resumed=True)
@@ -660,11 +701,18 @@ class Batch:
             prediction = provider.inpaint(request)  # holds one of limits.concurrency slots while in flight
         except PredictionFailed as exc:
             # The provider was reached and may have charged: keep what it says is owed.
-            self.ledger.settle(reservation, exc.cost_usd)
-            outcome.cost_usd += exc.cost_usd
-            outcome.provider_cost_usd += exc.cost_usd
+            owed = 0.0 if settled else exc.cost_usd
+            self.ledger.settle(reservation, owed)
+            outcome.cost_usd += owed
+            outcome.provider_cost_usd += owed
             outcome.prediction_id = exc.prediction_id or ""
             outcome.attempts = max(outcome.attempts, exc.attempts)
+            if exc.collectable:
+                self._unused[edit.row_id] = {
+                    "prediction_id": exc.prediction_id or resume_id,
+                    "cost_usd": exc.cost_usd,
+                    "again": settled,
+                }
             raise
         except NotStarted:
             self.ledger.release(reservation)
@@ -673,13 +721,20 @@ class Batch:
             # Refused before a prediction existed (or never sent): nothing is owed.
             self.ledger.release(reservation)
             raise
-        self.ledger.settle(reservation, prediction.cost_usd)
-        outcome.cost_usd += prediction.cost_usd
-        outcome.provider_cost_usd += prediction.cost_usd
+        paid_now = 0.0 if settled else prediction.cost_usd
+        self.ledger.settle(reservation, paid_now)
+        outcome.cost_usd += paid_now
+        outcome.provider_cost_usd += paid_now
         outcome.prediction_id = prediction.prediction_id or ""
         outcome.method = prediction.method
         outcome.attempts = max(outcome.attempts, prediction.attempts)
         self.journal.write("predicted", edit.row_id, prediction_id=outcome.prediction_id, cost_usd=prediction.cost_usd)
+        # Until its result is out, a failure keeps the prediction for the next attempt.
+        self._unused[edit.row_id] = {
+            "prediction_id": prediction.prediction_id or resume_id,
+            "cost_usd": prediction.cost_usd,
+            "again": settled,
+        }
 
         fade = prediction.crossfade
         if fade is None:
@@ -731,14 +786,25 @@ class Batch:
                 self.unpublished.put_record(identity, {**record, "output": kept})
             except RowError as lost:
                 raise RowError(
-                    f"{as_sentence(str(exc)).rstrip('.')}; keeping the paid result here failed too "
-                    f"({as_sentence(str(lost)).rstrip('.')}), so it is lost"
+                    f"{as_sentence(str(exc)).rstrip('.')}; keeping the result here failed too "
+                    f"({as_sentence(str(lost)).rstrip('.')})"
                 ) from None
+            self._unused.pop(edit.row_id, None)  # the result itself is kept: the next run publishes it
             raise RowError(
                 f"{as_sentence(str(exc)).rstrip('.')}; the paid result is kept at {kept} and the next run "
                 "publishes it without paying again"
             ) from None
+        self._unused.pop(edit.row_id, None)
         outcome.status = SUCCEEDED
+
+    def _give_up_unusable(self, row_id: str) -> None:
+        """provider.resubmit_unusable: the paid prediction earlier attempts could not use is
+        given up (what it cost stays on the row) and a new one is made."""
+        held = self._held.pop(row_id, None)
+        if held is not None:
+            self.ledger.release(held)  # it held nothing: the price is in the row's earlier outcome
+        self.answers.discard(row_id)
+        self.journal.write("set_aside", row_id, reason="its paid prediction could not be used (resubmit_unusable)")
 
     def _keep_answer(self, row_id: str, answer: PaidAnswer) -> None:
         """A paid answer on disk before it is used (see soundpatch/answers.py). A disk that
@@ -859,6 +925,13 @@ class Batch:
                 f"{_rows(self._set_aside)} changed in the manifest after an earlier attempt of this run paid for "
                 f"{'its' if len(self._set_aside) == 1 else 'their'} prediction: what was paid stays in cost_usd, "
                 f"and {'it was' if len(self._set_aside) == 1 else 'they were'} made anew."
+            )
+        if self._kept_paid:
+            one = len(self._kept_paid) == 1
+            notes.append(
+                f"{_rows(self._kept_paid)} failed using a prediction already paid for; "
+                f"{'it is' if one else 'they are'} kept, and rerunning with --run-id {self.run_id} tries "
+                f"{'it' if one else 'them'} again at no new cost."
             )
         notes.extend(combined_note(self._combined))
         if self._copy_read:

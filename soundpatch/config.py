@@ -57,6 +57,10 @@ class ProviderConfig(_Section):
     # A create that went out before a crash and whose answer never came may exist and be
     # billed: by default it is counted as spent and not sent again.
     resubmit_in_doubt: bool = False
+    # A prediction that was made and paid for, and could not be used (its download, its
+    # audio, or a fault of ours failed the row), is kept for the next attempt of the run,
+    # which tries it again at no cost. True: pay for a new prediction instead.
+    resubmit_unusable: bool = False
     # A 429 without Retry-After holds every create this long (null: the provider's own
     # documented timeout, else a short pause while the pace halves).
     pause_after_429_seconds: float | None = Field(default=None, gt=0)

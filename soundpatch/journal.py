@@ -155,6 +155,9 @@ class RowState:
     # ... and kept on disk first: {"file", "cost_usd", "prediction_id"}. A paid answer that
     # was not kept is lost, and counts as a create in doubt.
     answer: dict[str, Any] | None = None
+    # What is left to collect (prediction_id, answer) was paid for and is counted in the
+    # last outcome already: the row failed using it, and it was kept for the next attempt.
+    settled: bool = False
     spent_before: float = 0.0  # what the row's recorded outcomes cost
     reported_before: float = 0.0  # of which the provider itself reported
     staged: list[str] = field(default_factory=list)  # staged clips not cleaned up
@@ -175,6 +178,7 @@ def states_from(events: Iterable[dict[str, Any]]) -> dict[str, RowState]:
         if kind == "sending":  # a new attempt at the row
             s.outcome, s.in_doubt, s.doubted, s.answered, s.answer = None, False, False, False, None
             s.provider, s.request, s.identity, s.clip = (e.get(k) for k in ("provider", "request", "identity", "clip"))
+            s.settled = bool(e.get("settled"))
         elif kind == "creating":
             s.in_doubt = True
         elif kind == "create_refused":  # nothing was made: no doubt
@@ -197,6 +201,10 @@ def states_from(events: Iterable[dict[str, Any]]) -> dict[str, RowState]:
             s.reported_before = float(e["outcome"].get("provider_cost_usd") or 0.0)
             s.doubted = s.doubted or s.in_doubt
             s.prediction_id, s.in_doubt, s.answered, s.answer = None, False, False, None
+            kept = e.get("kept_paid")  # failed using a paid prediction, kept to collect again
+            s.settled = bool(kept)
+            if kept:
+                s.prediction_id, s.answer = kept.get("prediction_id"), kept.get("answer")
     for s in states.values():
         if s.answered and s.answer is None and s.prediction_id is None:
             s.in_doubt = True  # paid, and the answer was lost with the run: as good as unanswered

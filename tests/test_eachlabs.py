@@ -279,28 +279,112 @@ def test_truncated_downloads_are_retried(library, aws_env, simulator, monkeypatc
     assert o.status == "succeeded" and flaky.stats.downloads > 1 and flaky.stats.accepted == 1
 
 
-@pytest.mark.parametrize("stage", ["_download", "keep_answer", "recover_region"])
-def test_an_unexpected_error_with_a_paid_result_keeps_its_cost(library, aws_env, simulator, monkeypatch, stage):
+def test_a_result_that_would_not_download_is_collected_by_the_rerun_not_paid_again(
+    library, aws_env, simulator, monkeypatch
+):
+    # The provider made it and billed it; every download of it broke off. The rerun of the
+    # run polls the same prediction and downloads it again: no second create, no second
+    # charge, and it needs no budget left (the money is on the row already).
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    name = single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,")
+    sim = simulator(latency=0.05, fill="tone", truncate_rate=1.0)
+    [o], batch = run_batch(library, sim, aws_env, manifest=name, run_id="cut", max_retries=1)
+    assert o.status == "failed" and "truncated" in o.error
+    assert o.error.endswith(
+        "the paid prediction is kept, and rerunning with --run-id cut tries it again at no new cost."
+    )
+    assert o.cost_usd == pytest.approx(PRICE) and sim.stats.accepted == 1 and batch.ledger.spent_usd == PRICE
+    assert "1 row (fx) failed using a prediction already paid for; it is kept, and rerunning with --run-id cut" in (
+        " ".join(batch.notes())
+    )
+
+    sim.settings.truncate_rate = 0.0
+    cfg = eachlabs_config(library, sim, aws_env)
+    cfg.limits.budget_usd = PRICE  # all of it spent by the first attempt
+    again = Batch(load_manifest(library / name), cfg, "cut")
+    estimate = again.estimate(again.manifest.edits)  # nothing new to pay for: the dry run says so
+    assert (estimate["predictions"], estimate["to_collect"], estimate["spent_before_usd"]) == (0, 1, PRICE)
+    try:
+        [o] = [again.process(e) for e in again.manifest.edits]
+    finally:
+        again.close()
+    assert_result_is_right(library, aws_env, o, 35)
+    assert o.cost_usd == pytest.approx(PRICE) and o.provider_cost_usd == pytest.approx(PRICE)
+    assert sim.stats.accepted == 1 and sim.billed() == pytest.approx(PRICE)
+    assert again.ledger.spent_usd == pytest.approx(PRICE)
+
+
+@pytest.mark.parametrize("stage", ["_download", "keep_answer", "recover_region", "splice"])
+def test_an_unexpected_error_with_a_paid_result_keeps_its_cost_and_the_rerun_collects_it(
+    library, aws_env, simulator, monkeypatch, stage
+):
     # Not a RowError: a bug or an environment fault after the prediction was paid for must
-    # not hand the reservation back (the budget would then allow one more than it should).
+    # not hand the reservation back (the budget would then allow one more than it should),
+    # and must not lose what was paid for: once the fault is gone (a fix, a mended disk),
+    # the rerun finishes the row from the kept answer, or polls the prediction again.
+    from soundpatch import audio
     from soundpatch.batch import Batch
     from soundpatch.providers import eachlabs, hosted
 
     def broken(*args, **kwargs):
         raise OSError("simulated fault")
 
-    if stage == "_download":
-        monkeypatch.setattr(eachlabs.EachLabs, "_download", broken)
-    elif stage == "keep_answer":  # a fault past the disk's own errors, keeping the answer
-        monkeypatch.setattr(Batch, "_keep_answer", broken)
-    else:
-        monkeypatch.setattr(hosted, "recover_region", broken)  # every hosted provider's answer
-    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
-    sim = simulator(latency=0.05, fill="tone")
-    [o], batch = run_batch(library, sim, aws_env, manifest=single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,"))
-    assert o.status == "failed" and "could not be used" in o.error and "simulated fault" in o.error
+    with monkeypatch.context() as m:
+        if stage == "_download":
+            m.setattr(eachlabs.EachLabs, "_download", broken)
+        elif stage == "keep_answer":  # a fault past the disk's own errors, keeping the answer
+            m.setattr(Batch, "_keep_answer", broken)
+        elif stage == "recover_region":
+            m.setattr(hosted, "recover_region", broken)  # every hosted provider's answer
+        else:
+            m.setattr(audio, "splice", broken)  # soundpatch's own work on it, after the provider's
+        monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+        sim = simulator(latency=0.05, fill="tone")
+        name = single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,")
+        [o], batch = run_batch(library, sim, aws_env, manifest=name)
+    assert o.status == "failed" and "simulated fault" in o.error
+    assert ("Unexpected OSError" if stage == "splice" else "could not be used") in o.error
+    assert "the paid prediction is kept" in o.error
     assert o.cost_usd == pytest.approx(PRICE) and batch.ledger.spent_usd == pytest.approx(PRICE)
     assert sim.stats.accepted == 1
+    answers = library / "runs" / "t" / "answers"
+    kept_answer = stage in ("recover_region", "splice")  # the answer was on disk when it failed
+    assert len(list(answers.glob("*.answer"))) == kept_answer
+    downloads = sim.stats.downloads
+
+    [o], batch = run_batch(library, sim, aws_env, manifest=name)
+    assert_result_is_right(library, aws_env, o, 35)
+    assert o.cost_usd == pytest.approx(PRICE) and batch.ledger.spent_usd == pytest.approx(PRICE)
+    assert sim.stats.accepted == 1 and sim.billed() == pytest.approx(PRICE)
+    assert sim.stats.downloads == downloads + (not kept_answer)  # the kept answer is used as it is
+    assert list(answers.glob("*.answer")) == []
+
+
+def test_a_paid_result_that_fails_again_says_how_to_pay_for_a_new_one(library, aws_env, simulator, monkeypatch):
+    # A result soundpatch cannot use, whatever it tries: each rerun tries the same paid
+    # answer again for nothing, and says how to give it up; provider.resubmit_unusable
+    # does, paying once more (both prices stay on the row).
+    from soundpatch.providers import hosted
+
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(latency=0.05, fill="tone")
+    name = single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,")
+    with monkeypatch.context() as m:
+        m.setattr(hosted, "decode_result", lambda data: (_ for _ in ()).throw(ValueError("not audio")))
+        [first], _ = run_batch(library, sim, aws_env, manifest=name)
+        [second], batch = run_batch(library, sim, aws_env, manifest=name)
+    assert "could not be used (ValueError: not audio)" in first.error and "resubmit_unusable" not in first.error
+    assert second.status == "failed" and second.error.endswith(
+        "tries it again at no new cost (provider.resubmit_unusable: true pays for a new one instead)."
+    )
+    assert second.cost_usd == pytest.approx(PRICE) and sim.stats.accepted == 1
+
+    [third], batch = run_batch(library, sim, aws_env, manifest=name, resubmit_unusable=True)
+    assert_result_is_right(library, aws_env, third, 35)
+    assert sim.stats.accepted == 2 and third.cost_usd == pytest.approx(2 * PRICE)
+    assert batch.ledger.spent_usd == pytest.approx(2 * PRICE)
+    kinds = [json.loads(line)["event"] for line in batch.journal.path.read_text().splitlines()]
+    assert kinds.count("set_aside") == 1
 
 
 def test_an_unreachable_provider_fails_rows_without_charge(library, aws_env, simulator, monkeypatch):

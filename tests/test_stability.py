@@ -284,6 +284,28 @@ def test_a_run_that_dies_using_a_paid_answer_finishes_it_on_the_rerun_without_pa
     assert_result_is_right(local_library, None, result, 35)
 
 
+def test_an_answer_that_failed_its_row_is_kept_and_the_rerun_finishes_from_it(local_library, simulator, monkeypatch):
+    # Stability has no prediction id to ask again: its answer, once billed, exists only as
+    # the bytes that came back. A row that failed using them (a fault of ours, not a crash)
+    # keeps them, and the rerun of the run finishes the row from them without a call.
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    (local_library / "one.csv").write_text("id,input,start,end,prompt,seed\nloop,audio/loop.wav,10,14.5,brass,222\n")
+    sim = simulator(latency=0.05, fill="tone")
+    with monkeypatch.context() as m:
+        m.setattr(hosted, "recover_region", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+        (o,), _ = run_batch(local_library, sim, "kept", manifest="one.csv")
+    assert o.status == "failed" and "could not be used (MemoryError" in o.error
+    assert "the paid prediction is kept" in o.error
+    assert sim.stats.creates == 1 and o.cost_usd == pytest.approx(PRICE)
+    (o,), batch = run_batch(local_library, sim, "kept", manifest="one.csv", **{"limits.budget_usd": PRICE})
+    assert o.status == "succeeded" and o.cost_usd == pytest.approx(PRICE), o.error
+    assert sim.stats.creates == 1 and sim.billed() == pytest.approx(PRICE)
+    assert batch.ledger.spent_usd == pytest.approx(PRICE)
+    assert list((local_library / "runs" / "kept" / "answers").iterdir()) == []
+    o.output = str(local_library / o.output)
+    assert_result_is_right(local_library, None, o, 35)
+
+
 def test_a_paid_answer_lost_with_the_run_is_counted_and_not_sent_again(local_library, simulator, monkeypatch):
     # Answered, and the run died before the answer was kept (reading its body): it is paid
     # for and gone, so it counts as spent like a create that was never answered.

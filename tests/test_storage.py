@@ -268,24 +268,34 @@ def test_a_result_the_output_folder_cannot_take_is_kept_and_the_next_run_publish
     each_labs_job(tmp_path, aws_env, monkeypatch, "a,fx.wav,1,1.5,a latch in a folder's way\n")
     sim = simulator(latency=0.05, fill="tone", price=0.2)
     out = {"output.uri": str(tmp_path / "out")}
-    # When the run's own folder cannot take it either, the row says the result is lost.
-    (tmp_path / "out" / "lost" / "fx-a.wav").mkdir(parents=True)
-    (tmp_path / "runs" / "lost" / "unpublished" / "lost" / "fx-a.wav").mkdir(parents=True)
-    [lost] = run(tmp_path / "m.csv", hosted(tmp_path, sim, aws_env.endpoint, **out), "lost")
-    assert lost.status == "failed" and lost.cost_usd == pytest.approx(0.2) and sim.stats.creates == 1
-    assert "; keeping the paid result here failed too (" in lost.error and lost.error.endswith("so it is lost.")
-
     (tmp_path / "out" / "blocked" / "fx-a.wav").mkdir(parents=True)  # in the way of the result
     [o] = run(tmp_path / "m.csv", hosted(tmp_path, sim, aws_env.endpoint, **out), "blocked")
-    assert o.status == "failed" and o.cost_usd == pytest.approx(0.2), o.error
+    assert o.status == "failed" and o.cost_usd == pytest.approx(0.2) and sim.stats.creates == 1, o.error
     assert o.error.startswith(f"{tmp_path / 'out' / 'blocked' / 'fx-a.wav'} could not be written (Is a directory)")
     assert "the paid result is kept at" in o.error and "Unexpected" not in o.error
     [kept] = (tmp_path / "runs" / "blocked" / "unpublished").rglob("*.wav")
 
     [again] = run(tmp_path / "m.csv", hosted(tmp_path, sim, aws_env.endpoint, **out), "later")
-    assert again.status == "skipped_done" and again.cost_usd == 0 and sim.stats.creates == 2
+    assert again.status == "skipped_done" and again.cost_usd == 0 and sim.stats.creates == 1
     assert again.reused_from == str(kept)
     assert Path(again.output).read_bytes() == kept.read_bytes()
+
+    # When the run's own folder cannot take it either, the paid answer is kept instead,
+    # and the rerun makes the result from it once the folder is mended (paid anew with
+    # --force: the result above would be reused otherwise).
+    (tmp_path / "out" / "lost" / "fx-a.wav").mkdir(parents=True)
+    (tmp_path / "runs" / "lost" / "unpublished" / "lost" / "fx-a.wav").mkdir(parents=True)
+    [lost] = run(tmp_path / "m.csv", hosted(tmp_path, sim, aws_env.endpoint, **out), "lost", force=True)
+    assert lost.status == "failed" and lost.cost_usd == pytest.approx(0.2) and sim.stats.creates == 2
+    assert "; keeping the result here failed too (" in lost.error
+    assert lost.error.endswith(
+        "the paid prediction is kept, and rerunning with --run-id lost tries it again at no new cost."
+    )
+    (tmp_path / "out" / "lost" / "fx-a.wav").rmdir()
+    [mended] = run(tmp_path / "m.csv", hosted(tmp_path, sim, aws_env.endpoint, **out), "lost", force=True)
+    assert mended.status == "succeeded" and mended.cost_usd == pytest.approx(0.2), mended.error
+    assert sim.stats.creates == 2 and sim.billed() == pytest.approx(0.4)
+    assert (tmp_path / "out" / "lost" / "fx-a.wav").is_file()
 
 
 def test_a_create_is_not_sent_while_the_bucket_refuses_the_journal_s_copy(

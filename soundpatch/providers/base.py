@@ -94,13 +94,24 @@ class PredictionFailed(RowError):
 
     A prediction that was created (or may have been: the request went out and no answer
     came back) is paid for unless the provider says otherwise, so the ledger keeps it.
+    `collectable`: the provider made it and did not say it failed, and what went wrong was
+    on the way back (polling, downloading, decoding, aligning): its id, or its answer kept
+    on disk, is worth collecting again rather than paying for a new one.
     """
 
-    def __init__(self, message: str, cost_usd: float, prediction_id: str | None = None, attempts: int = 1):
+    def __init__(
+        self,
+        message: str,
+        cost_usd: float,
+        prediction_id: str | None = None,
+        attempts: int = 1,
+        collectable: bool = False,
+    ):
         super().__init__(message)
         self.cost_usd = cost_usd
         self.prediction_id = prediction_id
         self.attempts = attempts
+        self.collectable = collectable
 
 
 class NotStarted(RowError):

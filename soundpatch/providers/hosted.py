@@ -278,17 +278,22 @@ def json_object(response: httpx.Response) -> dict[str, Any]:
 @contextmanager
 def paid(cost: float, prediction_id: str | None, attempts: int) -> Iterator[None]:
     """Whatever fails once a prediction is paid for fails as PredictionFailed with its
-    cost: the ledger keeps the money, whatever the error."""
+    cost: the ledger keeps the money, whatever the error. It is collectable: the next
+    attempt tries the same prediction (or its kept answer) again instead of a new one."""
     try:
         yield
     except PredictionFailed:
         raise
     except RowError as exc:
-        raise PredictionFailed(str(exc), cost, prediction_id, attempts) from None
+        raise PredictionFailed(str(exc), cost, prediction_id, attempts, collectable=True) from None
     except Exception as exc:
         which = f"prediction {prediction_id}" if prediction_id else "the prediction"
         raise PredictionFailed(
-            f"The result of {which} could not be used ({type(exc).__name__}: {exc})", cost, prediction_id, attempts
+            f"The result of {which} could not be used ({type(exc).__name__}: {exc})",
+            cost,
+            prediction_id,
+            attempts,
+            collectable=True,
         ) from None
 
 

@@ -161,10 +161,11 @@ class QueuedProvider(HostedProvider):
                     self.polls.throttled(retry_after(response))
                 wait = max(interval, retry_after(response) or 0.0)
             elif response is not None and response.status_code >= 400:
-                raise PredictionFailed(
+                raise PredictionFailed(  # it may still be running, or done: polled again next time
                     f"Polling prediction {prediction_id} failed: HTTP {response.status_code} {self._message(response)}",
                     self.price_usd,
                     prediction_id,
+                    collectable=True,
                 )
             elif response is not None:
                 last = self._read_poll(prediction_id, response)
