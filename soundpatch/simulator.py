@@ -48,6 +48,11 @@ class SimulatorSettings:
     fail_rate: float = 0.0  # share of predictions that end `failed`
     truncate_rate: float = 0.0  # share of result downloads cut short
     poll_error_rate: float = 0.0  # share of polls answered with a 5xx
+    # Share of polls answered 200 with a page that is not the API's JSON (a proxy's or a
+    # gateway's error page, as services behind CDNs sometimes send) ...
+    garbled_poll_rate: float = 0.0
+    # ... and of Each Labs and fal creates made (billed once done) and answered so.
+    garbled_create_rate: float = 0.0
     slow_create_rate: float = 0.0  # share of creates made but answered only after slow_create_seconds
     slow_create_seconds: float = 30.0
     filter_rate: float = 0.0  # Stability: share of results withheld (finish-reason CONTENT_FILTERED)
@@ -81,6 +86,8 @@ class Stats:
     accepted: int = 0
     rate_limited: int = 0
     server_errors: int = 0
+    garbled_polls: int = 0
+    garbled_creates: int = 0
     polls: int = 0
     downloads: int = 0
     create_times: list[float] = field(default_factory=list)
@@ -236,6 +243,14 @@ class Simulator:
         self.stats.prompts.append(str(prompt))
         self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+
+    def garbled(self, what: str) -> bool:
+        """Whether this `what` ("poll" or "create") is answered with a page that is not JSON."""
+        rate = getattr(self.settings, f"garbled_{what}_rate")
+        with self._lock:
+            garbled = bool(rate and self._rng.random() < rate)
+            setattr(self.stats, f"garbled_{what}s", getattr(self.stats, f"garbled_{what}s") + garbled)
+        return garbled
 
     def get(self, key: str | None, prediction_id: str) -> tuple[int, dict[str, Any]]:
         if not key:

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 STABILITY_INPAINT = "/v2beta/audio/stable-audio-2/inpaint"
 FAL_APP = "/fal-ai/stable-audio-25"
 FAL_STATUS = {"starting": "IN_QUEUE", "processing": "IN_PROGRESS"}  # the rest: COMPLETED
+# What a garbled poll or create gets (SimulatorSettings.garbled_*_rate): a gateway's page.
+GARBLED_PAGE = b"<html><body><h1>502 Bad Gateway</h1><p>upstream sent an invalid response</p></body></html>"
 
 
 def serve(sim: Simulator, host: str, port: int) -> ThreadingHTTPServer:
@@ -160,13 +162,18 @@ def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
                     body = json.loads(raw or b"null")
                 except json.JSONDecodeError:
                     return self._json(422, {"detail": "Body is not JSON"})
-                return self._json(*fal_submit(sim, _fal_key(self.headers), body))
+                status, data, headers = fal_submit(sim, _fal_key(self.headers), body)
+                if status < 400 and sim.garbled("create"):
+                    return self._send(200, GARBLED_PAGE, "text/html")
+                return self._json(status, data, headers)
             if self.path.rstrip("/") == "/v1/prediction":
                 try:
                     body = json.loads(raw or b"null")
                 except json.JSONDecodeError:
                     return self._json(400, {"status": "error", "message": "Body is not JSON"})
                 status, data, headers = sim.create(key, body)
+                if status < 400 and sim.garbled("create"):
+                    return self._send(200, GARBLED_PAGE, "text/html")
                 return self._json(status, data, headers)
             m = re.fullmatch(r"/v1/prediction/([0-9a-f]+)/cancel", self.path)
             if m:
@@ -184,11 +191,15 @@ def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
             m = re.fullmatch(FAL_APP + r"/requests/([0-9a-f]+)(/status)?", self.path)
             if m:
                 key = _fal_key(self.headers)
+                if sim.garbled("poll"):
+                    return self._send(200, GARBLED_PAGE, "text/html")
                 if m.group(2):
                     return self._json(*fal_status(sim, key, m.group(1)))
                 return self._json(*fal_result(sim, key, m.group(1)))
             m = re.fullmatch(r"/v1/prediction/([0-9a-f]+)", self.path)
             if m:
+                if sim.garbled("poll"):
+                    return self._send(200, GARBLED_PAGE, "text/html")
                 return self._json(*sim.get(self.headers.get("X-API-Key"), m.group(1)))
             m = re.fullmatch(r"/files/([0-9a-f]+\.(?:wav|mp3))", self.path)
             if m:
