@@ -279,6 +279,53 @@ def test_truncated_downloads_are_retried(library, aws_env, simulator, monkeypatc
     assert o.status == "succeeded" and flaky.stats.downloads > 1 and flaky.stats.accepted == 1
 
 
+def test_a_poll_answered_with_a_gateway_page_is_asked_again_and_its_prediction_stays_owed(
+    library, aws_env, simulator, monkeypatch
+):
+    # A status poll answered 200 with an HTML page (a gateway's, not the service's JSON).
+    # Polls are free, so it is asked again. It used to fail the row with the prediction
+    # made and billed and the reservation handed back: the report said $0, the budget let
+    # one more through, and a rerun created the prediction again.
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(latency=0.3, fill="tone", garbled_poll_rate=0.5, seed=2)
+    outcomes, batch = run_batch(library, sim, aws_env)
+    for o in outcomes:
+        assert_result_is_right(library, aws_env, o, 35)
+        assert o.cost_usd == pytest.approx(PRICE)
+    assert sim.stats.garbled_polls > 0 and sim.stats.accepted == 4
+    retries = [e for e in map(json.loads, batch.journal.path.read_text().splitlines()) if e["event"] == "poll_retry"]
+    assert any("not JSON" in e.get("reason", "") for e in retries)
+
+    # Nothing but such pages until the deadline: cancelled, and counted as spent.
+    forever = simulator(latency=0.3, fill="tone", garbled_poll_rate=1.0)
+    name = single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,")
+    [o], batch = run_batch(library, forever, aws_env, manifest=name, run_id="pages", deadline_seconds=1.5)
+    assert o.status == "failed" and "was not done after 1.5 s" in o.error, o.error
+    assert o.cost_usd == pytest.approx(PRICE) and batch.ledger.spent_usd == pytest.approx(PRICE)
+    assert forever.stats.accepted == 1
+
+
+def test_a_create_answered_with_a_gateway_page_is_in_doubt_not_refused(library, aws_env, simulator, monkeypatch):
+    # The create went through and was made (billed once done); what came back was a
+    # gateway's page with a 200. It may exist: counted as spent, and neither this run nor
+    # its rerun sends it again. It used to count as refused: $0 on the row, sent again.
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(latency=0.05, fill="tone", garbled_create_rate=1.0)
+    name = single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,")
+    [o], batch = run_batch(library, sim, aws_env, manifest=name, run_id="page")
+    assert o.status == "failed" and "took the create but its answer could not be read" in o.error, o.error
+    assert "counted as spent" in o.error and sim.stats.garbled_creates == 1 and sim.stats.accepted == 1
+    assert o.cost_usd == pytest.approx(PRICE) and batch.ledger.spent_usd == pytest.approx(PRICE)
+
+    sim.settings.garbled_create_rate = 0.0
+    [o], batch = run_batch(library, sim, aws_env, manifest=name, run_id="page")
+    assert o.status == "failed" and "counted as spent" in o.error and sim.stats.accepted == 1
+    assert o.cost_usd == pytest.approx(PRICE)
+    # Billed if the "model" fetched its clip before the failed row removed it: never more
+    # than the row shows.
+    assert sim.billed() <= o.cost_usd + 1e-9
+
+
 def test_a_result_that_would_not_download_is_collected_by_the_rerun_not_paid_again(
     library, aws_env, simulator, monkeypatch
 ):

@@ -47,6 +47,18 @@ def test_every_kind_of_input_comes_back_right(library, aws_env, simulator, monke
     assert aws_env.keys("stage", "clips/t/") == []  # staged clips are cleaned up
 
 
+def test_a_status_or_result_answered_with_a_gateway_page_is_asked_again(library, aws_env, simulator, monkeypatch):
+    # fal's status and its result are both polled; a 200 that is an HTML page is neither.
+    monkeypatch.setenv("FAL_KEY", KEY)
+    sim = simulator(latency=0.3, fill="tone", garbled_poll_rate=0.5, seed=4, api_key=KEY)
+    outcomes, batch = run_batch(library, sim, aws_env)
+    for o in outcomes:
+        assert_result_is_right(library, aws_env, o, 35)
+        assert o.cost_usd == pytest.approx(PRICE)
+    assert sim.stats.garbled_polls > 0 and sim.stats.accepted == 4
+    assert batch.ledger.spent_usd == pytest.approx(4 * PRICE)
+
+
 def test_run_from_the_command_line_and_the_key_is_nowhere(library, aws_env, simulator):
     sim = simulator(latency=0.3, fill="local", api_key=KEY)
     (library / "fal.yaml").write_text(

@@ -413,6 +413,31 @@ def test_a_disk_that_will_not_keep_the_answer_does_not_cost_the_row(local_librar
     assert "No space left on device" in not_kept["reason"]
 
 
+def test_a_fault_of_ours_once_the_call_went_out_counts_it_as_spent(local_library, simulator, monkeypatch):
+    # The call went out and Stability answered (and billed); then soundpatch failed on
+    # its side before the answer was in hand (here: the journal's disk). The call may
+    # have been made, so its price stays on the row and against the budget, and neither
+    # this run nor a rerun sends it again. It used to count as a call never made.
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    (local_library / "one.csv").write_text("id,input,start,end,prompt,seed\nfx,audio/fx.wav,1.2,1.65,clang,7\n")
+    write = Journal.write
+
+    def failing(self, event, row_id=None, **fields):
+        if event == "answered":
+            raise OSError(5, "Input/output error")
+        return write(self, event, row_id, **fields)
+
+    sim = simulator(latency=0.05, fill="tone")
+    with monkeypatch.context() as m:
+        m.setattr(Journal, "write", failing)
+        (o,), batch = run_batch(local_library, sim, "eio", manifest="one.csv")
+    assert o.status == "failed" and "counted as spent" in o.error and "Input/output error" in o.error, o.error
+    assert o.cost_usd == pytest.approx(PRICE) and batch.ledger.spent_usd == pytest.approx(PRICE)
+    (o,), _ = run_batch(local_library, sim, "eio", manifest="one.csv")
+    assert o.status == "failed" and "counted as spent" in o.error and o.cost_usd == pytest.approx(PRICE)
+    assert sim.stats.creates == 1 and sim.billed() == pytest.approx(PRICE)
+
+
 def test_a_paid_answer_for_what_a_row_no_longer_asks_is_counted_and_not_used(local_library, simulator, monkeypatch):
     # Paid, kept, and the run died using it; before the rerun the row's prompt and seed were
     # changed. The answer is for the old request: it is not spliced in as the new one. Its

@@ -37,7 +37,8 @@ class EachLabs(QueuedProvider):
         body = {"model": MODEL, "version": VERSION, "input": model_input}
         response = self.client.post(f"{self.base_url}/v1/prediction", json=body, headers=self._headers())
         self._take_answer(response, request)
-        data = json_object(response)
+        with self._accepted(attempt):
+            data = json_object(response)
         prediction_id = data.get("predictionID") or data.get("id")
         if not prediction_id:
             raise PredictionFailed(

@@ -39,7 +39,8 @@ class Fal(QueuedProvider):
     def _send_create(self, model_input: dict[str, Any], request: InpaintRequest, attempt: int) -> str:
         response = self.client.post(f"{self.base_url}/{ENDPOINT}", json=model_input, headers=self._headers())
         self._take_answer(response, request)
-        request_id = json_object(response).get("request_id")
+        with self._accepted(attempt):
+            request_id = json_object(response).get("request_id")
         if not request_id:
             raise PredictionFailed(
                 f"fal accepted the request but returned no request_id: {self._redact(response.text)[:200]}",

@@ -24,7 +24,7 @@ import soundfile as sf
 from soundpatch import soundio
 from soundpatch.config import ProviderConfig
 from soundpatch.cpu import crunching
-from soundpatch.errors import ConfigError, RowError
+from soundpatch.errors import ConfigError, RowError, as_sentence
 from soundpatch.limits import InFlight, RateLimiter
 from soundpatch.providers.base import InpaintRequest, NotStarted, PaidAnswer, Prediction, PredictionFailed
 from soundpatch.retry import Retryable, RetryPolicy
@@ -134,6 +134,17 @@ class HostedProvider:
             except httpx.HTTPError as exc:
                 # Sent, and no (whole) answer: the provider may have made it, and billed it.
                 raise self._in_doubt(type(exc).__name__, attempts) from None
+            except (Retryable, RowError):  # judged by its status: turned away, refused, or paid
+                raise
+            except Exception as exc:  # a fault of ours once it went out: it may exist all the same
+                raise PredictionFailed(
+                    f"The create request to {self.display} went out and its answer could not be taken in "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); it may have been created, so it is counted as "
+                    "spent and not sent again",
+                    self.price_usd,
+                    None,
+                    attempts,
+                ) from None
 
         try:
             result = self.retry.call(once, on_retry=self._on_retry(request, "create"), sleep=self._sleep)
@@ -147,6 +158,24 @@ class HostedProvider:
         except RowError as exc:  # refused (4xx): nothing was made, nothing is owed
             raise PredictionFailed(str(exc), 0.0, None, attempts) from None
         return result, attempts
+
+    @contextmanager
+    def _accepted(self, attempts: int) -> Iterator[None]:
+        """Reading a create's successful answer: one that cannot be read (a gateway's page
+        with a 200, JSON of another shape) leaves the prediction in doubt, not refused."""
+        try:
+            yield
+        except PredictionFailed:
+            raise
+        except Exception as exc:
+            why = as_sentence(str(exc)).rstrip(".")
+            raise PredictionFailed(
+                f"{self.display} took the create but its answer could not be read ({why}); "
+                "it may have been created, so it is counted as spent and not sent again",
+                self.price_usd,
+                None,
+                attempts,
+            ) from None
 
     def _take_answer(self, response: httpx.Response, request: InpaintRequest) -> None:
         """Journal and pace by a create's answer; raise unless it is a success."""

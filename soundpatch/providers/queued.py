@@ -90,8 +90,11 @@ class QueuedProvider(HostedProvider):
                     prediction_id, attempts = self._create(
                         lambda attempt: self._send_create(model_input, request, attempt), request
                     )
-                    request.tell("created", prediction_id=prediction_id)
-                done = self._wait(prediction_id, request)
+                # Created: it is owed from here on, and only ever polled again, whatever fails.
+                with paid(self.price_usd, prediction_id, attempts):
+                    if not request.resume_prediction_id:
+                        request.tell("created", prediction_id=prediction_id)
+                    done = self._wait(prediction_id, request)
                 cost = self.price_usd if done.cost is None else done.cost
                 # From here on the prediction is paid for: whatever fails keeps its cost.
                 with paid(cost, prediction_id, attempts):
@@ -168,15 +171,19 @@ class QueuedProvider(HostedProvider):
                     collectable=True,
                 )
             elif response is not None:
-                last = self._read_poll(prediction_id, response)
-                if last.state == "succeeded":
-                    return last
-                if last.state == "failed":
-                    raise PredictionFailed(
-                        f"{self.display} reports prediction {prediction_id} {self._redact(last.reason)[:300]}",
-                        self.price_usd if last.cost is None else last.cost,
-                        prediction_id,
-                    )
+                try:
+                    last = self._read_poll(prediction_id, response)
+                except RowError as exc:  # a gateway's page, not the service's answer: ask again
+                    request.tell("poll_retry", status=response.status_code, reason=self._redact(str(exc))[:120])
+                else:
+                    if last.state == "succeeded":
+                        return last
+                    if last.state == "failed":
+                        raise PredictionFailed(
+                            f"{self.display} reports prediction {prediction_id} {self._redact(last.reason)[:300]}",
+                            self.price_usd if last.cost is None else last.cost,
+                            prediction_id,
+                        )
             owed = self.price_usd if last is None or last.cost is None else last.cost
             if request.should_cancel is not None and request.should_cancel():
                 self._cancel(prediction_id, last)
