@@ -708,11 +708,7 @@ class Batch:
             outcome.prediction_id = exc.prediction_id or ""
             outcome.attempts = max(outcome.attempts, exc.attempts)
             if exc.collectable:
-                self._unused[edit.row_id] = {
-                    "prediction_id": exc.prediction_id or resume_id,
-                    "cost_usd": exc.cost_usd,
-                    "again": settled,
-                }
+                self._unused[edit.row_id] = _unused(exc.prediction_id or resume_id, exc.cost_usd, settled)
             raise
         except NotStarted:
             self.ledger.release(reservation)
@@ -730,11 +726,7 @@ class Batch:
         outcome.attempts = max(outcome.attempts, prediction.attempts)
         self.journal.write("predicted", edit.row_id, prediction_id=outcome.prediction_id, cost_usd=prediction.cost_usd)
         # Until its result is out, a failure keeps the prediction for the next attempt.
-        self._unused[edit.row_id] = {
-            "prediction_id": prediction.prediction_id or resume_id,
-            "cost_usd": prediction.cost_usd,
-            "again": settled,
-        }
+        self._unused[edit.row_id] = _unused(prediction.prediction_id or resume_id, prediction.cost_usd, settled)
 
         fade = prediction.crossfade
         if fade is None:
@@ -971,6 +963,12 @@ class _Alike:
 
     results: int = 0
     rows: list[str] = field(default_factory=list)
+
+
+def _unused(prediction_id: str | None, cost_usd: float, again: bool) -> dict[str, Any]:
+    """A paid prediction a row holds and has not used yet (Batch._unused); `again`: an
+    earlier attempt already failed using it."""
+    return {"prediction_id": prediction_id, "cost_usd": cost_usd, "again": again}
 
 
 def _rows(row_ids: list[str]) -> str:

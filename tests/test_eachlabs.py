@@ -313,7 +313,8 @@ def test_a_create_answered_with_a_gateway_page_is_in_doubt_not_refused(library, 
     sim = simulator(latency=0.05, fill="tone", garbled_create_rate=1.0)
     name = single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,")
     [o], batch = run_batch(library, sim, aws_env, manifest=name, run_id="page")
-    assert o.status == "failed" and "took the create but its answer could not be read" in o.error, o.error
+    assert o.status == "failed", o.error
+    assert "The create request to Each Labs was taken but its answer could not be read" in o.error
     assert "counted as spent" in o.error and sim.stats.garbled_creates == 1 and sim.stats.accepted == 1
     assert o.cost_usd == pytest.approx(PRICE) and batch.ledger.spent_usd == pytest.approx(PRICE)
 

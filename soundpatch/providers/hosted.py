@@ -133,18 +133,12 @@ class HostedProvider:
                 raise Retryable(f"cannot connect to {self.base_url} ({type(exc).__name__})") from None
             except httpx.HTTPError as exc:
                 # Sent, and no (whole) answer: the provider may have made it, and billed it.
-                raise self._in_doubt(type(exc).__name__, attempts) from None
+                raise self._in_doubt(f"got no answer ({type(exc).__name__})", attempts) from None
             except (Retryable, RowError):  # judged by its status: turned away, refused, or paid
                 raise
             except Exception as exc:  # a fault of ours once it went out: it may exist all the same
-                raise PredictionFailed(
-                    f"The create request to {self.display} went out and its answer could not be taken in "
-                    f"({type(exc).__name__}: {str(exc)[:200]}); it may have been created, so it is counted as "
-                    "spent and not sent again",
-                    self.price_usd,
-                    None,
-                    attempts,
-                ) from None
+                what = f"{type(exc).__name__}: {str(exc)[:200]}"
+                raise self._in_doubt(f"went out and its answer could not be taken in ({what})", attempts) from None
 
         try:
             result = self.retry.call(once, on_retry=self._on_retry(request, "create"), sleep=self._sleep)
@@ -169,13 +163,7 @@ class HostedProvider:
             raise
         except Exception as exc:
             why = as_sentence(str(exc)).rstrip(".")
-            raise PredictionFailed(
-                f"{self.display} took the create but its answer could not be read ({why}); "
-                "it may have been created, so it is counted as spent and not sent again",
-                self.price_usd,
-                None,
-                attempts,
-            ) from None
+            raise self._in_doubt(f"was taken but its answer could not be read ({why})", attempts) from None
 
     def _take_answer(self, response: httpx.Response, request: InpaintRequest) -> None:
         """Journal and pace by a create's answer; raise unless it is a success."""
@@ -256,11 +244,11 @@ class HostedProvider:
 
         return report
 
-    def _in_doubt(self, what: str, attempts: int, prediction_id: str | None = None) -> PredictionFailed:
+    def _in_doubt(self, happened: str, attempts: int, prediction_id: str | None = None) -> PredictionFailed:
         """The request may have reached the provider and made a prediction: counted as spent,
-        never sent again."""
+        never sent again. `happened`: what the create request did ("got no answer (...)")."""
         return PredictionFailed(
-            f"The create request to {self.display} got no answer ({what}); it may have been created, "
+            f"The create request to {self.display} {happened}; it may have been created, "
             "so it is counted as spent and not sent again",
             self.price_usd,
             prediction_id,

@@ -86,7 +86,7 @@ class Stability(HostedProvider):
             timeout=httpx.Timeout(self.config.timeout_seconds, connect=10.0, read=self.config.deadline_seconds),
         ) as response:
             if response.status_code in GATEWAY_STATUSES:
-                raise self._in_doubt(f"HTTP {response.status_code} from a gateway", attempts)
+                raise self._in_doubt(f"got no answer (HTTP {response.status_code} from a gateway)", attempts)
             if response.status_code >= 400:
                 response.read()  # the error's message
             self._take_answer(response, request)
