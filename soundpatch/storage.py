@@ -128,11 +128,8 @@ class LocalFolder:
         # The metadata first: cut short between the two, a result under this name never
         # claims the identity of the one it replaces (see `holds`).
         sidecar = {"content_type": content_type, **metadata}
-        try:
-            atomic_write(path.with_name(path.name + ".json"), json.dumps(sidecar, indent=2).encode())
-            atomic_write(path, data)
-        except OSError as exc:  # a full disk, a folder in the way: the row's error, and its result kept
-            raise RowError(f"{path} could not be written ({exc.strerror or exc})") from None
+        _write(path.with_name(path.name + ".json"), json.dumps(sidecar, indent=2).encode())
+        _write(path, data)
         return str(path)
 
     def put_file(self, name: str, data: bytes, content_type: str) -> str:
@@ -167,11 +164,16 @@ class LocalFolder:
             return None
 
     def put_record(self, identity: str, record: dict) -> None:
-        path = self.root / INDEX_PREFIX / f"{identity}.json"
-        try:
-            atomic_write(path, json.dumps(record, indent=2).encode())
-        except OSError as exc:
-            raise RowError(f"{path} could not be written ({exc.strerror or exc})") from None
+        _write(self.root / INDEX_PREFIX / f"{identity}.json", json.dumps(record, indent=2).encode())
+
+
+def _write(path: Path, data: bytes) -> None:
+    """A file of the output folder, written whole; a full disk or a folder in the way is the
+    row's error (its paid result is then kept elsewhere), not an unexpected one."""
+    try:
+        atomic_write(path, data)
+    except OSError as exc:
+        raise RowError(f"{path} could not be written ({exc.strerror or exc})") from None
 
 
 class S3Prefix:

@@ -8,7 +8,6 @@ which samples should come back where.
 from __future__ import annotations
 
 import io
-import json
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import soundfile as sf
 
 from soundpatch.batch import Batch
 from soundpatch.errors import ConfigError
+from soundpatch.journal import read_events
 from soundpatch.manifest import load_manifest
 from soundpatch.window import plan_window
 from tests.jobs import assert_key_nowhere, clean_env, hosted_config, soundpatch
@@ -192,7 +192,7 @@ def test_rate_limits_are_waited_out_with_retry_after(library, aws_env, simulator
     assert [o.status for o in outcomes] == ["succeeded"] * 4
     assert sim.stats.rate_limited >= 1 and sim.stats.accepted == 4
     assert sum(o.attempts for o in outcomes) > 4
-    events = [json.loads(line) for line in batch.journal.path.read_text().splitlines()]
+    events = list(read_events(batch.run_dir))
     assert any(e["event"] == "retry" and "429" in e["reason"] for e in events)
 
 
@@ -293,7 +293,7 @@ def test_a_poll_answered_with_a_gateway_page_is_asked_again_and_its_prediction_s
         assert_result_is_right(library, aws_env, o, 35)
         assert o.cost_usd == pytest.approx(PRICE)
     assert sim.stats.garbled_polls > 0 and sim.stats.accepted == 4
-    retries = [e for e in map(json.loads, batch.journal.path.read_text().splitlines()) if e["event"] == "poll_retry"]
+    retries = [e for e in read_events(batch.run_dir) if e["event"] == "poll_retry"]
     assert any("not JSON" in e.get("reason", "") for e in retries)
 
     # Nothing but such pages until the deadline: cancelled, and counted as spent.
@@ -431,7 +431,7 @@ def test_a_paid_result_that_fails_again_says_how_to_pay_for_a_new_one(library, a
     assert_result_is_right(library, aws_env, third, 35)
     assert sim.stats.accepted == 2 and third.cost_usd == pytest.approx(2 * PRICE)
     assert batch.ledger.spent_usd == pytest.approx(2 * PRICE)
-    kinds = [json.loads(line)["event"] for line in batch.journal.path.read_text().splitlines()]
+    kinds = [e["event"] for e in read_events(batch.run_dir)]
     assert kinds.count("set_aside") == 1
 
 
