@@ -112,6 +112,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--error-rate", type=float, default=0.0, help="share of creates answered 503")
     sim.add_argument("--fail-rate", type=float, default=0.0, help="share of predictions that fail")
     sim.add_argument("--truncate-rate", type=float, default=0.0, help="share of downloads cut short")
+    sim.add_argument(
+        "--corrupt-rate", type=float, default=0.0, help="share of downloads sent whole but damaged (all zeros)"
+    )
     sim.add_argument("--filter-rate", type=float, default=0.0, help="Stability: share of results CONTENT_FILTERED")
     sim.add_argument(
         "--timeout-after-429", type=float, default=60.0, help="Stability: seconds a key stays refused after a 429"
@@ -423,6 +426,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         error_rate=args.error_rate,
         fail_rate=args.fail_rate,
         truncate_rate=args.truncate_rate,
+        corrupt_rate=args.corrupt_rate,
         filter_rate=args.filter_rate,
         timeout_after_429=args.timeout_after_429,
         result_format=args.format,

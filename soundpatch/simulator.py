@@ -47,6 +47,9 @@ class SimulatorSettings:
     error_rate: float = 0.0  # share of creates answered with a 5xx
     fail_rate: float = 0.0  # share of predictions that end `failed`
     truncate_rate: float = 0.0  # share of result downloads cut short
+    # Share of result downloads that arrive whole (the right length) but damaged, as a
+    # faulty cache or proxy can serve them: every byte zero, so they do not decode.
+    corrupt_rate: float = 0.0
     poll_error_rate: float = 0.0  # share of polls answered with a 5xx
     # Share of polls answered 200 with a page that is not the API's JSON (a proxy's or a
     # gateway's error page, as services behind CDNs sometimes send) ...
@@ -90,6 +93,7 @@ class Stats:
     garbled_creates: int = 0
     polls: int = 0
     downloads: int = 0
+    corrupted: int = 0  # downloads sent damaged (corrupt_rate)
     create_times: list[float] = field(default_factory=list)
     accepted_times: list[float] = field(default_factory=list)
     audio_urls: list[str] = field(default_factory=list)
@@ -304,6 +308,7 @@ class Simulator:
             self.stats.downloads += 1
             p = self._predictions.get(prediction_id)
             truncate = bool(self.settings.truncate_rate and self._rng.random() < self.settings.truncate_rate)
+            corrupt = bool(self.settings.corrupt_rate and self._rng.random() < self.settings.corrupt_rate)
         if p is None or p.result is None:
             return 404, b"not found", 9  # never made, or expired
         with self._lock:
@@ -312,6 +317,10 @@ class Simulator:
                 self.stats.in_flight -= 1
         if truncate:
             return 200, p.result[: len(p.result) // 2], len(p.result)
+        if corrupt:
+            with self._lock:
+                self.stats.corrupted += 1
+            return 200, bytes(len(p.result)), len(p.result)
         return 200, p.result, len(p.result)
 
     def billed(self) -> float:

@@ -215,6 +215,7 @@ def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
                     "server_errors": s.server_errors,
                     "polls": s.polls,
                     "downloads": s.downloads,
+                    "corrupted": s.corrupted,
                     "max_in_flight": s.max_in_flight,
                 }
                 if self.path.endswith("?times=1"):  # when each create was accepted (Unix seconds)
