@@ -435,6 +435,44 @@ def test_a_paid_result_that_fails_again_says_how_to_pay_for_a_new_one(library, a
     assert kinds.count("set_aside") == 1
 
 
+def test_a_paid_result_that_arrives_damaged_is_fetched_again_not_paid_again(library, aws_env, simulator, monkeypatch):
+    # A download can arrive whole and still be damaged (a faulty cache or proxy: the right
+    # length, the wrong bytes). It is fetched once more before the row fails; and a rerun
+    # whose kept answer is the damaged copy fetches the prediction again by its id, instead
+    # of failing on the same bytes until provider.resubmit_unusable pays for a new one.
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    name = single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,")
+    sim = simulator(latency=0.05, fill="tone", corrupt_rate=1.0)
+    [o], _ = run_batch(library, sim, aws_env, manifest=name, run_id="zeros")
+    assert o.status == "failed" and "not audio that can be decoded" in o.error, o.error
+    assert "the paid prediction is kept" in o.error
+    assert (sim.stats.downloads, sim.stats.corrupted) == (2, 2)  # fetched once more: damaged again
+    assert o.cost_usd == pytest.approx(PRICE) and sim.stats.accepted == 1
+
+    sim.settings.corrupt_rate = 0.0
+    [o], batch = run_batch(library, sim, aws_env, manifest=name, run_id="zeros")
+    assert_result_is_right(library, aws_env, o, 35)
+    assert o.cost_usd == pytest.approx(PRICE) and batch.ledger.spent_usd == pytest.approx(PRICE)
+    assert sim.stats.accepted == 1 and sim.stats.downloads == 3 and sim.billed() == pytest.approx(PRICE)
+    assert list((library / "runs" / "zeros" / "answers").glob("*.answer")) == []
+
+    # Damaged once, then whole: the row succeeds in its first attempt, on one create.
+    served = sim.file
+
+    def damaged_once(file_name: str):
+        status, data, length = served(file_name)
+        return (status, bytes(len(data)), length) if sim.stats.downloads == 4 else (status, data, length)
+
+    monkeypatch.setattr(sim, "file", damaged_once)
+    name = single(library, "fx2,audio/fx.wav,1.2,1.65,clang,2,")
+    [o], batch = run_batch(library, sim, aws_env, manifest=name, run_id="zeros-once")
+    assert_result_is_right(library, aws_env, o, 35)
+    assert o.cost_usd == pytest.approx(PRICE) and o.attempts == 1
+    assert sim.stats.accepted == 2 and sim.stats.downloads == 5
+    kinds = [e["event"] for e in read_events(batch.run_dir)]
+    assert kinds.count("fetching_again") == 1 and kinds.count("fetched_again") == 1
+
+
 def test_an_unreachable_provider_fails_rows_without_charge(library, aws_env, simulator, monkeypatch):
     monkeypatch.setenv("EACHLABS_API_KEY", KEY)
     sim = simulator()

@@ -67,8 +67,10 @@ class InpaintRequest:
         if self.stopping():
             raise NotStarted("the run is stopping")
 
-    def keep(self, answer: PaidAnswer) -> None:
-        if self.keep_answer is not None and self.kept_answer is None:
+    def keep(self, answer: PaidAnswer, replaces: bool = False) -> None:
+        """Hand a paid answer to the caller to keep; one already kept is not kept again,
+        unless this is a fresh copy that `replaces` it (the kept one would not do)."""
+        if self.keep_answer is not None and (self.kept_answer is None or replaces):
             self.keep_answer(answer)
 
     def tell(self, event: str, **fields: Any) -> None:

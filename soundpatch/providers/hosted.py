@@ -99,9 +99,10 @@ class HostedProvider:
             window = plan_window(audio.frames, audio.rate, request.a, request.b, context)
             clip = prepare_clip(audio, window, request.pad or self.config.pad)
         kept = request.kept_answer
-        if kept is not None:
-            return self._prediction(kept.data, clip, window, request, kept.cost_usd, kept.prediction_id, 0)
-        return self._predict(request, window, clip)
+        if kept is None:
+            return self._predict(request, window, clip)
+        again = self._fetch_again(kept.prediction_id, request)
+        return self._use(kept.data, again, clip, window, request, kept.cost_usd, kept.prediction_id, 0)
 
     def _predict(self, request: InpaintRequest, window: Window, clip: np.ndarray) -> Prediction:
         """A new prediction for `clip`, in the service's protocol."""
@@ -176,6 +177,48 @@ class HostedProvider:
             self.creates.succeeded()
         self._raise_for_status(response, "create")
 
+    def _fetch_again(self, prediction_id: str | None, request: InpaintRequest) -> Callable[[], bytes] | None:
+        """How to fetch a paid prediction's answer once more, free, by its id; None where
+        the answer that came is all there is of it (a synchronous service's)."""
+        return None
+
+    def _use(
+        self,
+        data: bytes,
+        fetch_again: Callable[[], bytes] | None,
+        clip: np.ndarray,
+        window: Window,
+        request: InpaintRequest,
+        cost: float,
+        prediction_id: str | None,
+        attempts: int,
+    ) -> Prediction:
+        """A paid answer put back (`_prediction`). One that cannot be used may be a damaged
+        copy (a faulty cache or disk serves the right length, wrong bytes): where the
+        provider can give it again, it is fetched once more and, if it differs, used."""
+        try:
+            return self._prediction(data, clip, window, request, cost, prediction_id, attempts)
+        except PredictionFailed as unusable:
+            if fetch_again is None or not unusable.collectable:
+                raise
+            request.tell("fetching_again", prediction_id=prediction_id, reason=self._redact(str(unusable))[:200])
+            try:
+                with paid(cost, prediction_id, attempts):
+                    fresh = fetch_again()
+            except PredictionFailed as exc:
+                why = as_sentence(str(exc)).rstrip(".")
+                raise PredictionFailed(
+                    f"{as_sentence(str(unusable)).rstrip('.')}, and fetching it again failed ({why})",
+                    cost,
+                    prediction_id,
+                    attempts,
+                    collectable=True,
+                ) from None
+            if fresh == data:
+                raise  # the provider's own answer is what cannot be used
+            request.tell("fetched_again", prediction_id=prediction_id)
+            return self._prediction(fresh, clip, window, request, cost, prediction_id, attempts, replaces=True)
+
     def _prediction(
         self,
         data: bytes,
@@ -185,13 +228,15 @@ class HostedProvider:
         cost: float,
         prediction_id: str | None,
         attempts: int,
+        replaces: bool = False,
     ) -> Prediction:
         """A paid answer put back where it belongs: aligned to the clip that was sent, back
         at the input's rate and layout, cut to the region. Whatever fails keeps its cost.
         The answer is handed to the caller to keep first: should the run die while it is
-        used, the next attempt finishes the row from it instead of paying again."""
+        used, the next attempt finishes the row from it instead of paying again.
+        `replaces`: it is a fresh copy of one kept before, kept in its place."""
         with paid(cost, prediction_id, attempts):
-            request.keep(PaidAnswer(data, cost, prediction_id))
+            request.keep(PaidAnswer(data, cost, prediction_id), replaces=replaces)
             with crunching():
                 result, result_rate = decode_result(data)
                 fill, offset = recover_region(result, result_rate, clip, window, request.audio, request.a, request.b)

@@ -16,6 +16,7 @@ each step (`_send_create`, `_status_url`, `_read_poll`, `_cancel`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -104,7 +105,15 @@ class QueuedProvider(HostedProvider):
                 self.staging.remove(staged)
                 if staged.uri is not None:
                     request.tell("unstaged", uri=str(staged.uri))
-        return self._prediction(data, clip, window, request, cost, prediction_id, attempts)
+        again = lambda: self._download(done.output, request)  # noqa: E731
+        return self._use(data, again, clip, window, request, cost, prediction_id, attempts)
+
+    def _fetch_again(self, prediction_id: str | None, request: InpaintRequest) -> Callable[[], bytes] | None:
+        """A kept answer that cannot be used: its prediction is asked for where its result
+        is now, and that is downloaded again."""
+        if not prediction_id:
+            return None
+        return lambda: self._download(self._wait(prediction_id, request).output, request)
 
     def _stage(self, request: InpaintRequest, window: Window, clip: np.ndarray) -> StagedClip:
         audio = request.audio
