@@ -102,7 +102,7 @@ class HostedProvider:
         if kept is None:
             return self._predict(request, window, clip)
         again = self._fetch_again(kept.prediction_id, request)
-        return self._use(kept.data, again, clip, window, request, kept.cost_usd, kept.prediction_id, 0)
+        return self._use(kept, 0, again, clip, window, request)
 
     def _predict(self, request: InpaintRequest, window: Window, clip: np.ndarray) -> Prediction:
         """A new prediction for `clip`, in the service's protocol."""
@@ -184,20 +184,19 @@ class HostedProvider:
 
     def _use(
         self,
-        data: bytes,
+        answer: PaidAnswer,
+        attempts: int,
         fetch_again: Callable[[], bytes] | None,
         clip: np.ndarray,
         window: Window,
         request: InpaintRequest,
-        cost: float,
-        prediction_id: str | None,
-        attempts: int,
     ) -> Prediction:
         """A paid answer put back (`_prediction`). One that cannot be used may be a damaged
         copy (a faulty cache or disk serves the right length, wrong bytes): where the
         provider can give it again, it is fetched once more and, if it differs, used."""
+        cost, prediction_id = answer.cost_usd, answer.prediction_id
         try:
-            return self._prediction(data, clip, window, request, cost, prediction_id, attempts)
+            return self._prediction(answer, attempts, clip, window, request)
         except PredictionFailed as unusable:
             if fetch_again is None or not unusable.collectable:
                 raise
@@ -214,20 +213,18 @@ class HostedProvider:
                     attempts,
                     collectable=True,
                 ) from None
-            if fresh == data:
+            if fresh == answer.data:
                 raise  # the provider's own answer is what cannot be used
             request.tell("fetched_again", prediction_id=prediction_id)
-            return self._prediction(fresh, clip, window, request, cost, prediction_id, attempts, replaces=True)
+            return self._prediction(PaidAnswer(fresh, cost, prediction_id), attempts, clip, window, request, True)
 
     def _prediction(
         self,
-        data: bytes,
+        answer: PaidAnswer,
+        attempts: int,
         clip: np.ndarray,
         window: Window,
         request: InpaintRequest,
-        cost: float,
-        prediction_id: str | None,
-        attempts: int,
         replaces: bool = False,
     ) -> Prediction:
         """A paid answer put back where it belongs: aligned to the clip that was sent, back
@@ -235,10 +232,11 @@ class HostedProvider:
         The answer is handed to the caller to keep first: should the run die while it is
         used, the next attempt finishes the row from it instead of paying again.
         `replaces`: it is a fresh copy of one kept before, kept in its place."""
+        cost, prediction_id = answer.cost_usd, answer.prediction_id
         with paid(cost, prediction_id, attempts):
-            request.keep(PaidAnswer(data, cost, prediction_id), replaces=replaces)
+            request.keep(answer, replaces=replaces)
             with crunching():
-                result, result_rate = decode_result(data)
+                result, result_rate = decode_result(answer.data)
                 fill, offset = recover_region(result, result_rate, clip, window, request.audio, request.a, request.b)
         method = (
             f"{self.model_name} via {self.display} (window {window.offset_seconds:.2f}+{window.seconds_total} s, "

@@ -28,7 +28,7 @@ from soundpatch.audio import pcm16
 from soundpatch.config import ProviderConfig
 from soundpatch.cpu import crunching
 from soundpatch.errors import ConfigError, RowError
-from soundpatch.providers.base import InpaintRequest, Prediction, PredictionFailed
+from soundpatch.providers.base import InpaintRequest, PaidAnswer, Prediction, PredictionFailed
 from soundpatch.providers.hosted import HostedProvider, capped_body, paid, retry_after
 from soundpatch.retry import Retryable
 from soundpatch.staging import StagedClip, Staging
@@ -106,7 +106,7 @@ class QueuedProvider(HostedProvider):
                 if staged.uri is not None:
                     request.tell("unstaged", uri=str(staged.uri))
         again = lambda: self._download(done.output, request)  # noqa: E731
-        return self._use(data, again, clip, window, request, cost, prediction_id, attempts)
+        return self._use(PaidAnswer(data, cost, prediction_id), attempts, again, clip, window, request)
 
     def _fetch_again(self, prediction_id: str | None, request: InpaintRequest) -> Callable[[], bytes] | None:
         """A kept answer that cannot be used: its prediction is asked for where its result

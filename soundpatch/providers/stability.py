@@ -27,7 +27,7 @@ from soundpatch import soundio
 from soundpatch.audio import pcm16
 from soundpatch.cpu import crunching
 from soundpatch.errors import RowError
-from soundpatch.providers.base import InpaintRequest, Prediction
+from soundpatch.providers.base import InpaintRequest, PaidAnswer, Prediction
 from soundpatch.providers.hosted import HostedProvider, capped_body, paid
 from soundpatch.window import MODEL_RATE, Window
 
@@ -70,7 +70,7 @@ class Stability(HostedProvider):
             request.check_may_start()
             data, attempts = self._create(lambda attempt: self._send(fields, wav, request, attempt), request)
         # Stability bills a generation it answered; it reports no amount.
-        return self._prediction(data, clip, window, request, self.price_usd, None, attempts)
+        return self._prediction(PaidAnswer(data, self.price_usd), attempts, clip, window, request)
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key}", "Accept": "audio/*"}
