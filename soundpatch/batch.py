@@ -45,9 +45,17 @@ from soundpatch.limits import BudgetLedger, SharedLimits
 from soundpatch.locks import CLAIMED, STOPPED, WAITED, Claims, RunLock
 from soundpatch.manifest import Edit, Manifest
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SUCCEEDED, Outcome
-from soundpatch.providers import InpaintRequest, NotStarted, PaidAnswer, PredictionFailed, Provider, make_provider
-from soundpatch.publish import Publisher
-from soundpatch.quality import measure
+from soundpatch.providers import (
+    InpaintRequest,
+    NotStarted,
+    PaidAnswer,
+    Prediction,
+    PredictionFailed,
+    Provider,
+    make_provider,
+)
+from soundpatch.publish import Encoded, Publisher
+from soundpatch.quality import Quality, measure
 from soundpatch.s3 import S3, NoConditionalWrites, S3Uri
 from soundpatch.sources import SourceReader
 from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, S3Prefix, local_result_holds, open_store
@@ -631,8 +639,23 @@ class Batch:
         return True
 
     def _produce(self, edit: Edit, checked: Checked, original: Audio, made_for: dict, outcome: Outcome) -> None:
-        """A new prediction for the row, or the one an earlier attempt paid for (then
-        `made_for` takes the identity it was made under)."""
+        """The row's prediction, spliced into its recording and published."""
+        a, b = audio_ops.region_frames(edit.start or 0.0, edit.end or 0.0, original.rate, original.frames)
+        made = self._paid_prediction(edit, checked, original, a, b, made_for, outcome)
+        if made is None:
+            return  # the budget is reached: not sent
+        prediction, provider = made
+        encoded, quality = self._spliced(edit, checked, original, a, b, prediction, provider, made_for, outcome)
+        self._publish(edit, checked, prediction, provider, encoded, quality, made_for["identity"], outcome)
+        self._unused.pop(edit.row_id, None)
+        outcome.status = SUCCEEDED
+
+    def _paid_prediction(
+        self, edit: Edit, checked: Checked, original: Audio, a: int, b: int, made_for: dict, outcome: Outcome
+    ) -> tuple[Prediction, Provider] | None:
+        """A new prediction for frames a..b, or the one an earlier attempt paid for (then
+        `made_for` takes the identity it was made under), with what it cost on the ledger
+        and the row; None if the budget does not allow it."""
         provider = checked.provider
         state = self._earlier_attempt(edit.row_id, made_for["request"])
         if state is not None and state.settled and self.config.provider.resubmit_unusable:
@@ -662,8 +685,7 @@ class Batch:
                 f"Budget of ${self.ledger.budget_usd:.2f} reached "
                 f"(${self.ledger.spent_usd:.2f} spent); this row was not sent."
             )
-            return
-        a, b = audio_ops.region_frames(edit.start or 0.0, edit.end or 0.0, original.rate, original.frames)
+            return None
         request = InpaintRequest(
             original,
             a,
@@ -727,7 +749,22 @@ class Batch:
         self.journal.write("predicted", edit.row_id, prediction_id=outcome.prediction_id, cost_usd=prediction.cost_usd)
         # Until its result is out, a failure keeps the prediction for the next attempt.
         self._unused[edit.row_id] = _unused(prediction.prediction_id or resume_id, prediction.cost_usd, settled)
+        return prediction, provider
 
+    def _spliced(
+        self,
+        edit: Edit,
+        checked: Checked,
+        original: Audio,
+        a: int,
+        b: int,
+        prediction: Prediction,
+        provider: Provider,
+        made_for: dict,
+        outcome: Outcome,
+    ) -> tuple[Encoded, Quality]:
+        """The prediction spliced into the recording and encoded as it will be published, with
+        the quality checks of it as users will read it (on the row, and its report card)."""
         fade = prediction.crossfade
         if fade is None:
             fade = round(self.config.splice.crossfade_ms / 1000 * original.rate)
@@ -747,7 +784,21 @@ class Batch:
         _apply(quality.to_dict(), outcome)
         if self._previews.take(flagged=bool(quality.flags)):
             self._save_preview(edit, original, published, a, b)
-        identity = made_for["identity"]
+        return encoded, quality
+
+    def _publish(
+        self,
+        edit: Edit,
+        checked: Checked,
+        prediction: Prediction,
+        provider: Provider,
+        encoded: Encoded,
+        quality: Quality,
+        identity: str,
+        outcome: Outcome,
+    ) -> None:
+        """The result and its index record into the output store; should the store refuse,
+        kept on this machine for the next run to publish (it is paid for)."""
         record = {
             "identity": identity,
             "provider": provider.name,
@@ -786,8 +837,6 @@ class Batch:
                 f"{as_sentence(str(exc)).rstrip('.')}; the paid result is kept at {kept} and the next run "
                 "publishes it without paying again"
             ) from None
-        self._unused.pop(edit.row_id, None)
-        outcome.status = SUCCEEDED
 
     def _give_up_unusable(self, row_id: str) -> None:
         """provider.resubmit_unusable: the paid prediction earlier attempts could not use is
