@@ -59,6 +59,19 @@ def test_a_status_or_result_answered_with_a_gateway_page_is_asked_again(library,
     assert batch.ledger.spent_usd == pytest.approx(4 * PRICE)
 
 
+def test_a_result_that_arrives_damaged_is_downloaded_again(library, aws_env, simulator, monkeypatch):
+    # Whole but damaged (all zeros, as a faulty cache may serve it): downloaded once more,
+    # and used when the second copy is whole. One create a row, whatever the downloads did.
+    monkeypatch.setenv("FAL_KEY", KEY)
+    sim = simulator(latency=0.3, fill="tone", corrupt_rate=0.4, seed=1, api_key=KEY)
+    outcomes, batch = run_batch(library, sim, aws_env)
+    for o in outcomes:
+        assert_result_is_right(library, aws_env, o, 35)
+        assert o.cost_usd == pytest.approx(PRICE)
+    assert sim.stats.corrupted == 2 and sim.stats.downloads == 4 + 2 and sim.stats.accepted == 4
+    assert batch.ledger.spent_usd == pytest.approx(4 * PRICE)
+
+
 def test_run_from_the_command_line_and_the_key_is_nowhere(library, aws_env, simulator):
     sim = simulator(latency=0.3, fill="local", api_key=KEY)
     (library / "fal.yaml").write_text(
