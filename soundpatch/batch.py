@@ -646,7 +646,7 @@ class Batch:
             return  # the budget is reached: not sent
         prediction, provider = made
         encoded, quality = self._spliced(edit, checked, original, a, b, prediction, provider, made_for, outcome)
-        self._publish(edit, checked, prediction, provider, encoded, quality, made_for["identity"], outcome)
+        self._publish(edit, prediction, provider, encoded, quality, made_for, outcome)
         self._unused.pop(edit.row_id, None)
         outcome.status = SUCCEEDED
 
@@ -789,16 +789,16 @@ class Batch:
     def _publish(
         self,
         edit: Edit,
-        checked: Checked,
         prediction: Prediction,
         provider: Provider,
         encoded: Encoded,
         quality: Quality,
-        identity: str,
+        made_for: dict,
         outcome: Outcome,
     ) -> None:
         """The result and its index record into the output store; should the store refuse,
         kept on this machine for the next run to publish (it is paid for)."""
+        identity = made_for["identity"]
         record = {
             "identity": identity,
             "provider": provider.name,
@@ -806,7 +806,7 @@ class Batch:
             "prediction_id": outcome.prediction_id,
             "cost_usd": f"{prediction.cost_usd:.6f}",
             "method": prediction.method,
-            "source_sha256": self.sources.checksum(checked.source),
+            "source_sha256": made_for["source_sha256"],
             "ext": encoded.ext,
             "run_id": self.run_id,
             "row_id": edit.row_id,
