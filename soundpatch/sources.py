@@ -5,8 +5,9 @@ would cost more than the orchestration. Decoded sources are kept in a small cach
 bounded by bytes, and concurrent rows for the same source wait for one decode.
 
 Each source's SHA-256 is taken as it is read, with a stamp of the version read (a local
-file's size and modification time, an S3 object's ETag), so that a rerun can tell an
-unchanged source by its stamp alone instead of reading it all again (`vouch`).
+file's size and modification time, an S3 object's ETag, a web server's ETag or else its
+Last-Modified time, with the length), so that a rerun can tell an unchanged source by its
+stamp alone instead of reading it all again (`vouch`).
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ class SourceReader:
                 self._stamps.setdefault(uri, stamp)
 
     def _stamp_before_reading(self, uri: str) -> None:
+        if uri.startswith(("http://", "https://")):
+            return  # its stamp comes with the download itself (_read)
         try:
             stamp = self._current_stamp(uri)
         except (OSError, RowError):
@@ -134,7 +137,7 @@ class SourceReader:
             head = self._s3.head(S3Uri.parse(uri)) if self._s3 is not None else None
             return f"etag {head.get('ETag')} {head.get('ContentLength')}" if head and head.get("ETag") else None
         if uri.startswith(("http://", "https://")):
-            return None  # a download is the only sure reading
+            return web.stamp(uri, self._storage.http)  # the server's ETag or Last-Modified, if it gives one
         st = self._local_path(uri).stat()
         return f"file {st.st_size} {st.st_mtime_ns}"
 
@@ -148,7 +151,9 @@ class SourceReader:
                 raise RowError(f"input {uri} is empty (0 bytes)")
             return data, target.key.rsplit("/", 1)[-1] or uri
         if uri.startswith(("http://", "https://")):
-            data = web.fetch(uri, self._storage.http, self._max_bytes)
+            data, stamp = web.fetch(uri, self._storage.http, self._max_bytes)
+            with self._lock:
+                self._stamps[uri] = stamp  # the version these very bytes are
             return data, web.shown(uri).rsplit("/", 1)[-1] or "input"
         path = self._local_path(uri)
         return path.read_bytes(), path.name

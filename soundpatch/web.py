@@ -19,6 +19,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
@@ -59,28 +61,61 @@ def check_address(url: str, allow_private: bool) -> None:
             )
 
 
-def fetch(url: str, config: HttpConfig, max_bytes: int) -> bytes:
-    """The body of `url`, or RowError with one sentence saying why not."""
+def fetch(url: str, config: HttpConfig, max_bytes: int) -> tuple[bytes, str | None]:
+    """The body of `url` and the version the server named for it (`version`), or RowError
+    with one sentence saying why not."""
     try:
         return _POLICY.call(lambda: _fetch_once(url, config, max_bytes))
     except Retryable as exc:  # still failing after the last try
         raise RowError(str(exc)) from None
 
 
-def _fetch_once(url: str, config: HttpConfig, max_bytes: int) -> bytes:
-    deadline = time.monotonic() + config.timeout_seconds * 4
-    timeout = httpx.Timeout(config.timeout_seconds)
+def stamp(url: str, config: HttpConfig) -> str | None:
+    """The version of `url` the server names now (asked with HEAD, addresses checked as for
+    a fetch); None when it names none or cannot say: then only a download tells."""
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
-            current = url
-            for _ in range(MAX_REDIRECTS + 1):
-                check_address(current, config.allow_private_addresses)
-                with client.stream("GET", current) as response:
-                    if response.is_redirect:
-                        current = urljoin(current, response.headers.get("location", ""))
-                        continue
-                    return _body(response, url, max_bytes, deadline)
-            raise RowError(f"Cannot fetch {shown(url)}: more than {MAX_REDIRECTS} redirects")
+        with _client(config) as client, _answer(client, "HEAD", url, config) as response:
+            return version(response) if response.status_code < 300 else None
+    except (httpx.HTTPError, RowError):
+        return None
+
+
+def version(response: httpx.Response) -> str | None:
+    """What names this version of a resource: a strong ETag, else its Last-Modified time,
+    each with its length. None when the server gives neither."""
+    headers = response.headers
+    length = headers.get("content-length", "")
+    etag = headers.get("etag", "")
+    if etag and not etag.startswith("W/"):  # a weak one may stay the same for other bytes
+        return f"etag {etag} {length}"
+    modified = headers.get("last-modified", "")
+    return f"modified {modified} {length}" if modified and length else None
+
+
+def _client(config: HttpConfig) -> httpx.Client:
+    return httpx.Client(timeout=httpx.Timeout(config.timeout_seconds), follow_redirects=False, trust_env=False)
+
+
+@contextmanager
+def _answer(client: httpx.Client, method: str, url: str, config: HttpConfig) -> Iterator[httpx.Response]:
+    """The server's answer to `method url` once redirects are followed by hand, each hop's
+    host checked first (its body not read yet)."""
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        check_address(current, config.allow_private_addresses)
+        with client.stream(method, current) as response:
+            if not response.is_redirect:
+                yield response
+                return
+            current = urljoin(current, response.headers.get("location", ""))
+    raise RowError(f"Cannot fetch {shown(url)}: more than {MAX_REDIRECTS} redirects")
+
+
+def _fetch_once(url: str, config: HttpConfig, max_bytes: int) -> tuple[bytes, str | None]:
+    deadline = time.monotonic() + config.timeout_seconds * 4
+    try:
+        with _client(config) as client, _answer(client, "GET", url, config) as response:
+            return _body(response, url, max_bytes, deadline), version(response)
     except httpx.TimeoutException:
         raise Retryable(f"Cannot fetch {shown(url)}: no answer within {config.timeout_seconds:g} s") from None
     except httpx.TransportError as exc:

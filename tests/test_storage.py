@@ -11,6 +11,7 @@ import functools
 import hashlib
 import http.server
 import io
+import os
 import re
 import threading
 from pathlib import Path
@@ -575,19 +576,38 @@ def test_patterns_expand_into_rows_and_identical_rows_are_sent_once(tmp_path):
 # ---------------------------------------------------------------------- https inputs
 
 
-@pytest.fixture
-def web_server(tmp_path):
-    """A real HTTP server on loopback serving tmp_path/www."""
-    root = tmp_path / "www"
-    root.mkdir()
+def serve(root: Path, seen: list[tuple[str, str]] | None = None, etags: bool = False):
+    """A real HTTP server on loopback serving `root`: Last-Modified on every file, and with
+    `etags` an ETag of its content too (as nginx, CDNs and buckets give); each request's
+    (method, path) appended to `seen`."""
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args) -> None:
             pass
 
+        def send_head(self):  # GET and HEAD both
+            if seen is not None:
+                seen.append((self.command, self.path))
+            return super().send_head()
+
+        def end_headers(self) -> None:
+            path = Path(self.translate_path(self.path))
+            if etags and path.is_file():
+                self.send_header("ETag", f'"{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"')
+            super().end_headers()
+
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture
+def web_server(tmp_path):
+    """A real HTTP server on loopback serving tmp_path/www."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server, base = serve(root)
+    yield root, base
     server.shutdown()
     server.server_close()
 
@@ -620,6 +640,53 @@ def test_web_inputs_are_fetched_with_a_cap_and_local_addresses_refused_by_defaul
 
     capped = run(tmp_path / "m.csv", load_config(overrides={**allowed, "storage.max_input_mb": 0.01}), "capped")
     assert capped[0].status == "invalid" and "over the" in capped[0].error and "limit" in capped[0].error
+
+
+@pytest.mark.parametrize("etags", [True, False], ids=["etag", "last-modified"])
+def test_a_rerun_keeps_rows_of_an_unchanged_web_input_without_downloading_it_again(tmp_path, etags):
+    # A restoration batch read from a web archive, resumed: the rows already made are kept
+    # on the server's word that their input is the same version (its ETag, else its
+    # Last-Modified time, with the length), not by downloading every input again.
+    root = tmp_path / "www"
+    root.mkdir()
+    seen: list[tuple[str, str]] = []
+    server, base = serve(root, seen, etags)
+    (root / "clip.wav").write_bytes(wav_bytes(2.0))
+    (root / "door.wav").write_bytes(wav_bytes(2.0, freq=330.0))
+    cfg = load_config(
+        overrides={
+            "output.uri": str(tmp_path / "out"),
+            "runs_dir": str(tmp_path / "runs"),
+            "storage.http.allow_private_addresses": True,
+        }
+    )
+
+    def manifest(door_prompt: str) -> Path:
+        (tmp_path / "m.csv").write_text(
+            f"id,input,start,end,prompt\na,{base}/clip.wav,0.5,1,fill\nb,{base}/door.wav,0.5,1,{door_prompt}\n"
+        )
+        return tmp_path / "m.csv"
+
+    try:
+        first, todo, _ = resume(manifest("creak"), cfg, "w")
+        assert todo == ["a", "b"] and {o.status for o in first.values()} == {"succeeded"}
+
+        seen.clear()
+        again, todo, _ = resume(manifest("whoosh"), cfg, "w")
+        assert todo == ["b"] and again["a"] == first["a"] and again["b"].status == "succeeded"
+        assert ("GET", "/clip.wav") not in seen and ("HEAD", "/clip.wav") in seen
+
+        # Replaced under the same URL, with the same length: its row is made again.
+        (root / "clip.wav").write_bytes(wav_bytes(2.0, freq=550.0))
+        later = (root / "clip.wav").stat().st_mtime + 10  # Last-Modified counts whole seconds
+        os.utime(root / "clip.wav", (later, later))
+        seen.clear()
+        replaced, todo, _ = resume(manifest("whoosh"), cfg, "w")
+        assert todo == ["a"] and replaced["a"].status == "succeeded" and ("GET", "/clip.wav") in seen
+        assert replaced["b"] == again["b"] and ("GET", "/door.wav") not in seen
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # ---------------------------------------------------------------------- helpers
