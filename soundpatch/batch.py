@@ -34,7 +34,7 @@ from soundpatch.audio import Audio, AudioInfo
 from soundpatch.combine import CombinedFile, combined_note, overlay
 from soundpatch.config import Config
 from soundpatch.cpu import crunching
-from soundpatch.edit_claims import BucketClaims
+from soundpatch.edit_claims import BucketClaims, Left
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
 from soundpatch.identity import edit_identity, request_identity
 from soundpatch.interrupt import stop_requested
@@ -657,17 +657,22 @@ class Batch:
         `made_for` takes the identity it was made under), with what it cost on the ledger
         and the row; None if the budget does not allow it."""
         provider = checked.provider
+        claimed = made_for["identity"]  # what the row's claims are on
         state = self._earlier_attempt(edit.row_id, made_for["request"])
         if state is not None and state.settled and self.config.provider.resubmit_unusable:
             self._give_up_unusable(edit.row_id)
             state = None
-        settled = state is not None and state.settled  # collected at no new cost: counted already
         if state is not None and (state.in_doubt or state.doubted) and not self.config.provider.resubmit_in_doubt:
             raise RowError(
                 "A create for this row went out in an earlier attempt that ended before its result was kept; "
                 "the prediction may exist and is counted as spent (set provider.resubmit_in_doubt: true to send "
                 "it again)"
             )
+        if self.bucket_claims is not None and (state is None or not (state.prediction_id or state.answer)):
+            left = self.bucket_claims.left_by(claimed)
+            if left is not None:
+                state = self._left_to_collect(edit.row_id, left, claimed)
+        settled = state is not None and state.settled  # collected at no new cost: counted already
         resume_id = state.prediction_id if state is not None else None
         kept = self.answers.load(state.answer) if state is not None else None
         clip = self._clip_settings
@@ -696,7 +701,7 @@ class Batch:
             edit.guidance_scale,
             source=checked.source,
             staging_folder=self.run_id,
-            notify=lambda event, fields: self.journal.write(event, edit.row_id, **fields),
+            notify=lambda event, fields: self._told(edit.row_id, claimed, provider.name, event, fields),
             resume_prediction_id=resume_id,
             kept_answer=kept,
             context_seconds=clip["context_seconds"],
@@ -715,7 +720,7 @@ class Batch:
             **({"settled": True} if settled else {}),
         )
         if resume_id:
-            self.journal.write("created", edit.row_id, prediction_id=resume_id, resumed=True)
+            self._told(edit.row_id, claimed, provider.name, "created", {"prediction_id": resume_id, "resumed": True})
         if kept is not None and state is not None:  # still kept, should this attempt die too
             self.journal.write("answer_kept", edit.row_id, **(state.answer or {}), resumed=True)
         outcome.attempts += 1
@@ -837,6 +842,21 @@ class Batch:
                 f"{as_sentence(str(exc)).rstrip('.')}; the paid result is kept at {kept} and the next run "
                 "publishes it without paying again"
             ) from None
+
+    def _told(self, row_id: str, claimed: str, provider: str, event: str, fields: dict[str, Any]) -> None:
+        """What the provider reports as the row goes, journaled; a prediction made (or taken
+        up again) is named on the row's claim in the output bucket too, for a run that
+        would take the claim over should this machine die."""
+        self.journal.write(event, row_id, **fields)
+        if event == "created" and self.bucket_claims is not None and fields.get("prediction_id"):
+            self.bucket_claims.made(claimed, str(fields["prediction_id"]), provider)
+
+    def _left_to_collect(self, row_id: str, left: Left, identity: str) -> RowState:
+        """The prediction a run whose machine died had made for this edit (its claim, taken
+        over, named it): collected as this row's at no new cost (that run paid for it)."""
+        self._held[row_id] = self.ledger.hold(0.0)
+        made = left.prediction_id
+        return RowState(provider=left.provider or None, prediction_id=made, settled=True, identity=identity)
 
     def _give_up_unusable(self, row_id: str) -> None:
         """provider.resubmit_unusable: the paid prediction earlier attempts could not use is

@@ -17,6 +17,10 @@ is gone), is taken over (If-Match on its ETag: of two machines, one wins). A cla
 very run (an earlier process, which crashed) is this run's to take back: the lease says no
 other machine goes on with it.
 
+Once the claimant's create is made, the claim names its prediction (`made`), so that a run
+taking the claim over after that machine died collects the prediction it paid for instead
+of paying for the edit a second time (`left_by`).
+
 Only with a run lease: a store without conditional writes can keep no claim either. Rows of
 the local engine, which sends nothing, claim nothing.
 """
@@ -30,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from soundpatch.errors import RowError
 from soundpatch.lease import lease_uri
@@ -61,6 +66,9 @@ class BucketClaims:
         self._lock = threading.Lock()
         self.waited_on: dict[str, str] = {}  # run id -> its holder, for runs whose claims rows waited on
         self.taken_over: dict[str, str] = {}  # the same, for runs whose lapsed claims were taken over
+        self._etags: dict[str, str] = {}  # identity -> the ETag of this run's claim on it, while held
+        self._left: dict[str, Left] = {}  # identity -> the prediction a claim taken over named
+        self.collected: dict[str, int] = {}  # run id -> predictions of it collected here (no new cost)
 
     @contextmanager
     def claim(
@@ -94,17 +102,51 @@ class BucketClaims:
             if etag is not None and there is not None and run != self.run_id:
                 with self._lock:
                     self.taken_over.setdefault(run, holder)
+                    if there[2].get("prediction"):  # it had paid for the edit: that is to collect
+                        self._left[identity] = Left(run, there[2]["prediction"], there[2].get("provider", ""))
+        with self._lock:
+            self._etags[identity] = etag
         try:
             yield how
         finally:
+            with self._lock:
+                etag = self._etags.pop(identity, etag)
+                self._left.pop(identity, None)
             self._let_go(uri, etag)
 
-    def _write(self, uri: S3Uri, if_match: str | None) -> str | None:
+    def made(self, identity: str, prediction_id: str, provider: str) -> None:
+        """The claim held on `identity` names the prediction its create made (best effort:
+        without it, a run taking the claim over would only pay for the edit again)."""
+        with self._lock:
+            etag = self._etags.get(identity)
+        if etag is None:
+            return
+        uri = self.output.child(f"{CLAIMS_PREFIX}/{identity}")
+        try:
+            etag = self._write(uri, if_match=etag, prediction={"prediction": prediction_id, "provider": provider})
+        except RowError:
+            return
+        if etag is not None:  # (None: taken over meanwhile, this run's lease having lapsed)
+            with self._lock:
+                if identity in self._etags:
+                    self._etags[identity] = etag
+
+    def left_by(self, identity: str) -> Left | None:
+        """The prediction that the run whose claim on `identity` was taken over had made, for
+        this run to collect (counted as collected once asked for)."""
+        with self._lock:
+            left = self._left.pop(identity, None)
+            if left is not None:
+                self.collected[left.run] = self.collected.get(left.run, 0) + 1
+        return left
+
+    def _write(self, uri: S3Uri, if_match: str | None, prediction: dict[str, str] | None = None) -> str | None:
         with self._lock:
             self._writes += 1
             body = f"{self.run_id}\n{self._holder}\n{self._token} {self._writes}\n".encode()  # an ETag of its own
+        metadata = {"run": self.run_id, "holder": self._holder, **(prediction or {})}
         try:
-            return self.s3.put_if(uri, body, {"run": self.run_id, "holder": self._holder}, if_match=if_match)
+            return self.s3.put_if(uri, body, metadata, if_match=if_match)
         except RowError as exc:
             raise RowError(_UNCLAIMED.format(exc)) from None
 
@@ -150,7 +192,23 @@ class BucketClaims:
                     else "their leases there lapsed (their machines are gone)."
                 )
             )
+        if self.collected:
+            count = sum(self.collected.values())
+            parts.append(
+                f"{count} of them {'was' if count == 1 else 'were'} collected from the prediction"
+                f"{'' if count == 1 else 's'} {_runs({run: '' for run in self.collected})} had paid for, "
+                "at no new cost here."
+            )
         return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Left:
+    """A prediction that a run whose machine died had made for an edit it claimed."""
+
+    run: str
+    prediction_id: str
+    provider: str
 
 
 def _runs(runs: dict[str, str]) -> str:

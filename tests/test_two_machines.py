@@ -238,6 +238,45 @@ def test_an_edit_claimed_by_a_run_whose_machine_died_is_made_once_its_lease_laps
     assert claims_in(aws_env) == []
 
 
+def test_an_edit_whose_claimant_died_after_paying_is_collected_not_paid_again(job, aws_env, simulator):
+    # The run that claimed the edit made its prediction, and then its machine died (here its
+    # row hangs, as polling on a frozen machine would). The run that takes the claim over
+    # collects that prediction, which the claim names, instead of paying for the edit again.
+    sim = simulator(latency=0.05, fill="tone")
+    gone = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1", lease_seconds=6)
+    thawed = threading.Event()
+
+    def frozen(prediction_id, request):
+        thawed.wait(30)
+        raise OSError("this machine is gone")
+
+    gone.provider_for(gone.manifest.edits[0])._wait = frozen
+    worker, _ = producing(gone)
+
+    def named() -> str:
+        keys = claims_in(aws_env)
+        head = aws_env.client.head_object(Bucket="shared-out", Key=keys[0]) if keys else {}
+        return head.get("Metadata", {}).get("prediction", "")
+
+    wait_for(lambda: named() != "", 10, "the claim to name its prediction")
+    paid_for = named()
+    died(gone)
+    other = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2", lease_seconds=6)
+    try:
+        [collected] = [other.process(e) for e in other.manifest.edits]  # once that run's lease lapses
+    finally:
+        other.close()
+        thawed.set()
+        worker.join()
+    assert collected.status == "succeeded", collected.error
+    assert collected.prediction_id == paid_for and collected.cost_usd == 0
+    assert sim.stats.creates == 1 and sim.billed() == pytest.approx(0.2)
+    assert other.ledger.spent_usd == 0
+    [note] = [n for n in other.notes() if "claimed in the bucket" in n]
+    assert f"1 of them was collected from the prediction run {gone.run_id} had paid for, at no new cost" in note
+    assert claims_in(aws_env) == []
+
+
 def test_a_run_takes_back_its_own_claim_from_its_crashed_process_at_once(job, aws_env, simulator):
     sim = simulator(latency=0.05, fill="tone")
     crashed = machine(job, sim, aws_env, "server")
