@@ -156,7 +156,7 @@ def decode(data: bytes, name: str = "audio") -> Audio:
 def _reason(exc: Exception) -> str:
     """libsndfile's own words, without the file name it prefixes: 'Error opening x: ...'."""
     lines = str(exc).strip().splitlines()
-    text = (lines[0].split(":")[-1].strip() if lines else "") or type(exc).__name__
+    text = (lines[0].split(":")[-1].strip().rstrip(".") if lines else "") or type(exc).__name__
     return text[:1].lower() + text[1:]
 
 

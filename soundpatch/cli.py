@@ -364,7 +364,7 @@ class _ProgressWatcher:
                 task = bar.add_task("inpainting", total=self.total, detail="starting Prefect...")
                 while not self._stop.wait(0.25):
                     done, bad, spent, flying, waiting = self._state()
-                    detail = f"{bad} failed · ${spent:.2f} of ${self.budget:.2f} · {flying} in flight"
+                    detail = f"{bad} failed or invalid · ${spent:.2f} of ${self.budget:.2f} · {flying} in flight"
                     detail += f" · {waiting} waiting for another run" if waiting else ""
                     detail += f" · files of several rows {self._files_made}/{self._files}" if self._files else ""
                     bar.update(task, completed=done, total=self.total, detail=detail)
@@ -379,7 +379,7 @@ class _ProgressWatcher:
 
     def _print_line(self) -> None:
         done, bad, spent, flying, waiting = self._state()
-        line = f"progress: {done}/{self.total} done, {bad} failed, ${spent:.2f} spent, {flying} in flight"
+        line = f"progress: {done}/{self.total} done, {bad} failed or invalid, ${spent:.2f} spent, {flying} in flight"
         line += f", {waiting} waiting for another run making the same edits" if waiting else ""
         line += f", files of several rows made: {self._files_made}/{self._files}" if self._files else ""
         err.print(line, soft_wrap=True)  # one line in a log, however long

@@ -55,7 +55,7 @@ class SourceReader:
             info = self.audio(uri).info
         else:
             path = self._local_path(uri)
-            info = inspect(str(path), path.name)
+            info = inspect(str(path), f"input file {uri}")
         self._info[uri] = info
         return info
 
@@ -149,14 +149,14 @@ class SourceReader:
             data = self._s3.read(target, self._max_bytes)
             if not data:
                 raise RowError(f"input {uri} is empty (0 bytes)")
-            return data, target.key.rsplit("/", 1)[-1] or uri
+            return data, f"input {uri}"
         if uri.startswith(("http://", "https://")):
             data, stamp = web.fetch(uri, self._storage.http, self._max_bytes)
             with self._lock:
                 self._stamps[uri] = stamp  # the version these very bytes are
-            return data, web.shown(uri).rsplit("/", 1)[-1] or "input"
+            return data, f"input {web.shown(uri)}"
         path = self._local_path(uri)
-        return path.read_bytes(), path.name
+        return path.read_bytes(), f"input file {uri}"
 
     def glob(self, pattern: str) -> list[str]:
         """The inputs a pattern names, sorted: local paths, or s3:// keys (`*` and `?` stay

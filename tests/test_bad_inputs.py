@@ -42,7 +42,7 @@ CORPUS = {
     # id: (input, start, end, prompt, extra columns, expected words in the reason)
     "missing-file": ("nope.wav", "1", "2", "x", {}, "does not exist"),
     "zero-byte": ("empty.wav", "1", "2", "x", {}, "empty (0 bytes)"),
-    "text-as-wav": ("text.wav", "1", "2", "x", {}, "not audio that can be decoded"),
+    "text-as-wav": ("text.wav", "1", "2", "x", {}, "Input file text.wav is not audio that can be decoded"),
     "corrupt-header": ("corrupt_header.wav", "1", "2", "x", {}, "not audio that can be decoded"),
     "truncated-flac": ("truncated.flac", "1", "2", "x", {}, "decoded"),
     "png-as-flac": ("image.flac", "1", "2", "x", {}, "not audio that can be decoded"),
@@ -76,7 +76,7 @@ CORPUS = {
     "bad-output-template": ("good.wav", "1", "2", "x", {"output": "{nope}.wav"}, "output template"),
     "s3-missing-bucket": ("s3://no-such-bucket-here/a.wav", "1", "2", "x", {}, "does not exist"),
     "s3-missing-key": ("s3://bad-inputs/missing.wav", "1", "2", "x", {}, "no such object"),
-    "s3-not-audio": ("s3://bad-inputs/notaudio.wav", "1", "2", "x", {}, "not audio that can be decoded"),
+    "s3-not-audio": ("s3://bad-inputs/notaudio.wav", "1", "2", "x", {}, "s3://bad-inputs/notaudio.wav is not audio"),
     "https-loopback": ("https://127.0.0.1:9/a.wav", "1", "2", "x", {}, "private or local address"),
     "https-metadata-service": ("http://169.254.169.254/latest/a.wav", "1", "2", "x", {}, "private or local address"),
     "pattern-matches-nothing": ("nothing/*.wav", "1", "2", "x", {}, "matches no files"),
@@ -134,6 +134,7 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
         assert got["status"] == "invalid", (row_id, got["error"])
         assert reason.lower() in got["error"].lower(), (row_id, got["error"])
         assert got["error"].endswith(".") and "\n" not in got["error"] and len(got["error"]) < 400
+        assert not got["error"].endswith(("..", ".).")), (row_id, got["error"])  # one full stop
         assert float(got["cost_usd"]) == 0
     dupes = report[report["input"] == "good.wav"].loc[lambda r: r["prompt"] == "second"]
     assert dupes["status"].tolist() == ["invalid"] and "already used" in dupes["error"].iloc[0]
