@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+import unicodedata
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 from urllib.parse import quote
@@ -19,7 +20,8 @@ from soundpatch.errors import ConfigError, RowError
 from soundpatch.s3 import S3, S3Uri
 
 DEFAULT_TEMPLATE = "{run_id}/{stem}-{row_id}.{ext}"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._\-]+")
+_UNSAFE = re.compile(r"[^\w.\-]+")  # \w: letters and digits of any script, and _
+MAX_PART_BYTES = 200  # a file name; most file systems take 255 bytes
 
 
 class OutputStore(Protocol):
@@ -65,8 +67,9 @@ def output_name(template: str | None, fields: dict[str, str]) -> str:
     """Render a name template ({run_id}, {row_id}, {stem}, {seed}, {ext}) into a safe relative path.
 
     A row's `output` without placeholders is taken as a name; the extension is added
-    when missing. Each path part is reduced to letters, digits, `.`, `_` and `-`, and
-    `..` or absolute paths cannot climb out of the prefix.
+    when missing. Each path part is reduced to letters and digits (of any script, composed
+    as NFC, so a name from macOS matches the same name from elsewhere), `.`, `_` and `-`,
+    and `..` or absolute paths cannot climb out of the prefix.
     """
     template = template or DEFAULT_TEMPLATE
     try:
@@ -80,8 +83,8 @@ def output_name(template: str | None, fields: dict[str, str]) -> str:
     for part in PurePosixPath(rendered.replace("\\", "/")).parts:
         if part in ("/", ".", ".."):
             continue
-        safe = _UNSAFE.sub("_", part).strip("._") or "_"
-        parts.append(safe[:200])
+        safe = _UNSAFE.sub("_", unicodedata.normalize("NFC", part)).strip("._") or "_"
+        parts.append(safe.encode()[:MAX_PART_BYTES].decode("utf-8", "ignore"))
     if not parts:
         raise RowError(f"output name {template!r} is empty after removing unsafe characters")
     name = "/".join(parts)

@@ -14,6 +14,7 @@ import io
 import os
 import re
 import threading
+import unicodedata
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -503,6 +504,23 @@ def test_an_output_name_too_long_for_an_s3_key_is_invalid_before_anything_is_mad
     assert deep.status == "invalid" and deep.cost_usd == 0
     assert re.search(r"makes an S3 key of \d{4} bytes, where S3 takes 1024", deep.error), deep.error
     assert fine.status == "succeeded" and aws_env.keys(out, stem) == [f"{stem}/fine.wav"]
+
+
+def test_names_in_any_script_are_kept_in_output_names_and_keys(tmp_path, aws_env):
+    # The file as macOS names it (decomposed accents); the result is named in composed
+    # form, so a rerun from another machine finds the same name.
+    stem = unicodedata.normalize("NFD", "Präludium — Bach 日本")
+    (tmp_path / f"{stem}.wav").write_bytes(wav_bytes(3.0))
+    (tmp_path / "m.csv").write_text(f"id,input,start,end,prompt\nrow,{stem}.wav,1,1.2,x\n", encoding="utf-8")
+    out = aws_env.bucket("script-names")
+    cfg = load_config(
+        overrides={"output.uri": f"s3://{out}/", "storage.s3.endpoint_url": aws_env.endpoint, "runs_dir": str(tmp_path)}
+    )
+    [outcome], _, _ = run_in_process(tmp_path / "m.csv", cfg, "names")
+    assert outcome.status == "succeeded", outcome.error
+    assert aws_env.keys(out, "names/") == ["names/Präludium_Bach_日本-row.wav"]
+    [again], _, _ = run_in_process(tmp_path / "m.csv", cfg, "names")
+    assert again.status == "skipped_done" and again.cost_usd == 0
 
 
 def test_large_results_go_up_in_parts(tmp_path, aws_env):
