@@ -668,6 +668,7 @@ class Batch:
                 "the prediction may exist and is counted as spent (set provider.resubmit_in_doubt: true to send "
                 "it again)"
             )
+        left = None  # another run's prediction, which its claim named
         if self.bucket_claims is not None and (state is None or not (state.prediction_id or state.answer)):
             left = self.bucket_claims.left_by(claimed)
             if left is not None:
@@ -730,6 +731,9 @@ class Batch:
             # The provider was reached and may have charged: keep what it says is owed.
             owed = 0.0 if settled else exc.cost_usd
             self.ledger.settle(reservation, owed)
+            if left is not None and (exc.unseen or not exc.collectable):
+                self._not_collected(edit.row_id, left, exc)  # ... and made here, in this same attempt
+                return self._paid_prediction(edit, checked, original, a, b, made_for, outcome)
             outcome.cost_usd += owed
             outcome.provider_cost_usd += owed
             outcome.prediction_id = exc.prediction_id or ""
@@ -857,6 +861,13 @@ class Batch:
         self._held[row_id] = self.ledger.hold(0.0)
         made = left.prediction_id
         return RowState(provider=left.provider or None, prediction_id=made, settled=True, identity=identity)
+
+    def _not_collected(self, row_id: str, left: Left, exc: PredictionFailed) -> None:
+        """The prediction another run had made for this edit failed, or this key cannot see
+        it (another account's): there is nothing to collect, and the row pays for its own."""
+        assert self.bucket_claims is not None
+        self.bucket_claims.not_collected(left)
+        self.journal.write("not_collected", row_id, prediction_id=left.prediction_id, reason=str(exc)[:300])
 
     def _give_up_unusable(self, row_id: str) -> None:
         """provider.resubmit_unusable: the paid prediction earlier attempts could not use is

@@ -69,6 +69,7 @@ class BucketClaims:
         self._etags: dict[str, str] = {}  # identity -> the ETag of this run's claim on it, while held
         self._left: dict[str, Left] = {}  # identity -> the prediction a claim taken over named
         self.collected: dict[str, int] = {}  # run id -> predictions of it collected here (no new cost)
+        self.uncollectable: dict[str, int] = {}  # run id -> predictions of it that could not be, made anew
 
     @contextmanager
     def claim(
@@ -140,6 +141,14 @@ class BucketClaims:
                 self.collected[left.run] = self.collected.get(left.run, 0) + 1
         return left
 
+    def not_collected(self, left: Left) -> None:
+        """`left` turned out failed, or out of this key's sight: the edit is made here anew."""
+        with self._lock:
+            self.collected[left.run] -= 1
+            if not self.collected[left.run]:
+                del self.collected[left.run]
+            self.uncollectable[left.run] = self.uncollectable.get(left.run, 0) + 1
+
     def _write(self, uri: S3Uri, if_match: str | None, prediction: dict[str, str] | None = None) -> str | None:
         with self._lock:
             self._writes += 1
@@ -198,6 +207,13 @@ class BucketClaims:
                 f"{count} of them {'was' if count == 1 else 'were'} collected from the prediction"
                 f"{'' if count == 1 else 's'} {_runs({run: '' for run in self.collected})} had paid for, "
                 "at no new cost here."
+            )
+        if self.uncollectable:
+            count = sum(self.uncollectable.values())
+            parts.append(
+                f"For {count} of them the prediction {_runs({run: '' for run in self.uncollectable})} had paid for "
+                "had failed, or was not there to be seen with this key, so "
+                f"{'it was' if count == 1 else 'they were'} made here."
             )
         return " ".join(parts)
 

@@ -190,6 +190,8 @@ def states_from(events: Iterable[dict[str, Any]]) -> dict[str, RowState]:
             s.answer = {k: e.get(k) for k in ("file", "cost_usd", "prediction_id")}
         elif kind == "created":
             s.prediction_id, s.in_doubt = e.get("prediction_id"), False
+        elif kind == "not_collected":  # another run's prediction, failed: the row is made anew
+            s.prediction_id, s.settled = None, False
         elif kind == "staged":
             s.staged.append(e.get("uri", ""))
         elif kind == "unstaged":

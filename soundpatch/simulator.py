@@ -81,6 +81,7 @@ class _Prediction:
     result: bytes | None = None
     ext: str = "wav"
     fetched: bool = False  # its result was downloaded at least once
+    account: str = ""  # the key that made it: another key is told there is no such prediction
 
 
 @dataclass
@@ -157,7 +158,7 @@ class Simulator:
                 return status, {"status": "error", "message": message}, headers
             self._accept(body["input"]["audio_url"], body["input"]["prompt"])
             slow = bool(s.slow_create_rate and self._rng.random() < s.slow_create_rate)
-            prediction = _Prediction(uuid.uuid4().hex, body["input"], time.monotonic())
+            prediction = _Prediction(uuid.uuid4().hex, body["input"], time.monotonic(), account=key)
             prediction.ext = "mp3" if s.result_format == "mp3" else "wav"
             fails = bool(s.fail_rate and self._rng.random() < s.fail_rate)
             self._predictions[prediction.id] = prediction
@@ -264,7 +265,7 @@ class Simulator:
             p = self._predictions.get(prediction_id)
             if self.settings.poll_error_rate and self._rng.random() < self.settings.poll_error_rate:
                 return 502, {"status": "error", "message": "Bad gateway"}
-        if p is None:
+        if p is None or p.account != key:  # as a service shows each account its own
             return 404, {"status": "error", "message": "Prediction not found"}
         waited = time.monotonic() - p.created
         status = p.status

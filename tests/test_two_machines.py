@@ -37,9 +37,11 @@ def job(tmp_path, aws_env, monkeypatch) -> Path:
     return tmp_path / "m.csv"
 
 
-def machine(job: Path, sim, aws_env, name: str, run_id: str | None = None, lease_seconds: float = 60) -> Batch:
+def machine(
+    job: Path, sim, aws_env, name: str, run_id: str | None = None, lease_seconds: float = 60, **overrides
+) -> Batch:
     """A machine of its own (its runs folder) on the test's run (named after its folder)."""
-    lease = {"storage.s3.lease_seconds": lease_seconds}
+    lease = {"storage.s3.lease_seconds": lease_seconds, **overrides}
     cfg = hosted_config(sim, aws_env.endpoint, "s3://shared-out/takes/", job.parent / name / "runs", **lease)
     batch = Batch(load_manifest(job), cfg, run_id or job.parent.name)
     batch.claims.folder = (
@@ -277,6 +279,57 @@ def test_an_edit_whose_claimant_died_after_paying_is_collected_not_paid_again(jo
     assert claims_in(aws_env) == []
 
 
+@pytest.mark.parametrize("why", ["it failed", "another account made it"])
+def test_an_edit_whose_claimant_died_after_paying_for_nothing_it_can_collect_is_made_at_once(
+    job, aws_env, simulator, monkeypatch, why
+):
+    # As above, but the prediction the claim names is of no use to the run taking it over:
+    # the provider reports it failed, or it is another account's (two people, two keys, one
+    # bucket), which the provider does not show to this key. The row makes the edit in the
+    # same attempt, instead of failing and waiting for a rerun.
+    sim = simulator(latency=0.05, fill="tone", fail_rate=1.0 if why == "it failed" else 0.0)
+    gone = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1", lease_seconds=6)
+    thawed = threading.Event()
+
+    def frozen(prediction_id, request):
+        thawed.wait(30)
+        raise OSError("this machine is gone")
+
+    gone.provider_for(gone.manifest.edits[0])._wait = frozen
+    worker, _ = producing(gone)
+    wait_for(lambda: sim.stats.creates == 1 and claims_in(aws_env), 10, "the first run's create")
+    wait_for(
+        lambda: aws_env.client.head_object(Bucket="shared-out", Key=claims_in(aws_env)[0])["Metadata"].get(
+            "prediction"
+        ),
+        10,
+        "the claim to name its prediction",
+    )
+    died(gone)
+    sim.settings.fail_rate = 0.0  # what the next run makes works
+    keys = {}
+    if why == "another account made it":
+        monkeypatch.setenv("OTHER_EACHLABS_KEY", "another account's key")
+        keys = {"provider.api_key_env": "OTHER_EACHLABS_KEY"}
+    other = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2", lease_seconds=6, **keys)
+    try:
+        [made] = [other.process(e) for e in other.manifest.edits]  # once that run's lease lapses
+    finally:
+        other.close()
+        thawed.set()
+        worker.join()
+    assert made.status == "succeeded", made.error
+    assert sim.stats.creates == 2 and made.cost_usd == pytest.approx(0.2) and other.ledger.spent_usd == made.cost_usd
+    events = [json.loads(line) for line in (other.run_dir / "journal.jsonl").read_text().splitlines()]
+    [given_up] = [e for e in events if e["event"] == "not_collected"]
+    [created] = [e for e in events if e["event"] == "created" and not e.get("resumed")]
+    assert made.prediction_id == created["prediction_id"] != given_up["prediction_id"]
+    assert ("reports prediction" if why == "it failed" else "HTTP 404") in given_up["reason"]
+    [note] = [n for n in other.notes() if "claimed in the bucket" in n]
+    assert f"For 1 of them the prediction run {gone.run_id} had paid for had failed" in note and "collected" not in note
+    assert claims_in(aws_env) == []
+
+
 def test_a_run_takes_back_its_own_claim_from_its_crashed_process_at_once(job, aws_env, simulator):
     sim = simulator(latency=0.05, fill="tone")
     crashed = machine(job, sim, aws_env, "server")
@@ -346,3 +399,22 @@ def test_two_workers_given_overlapping_manifests_pay_once_for_each_edit(aws_env,
     assert both["cost_usd"].sum() == pytest.approx(12 * 0.20)
     assert sorted(both["status"]) == ["skipped_done"] * 4 + ["succeeded"] * 12
     assert aws_env.keys("overlap", "takes/.soundpatch/claims/") == []
+
+
+def test_a_run_that_dies_between_giving_up_another_run_s_prediction_and_its_own_create_sends_it_on_rerun():
+    # The journal of the run above, cut where its own create is about to go out: what the
+    # rerun reads of the row must not be the other run's failed prediction to collect.
+    from soundpatch.journal import states_from
+
+    events = [
+        {"event": "sending", "row": "a", "provider": "eachlabs", "request": "r", "identity": "i", "settled": True},
+        {"event": "created", "row": "a", "prediction_id": "theirs", "resumed": True},
+        {"event": "not_collected", "row": "a", "prediction_id": "theirs", "reason": "it failed"},
+        {"event": "sending", "row": "a", "provider": "eachlabs", "request": "r", "identity": "i"},
+    ]
+    state = states_from(events)["a"]
+    assert state.prediction_id is None and not state.settled and not state.in_doubt
+    state = states_from(
+        [*events, {"event": "creating", "row": "a"}, {"event": "created", "row": "a", "prediction_id": "ours"}]
+    )["a"]
+    assert state.prediction_id == "ours" and not state.settled  # its own: collected, and counted, as paid here

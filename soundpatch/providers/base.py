@@ -98,7 +98,9 @@ class PredictionFailed(RowError):
     came back) is paid for unless the provider says otherwise, so the ledger keeps it.
     `collectable`: the provider made it and did not say it failed, and what went wrong was
     on the way back (polling, downloading, decoding, aligning): its id, or its answer kept
-    on disk, is worth collecting again rather than paying for a new one.
+    on disk, is worth collecting again rather than paying for a new one. `unseen`: asked
+    for by its id, the provider said it knows no such prediction for this key (401, 403
+    or 404): one another run made, on an account of its own.
     """
 
     def __init__(
@@ -108,8 +110,10 @@ class PredictionFailed(RowError):
         prediction_id: str | None = None,
         attempts: int = 1,
         collectable: bool = False,
+        unseen: bool = False,
     ):
         super().__init__(message)
+        self.unseen = unseen
         self.cost_usd = cost_usd
         self.prediction_id = prediction_id
         self.attempts = attempts

@@ -178,6 +178,7 @@ class QueuedProvider(HostedProvider):
                     self.price_usd,
                     prediction_id,
                     collectable=True,
+                    unseen=response.status_code in (401, 403, 404),
                 )
             elif response is not None:
                 try:
