@@ -731,7 +731,7 @@ class Batch:
             # The provider was reached and may have charged: keep what it says is owed.
             owed = 0.0 if settled else exc.cost_usd
             self.ledger.settle(reservation, owed)
-            if left is not None and (exc.unseen or not exc.collectable):
+            if left is not None and (exc.unseen or not exc.collectable) and self._may_start():
                 self._not_collected(edit.row_id, left, exc)  # ... and made here, in this same attempt
                 return self._paid_prediction(edit, checked, original, a, b, made_for, outcome)
             outcome.cost_usd += owed

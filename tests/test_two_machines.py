@@ -12,6 +12,8 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -240,11 +242,18 @@ def test_an_edit_claimed_by_a_run_whose_machine_died_is_made_once_its_lease_laps
     assert claims_in(aws_env) == []
 
 
-def test_an_edit_whose_claimant_died_after_paying_is_collected_not_paid_again(job, aws_env, simulator):
-    # The run that claimed the edit made its prediction, and then its machine died (here its
-    # row hangs, as polling on a frozen machine would). The run that takes the claim over
-    # collects that prediction, which the claim names, instead of paying for the edit again.
-    sim = simulator(latency=0.05, fill="tone")
+def named_on_the_claim(aws_env) -> str:
+    """The prediction the edit's claim in the bucket names, if any."""
+    keys = claims_in(aws_env)
+    head = aws_env.client.head_object(Bucket="shared-out", Key=keys[0]) if keys else {}
+    return head.get("Metadata", {}).get("prediction", "")
+
+
+@contextmanager
+def died_after_its_create(job: Path, sim, aws_env) -> Iterator[tuple[Batch, str]]:
+    """A run that claimed the edit and made its prediction (its claim names it), and then
+    its machine died: its row hangs, as polling on a frozen machine would. (That run, the
+    prediction it paid for.)"""
     gone = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1", lease_seconds=6)
     thawed = threading.Event()
 
@@ -254,22 +263,26 @@ def test_an_edit_whose_claimant_died_after_paying_is_collected_not_paid_again(jo
 
     gone.provider_for(gone.manifest.edits[0])._wait = frozen
     worker, _ = producing(gone)
-
-    def named() -> str:
-        keys = claims_in(aws_env)
-        head = aws_env.client.head_object(Bucket="shared-out", Key=keys[0]) if keys else {}
-        return head.get("Metadata", {}).get("prediction", "")
-
-    wait_for(lambda: named() != "", 10, "the claim to name its prediction")
-    paid_for = named()
-    died(gone)
-    other = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2", lease_seconds=6)
     try:
-        [collected] = [other.process(e) for e in other.manifest.edits]  # once that run's lease lapses
+        wait_for(lambda: named_on_the_claim(aws_env) != "", 10, "the claim to name its prediction")
+        paid_for = named_on_the_claim(aws_env)
+        died(gone)
+        yield gone, paid_for
     finally:
-        other.close()
         thawed.set()
         worker.join()
+
+
+def test_an_edit_whose_claimant_died_after_paying_is_collected_not_paid_again(job, aws_env, simulator):
+    # The run that takes the claim over collects that run's prediction, which the claim
+    # names, instead of paying for the edit again.
+    sim = simulator(latency=0.05, fill="tone")
+    with died_after_its_create(job, sim, aws_env) as (gone, paid_for):
+        other = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2", lease_seconds=6)
+        try:
+            [collected] = [other.process(e) for e in other.manifest.edits]  # once that run's lease lapses
+        finally:
+            other.close()
     assert collected.status == "succeeded", collected.error
     assert collected.prediction_id == paid_for and collected.cost_usd == 0
     assert sim.stats.creates == 1 and sim.billed() == pytest.approx(0.2)
@@ -288,42 +301,23 @@ def test_an_edit_whose_claimant_died_after_paying_for_nothing_it_can_collect_is_
     # bucket), which the provider does not show to this key. The row makes the edit in the
     # same attempt, instead of failing and waiting for a rerun.
     sim = simulator(latency=0.05, fill="tone", fail_rate=1.0 if why == "it failed" else 0.0)
-    gone = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1", lease_seconds=6)
-    thawed = threading.Event()
-
-    def frozen(prediction_id, request):
-        thawed.wait(30)
-        raise OSError("this machine is gone")
-
-    gone.provider_for(gone.manifest.edits[0])._wait = frozen
-    worker, _ = producing(gone)
-    wait_for(lambda: sim.stats.creates == 1 and claims_in(aws_env), 10, "the first run's create")
-    wait_for(
-        lambda: aws_env.client.head_object(Bucket="shared-out", Key=claims_in(aws_env)[0])["Metadata"].get(
-            "prediction"
-        ),
-        10,
-        "the claim to name its prediction",
-    )
-    died(gone)
-    sim.settings.fail_rate = 0.0  # what the next run makes works
     keys = {}
     if why == "another account made it":
         monkeypatch.setenv("OTHER_EACHLABS_KEY", "another account's key")
         keys = {"provider.api_key_env": "OTHER_EACHLABS_KEY"}
-    other = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2", lease_seconds=6, **keys)
-    try:
-        [made] = [other.process(e) for e in other.manifest.edits]  # once that run's lease lapses
-    finally:
-        other.close()
-        thawed.set()
-        worker.join()
+    with died_after_its_create(job, sim, aws_env) as (gone, paid_for):
+        sim.settings.fail_rate = 0.0  # what the next run makes works
+        other = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2", lease_seconds=6, **keys)
+        try:
+            [made] = [other.process(e) for e in other.manifest.edits]  # once that run's lease lapses
+        finally:
+            other.close()
     assert made.status == "succeeded", made.error
     assert sim.stats.creates == 2 and made.cost_usd == pytest.approx(0.2) and other.ledger.spent_usd == made.cost_usd
     events = [json.loads(line) for line in (other.run_dir / "journal.jsonl").read_text().splitlines()]
     [given_up] = [e for e in events if e["event"] == "not_collected"]
     [created] = [e for e in events if e["event"] == "created" and not e.get("resumed")]
-    assert made.prediction_id == created["prediction_id"] != given_up["prediction_id"]
+    assert given_up["prediction_id"] == paid_for != made.prediction_id == created["prediction_id"]
     assert ("reports prediction" if why == "it failed" else "HTTP 404") in given_up["reason"]
     [note] = [n for n in other.notes() if "claimed in the bucket" in n]
     assert f"For 1 of them the prediction run {gone.run_id} had paid for had failed" in note and "collected" not in note
