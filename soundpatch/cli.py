@@ -38,6 +38,7 @@ from soundpatch.outcome import (
     Outcome,
     exit_status,
 )
+from soundpatch.pace import Pace
 from soundpatch.report import parse_report, publish_reports, summarize, write_reports
 from soundpatch.s3 import S3, S3Uri
 from soundpatch.storage import open_store
@@ -318,6 +319,7 @@ class _ProgressWatcher:
         self._flying: set[str] = set()  # rows sent and not yet ended
         self._waiting: set[str] = set()  # rows waiting for another run making the same edit
         self._files = self._files_made = 0  # files of several rows (combine.py): to make, made
+        self.pace = Pace()
 
     def start(self) -> None:
         self._thread.start()
@@ -333,8 +335,11 @@ class _ProgressWatcher:
             elif e.get("event") == "sending":
                 self._waiting.discard(e["row"])
                 self._flying.add(e["row"])
+                self.pace.sent()
             elif e.get("event") == "outcome":
                 self._waiting.discard(e["row"])
+                if e["row"] in self._flying:
+                    self.pace.ended()
                 self._flying.discard(e["row"])
                 status = e["outcome"]["status"]
                 now = (int(bool(status)), int(status in (FAILED, INVALID)), e["outcome"].get("cost_usd") or 0.0)
@@ -367,6 +372,7 @@ class _ProgressWatcher:
                     detail = f"{bad} failed or invalid · ${spent:.2f} of ${self.budget:.2f} · {flying} in flight"
                     detail += f" · {waiting} waiting for another run" if waiting else ""
                     detail += f" · files of several rows {self._files_made}/{self._files}" if self._files else ""
+                    detail += self._left(done, " · about {} left")
                     bar.update(task, completed=done, total=self.total, detail=detail)
             return
         # Not a terminal (CI, a log file): a plain line every 10 s and one at the end.
@@ -382,7 +388,12 @@ class _ProgressWatcher:
         line = f"progress: {done}/{self.total} done, {bad} failed or invalid, ${spent:.2f} spent, {flying} in flight"
         line += f", {waiting} waiting for another run making the same edits" if waiting else ""
         line += f", files of several rows made: {self._files_made}/{self._files}" if self._files else ""
+        line += self._left(done, ", about {} left")
         err.print(line, soft_wrap=True)  # one line in a log, however long
+
+    def _left(self, done: int, words: str) -> str:
+        seconds = self.pace.seconds_left(self.total - done)
+        return words.format(duration(seconds)) if seconds is not None else ""
 
 
 def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Path) -> None:

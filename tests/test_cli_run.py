@@ -282,3 +282,28 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     watcher._print_line()
     assert capsys.readouterr().err.strip().endswith("1 in flight, files of several rows made: 1/2")
     journal.close()
+
+
+def test_the_time_left_goes_by_the_pace_sent_rows_have_been_ending_at_lately(tmp_path, capsys):
+    from soundpatch.cli import _ProgressWatcher
+    from soundpatch.journal import Journal
+    from soundpatch.pace import Pace
+
+    now = [100.0]
+    journal, watcher = Journal(tmp_path), _ProgressWatcher(tmp_path, total=100, budget=50.0)
+    watcher.pace = Pace(window_seconds=60, clock=lambda: now[0])
+    for row in range(20):  # rows already done or invalid end at once: no pace to go by
+        journal.write("outcome", f"skip{row}", outcome={"status": "skipped_done" if row % 2 else "invalid"})
+    for row in range(40):
+        journal.write("sending", f"r{row}")
+    watcher._print_line()
+    assert "left" not in capsys.readouterr().err
+    now[0] = 130.0  # 30 s after the first was sent, 6 have ended: 5 s a row, 74 rows to go
+    for row in range(6):
+        journal.write("outcome", f"r{row}", outcome={"status": "succeeded", "cost_usd": 0.2})
+    watcher._print_line()
+    assert capsys.readouterr().err.strip().endswith(", 34 in flight, about 6 min 10 s left")
+    now[0] = 250.0  # nothing ended in the last minute: no pace to go by
+    watcher._print_line()
+    assert "left" not in capsys.readouterr().err
+    journal.close()
