@@ -316,7 +316,8 @@ class _ProgressWatcher:
         # neither kept in memory nor added up again four times a second.
         self._last: dict[str, tuple[int, int, float]] = {}  # row -> (done, bad, cost) of its last outcome
         self._done, self._bad, self._spent = 0, 0, 0.0
-        self._flying: set[str] = set()  # rows sent and not yet ended
+        self._sent: set[str] = set()  # rows sent and not yet ended
+        self._flying: set[str] = set()  # of which, predictions in flight (limits.concurrency)
         self._waiting: set[str] = set()  # rows waiting for another run making the same edit
         self._files = self._files_made = 0  # files of several rows (combine.py): to make, made
         self.pace = Pace()
@@ -330,29 +331,40 @@ class _ProgressWatcher:
 
     def _state(self) -> tuple[int, int, float, int, int]:
         for e in self._tail.poll():
-            if e.get("event") == "waiting":
-                self._waiting.add(e["row"])
-            elif e.get("event") == "sending":
-                self._waiting.discard(e["row"])
-                self._flying.add(e["row"])
-                self.pace.sent()
-            elif e.get("event") == "outcome":
-                self._waiting.discard(e["row"])
-                if e["row"] in self._flying:
-                    self.pace.ended()
-                self._flying.discard(e["row"])
+            kind, row = e.get("event"), e.get("row")
+            if kind == "waiting":
+                self._waiting.add(row)
+            elif kind == "sending":
+                self._waiting.discard(row)
+                self._sent.add(row)
+                self.pace.sent(e["t"])
+                if e.get("provider") == "local":  # makes no prediction: worked on from here
+                    self._flying.add(row)
+            elif kind in ("creating", "created"):  # a prediction in flight (or taken up again)
+                self._flying.add(row)
+            elif kind == "predicted":
+                self._flying.discard(row)
+            elif kind == "outcome":
+                self._waiting.discard(row)
+                self._flying.discard(row)
+                if row in self._sent:
+                    self._sent.discard(row)
+                    self.pace.ended(e["t"])
                 status = e["outcome"]["status"]
                 now = (int(bool(status)), int(status in (FAILED, INVALID)), e["outcome"].get("cost_usd") or 0.0)
-                was = self._last.get(e["row"], (0, 0, 0.0))  # an earlier attempt's, on a resumed run
-                self._last[e["row"]] = now
+                was = self._last.get(row, (0, 0, 0.0))  # an earlier attempt's, on a resumed run
+                self._last[row] = now
                 self._done += now[0] - was[0]
                 self._bad += now[1] - was[1]
                 self._spent += now[2] - was[2]
-            elif e.get("event") == "run_started":  # patterns in the manifest are expanded by now
+            elif kind == "run_started":  # patterns in the manifest are expanded by now
                 self.total = int(e.get("total") or self.total)
-            elif e.get("event") == "combining":
+                self._sent.clear()  # an earlier attempt's rows that never ended are sent again
+                self._flying.clear()
+                self.pace.restarted()
+            elif kind == "combining":
                 self._files, self._files_made = int(e.get("files") or 0), 0
-            elif e.get("event") == "combined":
+            elif kind == "combined":
                 self._files_made += 1
         return min(self._done, self.total), self._bad, self._spent, len(self._flying), len(self._waiting)
 

@@ -12,17 +12,24 @@ from collections.abc import Callable
 
 
 class Pace:
-    def __init__(self, window_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    """Times are the journal's (`time.time()`): when things happened, not when they were read."""
+
+    def __init__(self, window_seconds: float = 60.0, clock: Callable[[], float] = time.time) -> None:
         self.window, self._clock = window_seconds, clock
         self._first_sent: float | None = None
         self._ends: deque[float] = deque()  # when sent rows ended, within the window
 
-    def sent(self) -> None:
-        if self._first_sent is None:
-            self._first_sent = self._clock()
+    def restarted(self) -> None:
+        """A new attempt at the run (a resumed run reads its earlier attempts first)."""
+        self._first_sent = None
+        self._ends.clear()
 
-    def ended(self) -> None:
-        self._ends.append(self._clock())
+    def sent(self, at: float) -> None:
+        if self._first_sent is None:
+            self._first_sent = at
+
+    def ended(self, at: float) -> None:
+        self._ends.append(at)
 
     def seconds_left(self, rows_left: int, at_least: int = 3) -> float | None:
         """None until `at_least` sent rows ended within the window (no pace to go by yet)."""

@@ -258,12 +258,12 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
 
     journal.write("run_started", total=3, kept=0)
     for row in ("a", "b", "c"):
-        journal.write("sending", row)
+        journal.write("sending", row, provider="local")
     outcome("a", "failed", 0.2)
     assert watcher._state() == (1, 1, 0.2, 2, 0)  # done, failed, spent, in flight, waiting
     outcome("b", "succeeded", 0.2)
     # A resumed run: row a again, its outcome carries the row's running total.
-    journal.write("sending", "a")
+    journal.write("sending", "a", provider="local")
     assert watcher._state() == (2, 1, 0.4, 2, 0)
     outcome("a", "succeeded", 0.4)
     outcome("c", "invalid", 0.0)
@@ -273,7 +273,7 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     journal.write("waiting", "d", on="nightly-2")
     journal.write("waiting", "e", on="nightly-2")
     assert watcher._state()[3:] == (0, 2)
-    journal.write("sending", "d")  # its claim was let go without a result: made here
+    journal.write("sending", "d", provider="local")  # its claim was let go without a result: made here
     outcome("e", "skipped_done", 0.0)  # reused
     assert watcher._state()[3:] == (1, 0)
     # Then the files several rows of one recording share are made (combine.py).
@@ -286,24 +286,40 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
 
 def test_the_time_left_goes_by_the_pace_sent_rows_have_been_ending_at_lately(tmp_path, capsys):
     from soundpatch.cli import _ProgressWatcher
-    from soundpatch.journal import Journal
+    from soundpatch.journal import JOURNAL_FILE
     from soundpatch.pace import Pace
 
-    now = [100.0]
-    journal, watcher = Journal(tmp_path), _ProgressWatcher(tmp_path, total=100, budget=50.0)
+    now = [1000.0]
+    watcher = _ProgressWatcher(tmp_path, total=100, budget=50.0)
     watcher.pace = Pace(window_seconds=60, clock=lambda: now[0])
+
+    def event(kind: str, row: str | None = None, **fields) -> None:  # as the journal writes it, at `now`
+        line = {"t": now[0], "event": kind, **({"row": row} if row else {}), **fields}
+        with open(tmp_path / JOURNAL_FILE, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def line() -> str:
+        watcher._print_line()
+        return capsys.readouterr().err.strip()
+
+    event("run_started", total=100)
     for row in range(20):  # rows already done or invalid end at once: no pace to go by
-        journal.write("outcome", f"skip{row}", outcome={"status": "skipped_done" if row % 2 else "invalid"})
-    for row in range(40):
-        journal.write("sending", f"r{row}")
-    watcher._print_line()
-    assert "left" not in capsys.readouterr().err
-    now[0] = 130.0  # 30 s after the first was sent, 6 have ended: 5 s a row, 74 rows to go
+        event("outcome", f"skip{row}", outcome={"status": "skipped_done" if row % 2 else "invalid"})
+    for row in range(40):  # 40 rows sent; 16 predictions in flight (limits.concurrency), the rest wait
+        event("sending", f"r{row}", provider="eachlabs")
+    for row in range(16):
+        event("creating", f"r{row}")
+    assert line().endswith("$0.00 spent, 16 in flight")
+    now[0] += 30  # 30 s after the first was sent, 6 have ended: 5 s a row, 74 rows to go
     for row in range(6):
-        journal.write("outcome", f"r{row}", outcome={"status": "succeeded", "cost_usd": 0.2})
-    watcher._print_line()
-    assert capsys.readouterr().err.strip().endswith(", 34 in flight, about 6 min 10 s left")
-    now[0] = 250.0  # nothing ended in the last minute: no pace to go by
-    watcher._print_line()
-    assert "left" not in capsys.readouterr().err
-    journal.close()
+        event("predicted", f"r{row}")
+        event("outcome", f"r{row}", outcome={"status": "succeeded", "cost_usd": 0.2})
+    assert line().endswith("$1.20 spent, 10 in flight, about 6 min 10 s left")
+    now[0] += 120  # nothing ended in the last minute: no pace to go by
+    assert line().endswith("10 in flight")
+    # A resumed run: what its earlier attempt left in flight is sent again, at a pace of its own.
+    event("run_started", total=100)
+    assert line().endswith("0 in flight")
+    event("sending", "r6", provider="eachlabs")
+    event("created", "r6", prediction_id="p6", resumed=True)  # collected, not created again
+    assert line().endswith("1 in flight")
