@@ -7,6 +7,7 @@ limit at its default.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -216,9 +217,24 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         where = ".".join(str(part) for part in first["loc"]) or "config"
         message = first["msg"]
         if first["type"] == "extra_forbidden":
-            message = "is not a known key"
+            message = "is not a known key" + _did_you_mean(first["loc"])
         source = f" in {path}" if path is not None else ""
-        raise ConfigError(f"Config key '{where}'{source} {_lower_first(message)}.") from None
+        message = _lower_first(message)
+        raise ConfigError(f"Config key '{where}'{source} {message}{'' if message.endswith('?') else '.'}") from None
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """`; did you mean 'limits.concurrency'?` for a misspelt key, when one is close."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return ""
+        model = field.annotation
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.75)
+    return f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
 
 
 def _lower_first(text: str) -> str:

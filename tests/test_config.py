@@ -79,6 +79,10 @@ def test_default_yaml_spells_out_exactly_the_defaults():
     ("text", "message"),
     [
         ("limits: {budget: 5}\n", "'limits.budget' in"),
+        ("limits: {concurency: 8}\n", "is not a known key; did you mean 'limits.concurrency'?"),
+        ("storage: {s3: {endpoint: x}}\n", "not a known key; did you mean 'storage.s3.endpoint_url'?"),
+        ("limit: {concurrency: 3}\n", "c.yaml is not a known key; did you mean 'limits'?"),
+        ("colour: blue\n", "c.yaml is not a known key."),
         ("limits: {concurrency: 0}\n", "limits.concurrency"),
         ("provider: {name: nosuch}\n", "unknown provider 'nosuch'"),
         ("output: {format: aac}\n", "output.format"),
