@@ -43,7 +43,7 @@ from soundpatch.journal_copy import JournalCopy
 from soundpatch.lease import RunLease, lease_uri
 from soundpatch.limits import BudgetLedger, SharedLimits
 from soundpatch.locks import CLAIMED, STOPPED, WAITED, Claims, RunLock
-from soundpatch.manifest import Edit, Manifest
+from soundpatch.manifest import Edit, Manifest, lookalike_notes
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SUCCEEDED, Outcome
 from soundpatch.providers import (
     InpaintRequest,
@@ -450,6 +450,7 @@ class Batch:
             "budget_usd": limits.budget_usd,
             "expected_seconds": round(seconds, 1),
             "errors": errors,
+            "notes": lookalike_notes(edits),
         }
 
     # ------------------------------------------------------------------ processing
@@ -971,7 +972,7 @@ class Batch:
         return self.store.put(encoded.name, encoded.data, encoded.content_type, metadata)
 
     def notes(self) -> list[str]:
-        notes = []
+        notes = lookalike_notes(self.manifest.edits)
         for p in self.providers.values():
             if not p.uses_prompt:
                 notes.append(

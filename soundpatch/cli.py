@@ -190,6 +190,8 @@ def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
         out.print(f"  [red]invalid[/red] {escape(row_id)} ({line}): {escape(reason)}", soft_wrap=True)
     if len(est["errors"]) > 20:
         out.print(f"  ... and {len(est['errors']) - 20} more invalid rows")
+    for note in est.get("notes", []):
+        out.print(f"[yellow]note: {escape(note)}[/yellow]", soft_wrap=True)
     if est["expected_cost_usd"] + spent > est["budget_usd"] + 1e-9:
         out.print("[yellow]The expected cost is above the budget: rows past it will be skipped_budget.[/yellow]")
 

@@ -12,13 +12,14 @@ through to the report and output metadata.
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import io
 import itertools
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,27 @@ KNOWN_COLUMNS = (
     "output",
     "provider",
 )
+
+
+def lookalike_columns(edits: Iterable[Edit]) -> dict[str, str]:
+    """Columns soundpatch does not read whose names are close to one it does (`sead`,
+    `Promts`): carried through as the user's own, but more likely a typo that silently
+    left the row on its default. Column -> the known column it resembles."""
+    found: dict[str, str] = {}
+    for edit in edits:
+        for column in edit.extra:
+            if column not in found:
+                close = difflib.get_close_matches(column.lower(), KNOWN_COLUMNS, n=1, cutoff=0.72)
+                found[column] = close[0] if close else ""
+    return {column: known for column, known in found.items() if known}
+
+
+def lookalike_notes(edits: Iterable[Edit]) -> list[str]:
+    return [
+        f"The column '{column}' is not one soundpatch reads: it only travels to the report and the "
+        f"outputs' metadata. Did you mean '{known}'?"
+        for column, known in lookalike_columns(edits).items()
+    ]
 
 
 def column_name(name: Any) -> str:

@@ -203,6 +203,12 @@ def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_h
     assert "$1.80" in dry.stdout and "above the budget" in dry.stdout
     restoration = run(workdir, prefect_home, "validate", "manifests/restoration.csv")
     assert restoration.returncode == 0 and "files holding several rows' edits  2" in restoration.stdout
+    (workdir / "manifests" / "typo.csv").write_text(
+        "id,input,start,end,prompt,sead\nt,audio/whoosh_impact.wav,1,1.2,a gong,4\n"
+    )
+    typo = run(workdir, prefect_home, "validate", "manifests/typo.csv")
+    assert typo.returncode == 0 and "The column 'sead' is not one soundpatch reads" in typo.stdout
+    assert "Did you mean 'seed'?" in typo.stdout
     assert not (workdir / "runs").exists() and not (workdir / "outputs").exists()
 
 

@@ -185,3 +185,15 @@ def test_unreadable_manifests_raise_one_clear_sentence(tmp_path, name, content, 
         load_manifest(path)
     assert message in str(info.value)
     assert str(info.value).endswith(".")
+
+
+def test_columns_soundpatch_does_not_read_that_look_like_one_it_does_are_pointed_out(tmp_path):
+    from soundpatch.manifest import lookalike_columns
+
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt,sead,Start_s,guidance,note,kind,duration,take,Steps\n"
+        "a,x.wav,1,2,p,4,1.0,7,hi,click,3,1,5\n"
+    )
+    manifest = load_manifest(tmp_path / "m.csv")
+    assert manifest.edits[0].steps == 5  # a known column in another case is that column
+    assert lookalike_columns(manifest.edits) == {"sead": "seed", "Start_s": "start", "guidance": "guidance_scale"}
