@@ -21,12 +21,13 @@ from rich.table import Table
 from soundpatch import __version__, interrupt
 from soundpatch.batch import Batch, new_run_id, preflight
 from soundpatch.config import Config, load_config
-from soundpatch.errors import RowError, SoundpatchError
+from soundpatch.dropouts import find_dropouts, restoration_manifest
+from soundpatch.errors import RowError, SoundpatchError, as_sentence
 from soundpatch.humanize import duration
 from soundpatch.journal import JOURNAL_FILE, JournalTail, latest_outcomes, parse, prediction_seconds, read_events
 from soundpatch.journal_copy import JournalCopy
 from soundpatch.locks import RunLock
-from soundpatch.manifest import Manifest, load_manifest
+from soundpatch.manifest import GLOB_CHARS, Manifest, load_manifest
 from soundpatch.outcome import (
     EXIT_INTERRUPTED,
     EXIT_NOTHING_RAN,
@@ -41,6 +42,7 @@ from soundpatch.outcome import (
 from soundpatch.pace import Pace
 from soundpatch.report import parse_report, publish_reports, summarize, write_reports
 from soundpatch.s3 import S3, S3Uri
+from soundpatch.sources import SourceReader
 from soundpatch.storage import open_store
 
 if TYPE_CHECKING:
@@ -129,6 +131,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "--keep-results", type=float, default=3600.0, help="seconds a result stays downloadable (memory stays bounded)"
     )
     sim.set_defaults(handler=cmd_simulate)
+
+    detect = sub.add_parser(
+        "detect", help="find dropouts in recordings and write the manifest that fills them (no cost)"
+    )
+    detect.add_argument("inputs", nargs="+", metavar="INPUT", help="files, patterns (audio/*.wav) or s3:// keys")
+    detect.add_argument("--out", default="dropouts.csv", help="the manifest to write (default: dropouts.csv)")
+    detect.add_argument("--prompt", default=DETECT_PROMPT, help="the prompt of every row")
+    detect.add_argument("--min-ms", type=float, default=5.0, help="shortest dropout to report (default: 5)")
+    _common(detect)
+    detect.set_defaults(handler=cmd_detect)
 
     report = sub.add_parser("report", help="re-render a run's report from its journal")
     report.add_argument("run_id")
@@ -436,6 +448,56 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
         out.print(f"  ... {len(problems) - 8} more in {run_dir / 'report.csv'}")
     for note in summary.get("notes", []):
         out.print(f"[dim]note: {escape(note)}[/dim]", soft_wrap=True)
+
+
+# ---------------------------------------------------------------------- detect
+
+DETECT_PROMPT = "the same sound as around it, continuing seamlessly"
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if args.min_ms <= 0:
+        raise SoundpatchError("--min-ms must be more than 0.")
+    reader = SourceReader(S3(cfg.storage.s3), cfg.storage)
+    sources: list[str] = []
+    for given in args.inputs:
+        matched = reader.glob(given) if GLOB_CHARS.search(given) else [given]
+        sources.extend(m for m in matched if m not in sources)
+    if not sources:
+        raise SoundpatchError(f"No files match {', '.join(args.inputs)}.")
+    found, unreadable = [], []
+    table = Table("recording", "dropouts", "seconds", title="Dropouts found", title_justify="left")
+    for source in sources:
+        try:
+            dropouts = find_dropouts(reader.audio(source), min_seconds=args.min_ms / 1000)
+        except RowError as exc:
+            unreadable.append(f"{source}: {as_sentence(str(exc))}")
+            continue
+        found.extend((source, d) for d in dropouts)
+        if dropouts and table.row_count < 20:
+            table.add_row(escape(source), str(len(dropouts)), f"{sum(d.end - d.start for d in dropouts):.3f}")
+    recordings = len({source for source, _ in found})
+    if table.row_count:
+        out.print(table)
+        if recordings > table.row_count:
+            out.print(f"  ... and {recordings - table.row_count} more recordings with dropouts")
+    for line in unreadable:
+        err.print(f"[red]not read[/red] {escape(line)}", soft_wrap=True)
+    if not found:
+        out.print(f"No dropouts found in {len(sources) - len(unreadable)} recordings; nothing written.")
+        return EXIT_ROWS_FAILED if unreadable else 0
+    target = Path(args.out)
+    text = restoration_manifest(found, str(target.resolve().parent), args.prompt, cfg.splice.crossfade_ms / 1000)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    config = f" --config {args.config}" if args.config else ""
+    out.print(
+        f"Wrote {len(found)} rows ({recordings} recordings of {len(sources)}) to {target}. "
+        f"What filling them costs: soundpatch validate {target}{config}",
+        soft_wrap=True,
+    )
+    return EXIT_ROWS_FAILED if unreadable else 0
 
 
 # ---------------------------------------------------------------------- simulate

@@ -329,3 +329,29 @@ def test_the_time_left_goes_by_the_pace_sent_rows_have_been_ending_at_lately(tmp
     event("sending", "r6", provider="eachlabs")
     event("created", "r6", prediction_id="p6", resumed=True)  # collected, not created again
     assert line().endswith("1 in flight")
+
+
+def test_detect_writes_the_manifest_that_fills_an_archive_s_dropouts(workdir, prefect_home):
+    (workdir / "manifests" / "audio" / "broken.wav").write_bytes(b"RIFF" + bytes(40))
+    found = run(workdir, prefect_home, "detect", "manifests/audio/*", "--out", "fills/dropouts.csv")
+    assert found.returncode == 1, found.stdout + found.stderr  # one file could not be read
+    assert "not read manifests/audio/broken.wav" in found.stderr and "Traceback" not in found.stderr
+    assert "Wrote 4 rows (2 recordings of 4) to fills/dropouts.csv" in found.stdout
+    rows = pd.read_csv(workdir / "fills" / "dropouts.csv")
+    assert rows["input"].tolist() == ["../manifests/audio/music_damaged.flac"] * 3 + [
+        "../manifests/audio/voice_damaged.flac"
+    ]
+    (workdir / "manifests" / "audio" / "broken.wav").unlink()
+    made = run(workdir, prefect_home, "run", "fills/dropouts.csv", "--run-id", "filled")
+    assert_clean(made)
+    assert made.returncode == 0, made.stdout + made.stderr
+    again = run(workdir, prefect_home, "detect", "outputs/filled/*.wav", "--out", "fills/left.csv")
+    assert again.returncode == 0 and "No dropouts found in 2 recordings; nothing written." in again.stdout
+    assert not (workdir / "fills" / "left.csv").exists()
+    for name in ("music_damaged", "voice_damaged"):  # outside the regions, the recording as it was
+        before, rate = sf.read(workdir / "manifests" / "audio" / f"{name}.flac", dtype="int16", always_2d=True)
+        after, _ = sf.read(workdir / "outputs" / "filled" / f"{name}.wav", dtype="int16", always_2d=True)
+        inside = np.zeros(len(before), dtype=bool)
+        for start, end in rows.loc[rows["input"].str.contains(name), ["start", "end"]].itertuples(index=False):
+            inside[round(start * rate) : round(end * rate)] = True
+        assert np.array_equal(before[~inside], after[~inside]) and not np.array_equal(before, after)

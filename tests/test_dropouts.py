@@ -1,0 +1,65 @@
+"""Finding dropouts (soundpatch/dropouts.py), against the damage the samples were made with."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from manifests.make_samples import MUSIC_DAMAGE, VOICE_DAMAGE
+from soundpatch import demo_audio
+from soundpatch.audio import Audio, decode
+from soundpatch.dropouts import Dropout, find_dropouts, restoration_manifest
+
+AUDIO = Path(__file__).resolve().parents[1] / "manifests" / "audio"
+
+
+def found(audio: Audio, **kw) -> list[tuple[float, float]]:
+    return [(round(d.start, 3), round(d.end, 3)) for d in find_dropouts(audio, **kw)]
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"), [("music_damaged.flac", MUSIC_DAMAGE), ("voice_damaged.flac", VOICE_DAMAGE)]
+)
+def test_the_dropouts_punched_into_the_samples_are_found_and_nothing_else(name, damage):
+    # The voice falls silent between its syllables too, to digital zero: those are pauses
+    # (sound fades into them and rises out of them), and the clicks are not dropouts.
+    audio = decode((AUDIO / name).read_bytes())
+    assert found(audio) == sorted((a, b) for a, b, kind in damage if kind == "dropout")
+
+
+def test_silence_at_either_end_short_gaps_and_gaps_in_quiet_audio_are_not_dropouts():
+    rate = 16000
+    loud = demo_audio.music(3.0, rate, channels=1, seed=1)
+    x = np.concatenate([np.zeros((rate // 2, 1)), loud, np.zeros((rate // 2, 1))]).astype(np.float32)
+    x[rate : rate + 64] = 0  # 4 ms
+    x[2 * rate : 2 * rate + 160] = 0  # 10 ms
+    quiet = x.copy()
+    quiet[rate // 2 : -rate // 2] *= 10 ** (-60 / 20)  # the same, 60 dB down: under -50 dBFS around the gaps
+    audio = lambda samples: Audio(samples, rate, "WAV", "FLOAT")  # noqa: E731
+    assert found(audio(x)) == [(2.0, 2.01)]
+    assert found(audio(x), min_seconds=0.003) == [(1.0, 1.004), (2.0, 2.01)]
+    assert found(audio(quiet)) == []
+    pcm = Audio(np.round(x * 32767).astype(np.int16), rate, "WAV", "PCM_16")  # as read from a 16-bit file
+    assert found(pcm) == [(2.0, 2.01)]
+
+
+def test_the_manifest_widens_each_region_by_the_crossfade_within_the_recording(tmp_path):
+    found = [
+        ("/archive/a/take.wav", Dropout(1.0, 1.05, 10.0)),
+        ("/archive/a/take.wav", Dropout(9.995, 9.999, 10.0)),
+        ("/archive/b/take.wav", Dropout(1.0, 1.05, 10.0)),  # another take.wav: its own id
+        ("s3://bucket/c.flac", Dropout(0.005, 0.2, 3.0)),
+    ]
+    text = restoration_manifest(found, "/archive/a", "fill it", margin_seconds=0.01)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [(r["id"], r["input"], r["start"], r["end"]) for r in rows] == [
+        ("take-dropout-1.000s", "take.wav", "0.9900", "1.0600"),
+        ("take-dropout-9.995s", "take.wav", "9.9850", "10.0000"),
+        ("take-dropout-1.000s-2", "../b/take.wav", "0.9900", "1.0600"),
+        ("c-dropout-0.005s", "s3://bucket/c.flac", "0.0000", "0.2100"),
+    ]
+    assert {r["output"] for r in rows} == {"{run_id}/{stem}"} and {r["prompt"] for r in rows} == {"fill it"}
