@@ -459,7 +459,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.min_ms <= 0:
         raise SoundpatchError("--min-ms must be more than 0.")
-    reader = SourceReader(S3(cfg.storage.s3), cfg.storage)
+    reader = SourceReader(S3(cfg.storage.s3), cfg.storage, cache_bytes=0)  # one recording at a time
     sources: list[str] = []
     for given in args.inputs:
         matched = reader.glob(given) if GLOB_CHARS.search(given) else [given]
@@ -468,22 +468,24 @@ def cmd_detect(args: argparse.Namespace) -> int:
         raise SoundpatchError(f"No files match {', '.join(args.inputs)}.")
     found, unreadable = [], []
     table = Table("recording", "dropouts", "seconds", title="Dropouts found", title_justify="left")
-    for source in sources:
-        try:
-            dropouts = find_dropouts(reader.audio(source), min_seconds=args.min_ms / 1000)
-        except RowError as exc:
-            unreadable.append(f"{source}: {as_sentence(str(exc))}")
-            continue
-        found.extend((source, d) for d in dropouts)
-        if dropouts and table.row_count < 20:
-            table.add_row(escape(source), str(len(dropouts)), f"{sum(d.end - d.start for d in dropouts):.3f}")
+    with err.status("") as status:  # (shown on a terminal only)
+        for number, source in enumerate(sources, 1):
+            status.update(f"reading {number} of {len(sources)}: {escape(source)}")
+            try:
+                dropouts = find_dropouts(reader.audio(source), min_seconds=args.min_ms / 1000)
+            except RowError as exc:
+                unreadable.append(as_sentence(str(exc)))
+                continue
+            found.extend((source, d) for d in dropouts)
+            if dropouts and table.row_count < 20:
+                table.add_row(escape(source), str(len(dropouts)), f"{sum(d.end - d.start for d in dropouts):.3f}")
     recordings = len({source for source, _ in found})
     if table.row_count:
         out.print(table)
         if recordings > table.row_count:
             out.print(f"  ... and {recordings - table.row_count} more recordings with dropouts")
     for line in unreadable:
-        err.print(f"[red]not read[/red] {escape(line)}", soft_wrap=True)
+        err.print(f"[red]not read:[/red] {escape(line)}", soft_wrap=True)
     if not found:
         out.print(f"No dropouts found in {len(sources) - len(unreadable)} recordings; nothing written.")
         return EXIT_ROWS_FAILED if unreadable else 0

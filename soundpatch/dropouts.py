@@ -69,24 +69,71 @@ def _db(x: np.ndarray) -> float:
 
 
 def restoration_manifest(found: Iterable[tuple[str, Dropout]], folder: str, prompt: str, margin_seconds: float) -> str:
-    """CSV rows filling `found` ((input, dropout) pairs), each region widened by `margin_seconds`
-    on each side so that the splice's crossfades blend real audio, not the silence. Local
-    inputs are written relative to `folder`, where the manifest goes (a manifest's paths are
-    read relative to it); each recording's repairs go into one file, `{run_id}/{stem}`."""
+    """CSV rows filling `found` ((input, dropout) pairs, in time order per input).
+
+    Each region is widened by `margin_seconds` on each side, so that the splice's
+    crossfades blend real audio, not the silence; dropouts whose widened regions meet are
+    one row. Local inputs are written relative to `folder`, where the manifest goes (a
+    manifest's paths are read relative to it). Each recording's repairs go into one file,
+    under the run's folder at the recording's place in the archive: `take.wav` of two
+    albums stays two files."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["id", "input", "start", "end", "prompt", "note", "output"])
-    taken: set[str] = set()
+    by_source: dict[str, list[Dropout]] = {}
     for source, d in found:
-        start = max(0.0, math.floor(round((d.start - margin_seconds) * 10_000, 3)) / 10_000)
-        end = min(d.recording_seconds, math.ceil(round((d.end + margin_seconds) * 10_000, 3)) / 10_000)
-        row_id = base = f"{PurePosixPath(source).stem}-dropout-{d.start:.3f}s"
-        n = 1
-        while row_id in taken:
-            n += 1
-            row_id = f"{base}-{n}"
-        taken.add(row_id)
-        shown = source if "://" in source else os.path.relpath(source, folder)
-        note = f"dropout of {1000 * (d.end - d.start):.0f} ms at {d.start:.3f} s"
-        writer.writerow([row_id, shown, f"{start:.4f}", f"{end:.4f}", prompt, note, "{run_id}/{stem}"])
+        by_source.setdefault(source, []).append(d)
+    places = _places(list(by_source))
+    taken: set[str] = set()
+    for source, dropouts in by_source.items():
+        for group in _meeting(dropouts, margin_seconds):
+            first, last = group[0], group[-1]
+            start = max(0.0, math.floor(round((first.start - margin_seconds) * 10_000, 3)) / 10_000)
+            end = min(last.recording_seconds, math.ceil(round((last.end + margin_seconds) * 10_000, 3)) / 10_000)
+            row_id = base = f"{PurePosixPath(source).stem}-dropout-{first.start:.3f}s"
+            n = 1
+            while row_id in taken:
+                n += 1
+                row_id = f"{base}-{n}"
+            taken.add(row_id)
+            shown = source if "://" in source else os.path.relpath(source, folder)
+            ms = 1000 * sum(d.end - d.start for d in group)
+            note = f"dropout of {ms:.0f} ms" if len(group) == 1 else f"{len(group)} dropouts, {ms:.0f} ms in all,"
+            writer.writerow(
+                [row_id, shown, f"{start:.4f}", f"{end:.4f}", prompt, f"{note} at {first.start:.3f} s", places[source]]
+            )
     return text.getvalue()
+
+
+def _meeting(dropouts: list[Dropout], margin: float) -> list[list[Dropout]]:
+    groups: list[list[Dropout]] = []
+    for d in sorted(dropouts, key=lambda d: d.start):
+        if groups and d.start - margin <= groups[-1][-1].end + margin:
+            groups[-1].append(d)
+        else:
+            groups.append([d])
+    return groups
+
+
+def _places(sources: list[str]) -> dict[str, str]:
+    """Each source's output template: `{run_id}/`, its folder below what all the sources
+    (local ones, or objects of one bucket) share, and `{stem}`."""
+
+    def folder(source: str) -> str:
+        return (
+            str(PurePosixPath(source.split("://", 1)[-1]).parent)
+            if "://" in source
+            else os.path.dirname(os.path.abspath(source))
+        )
+
+    kinds: dict[str, list[str]] = {}
+    for source in sources:
+        kinds.setdefault(source.split("://", 1)[0] if "://" in source else "", []).append(folder(source))
+    roots = {kind: os.path.commonpath(folders) or "." for kind, folders in kinds.items()}
+    places = {}
+    for source in sources:
+        kind = source.split("://", 1)[0] if "://" in source else ""
+        below = os.path.relpath(folder(source), roots[kind]).replace(os.sep, "/")
+        below = "" if below == "." else below.replace("{", "{{").replace("}", "}}") + "/"
+        places[source] = "{run_id}/" + below + "{stem}"
+    return places

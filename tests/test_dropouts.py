@@ -47,19 +47,20 @@ def test_silence_at_either_end_short_gaps_and_gaps_in_quiet_audio_are_not_dropou
     assert found(pcm) == [(2.0, 2.01)]
 
 
-def test_the_manifest_widens_each_region_by_the_crossfade_within_the_recording(tmp_path):
+def test_the_manifest_widens_each_region_by_the_crossfade_and_keeps_each_recording_s_place():
     found = [
         ("/archive/a/take.wav", Dropout(1.0, 1.05, 10.0)),
-        ("/archive/a/take.wav", Dropout(9.995, 9.999, 10.0)),
-        ("/archive/b/take.wav", Dropout(1.0, 1.05, 10.0)),  # another take.wav: its own id
+        ("/archive/a/take.wav", Dropout(1.065, 1.07, 10.0)),  # their widened regions meet: one row
+        ("/archive/a/take.wav", Dropout(9.995, 9.999, 10.0)),  # widened to the end, not past it
+        ("/archive/b/take.wav", Dropout(1.0, 1.05, 10.0)),  # another album's take.wav: its own id and file
         ("s3://bucket/c.flac", Dropout(0.005, 0.2, 3.0)),
     ]
     text = restoration_manifest(found, "/archive/a", "fill it", margin_seconds=0.01)
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert [(r["id"], r["input"], r["start"], r["end"]) for r in rows] == [
-        ("take-dropout-1.000s", "take.wav", "0.9900", "1.0600"),
-        ("take-dropout-9.995s", "take.wav", "9.9850", "10.0000"),
-        ("take-dropout-1.000s-2", "../b/take.wav", "0.9900", "1.0600"),
-        ("c-dropout-0.005s", "s3://bucket/c.flac", "0.0000", "0.2100"),
+    assert [(r["id"], r["input"], r["start"], r["end"], r["output"]) for r in rows] == [
+        ("take-dropout-1.000s", "take.wav", "0.9900", "1.0800", "{run_id}/a/{stem}"),
+        ("take-dropout-9.995s", "take.wav", "9.9850", "10.0000", "{run_id}/a/{stem}"),
+        ("take-dropout-1.000s-2", "../b/take.wav", "0.9900", "1.0600", "{run_id}/b/{stem}"),
+        ("c-dropout-0.005s", "s3://bucket/c.flac", "0.0000", "0.2100", "{run_id}/{stem}"),
     ]
-    assert {r["output"] for r in rows} == {"{run_id}/{stem}"} and {r["prompt"] for r in rows} == {"fill it"}
+    assert rows[0]["note"] == "2 dropouts, 55 ms in all, at 1.000 s" and {r["prompt"] for r in rows} == {"fill it"}
