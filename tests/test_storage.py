@@ -835,3 +835,23 @@ def test_a_shared_clip_given_back_while_another_row_takes_it_up_is_there_for_tha
     monkeypatch.setattr(s3, "delete", real_delete)
     staging.remove(taken[0])
     assert aws_env.keys("stage", "clips/run/") == []
+
+
+def test_detect_reads_an_archive_in_a_bucket_and_keeps_each_recording_s_place(tmp_path, aws_env):
+    damaged = (Path(__file__).resolve().parents[1] / "manifests" / "audio" / "music_damaged.flac").read_bytes()
+    archive = aws_env.bucket("archive-detect")
+    for key in ("albums/one/side_a.flac", "albums/two/side_a.flac", "albums/two/notes.txt"):
+        put(aws_env, archive, key, damaged if key.endswith(".flac") else b"liner notes")
+    (tmp_path / "c.yaml").write_text(f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}}}\n")
+    env = clean_env(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
+    found = soundpatch(
+        "detect", f"s3://{archive}/albums/**/*.flac", "--config", "c.yaml", "--out", "fills.csv", cwd=tmp_path, env=env
+    )
+    assert found.returncode == 0, found.stdout + found.stderr
+    rows = pd.read_csv(tmp_path / "fills.csv")
+    assert (
+        rows["input"].tolist()
+        == [f"s3://{archive}/albums/one/side_a.flac"] * 3 + [f"s3://{archive}/albums/two/side_a.flac"] * 3
+    )
+    assert rows["output"].tolist() == ["{run_id}/one/{stem}"] * 3 + ["{run_id}/two/{stem}"] * 3
+    assert rows["start"].tolist()[:3] == [4.19, 5.2999, 9.09] and len(set(rows["id"])) == 6
