@@ -460,10 +460,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if args.min_ms <= 0:
         raise SoundpatchError("--min-ms must be more than 0.")
     reader = SourceReader(S3(cfg.storage.s3), cfg.storage, cache_bytes=0)  # one recording at a time
-    sources: list[str] = []
+    named: dict[str, None] = {}  # in the order given, each once
     for given in args.inputs:
-        matched = reader.glob(given) if GLOB_CHARS.search(given) else [given]
-        sources.extend(m for m in matched if m not in sources)
+        named.update(dict.fromkeys(reader.glob(given) if GLOB_CHARS.search(given) else [given]))
+    sources = list(named)
     if not sources:
         raise SoundpatchError(f"No files match {', '.join(args.inputs)}.")
     found, unreadable = [], []

@@ -118,22 +118,22 @@ def _meeting(dropouts: list[Dropout], margin: float) -> list[list[Dropout]]:
 def _places(sources: list[str]) -> dict[str, str]:
     """Each source's output template: `{run_id}/`, its folder below what all the sources
     (local ones, or objects of one bucket) share, and `{stem}`."""
-
-    def folder(source: str) -> str:
-        return (
-            str(PurePosixPath(source.split("://", 1)[-1]).parent)
-            if "://" in source
-            else os.path.dirname(os.path.abspath(source))
-        )
-
-    kinds: dict[str, list[str]] = {}
-    for source in sources:
-        kinds.setdefault(source.split("://", 1)[0] if "://" in source else "", []).append(folder(source))
-    roots = {kind: os.path.commonpath(folders) or "." for kind, folders in kinds.items()}
+    where = {source: _where(source) for source in sources}
+    folders: dict[str, list[str]] = {}
+    for scheme, folder in where.values():
+        folders.setdefault(scheme, []).append(folder)
+    roots = {scheme: os.path.commonpath(paths) or "." for scheme, paths in folders.items()}
     places = {}
-    for source in sources:
-        kind = source.split("://", 1)[0] if "://" in source else ""
-        below = os.path.relpath(folder(source), roots[kind]).replace(os.sep, "/")
+    for source, (scheme, folder) in where.items():
+        below = os.path.relpath(folder, roots[scheme]).replace(os.sep, "/")
         below = "" if below == "." else below.replace("{", "{{").replace("}", "}}") + "/"
         places[source] = "{run_id}/" + below + "{stem}"
     return places
+
+
+def _where(source: str) -> tuple[str, str]:
+    """(scheme, folder) of an input: ("s3", "bucket/albums/one"), ("", "/archive/one")."""
+    if "://" in source:
+        scheme, rest = source.split("://", 1)
+        return scheme, str(PurePosixPath(rest).parent)
+    return "", os.path.dirname(os.path.abspath(source))
