@@ -860,8 +860,9 @@ class Batch:
         """The prediction a run whose machine died had made for this edit (its claim, taken
         over, named it): collected as this row's at no new cost (that run paid for it)."""
         self._held[row_id] = self.ledger.hold(0.0)
-        made = left.prediction_id
-        return RowState(provider=left.provider or None, prediction_id=made, settled=True, identity=identity)
+        return RowState(
+            provider=left.provider or None, prediction_id=left.prediction_id, settled=True, identity=identity
+        )
 
     def _not_collected(self, row_id: str, left: Left, exc: PredictionFailed) -> None:
         """The prediction another run had made for this edit failed, or this key cannot see
