@@ -206,7 +206,8 @@ def parse_time(value: Any, what: str = "time") -> float:
             try:
                 seconds = float(text)
             except ValueError:
-                raise ValueError(f"{what} {text!r} is not a number of seconds or a mm:ss.f timecode") from None
+                hint = " (write decimals with a point, as in 0.5)" if re.search(r"\d,\d", text) else ""
+                raise ValueError(f"{what} {text!r} is not a number of seconds or a mm:ss.f timecode{hint}") from None
     if not math.isfinite(seconds):
         raise ValueError(f"{what} must be a finite number of seconds, not {value!r}")
     if seconds < 0:
@@ -289,9 +290,25 @@ def _csv_records(text: str, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                     },
                 )
                 continue
-            yield where, {k: v for k, v in zip(header, values, strict=False) if k}
+            record = {k: v for k, v in zip(header, values, strict=False) if k}
+            yield where, (_decimal_points(record) if delimiter == ";" else record)
     except csv.Error as exc:
         raise ManifestError(f"Manifest {path} is not valid CSV near line {reader.line_num}: {exc}.") from None
+
+
+_NUMBERS = ("start", "end", "region", "guidance_scale")
+_DECIMAL_COMMA = re.compile(r"(?<=\d),(?=\d)")
+
+
+def _decimal_points(record: dict[str, str]) -> dict[str, str]:
+    """A semicolon-separated CSV is what a spreadsheet writes where the comma is the decimal
+    mark ("0,5"), so a comma between digits in a time or number is read as a point. A value
+    that also has a point ("1.234,5", digits grouped) is left to be refused as it is."""
+    for key in _NUMBERS:
+        value = record.get(key)
+        if value and "." not in value:
+            record[key] = _DECIMAL_COMMA.sub(".", value)
+    return record
 
 
 def _check_header(columns: list[str], path: Path) -> None:

@@ -145,6 +145,27 @@ def test_semicolon_csv_and_bom_are_read(tmp_path):
     assert m.edits[0].valid and m.edits[0].start == 1.0
 
 
+def test_semicolon_csv_reads_decimal_commas_as_a_spreadsheet_writes_them(tmp_path):
+    text = (
+        "input;start;end;prompt;guidance_scale;note\n"
+        "a.wav;0,5;0:01,25;p;7,5;1,5 dB quieter\n"
+        "a.wav;1.234,5;2;p;;\n"
+        "b.wav;;;p;;\n"
+    )
+    m = load_manifest(write(tmp_path, "m.csv", text))
+    first = m.edits[0]
+    assert (first.start, first.end, first.guidance_scale) == (0.5, 1.25, 7.5)
+    assert first.extra == {"note": "1,5 dB quieter"}  # a column soundpatch does not read is kept as written
+    assert "Start '1.234,5' is not a number of seconds" in m.edits[1].error
+    region = load_manifest(write(tmp_path, "r.csv", "input;region;prompt\na.wav;12,5-15,25;p\n")).edits[0]
+    assert (region.start, region.end) == (12.5, 15.25)
+
+
+def test_a_decimal_comma_elsewhere_is_refused_with_the_fix(tmp_path):
+    m = load_manifest(write(tmp_path, "m.csv", 'input,start,end,prompt\na.wav,"0,5",1,p\n'))
+    assert m.edits[0].error.endswith("(write decimals with a point, as in 0.5).")
+
+
 def test_known_columns_are_read_in_any_case_as_spreadsheets_write_them(tmp_path):
     csv_rows = load_manifest(write(tmp_path, "m.csv", "ID,Input,Start,End,Prompt,Mood\nx,a.wav,1,2,p,calm\n")).edits
     assert [(e.row_id, e.input, e.start, e.end, e.prompt, e.extra) for e in csv_rows] == [
