@@ -689,8 +689,7 @@ class Batch:
         if reservation is None:
             outcome.status = SKIPPED_BUDGET
             outcome.error = (
-                f"Budget of ${self.ledger.budget_usd:.2f} reached "
-                f"(${self.ledger.spent_usd:.2f} spent); this row was not sent."
+                f"Budget of ${self.ledger.budget_usd:.2f} reached ({self.ledger.standing()}); this row was not sent."
             )
             return None
         request = InpaintRequest(

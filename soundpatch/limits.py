@@ -72,6 +72,12 @@ class BudgetLedger:
     def budget_usd(self) -> float:
         return self._cap / _MICRO
 
+    def standing(self) -> str:
+        """What stands against the cap, in words: spent, and held for predictions in flight."""
+        with self._lock:
+            spent, held = self._spent / _MICRO, self._reserved / _MICRO
+        return f"${spent:.2f} spent" + (f", ${held:.2f} held for predictions in flight" if held else "")
+
 
 class RateLimiter:
     """Paces requests smoothly at `per_minute`, shared by every task of the process.

@@ -57,6 +57,15 @@ def test_released_reservations_go_back_to_the_budget():
     assert ledger.reserve(0.20) is not None and ledger.spent_usd == 0.0
 
 
+def test_the_ledger_says_what_stands_against_the_cap():
+    ledger = BudgetLedger(0.40)
+    first, second = ledger.reserve(0.20), ledger.reserve(0.20)
+    assert ledger.standing() == "$0.00 spent, $0.40 held for predictions in flight"
+    ledger.settle(first, 0.20)
+    ledger.settle(second, 0.20)
+    assert ledger.standing() == "$0.40 spent"
+
+
 def test_requests_are_paced_smoothly_with_a_small_burst():
     clock = FakeClock()
     limiter = RateLimiter(600, clock=clock, sleep=clock.sleep)  # 10 per second, counted per minute
