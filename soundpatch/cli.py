@@ -48,8 +48,21 @@ from soundpatch.storage import open_store
 if TYPE_CHECKING:
     from flows.ephemeral import TemporaryServer
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+
+class _Console(Console):
+    """A console whose reader may go away (`soundpatch run ... | head`): what it prints then
+    goes nowhere, and the command goes on to its end and its exit status. (Rich's own
+    exits with 1 there, which says rows failed, or stops a run before it began.)"""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.file.fileno())  # and Python's flush at exit finds nothing to fail on
+        os.close(devnull)
+
+
+err = _Console(stderr=True, highlight=False)
+out = _Console(highlight=False)
 
 
 class _UsageError(SoundpatchError):

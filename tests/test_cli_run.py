@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from tests.jobs import clean_env, soundpatch
+from tests.jobs import SCRIPT, clean_env, soundpatch
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_COLUMNS = [
@@ -172,18 +172,37 @@ def test_bad_rows_get_reasons_and_the_rest_of_the_batch_completes(workdir, prefe
     assert len(journal_events(workdir / "runs" / "bad", "sending")) == 1  # only the valid row was sent
 
 
-def test_budget_cap_skips_rows_and_exits_3(workdir, prefect_home):
+def five_rows_for_two(workdir: Path) -> None:
+    """A manifest of five rows at $0.50 each, and a budget of $1.00."""
     (workdir / "priced.yaml").write_text(
         "provider: {name: local, price_usd: 0.5}\nlimits: {budget_usd: 1.0, concurrency: 4}\n"
     )
     rows = "\n".join(f"r{i},manifests/audio/voice_damaged.flac,1.7,1.72,voice" for i in range(5))
     (workdir / "five.csv").write_text("id,input,start,end,prompt\n" + rows + "\n")
+
+
+def test_budget_cap_skips_rows_and_exits_3(workdir, prefect_home):
+    five_rows_for_two(workdir)
     proc = run(workdir, prefect_home, "run", "five.csv", "--config", "priced.yaml", "--run-id", "money")
     assert proc.returncode == 3, proc.stderr
     report = pd.read_csv(workdir / "runs" / "money" / "report.csv")
     assert sorted(report["status"]) == ["skipped_budget"] * 3 + ["succeeded"] * 2
     assert report["cost_usd"].sum() == pytest.approx(1.0)
     assert (report.loc[report.status == "skipped_budget", "cost_usd"] == 0).all()
+
+
+def test_a_run_whose_output_is_no_longer_read_goes_on_to_its_end_and_its_exit_status(workdir, prefect_home):
+    """`soundpatch run ... | head`, or a log pipe that broke: the run does not depend on its reader."""
+    five_rows_for_two(workdir)
+    env = clean_env(PREFECT_HOME=str(prefect_home))
+    command = [str(SCRIPT), "run", "five.csv", "--config", "priced.yaml", "--run-id", "unread"]
+    with open(workdir / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=stderr)
+        proc.stdout.close()  # gone before the first line
+        assert proc.wait(timeout=300) == 3  # the budget's exit status, not 1 for "rows failed"
+    assert "Traceback" not in (workdir / "stderr.txt").read_text()
+    report = pd.read_csv(workdir / "runs" / "unread" / "report.csv")
+    assert sorted(report["status"]) == ["skipped_budget"] * 3 + ["succeeded"] * 2
 
 
 def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_home):
