@@ -610,7 +610,10 @@ def _copied_journal(run_id: str, run_dir: Path, cfg: Config, s3: S3) -> Iterator
     """The journal of a run made on another machine (a worker): its copy in the output
     bucket. Only read: written here, it would be a stale journal of a run that may still go
     on elsewhere."""
-    where = f"No run {run_id!r} in {Path(cfg.runs_dir)} (looked for {run_dir})"
+    if run_dir.is_dir():  # made, then stopped before its first row was written down
+        where = f"Run {run_id!r} recorded nothing in {run_dir} (it stopped before its first row began)"
+    else:
+        where = f"No run {run_id!r} in {Path(cfg.runs_dir)} (looked for {run_dir})"
     if not cfg.output.uri.startswith("s3://"):
         raise SoundpatchError(f"{where}.")
     copy = JournalCopy(s3, S3Uri.parse(cfg.output.uri), run_id)

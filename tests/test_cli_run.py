@@ -255,6 +255,16 @@ def test_unusable_input_exits_2_with_one_sentence(workdir, prefect_home, args, m
     assert len(proc.stderr.strip().splitlines()) == 1  # one sentence, on one line
 
 
+def test_the_report_of_a_run_that_stopped_before_its_first_row_says_so(tmp_path):
+    (tmp_path / "runs" / "early").mkdir(parents=True)  # its folder and lock made, then it stopped
+    (tmp_path / "runs" / "early" / "run.lock").touch()
+    shown = soundpatch("report", "early", cwd=tmp_path, env=clean_env())
+    assert shown.returncode == 2
+    assert shown.stderr.strip() == (
+        "error: Run 'early' recorded nothing in runs/early (it stopped before its first row began)."
+    )
+
+
 def test_the_report_of_a_run_that_ended_before_writing_one_is_rendered_from_its_journal(tmp_path):
     from soundpatch.journal import Journal
     from soundpatch.outcome import Outcome
