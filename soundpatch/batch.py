@@ -48,6 +48,7 @@ from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SU
 from soundpatch.providers import (
     InpaintRequest,
     NotStarted,
+    OutOfReach,
     PaidAnswer,
     Prediction,
     PredictionFailed,
@@ -741,6 +742,10 @@ class Batch:
             if exc.collectable:
                 self._unused[edit.row_id] = _unused(exc.prediction_id or resume_id, exc.cost_usd, settled)
             raise
+        except OutOfReach as exc:
+            self.ledger.release(reservation)
+            again = f"run it again with --run-id {self.run_id} once the provider answers"
+            raise RowError(f"{exc}; no more are sent this run: {again}") from None
         except NotStarted:
             self.ledger.release(reservation)
             raise RowError(self._not_started) from None

@@ -29,3 +29,24 @@ def as_sentence(text: str, fallback: str = "Unknown error") -> str:
     if not text:
         text = fallback
     return text[:1].upper() + text[1:] + "."
+
+
+def network_reason(exc: BaseException) -> str:
+    """Why a connection to a server failed, in words a user can act on (no parentheses, for
+    a caller to put it in some): the exception's class name alone ("ConnectError") hides
+    whether nothing listened there, the name did not resolve, or the server's certificate
+    is not trusted here."""
+    text = str(exc).strip()
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl")[0].strip(" :")
+        return (
+            f"its TLS certificate is not trusted here: {detail or 'verify failed'}; behind a proxy that "
+            "inspects TLS, set SSL_CERT_FILE to its CA bundle"
+        )
+    if "[SSL" in text:
+        return f"the TLS handshake failed: {text.split('(_ssl')[0].strip()}, as when a server speaks plain http"
+    if "Connection refused" in text:
+        return "the connection was refused: nothing listens at that address and port"
+    if "Name or service not known" in text or "name resolution" in text or "nodename nor servname" in text:
+        return "its host name does not resolve"
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__

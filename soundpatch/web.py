@@ -17,7 +17,9 @@ Messages name the URL without its query string, which may hold a token.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +28,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import httpx
 
 from soundpatch.config import HttpConfig
-from soundpatch.errors import RowError
+from soundpatch.errors import RowError, network_reason
 from soundpatch.retry import Retryable, RetryPolicy
 
 MAX_REDIRECTS = 5
@@ -93,7 +95,13 @@ def version(response: httpx.Response) -> str | None:
 
 
 def _client(config: HttpConfig) -> httpx.Client:
-    return httpx.Client(timeout=httpx.Timeout(config.timeout_seconds), follow_redirects=False, trust_env=False)
+    # No proxy from the environment (the address checks above are of the host itself), but
+    # the CA bundle named by SSL_CERT_FILE is trusted, as by the providers' client.
+    bundle = os.environ.get("SSL_CERT_FILE")
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=bundle) if bundle else True
+    return httpx.Client(
+        timeout=httpx.Timeout(config.timeout_seconds), follow_redirects=False, trust_env=False, verify=verify
+    )
 
 
 @contextmanager
@@ -119,7 +127,7 @@ def _fetch_once(url: str, config: HttpConfig, max_bytes: int) -> tuple[bytes, st
     except httpx.TimeoutException:
         raise Retryable(f"Cannot fetch {shown(url)}: no answer within {config.timeout_seconds:g} s") from None
     except httpx.TransportError as exc:
-        raise Retryable(f"Cannot fetch {shown(url)}: {type(exc).__name__}") from None
+        raise Retryable(f"Cannot fetch {shown(url)}: {network_reason(exc)}") from None
 
 
 def _body(response: httpx.Response, url: str, max_bytes: int, deadline: float) -> bytes:

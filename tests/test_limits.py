@@ -17,6 +17,7 @@ from soundpatch.batch import Batch
 from soundpatch.limits import BudgetLedger, RateLimiter
 from soundpatch.manifest import load_manifest
 from soundpatch.providers import hosted
+from soundpatch.providers.reach import Reach
 from tests.jobs import hosted_config
 
 
@@ -64,6 +65,22 @@ def test_the_ledger_says_what_stands_against_the_cap():
     ledger.settle(first, 0.20)
     ledger.settle(second, 0.20)
     assert ledger.standing() == "$0.40 spent"
+
+
+def test_a_provider_is_out_of_reach_only_after_creates_in_a_row_come_to_nothing():
+    reach = Reach(after=3)
+    for _ in range(10):  # sporadic failures, with creates taken in between, never add up
+        reach.missed("create answered HTTP 503")
+        reach.missed("create answered HTTP 503")
+        reach.answered()
+    assert reach.lost() is None
+    reach.missed("create answered HTTP 503")
+    reach.missed("create answered HTTP 503")
+    reach.missed("cannot connect to https://api.example (the connection was refused).")
+    assert reach.lost() == (
+        "the last 3 creates to it all came to nothing, the last one with: "
+        "cannot connect to https://api.example (the connection was refused)"
+    )
 
 
 def test_requests_are_paced_smoothly_with_a_small_burst():

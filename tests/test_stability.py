@@ -128,6 +128,37 @@ def test_refused_and_turned_away_calls_cost_nothing_and_busy_ones_are_retried(lo
     assert any(e["event"] == "retry" for e in journal(batch))
 
 
+@pytest.mark.parametrize("cause", ["down", "wrong key"])
+def test_a_provider_out_of_reach_is_sent_no_more_and_the_rerun_does_the_rest(
+    local_library, simulator, monkeypatch, cause
+):
+    """A provider that is down, or a key it refuses: every row would fail the same way after
+    its retries. Once a wave of rows has, the rest are not sent; the rerun does them."""
+    rows = "".join(f"r{i},audio/fx.wav,1.2,1.65,clang {i},{i}\n" for i in range(24))
+    (local_library / "many.csv").write_text("id,input,start,end,prompt,seed\n" + rows)
+    monkeypatch.setenv("STABILITY_API_KEY", KEY if cause == "down" else "sk-wrong")
+    sim = simulator(latency=0.05, fill="tone", api_key=KEY, error_rate=1.0 if cause == "down" else 0.0)
+    knobs = {"provider.max_retries": 2, "limits.concurrency": 4}
+    outcomes, batch = run_batch(local_library, sim, "reach", threads=4, manifest="many.csv", **knobs)
+    assert {o.status for o in outcomes} == {"failed"} and batch.ledger.spent_usd == 0
+    stopped = [o for o in outcomes if o.error.startswith("Not sent to Stability AI")]
+    never_sent = [o for o in stopped if o.error.startswith("Not sent to Stability AI: the last ")]
+    # The rows in flight as the wave failed (concurrency 4, and up to 3 more behind them) were
+    # sent; those stopped between their tries say "Not sent to Stability AI again".
+    assert len(never_sent) >= 24 - 4 - 3 and all(o.cost_usd == 0 for o in stopped)
+    assert sim.stats.creates <= (24 - len(never_sent)) * (3 if cause == "down" else 1)
+    why = "HTTP 503" if cause == "down" else "HTTP 401"
+    assert why in never_sent[0].error and never_sent[0].error.endswith(
+        "no more are sent this run: run it again with --run-id reach once the provider answers."
+    )
+
+    sim.settings.error_rate = 0.0  # it answers again (or the key is put right)
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    outcomes, _ = run_batch(local_library, sim, "reach", threads=4, manifest="many.csv", **knobs)
+    assert [o.status for o in outcomes] == ["succeeded"] * 24
+    assert sim.stats.accepted == 24 and sum(o.cost_usd for o in outcomes) == pytest.approx(24 * PRICE)
+
+
 def test_a_429_timeout_is_waited_out_by_every_row_not_hammered(local_library, simulator, monkeypatch):
     # Stability answers a key over its rate with 429 and no Retry-After, then refuses it for
     # a while (60 s; 2 s here). Rows wait that long, all of them, instead of retrying into

@@ -13,6 +13,7 @@ import http.server
 import io
 import os
 import re
+import socket
 import threading
 import unicodedata
 from pathlib import Path
@@ -621,6 +622,13 @@ def serve(root: Path, seen: list[tuple[str, str]] | None = None, etags: bool = F
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture
 def web_server(tmp_path):
     """A real HTTP server on loopback serving tmp_path/www."""
@@ -640,17 +648,24 @@ def test_web_inputs_are_fetched_with_a_cap_and_local_addresses_refused_by_defaul
         f"ok,{base}/clip.wav?token=secret,0.5,1,fill\n"
         f"missing,{base}/nope.wav,0.5,1,fill\n"
         "private,https://10.1.2.3/clip.wav,0.5,1,fill\n"
+        f"tls,{base.replace('http:', 'https:')}/clip.wav,0.5,1,fill\n"
+        f"closed,http://127.0.0.1:{closed_port()}/clip.wav,0.5,1,fill\n"
     )
     base_cfg = {"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")}
 
     refused = run(tmp_path / "m.csv", load_config(overrides=base_cfg), "default")
-    assert [o.status for o in refused] == ["invalid"] * 3
+    assert [o.status for o in refused] == ["invalid"] * 5
     assert "private or local address (127.0.0.1)" in refused[0].error
     assert "allow_private_addresses" in refused[0].error and "secret" not in refused[0].error
     assert "private or local address (10.1.2.3)" in refused[2].error
 
     allowed = {**base_cfg, "storage.http.allow_private_addresses": True, "storage.http.timeout_seconds": 2}
-    ok, missing, _ = run(tmp_path / "m.csv", load_config(overrides=allowed), "allowed")
+    ok, missing, _, tls, closed = run(tmp_path / "m.csv", load_config(overrides=allowed), "allowed")
+    # Why a connection failed, in words: not only its class name (ConnectError).
+    assert tls.status == "invalid" and "the TLS handshake failed: [SSL: " in tls.error
+    assert closed.status == "invalid" and closed.error.endswith(
+        "the connection was refused: nothing listens at that address and port."
+    )
     assert ok.status == "succeeded", ok.error
     before = sf.read(root / "clip.wav", dtype="int16")[0]
     after = sf.read(ok.output, dtype="int16")[0]

@@ -5,10 +5,27 @@ from __future__ import annotations
 from soundpatch.config import Config
 from soundpatch.errors import ConfigError
 from soundpatch.limits import InFlight, RateLimiter, SharedLimits
-from soundpatch.providers.base import InpaintRequest, NotStarted, PaidAnswer, Prediction, PredictionFailed, Provider
+from soundpatch.providers.base import (
+    InpaintRequest,
+    NotStarted,
+    OutOfReach,
+    PaidAnswer,
+    Prediction,
+    PredictionFailed,
+    Provider,
+)
 from soundpatch.s3 import S3
 
-__all__ = ["InpaintRequest", "NotStarted", "PaidAnswer", "Prediction", "PredictionFailed", "Provider", "make_provider"]
+__all__ = [
+    "InpaintRequest",
+    "NotStarted",
+    "OutOfReach",
+    "PaidAnswer",
+    "Prediction",
+    "PredictionFailed",
+    "Provider",
+    "make_provider",
+]
 
 
 def make_provider(

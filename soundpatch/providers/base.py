@@ -125,6 +125,11 @@ class NotStarted(RowError):
     was sent, nothing is owed."""
 
 
+class OutOfReach(NotStarted):
+    """Creates to this provider have come to nothing many times in a row (providers/reach.py):
+    this one was not sent, nothing is owed."""
+
+
 class Provider(Protocol):
     name: str
     # What produces the audio, versioned: part of each edit's identity, so a new model or

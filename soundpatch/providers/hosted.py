@@ -24,15 +24,31 @@ import soundfile as sf
 from soundpatch import soundio
 from soundpatch.config import ProviderConfig
 from soundpatch.cpu import crunching
-from soundpatch.errors import ConfigError, RowError, as_sentence
+from soundpatch.errors import ConfigError, RowError, as_sentence, network_reason
 from soundpatch.limits import InFlight, RateLimiter
-from soundpatch.providers.base import InpaintRequest, NotStarted, PaidAnswer, Prediction, PredictionFailed
+from soundpatch.providers.base import (
+    InpaintRequest,
+    NotStarted,
+    OutOfReach,
+    PaidAnswer,
+    Prediction,
+    PredictionFailed,
+)
+from soundpatch.providers.reach import Reach
 from soundpatch.retry import Retryable, RetryPolicy
 from soundpatch.window import MODEL_RATE, Window, plan_window, prepare_clip, recover_region
 
 MAX_RESULT_BYTES = 256 * 1024 * 1024  # a 190 s stereo float WAV is ~67 MB
 STEPS_RANGE = (4, 8)
 T = TypeVar("T")
+
+
+class Refused(RowError):
+    """The service answered a request with a 4xx other than 429: nothing was made."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class HostedProvider:
@@ -67,6 +83,7 @@ class HostedProvider:
         limits = httpx.Limits(max_connections=2 * concurrency + 4, max_keepalive_connections=2 * concurrency + 4)
         self.client = client or httpx.Client(timeout=timeout, limits=limits)
         self.retry = RetryPolicy(attempts=config.max_retries + 1)
+        self.reach = Reach(after=max(3, concurrency))  # a whole wave of rows in flight, at least
         self._sleep = sleep
 
     def check(
@@ -121,6 +138,9 @@ class HostedProvider:
 
         def once() -> T:
             nonlocal attempts
+            lost = self.reach.lost()
+            if lost is not None:
+                raise OutOfReach(f"Not sent to {self.display}{' again' if attempts else ''}: {lost}")
             attempts += 1
             # A run stopped while this row waits its turn ends the wait; then nothing is sent.
             self.creates.acquire(give_up=request.stopping)
@@ -131,7 +151,7 @@ class HostedProvider:
                 return send(attempts)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 request.tell("create_refused", reason=type(exc).__name__)
-                raise Retryable(f"cannot connect to {self.base_url} ({type(exc).__name__})") from None
+                raise Retryable(f"cannot connect to {self.base_url} ({network_reason(exc)})") from None
             except httpx.HTTPError as exc:
                 # Sent, and no (whole) answer: the provider may have made it, and billed it.
                 raise self._in_doubt(f"got no answer ({type(exc).__name__})", attempts) from None
@@ -145,13 +165,26 @@ class HostedProvider:
             result = self.retry.call(once, on_retry=self._on_retry(request, "create"), sleep=self._sleep)
         except Retryable as exc:
             tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
-            raise PredictionFailed(
+            failed = PredictionFailed(
                 f"{self.display} did not take the create after {tries}: {exc}", 0.0, None, attempts
-            ) from None
-        except (PredictionFailed, NotStarted):
+            )
+            self.reach.missed(str(exc))
+            raise failed from None
+        except PredictionFailed as exc:  # in doubt (paid, no answer), or refused on its answer
+            if exc.cost_usd:
+                self.reach.missed(str(exc))
+            else:
+                self.reach.answered()
+            raise
+        except NotStarted:
             raise
         except RowError as exc:  # refused (4xx): nothing was made, nothing is owed
+            if isinstance(exc, Refused) and exc.status in (401, 403):
+                self.reach.missed(str(exc))  # the key: every row would be refused the same way
+            else:
+                self.reach.answered()
             raise PredictionFailed(str(exc), 0.0, None, attempts) from None
+        self.reach.answered()
         return result, attempts
 
     @contextmanager
@@ -260,7 +293,7 @@ class HostedProvider:
         if status == 429 or status >= 500:
             raise Retryable(f"{what} answered HTTP {status}", self._retry_after(response))
         hint = " (check the API key)" if status in (401, 403) else ""
-        raise RowError(f"{self.display} refused the {what}: HTTP {status} {self._message(response)}{hint}")
+        raise Refused(f"{self.display} refused the {what}: HTTP {status} {self._message(response)}{hint}", status)
 
     def _retry_after(self, response: httpx.Response) -> float | None:
         """How long the service asks us to wait: its Retry-After, or after a 429 without one,
