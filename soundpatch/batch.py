@@ -755,6 +755,9 @@ class Batch:
             raise
         paid_now = 0.0 if settled else prediction.cost_usd
         self.ledger.settle(reservation, paid_now)
+        if left is not None:
+            assert self.bucket_claims is not None
+            self.bucket_claims.was_collected(left)
         outcome.cost_usd += paid_now
         outcome.provider_cost_usd += paid_now
         outcome.prediction_id = prediction.prediction_id or ""

@@ -134,19 +134,18 @@ class BucketClaims:
 
     def left_by(self, identity: str) -> Left | None:
         """The prediction that the run whose claim on `identity` was taken over had made, for
-        this run to collect (counted as collected once asked for)."""
+        this run to collect."""
         with self._lock:
-            left = self._left.pop(identity, None)
-            if left is not None:
-                self.collected[left.run] = self.collected.get(left.run, 0) + 1
-        return left
+            return self._left.pop(identity, None)
+
+    def was_collected(self, left: Left) -> None:
+        """`left` came back: the edit is made from it at no new cost."""
+        with self._lock:
+            self.collected[left.run] = self.collected.get(left.run, 0) + 1
 
     def not_collected(self, left: Left) -> None:
         """`left` turned out failed, or out of this key's sight: the edit is made here anew."""
         with self._lock:
-            self.collected[left.run] -= 1
-            if not self.collected[left.run]:
-                del self.collected[left.run]
             self.uncollectable[left.run] = self.uncollectable.get(left.run, 0) + 1
 
     def _write(self, uri: S3Uri, if_match: str | None, prediction: dict[str, str] | None = None) -> str | None:
@@ -194,7 +193,7 @@ class BucketClaims:
             )
         if self.taken_over:
             parts.append(
-                f"Edits that {_runs(self.taken_over)} had claimed in the bucket were made here after "
+                f"Edits that {_runs(self.taken_over)} had claimed in the bucket were taken over here after "
                 + (
                     "its lease there lapsed (its machine is gone)."
                     if len(self.taken_over) == 1

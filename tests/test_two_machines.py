@@ -237,7 +237,7 @@ def test_an_edit_claimed_by_a_run_whose_machine_died_is_made_once_its_lease_laps
         other.close()
     assert outcomes[0].status == "succeeded" and sim.stats.creates == 1
     [note] = [n for n in other.notes() if "claimed in the bucket" in n]
-    assert note.startswith(f"Edits that run {gone.run_id} (process ") and "were made here after its lease" in note
+    assert note.startswith(f"Edits that run {gone.run_id} (process ") and "were taken over here after its lease" in note
     assert "Rows waited" not in note
     assert claims_in(aws_env) == []
 
@@ -290,6 +290,24 @@ def test_an_edit_whose_claimant_died_after_paying_is_collected_not_paid_again(jo
     [note] = [n for n in other.notes() if "claimed in the bucket" in n]
     assert f"1 of them was collected from the prediction run {gone.run_id} had paid for, at no new cost" in note
     assert claims_in(aws_env) == []
+
+
+def test_a_collection_that_does_not_come_back_is_not_counted_as_collected(job, aws_env, simulator):
+    # As above, but the prediction's result never downloads whole: the row fails, keeping
+    # that prediction for a rerun (not paying for another), and the note does not say it
+    # was collected.
+    sim = simulator(latency=0.05, fill="tone")
+    with died_after_its_create(job, sim, aws_env) as (gone, paid_for):
+        sim.settings.corrupt_rate = 1.0
+        other = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2", lease_seconds=6)
+        try:
+            [failed] = [other.process(e) for e in other.manifest.edits]  # once that run's lease lapses
+        finally:
+            other.close()
+    assert failed.status == "failed" and failed.prediction_id == paid_for and failed.cost_usd == 0, failed.error
+    assert sim.stats.creates == 1 and other.ledger.spent_usd == 0
+    notes = " ".join(other.notes())
+    assert "collected" not in notes, notes
 
 
 @pytest.mark.parametrize("why", ["it failed", "another account made it"])
