@@ -23,7 +23,7 @@ from soundpatch.batch import Batch, new_run_id, preflight
 from soundpatch.config import Config, load_config
 from soundpatch.dropouts import find_dropouts, restoration_manifest
 from soundpatch.errors import RowError, SoundpatchError, as_sentence
-from soundpatch.humanize import duration
+from soundpatch.humanize import duration, plural
 from soundpatch.journal import JOURNAL_FILE, JournalTail, latest_outcomes, parse, prediction_seconds, read_events
 from soundpatch.journal_copy import JournalCopy
 from soundpatch.locks import RunLock
@@ -34,6 +34,7 @@ from soundpatch.outcome import (
     EXIT_ROWS_FAILED,
     FAILED,
     INVALID,
+    SKIPPED_DONE,
     STATUSES,
     SUCCEEDED,
     Outcome,
@@ -454,11 +455,19 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
     if summary.get("report_uri"):
         table.add_row("report in bucket", str(summary["report_uri"]))
     out.print(table)
-    problems = [o for o in outcomes if o.status not in (SUCCEEDED, "skipped_done")]
-    for o in problems[:8]:
-        out.print(f"  [red]{o.status}[/red] {escape(o.row_id)}: {escape(o.error)}", soft_wrap=True)
-    if len(problems) > 8:
-        out.print(f"  ... {len(problems) - 8} more in {run_dir / 'report.csv'}")
+    # Rows that did not succeed, those with the same reason on one line (a provider that
+    # refuses a key refuses it on every row): the first eight reasons, the rest in the report.
+    alike: dict[tuple[str, str], list[str]] = {}
+    for o in outcomes:
+        if o.status not in (SUCCEEDED, SKIPPED_DONE):
+            alike.setdefault((o.status, o.error), []).append(o.row_id)
+    reasons = list(alike.items())
+    for (status, error), rows in reasons[:8]:
+        which = ", ".join(rows[:3]) + (f" and {plural(len(rows) - 3, 'more row')}" if len(rows) > 3 else "")
+        out.print(f"  [red]{status}[/red] {escape(which)}: {escape(error)}", soft_wrap=True)
+    if len(reasons) > 8:
+        unshown = sum(len(rows) for _, rows in reasons[8:])
+        out.print(f"  ... {plural(unshown, 'more row')} in {run_dir / 'report.csv'}", soft_wrap=True)
     for note in summary.get("notes", []):
         out.print(f"[dim]note: {escape(note)}[/dim]", soft_wrap=True)
 

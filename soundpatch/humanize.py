@@ -13,3 +13,8 @@ def duration(seconds: float | None) -> str:
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 more row`, `3 more rows`: the count and its noun, plural when it is not one."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

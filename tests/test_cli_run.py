@@ -282,6 +282,29 @@ def test_the_report_of_a_run_that_ended_before_writing_one_is_rendered_from_its_
     assert (tmp_path / "runs" / "crashed" / "report.html").exists()
 
 
+def test_the_summary_puts_rows_that_ended_for_the_same_reason_on_one_line(tmp_path, capsys):
+    from soundpatch.cli import _print_summary
+    from soundpatch.outcome import Outcome
+
+    def ended(row: str, status: str, error: str = "") -> Outcome:
+        return Outcome(row, "fx.wav", 1.0, 1.5, "a gong", 1, "stability", status=status, error=error)
+
+    refused = "Stability AI refused the create: HTTP 401 unauthorized (check the API key)."
+    outcomes = [ended("ok", "succeeded"), *(ended(f"r{i}", "failed", refused) for i in range(30))]
+    outcomes += [ended("late", "failed", "Could not download the result."), ended("odd", "invalid", refused)]
+    outcomes += [ended(f"x{i}", "invalid", f"Reason {i}.") for i in range(8)]
+    summary = {"run_id": "grouped", "spent_usd": 0.0, "budget_usd": 10.0, "output_uri": "./outputs/"}
+    _print_summary(summary, outcomes, tmp_path)
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert lines == [
+        f"failed r0, r1, r2 and 27 more rows: {refused}",
+        "failed late: Could not download the result.",
+        f"invalid odd: {refused}",  # the same words, another status: a line of its own
+        *(f"invalid x{i}: Reason {i}." for i in range(5)),
+        f"... 3 more rows in {tmp_path / 'report.csv'}",
+    ]
+
+
 def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tmp_path, capsys):
     from soundpatch.cli import _ProgressWatcher
     from soundpatch.journal import Journal
