@@ -231,6 +231,30 @@ def test_server_errors_are_retried_then_the_row_fails_without_charge(library, aw
     assert batch.ledger.spent_usd == 0
 
 
+def test_rows_left_when_the_provider_is_out_of_reach_stage_nothing_and_cost_nothing(
+    library, aws_env, simulator, monkeypatch
+):
+    # Every create turned away: once three rows in a row (limits.concurrency) have failed
+    # that way, the rows left are not sent, and no clip of theirs is uploaded to staging.
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(error_rate=1.0)
+    rows = "".join(f"r{i},audio/loop.wav,{i}.0,{i}.5,brass stab,{i}\n" for i in range(1, 13))
+    (library / "twelve.csv").write_text("id,input,start,end,prompt,seed\n" + rows)
+    knobs = {"limits.concurrency": 3, "provider.max_retries": 0, "limits.requests_per_minute": 6000}
+    cfg = hosted_config(sim, aws_env.endpoint, str(library / "outputs"), library / "runs", **knobs)
+    batch = Batch(load_manifest(library / "twelve.csv"), cfg, "outage")
+    try:
+        outcomes = [batch.process(e) for e in batch.manifest.edits]
+    finally:
+        batch.close()
+    assert [o.error.split(":")[0] for o in outcomes] == ["Each Labs did not take the create after 1 attempt"] * 3 + [
+        "Not sent to Each Labs"
+    ] * 9
+    assert sim.stats.creates == 3 and batch.ledger.spent_usd == 0 and all(o.cost_usd == 0 for o in outcomes)
+    staged = [e for e in read_events(batch.run_dir) if e["event"] == "staged"]
+    assert sorted(e["row"] for e in staged) == ["r1", "r2", "r3"]
+
+
 def test_a_wrong_key_fails_at_once_and_is_never_echoed(library, aws_env, simulator, monkeypatch):
     monkeypatch.setenv("EACHLABS_API_KEY", "sk-wrong-000111")
     sim = simulator(api_key=KEY)

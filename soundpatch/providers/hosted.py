@@ -117,6 +117,7 @@ class HostedProvider:
             clip = prepare_clip(audio, window, request.pad or self.config.pad)
         kept = request.kept_answer
         if kept is None:
+            self._within_reach()  # before a clip is staged for it, too
             return self._predict(request, window, clip)
         again = self._fetch_again(kept.prediction_id, request)
         return self._use(kept, 0, again, clip, window, request)
@@ -126,6 +127,13 @@ class HostedProvider:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the create
+
+    def _within_reach(self, tried: int = 0) -> None:
+        """Raise OutOfReach once creates to this provider have come to nothing many times
+        in a row (providers/reach.py); `tried`: this row's creates so far."""
+        lost = self.reach.lost()
+        if lost is not None:
+            raise OutOfReach(f"Not sent to {self.display}{' again' if tried else ''}: {lost}")
 
     def _create(self, send: Callable[[int], T], request: InpaintRequest) -> tuple[T, int]:
         """`send(attempt)` makes the create (the request that is billed) and reads its answer;
@@ -138,9 +146,7 @@ class HostedProvider:
 
         def once() -> T:
             nonlocal attempts
-            lost = self.reach.lost()
-            if lost is not None:
-                raise OutOfReach(f"Not sent to {self.display}{' again' if attempts else ''}: {lost}")
+            self._within_reach(tried=attempts)
             attempts += 1
             # A run stopped while this row waits its turn ends the wait; then nothing is sent.
             self.creates.acquire(give_up=request.stopping)
