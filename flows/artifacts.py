@@ -23,7 +23,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from soundpatch.outcome import STATUSES, Outcome
+from soundpatch.outcome import STATUSES, Outcome, by_reason
 
 TABLE_ROWS = 1000
 TABLE_COLUMNS = ("row_id", "status", "cost_usd", "checks", "output", "error")
@@ -56,14 +56,17 @@ def publish(outcomes: Sequence[Outcome], summary: dict[str, Any], report_path: s
     )
     _quietly(
         lambda: create_markdown_artifact(
-            summary_markdown(summary, report_path),
+            summary_markdown(summary, report_path, by_reason(outcomes)),
             key="soundpatch-summary",
             description=f"Summary of run {summary['run_id']}",
         )
     )
 
 
-def summary_markdown(summary: dict[str, Any], report_path: str) -> str:
+def summary_markdown(
+    summary: dict[str, Any], report_path: str, reasons: Sequence[tuple[str, str, list[str]]] = ()
+) -> str:
+    """`reasons`: why results did not succeed (soundpatch.outcome.by_reason), the first ten shown."""
     by_status = summary.get("by_status", {})
     lines = [
         f"# soundpatch run `{summary['run_id']}`",
@@ -80,11 +83,22 @@ def summary_markdown(summary: dict[str, Any], report_path: str) -> str:
         "|---|---|",
         *[f"| {s} | {by_status.get(s, 0)} |" for s in STATUSES],
         "",
-        f"Report: `{report_path}`",
     ]
+    if reasons:
+        lines += ["| results | why they did not succeed |", "|---|---|"]
+        lines += [f"| {len(rows)} {status} | {_cell(reason)} |" for status, reason, rows in reasons[:10]]
+        if len(reasons) > 10:
+            lines.append(f"| {sum(len(rows) for *_, rows in reasons[10:])} | other reasons (see the report) |")
+        lines.append("")
+    lines.append(f"Report: `{report_path}`")
     if summary.get("report_uri"):
         lines.append(f"In the bucket: `{summary['report_uri']}`")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text as one markdown table cell."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def _quietly(make):  # noqa: ANN001, ANN202 - a thunk and whatever it returns

@@ -34,10 +34,9 @@ from soundpatch.outcome import (
     EXIT_ROWS_FAILED,
     FAILED,
     INVALID,
-    SKIPPED_DONE,
     STATUSES,
-    SUCCEEDED,
     Outcome,
+    by_reason,
     exit_status,
 )
 from soundpatch.pace import Pace
@@ -455,18 +454,14 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
     if summary.get("report_uri"):
         table.add_row("report in bucket", str(summary["report_uri"]))
     out.print(table)
-    # Rows that did not succeed, those with the same reason on one line (a provider that
-    # refuses a key refuses it on every row): the first eight reasons, the rest in the report.
-    alike: dict[tuple[str, str], list[str]] = {}
-    for o in outcomes:
-        if o.status not in (SUCCEEDED, SKIPPED_DONE):
-            alike.setdefault((o.status, o.error), []).append(o.row_id)
-    reasons = list(alike.items())
-    for (status, error), rows in reasons[:8]:
+    # Rows that did not succeed, those with the same reason on one line: the eight most
+    # common reasons, the rest in the report.
+    reasons = by_reason(outcomes)
+    for status, error, rows in reasons[:8]:
         which = ", ".join(rows[:3]) + (f" and {plural(len(rows) - 3, 'more row')}" if len(rows) > 3 else "")
         out.print(f"  [red]{status}[/red] {escape(which)}: {escape(error)}", soft_wrap=True)
     if len(reasons) > 8:
-        unshown = sum(len(rows) for _, rows in reasons[8:])
+        unshown = sum(len(rows) for _, _, rows in reasons[8:])
         out.print(f"  ... {plural(unshown, 'more row')} in {run_dir / 'report.csv'}", soft_wrap=True)
     for note in summary.get("notes", []):
         out.print(f"[dim]note: {escape(note)}[/dim]", soft_wrap=True)

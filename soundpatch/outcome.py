@@ -70,6 +70,18 @@ def exit_status(outcomes: Iterable[Outcome]) -> int:
     return EXIT_OK
 
 
+def by_reason(outcomes: Iterable[Outcome]) -> list[tuple[str, str, list[str]]]:
+    """The results that did not succeed, gathered by what ended them: (status, reason, row
+    ids), the most common first (a refused key, or a provider out of reach, is one reason
+    for hundreds of rows)."""
+    alike: dict[tuple[str, str], list[str]] = {}
+    for o in outcomes:
+        if o.status not in (SUCCEEDED, SKIPPED_DONE):
+            alike.setdefault((o.status, o.error), []).append(o.row_id)
+    ranked = sorted(alike.items(), key=lambda item: -len(item[1]))
+    return [(status, reason, rows) for (status, reason), rows in ranked]
+
+
 # The report's columns, in order: every Outcome field but `extra` (which becomes the
 # manifest's own columns after these).
 REPORT_COLUMNS = tuple(name for name in Outcome.__dataclass_fields__ if name != "extra")

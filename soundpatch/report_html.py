@@ -27,7 +27,7 @@ import numpy as np
 
 from soundpatch import preview
 from soundpatch.humanize import duration
-from soundpatch.outcome import STATUSES, Outcome
+from soundpatch.outcome import STATUSES, Outcome, by_reason
 
 MEDIA_CARDS = preview.KEEP
 PAGE_SIZE = 50
@@ -79,7 +79,25 @@ def _summary_html(summary: dict[str, Any], outcomes: Sequence[Outcome], with_med
             f'<p class="note">Waveforms and players are shown for {with_media} of {len(outcomes)} results '
             "(flagged ones first); every card links to its output.</p>"
         )
-    return f'<div class="tiles">{tiles}</div><table class="facts">{table}</table>{notes}{more}'
+    return f'<div class="tiles">{tiles}</div><table class="facts">{table}</table>{_reasons_html(outcomes)}{notes}{more}'
+
+
+def _reasons_html(outcomes: Sequence[Outcome], shown: int = 10) -> str:
+    """Why results did not succeed, the most common reason first, with how many it ended."""
+    reasons = by_reason(outcomes)
+    if not reasons:
+        return ""
+    esc = html.escape
+    lines = "".join(
+        f'<tr><td class="count">{len(rows)}</td><td><span class="badge {status}">{status}</span> '
+        f"{esc(reason)}</td></tr>"
+        for status, reason, rows in reasons[:shown]
+    )
+    rest = sum(len(rows) for _, _, rows in reasons[shown:])
+    if rest:
+        others = f"for {len(reasons) - shown} other reasons (see the cards)"
+        lines += f'<tr><td class="count">{rest}</td><td>{others}</td></tr>'
+    return f'<table class="reasons"><caption>Why results did not succeed</caption>{lines}</table>'
 
 
 def _per_minute(value: Any) -> str:

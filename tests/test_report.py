@@ -247,6 +247,11 @@ def test_a_10000_result_report_opens_without_freezing(tmp_path):
     report = write_reports(run_dir, outcomes, summary)["html"]
     assert report.stat().st_size < 10_000_000
 
+    # On top, why results did not succeed: one line for the 3,333 that failed the same way.
+    reasons = report.read_text().split('<table class="reasons">')[1].split("</table>")[0]
+    assert reasons.count("<tr>") == 1
+    assert '<td class="count">3333</td>' in reasons and "The provider answered 500 three times." in reasons
+
     shown = browse(report, tmp_path, "--dump-dom")
     assert shown.returncode == 0 and console_errors(shown.stderr) == [], shown.stderr[-2000:]
     assert "10000 results · page 1 of 200" in shown.stdout
@@ -329,5 +334,7 @@ def test_the_prefect_ui_tells_the_same_story(tmp_path):
     markdown = by_type["markdown"]["data"]
     assert by_type["markdown"]["key"] == "soundpatch-summary"
     assert "| succeeded | 6 |" in markdown and "| invalid | 1 |" in markdown and "spent" in markdown
+    [why] = [line for line in markdown.splitlines() if line.startswith("| 1 invalid | ")]
+    assert "missing.wav" in why, markdown
     report = pd.read_csv(tmp_path / "runs" / "ui" / "report.csv")
     assert (report["status"] == "succeeded").sum() == 6
