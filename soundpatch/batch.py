@@ -451,8 +451,20 @@ class Batch:
             "budget_usd": limits.budget_usd,
             "expected_seconds": round(seconds, 1),
             "errors": errors,
-            "notes": lookalike_notes(edits),
+            "notes": lookalike_notes(edits) + self._unready(per_provider),
         }
+
+    def _unready(self, providers: dict[str, int]) -> list[str]:
+        """What would stop the run before its first row, for providers it would send to (a
+        key not set, no staging prefix): an estimate touches no provider, so it says so here."""
+        notes = []
+        for name in providers:
+            try:
+                self._provider(name).ready()
+            except ConfigError as exc:
+                why = str(exc).rstrip(".")
+                notes.append(f"The run itself would stop before sending anything: {why[:1].lower()}{why[1:]}.")
+        return notes
 
     # ------------------------------------------------------------------ processing
 

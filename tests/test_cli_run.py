@@ -228,6 +228,15 @@ def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_h
     typo = run(workdir, prefect_home, "validate", "manifests/typo.csv")
     assert typo.returncode == 0 and "The column 'sead' is not one soundpatch reads" in typo.stdout
     assert "Did you mean 'seed'?" in typo.stdout
+    # A hosted provider whose key is not set here: the estimate, which needs no key, says the
+    # run would stop before sending anything (clean_env has no provider key).
+    (workdir / "hosted.yaml").write_text("provider: {name: stability}\n")
+    keyless = run(workdir, prefect_home, "validate", "manifests/sfx_variations.yaml", "--config", "hosted.yaml")
+    assert keyless.returncode == 0 and "$1.80" in keyless.stdout
+    assert (
+        "note: The run itself would stop before sending anything: the stability provider needs an API key: "
+        "set the environment variable STABILITY_API_KEY"
+    ) in keyless.stdout
     assert not (workdir / "runs").exists() and not (workdir / "outputs").exists()
 
 
