@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from soundpatch import preview
-from soundpatch.humanize import duration
+from soundpatch.humanize import duration, plural
 from soundpatch.outcome import STATUSES, Outcome, by_reason
 
 MEDIA_CARDS = preview.KEEP
@@ -95,7 +95,7 @@ def _reasons_html(outcomes: Sequence[Outcome], shown: int = 10) -> str:
     )
     rest = sum(len(rows) for _, _, rows in reasons[shown:])
     if rest:
-        others = f"for {len(reasons) - shown} other reasons (see the cards)"
+        others = f"for {plural(len(reasons) - shown, 'other reason')} (see the cards)"
         lines += f'<tr><td class="count">{rest}</td><td>{others}</td></tr>'
     return f'<table class="reasons"><caption>Why results did not succeed</caption>{lines}</table>'
 

@@ -170,12 +170,11 @@ class HostedProvider:
         try:
             result = self.retry.call(once, on_retry=self._on_retry(request, "create"), sleep=self._sleep)
         except Retryable as exc:
-            tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
-            failed = PredictionFailed(
-                f"{self.display} did not take the create after {tries}: {exc}", 0.0, None, attempts
-            )
             self.reach.missed(str(exc))
-            raise failed from None
+            tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+            raise PredictionFailed(
+                f"{self.display} did not take the create after {tries}: {exc}", 0.0, None, attempts
+            ) from None
         except PredictionFailed as exc:  # in doubt (paid, no answer), or refused on its answer
             if exc.cost_usd:
                 self.reach.missed(str(exc))
