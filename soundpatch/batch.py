@@ -36,6 +36,7 @@ from soundpatch.config import Config
 from soundpatch.cpu import crunching
 from soundpatch.edit_claims import BucketClaims, Left
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
+from soundpatch.humanize import plural
 from soundpatch.identity import edit_identity, request_identity
 from soundpatch.interrupt import stop_requested
 from soundpatch.journal import JOURNAL_FILE, Journal, RowState, parse, restore, row_states, states_from
@@ -213,7 +214,7 @@ class Batch:
         if copied:
             self._copy_read = (
                 f"This machine had no journal of run {self.run_id}: it went on from the journal's copy in the "
-                f"bucket ({len(states)} row{'s' if len(states) != 1 else ''} begun elsewhere)."
+                f"bucket ({plural(len(states), 'row')} begun elsewhere)."
             )
         for s in states.values():
             if s.answer is not None and not self.answers.exists(s.answer):
@@ -1074,7 +1075,7 @@ def _unused(prediction_id: str | None, cost_usd: float, again: bool) -> dict[str
 
 def _rows(row_ids: list[str]) -> str:
     shown = ", ".join(sorted(row_ids)[:5]) + (", ..." if len(row_ids) > 5 else "")
-    return f"{len(row_ids)} row{'s' if len(row_ids) != 1 else ''} ({shown})"
+    return f"{plural(len(row_ids), 'row')} ({shown})"
 
 
 def _apply(quality: dict, outcome: Outcome) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from soundpatch import audio as audio_ops
 from soundpatch.audio import Audio
 from soundpatch.errors import RowError
+from soundpatch.humanize import plural
 
 
 @dataclass
@@ -56,7 +57,7 @@ def combined_note(files: list[CombinedFile]) -> list[str]:
     notes = []
     made = [f for f in files if f.output]
     if made:
-        shown = ", ".join(f"{f.name} ({len(f.rows)} row{'s' if len(f.rows) != 1 else ''})" for f in made[:3])
+        shown = ", ".join(f"{f.name} ({plural(len(f.rows), 'row')})" for f in made[:3])
         notes.append(
             f"{len(made)} {'file holds' if len(made) == 1 else 'files hold'} the edits of several rows of one "
             f"recording each: {shown}{', ...' if len(made) > 3 else ''}; each row's own result is beside it "

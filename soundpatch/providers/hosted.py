@@ -25,6 +25,7 @@ from soundpatch import soundio
 from soundpatch.config import ProviderConfig
 from soundpatch.cpu import crunching
 from soundpatch.errors import ConfigError, RowError, as_sentence, network_reason
+from soundpatch.humanize import plural
 from soundpatch.limits import InFlight, RateLimiter
 from soundpatch.providers.base import (
     InpaintRequest,
@@ -171,7 +172,7 @@ class HostedProvider:
             result = self.retry.call(once, on_retry=self._on_retry(request, "create"), sleep=self._sleep)
         except Retryable as exc:
             self.reach.missed(str(exc))
-            tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+            tries = plural(attempts, "attempt")
             raise PredictionFailed(
                 f"{self.display} did not take the create after {tries}: {exc}", 0.0, None, attempts
             ) from None
