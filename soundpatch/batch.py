@@ -28,7 +28,7 @@ from typing import Any
 from threadpoolctl import threadpool_limits
 
 from soundpatch import audio as audio_ops
-from soundpatch import preview
+from soundpatch import preview, tls
 from soundpatch.answers import AnswerShelf
 from soundpatch.audio import Audio, AudioInfo
 from soundpatch.combine import CombinedFile, combined_note, overlay
@@ -137,6 +137,7 @@ class Batch:
         self._no_lease = ""  # why the run holds no lease, for the notes
         self.sources = SourceReader(self.s3, config.storage)
         self.manifest = manifest.with_patterns_expanded(self.sources.glob)
+        tls.verify()  # a CA bundle (SSL_CERT_FILE) that cannot be read: before any row, in one sentence
         self._provider(config.provider.name)  # an unusable provider stops the run before it starts
         if not dry_run:
             self.store.ready()  # a missing bucket or unwritable folder: once, before any row

@@ -31,6 +31,12 @@ def as_sentence(text: str, fallback: str = "Unknown error") -> str:
     return text[:1].upper() + text[1:] + "."
 
 
+def tls_failure(exc: BaseException) -> bool:
+    """The connection failed in its TLS handshake (its certificate not trusted here, or a
+    server that does not speak TLS): trying again in a few seconds makes no difference."""
+    return "[SSL" in str(exc) or "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
 def network_reason(exc: BaseException) -> str:
     """Why a connection to a server failed, in words a user can act on (no parentheses, for
     a caller to put it in some): the exception's class name alone ("ConnectError") hides

@@ -17,9 +17,7 @@ Messages name the URL without its query string, which may hold a token.
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
-import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,8 +25,9 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
+from soundpatch import tls
 from soundpatch.config import HttpConfig
-from soundpatch.errors import RowError, network_reason
+from soundpatch.errors import RowError, network_reason, tls_failure
 from soundpatch.retry import Retryable, RetryPolicy
 
 MAX_REDIRECTS = 5
@@ -97,10 +96,8 @@ def version(response: httpx.Response) -> str | None:
 def _client(config: HttpConfig) -> httpx.Client:
     # No proxy from the environment (the address checks above are of the host itself), but
     # the CA bundle named by SSL_CERT_FILE is trusted, as by the providers' client.
-    bundle = os.environ.get("SSL_CERT_FILE")
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=bundle) if bundle else True
     return httpx.Client(
-        timeout=httpx.Timeout(config.timeout_seconds), follow_redirects=False, trust_env=False, verify=verify
+        timeout=httpx.Timeout(config.timeout_seconds), follow_redirects=False, trust_env=False, verify=tls.verify()
     )
 
 
@@ -127,7 +124,8 @@ def _fetch_once(url: str, config: HttpConfig, max_bytes: int) -> tuple[bytes, st
     except httpx.TimeoutException:
         raise Retryable(f"Cannot fetch {shown(url)}: no answer within {config.timeout_seconds:g} s") from None
     except httpx.TransportError as exc:
-        raise Retryable(f"Cannot fetch {shown(url)}: {network_reason(exc)}") from None
+        why = f"Cannot fetch {shown(url)}: {network_reason(exc)}"
+        raise (RowError(why) if tls_failure(exc) else Retryable(why)) from None  # TLS does not mend in seconds
 
 
 def _body(response: httpx.Response, url: str, max_bytes: int, deadline: float) -> bytes:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+import trustme
 
 from soundpatch.answers import AnswerShelf
 from soundpatch.batch import Batch
@@ -25,6 +26,7 @@ from soundpatch.manifest import load_manifest
 from soundpatch.providers import PaidAnswer, hosted
 from tests.jobs import AT_DECODE, assert_key_nowhere, clean_env, dying, soundpatch, synth
 from tests.test_eachlabs import assert_result_is_right
+from tests.test_storage import speaking_tls
 
 KEY = "sk-stability-5e4d3c2b1a"
 PRICE = 0.20
@@ -157,6 +159,42 @@ def test_a_provider_out_of_reach_is_sent_no_more_and_the_rerun_does_the_rest(
     outcomes, _ = run_batch(local_library, sim, "reach", threads=4, manifest="many.csv", **knobs)
     assert [o.status for o in outcomes] == ["succeeded"] * 24
     assert sim.stats.accepted == 24 and sum(o.cost_usd for o in outcomes) == pytest.approx(24 * PRICE)
+
+
+def test_a_provider_under_a_ca_of_its_own_is_reached_once_ssl_cert_file_names_the_ca(local_library, monkeypatch):
+    """Behind a proxy that inspects TLS, every create meets a certificate this machine does
+    not trust: each sent row says so and what to set (not tried again: it does not mend in
+    seconds), the rest are not sent, nothing is owed; with SSL_CERT_FILE naming the CA's
+    bundle the rerun makes them all."""
+    from soundpatch.simulator import Simulator, SimulatorSettings
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    rows = "".join(f"r{i},audio/fx.wav,1.2,1.65,clang {i},{i}\n" for i in range(12))
+    (local_library / "many.csv").write_text("id,input,start,end,prompt,seed\n" + rows)
+    ca = trustme.CA()
+    sim = Simulator(SimulatorSettings(latency=0.05, fill="tone", api_key=KEY))
+    sim.server.socket = speaking_tls(sim.server.socket, ca)
+    url = sim.base_url.replace("http:", "https:")
+    with sim:
+        knobs = {"provider.base_url": url, "limits.concurrency": 3}
+        outcomes, batch = run_batch(local_library, sim, "tls", threads=3, manifest="many.csv", **knobs)
+        assert {o.status for o in outcomes} == {"failed"} and batch.ledger.spent_usd == 0
+        sent = [o for o in outcomes if not o.error.startswith("Not sent")]
+        assert 3 <= len(sent) <= 5 and sim.stats.creates == 0
+        assert all(
+            o.error.startswith(f"Cannot connect to {url} (its TLS certificate is not trusted here: ") for o in sent
+        )
+        assert sent[0].error.endswith("behind a proxy that inspects TLS, set SSL_CERT_FILE to its CA bundle).")
+        assert not any(e["event"] == "retry" for e in journal(batch))
+
+        bundle = local_library / "corporate-ca.pem"
+        ca.cert_pem.write_to_path(str(bundle))
+        monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+        outcomes, _ = run_batch(local_library, sim, "tls", threads=3, manifest="many.csv", **knobs)
+        assert [o.status for o in outcomes] == ["succeeded"] * 12, outcomes[0].error
+        assert sim.stats.accepted == 12 and sum(o.cost_usd for o in outcomes) == pytest.approx(12 * PRICE)
 
 
 def test_a_429_timeout_is_waited_out_by_every_row_not_hammered(local_library, simulator, monkeypatch):

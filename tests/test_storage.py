@@ -14,6 +14,7 @@ import io
 import os
 import re
 import socket
+import ssl
 import threading
 import unicodedata
 from pathlib import Path
@@ -23,9 +24,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+import trustme
 
 from soundpatch.batch import Batch
 from soundpatch.config import load_config
+from soundpatch.errors import ConfigError
 from soundpatch.manifest import load_manifest
 from tests.jobs import clean_env, run_in_process, soundpatch
 
@@ -597,10 +600,11 @@ def test_patterns_expand_into_rows_and_identical_rows_are_sent_once(tmp_path):
 # ---------------------------------------------------------------------- https inputs
 
 
-def serve(root: Path, seen: list[tuple[str, str]] | None = None, etags: bool = False):
+def serve(root: Path, seen: list[tuple[str, str]] | None = None, etags: bool = False, ca: trustme.CA | None = None):
     """A real HTTP server on loopback serving `root`: Last-Modified on every file, and with
     `etags` an ETag of its content too (as nginx, CDNs and buckets give); each request's
-    (method, path) appended to `seen`."""
+    (method, path) appended to `seen`. With `ca`, it speaks https, with a certificate that
+    CA issued."""
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args) -> None:
@@ -618,8 +622,17 @@ def serve(root: Path, seen: list[tuple[str, str]] | None = None, etags: bool = F
             super().end_headers()
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    if ca is not None:
+        server.socket = speaking_tls(server.socket, ca)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+    return server, f"{'https' if ca else 'http'}://127.0.0.1:{server.server_address[1]}"
+
+
+def speaking_tls(listening: socket.socket, ca: trustme.CA) -> ssl.SSLSocket:
+    """`listening`, answering in TLS with a certificate for 127.0.0.1 that `ca` issued."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context.wrap_socket(listening, server_side=True)
 
 
 def closed_port() -> int:
@@ -675,6 +688,56 @@ def test_web_inputs_are_fetched_with_a_cap_and_local_addresses_refused_by_defaul
 
     capped = run(tmp_path / "m.csv", load_config(overrides={**allowed, "storage.max_input_mb": 0.01}), "capped")
     assert capped[0].status == "invalid" and "over the" in capped[0].error and "limit" in capped[0].error
+
+
+def test_an_https_input_under_a_ca_of_its_own_is_fetched_once_ssl_cert_file_names_the_ca(tmp_path, monkeypatch):
+    """As behind a proxy that inspects TLS: the server's certificate comes from a CA the
+    system does not know. The row says so and what to set, without trying again and again;
+    with SSL_CERT_FILE naming the CA's bundle it is fetched; a bundle that is not there
+    stops the run before any row, in one sentence."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    ca = trustme.CA()
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "clip.wav").write_bytes(wav_bytes(2.0))
+    server, base = serve(root, ca=ca)
+    handshakes = []
+    accept = server.get_request
+    server.get_request = lambda: handshakes.append(1) or accept()
+    try:
+        (tmp_path / "m.csv").write_text(f"id,input,start,end,prompt\nclip,{base}/clip.wav,0.5,1,fill\n")
+        cfg = load_config(
+            overrides={
+                "output.uri": str(tmp_path / "out"),
+                "runs_dir": str(tmp_path / "runs"),
+                "storage.http.allow_private_addresses": True,
+            }
+        )
+        (untrusted,) = run(tmp_path / "m.csv", cfg, "untrusted")
+        assert untrusted.status == "invalid"
+        assert f"Cannot fetch {base}/clip.wav: its TLS certificate is not trusted here: " in untrusted.error
+        assert untrusted.error.endswith("behind a proxy that inspects TLS, set SSL_CERT_FILE to its CA bundle.")
+        assert len(handshakes) == 1  # not tried again: a certificate does not come to be trusted in seconds
+
+        bundle = tmp_path / "corporate-ca.pem"
+        ca.cert_pem.write_to_path(str(bundle))
+        monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+        (trusted,) = run(tmp_path / "m.csv", cfg, "trusted")
+        assert trusted.status == "succeeded", trusted.error
+        before, after = sf.read(root / "clip.wav", dtype="int16")[0], sf.read(trusted.output, dtype="int16")[0]
+        assert np.array_equal(before[: int(0.5 * 22050)], after[: int(0.5 * 22050)])
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "moved.pem"))
+        with pytest.raises(ConfigError, match=r"^SSL_CERT_FILE names .*moved\.pem, which is not a file: point it"):
+            run(tmp_path / "m.csv", cfg, "moved")
+        (tmp_path / "empty.pem").write_text("")
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "empty.pem"))
+        with pytest.raises(ConfigError, match=r"empty\.pem, which holds no certificate in PEM form"):
+            run(tmp_path / "m.csv", cfg, "empty")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize("etags", [True, False], ids=["etag", "last-modified"])

@@ -21,10 +21,10 @@ import httpx
 import numpy as np
 import soundfile as sf
 
-from soundpatch import soundio
+from soundpatch import soundio, tls
 from soundpatch.config import ProviderConfig
 from soundpatch.cpu import crunching
-from soundpatch.errors import ConfigError, RowError, as_sentence, network_reason
+from soundpatch.errors import ConfigError, RowError, as_sentence, network_reason, tls_failure
 from soundpatch.humanize import plural
 from soundpatch.limits import InFlight, RateLimiter
 from soundpatch.providers.base import (
@@ -45,11 +45,14 @@ T = TypeVar("T")
 
 
 class Refused(RowError):
-    """The service answered a request with a 4xx other than 429: nothing was made."""
+    """Nothing was made: the service answered a request with a 4xx other than 429, or its
+    connection could not be made safe (TLS). `every_row`: any row would meet the same (the
+    key refused, the certificate not trusted), not only this one's content."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int | None, every_row: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.every_row = every_row
 
 
 class HostedProvider:
@@ -82,7 +85,7 @@ class HostedProvider:
         # Pool sized to the work in flight (polls, and creates and downloads of rows on
         # either side of it): a much larger pool costs CPU in bookkeeping.
         limits = httpx.Limits(max_connections=2 * concurrency + 4, max_keepalive_connections=2 * concurrency + 4)
-        self.client = client or httpx.Client(timeout=timeout, limits=limits)
+        self.client = client or httpx.Client(timeout=timeout, limits=limits, verify=tls.verify())
         self.retry = RetryPolicy(attempts=config.max_retries + 1)
         self.reach = Reach(after=max(3, concurrency))  # a whole wave of rows in flight, at least
         self._sleep = sleep
@@ -158,7 +161,10 @@ class HostedProvider:
                 return send(attempts)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 request.tell("create_refused", reason=type(exc).__name__)
-                raise Retryable(f"cannot connect to {self.base_url} ({network_reason(exc)})") from None
+                why = f"cannot connect to {self.base_url} ({network_reason(exc)})"
+                if tls_failure(exc):  # does not mend in seconds, and every row would meet it
+                    raise Refused(why, None, every_row=True) from None
+                raise Retryable(why) from None
             except httpx.HTTPError as exc:
                 # Sent, and no (whole) answer: the provider may have made it, and billed it.
                 raise self._in_doubt(f"got no answer ({type(exc).__name__})", attempts) from None
@@ -185,8 +191,8 @@ class HostedProvider:
         except NotStarted:
             raise
         except RowError as exc:  # refused (4xx): nothing was made, nothing is owed
-            if isinstance(exc, Refused) and exc.status in (401, 403):
-                self.reach.missed(str(exc))  # the key: every row would be refused the same way
+            if isinstance(exc, Refused) and exc.every_row:
+                self.reach.missed(str(exc))  # the key, or TLS: every row would be refused the same way
             else:
                 self.reach.answered()
             raise PredictionFailed(str(exc), 0.0, None, attempts) from None
@@ -299,7 +305,8 @@ class HostedProvider:
         if status == 429 or status >= 500:
             raise Retryable(f"{what} answered HTTP {status}", self._retry_after(response))
         hint = " (check the API key)" if status in (401, 403) else ""
-        raise Refused(f"{self.display} refused the {what}: HTTP {status} {self._message(response)}{hint}", status)
+        message = f"{self.display} refused the {what}: HTTP {status} {self._message(response)}{hint}"
+        raise Refused(message, status, every_row=status in (401, 403))
 
     def _retry_after(self, response: httpx.Response) -> float | None:
         """How long the service asks us to wait: its Retry-After, or after a 429 without one,
