@@ -758,10 +758,12 @@ class Batch:
             raise
         except OutOfReach as exc:
             self.ledger.release(reservation)
+            outcome.attempts = max(outcome.attempts - 1, exc.sent)  # counts creates sent, not turns
             again = f"run it again with --run-id {self.run_id} once the provider answers"
             raise RowError(f"{exc}; no more are sent this run: {again}") from None
-        except NotStarted:
+        except NotStarted as exc:
             self.ledger.release(reservation)
+            outcome.attempts = max(outcome.attempts - 1, exc.sent)
             raise RowError(self._not_started) from None
         except BaseException:
             # Refused before a prediction existed (or never sent): nothing is owed.

@@ -148,6 +148,9 @@ def test_a_provider_out_of_reach_is_sent_no_more_and_the_rerun_does_the_rest(
     # The rows in flight as the wave failed (concurrency 4, and up to 3 more behind them) were
     # sent; those stopped between their tries say "Not sent to Stability AI again".
     assert len(never_sent) >= 24 - 4 - 3 and all(o.cost_usd == 0 for o in stopped)
+    # The attempts column counts the creates each row sent: none for those never sent.
+    assert all(o.attempts == 0 for o in never_sent)
+    assert all(o.attempts >= 1 for o in outcomes if o not in never_sent)
     assert sim.stats.creates <= (24 - len(never_sent)) * (3 if cause == "down" else 1)
     why = "HTTP 503" if cause == "down" else "HTTP 401"
     assert why in never_sent[0].error and never_sent[0].error.endswith(
@@ -188,6 +191,7 @@ def test_a_provider_under_a_ca_of_its_own_is_reached_once_ssl_cert_file_names_th
         )
         assert sent[0].error.endswith("behind a proxy that inspects TLS, set SSL_CERT_FILE to its CA bundle).")
         assert not any(e["event"] == "retry" for e in journal(batch))
+        assert [o.attempts for o in sent] == [1] * len(sent) and {o.attempts for o in outcomes} == {0, 1}
 
         bundle = local_library / "corporate-ca.pem"
         ca.cert_pem.write_to_path(str(bundle))

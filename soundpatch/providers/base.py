@@ -124,6 +124,8 @@ class NotStarted(RowError):
     """The row waited for a prediction slot and the run was asked to stop meanwhile: nothing
     was sent, nothing is owed."""
 
+    sent = 0  # creates this row sent before it was stopped (each turned away)
+
 
 class OutOfReach(NotStarted):
     """Creates to this provider have come to nothing many times in a row (providers/reach.py):

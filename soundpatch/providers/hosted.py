@@ -151,10 +151,10 @@ class HostedProvider:
         def once() -> T:
             nonlocal attempts
             self._within_reach(tried=attempts)
-            attempts += 1
             # A run stopped while this row waits its turn ends the wait; then nothing is sent.
             self.creates.acquire(give_up=request.stopping)
             request.check_may_start()
+            attempts += 1
             # Journaled before the request goes out: if we die now, the row is "in doubt".
             request.tell("creating", attempt=attempts)
             try:
@@ -188,7 +188,8 @@ class HostedProvider:
             else:
                 self.reach.answered()
             raise
-        except NotStarted:
+        except NotStarted as exc:  # stopped, or out of reach, before its next try went out
+            exc.sent = attempts
             raise
         except RowError as exc:  # refused (4xx): nothing was made, nothing is owed
             if isinstance(exc, Refused) and exc.every_row:
