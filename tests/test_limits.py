@@ -110,6 +110,20 @@ def test_no_burst_where_the_provider_counts_over_a_short_window():
     assert RateLimiter(600).burst == 4.0
 
 
+def test_a_short_window_is_paced_with_50_ms_to_spare():
+    # 8 per 2 s: 1% of the window would be 20 ms, less than a late thread's jitter; the 8 are
+    # spread over 2.05 s. From a 5 s window up the margin is 1% of it, as before.
+    clock = FakeClock()
+    limiter = RateLimiter(240, window=2, clock=clock, sleep=clock.sleep)
+    times = []
+    for _ in range(9):
+        limiter.acquire()
+        times.append(clock.now)
+    assert times[8] - times[0] == pytest.approx(2.05) and limiter.burst == 1.0
+    assert RateLimiter(600, window=10).configured == pytest.approx(10 * 0.99)
+    assert RateLimiter(600).configured == pytest.approx(10 * 0.99)
+
+
 def test_callers_waiting_together_get_their_own_turns_and_a_late_waker_costs_nobody_theirs():
     clock = FakeClock()
     slept: list[float] = []
@@ -208,11 +222,11 @@ def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulat
         results[label] = sim.stats.rate_limited
     # Unpaced, 24 rows against 8 per 2 s draw some ten 429s; with 12 rows the shared Retry-After
     # wait after the first one spread the other four out, and one 429 in all came up in CI.
-    # Paced, a 429 is a matter of timing: the limiter's 1% headroom is 20 ms in a 2 s window,
-    # so a thread that a busy 2-core machine wakes 20 ms late draws one (CI once saw 2). The
-    # share of 429s is measured where timing belongs, in bench/limits.py (0 of 300 there);
-    # here, pacing must avoid nearly all of them.
-    assert results["paced"] <= 2 and 4 * results["paced"] <= results["unpaced"], results
+    # Paced, a 429 is a matter of timing: with 1% of the window to spare (20 ms of 2 s), a
+    # thread that a busy 2-core machine woke late drew one or two; with 50 ms to spare, none
+    # came up beside two busy processes. The share of 429s is measured where timing belongs,
+    # in bench/limits.py; here, pacing must avoid nearly all of them.
+    assert results["paced"] <= 1 and 4 * results["paced"] <= results["unpaced"], results
 
 
 def test_the_budget_holds_at_concurrency_32_under_5xx_timeouts_and_429_bursts(
