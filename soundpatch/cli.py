@@ -24,7 +24,15 @@ from soundpatch.config import Config, load_config
 from soundpatch.dropouts import find_dropouts, restoration_manifest
 from soundpatch.errors import RowError, SoundpatchError, as_sentence
 from soundpatch.humanize import duration, plural
-from soundpatch.journal import JOURNAL_FILE, JournalTail, latest_outcomes, parse, prediction_seconds, read_events
+from soundpatch.journal import (
+    JOURNAL_FILE,
+    JournalTail,
+    latest_outcomes,
+    latest_runs,
+    parse,
+    prediction_seconds,
+    read_events,
+)
 from soundpatch.journal_copy import JournalCopy
 from soundpatch.locks import RunLock
 from soundpatch.manifest import GLOB_CHARS, Manifest, load_manifest
@@ -156,7 +164,7 @@ def _build_parser() -> argparse.ArgumentParser:
     detect.set_defaults(handler=cmd_detect)
 
     report = sub.add_parser("report", help="re-render a run's report from its journal")
-    report.add_argument("run_id")
+    report.add_argument("run_id", nargs="?", help="the run (default: the latest in runs_dir)")
     _common(report)
     report.set_defaults(handler=cmd_report)
     return parser
@@ -570,6 +578,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     cfg = _config(args)
     s3 = S3(cfg.storage.s3)
+    if args.run_id is None:
+        latest = latest_runs(Path(cfg.runs_dir).expanduser())
+        if not latest:
+            raise SoundpatchError(f"No run in {Path(cfg.runs_dir)} to report on.")
+        args.run_id = latest[0]
+        out.print(f"Run {args.run_id}, the latest in {Path(cfg.runs_dir)}.", soft_wrap=True)
     run_dir = Path(cfg.runs_dir).expanduser() / args.run_id
     here = (run_dir / JOURNAL_FILE).exists()
     events = list(read_events(run_dir) if here else _copied_journal(args.run_id, run_dir, cfg, s3))
@@ -618,6 +632,9 @@ def _copied_journal(run_id: str, run_dir: Path, cfg: Config, s3: S3) -> Iterator
         where = f"Run {run_id!r} recorded nothing in {run_dir} (it stopped before its first row began)"
     else:
         where = f"No run {run_id!r} in {Path(cfg.runs_dir)} (looked for {run_dir})"
+        latest = latest_runs(Path(cfg.runs_dir).expanduser())[:3]
+        if latest and not cfg.output.uri.startswith("s3://"):
+            where += f"; the latest there: {', '.join(latest)}"
     if not cfg.output.uri.startswith("s3://"):
         raise SoundpatchError(f"{where}.")
     copy = JournalCopy(s3, S3Uri.parse(cfg.output.uri), run_id)

@@ -66,6 +66,17 @@ class Journal:
                 self._file = None
 
 
+def latest_runs(runs_dir: Path) -> list[str]:
+    """The runs kept in `runs_dir` (folders with a journal), the latest written first."""
+    found = []
+    for folder in runs_dir.iterdir() if runs_dir.is_dir() else []:
+        try:
+            found.append(((folder / JOURNAL_FILE).stat().st_mtime, folder.name))
+        except OSError:  # not a run's folder, or one that recorded nothing
+            continue
+    return [name for _, name in sorted(found, reverse=True)]
+
+
 def read_events(run_dir: Path) -> Iterator[dict[str, Any]]:
     """Every complete event; a torn last line (crash mid-write) is ignored."""
     path = run_dir / JOURNAL_FILE

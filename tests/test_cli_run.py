@@ -291,6 +291,40 @@ def test_the_report_of_a_run_that_ended_before_writing_one_is_rendered_from_its_
     assert (tmp_path / "runs" / "crashed" / "report.html").exists()
 
 
+def test_report_without_a_run_id_renders_the_latest_and_an_unknown_one_names_those_there(tmp_path):
+    """`soundpatch report` right after a run needs no id; a mistyped id says which runs there are."""
+    import os
+
+    from soundpatch.journal import Journal
+    from soundpatch.outcome import Outcome
+
+    for age, run_id in enumerate(("newest", "older", "oldest")):
+        journal = Journal(tmp_path / "runs" / run_id)
+        journal.write("run_started", total=1, kept=0)
+        o = Outcome("a", "fx.wav", 1.0, 1.5, "a gong", 1, "local", status="succeeded", output=f"out/{run_id}.wav")
+        journal.write("outcome", "a", outcome=o.to_dict())
+        journal.close()
+        stamp = 1_700_000_000 - 3600 * age
+        os.utime(journal.path, (stamp, stamp))
+    (tmp_path / "runs" / "not-a-run").mkdir()  # no journal: not offered
+
+    latest = soundpatch("report", cwd=tmp_path, env=clean_env())
+    assert latest.returncode == 0, latest.stderr
+    assert "soundpatch run newest" in latest.stdout and (tmp_path / "runs" / "newest" / "report.html").exists()
+    assert not (tmp_path / "runs" / "older" / "report.html").exists()
+
+    typo = soundpatch("report", "newst", cwd=tmp_path, env=clean_env())
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert typo.stderr.strip() == (
+        "error: No run 'newst' in runs (looked for runs/newst); the latest there: newest, older, oldest."
+    )
+
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    none = soundpatch("report", cwd=empty, env=clean_env())
+    assert none.returncode == 2 and none.stderr.strip() == "error: No run in runs to report on."
+
+
 def test_the_summary_puts_rows_that_ended_for_the_same_reason_on_one_line(tmp_path, capsys):
     from soundpatch.cli import _print_summary
     from soundpatch.outcome import Outcome
