@@ -31,10 +31,15 @@ def as_sentence(text: str, fallback: str = "Unknown error") -> str:
     return text[:1].upper() + text[1:] + "."
 
 
-def tls_failure(exc: BaseException) -> bool:
-    """The connection failed in its TLS handshake (its certificate not trusted here, or a
-    server that does not speak TLS): trying again in a few seconds makes no difference."""
-    return "[SSL" in str(exc) or "CERTIFICATE_VERIFY_FAILED" in str(exc)
+# OpenSSL's names for a handshake that no retry will mend: a certificate not trusted here
+# (or not for this host), a server that does not speak TLS (older and newer OpenSSL).
+_LASTING_TLS = ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG")
+
+
+def lasting_tls_failure(exc: BaseException) -> bool:
+    """A connection failed in a TLS handshake that trying again in a few seconds will not
+    mend. A handshake cut short (an overloaded server dropping it) is not one of them."""
+    return any(name in str(exc) for name in _LASTING_TLS)
 
 
 def network_reason(exc: BaseException) -> str:

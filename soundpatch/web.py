@@ -27,7 +27,7 @@ import httpx
 
 from soundpatch import tls
 from soundpatch.config import HttpConfig
-from soundpatch.errors import RowError, network_reason, tls_failure
+from soundpatch.errors import RowError, lasting_tls_failure, network_reason
 from soundpatch.retry import Retryable, RetryPolicy
 
 MAX_REDIRECTS = 5
@@ -125,7 +125,8 @@ def _fetch_once(url: str, config: HttpConfig, max_bytes: int) -> tuple[bytes, st
         raise Retryable(f"Cannot fetch {shown(url)}: no answer within {config.timeout_seconds:g} s") from None
     except httpx.TransportError as exc:
         why = f"Cannot fetch {shown(url)}: {network_reason(exc)}"
-        raise (RowError(why) if tls_failure(exc) else Retryable(why)) from None  # TLS does not mend in seconds
+        lasting = isinstance(exc, httpx.ConnectError) and lasting_tls_failure(exc)
+        raise (RowError(why) if lasting else Retryable(why)) from None
 
 
 def _body(response: httpx.Response, url: str, max_bytes: int, deadline: float) -> bytes:

@@ -24,7 +24,7 @@ import soundfile as sf
 from soundpatch import soundio, tls
 from soundpatch.config import ProviderConfig
 from soundpatch.cpu import crunching
-from soundpatch.errors import ConfigError, RowError, as_sentence, network_reason, tls_failure
+from soundpatch.errors import ConfigError, RowError, as_sentence, lasting_tls_failure, network_reason
 from soundpatch.humanize import plural
 from soundpatch.limits import InFlight, RateLimiter
 from soundpatch.providers.base import (
@@ -162,7 +162,7 @@ class HostedProvider:
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 request.tell("create_refused", reason=type(exc).__name__)
                 why = f"cannot connect to {self.base_url} ({network_reason(exc)})"
-                if tls_failure(exc):  # does not mend in seconds, and every row would meet it
+                if lasting_tls_failure(exc):  # does not mend in seconds, and every row would meet it
                     raise Refused(why, None, every_row=True) from None
                 raise Retryable(why) from None
             except httpx.HTTPError as exc:
