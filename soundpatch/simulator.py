@@ -69,6 +69,9 @@ class SimulatorSettings:
     # Seconds a result stays downloadable after it is ready (real providers expire their
     # output URLs too): a long rehearsal's memory stays bounded.
     keep_results: float = 3600.0
+    # Where results are said to be, as a CDN in front of a provider's storage serves them
+    # (scheme://host:port); None: the simulator itself.
+    results_url: str | None = None
 
 
 @dataclass
@@ -275,7 +278,9 @@ class Simulator:
             "id": p.id,
             "status": status,
             "input": p.input,
-            "output": f"{self.base_url}/files/{p.id}.{p.ext}" if status == "success" else None,
+            "output": f"{self.settings.results_url or self.base_url}/files/{p.id}.{p.ext}"
+            if status == "success"
+            else None,
             "metrics": {
                 "predict_time": round(min(waited, self.settings.latency), 3),
                 "cost": self.settings.price if status in ("success", "failed") else None,

@@ -386,6 +386,31 @@ def test_a_result_that_would_not_download_is_collected_by_the_rerun_not_paid_aga
     assert again.ledger.spent_usd == pytest.approx(PRICE)
 
 
+def test_a_result_on_a_host_that_cannot_be_reached_says_why_and_is_collected_later(
+    library, aws_env, simulator, monkeypatch
+):
+    # The result is said to be on a host nothing listens at (a CDN out of reach from here):
+    # the row says so, not "truncated or broke off (ConnectError)", and keeps what it paid.
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    name = single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
+    sim = simulator(latency=0.05, fill="tone", results_url=f"http://127.0.0.1:{port}")
+    [o], _ = run_batch(library, sim, aws_env, manifest=name, run_id="cdn", max_retries=1)
+    assert o.status == "failed" and o.cost_usd == pytest.approx(PRICE) and o.attempts == 1
+    assert (
+        o.error.startswith(f"Could not download the result: cannot connect to http://127.0.0.1:{port}/files/")
+        and "(the connection was refused: nothing listens at that address and port)" in o.error
+    )
+    assert "the paid prediction is kept" in o.error
+
+    sim.settings.results_url = None  # reachable again
+    [o], _ = run_batch(library, sim, aws_env, manifest=name, run_id="cdn", max_retries=1)
+    assert_result_is_right(library, aws_env, o, 35)
+    assert sim.stats.accepted == 1 and sim.billed() == pytest.approx(PRICE)
+
+
 @pytest.mark.parametrize("stage", ["_download", "keep_answer", "recover_region", "splice"])
 def test_an_unexpected_error_with_a_paid_result_keeps_its_cost_and_the_rerun_collects_it(
     library, aws_env, simulator, monkeypatch, stage

@@ -27,11 +27,12 @@ from soundpatch import soundio
 from soundpatch.audio import pcm16
 from soundpatch.config import ProviderConfig
 from soundpatch.cpu import crunching
-from soundpatch.errors import ConfigError, RowError
+from soundpatch.errors import ConfigError, RowError, network_reason
 from soundpatch.providers.base import InpaintRequest, PaidAnswer, Prediction, PredictionFailed
 from soundpatch.providers.hosted import HostedProvider, capped_body, paid, retry_after
 from soundpatch.retry import Retryable
 from soundpatch.staging import StagedClip, Staging
+from soundpatch.web import shown
 from soundpatch.window import MODEL_RATE, Window
 
 
@@ -226,6 +227,8 @@ class QueuedProvider(HostedProvider):
                         raise RowError(f"result download answered HTTP {response.status_code}")
                     declared = int(response.headers.get("content-length") or 0)
                     data = capped_body(response)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # not begun: say why, not a class name
+                raise Retryable(f"cannot connect to {shown(url)} ({network_reason(exc)})") from None
             except (httpx.TransportError, httpx.DecodingError) as exc:
                 raise Retryable(f"result download was truncated or broke off ({type(exc).__name__})") from None
             if declared and len(data) != declared:
