@@ -628,15 +628,14 @@ def _copied_journal(run_id: str, run_dir: Path, cfg: Config, s3: S3) -> Iterator
     """The journal of a run made on another machine (a worker): its copy in the output
     bucket. Only read: written here, it would be a stale journal of a run that may still go
     on elsewhere."""
-    if run_dir.is_dir():  # made, then stopped before its first row was written down
+    made = run_dir.is_dir()  # made, then stopped before its first row was written down
+    if made:
         where = f"Run {run_id!r} recorded nothing in {run_dir} (it stopped before its first row began)"
     else:
         where = f"No run {run_id!r} in {Path(cfg.runs_dir)} (looked for {run_dir})"
-        latest = latest_runs(Path(cfg.runs_dir).expanduser())[:3]
-        if latest and not cfg.output.uri.startswith("s3://"):
-            where += f"; the latest there: {', '.join(latest)}"
-    if not cfg.output.uri.startswith("s3://"):
-        raise SoundpatchError(f"{where}.")
+    if not cfg.output.uri.startswith("s3://"):  # no bucket to look in: the runs that are here
+        latest = [] if made else latest_runs(Path(cfg.runs_dir).expanduser())[:3]
+        raise SoundpatchError(f"{where}; the latest there: {', '.join(latest)}." if latest else f"{where}.")
     copy = JournalCopy(s3, S3Uri.parse(cfg.output.uri), run_id)
     try:
         lines = copy.lines()
