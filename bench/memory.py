@@ -1,12 +1,19 @@
-"""Does a run's memory stay flat however long the manifest?
+"""Does a run's memory stay flat however long the manifest, or the recording?
 
     python bench/memory.py [--rows 250,1000,2500]
+    python bench/memory.py --minutes 10,30,60 [--rows 6]
 
 Runs `soundpatch run` (the embedded local engine, default config: 8 predictions in flight,
 16 rows worked on at once) on manifests of each length: one 6 s clip, a 5 ms region per
 row, each row its own seed (so each is its own edit, nothing is reused). Samples every
 0.1 s how much memory the soundpatch process and its temporary Prefect server hold, and
 prints their peaks, with each peak as a ratio to the shortest manifest's (flat is 1.0).
+
+With `--minutes`: one recording of each length (16-bit stereo at 44.1 kHz, 10.6 MB of
+samples a minute), `--rows` 20 ms dropouts spread over it, every row naming one output
+file (the restored recording, made from the rows' results, each row's own result beside
+it). Prints the peak of the soundpatch process as a ratio to the recording's samples:
+what a row holds of a recording, not how many rows there are, sets it.
 
 Prefect's database is created (and migrated) by a one-row run first, not measured.
 """
@@ -94,11 +101,49 @@ def measured_run(work: Path, env: dict[str, str], manifest: str, run_id: str) ->
     return {"wall": time.perf_counter() - t0, "flow": summary["wall_seconds"], **peaks}
 
 
+def long_recordings(minutes: list[int], rows: int) -> None:
+    rate = 44100
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env["PREFECT_HOME"] = str(work / "prefect")
+        header = "id,input,start,end,prompt,output\n"
+        sf.write(work / "w.wav", np.zeros((rate, 2), np.int16), rate, subtype="PCM_16")
+        (work / "one.csv").write_text(header + "w,w.wav,0.5,0.52,warm,w\n")
+        measured_run(work, env, "one.csv", "warm")
+        rng = np.random.default_rng(0)
+        for length in minutes:
+            with sf.SoundFile(work / f"tape{length}.wav", "w", rate, 2, "PCM_16") as f:
+                for _ in range(length):  # a minute at a time: the bench itself holds little
+                    f.write(rng.integers(-3000, 3000, (60 * rate, 2), dtype=np.int16))
+            spread = length * 60 / (rows + 1)
+            lines = [
+                f"d{i},tape{length}.wav,{spread * (i + 1):.2f},{spread * (i + 1) + 0.02:.2f},fill,restored{length}"
+                for i in range(rows)
+            ]
+            (work / f"tape{length}.csv").write_text(header + "\n".join(lines) + "\n")
+            results[length] = measured_run(work, env, f"tape{length}.csv", f"tape{length}")
+            (work / f"tape{length}.wav").unlink()
+            print(f"  {length} min done in {results[length]['wall']:.1f} s", file=sys.stderr)
+    print(f"{'minutes':>7} {'samples MB':>11} {'rows':>5} {'wall s':>8} {'soundpatch MB':>14} {'÷ samples':>10}")
+    for length, r in results.items():
+        samples_mb = length * 60 * rate * 4 / 2**20
+        print(
+            f"{length:7d} {samples_mb:11.0f} {rows:5d} {r['wall']:8.1f} {r['soundpatch']:14.0f} "
+            f"{r['soundpatch'] / samples_mb:10.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="250,1000,2500", help="manifest lengths, comma-separated")
+    parser.add_argument("--rows", default=None, help="manifest lengths, comma-separated (with --minutes: one)")
+    parser.add_argument("--minutes", default=None, help="recording lengths in minutes, comma-separated")
     args = parser.parse_args()
-    lengths = sorted(int(n) for n in args.rows.split(","))
+    if args.minutes:
+        long_recordings(sorted(int(n) for n in args.minutes.split(",")), int(args.rows or 6))
+        return
+    lengths = sorted(int(n) for n in (args.rows or "250,1000,2500").split(","))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t = np.arange(6 * 44100) / 44100

@@ -3,6 +3,12 @@
 Bit-exactness outside the region is a promise to users, so samples are kept in the
 file's own integer type (int16 for 16-bit PCM, int32 for 24/32-bit) rather than floats:
 the splice only ever converts the region itself, and everything else is copied.
+
+A recording may be hours long (an archive's tape, a night of radio: 635 MB of samples an
+hour in 16-bit stereo). A row's result is therefore not a second copy of it: `patch`
+gives the recording with its new region as a view (`Patched`), which `encode` writes block
+by block, and `read_back` checks what was written in one pass, keeping only the region
+and its context. A row holds its encoded file and a block, not three copies of the audio.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import functools
 import io
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +37,7 @@ _NATIVE_DTYPE = {
     "FLOAT": "float32",
     "DOUBLE": "float64",
 }
+BLOCK_FRAMES = 1 << 18  # written and read back this many frames at a time (~1-2 MB a channel)
 # Effective bits of integer subtypes, for rounding a float region back to the grid.
 _BITS = {"PCM_S8": 8, "PCM_U8": 8, "PCM_16": 16, "ULAW": 16, "ALAW": 16, "PCM_24": 24, "PCM_32": 32}
 
@@ -89,6 +97,42 @@ class Audio:
     def float_slice(self, start: int, stop: int) -> np.ndarray:
         """Frames [start, stop) as float32 in [-1, 1), whatever the storage type."""
         return to_float(self.samples[max(0, start) : max(0, stop)])
+
+    def blocks(self, size: int | None = None) -> Iterator[np.ndarray]:
+        size = size or BLOCK_FRAMES
+        for i in range(0, self.frames, size):
+            yield self.samples[i : i + size]
+
+
+@dataclass(frozen=True)
+class Patched:
+    """`original` with some of its frames replaced, without copying the rest: `regions`
+    are (a, samples in the original's dtype for frames [a, a + len)), in order, apart."""
+
+    original: Audio
+    regions: Sequence[tuple[int, np.ndarray]]
+
+    rate = property(lambda self: self.original.rate)
+    format = property(lambda self: self.original.format)
+    subtype = property(lambda self: self.original.subtype)
+    frames = property(lambda self: self.original.frames)
+    channels = property(lambda self: self.original.channels)
+    info = property(lambda self: self.original.info)
+
+    def blocks(self, size: int | None = None) -> Iterator[np.ndarray]:
+        size = size or BLOCK_FRAMES
+        at = 0
+        for a, samples in [*self.regions, (self.frames, self.original.samples[:0])]:
+            for i in range(at, a, size):  # the original's own frames, as they are
+                yield self.original.samples[i : min(a, i + size)]
+            for i in range(0, len(samples), size):
+                yield samples[i : i + size]
+            at = a + len(samples)
+
+    def audio(self) -> Audio:
+        """As one array (a copy of the whole recording)."""
+        samples = np.concatenate(list(self.blocks())) if self.frames else self.original.samples.copy()
+        return Audio(samples, self.rate, self.format, self.subtype)
 
 
 def to_float(samples: np.ndarray) -> np.ndarray:
@@ -178,6 +222,11 @@ def equal_power_ramps(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def splice(original: Audio, fill: np.ndarray, a: int, b: int, crossfade: int) -> Audio:
+    """`patch`, as one array."""
+    return patch(original, fill, a, b, crossfade).audio()
+
+
+def patch(original: Audio, fill: np.ndarray, a: int, b: int, crossfade: int) -> Patched:
     """Put `fill` (float32, (b - a, channels)) into frames [a, b) of `original`.
 
     Outside [a, b) the result is `original` bit for bit. Inside, equal-power crossfades of
@@ -189,9 +238,8 @@ def splice(original: Audio, fill: np.ndarray, a: int, b: int, crossfade: int) ->
         fill = fill[:, None]
     if fill.shape != (b - a, original.channels):
         raise ValueError(f"fill has shape {fill.shape}, expected {(b - a, original.channels)} for region [{a}, {b})")
-    out = original.samples.copy()
     if b <= a:
-        return Audio(out, original.rate, original.format, original.subtype)
+        return Patched(original, ())
     region = np.array(fill, dtype=np.float32, copy=True)
     n = min(max(0, crossfade), (b - a) // 4)
     if n > 0:
@@ -200,11 +248,10 @@ def splice(original: Audio, fill: np.ndarray, a: int, b: int, crossfade: int) ->
         tail = original.float_slice(b - n, b)
         region[:n] = head * fade_out + region[:n] * fade_in
         region[-n:] = region[-n:] * fade_out + tail * fade_in
-    out[a:b] = from_float(region, original)
-    return Audio(out, original.rate, original.format, original.subtype)
+    return Patched(original, ((a, from_float(region, original)),))
 
 
-def output_subtype(audio: Audio, container: str) -> str:
+def output_subtype(audio: Audio | Patched, container: str) -> str:
     """Keep the input's subtype when the container can hold it; otherwise the closest lossless-ish one."""
     available = sf.available_subtypes(container)
     if container in ("MP3", "OGG"):
@@ -215,7 +262,8 @@ def output_subtype(audio: Audio, container: str) -> str:
         # lists MP3-in-WAV, which it cannot write).
         return audio.subtype
     if container == "WAV":
-        return "FLOAT" if audio.samples.dtype.kind == "f" else "PCM_32"
+        held = audio.original if isinstance(audio, Patched) else audio
+        return "FLOAT" if held.samples.dtype.kind == "f" else "PCM_32"
     if container in ("FLAC", "AIFF"):
         return "PCM_24"
     if container == "MP3":
@@ -262,10 +310,63 @@ def _encoding_refused(container: str, subtype: str, channels: int, rate: int) ->
     return ""
 
 
-def encode(audio: Audio, container: str) -> bytes:
-    """Audio as a file in `container` (WAV, FLAC, MP3, OGG, ...) at its own rate and layout."""
+def encode(audio: Audio | Patched, container: str) -> bytes:
+    """Audio as a file in `container` (WAV, FLAC, MP3, OGG, ...) at its own rate and
+    layout, written a block at a time."""
     subtype = output_subtype(audio, container)
-    samples = audio.samples
-    if subtype in ("MPEG_LAYER_III", "VORBIS", "OPUS") and samples.dtype.kind != "f":
-        samples = to_float(samples)
-    return soundio.write(samples, audio.rate, container, subtype)
+    blocks = audio.blocks()
+    if subtype in ("MPEG_LAYER_III", "VORBIS", "OPUS"):
+        blocks = (to_float(block) for block in blocks)
+    return soundio.write_blocks(blocks, audio.rate, audio.channels, container, subtype)
+
+
+@dataclass(frozen=True)
+class ReadBack:
+    """A written file as a user will read it, taken in one pass without holding it all."""
+
+    frames: int
+    excerpt: Audio  # its frames [lo, lo + excerpt.frames)
+    lo: int
+    outside_max_diff: float | None = None  # the largest difference from the original outside the region
+
+
+def read_back(
+    data: bytes, lo: int, hi: int, name: str = "audio", against: tuple[Audio, int, int] | None = None
+) -> ReadBack:
+    """Decode `data` block by block, keeping its frames [lo, hi); `against` (original, a, b):
+    compared with `original` outside frames [a, b) on the way. Where the lengths differ (a
+    lossy codec's padding), what overlaps is compared."""
+    worst, kept, at = 0.0, [], 0
+    try:
+        with soundio.open_bytes(data) as f:
+            dtype = _NATIVE_DTYPE.get(f.subtype, "float32")
+            rate, fmt, subtype, channels = f.samplerate, f.format, f.subtype, f.channels
+            while True:
+                block = f.read(BLOCK_FRAMES, dtype=dtype, always_2d=True)
+                if not len(block):
+                    break
+                end = at + len(block)
+                if lo < end and at < hi:
+                    kept.append(block[max(lo, at) - at : min(hi, end) - at])
+                if against is not None:
+                    original, a, b = against
+                    for x, y in ((at, min(a, end)), (max(b, at), min(end, original.frames))):
+                        if x < y:
+                            worst = max(worst, max_diff(original.samples[x:y], block[x - at : y - at]))
+                at = end
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
+    if at == 0:
+        raise RowError(f"{name} holds no audio samples")
+    excerpt = np.concatenate(kept) if kept else np.zeros((0, channels), dtype)
+    return ReadBack(
+        at, Audio(np.ascontiguousarray(excerpt), rate, fmt, subtype), lo, None if against is None else worst
+    )
+
+
+def max_diff(before: np.ndarray, after: np.ndarray) -> float:
+    """The largest difference between two runs of samples, in full-scale units; exact
+    comparison first (cheap)."""
+    if before.dtype == after.dtype and np.array_equal(before, after):
+        return 0.0
+    return float(np.abs(to_float(after) - to_float(before)).max(initial=0.0))

@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 from soundpatch import audio as audio_ops
 from soundpatch import preview, tls
 from soundpatch.answers import AnswerShelf
-from soundpatch.audio import Audio, AudioInfo
+from soundpatch.audio import Audio, AudioInfo, ReadBack
 from soundpatch.combine import CombinedFile, combined_note, overlay
 from soundpatch.config import Config
 from soundpatch.cpu import crunching
@@ -57,7 +57,7 @@ from soundpatch.providers import (
     make_provider,
 )
 from soundpatch.publish import Encoded, Publisher
-from soundpatch.quality import Quality, measure
+from soundpatch.quality import Quality, context_span, judge
 from soundpatch.s3 import S3, NoConditionalWrites, S3Uri
 from soundpatch.sources import SourceReader
 from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, S3Prefix, local_result_holds, open_store
@@ -801,11 +801,14 @@ class Batch:
         fade = prediction.crossfade
         if fade is None:
             fade = round(self.config.splice.crossfade_ms / 1000 * original.rate)
-        with crunching():
-            result = audio_ops.splice(original, prediction.fill, a, b, fade)
+        lo, hi = context_span(a, b, original.rate, original.frames)
+        with crunching():  # the recording is not copied: written a block at a time (audio.py)
+            result = audio_ops.patch(original, prediction.fill, a, b, fade)
             encoded = self.publisher.encode(edit, result, checked.info)
-            published = audio_ops.decode(encoded.data, encoded.name)  # checked as users will read it
-            quality = measure(original, published, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
+            published = audio_ops.read_back(
+                encoded.data, lo, hi, encoded.name, against=(original, a, b)
+            )  # as users read it
+            quality = judge(original, published, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
         if not provider.uses_prompt and (edit.input, edit.start, edit.end) in self._repeated_regions:
             # Variations of a region from an engine that cannot vary much: which came out alike.
             fill = (made_for["source_sha256"], a, b, hashlib.sha256(encoded.data).hexdigest())
@@ -914,10 +917,10 @@ class Batch:
             return
         self.journal.write("answer_kept", row_id, **kept)
 
-    def _save_preview(self, edit: Edit, original: Audio, published: Audio, a: int, b: int) -> None:
+    def _save_preview(self, edit: Edit, original: Audio, published: ReadBack, a: int, b: int) -> None:
         """Listening copies for the report; a failure here costs the report a card's media, not the row."""
         try:
-            preview.save(self.run_dir / "previews", edit.row_id, original, published, a, b)
+            preview.save(self.run_dir / "previews", edit.row_id, original, published.excerpt, a, b, published.lo)
         except Exception:  # noqa: BLE001 - the result is published; the preview is a nicety
             self._log_traceback(edit)
 
@@ -980,10 +983,10 @@ class Batch:
         edit = self._edits[done[0].row_id]
         checked = self.check(edit)
         original = self.sources.audio(checked.source)
-        parts = []
+        parts = []  # each row's region only: a long recording's rows do not each hold all of it
         for o in done:
             a, b = audio_ops.region_frames(o.start or 0.0, o.end or 0.0, original.rate, original.frames)
-            parts.append((o.row_id, audio_ops.decode(self.store.read(o.output), o.output), a, b))
+            parts.append((o.row_id, audio_ops.read_back(self.store.read(o.output), a, b, o.output), a, b))
         with crunching():
             encoded = self.publisher.encode(edit, overlay(original, parts), checked.info, name=name)
         metadata = {

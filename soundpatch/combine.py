@@ -15,10 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from soundpatch import audio as audio_ops
-from soundpatch.audio import Audio
+from soundpatch.audio import Audio, Patched, ReadBack
 from soundpatch.errors import RowError
 from soundpatch.humanize import plural
 
@@ -34,22 +32,23 @@ class CombinedFile:
     error: str = ""  # why it was not put: one or two sentences
 
 
-def overlay(original: Audio, parts: Iterable[tuple[str, Audio, int, int]]) -> Audio:
+def overlay(original: Audio, parts: Iterable[tuple[str, ReadBack, int, int]]) -> Patched:
     """`original` with frames [a, b) of each part taken from that part: (row id, the row's
-    result, a, b). Outside the parts' regions the samples are the original's, bit for bit;
-    inside, the result's own (converted only when its sample format differs)."""
-    out = original.samples.copy()
+    result read back with frames [a, b) kept, a, b), regions apart. Outside the parts'
+    regions the samples are the original's, bit for bit; inside, the result's own
+    (converted only when its sample format differs)."""
+    regions = []
     for row_id, part, a, b in parts:
-        if part.samples.shape != out.shape:
+        if (part.frames, part.excerpt.channels) != (original.frames, original.channels):
             raise RowError(
-                f"row {row_id}'s result has {part.frames} frames of {part.channels} channels where its "
+                f"row {row_id}'s result has {part.frames} frames of {part.excerpt.channels} channels where its "
                 f"input has {original.frames} of {original.channels}"
             )
-        if part.samples.dtype == out.dtype:
-            out[a:b] = part.samples[a:b]
-        else:
-            out[a:b] = audio_ops.from_float(audio_ops.to_float(part.samples[a:b]), original)
-    return Audio(np.ascontiguousarray(out), original.rate, original.format, original.subtype)
+        samples = part.excerpt.samples[a - part.lo : b - part.lo]
+        if samples.dtype != original.samples.dtype:
+            samples = audio_ops.from_float(audio_ops.to_float(samples), original)
+        regions.append((a, samples))
+    return Patched(original, sorted(regions, key=lambda region: region[0]))
 
 
 def combined_note(files: list[CombinedFile]) -> list[str]:

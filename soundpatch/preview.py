@@ -70,7 +70,9 @@ def file_stem(row_id: str) -> str:
     return _UNSAFE.sub("_", row_id)[:150] or "_"
 
 
-def save(folder: Path, row_id: str, original: Audio, result: Audio, a: int, b: int) -> None:
+def save(folder: Path, row_id: str, original: Audio, result: Audio, a: int, b: int, result_lo: int = 0) -> None:
+    """`result`: the published result's frames from `result_lo` on (at least up to a second
+    past the region, as audio.read_back keeps them), or all of it."""
     rate = original.rate
     context = round(CONTEXT_SECONDS * rate)
     lo = max(0, a - context)
@@ -80,8 +82,8 @@ def save(folder: Path, row_id: str, original: Audio, result: Audio, a: int, b: i
     files: dict[str, bytes] = {}
     with crunching():  # the drawing and encoding; the files are written after
         sides = {}
-        for label, audio in (("before", original), ("after", result)):
-            mono = _mono(audio.samples[lo:hi])
+        for label, audio, at in (("before", original, 0), ("after", result, result_lo)):
+            mono = _mono(audio.samples[lo - at : hi - at])
             if target != rate:
                 mono = soxr.resample(mono, rate, target).astype(np.float32)
             sides[label] = np.clip(mono, -1, 1)

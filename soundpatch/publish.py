@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from soundpatch import audio as audio_ops
-from soundpatch.audio import Audio, AudioInfo
+from soundpatch.audio import Audio, AudioInfo, Patched
 from soundpatch.errors import RowError
 from soundpatch.manifest import Edit
 from soundpatch.storage import OutputStore, output_name, part_name
@@ -107,7 +107,7 @@ class Publisher:
                     self.combined.update({e.row_id: name for e in members[name]})
         return reasons
 
-    def encode(self, edit: Edit, result: Audio, info: AudioInfo, name: str | None = None) -> Encoded:
+    def encode(self, edit: Edit, result: Audio | Patched, info: AudioInfo, name: str | None = None) -> Encoded:
         """The row's result, as the file named for it (or `name`: a combined file)."""
         ext = self.ext(info)
         data = audio_ops.encode(result, self.container(info))

@@ -1,7 +1,7 @@
 """Checks on every published result, so a bad splice is flagged rather than shipped quietly.
 
-Measured on the result as published (decoded back from the bytes stored), against the
-original:
+Measured on the result as published (decoded back from the bytes stored, in one pass:
+audio.read_back), against the original:
 
 - `outside_max_diff`: the largest difference outside the region, in full-scale units.
   It must be 0 for lossless outputs (WAV, FLAC, AIFF); lossy ones (MP3, Ogg) are not
@@ -29,7 +29,7 @@ import numpy as np
 import pyloudnorm
 import scipy.signal
 
-from soundpatch.audio import Audio, to_float
+from soundpatch.audio import Audio, ReadBack, max_diff, to_float
 
 SEAM_LIMIT = 2.5
 LOUDNESS_LIMIT_DB = 12.0
@@ -57,27 +57,42 @@ class Quality:
         return {**asdict(self), "checks": self.checks}
 
 
+def context_span(a: int, b: int, rate: int, frames: int) -> tuple[int, int]:
+    """The frames the checks look at: the region [a, b) and up to CONTEXT_SECONDS each side."""
+    return max(0, a - round(CONTEXT_SECONDS * rate)), min(frames, b + round(CONTEXT_SECONDS * rate))
+
+
 def measure(original: Audio, result: Audio, a: int, b: int, lossless: bool, offset_ms: float = 0.0) -> Quality:
-    outside_max = _outside_max_diff(original.samples, result.samples, a, b)
-    # Only the region and the context around it are needed from here on, as floats.
-    lo = max(0, a - round(CONTEXT_SECONDS * result.rate))
-    hi = min(original.frames, result.frames, b + round(CONTEXT_SECONDS * result.rate))
-    before, after = to_float(original.samples[lo:hi]), to_float(result.samples[lo:hi])
+    """`judge`, of a result held as one array."""
+    n = min(original.frames, result.frames)  # a lossy codec's padding: compare what overlaps
+    outside = max(
+        max_diff(original.samples[:a], result.samples[:a]), max_diff(original.samples[b:n], result.samples[b:n])
+    )
+    lo, hi = context_span(a, b, result.rate, n)
+    excerpt = Audio(result.samples[lo:hi], result.rate, result.format, result.subtype)
+    return judge(original, ReadBack(result.frames, excerpt, lo, outside), a, b, lossless, offset_ms)
+
+
+def judge(original: Audio, back: ReadBack, a: int, b: int, lossless: bool, offset_ms: float = 0.0) -> Quality:
+    """The checks of a result read back (its frames around the region, `context_span`)."""
+    rate, lo, outside = back.excerpt.rate, back.lo, back.outside_max_diff or 0.0
+    hi = min(original.frames, lo + back.excerpt.frames)
+    before, after = to_float(original.samples[lo:hi]), to_float(back.excerpt.samples[: hi - lo])
     a, b = a - lo, b - lo
-    seam_in = _seam(after, before, a, side=-1, rate=result.rate, fill=b - a)
-    seam_out = _seam(after, before, b, side=+1, rate=result.rate, fill=b - a)
-    loudness = _loudness_delta(after, a, b, result.rate)
+    seam_in = _seam(after, before, a, side=-1, rate=rate, fill=b - a)
+    seam_out = _seam(after, before, b, side=+1, rate=rate, fill=b - a)
+    loudness = _loudness_delta(after, a, b, rate)
     clipped = max(0, _clipped(after[a:b]) - _clipped(before[a:b]))
     q = Quality(
-        outside_max_diff=outside_max,
+        outside_max_diff=outside,
         seam_in=None if seam_in is None else round(seam_in, 2),
         seam_out=None if seam_out is None else round(seam_out, 2),
         loudness_delta_db=None if loudness is None else round(loudness, 1),
         clipped=clipped,
         offset_ms=round(offset_ms, 2),
     )
-    if lossless and outside_max > 0:
-        q.flags.append(f"audio outside the region changed (max {outside_max:.2g})")
+    if lossless and outside > 0:
+        q.flags.append(f"audio outside the region changed (max {outside:.2g})")
     for name, value in (("start", q.seam_in), ("end", q.seam_out)):
         if value is not None and value > SEAM_LIMIT:
             q.flags.append(f"discontinuity at the region's {name} ({value:g}x its surroundings)")
@@ -86,18 +101,6 @@ def measure(original: Audio, result: Audio, a: int, b: int, lossless: bool, offs
     if clipped:
         q.flags.append(f"{clipped} clipped samples in the region")
     return q
-
-
-def _outside_max_diff(before: np.ndarray, after: np.ndarray, a: int, b: int) -> float:
-    """Largest difference outside [a, b), in full-scale units; exact comparison first (cheap)."""
-    n = min(len(before), len(after))  # a lossy codec's padding: compare what overlaps
-    same_type = before.dtype == after.dtype
-    if same_type and np.array_equal(before[:a], after[:a]) and np.array_equal(before[b:n], after[b:n]):
-        return 0.0
-    x, y = to_float(before[:n]), to_float(after[:n])
-    parts = [np.abs(y[:a] - x[:a]).ravel(), np.abs(y[b:] - x[b:]).ravel()]
-    outside = np.concatenate(parts)
-    return float(outside.max()) if outside.size else 0.0
 
 
 def _seam(after: np.ndarray, before: np.ndarray, edge: int, side: int, rate: int, fill: int) -> float | None:

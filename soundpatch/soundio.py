@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -67,10 +67,23 @@ def read(data: bytes, **kwargs: Any) -> tuple[np.ndarray, int]:
 
 def write(samples: np.ndarray, rate: int, format: str, subtype: str | None = None) -> bytes:
     """`samples` as the bytes of an audio file (format and subtype as soundfile names them)."""
+    if samples.ndim == 1:
+        samples = samples[:, None]
+    return write_blocks((samples,), rate, samples.shape[1], format, subtype)
+
+
+def write_blocks(
+    blocks: Iterable[np.ndarray], rate: int, channels: int, format: str, subtype: str | None = None
+) -> bytes:
+    """The bytes of an audio file written from `blocks` of frames (frames, channels), in order."""
     if format == "WAV":  # a header and the samples in a few large writes: few callbacks, no copy
         buf = io.BytesIO()
-        sf.write(buf, samples, rate, format=format, subtype=subtype)
+        with sf.SoundFile(buf, "w", rate, channels, subtype, format=format) as f:
+            for block in blocks:
+                f.write(block)
         return buf.getvalue()
     with _memory_file() as fd:
-        sf.write(fd, samples, rate, format=format, subtype=subtype, closefd=False)
+        with sf.SoundFile(fd, "w", rate, channels, subtype, format=format, closefd=False) as f:
+            for block in blocks:
+                f.write(block)
         return _contents(fd)

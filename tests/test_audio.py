@@ -7,12 +7,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import soundpatch.audio as audio_module
 from soundpatch.audio import (
+    Audio,
     AudioInfo,
     check_encodable,
     decode,
     encode,
     equal_power_ramps,
+    max_diff,
+    patch,
+    read_back,
     region_frames,
     splice,
     to_float,
@@ -155,3 +160,45 @@ def test_an_output_format_that_cannot_hold_a_recording_is_known_before_anything_
         return
     with pytest.raises(RowError, match=re.escape(reason)):
         check_encodable(info, container)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "region"),
+    [("WAV", "PCM_16", (0.31, 0.47)), ("FLAC", "PCM_24", (0.2, 0.9)), ("OGG", "VORBIS", (0.5, 0.6))],
+)
+def test_a_patched_recording_is_written_and_read_back_a_block_at_a_time(monkeypatch, fmt, subtype, region):
+    # Blocks of 1000 frames, so the region and its context straddle several.
+    monkeypatch.setattr(audio_module, "BLOCK_FRAMES", 1000)
+    rate = 8000
+    original = decode(file_bytes(tone(1.0, rate, 2), rate, fmt, subtype))
+    a, b = region_frames(*region, rate, original.frames)
+    fill = tone((b - a) / rate, rate, 2, freq=777.0)[: b - a]
+    patched = patch(original, fill, a, b, crossfade=40)
+    whole = splice(original, fill, a, b, crossfade=40)
+    assert np.array_equal(patched.audio().samples, whole.samples)
+    written = encode(patched, fmt)
+    published = decode(written)
+    assert published.samples.dtype == whole.samples.dtype
+    if fmt != "OGG":  # lossless: what was written is the splice, sample for sample
+        assert np.array_equal(published.samples, whole.samples)
+    lo, hi = a - 1500, b + 1500
+    back = read_back(written, lo, hi, against=(original, a, b))
+    assert back.frames == published.frames and back.lo == lo
+    assert np.array_equal(back.excerpt.samples, published.samples[lo:hi])
+    expected = max(
+        max_diff(original.samples[:a], published.samples[:a]), max_diff(original.samples[b:], published.samples[b:])
+    )
+    assert back.outside_max_diff == expected
+    assert (back.outside_max_diff == 0.0) == (fmt != "OGG")
+
+
+def test_reading_back_finds_a_change_outside_the_region_in_any_block(monkeypatch):
+    monkeypatch.setattr(audio_module, "BLOCK_FRAMES", 1000)
+    rate = 8000
+    original = decode(file_bytes(tone(1.0, rate, 2), rate, "WAV", "PCM_16"))
+    a, b = 2000, 2400
+    changed = original.samples.copy()
+    changed[7321, 1] += 3  # far past the region, in the eighth block
+    back = read_back(encode(Audio(changed, rate, "WAV", "PCM_16"), "WAV"), a, b, against=(original, a, b))
+    assert back.outside_max_diff == pytest.approx(3 / 2**15)
+    assert back.excerpt.frames == b - a

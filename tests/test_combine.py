@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from soundpatch.audio import Audio
+from soundpatch.audio import Audio, ReadBack, encode, read_back
 from soundpatch.combine import CombinedFile, combined_note, overlay
 from soundpatch.errors import RowError
 
@@ -17,10 +17,16 @@ def pcm16(seed: int, frames: int = 1000, channels: int = 2) -> np.ndarray:
     return np.random.default_rng(seed).integers(-20000, 20000, (frames, channels)).astype(np.int16)
 
 
+def written(result: Audio, a: int, b: int) -> ReadBack:
+    """A row's result as the run takes it for a combined file: written, then its region read back."""
+    return read_back(encode(result, "WAV"), a, b)
+
+
 def test_each_region_comes_from_its_own_result_and_the_rest_from_the_input():
     original = Audio(pcm16(0), 8000, "WAV", "PCM_16")
     first, second = Audio(pcm16(1), 8000, "WAV", "PCM_16"), Audio(pcm16(2), 8000, "WAV", "PCM_16")
-    out = overlay(original, [("a", first, 100, 200), ("b", second, 700, 750)]).samples
+    parts = [("b", written(second, 700, 750), 700, 750), ("a", written(first, 100, 200), 100, 200)]
+    out = overlay(original, parts).audio().samples
     assert np.array_equal(out[100:200], first.samples[100:200])
     assert np.array_equal(out[700:750], second.samples[700:750])
     rest = np.ones(1000, bool)
@@ -32,7 +38,7 @@ def test_each_region_comes_from_its_own_result_and_the_rest_from_the_input():
 def test_a_result_in_another_sample_format_is_brought_to_the_input_s():
     original = Audio(pcm16(0), 8000, "WAV", "PCM_16")
     lossy = Audio((pcm16(3) / 32768).astype(np.float32), 8000, "OGG", "VORBIS")  # as an Ogg decodes
-    out = overlay(original, [("a", lossy, 10, 20)]).samples
+    out = overlay(original, [("a", written(lossy, 10, 20), 10, 20)]).audio().samples
     assert out.dtype == np.int16 and np.array_equal(out[10:20], pcm16(3)[10:20])
     assert np.array_equal(out[20:], original.samples[20:])
 
@@ -40,7 +46,7 @@ def test_a_result_in_another_sample_format_is_brought_to_the_input_s():
 def test_a_result_of_another_length_is_refused_with_the_row_named():
     original = Audio(pcm16(0), 8000, "WAV", "PCM_16")
     with pytest.raises(RowError, match="row short's result has 900 frames of 2 channels where its input has 1000"):
-        overlay(original, [("short", Audio(pcm16(1, frames=900), 8000, "WAV", "PCM_16"), 10, 20)])
+        overlay(original, [("short", written(Audio(pcm16(1, frames=900), 8000, "WAV", "PCM_16"), 10, 20), 10, 20)])
 
 
 def test_the_notes_say_what_was_made_what_lacks_a_row_and_what_was_not_made():
@@ -59,3 +65,39 @@ def test_the_notes_say_what_was_made_what_lacks_a_row_and_what_was_not_made():
         "fixed/c.wav was not made. None of its rows finished.",
     ]
     assert combined_note([]) == []
+
+
+def test_a_long_recording_s_rows_and_their_file_hold_no_copy_of_it_each(tmp_path):
+    # An archive's recordings run for hours (635 MB of samples an hour in 16-bit stereo).
+    # A row's result was a copy of the recording, encoded, then decoded again to check it;
+    # the file of several rows held every row's result at once. Now a row holds its encoded
+    # file and blocks of it, and the combined file each row's region only: what the run
+    # allocates at most stays near two recordings' worth, however many rows it has (it was
+    # 9.1 with these 5 rows, and grew by one for each row of the file; 2.1 now).
+    import tracemalloc
+
+    import soundfile as sf
+
+    from soundpatch.config import load_config
+    from tests.jobs import run_in_process
+
+    rate, seconds = 44100, 240
+    samples = np.random.default_rng(0).integers(-3000, 3000, (rate * seconds, 2)).astype(np.int16)
+    sf.write(tmp_path / "tape.wav", samples, rate, subtype="PCM_16")
+    size = samples.nbytes
+    # Dropouts of 20 ms: the local engine rebuilds them from a few seconds around each.
+    rows = [f"d{i},tape.wav,{20 + 40 * i},{20.02 + 40 * i},fill the dropout,fixed" for i in range(5)]
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt,output\n" + "\n".join(rows) + "\n")
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    tracemalloc.start()
+    try:
+        outcomes, _, _ = run_in_process(tmp_path / "m.csv", cfg, "tape")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [o.status for o in outcomes] == ["succeeded"] * 5
+    assert all(o.combined.endswith("fixed.wav") for o in outcomes)
+    fixed = sf.read(tmp_path / "out" / "fixed.wav", dtype="int16")[0]
+    changed = np.flatnonzero((fixed != samples).any(axis=1))
+    assert {int(f // rate) for f in changed} <= {20 + 40 * i for i in range(5)} and len(changed) > 0
+    assert peak < 2.5 * size, f"{peak / size:.2f} recordings' worth allocated at once"

@@ -434,7 +434,7 @@ def test_an_unexpected_error_with_a_paid_result_keeps_its_cost_and_the_rerun_col
         elif stage == "recover_region":
             m.setattr(hosted, "recover_region", broken)  # every hosted provider's answer
         else:
-            m.setattr(audio, "splice", broken)  # soundpatch's own work on it, after the provider's
+            m.setattr(audio, "patch", broken)  # soundpatch's own work on it, after the provider's
         monkeypatch.setenv("EACHLABS_API_KEY", KEY)
         sim = simulator(latency=0.05, fill="tone")
         name = single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,")
