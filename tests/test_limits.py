@@ -312,7 +312,7 @@ def test_rows_crunch_their_audio_a_few_at_a_time_so_creates_and_polls_are_not_ke
     for module, name in (
         (hosted, "prepare_clip"),  # every hosted provider's clip (Each Labs here)
         (hosted, "recover_region"),
-        (batch_module, "measure"),
+        (batch_module, "judge"),  # the checks of the result as read back
         (preview, "draw"),
     ):
         monkeypatch.setattr(module, name, counted(getattr(module, name)))
