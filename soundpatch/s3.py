@@ -17,10 +17,11 @@ from urllib.parse import unquote
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError, SSLError
 
+from soundpatch import tls
 from soundpatch.config import S3Config
-from soundpatch.errors import ConfigError, RowError
+from soundpatch.errors import ConfigError, RowError, lasting_tls_failure, network_reason
 
 # S3 throttling (503 SlowDown) and transient network errors are retried by botocore
 # itself with exponential backoff and jitter ("adaptive" also paces the client).
@@ -75,6 +76,7 @@ class S3:
     def client(self):  # noqa: ANN201 - boto3 clients are generated classes
         with self._lock:
             if self._client is None:
+                tls.check_s3_bundle()  # boto3 reads AWS_CA_BUNDLE itself, at the first request
                 self._client = boto3.session.Session().client(
                     "s3",
                     endpoint_url=self._config.endpoint_url,  # None: AWS_ENDPOINT_URL or AWS
@@ -256,7 +258,7 @@ def _server_time(date: str | None) -> datetime:
 
 def _whole_bucket(exc: Exception) -> bool:
     """Whether the failure concerns every key of the bucket, not just this one."""
-    if isinstance(exc, (NoCredentialsError, EndpointConnectionError)):
+    if isinstance(exc, (NoCredentialsError, EndpointConnectionError)) or _lasting_tls(exc):
         return True
     if isinstance(exc, ClientError):
         return exc.response.get("Error", {}).get("Code", "") in (
@@ -265,6 +267,11 @@ def _whole_bucket(exc: Exception) -> bool:
             "SignatureDoesNotMatch",
         )
     return False
+
+
+def _lasting_tls(exc: Exception) -> bool:
+    """A TLS failure no retry mends: a certificate not trusted here, an endpoint not speaking TLS."""
+    return isinstance(exc, SSLError) and lasting_tls_failure(exc)
 
 
 def _cause(exc: Exception) -> Exception:
@@ -285,6 +292,9 @@ def describe(exc: Exception, uri: S3Uri, action: str) -> str:
         )
     if isinstance(exc, EndpointConnectionError):
         return f"Cannot {action} {uri}: the S3 endpoint does not answer ({exc.kwargs.get('endpoint_url', '')})"
+    if _lasting_tls(exc):
+        reason = network_reason(exc, bundle="AWS_CA_BUNDLE")
+        return f"Cannot {action} {uri}: " + (f"the S3 endpoint's {reason[4:]}" if reason.startswith("its ") else reason)
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

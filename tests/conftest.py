@@ -96,16 +96,18 @@ class S3Server:
 
 
 @contextmanager
-def _moto(log_dir: Path, **env: str) -> Iterator[S3Server]:
-    """moto's S3-compatible server as its own process, speaking HTTP on loopback."""
+def _moto(log_dir: Path, tls: tuple[Path, Path, Path] | None = None, **env: str) -> Iterator[S3Server]:
+    """moto's S3-compatible server as its own process, speaking HTTP on loopback; with `tls`
+    (certificate, key, the CA bundle that trusts it), https."""
     port = _free_port()
     script = Path(sys.executable).parent / "moto_server"
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "moto.server"]
     log = open(log_dir / "moto.log", "w")  # noqa: SIM115 - closed below
+    speak_tls = ["-c", str(tls[0]), "-k", str(tls[1])] if tls else []
     proc = subprocess.Popen(
-        [*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log, env={**os.environ, **env}
+        [*cmd, "-H", "127.0.0.1", "-p", str(port), *speak_tls], stdout=log, stderr=log, env={**os.environ, **env}
     )
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -117,7 +119,12 @@ def _moto(log_dir: Path, **env: str) -> Iterator[S3Server]:
         else:
             raise RuntimeError("moto server did not start")
         client = boto3.client(
-            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            verify=str(tls[2]) if tls else None,
         )
         yield S3Server(endpoint, client)
     finally:

@@ -740,6 +740,53 @@ def test_an_https_input_under_a_ca_of_its_own_is_fetched_once_ssl_cert_file_name
         server.server_close()
 
 
+def test_a_bucket_under_a_ca_of_its_own_is_written_once_aws_ca_bundle_names_the_ca(tmp_path, monkeypatch, aws_env):
+    """S3 behind a proxy that inspects TLS: boto3 trusts the bundle AWS_CA_BUNDLE names. An
+    S3 server whose certificate a CA of the test's own issued: without the bundle the run
+    stops before any row, saying what to set; with it the results go to the bucket; a bundle
+    that is not there, or holds no certificate, stops the run before any row, in one sentence
+    (before: "SSLError: SSL validation failed for ...", and nothing at all of the bundle)."""
+    from tests.conftest import _moto
+
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key, bundle = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "corporate-ca.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(bundle))
+    (tmp_path / "fx.wav").write_bytes(wav_bytes(3.0))
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nfx,fx.wav,1.0,1.5,fill\n")
+    with _moto(tmp_path, tls=(cert, key, bundle)) as server:
+        server.bucket("secure")
+        cfg = load_config(
+            overrides={
+                "output.uri": "s3://secure/out/",
+                "storage.s3.endpoint_url": server.endpoint,
+                "runs_dir": str(tmp_path / "runs"),
+            }
+        )
+        with pytest.raises(ConfigError) as untrusted:
+            run(tmp_path / "m.csv", cfg, "untrusted")
+        said = str(untrusted.value)
+        assert "the S3 endpoint's TLS certificate is not trusted here" in said, said
+        assert said.endswith("behind a proxy that inspects TLS, set AWS_CA_BUNDLE to its CA bundle."), said
+
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(bundle))
+        (trusted,) = run(tmp_path / "m.csv", cfg, "trusted")
+        assert trusted.status == "succeeded", trusted.error
+        assert trusted.output.startswith("s3://secure/out/trusted/")
+        assert trusted.output.split("/", 3)[3] in server.keys("secure", "out/trusted/")
+
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "moved.pem"))
+        with pytest.raises(ConfigError, match=r"^AWS_CA_BUNDLE names .*moved\.pem, which is not a file: point it"):
+            run(tmp_path / "m.csv", cfg, "moved")
+        (tmp_path / "empty.pem").write_text("")
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "empty.pem"))
+        with pytest.raises(ConfigError, match=r"empty\.pem, which holds no certificate in PEM form"):
+            run(tmp_path / "m.csv", cfg, "empty")
+
+
 @pytest.mark.parametrize("etags", [True, False], ids=["etag", "last-modified"])
 def test_a_rerun_keeps_rows_of_an_unchanged_web_input_without_downloading_it_again(tmp_path, etags):
     # A restoration batch read from a web archive, resumed: the rows already made are kept
