@@ -58,6 +58,7 @@ from soundpatch.providers import (
 )
 from soundpatch.publish import Encoded, Publisher
 from soundpatch.quality import Quality, context_span, judge
+from soundpatch.result_memory import ResultMemory
 from soundpatch.s3 import S3, NoConditionalWrites, S3Uri
 from soundpatch.sources import SourceReader
 from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, S3Prefix, local_result_holds, open_store
@@ -154,6 +155,7 @@ class Batch:
         self._kept = kept_results(Path(config.runs_dir).expanduser())
         self._in_flight: dict[str, threading.Event] = {}  # identity -> set when its owner is done
         self._previews = preview.Quota()  # listening copies kept for the report
+        self.result_memory = ResultMemory()  # results of long recordings held at once
         self.publisher = Publisher(self.store, config.output.format, run_id)
         self._name_clashes = self.publisher.clashes(self.manifest.edits, self._info_if_readable)
         self._edits = {e.row_id: e for e in self.manifest.edits}  # by row id
@@ -661,8 +663,9 @@ class Batch:
         if made is None:
             return  # the budget is reached: not sent
         prediction, provider = made
-        encoded, quality = self._spliced(edit, checked, original, a, b, prediction, provider, made_for, outcome)
-        self._publish(edit, prediction, provider, encoded, quality, made_for, outcome)
+        with self.result_memory.holding(original.samples.nbytes):  # from its splice until published
+            encoded, quality = self._spliced(edit, checked, original, a, b, prediction, provider, made_for, outcome)
+            self._publish(edit, prediction, provider, encoded, quality, made_for, outcome)
         self._unused.pop(edit.row_id, None)
         outcome.status = SUCCEEDED
 

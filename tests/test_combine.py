@@ -65,39 +65,3 @@ def test_the_notes_say_what_was_made_what_lacks_a_row_and_what_was_not_made():
         "fixed/c.wav was not made. None of its rows finished.",
     ]
     assert combined_note([]) == []
-
-
-def test_a_long_recording_s_rows_and_their_file_hold_no_copy_of_it_each(tmp_path):
-    # An archive's recordings run for hours (635 MB of samples an hour in 16-bit stereo).
-    # A row's result was a copy of the recording, encoded, then decoded again to check it;
-    # the file of several rows held every row's result at once. Now a row holds its encoded
-    # file and blocks of it, and the combined file each row's region only: what the run
-    # allocates at most stays near two recordings' worth, however many rows it has (it was
-    # 9.1 with these 5 rows, and grew by one for each row of the file; 2.1 now).
-    import tracemalloc
-
-    import soundfile as sf
-
-    from soundpatch.config import load_config
-    from tests.jobs import run_in_process
-
-    rate, seconds = 44100, 240
-    samples = np.random.default_rng(0).integers(-3000, 3000, (rate * seconds, 2)).astype(np.int16)
-    sf.write(tmp_path / "tape.wav", samples, rate, subtype="PCM_16")
-    size = samples.nbytes
-    # Dropouts of 20 ms: the local engine rebuilds them from a few seconds around each.
-    rows = [f"d{i},tape.wav,{20 + 40 * i},{20.02 + 40 * i},fill the dropout,fixed" for i in range(5)]
-    (tmp_path / "m.csv").write_text("id,input,start,end,prompt,output\n" + "\n".join(rows) + "\n")
-    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
-    tracemalloc.start()
-    try:
-        outcomes, _, _ = run_in_process(tmp_path / "m.csv", cfg, "tape")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert [o.status for o in outcomes] == ["succeeded"] * 5
-    assert all(o.combined.endswith("fixed.wav") for o in outcomes)
-    fixed = sf.read(tmp_path / "out" / "fixed.wav", dtype="int16")[0]
-    changed = np.flatnonzero((fixed != samples).any(axis=1))
-    assert {int(f // rate) for f in changed} <= {20 + 40 * i for i in range(5)} and len(changed) > 0
-    assert peak < 2.5 * size, f"{peak / size:.2f} recordings' worth allocated at once"
