@@ -155,7 +155,8 @@ class Batch:
         self._kept = kept_results(Path(config.runs_dir).expanduser())
         self._in_flight: dict[str, threading.Event] = {}  # identity -> set when its owner is done
         self._previews = preview.Quota()  # listening copies kept for the report
-        self.result_memory = ResultMemory()  # results of long recordings held at once
+        megabytes = config.limits.results_memory_mb  # results of long recordings held at once
+        self.result_memory = ResultMemory(int(megabytes * 2**20) if megabytes else None)
         self.publisher = Publisher(self.store, config.output.format, run_id)
         self._name_clashes = self.publisher.clashes(self.manifest.edits, self._info_if_readable)
         self._edits = {e.row_id: e for e in self.manifest.edits}  # by row id

@@ -78,9 +78,15 @@ def test_a_batch_of_long_recordings_holds_no_more_results_at_once_than_it_may(tm
     samples = tape(tmp_path / "tape.wav", 60)
     rows = [f"d{i},tape.wav,{5 + 10 * i},{5.02 + 10 * i},fill the dropout" for i in range(5)]
     (tmp_path / "m.csv").write_text("id,input,start,end,prompt\n" + "\n".join(rows) + "\n")
-    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    room = 1.5 * samples.nbytes / 2**20  # for one such result
+    cfg = load_config(
+        overrides={
+            "output.uri": str(tmp_path / "out"),
+            "runs_dir": str(tmp_path / "runs"),
+            "limits.results_memory_mb": room,
+        }
+    )
     batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "tapes")
-    batch.result_memory = ResultMemory(limit=int(1.5 * samples.nbytes))  # room for one such result
     try:
         with ThreadPoolExecutor(5) as pool:
             outcomes = list(pool.map(batch.process, batch.manifest.edits))
@@ -88,3 +94,23 @@ def test_a_batch_of_long_recordings_holds_no_more_results_at_once_than_it_may(tm
         batch.close()
     assert [o.status for o in outcomes] == ["succeeded"] * 5
     assert batch.result_memory.most == samples.nbytes  # each held it, one at a time
+
+
+def test_the_default_room_is_a_quarter_of_the_memory_this_process_may_use(monkeypatch, tmp_path):
+    from soundpatch import result_memory
+
+    assert result_memory.machine_share() >= result_memory.FLOOR_BYTES
+    pod = tmp_path / "memory.max"
+    pod.write_text(f"{8 << 30}\n")  # a container held to 8 GiB: a quarter of that
+    monkeypatch.setattr(result_memory, "CGROUP_LIMITS", (str(pod),))
+    assert result_memory.machine_share() == max(result_memory.FLOOR_BYTES, min(_physical(), 8 << 30) // 4)
+    pod.write_text(f"{2 << 30}\n")  # a small one: 1 GiB all the same
+    assert result_memory.machine_share() == result_memory.FLOOR_BYTES
+    pod.write_text("max\n")  # no limit: the machine's
+    assert result_memory.machine_share() == max(result_memory.FLOOR_BYTES, _physical() // 4)
+
+
+def _physical() -> int:
+    import os
+
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
