@@ -809,9 +809,8 @@ class Batch:
         with crunching():  # the recording is not copied: written a block at a time (audio.py)
             result = audio_ops.patch(original, prediction.fill, a, b, fade)
             encoded = self.publisher.encode(edit, result, checked.info)
-            published = audio_ops.read_back(
-                encoded.data, lo, hi, encoded.name, against=(original, a, b)
-            )  # as users read it
+            # Checked as users will read it: decoded back, compared with the original outside the region.
+            published = audio_ops.read_back(encoded.data, lo, hi, encoded.name, against=(original, a, b))
             quality = judge(original, published, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
         if not provider.uses_prompt and (edit.input, edit.start, edit.end) in self._repeated_regions:
             # Variations of a region from an engine that cannot vary much: which came out alike.
