@@ -690,6 +690,18 @@ def test_web_inputs_are_fetched_with_a_cap_and_local_addresses_refused_by_defaul
     assert capped[0].status == "invalid" and "over the" in capped[0].error and "limit" in capped[0].error
 
 
+def unusable_bundles_stop_the_run(variable: str, tmp_path: Path, cfg, monkeypatch) -> None:
+    """`variable` naming a bundle that is not there, then an empty one: each stops the run
+    (tmp_path/m.csv) before any row, in one sentence."""
+    monkeypatch.setenv(variable, str(tmp_path / "moved.pem"))
+    with pytest.raises(ConfigError, match=rf"^{variable} names .*moved\.pem, which is not a file: point it"):
+        run(tmp_path / "m.csv", cfg, "moved")
+    (tmp_path / "empty.pem").write_text("")
+    monkeypatch.setenv(variable, str(tmp_path / "empty.pem"))
+    with pytest.raises(ConfigError, match=r"empty\.pem, which holds no certificate in PEM form"):
+        run(tmp_path / "m.csv", cfg, "empty")
+
+
 def test_an_https_input_under_a_ca_of_its_own_is_fetched_once_ssl_cert_file_names_the_ca(tmp_path, monkeypatch):
     """As behind a proxy that inspects TLS: the server's certificate comes from a CA the
     system does not know. The row says so and what to set, without trying again and again;
@@ -728,13 +740,7 @@ def test_an_https_input_under_a_ca_of_its_own_is_fetched_once_ssl_cert_file_name
         before, after = sf.read(root / "clip.wav", dtype="int16")[0], sf.read(trusted.output, dtype="int16")[0]
         assert np.array_equal(before[: int(0.5 * 22050)], after[: int(0.5 * 22050)])
 
-        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "moved.pem"))
-        with pytest.raises(ConfigError, match=r"^SSL_CERT_FILE names .*moved\.pem, which is not a file: point it"):
-            run(tmp_path / "m.csv", cfg, "moved")
-        (tmp_path / "empty.pem").write_text("")
-        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "empty.pem"))
-        with pytest.raises(ConfigError, match=r"empty\.pem, which holds no certificate in PEM form"):
-            run(tmp_path / "m.csv", cfg, "empty")
+        unusable_bundles_stop_the_run("SSL_CERT_FILE", tmp_path, cfg, monkeypatch)
     finally:
         server.shutdown()
         server.server_close()
@@ -778,13 +784,7 @@ def test_a_bucket_under_a_ca_of_its_own_is_written_once_aws_ca_bundle_names_the_
         assert trusted.output.startswith("s3://secure/out/trusted/")
         assert trusted.output.split("/", 3)[3] in server.keys("secure", "out/trusted/")
 
-        monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "moved.pem"))
-        with pytest.raises(ConfigError, match=r"^AWS_CA_BUNDLE names .*moved\.pem, which is not a file: point it"):
-            run(tmp_path / "m.csv", cfg, "moved")
-        (tmp_path / "empty.pem").write_text("")
-        monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "empty.pem"))
-        with pytest.raises(ConfigError, match=r"empty\.pem, which holds no certificate in PEM form"):
-            run(tmp_path / "m.csv", cfg, "empty")
+        unusable_bundles_stop_the_run("AWS_CA_BUNDLE", tmp_path, cfg, monkeypatch)
 
 
 @pytest.mark.parametrize("etags", [True, False], ids=["etag", "last-modified"])
