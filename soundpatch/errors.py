@@ -42,16 +42,17 @@ def lasting_tls_failure(exc: BaseException) -> bool:
     return any(name in str(exc) for name in _LASTING_TLS)
 
 
-def network_reason(exc: BaseException, bundle: str = "SSL_CERT_FILE") -> str:
+def network_reason(exc: BaseException, bundle: str = "SSL_CERT_FILE", whose: str = "its") -> str:
     """Why a connection to a server failed, in words a user can act on (no parentheses, for
     a caller to put it in some): the exception's class name alone ("ConnectError") hides
     whether nothing listened there, the name did not resolve, or the server's certificate
-    is not trusted here (`bundle`: the variable naming the CA bundle that client trusts)."""
+    is not trusted here (`bundle`: the variable naming the CA bundle that client trusts;
+    `whose`: the server's, as the sentence names it)."""
     text = str(exc).strip()
     if "CERTIFICATE_VERIFY_FAILED" in text:
         detail = text.split("certificate verify failed:", 1)[-1].split("(_ssl")[0].strip(" :")
         return (
-            f"its TLS certificate is not trusted here: {detail or 'verify failed'}; behind a proxy that "
+            f"{whose} TLS certificate is not trusted here: {detail or 'verify failed'}; behind a proxy that "
             f"inspects TLS, set {bundle} to its CA bundle"
         )
     if "[SSL" in text:

@@ -293,8 +293,8 @@ def describe(exc: Exception, uri: S3Uri, action: str) -> str:
     if isinstance(exc, EndpointConnectionError):
         return f"Cannot {action} {uri}: the S3 endpoint does not answer ({exc.kwargs.get('endpoint_url', '')})"
     if _lasting_tls(exc):
-        reason = network_reason(exc, bundle="AWS_CA_BUNDLE")
-        return f"Cannot {action} {uri}: " + (f"the S3 endpoint's {reason[4:]}" if reason.startswith("its ") else reason)
+        reason = network_reason(exc, bundle="AWS_CA_BUNDLE", whose="the S3 endpoint's")
+        return f"Cannot {action} {uri}: {reason}"
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
