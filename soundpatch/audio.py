@@ -18,6 +18,7 @@ import io
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -183,10 +184,11 @@ def inspect(source: bytes | str, name: str = "audio") -> AudioInfo:
     return AudioInfo(info.frames, info.samplerate, info.channels, info.format, info.subtype)
 
 
-def decode(data: bytes, name: str = "audio") -> Audio:
-    """Decode any format libsndfile reads (WAV, FLAC, OGG, MP3, AIFF, ...)."""
+def decode(data: bytes | Path, name: str = "audio") -> Audio:
+    """Decode any format libsndfile reads (WAV, FLAC, OGG, MP3, AIFF, ...), from its bytes
+    or from a file by path (then never held as bytes)."""
     try:
-        with soundio.open_bytes(data) as f:
+        with soundio.open_audio(data) as f:
             dtype = _NATIVE_DTYPE.get(f.subtype, "float32")
             samples = f.read(dtype=dtype, always_2d=True)
             rate, fmt, subtype = f.samplerate, f.format, f.subtype
@@ -313,11 +315,23 @@ def _encoding_refused(container: str, subtype: str, channels: int, rate: int) ->
 def encode(audio: Audio | Patched, container: str) -> bytes:
     """Audio as a file in `container` (WAV, FLAC, MP3, OGG, ...) at its own rate and
     layout, written a block at a time."""
+    blocks, subtype = _encodable(audio, container)
+    return soundio.write_blocks(blocks, audio.rate, audio.channels, container, subtype)
+
+
+def encode_file(audio: Audio | Patched, container: str, path: Path) -> None:
+    """`encode`, into the file at `path`: a long recording is never held encoded in memory."""
+    blocks, subtype = _encodable(audio, container)
+    soundio.write_file(path, blocks, audio.rate, audio.channels, container, subtype)
+
+
+def _encodable(audio: Audio | Patched, container: str) -> tuple[Iterator[np.ndarray], str]:
+    """The blocks to write and the subtype to write them as."""
     subtype = output_subtype(audio, container)
     blocks = audio.blocks()
     if subtype in ("MPEG_LAYER_III", "VORBIS", "OPUS"):
         blocks = (to_float(block) for block in blocks)
-    return soundio.write_blocks(blocks, audio.rate, audio.channels, container, subtype)
+    return blocks, subtype
 
 
 @dataclass(frozen=True)
@@ -331,14 +345,14 @@ class ReadBack:
 
 
 def read_back(
-    data: bytes, lo: int, hi: int, name: str = "audio", against: tuple[Audio, int, int] | None = None
+    data: bytes | Path, lo: int, hi: int, name: str = "audio", against: tuple[Audio, int, int] | None = None
 ) -> ReadBack:
-    """Decode `data` block by block, keeping its frames [lo, hi); `against` (original, a, b):
+    """Decode `data` (bytes, or a file by path) block by block, keeping its frames [lo, hi); `against` (original, a, b):
     compared with `original` outside frames [a, b) on the way. Where the lengths differ (a
     lossy codec's padding), what overlaps is compared."""
     worst, kept, at = 0.0, [], 0
     try:
-        with soundio.open_bytes(data) as f:
+        with soundio.open_audio(data) as f:
             dtype = _NATIVE_DTYPE.get(f.subtype, "float32")
             rate, fmt, subtype, channels = f.samplerate, f.format, f.subtype, f.channels
             while True:

@@ -12,9 +12,9 @@ flows/ and tasks/; this module is plain Python.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
+import shutil
 import threading
 import time
 import traceback
@@ -58,7 +58,6 @@ from soundpatch.providers import (
 )
 from soundpatch.publish import Encoded, Publisher
 from soundpatch.quality import Quality, context_span, judge
-from soundpatch.result_memory import ResultMemory
 from soundpatch.s3 import S3, NoConditionalWrites, S3Uri
 from soundpatch.sources import SourceReader
 from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, S3Prefix, local_result_holds, open_store
@@ -155,9 +154,12 @@ class Batch:
         self._kept = kept_results(Path(config.runs_dir).expanduser())
         self._in_flight: dict[str, threading.Event] = {}  # identity -> set when its owner is done
         self._previews = preview.Quota()  # listening copies kept for the report
-        megabytes = config.limits.results_memory_mb  # results of long recordings held at once
-        self.result_memory = ResultMemory(int(megabytes * 2**20) if megabytes else None)
-        self.publisher = Publisher(self.store, config.output.format, run_id)
+        # Results are encoded into files here until published (publish.py); what a run that
+        # stopped left there is of no use to anyone.
+        self.scratch = self.run_dir / "scratch"
+        if not dry_run:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        self.publisher = Publisher(self.store, config.output.format, run_id, self.scratch)
         self._name_clashes = self.publisher.clashes(self.manifest.edits, self._info_if_readable)
         self._edits = {e.row_id: e for e in self.manifest.edits}  # by row id
         self._combined: list[CombinedFile] = []  # the files rows of one recording share, once made
@@ -643,10 +645,13 @@ class Batch:
         if store is self.store and record.get("ext") == self.publisher.ext(checked.info):
             outcome.output = self.store.copy(record["output"], name, metadata)
         else:  # another format asked for, or kept locally after a failed upload: encode and put
-            data = store.read(record["output"])
+            data = store.readable(record["output"])
             with crunching():
                 encoded = self.publisher.encode(edit, audio_ops.decode(data, record["output"]), checked.info)
-            outcome.output = self.store.put(encoded.name, encoded.data, encoded.content_type, metadata)
+            try:
+                outcome.output = self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)
+            finally:
+                encoded.discard()
             if store is not self.store:
                 self.store.put_record(identity, {**record, "output": outcome.output, "ext": encoded.ext})
         outcome.status = SKIPPED_DONE
@@ -664,9 +669,11 @@ class Batch:
         if made is None:
             return  # the budget is reached: not sent
         prediction, provider = made
-        with self.result_memory.holding(original.samples.nbytes):  # from its splice until published
-            encoded, quality = self._spliced(edit, checked, original, a, b, prediction, provider, made_for, outcome)
+        encoded, quality = self._spliced(edit, checked, original, a, b, prediction, provider, made_for, outcome)
+        try:
             self._publish(edit, prediction, provider, encoded, quality, made_for, outcome)
+        finally:
+            encoded.discard()
         self._unused.pop(edit.row_id, None)
         outcome.status = SUCCEEDED
 
@@ -806,15 +813,19 @@ class Batch:
         if fade is None:
             fade = round(self.config.splice.crossfade_ms / 1000 * original.rate)
         lo, hi = context_span(a, b, original.rate, original.frames)
-        with crunching():  # the recording is not copied: written a block at a time (audio.py)
+        with crunching():  # the recording is not copied: written to a file a block at a time (audio.py)
             result = audio_ops.patch(original, prediction.fill, a, b, fade)
             encoded = self.publisher.encode(edit, result, checked.info)
-            # Checked as users will read it: decoded back, compared with the original outside the region.
-            published = audio_ops.read_back(encoded.data, lo, hi, encoded.name, against=(original, a, b))
-            quality = judge(original, published, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
+            try:
+                # Checked as users will read it: decoded back, compared with the original outside the region.
+                published = audio_ops.read_back(encoded.path, lo, hi, encoded.name, against=(original, a, b))
+                quality = judge(original, published, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
+            except BaseException:
+                encoded.discard()
+                raise
         if not provider.uses_prompt and (edit.input, edit.start, edit.end) in self._repeated_regions:
             # Variations of a region from an engine that cannot vary much: which came out alike.
-            fill = (made_for["source_sha256"], a, b, hashlib.sha256(encoded.data).hexdigest())
+            fill = (made_for["source_sha256"], a, b, encoded.sha256())
             with self._lock:
                 alike = self._same_fills.setdefault(fill, _Alike())
                 alike.results += 1
@@ -859,12 +870,12 @@ class Batch:
         details = {k: str(record[k]) for k in RESULT_DETAILS}
         metadata = self.publisher.metadata(edit, {**details, "identity": identity})
         try:
-            outcome.output = self.store.put(encoded.name, encoded.data, encoded.content_type, metadata)
+            outcome.output = self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)
             self.store.put_record(identity, {**record, "output": outcome.output})
         except RowError as exc:
             # Paid for: keep it here so the next run publishes it instead of paying again.
             try:
-                kept = self.unpublished.put(encoded.name, encoded.data, encoded.content_type, metadata)
+                kept = self.unpublished.put(encoded.name, encoded.path, encoded.content_type, metadata)
                 self.unpublished.put_record(identity, {**record, "output": kept})
             except RowError as lost:
                 raise RowError(
@@ -989,7 +1000,7 @@ class Batch:
         parts = []  # each row's region only: a long recording's rows do not each hold all of it
         for o in done:
             a, b = audio_ops.region_frames(o.start or 0.0, o.end or 0.0, original.rate, original.frames)
-            parts.append((o.row_id, audio_ops.read_back(self.store.read(o.output), a, b, o.output), a, b))
+            parts.append((o.row_id, audio_ops.read_back(self.store.readable(o.output), a, b, o.output), a, b))
         with crunching():
             encoded = self.publisher.encode(edit, overlay(original, parts), checked.info, name=name)
         metadata = {
@@ -999,7 +1010,10 @@ class Batch:
             "regions": ",".join(f"{o.start:g}-{o.end:g}" for o in done),
             "source_sha256": self.sources.checksum(checked.source),
         }
-        return self.store.put(encoded.name, encoded.data, encoded.content_type, metadata)
+        try:
+            return self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)
+        finally:
+            encoded.discard()
 
     def notes(self) -> list[str]:
         notes = lookalike_notes(self.manifest.edits)
@@ -1058,6 +1072,8 @@ class Batch:
         if self.lease is not None:
             self.lease.give_back()
         self._blas.restore_original_limits()
+        if not self.dry_run:  # a dry run beside the run itself leaves its files alone
+            shutil.rmtree(self.scratch, ignore_errors=True)
         self.run_lock.release()
 
 

@@ -107,8 +107,8 @@ class LimitsConfig(_Section):
     # otherwise); a shorter one leaves no room for a burst.
     rate_window_seconds: float = Field(default=60.0, gt=0, le=3600)
     budget_usd: float = Field(default=10.0, ge=0)
-    # Results held in memory at once, from their splice until published (soundpatch/result_memory.py);
-    # None: a quarter of this machine's memory, or of its container's limit, and 1 GiB at least.
+    # No longer used: results are written to disk until published, not held in memory
+    # (publish.py). Still accepted, so that configs written for the version that used it load.
     results_memory_mb: float | None = Field(default=None, gt=0)
     # Several processes or machines on one provider account: share the rate and the
     # in-flight limit through the Prefect server they all use (PREFECT_API_URL), as global

@@ -3,14 +3,22 @@
 The container follows `output.format` (or the input's own with `same`); the sample
 format follows the input wherever the container allows it, which is what keeps the
 audio outside the region identical to the input.
+
+A result is encoded into a file of the run's scratch folder, not into memory: the file
+of an hour-long recording is 635 MB, and rows of several at once would each hold theirs
+until the output store had it. The store takes the file from there (a local folder links
+it into place; a bucket uploads it in parts), and the file is removed once published.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import posixpath
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from soundpatch import audio as audio_ops
 from soundpatch.audio import Audio, AudioInfo, Patched
@@ -29,8 +37,10 @@ WRITABLE_CONTAINERS = ("WAV", "FLAC", "OGG", "MP3", "AIFF")
 
 
 class Publisher:
-    def __init__(self, store: OutputStore, output_format: str, run_id: str) -> None:
+    def __init__(self, store: OutputStore, output_format: str, run_id: str, scratch: Path) -> None:
+        """`scratch`: the folder results are encoded into before they are published."""
         self.store = store
+        self.scratch = scratch
         self.output_format = output_format
         self.run_id = run_id
         # Rows of one recording that name one file: row id -> that file's name (see clashes).
@@ -108,11 +118,20 @@ class Publisher:
         return reasons
 
     def encode(self, edit: Edit, result: Audio | Patched, info: AudioInfo, name: str | None = None) -> Encoded:
-        """The row's result, as the file named for it (or `name`: a combined file)."""
+        """The row's result, as the file named for it (or `name`: a combined file), written
+        to the scratch folder; `Encoded.discard()` removes it once it is no longer needed."""
         ext = self.ext(info)
-        data = audio_ops.encode(result, self.container(info))
         name = name or self.name(edit, info)
-        return Encoded(name, data, CONTENT_TYPES.get(ext, "application/octet-stream"), ext)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        fd, written = tempfile.mkstemp(dir=self.scratch, prefix="result.", suffix=f".{ext}")
+        os.close(fd)
+        path = Path(written)
+        try:
+            audio_ops.encode_file(result, self.container(info), path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return Encoded(name, path, CONTENT_TYPES.get(ext, "application/octet-stream"), ext)
 
     def metadata(self, edit: Edit, details: dict[str, str]) -> dict[str, str]:
         """What travels with a result: the row's own columns, then the row, then `details`
@@ -133,9 +152,19 @@ class Publisher:
 @dataclass(frozen=True)
 class Encoded:
     name: str
-    data: bytes
+    path: Path  # the encoded file, in the scratch folder until discarded
     content_type: str
     ext: str
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def _asks(edit: Edit) -> tuple:

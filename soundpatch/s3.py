@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from urllib.parse import unquote
 
 import boto3
@@ -112,18 +113,17 @@ class S3:
         except (ClientError, BotoCoreError) as exc:
             raise RowError(describe(exc, uri, "write")) from None
 
-    def upload(self, uri: S3Uri, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
-        """Managed upload: one PUT for small objects, multipart (parallel parts) past the threshold."""
+    def upload(self, uri: S3Uri, data: bytes | Path, content_type: str, metadata: dict[str, str]) -> None:
+        """Managed upload of bytes or of a file (read a part at a time): one PUT for small
+        objects, multipart (parallel parts) past the threshold."""
         threshold = int(self._config.multipart_threshold_mb * 1024 * 1024)
         transfer = TransferConfig(multipart_threshold=threshold, multipart_chunksize=max(threshold, 5 << 20))
+        extra = {"ContentType": content_type, "Metadata": metadata}
         try:
-            self.client.upload_fileobj(
-                io.BytesIO(data),
-                uri.bucket,
-                uri.key,
-                ExtraArgs={"ContentType": content_type, "Metadata": metadata},
-                Config=transfer,
-            )
+            if isinstance(data, Path):  # by its name: boto3 then reads each part as it sends it
+                self.client.upload_file(str(data), uri.bucket, uri.key, ExtraArgs=extra, Config=transfer)
+            else:
+                self.client.upload_fileobj(io.BytesIO(data), uri.bucket, uri.key, ExtraArgs=extra, Config=transfer)
         except (ClientError, BotoCoreError) as exc:
             raise RowError(describe(exc, uri, "write")) from None
         except boto3.exceptions.S3UploadFailedError as exc:
@@ -275,8 +275,12 @@ def _lasting_tls(exc: Exception) -> bool:
 
 
 def _cause(exc: Exception) -> Exception:
-    """boto3's managed transfers wrap the ClientError; unwrap it for a precise message."""
-    return exc.__cause__ if isinstance(exc.__cause__, (ClientError, BotoCoreError)) else exc
+    """boto3's managed transfers wrap the ClientError (raised from it, or, uploading a file
+    by its name, while handling it); unwrap it for a precise message."""
+    for inner in (exc.__cause__, exc.__context__):
+        if isinstance(inner, (ClientError, BotoCoreError)):
+            return inner
+    return exc
 
 
 def as_config_sentence(message: str, purpose: str) -> str:

@@ -8,6 +8,10 @@ descriptor instead, libsndfile does its own I/O with the GIL released. The descr
 is an anonymous in-memory file (memfd on Linux; an unlinked temporary file elsewhere),
 so nothing touches a disk or a name.
 `python bench/audio_io.py` measures both ways with other threads busy.
+
+A file on disk (a source given by its path, a result written to the run's scratch folder)
+is opened by its path: libsndfile reads and writes it itself, and it never has to be held
+in memory at all.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +64,17 @@ def open_bytes(data: bytes) -> Iterator[sf.SoundFile]:
         yield f
 
 
+@contextmanager
+def open_audio(source: bytes | Path) -> Iterator[sf.SoundFile]:
+    """The audio file in `source` (its bytes, or a file by path), open for reading."""
+    if isinstance(source, Path):
+        with sf.SoundFile(str(source)) as f:
+            yield f
+    else:
+        with open_bytes(source) as f:
+            yield f
+
+
 def read(data: bytes, **kwargs: Any) -> tuple[np.ndarray, int]:
     """(samples, rate) of the audio file in `data`; keyword arguments as for SoundFile.read."""
     with open_bytes(data) as f:
@@ -87,3 +103,12 @@ def write_blocks(
             for block in blocks:
                 f.write(block)
         return _contents(fd)
+
+
+def write_file(
+    path: Path, blocks: Iterable[np.ndarray], rate: int, channels: int, format: str, subtype: str | None = None
+) -> None:
+    """An audio file at `path` written from `blocks` of frames (frames, channels), in order."""
+    with sf.SoundFile(str(path), "w", rate, channels, subtype, format=format) as f:
+        for block in blocks:
+            f.write(block)

@@ -72,10 +72,19 @@ class SourceReader:
                 if hit is not None:
                     return hit
             self._stamp_before_reading(uri)
-            data, name = self._read(uri)
-            audio = decode(data, name)
+            if uri.startswith(("s3://", "http://", "https://")):
+                data, name = self._read(uri)
+                audio = decode(data, name)
+                checksum = hashlib.sha256(data).hexdigest()
+                del data
+            else:  # by its path: an hour-long recording is never held as bytes beside its samples
+                path = self._local_path(uri)
+                checksum = _file_sha256(path)
+                audio = decode(path, f"input file {uri}")
+                if self._current_stamp(uri) != self.stamp(uri):  # read twice: the same version both times
+                    raise RowError(f"input file {uri} changed while it was being read; run again once it is written")
             with self._lock:
-                self._checksums[uri] = hashlib.sha256(data).hexdigest()
+                self._checksums[uri] = checksum
                 self._cache[uri] = audio
                 self._held += audio.samples.nbytes
                 while self._held > self._cache_bytes and len(self._cache) > 1:
@@ -89,11 +98,7 @@ class SourceReader:
             known = self._checksums.get(uri)
         if known is None and not uri.startswith(("s3://", "http://", "https://")):
             self._stamp_before_reading(uri)
-            digest = hashlib.sha256()
-            with open(self._local_path(uri), "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            known = digest.hexdigest()
+            known = _file_sha256(self._local_path(uri))
             with self._lock:
                 self._checksums[uri] = known
         if known is None:
@@ -142,6 +147,7 @@ class SourceReader:
         return f"file {st.st_size} {st.st_mtime_ns}"
 
     def _read(self, uri: str) -> tuple[bytes, str]:
+        """A remote source's bytes, and how to name it."""
         if uri.startswith("s3://"):
             if self._s3 is None:
                 raise RowError("s3:// inputs need S3 settings (storage.s3)")
@@ -150,13 +156,10 @@ class SourceReader:
             if not data:
                 raise RowError(f"input {uri} is empty (0 bytes)")
             return data, f"input {uri}"
-        if uri.startswith(("http://", "https://")):
-            data, stamp = web.fetch(uri, self._storage.http, self._max_bytes)
-            with self._lock:
-                self._stamps[uri] = stamp  # the version these very bytes are
-            return data, f"input {web.shown(uri)}"
-        path = self._local_path(uri)
-        return path.read_bytes(), f"input file {uri}"
+        data, stamp = web.fetch(uri, self._storage.http, self._max_bytes)
+        with self._lock:
+            self._stamps[uri] = stamp  # the version these very bytes are
+        return data, f"input {web.shown(uri)}"
 
     def glob(self, pattern: str) -> list[str]:
         """The inputs a pattern names, sorted: local paths, or s3:// keys (`*` and `?` stay
@@ -186,6 +189,14 @@ class SourceReader:
         if size > self._max_bytes:
             raise RowError(f"input file {uri} is {size / 1e6:.0f} MB, over the {self._max_bytes / 1e6:.0f} MB limit")
         return path
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _key_regex(pattern: str) -> str:

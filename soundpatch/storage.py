@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import shutil
 import tempfile
 import unicodedata
 from pathlib import Path, PurePosixPath
@@ -33,7 +35,10 @@ class OutputStore(Protocol):
         """Raise ConfigError once, before any row, if the store cannot be written."""
         ...
 
-    def put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> str: ...
+    def put(self, name: str, data: bytes | Path, content_type: str, metadata: dict[str, str]) -> str:
+        """A result under `name`: its bytes, or a file of this run's scratch folder (which the
+        store may take as it is: the caller removes its own name for it afterwards)."""
+        ...
 
     def put_file(self, name: str, data: bytes, content_type: str) -> str:
         """A plain file under the prefix (a report), without result metadata."""
@@ -44,6 +49,11 @@ class OutputStore(Protocol):
         ...
 
     def read(self, uri: str) -> bytes: ...
+
+    def readable(self, uri: str) -> bytes | Path:
+        """A result as audio.decode and audio.read_back take it: a local file by its path
+        (never held whole), a remote one's bytes."""
+        ...
 
     def uri(self, name: str) -> str: ...
 
@@ -126,13 +136,18 @@ class LocalFolder:
             raise RowError(f"output name {name!r} would leave the output folder")
         return path
 
-    def put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> str:
+    def put(self, name: str, data: bytes | Path, content_type: str, metadata: dict[str, str]) -> str:
+        return self._put(name, data, content_type, metadata, link=True)
+
+    def _put(self, name: str, data: bytes | Path, content_type: str, metadata: dict[str, str], link: bool) -> str:
+        """`link`: a file given is linked into place where it can be (see atomic_write); a
+        result copied from another name is not, so that the two stay apart."""
         path = self._path(name)
         # The metadata first: cut short between the two, a result under this name never
         # claims the identity of the one it replaces (see `holds`).
         sidecar = {"content_type": content_type, **metadata}
         _write(path.with_name(path.name + ".json"), json.dumps(sidecar, indent=2).encode())
-        _write(path, data)
+        _write(path, data, link)
         return str(path)
 
     def put_file(self, name: str, data: bytes, content_type: str) -> str:
@@ -148,10 +163,13 @@ class LocalFolder:
         content_type = "application/octet-stream"
         if sidecar.is_file():
             content_type = json.loads(sidecar.read_text(encoding="utf-8")).get("content_type", content_type)
-        return self.put(name, source.read_bytes(), content_type, metadata)
+        return self._put(name, source, content_type, metadata, link=False)
 
     def read(self, uri: str) -> bytes:
         return Path(uri).read_bytes()
+
+    def readable(self, uri: str) -> bytes | Path:
+        return Path(uri)
 
     def uri(self, name: str) -> str:
         return str(self._path(name))
@@ -170,11 +188,11 @@ class LocalFolder:
         _write(self.root / INDEX_PREFIX / f"{identity}.json", json.dumps(record, indent=2).encode())
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write(path: Path, data: bytes | Path, link: bool = False) -> None:
     """A file of the output folder, written whole; a full disk or a folder in the way is the
     row's error (its paid result is then kept elsewhere), not an unexpected one."""
     try:
-        atomic_write(path, data)
+        atomic_write(path, data, link)
     except OSError as exc:
         raise RowError(f"{path} could not be written ({exc.strerror or exc})") from None
 
@@ -204,7 +222,7 @@ class S3Prefix:
             )
         return target
 
-    def put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> str:
+    def put(self, name: str, data: bytes | Path, content_type: str, metadata: dict[str, str]) -> str:
         target = self._uri(name)
         self.s3.upload(target, data, content_type, s3_metadata(metadata))
         return str(target)
@@ -223,6 +241,9 @@ class S3Prefix:
 
     def read(self, uri: str) -> bytes:
         return self.s3.read(S3Uri.parse(uri), MAX_RESULT_BYTES)
+
+    def readable(self, uri: str) -> bytes | Path:
+        return self.read(uri)
 
     def uri(self, name: str) -> str:
         return str(self._uri(name))
@@ -302,13 +323,22 @@ def _made_by(recorded: str | None, identity: str | None) -> bool:
     return identity is None or recorded is None or recorded == identity
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes | Path, link: bool = False) -> None:
+    """`data` (bytes, or a file's contents) under `path`, whole or not at all, on disk before
+    it is named. With `link`, a file is linked into place where it can be (a file of the
+    run's scratch folder: no copy of an hour-long result), else copied."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if link and isinstance(data, Path) and _linked(data, path):
+        return
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a result is an ordinary file
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, Path):
+                with open(data, "rb") as source:
+                    shutil.copyfileobj(source, f, 1 << 20)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -318,6 +348,25 @@ def atomic_write(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _linked(source: Path, path: Path) -> bool:
+    """`source` also named `path` (on disk first); False where it cannot be linked there
+    (another file system, or one without hard links)."""
+    with open(source, "rb") as f:
+        os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+        os.fsync(f.fileno())
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
 
 
 def _read_umask() -> int:

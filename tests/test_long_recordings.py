@@ -1,11 +1,11 @@
 """Recordings hours long (an archive's tapes, a night of radio): a row holds its own result,
-not copies of the recording, and a batch holds no more results at once than the machine
-can spare (soundpatch/audio.py, soundpatch/result_memory.py)."""
+not copies of the recording, and rows hold their results on disk until published, not in
+memory (soundpatch/audio.py, soundpatch/publish.py)."""
 
 from __future__ import annotations
 
-import threading
-import time
+import errno
+import os
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +15,6 @@ import soundfile as sf
 from soundpatch.batch import Batch
 from soundpatch.config import load_config
 from soundpatch.manifest import load_manifest
-from soundpatch.result_memory import ResultMemory
 from tests.jobs import run_in_process
 
 
@@ -28,10 +27,12 @@ def tape(path, seconds: int, rate: int = 44100) -> np.ndarray:
 def test_a_long_recording_s_rows_and_their_file_hold_no_copy_of_it_each(tmp_path):
     # An archive's recordings run for hours (635 MB of samples an hour in 16-bit stereo).
     # A row's result was a copy of the recording, encoded, then decoded again to check it;
-    # the file of several rows held every row's result at once. Now a row holds its encoded
-    # file and blocks of it, and the combined file each row's region only: what the run
-    # allocates at most stays near two recordings' worth, however many rows it has (it was
-    # 9.1 with these 5 rows, and grew by one for each row of the file; 2.1 now).
+    # the file of several rows held every row's result at once. Now a row writes its result
+    # to disk a block at a time and reads it back the same way, the combined file takes each
+    # row's region only, and the source is decoded from its path (not read into bytes
+    # first): what the run allocates at most is the decoded recording and a little more,
+    # however many rows it has (9.1 recordings' worth with these 5 rows at first, growing by
+    # one for each row of the file; then 2.1, the source's bytes beside its samples; 1.14 now).
     rate = 44100
     samples = tape(tmp_path / "tape.wav", 240, rate)
     size = samples.nbytes
@@ -50,67 +51,101 @@ def test_a_long_recording_s_rows_and_their_file_hold_no_copy_of_it_each(tmp_path
     fixed = sf.read(tmp_path / "out" / "fixed.wav", dtype="int16")[0]
     changed = np.flatnonzero((fixed != samples).any(axis=1))
     assert {int(f // rate) for f in changed} <= {20 + 40 * i for i in range(5)} and len(changed) > 0
-    assert peak < 2.5 * size, f"{peak / size:.2f} recordings' worth allocated at once"
+    assert peak < 1.5 * size, f"{peak / size:.2f} recordings' worth allocated at once"
 
 
-def test_results_wait_for_room_and_one_larger_than_all_of_it_goes_alone():
-    memory = ResultMemory(limit=100)
-    inside, most, lock = [0], [0], threading.Lock()
-
-    def result(nbytes: int) -> None:
-        with memory.holding(nbytes):
-            with lock:
-                inside[0] += nbytes
-                most[0] = max(most[0], inside[0])
-            time.sleep(0.02)
-            with lock:
-                inside[0] -= nbytes
-
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(result, [60] * 6 + [500] * 2))
-    assert most[0] == 500 and memory.most == 100 and memory.held == 0  # never two of 60, never 500 beside another
-    small = ResultMemory(limit=100)
-    with small.holding(60), small.holding(40):  # what fits goes at once
-        assert small.held == 100
-
-
-def test_a_batch_of_long_recordings_holds_no_more_results_at_once_than_it_may(tmp_path):
-    samples = tape(tmp_path / "tape.wav", 60)
-    rows = [f"d{i},tape.wav,{5 + 10 * i},{5.02 + 10 * i},fill the dropout" for i in range(5)]
+def test_rows_of_long_recordings_at_once_hold_their_results_on_disk_not_in_memory(tmp_path):
+    # Each row's result (the whole recording, its region new) was held encoded in memory from
+    # its splice until published, and read back from a memory file as large: five rows of an
+    # hour's tape at once were five recordings' worth or more. Written to the run's scratch
+    # folder, it is linked into place: what the rows hold at once is the recording, once.
+    samples = tape(tmp_path / "tape.wav", 180)
+    rows = [f"d{i},tape.wav,{15 + 30 * i},{15.02 + 30 * i},fill the dropout" for i in range(5)]
     (tmp_path / "m.csv").write_text("id,input,start,end,prompt\n" + "\n".join(rows) + "\n")
-    room = 1.5 * samples.nbytes / 2**20  # for one such result
-    cfg = load_config(
-        overrides={
-            "output.uri": str(tmp_path / "out"),
-            "runs_dir": str(tmp_path / "runs"),
-            "limits.results_memory_mb": room,
-        }
-    )
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
     batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "tapes")
+    tracemalloc.start()
     try:
         with ThreadPoolExecutor(5) as pool:
             outcomes = list(pool.map(batch.process, batch.manifest.edits))
+        peak = tracemalloc.get_traced_memory()[1]
     finally:
+        tracemalloc.stop()
         batch.close()
     assert [o.status for o in outcomes] == ["succeeded"] * 5
-    assert batch.result_memory.most == samples.nbytes  # each held it, one at a time
+    assert peak < 1.5 * samples.nbytes, f"{peak / samples.nbytes:.2f} recordings' worth allocated at once"
+    for i, o in enumerate(outcomes):
+        result = sf.read(o.output, dtype="int16")[0]
+        changed = np.flatnonzero((result != samples).any(axis=1))
+        assert len(changed) and {int(f // 44100) for f in changed} == {15 + 30 * i}
+        stat = os.stat(o.output)
+        assert stat.st_nlink == 1  # its scratch name is gone
+        assert stat.st_mode & 0o777 == 0o666 & ~_umask()  # an ordinary file, not mkstemp's 0600
+    assert not (tmp_path / "runs" / "tapes" / "scratch").exists()
+    assert not list((tmp_path / "out").rglob("*.part"))
 
 
-def test_the_default_room_is_a_quarter_of_the_memory_this_process_may_use(monkeypatch, tmp_path):
-    from soundpatch import result_memory
+def test_a_result_is_copied_into_place_where_it_cannot_be_linked(tmp_path, monkeypatch):
+    # The run's folder and the outputs on different file systems (a mounted volume): a link
+    # between them fails with EXDEV, and the result is copied instead.
+    samples = tape(tmp_path / "tape.wav", 8)
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nd,tape.wav,4,4.02,fill the dropout\n")
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    tried = []
 
-    assert result_memory.machine_share() >= result_memory.FLOOR_BYTES
-    pod = tmp_path / "memory.max"
-    pod.write_text(f"{8 << 30}\n")  # a container held to 8 GiB: a quarter of that
-    monkeypatch.setattr(result_memory, "CGROUP_LIMITS", (str(pod),))
-    assert result_memory.machine_share() == max(result_memory.FLOOR_BYTES, min(_physical(), 8 << 30) // 4)
-    pod.write_text(f"{2 << 30}\n")  # a small one: 1 GiB all the same
-    assert result_memory.machine_share() == result_memory.FLOOR_BYTES
-    pod.write_text("max\n")  # no limit: the machine's
-    assert result_memory.machine_share() == max(result_memory.FLOOR_BYTES, _physical() // 4)
+    def cross_device(src, dst, *args, **kwargs):
+        tried.append(src)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    [outcome], _, _ = run_in_process(tmp_path / "m.csv", cfg, "volume")
+    assert outcome.status == "succeeded", outcome.error
+    assert tried  # a link was tried first
+    result = sf.read(outcome.output, dtype="int16")[0]
+    outside = np.ones(len(samples), bool)
+    outside[4 * 44100 : round(4.02 * 44100)] = False
+    assert np.array_equal(result[outside], samples[outside])
+    assert os.stat(outcome.output).st_mode & 0o777 == 0o666 & ~_umask()
+    assert not (tmp_path / "runs" / "volume" / "scratch").exists()
 
 
-def _physical() -> int:
-    import os
+def test_what_a_stopped_run_left_in_its_scratch_folder_is_cleared_when_it_goes_on(tmp_path):
+    tape(tmp_path / "tape.wav", 8)
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nd,tape.wav,4,4.02,fill the dropout\n")
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    scratch = tmp_path / "runs" / "again" / "scratch"
+    scratch.mkdir(parents=True)
+    (scratch / "result.x1y2.wav").write_bytes(b"\0" * 1000)  # a result being written when the machine stopped
+    [outcome], _, _ = run_in_process(tmp_path / "m.csv", cfg, "again")
+    assert outcome.status == "succeeded", outcome.error
+    assert not scratch.exists()
 
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+def test_a_source_rewritten_while_it_is_read_is_not_taken_for_either_version(tmp_path, monkeypatch):
+    # A local source is read twice (its checksum, then its samples): a file replaced in
+    # between would give a result recorded under one version's checksum, made from the other.
+    from soundpatch import sources
+
+    tape(tmp_path / "tape.wav", 8)
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nd,tape.wav,4,4.02,fill the dropout\n")
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    checksum = sources._file_sha256
+
+    def then_rewritten(path):
+        digest = checksum(path)
+        sf.write(path, np.zeros((8 * 44100, 2), np.int16), 44100, subtype="PCM_16")  # an editor saving over it
+        return digest
+
+    monkeypatch.setattr(sources, "_file_sha256", then_rewritten)
+    [outcome], _, _ = run_in_process(tmp_path / "m.csv", cfg, "moving")
+    assert outcome.status == "invalid" and outcome.cost_usd == 0  # found while validating: nothing sent
+    assert "tape.wav changed while it was being read; run again once it is written" in outcome.error
+    monkeypatch.setattr(sources, "_file_sha256", checksum)
+    [again], _, _ = run_in_process(tmp_path / "m.csv", cfg, "moving")
+    assert again.status == "succeeded", again.error
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
