@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import io
 import threading
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote
 
 import boto3
@@ -104,6 +106,28 @@ class S3:
         if len(data) > max_bytes:
             raise RowError(f"{uri} is over the {max_bytes / 1e6:.0f} MB limit")
         return data
+
+    def read_into(self, uri: S3Uri, max_bytes: int, sink: BinaryIO) -> None:
+        """`read`, a megabyte at a time into `sink` (an input hours long is never held as bytes)."""
+        known = self._unreachable.get(uri.bucket)
+        if known is not None:
+            raise RowError(describe(known, uri, "read"))
+        size = 0
+        try:
+            response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
+            declared = int(response.get("ContentLength") or 0)
+            with closing(response["Body"]) as body:
+                if declared > max_bytes:
+                    raise RowError(f"{uri} is {declared / 1e6:.0f} MB, over the {max_bytes / 1e6:.0f} MB limit")
+                for chunk in body.iter_chunks(1 << 20):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise RowError(f"{uri} is over the {max_bytes / 1e6:.0f} MB limit")
+                    sink.write(chunk)
+        except (ClientError, BotoCoreError) as exc:
+            if _whole_bucket(exc):
+                self._unreachable[uri.bucket] = exc
+            raise RowError(describe(exc, uri, "read")) from None
 
     def write(self, uri: S3Uri, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> None:
         try:

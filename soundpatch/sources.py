@@ -8,6 +8,11 @@ Each source's SHA-256 is taken as it is read, with a stamp of the version read (
 file's size and modification time, an S3 object's ETag, a web server's ETag or else its
 Last-Modified time, with the length), so that a rerun can tell an unchanged source by its
 stamp alone instead of reading it all again (`vouch`).
+
+A source is never held as bytes (an hour of tape is 635 MB of them, beside as many of its
+samples): a local file is hashed, then decoded, from its path (its stamp checked after
+both, so that both were of one version); a remote one is spooled to a temporary file as it
+arrives (hashed on the way; TMPDIR says where) and decoded from there.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from __future__ import annotations
 import glob as globbing
 import hashlib
 import re
+import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import BinaryIO
 
 from soundpatch import web
 from soundpatch.audio import Audio, AudioInfo, decode, inspect
@@ -73,10 +80,7 @@ class SourceReader:
                     return hit
             self._stamp_before_reading(uri)
             if uri.startswith(("s3://", "http://", "https://")):
-                data, name = self._read(uri)
-                audio = decode(data, name)
-                checksum = hashlib.sha256(data).hexdigest()
-                del data
+                audio, checksum = self._download(uri)
             else:  # by its path: an hour-long recording is never held as bytes beside its samples
                 path = self._local_path(uri)
                 checksum = _file_sha256(path)
@@ -146,20 +150,25 @@ class SourceReader:
         st = self._local_path(uri).stat()
         return f"file {st.st_size} {st.st_mtime_ns}"
 
-    def _read(self, uri: str) -> tuple[bytes, str]:
-        """A remote source's bytes, and how to name it."""
-        if uri.startswith("s3://"):
-            if self._s3 is None:
-                raise RowError("s3:// inputs need S3 settings (storage.s3)")
-            target = S3Uri.parse(uri)
-            data = self._s3.read(target, self._max_bytes)
-            if not data:
-                raise RowError(f"input {uri} is empty (0 bytes)")
-            return data, f"input {uri}"
-        data, stamp = web.fetch(uri, self._storage.http, self._max_bytes)
-        with self._lock:
-            self._stamps[uri] = stamp  # the version these very bytes are
-        return data, f"input {web.shown(uri)}"
+    def _download(self, uri: str) -> tuple[Audio, str]:
+        """A remote source, decoded, and its checksum: spooled to a temporary file as it
+        arrives (hashed on the way) and decoded from there, never held as bytes."""
+        with tempfile.NamedTemporaryFile(prefix="soundpatch-input.") as spool:
+            sink = _Hashing(spool)
+            if uri.startswith("s3://"):
+                if self._s3 is None:
+                    raise RowError("s3:// inputs need S3 settings (storage.s3)")
+                self._s3.read_into(S3Uri.parse(uri), self._max_bytes, sink)
+                name = f"input {uri}"
+            else:
+                stamp = web.fetch_into(uri, self._storage.http, self._max_bytes, sink)
+                with self._lock:
+                    self._stamps[uri] = stamp  # the version these very bytes are
+                name = f"input {web.shown(uri)}"
+            if sink.size == 0:
+                raise RowError(f"{name} is empty (0 bytes)")
+            spool.flush()
+            return decode(Path(spool.name), name), sink.digest.hexdigest()
 
     def glob(self, pattern: str) -> list[str]:
         """The inputs a pattern names, sorted: local paths, or s3:// keys (`*` and `?` stay
@@ -189,6 +198,25 @@ class SourceReader:
         if size > self._max_bytes:
             raise RowError(f"input file {uri} is {size / 1e6:.0f} MB, over the {self._max_bytes / 1e6:.0f} MB limit")
         return path
+
+
+class _Hashing:
+    """A file written a chunk at a time, hashed on the way; emptied again by a retry."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.digest, self.size = file, hashlib.sha256(), 0
+
+    def write(self, chunk: bytes) -> int:
+        self.digest.update(chunk)
+        self.size += len(chunk)
+        return self.file.write(chunk)
+
+    def seek(self, offset: int) -> int:
+        return self.file.seek(offset)
+
+    def truncate(self) -> int:
+        self.digest, self.size = hashlib.sha256(), 0
+        return self.file.truncate()
 
 
 def _file_sha256(path: Path) -> str:

@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
@@ -62,11 +63,12 @@ def check_address(url: str, allow_private: bool) -> None:
             )
 
 
-def fetch(url: str, config: HttpConfig, max_bytes: int) -> tuple[bytes, str | None]:
-    """The body of `url` and the version the server named for it (`version`), or RowError
-    with one sentence saying why not."""
+def fetch_into(url: str, config: HttpConfig, max_bytes: int, sink: BinaryIO) -> str | None:
+    """The body of `url`, written into `sink` as it arrives (emptied first at each try), and
+    the version the server named for it (`version`); or RowError with one sentence saying
+    why not."""
     try:
-        return _POLICY.call(lambda: _fetch_once(url, config, max_bytes))
+        return _POLICY.call(lambda: _fetch_once(url, config, max_bytes, sink))
     except Retryable as exc:  # still failing after the last try
         raise RowError(str(exc)) from None
 
@@ -116,11 +118,14 @@ def _answer(client: httpx.Client, method: str, url: str, config: HttpConfig) -> 
     raise RowError(f"Cannot fetch {shown(url)}: more than {MAX_REDIRECTS} redirects")
 
 
-def _fetch_once(url: str, config: HttpConfig, max_bytes: int) -> tuple[bytes, str | None]:
+def _fetch_once(url: str, config: HttpConfig, max_bytes: int, sink: BinaryIO) -> str | None:
     deadline = time.monotonic() + config.timeout_seconds * 4
+    sink.seek(0)
+    sink.truncate()
     try:
         with _client(config) as client, _answer(client, "GET", url, config) as response:
-            return _body(response, url, max_bytes, deadline), version(response)
+            _body(response, url, max_bytes, deadline, sink)
+            return version(response)
     except httpx.TimeoutException:
         raise Retryable(f"Cannot fetch {shown(url)}: no answer within {config.timeout_seconds:g} s") from None
     except httpx.TransportError as exc:
@@ -129,7 +134,7 @@ def _fetch_once(url: str, config: HttpConfig, max_bytes: int) -> tuple[bytes, st
         raise (RowError(why) if lasting else Retryable(why)) from None
 
 
-def _body(response: httpx.Response, url: str, max_bytes: int, deadline: float) -> bytes:
+def _body(response: httpx.Response, url: str, max_bytes: int, deadline: float, sink: BinaryIO) -> None:
     status = response.status_code
     if status == 429 or status >= 500:
         raise Retryable(f"Cannot fetch {shown(url)}: the server answered HTTP {status}")
@@ -138,14 +143,13 @@ def _body(response: httpx.Response, url: str, max_bytes: int, deadline: float) -
     declared = response.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise RowError(f"{shown(url)} is {int(declared) / 1e6:.0f} MB, over the {max_bytes / 1e6:.0f} MB limit")
-    chunks, size = [], 0
+    size = 0
     for chunk in response.iter_bytes():
         size += len(chunk)
         if size > max_bytes:
             raise RowError(f"{shown(url)} is over the {max_bytes / 1e6:.0f} MB limit")
         if time.monotonic() > deadline:
             raise RowError(f"Cannot fetch {shown(url)}: the download took too long")
-        chunks.append(chunk)
+        sink.write(chunk)
     if size == 0:
         raise RowError(f"input {shown(url)} is empty (0 bytes)")
-    return b"".join(chunks)

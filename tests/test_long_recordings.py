@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from soundpatch.batch import Batch
 from soundpatch.config import load_config
 from soundpatch.manifest import load_manifest
 from tests.jobs import run_in_process
+from tests.test_storage import serve
 
 
 def tape(path, seconds: int, rate: int = 44100) -> np.ndarray:
@@ -83,6 +87,48 @@ def test_rows_of_long_recordings_at_once_hold_their_results_on_disk_not_in_memor
         assert stat.st_mode & 0o777 == 0o666 & ~_umask()  # an ordinary file, not mkstemp's 0600
     assert not (tmp_path / "runs" / "tapes" / "scratch").exists()
     assert not list((tmp_path / "out").rglob("*.part"))
+
+
+@pytest.mark.parametrize("where", ["bucket", "web"])
+def test_a_long_recording_from_a_bucket_or_a_web_server_is_never_held_as_bytes(tmp_path, aws_env, where):
+    # A remote source was read into memory whole (a web server's chunks, then joined), then
+    # decoded through a memory file as large: three recordings' worth at once beside its
+    # samples. Now it is spooled to a temporary file as it arrives, hashed on the way, and
+    # decoded from there.
+    samples = tape(tmp_path / "tape.wav", 360)  # long enough that boto3's own ~17 MB count for little
+    if where == "bucket":
+        bucket = aws_env.bucket("tapes")
+        aws_env.client.upload_file(str(tmp_path / "tape.wav"), bucket, "archive/tape.wav")
+        source, server = f"s3://{bucket}/archive/tape.wav", None
+    else:
+        (tmp_path / "www").mkdir()
+        (tmp_path / "tape.wav").rename(tmp_path / "www" / "tape.wav")
+        server, base = serve(tmp_path / "www")
+        source = f"{base}/tape.wav"
+    (tmp_path / "m.csv").write_text(f"id,input,start,end,prompt\nd,{source},90,90.02,fill the dropout\n")
+    cfg = load_config(
+        overrides={
+            "output.uri": str(tmp_path / "out"),
+            "runs_dir": str(tmp_path / "runs"),
+            "storage.s3.endpoint_url": aws_env.endpoint,
+            "storage.http.allow_private_addresses": True,
+        }
+    )
+    tracemalloc.start()
+    try:
+        [outcome], _, _ = run_in_process(tmp_path / "m.csv", cfg, where)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    assert outcome.status == "succeeded", outcome.error
+    assert peak < 1.5 * samples.nbytes, f"{peak / samples.nbytes:.2f} recordings' worth allocated at once"
+    result = sf.read(outcome.output, dtype="int16")[0]
+    changed = np.flatnonzero((result != samples).any(axis=1))
+    assert len(changed) and {int(f // 44100) for f in changed} == {90}
+    assert not list(Path(tempfile.gettempdir()).glob("soundpatch-input.*"))  # the spool is gone
 
 
 def test_a_result_is_copied_into_place_where_it_cannot_be_linked(tmp_path, monkeypatch):
