@@ -645,9 +645,10 @@ class Batch:
         if store is self.store and record.get("ext") == self.publisher.ext(checked.info):
             outcome.output = self.store.copy(record["output"], name, metadata)
         else:  # another format asked for, or kept locally after a failed upload: encode and put
-            data = store.readable(record["output"])
-            with crunching():
-                encoded = self.publisher.encode(edit, audio_ops.decode(data, record["output"]), checked.info)
+            with store.opened(record["output"]) as earlier_file:
+                with crunching():
+                    earlier_result = audio_ops.decode(earlier_file, record["output"])
+                    encoded = self.publisher.encode(edit, earlier_result, checked.info)
             try:
                 outcome.output = self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)
             finally:
@@ -1000,7 +1001,8 @@ class Batch:
         parts = []  # each row's region only: a long recording's rows do not each hold all of it
         for o in done:
             a, b = audio_ops.region_frames(o.start or 0.0, o.end or 0.0, original.rate, original.frames)
-            parts.append((o.row_id, audio_ops.read_back(self.store.readable(o.output), a, b, o.output), a, b))
+            with self.store.opened(o.output) as result:
+                parts.append((o.row_id, audio_ops.read_back(result, a, b, o.output), a, b))
         with crunching():
             encoded = self.publisher.encode(edit, overlay(original, parts), checked.info, name=name)
         metadata = {

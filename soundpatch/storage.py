@@ -14,6 +14,8 @@ import secrets
 import shutil
 import tempfile
 import unicodedata
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 from urllib.parse import quote
@@ -48,11 +50,9 @@ class OutputStore(Protocol):
         """A result this store holds, copied under a new name with new metadata."""
         ...
 
-    def read(self, uri: str) -> bytes: ...
-
-    def readable(self, uri: str) -> bytes | Path:
-        """A result as audio.decode and audio.read_back take it: a local file by its path
-        (never held whole), a remote one's bytes."""
+    def opened(self, uri: str) -> AbstractContextManager[Path]:
+        """A result this store holds, as a file to read (never held as bytes): a local one
+        where it is, a bucket's spooled to a temporary file while the context lasts."""
         ...
 
     def uri(self, name: str) -> str: ...
@@ -165,11 +165,9 @@ class LocalFolder:
             content_type = json.loads(sidecar.read_text(encoding="utf-8")).get("content_type", content_type)
         return self._put(name, source, content_type, metadata, link=False)
 
-    def read(self, uri: str) -> bytes:
-        return Path(uri).read_bytes()
-
-    def readable(self, uri: str) -> bytes | Path:
-        return Path(uri)
+    @contextmanager
+    def opened(self, uri: str) -> Iterator[Path]:
+        yield Path(uri)
 
     def uri(self, name: str) -> str:
         return str(self._path(name))
@@ -239,11 +237,12 @@ class S3Prefix:
         self.s3.copy(S3Uri.parse(uri), target, s3_metadata(metadata))
         return str(target)
 
-    def read(self, uri: str) -> bytes:
-        return self.s3.read(S3Uri.parse(uri), MAX_RESULT_BYTES)
-
-    def readable(self, uri: str) -> bytes | Path:
-        return self.read(uri)
+    @contextmanager
+    def opened(self, uri: str) -> Iterator[Path]:
+        with tempfile.NamedTemporaryFile(prefix="soundpatch-result.") as spool:
+            self.s3.read_into(S3Uri.parse(uri), MAX_RESULT_BYTES, spool)
+            spool.flush()
+            yield Path(spool.name)
 
     def uri(self, name: str) -> str:
         return str(self._uri(name))
