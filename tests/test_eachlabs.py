@@ -411,6 +411,43 @@ def test_a_result_on_a_host_that_cannot_be_reached_says_why_and_is_collected_lat
     assert sim.stats.accepted == 1 and sim.billed() == pytest.approx(PRICE)
 
 
+def test_a_result_on_a_host_whose_certificate_is_not_trusted_is_not_fetched_again_and_again(
+    library, aws_env, simulator, monkeypatch, tmp_path
+):
+    # The result's host (a CDN behind a proxy that inspects TLS) shows a certificate from a
+    # CA this machine does not know. That does not mend in seconds: the row says so and what
+    # to set after one handshake (it tried six times, with backoff), and keeps what it paid.
+    import trustme
+
+    from tests.test_storage import serve
+
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    name = single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,")
+    (tmp_path / "cdn").mkdir()
+    cdn, base = serve(tmp_path / "cdn", ca=trustme.CA())
+    handshakes = []
+    accept = cdn.get_request
+    cdn.get_request = lambda: handshakes.append(1) or accept()
+    try:
+        sim = simulator(latency=0.05, fill="tone", results_url=base)
+        [o], _ = run_batch(library, sim, aws_env, manifest=name, run_id="cdn")
+    finally:
+        cdn.shutdown()
+        cdn.server_close()
+    assert o.status == "failed" and o.cost_usd == pytest.approx(PRICE), o.error
+    assert o.error.startswith(f"Could not download the result: cannot connect to {base}/files/")
+    assert "its TLS certificate is not trusted here" in o.error and "set SSL_CERT_FILE to its CA bundle" in o.error
+    assert "the paid prediction is kept" in o.error
+    assert len(handshakes) == 1
+
+    sim.settings.results_url = None  # served from where it can be trusted
+    [o], _ = run_batch(library, sim, aws_env, manifest=name, run_id="cdn")
+    assert_result_is_right(library, aws_env, o, 35)
+    assert sim.stats.accepted == 1 and sim.billed() == pytest.approx(PRICE)
+
+
 @pytest.mark.parametrize("stage", ["_download", "keep_answer", "recover_region", "splice"])
 def test_an_unexpected_error_with_a_paid_result_keeps_its_cost_and_the_rerun_collects_it(
     library, aws_env, simulator, monkeypatch, stage

@@ -27,7 +27,7 @@ from soundpatch import soundio
 from soundpatch.audio import pcm16
 from soundpatch.config import ProviderConfig
 from soundpatch.cpu import crunching
-from soundpatch.errors import ConfigError, RowError, network_reason
+from soundpatch.errors import ConfigError, RowError, lasting_tls_failure, network_reason
 from soundpatch.providers.base import InpaintRequest, PaidAnswer, Prediction, PredictionFailed
 from soundpatch.providers.hosted import HostedProvider, capped_body, paid, retry_after
 from soundpatch.retry import Retryable
@@ -228,7 +228,10 @@ class QueuedProvider(HostedProvider):
                     declared = int(response.headers.get("content-length") or 0)
                     data = capped_body(response)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # not begun: say why, not a class name
-                raise Retryable(f"cannot connect to {shown(url)} ({network_reason(exc)})") from None
+                why = f"cannot connect to {shown(url)} ({network_reason(exc)})"
+                if lasting_tls_failure(exc):  # a certificate does not come to be trusted in seconds
+                    raise RowError(f"Could not download the result: {why}") from None
+                raise Retryable(why) from None
             except (httpx.TransportError, httpx.DecodingError) as exc:
                 raise Retryable(f"result download was truncated or broke off ({type(exc).__name__})") from None
             if declared and len(data) != declared:
