@@ -347,9 +347,9 @@ class ReadBack:
 def read_back(
     data: bytes | Path, lo: int, hi: int, name: str = "audio", against: tuple[Audio, int, int] | None = None
 ) -> ReadBack:
-    """Decode `data` (bytes, or a file by path) block by block, keeping its frames [lo, hi); `against` (original, a, b):
-    compared with `original` outside frames [a, b) on the way. Where the lengths differ (a
-    lossy codec's padding), what overlaps is compared."""
+    """Decode `data` (bytes, or a file by path) block by block, keeping its frames [lo, hi);
+    `against` (original, a, b): compared with `original` outside frames [a, b) on the way.
+    Where the lengths differ (a lossy codec's padding), what overlaps is compared."""
     worst, kept, at = 0.0, [], 0
     try:
         with soundio.open_audio(data) as f:
