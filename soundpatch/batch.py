@@ -508,6 +508,7 @@ class Batch:
                 f"{outcome.error.rstrip('.')}; the paid prediction is kept, and rerunning with --run-id "
                 f"{self.run_id} tries it again at no new cost{again}."
             )
+        outcome.attempts += self._sent_before(edit.row_id)
         to_collect = {"kept_paid": kept} if kept else {}  # the next attempt collects it (journal.py)
         self.journal.write("outcome", edit.row_id, outcome=outcome.to_dict(), made_for=made_for, **to_collect)
         if kept is None or kept["answer"] is None:
@@ -530,8 +531,15 @@ class Batch:
         outcome = self._blank_outcome(edit)
         outcome.status = FAILED
         outcome.error = self._not_started + "."
+        outcome.attempts = self._sent_before(edit.row_id)
         self.journal.write("outcome", edit.row_id, outcome=outcome.to_dict())
         return outcome
+
+    def _sent_before(self, row_id: str) -> int:
+        """Creates the row sent in earlier attempts of this run: its outcome counts them all,
+        as its cost counts all it paid."""
+        state = self.states.get(row_id)
+        return max(0, state.sent_before) if state is not None else 0
 
     def _remove_leftover_staging(self, row_id: str) -> None:
         state = self.states.get(row_id)
@@ -751,7 +759,8 @@ class Batch:
             self._told(edit.row_id, claimed, provider.name, "created", {"prediction_id": resume_id, "resumed": True})
         if kept is not None and state is not None:  # still kept, should this attempt die too
             self.journal.write("answer_kept", edit.row_id, **(state.answer or {}), resumed=True)
-        outcome.attempts += 1
+        if not (resume_id or kept):  # a create goes out (collecting what was paid for sends none)
+            outcome.attempts += 1
         try:
             prediction = provider.inpaint(request)  # holds one of limits.concurrency slots while in flight
         except PredictionFailed as exc:

@@ -170,6 +170,9 @@ class RowState:
     # last outcome already: the row failed using it, and it was kept for the next attempt.
     settled: bool = False
     spent_before: float = 0.0  # what the row's recorded outcomes cost
+    # Creates the row sent in earlier attempts: as its last outcome counted them, and any
+    # sent since (an attempt that died before its outcome).
+    sent_before: int = 0
     reported_before: float = 0.0  # of which the provider itself reported
     staged: list[str] = field(default_factory=list)  # staged clips not cleaned up
 
@@ -192,8 +195,10 @@ def states_from(events: Iterable[dict[str, Any]]) -> dict[str, RowState]:
             s.settled = bool(e.get("settled"))
         elif kind == "creating":
             s.in_doubt = True
-        elif kind == "create_refused":  # nothing was made: no doubt
+            s.sent_before += 1
+        elif kind == "create_refused":  # nothing was made (nor sent): no doubt
             s.in_doubt = False
+            s.sent_before -= 1
         elif kind == "answered":  # made, billed, and its answer is coming in
             s.in_doubt, s.answered = False, e.get("status", 200) < 400
         elif kind == "answer_kept":
@@ -212,6 +217,7 @@ def states_from(events: Iterable[dict[str, Any]]) -> dict[str, RowState]:
             s.made_for = e.get("made_for")
             s.spent_before = float(e["outcome"].get("cost_usd") or 0.0)  # outcomes carry the running total
             s.reported_before = float(e["outcome"].get("provider_cost_usd") or 0.0)
+            s.sent_before = int(e["outcome"].get("attempts") or 0)  # a running total too
             s.doubted = s.doubted or s.in_doubt
             s.prediction_id, s.in_doubt, s.answered, s.answer = None, False, False, None
             kept = e.get("kept_paid")  # failed using a paid prediction, kept to collect again

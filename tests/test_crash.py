@@ -59,6 +59,7 @@ def test_sigkill_after_every_create_then_rerun_pays_each_prediction_once(
     rows = report(job_dir, "kill9")
     assert list(rows["status"]) == ["succeeded"] * 16
     assert rows["cost_usd"].sum() == pytest.approx(16 * 0.20)
+    assert list(rows["attempts"]) == [1] * 16  # the create each sent before the kill, none after
     assert all(Path(p).is_file() for p in rows["output"])
     assert aws_env.keys("stage", "clips/kill9/") == []  # clips staged before the kill are gone too
 

@@ -263,6 +263,13 @@ def test_a_wrong_key_fails_at_once_and_is_never_echoed(library, aws_env, simulat
     assert "sk-wrong-000111" not in o.error
     assert o.attempts == 1 and sim.stats.creates == 1 and o.cost_usd == 0
 
+    # The key mended, the run goes on: the row's outcome counts every create it sent, in
+    # this attempt and the one before, as its cost counts all it paid (it said 1).
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    [o], _ = run_batch(library, sim, aws_env, manifest=single(library, "fx,audio/fx.wav,1.2,1.65,clang,1,"))
+    assert o.status == "succeeded", o.error
+    assert o.attempts == 2 and sim.stats.creates == 2 and o.cost_usd == pytest.approx(PRICE)
+
 
 def test_a_request_the_provider_refuses_fails_with_its_message(library, aws_env, simulator, monkeypatch):
     monkeypatch.setenv("EACHLABS_API_KEY", KEY)
