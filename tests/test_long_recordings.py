@@ -9,7 +9,6 @@ import os
 import tempfile
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,7 +89,7 @@ def test_rows_of_long_recordings_at_once_hold_their_results_on_disk_not_in_memor
 
 
 @pytest.mark.parametrize("where", ["bucket", "web"])
-def test_a_long_recording_from_a_bucket_or_a_web_server_is_never_held_as_bytes(tmp_path, aws_env, where):
+def test_a_long_recording_from_a_bucket_or_a_web_server_is_never_held_as_bytes(tmp_path, aws_env, where, monkeypatch):
     # A remote source was read into memory whole (a web server's chunks, then joined), then
     # decoded through a memory file as large: three recordings' worth at once beside its
     # samples. Now it is spooled to a temporary file as it arrives, hashed on the way, and
@@ -114,6 +113,8 @@ def test_a_long_recording_from_a_bucket_or_a_web_server_is_never_held_as_bytes(t
             "storage.http.allow_private_addresses": True,
         }
     )
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the spool goes (TMPDIR)
     tracemalloc.start()
     try:
         [outcome], _, _ = run_in_process(tmp_path / "m.csv", cfg, where)
@@ -128,7 +129,7 @@ def test_a_long_recording_from_a_bucket_or_a_web_server_is_never_held_as_bytes(t
     result = sf.read(outcome.output, dtype="int16")[0]
     changed = np.flatnonzero((result != samples).any(axis=1))
     assert len(changed) and {int(f // 44100) for f in changed} == {90}
-    assert not list(Path(tempfile.gettempdir()).glob("soundpatch-input.*"))  # the spool is gone
+    assert list((tmp_path / "tmp").glob("soundpatch-input.*")) == []  # the spool is gone
 
 
 def test_a_result_is_copied_into_place_where_it_cannot_be_linked(tmp_path, monkeypatch):
