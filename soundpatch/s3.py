@@ -89,26 +89,13 @@ class S3:
             return self._client
 
     def read(self, uri: S3Uri, max_bytes: int) -> bytes:
-        known = self._unreachable.get(uri.bucket)
-        if known is not None:
-            raise RowError(describe(known, uri, "read"))
-        try:
-            response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
-            size = int(response.get("ContentLength") or 0)
-            if size > max_bytes:
-                response["Body"].close()
-                raise RowError(f"{uri} is {size / 1e6:.0f} MB, over the {max_bytes / 1e6:.0f} MB limit")
-            data = response["Body"].read(max_bytes + 1)
-        except (ClientError, BotoCoreError) as exc:
-            if _whole_bucket(exc):
-                self._unreachable[uri.bucket] = exc
-            raise RowError(describe(exc, uri, "read")) from None
-        if len(data) > max_bytes:
-            raise RowError(f"{uri} is over the {max_bytes / 1e6:.0f} MB limit")
-        return data
+        body = io.BytesIO()
+        self.read_into(uri, max_bytes, body)
+        return body.getvalue()
 
     def read_into(self, uri: S3Uri, max_bytes: int, sink: BinaryIO) -> None:
-        """`read`, a megabyte at a time into `sink` (an input hours long is never held as bytes)."""
+        """The object's bytes, a megabyte at a time into `sink` (an input hours long is never
+        held as bytes), or RowError with one sentence; over `max_bytes`, refused."""
         known = self._unreachable.get(uri.bucket)
         if known is not None:
             raise RowError(describe(known, uri, "read"))
