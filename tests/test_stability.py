@@ -258,7 +258,7 @@ def test_the_budget_holds_at_concurrency_16_under_5xx_timeouts_and_429_bursts(tm
         error_rate=0.2,  # 503
         slow_create_rate=0.2,  # billed, answered after the client gave up
         slow_create_seconds=3.0,
-        rpm=600,
+        rpm=120,
         rate_window=1.0,
         timeout_after_429=0.5,
     )
