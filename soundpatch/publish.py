@@ -12,7 +12,6 @@ it into place; a bucket uploads it in parts), and the file is removed once publi
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import tempfile
@@ -24,6 +23,7 @@ from soundpatch import audio as audio_ops
 from soundpatch.audio import Audio, AudioInfo, Patched
 from soundpatch.errors import RowError
 from soundpatch.manifest import Edit
+from soundpatch.sources import file_sha256
 from soundpatch.storage import OutputStore, output_name, part_name
 
 CONTENT_TYPES = {
@@ -157,11 +157,7 @@ class Encoded:
     ext: str
 
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(self.path)
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)

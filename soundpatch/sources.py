@@ -83,7 +83,7 @@ class SourceReader:
                 audio, checksum = self._download(uri)
             else:  # by its path: an hour-long recording is never held as bytes beside its samples
                 path = self._local_path(uri)
-                checksum = _file_sha256(path)
+                checksum = file_sha256(path)
                 audio = decode(path, f"input file {uri}")
                 if self._current_stamp(uri) != self.stamp(uri):  # read twice: the same version both times
                     raise RowError(f"input file {uri} changed while it was being read; run again once it is written")
@@ -102,7 +102,7 @@ class SourceReader:
             known = self._checksums.get(uri)
         if known is None and not uri.startswith(("s3://", "http://", "https://")):
             self._stamp_before_reading(uri)
-            known = _file_sha256(self._local_path(uri))
+            known = file_sha256(self._local_path(uri))
             with self._lock:
                 self._checksums[uri] = known
         if known is None:
@@ -219,7 +219,7 @@ class _Hashing:
         return self.file.truncate()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -176,18 +176,18 @@ def test_a_source_rewritten_while_it_is_read_is_not_taken_for_either_version(tmp
     tape(tmp_path / "tape.wav", 8)
     (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nd,tape.wav,4,4.02,fill the dropout\n")
     cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
-    checksum = sources._file_sha256
+    checksum = sources.file_sha256
 
     def then_rewritten(path):
         digest = checksum(path)
         sf.write(path, np.zeros((8 * 44100, 2), np.int16), 44100, subtype="PCM_16")  # an editor saving over it
         return digest
 
-    monkeypatch.setattr(sources, "_file_sha256", then_rewritten)
+    monkeypatch.setattr(sources, "file_sha256", then_rewritten)
     [outcome], _, _ = run_in_process(tmp_path / "m.csv", cfg, "moving")
     assert outcome.status == "invalid" and outcome.cost_usd == 0  # found while validating: nothing sent
     assert "tape.wav changed while it was being read; run again once it is written" in outcome.error
-    monkeypatch.setattr(sources, "_file_sha256", checksum)
+    monkeypatch.setattr(sources, "file_sha256", checksum)
     [again], _, _ = run_in_process(tmp_path / "m.csv", cfg, "moving")
     assert again.status == "succeeded", again.error
 
