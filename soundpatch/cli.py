@@ -78,8 +78,18 @@ class _UsageError(SoundpatchError):
 
 
 class _Parser(argparse.ArgumentParser):
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """Arguments a command does not know are refused pointing at that command's help,
+        not at soundpatch's (argparse leaves them for the top parser to refuse)."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = getattr(parsed, "command", None)
+            where = f"soundpatch {command}" if command else self.prog
+            raise _UsageError(f"Unrecognized arguments: {' '.join(unknown)} (see {where} --help).")
+        return parsed
+
     def error(self, message: str) -> None:  # one sentence, exit 2, as for any other unusable input
-        raise _UsageError(f"{message[:1].upper()}{message[1:]} (see soundpatch {self.prog.split()[-1]} --help).")
+        raise _UsageError(f"{message[:1].upper()}{message[1:]} (see {self.prog} --help).")
 
 
 def main(argv: list[str] | None = None, server: TemporaryServer | None = None) -> int:

@@ -247,7 +247,15 @@ def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_h
         (["run", "take[2].csv"], "Manifest take[2].csv does not exist"),
         (["run", "manifests/restoration.csv", "--config", "nope.yaml"], "Cannot read config file"),
         (["run", "manifests/restoration.csv", "--concurrency", "0"], "limits.concurrency"),
-        (["run", "manifests/restoration.csv", "--budget", "lots"], "invalid float value"),
+        (
+            ["run", "manifests/restoration.csv", "--budget", "lots"],
+            "invalid float value: 'lots' (see soundpatch run --help)",
+        ),
+        # Options of a command it does not have point at that command's help (they pointed
+        # at "soundpatch soundpatch --help"), and options of none at soundpatch's own.
+        (["run", "manifests/restoration.csv", "--runs-dir", "x"], "--runs-dir x (see soundpatch run --help)."),
+        (["validate", "manifests/restoration.csv", "--nope"], "--nope (see soundpatch validate --help)."),
+        (["--nope"], "Unrecognized arguments: --nope (see soundpatch --help)."),
         (["run", "manifests/restoration.csv", "--run-id", "../escape"], "Run id"),
         (["report", "no-such-run"], "No run 'no-such-run'"),
         (
