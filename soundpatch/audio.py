@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -288,6 +289,19 @@ def check_encodable(info: AudioInfo, container: str) -> None:
             f"the output format {container} cannot hold this recording ({info.channels} channels at "
             f"{info.rate} Hz): {reason}; choose another output.format for it"
         )
+
+
+def encoded_bytes_bound(info: AudioInfo, container: str) -> int:
+    """The most a recording shaped like `info` weighs encoded in `container`: its samples
+    as written (FLAC's verbatim frames carry a little more), a lossy one at 512 kbit/s a
+    pair of channels (above MP3's highest rate and Vorbis's at its best), and its headers."""
+    headers = 1 << 16
+    if container in ("MP3", "OGG"):
+        return headers + math.ceil(info.duration * 64_000 * max(1.0, info.channels / 2))
+    kept = info.subtype in _NATIVE_DTYPE and info.subtype in sf.available_subtypes(container)
+    sample_bytes = _SAMPLE_BYTES.get(info.subtype, 4) if kept else 3 if container in ("FLAC", "AIFF") else 4
+    samples = info.frames * info.channels * sample_bytes
+    return headers + samples + samples // 64
 
 
 _MAX_CHANNELS = {"MP3": 2, "FLAC": 8}

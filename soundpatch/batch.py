@@ -34,6 +34,7 @@ from soundpatch.audio import Audio, AudioInfo, ReadBack
 from soundpatch.combine import CombinedFile, combined_note, overlay
 from soundpatch.config import Config
 from soundpatch.cpu import crunching
+from soundpatch.disk_room import DiskRoom, Promise
 from soundpatch.edit_claims import BucketClaims, Left
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
 from soundpatch.humanize import plural
@@ -61,6 +62,7 @@ from soundpatch.quality import Quality, context_span, judge
 from soundpatch.s3 import S3, NoConditionalWrites, S3Uri
 from soundpatch.sources import SourceReader
 from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, S3Prefix, local_result_holds, open_store
+from soundpatch.window import answer_bytes_bound
 
 # Typical seconds per prediction, for the wall-time estimate before a run.
 TYPICAL_SECONDS = {"local": 0.2, "eachlabs": 15.0, "stability": 15.0, "fal": 15.0}
@@ -160,6 +162,8 @@ class Batch:
         if not dry_run:
             shutil.rmtree(self.scratch, ignore_errors=True)
         self.publisher = Publisher(self.store, config.output.format, run_id, self.scratch)
+        # Room for each result on the disks it is written to, made sure of before it is paid for.
+        self.room = DiskRoom(self.scratch, self.store.root if isinstance(self.store, LocalFolder) else None)
         self._name_clashes = self.publisher.clashes(self.manifest.edits, self._info_if_readable)
         self._edits = {e.row_id: e for e in self.manifest.edits}  # by row id
         self._combined: list[CombinedFile] = []  # the files rows of one recording share, once made
@@ -674,24 +678,42 @@ class Batch:
     def _produce(self, edit: Edit, checked: Checked, original: Audio, made_for: dict, outcome: Outcome) -> None:
         """The row's prediction, spliced into its recording and published."""
         a, b = audio_ops.region_frames(edit.start or 0.0, edit.end or 0.0, original.rate, original.frames)
-        made = self._paid_prediction(edit, checked, original, a, b, made_for, outcome)
-        if made is None:
-            return  # the budget is reached: not sent
-        prediction, provider = made
-        encoded, quality = self._spliced(edit, checked, original, a, b, prediction, provider, made_for, outcome)
-        try:
-            self._publish(edit, prediction, provider, encoded, quality, made_for, outcome)
-        finally:
-            encoded.discard()
+        with self._room_for(edit, checked) as room:
+            made = self._paid_prediction(edit, checked, original, a, b, made_for, outcome, room)
+            if made is None:
+                return  # the budget is reached: not sent
+            prediction, provider = made
+            encoded, quality = self._spliced(edit, checked, original, a, b, prediction, provider, made_for, outcome)
+            room.written()
+            try:
+                self._publish(edit, prediction, provider, encoded, quality, made_for, outcome)
+            finally:
+                encoded.discard()
         self._unused.pop(edit.row_id, None)
         outcome.status = SUCCEEDED
 
+    def _room_for(self, edit: Edit, checked: Checked) -> Promise:
+        """Room on disk for the row's result, and for the answer it is made from when a
+        hosted model's answer is kept on disk (answers.py)."""
+        region = (edit.end or 0.0) - (edit.start or 0.0)
+        answer = answer_bytes_bound(region, self._clip_settings["context_seconds"]) if checked.provider.hosted else 0
+        return self.room.for_result(self.publisher.bytes_bound(checked.info), answer)
+
     def _paid_prediction(
-        self, edit: Edit, checked: Checked, original: Audio, a: int, b: int, made_for: dict, outcome: Outcome
+        self,
+        edit: Edit,
+        checked: Checked,
+        original: Audio,
+        a: int,
+        b: int,
+        made_for: dict,
+        outcome: Outcome,
+        room: Promise,
     ) -> tuple[Prediction, Provider] | None:
         """A new prediction for frames a..b, or the one an earlier attempt paid for (then
         `made_for` takes the identity it was made under), with what it cost on the ledger
-        and the row; None if the budget does not allow it."""
+        and the row; None if the budget does not allow it. A new one is sent only once
+        `room` is made sure of on disk for its result."""
         provider = checked.provider
         claimed = made_for["identity"]  # what the row's claims are on
         state = self._earlier_attempt(edit.row_id, made_for["request"])
@@ -720,6 +742,10 @@ class Batch:
             clip = state.clip or clip  # cut as it was sent, even if the settings changed since
             made_for["identity"] = state.identity or made_for["identity"]
         else:
+            # Waits while rows in flight hold the room it lacks; raises RowError when it cannot have it.
+            waiting = lambda: self.journal.write("waiting_for_disk", edit.row_id)  # noqa: E731 - for the progress line
+            if not room.make(give_up=lambda: not self._may_start(), waiting=waiting):
+                raise RowError(self._not_started)
             reservation = self.ledger.reserve(provider.price_usd)
         if reservation is None:
             outcome.status = SKIPPED_BUDGET
@@ -769,7 +795,7 @@ class Batch:
             self.ledger.settle(reservation, owed)
             if left is not None and (exc.unseen or not exc.collectable) and self._may_start():
                 self._not_collected(edit.row_id, left, exc)  # ... and made here, in this same attempt
-                return self._paid_prediction(edit, checked, original, a, b, made_for, outcome)
+                return self._paid_prediction(edit, checked, original, a, b, made_for, outcome, room)
             outcome.cost_usd += owed
             outcome.provider_cost_usd += owed
             outcome.prediction_id = exc.prediction_id or ""

@@ -364,6 +364,7 @@ class _ProgressWatcher:
         self._sent: set[str] = set()  # rows sent and not yet ended
         self._flying: set[str] = set()  # of which, predictions in flight (limits.concurrency)
         self._waiting: set[str] = set()  # rows waiting for another run making the same edit
+        self._short_of_disk: set[str] = set()  # rows waiting for room on disk for their result
         self._files = self._files_made = 0  # files of several rows (combine.py): to make, made
         self.pace = Pace()
 
@@ -374,13 +375,16 @@ class _ProgressWatcher:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def _state(self) -> tuple[int, int, float, int, int]:
+    def _state(self) -> tuple[int, int, float, int, int, int]:
         for e in self._tail.poll():
             kind, row = e.get("event"), e.get("row")
             if kind == "waiting":
                 self._waiting.add(row)
+            elif kind == "waiting_for_disk":
+                self._short_of_disk.add(row)
             elif kind == "sending":
                 self._waiting.discard(row)
+                self._short_of_disk.discard(row)
                 self._sent.add(row)
                 self.pace.sent(e["t"])
                 if e.get("provider") == "local":  # makes no prediction: worked on from here
@@ -391,6 +395,7 @@ class _ProgressWatcher:
                 self._flying.discard(row)
             elif kind == "outcome":
                 self._waiting.discard(row)
+                self._short_of_disk.discard(row)
                 self._flying.discard(row)
                 if row in self._sent:
                     self._sent.discard(row)
@@ -411,7 +416,8 @@ class _ProgressWatcher:
                 self._files, self._files_made = int(e.get("files") or 0), 0
             elif kind == "combined":
                 self._files_made += 1
-        return min(self._done, self.total), self._bad, self._spent, len(self._flying), len(self._waiting)
+        waited = len(self._waiting), len(self._short_of_disk)
+        return min(self._done, self.total), self._bad, self._spent, len(self._flying), *waited
 
     def _loop(self) -> None:
         if err.is_terminal:
@@ -425,9 +431,10 @@ class _ProgressWatcher:
             with Progress(*columns, console=err, transient=True) as bar:
                 task = bar.add_task("inpainting", total=self.total, detail="starting Prefect...")
                 while not self._stop.wait(0.25):
-                    done, bad, spent, flying, waiting = self._state()
+                    done, bad, spent, flying, waiting, short = self._state()
                     detail = f"{bad} failed or invalid · ${spent:.2f} of ${self.budget:.2f} · {flying} in flight"
                     detail += f" · {waiting} waiting for another run" if waiting else ""
+                    detail += f" · {short} waiting for disk space" if short else ""
                     detail += f" · files of several rows {self._files_made}/{self._files}" if self._files else ""
                     detail += self._left(done, " · about {} left")
                     bar.update(task, completed=done, total=self.total, detail=detail)
@@ -441,9 +448,10 @@ class _ProgressWatcher:
         self._print_line()
 
     def _print_line(self) -> None:
-        done, bad, spent, flying, waiting = self._state()
+        done, bad, spent, flying, waiting, short = self._state()
         line = f"progress: {done}/{self.total} done, {bad} failed or invalid, ${spent:.2f} spent, {flying} in flight"
         line += f", {waiting} waiting for another run making the same edits" if waiting else ""
+        line += f", {short} waiting for disk space for their results" if short else ""
         line += f", files of several rows made: {self._files_made}/{self._files}" if self._files else ""
         line += self._left(done, ", about {} left")
         err.print(line, soft_wrap=True)  # one line in a log, however long

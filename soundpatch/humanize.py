@@ -18,3 +18,12 @@ def duration(seconds: float | None) -> str:
 def plural(count: int, noun: str) -> str:
     """`1 more row`, `3 more rows`: the count and its noun, plural when it is not one."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def size(nbytes: float) -> str:
+    """`812 kB`, `64 MB`, `1.3 GB` (decimal units, as the size limits are given)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(nbytes) >= scale:
+            value = nbytes / scale
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{nbytes:.0f} B"

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from soundpatch import audio as audio_ops
 from soundpatch.audio import Audio, AudioInfo, Patched
+from soundpatch.disk_room import full_disk
 from soundpatch.errors import RowError
 from soundpatch.manifest import Edit
 from soundpatch.sources import file_sha256
@@ -56,6 +57,10 @@ class Publisher:
     def ext(self, info: AudioInfo | None) -> str:
         container = self.container(info)
         return audio_ops.EXTENSIONS.get(container, container.lower())
+
+    def bytes_bound(self, info: AudioInfo) -> int:
+        """The most this recording's result weighs as a file (what it takes on disk)."""
+        return audio_ops.encoded_bytes_bound(info, self.container(info))
 
     def check_encodable(self, info: AudioInfo) -> None:
         """Raises RowError when the output format cannot hold this recording's layout."""
@@ -122,14 +127,23 @@ class Publisher:
         to the scratch folder; `Encoded.discard()` removes it once it is no longer needed."""
         ext = self.ext(info)
         name = name or self.name(edit, info)
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        fd, written = tempfile.mkstemp(dir=self.scratch, prefix="result.", suffix=f".{ext}")
-        os.close(fd)
-        path = Path(written)
+        path = None
         try:
+            self.scratch.mkdir(parents=True, exist_ok=True)
+            fd, written = tempfile.mkstemp(dir=self.scratch, prefix="result.", suffix=f".{ext}")
+            os.close(fd)
+            path = Path(written)
             audio_ops.encode_file(result, self.container(info), path)
+        except Exception as exc:
+            if path is not None:
+                path.unlink(missing_ok=True)
+            full = full_disk(self.scratch, exc)  # libsndfile says only "System error." then
+            if full is not None:
+                raise RowError(f"{full} and this row's result did not fit; free some space and run it again") from None
+            raise
         except BaseException:
-            path.unlink(missing_ok=True)
+            if path is not None:
+                path.unlink(missing_ok=True)
             raise
         return Encoded(name, path, CONTENT_TYPES.get(ext, "application/octet-stream"), ext)
 

@@ -72,6 +72,13 @@ def plan_window(frames: int, rate: int, a: int, b: int, context_seconds: float =
     return Window(lo, hi, rate, total, pad, mask_start, mask_end)
 
 
+def answer_bytes_bound(region_seconds: float, context_seconds: float) -> int:
+    """The most a model's answer for a region's clip weighs: the clip's seconds of 32-bit
+    stereo at the model's rate, as WAV (what a paid answer kept on disk takes, answers.py)."""
+    seconds = min(MAX_SECONDS, max(MIN_SECONDS, math.ceil(region_seconds + 2 * context_seconds)))
+    return 65_536 + seconds * MODEL_RATE * 2 * 4
+
+
 def _centered(frames: int, rate: int, a: int, b: int, seconds: int) -> tuple[int, int]:
     """`seconds` of source around [a, b), shifted to stay inside the recording."""
     span = seconds * rate

@@ -369,22 +369,31 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     for row in ("a", "b", "c"):
         journal.write("sending", row, provider="local")
     outcome("a", "failed", 0.2)
-    assert watcher._state() == (1, 1, 0.2, 2, 0)  # done, failed, spent, in flight, waiting
+    assert watcher._state() == (1, 1, 0.2, 2, 0, 0)  # done, failed, spent, in flight, waiting (run, disk)
     outcome("b", "succeeded", 0.2)
     # A resumed run: row a again, its outcome carries the row's running total.
     journal.write("sending", "a", provider="local")
-    assert watcher._state() == (2, 1, 0.4, 2, 0)
+    assert watcher._state() == (2, 1, 0.4, 2, 0, 0)
     outcome("a", "succeeded", 0.4)
     outcome("c", "invalid", 0.0)
-    done, bad, spent, flying, waiting = watcher._state()
-    assert (done, bad, round(spent, 9), flying, waiting) == (3, 1, 0.6, 0, 0)
+    done, bad, spent, flying, waiting, short = watcher._state()
+    assert (done, bad, round(spent, 9), flying, waiting, short) == (3, 1, 0.6, 0, 0, 0)
     # Rows waiting for another machine's run that is making the same edit (edit_claims.py).
     journal.write("waiting", "d", on="nightly-2")
     journal.write("waiting", "e", on="nightly-2")
-    assert watcher._state()[3:] == (0, 2)
+    assert watcher._state()[3:] == (0, 2, 0)
     journal.write("sending", "d", provider="local")  # its claim was let go without a result: made here
     outcome("e", "skipped_done", 0.0)  # reused
-    assert watcher._state()[3:] == (1, 0)
+    assert watcher._state()[3:] == (1, 0, 0)
+    # Rows waiting for room on disk while rows in flight hold it (disk_room.py).
+    journal.write("waiting_for_disk", "f")
+    journal.write("waiting_for_disk", "g")
+    watcher._print_line()
+    assert capsys.readouterr().err.strip().endswith("1 in flight, 2 waiting for disk space for their results")
+    journal.write("sending", "f", provider="local")
+    outcome("g", "failed", 0.0)  # refused: no room came
+    assert watcher._state()[3:] == (2, 0, 0)
+    outcome("f", "succeeded", 0.0)
     # Then the files several rows of one recording share are made (combine.py).
     journal.write("combining", files=2)
     journal.write("combined", name="fixed/a.wav", output="/o/fixed/a.wav", rows=["a"], missing=[])

@@ -1,0 +1,293 @@
+"""A disk too full for a row's result: the row is refused before it is paid for, in one
+sentence, and a disk that fills after it was paid says so and keeps what was paid
+(soundpatch/disk_room.py). The disks here are real ones, small: tmpfs mounts."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from soundpatch import audio as audio_ops
+from soundpatch.batch import Batch
+from soundpatch.config import load_config
+from soundpatch.disk_room import DiskRoom
+from soundpatch.errors import RowError
+from soundpatch.journal import read_events
+from soundpatch.manifest import load_manifest
+from tests.jobs import KEY, clean_env, hosted_config, soundpatch
+
+PRICE = 0.20
+MB = 1_000_000
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Mount a tmpfs of the given size (MB) at a new folder; unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(megabytes: int, name: str = "disk") -> Path:
+        where = tmp_path / name
+        where.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small disk here (needs root): {done.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """A file taking all of `disk`'s free space but `leave` bytes."""
+    filler = disk / "filler"
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(filler, "ab") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def tape(path: Path, seconds: int, rate: int = 44100) -> np.ndarray:
+    samples = np.random.default_rng(1).integers(-3000, 3000, (rate * seconds, 2)).astype(np.int16)
+    sf.write(path, samples, rate, subtype="PCM_16")
+    return samples
+
+
+def test_rows_whose_results_do_not_fit_are_refused_before_they_are_paid_for(tmp_path, small_disk, aws_env, simulator):
+    # Results are written whole to the run's folder before they are published. A row whose
+    # result the disk cannot take was paid for, then failed with "Unexpected
+    # LibsndfileError: System error.". Now it is refused before it is sent, saying so; the
+    # rows that fit go on; and once there is room, the same run id finishes the rest.
+    disk = small_disk(128)
+    samples = tape(tmp_path / "tape.wav", 60)  # 10.6 MB of samples: up to 18 MB with its answer
+    sf.write(tmp_path / "fx.wav", samples[:120000, :1], 44100, subtype="PCM_16")  # a few hundred kB
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt,seed\n"
+        "t1,tape.wav,10,10.5,tape hiss,1\n"
+        "fx,fx.wav,1,1.5,clang,2\n"
+        "t2,tape.wav,40,40.5,tape hiss,3\n"
+    )
+    sim = simulator(latency=0.05, fill="tone")
+    aws_env.bucket("stage")
+    (tmp_path / "c.yaml").write_text(
+        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.1}}\n"
+        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+        f"runs_dir: {disk / 'runs'}\noutput: {{uri: {disk / 'outputs'}}}\n"
+    )
+    filler = fill(disk, leave=76 * MB)  # 12 MB beyond the 64 MB kept for the run's own files
+    env = clean_env(EACHLABS_API_KEY=KEY, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
+    args = ("run", "m.csv", "--config", "c.yaml", "--run-id", "full")
+    proc = soundpatch(*args, cwd=tmp_path, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = pd.read_csv(disk / "runs" / "full" / "report.csv").set_index("row_id")
+    assert report.loc["fx", "status"] == "succeeded" and report.loc["fx", "cost_usd"] == PRICE
+    for row in ("t1", "t2"):
+        assert report.loc[row, "status"] == "failed"
+        assert report.loc[row, "cost_usd"] == 0 and report.loc[row, "attempts"] == 0
+        assert report.loc[row, "error"].startswith(
+            f"Not enough free disk space for this row's result: it takes up to 18 MB in {disk / 'runs' / 'full'}"
+        )
+        assert report.loc[row, "error"].endswith(
+            "nothing was sent: free some space (or set runs_dir, or output.uri, to a larger disk) and run it again."
+        )
+    assert sim.stats.accepted == 1  # the tape's rows were never sent
+    # The summary says it (once, or twice where the free space it names changed between the two).
+    said = [line.strip() for line in proc.stdout.splitlines() if "Not enough free disk space" in line]
+    assert said and all(line.startswith(("failed t1, t2: ", "failed t1: ", "failed t2: ")) for line in said)
+    assert "t1" in " ".join(said) and "t2" in " ".join(said)
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+    filler.unlink()
+    again = soundpatch(*args, cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    report = pd.read_csv(disk / "runs" / "full" / "report.csv").set_index("row_id")
+    assert list(report["status"]) == ["succeeded"] * 3
+    assert sim.stats.accepted == 3 and report["cost_usd"].sum() == pytest.approx(3 * PRICE)
+    for row, second in (("t1", 10), ("t2", 40)):
+        result = sf.read(report.loc[row, "output"], dtype="int16")[0]
+        changed = np.flatnonzero((result != samples).any(axis=1))
+        assert len(changed) and {int(f // 44100) for f in changed} == {second}
+    assert not (disk / "runs" / "full" / "scratch").exists()
+
+
+def test_a_disk_that_fills_after_the_row_was_paid_for_says_so_and_the_rerun_collects_it(
+    tmp_path, small_disk, aws_env, simulator, monkeypatch
+):
+    # Something else fills the disk between the row's check and its result's write: the
+    # row fails saying the disk is full (libsndfile says only "System error."), keeps its
+    # paid prediction, and the rerun collects it at no new cost once there is room.
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    disk = small_disk(128)
+    samples = tape(tmp_path / "tape.wav", 60)
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt,seed\nt1,tape.wav,10,10.5,tape hiss,1\n")
+    sim = simulator(latency=0.05, fill="tone")
+    aws_env.bucket("stage")
+    cfg = hosted_config(sim, aws_env.endpoint, str(tmp_path / "outputs"), disk / "runs")
+    fillers = []
+    take = DiskRoom._take
+
+    def then_filled(room, *args):
+        promised = take(room, *args)
+        fillers.append(fill(disk, leave=2 * MB))  # room for the journal's lines, not for the result
+        return promised
+
+    monkeypatch.setattr(DiskRoom, "_take", then_filled)
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "fills")
+    try:
+        [o] = [batch.process(e) for e in batch.manifest.edits]
+    finally:
+        batch.close()
+    assert o.status == "failed" and o.cost_usd == pytest.approx(PRICE)
+    assert o.error.startswith(f"The disk holding {disk / 'runs' / 'fills' / 'scratch'} is full (")
+    assert o.error.endswith(
+        "free) and this row's result did not fit; free some space and run it again; the paid prediction is "
+        "kept, and rerunning with --run-id fills tries it again at no new cost."
+    )
+    assert not list((disk / "runs" / "fills").glob("scratch/*"))  # nothing half-written left
+
+    monkeypatch.setattr(DiskRoom, "_take", take)
+    fillers[0].unlink()
+    again = Batch(load_manifest(tmp_path / "m.csv"), cfg, "fills")
+    try:
+        [o] = [again.process(e) for e in again.manifest.edits]
+    finally:
+        again.close()
+    assert o.status == "succeeded", o.error
+    assert sim.stats.accepted == 1 and o.cost_usd == pytest.approx(PRICE) and sim.billed() == pytest.approx(PRICE)
+    result = sf.read(o.output, dtype="int16")[0]
+    changed = np.flatnonzero((result != samples).any(axis=1))
+    assert len(changed) and {int(f // 44100) for f in changed} == {10}
+
+
+def test_rows_wait_for_room_their_results_give_back_once_uploaded(tmp_path, small_disk, aws_env):
+    # Results going to a bucket leave the run's disk once uploaded: with room on it for one
+    # result at a time, rows in flight at once take turns instead of failing.
+    disk = small_disk(128)
+    samples = tape(tmp_path / "tape.wav", 60)
+    rows = [f"d{i},tape.wav,{10 + 20 * i},{10.02 + 20 * i},fill the dropout" for i in range(3)]
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\n" + "\n".join(rows) + "\n")
+    bucket = aws_env.bucket("tapes")
+    cfg = load_config(
+        overrides={
+            "output.uri": f"s3://{bucket}/fixed/",
+            "storage.s3.endpoint_url": aws_env.endpoint,
+            "runs_dir": str(disk / "runs"),
+        }
+    )
+    fill(disk, leave=80 * MB)  # 16 MB beyond the margin: one 10.8 MB result at a time
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "turns")
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            outcomes = list(pool.map(batch.process, batch.manifest.edits))
+    finally:
+        batch.close()
+    assert [o.status for o in outcomes] == ["succeeded"] * 3, [o.error for o in outcomes]
+    waited = [e for e in read_events(disk / "runs" / "turns") if e["event"] == "waiting_for_disk"]
+    assert len(waited) >= 1
+    for i, o in enumerate(outcomes):
+        assert o.output.startswith(f"s3://{bucket}/fixed/")
+        key = o.output.removeprefix(f"s3://{bucket}/")
+        body = aws_env.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        result = sf.read(io.BytesIO(body), dtype="int16")[0]
+        changed = np.flatnonzero((result != samples).any(axis=1))
+        assert len(changed) and {int(f // 44100) for f in changed} == {10 + 20 * i}
+
+
+def test_rows_in_flight_share_the_free_space_out(tmp_path, small_disk):
+    # What one row in flight was promised is not free for the next: that one waits while
+    # rows in flight hold room (they give it back as they end), until there is room for it,
+    # or until none is held any more and there still is not: then it is refused.
+    disk = small_disk(32)
+    room = DiskRoom(disk / "runs" / "r" / "scratch", None, margin_bytes=4 * MB)
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    share = (free - 4 * MB) // 2
+    first, second, third = (room.for_result(share - MB, MB) for _ in range(3))
+    assert first.make() and second.make()
+    told, made = threading.Event(), []
+    waiter = threading.Thread(target=lambda: made.append(third.make(waiting=told.set)))
+    waiter.start()
+    assert told.wait(5) and waiter.is_alive()
+    first.written()  # its result takes its own room now: only its answer is still promised
+    (disk / "result").write_bytes(b"\0" * (share - MB))
+    first.close()  # published (linked: it stays on this disk)
+    time.sleep(1.5)
+    assert waiter.is_alive() and not made  # what the first gave back is its file's now
+    (disk / "result").unlink()  # ... until it goes (a result uploaded to a bucket is removed)
+    waiter.join(5)
+    assert made == [True]
+    assert room._promised[os.stat(disk).st_dev] == 2 * share
+
+    # No row holds room and there is not enough: refused at once, nothing taken.
+    second.close()
+    third.close()
+    (disk / "other").write_bytes(b"\0" * (share + MB))
+    with pytest.raises(RowError, match=r"where [0-9.]+ MB is free and 4.0 MB is kept for the run's own files"):
+        room.for_result(share).make()
+    (disk / "other").unlink()
+
+    # A run that stops while a row waits: it takes nothing.
+    (disk / "other").write_bytes(b"\0" * (share // 2))
+    held = room.for_result(share)
+    assert held.make()
+    stop = threading.Event()
+    waiter = threading.Thread(target=lambda: made.append(room.for_result(share).make(give_up=stop.is_set)))
+    waiter.start()
+    time.sleep(0.5)
+    stop.set()
+    waiter.join(5)
+    assert made[-1] is False
+    held.close()
+    assert room._promised == {os.stat(disk).st_dev: 0}
+
+
+def test_a_local_output_folder_on_another_disk_needs_room_there_too(tmp_path, small_disk):
+    # Onto the same disk a result is linked into the output folder (no room taken); onto
+    # another it is copied, and that disk must have room for it as well.
+    runs, outputs = small_disk(64, "runs"), small_disk(8, "outputs")
+    with DiskRoom(runs / "scratch", outputs, margin_bytes=MB).for_result(10 * MB) as promise:
+        with pytest.raises(RowError, match=f"it takes up to 10 MB in {outputs}, where 8.4 MB is free"):
+            promise.make()
+    with DiskRoom(runs / "scratch", runs / "outputs", margin_bytes=MB).for_result(10 * MB) as promise:
+        promise.make()  # on the scratch folder's disk: linked, no second 10 MB
+
+
+@pytest.mark.parametrize(
+    ("container", "subtype", "channels"),
+    [
+        ("WAV", "PCM_16", 2),
+        ("WAV", "PCM_24", 1),
+        ("WAV", "FLOAT", 2),
+        ("FLAC", "PCM_16", 2),
+        ("FLAC", "PCM_24", 6),
+        ("MP3", "PCM_16", 2),
+        ("OGG", "PCM_16", 2),
+        ("OGG", "PCM_16", 1),
+    ],
+)
+def test_the_room_asked_for_a_result_is_never_less_than_it_takes(tmp_path, container, subtype, channels):
+    # White noise: what compresses least. The bound must hold for it, and not ask for
+    # much more than it takes where the samples are stored as they are.
+    rate = 44100
+    noise = np.random.default_rng(7).uniform(-1, 1, (rate * 20, channels)).astype(np.float32)
+    dtype = {"PCM_16": np.int16, "PCM_24": np.int32, "FLOAT": np.float32}[subtype]
+    like = audio_ops.Audio(np.zeros((1, channels), dtype), rate, "WAV", subtype)
+    recording = audio_ops.Audio(audio_ops.from_float(noise, like), rate, "WAV", subtype)
+    path = tmp_path / f"out.{container.lower()}"
+    audio_ops.encode_file(recording, container, path)
+    bound = audio_ops.encoded_bytes_bound(recording.info, container)
+    assert path.stat().st_size <= bound
+    if container in ("WAV", "FLAC"):
+        assert bound <= 1.05 * path.stat().st_size
