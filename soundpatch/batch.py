@@ -163,7 +163,8 @@ class Batch:
             shutil.rmtree(self.scratch, ignore_errors=True)
         self.publisher = Publisher(self.store, config.output.format, run_id, self.scratch)
         # Room for each result on the disks it is written to, made sure of before it is paid for.
-        self.room = DiskRoom(self.scratch, self.store.root if isinstance(self.store, LocalFolder) else None)
+        outputs = self.store.root if isinstance(self.store, LocalFolder) else None
+        self.room = DiskRoom(self.run_dir.parent if dry_run else self.scratch, outputs)  # a dry run's id is made up
         self._name_clashes = self.publisher.clashes(self.manifest.edits, self._info_if_readable)
         self._edits = {e.row_id: e for e in self.manifest.edits}  # by row id
         self._combined: list[CombinedFile] = []  # the files rows of one recording share, once made
@@ -403,6 +404,7 @@ class Batch:
         Resuming a run, what its earlier attempts paid for is collected, not bought again,
         and a create in doubt is not sent again: neither costs anything more."""
         predictions, cost, invalid, errors, done, duplicates = 0, 0.0, 0, [], 0, 0
+        largest = (0, 0, "")  # the result that takes the most room on disk: (result, answer, row)
         to_collect = in_doubt = changed = 0
         resubmit = self.config.provider.resubmit_in_doubt
         per_provider: dict[str, int] = {}
@@ -437,6 +439,8 @@ class Batch:
                 continue
             predictions += 1
             cost += checked.provider.price_usd
+            needed = self._room_needed(edit, checked)
+            largest = (*needed, edit.row_id) if sum(needed) > sum(largest[:2]) else largest
             per_provider[checked.provider.name] = per_provider.get(checked.provider.name, 0) + 1
         limits = self.config.limits
         seconds = 0.0
@@ -462,8 +466,18 @@ class Batch:
             "budget_usd": limits.budget_usd,
             "expected_seconds": round(seconds, 1),
             "errors": errors,
-            "notes": lookalike_notes(edits) + self._unready(per_provider),
+            "notes": lookalike_notes(edits) + self._unready(per_provider) + self._short_of_disk(*largest),
         }
+
+    def _short_of_disk(self, result_bytes: int, answer_bytes: int, row_id: str) -> list[str]:
+        """What the run would refuse for want of disk space, going by the largest result."""
+        lacking = self.room.lacks(result_bytes, answer_bytes) if row_id else None
+        if lacking is None:
+            return []
+        return [
+            f"The run would refuse row {row_id} before sending it (and any other whose result is as large): "
+            f"{lacking}; free some space, or set runs_dir (or output.uri) to a larger disk."
+        ]
 
     def _unready(self, providers: dict[str, int]) -> list[str]:
         """What would stop the run before its first row, for providers it would send to (a
@@ -693,11 +707,14 @@ class Batch:
         outcome.status = SUCCEEDED
 
     def _room_for(self, edit: Edit, checked: Checked) -> Promise:
-        """Room on disk for the row's result, and for the answer it is made from when a
+        return self.room.for_result(*self._room_needed(edit, checked))
+
+    def _room_needed(self, edit: Edit, checked: Checked) -> tuple[int, int]:
+        """The most the row's result takes on disk, and the answer it is made from when a
         hosted model's answer is kept on disk (answers.py)."""
         region = (edit.end or 0.0) - (edit.start or 0.0)
         answer = answer_bytes_bound(region, self._clip_settings["context_seconds"]) if checked.provider.hosted else 0
-        return self.room.for_result(self.publisher.bytes_bound(checked.info), answer)
+        return self.publisher.bytes_bound(checked.info), answer
 
     def _paid_prediction(
         self,

@@ -59,15 +59,16 @@ class DiskRoom:
         turned true while waiting. Where a disk lacks the room, waits while other rows hold
         room there (they give it back as they end: a result uploaded from the scratch folder
         is removed from it); raises RowError when none do."""
-        needs = [(_disk(self.scratch), self.scratch, result_bytes + answer_bytes)]
-        if self.outputs is not None and _disk(self.outputs) != needs[0][0]:
-            needs.append((_disk(self.outputs), self.outputs, result_bytes))
+        needs = self._needs(result_bytes, answer_bytes)
         told = False
         with self._changed:
             while (short := self._short_of(needs)) is not None:
-                disk, refusal = short
+                disk, lacking = short
                 if not self._holders.get(disk):
-                    raise RowError(refusal)
+                    raise RowError(
+                        f"{lacking}; nothing was sent: free some space (or set runs_dir, or output.uri, to a larger "
+                        "disk) and run it again"
+                    )
                 if give_up():
                     return None
                 if not told:
@@ -79,16 +80,29 @@ class DiskRoom:
                 self._holders[disk] = self._holders.get(disk, 0) + 1
         return [(disk, nbytes) for disk, _, nbytes in needs]
 
+    def lacks(self, result_bytes: int, answer_bytes: int = 0) -> str | None:
+        """Why a result this large would not fit now, with no row in flight ("not enough free
+        disk space for this row's result: ..."); None if it would."""
+        with self._changed:
+            short = self._short_of(self._needs(result_bytes, answer_bytes))
+        return short[1] if short is not None else None
+
+    def _needs(self, result_bytes: int, answer_bytes: int) -> list[tuple[int, Path, int]]:
+        """(disk, a folder on it, bytes) a result takes: the scratch folder's disk first."""
+        needs = [(_disk(self.scratch), self.scratch, result_bytes + answer_bytes)]
+        if self.outputs is not None and _disk(self.outputs) != needs[0][0]:
+            needs.append((_disk(self.outputs), self.outputs, result_bytes))
+        return needs
+
     def _short_of(self, needs: list[tuple[int, Path, int]]) -> tuple[int, str] | None:
-        """The first disk lacking the room asked of it, and what to tell the row; None if all have it."""
+        """The first disk lacking the room asked of it, and why; None if all have it."""
         for disk, folder, nbytes in needs:
             free = shutil.disk_usage(_existing(folder)).free
             if free - self._promised.get(disk, 0) - self.margin_bytes < nbytes:
                 return disk, (  # told only when no row holds room there: none of the free space is promised
                     f"not enough free disk space for this row's result: it takes up to {human_size(nbytes)} in "
                     f"{folder}, where {human_size(free)} is free and {human_size(self.margin_bytes)} is "
-                    "kept for the run's own files; nothing was sent: free some space (or set runs_dir, or "
-                    "output.uri, to a larger disk) and run it again"
+                    "kept for the run's own files"
                 )
         return None
 

@@ -90,6 +90,12 @@ def test_rows_whose_results_do_not_fit_are_refused_before_they_are_paid_for(tmp_
     filler = fill(disk, leave=76 * MB)  # 12 MB beyond the 64 MB kept for the run's own files
     env = clean_env(EACHLABS_API_KEY=KEY, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
     args = ("run", "m.csv", "--config", "c.yaml", "--run-id", "full")
+    dry = soundpatch(*args, "--dry-run", cwd=tmp_path, env=env)  # the estimate says so first
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert (
+        "note: The run would refuse row t1 before sending it (and any other whose result is as large): not enough "
+        f"free disk space for this row's result: it takes up to 18 MB in {disk / 'runs'}, where"
+    ) in " ".join(dry.stdout.split())
     proc = soundpatch(*args, cwd=tmp_path, env=env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     report = pd.read_csv(disk / "runs" / "full" / "report.csv").set_index("row_id")
