@@ -38,6 +38,7 @@ from soundpatch.disk_room import DiskRoom, Promise
 from soundpatch.edit_claims import BucketClaims, Left
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
 from soundpatch.humanize import plural
+from soundpatch.humanize import size as human_size
 from soundpatch.identity import edit_identity, request_identity
 from soundpatch.interrupt import stop_requested
 from soundpatch.journal import JOURNAL_FILE, Journal, RowState, parse, restore, row_states, states_from
@@ -64,6 +65,7 @@ from soundpatch.sources import SourceReader
 from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, S3Prefix, local_result_holds, open_store
 from soundpatch.window import answer_bytes_bound
 
+SCRATCH_DIR = "scratch"  # runs/<run_id>/scratch/: results being written (publish.py)
 # Typical seconds per prediction, for the wall-time estimate before a run.
 TYPICAL_SECONDS = {"local": 0.2, "eachlabs": 15.0, "stability": 15.0, "fal": 15.0}
 
@@ -158,9 +160,12 @@ class Batch:
         self._previews = preview.Quota()  # listening copies kept for the report
         # Results are encoded into files here until published (publish.py); what a run that
         # stopped left there is of no use to anyone.
-        self.scratch = self.run_dir / "scratch"
+        self.scratch = self.run_dir / SCRATCH_DIR
+        self._cleared: tuple[list[str], int] = ([], 0)  # runs whose scratch folder was cleared, and bytes
         if not dry_run:
             shutil.rmtree(self.scratch, ignore_errors=True)
+            # ... nor what runs that stopped and never went on left in theirs (disk_room.py counts free space).
+            self._cleared = clear_stopped_runs_scratch(self.run_dir.parent)
         self.publisher = Publisher(self.store, config.output.format, run_id, self.scratch)
         # Room for each result on the disks it is written to, made sure of before it is paid for.
         outputs = self.store.root if isinstance(self.store, LocalFolder) else None
@@ -1105,6 +1110,13 @@ class Batch:
                 f"{'it' if one else 'them'} again at no new cost."
             )
         notes.extend(combined_note(self._combined))
+        cleared, freed = self._cleared
+        if cleared:
+            notes.append(
+                f"{human_size(freed)} of half-written results left in the scratch folders of runs that had stopped "
+                f"({', '.join(cleared[:3])}{', ...' if len(cleared) > 3 else ''}) were removed: rerunning those "
+                "with their --run-id makes them again from what was paid for."
+            )
         if self._copy_read:
             notes.append(self._copy_read)
         if self._no_lease:
@@ -1162,6 +1174,33 @@ def _apply(quality: dict, outcome: Outcome) -> None:
     for key in ("checks", "outside_max_diff", "seam_in", "seam_out", "loudness_delta_db", "clipped", "offset_ms"):
         if key in quality:
             setattr(outcome, key, quality[key])
+
+
+def clear_stopped_runs_scratch(runs_dir: Path) -> tuple[list[str], int]:
+    """Remove the scratch folders of runs in `runs_dir` that no process is running (their
+    run lock is free: they were killed, and not resumed since). Results there are of no use
+    (a run that goes on clears its own and makes them again) and may be gigabytes. Returns
+    the runs cleared and the bytes freed."""
+    cleared, freed = [], 0
+    for scratch in sorted(runs_dir.glob(f"*/{SCRATCH_DIR}")):
+        lock = RunLock(scratch.parent)
+        try:
+            if not lock.take_if_stopped():
+                continue  # running (this run's own is held by now)
+        except OSError:
+            continue  # not ours to touch
+        try:
+            files = [f for f in scratch.rglob("*") if f.is_file()]
+            size = sum(f.stat().st_size for f in files)
+            shutil.rmtree(scratch, ignore_errors=True)
+            if files:
+                cleared.append(scratch.parent.name)
+                freed += size
+        except OSError:
+            continue
+        finally:
+            lock.release()
+    return cleared, freed
 
 
 def kept_results(runs_dir: Path) -> dict[str, dict]:

@@ -79,6 +79,18 @@ class RunLock:
             self._held = True
         return self
 
+    def take_if_stopped(self) -> bool:
+        """Take the lock only if no process is running the run, this one included (whose
+        own runs re-enter it): True if taken (`release` it)."""
+        with _guard:
+            if self._key in _held_runs:
+                return False
+        try:
+            self.acquire()
+        except RunBusy:
+            return False
+        return True
+
     def release(self) -> None:
         with _guard:
             if not self._held:

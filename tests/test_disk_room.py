@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ from soundpatch.disk_room import DiskRoom
 from soundpatch.errors import RowError
 from soundpatch.journal import read_events
 from soundpatch.manifest import load_manifest
-from tests.jobs import KEY, clean_env, hosted_config, soundpatch
+from tests.jobs import KEY, clean_env, hosted_config, run_in_process, soundpatch
 
 PRICE = 0.20
 MB = 1_000_000
@@ -297,3 +298,45 @@ def test_the_room_asked_for_a_result_is_never_less_than_it_takes(tmp_path, conta
     assert path.stat().st_size <= bound
     if container in ("WAV", "FLAC"):
         assert bound <= 1.05 * path.stat().st_size
+
+
+def test_a_run_clears_what_stopped_runs_left_half_written_and_leaves_running_ones_alone(tmp_path):
+    # A run killed while writing results leaves them in its scratch folder; resumed, it
+    # clears them, but a run never resumed left them for good (gigabytes, for long tapes:
+    # space the next runs' rows are refused for). A run now clears the scratch folders of
+    # runs no process is running, and says so; a running one's (its lock held by another
+    # process) is left alone.
+    runs = tmp_path / "runs"
+    for run in ("dead", "live"):
+        (runs / run / "scratch").mkdir(parents=True)
+        (runs / run / "scratch" / "result.x.wav").write_bytes(b"\0" * 3 * MB)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pathlib import Path\nfrom soundpatch.locks import RunLock\n"
+            f"RunLock(Path({str(runs / 'live')!r})).acquire()\nprint('held', flush=True)\ntime.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        tape(tmp_path / "tape.wav", 5)
+        (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nd,tape.wav,2,2.02,fill the dropout\n")
+        cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(runs)})
+        outcomes, notes, _ = run_in_process(tmp_path / "m.csv", cfg, "next")
+        assert [o.status for o in outcomes] == ["succeeded"]
+        assert not (runs / "dead" / "scratch").exists()
+        assert (runs / "live" / "scratch" / "result.x.wav").stat().st_size == 3 * MB
+        assert (
+            "3.0 MB of half-written results left in the scratch folders of runs that had stopped (dead) were "
+            "removed: rerunning those with their --run-id makes them again from what was paid for."
+        ) in notes
+    finally:
+        holder.kill()
+        holder.wait()
+    # Once the other run has stopped too, the next run clears its folder as well.
+    outcomes, notes, _ = run_in_process(tmp_path / "m.csv", cfg, "after")
+    assert not (runs / "live" / "scratch").exists()
+    assert any(n.startswith("3.0 MB of half-written results") and "(live)" in n for n in notes)
