@@ -61,22 +61,7 @@ class RunLock:
                 entry[1] += 1
                 self._held = True
                 return self
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
-                os.close(fd)
-                raise RunBusy(
-                    f"Run {self.path.parent.name} is already going ({holder}); wait for it to end, "
-                    "or give this run another --run-id"
-                ) from None
-            since = time.strftime("%Y-%m-%d %H:%M:%S")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since {since}".encode(), 0)
-            _held_runs[self._key] = [fd, 1]
-            self._held = True
+            self._lock_file()
         return self
 
     def take_if_stopped(self) -> bool:
@@ -85,11 +70,30 @@ class RunLock:
         with _guard:
             if self._key in _held_runs:
                 return False
-        try:
-            self.acquire()
-        except RunBusy:
-            return False
+            try:
+                self._lock_file()
+            except RunBusy:
+                return False
         return True
+
+    def _lock_file(self) -> None:
+        """Lock the run's file for this process (under _guard); raises RunBusy naming the holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise RunBusy(
+                f"Run {self.path.parent.name} is already going ({holder}); wait for it to end, "
+                "or give this run another --run-id"
+            ) from None
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since {since}".encode(), 0)
+        _held_runs[self._key] = [fd, 1]
+        self._held = True
 
     def release(self) -> None:
         with _guard:
