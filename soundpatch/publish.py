@@ -134,16 +134,12 @@ class Publisher:
             os.close(fd)
             path = Path(written)
             audio_ops.encode_file(result, self.container(info), path)
-        except Exception as exc:
+        except BaseException as exc:
             if path is not None:
                 path.unlink(missing_ok=True)
-            full = full_disk(self.scratch, exc)  # libsndfile says only "System error." then
-            if full is not None:
+            full = full_disk(self.scratch, exc) if isinstance(exc, Exception) else None
+            if full is not None:  # libsndfile says only "System error." then
                 raise RowError(f"{full} and this row's result did not fit; free some space and run it again") from None
-            raise
-        except BaseException:
-            if path is not None:
-                path.unlink(missing_ok=True)
             raise
         return Encoded(name, path, CONTENT_TYPES.get(ext, "application/octet-stream"), ext)
 

@@ -55,7 +55,7 @@ def plan_window(frames: int, rate: int, a: int, b: int, context_seconds: float =
     duration = frames / rate
     start, end = a / rate, b / rate
     # Whole seconds of clip: the region plus context, within the model's limits.
-    wanted = min(MAX_SECONDS, max(MIN_SECONDS, math.ceil(region + 2 * context_seconds)))
+    wanted = clip_seconds(region, context_seconds)
     if duration <= wanted:
         lo, hi = 0, frames
         total = max(MIN_SECONDS, math.ceil(duration - 1e-9))
@@ -72,11 +72,16 @@ def plan_window(frames: int, rate: int, a: int, b: int, context_seconds: float =
     return Window(lo, hi, rate, total, pad, mask_start, mask_end)
 
 
+def clip_seconds(region_seconds: float, context_seconds: float) -> int:
+    """How long a clip is wanted for a region: the region and its context each side, in
+    whole seconds the model takes (a recording shorter than that is sent whole)."""
+    return min(MAX_SECONDS, max(MIN_SECONDS, math.ceil(region_seconds + 2 * context_seconds)))
+
+
 def answer_bytes_bound(region_seconds: float, context_seconds: float) -> int:
     """The most a model's answer for a region's clip weighs: the clip's seconds of 32-bit
     stereo at the model's rate, as WAV (what a paid answer kept on disk takes, answers.py)."""
-    seconds = min(MAX_SECONDS, max(MIN_SECONDS, math.ceil(region_seconds + 2 * context_seconds)))
-    return 65_536 + seconds * MODEL_RATE * 2 * 4
+    return 65_536 + clip_seconds(region_seconds, context_seconds) * MODEL_RATE * 2 * 4
 
 
 def _centered(frames: int, rate: int, a: int, b: int, seconds: int) -> tuple[int, int]:
