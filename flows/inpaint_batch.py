@@ -6,7 +6,8 @@
    `limits.concurrency` at once (predictions in flight are held to `limits.concurrency`
    by the provider; the other rows prepare or finish), so memory stays flat however
    long the manifest.
-   Asked to stop (Ctrl-C, SIGTERM), it starts no more rows and lets those in flight end.
+   Asked to stop (Ctrl-C, SIGTERM), or once the run's journal cannot be written (its disk
+   filled up), it starts no more rows and lets those in flight end.
 4. Write the report (runs/<run_id>/report.csv, .json, .html; also under
    <output.uri>/<run_id>/ when the outputs are in a bucket), show it on the flow run as
    Prefect artifacts (progress while it goes, then outcomes and money), and return the
@@ -147,7 +148,7 @@ def _fan_out(batch: Batch, edits: list, window: int, progress: artifacts.Progres
         if len(running) >= window:
             outcomes.append(_next_done(running))
             progress.advance()
-        if interrupt.stop_requested():
+        if batch.stopping:  # asked to stop, or the journal cannot be written (a full disk)
             outcomes.extend(batch.not_started(e) for e in edits[i:])
             break
         running.append(inpaint_row.submit(batch, edit))

@@ -13,6 +13,7 @@ flows/ and tasks/; this module is plain Python.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import threading
@@ -34,7 +35,7 @@ from soundpatch.audio import Audio, AudioInfo, ReadBack
 from soundpatch.combine import CombinedFile, combined_note, overlay
 from soundpatch.config import Config
 from soundpatch.cpu import crunching
-from soundpatch.disk_room import DiskRoom, Promise
+from soundpatch.disk_room import FULL_ERRNOS, DiskRoom, Promise, full_disk
 from soundpatch.edit_claims import BucketClaims, Left
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
 from soundpatch.humanize import plural
@@ -512,10 +513,14 @@ class Batch:
             outcome.error = _sentence(exc)
         except Exception as exc:  # a bug or an environment fault: keep the batch going
             outcome.status = FAILED
-            outcome.error = (
-                f"Unexpected {type(exc).__name__}: {str(exc)[:200]} (details in {self.run_dir / 'errors.log'})."
-            )
-            self._log_traceback(edit)
+            full = _full_disk(exc, self.run_dir)
+            if full is not None:
+                outcome.error = f"{as_sentence(full).rstrip('.')}; free some space and run it again."
+            else:
+                outcome.error = (
+                    f"Unexpected {type(exc).__name__}: {str(exc)[:200]} (details in {self.run_dir / 'errors.log'})."
+                )
+                self._log_traceback(edit)
         held = self._held.pop(edit.row_id, None)
         if held is not None:  # paid for before the crash and not collected: still owed
             self.ledger.settle(held, held.amount_usd)
@@ -523,17 +528,25 @@ class Batch:
         outcome.seconds = round(time.monotonic() - started, 3)
         unused = self._unused.pop(edit.row_id, None)
         kept = self._to_collect_again(edit.row_id, unused) if unused and outcome.status == FAILED else None
+        failed = outcome.error.rstrip(".")
         if kept is not None:
-            with self._lock:
-                self._kept_paid.append(edit.row_id)
             again = " (provider.resubmit_unusable: true pays for a new one instead)" if unused["again"] else ""
             outcome.error = (
-                f"{outcome.error.rstrip('.')}; the paid prediction is kept, and rerunning with --run-id "
+                f"{failed}; the paid prediction is kept, and rerunning with --run-id "
                 f"{self.run_id} tries it again at no new cost{again}."
             )
         outcome.attempts += self._sent_before(edit.row_id)
         to_collect = {"kept_paid": kept} if kept else {}  # the next attempt collects it (journal.py)
         self.journal.write("outcome", edit.row_id, outcome=outcome.to_dict(), made_for=made_for, **to_collect)
+        if kept is not None and self.journal.broken is None:
+            with self._lock:
+                self._kept_paid.append(edit.row_id)
+        elif kept is not None:  # the journal did not take it all (its disk filled up): say only what holds
+            outcome.error = (
+                f"{failed}; it was paid for, but the run's journal could not record all of it, so rerunning with "
+                f"--run-id {self.run_id} collects it at no new cost only if its prediction id was recorded (if not, "
+                "it is counted as spent and not sent again)."
+            )
         if kept is None or kept["answer"] is None:
             self.answers.discard(edit.row_id)  # the outcome is on disk: the answer is not needed
         self._remove_leftover_staging(edit.row_id)
@@ -997,24 +1010,39 @@ class Batch:
             self._log_traceback(edit)
 
     def _may_start(self) -> bool:
-        """Whether a new prediction may go out: the run is not stopping, and it is still this
-        machine's (lease.py)."""
-        return not stop_requested() and (self.lease is None or self.lease.holds())
+        """Whether a new prediction may go out: the run is not stopping, its journal can be
+        written, and it is still this machine's (lease.py)."""
+        return not stop_requested() and self.journal.broken is None and (self.lease is None or self.lease.holds())
+
+    @property
+    def stopping(self) -> bool:
+        """No more rows start: asked to stop, the journal cannot be written, or the run
+        is no longer this machine's."""
+        return not self._may_start()
 
     @property
     def _not_started(self) -> str:
         if self.lease is not None and not self.lease.holds():
             return f"Not started: {self.lease.why_not()}, so nothing more is sent from this machine"
+        if self.journal.broken is not None:
+            return (
+                f"Not started: {self.journal.broken}, so no more rows start; run it again with --run-id "
+                f"{self.run_id} once it can be written"
+            )
         return f"Not started: the run was interrupted; run it again with --run-id {self.run_id}"
 
     def _should_cancel(self) -> bool:
         return self.config.provider.on_interrupt == "cancel" and stop_requested()
 
     def _log_traceback(self, edit: Edit) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)  # the fault may have come before anything was written
-        with self._lock, open(self.run_dir / "errors.log", "a", encoding="utf-8") as f:
-            f.write(f"--- row {edit.row_id} ({edit.line}) at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-            f.write(traceback.format_exc())
+        """The traceback for errors.log, if the run's disk takes it (the row says what failed anyway)."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # the fault may have come before anything was written
+            with self._lock, open(self.run_dir / "errors.log", "a", encoding="utf-8") as f:
+                f.write(f"--- row {edit.row_id} ({edit.line}) at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+                f.write(traceback.format_exc())
+        except OSError:
+            pass
 
     # ------------------------------------------------------------------ closing
 
@@ -1101,6 +1129,11 @@ class Batch:
                 f"{_rows(self._set_aside)} changed in the manifest after an earlier attempt of this run paid for "
                 f"{'its' if len(self._set_aside) == 1 else 'their'} prediction: what was paid stays in cost_usd, "
                 f"and {'it was' if len(self._set_aside) == 1 else 'they were'} made anew."
+            )
+        if self.journal.broken is not None:
+            notes.append(
+                f"{as_sentence(self.journal.broken).rstrip('.')}: no rows started after that; run the same command "
+                f"with --run-id {self.run_id} once it can be written."
             )
         if self._kept_paid:
             one = len(self._kept_paid) == 1
@@ -1212,6 +1245,15 @@ def kept_results(runs_dir: Path) -> dict[str, dict]:
         except (OSError, ValueError):
             continue
     return found
+
+
+def _full_disk(exc: Exception, run_dir: Path) -> str | None:
+    """Why a step failed when it was for want of disk space, naming the disk (the file's, when
+    the error names one); else None."""
+    if not isinstance(exc, OSError) or exc.errno not in FULL_ERRNOS:
+        return None
+    named = exc.filename if isinstance(exc.filename, str | os.PathLike) else None
+    return full_disk(Path(named).parent if named else run_dir, exc)
 
 
 def _sentence(exc: Exception) -> str:

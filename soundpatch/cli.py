@@ -21,6 +21,7 @@ from rich.table import Table
 from soundpatch import __version__, interrupt
 from soundpatch.batch import Batch, new_run_id, preflight
 from soundpatch.config import Config, load_config
+from soundpatch.disk_room import full_disk
 from soundpatch.dropouts import find_dropouts, restoration_manifest
 from soundpatch.errors import RowError, SoundpatchError, as_sentence
 from soundpatch.humanize import duration, plural
@@ -257,7 +258,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.run_id and not _safe_run_id(run_id):
         raise SoundpatchError(f"Run id {run_id!r} may only hold letters, digits, '.', '_' and '-'.")
     run_dir = Path(cfg.runs_dir).expanduser() / run_id
-    run_lock = RunLock(run_dir).acquire()  # another process on this run: refused now, not after Prefect starts
+    try:
+        run_lock = RunLock(run_dir).acquire()  # another process on this run: refused now, not after Prefect starts
+    except OSError as exc:
+        raise SoundpatchError(f"Nothing was sent: {_unwritable(run_dir, exc)}") from None
     try:
         return _run(args, cfg, manifest, run_id, run_dir)
     finally:
@@ -302,9 +306,15 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
     except SoundpatchError:
         raise
     except Exception as exc:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "errors.log", "a", encoding="utf-8") as f:
-            f.write(traceback.format_exc())
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir / "errors.log", "a", encoding="utf-8") as f:
+                f.write(traceback.format_exc())
+        except OSError as unwritable:
+            raise SoundpatchError(
+                f"The run stopped unexpectedly ({type(exc).__name__}: {str(exc)[:200]}) and "
+                f"{_unwritable(run_dir, unwritable)}"
+            ) from None
         raise SoundpatchError(
             f"The run stopped unexpectedly ({type(exc).__name__}: {str(exc)[:200]}); details are in "
             f"{run_dir / 'errors.log'}, and the same command with --run-id {run_id} resumes it."
@@ -317,6 +327,17 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
         err.print(f"Interrupted. Run the same command with --run-id {run_id} to finish the rest.", soft_wrap=True)
         return EXIT_INTERRUPTED
     return exit_status(outcomes)
+
+
+def _unwritable(run_dir: Path, exc: OSError) -> str:
+    """What to do about a run folder that cannot be written (its disk full, say)."""
+    full = full_disk(run_dir, exc)
+    if full is not None:
+        return f"{full}; free some space (or set runs_dir to a larger disk) and run it again."
+    return (
+        f"the run's folder {run_dir} cannot be written ({exc.strerror or exc}); "
+        "set runs_dir to a folder you can write to and run it again."
+    )
 
 
 def _stop_on_signals(run_id: str) -> None:
@@ -476,7 +497,8 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
     if summary.get("wall_seconds") is not None:  # (unknown for a run that ended before its report)
         table.add_row("wall time", duration(summary["wall_seconds"]))
     table.add_row("outputs", str(summary.get("output_uri", "")))
-    table.add_row("report", str(run_dir / "report.html"))
+    missing = summary.get("report_missing")  # its disk was full: a note says so
+    table.add_row("report", "not written (see the note below)" if missing else str(run_dir / "report.html"))
     if summary.get("report_uri"):
         table.add_row("report in bucket", str(summary["report_uri"]))
     out.print(table)

@@ -14,7 +14,9 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
+
+from soundpatch.errors import SoundpatchError
 
 if TYPE_CHECKING:  # the copy needs boto3, which the progress display need not load
     from soundpatch.journal_copy import JournalCopy
@@ -29,41 +31,80 @@ DURABLE_EVENTS = ("sending", "creating", "created", "answer_kept", "outcome")
 BEFORE_MONEY = ("creating",)
 
 
+class JournalUnwritable(SoundpatchError):
+    """An event that must be on disk before its step (BEFORE_MONEY) could not be written:
+    the step is not taken."""
+
+
 class Journal:
-    """`copy`: the journal's copy in the output bucket (journal_copy.py), when there is one."""
+    """`copy`: the journal's copy in the output bucket (journal_copy.py), when there is one.
+
+    A journal that cannot be written (its disk filled up, say) is `broken`: the run starts
+    no more rows (Batch), an event that must come before money raises JournalUnwritable so
+    that the money does not move, and the others are let go (the rows in flight finish as
+    they can; the bucket's copy, if any, still gets them)."""
 
     def __init__(self, run_dir: Path, copy: JournalCopy | None = None) -> None:
         self.path = run_dir / JOURNAL_FILE
         self.copy = copy
+        self.broken: str | None = None  # why the journal could not be written, once it could not
         self._lock = threading.Lock()
-        self._file: TextIO | None = None  # opened at the first event: a dry run leaves no trace
+        self._fd: int | None = None  # opened at the first event: a dry run leaves no trace
+        self._torn = False  # a write failed part way: the next line starts on a line of its own
 
     def write(self, event: str, row_id: str | None = None, **fields: Any) -> None:
-        record = {"t": round(time.time(), 3), "event": event, **({"row": row_id} if row_id else {}), **fields}
-        line = json.dumps(record, default=str, ensure_ascii=False) + "\n"
+        line = _line(event, row_id, fields)
         copy = self.copy if row_id else None
         if copy is not None and event in BEFORE_MONEY:
             copy.add(row_id, event, line)  # in the bucket before money moves, or nothing moves
+        try:
+            self._append(line.encode("utf-8"), durable=event in DURABLE_EVENTS)
+        except OSError as exc:
+            self._broke(exc)
+            if event in BEFORE_MONEY:
+                if copy is not None:  # the copy took the create that is not sent now: it says so
+                    copy.add(row_id, "create_refused", _line("create_refused", row_id, {"reason": self.broken}))
+                raise JournalUnwritable(self.broken) from None
+        if copy is not None and event not in BEFORE_MONEY:
+            copy.add(row_id, event, line)
+
+    def _append(self, data: bytes, durable: bool) -> None:
+        """One line at the end of the file, in one write (the run's rows append together)."""
         with self._lock:
-            if self._file is None:
+            if self._fd is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run
-            self._file.write(line)
-            self._file.flush()
-            fd = self._file.fileno()
-        if event in DURABLE_EVENTS:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            if self._torn:
+                data = b"\n" + data  # the torn line is skipped when read (parse), this one is not
+            self._torn = True
+            done = 0
+            while done < len(data):  # a short write (a disk filling up) either ends or raises
+                done += os.write(self._fd, data[done:])
+            self._torn = False
+            fd = self._fd
+        if durable:
             # Outside the lock: other rows keep appending while this one waits for the disk,
             # and the kernel serves concurrent fsyncs of one file together (group commit).
             # The line is written before the fsync starts, so it is on disk when this returns.
             os.fsync(fd)
-        if copy is not None and event not in BEFORE_MONEY:
-            copy.add(row_id, event, line)
+
+    def _broke(self, exc: OSError) -> None:
+        from soundpatch.disk_room import full_disk  # noqa: PLC0415 - only once it fails
+
+        why = full_disk(self.path.parent, exc) or f"{exc.strerror or exc}"
+        with self._lock:
+            self.broken = self.broken or f"the run's journal {self.path} could not be written: {why}"
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def _line(event: str, row_id: str | None, fields: dict[str, Any]) -> str:
+    record = {"t": round(time.time(), 3), "event": event, **({"row": row_id} if row_id else {}), **fields}
+    return json.dumps(record, default=str, ensure_ascii=False) + "\n"
 
 
 def latest_runs(runs_dir: Path) -> list[str]:

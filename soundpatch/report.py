@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from soundpatch import report_html
+from soundpatch.disk_room import full_disk
 from soundpatch.errors import SoundpatchError
 from soundpatch.outcome import REPORT_COLUMNS, STATUSES, Outcome
 from soundpatch.storage import OutputStore, atomic_write
@@ -86,7 +87,17 @@ def publish_reports(
     the run folder still has it."""
     if store.remote:
         summary["report_uri"] = store.uri(f"{summary['run_id']}/report.html")
-    paths = write_reports(run_dir, outcomes, summary)
+    try:
+        paths = write_reports(run_dir, outcomes, summary)
+    except OSError as exc:  # its disk filled up, say: the run's outcomes are still shown and returned
+        why = full_disk(run_dir, exc) or exc.strerror or str(exc)
+        summary.pop("report_uri", None)
+        summary["report_missing"] = True
+        summary.setdefault("notes", []).append(
+            f"The report could not be written in {run_dir}: {why}; soundpatch report {summary['run_id']} writes "
+            "it from the run's journal once there is room."
+        )
+        return {kind: run_dir / f"report.{kind}" for kind in REPORT_TYPES}
     if not store.remote:
         return paths
     try:

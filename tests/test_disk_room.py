@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from soundpatch.batch import Batch
 from soundpatch.config import load_config
 from soundpatch.disk_room import DiskRoom
 from soundpatch.errors import RowError
-from soundpatch.journal import read_events
+from soundpatch.journal import Journal, JournalUnwritable, read_events
 from soundpatch.manifest import load_manifest
 from tests.jobs import KEY, clean_env, hosted_config, run_in_process, soundpatch
 
@@ -340,3 +341,99 @@ def test_a_run_clears_what_stopped_runs_left_half_written_and_leaves_running_one
     outcomes, notes, _ = run_in_process(tmp_path / "m.csv", cfg, "after")
     assert not (runs / "live" / "scratch").exists()
     assert any(n.startswith("3.0 MB of half-written results") and "(live)" in n for n in notes)
+
+
+def test_a_run_whose_own_disk_fills_up_starts_no_more_rows_says_why_and_pays_for_nothing_twice(
+    tmp_path, small_disk, aws_env, simulator
+):
+    # The disk holding the run's journal fills up (another writer) while rows are in
+    # flight. It gave "Unexpected OSError" on rows and, at start, a traceback. Now no create
+    # goes out that the journal did not record first, no more rows start, the rows say why
+    # in one sentence, the summary is shown (the report could not be written: a note says
+    # so), and once there is room the same run id does the rest without paying twice.
+    disk = small_disk(128)
+    sf.write(tmp_path / "fx.wav", tape(tmp_path / "t.wav", 3)[:, :1], 44100, subtype="PCM_16")
+    rows = [f"r{i}" for i in range(1, 7)]
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt,seed\n" + "".join(f"{r},fx.wav,1,1.5,clang {r},{i}\n" for i, r in enumerate(rows))
+    )
+    sim = simulator(latency=0.4, fill="tone")
+    aws_env.bucket("stage")
+    (tmp_path / "c.yaml").write_text(
+        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.05}}\n"
+        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+        f"limits: {{concurrency: 1}}\nruns_dir: {disk / 'runs'}\noutput: {{uri: {tmp_path / 'outputs'}}}\n"
+    )
+    journal = disk / "runs" / "full" / "journal.jsonl"
+    fillers: list[Path] = []
+
+    def fill_after_the_first_outcome() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if journal.exists() and any(e["event"] == "outcome" for e in read_events(journal.parent)):
+                fillers.append(fill(disk, leave=0))
+                return
+            time.sleep(0.01)
+
+    filling = threading.Thread(target=fill_after_the_first_outcome)
+    filling.start()
+    env = clean_env(EACHLABS_API_KEY=KEY, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
+    args = ("run", "m.csv", "--config", "c.yaml", "--run-id", "full")
+    proc = soundpatch(*args, cwd=tmp_path, env=env)
+    filling.join()
+    said = " ".join(proc.stdout.replace("│", " ").split())
+    assert fillers and proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr and "Unexpected" not in said
+    assert "succeeded 1 failed 5" in said  # r1 finished before the disk filled
+    journal_full = f"the run's journal {journal} could not be written: the disk holding {journal.parent} is full"
+    assert f"Not started: {journal_full} (No space left on device), so no more rows start" in said
+    assert "report not written (see the note below)" in said
+    assert f"note: The report could not be written in {journal.parent}: the disk holding" in said
+    assert f"note: {journal_full[:1].upper()}{journal_full[1:]}" in said
+    sent = list(sim.stats.prompts)
+    assert 1 <= len(sent) <= 2 and set(sent) <= {"clang r1", "clang r2"}  # r3 on: never sent
+
+    fillers[0].unlink()
+    again = soundpatch(*args, cwd=tmp_path, env=env)
+    report = pd.read_csv(disk / "runs" / "full" / "report.csv").set_index("row_id")
+    assert Counter(sim.stats.prompts).most_common(1)[0][1] == 1, sim.stats.prompts  # nothing paid for twice
+    for row in rows:
+        if report.loc[row, "status"] != "succeeded":  # r2's create went out and its id was not recorded
+            assert row == "r2" and "clang r2" in sent, report.loc[row].to_dict()
+            assert report.loc[row, "error"].startswith("A create for this row went out in an earlier attempt")
+    assert (report["status"] == "succeeded").sum() >= 5 and again.returncode in (0, 1), again.stdout + again.stderr
+    assert report["cost_usd"].sum() == pytest.approx(PRICE * len(set(sim.stats.prompts)))
+
+
+def test_a_full_disk_at_the_start_is_one_sentence_and_nothing_is_sent(tmp_path, small_disk):
+    # The run's lock file could not be written: a traceback, before.
+    disk = small_disk(2)
+    fill(disk, leave=0)
+    (tmp_path / "c.yaml").write_text(f"runs_dir: {disk / 'runs'}\noutput: {{uri: {tmp_path / 'outputs'}}}\n")
+    sf.write(tmp_path / "fx.wav", tape(tmp_path / "t.wav", 2)[:, :1], 44100, subtype="PCM_16")
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nr1,fx.wav,1,1.2,clang\n")
+    proc = soundpatch("run", "m.csv", "--config", "c.yaml", "--run-id", "x", cwd=tmp_path, env=clean_env())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert " ".join(proc.stderr.split()) == (
+        f"error: Nothing was sent: the disk holding {disk / 'runs' / 'x'} is full (No space left on device); free "
+        "some space (or set runs_dir to a larger disk) and run it again."
+    )
+    assert not list(tmp_path.glob("outputs/**/*.wav"))
+
+
+def test_a_journal_line_cut_short_by_a_full_disk_costs_only_itself(tmp_path, small_disk):
+    disk = small_disk(2)
+    journal = Journal(disk / "run")
+    journal.write("run_started", total=1)
+    filler = fill(disk, leave=0)
+    journal.write("outcome", "r1", outcome={"status": "failed", "error": "x" * 5000})  # let go: the row is over
+    assert journal.broken == (
+        f"the run's journal {disk / 'run' / 'journal.jsonl'} could not be written: the disk holding {disk / 'run'} "
+        "is full (No space left on device)"
+    )
+    with pytest.raises(JournalUnwritable):  # a create is not sent unless the journal has it first
+        journal.write("creating", "r2", attempt=1)
+    filler.unlink()
+    journal.write("created", "r2", prediction_id="p2")
+    journal.close()
+    assert [(e["event"], e.get("row")) for e in read_events(disk / "run")] == [("run_started", None), ("created", "r2")]

@@ -26,6 +26,7 @@ from soundpatch.config import ProviderConfig
 from soundpatch.cpu import crunching
 from soundpatch.errors import ConfigError, RowError, as_sentence, lasting_tls_failure, network_reason
 from soundpatch.humanize import plural
+from soundpatch.journal import JournalUnwritable
 from soundpatch.limits import InFlight, RateLimiter
 from soundpatch.providers.base import (
     InpaintRequest,
@@ -154,9 +155,13 @@ class HostedProvider:
             # A run stopped while this row waits its turn ends the wait; then nothing is sent.
             self.creates.acquire(give_up=request.stopping)
             request.check_may_start()
+            # Journaled before the request goes out: if we die now, the row is "in doubt". A
+            # journal that cannot be written (a full disk) sends nothing.
+            try:
+                request.tell("creating", attempt=attempts + 1)
+            except JournalUnwritable as exc:
+                raise NotStarted(str(exc)) from None
             attempts += 1
-            # Journaled before the request goes out: if we die now, the row is "in doubt".
-            request.tell("creating", attempt=attempts)
             try:
                 return send(attempts)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
