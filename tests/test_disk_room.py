@@ -62,6 +62,18 @@ def fill(disk: Path, leave: int) -> Path:
     return filler
 
 
+def hosted_config_file(path: Path, sim, aws_env, runs: Path, outputs: Path) -> Path:
+    """A config file for the command: Each Labs at `sim`, clips staged in the S3 server's
+    s3://stage/clips/ (the bucket made here), the run's folder and outputs where given."""
+    aws_env.bucket("stage")
+    path.write_text(
+        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.05}}\n"
+        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+        f"runs_dir: {runs}\noutput: {{uri: {outputs}}}\n"
+    )
+    return path
+
+
 def tape(path: Path, seconds: int, rate: int = 44100) -> np.ndarray:
     samples = np.random.default_rng(1).integers(-3000, 3000, (rate * seconds, 2)).astype(np.int16)
     sf.write(path, samples, rate, subtype="PCM_16")
@@ -83,12 +95,7 @@ def test_rows_whose_results_do_not_fit_are_refused_before_they_are_paid_for(tmp_
         "t2,tape.wav,40,40.5,tape hiss,3\n"
     )
     sim = simulator(latency=0.05, fill="tone")
-    aws_env.bucket("stage")
-    (tmp_path / "c.yaml").write_text(
-        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.1}}\n"
-        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
-        f"runs_dir: {disk / 'runs'}\noutput: {{uri: {disk / 'outputs'}}}\n"
-    )
+    hosted_config_file(tmp_path / "c.yaml", sim, aws_env, runs=disk / "runs", outputs=disk / "outputs")
     filler = fill(disk, leave=76 * MB)  # 12 MB beyond the 64 MB kept for the run's own files
     env = clean_env(EACHLABS_API_KEY=KEY, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
     args = ("run", "m.csv", "--config", "c.yaml", "--run-id", "full")
@@ -358,12 +365,8 @@ def test_a_run_whose_own_disk_fills_up_starts_no_more_rows_says_why_and_pays_for
         "id,input,start,end,prompt,seed\n" + "".join(f"{r},fx.wav,1,1.5,clang {r},{i}\n" for i, r in enumerate(rows))
     )
     sim = simulator(latency=0.4, fill="tone")
-    aws_env.bucket("stage")
-    (tmp_path / "c.yaml").write_text(
-        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.05}}\n"
-        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
-        f"limits: {{concurrency: 1}}\nruns_dir: {disk / 'runs'}\noutput: {{uri: {tmp_path / 'outputs'}}}\n"
-    )
+    config = hosted_config_file(tmp_path / "c.yaml", sim, aws_env, runs=disk / "runs", outputs=tmp_path / "outputs")
+    config.write_text(config.read_text() + "limits: {concurrency: 1}\n")
     journal = disk / "runs" / "full" / "journal.jsonl"
     fillers: list[Path] = []
 
