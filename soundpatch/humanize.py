@@ -27,3 +27,15 @@ def size(nbytes: float) -> str:
             value = nbytes / scale
             return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
     return f"{nbytes:.0f} B"
+
+
+def over_limit(what: str, max_bytes: int, nbytes: float | None = None) -> str:
+    """`x.wav is 3000 MB, over the 2048 MB limit`: in the MB the limits are set in
+    (`storage.max_input_mb`: 2**20 bytes), so that the limit reads as it was set."""
+    limit = f"the {_mb(max_bytes)} MB limit"
+    return f"{what} is over {limit}" if nbytes is None else f"{what} is {_mb(nbytes)} MB, over {limit}"
+
+
+def _mb(nbytes: float) -> str:
+    value = nbytes / 2**20
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"

@@ -25,6 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from soundpatch import tls
 from soundpatch.config import S3Config
 from soundpatch.errors import ConfigError, RowError, lasting_tls_failure, network_reason
+from soundpatch.humanize import over_limit
 
 # S3 throttling (503 SlowDown) and transient network errors are retried by botocore
 # itself with exponential backoff and jitter ("adaptive" also paces the client).
@@ -105,11 +106,11 @@ class S3:
             declared = int(response.get("ContentLength") or 0)
             with closing(response["Body"]) as body:
                 if declared > max_bytes:
-                    raise RowError(f"{uri} is {declared / 1e6:.0f} MB, over the {max_bytes / 1e6:.0f} MB limit")
+                    raise RowError(over_limit(str(uri), max_bytes, declared))
                 for chunk in body.iter_chunks(1 << 20):
                     size += len(chunk)
                     if size > max_bytes:
-                        raise RowError(f"{uri} is over the {max_bytes / 1e6:.0f} MB limit")
+                        raise RowError(over_limit(str(uri), max_bytes))
                     sink.write(chunk)
         except (ClientError, BotoCoreError) as exc:
             if _whole_bucket(exc):

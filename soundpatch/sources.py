@@ -30,6 +30,7 @@ from soundpatch import web
 from soundpatch.audio import Audio, AudioInfo, decode, inspect
 from soundpatch.config import StorageConfig
 from soundpatch.errors import RowError
+from soundpatch.humanize import over_limit
 from soundpatch.manifest import GLOB_CHARS
 from soundpatch.s3 import S3, S3Uri
 
@@ -196,7 +197,7 @@ class SourceReader:
         if size == 0:
             raise RowError(f"input file {uri} is empty (0 bytes)")
         if size > self._max_bytes:
-            raise RowError(f"input file {uri} is {size / 1e6:.0f} MB, over the {self._max_bytes / 1e6:.0f} MB limit")
+            raise RowError(over_limit(f"input file {uri}", self._max_bytes, size))
         return path
 
 

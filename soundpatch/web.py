@@ -29,6 +29,7 @@ import httpx
 from soundpatch import tls
 from soundpatch.config import HttpConfig
 from soundpatch.errors import RowError, lasting_tls_failure, network_reason
+from soundpatch.humanize import over_limit
 from soundpatch.retry import Retryable, RetryPolicy
 
 MAX_REDIRECTS = 5
@@ -142,12 +143,12 @@ def _body(response: httpx.Response, url: str, max_bytes: int, deadline: float, s
         raise RowError(f"Cannot fetch {shown(url)}: the server answered HTTP {status}")
     declared = response.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise RowError(f"{shown(url)} is {int(declared) / 1e6:.0f} MB, over the {max_bytes / 1e6:.0f} MB limit")
+        raise RowError(over_limit(shown(url), max_bytes, int(declared)))
     size = 0
     for chunk in response.iter_bytes():
         size += len(chunk)
         if size > max_bytes:
-            raise RowError(f"{shown(url)} is over the {max_bytes / 1e6:.0f} MB limit")
+            raise RowError(over_limit(shown(url), max_bytes))
         if time.monotonic() > deadline:
             raise RowError(f"Cannot fetch {shown(url)}: the download took too long")
         sink.write(chunk)

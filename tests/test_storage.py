@@ -687,7 +687,18 @@ def test_web_inputs_are_fetched_with_a_cap_and_local_addresses_refused_by_defaul
     assert missing.status == "invalid" and "HTTP 404" in missing.error
 
     capped = run(tmp_path / "m.csv", load_config(overrides={**allowed, "storage.max_input_mb": 0.01}), "capped")
-    assert capped[0].status == "invalid" and "over the" in capped[0].error and "limit" in capped[0].error
+    assert capped[0].status == "invalid" and "over the 0.01 MB limit" in capped[0].error  # as it was set
+
+
+def test_an_input_over_the_size_limit_is_refused_naming_the_limit_as_it_was_set(tmp_path):
+    # storage.max_input_mb counts MB of 2**20 bytes: the message said "over the 2147 MB
+    # limit" for the default of 2048, and "over the 0 MB limit" for 0.01.
+    sf.write(tmp_path / "big.wav", np.zeros((300_000, 2), np.int16), 44100, subtype="PCM_16")  # 1.2 MB
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nr1,big.wav,1,2,x\n")
+    cfg = load_config(overrides={"storage.max_input_mb": 0.5, "runs_dir": str(tmp_path / "runs")})
+    [refused], _, _ = run_in_process(tmp_path / "m.csv", cfg, "big")
+    assert refused.status == "invalid" and refused.cost_usd == 0
+    assert refused.error == f"Input file {tmp_path / 'big.wav'} is 1.1 MB, over the 0.5 MB limit."
 
 
 def unusable_bundles_stop_the_run(variable: str, tmp_path: Path, cfg, monkeypatch) -> None:
