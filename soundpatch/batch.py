@@ -93,6 +93,23 @@ class Checked:
     provider: Provider
 
 
+@dataclass
+class RowWork:
+    """A row's result in the making: the checked edit, its recording, the region's frames
+    a..b, what the result is made for (identity, request, source) and the row's outcome."""
+
+    checked: Checked
+    original: Audio
+    a: int
+    b: int
+    made_for: dict
+    outcome: Outcome
+
+    @property
+    def edit(self) -> Edit:
+        return self.checked.edit
+
+
 class Batch:
     def __init__(
         self,
@@ -641,7 +658,7 @@ class Batch:
                         raise RowError(self._not_started)
                     if WAITED in (claim, across) and not self.force and self._reuse(edit, checked, identity, outcome):
                         return made_for
-                    self._produce(edit, checked, original, made_for, outcome)
+                    self._produce(checked, original, made_for, outcome)
         finally:
             with self._lock:
                 self._in_flight.pop(identity).set()
@@ -707,18 +724,20 @@ class Batch:
         self.journal.write("reused", edit.row_id, identity=identity, reused_from=record["output"])
         return True
 
-    def _produce(self, edit: Edit, checked: Checked, original: Audio, made_for: dict, outcome: Outcome) -> None:
+    def _produce(self, checked: Checked, original: Audio, made_for: dict, outcome: Outcome) -> None:
         """The row's prediction, spliced into its recording and published."""
+        edit = checked.edit
         a, b = audio_ops.region_frames(edit.start or 0.0, edit.end or 0.0, original.rate, original.frames)
+        work = RowWork(checked, original, a, b, made_for, outcome)
         with self._room_for(edit, checked) as room:
-            made = self._paid_prediction(edit, checked, original, a, b, made_for, outcome, room)
+            made = self._paid_prediction(work, room)
             if made is None:
                 return  # the budget is reached: not sent
             prediction, provider = made
-            encoded, quality = self._spliced(edit, checked, original, a, b, prediction, provider, made_for, outcome)
+            encoded, quality = self._spliced(work, prediction, provider)
             room.written()
             try:
-                self._publish(edit, prediction, provider, encoded, quality, made_for, outcome)
+                self._publish(work, prediction, provider, encoded, quality)
             finally:
                 encoded.discard()
         self._unused.pop(edit.row_id, None)
@@ -734,22 +753,13 @@ class Batch:
         answer = answer_bytes_bound(region, self._clip_settings["context_seconds"]) if checked.provider.hosted else 0
         return self.publisher.bytes_bound(checked.info), answer
 
-    def _paid_prediction(
-        self,
-        edit: Edit,
-        checked: Checked,
-        original: Audio,
-        a: int,
-        b: int,
-        made_for: dict,
-        outcome: Outcome,
-        room: Promise,
-    ) -> tuple[Prediction, Provider] | None:
-        """A new prediction for frames a..b, or the one an earlier attempt paid for (then
-        `made_for` takes the identity it was made under), with what it cost on the ledger
-        and the row; None if the budget does not allow it. A new one is sent only once
-        `room` is made sure of on disk for its result."""
-        provider = checked.provider
+    def _paid_prediction(self, work: RowWork, room: Promise) -> tuple[Prediction, Provider] | None:
+        """A new prediction for the row's region, or the one an earlier attempt paid for
+        (then `made_for` takes the identity it was made under), with what it cost on the
+        ledger and the row; None if the budget does not allow it. A new one is sent only
+        once `room` is made sure of on disk for its result."""
+        edit, made_for, outcome = work.edit, work.made_for, work.outcome
+        provider = work.checked.provider
         claimed = made_for["identity"]  # what the row's claims are on
         state = self._earlier_attempt(edit.row_id, made_for["request"])
         if state is not None and state.settled and self.config.provider.resubmit_unusable:
@@ -789,14 +799,14 @@ class Batch:
             )
             return None
         request = InpaintRequest(
-            original,
-            a,
-            b,
+            work.original,
+            work.a,
+            work.b,
             edit.prompt,
             edit.seed,
             edit.steps,
             edit.guidance_scale,
-            source=checked.source,
+            source=work.checked.source,
             staging_folder=self.run_id,
             notify=lambda event, fields: self._told(edit.row_id, claimed, provider.name, event, fields),
             resume_prediction_id=resume_id,
@@ -830,7 +840,7 @@ class Batch:
             self.ledger.settle(reservation, owed)
             if left is not None and (exc.unseen or not exc.collectable) and self._may_start():
                 self._not_collected(edit.row_id, left, exc)  # ... and made here, in this same attempt
-                return self._paid_prediction(edit, checked, original, a, b, made_for, outcome, room)
+                return self._paid_prediction(work, room)
             outcome.cost_usd += owed
             outcome.provider_cost_usd += owed
             outcome.prediction_id = exc.prediction_id or ""
@@ -866,27 +876,17 @@ class Batch:
         self._unused[edit.row_id] = _unused(prediction.prediction_id or resume_id, prediction.cost_usd, settled)
         return prediction, provider
 
-    def _spliced(
-        self,
-        edit: Edit,
-        checked: Checked,
-        original: Audio,
-        a: int,
-        b: int,
-        prediction: Prediction,
-        provider: Provider,
-        made_for: dict,
-        outcome: Outcome,
-    ) -> tuple[Encoded, Quality]:
+    def _spliced(self, work: RowWork, prediction: Prediction, provider: Provider) -> tuple[Encoded, Quality]:
         """The prediction spliced into the recording and encoded as it will be published, with
         the quality checks of it as users will read it (on the row, and its report card)."""
+        edit, original, a, b = work.edit, work.original, work.a, work.b
         fade = prediction.crossfade
         if fade is None:
             fade = round(self.config.splice.crossfade_ms / 1000 * original.rate)
         lo, hi = context_span(a, b, original.rate, original.frames)
         with crunching():  # the recording is not copied: written to a file a block at a time (audio.py)
             result = audio_ops.patch(original, prediction.fill, a, b, fade)
-            encoded = self.publisher.encode(edit, result, checked.info)
+            encoded = self.publisher.encode(edit, result, work.checked.info)
             try:
                 # Checked as users will read it: decoded back, compared with the original outside the region.
                 published = audio_ops.read_back(encoded.path, lo, hi, encoded.name, against=(original, a, b))
@@ -896,29 +896,23 @@ class Batch:
                 raise
         if not provider.uses_prompt and (edit.input, edit.start, edit.end) in self._repeated_regions:
             # Variations of a region from an engine that cannot vary much: which came out alike.
-            fill = (made_for["source_sha256"], a, b, encoded.sha256())
+            fill = (work.made_for["source_sha256"], a, b, encoded.sha256())
             with self._lock:
                 alike = self._same_fills.setdefault(fill, _Alike())
                 alike.results += 1
                 if len(alike.rows) < 3:
                     alike.rows.append(edit.row_id)
-        _apply(quality.to_dict(), outcome)
+        _apply(quality.to_dict(), work.outcome)
         if self._previews.take(flagged=bool(quality.flags)):
             self._save_preview(edit, original, published, a, b)
         return encoded, quality
 
     def _publish(
-        self,
-        edit: Edit,
-        prediction: Prediction,
-        provider: Provider,
-        encoded: Encoded,
-        quality: Quality,
-        made_for: dict,
-        outcome: Outcome,
+        self, work: RowWork, prediction: Prediction, provider: Provider, encoded: Encoded, quality: Quality
     ) -> None:
         """The result and its index record into the output store; should the store refuse,
         kept on this machine for the next run to publish (it is paid for)."""
+        edit, made_for, outcome = work.edit, work.made_for, work.outcome
         identity = made_for["identity"]
         record = {
             "identity": identity,
