@@ -185,6 +185,41 @@ def inspect(source: bytes | str, name: str = "audio") -> AudioInfo:
     return AudioInfo(info.frames, info.samplerate, info.channels, info.format, info.subtype)
 
 
+@dataclass(frozen=True)
+class Stored:
+    """A recording in a file, read a block at a time as it is written elsewhere, never
+    whole: an earlier result published again in another format (`stored`)."""
+
+    path: Path
+    rate: int
+    format: str
+    subtype: str
+    frames: int
+    channels: int
+
+    @property
+    def info(self) -> AudioInfo:
+        return AudioInfo(self.frames, self.rate, self.channels, self.format, self.subtype)
+
+    def blocks(self, size: int | None = None) -> Iterator[np.ndarray]:
+        with soundio.open_audio(self.path) as f:
+            dtype = _NATIVE_DTYPE.get(f.subtype, "float32")
+            while len(block := f.read(size or BLOCK_FRAMES, dtype=dtype, always_2d=True)):
+                yield block
+
+
+def stored(path: Path, name: str = "audio") -> Stored:
+    """The recording in the file at `path`, to be read as it is written (`Stored`)."""
+    try:
+        with soundio.open_audio(path) as f:
+            found = Stored(path, f.samplerate, f.format, f.subtype, f.frames, f.channels)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
+    if found.frames == 0:
+        raise RowError(f"{name} holds no audio samples")
+    return found
+
+
 def decode(data: bytes | Path, name: str = "audio") -> Audio:
     """Decode any format libsndfile reads (WAV, FLAC, OGG, MP3, AIFF, ...), from its bytes
     or from a file by path (then never held as bytes)."""
@@ -254,7 +289,14 @@ def patch(original: Audio, fill: np.ndarray, a: int, b: int, crossfade: int) -> 
     return Patched(original, ((a, from_float(region, original)),))
 
 
-def output_subtype(audio: Audio | Patched, container: str) -> str:
+def _sample_dtype(audio: Audio | Patched | Stored) -> np.dtype:
+    """The type its samples are (or will be, read from their file) in memory."""
+    if isinstance(audio, Stored):
+        return np.dtype(_NATIVE_DTYPE.get(audio.subtype, "float32"))
+    return (audio.original if isinstance(audio, Patched) else audio).samples.dtype
+
+
+def output_subtype(audio: Audio | Patched | Stored, container: str) -> str:
     """Keep the input's subtype when the container can hold it; otherwise the closest lossless-ish one."""
     available = _subtypes(container)
     if container in ("MP3", "OGG"):
@@ -265,8 +307,7 @@ def output_subtype(audio: Audio | Patched, container: str) -> str:
         # lists MP3-in-WAV, which it cannot write).
         return audio.subtype
     if container == "WAV":
-        held = audio.original if isinstance(audio, Patched) else audio
-        return "FLOAT" if held.samples.dtype.kind == "f" else "PCM_32"
+        return "FLOAT" if _sample_dtype(audio).kind == "f" else "PCM_32"
     if container in ("FLAC", "AIFF"):
         return "PCM_24"
     if container == "MP3":
@@ -339,13 +380,13 @@ def encode(audio: Audio | Patched, container: str) -> bytes:
     return soundio.write_blocks(blocks, audio.rate, audio.channels, container, subtype)
 
 
-def encode_file(audio: Audio | Patched, container: str, path: Path) -> None:
+def encode_file(audio: Audio | Patched | Stored, container: str, path: Path) -> None:
     """`encode`, into the file at `path`: a long recording is never held encoded in memory."""
     blocks, subtype = _encodable(audio, container)
     soundio.write_file(path, blocks, audio.rate, audio.channels, container, subtype)
 
 
-def _encodable(audio: Audio | Patched, container: str) -> tuple[Iterator[np.ndarray], str]:
+def _encodable(audio: Audio | Patched | Stored, container: str) -> tuple[Iterator[np.ndarray], str]:
     """The blocks to write and the subtype to write them as."""
     subtype = output_subtype(audio, container)
     blocks = audio.blocks()

@@ -707,8 +707,8 @@ class Batch:
             outcome.output = self.store.copy(record["output"], name, metadata)
         else:  # another format asked for, or kept locally after a failed upload: encode and put
             with store.opened(record["output"]) as earlier_file:
-                with crunching():
-                    earlier_result = audio_ops.decode(earlier_file, record["output"])
+                with crunching():  # read as it is written: a recording hours long is never held whole
+                    earlier_result = audio_ops.stored(earlier_file, record["output"])
                     encoded = self.publisher.encode(edit, earlier_result, checked.info)
             try:
                 outcome.output = self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)

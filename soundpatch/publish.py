@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from soundpatch import audio as audio_ops
-from soundpatch.audio import Audio, AudioInfo, Patched
+from soundpatch.audio import Audio, AudioInfo, Patched, Stored
 from soundpatch.disk_room import full_disk
 from soundpatch.errors import RowError
 from soundpatch.manifest import Edit
@@ -122,7 +122,7 @@ class Publisher:
                     self.combined.update({e.row_id: name for e in members[name]})
         return reasons
 
-    def encode(self, edit: Edit, result: Audio | Patched, info: AudioInfo, name: str | None = None) -> Encoded:
+    def encode(self, edit: Edit, result: Audio | Patched | Stored, info: AudioInfo, name: str | None = None) -> Encoded:
         """The row's result, as the file named for it (or `name`: a combined file), written
         to the scratch folder; `Encoded.discard()` removes it once it is no longer needed."""
         ext = self.ext(info)

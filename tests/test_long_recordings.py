@@ -88,6 +88,37 @@ def test_rows_of_long_recordings_at_once_hold_their_results_on_disk_not_in_memor
     assert not list((tmp_path / "out").rglob("*.part"))
 
 
+@pytest.mark.parametrize("container", ["flac", "wav"])  # the format asked for the second time
+def test_an_earlier_result_published_again_in_another_format_is_never_held_whole(tmp_path, container):
+    # A result an earlier run made is published again, at no cost, when the same edit is
+    # asked for in another format; it was decoded whole for that (a second recording's
+    # worth beside the source's samples). Now it is read a block at a time as it is written.
+    samples = tape(tmp_path / "tape.wav", 180)
+    if container == "wav":  # a FLAC result asked for again as WAV
+        sf.write(tmp_path / "tape.flac", samples, 44100, subtype="PCM_16")
+        source, first, then = "tape.flac", "flac", "wav"
+    else:
+        source, first, then = "tape.wav", "wav", "flac"
+    (tmp_path / "m.csv").write_text(f"id,input,start,end,prompt\nd,{source},60,60.02,fill the dropout\n")
+
+    def run(fmt: str, run_id: str):
+        overrides = {"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs"), "output.format": fmt}
+        return run_in_process(tmp_path / "m.csv", load_config(overrides=overrides), run_id)[0][0]
+
+    made = run(first, "first")
+    assert made.status == "succeeded", made.error
+    tracemalloc.start()
+    try:
+        again = run(then, "again")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert again.status == "skipped_done" and again.cost_usd == 0 and again.reused_from == made.output
+    assert again.output.endswith(f".{then}") and sf.info(again.output).subtype == "PCM_16"
+    assert np.array_equal(sf.read(again.output, dtype="int16")[0], sf.read(made.output, dtype="int16")[0])
+    assert peak < 1.5 * samples.nbytes, f"{peak / samples.nbytes:.2f} recordings' worth allocated at once"
+
+
 @pytest.mark.parametrize("where", ["bucket", "web"])
 def test_a_long_recording_from_a_bucket_or_a_web_server_is_never_held_as_bytes(tmp_path, aws_env, where, monkeypatch):
     # A remote source was read into memory whole (a web server's chunks, then joined), then
