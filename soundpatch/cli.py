@@ -386,7 +386,7 @@ class _ProgressWatcher:
         self._flying: set[str] = set()  # of which, predictions in flight (limits.concurrency)
         self._waiting: set[str] = set()  # rows waiting for another run making the same edit
         self._short_of_disk: set[str] = set()  # rows waiting for room on disk for their result
-        self._files = self._files_made = 0  # files of several rows (combine.py): to make, made
+        self._files = self._files_made = self._files_not_made = 0  # files of several rows (combine.py)
         self.pace = Pace()
 
     def start(self) -> None:
@@ -434,9 +434,11 @@ class _ProgressWatcher:
                 self._flying.clear()
                 self.pace.restarted()
             elif kind == "combining":
-                self._files, self._files_made = int(e.get("files") or 0), 0
-            elif kind == "combined":
+                self._files, self._files_made, self._files_not_made = int(e.get("files") or 0), 0, 0
+            elif kind == "combined" and e.get("output"):
                 self._files_made += 1
+            elif kind == "combined":  # none of its rows finished, or it could not be written: a note says why
+                self._files_not_made += 1
         waited = len(self._waiting), len(self._short_of_disk)
         return min(self._done, self.total), self._bad, self._spent, len(self._flying), *waited
 
@@ -456,7 +458,7 @@ class _ProgressWatcher:
                     detail = f"{bad} failed or invalid · ${spent:.2f} of ${self.budget:.2f} · {flying} in flight"
                     detail += f" · {waiting} waiting for another run" if waiting else ""
                     detail += f" · {short} waiting for disk space" if short else ""
-                    detail += f" · files of several rows {self._files_made}/{self._files}" if self._files else ""
+                    detail += f" · files of several rows {self._files_line()}" if self._files else ""
                     detail += self._left(done, " · about {} left")
                     bar.update(task, completed=done, total=self.total, detail=detail)
             return
@@ -473,9 +475,13 @@ class _ProgressWatcher:
         line = f"progress: {done}/{self.total} done, {bad} failed or invalid, ${spent:.2f} spent, {flying} in flight"
         line += f", {waiting} waiting for another run making the same edits" if waiting else ""
         line += f", {short} waiting for disk space for their results" if short else ""
-        line += f", files of several rows made: {self._files_made}/{self._files}" if self._files else ""
+        line += f", files of several rows made: {self._files_line()}" if self._files else ""
         line += self._left(done, ", about {} left")
         err.print(line, soft_wrap=True)  # one line in a log, however long
+
+    def _files_line(self) -> str:
+        not_made = f" ({self._files_not_made} not made)" if self._files_not_made else ""
+        return f"{self._files_made}/{self._files}{not_made}"
 
     def _left(self, done: int, words: str) -> str:
         seconds = self.pace.seconds_left(self.total - done)

@@ -399,6 +399,9 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     journal.write("combined", name="fixed/a.wav", output="/o/fixed/a.wav", rows=["a"], missing=[])
     watcher._print_line()
     assert capsys.readouterr().err.strip().endswith("1 in flight, files of several rows made: 1/2")
+    journal.write("combined", name="fixed/b.wav", output="", rows=[], missing=["b"])  # none of its rows finished
+    watcher._print_line()
+    assert capsys.readouterr().err.strip().endswith("1 in flight, files of several rows made: 1/2 (1 not made)")
     journal.close()
 
 
