@@ -99,18 +99,20 @@ def inpaint_batch(
         prediction_seconds(read_events(batch.run_dir)),
     )
     paths = publish_reports(batch.run_dir, outcomes, summary, batch.store)
-    artifacts.publish(outcomes, summary, str(paths["html"]))
+    report = None if summary.get("report_missing") else str(paths["html"])  # None: its disk was full
+    artifacts.publish(outcomes, summary, report or "not written (see the summary's notes)")
     result = {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
     if exit_status(outcomes) == EXIT_OK:
         return result
-    return Failed(message=_what_went_wrong(outcomes, str(paths["html"])), data=result)
+    return Failed(message=_what_went_wrong(outcomes, report), data=result)
 
 
-def _what_went_wrong(outcomes: list[Outcome], report: str) -> str:
+def _what_went_wrong(outcomes: list[Outcome], report: str | None) -> str:
     """One sentence for the flow run's state: how many results are missing, and why."""
     missing = Counter(o.status for o in outcomes if o.status not in (SUCCEEDED, SKIPPED_DONE))
     parts = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in sorted(missing.items()))
-    return f"{sum(missing.values())} of {len(outcomes)} results are missing ({parts}); the report is at {report}"
+    where = f"the report is at {report}" if report else "the report could not be written (the summary's notes say why)"
+    return f"{sum(missing.values())} of {len(outcomes)} results are missing ({parts}); {where}"
 
 
 def _shared_waits(shared: PrefectSharedLimits | None) -> dict[str, Any]:

@@ -197,10 +197,6 @@ class Stored:
     frames: int
     channels: int
 
-    @property
-    def info(self) -> AudioInfo:
-        return AudioInfo(self.frames, self.rate, self.channels, self.format, self.subtype)
-
     def blocks(self, size: int | None = None) -> Iterator[np.ndarray]:
         with soundio.open_audio(self.path) as f:
             dtype = _NATIVE_DTYPE.get(f.subtype, "float32")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from soundpatch.disk_room import full_disk
 from soundpatch.errors import SoundpatchError
 
 if TYPE_CHECKING:  # the copy needs boto3, which the progress display need not load
@@ -89,8 +90,6 @@ class Journal:
             os.fsync(fd)
 
     def _broke(self, exc: OSError) -> None:
-        from soundpatch.disk_room import full_disk  # noqa: PLC0415 - only once it fails
-
         why = full_disk(self.path.parent, exc) or f"{exc.strerror or exc}"
         with self._lock:
             self.broken = self.broken or f"the run's journal {self.path} could not be written: {why}"

@@ -84,7 +84,8 @@ def publish_reports(
 ) -> dict[str, Path]:
     """Write the reports in the run folder and, when the outputs are remote, next to them
     under `<output.uri>/<run_id>/`. A report that cannot be copied is noted, not fatal:
-    the run folder still has it."""
+    the run folder still has it. One the run folder cannot take (its disk is full) is
+    noted too, and `summary["report_missing"]` set: the run's outcomes are still shown."""
     if store.remote:
         summary["report_uri"] = store.uri(f"{summary['run_id']}/report.html")
     try:

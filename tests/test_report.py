@@ -338,3 +338,20 @@ def test_the_prefect_ui_tells_the_same_story(tmp_path):
     assert "missing.wav" in why, markdown
     report = pd.read_csv(tmp_path / "runs" / "ui" / "report.csv")
     assert (report["status"] == "succeeded").sum() == 6
+
+
+def test_a_flow_run_whose_report_could_not_be_written_does_not_point_at_it():
+    # Its disk was full (report.publish_reports noted it): the flow run's state named a
+    # report.html that is not there.
+    from flows.inpaint_batch import _what_went_wrong
+
+    rows = [
+        Outcome(row, "x.wav", 1.0, 2.0, "p", None, "local", status)
+        for row, status in (("a", "succeeded"), ("b", "failed"))
+    ]
+    assert _what_went_wrong(rows, "runs/x/report.html") == (
+        "1 of 2 results are missing (1 failed); the report is at runs/x/report.html"
+    )
+    assert _what_went_wrong(rows, None) == (
+        "1 of 2 results are missing (1 failed); the report could not be written (the summary's notes say why)"
+    )
