@@ -63,17 +63,28 @@ def frame(outcomes: Sequence[Outcome]) -> pd.DataFrame:
 
 
 def write_reports(run_dir: Path, outcomes: Sequence[Outcome], summary: dict[str, Any]) -> dict[str, Path]:
-    df = frame(outcomes)
-    paths = {
-        "csv": run_dir / "report.csv",
-        "json": run_dir / "report.json",
-        "html": run_dir / "report.html",
-    }
-    atomic_write(paths["csv"], df.to_csv(index=False).encode("utf-8"))
-    doc = {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
-    atomic_write(paths["json"], json.dumps(doc, indent=2, default=str).encode("utf-8"))
-    atomic_write(paths["html"], report_html.render(outcomes, summary, run_dir / "previews").encode("utf-8"))
+    return _write(run_dir, render_reports(run_dir, outcomes, summary))
+
+
+def _write(run_dir: Path, docs: dict[str, bytes]) -> dict[str, Path]:
+    paths = report_paths(run_dir)
+    for kind, data in docs.items():
+        atomic_write(paths[kind], data)
     return paths
+
+
+def report_paths(run_dir: Path) -> dict[str, Path]:
+    return {kind: run_dir / f"report.{kind}" for kind in REPORT_TYPES}
+
+
+def render_reports(run_dir: Path, outcomes: Sequence[Outcome], summary: dict[str, Any]) -> dict[str, bytes]:
+    """The report as CSV, JSON and HTML (whose cards play the previews in `run_dir`)."""
+    doc = {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
+    return {
+        "csv": frame(outcomes).to_csv(index=False).encode("utf-8"),
+        "json": json.dumps(doc, indent=2, default=str).encode("utf-8"),
+        "html": report_html.render(outcomes, summary, run_dir / "previews").encode("utf-8"),
+    }
 
 
 REPORT_TYPES = {"csv": "text/csv; charset=utf-8", "json": "application/json", "html": "text/html; charset=utf-8"}
@@ -85,29 +96,31 @@ def publish_reports(
     """Write the reports in the run folder and, when the outputs are remote, next to them
     under `<output.uri>/<run_id>/`. A report that cannot be copied is noted, not fatal:
     the run folder still has it. One the run folder cannot take (its disk is full) is
-    noted too, and `summary["report_missing"]` set: the run's outcomes are still shown."""
+    noted too, and `summary["report_missing"]` set; it still goes next to remote outputs,
+    and the run's outcomes are shown all the same."""
     if store.remote:
         summary["report_uri"] = store.uri(f"{summary['run_id']}/report.html")
+    docs = render_reports(run_dir, outcomes, summary)
     try:
-        paths = write_reports(run_dir, outcomes, summary)
-    except OSError as exc:  # its disk filled up, say: the run's outcomes are still shown and returned
+        paths = _write(run_dir, docs)
+    except OSError as exc:  # its disk filled up, say
         why = full_disk(run_dir, exc) or exc.strerror or str(exc)
-        summary.pop("report_uri", None)
-        summary["report_missing"] = True
+        paths, summary["report_missing"] = report_paths(run_dir), True
         summary.setdefault("notes", []).append(
             f"The report could not be written in {run_dir}: {why}; soundpatch report {summary['run_id']} writes "
-            "it from the run's journal once there is room."
+            "it there from the run's journal once there is room."
         )
-        return {kind: run_dir / f"report.{kind}" for kind in REPORT_TYPES}
+        docs = render_reports(run_dir, outcomes, summary) if store.remote else docs  # with that note
     if not store.remote:
         return paths
     try:
-        for kind, path in paths.items():
-            store.put_file(f"{summary['run_id']}/{path.name}", path.read_bytes(), REPORT_TYPES[kind])
+        for kind, data in docs.items():
+            store.put_file(f"{summary['run_id']}/{paths[kind].name}", data, REPORT_TYPES[kind])
     except SoundpatchError as exc:
         summary.pop("report_uri", None)
         summary.setdefault("notes", []).append(f"The report was not copied next to the outputs: {exc}")
-        paths = write_reports(run_dir, outcomes, summary)
+        if not summary.get("report_missing"):
+            write_reports(run_dir, outcomes, summary)
     return paths
 
 

@@ -21,11 +21,15 @@ import soundfile as sf
 
 from soundpatch import audio as audio_ops
 from soundpatch.batch import Batch
-from soundpatch.config import load_config
+from soundpatch.config import S3Config, load_config
 from soundpatch.disk_room import DiskRoom
 from soundpatch.errors import RowError
 from soundpatch.journal import Journal, JournalUnwritable, read_events
 from soundpatch.manifest import load_manifest
+from soundpatch.outcome import Outcome
+from soundpatch.report import parse_report, publish_reports, summarize
+from soundpatch.s3 import S3
+from soundpatch.storage import open_store
 from tests.jobs import KEY, clean_env, hosted_config, run_in_process, soundpatch
 
 PRICE = 0.20
@@ -440,3 +444,27 @@ def test_a_journal_line_cut_short_by_a_full_disk_costs_only_itself(tmp_path, sma
     journal.write("created", "r2", prediction_id="p2")
     journal.close()
     assert [(e["event"], e.get("row")) for e in read_events(disk / "run")] == [("run_started", None), ("created", "r2")]
+
+
+def test_a_report_the_run_folder_cannot_take_still_goes_next_to_outputs_in_a_bucket(tmp_path, small_disk, aws_env):
+    # A nightly run writing a bucket, on a worker whose disk filled up: the report read is
+    # the one next to the outputs, and it is there, saying that the local one is not.
+    disk = small_disk(2)
+    fill(disk, leave=0)
+    aws_env.bucket("results")
+    store = open_store("s3://results/out/", S3(S3Config(endpoint_url=aws_env.endpoint)))
+    outcomes = [Outcome(row, "x.wav", 1.0, 2.0, "p", None, "eachlabs", "succeeded") for row in ("a", "b")]
+    summary = summarize(outcomes, {"run_id": "nightly", "budget_usd": 10, "provider": "eachlabs", "wall_seconds": 9})
+    paths = publish_reports(disk / "runs" / "nightly", outcomes, summary, store)
+    assert summary["report_missing"] and summary["report_uri"] == "s3://results/out/nightly/report.html"
+    assert not paths["html"].exists()
+    in_bucket = aws_env.client.get_object(Bucket="results", Key="out/nightly/report.json")["Body"].read()
+    rows, copied = parse_report(in_bucket)
+    assert [r.row_id for r in rows] == ["a", "b"]
+    assert copied["notes"] == [
+        f"The report could not be written in {disk / 'runs' / 'nightly'}: the disk holding {disk / 'runs' / 'nightly'} "
+        "is full (No space left on device); soundpatch report nightly writes it there from the run's journal once "
+        "there is room."
+    ]
+    html = aws_env.client.get_object(Bucket="results", Key="out/nightly/report.html")["Body"].read().decode()
+    assert "could not be written in" in html
