@@ -1010,9 +1010,10 @@ class Batch:
 
     @property
     def stopping(self) -> bool:
-        """No more rows start: asked to stop, the journal cannot be written, or the run
-        is no longer this machine's."""
-        return not self._may_start()
+        """No more rows are started: asked to stop, or the journal cannot be written. (A
+        lease that could not be renewed for a while may be renewed again: rows still start,
+        and each sends nothing while it is not.)"""
+        return stop_requested() or self.journal.broken is not None
 
     @property
     def _not_started(self) -> str:
