@@ -1006,7 +1006,7 @@ class Batch:
     def _may_start(self) -> bool:
         """Whether a new prediction may go out: the run is not stopping, its journal can be
         written, and it is still this machine's (lease.py)."""
-        return not stop_requested() and self.journal.broken is None and (self.lease is None or self.lease.holds())
+        return not self.stopping and (self.lease is None or self.lease.holds())
 
     @property
     def stopping(self) -> bool:
@@ -1127,7 +1127,7 @@ class Batch:
             )
         if self.journal.broken is not None:
             notes.append(
-                f"{as_sentence(self.journal.broken).rstrip('.')}: no rows started after that; run the same command "
+                f"{as_sentence(self.journal.broken).rstrip('.')}; no rows started after that: run the same command "
                 f"with --run-id {self.run_id} once it can be written."
             )
         if self._kept_paid:
