@@ -42,7 +42,16 @@ from soundpatch.humanize import plural
 from soundpatch.humanize import size as human_size
 from soundpatch.identity import edit_identity, request_identity
 from soundpatch.interrupt import stop_requested
-from soundpatch.journal import JOURNAL_FILE, Journal, RowState, parse, restore, row_states, states_from
+from soundpatch.journal import (
+    Journal,
+    RowState,
+    lines_here,
+    merge,
+    parse,
+    restore,
+    row_states,
+    states_from,
+)
 from soundpatch.journal_copy import JournalCopy
 from soundpatch.lease import RunLease, lease_uri
 from soundpatch.limits import BudgetLedger, SharedLimits
@@ -245,11 +254,6 @@ class Batch:
         if copied and not self.dry_run:
             restore(self.run_dir, copied)  # this machine's journal of the run from now on
         states = states_from(parse(copied)) if copied else row_states(self.run_dir)
-        if copied:
-            self._copy_read = (
-                f"This machine had no journal of run {self.run_id}: it went on from the journal's copy in the "
-                f"bucket ({plural(len(states), 'row')} begun elsewhere)."
-            )
         for s in states.values():
             if s.answer is not None and not self.answers.exists(s.answer):
                 s.answer = None
@@ -262,18 +266,35 @@ class Batch:
         return states
 
     def _copied_journal(self) -> list[str]:
-        """The journal's copy in the bucket, when this machine has no journal of the run (it
-        began elsewhere, or in a container that is gone); [] otherwise."""
-        if self.journal_copy is None or (self.run_dir / JOURNAL_FILE).exists():
+        """The run's journal with what its copy in the bucket has and this machine's has not
+        (the run began elsewhere, or in a container that is gone; another machine went on
+        with it since; this machine's disk filled up under it); [] when that is nothing."""
+        if self.journal_copy is None:
             return []
         try:
-            return self.journal_copy.lines()
+            there = self.journal_copy.lines()
         except RowError as exc:
             self._copy_read = (
-                f"The journal's copy in the bucket could not be read ({exc}); had run {self.run_id} begun on "
+                f"The journal's copy in the bucket could not be read ({exc}); had run {self.run_id} gone on "
                 "another machine, what it paid for there would not be known here."
             )
             return []
+        here = lines_here(self.run_dir)
+        merged, rows = merge(here, there)
+        if not rows:
+            return []
+        if not here:
+            self._copy_read = (
+                f"This machine had no journal of run {self.run_id}: it went on from the journal's copy in the "
+                f"bucket ({plural(len(rows), 'row')} begun elsewhere)."
+            )
+        else:
+            self._copy_read = (
+                f"The journal's copy in the bucket knew more of {plural(len(rows), 'row')} than this machine's "
+                f"journal of run {self.run_id} (another machine went on with the run, or this one's disk filled up "
+                "under it): the run went on from both, so nothing either says was paid for is paid for again."
+            )
+        return merged
 
     def _carried_outcomes(self) -> dict[str, Outcome]:
         """Rows this run already finished (same --run-id): kept as they were, not redone,
@@ -1161,7 +1182,9 @@ class Batch:
         self.journal.close()
         # The whole journal in place of the rows' copies, unless the run is another machine's
         # now: its rows' copies are its own.
-        if self.journal.copy is not None and self.journal.path.exists() and (self.lease is None or self.lease.holds()):
+        # Nor when lines are missing from it (its disk filled up): the rows' copies have them.
+        whole = self.journal.path.exists() and self.journal.broken is None
+        if self.journal.copy is not None and whole and (self.lease is None or self.lease.holds()):
             self.journal.copy.replace_with(self.journal.path)
         if self.lease is not None:
             self.lease.give_back()

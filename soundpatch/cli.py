@@ -30,9 +30,10 @@ from soundpatch.journal import (
     JournalTail,
     latest_outcomes,
     latest_runs,
+    lines_here,
+    merge,
     parse,
     prediction_seconds,
-    read_events,
 )
 from soundpatch.journal_copy import JournalCopy
 from soundpatch.locks import RunLock
@@ -632,7 +633,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         out.print(f"Run {args.run_id}, the latest in {Path(cfg.runs_dir)}.", soft_wrap=True)
     run_dir = Path(cfg.runs_dir).expanduser() / args.run_id
     here = (run_dir / JOURNAL_FILE).exists()
-    events = list(read_events(run_dir) if here else _copied_journal(args.run_id, run_dir, cfg, s3))
+    events = list(
+        _journal_here(args.run_id, run_dir, cfg, s3) if here else _copied_journal(args.run_id, run_dir, cfg, s3)
+    )
     rows = latest_outcomes(events)
     outcomes = [Outcome.from_dict(r) for r in rows.values()]
     meta: dict[str, Any] = {
@@ -668,6 +671,31 @@ def _earlier_report(run_dir: Path, cfg: Config, run_id: str, s3: S3) -> tuple[li
     except RowError:
         return None
     return parse_report(data) if data else None
+
+
+def _journal_here(run_id: str, run_dir: Path, cfg: Config, s3: S3) -> Iterator[dict[str, Any]]:
+    """This machine's journal of the run, with what its copy in the output bucket knows more
+    of (another machine went on with the run, or this one's disk filled up under it)."""
+    here = lines_here(run_dir)
+    if not cfg.output.uri.startswith("s3://"):
+        return parse(here)
+    copy = JournalCopy(s3, S3Uri.parse(cfg.output.uri), run_id)
+    try:
+        merged, rows = merge(here, copy.lines())
+    except RowError as exc:
+        out.print(
+            f"note: The journal's copy in the bucket could not be read ({exc}); the report is made from this "
+            "machine's journal alone.",
+            soft_wrap=True,
+        )
+        return parse(here)
+    if rows:
+        out.print(
+            f"The journal's copy in the bucket knew more of {plural(len(rows), 'row')} than this machine's journal: "
+            "the report is made from both.",
+            soft_wrap=True,
+        )
+    return parse(merged)
 
 
 def _copied_journal(run_id: str, run_dir: Path, cfg: Config, s3: S3) -> Iterator[dict[str, Any]]:

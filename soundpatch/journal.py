@@ -58,16 +58,27 @@ class Journal:
         copy = self.copy if row_id else None
         if copy is not None and event in BEFORE_MONEY:
             copy.add(row_id, event, line)  # in the bucket before money moves, or nothing moves
-        try:
-            self._append(line.encode("utf-8"), durable=event in DURABLE_EVENTS)
-        except OSError as exc:
-            self._broke(exc)
+        if self.broken is not None and self.copy is not None:
+            # A line is missing here: from now on the bucket's copy is the record. Lines
+            # written here after the gap would read as coming before what the copy alone
+            # has, once the two are put together again (merge).
             if event in BEFORE_MONEY:
-                if copy is not None:  # the copy took the create that is not sent now: it says so
-                    copy.add(row_id, "create_refused", _line("create_refused", row_id, {"reason": self.broken}))
-                raise JournalUnwritable(self.broken) from None
+                self._refuse(copy, row_id)
+        else:
+            try:
+                self._append(line.encode("utf-8"), durable=event in DURABLE_EVENTS)
+            except OSError as exc:
+                self._broke(exc)
+                if event in BEFORE_MONEY:
+                    self._refuse(copy, row_id)
         if copy is not None and event not in BEFORE_MONEY:
             copy.add(row_id, event, line)
+
+    def _refuse(self, copy: JournalCopy | None, row_id: str | None) -> None:
+        """The step of an event in BEFORE_MONEY is not taken: the journal could not record it."""
+        if copy is not None:  # the copy took the create that is not sent now: it says so
+            copy.add(row_id, "create_refused", _line("create_refused", row_id, {"reason": self.broken}))
+        raise JournalUnwritable(self.broken)
 
     def _append(self, data: bytes, durable: bool) -> None:
         """One line at the end of the file, in one write (the run's rows append together)."""
@@ -136,13 +147,56 @@ def parse(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
             continue
 
 
+def split_lines(text: str) -> list[str]:
+    """A journal's text as its lines, each ending with its newline; a torn last line is left
+    out. (Split at newlines only: a prompt may hold a line separator str.splitlines cuts at.)"""
+    return [line + "\n" for line in text.split("\n")[:-1]]
+
+
+def lines_here(run_dir: Path) -> list[str]:
+    """This machine's journal of the run as its lines ([] if it has none)."""
+    try:
+        return split_lines((run_dir / JOURNAL_FILE).read_text(encoding="utf-8", errors="replace"))
+    except FileNotFoundError:
+        return []
+
+
+def merge(here: list[str], there: list[str]) -> tuple[list[str], set[str]]:
+    """This machine's journal of a run (`here`) with what its copy in the bucket (`there`)
+    has and it has not, and the rows that adds to.
+
+    What only the copy has came after what is here: another machine went on with the run
+    after this one (one at a time: lease.py), or this machine's journal stopped being
+    written at a gap (its disk filled up) and the copy alone went on (Journal.write). So it
+    goes after, in the copy's order; lines both have (the copy is made of the same lines)
+    are kept once."""
+    known = set(here)
+    merged, rows = list(here), set()
+    for line in there:
+        if line in known:
+            continue
+        known.add(line)
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        merged.append(line)
+        if isinstance(event, dict) and event.get("row"):
+            rows.add(event["row"])
+    return merged, rows
+
+
 def restore(run_dir: Path, lines: list[str]) -> None:
-    """Start this machine's journal of the run from `lines` (its copy in the bucket)."""
+    """This machine's journal of the run from now on: `lines` (what it had, with its copy in
+    the bucket), in place of what it had, at once (a crash leaves one or the other)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / JOURNAL_FILE, "a", encoding="utf-8") as f:
+    path = run_dir / JOURNAL_FILE
+    fresh = path.with_name(f".{JOURNAL_FILE}.{os.getpid()}")
+    with open(fresh, "w", encoding="utf-8") as f:
         f.writelines(lines)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(fresh, path)
 
 
 def latest_outcomes(events: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -164,10 +218,14 @@ class JournalTail:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / JOURNAL_FILE
         self._offset = 0
+        self._file: int | None = None  # the inode read: a journal put in its place (restore) is read anew
 
     def poll(self) -> list[dict[str, Any]]:
         try:
             with open(self.path, "rb") as f:
+                inode = os.fstat(f.fileno()).st_ino
+                if inode != self._file:
+                    self._file, self._offset = inode, 0
                 f.seek(self._offset)
                 chunk = f.read()
         except FileNotFoundError:

@@ -33,7 +33,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from soundpatch.errors import RowError
-from soundpatch.journal import BEFORE_MONEY
+from soundpatch.journal import BEFORE_MONEY, split_lines
 from soundpatch.s3 import S3, S3Uri
 
 RUNS_PREFIX = ".soundpatch/runs"  # beside the output index (storage.INDEX_PREFIX)
@@ -118,7 +118,7 @@ class JournalCopy:
             texts = list(pool.map(lambda uri: self.s3.get(uri, MAX_JOURNAL_BYTES) or b"", names))
         out: list[str] = []
         for text in texts:
-            out.extend(line + "\n" for line in text.decode("utf-8", errors="replace").splitlines() if line)
+            out.extend(split_lines(text.decode("utf-8", errors="replace")))
         return out
 
     # ------------------------------------------------------------------ the end of a run

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+import yaml
 
 from soundpatch import audio as audio_ops
 from soundpatch.batch import Batch
@@ -468,3 +469,66 @@ def test_a_report_the_run_folder_cannot_take_still_goes_next_to_outputs_in_a_buc
     ]
     html = aws_env.client.get_object(Bucket="results", Key="out/nightly/report.html")["Body"].read().decode()
     assert "could not be written in" in html
+
+
+def test_a_prediction_only_the_bucket_s_journal_copy_recorded_is_collected_by_the_rerun_not_lost(
+    tmp_path, small_disk, aws_env, simulator, monkeypatch
+):
+    # The run's disk fills up just after a create went out: its prediction id reaches the
+    # journal's copy in the bucket but not the journal here. That copy is all that says
+    # the prediction exists: the run must not throw it away as it ends (it replaced the
+    # rows' copies with this machine's journal), and the rerun here must read it (it read
+    # only its own journal), collecting the prediction at no new cost, not counting it as
+    # a create in doubt (failed, $0.20 gone for nothing).
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    disk = small_disk(128)
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt,seed\nt1,fx.wav,1,1.5,a door,1\n")
+    sf.write(tmp_path / "fx.wav", tape(tmp_path / "t.wav", 3), 44100, subtype="PCM_16")
+    sim = simulator(latency=0.05, fill="tone")
+    aws_env.bucket("stage")
+    aws_env.bucket("broke-out")
+    cfg = hosted_config(sim, aws_env.endpoint, "s3://broke-out/takes/", disk / "runs")
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "broke")
+    fillers = []
+    write = batch.journal.write
+
+    def filled_once_creating_is_written(event, *args, **fields):
+        write(event, *args, **fields)
+        if event == "creating":  # on disk (and in the bucket); the create goes out next
+            fillers.append(fill(disk, leave=0))
+            # ... and the journal's last page too (blank lines, which a reading skips): the
+            # next line needs a page the disk has not got.
+            with open(batch.journal.path, "ab") as f:
+                f.write(b"\n" * (-batch.journal.path.stat().st_size % os.sysconf("SC_PAGE_SIZE")))
+
+    batch.journal.write = filled_once_creating_is_written
+    try:
+        [o] = [batch.process(e) for e in batch.manifest.edits]
+    finally:
+        batch.close()
+    assert fillers and batch.journal.broken and o.status == "failed", o.error
+    assert sim.stats.creates == 1
+    here = [e["event"] for e in read_events(disk / "runs" / "broke")]
+    assert "creating" in here and "created" not in here  # the id is only in the bucket
+
+    fillers[0].unlink()
+    # `soundpatch report` made here reads the copy too: the row's outcome is only there.
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = clean_env(EACHLABS_API_KEY=KEY, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
+    reported = soundpatch("report", "broke", "--config", "c.yaml", cwd=tmp_path, env=env)
+    assert reported.returncode == 1, reported.stdout + reported.stderr
+    assert "The journal's copy in the bucket knew more of 1 row than this machine's journal" in reported.stdout
+    assert list(pd.read_csv(disk / "runs" / "broke" / "report.csv")["status"]) == ["failed"]
+
+    again = Batch(load_manifest(tmp_path / "m.csv"), cfg, "broke")
+    try:
+        [o] = [again.process(e) for e in again.manifest.edits]
+        notes = again.notes()
+    finally:
+        again.close()
+    assert o.status == "succeeded", o.error
+    assert sim.stats.creates == 1 and sim.billed() == pytest.approx(PRICE)  # collected, not made again
+    assert o.cost_usd == pytest.approx(PRICE) and o.attempts == 1
+    assert any("journal's copy in the bucket knew more of 1 row than this machine's" in n for n in notes), notes
+    # Its journal here now has what the bucket's copy had: a report made from it is whole.
+    assert "created" in [e["event"] for e in read_events(disk / "runs" / "broke")]

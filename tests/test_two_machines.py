@@ -20,10 +20,12 @@ import pandas as pd
 import pytest
 
 from soundpatch.batch import Batch
+from soundpatch.journal import JournalTail, merge, read_events, restore, split_lines
 from soundpatch.locks import RunBusy
 from soundpatch.manifest import load_manifest
 from soundpatch.s3 import S3Uri
 from tests.jobs import environment, hosted_config, report, start, wait_for, write_job
+from tests.test_crash import copied_creates
 from tests.test_storage import wav_bytes
 
 
@@ -430,3 +432,70 @@ def test_a_run_that_dies_between_giving_up_another_run_s_prediction_and_its_own_
         [*events, {"event": "creating", "row": "a"}, {"event": "created", "row": "a", "prediction_id": "ours"}]
     )["a"]
     assert state.prediction_id == "ours" and not state.settled  # its own: collected, and counted, as paid here
+
+
+def test_a_machine_going_on_with_a_run_another_machine_went_on_with_since_knows_what_that_one_paid_for(
+    job, aws_env, simulator
+):
+    # The run began here (the server: its journal of the run is in its runs folder), went
+    # on on the laptop (which paid for the row's prediction and died before collecting it),
+    # and comes back here. The server's journal lacks what the laptop did: reading only it,
+    # the server paid for the row again and counted nothing of the laptop's spending
+    # against the budget. It reads the bucket's copy too.
+    sim = simulator(latency=0.05, fill="tone")
+    first = machine(job, sim, aws_env, "server", lease_seconds=3)
+    first.journal.write("run_started", total=1, kept=0, manifest=str(job))
+    first.close()
+    laptop = machine(job, sim, aws_env, "laptop", lease_seconds=3)
+    thawed = threading.Event()
+
+    def frozen(prediction_id, request):
+        thawed.wait(30)
+        raise OSError("this machine is gone")
+
+    laptop.provider_for(laptop.manifest.edits[0])._wait = frozen
+    worker, _ = producing(laptop)
+    try:
+        copy = f"takes/.soundpatch/runs/{job.parent.name}/"
+        wait_for(lambda: copied_creates(aws_env, "shared-out", copy) == 1, 10, "the laptop's create to be copied")
+        died(laptop)
+        uri = S3Uri("shared-out", f"takes/.soundpatch/runs/{job.parent.name}/lease")
+        wait_for(lambda: laptop.s3.age(uri)[1] > 3.0, 10, "the laptop's lease to lapse")
+        back = machine(job, sim, aws_env, "server", lease_seconds=3)
+        try:
+            [o] = [back.process(e) for e in back.manifest.edits]
+            notes = back.notes()
+        finally:
+            back.close()
+    finally:
+        thawed.set()
+        worker.join()
+    assert o.status == "succeeded", o.error
+    assert sim.stats.creates == 1 and sim.billed() == pytest.approx(0.2)  # the laptop's, collected
+    assert o.cost_usd == pytest.approx(0.2) and back.ledger.spent_usd == pytest.approx(0.2)
+    assert any("journal's copy in the bucket knew more of 1 row than this machine's" in n for n in notes), notes
+
+
+def test_a_journal_and_its_copy_put_together_keep_each_line_once_and_what_only_the_copy_has_after(tmp_path):
+    # A prompt may hold a line separator (U+2028) that str.splitlines cuts at: a journal
+    # is split at its newlines only, or that row's line is lost (its create with it).
+    lines = [
+        json.dumps({"t": 1.0, "event": "run_started"}) + "\n",
+        json.dumps({"t": 2.0, "event": "creating", "row": "a", "prompt": "rain\u2028thunder"}, ensure_ascii=False)
+        + "\n",
+    ]
+    assert split_lines("".join(lines) + '{"t": 3.0, "event": "crea') == lines  # a torn last line is left out
+    created = json.dumps({"t": 2.5, "event": "created", "row": "a", "prediction_id": "p1"}) + "\n"
+    other = json.dumps({"t": 0.5, "event": "creating", "row": "b"}) + "\n"  # another machine's clock
+    merged, rows = merge(lines, [lines[1], created, "not json\n", other])
+    assert merged == [*lines, created, other] and rows == {"a", "b"}
+    assert merge(lines, lines) == (lines, set())
+
+    # The progress display reading the journal goes on reading it once the run puts the
+    # merged journal in its place.
+    (tmp_path / "journal.jsonl").write_text("".join(lines))
+    tail = JournalTail(tmp_path)
+    assert [e["event"] for e in tail.poll()] == ["run_started", "creating"]
+    restore(tmp_path, merged)
+    assert [e["event"] for e in tail.poll()] == ["run_started", "creating", "created", "creating"]
+    assert [e.get("prompt") for e in read_events(tmp_path)][1] == "rain\u2028thunder"
