@@ -257,19 +257,27 @@ def died_after_its_create(job: Path, sim, aws_env) -> Iterator[tuple[Batch, str]
     its machine died: its row hangs, as polling on a frozen machine would. (That run, the
     prediction it paid for.)"""
     gone = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1", lease_seconds=6)
+    with hangs_after_its_create(gone):
+        wait_for(lambda: named_on_the_claim(aws_env) != "", 10, "the claim to name its prediction")
+        paid_for = named_on_the_claim(aws_env)
+        died(gone)
+        yield gone, paid_for
+
+
+@contextmanager
+def hangs_after_its_create(batch: Batch) -> Iterator[None]:
+    """The row of `batch` going on in a thread of its own and hanging once its prediction is
+    made, as polling on a frozen machine would; let go (to fail) as the block ends."""
     thawed = threading.Event()
 
     def frozen(prediction_id, request):
         thawed.wait(30)
         raise OSError("this machine is gone")
 
-    gone.provider_for(gone.manifest.edits[0])._wait = frozen
-    worker, _ = producing(gone)
+    batch.provider_for(batch.manifest.edits[0])._wait = frozen
+    worker, _ = producing(batch)
     try:
-        wait_for(lambda: named_on_the_claim(aws_env) != "", 10, "the claim to name its prediction")
-        paid_for = named_on_the_claim(aws_env)
-        died(gone)
-        yield gone, paid_for
+        yield
     finally:
         thawed.set()
         worker.join()
@@ -447,15 +455,7 @@ def test_a_machine_going_on_with_a_run_another_machine_went_on_with_since_knows_
     first.journal.write("run_started", total=1, kept=0, manifest=str(job))
     first.close()
     laptop = machine(job, sim, aws_env, "laptop", lease_seconds=3)
-    thawed = threading.Event()
-
-    def frozen(prediction_id, request):
-        thawed.wait(30)
-        raise OSError("this machine is gone")
-
-    laptop.provider_for(laptop.manifest.edits[0])._wait = frozen
-    worker, _ = producing(laptop)
-    try:
+    with hangs_after_its_create(laptop):
         copy = f"takes/.soundpatch/runs/{job.parent.name}/"
         wait_for(lambda: copied_creates(aws_env, "shared-out", copy) == 1, 10, "the laptop's create to be copied")
         died(laptop)
@@ -467,9 +467,6 @@ def test_a_machine_going_on_with_a_run_another_machine_went_on_with_since_knows_
             notes = back.notes()
         finally:
             back.close()
-    finally:
-        thawed.set()
-        worker.join()
     assert o.status == "succeeded", o.error
     assert sim.stats.creates == 1 and sim.billed() == pytest.approx(0.2)  # the laptop's, collected
     assert o.cost_usd == pytest.approx(0.2) and back.ledger.spent_usd == pytest.approx(0.2)
