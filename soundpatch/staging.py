@@ -10,6 +10,11 @@ other seeds) share one upload: a clip is named by its content, uploaded by the f
 that needs it, and deleted when the last row using it is done. The names carry a token of
 this process, so clips an earlier attempt left behind (deleted on the rerun, row by row)
 are never the ones this attempt is using.
+
+A bucket that stops taking clips (an outage, credentials that expired overnight) would
+fail every row left the same way, each after its retries; once `after` uploads in a row
+have failed, no more are tried this run (providers/reach.py): the rows left are not sent,
+and say why.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 
-from soundpatch.errors import ConfigError
+from soundpatch.errors import ConfigError, RowError
+from soundpatch.providers.base import OutOfReach
+from soundpatch.providers.reach import Reach
 from soundpatch.s3 import S3, S3Uri
 
 EXPIRES_SECONDS = 3600
@@ -41,7 +48,7 @@ class _Shared:
 
 
 class Staging:
-    def __init__(self, s3: S3, prefix: str | None, expires_seconds: int = EXPIRES_SECONDS) -> None:
+    def __init__(self, s3: S3, prefix: str | None, expires_seconds: int = EXPIRES_SECONDS, after: int = 3) -> None:
         if not prefix or not prefix.startswith("s3://"):
             raise ConfigError(
                 "Hosted providers fetch clips by URL: set storage.staging to an s3://bucket/prefix/ "
@@ -53,6 +60,7 @@ class Staging:
         self._token = secrets.token_hex(4)
         self._lock = threading.Lock()
         self._clips: dict[str, _Shared] = {}  # staged uri -> its users
+        self.reach = Reach(after, tries=f"clips sent to the staging bucket ({self.prefix})")
 
     def ready(self) -> None:
         """Raise ConfigError (once, before any row) if the staging bucket is missing or out of reach."""
@@ -61,6 +69,12 @@ class Staging:
     def uri_for(self, data: bytes, folder: str) -> S3Uri:
         """Where `stage` puts the clip: known before the upload, so it can be journaled first."""
         return self.prefix.child(f"{folder}/{self._token}-{hashlib.sha256(data).hexdigest()[:32]}.wav")
+
+    def within_reach(self) -> None:
+        """Raise OutOfReach once uploads to the bucket have failed many times in a row."""
+        lost = self.reach.lost()
+        if lost is not None:
+            raise OutOfReach(f"Not sent: {lost}", what="the staging bucket")
 
     def stage(self, data: bytes, folder: str, content_type: str = "audio/wav") -> StagedClip:
         """The clip under `folder`, uploaded unless a row using the same one already did;
@@ -72,7 +86,12 @@ class Staging:
         try:
             with shared.lock:
                 if not shared.uploaded:
-                    self.s3.write(uri, data, content_type)
+                    try:
+                        self.s3.write(uri, data, content_type)
+                    except RowError as exc:
+                        self.reach.missed(str(exc))
+                        raise
+                    self.reach.answered()
                     shared.uploaded = True
         except BaseException:
             self.remove(StagedClip("", uri))

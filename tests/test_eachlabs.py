@@ -23,7 +23,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+from botocore.config import Config as BotoConfig
 
+import soundpatch.s3 as s3_module
 from soundpatch.batch import Batch
 from soundpatch.errors import ConfigError
 from soundpatch.journal import read_events
@@ -253,6 +255,66 @@ def test_rows_left_when_the_provider_is_out_of_reach_stage_nothing_and_cost_noth
     assert sim.stats.creates == 3 and batch.ledger.spent_usd == 0 and all(o.cost_usd == 0 for o in outcomes)
     staged = [e for e in read_events(batch.run_dir) if e["event"] == "staged"]
     assert sorted(e["row"] for e in staged) == ["r1", "r2", "r3"]
+
+
+def test_rows_left_when_the_staging_bucket_stops_taking_clips_are_not_sent_and_cost_nothing(
+    library, aws_env, simulator, fault_proxy, monkeypatch
+):
+    # The staging bucket fails every upload from the third row on (an outage: 500s). Each
+    # row went through its own S3 retries to the same failure, a night of them on a long
+    # batch; once three uploads in a row (limits.concurrency) have failed, the rows left
+    # upload nothing and are not sent, saying why; the rerun, the bucket back, does them.
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    monkeypatch.setattr(s3_module, "_BOTO", BotoConfig(retries={"total_max_attempts": 2, "mode": "standard"}))
+    sim = simulator(latency=0.05, fill="tone")
+    outage = threading.Event()
+    tried = []
+
+    def staging_down(method, path, authorized):
+        if method == "PUT" and path.startswith("/stage/") and outage.is_set():
+            tried.append(path)
+            return 500, "InternalError"
+        return None
+
+    proxy = fault_proxy(staging_down)
+    rows = "".join(f"r{i},audio/loop.wav,{i}.0,{i}.5,brass stab,{i}\n" for i in range(1, 13))
+    (library / "twelve.csv").write_text("id,input,start,end,prompt,seed\n" + rows)
+    knobs = {"limits.concurrency": 3, "limits.requests_per_minute": 6000}
+    cfg = hosted_config(sim, proxy.endpoint, str(library / "outputs"), library / "runs", **knobs)
+
+    def run() -> list:
+        batch = Batch(load_manifest(library / "twelve.csv"), cfg, "bucket-down")
+        try:
+            return [batch.process(e) for e in batch.manifest.edits]
+        finally:
+            batch.close()
+
+    outcomes = []  # the first two rows staged before the outage, the others during it
+    batch = Batch(load_manifest(library / "twelve.csv"), cfg, "bucket-down")
+    try:
+        for i, edit in enumerate(batch.manifest.edits):
+            if i == 2:
+                outage.set()
+            outcomes.append(batch.process(edit))
+    finally:
+        batch.close()
+    assert [o.status for o in outcomes] == ["succeeded"] * 2 + ["failed"] * 10
+    assert all(o.error.startswith("Cannot write s3://stage/clips/bucket-down/") for o in outcomes[2:5])
+    not_sent = (
+        "Not sent: the last 3 clips sent to the staging bucket (s3://stage/clips/) all came to nothing, the last "
+        f"one with: {outcomes[4].error.rstrip('.')}; no more are sent this run: run it again with --run-id "
+        "bucket-down once the staging bucket answers."
+    )
+    assert [o.error for o in outcomes[5:]] == [not_sent] * 7
+    assert len(tried) == 3 * 2  # three rows' uploads, each tried twice; none after
+    assert sim.stats.creates == 2 and all(o.cost_usd == 0 for o in outcomes[2:])
+    staged = [e["row"] for e in read_events(library / "runs" / "bucket-down") if e["event"] == "staged"]
+    assert staged == ["r1", "r2", "r3", "r4", "r5"]  # the rows not sent did not even make their clip
+
+    outage.clear()
+    again = run()
+    assert [o.status for o in again] == ["skipped_done"] * 2 + ["succeeded"] * 10, [o.error for o in again]
+    assert sim.stats.creates == 12  # the two made before, kept; the ten others made now
 
 
 def test_a_wrong_key_fails_at_once_and_is_never_echoed(library, aws_env, simulator, monkeypatch):

@@ -51,7 +51,11 @@ def make_provider(
     if name in ("eachlabs", "fal"):
         from soundpatch.staging import Staging
 
-        staging = Staging(s3 or S3(config.storage.s3), config.storage.staging) if config.storage.staging else None
+        staging = (
+            Staging(s3 or S3(config.storage.s3), config.storage.staging, after=max(3, config.limits.concurrency))
+            if config.storage.staging
+            else None
+        )
         if name == "eachlabs":
             from soundpatch.providers.eachlabs import EachLabs as Queued
         else:

@@ -128,8 +128,13 @@ class NotStarted(RowError):
 
 
 class OutOfReach(NotStarted):
-    """Creates to this provider have come to nothing many times in a row (providers/reach.py):
-    this one was not sent, nothing is owed."""
+    """Creates to this provider, or clips to its staging bucket, have come to nothing many
+    times in a row (providers/reach.py): this one was not sent, nothing is owed. `what`:
+    what the rerun waits for to answer."""
+
+    def __init__(self, message: str, what: str = "the provider") -> None:
+        super().__init__(message)
+        self.what = what
 
 
 class Provider(Protocol):

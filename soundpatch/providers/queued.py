@@ -131,6 +131,7 @@ class QueuedProvider(HostedProvider):
         assert self.staging is not None
         if as_is:
             return self.staging.share(request.source)
+        self.staging.within_reach()  # before the clip is made and journaled as staged
         with crunching():
             wav = soundio.write(pcm16(clip), MODEL_RATE, "WAV", "PCM_16")
         # Journaled before the upload: a run killed while it uploads still removes it on the rerun.

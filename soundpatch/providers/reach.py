@@ -1,4 +1,4 @@
-"""Whether a provider is being reached at all.
+"""Whether a provider is being reached at all (and the staging bucket it fetches clips from).
 
 A provider that is down, a base URL that is wrong or a key it refuses fails every row the
 same way, each after its retries: hours of a long batch spent on nothing (nothing is paid,
@@ -6,7 +6,8 @@ but nothing is made). Once `after` creates in a row have come to nothing (turned
 after every retry, refused for the key, or left without an answer), the run sends that
 provider no more: the rows left fail at once, saying why, and a rerun with the same
 --run-id does them. Any create the provider takes, or refuses for the row's own content,
-sets the count back.
+sets the count back. The staging bucket (staging.py) is counted the same way, by the
+clips it does and does not take.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import threading
 
 
 class Reach:
-    def __init__(self, after: int) -> None:
+    """`tries`: what is counted, as the sentence names it ("creates to it")."""
+
+    def __init__(self, after: int, tries: str = "creates to it") -> None:
         self.after = after
+        self.tries = tries
         self._missed = 0
         self._last = ""
         self._lock = threading.Lock()
@@ -37,4 +41,4 @@ class Reach:
         with self._lock:
             if self._missed < self.after:
                 return None
-            return f"the last {self._missed} creates to it all came to nothing, the last one with: {self._last}"
+            return f"the last {self._missed} {self.tries} all came to nothing, the last one with: {self._last}"
