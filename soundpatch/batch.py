@@ -279,6 +279,8 @@ class Batch:
                 "another machine, what it paid for there would not be known here."
             )
             return []
+        if not there:  # a new run, or one whose outputs were never in this bucket
+            return []
         here = lines_here(self.run_dir)
         merged, rows = merge(here, there)
         if not rows:
