@@ -874,7 +874,7 @@ class Batch:
         except OutOfReach as exc:
             self.ledger.release(reservation)
             outcome.attempts = max(outcome.attempts - 1, exc.sent)  # counts creates sent, not turns
-            again = f"run it again with --run-id {self.run_id} once {exc.what} answers"
+            again = f"run it again with --run-id {self.run_id} once {exc.until}"
             raise RowError(f"{exc}; no more are sent this run: {again}") from None
         except NotStarted as exc:
             self.ledger.release(reservation)

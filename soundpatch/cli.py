@@ -159,6 +159,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--shift-ms", type=float, default=0.0, help="misalign results by this much")
     sim.add_argument("--fill", choices=["local", "tone"], default="local", help="what the 'model' writes")
     sim.add_argument("--price", type=float, default=0.20, help="cost reported per prediction")
+    sim.add_argument("--balance", type=float, help="the account's credit in USD; creates past it are refused (402)")
     sim.add_argument("--api-key", help="the only key accepted (default: any non-empty key)")
     sim.add_argument(
         "--keep-results", type=float, default=3600.0, help="seconds a result stays downloadable (memory stays bounded)"
@@ -594,6 +595,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         shift_ms=args.shift_ms,
         fill=args.fill,
         price=args.price,
+        balance=args.balance,
         api_key=args.api_key,
         keep_results=args.keep_results,
     )

@@ -36,6 +36,7 @@ from soundpatch.simulator_http import serve
 from soundpatch.simulator_requests import check_prediction, check_stability_call
 
 MAX_FETCH_BYTES = 128 * 1024 * 1024
+OUT_OF_CREDIT = "Insufficient balance: add credit to your account to make more predictions"
 
 
 @dataclass
@@ -64,6 +65,10 @@ class SimulatorSettings:
     shift_ms: float = 0.0  # silence prepended to results (a misaligned model)
     fill: str = "local"  # local | tone
     price: float = 0.20
+    # The account's credit in USD: each prediction made takes `price` of it, and once what is
+    # left does not cover one, creates are refused as each service does (Each Labs and
+    # Stability AI: 402; fal: 403, "User is locked. Reason: Exhausted balance"). None: no end.
+    balance: float | None = None
     api_key: str | None = None  # None: any non-empty key is accepted
     seed: int = 0
     # Seconds a result stays downloadable after it is ready (real providers expire their
@@ -98,6 +103,7 @@ class Stats:
     polls: int = 0
     downloads: int = 0
     corrupted: int = 0  # downloads sent damaged (corrupt_rate)
+    out_of_credit: int = 0  # creates refused because the balance did not cover them
     create_times: list[float] = field(default_factory=list)
     accepted_times: list[float] = field(default_factory=list)
     audio_urls: list[str] = field(default_factory=list)
@@ -116,6 +122,7 @@ class Simulator:
         self._lock = threading.Lock()
         self._rng = random.Random(self.settings.seed)
         self._sync_billed = 0  # Stability-style calls answered (billed) so far
+        self._charged = 0.0  # what predictions made took of settings.balance
         self._timed_out_until = 0.0  # Stability: a key that got a 429 is refused until then
         self._engine = LocalEngine()
         self._fetch = httpx.Client(timeout=30.0)
@@ -159,6 +166,8 @@ class Simulator:
             if turned_away:
                 status, message, headers = turned_away
                 return status, {"status": "error", "message": message}, headers
+            if not self._charge():
+                return 402, {"status": "error", "message": OUT_OF_CREDIT}, {}
             self._accept(body["input"]["audio_url"], body["input"]["prompt"])
             slow = bool(s.slow_create_rate and self._rng.random() < s.slow_create_rate)
             prediction = _Prediction(uuid.uuid4().hex, body["input"], time.monotonic(), account=key)
@@ -202,6 +211,8 @@ class Simulator:
                 return error(status, "service_unavailable", message, headers)
             if s.fail_rate and self._rng.random() < s.fail_rate:
                 return error(500, "internal_error", "the model could not process this input (simulated failure)")
+            if not self._charge():
+                return error(402, "payment_required", OUT_OF_CREDIT)
             self._accept("(uploaded)", spec["prompt"])
             slow = bool(s.slow_create_rate and self._rng.random() < s.slow_create_rate)
             filtered = bool(s.filter_rate and self._rng.random() < s.filter_rate)
@@ -242,6 +253,21 @@ class Simulator:
             return 503, "Service temporarily unavailable", {}
         self._recent.append(now)
         return None
+
+    def _charge(self) -> bool:
+        """Whether the account's balance covers one more prediction, then taken from it
+        (under the lock)."""
+        s = self.settings
+        if s.balance is not None and self._charged + s.price > s.balance + 1e-9:
+            self.stats.out_of_credit += 1
+            return False
+        self._charged += s.price
+        return True
+
+    def top_up(self, usd: float) -> None:
+        """Credit added to the account (settings.balance)."""
+        with self._lock:
+            self.settings.balance = (self.settings.balance or 0.0) + usd
 
     def _accept(self, audio: str, prompt: Any) -> None:
         """A prediction is made (under the lock)."""

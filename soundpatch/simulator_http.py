@@ -28,6 +28,8 @@ STABILITY_INPAINT = "/v2beta/audio/stable-audio-2/inpaint"
 FAL_APP = "/fal-ai/stable-audio-25"
 FAL_STATUS = {"starting": "IN_QUEUE", "processing": "IN_PROGRESS"}  # the rest: COMPLETED
 # What a garbled poll or create gets (SimulatorSettings.garbled_*_rate): a gateway's page.
+# What fal answers a create once the account's balance ran out (a 403; SimulatorSettings.balance).
+FAL_OUT_OF_CREDIT = "User is locked. Reason: Exhausted balance. Top up your balance at fal.ai/dashboard/billing."
 GARBLED_PAGE = b"<html><body><h1>502 Bad Gateway</h1><p>upstream sent an invalid response</p></body></html>"
 
 
@@ -54,6 +56,8 @@ def fal_submit(sim: Simulator, key: str | None, body: Any) -> tuple[int, dict[st
         detail: Any = data.get("message", "")
         if status == 400:  # fal validates with FastAPI: 422 and a list of details
             status, detail = 422, [{"loc": ["body"], "msg": detail, "type": "value_error"}]
+        elif status == 402:  # fal locks an account whose balance ran out
+            status, detail = 403, FAL_OUT_OF_CREDIT
         return status, {"detail": detail}, headers
     request_id = data["predictionID"]
     base = f"{sim.base_url}{FAL_APP}/requests/{request_id}"
@@ -216,6 +220,7 @@ def _handler(sim: Simulator) -> type[BaseHTTPRequestHandler]:
                     "polls": s.polls,
                     "downloads": s.downloads,
                     "corrupted": s.corrupted,
+                    "out_of_credit": s.out_of_credit,
                     "max_in_flight": s.max_in_flight,
                 }
                 if self.path.endswith("?times=1"):  # when each create was accepted (Unix seconds)

@@ -74,7 +74,7 @@ class Staging:
         """Raise OutOfReach once uploads to the bucket have failed many times in a row."""
         lost = self.reach.lost()
         if lost is not None:
-            raise OutOfReach(f"Not sent: {lost}", what="the staging bucket")
+            raise OutOfReach(f"Not sent: {lost}", until="the staging bucket answers")
 
     def stage(self, data: bytes, folder: str, content_type: str = "audio/wav") -> StagedClip:
         """The clip under `folder`, uploaded unless a row using the same one already did;

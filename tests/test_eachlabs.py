@@ -317,6 +317,69 @@ def test_rows_left_when_the_staging_bucket_stops_taking_clips_are_not_sent_and_c
     assert sim.stats.creates == 12  # the two made before, kept; the ten others made now
 
 
+@pytest.mark.parametrize(
+    ("provider", "display", "status"),
+    [("eachlabs", "Each Labs", 402), ("stability", "Stability AI", 402), ("fal", "fal", 403)],
+)
+def test_an_account_out_of_credit_is_sent_no_more_and_the_rerun_after_a_top_up_does_the_rest(
+    library, aws_env, simulator, monkeypatch, provider, display, status
+):
+    # The account's credit covers five predictions. Each service refuses a create past it as
+    # the account's, not the row's (Each Labs and Stability AI: 402; fal: 403 "User is
+    # locked. Reason: Exhausted balance"): once three rows in a row (limits.concurrency)
+    # have met it, the rows left are not sent, saying what to do, and cost nothing; the
+    # rerun, once the account is topped up, does them.
+    for name in ("EACHLABS_API_KEY", "STABILITY_API_KEY", "FAL_KEY"):
+        monkeypatch.setenv(name, KEY)
+    sim = simulator(latency=0.05, fill="tone", balance=1.00)
+    rows = "".join(f"r{i},audio/loop.wav,{i}.0,{i}.5,brass stab,{i}\n" for i in range(1, 13))
+    (library / "twelve.csv").write_text("id,input,start,end,prompt,seed\n" + rows)
+    knobs = {"provider.name": provider, "limits.concurrency": 3, "limits.requests_per_minute": 6000}
+    cfg = hosted_config(sim, aws_env.endpoint, str(library / "outputs"), library / "runs", **knobs)
+
+    def run() -> list:
+        batch = Batch(load_manifest(library / "twelve.csv"), cfg, "credit")
+        try:
+            return [batch.process(e) for e in batch.manifest.edits]
+        finally:
+            batch.close()
+
+    outcomes = run()
+    assert [o.status for o in outcomes] == ["succeeded"] * 5 + ["failed"] * 7
+    for o in outcomes[5:8]:
+        assert o.error.startswith(f"{display[0].upper()}{display[1:]} refused the create: HTTP {status} "), o.error
+        assert o.error.endswith("(the account is out of credit: top it up)."), o.error
+        assert "check the API key" not in o.error
+    last = display + outcomes[7].error.rstrip(".")[len(display) :]  # as the provider's sentence began
+    not_sent = (
+        f"Not sent to {display}: the last 3 creates to it all came to nothing, the last one with: "
+        f"{last}; no more are sent this run: run it again with --run-id credit once "
+        "the account has credit again."
+    )
+    assert [o.error for o in outcomes[8:]] == [not_sent] * 4
+    assert sim.stats.creates == 8 and sim.stats.out_of_credit == 3  # none sent after the third refusal
+    assert all(o.cost_usd == 0 for o in outcomes[5:]) and sum(o.cost_usd for o in outcomes) == pytest.approx(1.00)
+    assert sim.billed() == pytest.approx(1.00)
+
+    sim.top_up(2.00)
+    again = run()
+    assert [o.status for o in again] == ["skipped_done"] * 5 + ["succeeded"] * 7, [o.error for o in again]
+    assert sim.stats.creates == 15 and sim.billed() == pytest.approx(12 * PRICE)
+
+
+def test_only_the_accounts_refusals_count_against_every_row():
+    from soundpatch.providers.hosted import OUT_OF_CREDIT, account_problem
+
+    assert account_problem(402, "") == OUT_OF_CREDIT
+    assert account_problem(403, "User is locked. Reason: Exhausted balance. Top up your balance") == OUT_OF_CREDIT
+    assert account_problem(401, "Your credit balance is too low") == OUT_OF_CREDIT
+    assert account_problem(401, "Invalid or missing API key") == "check the API key"
+    assert account_problem(403, "forbidden") == "check the API key"
+    # A 400 is the row's, whatever its words: it may quote the prompt.
+    assert account_problem(400, "prompt 'fix the stereo balance, no credits roll' is too long") is None
+    assert account_problem(422, "seed must be below 4294967296") is None
+
+
 def test_a_wrong_key_fails_at_once_and_is_never_echoed(library, aws_env, simulator, monkeypatch):
     monkeypatch.setenv("EACHLABS_API_KEY", "sk-wrong-000111")
     sim = simulator(api_key=KEY)

@@ -129,12 +129,12 @@ class NotStarted(RowError):
 
 class OutOfReach(NotStarted):
     """Creates to this provider, or clips to its staging bucket, have come to nothing many
-    times in a row (providers/reach.py): this one was not sent, nothing is owed. `what`:
-    what the rerun waits for to answer."""
+    times in a row (providers/reach.py): this one was not sent, nothing is owed. `until`:
+    what the rerun waits for ("the provider answers")."""
 
-    def __init__(self, message: str, what: str = "the provider") -> None:
+    def __init__(self, message: str, until: str = "the provider answers") -> None:
         super().__init__(message)
-        self.what = what
+        self.until = until
 
 
 class Provider(Protocol):

@@ -12,6 +12,7 @@ whatever goes wrong after.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,12 +49,29 @@ T = TypeVar("T")
 class Refused(RowError):
     """Nothing was made: the service answered a request with a 4xx other than 429, or its
     connection could not be made safe (TLS). `every_row`: any row would meet the same (the
-    key refused, the certificate not trusted), not only this one's content."""
+    key refused, the account out of credit, the certificate not trusted), not only this
+    one's content; `until`: what a rerun waits for, when it is not just an answer."""
 
-    def __init__(self, message: str, status: int | None, every_row: bool = False) -> None:
+    def __init__(self, message: str, status: int | None, every_row: bool = False, until: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.every_row = every_row
+        self.until = until
+
+
+OUT_OF_CREDIT = "the account is out of credit: top it up"
+_CREDIT_WORDS = re.compile(r"balance|credit|top.?up|payment|billing|\bfunds\b", re.IGNORECASE)
+
+
+def account_problem(status: int, message: str) -> str | None:
+    """What is wrong with the account when a refusal is the account's, not the row's (every
+    row would meet it): its credit used up (402 Payment Required, or a 401/403 that says so,
+    as fal's "User is locked. Reason: Exhausted balance" does), or its key (401/403)."""
+    if status == 402 or (status in (401, 403) and _CREDIT_WORDS.search(message)):
+        return OUT_OF_CREDIT
+    if status in (401, 403):
+        return "check the API key"
+    return None
 
 
 class HostedProvider:
@@ -138,7 +156,8 @@ class HostedProvider:
         in a row (providers/reach.py); `tried`: this row's creates so far."""
         lost = self.reach.lost()
         if lost is not None:
-            raise OutOfReach(f"Not sent to {self.display}{' again' if tried else ''}: {lost}")
+            until = self.reach.until or "the provider answers"
+            raise OutOfReach(f"Not sent to {self.display}{' again' if tried else ''}: {lost}", until=until)
 
     def _create(self, send: Callable[[int], T], request: InpaintRequest) -> tuple[T, int]:
         """`send(attempt)` makes the create (the request that is billed) and reads its answer;
@@ -198,7 +217,8 @@ class HostedProvider:
             raise
         except RowError as exc:  # refused (4xx): nothing was made, nothing is owed
             if isinstance(exc, Refused) and exc.every_row:
-                self.reach.missed(str(exc))  # the key, or TLS: every row would be refused the same way
+                # the key, the account's credit, or TLS: every row would be refused the same way
+                self.reach.missed(str(exc), until=exc.until)
             else:
                 self.reach.answered()
             raise PredictionFailed(str(exc), 0.0, None, attempts) from None
@@ -310,9 +330,11 @@ class HostedProvider:
             return
         if status == 429 or status >= 500:
             raise Retryable(f"{what} answered HTTP {status}", self._retry_after(response))
-        hint = " (check the API key)" if status in (401, 403) else ""
-        message = f"{self.display} refused the {what}: HTTP {status} {self._message(response)}{hint}"
-        raise Refused(message, status, every_row=status in (401, 403))
+        text = self._message(response)
+        problem = account_problem(status, text)
+        message = f"{self.display} refused the {what}: HTTP {status} {text}" + (f" ({problem})" if problem else "")
+        until = "the account has credit again" if problem == OUT_OF_CREDIT else None
+        raise Refused(message, status, every_row=problem is not None, until=until)
 
     def _retry_after(self, response: httpx.Response) -> float | None:
         """How long the service asks us to wait: its Retry-After, or after a 429 without one,

@@ -23,6 +23,7 @@ class Reach:
         self.tries = tries
         self._missed = 0
         self._last = ""
+        self._until: str | None = None  # what the last one said the rerun waits for, if it said
         self._lock = threading.Lock()
 
     def answered(self) -> None:
@@ -30,11 +31,19 @@ class Reach:
         with self._lock:
             self._missed = 0
 
-    def missed(self, why: str) -> None:
-        """A create that came to nothing for a reason that is not the row's: `why`, in words."""
+    def missed(self, why: str, until: str | None = None) -> None:
+        """A create that came to nothing for a reason that is not the row's: `why`, in words;
+        `until`: what a rerun waits for, when it is not just an answer (credit topped up)."""
         with self._lock:
             self._missed += 1
             self._last = why.strip().rstrip(".")
+            self._until = until
+
+    @property
+    def until(self) -> str | None:
+        """What the last create that came to nothing said a rerun waits for, if it said."""
+        with self._lock:
+            return self._until
 
     def lost(self) -> str | None:
         """None while the provider is within reach; else what happened, in words."""
