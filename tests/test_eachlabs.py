@@ -57,6 +57,22 @@ def run_batch(tmp_path, sim, s3, manifest="mix.csv", run_id="t", rpm: float = 60
         batch.close()
 
 
+def twelve_rows(library: Path) -> Path:
+    """A manifest of twelve rows, each a region of its own of the loop."""
+    rows = "".join(f"r{i},audio/loop.wav,{i}.0,{i}.5,brass stab,{i}\n" for i in range(1, 13))
+    (library / "twelve.csv").write_text("id,input,start,end,prompt,seed\n" + rows)
+    return library / "twelve.csv"
+
+
+def process_all(manifest: Path, cfg, run_id: str) -> list:
+    """Every row of `manifest` through one Batch, one after another."""
+    batch = Batch(load_manifest(manifest), cfg, run_id)
+    try:
+        return [batch.process(e) for e in batch.manifest.edits]
+    finally:
+        batch.close()
+
+
 def read_source(tmp_path: Path, s3, uri: str) -> bytes:
     if uri.startswith("s3://"):
         bucket, key = uri[5:].split("/", 1)
@@ -240,11 +256,10 @@ def test_rows_left_when_the_provider_is_out_of_reach_stage_nothing_and_cost_noth
     # that way, the rows left are not sent, and no clip of theirs is uploaded to staging.
     monkeypatch.setenv("EACHLABS_API_KEY", KEY)
     sim = simulator(error_rate=1.0)
-    rows = "".join(f"r{i},audio/loop.wav,{i}.0,{i}.5,brass stab,{i}\n" for i in range(1, 13))
-    (library / "twelve.csv").write_text("id,input,start,end,prompt,seed\n" + rows)
+    twelve = twelve_rows(library)
     knobs = {"limits.concurrency": 3, "provider.max_retries": 0, "limits.requests_per_minute": 6000}
     cfg = hosted_config(sim, aws_env.endpoint, str(library / "outputs"), library / "runs", **knobs)
-    batch = Batch(load_manifest(library / "twelve.csv"), cfg, "outage")
+    batch = Batch(load_manifest(twelve), cfg, "outage")
     try:
         outcomes = [batch.process(e) for e in batch.manifest.edits]
     finally:
@@ -277,20 +292,12 @@ def test_rows_left_when_the_staging_bucket_stops_taking_clips_are_not_sent_and_c
         return None
 
     proxy = fault_proxy(staging_down)
-    rows = "".join(f"r{i},audio/loop.wav,{i}.0,{i}.5,brass stab,{i}\n" for i in range(1, 13))
-    (library / "twelve.csv").write_text("id,input,start,end,prompt,seed\n" + rows)
+    twelve = twelve_rows(library)
     knobs = {"limits.concurrency": 3, "limits.requests_per_minute": 6000}
     cfg = hosted_config(sim, proxy.endpoint, str(library / "outputs"), library / "runs", **knobs)
 
-    def run() -> list:
-        batch = Batch(load_manifest(library / "twelve.csv"), cfg, "bucket-down")
-        try:
-            return [batch.process(e) for e in batch.manifest.edits]
-        finally:
-            batch.close()
-
     outcomes = []  # the first two rows staged before the outage, the others during it
-    batch = Batch(load_manifest(library / "twelve.csv"), cfg, "bucket-down")
+    batch = Batch(load_manifest(twelve), cfg, "bucket-down")
     try:
         for i, edit in enumerate(batch.manifest.edits):
             if i == 2:
@@ -312,7 +319,7 @@ def test_rows_left_when_the_staging_bucket_stops_taking_clips_are_not_sent_and_c
     assert staged == ["r1", "r2", "r3", "r4", "r5"]  # the rows not sent did not even make their clip
 
     outage.clear()
-    again = run()
+    again = process_all(twelve, cfg, "bucket-down")
     assert [o.status for o in again] == ["skipped_done"] * 2 + ["succeeded"] * 10, [o.error for o in again]
     assert sim.stats.creates == 12  # the two made before, kept; the ten others made now
 
@@ -332,19 +339,11 @@ def test_an_account_out_of_credit_is_sent_no_more_and_the_rerun_after_a_top_up_d
     for name in ("EACHLABS_API_KEY", "STABILITY_API_KEY", "FAL_KEY"):
         monkeypatch.setenv(name, KEY)
     sim = simulator(latency=0.05, fill="tone", balance=1.00)
-    rows = "".join(f"r{i},audio/loop.wav,{i}.0,{i}.5,brass stab,{i}\n" for i in range(1, 13))
-    (library / "twelve.csv").write_text("id,input,start,end,prompt,seed\n" + rows)
+    twelve = twelve_rows(library)
     knobs = {"provider.name": provider, "limits.concurrency": 3, "limits.requests_per_minute": 6000}
     cfg = hosted_config(sim, aws_env.endpoint, str(library / "outputs"), library / "runs", **knobs)
 
-    def run() -> list:
-        batch = Batch(load_manifest(library / "twelve.csv"), cfg, "credit")
-        try:
-            return [batch.process(e) for e in batch.manifest.edits]
-        finally:
-            batch.close()
-
-    outcomes = run()
+    outcomes = process_all(twelve, cfg, "credit")
     assert [o.status for o in outcomes] == ["succeeded"] * 5 + ["failed"] * 7
     for o in outcomes[5:8]:
         assert o.error.startswith(f"{display[0].upper()}{display[1:]} refused the create: HTTP {status} "), o.error
@@ -362,7 +361,7 @@ def test_an_account_out_of_credit_is_sent_no_more_and_the_rerun_after_a_top_up_d
     assert sim.billed() == pytest.approx(1.00)
 
     sim.top_up(2.00)
-    again = run()
+    again = process_all(twelve, cfg, "credit")
     assert [o.status for o in again] == ["skipped_done"] * 5 + ["succeeded"] * 7, [o.error for o in again]
     assert sim.stats.creates == 15 and sim.billed() == pytest.approx(12 * PRICE)
 
