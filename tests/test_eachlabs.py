@@ -203,6 +203,20 @@ def test_a_recording_the_output_format_cannot_hold_is_invalid_before_anything_is
     assert sim.stats.creates == 1 and batch.ledger.spent_usd == pytest.approx(PRICE)
 
 
+def test_a_retry_after_is_read_as_seconds_or_as_an_http_date():
+    from soundpatch.providers.hosted import retry_after
+
+    def asked(value: str) -> float | None:
+        return retry_after(httpx.Response(429, headers={"Retry-After": value}), now=1_700_000_000.0)
+
+    assert asked("7") == 7.0 and asked("0.5") == 0.5 and asked("-3") == 0.0
+    assert asked("86400") == 300.0  # a day's quota is waited in turns of five minutes, not a day at once
+    assert asked("Tue, 14 Nov 2023 22:13:50 GMT") == 30.0  # 30 s after `now`
+    assert asked("Tue, 14 Nov 2023 22:13:00 GMT") == 0.0  # already past
+    assert asked("soon") is None and asked("nan") is None
+    assert retry_after(httpx.Response(429)) is None
+
+
 def test_rate_limits_are_waited_out_with_retry_after(library, aws_env, simulator, monkeypatch):
     monkeypatch.setenv("EACHLABS_API_KEY", KEY)
     sim = simulator(latency=0.05, fill="tone", rpm=60, rate_window=1.0)  # one create per second

@@ -16,6 +16,8 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -389,14 +391,28 @@ def _error_text(data: Any) -> str:
     return ""
 
 
-def retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+MAX_RETRY_AFTER_SECONDS = 300.0  # a longer wait asked for is waited this long, then tried again
+
+
+def retry_after(response: httpx.Response, now: float | None = None) -> float | None:
+    """The seconds a Retry-After asks for: a number of seconds, or an HTTP date (RFC 9110),
+    as some gateways send; None without one (or one that is neither)."""
+    value = response.headers.get("retry-after", "").strip()
     if not value:
         return None
     try:
-        return min(300.0, max(0.0, float(value)))
+        seconds = float(value)
     except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # an HTTP date is in GMT, whether or not it says so
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
         return None
+    return min(MAX_RETRY_AFTER_SECONDS, max(0.0, seconds))
 
 
 def json_object(response: httpx.Response) -> dict[str, Any]:
