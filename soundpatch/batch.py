@@ -455,6 +455,9 @@ class Batch:
         resubmit = self.config.provider.resubmit_in_doubt
         per_provider: dict[str, int] = {}
         seen: set[str] = set()
+        # Spent or committed by earlier attempts of this run: it counts against the budget.
+        spent_before = self.ledger.spent_usd + sum(h.amount_usd for h in self._held.values())
+        within_budget = 0  # predictions that fit in the budget, taken in the manifest's order
         for edit in edits:
             try:
                 checked = self.check(edit)
@@ -485,6 +488,7 @@ class Batch:
                 continue
             predictions += 1
             cost += checked.provider.price_usd
+            within_budget += spent_before + cost <= self.config.limits.budget_usd + 1e-9
             needed = self._room_needed(edit, checked)
             largest = (*needed, edit.row_id) if sum(needed) > sum(largest[:2]) else largest
             per_provider[checked.provider.name] = per_provider.get(checked.provider.name, 0) + 1
@@ -506,9 +510,9 @@ class Batch:
             "in_doubt": in_doubt,
             # Files holding several rows' edits of one recording (soundpatch/combine.py).
             "combined_files": len(set(self.publisher.combined.values())),
-            # Spent or committed by earlier attempts of this run: it counts against the budget.
-            "spent_before_usd": round(self.ledger.spent_usd + sum(h.amount_usd for h in self._held.values()), 6),
+            "spent_before_usd": round(spent_before, 6),
             "expected_cost_usd": round(cost, 6),
+            "within_budget": within_budget,
             "budget_usd": limits.budget_usd,
             "expected_seconds": round(seconds, 1),
             "errors": errors,

@@ -239,7 +239,12 @@ def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
     for note in est.get("notes", []):
         out.print(f"[yellow]note: {escape(note)}[/yellow]", soft_wrap=True)
     if est["expected_cost_usd"] + spent > est["budget_usd"] + 1e-9:
-        out.print("[yellow]The expected cost is above the budget: rows past it will be skipped_budget.[/yellow]")
+        fit, predictions = est["within_budget"], plural(est["predictions"], "prediction")
+        out.print(
+            f"[yellow]The expected cost is above the budget: about {fit} of {predictions} fit in it, "
+            "the rest will be skipped_budget (--budget or limits.budget_usd raises it).[/yellow]",
+            soft_wrap=True,
+        )
 
 
 # ---------------------------------------------------------------------- run

@@ -220,6 +220,7 @@ def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_h
     assert dry.returncode == 0, dry.stderr
     # 4 rows, 2 + 2 + 3 + 2 variations = 9 predictions at $0.20, over a $1.00 budget.
     assert "$1.80" in dry.stdout and "above the budget" in dry.stdout
+    assert "about 5 of 9 predictions fit in it" in " ".join(dry.stdout.split())
     restoration = run(workdir, prefect_home, "validate", "manifests/restoration.csv")
     assert restoration.returncode == 0 and "files holding several rows' edits  2" in restoration.stdout
     (workdir / "manifests" / "typo.csv").write_text(

@@ -464,6 +464,7 @@ def test_a_dry_run_of_a_crashed_run_says_what_resuming_it_costs(local_library):
     assert "in doubt from earlier (not sent again) 1" in shown
     assert "$0.20 (budget $0.50; $0.40 spent by earlier attempts)" in shown
     assert "above the budget" in shown  # 0.20 more on top of 0.40 passes 0.50
+    assert "about 0 of 1 prediction fit in it" in shown
     assert (run_dir / "journal.jsonl").read_text() == journal_before
     assert sorted(p.name for p in run_dir.iterdir()) == ["answers", "journal.jsonl"]  # nothing written
 
