@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 STABILITY_INPAINT = "/v2beta/audio/stable-audio-2/inpaint"
 FAL_APP = "/fal-ai/stable-audio-25"
 FAL_STATUS = {"starting": "IN_QUEUE", "processing": "IN_PROGRESS"}  # the rest: COMPLETED
-# What a garbled poll or create gets (SimulatorSettings.garbled_*_rate): a gateway's page.
 # What fal answers a create once the account's balance ran out (a 403; SimulatorSettings.balance).
 FAL_OUT_OF_CREDIT = "User is locked. Reason: Exhausted balance. Top up your balance at fal.ai/dashboard/billing."
+# What a garbled poll or create gets (SimulatorSettings.garbled_*_rate): a gateway's page.
 GARBLED_PAGE = b"<html><body><h1>502 Bad Gateway</h1><p>upstream sent an invalid response</p></body></html>"
 
 

@@ -130,11 +130,11 @@ class NotStarted(RowError):
 class OutOfReach(NotStarted):
     """Creates to this provider, or clips to its staging bucket, have come to nothing many
     times in a row (providers/reach.py): this one was not sent, nothing is owed. `until`:
-    what the rerun waits for ("the provider answers")."""
+    what the rerun waits for (by default, that the provider answers)."""
 
-    def __init__(self, message: str, until: str = "the provider answers") -> None:
+    def __init__(self, message: str, until: str | None = None) -> None:
         super().__init__(message)
-        self.until = until
+        self.until = until or "the provider answers"
 
 
 class Provider(Protocol):

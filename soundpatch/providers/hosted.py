@@ -158,8 +158,7 @@ class HostedProvider:
         in a row (providers/reach.py); `tried`: this row's creates so far."""
         lost = self.reach.lost()
         if lost is not None:
-            until = self.reach.until or "the provider answers"
-            raise OutOfReach(f"Not sent to {self.display}{' again' if tried else ''}: {lost}", until=until)
+            raise OutOfReach(f"Not sent to {self.display}{' again' if tried else ''}: {lost}", until=self.reach.until)
 
     def _create(self, send: Callable[[int], T], request: InpaintRequest) -> tuple[T, int]:
         """`send(attempt)` makes the create (the request that is billed) and reads its answer;
