@@ -152,6 +152,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--corrupt-rate", type=float, default=0.0, help="share of downloads sent whole but damaged (all zeros)"
     )
     sim.add_argument("--filter-rate", type=float, default=0.0, help="Stability: share of results CONTENT_FILTERED")
+    sim.add_argument("--flagged-word", help="Stability: prompts holding this word are refused (403 content_moderation)")
     sim.add_argument(
         "--timeout-after-429", type=float, default=60.0, help="Stability: seconds a key stays refused after a 429"
     )
@@ -595,6 +596,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         truncate_rate=args.truncate_rate,
         corrupt_rate=args.corrupt_rate,
         filter_rate=args.filter_rate,
+        flagged_word=args.flagged_word,
         timeout_after_429=args.timeout_after_429,
         result_format=args.format,
         shift_ms=args.shift_ms,

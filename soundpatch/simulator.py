@@ -37,6 +37,10 @@ from soundpatch.simulator_requests import check_prediction, check_stability_call
 
 MAX_FETCH_BYTES = 128 * 1024 * 1024
 OUT_OF_CREDIT = "Insufficient balance: add credit to your account to make more predictions"
+MODERATED = (
+    "Your request was flagged by our content moderation system, as a result your request was denied "
+    "and you were not charged."
+)
 
 
 @dataclass
@@ -60,6 +64,9 @@ class SimulatorSettings:
     slow_create_rate: float = 0.0  # share of creates made but answered only after slow_create_seconds
     slow_create_seconds: float = 30.0
     filter_rate: float = 0.0  # Stability: share of results withheld (finish-reason CONTENT_FILTERED)
+    # Stability: a prompt holding this word is refused by "content moderation" (403), as
+    # Stability AI refuses a prompt it flags; nothing is made, nothing is billed.
+    flagged_word: str | None = None
     timeout_after_429: float = 60.0  # Stability: seconds a key stays refused after a 429
     result_format: str = "wav"  # wav | mp3
     shift_ms: float = 0.0  # silence prepended to results (a misaligned model)
@@ -197,6 +204,8 @@ class Simulator:
         problem, spec, audio = check_stability_call(fields, clip, s.max_seconds)
         if problem:
             return error(400, "bad_request", problem)
+        if s.flagged_word and s.flagged_word.lower() in str(spec.get("prompt", "")).lower():
+            return error(403, "content_moderation", MODERATED)
         with self._lock:
             now = time.monotonic()
             if now < self._timed_out_until:  # as Stability does: no Retry-After, and a timeout

@@ -391,6 +391,8 @@ def test_only_the_accounts_refusals_count_against_every_row():
     # A 400 is the row's, whatever its words: it may quote the prompt.
     assert account_problem(400, "prompt 'fix the stereo balance, no credits roll' is too long") is None
     assert account_problem(422, "seed must be below 4294967296") is None
+    # Stability AI's 403 for a prompt its moderation flags is the row's, not the key's.
+    assert account_problem(403, "content_moderation: Your request was flagged by our content moderation system") is None
 
 
 def test_a_wrong_key_fails_at_once_and_is_never_echoed(library, aws_env, simulator, monkeypatch):

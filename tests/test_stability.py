@@ -201,6 +201,23 @@ def test_a_provider_under_a_ca_of_its_own_is_reached_once_ssl_cert_file_names_th
         assert sim.stats.accepted == 12 and sum(o.cost_usd for o in outcomes) == pytest.approx(12 * PRICE)
 
 
+def test_prompts_moderation_refuses_fail_alone_and_never_stop_the_run(local_library, simulator, monkeypatch):
+    # Stability AI refuses a prompt its content moderation flags with a 403, as it does a
+    # key. Four flagged prompts in a row (more than limits.concurrency) are each the row's
+    # own failure, at no cost: not a key to check, and no reason to send the others no more.
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    sim = simulator(latency=0.05, fill="tone", api_key=KEY, flagged_word="gunshot")
+    prompts = ["rain"] * 2 + ["gunshot echo"] * 4 + ["wind"] * 6
+    rows = "".join(f"r{i},audio/loop.wav,{i}.0,{i}.5,{p},{i}\n" for i, p in enumerate(prompts, 1))
+    (local_library / "twelve.csv").write_text("id,input,start,end,prompt,seed\n" + rows)
+    outcomes, batch = run_batch(local_library, sim, "moderated", manifest="twelve.csv", **{"limits.concurrency": 3})
+    assert [o.status for o in outcomes] == ["succeeded"] * 2 + ["failed"] * 4 + ["succeeded"] * 6
+    for o in outcomes[2:6]:
+        assert o.error.startswith("Stability AI refused the create: HTTP 403 content_moderation: Your request was")
+        assert "check the API key" not in o.error and o.cost_usd == 0
+    assert sim.stats.creates == 12 and batch.ledger.spent_usd == pytest.approx(8 * PRICE)
+
+
 def test_a_429_timeout_is_waited_out_by_every_row_not_hammered(local_library, simulator, monkeypatch):
     # Stability answers a key over its rate with 429 and no Retry-After, then refuses it for
     # a while (60 s; 2 s here). Rows wait that long, all of them, instead of retrying into

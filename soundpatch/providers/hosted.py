@@ -63,12 +63,18 @@ class Refused(RowError):
 
 OUT_OF_CREDIT = "the account is out of credit: top it up"
 _CREDIT_WORDS = re.compile(r"balance|credit|top.?up|payment|billing|\bfunds\b", re.IGNORECASE)
+# A 403 that is about what the row asked for: Stability AI answers a prompt its content
+# moderation flags with 403 `content_moderation`.
+_CONTENT_WORDS = re.compile(r"moderat|flagged|content.?polic", re.IGNORECASE)
 
 
 def account_problem(status: int, message: str) -> str | None:
     """What is wrong with the account when a refusal is the account's, not the row's (every
     row would meet it): its credit used up (402 Payment Required, or a 401/403 that says so,
-    as fal's "User is locked. Reason: Exhausted balance" does), or its key (401/403)."""
+    as fal's "User is locked. Reason: Exhausted balance" does), or its key (401/403). A 403
+    for the row's content (moderation) is the row's."""
+    if status == 403 and _CONTENT_WORDS.search(message):
+        return None
     if status == 402 or (status in (401, 403) and _CREDIT_WORDS.search(message)):
         return OUT_OF_CREDIT
     if status in (401, 403):
