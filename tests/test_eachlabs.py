@@ -381,13 +381,16 @@ def test_an_account_out_of_credit_is_sent_no_more_and_the_rerun_after_a_top_up_d
 
 
 def test_only_the_accounts_refusals_count_against_every_row():
-    from soundpatch.providers.hosted import OUT_OF_CREDIT, account_problem
+    from soundpatch.providers.hosted import ACCOUNT_LOCKED, OUT_OF_CREDIT, account_problem
 
     assert account_problem(402, "") == OUT_OF_CREDIT
     assert account_problem(403, "User is locked. Reason: Exhausted balance. Top up your balance") == OUT_OF_CREDIT
     assert account_problem(401, "Your credit balance is too low") == OUT_OF_CREDIT
     assert account_problem(401, "Invalid or missing API key") == "check the API key"
     assert account_problem(403, "forbidden") == "check the API key"
+    # Held by the provider: a new key will not help, its support will.
+    assert account_problem(403, "User is locked. Reason: Admin lock") == ACCOUNT_LOCKED
+    assert account_problem(401, "This account has been suspended") == ACCOUNT_LOCKED
     # A 400 is the row's, whatever its words: it may quote the prompt.
     assert account_problem(400, "prompt 'fix the stereo balance, no credits roll' is too long") is None
     assert account_problem(422, "seed must be below 4294967296") is None

@@ -152,9 +152,9 @@ def test_a_provider_out_of_reach_is_sent_no_more_and_the_rerun_does_the_rest(
     assert all(o.attempts == 0 for o in never_sent)
     assert all(o.attempts >= 1 for o in outcomes if o not in never_sent)
     assert sim.stats.creates <= (24 - len(never_sent)) * (3 if cause == "down" else 1)
-    why = "HTTP 503" if cause == "down" else "HTTP 401"
+    why, until = ("HTTP 503", "the provider answers") if cause == "down" else ("HTTP 401", "the key is right")
     assert why in never_sent[0].error and never_sent[0].error.endswith(
-        "no more are sent this run: run it again with --run-id reach once the provider answers."
+        f"no more are sent this run: run it again with --run-id reach once {until}."
     )
 
     sim.settings.error_rate = 0.0  # it answers again (or the key is put right)

@@ -61,25 +61,41 @@ class Refused(RowError):
         self.until = until
 
 
+KEY_REFUSED = "check the API key"
 OUT_OF_CREDIT = "the account is out of credit: top it up"
 _CREDIT_WORDS = re.compile(r"balance|credit|top.?up|payment|billing|\bfunds\b", re.IGNORECASE)
 # A 403 that is about what the row asked for: Stability AI answers a prompt its content
 # moderation flags with 403 `content_moderation`.
 _CONTENT_WORDS = re.compile(r"moderat|flagged|content.?polic", re.IGNORECASE)
+# A key refused because its account is held (fal: "User is locked. Reason: Admin lock"):
+# a new key will not help; the provider's support will.
+ACCOUNT_LOCKED = "the account is locked or suspended: ask the provider why"
+_LOCK_WORDS = re.compile(r"\blocked\b|suspended|deactivated|\bbanned\b", re.IGNORECASE)
 
 
 def account_problem(status: int, message: str) -> str | None:
     """What is wrong with the account when a refusal is the account's, not the row's (every
     row would meet it): its credit used up (402 Payment Required, or a 401/403 that says so,
-    as fal's "User is locked. Reason: Exhausted balance" does), or its key (401/403). A 403
+    as fal's "User is locked. Reason: Exhausted balance" does), the account held by the
+    provider (a 401/403 saying it is locked or suspended), or its key (401/403). A 403
     for the row's content (moderation) is the row's."""
     if status == 403 and _CONTENT_WORDS.search(message):
         return None
     if status == 402 or (status in (401, 403) and _CREDIT_WORDS.search(message)):
         return OUT_OF_CREDIT
+    if status in (401, 403) and _LOCK_WORDS.search(message):
+        return ACCOUNT_LOCKED
     if status in (401, 403):
-        return "check the API key"
+        return KEY_REFUSED
     return None
+
+
+# What a rerun waits for, by what is wrong with the account ("run it again ... once ...").
+_MENDED_WHEN = {
+    OUT_OF_CREDIT: "the account has credit again",
+    ACCOUNT_LOCKED: "the provider has unlocked the account",
+    KEY_REFUSED: "the key is right",
+}
 
 
 class HostedProvider:
@@ -340,8 +356,7 @@ class HostedProvider:
         text = self._message(response)
         problem = account_problem(status, text)
         message = f"{self.display} refused the {what}: HTTP {status} {text}" + (f" ({problem})" if problem else "")
-        until = "the account has credit again" if problem == OUT_OF_CREDIT else None
-        raise Refused(message, status, every_row=problem is not None, until=until)
+        raise Refused(message, status, every_row=problem is not None, until=_MENDED_WHEN.get(problem or ""))
 
     def _retry_after(self, response: httpx.Response) -> float | None:
         """How long the service asks us to wait: its Retry-After, or after a 429 without one,
