@@ -37,7 +37,7 @@ from soundpatch.config import Config
 from soundpatch.cpu import crunching
 from soundpatch.disk_room import FULL_ERRNOS, DiskRoom, Promise, full_disk
 from soundpatch.edit_claims import BucketClaims, Left
-from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
+from soundpatch.errors import ConfigError, OutOfRoom, RowError, SoundpatchError, as_sentence
 from soundpatch.humanize import plural
 from soundpatch.humanize import size as human_size
 from soundpatch.identity import edit_identity, request_identity
@@ -1091,6 +1091,8 @@ class Batch:
                 try:
                     made.output = self._combine(name, done)
                     made.rows = [o.row_id for o in done]
+                except OutOfRoom as exc:  # the rows are done and kept: the rerun builds it from them, at no cost
+                    made.error = f"{_sentence(exc).rstrip('.')} with the same --run-id to make it."
                 except (SoundpatchError, OSError) as exc:
                     made.error = _sentence(exc)
                 except Exception as exc:  # a bug: the rows are paid for; their report still gets written

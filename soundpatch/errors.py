@@ -23,6 +23,11 @@ class RowError(SoundpatchError):
     """One row cannot be processed; the message goes into that row's `error` column."""
 
 
+class OutOfRoom(RowError):
+    """A write failed for want of disk space (the message names the disk): freeing some
+    and running again mends it."""
+
+
 def as_sentence(text: str, fallback: str = "Unknown error") -> str:
     """One sentence for a row's `error` column: capitalised, one closing full stop."""
     text = text.strip().rstrip(".")

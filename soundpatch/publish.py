@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from soundpatch import audio as audio_ops
 from soundpatch.audio import Audio, AudioInfo, Patched, Stored
 from soundpatch.disk_room import full_disk
-from soundpatch.errors import RowError
+from soundpatch.errors import OutOfRoom, RowError
 from soundpatch.manifest import Edit
 from soundpatch.sources import file_sha256
 from soundpatch.storage import OutputStore, output_name, part_name
@@ -126,6 +126,7 @@ class Publisher:
         """The row's result, as the file named for it (or `name`: a combined file), written
         to the scratch folder; `Encoded.discard()` removes it once it is no longer needed."""
         ext = self.ext(info)
+        what = f"the file {name}" if name else "this row's result"
         name = name or self.name(edit, info)
         path = None
         try:
@@ -139,7 +140,7 @@ class Publisher:
                 path.unlink(missing_ok=True)
             full = full_disk(self.scratch, exc) if isinstance(exc, Exception) else None
             if full is not None:  # libsndfile says only "System error." then
-                raise RowError(f"{full} and this row's result did not fit; free some space and run it again") from None
+                raise OutOfRoom(f"{full} and {what} did not fit; free some space and run it again") from None
             raise
         return Encoded(name, path, CONTENT_TYPES.get(ext, "application/octet-stream"), ext)
 

@@ -20,7 +20,8 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 from urllib.parse import quote
 
-from soundpatch.errors import ConfigError, RowError
+from soundpatch.disk_room import full_disk
+from soundpatch.errors import ConfigError, OutOfRoom, RowError
 from soundpatch.s3 import S3, S3Uri
 
 DEFAULT_TEMPLATE = "{run_id}/{stem}-{row_id}.{ext}"
@@ -192,6 +193,9 @@ def _write(path: Path, data: bytes | Path, link: bool = False) -> None:
     try:
         atomic_write(path, data, link)
     except OSError as exc:
+        full = full_disk(path.parent, exc)
+        if full is not None:
+            raise OutOfRoom(f"{path} could not be written: {full}; free some space and run it again") from None
         raise RowError(f"{path} could not be written ({exc.strerror or exc})") from None
 
 

@@ -532,3 +532,37 @@ def test_a_prediction_only_the_bucket_s_journal_copy_recorded_is_collected_by_th
     assert any("journal's copy in the bucket knew more of 1 row than this machine's" in n for n in notes), notes
     # Its journal here now has what the bucket's copy had: a report made from it is whole.
     assert "created" in [e["event"] for e in read_events(disk / "runs" / "broke")]
+
+
+def test_a_file_of_several_rows_the_disk_cannot_take_says_so_and_the_rerun_makes_it(tmp_path, small_disk):
+    # A restoration batch's rows are done (and kept); the file holding all their repairs is
+    # built after them, onto an output disk that filled meanwhile.
+    outputs = small_disk(80, "outputs")
+    source = tape(tmp_path / "reel.wav", 4)
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt,output\n"
+        "hiss,reel.wav,2.5,2.7,room tone,restored/{stem}\n"
+        "thud,reel.wav,1,1.2,room tone,restored/{stem}\n"
+    )
+    cfg = load_config(overrides={"output.uri": str(outputs), "runs_dir": str(tmp_path / "runs")})
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "reel")
+    try:
+        outcomes = [batch.process(e) for e in batch.manifest.edits]
+        assert [o.status for o in outcomes] == ["succeeded", "succeeded"], [o.error for o in outcomes]
+        filler = fill(outputs, leave=0)
+        batch.combine(outcomes)
+        notes = batch.notes()
+    finally:
+        batch.close()
+    assert not (outputs / "restored" / "reel.wav").exists() and not any(o.combined for o in outcomes)
+    assert (
+        f"restored/reel.wav was not made. {outputs / 'restored' / 'reel.wav.json'} could not be written: the disk "
+        f"holding {outputs / 'restored'} is full (No space left on device); free some space and run it again with "
+        "the same --run-id to make it."
+    ) in notes, notes
+
+    filler.unlink()
+    again, notes, _ = run_in_process(tmp_path / "m.csv", cfg, "reel")
+    assert [o.status for o in again] == ["skipped_done", "skipped_done"]
+    assert {o.combined for o in again} == {str(outputs / "restored" / "reel.wav")}
+    assert sf.read(outputs / "restored" / "reel.wav", dtype="int16")[0][:44100].tolist() == source[:44100].tolist()
