@@ -205,6 +205,24 @@ def isolated_api(server: TemporaryServer | None = None) -> Iterator[None]:
         # dies with the run. Their thread sleeps in whole seconds and is waited for when
         # the flow ends, up to a second at the end of every run.
         with temporary_settings({PREFECT_API_URL: server.api_url, "flows.heartbeat_frequency": None}):
-            yield
+            try:
+                yield
+            finally:
+                _send_what_prefect_holds()
     finally:
         server.stop()
+
+
+def _send_what_prefect_holds(timeout: float = 10) -> None:
+    """Send the run's logs and events Prefect still holds, while the server answers.
+
+    Prefect sends them from background workers, in batches. Those still queued when the
+    temporary server stopped were sent at interpreter exit instead, to nothing: each
+    retried with backoff for over a minute, then "--- Error logging to API ---" on
+    stderr. Whenever Prefect's logs go to the API (--verbose, or PREFECT_LOGGING_LEVEL=INFO
+    as many Prefect users set), the command hung that long after its summary."""
+    from prefect.events.worker import EventsWorker  # noqa: PLC0415
+    from prefect.logging.handlers import APILogWorker  # noqa: PLC0415
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)

@@ -181,6 +181,19 @@ def five_rows_for_two(workdir: Path) -> None:
     (workdir / "five.csv").write_text("id,input,start,end,prompt\n" + rows + "\n")
 
 
+@pytest.mark.parametrize("loud", [("--verbose",), ()], ids=["--verbose", "PREFECT_LOGGING_LEVEL=INFO"])
+def test_prefects_own_logs_when_asked_for_are_sent_before_its_temporary_server_stops(workdir, prefect_home, loud):
+    # With Prefect's logs going to its API (--verbose, or PREFECT_LOGGING_LEVEL=INFO as
+    # Prefect users often set), those still queued when the temporary server stopped were
+    # sent at exit, to nothing, retried for over a minute after the summary: then "---
+    # Error logging to API --- All connection attempts failed" on stderr.
+    env = clean_env(PREFECT_HOME=str(prefect_home), **({} if loud else {"PREFECT_LOGGING_LEVEL": "INFO"}))
+    proc = soundpatch("run", "manifests/restoration.csv", "--run-id", "loud", *loud, cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "Task run 'row " in proc.stdout + proc.stderr  # Prefect's own logs are shown
+    assert "Error logging to API" not in proc.stderr and "connection attempts failed" not in proc.stderr
+
+
 def test_budget_cap_skips_rows_and_exits_3(workdir, prefect_home):
     five_rows_for_two(workdir)
     proc = run(workdir, prefect_home, "run", "five.csv", "--config", "priced.yaml", "--run-id", "money")
