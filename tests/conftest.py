@@ -19,7 +19,7 @@ import pytest
 import soundfile as sf
 
 from soundpatch import demo_audio
-from tests.jobs import SCRIPT, clean_env, synth
+from tests.jobs import SCRIPT, clean_env, seeded_prefect_home, synth
 
 
 @pytest.fixture
@@ -283,7 +283,7 @@ def fault_proxy(aws_env):
 def prefect_server(tmp_path_factory):
     """`prefect server start` on loopback, as a team would run one for its workers."""
     port = _free_port()
-    home = tmp_path_factory.mktemp("prefect-server")
+    home = seeded_prefect_home(tmp_path_factory.mktemp("prefect-server"))
     log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
     env = clean_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     proc = subprocess.Popen(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -83,7 +86,28 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+_PREFECT_DB: Path | None = None  # an empty Prefect database, made once a session
+
+
+def seeded_prefect_home(home: Path) -> Path:
+    """`home`, a new PREFECT_HOME, holding an empty Prefect database already made: a copy of
+    one made once a session. Each new home's first run would otherwise make its own, ~10 s
+    of migrations, in every test that runs Prefect in a home of its own (another machine's)."""
+    global _PREFECT_DB
+    if _PREFECT_DB is None:
+        made = Path(tempfile.mkdtemp(prefix="soundpatch-tests-prefect-db-"))
+        atexit.register(shutil.rmtree, made, True)
+        command = [str(SCRIPT.parent / "prefect"), "server", "database", "upgrade", "-y"]
+        subprocess.run(command, env=clean_env(PREFECT_HOME=str(made)), capture_output=True, check=True, timeout=300)
+        _PREFECT_DB = made / "prefect.db"
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "prefect.db").exists():
+        shutil.copyfile(_PREFECT_DB, home / "prefect.db")
+    return home
+
+
 def environment(prefect_home: Path) -> dict[str, str]:
+    seeded_prefect_home(prefect_home)
     return clean_env(
         EACHLABS_API_KEY=KEY,
         FAL_KEY=KEY,

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from tests.jobs import clean_env, run_in_process, soundpatch
+from tests.jobs import clean_env, run_in_process, seeded_prefect_home, soundpatch
 
 SCRIPT = Path(sys.executable).parent / "soundpatch"
 
@@ -117,9 +117,8 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
     pd.DataFrame(rows, columns=columns).fillna("").to_csv(tmp_path / "bad.csv", index=False)
     (tmp_path / "c.yaml").write_text(f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}}}\n")
 
-    env = clean_env(
-        AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", PREFECT_HOME=str(tmp_path_factory.mktemp("prefect"))
-    )
+    home = seeded_prefect_home(tmp_path_factory.mktemp("prefect"))
+    env = clean_env(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", PREFECT_HOME=str(home))
     proc = soundpatch("run", "bad.csv", "--config", "c.yaml", "--run-id", "bad", cwd=tmp_path, env=env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr

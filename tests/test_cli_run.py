@@ -39,6 +39,8 @@ REPORT_COLUMNS = [
 
 @pytest.fixture(scope="session")
 def prefect_home(tmp_path_factory) -> Path:
+    # Not seeded (tests.jobs.seeded_prefect_home): the first run here makes Prefect's database,
+    # as a user's first run on a new machine does.
     return tmp_path_factory.mktemp("prefect-home")
 
 

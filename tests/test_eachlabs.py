@@ -31,7 +31,7 @@ from soundpatch.errors import ConfigError
 from soundpatch.journal import read_events
 from soundpatch.manifest import load_manifest
 from soundpatch.window import plan_window
-from tests.jobs import assert_key_nowhere, clean_env, hosted_config, soundpatch
+from tests.jobs import assert_key_nowhere, clean_env, hosted_config, seeded_prefect_home, soundpatch
 
 KEY = "sk-test-9f8e7d6c5b4a"
 PRICE = 0.20
@@ -135,7 +135,7 @@ def test_run_against_the_simulator_from_the_command_line(library, aws_env, simul
 
 
 def test_the_key_can_come_from_a_prefect_secret_block(library, aws_env, simulator, tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home-secret")
+    home = seeded_prefect_home(tmp_path_factory.mktemp("prefect-home-secret"))
     env = clean_env(
         PREFECT_HOME=str(home),
         AWS_ACCESS_KEY_ID="test",

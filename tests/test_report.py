@@ -26,7 +26,7 @@ from soundpatch.providers.base import InpaintRequest
 from soundpatch.providers.local import LocalEngine
 from soundpatch.quality import measure
 from soundpatch.report import summarize, write_reports
-from tests.jobs import clean_env
+from tests.jobs import clean_env, seeded_prefect_home
 
 RATE = 44100
 
@@ -301,7 +301,8 @@ def test_the_prefect_ui_tells_the_same_story(tmp_path):
                 print(json.dumps([{{"key": a.key, "type": a.type, "data": a.data}} for a in artifacts]))
         """
     )
-    env = clean_env(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    home = seeded_prefect_home(tmp_path / "prefect")
+    env = clean_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
     proc = subprocess.run(
         [sys.executable, "-c", script],
         cwd=Path(__file__).parent.parent,

@@ -30,7 +30,7 @@ from soundpatch.batch import Batch
 from soundpatch.config import load_config
 from soundpatch.errors import ConfigError
 from soundpatch.manifest import load_manifest
-from tests.jobs import clean_env, run_in_process, soundpatch
+from tests.jobs import clean_env, run_in_process, seeded_prefect_home, soundpatch
 
 
 def wav_bytes(seconds: float, rate: int = 22050, channels: int = 1, freq: float = 220.0, subtype="PCM_16") -> bytes:
@@ -124,7 +124,7 @@ def test_s3_in_s3_out_with_report_in_the_bucket_and_a_second_run_spends_nothing(
         EACHLABS_API_KEY="k",
         AWS_ACCESS_KEY_ID="test",
         AWS_SECRET_ACCESS_KEY="test",
-        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect")),
+        PREFECT_HOME=str(seeded_prefect_home(tmp_path_factory.mktemp("prefect"))),
     )
 
     first = soundpatch("run", "job.csv", "--config", "job.yaml", "--run-id", "one", cwd=tmp_path, env=env)
@@ -184,7 +184,7 @@ def test_output_store_problems_stop_the_run_before_it_starts(tmp_path, aws_env, 
         AWS_ACCESS_KEY_ID="test",
         AWS_SECRET_ACCESS_KEY="test",
         AWS_EC2_METADATA_DISABLED="true",
-        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect")),
+        PREFECT_HOME=str(seeded_prefect_home(tmp_path_factory.mktemp("prefect"))),
     )
 
     (tmp_path / "missing.yaml").write_text(
@@ -217,7 +217,7 @@ def test_wrong_credentials_are_named_as_such(tmp_path, s3_server_checking_keys, 
     env = clean_env(
         AWS_ACCESS_KEY_ID="AKIAWRONGWRONGWRONG",
         AWS_SECRET_ACCESS_KEY="wrong",
-        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect")),
+        PREFECT_HOME=str(seeded_prefect_home(tmp_path_factory.mktemp("prefect"))),
     )
     proc = soundpatch("run", "job.csv", "--config", "c.yaml", cwd=tmp_path, env=env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
