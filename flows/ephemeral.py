@@ -58,6 +58,7 @@ class TemporaryServer:
         self._env: dict[str, str] = {}
         self._show_output = show_output
         self._output: IO[bytes] | None = None  # what the server printed, when not shown
+        self.new_database = False  # whether it makes Prefect's database first (a first run here)
 
     @classmethod
     def unless_configured(cls, show_output: bool = False) -> TemporaryServer | None:
@@ -73,6 +74,7 @@ class TemporaryServer:
         """Spawn the server without importing Prefect here (that alone takes seconds): it
         reads its settings from the same environment, profile and files as we do."""
         self.port = _free_port()
+        self.new_database = new_database()
         env = {
             # Defaults for a server that lives as long as one run: task runs, flow runs and
             # artifacts are recorded as usual, but the raw event stream is not stored and no
@@ -158,6 +160,17 @@ class TemporaryServer:
         if self._output is not None:
             self._output.close()
             self._output = None
+
+
+def new_database() -> bool:
+    """Whether Prefect's server will make its database before it answers (its migrations
+    take 10 s and more on a 2-core machine): its default SQLite file in PREFECT_HOME is not
+    there yet. From the environment only (importing Prefect's settings would take the
+    seconds we save); a database configured elsewhere is not guessed at."""
+    if any(os.environ.get(f"PREFECT_{part}_DATABASE_CONNECTION_URL") for part in ("API", "SERVER")):
+        return False
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    return not (home / "prefect.db").exists()
 
 
 def quiet_prefect(verbose: bool) -> None:

@@ -299,7 +299,8 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
         raise
 
     _stop_on_signals(run_id)
-    watcher = _ProgressWatcher(run_dir, total=len(manifest.edits), budget=cfg.limits.budget_usd)
+    first = server is not None and server.new_database
+    watcher = _ProgressWatcher(run_dir, total=len(manifest.edits), budget=cfg.limits.budget_usd, new_database=first)
     watcher.start()
     try:
         with isolated_api(server):
@@ -381,8 +382,17 @@ def _safe_run_id(run_id: str) -> bool:
 class _ProgressWatcher:
     """Shows rows done / failed / spent by reading the run's journal as it grows."""
 
-    def __init__(self, run_dir: Path, total: int, budget: float) -> None:
+    def __init__(self, run_dir: Path, total: int, budget: float, new_database: bool = False) -> None:
+        """`new_database`: Prefect's temporary server makes its database first (a first run here)."""
         self.run_dir, self.total, self.budget = run_dir, total, budget
+        # Until the flow begins (this attempt's run_started), Prefect is starting: seconds,
+        # more on a first run. What an earlier attempt of the run wrote came before `_since`.
+        self._since, self._begun = time.time() - 0.01, False
+        self._starting = (
+            "starting Prefect (a first run here also sets up its database)..."
+            if new_database
+            else "starting Prefect..."
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._tail = JournalTail(run_dir)
@@ -437,6 +447,7 @@ class _ProgressWatcher:
                 self._bad += now[1] - was[1]
                 self._spent += now[2] - was[2]
             elif kind == "run_started":  # patterns in the manifest are expanded by now
+                self._begun = self._begun or float(e.get("t") or 0) >= self._since
                 self.total = int(e.get("total") or self.total)
                 self._sent.clear()  # an earlier attempt's rows that never ended are sent again
                 self._flying.clear()
@@ -460,9 +471,12 @@ class _ProgressWatcher:
                 TimeElapsedColumn(),
             ]
             with Progress(*columns, console=err, transient=True) as bar:
-                task = bar.add_task("inpainting", total=self.total, detail="starting Prefect...")
+                task = bar.add_task("inpainting", total=self.total, detail=self._starting)
                 while not self._stop.wait(0.25):
                     done, bad, spent, flying, waiting, short = self._state()
+                    if not self._begun:
+                        bar.update(task, completed=done, total=self.total, detail=self._starting)
+                        continue
                     detail = f"{bad} failed or invalid · ${spent:.2f} of ${self.budget:.2f} · {flying} in flight"
                     detail += f" · {waiting} waiting for another run" if waiting else ""
                     detail += f" · {short} waiting for disk space" if short else ""
@@ -476,10 +490,14 @@ class _ProgressWatcher:
             if time.time() - last >= 10:
                 self._print_line()
                 last = time.time()
-        self._print_line()
+        self._print_line(final=True)
 
-    def _print_line(self) -> None:
+    def _print_line(self, final: bool = False) -> None:
         done, bad, spent, flying, waiting, short = self._state()
+        if not self._begun:  # and when the flow never began, the error says why, not this
+            if not final:
+                err.print(f"progress: {self._starting}", soft_wrap=True)
+            return
         line = f"progress: {done}/{self.total} done, {bad} failed or invalid, ${spent:.2f} spent, {flying} in flight"
         line += f", {waiting} waiting for another run making the same edits" if waiting else ""
         line += f", {short} waiting for disk space for their results" if short else ""

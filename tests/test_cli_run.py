@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -426,8 +427,8 @@ def test_the_time_left_goes_by_the_pace_sent_rows_have_been_ending_at_lately(tmp
     from soundpatch.journal import JOURNAL_FILE
     from soundpatch.pace import Pace
 
-    now = [1000.0]
     watcher = _ProgressWatcher(tmp_path, total=100, budget=50.0)
+    now = [time.time()]  # this attempt's events come after the watcher began
     watcher.pace = Pace(window_seconds=60, clock=lambda: now[0])
 
     def event(kind: str, row: str | None = None, **fields) -> None:  # as the journal writes it, at `now`
@@ -460,6 +461,37 @@ def test_the_time_left_goes_by_the_pace_sent_rows_have_been_ending_at_lately(tmp
     event("sending", "r6", provider="eachlabs")
     event("created", "r6", prediction_id="p6", resumed=True)  # collected, not created again
     assert line().endswith("1 in flight")
+
+
+def test_the_progress_line_says_prefect_is_starting_until_this_attempts_flow_begins(tmp_path, capsys, monkeypatch):
+    from flows.ephemeral import new_database
+    from soundpatch.cli import _ProgressWatcher
+    from soundpatch.journal import Journal
+
+    journal = Journal(tmp_path)
+    journal.write("run_started", total=2, kept=0)  # an earlier attempt of the run
+    journal.write("outcome", "a", outcome={"row_id": "a", "status": "succeeded", "cost_usd": 0.2})
+    time.sleep(0.05)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL", raising=False)
+    monkeypatch.delenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", raising=False)
+    assert new_database()  # nothing there yet: the server makes it first
+    watcher = _ProgressWatcher(tmp_path, total=2, budget=1.0, new_database=new_database())
+    watcher._print_line()
+    assert capsys.readouterr().err.strip() == (
+        "progress: starting Prefect (a first run here also sets up its database)..."
+    )
+    watcher._print_line(final=True)  # a flow that never began: its error says why, not this
+    assert capsys.readouterr().err == ""
+    journal.write("run_started", total=2, kept=1)  # this attempt's flow begins
+    watcher._print_line()
+    assert capsys.readouterr().err.startswith("progress: 1/2 done, 0 failed or invalid, $0.20 spent")
+    journal.close()
+
+    (tmp_path / "prefect").mkdir()
+    (tmp_path / "prefect" / "prefect.db").write_bytes(b"")
+    assert not new_database()
+    assert "starting Prefect..." in _ProgressWatcher(tmp_path, total=2, budget=1.0)._starting
 
 
 def test_detect_writes_the_manifest_that_fills_an_archive_s_dropouts(workdir, prefect_home):
