@@ -44,7 +44,9 @@ from soundpatch.outcome import (
     EXIT_ROWS_FAILED,
     FAILED,
     INVALID,
+    SKIPPED_DONE,
     STATUSES,
+    SUCCEEDED,
     Outcome,
     by_reason,
     exit_status,
@@ -399,6 +401,7 @@ class _ProgressWatcher:
         # Only what the line shows, kept up to date event by event: a long run's journal is
         # neither kept in memory nor added up again four times a second.
         self._last: dict[str, tuple[int, int, float]] = {}  # row -> (done, bad, cost) of its last outcome
+        self._to_redo: set[str] = set()  # rows whose last outcome a rerun does again (not succeeded or reused)
         self._done, self._bad, self._spent = 0, 0, 0.0
         self._sent: set[str] = set()  # rows sent and not yet ended
         self._flying: set[str] = set()  # of which, predictions in flight (limits.concurrency)
@@ -446,9 +449,16 @@ class _ProgressWatcher:
                 self._done += now[0] - was[0]
                 self._bad += now[1] - was[1]
                 self._spent += now[2] - was[2]
+                (self._to_redo.discard if status in (SUCCEEDED, SKIPPED_DONE) else self._to_redo.add)(row)
             elif kind == "run_started":  # patterns in the manifest are expanded by now
                 self._begun = self._begun or float(e.get("t") or 0) >= self._since
                 self.total = int(e.get("total") or self.total)
+                # A rerun does again the rows an earlier attempt did not finish: not done (nor
+                # failed) until they end again; what they cost still counts.
+                for row in self._to_redo:
+                    done, bad, cost = self._last[row]
+                    self._done, self._bad, self._last[row] = self._done - done, self._bad - bad, (0, 0, cost)
+                self._to_redo.clear()
                 self._sent.clear()  # an earlier attempt's rows that never ended are sent again
                 self._flying.clear()
                 self.pace.restarted()

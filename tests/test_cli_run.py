@@ -471,6 +471,7 @@ def test_the_progress_line_says_prefect_is_starting_until_this_attempts_flow_beg
     journal = Journal(tmp_path)
     journal.write("run_started", total=2, kept=0)  # an earlier attempt of the run
     journal.write("outcome", "a", outcome={"row_id": "a", "status": "succeeded", "cost_usd": 0.2})
+    journal.write("outcome", "b", outcome={"row_id": "b", "status": "failed", "cost_usd": 0.2})
     time.sleep(0.05)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL", raising=False)
@@ -484,8 +485,14 @@ def test_the_progress_line_says_prefect_is_starting_until_this_attempts_flow_beg
     watcher._print_line(final=True)  # a flow that never began: its error says why, not this
     assert capsys.readouterr().err == ""
     journal.write("run_started", total=2, kept=1)  # this attempt's flow begins
+    # a is kept; b, failed in the earlier attempt, is done again: not done until it ends
+    # again (the whole bar was full from the start of a rerun), its cost still spent.
     watcher._print_line()
-    assert capsys.readouterr().err.startswith("progress: 1/2 done, 0 failed or invalid, $0.20 spent")
+    assert capsys.readouterr().err.strip() == "progress: 1/2 done, 0 failed or invalid, $0.40 spent, 0 in flight"
+    journal.write("sending", "b", provider="local")
+    journal.write("outcome", "b", outcome={"row_id": "b", "status": "succeeded", "cost_usd": 0.4})
+    watcher._print_line()
+    assert capsys.readouterr().err.strip() == "progress: 2/2 done, 0 failed or invalid, $0.60 spent, 0 in flight"
     journal.close()
 
     (tmp_path / "prefect").mkdir()
