@@ -24,8 +24,9 @@ class RowError(SoundpatchError):
 
 
 class OutOfRoom(RowError):
-    """A write failed for want of disk space (the message names the disk): freeing some
-    and running again mends it."""
+    """A write failed for want of disk space: freeing some and running again mends it. The
+    message names the disk and ends "free some space and run it again" (a caller may add
+    how: the file of several rows adds "with the same --run-id to make it")."""
 
 
 def as_sentence(text: str, fallback: str = "Unknown error") -> str:
