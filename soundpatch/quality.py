@@ -26,8 +26,6 @@ import functools
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import pyloudnorm
-import scipy.signal
 
 from soundpatch.audio import Audio, ReadBack, max_diff, to_float
 
@@ -144,13 +142,17 @@ def _loudness_delta(x: np.ndarray, a: int, b: int, rate: int) -> float | None:
 
 
 def _k_weighted(x: np.ndarray, rate: int) -> np.ndarray:
+    from scipy.signal import lfilter  # scipy.signal takes a second to import: only when a row needs it
+
     b, a = _k_filter(rate)
-    return scipy.signal.lfilter(b, a, x, axis=0)
+    return lfilter(b, a, x, axis=0)
 
 
 @functools.cache
 def _k_filter(rate: int) -> tuple[np.ndarray, np.ndarray]:
     """The BS.1770 pre-filter (pyloudnorm's high shelf, then high pass) as one filter."""
+    import pyloudnorm  # imports scipy.signal: see _k_weighted
+
     b, a = np.array([1.0]), np.array([1.0])
     for stage in pyloudnorm.Meter(rate)._filters.values():
         b = np.convolve(b, stage.passband_gain * np.asarray(stage.b))

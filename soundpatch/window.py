@@ -20,7 +20,6 @@ from typing import Literal
 
 import numpy as np
 import soxr
-from scipy.signal import correlate
 
 from soundpatch.audio import Audio, mono
 from soundpatch.errors import RowError
@@ -182,6 +181,8 @@ def _dot(a: np.ndarray, b: np.ndarray, s0: int, s1: int, shift: int) -> float:
 
 def _best_lag(ref: np.ndarray, got: np.ndarray, spans: list[tuple[int, int]], max_lag: int, pad: int) -> int:
     """The lag in [-max_lag, max_lag] that best matches ref on spans (got[i] is frame i - pad)."""
+    from scipy.signal import correlate  # scipy.signal takes a second to import: only when a row needs it
+
     scores = np.zeros(2 * max_lag + 1)
     for s0, s1 in spans:
         if s1 > s0:

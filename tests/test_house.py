@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-CORE = Path(__file__).resolve().parents[1] / "soundpatch"
+ROOT = Path(__file__).resolve().parents[1]
+CORE = ROOT / "soundpatch"
 
 
 def test_the_core_never_imports_prefect():
@@ -27,6 +28,19 @@ def test_validating_a_manifest_does_not_load_prefect():
     code = "import sys, soundpatch.cli, soundpatch.batch; print('prefect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_validating_a_manifest_does_not_load_scipy_signal(tmp_path):
+    # scipy.signal (alignment, the local engine, loudness) takes over a second to import,
+    # which `soundpatch validate` and `run --dry-run` never use: half their time.
+    code = (
+        "import sys\n"
+        "from soundpatch.cli import main\n"
+        f"assert main(['validate', {str(ROOT / 'manifests' / 'restoration.csv')!r}]) == 0\n"
+        "print(sorted(m for m in ('scipy.signal', 'pyloudnorm') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_only_a_real_run_starts_prefects_server_before_loading():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.linalg import solve_toeplitz
-from scipy.signal import lfilter, lfiltic
 
 # Added to the zero-lag autocorrelation: keeps the Yule-Walker system well conditioned
 # for near-silent or purely tonal context (a "white noise correction").
@@ -58,6 +57,8 @@ def extrapolate(context: np.ndarray, m: int, order: int, fade: bool = True) -> n
     With `fade`, the prediction fades to silence over the m samples: a one-sided
     prediction drifts, so it is only trusted near the known audio.
     """
+    from scipy.signal import lfilter, lfiltic  # scipy.signal takes a second to import: only when a row needs it
+
     order = max(1, min(order, len(context) // 4))
     if len(context) <= order:
         return np.zeros(m)

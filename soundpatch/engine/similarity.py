@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import soxr
-from scipy.signal import correlate
 
 SEARCH_RATE = 6000  # Hz; enough to discriminate rhythm and pitch, cheap to correlate
 SEARCH_RANGE_SECONDS = 90.0  # candidates further than this from the gap are not considered
@@ -111,6 +110,8 @@ def _dead(x: np.ndarray, shortest: int) -> np.ndarray:
 
 def _ncc_at(x: np.ndarray, template: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Normalised cross-correlation of `template` with x[o : o + len] for each offset o."""
+    from scipy.signal import correlate  # scipy.signal takes a second to import: only when a row needs it
+
     k = len(template)
     t = template.astype(np.float64) - template.mean()
     t_norm = np.sqrt(np.dot(t, t))
