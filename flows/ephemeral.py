@@ -1,6 +1,7 @@
 """Prefect's temporary API server for a run, out of reach of the terminal's Ctrl-C.
 
-With no PREFECT_API_URL, a run needs a temporary Prefect server. We start the same
+With no PREFECT_API_URL (in the environment, or in the active profile as `prefect config
+set` and `prefect cloud login` write it), a run needs a temporary Prefect server. We start the same
 server Prefect would (its API app under uvicorn, UI and background services off), with
 three differences:
 - in its own session, and Linux ends it when we end (even by kill -9): a Ctrl-C in a
@@ -27,10 +28,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 _PR_SET_PDEATHSIG = 1
 STARTUP_TIMEOUT_SECONDS = 120  # a first run on a new PREFECT_HOME migrates a database
@@ -62,9 +64,10 @@ class TemporaryServer:
 
     @classmethod
     def unless_configured(cls, show_output: bool = False) -> TemporaryServer | None:
-        """A server started now, unless PREFECT_API_URL names one to use (read from the
-        environment only: importing Prefect's settings would take the seconds we save)."""
-        return None if os.environ.get("PREFECT_API_URL") else cls(show_output).start()
+        """A server started now, unless PREFECT_API_URL names one to use (see
+        `prefect_setting`; a server named elsewhere is found once Prefect loads, and this
+        one stopped then: `isolated_api`)."""
+        return None if prefect_setting("PREFECT_API_URL") else cls(show_output).start()
 
     @property
     def api_url(self) -> str:
@@ -165,12 +168,35 @@ class TemporaryServer:
 def new_database() -> bool:
     """Whether Prefect's server will make its database before it answers (its migrations
     take 10 s and more on a 2-core machine): its default SQLite file in PREFECT_HOME is not
-    there yet. From the environment only (importing Prefect's settings would take the
-    seconds we save); a database configured elsewhere is not guessed at."""
-    if any(os.environ.get(f"PREFECT_{part}_DATABASE_CONNECTION_URL") for part in ("API", "SERVER")):
+    there yet. A database configured elsewhere is not guessed at."""
+    if any(prefect_setting(f"PREFECT_{part}_DATABASE_CONNECTION_URL") for part in ("API", "SERVER")):
         return False
-    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
-    return not (home / "prefect.db").exists()
+    return not (_prefect_home() / "prefect.db").exists()
+
+
+def prefect_setting(name: str) -> str:
+    """A Prefect setting ("" if unset) from the environment or the active profile, where
+    `prefect config set` and `prefect cloud login` keep it: read without importing Prefect,
+    which would take the seconds the early start saves. (Prefect also reads .env,
+    prefect.toml and pyproject.toml in the working folder; those count once it loads.)"""
+    value = os.environ.get(name) or _active_profile().get(name)
+    return str(value) if value else ""
+
+
+def _active_profile() -> dict[str, Any]:
+    """The settings of the active profile in the profiles file, as Prefect picks them."""
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or _prefect_home() / "profiles.toml").expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}  # none: Prefect's own default profile, which names no server
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active")
+    settings = profiles.get("profiles", {}).get(active) if isinstance(active, str) else None
+    return settings if isinstance(settings, dict) else {}
+
+
+def _prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
 
 
 def quiet_prefect(verbose: bool) -> None:

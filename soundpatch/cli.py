@@ -290,7 +290,7 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
     # name a server of the user's).
     server = args.server or TemporaryServer.unless_configured(show_output=args.verbose)
     try:
-        from flows.ephemeral import isolated_api  # noqa: PLC0415
+        from flows.ephemeral import api_configured, isolated_api  # noqa: PLC0415
         from flows.inpaint_batch import inpaint_batch  # noqa: PLC0415
         from flows.shared_limits import check_server  # noqa: PLC0415
 
@@ -301,7 +301,9 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
         raise
 
     _stop_on_signals(run_id)
-    first = server is not None and server.new_database
+    # A first run sets up the temporary server's database; a server of the user's (named
+    # where only Prefect's own settings see it) already has one, and the temporary is stopped.
+    first = server is not None and server.new_database and not api_configured()
     watcher = _ProgressWatcher(run_dir, total=len(manifest.edits), budget=cfg.limits.budget_usd, new_database=first)
     watcher.start()
     try:

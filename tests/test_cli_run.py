@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -499,6 +500,59 @@ def test_the_progress_line_says_prefect_is_starting_until_this_attempts_flow_beg
     (tmp_path / "prefect" / "prefect.db").write_bytes(b"")
     assert not new_database()
     assert "starting Prefect..." in _ProgressWatcher(tmp_path, total=2, budget=1.0)._starting
+
+
+def in_a_terminal(*args: str, cwd: Path, env: dict[str, str], timeout: float = 300) -> tuple[int, str]:
+    """The command run in a terminal (a pseudo-terminal), as users watch its live line."""
+    import os
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [str(SCRIPT), *args], cwd=cwd, env={**env, "TERM": "xterm-256color", "COLUMNS": "160"},
+        stdin=follower, stdout=follower, stderr=follower, start_new_session=True,
+    )  # fmt: skip
+    os.close(follower)
+    seen, deadline = bytearray(), time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # the command ended: its terminal is closed
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+        else:
+            raise AssertionError(f"still running after {timeout} s: {bytes(seen[-2000:])!r}")
+        return proc.wait(timeout=30), seen.decode("utf-8", "replace")
+    finally:
+        proc.kill() if proc.poll() is None else None
+        os.close(leader)
+
+
+def test_a_prefect_server_named_in_the_users_profile_is_used_and_no_temporary_one_is_set_up(
+    workdir, tmp_path, prefect_server
+):
+    # `prefect config set PREFECT_API_URL=...` (or `prefect cloud login`) keeps the server in
+    # the active profile, not in the environment. The live line said "a first run here also
+    # sets up its database" on every such run, for a temporary server started and then
+    # stopped unused.
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "profiles.toml").write_text(f'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "{prefect_server}"\n')
+    code, seen = in_a_terminal(
+        "run", "manifests/restoration.csv", "--run-id", "profiled", cwd=workdir, env=clean_env(PREFECT_HOME=str(home))
+    )
+    assert code == 0, seen[-3000:]
+    assert "starting Prefect" in seen  # the live line was shown, as in a terminal
+    assert "first run here" not in seen
+    assert not (home / "prefect.db").exists()  # no temporary server's database
+    named = {"flow_runs": {"name": {"any_": ["soundpatch profiled"]}}}
+    runs = httpx.post(f"{prefect_server}/flow_runs/filter", json=named, timeout=30)
+    assert [r["state"]["type"] for r in runs.json()] == ["COMPLETED"]  # the run is on the team's server
 
 
 def test_detect_writes_the_manifest_that_fills_an_archive_s_dropouts(workdir, prefect_home):

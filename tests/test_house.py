@@ -59,6 +59,28 @@ def test_a_configured_prefect_api_means_no_temporary_server(monkeypatch):
     assert TemporaryServer.unless_configured() is None
 
 
+def test_a_prefect_server_or_database_in_the_active_profile_is_seen_before_prefect_loads(tmp_path, monkeypatch):
+    from flows.ephemeral import TemporaryServer, new_database
+
+    for setting in ("API_URL", "PROFILE", "PROFILES_PATH", "API_DATABASE_CONNECTION_URL"):
+        monkeypatch.delenv(f"PREFECT_{setting}", raising=False)
+    monkeypatch.delenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    (tmp_path / "profiles.toml").write_text(  # as `prefect config set` leaves it
+        'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n'
+        'PREFECT_SERVER_DATABASE_CONNECTION_URL = "postgresql+asyncpg://db/prefect"\n\n[profiles.solo]\n'
+    )
+    assert TemporaryServer.unless_configured() is None
+    assert not new_database()  # a database of its own: not made here on a first run
+    monkeypatch.setenv("PREFECT_PROFILE", "solo")  # as Prefect picks it: the variable wins
+    assert new_database()
+    server = TemporaryServer.unless_configured()
+    assert server is not None
+    server.stop()
+    (tmp_path / "profiles.toml").write_text("active = [")  # unreadable: Prefect's default profile
+    assert new_database()
+
+
 def test_prefects_server_imports_without_garbage_collection_and_serves_with_it():
     # The run's temporary server starts through flows.prefect_server; uvicorn is stubbed to
     # report the collector's state at the moment it would start serving.
