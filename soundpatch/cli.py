@@ -383,6 +383,9 @@ def _safe_run_id(run_id: str) -> bool:
     )
 
 
+MIN_BAR, MAX_BAR = 6, 40  # the live line's bar, in columns
+
+
 class _ProgressWatcher:
     """Shows rows done / failed / spent by reading the run's journal as it grows."""
 
@@ -475,25 +478,21 @@ class _ProgressWatcher:
 
     def _loop(self) -> None:
         if err.is_terminal:
+            gauge = BarColumn()
             columns = [
                 TextColumn("[progress.description]{task.description}"),
-                BarColumn(),
+                gauge,
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[detail]}"),
                 TimeElapsedColumn(),
             ]
+            done, *state = self._state()
+            gauge.bar_width, detail = self._live_line(err.width, done, *state)
             with Progress(*columns, console=err, transient=True) as bar:
-                task = bar.add_task("inpainting", total=self.total, detail=self._starting)
+                task = bar.add_task("inpainting", total=self.total, completed=done, detail=detail)
                 while not self._stop.wait(0.25):
-                    done, bad, spent, flying, waiting, short = self._state()
-                    if not self._begun:
-                        bar.update(task, completed=done, total=self.total, detail=self._starting)
-                        continue
-                    detail = f"{bad} failed or invalid · ${spent:.2f} of ${self.budget:.2f} · {flying} in flight"
-                    detail += f" · {waiting} waiting for another run" if waiting else ""
-                    detail += f" · {short} waiting for disk space" if short else ""
-                    detail += f" · files of several rows {self._files_line()}" if self._files else ""
-                    detail += self._left(done, " · about {} left")
+                    done, *state = self._state()
+                    gauge.bar_width, detail = self._live_line(err.width, done, *state)
                     bar.update(task, completed=done, total=self.total, detail=detail)
             return
         # Not a terminal (CI, a log file): a plain line every 10 s and one at the end.
@@ -503,6 +502,40 @@ class _ProgressWatcher:
                 self._print_line()
                 last = time.time()
         self._print_line(final=True)
+
+    def _live_line(
+        self, width: int, done: int, bad: int, spent: float, flying: int, waiting: int, short: int
+    ) -> tuple[int, str]:
+        """The bar's width and what the live line says beside it, to fit `width` columns: on
+        a narrow terminal the bar shrinks first, then each part is said shorter, then the
+        least telling parts go (rich would cut whatever came first, the count of rows done
+        with it)."""
+        # "inpainting", the count (N/M), the time so far (up to 9:59:59), the spaces between
+        # the five columns, and one to spare: the terminal's last column wraps the line.
+        fixed = len("inpainting") + 2 * len(str(self.total)) + 1 + len("0:00:00") + 4 + 1
+        room = width - fixed - MIN_BAR
+        if not self._begun:
+            parts = [(0, self._starting, "starting Prefect...")]
+        else:
+            files = self._files_line()
+            parts = [  # (the lower, the longer it stays; in full; short), shown in this order
+                (0, f"{bad} failed or invalid", f"{bad} failed"),
+                (1, f"${spent:.2f} of ${self.budget:.2f}", f"${spent:.2f}/${self.budget:.2f}"),
+                (5, f"{flying} in flight", f"{flying} in flight"),
+                (3, f"{waiting} waiting for another run", f"{waiting} waiting") if waiting else (3, "", ""),
+                (3, f"{short} waiting for disk space", f"{short} need disk") if short else (3, "", ""),
+                (4, f"files of several rows {files}", f"files {files}") if self._files else (4, "", ""),
+                (2, self._left(done, "about {} left"), self._left(done, "~{} left")),
+            ]
+        detail = " · ".join(full for _, full, _ in parts if full)
+        if len(detail) > room:
+            for rank in sorted({rank for rank, _, _ in parts}, reverse=True):
+                detail = " · ".join(short for r, _, short in parts if short and r <= rank)
+                if len(detail) <= room or rank == 0:
+                    break
+        if len(detail) > room:
+            detail = detail[: max(0, room - 1)] + "…"
+        return max(MIN_BAR, min(MAX_BAR, width - fixed - len(detail))), detail
 
     def _print_line(self, final: bool = False) -> None:
         done, bad, spent, flying, waiting, short = self._state()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -464,6 +465,48 @@ def test_the_time_left_goes_by_the_pace_sent_rows_have_been_ending_at_lately(tmp
     assert line().endswith("1 in flight")
 
 
+def test_the_live_line_fits_the_terminal_and_says_less_before_it_loses_the_count(tmp_path):
+    # At 80 columns rich cut the line from its start: "inp… 0 failed or invalid · $0.00 of
+    # $10.00 · 0 in flight · files of several ro…", without the bar or the rows done.
+    from soundpatch.cli import _ProgressWatcher
+    from soundpatch.journal import JOURNAL_FILE
+    from soundpatch.pace import Pace
+
+    watcher = _ProgressWatcher(tmp_path, total=400, budget=100.0)
+    now = [time.time()]
+    watcher.pace = Pace(window_seconds=60, clock=lambda: now[0])
+
+    def event(kind: str, row: str | None = None, **fields) -> None:
+        line = {"t": now[0], "event": kind, **({"row": row} if row else {}), **fields}
+        with open(tmp_path / JOURNAL_FILE, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def shown(width: int) -> tuple[str, int]:
+        """What the line says beside the bar, and the columns the whole line takes as rich
+        lays it out: "inpainting", the bar, the count (" 12/400"), this, the time so far."""
+        bar, detail = watcher._live_line(width, *watcher._state())
+        return detail, len("inpainting") + bar + len("  0/400") + len(detail) + len("0:01:05") + 4
+
+    assert shown(80)[0] == "starting Prefect..."
+    event("run_started", total=400)
+    for row in range(40):
+        event("sending", f"r{row}", provider="eachlabs")
+        event("creating", f"r{row}")
+    now[0] += 30  # 8 rows ended in 30 s: 392 to go at that pace
+    for row in range(8):
+        event("outcome", f"r{row}", outcome={"status": "failed" if row == 0 else "succeeded", "cost_usd": 0.2})
+    assert watcher._state()[0] == 8
+    left = watcher._left(8, "{}")
+    assert left
+    assert shown(200) == (f"1 failed or invalid · $1.60 of $100.00 · 32 in flight · about {left} left", shown(200)[1])
+    assert shown(200)[1] < 200
+    assert shown(80)[0] == f"1 failed · $1.60/$100.00 · ~{left} left"  # shorter, "in flight" goes first
+    assert shown(60)[0] == "1 failed · $1.60/$100.00"
+    assert shown(45)[0] == "1 failed"
+    for width in (200, 120, 100, 80, 60, 45):
+        assert shown(width)[1] < width  # the last column is left free: writing there wraps the line
+
+
 def test_the_progress_line_says_prefect_is_starting_until_this_attempts_flow_begins(tmp_path, capsys, monkeypatch):
     from flows.ephemeral import new_database
     from soundpatch.cli import _ProgressWatcher
@@ -502,15 +545,18 @@ def test_the_progress_line_says_prefect_is_starting_until_this_attempts_flow_beg
     assert "starting Prefect..." in _ProgressWatcher(tmp_path, total=2, budget=1.0)._starting
 
 
-def in_a_terminal(*args: str, cwd: Path, env: dict[str, str], timeout: float = 300) -> tuple[int, str]:
-    """The command run in a terminal (a pseudo-terminal), as users watch its live line."""
+def in_a_terminal(
+    *args: str, cwd: Path, env: dict[str, str], columns: int = 160, timeout: float = 300
+) -> tuple[int, str]:
+    """The command run in a terminal (a pseudo-terminal) `columns` wide, as users watch its
+    live line; what it showed, colours and cursor moves taken out."""
     import os
     import pty
     import select
 
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
-        [str(SCRIPT), *args], cwd=cwd, env={**env, "TERM": "xterm-256color", "COLUMNS": "160"},
+        [str(SCRIPT), *args], cwd=cwd, env={**env, "TERM": "xterm-256color", "COLUMNS": str(columns)},
         stdin=follower, stdout=follower, stderr=follower, start_new_session=True,
     )  # fmt: skip
     os.close(follower)
@@ -527,10 +573,23 @@ def in_a_terminal(*args: str, cwd: Path, env: dict[str, str], timeout: float = 3
                 seen += chunk
         else:
             raise AssertionError(f"still running after {timeout} s: {bytes(seen[-2000:])!r}")
-        return proc.wait(timeout=30), seen.decode("utf-8", "replace")
+        shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode("utf-8", "replace"))
+        return proc.wait(timeout=30), shown.replace("\r\n", "\n").replace("\r", "\n")
     finally:
         proc.kill() if proc.poll() is None else None
         os.close(leader)
+
+
+def test_the_live_line_in_an_80_column_terminal_keeps_its_count_and_fits(workdir, prefect_home):
+    code, shown = in_a_terminal(
+        "run", "manifests/restoration.csv", cwd=workdir, env=clean_env(PREFECT_HOME=str(prefect_home)), columns=80
+    )
+    assert code == 0, shown[-3000:]
+    live = [line for line in shown.splitlines() if line.startswith("inpainting")]
+    assert any("failed" in line for line in live)  # shown from the flow's start on
+    for line in live:
+        assert len(line) < 80 and "…" not in line, line
+        assert re.search(r" [0-6]/6 .* \d:\d\d:\d\d$", line), line  # the count and the time so far, whole
 
 
 def test_a_prefect_server_named_in_the_users_profile_is_used_and_no_temporary_one_is_set_up(
