@@ -1,9 +1,9 @@
 """Prefect's temporary API server for a run, out of reach of the terminal's Ctrl-C.
 
 With no PREFECT_API_URL (in the environment, or in the active profile as `prefect config
-set` and `prefect cloud login` write it), a run needs a temporary Prefect server. We start the same
-server Prefect would (its API app under uvicorn, UI and background services off), with
-three differences:
+set` and `prefect cloud login` write it), a run needs a temporary Prefect server. We
+start the same server Prefect would (its API app under uvicorn, UI and background
+services off), with these differences:
 - in its own session, and Linux ends it when we end (even by kill -9): a Ctrl-C in a
   terminal signals the whole process group, and a server dying while soundpatch still
   finishes the predictions in flight (paid for) would hang the run;
