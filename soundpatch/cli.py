@@ -290,6 +290,11 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
     # name a server of the user's).
     server = args.server or TemporaryServer.unless_configured(show_output=args.verbose)
     try:
+        # The rows need scipy.signal (alignment, loudness, the local engine), which `validate`
+        # does not: it loads here, on the other core while Prefect's server starts, not in
+        # the first row (whose result came a second and more after the next rows were sent).
+        import scipy.signal  # noqa: F401, PLC0415
+
         from flows.ephemeral import api_configured, isolated_api  # noqa: PLC0415
         from flows.inpaint_batch import inpaint_batch  # noqa: PLC0415
         from flows.shared_limits import check_server  # noqa: PLC0415
