@@ -380,6 +380,30 @@ def test_an_account_out_of_credit_is_sent_no_more_and_the_rerun_after_a_top_up_d
     assert sim.stats.creates == 15 and sim.billed() == pytest.approx(12 * PRICE)
 
 
+def test_rows_waiting_their_turn_at_the_rate_limit_are_not_sent_once_the_account_is_out_of_credit(
+    library, aws_env, simulator, monkeypatch
+):
+    # Rows side by side, as the flow runs them, at 60 creates a minute: rows that took their
+    # place in the queue for the rate limit before the third refusal came were sent all the
+    # same when their turn came, and refused too (10 refusals of 10 rows left, at the
+    # default 8 at once).
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(latency=0.05, fill="tone", balance=0.40)
+    twelve = twelve_rows(library)
+    knobs = {"limits.concurrency": 3, "limits.requests_per_minute": 60}
+    cfg = hosted_config(sim, aws_env.endpoint, str(library / "outputs"), library / "runs", **knobs)
+    batch = Batch(load_manifest(twelve), cfg, "queued")
+    try:
+        with ThreadPoolExecutor(max_workers=6) as rows:  # twice limits.concurrency, as the flow
+            outcomes = list(rows.map(batch.process, batch.manifest.edits))
+    finally:
+        batch.close()
+    assert sorted(o.status for o in outcomes).count("succeeded") == 2
+    assert sim.stats.out_of_credit == 3  # none sent after the third refusal
+    not_sent = [o for o in outcomes if o.error.startswith("Not sent to Each Labs")]
+    assert len(not_sent) == 7 and all(o.cost_usd == 0 for o in not_sent)
+
+
 def test_only_the_accounts_refusals_count_against_every_row():
     from soundpatch.providers.hosted import ACCOUNT_LOCKED, OUT_OF_CREDIT, account_problem
 

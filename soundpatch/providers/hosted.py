@@ -197,6 +197,9 @@ class HostedProvider:
             # A run stopped while this row waits its turn ends the wait; then nothing is sent.
             self.creates.acquire(give_up=request.stopping)
             request.check_may_start()
+            # And a provider found out of reach meanwhile (the account out of credit, say, as
+            # the rows before it in the queue were refused): then it is not sent either.
+            self._within_reach(tried=attempts)
             # Journaled before the request goes out: if we die now, the row is "in doubt". A
             # journal that cannot be written (a full disk) sends nothing.
             try:
