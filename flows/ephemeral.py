@@ -1,9 +1,9 @@
 """Prefect's temporary API server for a run, out of reach of the terminal's Ctrl-C.
 
-With no PREFECT_API_URL (in the environment, or in the active profile as `prefect config
-set` and `prefect cloud login` write it), a run needs a temporary Prefect server. We
-start the same server Prefect would (its API app under uvicorn, UI and background
-services off), with these differences:
+With no PREFECT_API_URL (in the environment, the working folder's .env, prefect.toml or
+pyproject.toml, or the active profile as `prefect config set` and `prefect cloud login`
+write it), a run needs a temporary Prefect server. We start the same server Prefect would
+(its API app under uvicorn, UI and background services off), with these differences:
 - in its own session, and Linux ends it when we end (even by kill -9): a Ctrl-C in a
   terminal signals the whole process group, and a server dying while soundpatch still
   finishes the predictions in flight (paid for) would hang the run;
@@ -64,9 +64,9 @@ class TemporaryServer:
 
     @classmethod
     def unless_configured(cls, show_output: bool = False) -> TemporaryServer | None:
-        """A server started now, unless PREFECT_API_URL names one to use (see
-        `prefect_setting`; a server named elsewhere is found once Prefect loads, and this
-        one stopped then: `isolated_api`)."""
+        """A server started now, unless PREFECT_API_URL names one to use (`prefect_setting`;
+        should Prefect's settings name one all the same once it loads, this one is stopped
+        then: `isolated_api`)."""
         return None if prefect_setting("PREFECT_API_URL") else cls(show_output).start()
 
     @property
@@ -174,18 +174,54 @@ def new_database() -> bool:
     return not (_prefect_home() / "prefect.db").exists()
 
 
+# Where Prefect's TOML files (prefect.toml, pyproject.toml's [tool.prefect]) hold the
+# settings read here: by field, not by variable name (`api.url` for PREFECT_API_URL).
+_TOML_KEYS = {
+    "PREFECT_HOME": ("home",),
+    "PREFECT_PROFILES_PATH": ("profiles_path",),
+    "PREFECT_API_URL": ("api", "url"),
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL": ("server", "database", "connection_url"),
+}
+
+
 def prefect_setting(name: str) -> str:
-    """A Prefect setting ("" if unset) from the environment or the active profile, where
-    `prefect config set` and `prefect cloud login` keep it: read without importing Prefect,
-    which would take the seconds the early start saves. (Prefect also reads .env,
-    prefect.toml and pyproject.toml in the working folder; those count once it loads.)"""
-    value = os.environ.get(name) or _active_profile().get(name)
+    """A Prefect setting ("" if unset), from where Prefect reads it, in its order: the
+    environment, then the working folder's .env, prefect.toml and pyproject.toml
+    ([tool.prefect]), then the active profile (where `prefect config set` and `prefect
+    cloud login` keep it). Read without importing Prefect, which would take the seconds
+    the early start saves."""
+    value = _project_setting(name) or _active_profile().get(name)
     return str(value) if value else ""
+
+
+def _project_setting(name: str) -> str:
+    """A setting from the environment or the working folder's files, "" if none has it."""
+    value: Any = os.environ.get(name)
+    if not value and Path(".env").is_file():
+        import dotenv  # noqa: PLC0415 - Prefect's own reader of .env files, loaded only when there is one
+
+        value = dotenv.dotenv_values(".env").get(name)
+    for path, table in (("prefect.toml", ()), ("pyproject.toml", ("tool", "prefect"))):
+        if not value and name in _TOML_KEYS:
+            value = _toml_value(Path(path), (*table, *_TOML_KEYS[name]))
+    return str(value) if value else ""
+
+
+def _toml_value(path: Path, keys: tuple[str, ...]) -> Any:
+    try:
+        found: Any = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None  # none there (an unreadable one stops Prefect itself, with its own message)
+    for key in keys:
+        found = found.get(key) if isinstance(found, dict) else None
+    return found
 
 
 def _active_profile() -> dict[str, Any]:
     """The settings of the active profile in the profiles file, as Prefect picks them."""
-    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or _prefect_home() / "profiles.toml").expanduser()
+    home = os.environ.get("PREFECT_HOME")  # here Prefect looks at the environment's only
+    default = Path(home) / "profiles.toml" if home else Path.home() / ".prefect" / "profiles.toml"
+    path = Path(_project_setting("PREFECT_PROFILES_PATH") or default).expanduser()
     try:
         profiles = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
@@ -196,7 +232,7 @@ def _active_profile() -> dict[str, Any]:
 
 
 def _prefect_home() -> Path:
-    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    return Path(prefect_setting("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
 
 
 def quiet_prefect(verbose: bool) -> None:

@@ -592,24 +592,30 @@ def test_the_live_line_in_an_80_column_terminal_keeps_its_count_and_fits(workdir
         assert re.search(r" [0-6]/6 .* \d:\d\d:\d\d$", line), line  # the count and the time so far, whole
 
 
-def test_a_prefect_server_named_in_the_users_profile_is_used_and_no_temporary_one_is_set_up(
-    workdir, tmp_path, prefect_server
+@pytest.mark.parametrize("named_in", ["profile", "prefect.toml"])
+def test_a_prefect_server_named_in_the_users_profile_or_project_is_used_and_no_temporary_one_is_set_up(
+    workdir, tmp_path, prefect_server, named_in
 ):
     # `prefect config set PREFECT_API_URL=...` (or `prefect cloud login`) keeps the server in
-    # the active profile, not in the environment. The live line said "a first run here also
-    # sets up its database" on every such run, for a temporary server started and then
-    # stopped unused.
+    # the active profile, not in the environment; a project can name it in a prefect.toml
+    # (or .env, or pyproject.toml) in the folder the command runs in. The live line said "a
+    # first run here also sets up its database" on every such run, for a temporary server
+    # started and then stopped unused.
     home = tmp_path / "home"
     home.mkdir()
-    (home / "profiles.toml").write_text(f'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "{prefect_server}"\n')
+    if named_in == "profile":
+        profiles = f'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "{prefect_server}"\n'
+        (home / "profiles.toml").write_text(profiles)
+    else:
+        (workdir / "prefect.toml").write_text(f'[api]\nurl = "{prefect_server}"\n')
     code, seen = in_a_terminal(
-        "run", "manifests/restoration.csv", "--run-id", "profiled", cwd=workdir, env=clean_env(PREFECT_HOME=str(home))
+        "run", "manifests/restoration.csv", "--run-id", named_in, cwd=workdir, env=clean_env(PREFECT_HOME=str(home))
     )
     assert code == 0, seen[-3000:]
     assert "starting Prefect" in seen  # the live line was shown, as in a terminal
     assert "first run here" not in seen
     assert not (home / "prefect.db").exists()  # no temporary server's database
-    named = {"flow_runs": {"name": {"any_": ["soundpatch profiled"]}}}
+    named = {"flow_runs": {"name": {"any_": [f"soundpatch {named_in}"]}}}
     runs = httpx.post(f"{prefect_server}/flow_runs/filter", json=named, timeout=30)
     assert [r["state"]["type"] for r in runs.json()] == ["COMPLETED"]  # the run is on the team's server
 

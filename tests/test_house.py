@@ -81,6 +81,64 @@ def test_a_prefect_server_or_database_in_the_active_profile_is_seen_before_prefe
     assert new_database()
 
 
+def prefects_own(*fields: str) -> str:
+    """Prefect's own reading of its settings, in a process started in the working folder."""
+    code = "from prefect.settings import get_current_settings as s; import operator as o; import sys\n"
+    code += "print(*(o.attrgetter(f)(s()) for f in sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, *fields], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_prefect_server_named_in_the_working_folders_files_is_seen_before_prefect_loads(tmp_path, monkeypatch):
+    # Prefect 3 also reads .env, prefect.toml and pyproject.toml's [tool.prefect] in the working
+    # folder, after the environment and before the profile. A server named there only was
+    # found once Prefect loaded, after a temporary one had been spawned for nothing.
+    from flows.ephemeral import TemporaryServer, new_database, prefect_setting
+
+    for setting in ("API_URL", "PROFILE", "PROFILES_PATH", "API_DATABASE_CONNECTION_URL", "HOME"):
+        monkeypatch.delenv(f"PREFECT_{setting}", raising=False)
+    monkeypatch.delenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))  # no profile: Prefect's default one
+    monkeypatch.chdir(tmp_path)
+    team = "http://127.0.0.1:9/api"
+    files = {
+        ".env": f"PREFECT_API_URL={team}\n",
+        "prefect.toml": f'[api]\nurl = "{team}"\n',
+        "pyproject.toml": f'[project]\nname = "x"\n\n[tool.prefect.api]\nurl = "{team}"\n',
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        assert prefect_setting("PREFECT_API_URL") == team, name
+        assert TemporaryServer.unless_configured() is None, name
+        (tmp_path / name).unlink()
+    assert prefect_setting("PREFECT_API_URL") == ""
+
+    # In Prefect's order: the environment, .env, prefect.toml, pyproject.toml, the profile.
+    (tmp_path / "pyproject.toml").write_text('[tool.prefect]\napi.url = "http://pyproject/api"\n')
+    (tmp_path / "prefect.toml").write_text('api.url = "http://prefect-toml/api"\n')
+    assert prefect_setting("PREFECT_API_URL") == "http://prefect-toml/api"
+    (tmp_path / ".env").write_text("PREFECT_API_URL=http://dotenv/api\n")
+    assert prefect_setting("PREFECT_API_URL") == "http://dotenv/api" == prefects_own("api.url")
+    monkeypatch.setenv("PREFECT_API_URL", "http://environment/api")
+    assert prefect_setting("PREFECT_API_URL") == "http://environment/api"
+
+    # Where Prefect keeps its home, its database and its profiles can be named there too.
+    (tmp_path / "project-home").mkdir()
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "team.toml").write_text('active = "t"\n[profiles.t]\nPREFECT_LOGGING_LEVEL = "DEBUG"\n')
+    project = f'home = "{tmp_path / "project-home"}"\nprofiles_path = "profiles/team.toml"\n'
+    (tmp_path / "prefect.toml").write_text(project)
+    assert prefect_setting("PREFECT_LOGGING_LEVEL") == "DEBUG"  # from the profile that file names
+    assert prefects_own("logging.level", "home") == f"DEBUG {tmp_path / 'project-home'}"
+    assert new_database()
+    (tmp_path / "project-home" / "prefect.db").touch()  # the database in the home prefect.toml names
+    assert not new_database()
+    (tmp_path / "project-home" / "prefect.db").unlink()
+    (tmp_path / ".env").write_text("PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://db/prefect\n")
+    assert not new_database()  # a database of its own: not made here on a first run
+
+
 def test_prefects_server_imports_without_garbage_collection_and_serves_with_it():
     # The run's temporary server starts through flows.prefect_server; uvicorn is stubbed to
     # report the collector's state at the moment it would start serving.
