@@ -12,7 +12,9 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -20,6 +22,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
+from soundpatch.journal import JOURNAL_FILE
 from tests.jobs import SCRIPT, clean_env, soundpatch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -375,11 +378,22 @@ def test_the_summary_puts_rows_that_ended_for_the_same_reason_on_one_line(tmp_pa
     ]
 
 
-def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tmp_path, capsys):
-    from soundpatch.cli import _ProgressWatcher
-    from soundpatch.journal import Journal
+def journal_writer(run_dir: Path, now: list[float]) -> Callable[..., None]:
+    """Writes the run's journal events as the journal does, stamped with the time `now[0]`."""
 
-    journal, watcher = Journal(tmp_path), _ProgressWatcher(tmp_path, total=3, budget=1.0)
+    def event(kind: str, row: str | None = None, **fields: Any) -> None:
+        line = {"t": now[0], "event": kind, **({"row": row} if row else {}), **fields}
+        with open(run_dir / JOURNAL_FILE, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    return event
+
+
+def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tmp_path, capsys):
+    from soundpatch.journal import Journal
+    from soundpatch.progress import ProgressWatcher
+
+    journal, watcher = Journal(tmp_path), ProgressWatcher(tmp_path, total=3, budget=1.0)
 
     def outcome(row: str, status: str, cost: float) -> None:
         journal.write("outcome", row, outcome={"row_id": row, "status": status, "cost_usd": cost})
@@ -425,18 +439,14 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
 
 
 def test_the_time_left_goes_by_the_pace_sent_rows_have_been_ending_at_lately(tmp_path, capsys):
-    from soundpatch.cli import _ProgressWatcher
-    from soundpatch.journal import JOURNAL_FILE
     from soundpatch.pace import Pace
+    from soundpatch.progress import ProgressWatcher
 
-    watcher = _ProgressWatcher(tmp_path, total=100, budget=50.0)
+    watcher = ProgressWatcher(tmp_path, total=100, budget=50.0)
     now = [time.time()]  # this attempt's events come after the watcher began
     watcher.pace = Pace(window_seconds=60, clock=lambda: now[0])
 
-    def event(kind: str, row: str | None = None, **fields) -> None:  # as the journal writes it, at `now`
-        line = {"t": now[0], "event": kind, **({"row": row} if row else {}), **fields}
-        with open(tmp_path / JOURNAL_FILE, "a") as f:
-            f.write(json.dumps(line) + "\n")
+    event = journal_writer(tmp_path, now)
 
     def line() -> str:
         watcher._print_line()
@@ -468,18 +478,14 @@ def test_the_time_left_goes_by_the_pace_sent_rows_have_been_ending_at_lately(tmp
 def test_the_live_line_fits_the_terminal_and_says_less_before_it_loses_the_count(tmp_path):
     # At 80 columns rich cut the line from its start: "inp… 0 failed or invalid · $0.00 of
     # $10.00 · 0 in flight · files of several ro…", without the bar or the rows done.
-    from soundpatch.cli import _ProgressWatcher
-    from soundpatch.journal import JOURNAL_FILE
     from soundpatch.pace import Pace
+    from soundpatch.progress import ProgressWatcher
 
-    watcher = _ProgressWatcher(tmp_path, total=400, budget=100.0)
+    watcher = ProgressWatcher(tmp_path, total=400, budget=100.0)
     now = [time.time()]
     watcher.pace = Pace(window_seconds=60, clock=lambda: now[0])
 
-    def event(kind: str, row: str | None = None, **fields) -> None:
-        line = {"t": now[0], "event": kind, **({"row": row} if row else {}), **fields}
-        with open(tmp_path / JOURNAL_FILE, "a") as f:
-            f.write(json.dumps(line) + "\n")
+    event = journal_writer(tmp_path, now)
 
     def shown(width: int) -> tuple[str, int]:
         """What the line says beside the bar, and the columns the whole line takes as rich
@@ -509,8 +515,8 @@ def test_the_live_line_fits_the_terminal_and_says_less_before_it_loses_the_count
 
 def test_the_progress_line_says_prefect_is_starting_until_this_attempts_flow_begins(tmp_path, capsys, monkeypatch):
     from flows.ephemeral import new_database
-    from soundpatch.cli import _ProgressWatcher
     from soundpatch.journal import Journal
+    from soundpatch.progress import ProgressWatcher
 
     journal = Journal(tmp_path)
     journal.write("run_started", total=2, kept=0)  # an earlier attempt of the run
@@ -521,7 +527,7 @@ def test_the_progress_line_says_prefect_is_starting_until_this_attempts_flow_beg
     monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL", raising=False)
     monkeypatch.delenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", raising=False)
     assert new_database()  # nothing there yet: the server makes it first
-    watcher = _ProgressWatcher(tmp_path, total=2, budget=1.0, new_database=new_database())
+    watcher = ProgressWatcher(tmp_path, total=2, budget=1.0, new_database=new_database())
     watcher._print_line()
     assert capsys.readouterr().err.strip() == (
         "progress: starting Prefect (a first run here also sets up its database)..."
@@ -542,7 +548,7 @@ def test_the_progress_line_says_prefect_is_starting_until_this_attempts_flow_beg
     (tmp_path / "prefect").mkdir()
     (tmp_path / "prefect" / "prefect.db").write_bytes(b"")
     assert not new_database()
-    assert "starting Prefect..." in _ProgressWatcher(tmp_path, total=2, budget=1.0)._starting
+    assert "starting Prefect..." in ProgressWatcher(tmp_path, total=2, budget=1.0)._starting
 
 
 def in_a_terminal(

@@ -1,0 +1,195 @@
+"""The run's progress, read from its journal as it grows: a live line in a terminal (a bar,
+rows done, failed, money spent, in flight, time left), a plain line every 10 s in a log."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from soundpatch.humanize import duration
+from soundpatch.journal import JournalTail
+from soundpatch.outcome import FAILED, INVALID, SKIPPED_DONE, SUCCEEDED
+from soundpatch.pace import Pace
+
+MIN_BAR, MAX_BAR = 6, 40  # the live line's bar, in columns
+
+
+class ProgressWatcher:
+    """Shows rows done / failed / spent by reading the run's journal as it grows."""
+
+    def __init__(
+        self, run_dir: Path, total: int, budget: float, new_database: bool = False, console: Console | None = None
+    ) -> None:
+        """`new_database`: Prefect's temporary server makes its database first (a first run
+        here). `console`: where the line goes (standard error by default)."""
+        self.run_dir, self.total, self.budget = run_dir, total, budget
+        self.console = console or Console(stderr=True, highlight=False)
+        # Until the flow begins (this attempt's run_started), Prefect is starting: seconds,
+        # more on a first run. What an earlier attempt of the run wrote came before `_since`.
+        self._since, self._begun = time.time() - 0.01, False
+        self._starting = (
+            "starting Prefect (a first run here also sets up its database)..."
+            if new_database
+            else "starting Prefect..."
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._tail = JournalTail(run_dir)
+        # Only what the line shows, kept up to date event by event: a long run's journal is
+        # neither kept in memory nor added up again four times a second.
+        self._last: dict[str, tuple[int, int, float]] = {}  # row -> (done, bad, cost) of its last outcome
+        self._to_redo: set[str] = set()  # rows whose last outcome a rerun does again (not succeeded or reused)
+        self._done, self._bad, self._spent = 0, 0, 0.0
+        self._sent: set[str] = set()  # rows sent and not yet ended
+        self._flying: set[str] = set()  # of which, predictions in flight (limits.concurrency)
+        self._waiting: set[str] = set()  # rows waiting for another run making the same edit
+        self._short_of_disk: set[str] = set()  # rows waiting for room on disk for their result
+        self._files = self._files_made = self._files_not_made = 0  # files of several rows (combine.py)
+        self.pace = Pace()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _state(self) -> tuple[int, int, float, int, int, int]:
+        for e in self._tail.poll():
+            kind, row = e.get("event"), e.get("row")
+            if kind == "waiting":
+                self._waiting.add(row)
+            elif kind == "waiting_for_disk":
+                self._short_of_disk.add(row)
+            elif kind == "sending":
+                self._waiting.discard(row)
+                self._short_of_disk.discard(row)
+                self._sent.add(row)
+                self.pace.sent(e["t"])
+                if e.get("provider") == "local":  # makes no prediction: worked on from here
+                    self._flying.add(row)
+            elif kind in ("creating", "created"):  # a prediction in flight (or taken up again)
+                self._flying.add(row)
+            elif kind == "predicted":
+                self._flying.discard(row)
+            elif kind == "outcome":
+                self._waiting.discard(row)
+                self._short_of_disk.discard(row)
+                self._flying.discard(row)
+                if row in self._sent:
+                    self._sent.discard(row)
+                    self.pace.ended(e["t"])
+                status = e["outcome"]["status"]
+                now = (int(bool(status)), int(status in (FAILED, INVALID)), e["outcome"].get("cost_usd") or 0.0)
+                was = self._last.get(row, (0, 0, 0.0))  # an earlier attempt's, on a resumed run
+                self._last[row] = now
+                self._done += now[0] - was[0]
+                self._bad += now[1] - was[1]
+                self._spent += now[2] - was[2]
+                (self._to_redo.discard if status in (SUCCEEDED, SKIPPED_DONE) else self._to_redo.add)(row)
+            elif kind == "run_started":  # patterns in the manifest are expanded by now
+                self._begun = self._begun or float(e.get("t") or 0) >= self._since
+                self.total = int(e.get("total") or self.total)
+                # A rerun does again the rows an earlier attempt did not finish: not done (nor
+                # failed) until they end again; what they cost still counts.
+                for row in self._to_redo:
+                    done, bad, cost = self._last[row]
+                    self._done, self._bad, self._last[row] = self._done - done, self._bad - bad, (0, 0, cost)
+                self._to_redo.clear()
+                self._sent.clear()  # an earlier attempt's rows that never ended are sent again
+                self._flying.clear()
+                self.pace.restarted()
+            elif kind == "combining":
+                self._files, self._files_made, self._files_not_made = int(e.get("files") or 0), 0, 0
+            elif kind == "combined" and e.get("output"):
+                self._files_made += 1
+            elif kind == "combined":  # none of its rows finished, or it could not be written: a note says why
+                self._files_not_made += 1
+        waited = len(self._waiting), len(self._short_of_disk)
+        return min(self._done, self.total), self._bad, self._spent, len(self._flying), *waited
+
+    def _loop(self) -> None:
+        if self.console.is_terminal:
+            gauge = BarColumn()
+            columns = [
+                TextColumn("[progress.description]{task.description}"),
+                gauge,
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"),
+                TimeElapsedColumn(),
+            ]
+            done, *state = self._state()
+            gauge.bar_width, detail = self._live_line(self.console.width, done, *state)
+            with Progress(*columns, console=self.console, transient=True) as bar:
+                task = bar.add_task("inpainting", total=self.total, completed=done, detail=detail)
+                while not self._stop.wait(0.25):
+                    done, *state = self._state()
+                    gauge.bar_width, detail = self._live_line(self.console.width, done, *state)
+                    bar.update(task, completed=done, total=self.total, detail=detail)
+            return
+        # Not a terminal (CI, a log file): a plain line every 10 s and one at the end.
+        last = time.time()
+        while not self._stop.wait(1.0):
+            if time.time() - last >= 10:
+                self._print_line()
+                last = time.time()
+        self._print_line(final=True)
+
+    def _live_line(
+        self, width: int, done: int, bad: int, spent: float, flying: int, waiting: int, short: int
+    ) -> tuple[int, str]:
+        """The bar's width and what the live line says beside it, to fit `width` columns: on
+        a narrow terminal the bar shrinks first, then each part is said shorter, then the
+        least telling parts go (rich would cut whatever came first, the count of rows done
+        with it)."""
+        # "inpainting", the count (N/M), the time so far (up to 9:59:59), the spaces between
+        # the five columns, and one to spare: the terminal's last column wraps the line.
+        fixed = len("inpainting") + 2 * len(str(self.total)) + 1 + len("0:00:00") + 4 + 1
+        room = width - fixed - MIN_BAR
+        if not self._begun:
+            parts = [(0, self._starting, "starting Prefect...")]
+        else:
+            files = self._files_line()
+            parts = [  # (the lower, the longer it stays; in full; short), shown in this order
+                (0, f"{bad} failed or invalid", f"{bad} failed"),
+                (1, f"${spent:.2f} of ${self.budget:.2f}", f"${spent:.2f}/${self.budget:.2f}"),
+                (5, f"{flying} in flight", f"{flying} in flight"),
+                (3, f"{waiting} waiting for another run", f"{waiting} waiting") if waiting else (3, "", ""),
+                (3, f"{short} waiting for disk space", f"{short} need disk") if short else (3, "", ""),
+                (4, f"files of several rows {files}", f"files {files}") if self._files else (4, "", ""),
+                (2, self._left(done, "about {} left"), self._left(done, "~{} left")),
+            ]
+        detail = " · ".join(full for _, full, _ in parts if full)
+        if len(detail) > room:
+            for rank in sorted({rank for rank, _, _ in parts}, reverse=True):
+                detail = " · ".join(short for r, _, short in parts if short and r <= rank)
+                if len(detail) <= room or rank == 0:
+                    break
+        if len(detail) > room:
+            detail = detail[: max(0, room - 1)] + "…"
+        return max(MIN_BAR, min(MAX_BAR, width - fixed - len(detail))), detail
+
+    def _print_line(self, final: bool = False) -> None:
+        done, bad, spent, flying, waiting, short = self._state()
+        if not self._begun:  # and when the flow never began, the error says why, not this
+            if not final:
+                self.console.print(f"progress: {self._starting}", soft_wrap=True)
+            return
+        line = f"progress: {done}/{self.total} done, {bad} failed or invalid, ${spent:.2f} spent, {flying} in flight"
+        line += f", {waiting} waiting for another run making the same edits" if waiting else ""
+        line += f", {short} waiting for disk space for their results" if short else ""
+        line += f", files of several rows made: {self._files_line()}" if self._files else ""
+        line += self._left(done, ", about {} left")
+        self.console.print(line, soft_wrap=True)  # one line in a log, however long
+
+    def _files_line(self) -> str:
+        not_made = f" ({self._files_not_made} not made)" if self._files_not_made else ""
+        return f"{self._files_made}/{self._files}{not_made}"
+
+    def _left(self, done: int, words: str) -> str:
+        seconds = self.pace.seconds_left(self.total - done)
+        return words.format(duration(seconds)) if seconds is not None else ""
