@@ -818,7 +818,10 @@ class Batch:
             waiting = lambda: self.journal.write("waiting_for_disk", edit.row_id)  # noqa: E731 - for the progress line
             if not room.make(give_up=lambda: not self._may_start(), waiting=waiting):
                 raise RowError(self._not_started)
-            reservation = self.ledger.reserve(provider.price_usd)
+            # Waits while predictions in flight hold what it lacks (they may cost less).
+            reservation = self.ledger.reserve(provider.price_usd, give_up=lambda: not self._may_start())
+            if reservation is None and not self._may_start():
+                raise RowError(self._not_started)
         if reservation is None:
             outcome.status = SKIPPED_BUDGET
             outcome.error = (
@@ -844,15 +847,20 @@ class Batch:
             should_cancel=self._should_cancel,
             may_start=self._may_start,
         )
-        self.journal.write(
-            "sending",
-            edit.row_id,
-            provider=provider.name,
-            request=made_for["request"],
-            identity=made_for["identity"],
-            clip=clip,
-            **({"settled": True} if settled else {}),
-        )
+        try:
+            self.journal.write(
+                "sending",
+                edit.row_id,
+                provider=provider.name,
+                request=made_for["request"],
+                identity=made_for["identity"],
+                clip=clip,
+                **({"settled": True} if settled else {}),
+            )
+        except BaseException:  # not recorded, so not sent
+            if reservation.in_flight:  # reserved for it here: rows waiting on the budget count on this
+                self.ledger.release(reservation)
+            raise
         if resume_id:
             self._told(edit.row_id, claimed, provider.name, "created", {"prediction_id": resume_id, "resumed": True})
         if kept is not None and state is not None:  # still kept, should this attempt die too

@@ -5,7 +5,9 @@ The budget ledger: money is reserved before it can be spent, so the cap cannot b
 A row reserves its provider's price before a prediction is created. When the prediction
 reports what it cost, the reservation becomes that cost; when it provably cost nothing
 (never created), the reservation is released. Spent plus reserved never exceeds the cap,
-whatever the concurrency.
+whatever the concurrency. A row that would cross the cap only because of what predictions
+in flight hold waits for them: a failed one often costs nothing, and a provider may charge
+less than the price reserved, so the budget buys all it can before rows are skipped.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def _micro(usd: float) -> int:
 @dataclass(frozen=True)
 class Reservation:
     amount_usd: float
+    in_flight: bool = False  # reserved for a prediction this run is making now (not held: see `hold`)
 
 
 class BudgetLedger:
@@ -35,37 +38,63 @@ class BudgetLedger:
         self._cap = _micro(budget_usd)
         self._spent = _micro(already_spent_usd)
         self._reserved = 0
-        self._lock = threading.Lock()
+        self._in_flight = 0  # of `_reserved`, what reserve() holds for predictions being made now
+        self._changed = threading.Condition()
 
-    def reserve(self, price_usd: float) -> Reservation | None:
-        """Hold `price_usd` against the cap, or None if that would cross it."""
+    def reserve(
+        self,
+        price_usd: float,
+        give_up: Callable[[], bool] | None = None,
+        waiting: Callable[[], None] = lambda: None,
+    ) -> Reservation | None:
+        """Hold `price_usd` against the cap; None if that would cross it. Given `give_up`,
+        while it would cross it only for what other rows' predictions in flight hold, waits
+        for them to settle (`waiting()` told once): None too if `give_up()` turned true
+        meanwhile. The reservation must be settled or released, whatever happens next."""
         amount = _micro(price_usd)
-        with self._lock:
-            if self._spent + self._reserved + amount > self._cap:
-                return None
+        told = False
+        with self._changed:
+            while self._spent + self._reserved + amount > self._cap:
+                if not self._in_flight or self._spent + self._reserved - self._in_flight + amount > self._cap:
+                    return None  # even if every prediction in flight cost nothing
+                if give_up is None or give_up():
+                    return None
+                if not told:
+                    waiting()
+                    told = True
+                self._changed.wait(timeout=1.0)
             self._reserved += amount
-        return Reservation(price_usd)
+            self._in_flight += amount
+        return Reservation(price_usd, in_flight=True)
 
     def hold(self, price_usd: float) -> Reservation:
-        """Reserve money already committed (a prediction created before a crash), cap or not."""
-        with self._lock:
+        """Reserve money already committed (a prediction created before a crash), cap or not.
+        Rows are not kept waiting for it: it is collected when its own row's turn comes."""
+        with self._changed:
             self._reserved += _micro(price_usd)
         return Reservation(price_usd)
 
     def settle(self, reservation: Reservation, cost_usd: float) -> None:
         """The prediction happened and cost `cost_usd` (normally the reserved price)."""
-        with self._lock:
-            self._reserved -= _micro(reservation.amount_usd)
+        with self._changed:
+            self._let_go(reservation)
             self._spent += _micro(cost_usd)
 
     def release(self, reservation: Reservation) -> None:
         """The prediction provably cost nothing: give the money back to the budget."""
-        with self._lock:
-            self._reserved -= _micro(reservation.amount_usd)
+        with self._changed:
+            self._let_go(reservation)
+
+    def _let_go(self, reservation: Reservation) -> None:
+        amount = _micro(reservation.amount_usd)
+        self._reserved -= amount
+        if reservation.in_flight:
+            self._in_flight -= amount
+        self._changed.notify_all()
 
     @property
     def spent_usd(self) -> float:
-        with self._lock:
+        with self._changed:
             return self._spent / _MICRO
 
     @property
@@ -74,7 +103,7 @@ class BudgetLedger:
 
     def standing(self) -> str:
         """What stands against the cap, in words: spent, and held for predictions in flight."""
-        with self._lock:
+        with self._changed:
             spent, held = self._spent / _MICRO, self._reserved / _MICRO
         return f"${spent:.2f} spent" + (f", ${held:.2f} held for predictions in flight" if held else "")
 

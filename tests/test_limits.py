@@ -67,6 +67,40 @@ def test_the_ledger_says_what_stands_against_the_cap():
     assert ledger.standing() == "$0.40 spent"
 
 
+def test_a_row_short_of_budget_only_for_predictions_in_flight_waits_for_them():
+    ledger = BudgetLedger(0.60)
+    flying = [ledger.reserve(0.20) for _ in range(3)]
+    got: list = []
+    told = threading.Event()
+    deadline = time.monotonic() + 10  # (a wait that never ends fails the test, not hangs it)
+    late = lambda: time.monotonic() > deadline  # noqa: E731
+    waiter = threading.Thread(target=lambda: got.append(ledger.reserve(0.20, give_up=late, waiting=told.set)))
+    waiter.start()
+    assert told.wait(5)  # it waits (and says so) while those three hold the whole budget
+    ledger.settle(flying[0], 0.20)
+    time.sleep(0.05)
+    assert not got  # still nothing left once the first cost its price
+    ledger.settle(flying[1], 0.0)  # the second failed and cost nothing: its $0.20 comes back
+    waiter.join(5)
+    assert got and got[0] is not None and got[0].in_flight
+    # No wait when the money is gone whatever those in flight cost, nor when none are in flight.
+    ledger.settle(flying[2], 0.20)
+    ledger.reserve(0.0)  # in flight, and costing nothing would not make room
+    ledger.settle(got[0], 0.20)
+    started = time.monotonic()
+    assert ledger.reserve(0.20, give_up=lambda: time.monotonic() > started + 5) is None
+    assert time.monotonic() - started < 0.5
+    held = BudgetLedger(0.20)
+    held.hold(0.20)  # an earlier attempt's prediction, collected when its own row comes
+    started = time.monotonic()
+    assert held.reserve(0.20, give_up=lambda: time.monotonic() > started + 5) is None
+    assert time.monotonic() - started < 0.5
+    # A run that is stopping stops waiting.
+    stopping = BudgetLedger(0.20)
+    stopping.reserve(0.20)
+    assert stopping.reserve(0.20, give_up=lambda: True) is None
+
+
 def test_a_provider_is_out_of_reach_only_after_creates_in_a_row_come_to_nothing():
     reach = Reach(after=3)
     for _ in range(10):  # sporadic failures, with creates taken in between, never add up
@@ -267,6 +301,26 @@ def test_the_budget_holds_at_concurrency_32_under_5xx_timeouts_and_429_bursts(
     assert batch.ledger.spent_usd == pytest.approx(spent)
     assert all(o.cost_usd == 0 for o in outcomes if o.status == "skipped_budget")
     assert len(sim.stats.prompts) == len(set(sim.stats.prompts))  # never created twice
+
+
+def test_a_budget_buys_every_prediction_it_can_when_they_cost_less_than_their_price(
+    tmp_path, aws_env, simulator, monkeypatch
+):
+    # The provider charges $0.10 where the config's price is $0.20 (a price that changed, a
+    # discount): the first five rows held the whole $1.00 while in flight, and the other five
+    # were skipped at once; they cost $0.50, and half the budget was left unused. Now those
+    # rows wait for the predictions in flight, and the budget buys all it can at the price
+    # reserved: nine, the tenth being $0.20 that $0.10 left cannot cover.
+    hosted_job(tmp_path, aws_env, monkeypatch, rows=10)
+    sim = simulator(latency=0.3, fill="tone", price=0.10)
+    overrides = {"limits.budget_usd": 1.0, "limits.concurrency": 5, "limits.requests_per_minute": 100000}
+    outcomes, batch = run_hosted(tmp_path, aws_env, sim, "cheaper", threads=10, **overrides)
+    statuses = [o.status for o in outcomes]
+    assert statuses.count("succeeded") == 9 and statuses.count("skipped_budget") == 1, statuses
+    assert sum(o.cost_usd for o in outcomes) == pytest.approx(0.9) == sim.billed()
+    assert batch.ledger.spent_usd == pytest.approx(0.9)
+    skipped = next(o for o in outcomes if o.status == "skipped_budget")
+    assert skipped.cost_usd == 0 and skipped.error == "Budget of $1.00 reached ($0.90 spent); this row was not sent."
 
 
 def test_predictions_in_flight_never_pass_limits_concurrency_while_more_rows_are_worked_on(
