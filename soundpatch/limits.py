@@ -41,28 +41,19 @@ class BudgetLedger:
         self._in_flight = 0  # of `_reserved`, what reserve() holds for predictions being made now
         self._changed = threading.Condition()
 
-    def reserve(
-        self,
-        price_usd: float,
-        give_up: Callable[[], bool] | None = None,
-        waiting: Callable[[], None] = lambda: None,
-    ) -> Reservation | None:
+    def reserve(self, price_usd: float, give_up: Callable[[], bool] | None = None) -> Reservation | None:
         """Hold `price_usd` against the cap; None if that would cross it. Given `give_up`,
         while it would cross it only for what other rows' predictions in flight hold, waits
-        for them to settle (`waiting()` told once): None too if `give_up()` turned true
-        meanwhile. The reservation must be settled or released, whatever happens next."""
+        for them to settle: None too if `give_up()` turned true meanwhile. The reservation
+        must be settled or released, whatever happens next."""
         amount = _micro(price_usd)
-        told = False
         with self._changed:
             while self._spent + self._reserved + amount > self._cap:
                 if not self._in_flight or self._spent + self._reserved - self._in_flight + amount > self._cap:
                     return None  # even if every prediction in flight cost nothing
                 if give_up is None or give_up():
                     return None
-                if not told:
-                    waiting()
-                    told = True
-                self._changed.wait(timeout=1.0)
+                self._changed.wait(timeout=1.0)  # (give_up is asked again at least once a second)
             self._reserved += amount
             self._in_flight += amount
         return Reservation(price_usd, in_flight=True)

@@ -71,12 +71,18 @@ def test_a_row_short_of_budget_only_for_predictions_in_flight_waits_for_them():
     ledger = BudgetLedger(0.60)
     flying = [ledger.reserve(0.20) for _ in range(3)]
     got: list = []
-    told = threading.Event()
+    asked = threading.Event()
     deadline = time.monotonic() + 10  # (a wait that never ends fails the test, not hangs it)
-    late = lambda: time.monotonic() > deadline  # noqa: E731
-    waiter = threading.Thread(target=lambda: got.append(ledger.reserve(0.20, give_up=late, waiting=told.set)))
+
+    def give_up() -> bool:
+        asked.set()
+        return time.monotonic() > deadline
+
+    waiter = threading.Thread(target=lambda: got.append(ledger.reserve(0.20, give_up=give_up)))
     waiter.start()
-    assert told.wait(5)  # it waits (and says so) while those three hold the whole budget
+    assert asked.wait(5)  # it waits while those three hold the whole budget
+    time.sleep(0.05)
+    assert not got
     ledger.settle(flying[0], 0.20)
     time.sleep(0.05)
     assert not got  # still nothing left once the first cost its price
