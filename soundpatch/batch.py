@@ -228,6 +228,9 @@ class Batch:
         # Rows holding a paid prediction their result is not out of yet (not published, nor
         # kept unpublished): should the row fail, it is kept for the next attempt.
         self._unused: dict[str, dict[str, Any]] = {}
+        # Rows whose create went out this attempt (the provider told "creating"), with the
+        # prediction's id once it is known: what an unforeseen error then leaves owed.
+        self._sent: dict[str, str] = {}
         self.journal = Journal(self.run_dir, None if dry_run else self.journal_copy)
         # Rows run on many threads at once. BLAS's own threads on top of them fight for the
         # same cores: with 40 rows a dot product or a solve took 100-300x longer. One each.
@@ -867,6 +870,7 @@ class Batch:
             self.journal.write("answer_kept", edit.row_id, **(state.answer or {}), resumed=True)
         if not (resume_id or kept):  # a create goes out (collecting what was paid for sends none)
             outcome.attempts += 1
+        self._sent.pop(edit.row_id, None)
         try:
             prediction = provider.inpaint(request)  # holds one of limits.concurrency slots while in flight
         except PredictionFailed as exc:
@@ -893,9 +897,22 @@ class Batch:
             outcome.attempts = max(outcome.attempts - 1, exc.sent)
             raise RowError(self._not_started) from None
         except BaseException:
-            # Refused before a prediction existed (or never sent): nothing is owed.
-            self.ledger.release(reservation)
+            sent = self._sent.get(edit.row_id)
+            if sent is None and reservation.in_flight:
+                # Refused before a prediction existed (or never sent): nothing is owed.
+                self.ledger.release(reservation)
+                raise
+            # Something unforeseen (a fault of ours) ended the row once its create went out,
+            # or while it collected an earlier attempt's: owed as a create in doubt is, and
+            # what it made (its id known) is kept for the next attempt to collect.
+            owed = 0.0 if settled else reservation.amount_usd
+            self.ledger.settle(reservation, owed)
+            outcome.cost_usd += owed
+            if sent or resume_id:
+                self._unused[edit.row_id] = _unused(sent or resume_id, reservation.amount_usd, settled)
             raise
+        finally:
+            self._sent.pop(edit.row_id, None)
         paid_now = 0.0 if settled else prediction.cost_usd
         self.ledger.settle(reservation, paid_now)
         if left is not None:
@@ -993,6 +1010,12 @@ class Batch:
         up again) is named on the row's claim in the output bucket too, for a run that
         would take the claim over should this machine die."""
         self.journal.write(event, row_id, **fields)
+        if event == "creating":
+            self._sent.setdefault(row_id, "")
+        elif event == "create_refused" and not self._sent.get(row_id):
+            self._sent.pop(row_id, None)  # turned away: nothing was made
+        elif event == "created":
+            self._sent[row_id] = str(fields.get("prediction_id") or "")
         if event == "created" and self.bucket_claims is not None and fields.get("prediction_id"):
             self.bucket_claims.made(claimed, str(fields["prediction_id"]), provider)
 
