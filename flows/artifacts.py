@@ -31,19 +31,25 @@ log = logging.getLogger("soundpatch")
 
 
 class Progress:
+    AWAY_SECONDS = 60.0  # after an update the API refused, the next is tried no sooner
+
     def __init__(self, total: int, run_id: str) -> None:
-        self.total, self.done, self._last = max(total, 1), 0, 0.0
+        self.total, self.done, self._next, self._away = max(total, 1), 0, 0.0, False
         self._id: UUID | None = _quietly(
             lambda: create_progress_artifact(0.0, description=f"soundpatch run {run_id}: results done")
         )
 
     def advance(self, count: int = 1) -> None:
+        """At most once a second; and while the server is away (each update then takes the
+        Prefect client's retries, a minute by default, in the thread that starts the rows),
+        once a minute."""
         self.done += count
         now = time.monotonic()
-        if self._id is not None and (now - self._last >= 1.0 or self.done >= self.total):
-            self._last = now
+        if self._id is not None and (now >= self._next or (self.done >= self.total and not self._away)):
             artifact = self._id
-            _quietly(lambda: update_progress_artifact(artifact, 100.0 * min(self.done, self.total) / self.total))
+            done = _quietly(lambda: update_progress_artifact(artifact, 100.0 * min(self.done, self.total) / self.total))
+            self._away = done is None
+            self._next = time.monotonic() + (self.AWAY_SECONDS if self._away else 1.0)
 
 
 def publish(outcomes: Sequence[Outcome], summary: dict[str, Any], report_path: str) -> None:

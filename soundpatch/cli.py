@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 import traceback
 from collections import Counter
 from collections.abc import Iterator
@@ -305,6 +307,7 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
         run_dir, total=len(manifest.edits), budget=cfg.limits.budget_usd, new_database=first, console=err
     )
     watcher.start()
+    began = time.time()
     try:
         with isolated_api(server):
             # Failed when rows did not succeed (what Prefect's UI shows); the exit status below
@@ -327,10 +330,18 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
                 f"The run stopped unexpectedly ({type(exc).__name__}: {str(exc)[:200]}) and "
                 f"{_unwritable(run_dir, unwritable)}"
             ) from None
-        raise SoundpatchError(
-            f"The run stopped unexpectedly ({type(exc).__name__}: {str(exc)[:200]}); details are in "
-            f"{run_dir / 'errors.log'}, and the same command with --run-id {run_id} resumes it."
-        ) from None
+        result = _finished_anyway(run_dir, began)
+        if result is None:
+            raise SoundpatchError(
+                f"The run stopped unexpectedly ({type(exc).__name__}: {str(exc)[:200]}); details are in "
+                f"{run_dir / 'errors.log'}, and the same command with --run-id {run_id} resumes it."
+            ) from None
+        err.print(
+            f"Prefect could not record how the flow run ended ({type(exc).__name__}: {str(exc)[:200]}; details in "
+            f"{run_dir / 'errors.log'}); the run itself finished and its report is written.",
+            soft_wrap=True,
+            markup=False,
+        )
     finally:
         watcher.stop()
     outcomes = [Outcome.from_dict(r) for r in result["rows"]]
@@ -380,6 +391,19 @@ def _safe_run_id(run_id: str) -> bool:
         and all(c.isalnum() or c in "._-" for c in run_id)
         and run_id not in (".", "..")
     )
+
+
+def _finished_anyway(run_dir: Path, began: float) -> dict[str, Any] | None:
+    """The run's result when its flow finished and wrote the report, and only Prefect's own
+    bookkeeping after it failed (its server away when the flow run's end was recorded)."""
+    report = run_dir / "report.json"
+    try:
+        if report.stat().st_mtime < began:
+            return None  # an earlier attempt's
+        result = json.loads(report.read_bytes())
+        return result if {"rows", "summary"} <= set(result) else None
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Path) -> None:
