@@ -11,15 +11,26 @@ Limits missing on the server are created from this run's config; existing ones a
 as they are (change them in the Prefect UI or with `prefect gcl update`), so the account's
 limits are set in one place. Acquisition latency is recorded (see bench/shared_limits.py
 and PrefectHQ/prefect issue 15618).
+
+The server coming and going does not cost money: a prediction holding a slot runs to its
+end whatever the server does (Prefect's strict mode would stop it, paid, when a renewal of
+its lease fails), and a slot that cannot be given back is left to its lease's end. A row
+that cannot have a slot because the server is out of reach (after the Prefect client's own
+retries) is not sent, nor is any row after it this run (OutOfReach: the rerun does them).
+A row kept waiting for a slot says so once a minute, with how many are held: slots that a
+restarted server forgot (its default lease storage is in memory) stay held for good.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from typing import NoReturn
 
 import httpx
 from prefect.client.orchestration import get_client
@@ -31,10 +42,17 @@ from prefect.settings import PREFECT_API_URL
 from soundpatch.config import Config
 from soundpatch.errors import ConfigError
 from soundpatch.limits import RateLimiter
+from soundpatch.providers.base import OutOfReach
+
+log = logging.getLogger("soundpatch")
+LEASES_ON_DISK = "prefect.server.concurrency.lease_storage.filesystem"
 
 
 class PrefectSharedLimits:
+    NOTICE_SECONDS = 60.0  # a row waiting this long for a prediction slot says so (and again after as long)
+
     def __init__(self, name: str, per_minute: float, in_flight: int, burst: int = 1) -> None:
+        self.api_url = str(PREFECT_API_URL.value())
         self.creates_name = f"{name}-creates"
         self.predictions_name = f"{name}-predictions"
         # One slot decaying at just under the rate: smooth, like the local limiter (a burst
@@ -46,6 +64,8 @@ class PrefectSharedLimits:
         self.predictions_limit = _ensure(self._client, self.predictions_name, in_flight, None)
         self._lock = threading.Lock()
         self.create_waits: list[float] = []  # seconds each create waited for the shared rate
+        self._lost: str | None = None  # why the server was found out of reach, once it was
+        self._noticed = 0.0  # when a row last said it waits for a slot (once a minute is enough)
 
     def create(self) -> None:
         """One slot of the shared rate. Prefect's own `rate_limit` sleeps the server's
@@ -54,21 +74,117 @@ class PrefectSharedLimits:
         denied caller asks again within one interval, with jitter so callers spread out."""
         started = time.perf_counter()
         while True:
+            self._within_reach()
             try:
                 self._client.increment_concurrency_slots(names=[self.creates_name], slots=1, mode="rate_limit")
                 break
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code != 423:
-                    raise
+                    self._lose(self.creates_name, exc)
                 asked = float(exc.response.headers.get("Retry-After") or self.interval)
                 time.sleep(min(asked, self.interval) * random.uniform(0.1, 0.5))
+            except httpx.HTTPError as exc:  # after the Prefect client's own retries
+                self._lose(self.creates_name, exc)
         with self._lock:
             self.create_waits.append(time.perf_counter() - started)
 
     @contextmanager
     def prediction(self) -> Iterator[None]:
-        with concurrency(self.predictions_name, strict=True):
+        held = self._slot()
+        try:
             yield
+        except BaseException:
+            self._give_back(held, *sys.exc_info())
+            raise
+        self._give_back(held, None, None, None)
+
+    def _slot(self) -> AbstractContextManager[None]:
+        """A slot of the in-flight limit, held: its lease renewed in the background, and a
+        renewal that fails (the server away) only logged, never stopping the prediction."""
+        self._within_reach()
+        held = concurrency(self.predictions_name, strict=True, raise_on_lease_renewal_failure=False)
+        taken = threading.Event()
+        threading.Thread(target=self._say_while_waiting, args=(taken,), daemon=True).start()
+        try:
+            held.__enter__()
+        except Exception as exc:  # noqa: BLE001 - the server away (after the client's retries), or the limit gone
+            self._lose(self.predictions_name, exc)
+        finally:
+            taken.set()
+        return held
+
+    def _give_back(self, held: AbstractContextManager[None], *exc_info) -> None:  # noqa: ANN002
+        """The slot back to the server; one it cannot take now (away) is left to its lease."""
+        try:
+            held.__exit__(*exc_info)
+        except Exception as exc:  # noqa: BLE001 - the prediction is done and paid: it stands
+            log.warning(
+                "A slot of the shared limit %s could not be given back to the Prefect server (%s: %s); the server "
+                "takes it back when its lease ends (if it did not forget the lease in a restart).",
+                self.predictions_name,
+                type(exc).__name__,
+                str(exc)[:200],
+            )
+
+    def _within_reach(self) -> None:
+        if self._lost is not None:
+            raise OutOfReach(self._lost, until="it answers")
+
+    def _lose(self, name: str, exc: Exception) -> NoReturn:
+        """No slot of `name` to be had: this row and every row after it are not sent."""
+        cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc  # Prefect's wrapper says less
+        why = f"{type(cause).__name__}: {str(cause)[:200]}".rstrip(".")
+        with self._lock:
+            self._lost = self._lost or (
+                f"Not sent: the Prefect server sharing this account's limits ({self.api_url}) gave no slot of "
+                f"{name} ({why})"
+            )
+            lost = self._lost
+        raise OutOfReach(lost, until="it answers")
+
+    def _say_while_waiting(self, taken: threading.Event) -> None:
+        """While a row waits for a slot: how long, and how many slots are held, said once a
+        minute (whichever row waits)."""
+        waited = 0.0
+        while not taken.wait(self.NOTICE_SECONDS):
+            waited += self.NOTICE_SECONDS
+            now = time.monotonic()
+            with self._lock:
+                if now - self._noticed < self.NOTICE_SECONDS * 0.9:
+                    continue
+                self._noticed = now
+            try:
+                limit = self._client.read_global_concurrency_limit_by_name(self.predictions_name)
+            except Exception:  # noqa: BLE001 - the server away: the wait itself ends saying so
+                continue
+            log.warning(
+                "A row has waited %.0f s for a slot of the shared limit %s on the Prefect server: %d of its %d "
+                "slots are held. If no other run on this account is sending now, those slots were left held (a "
+                "Prefect server that restarted with its leases in memory forgets who held them): free them with "
+                "`prefect gcl update %s --active-slots 0`.",
+                waited,
+                self.predictions_name,
+                limit.active_slots,
+                limit.limit,
+                self.predictions_name,
+            )
+
+    def check_server(self) -> None:
+        """Warn when the server keeps its concurrency leases in memory (Prefect's default):
+        a restart while rows hold slots then leaves those slots held, and every run waits."""
+        try:
+            settings = self._client.request("GET", "/admin/settings").json()  # type: ignore[arg-type]
+            storage = settings["server"]["concurrency"]["lease_storage"]
+        except Exception:  # noqa: BLE001 - Prefect Cloud, or a server that does not say: nothing to tell
+            return
+        if storage.endswith(".memory"):
+            log.warning(
+                "The Prefect server at %s keeps concurrency leases in memory: if it restarts while rows hold "
+                "slots of the shared limits, those slots stay held and runs wait for them. Start it with "
+                "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=%s to keep them on disk.",
+                self.api_url,
+                LEASES_ON_DISK,
+            )
 
 
 def shared_limits(cfg: Config) -> PrefectSharedLimits | None:
@@ -76,7 +192,9 @@ def shared_limits(cfg: Config) -> PrefectSharedLimits | None:
     if not cfg.limits.shared:
         return None
     name = cfg.limits.shared_name or f"soundpatch-{cfg.provider.name}"
-    return PrefectSharedLimits(name, cfg.limits.requests_per_minute, cfg.limits.concurrency)
+    limits = PrefectSharedLimits(name, cfg.limits.requests_per_minute, cfg.limits.concurrency)
+    limits.check_server()
+    return limits
 
 
 def check_server(cfg: Config) -> None:

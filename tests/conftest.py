@@ -279,11 +279,13 @@ def fault_proxy(aws_env):
         proxy.stop()
 
 
-@pytest.fixture
-def prefect_server(tmp_path_factory):
-    """`prefect server start` on loopback, as a team would run one for its workers."""
-    port = _free_port()
-    home = seeded_prefect_home(tmp_path_factory.mktemp("prefect-server"))
+@contextmanager
+def prefect_server_process(home: Path, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`prefect server start` on loopback with its home in `home` (seeded if new), on `port`
+    (default: a free one): its API URL and process (a test may stop it early, and start it
+    again on the same port and home; it is stopped after in any case)."""
+    port = port or _free_port()
+    home = seeded_prefect_home(home)
     log = open(home / "server.log", "w")  # noqa: SIM115 - closed below
     env = clean_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     proc = subprocess.Popen(
@@ -305,8 +307,16 @@ def prefect_server(tmp_path_factory):
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("the Prefect server did not start: " + (home / "server.log").read_text()[-2000:])
             time.sleep(0.3)
-        yield api
+        yield api, proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on loopback, as a team would run one for its workers."""
+    with prefect_server_process(tmp_path_factory.mktemp("prefect-server")) as (api, _):
+        yield api

@@ -7,11 +7,16 @@ limits on the server keep their sum under it. The same two runs without sharing 
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from tests.jobs import SCRIPT, clean_env
@@ -36,14 +41,20 @@ def job(workdir: Path, sim, s3, shared: bool) -> None:
     )
 
 
-def run_both(tmp_path: Path, sim, s3, api: str, shared: bool) -> None:
-    env = clean_env(
+def client_env(tmp_path: Path, api: str, **extra: str) -> dict[str, str]:
+    """The environment of a run on this account, its limits shared through the server at `api`."""
+    return clean_env(
         EACHLABS_API_KEY="k",
         AWS_ACCESS_KEY_ID="test",
         AWS_SECRET_ACCESS_KEY="test",
         PREFECT_API_URL=api,
         PREFECT_HOME=str(tmp_path / "client-home"),
+        **extra,
     )
+
+
+def run_both(tmp_path: Path, sim, s3, api: str, shared: bool) -> None:
+    env = client_env(tmp_path, api)
     procs = []
     for name in ("a", "b"):
         workdir = tmp_path / f"{name}-{int(shared)}"
@@ -75,3 +86,107 @@ def test_two_processes_share_one_accounts_rate_and_concurrency(tmp_path, aws_env
     run_both(tmp_path, unshared, aws_env, prefect_server, shared=False)
     assert unshared.stats.accepted == 2 * ROWS
     assert unshared.stats.rate_limited > 0 or unshared.stats.max_in_flight > IN_FLIGHT
+
+
+def test_a_shared_run_whose_prefect_server_goes_away_keeps_what_it_paid_for_and_sends_no_more(
+    tmp_path, aws_env, simulator
+):
+    # The server sharing the limits goes away while three predictions are out. Prefect's
+    # strict slot raised when it could not be given back: each of the three failed, paid for
+    # and unused, and the command ended "stopped unexpectedly" (exit 2) as Prefect could not
+    # record the flow run's end. Now those three are used; the rows left are not sent, each
+    # saying why; the report and the exit status are the run's own. (The server is started
+    # again once the run is over: until then Prefect holds the process, trying to send it
+    # the run's events, 7 s each.)
+    from tests.conftest import prefect_server_process
+
+    aws_env.bucket("stage")
+    sim = simulator(latency=3.0, fill="tone")
+    workdir = tmp_path / "gone"
+    job(workdir, sim, aws_env, shared=True)
+    journal = workdir / "runs" / "r" / "journal.jsonl"
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with prefect_server_process(tmp_path / "server") as (api, server):
+        # PREFECT_CLIENT_MAX_RETRIES: a server away is found in seconds, not a minute.
+        env = client_env(tmp_path, api, PREFECT_CLIENT_MAX_RETRIES="1")
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            run = subprocess.Popen(
+                [str(SCRIPT), "run", "job.csv", "--config", "job.yaml", "--run-id", "r"],
+                cwd=workdir,
+                env=env,
+                stdout=stdout,
+                stderr=stderr,
+                text=True,
+            )
+        deadline = time.monotonic() + 120
+        while not (journal.exists() and journal.read_text().count('"event": "created"') >= IN_FLIGHT):
+            assert time.monotonic() < deadline and run.poll() is None, "three predictions never went out"
+            time.sleep(0.1)
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        while "report" not in out.read_text():  # the summary
+            assert time.monotonic() < deadline + 120 and run.poll() is None, err.read_text()[-3000:]
+            time.sleep(0.2)
+    with prefect_server_process(tmp_path / "server", port=int(api.split(":")[2].split("/")[0])):
+        assert run.wait(timeout=120) == 1, out.read_text() + err.read_text()
+    said = err.read_text()
+    rows = json.loads((workdir / "runs" / "r" / "report.json").read_text())["rows"]
+    succeeded = [r for r in rows if r["status"] == "succeeded"]
+    not_sent = [r for r in rows if r["status"] == "failed"]
+    assert len(succeeded) == sim.stats.accepted >= IN_FLIGHT, said  # every prediction paid for is used
+    assert sum(r["cost_usd"] for r in rows) == pytest.approx(0.2 * sim.stats.accepted)
+    assert len(succeeded) + len(not_sent) == ROWS
+    for row in not_sent:
+        assert row["cost_usd"] == 0 and row["error"].startswith(
+            f"Not sent: the Prefect server sharing this account's limits ({api}) gave no slot of "
+        ), row["error"]
+        assert row["error"].endswith("run it again with --run-id r once it answers."), row["error"]
+    assert "keeps concurrency leases in memory" in said  # at the start
+    assert "could not be given back to the Prefect server" in said
+    assert "Prefect could not record how the flow run ended" in said and "stopped unexpectedly" not in said
+
+
+def test_a_row_kept_waiting_by_slots_left_held_says_how_to_free_them(tmp_path, prefect_server):
+    # A Prefect server restarted with its leases in memory forgets who held the slots taken
+    # before: they stay held, and runs wait for them without end. The wait says so, once a
+    # minute (here every 2 s), with the command that frees them; freed, the row goes on.
+    env = clean_env(PREFECT_API_URL=prefect_server, PREFECT_HOME=str(tmp_path / "client-home"))
+    waiter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import logging, sys\n"
+            "from flows.shared_limits import PrefectSharedLimits\n"
+            "logging.getLogger('soundpatch').addHandler(logging.StreamHandler(sys.stdout))\n"
+            "PrefectSharedLimits.NOTICE_SECONDS = 2.0\n"
+            "limits = PrefectSharedLimits('left-held', 60, 2)\n"
+            "print('ready', flush=True)\n"
+            "sys.stdin.readline()\n"
+            "with limits.prediction():\n"
+            "    print('got a slot', flush=True)\n",
+        ],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    gcl = [str(SCRIPT.parent / "prefect"), "gcl", "update", "left-held-predictions", "--active-slots"]
+    try:
+        assert waiter.stdout.readline().strip() == "ready", waiter.stderr.read()
+        # What the restart left: both slots held, by no one.
+        subprocess.run([*gcl, "2"], env=env, check=True, capture_output=True)
+        waiter.stdin.write("go\n")
+        waiter.stdin.flush()
+        notice = waiter.stdout.readline()
+        assert notice.startswith("A row has waited 2 s for a slot of the shared limit left-held-predictions"), notice
+        assert "2 of its 2 slots are held" in notice
+        assert "free them with `prefect gcl update left-held-predictions --active-slots 0`" in notice
+        subprocess.run([*gcl, "0"], env=env, check=True, capture_output=True)
+        rest, errors = waiter.communicate(timeout=90)  # the client asks again after the server's Retry-After
+        assert waiter.returncode == 0, errors
+        lines = rest.splitlines()
+        assert lines[-1] == "got a slot" and all(n.startswith("A row has waited") for n in lines[:-1]), rest
+    finally:
+        waiter.kill()
