@@ -904,12 +904,11 @@ class Batch:
                 raise
             # Something unforeseen (a fault of ours) ended the row once its create went out,
             # or while it collected an earlier attempt's: owed as a create in doubt is, and
-            # what it made (its id known) is kept for the next attempt to collect.
+            # what it made (its id, or its answer kept on disk) is kept for the next attempt.
             owed = 0.0 if settled else reservation.amount_usd
             self.ledger.settle(reservation, owed)
             outcome.cost_usd += owed
-            if sent or resume_id:
-                self._unused[edit.row_id] = _unused(sent or resume_id, reservation.amount_usd, settled)
+            self._unused[edit.row_id] = _unused(sent or resume_id, reservation.amount_usd, settled)
             raise
         finally:
             self._sent.pop(edit.row_id, None)
