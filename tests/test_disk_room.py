@@ -4,6 +4,7 @@ sentence, and a disk that fills after it was paid says so and keeps what was pai
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import subprocess
@@ -59,11 +60,17 @@ def small_disk(tmp_path):
 
 
 def fill(disk: Path, leave: int) -> Path:
-    """A file taking all of `disk`'s free space but `leave` bytes."""
+    """A file taking all of `disk`'s free space but `leave` bytes. A run writing there at the
+    same time may take some of that space first: then the disk is full, as asked, when the
+    filler's last write finds no room (it raised, and the test's filling thread died)."""
     filler = disk / "filler"
     free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-    with open(filler, "ab") as f:
-        f.write(b"\0" * max(0, free - leave))
+    with open(filler, "ab", buffering=0) as f:
+        try:
+            f.write(b"\0" * max(0, free - leave))
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
     return filler
 
 
