@@ -822,7 +822,11 @@ class Batch:
             if not room.make(give_up=lambda: not self._may_start(), waiting=waiting):
                 raise RowError(self._not_started)
             # Waits while predictions in flight hold what it lacks (they may cost less).
-            reservation = self.ledger.reserve(provider.price_usd, give_up=lambda: not self._may_start())
+            reservation = self.ledger.reserve(
+                provider.price_usd,
+                give_up=lambda: not self._may_start(),
+                waiting=lambda: self.journal.write("waiting_for_budget", edit.row_id),  # for the progress line
+            )
             if reservation is None and not self._may_start():
                 raise RowError(self._not_started)
         if reservation is None:

@@ -41,22 +41,35 @@ class BudgetLedger:
         self._in_flight = 0  # of `_reserved`, what reserve() holds for predictions being made now
         self._changed = threading.Condition()
 
-    def reserve(self, price_usd: float, give_up: Callable[[], bool] | None = None) -> Reservation | None:
+    def reserve(
+        self,
+        price_usd: float,
+        give_up: Callable[[], bool] | None = None,
+        waiting: Callable[[], None] = lambda: None,
+    ) -> Reservation | None:
         """Hold `price_usd` against the cap; None if that would cross it. Given `give_up`,
         while it would cross it only for what other rows' predictions in flight hold, waits
-        for them to settle: None too if `give_up()` turned true meanwhile. The reservation
-        must be settled or released, whatever happens next."""
+        for them to settle (`waiting()` told once, as the wait begins): None too if
+        `give_up()` turned true meanwhile. The reservation must be settled or released,
+        whatever happens next."""
         amount = _micro(price_usd)
-        with self._changed:
-            while self._spent + self._reserved + amount > self._cap:
-                if not self._in_flight or self._spent + self._reserved - self._in_flight + amount > self._cap:
-                    return None  # even if every prediction in flight cost nothing
-                if give_up is None or give_up():
-                    return None
-                self._changed.wait(timeout=1.0)  # (give_up is asked again at least once a second)
-            self._reserved += amount
-            self._in_flight += amount
-        return Reservation(price_usd, in_flight=True)
+        told = False
+        while True:
+            with self._changed:
+                while self._spent + self._reserved + amount > self._cap:
+                    if not self._in_flight or self._spent + self._reserved - self._in_flight + amount > self._cap:
+                        return None  # even if every prediction in flight cost nothing
+                    if give_up is None or give_up():
+                        return None
+                    if not told:
+                        break  # to say so first, outside the lock: others settle meanwhile
+                    self._changed.wait(timeout=1.0)  # (give_up is asked again at least once a second)
+                else:
+                    self._reserved += amount
+                    self._in_flight += amount
+                    return Reservation(price_usd, in_flight=True)
+            told = True
+            waiting()
 
     def hold(self, price_usd: float) -> Reservation:
         """Reserve money already committed (a prediction created before a crash), cap or not.

@@ -48,6 +48,7 @@ class ProgressWatcher:
         self._flying: set[str] = set()  # of which, predictions in flight (limits.concurrency)
         self._waiting: set[str] = set()  # rows waiting for another run making the same edit
         self._short_of_disk: set[str] = set()  # rows waiting for room on disk for their result
+        self._short_of_budget: set[str] = set()  # rows waiting for predictions in flight to settle
         self._files = self._files_made = self._files_not_made = 0  # files of several rows (combine.py)
         self.pace = Pace()
 
@@ -58,16 +59,19 @@ class ProgressWatcher:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def _state(self) -> tuple[int, int, float, int, int, int]:
+    def _state(self) -> tuple[int, int, float, int, int, int, int]:
         for e in self._tail.poll():
             kind, row = e.get("event"), e.get("row")
             if kind == "waiting":
                 self._waiting.add(row)
             elif kind == "waiting_for_disk":
                 self._short_of_disk.add(row)
+            elif kind == "waiting_for_budget":
+                self._short_of_budget.add(row)
             elif kind == "sending":
                 self._waiting.discard(row)
                 self._short_of_disk.discard(row)
+                self._short_of_budget.discard(row)
                 self._sent.add(row)
                 self.pace.sent(e["t"])
                 if e.get("provider") == "local":  # makes no prediction: worked on from here
@@ -79,6 +83,7 @@ class ProgressWatcher:
             elif kind == "outcome":
                 self._waiting.discard(row)
                 self._short_of_disk.discard(row)
+                self._short_of_budget.discard(row)
                 self._flying.discard(row)
                 if row in self._sent:
                     self._sent.discard(row)
@@ -109,7 +114,7 @@ class ProgressWatcher:
                 self._files_made += 1
             elif kind == "combined":  # none of its rows finished, or it could not be written: a note says why
                 self._files_not_made += 1
-        waited = len(self._waiting), len(self._short_of_disk)
+        waited = len(self._waiting), len(self._short_of_disk), len(self._short_of_budget)
         return min(self._done, self.total), self._bad, self._spent, len(self._flying), *waited
 
     def _loop(self) -> None:
@@ -140,7 +145,7 @@ class ProgressWatcher:
         self._print_line(final=True)
 
     def _live_line(
-        self, width: int, done: int, bad: int, spent: float, flying: int, waiting: int, short: int
+        self, width: int, done: int, bad: int, spent: float, flying: int, waiting: int, short: int, on_budget: int
     ) -> tuple[int, str]:
         """The bar's width and what the live line says beside it, to fit `width` columns: on
         a narrow terminal the bar shrinks first, then each part is said shorter, then the
@@ -160,6 +165,7 @@ class ProgressWatcher:
                 (5, f"{flying} in flight", f"{flying} in flight"),
                 (3, f"{waiting} waiting for another run", f"{waiting} waiting") if waiting else (3, "", ""),
                 (3, f"{short} waiting for disk space", f"{short} need disk") if short else (3, "", ""),
+                (3, f"{on_budget} waiting on the budget", f"{on_budget} on budget") if on_budget else (3, "", ""),
                 (4, f"files of several rows {files}", f"files {files}") if self._files else (4, "", ""),
                 (2, self._left(done, "about {} left"), self._left(done, "~{} left")),
             ]
@@ -174,7 +180,7 @@ class ProgressWatcher:
         return max(MIN_BAR, min(MAX_BAR, width - fixed - len(detail))), detail
 
     def _print_line(self, final: bool = False) -> None:
-        done, bad, spent, flying, waiting, short = self._state()
+        done, bad, spent, flying, waiting, short, on_budget = self._state()
         if not self._begun:  # and when the flow never began, the error says why, not this
             if not final:
                 self.console.print(f"progress: {self._starting}", soft_wrap=True)
@@ -182,6 +188,8 @@ class ProgressWatcher:
         line = f"progress: {done}/{self.total} done, {bad} failed or invalid, ${spent:.2f} spent, {flying} in flight"
         line += f", {waiting} waiting for another run making the same edits" if waiting else ""
         line += f", {short} waiting for disk space for their results" if short else ""
+        if on_budget:
+            line += f", {on_budget} waiting on the budget until predictions in flight settle what they cost"
         line += f", files of several rows made: {self._files_line()}" if self._files else ""
         line += self._left(done, ", about {} left")
         self.console.print(line, soft_wrap=True)  # one line in a log, however long

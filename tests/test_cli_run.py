@@ -402,22 +402,22 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     for row in ("a", "b", "c"):
         journal.write("sending", row, provider="local")
     outcome("a", "failed", 0.2)
-    assert watcher._state() == (1, 1, 0.2, 2, 0, 0)  # done, failed, spent, in flight, waiting (run, disk)
+    assert watcher._state() == (1, 1, 0.2, 2, 0, 0, 0)  # done, failed, spent, in flight, waiting (run, disk, budget)
     outcome("b", "succeeded", 0.2)
     # A resumed run: row a again, its outcome carries the row's running total.
     journal.write("sending", "a", provider="local")
-    assert watcher._state() == (2, 1, 0.4, 2, 0, 0)
+    assert watcher._state() == (2, 1, 0.4, 2, 0, 0, 0)
     outcome("a", "succeeded", 0.4)
     outcome("c", "invalid", 0.0)
-    done, bad, spent, flying, waiting, short = watcher._state()
-    assert (done, bad, round(spent, 9), flying, waiting, short) == (3, 1, 0.6, 0, 0, 0)
+    done, bad, spent, flying, waiting, short, on_budget = watcher._state()
+    assert (done, bad, round(spent, 9), flying, waiting, short, on_budget) == (3, 1, 0.6, 0, 0, 0, 0)
     # Rows waiting for another machine's run that is making the same edit (edit_claims.py).
     journal.write("waiting", "d", on="nightly-2")
     journal.write("waiting", "e", on="nightly-2")
-    assert watcher._state()[3:] == (0, 2, 0)
+    assert watcher._state()[3:] == (0, 2, 0, 0)
     journal.write("sending", "d", provider="local")  # its claim was let go without a result: made here
     outcome("e", "skipped_done", 0.0)  # reused
-    assert watcher._state()[3:] == (1, 0, 0)
+    assert watcher._state()[3:] == (1, 0, 0, 0)
     # Rows waiting for room on disk while rows in flight hold it (disk_room.py).
     journal.write("waiting_for_disk", "f")
     journal.write("waiting_for_disk", "g")
@@ -425,8 +425,18 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     assert capsys.readouterr().err.strip().endswith("1 in flight, 2 waiting for disk space for their results")
     journal.write("sending", "f", provider="local")
     outcome("g", "failed", 0.0)  # refused: no room came
-    assert watcher._state()[3:] == (2, 0, 0)
+    assert watcher._state()[3:] == (2, 0, 0, 0)
     outcome("f", "succeeded", 0.0)
+    # Rows waiting while predictions in flight hold what is left of the budget (limits.py).
+    journal.write("waiting_for_budget", "h")
+    journal.write("waiting_for_budget", "i")
+    watcher._print_line()
+    said = capsys.readouterr().err.strip()
+    assert said.endswith("1 in flight, 2 waiting on the budget until predictions in flight settle what they cost")
+    journal.write("sending", "h", provider="local")  # one cost nothing: its money came back
+    outcome("i", "skipped_budget", 0.0)  # the others cost their price: none left for it
+    assert watcher._state()[3:] == (2, 0, 0, 0)
+    outcome("h", "succeeded", 0.0)
     # Then the files several rows of one recording share are made (combine.py).
     journal.write("combining", files=2)
     journal.write("combined", name="fixed/a.wav", output="/o/fixed/a.wav", rows=["a"], missing=[])
@@ -511,6 +521,15 @@ def test_the_live_line_fits_the_terminal_and_says_less_before_it_loses_the_count
     assert shown(45)[0] == "1 failed"
     for width in (200, 120, 100, 80, 60, 45):
         assert shown(width)[1] < width  # the last column is left free: writing there wraps the line
+    # Near the cap, rows wait for what predictions in flight cost (limits.py): said, and said
+    # shorter before the time left goes.
+    for row in range(40, 43):
+        event("waiting_for_budget", f"r{row}")
+    full = f"1 failed or invalid · $1.60 of $100.00 · 32 in flight · 3 waiting on the budget · about {left} left"
+    assert shown(200)[0] == full
+    assert shown(100)[0] == f"1 failed · $1.60/$100.00 · 3 on budget · ~{left} left"
+    for width in (200, 120, 100, 80, 60, 45):
+        assert shown(width)[1] < width
 
 
 def test_the_progress_line_says_prefect_is_starting_until_this_attempts_flow_begins(tmp_path, capsys, monkeypatch):

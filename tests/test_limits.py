@@ -14,6 +14,7 @@ import soundfile as sf
 from soundpatch import batch as batch_module
 from soundpatch import cpu, preview
 from soundpatch.batch import Batch
+from soundpatch.journal import read_events
 from soundpatch.limits import BudgetLedger, RateLimiter
 from soundpatch.manifest import load_manifest
 from soundpatch.providers import hosted
@@ -78,24 +79,27 @@ def test_a_row_short_of_budget_only_for_predictions_in_flight_waits_for_them():
         asked.set()
         return time.monotonic() > deadline
 
-    waiter = threading.Thread(target=lambda: got.append(ledger.reserve(0.20, give_up=give_up)))
+    told: list[float] = []  # the wait is told once, as it begins (the progress line shows it)
+    waiting = lambda: told.append(time.monotonic())  # noqa: E731
+    waiter = threading.Thread(target=lambda: got.append(ledger.reserve(0.20, give_up=give_up, waiting=waiting)))
     waiter.start()
     assert asked.wait(5)  # it waits while those three hold the whole budget
     time.sleep(0.05)
-    assert not got
+    assert not got and len(told) == 1
     ledger.settle(flying[0], 0.20)
     time.sleep(0.05)
     assert not got  # still nothing left once the first cost its price
     ledger.settle(flying[1], 0.0)  # the second failed and cost nothing: its $0.20 comes back
     waiter.join(5)
     assert got and got[0] is not None and got[0].in_flight
+    assert len(told) == 1  # however many times it looked again
     # No wait when the money is gone whatever those in flight cost, nor when none are in flight.
     ledger.settle(flying[2], 0.20)
     ledger.reserve(0.0)  # in flight, and costing nothing would not make room
     ledger.settle(got[0], 0.20)
     started = time.monotonic()
-    assert ledger.reserve(0.20, give_up=lambda: time.monotonic() > started + 5) is None
-    assert time.monotonic() - started < 0.5
+    assert ledger.reserve(0.20, give_up=lambda: time.monotonic() > started + 5, waiting=waiting) is None
+    assert time.monotonic() - started < 0.5 and len(told) == 1  # nothing to wait for: not told
     held = BudgetLedger(0.20)
     held.hold(0.20)  # an earlier attempt's prediction, collected when its own row comes
     started = time.monotonic()
@@ -327,6 +331,10 @@ def test_a_budget_buys_every_prediction_it_can_when_they_cost_less_than_their_pr
     assert batch.ledger.spent_usd == pytest.approx(0.9)
     skipped = next(o for o in outcomes if o.status == "skipped_budget")
     assert skipped.cost_usd == 0 and skipped.error == "Budget of $1.00 reached ($0.90 spent); this row was not sent."
+    # Rows that waited said so in the journal, for the progress line, once each: of the
+    # rows after the first five (those found nothing held), one at least.
+    waited = [e["row"] for e in read_events(tmp_path / "runs" / "cheaper") if e["event"] == "waiting_for_budget"]
+    assert len(waited) == len(set(waited)) and 1 <= len(waited) <= 5, waited
 
 
 class SlotsNotGivenBack:
