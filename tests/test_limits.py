@@ -14,6 +14,7 @@ import soundfile as sf
 from soundpatch import batch as batch_module
 from soundpatch import cpu, preview
 from soundpatch.batch import Batch
+from soundpatch.config import load_config
 from soundpatch.journal import read_events
 from soundpatch.limits import BudgetLedger, RateLimiter
 from soundpatch.manifest import load_manifest
@@ -109,6 +110,35 @@ def test_a_row_short_of_budget_only_for_predictions_in_flight_waits_for_them():
     stopping = BudgetLedger(0.20)
     stopping.reserve(0.20)
     assert stopping.reserve(0.20, give_up=lambda: True) is None
+
+
+def test_the_expected_wall_time_goes_by_the_rate_for_a_hosted_provider_and_by_the_cores_for_the_local_engine(
+    tmp_path, monkeypatch
+):
+    # The estimate held the local engine to limits.requests_per_minute too, which it does not
+    # pace by: 2,000 rows said 33 min and took 3 to 9 (the restoration example: 6 s for 2).
+    monkeypatch.setenv("STABILITY_API_KEY", "k")
+    sf.write(tmp_path / "fx.wav", np.full((3 * 8000, 1), 0.1, np.float32), 8000)
+    rows = "".join(f"r{i:02d},fx.wav,1,1.5,p{i:02d}\n" for i in range(60))
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\n" + rows)
+
+    def expected(provider: str, rpm: int, concurrency: int) -> float:
+        overrides = {"provider.name": provider, "runs_dir": str(tmp_path / "runs"), "output.uri": str(tmp_path / "o")}
+        overrides |= {"limits.requests_per_minute": rpm, "limits.concurrency": concurrency}
+        batch = Batch(load_manifest(tmp_path / "m.csv"), load_config(overrides=overrides), "estimate", dry_run=True)
+        try:
+            return batch.estimate(batch.manifest.edits)["expected_seconds"]
+        finally:
+            batch.close()
+
+    # A hosted provider: 60 creates paced at the rate, or 40 predictions of ~15 s at a time.
+    assert expected("stability", rpm=60, concurrency=40) == 60.0
+    assert expected("stability", rpm=6000, concurrency=40) == 22.5
+    # The local engine: the rate does not hold it back, nor do more rows at once than its cores.
+    local = expected("local", rpm=60, concurrency=8)
+    assert local == expected("local", rpm=6, concurrency=8) == expected("local", rpm=60, concurrency=64)
+    assert local == pytest.approx(expected("local", rpm=60, concurrency=1) / cpu.AT_ONCE)
+    assert local == pytest.approx(60 * batch_module.TYPICAL_SECONDS["local"] / cpu.AT_ONCE) and local < 60
 
 
 def test_a_provider_is_out_of_reach_only_after_creates_in_a_row_come_to_nothing():
