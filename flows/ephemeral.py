@@ -14,19 +14,27 @@ write it), a run needs a temporary Prefect server. We start the same server Pref
   2 s sooner ready;
 - what it prints goes to a temporary file, not the user's terminal (`--verbose` shows
   it): stopping it can log a cancelled database call with a traceback, which says
-  nothing about the run. If it fails to start, the end of that file is in the error.
+  nothing about the run. If it fails to start, the end of that file is in the error;
+- should it stop while the run goes on (the kernel's OOM killer, a `pkill`), it is
+  started again on the same port with the same database (`watch`): Prefect's clients
+  then reach it again. Left dead, each of Prefect's calls retried for a minute (rows
+  stopped starting meanwhile) and its events worker tried every event it held, 7 s
+  apiece, printing each whole on the terminal: minutes after the last row, the command
+  had still not ended.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Iterator
@@ -37,6 +45,8 @@ from typing import IO, Any
 _PR_SET_PDEATHSIG = 1
 STARTUP_TIMEOUT_SECONDS = 120  # a first run on a new PREFECT_HOME migrates a database
 _ADDRESS_IN_USE = 3  # uvicorn's exit status when the port was taken meanwhile
+RESTARTS = 3  # times the server is started again in one run, should it keep stopping
+log = logging.getLogger("soundpatch")
 
 
 def _die_with_parent() -> None:  # runs in the child, between fork and exec
@@ -61,6 +71,9 @@ class TemporaryServer:
         self._show_output = show_output
         self._output: IO[bytes] | None = None  # what the server printed, when not shown
         self.new_database = False  # whether it makes Prefect's database first (a first run here)
+        self._lock = threading.Lock()  # the process, between stop() and the watch
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @classmethod
     def unless_configured(cls, show_output: bool = False) -> TemporaryServer | None:
@@ -151,18 +164,62 @@ class TemporaryServer:
         self.stop()
         raise RuntimeError(f"Prefect's temporary server did not answer within {timeout:g} s{printed}")
 
+    def watch(self) -> None:
+        """From now on (the server answered, and Prefect's clients use its port), start it
+        again on that port should it stop before `stop()`, RESTARTS times at the most (one
+        that stops while it starts again counts too). Prefect's clients retry meanwhile."""
+        self._watcher = threading.Thread(target=self._keep_up, name="prefect-server-watch", daemon=True)
+        self._watcher.start()
+
+    def _keep_up(self) -> None:
+        for restart in range(1, RESTARTS + 2):
+            while (process := self.process) is not None and process.poll() is None:
+                if self._stopping.wait(1.0):
+                    return
+            with self._lock:
+                if self._stopping.is_set() or self.process is None:
+                    return
+                how = _ended(self.process.returncode)
+                if restart > RESTARTS:
+                    log.warning(
+                        "Prefect's temporary server stopped again (%s), %d times in this run: not started again. "
+                        "The rows go on, but Prefect records no more of the run, and the command may take "
+                        "minutes to end after its summary.",
+                        how,
+                        RESTARTS + 1,
+                    )
+                    return
+                self._spawn()
+            log.warning(
+                "Prefect's temporary server stopped during the run (%s); it was started again on the same "
+                "port and database, and the run goes on.",
+                how,
+            )
+
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
-        if self._output is not None:
-            self._output.close()
-            self._output = None
+        self._stopping.set()
+        with self._lock:
+            if self.process is not None:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+                self.process = None
+            if self._output is not None:
+                self._output.close()
+                self._output = None
+
+
+def _ended(code: int) -> str:
+    """How a process ended, in words, from its return code."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def new_database() -> bool:
@@ -280,6 +337,7 @@ def isolated_api(server: TemporaryServer | None = None) -> Iterator[None]:
         # dies with the run. Their thread sleeps in whole seconds and is waited for when
         # the flow ends, up to a second at the end of every run.
         with temporary_settings({PREFECT_API_URL: server.api_url, "flows.heartbeat_frequency": None}):
+            server.watch()
             try:
                 yield
             finally:

@@ -11,8 +11,10 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -227,6 +229,47 @@ def test_a_second_ctrl_c_stops_at_once_and_the_journal_still_resumes(job_dir, aw
     sim.settings.latency = 0.5
     finish_every_row(job_dir, env, "twice", 6)
     assert sim.stats.accepted == 6
+
+
+def prefect_server_of(pid: int) -> int:
+    """The pid of the temporary Prefect server the command `pid` started (flows/ephemeral.py)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command, stat = cmdline.read_bytes(), (cmdline.parent / "stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        if b"flows.prefect_server" in command and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            return int(cmdline.parent.name)
+    raise AssertionError(f"no Prefect server started by {pid}")
+
+
+def test_a_run_whose_temporary_prefect_server_dies_starts_it_again_and_ends_as_usual(
+    job_dir, aws_env, simulator, tmp_path_factory
+):
+    # Prefect's temporary server killed mid-run (the kernel's OOM killer, a `pkill`). Left
+    # dead, rows stopped starting a minute at a time, Prefect printed every event it held
+    # on the terminal, 7 s apiece, and minutes after the last row the command had still not
+    # ended. It is started again on the same port and database: the run ends as usual, and
+    # Prefect records its end.
+    sim = simulator(latency=1.0, fill="tone")
+    write_job(job_dir, sim, aws_env, rows=16, concurrency=4)
+    home = tmp_path_factory.mktemp("prefect")
+    env = environment(home)
+    proc = start(job_dir, env, "server-died")
+    wait_for(lambda: len(events(job_dir, "server-died", "outcome")) >= 4, 120, "four rows done")
+    os.kill(prefect_server_of(proc.pid), signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    assert (
+        "Prefect's temporary server stopped during the run (killed by SIGKILL); it was started again on the same "
+        "port and database, and the run goes on." in err
+    )
+    assert "EventsWorker" not in err and "Unable to connect" not in err and "Traceback" not in out + err
+    assert list(report(job_dir, "server-died")["status"]) == ["succeeded"] * 16
+    assert sim.stats.creates == sim.stats.accepted == 16
+    with closing(sqlite3.connect(home / "prefect.db")) as db:
+        state = db.execute("SELECT state_type FROM flow_run WHERE name = 'soundpatch server-died'").fetchall()
+    assert state == [("COMPLETED",)]
 
 
 def test_on_interrupt_cancel_cancels_predictions_in_flight(job_dir, aws_env, simulator, monkeypatch):

@@ -7,8 +7,10 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,3 +185,67 @@ def test_what_the_temporary_server_prints_stays_off_the_terminal_unless_verbose(
             assert "no database here" not in shown.out + shown.err
             assert str(raised.value).endswith("; it printed: Traceback: no database here")
         assert server._output is None  # its file is closed and gone
+
+
+def test_a_temporary_server_that_stops_during_the_run_is_started_again_on_its_port_a_few_times(monkeypatch, caplog):
+    # A stand-in for Prefect's server (its health check on the port it is given), killed
+    # during the run: started again on the same port, RESTARTS times, then left down, saying
+    # so each time; stopped by the run, it stays down.
+    from flows import ephemeral
+    from flows.ephemeral import TemporaryServer
+
+    monkeypatch.setattr(ephemeral, "RESTARTS", 1)
+    health = (
+        "import sys, http.server\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200 if self.path == '/api/health' else 404); self.end_headers()\n"
+        "    def log_message(self, *a): pass\n"
+        "http.server.HTTPServer(('127.0.0.1', int(sys.argv[2])), H).serve_forever()\n"
+    )
+    server = TemporaryServer()
+    server.port = ephemeral._free_port()
+    server._command, server._env = [sys.executable, "-c", health, "--port", str(server.port)], dict(os.environ)
+    server._spawn()
+    server.wait_ready(timeout=30)
+    server.watch()
+    caplog.set_level("WARNING", logger="soundpatch")
+
+    first = server.process
+    assert first is not None
+    first.kill()
+    deadline = time.monotonic() + 30
+    while server.process is first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.process is not first  # another process, on the same port
+    server.wait_ready(timeout=30)
+    assert httpx.get(f"{server.api_url}/health").status_code == 200
+    assert caplog.messages == [
+        "Prefect's temporary server stopped during the run (killed by SIGKILL); it was started again on the same "
+        "port and database, and the run goes on."
+    ]
+    second = server.process
+    assert second is not None
+    second.kill()
+    time.sleep(2)  # the watch looks once a second
+    assert server.process is second and second.poll() is not None  # not started again
+    assert caplog.messages[1].startswith("Prefect's temporary server stopped again (killed by SIGKILL), 2 times")
+    server.stop()
+    assert server.process is None and server._watcher is not None
+    server._watcher.join(timeout=5)
+    assert not server._watcher.is_alive()
+
+
+def test_a_temporary_server_stopped_by_the_run_is_not_started_again():
+    from flows import ephemeral
+    from flows.ephemeral import TemporaryServer
+
+    server = TemporaryServer()
+    server.port = ephemeral._free_port()
+    server._command, server._env = [sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ)
+    server._spawn()
+    server.watch()
+    server.stop()
+    assert server._watcher is not None
+    server._watcher.join(timeout=5)
+    assert not server._watcher.is_alive() and server.process is None
