@@ -107,6 +107,8 @@ class ProgressWatcher:
                 self._to_redo.clear()
                 self._sent.clear()  # an earlier attempt's rows that never ended are sent again
                 self._flying.clear()
+                for waiting in (self._waiting, self._short_of_disk, self._short_of_budget):
+                    waiting.clear()  # ... and those that were waiting then start over
                 self.pace.restarted()
             elif kind == "combining":
                 self._files, self._files_made, self._files_not_made = int(e.get("files") or 0), 0, 0

@@ -445,6 +445,12 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     journal.write("combined", name="fixed/b.wav", output="", rows=[], missing=["b"])  # none of its rows finished
     watcher._print_line()
     assert capsys.readouterr().err.strip().endswith("1 in flight, files of several rows made: 1/2 (1 not made)")
+    # An attempt that ended while rows waited: the next attempt starts them over.
+    for kind, row in (("waiting", "j"), ("waiting_for_disk", "k"), ("waiting_for_budget", "l")):
+        journal.write(kind, row)
+    assert watcher._state()[4:] == (1, 1, 1)
+    journal.write("run_started", total=3, kept=0)
+    assert watcher._state()[3:] == (0, 0, 0, 0)
     journal.close()
 
 
