@@ -440,6 +440,12 @@ def _record_to_edits(where: str, record: dict[str, Any]) -> list[Edit]:
 
 
 def _parse_fields(record: dict[str, Any], text: dict[str, str]) -> dict[str, Any]:
+    for column in KNOWN_COLUMNS:  # a YAML list or mapping would be sent as its Python spelling
+        value = record.get(column)
+        if isinstance(value, (list, dict)):
+            kind = "a list" if isinstance(value, list) else "a mapping"
+            hint = "; a list under matrix: makes a row of each" if isinstance(value, list) else ""
+            raise ValueError(f"{column} is {kind} ({text[column][:60]}), not one value{hint}")
     if len(text.get("id", "")) > 128:
         raise ValueError("id is longer than 128 characters")
     if any(ord(c) < 32 for c in text.get("id", "")):

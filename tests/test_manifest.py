@@ -97,6 +97,32 @@ matrix: {input: [a.wav, b.wav], prompt: [x, y, z], seed: [1, 2]}
     assert len({e.row_id for e in m.edits}) == 12
 
 
+def test_a_yaml_list_or_mapping_where_one_value_goes_makes_the_row_invalid_saying_so(tmp_path):
+    # `prompt: [a, b]` went to the provider as the prompt "['a', 'b']", paid for.
+    m = load_manifest(
+        write(
+            tmp_path,
+            "m.yaml",
+            """
+defaults: {input: fx.wav, region: "1-1.5"}
+rows:
+  - {id: two-prompts, prompt: [door slam, glass]}
+  - {id: seeds, prompt: door, seed: [1, 2]}
+  - {id: mapping, prompt: {text: door}}
+  - {id: fine, prompt: door, seed: 3}
+""",
+        )
+    )
+    reasons = {e.row_id: e.error for e in m.edits}
+    assert reasons == {
+        "two-prompts": "Prompt is a list (['door slam', 'glass']), not one value; a list under matrix: makes a row "
+        "of each.",
+        "seeds": "Seed is a list ([1, 2]), not one value; a list under matrix: makes a row of each.",
+        "mapping": "Prompt is a mapping ({'text': 'door'}), not one value.",
+        "fine": None,
+    }
+
+
 BAD_ROWS = {
     "empty-input": (",1,2,x", "input is empty"),
     "end-before-start": ("a.wav,3,2,x", "not after its start"),
