@@ -446,6 +446,8 @@ def _parse_fields(record: dict[str, Any], text: dict[str, str]) -> dict[str, Any
             kind = "a list" if isinstance(value, list) else "a mapping"
             hint = "; a list under matrix: makes a row of each" if isinstance(value, list) else ""
             raise ValueError(f"{column} is {kind} ({text[column][:60]}), not one value{hint}")
+        if isinstance(value, bool) and column in ("id", "input", "prompt", "output", "provider"):
+            raise ValueError(f"{column} reads as {str(value).lower()} in YAML (yes, no, on, off do); put it in quotes")
     if len(text.get("id", "")) > 128:
         raise ValueError("id is longer than 128 characters")
     if any(ord(c) < 32 for c in text.get("id", "")):

@@ -97,8 +97,8 @@ matrix: {input: [a.wav, b.wav], prompt: [x, y, z], seed: [1, 2]}
     assert len({e.row_id for e in m.edits}) == 12
 
 
-def test_a_yaml_list_or_mapping_where_one_value_goes_makes_the_row_invalid_saying_so(tmp_path):
-    # `prompt: [a, b]` went to the provider as the prompt "['a', 'b']", paid for.
+def test_yaml_values_that_would_reach_the_provider_in_python_spelling_make_the_row_invalid_saying_why(tmp_path):
+    # `prompt: [a, b]` went to the provider as the prompt "['a', 'b']", paid for; `prompt: no` as "False".
     m = load_manifest(
         write(
             tmp_path,
@@ -109,6 +109,7 @@ rows:
   - {id: two-prompts, prompt: [door slam, glass]}
   - {id: seeds, prompt: door, seed: [1, 2]}
   - {id: mapping, prompt: {text: door}}
+  - {id: yes-no, prompt: no}
   - {id: fine, prompt: door, seed: 3}
 """,
         )
@@ -119,6 +120,7 @@ rows:
         "of each.",
         "seeds": "Seed is a list ([1, 2]), not one value; a list under matrix: makes a row of each.",
         "mapping": "Prompt is a mapping ({'text': 'door'}), not one value.",
+        "yes-no": "Prompt reads as false in YAML (yes, no, on, off do); put it in quotes.",  # was sent as "False"
         "fine": None,
     }
 
