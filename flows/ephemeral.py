@@ -174,7 +174,7 @@ class TemporaryServer:
     def _keep_up(self) -> None:
         for restart in range(1, RESTARTS + 2):
             while (process := self.process) is not None and process.poll() is None:
-                if self._stopping.wait(1.0):
+                if self._stopping.wait(0.25):
                     return
             with self._lock:
                 if self._stopping.is_set() or self.process is None:

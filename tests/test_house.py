@@ -227,7 +227,7 @@ def test_a_temporary_server_that_stops_during_the_run_is_started_again_on_its_po
     second = server.process
     assert second is not None
     second.kill()
-    time.sleep(2)  # the watch looks once a second
+    time.sleep(1)  # the watch looks four times a second
     assert server.process is second and second.poll() is not None  # not started again
     assert caplog.messages[1].startswith("Prefect's temporary server stopped again (killed by SIGKILL), 2 times")
     server.stop()
