@@ -26,6 +26,7 @@ import soundfile as sf
 
 from soundpatch import soundio
 from soundpatch.errors import RowError
+from soundpatch.humanize import plural
 
 # How soundfile should hand each subtype over so that writing it back is lossless.
 _NATIVE_DTYPE = {
@@ -323,7 +324,7 @@ def check_encodable(info: AudioInfo, container: str) -> None:
         reason = f"{size / 2**30:.1f} GB of samples, where one {container} file holds under 4 GB"
     if reason:
         raise RowError(
-            f"the output format {container} cannot hold this recording ({info.channels} channels at "
+            f"the output format {container} cannot hold this recording ({plural(info.channels, 'channel')} at "
             f"{info.rate} Hz): {reason}; choose another output.format for it"
         )
 

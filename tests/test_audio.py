@@ -146,6 +146,7 @@ def test_in_memory_files_match_soundfile_and_leave_no_descriptor_open():
     [
         (AudioInfo(48000 * 10, 48000, 6, "WAV", "PCM_16"), "MP3", "it holds at most 2 channels"),
         (AudioInfo(96000 * 10, 96000, 2, "WAV", "PCM_24"), "MP3", "only supports sample rates of 8000"),
+        (AudioInfo(192000 * 10, 192000, 1, "WAV", "PCM_24"), "MP3", "recording (1 channel at 192000 Hz)"),
         (AudioInfo(48000 * 10, 48000, 10, "WAV", "PCM_16"), "FLAC", "it holds at most 8 channels"),
         # Four hours of a 96 kHz, 24-bit stereo transfer: 7.7 GB, past what WAV's sizes can say.
         (AudioInfo(4 * 3600 * 96000, 96000, 2, "WAV", "PCM_24"), "WAV", "7.7 GB of samples, where one WAV file"),
