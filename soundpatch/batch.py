@@ -13,6 +13,7 @@ flows/ and tasks/; this module is plain Python.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -54,7 +55,7 @@ from soundpatch.journal import (
 )
 from soundpatch.journal_copy import JournalCopy
 from soundpatch.lease import RunLease, lease_uri
-from soundpatch.limits import BudgetLedger, SharedLimits
+from soundpatch.limits import BudgetLedger, Reservation, SharedLimits
 from soundpatch.locks import CLAIMED, STOPPED, WAITED, Claims, RunLock
 from soundpatch.manifest import Edit, Manifest, lookalike_notes
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SUCCEEDED, Outcome
@@ -75,6 +76,7 @@ from soundpatch.sources import SourceReader
 from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, S3Prefix, local_result_holds, open_store
 from soundpatch.window import answer_bytes_bound
 
+log = logging.getLogger("soundpatch")
 SCRATCH_DIR = "scratch"  # runs/<run_id>/scratch/: results being written (publish.py)
 # Typical seconds per prediction, for the wall-time estimate before a run. The local
 # engine's is a row's time on one core (on this project's 2-core machine, 2,000 rows of
@@ -233,6 +235,8 @@ class Batch:
         # Rows whose create went out this attempt (the provider told "creating"), with the
         # prediction's id once it is known: what an unforeseen error then leaves owed.
         self._sent: dict[str, str] = {}
+        # Providers that charged more than the price reserved: (that price, the most charged).
+        self._dearer: dict[str, tuple[float, float]] = {}
         self.journal = Journal(self.run_dir, None if dry_run else self.journal_copy)
         # Rows run on many threads at once. BLAS's own threads on top of them fight for the
         # same cores: with 40 rows a dot product or a solve took 100-300x longer. One each.
@@ -885,7 +889,7 @@ class Batch:
         except PredictionFailed as exc:
             # The provider was reached and may have charged: keep what it says is owed.
             owed = 0.0 if settled else exc.cost_usd
-            self.ledger.settle(reservation, owed)
+            self._settle(reservation, owed, provider)
             if left is not None and (exc.unseen or not exc.collectable) and self._may_start():
                 self._not_collected(edit.row_id, left, exc)  # ... and made here, in this same attempt
                 return self._paid_prediction(work, room)
@@ -922,7 +926,7 @@ class Batch:
         finally:
             self._sent.pop(edit.row_id, None)
         paid_now = 0.0 if settled else prediction.cost_usd
-        self.ledger.settle(reservation, paid_now)
+        self._settle(reservation, paid_now, provider)
         if left is not None:
             assert self.bucket_claims is not None
             self.bucket_claims.was_collected(left)
@@ -935,6 +939,28 @@ class Batch:
         # Until its result is out, a failure keeps the prediction for the next attempt.
         self._unused[edit.row_id] = _unused(prediction.prediction_id or resume_id, prediction.cost_usd, settled)
         return prediction, provider
+
+    def _settle(self, reservation: Reservation, cost_usd: float, provider: Provider) -> None:
+        """Settle the row's reservation at what its prediction cost. A provider charging more
+        than the price reserved is said once, as it happens and in the notes (the ledger counts
+        every reservation as dearer from then on)."""
+        self.ledger.settle(reservation, cost_usd)
+        if not reservation.amount_usd or cost_usd <= reservation.amount_usd + 1e-9:
+            return
+        with self._lock:
+            first = provider.name not in self._dearer
+            price, most = self._dearer.get(provider.name, (reservation.amount_usd, 0.0))
+            self._dearer[provider.name] = (price, max(most, cost_usd))
+        if first:
+            log.warning("%s", self._dearer_note(provider.name))
+
+    def _dearer_note(self, name: str) -> str:
+        price, most = self._dearer[name]
+        return (
+            f"{name} charged up to ${most:.4g} for a prediction reserved at ${price:.4g} (provider.price_usd): from "
+            f"then on the budget counted every prediction as {most / price:.2f} times dearer, those in flight too; "
+            f"set price_usd to what {name} charges, so that the cap holds from the first row."
+        )
 
     def _spliced(self, work: RowWork, prediction: Prediction, provider: Provider) -> tuple[Encoded, Quality]:
         """The prediction spliced into the recording and encoded as it will be published, with
@@ -1205,6 +1231,7 @@ class Batch:
                 f"{'it is' if one else 'they are'} kept, and rerunning with --run-id {self.run_id} tries "
                 f"{'it' if one else 'them'} again at no new cost."
             )
+        notes.extend(self._dearer_note(name) for name in sorted(self._dearer))
         notes.extend(combined_note(self._combined))
         cleared, freed = self._cleared
         if cleared:

@@ -8,6 +8,9 @@ reports what it cost, the reservation becomes that cost; when it provably cost n
 whatever the concurrency. A row that would cross the cap only because of what predictions
 in flight hold waits for them: a failed one often costs nothing, and a provider may charge
 less than the price reserved, so the budget buys all it can before rows are skipped.
+A provider that charges more than the price reserved (its price went up, or the config's
+is out of date) makes the ledger count every reservation, from then on, as marked up by
+as much: what predictions already in flight will cost is then counted too.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ class BudgetLedger:
         self._spent = _micro(already_spent_usd)
         self._reserved = 0
         self._in_flight = 0  # of `_reserved`, what reserve() holds for predictions being made now
+        # The most a prediction has cost over what was reserved for it, as (cost, reserved):
+        # reservations count at their amount marked up by as much.
+        self._dearer = (1, 1)
         self._changed = threading.Condition()
 
     def reserve(
@@ -56,8 +62,9 @@ class BudgetLedger:
         told = False
         while True:
             with self._changed:
-                while self._spent + self._reserved + amount > self._cap:
-                    if not self._in_flight or self._spent + self._reserved - self._in_flight + amount > self._cap:
+                while self._spent + self._priced(self._reserved + amount) > self._cap:
+                    unless_free = self._spent + self._priced(self._reserved - self._in_flight + amount)
+                    if not self._in_flight or unless_free > self._cap:
                         return None  # even if every prediction in flight cost nothing
                     if give_up is None or give_up():
                         return None
@@ -80,9 +87,18 @@ class BudgetLedger:
 
     def settle(self, reservation: Reservation, cost_usd: float) -> None:
         """The prediction happened and cost `cost_usd` (normally the reserved price)."""
+        amount, cost = _micro(reservation.amount_usd), _micro(cost_usd)
         with self._changed:
             self._let_go(reservation)
-            self._spent += _micro(cost_usd)
+            self._spent += cost
+            if amount and cost * self._dearer[1] > amount * self._dearer[0]:
+                self._dearer = (cost, amount)
+
+    def _priced(self, micro: int) -> int:
+        """What `micro` reserved may turn out to cost: marked up by the most a prediction
+        cost over its reservation so far (rounded up)."""
+        cost, reserved = self._dearer
+        return -(-micro * cost // reserved)
 
     def release(self, reservation: Reservation) -> None:
         """The prediction provably cost nothing: give the money back to the budget."""
@@ -108,7 +124,7 @@ class BudgetLedger:
     def standing(self) -> str:
         """What stands against the cap, in words: spent, and held for predictions in flight."""
         with self._changed:
-            spent, held = self._spent / _MICRO, self._reserved / _MICRO
+            spent, held = self._spent / _MICRO, self._priced(self._reserved) / _MICRO
         return f"${spent:.2f} spent" + (f", ${held:.2f} held for predictions in flight" if held else "")
 
 

@@ -69,6 +69,17 @@ def test_the_ledger_says_what_stands_against_the_cap():
     assert ledger.standing() == "$0.40 spent"
 
 
+def test_once_a_prediction_costs_more_than_its_reservation_every_reservation_counts_as_dearer():
+    ledger = BudgetLedger(1.0)
+    first, second = ledger.reserve(0.20), ledger.reserve(0.20)
+    ledger.settle(first, 0.25)  # charged 25% over the price reserved
+    assert ledger.standing() == "$0.25 spent, $0.25 held for predictions in flight"  # the second's, marked up
+    assert ledger.reserve(0.20) is not None and ledger.reserve(0.20) is not None  # $0.25 + 3 x $0.25 = $1.00
+    assert ledger.reserve(0.20) is None  # $1.25 would cross the cap
+    ledger.settle(second, 0.10)  # cheaper: the markup stays at the most seen
+    assert ledger.standing() == "$0.35 spent, $0.50 held for predictions in flight"
+
+
 def test_a_row_short_of_budget_only_for_predictions_in_flight_waits_for_them():
     ledger = BudgetLedger(0.60)
     flying = [ledger.reserve(0.20) for _ in range(3)]
@@ -365,6 +376,32 @@ def test_a_budget_buys_every_prediction_it_can_when_they_cost_less_than_their_pr
     # rows after the first five (those found nothing held), one at least.
     waited = [e["row"] for e in read_events(tmp_path / "runs" / "cheaper") if e["event"] == "waiting_for_budget"]
     assert len(waited) == len(set(waited)) and 1 <= len(waited) <= 5, waited
+
+
+def test_a_provider_charging_more_than_its_price_is_counted_dearer_from_then_on_and_the_cap_holds(
+    tmp_path, aws_env, simulator, monkeypatch, caplog
+):
+    # Each Labs charges $0.25 where the config says $0.20 (its price went up). Reserving
+    # $0.20 a prediction, the predictions in flight as the cap came near cost more than was
+    # held for them, and the run went over: $2.00 on a $1.90 budget. Once a prediction costs
+    # more than its reservation, every reservation counts that much dearer, those already
+    # in flight too: 4 rows at a time reserved before any cost was known ($1.00), then 3
+    # more ($0.75); the rest are skipped_budget.
+    hosted_job(tmp_path, aws_env, monkeypatch, rows=12)
+    sim = simulator(latency=0.3, fill="tone", price=0.25)
+    overrides = {"limits.budget_usd": 1.9, "limits.concurrency": 2, "limits.requests_per_minute": 100000}
+    caplog.set_level("WARNING", logger="soundpatch")
+    outcomes, batch = run_hosted(tmp_path, aws_env, sim, "dearer", **overrides)
+    assert batch.rows_at_once == 4
+    assert sim.billed() == pytest.approx(1.75) and sum(o.cost_usd for o in outcomes) == pytest.approx(1.75)
+    assert [o.status for o in outcomes].count("succeeded") == 7 == sim.stats.accepted
+    assert [o.status for o in outcomes].count("skipped_budget") == 5
+    said = (
+        "eachlabs charged up to $0.25 for a prediction reserved at $0.2 (provider.price_usd): from then on the "
+        "budget counted every prediction as 1.25 times dearer, those in flight too; set price_usd to what "
+        "eachlabs charges, so that the cap holds from the first row."
+    )
+    assert caplog.messages.count(said) == 1 and said in batch.notes()
 
 
 class SlotsNotGivenBack:
