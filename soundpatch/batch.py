@@ -220,6 +220,15 @@ class Batch:
         spent = sum(s.spent_before for s in self.states.values())
         spent += sum(self._list_price(row) for row, s in self.states.items() if s.in_doubt)
         self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=spent)
+        # Providers that charged more than the price reserved: (that price, the most charged),
+        # as earlier attempts of this run found (counted from this attempt's first row on), and
+        # as this attempt finds.
+        self._dearer_before = self._found_dearer()
+        for name, (price, most) in self._dearer_before.items():
+            self.ledger.count_dearer(price, most)
+            if not dry_run:
+                log.warning("%s", self._dearer_before_note(name))
+        self._dearer: dict[str, tuple[float, float]] = {}
         # Paid for and still to collect: a prediction to poll, or an answer kept on disk
         # (nothing more when a failed outcome counted it already).
         self._held = {
@@ -235,8 +244,6 @@ class Batch:
         # Rows whose create went out this attempt (the provider told "creating"), with the
         # prediction's id once it is known: what an unforeseen error then leaves owed.
         self._sent: dict[str, str] = {}
-        # Providers that charged more than the price reserved: (that price, the most charged).
-        self._dearer: dict[str, tuple[float, float]] = {}
         self.journal = Journal(self.run_dir, None if dry_run else self.journal_copy)
         # Rows run on many threads at once. BLAS's own threads on top of them fight for the
         # same cores: with 40 rows a dot product or a solve took 100-300x longer. One each.
@@ -496,7 +503,8 @@ class Batch:
                 to_collect += 1
                 continue
             predictions += 1
-            cost += checked.provider.price_usd
+            # At the most a prediction cost in earlier attempts, where that is more than the price.
+            cost += self._dearer_before.get(checked.provider.name, (0.0, checked.provider.price_usd))[1]
             within_budget += spent_before + cost <= self.config.limits.budget_usd + 1e-9
             needed = self._room_needed(edit, checked)
             largest = (*needed, edit.row_id) if sum(needed) > sum(largest[:2]) else largest
@@ -528,7 +536,10 @@ class Batch:
             "budget_usd": limits.budget_usd,
             "expected_seconds": round(seconds, 1),
             "errors": errors,
-            "notes": lookalike_notes(edits) + self._unready(per_provider) + self._short_of_disk(*largest),
+            "notes": lookalike_notes(edits)
+            + [self._dearer_before_note(name) for name in sorted(self._dearer_before)]
+            + self._unready(per_provider)
+            + self._short_of_disk(*largest),
         }
 
     def _short_of_disk(self, result_bytes: int, answer_bytes: int, row_id: str) -> list[str]:
@@ -942,10 +953,11 @@ class Batch:
 
     def _settle(self, reservation: Reservation, cost_usd: float, provider: Provider) -> None:
         """Settle the row's reservation at what its prediction cost. A provider charging more
-        than the price reserved is said once, as it happens and in the notes (the ledger counts
-        every reservation as dearer from then on)."""
+        than the price reserved (and than earlier attempts found it charging) is said once, as
+        it happens and in the notes (the ledger counts every reservation as dearer from then on)."""
         self.ledger.settle(reservation, cost_usd)
-        if not reservation.amount_usd or cost_usd <= reservation.amount_usd + 1e-9:
+        expected = max(reservation.amount_usd, self._dearer_before.get(provider.name, (0.0, 0.0))[1])
+        if not reservation.amount_usd or cost_usd <= expected + 1e-9:
             return
         with self._lock:
             first = provider.name not in self._dearer
@@ -953,6 +965,25 @@ class Batch:
             self._dearer[provider.name] = (price, max(most, cost_usd))
         if first:
             log.warning("%s", self._dearer_note(provider.name))
+
+    def _found_dearer(self) -> dict[str, tuple[float, float]]:
+        """Providers whose predictions earlier attempts of this run found dearer than their
+        price now: {name: (price, the most one cost)}."""
+        found: dict[str, tuple[float, float]] = {}
+        for state in self.states.values():
+            for name, cost in state.charged.items():
+                price = self.config.provider.for_provider(name).price
+                if price and cost > max(price, found.get(name, (0.0, 0.0))[1]) + 1e-9:
+                    found[name] = (price, cost)
+        return found
+
+    def _dearer_before_note(self, name: str) -> str:
+        price, most = self._dearer_before[name]
+        return (
+            f"An earlier attempt of run {self.run_id} found {name} charging up to ${most:.4g} for a prediction "
+            f"reserved at ${price:.4g} (provider.price_usd): the budget counts every prediction as "
+            f"{most / price:.2f} times dearer from this attempt's first row; set price_usd to what {name} charges."
+        )
 
     def _dearer_note(self, name: str) -> str:
         price, most = self._dearer[name]
@@ -1231,6 +1262,7 @@ class Batch:
                 f"{'it is' if one else 'they are'} kept, and rerunning with --run-id {self.run_id} tries "
                 f"{'it' if one else 'them'} again at no new cost."
             )
+        notes.extend(self._dearer_before_note(name) for name in sorted(self._dearer_before))
         notes.extend(self._dearer_note(name) for name in sorted(self._dearer))
         notes.extend(combined_note(self._combined))
         cleared, freed = self._cleared

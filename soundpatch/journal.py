@@ -273,6 +273,8 @@ class RowState:
     sent_before: int = 0
     reported_before: float = 0.0  # of which the provider itself reported
     staged: list[str] = field(default_factory=list)  # staged clips not cleaned up
+    # The most one of the row's predictions cost, by the provider that made it.
+    charged: dict[str, float] = field(default_factory=dict)
 
 
 def row_states(run_dir: Path) -> dict[str, RowState]:
@@ -304,6 +306,9 @@ def states_from(events: Iterable[dict[str, Any]]) -> dict[str, RowState]:
             s.answer = {k: e.get(k) for k in ("file", "cost_usd", "prediction_id")}
         elif kind == "created":
             s.prediction_id, s.in_doubt = e.get("prediction_id"), False
+        elif kind == "predicted" and s.provider:
+            cost = float(e.get("cost_usd") or 0.0)
+            s.charged[s.provider] = max(cost, s.charged.get(s.provider, 0.0))
         elif kind == "not_collected":  # another run's prediction, failed: the row is made anew
             s.prediction_id, s.settled = None, False
         elif kind == "staged":

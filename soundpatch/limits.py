@@ -10,7 +10,8 @@ in flight hold waits for them: a failed one often costs nothing, and a provider 
 less than the price reserved, so the budget buys all it can before rows are skipped.
 A provider that charges more than the price reserved (its price went up, or the config's
 is out of date) makes the ledger count every reservation, from then on, as marked up by
-as much: what predictions already in flight will cost is then counted too.
+as much: what predictions already in flight will cost is then counted too. (A rerun is
+told what its run's earlier attempts found, and counts it from its first reservation.)
 """
 
 from __future__ import annotations
@@ -87,12 +88,21 @@ class BudgetLedger:
 
     def settle(self, reservation: Reservation, cost_usd: float) -> None:
         """The prediction happened and cost `cost_usd` (normally the reserved price)."""
-        amount, cost = _micro(reservation.amount_usd), _micro(cost_usd)
         with self._changed:
             self._let_go(reservation)
-            self._spent += cost
-            if amount and cost * self._dearer[1] > amount * self._dearer[0]:
-                self._dearer = (cost, amount)
+            self._spent += _micro(cost_usd)
+            self._count_dearer(reservation.amount_usd, cost_usd)
+
+    def count_dearer(self, price_usd: float, cost_usd: float) -> None:
+        """A prediction reserved at `price_usd` cost `cost_usd` (an earlier attempt of the run
+        saw it): count every reservation as marked up by as much, if that is more."""
+        with self._changed:
+            self._count_dearer(price_usd, cost_usd)
+
+    def _count_dearer(self, price_usd: float, cost_usd: float) -> None:
+        amount, cost = _micro(price_usd), _micro(cost_usd)
+        if amount and cost * self._dearer[1] > amount * self._dearer[0]:
+            self._dearer = (cost, amount)
 
     def _priced(self, micro: int) -> int:
         """What `micro` reserved may turn out to cost: marked up by the most a prediction

@@ -378,7 +378,7 @@ def test_a_budget_buys_every_prediction_it_can_when_they_cost_less_than_their_pr
     assert len(waited) == len(set(waited)) and 1 <= len(waited) <= 5, waited
 
 
-def test_a_provider_charging_more_than_its_price_is_counted_dearer_from_then_on_and_the_cap_holds(
+def test_a_provider_charging_more_than_its_price_is_counted_dearer_from_then_on_and_on_reruns_and_the_cap_holds(
     tmp_path, aws_env, simulator, monkeypatch, caplog
 ):
     # Each Labs charges $0.25 where the config says $0.20 (its price went up). Reserving
@@ -402,6 +402,36 @@ def test_a_provider_charging_more_than_its_price_is_counted_dearer_from_then_on_
         "eachlabs charges, so that the cap holds from the first row."
     )
     assert caplog.messages.count(said) == 1 and said in batch.notes()
+
+    # The same run again, on a budget raised to $2.65: $0.90 left. Learning it anew, the
+    # rerun reserved $0.20 for each of its first 4 rows ($0.80) and paid $1.00 for them:
+    # $2.75 in all. What earlier attempts found counts from the first row: 3 rows, $2.50.
+    caplog.clear()
+    overrides["limits.budget_usd"] = 2.65
+    before = (
+        "An earlier attempt of run dearer found eachlabs charging up to $0.25 for a prediction reserved at $0.2 "
+        "(provider.price_usd): the budget counts every prediction as 1.25 times dearer from this attempt's first "
+        "row; set price_usd to what eachlabs charges."
+    )
+    # The dry run says so, and expects what the provider charged.
+    cfg = hosted_config(sim, aws_env.endpoint, str(tmp_path / "dearer"), tmp_path / "runs", **overrides)
+    dry = Batch(load_manifest(tmp_path / "m.csv"), cfg, "dearer", dry_run=True, earlier_attempts=True)
+    estimate = dry.estimate(dry.manifest.edits)
+    dry.close()
+    assert estimate["predictions"] == 5 and estimate["expected_cost_usd"] == pytest.approx(1.25)
+    assert estimate["within_budget"] == 3 and before in estimate["notes"]
+    again, batch = run_hosted(tmp_path, aws_env, sim, "dearer", **overrides)
+    assert sim.billed() == pytest.approx(2.50) and sim.stats.accepted == 10
+    statuses = [o.status for o in again]  # (the rows done before are kept as they were: skipped_done)
+    assert (statuses.count("succeeded"), statuses.count("skipped_budget"), statuses.count("skipped_done")) == (3, 2, 7)
+    assert caplog.messages.count(before) == 1 and before in batch.notes() and said not in batch.notes()
+    # Told the price it charges, nothing is marked up and nothing said.
+    overrides["provider.price_usd"] = 0.25
+    overrides["limits.budget_usd"] = 3.0
+    caplog.clear()
+    again, batch = run_hosted(tmp_path, aws_env, sim, "dearer", **overrides)
+    assert sim.billed() == pytest.approx(3.0) and [o.status for o in again].count("succeeded") == 2
+    assert not [n for n in batch.notes() if "dearer" in n] and not caplog.messages
 
 
 class SlotsNotGivenBack:
