@@ -220,6 +220,7 @@ class Batch:
         spent = sum(s.spent_before for s in self.states.values())
         spent += sum(self._list_price(row) for row, s in self.states.items() if s.in_doubt)
         self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=spent)
+        self._spent_before = spent
         # Providers that charged more than the price reserved: (that price, the most charged),
         # as earlier attempts of this run found (counted from this attempt's first row on), and
         # as this attempt finds.
@@ -1261,6 +1262,12 @@ class Batch:
                 f"{_rows(self._kept_paid)} failed using a prediction already paid for; "
                 f"{'it is' if one else 'they are'} kept, and rerunning with --run-id {self.run_id} tries "
                 f"{'it' if one else 'them'} again at no new cost."
+            )
+        if self._spent_before > self.ledger.budget_usd + 1e-9:  # the summary's "spent $x of $y" reads as crossed
+            notes.append(
+                f"Earlier attempts of run {self.run_id} spent or committed ${self._spent_before:.2f}, more than this "
+                f"attempt's budget of ${self.ledger.budget_usd:.2f}, which counts the whole run: this attempt sent "
+                f"nothing new (a budget above ${self._spent_before:.2f} lets it go on)."
             )
         notes.extend(self._dearer_before_note(name) for name in sorted(self._dearer_before))
         notes.extend(self._dearer_note(name) for name in sorted(self._dearer))

@@ -434,6 +434,26 @@ def test_a_provider_charging_more_than_its_price_is_counted_dearer_from_then_on_
     assert not [n for n in batch.notes() if "dearer" in n] and not caplog.messages
 
 
+def test_a_rerun_on_a_budget_below_what_the_run_spent_sends_nothing_and_says_why(
+    tmp_path, aws_env, simulator, monkeypatch
+):
+    # The budget counts the whole run. A rerun told a smaller one than its earlier attempts
+    # spent summed up as "spent $0.40 of $0.20 budget", which reads as a crossed cap.
+    hosted_job(tmp_path, aws_env, monkeypatch, rows=4)
+    sim = simulator(latency=0.1, fill="tone")
+    overrides = {"limits.budget_usd": 0.40, "limits.requests_per_minute": 100000}
+    outcomes, batch = run_hosted(tmp_path, aws_env, sim, "lowered", **overrides)
+    assert [o.status for o in outcomes].count("succeeded") == 2 and not [n for n in batch.notes() if "Earlier" in n]
+    overrides["limits.budget_usd"] = 0.20
+    again, batch = run_hosted(tmp_path, aws_env, sim, "lowered", **overrides)
+    assert sorted(o.status for o in again) == ["skipped_budget", "skipped_budget", "skipped_done", "skipped_done"]
+    assert sim.stats.accepted == 2 and sum(o.cost_usd for o in again) == pytest.approx(0.40)
+    assert (
+        "Earlier attempts of run lowered spent or committed $0.40, more than this attempt's budget of $0.20, which "
+        "counts the whole run: this attempt sent nothing new (a budget above $0.40 lets it go on)."
+    ) in batch.notes()
+
+
 class SlotsNotGivenBack:
     """Shared limits whose prediction slot cannot be given back once the prediction is done,
     as Prefect's strict slot raised with its server away: an error of ours, after the create."""
