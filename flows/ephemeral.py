@@ -346,6 +346,41 @@ def isolated_api(server: TemporaryServer | None = None) -> Iterator[None]:
         server.stop()
 
 
+def leave_if_prefect_is_away(code: int) -> None:
+    """End the process now, with exit status `code`, when the Prefect server the user
+    configured does not answer once the run is over; return otherwise.
+
+    Prefect sends the events and logs it still holds at interpreter exit, trying each one
+    ~7 s against a server that is away and printing each failure whole: with that server
+    down (an upgrade during the nightly run, a laptop off its VPN), the command went on for
+    minutes after its summary. Everything of the run's own is written and flushed by now
+    (its journal, report and outputs); what Prefect held for its server is dropped, saying so.
+    The check only opens a connection: nothing is sent, no key, and TLS is not verified."""
+    if not api_configured():
+        return  # a temporary server: its run sent what Prefect held before stopping it
+    import httpx  # noqa: PLC0415
+    from prefect.settings import PREFECT_API_URL  # noqa: PLC0415
+
+    url = str(PREFECT_API_URL.value()).rstrip("/")
+    try:
+        with httpx.Client(timeout=AWAY_SECONDS, verify=False) as client:  # noqa: S501 - reachability only
+            client.get(f"{url}/health")
+        return  # it answers (whatever it says): Prefect sends what it holds
+    except httpx.TransportError as exc:
+        why = f"{type(exc).__name__}: {str(exc)[:120]}" if str(exc) else type(exc).__name__
+    sys.stdout.flush()
+    sys.stderr.write(
+        f"Prefect's server at {url} does not answer ({why}): the events and logs Prefect still held for it "
+        "are dropped rather than tried for minutes, 7 s each (the run's own journal and report have all of it).\n"
+    )
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# How long the configured Prefect server may take to accept a connection at the end of a run.
+AWAY_SECONDS = 3.0
+
+
 def _send_what_prefect_holds(timeout: float = 10) -> None:
     """Send the run's logs and events Prefect still holds, while the server answers.
 

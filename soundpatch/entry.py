@@ -29,6 +29,10 @@ def main() -> int:
     finally:
         if server is not None:
             server.stop()  # already stopped if the run used it
+    if _starts_a_run(argv):
+        from flows.ephemeral import leave_if_prefect_is_away
+
+        leave_if_prefect_is_away(code)  # Prefect's server of the user's is away: ends the process
     # Everything is written and flushed: skip the cyclic garbage collection at exit, a
     # second of CPU for a process that has loaded Prefect and pandas.
     gc.freeze()
