@@ -291,9 +291,12 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
 
         from flows.ephemeral import api_configured, isolated_api  # noqa: PLC0415
         from flows.inpaint_batch import inpaint_batch  # noqa: PLC0415
+        from flows.prefect_messages import condense_prefect_messages  # noqa: PLC0415
         from flows.shared_limits import check_server  # noqa: PLC0415
 
         check_server(cfg)
+        if not args.verbose:
+            condense_prefect_messages()  # its logging is set up by now (importing the flow did it)
     except BaseException:
         if server is not None:
             server.stop()

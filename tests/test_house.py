@@ -249,3 +249,53 @@ def test_a_temporary_server_stopped_by_the_run_is_not_started_again():
     assert server._watcher is not None
     server._watcher.join(timeout=5)
     assert not server._watcher.is_alive() and server.process is None
+
+
+def test_prefects_own_warnings_reach_the_terminal_once_each_on_one_line():
+    # With its server away, Prefect's services said so for every event (printed whole) and
+    # every slot (with a traceback), for as long as the run lasted.
+    import io
+    import logging
+
+    from flows.prefect_messages import OncePerKind
+
+    shown = io.StringIO()
+    handler = logging.StreamHandler(shown)
+    handler.addFilter(OncePerKind())
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    names = ("prefect._internal.t", "prefect.task_runs.t", "soundpatch.t")
+    internal, runs, ours = (logging.getLogger(name) for name in names)
+    for logger in (internal, runs, ours):
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+    event = "Event(" + "resource=" * 300 + ")"
+    try:
+        for n in range(3):
+            internal.error("Service %r failed to process item %r", "EventsWorker", event)
+            try:
+                raise ConnectionError("refused")
+            except ConnectionError:
+                runs.warning("Failed to release concurrency lease %s during cleanup", n, exc_info=True)
+            ours.warning("a slot of ours %s", n)
+            runs.info("an info line %s", n)
+    finally:
+        for logger in (internal, runs, ours):
+            logger.removeHandler(handler)
+            logger.propagate = True
+            logger.setLevel(logging.NOTSET)
+    lines = shown.getvalue().splitlines()
+    said = "prefect._internal.t ERROR Service 'EventsWorker' failed to process item 'Event(resource="
+    assert lines[0].startswith(said) and lines[0].endswith("...")
+    assert len(lines[0]) == len("prefect._internal.t ERROR ") + 300
+    # No traceback:
+    assert lines[1] == "prefect.task_runs.t WARNING Failed to release concurrency lease 0 during cleanup"
+    # soundpatch's own and Prefect's below a warning, as they are, every time.
+    assert lines[2:] == [
+        "soundpatch.t WARNING a slot of ours 0",
+        "prefect.task_runs.t INFO an info line 0",
+        "soundpatch.t WARNING a slot of ours 1",
+        "prefect.task_runs.t INFO an info line 1",
+        "soundpatch.t WARNING a slot of ours 2",
+        "prefect.task_runs.t INFO an info line 2",
+    ]

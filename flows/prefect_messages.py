@@ -1,0 +1,56 @@
+"""Prefect's own warnings and errors on the terminal: one line each, and each kind once.
+
+When Prefect cannot reach its server (a server of the user's going away mid-run), its
+background services say so for every event, log batch and concurrency slot they hold:
+the whole event printed (1,600-1,900 characters), a traceback of 40 lines for each slot
+it could not give back, again and again for as long as the run lasts, burying the run's
+own progress and messages (which say what happened in one line, and what to do). On the
+terminal, each such message now appears once, without its traceback, cut to a line;
+`--verbose` shows them all, in full. Prefect's server gets its logs as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+MAX_CHARACTERS = 300
+
+
+class OncePerKind(logging.Filter):
+    """Lets a Prefect warning or error through the first time its message template (per
+    logger) is seen, as one line; later ones of the same kind are not shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not record.name.startswith("prefect"):
+            return True
+        kind = (record.name, str(record.msg))
+        with self._lock:
+            if kind in self._seen:
+                return False
+            self._seen.add(kind)
+        # The console handler is the last to see the record (the API's handler is on the
+        # run loggers themselves, which hand it on afterwards): shortening it here leaves
+        # what Prefect's server is sent whole.
+        message = " ".join(record.getMessage().split())
+        if len(message) > MAX_CHARACTERS:
+            message = message[: MAX_CHARACTERS - 3] + "..."
+        record.msg, record.args, record.exc_info, record.exc_text, record.stack_info = message, None, None, None, None
+        return True
+
+
+def condense_prefect_messages() -> None:
+    """Put `OncePerKind` on the handlers through which Prefect's messages reach the terminal
+    (once Prefect has set up its logging: importing its flow decorator does)."""
+    once = OncePerKind()
+    for name in ("", "prefect", "prefect._internal"):  # Prefect's console handler is the root logger's
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(
+                isinstance(f, OncePerKind) for f in handler.filters
+            ):
+                handler.addFilter(once)
