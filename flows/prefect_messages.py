@@ -47,10 +47,10 @@ class OncePerKind(logging.Filter):
 def condense_prefect_messages() -> None:
     """Put `OncePerKind` on the handlers through which Prefect's messages reach the terminal
     (once Prefect has set up its logging: importing its flow decorator does)."""
-    once = OncePerKind()
+    once = OncePerKind()  # each run anew (a notebook may run several in one process)
     for name in ("", "prefect", "prefect._internal"):  # Prefect's console handler is the root logger's
         for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and not any(
-                isinstance(f, OncePerKind) for f in handler.filters
-            ):
+            if isinstance(handler, logging.StreamHandler):
+                for earlier in [f for f in handler.filters if isinstance(f, OncePerKind)]:
+                    handler.removeFilter(earlier)
                 handler.addFilter(once)
