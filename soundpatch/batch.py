@@ -228,7 +228,7 @@ class Batch:
         for name, (price, most) in self._dearer_before.items():
             self.ledger.count_dearer(price, most)
             if not dry_run:
-                log.warning("%s", self._dearer_before_note(name))
+                log.warning("%s", self._dearer_note(name, earlier=True))
         self._dearer: dict[str, tuple[float, float]] = {}
         # Paid for and still to collect: a prediction to poll, or an answer kept on disk
         # (nothing more when a failed outcome counted it already).
@@ -538,7 +538,7 @@ class Batch:
             "expected_seconds": round(seconds, 1),
             "errors": errors,
             "notes": lookalike_notes(edits)
-            + [self._dearer_before_note(name) for name in sorted(self._dearer_before)]
+            + [self._dearer_note(name, earlier=True) for name in sorted(self._dearer_before)]
             + self._unready(per_provider)
             + self._short_of_disk(*largest),
         }
@@ -978,20 +978,20 @@ class Batch:
                     found[name] = (price, cost)
         return found
 
-    def _dearer_before_note(self, name: str) -> str:
-        price, most = self._dearer_before[name]
+    def _dearer_note(self, name: str, earlier: bool = False) -> str:
+        """What a provider charging over price_usd made the budget do: as this attempt found
+        it, or (`earlier`) as earlier attempts of the run did, counted from this one's start."""
+        price, most = (self._dearer_before if earlier else self._dearer)[name]
+        if earlier:
+            charged = f"An earlier attempt of run {self.run_id} found {name} charging up to"
+            since, then = "from this attempt's first row", "."
+        else:
+            charged = f"{name} charged up to"
+            since, then = "from then on", ", so that the cap holds from the first row."
         return (
-            f"An earlier attempt of run {self.run_id} found {name} charging up to ${most:.4g} for a prediction "
-            f"reserved at ${price:.4g} (provider.price_usd): the budget counts every prediction as "
-            f"{most / price:.2f} times dearer from this attempt's first row; set price_usd to what {name} charges."
-        )
-
-    def _dearer_note(self, name: str) -> str:
-        price, most = self._dearer[name]
-        return (
-            f"{name} charged up to ${most:.4g} for a prediction reserved at ${price:.4g} (provider.price_usd): from "
-            f"then on the budget counted every prediction as {most / price:.2f} times dearer, those in flight too; "
-            f"set price_usd to what {name} charges, so that the cap holds from the first row."
+            f"{charged} ${most:.4g} for a prediction reserved at ${price:.4g} (provider.price_usd): the budget "
+            f"counts every prediction as {most / price:.2f} times dearer {since}"
+            f"{'' if earlier else ', those in flight too'}; set price_usd to what {name} charges{then}"
         )
 
     def _spliced(self, work: RowWork, prediction: Prediction, provider: Provider) -> tuple[Encoded, Quality]:
@@ -1269,7 +1269,7 @@ class Batch:
                 f"attempt's budget of ${self.ledger.budget_usd:.2f}, which counts the whole run: this attempt sent "
                 f"nothing new (a budget above ${self._spent_before:.2f} lets it go on)."
             )
-        notes.extend(self._dearer_before_note(name) for name in sorted(self._dearer_before))
+        notes.extend(self._dearer_note(name, earlier=True) for name in sorted(self._dearer_before))
         notes.extend(self._dearer_note(name) for name in sorted(self._dearer))
         notes.extend(combined_note(self._combined))
         cleared, freed = self._cleared

@@ -397,8 +397,8 @@ def test_a_provider_charging_more_than_its_price_is_counted_dearer_from_then_on_
     assert [o.status for o in outcomes].count("succeeded") == 7 == sim.stats.accepted
     assert [o.status for o in outcomes].count("skipped_budget") == 5
     said = (
-        "eachlabs charged up to $0.25 for a prediction reserved at $0.2 (provider.price_usd): from then on the "
-        "budget counted every prediction as 1.25 times dearer, those in flight too; set price_usd to what "
+        "eachlabs charged up to $0.25 for a prediction reserved at $0.2 (provider.price_usd): the budget counts "
+        "every prediction as 1.25 times dearer from then on, those in flight too; set price_usd to what "
         "eachlabs charges, so that the cap holds from the first row."
     )
     assert caplog.messages.count(said) == 1 and said in batch.notes()
