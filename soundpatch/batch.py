@@ -55,6 +55,7 @@ from soundpatch.journal import (
 )
 from soundpatch.journal_copy import JournalCopy
 from soundpatch.lease import RunLease, lease_uri
+from soundpatch.left_here import LeftHere
 from soundpatch.limits import BudgetLedger, Reservation, SharedLimits
 from soundpatch.locks import CLAIMED, STOPPED, WAITED, Claims, RunLock
 from soundpatch.manifest import Edit, Manifest, lookalike_notes
@@ -187,6 +188,15 @@ class Batch:
         # Results paid for but not published (the upload failed), from any earlier run here.
         self.unpublished = LocalFolder(self.run_dir / "unpublished")
         self._kept = kept_results(Path(config.runs_dir).expanduser())
+        # Predictions runs of this machine that stopped had paid for and not used: a row of the
+        # same edit collects one rather than paying again (left_here.py). With the outputs in a
+        # bucket, the claims there name them (edit_claims.py); --force asks for new ones.
+        self.left_here = (
+            LeftHere(Path(config.runs_dir).expanduser(), run_id)
+            if self.bucket_claims is None and not self.force
+            else None
+        )
+        self._leftovers: BucketClaims | LeftHere | None = self.bucket_claims or self.left_here
         self._in_flight: dict[str, threading.Event] = {}  # identity -> set when its owner is done
         self._previews = preview.Quota()  # listening copies kept for the report
         # Results are encoded into files here until published (publish.py); what a run that
@@ -502,6 +512,9 @@ class Batch:
                 continue
             if state is not None and (state.prediction_id or state.answer):
                 to_collect += 1
+                continue
+            if state is None and self.left_here is not None and self.left_here.has(identity):
+                to_collect += 1  # a stopped run's (left_here.py)
                 continue
             predictions += 1
             # At the most a prediction cost in earlier attempts, where that is more than the price.
@@ -822,9 +835,9 @@ class Batch:
                 "the prediction may exist and is counted as spent (set provider.resubmit_in_doubt: true to send "
                 "it again)"
             )
-        left = None  # another run's prediction, which its claim named
-        if self.bucket_claims is not None and (state is None or not (state.prediction_id or state.answer)):
-            left = self.bucket_claims.left_by(claimed)
+        left = None  # another run's prediction: its claim named it, or its journal here
+        if self._leftovers is not None and (state is None or not (state.prediction_id or state.answer)):
+            left = self._leftovers.left_by(claimed)
             if left is not None:
                 state = self._left_to_collect(edit.row_id, left, claimed)
         settled = state is not None and state.settled  # collected at no new cost: counted already
@@ -940,8 +953,8 @@ class Batch:
         paid_now = 0.0 if settled else prediction.cost_usd
         self._settle(reservation, paid_now, provider)
         if left is not None:
-            assert self.bucket_claims is not None
-            self.bucket_claims.was_collected(left)
+            assert self._leftovers is not None
+            self._leftovers.was_collected(left)
         outcome.cost_usd += paid_now
         outcome.provider_cost_usd += paid_now
         outcome.prediction_id = prediction.prediction_id or ""
@@ -1087,7 +1100,8 @@ class Batch:
 
     def _left_to_collect(self, row_id: str, left: Left, identity: str) -> RowState:
         """The prediction a run whose machine died had made for this edit (its claim, taken
-        over, named it): collected as this row's at no new cost (that run paid for it)."""
+        over, named it), or a run of this machine that stopped (its journal): collected as this
+        row's at no new cost (that run paid for it)."""
         self._held[row_id] = self.ledger.hold(0.0)
         return RowState(
             provider=left.provider or None, prediction_id=left.prediction_id, settled=True, identity=identity
@@ -1096,8 +1110,8 @@ class Batch:
     def _not_collected(self, row_id: str, left: Left, exc: PredictionFailed) -> None:
         """The prediction another run had made for this edit failed, or this key cannot see
         it (another account's): there is nothing to collect, and the row pays for its own."""
-        assert self.bucket_claims is not None
-        self.bucket_claims.not_collected(left)
+        assert self._leftovers is not None
+        self._leftovers.not_collected(left)
         self.journal.write("not_collected", row_id, prediction_id=left.prediction_id, reason=str(exc)[:300])
 
     def _give_up_unusable(self, row_id: str) -> None:
@@ -1283,7 +1297,7 @@ class Batch:
             notes.append(self._copy_read)
         if self._no_lease:
             notes.append(self._no_lease)
-        claimed = self.bucket_claims.note() if self.bucket_claims is not None else ""
+        claimed = self._leftovers.note() if self._leftovers is not None else ""
         if claimed:
             notes.append(claimed)
         behind = self.journal.copy.note() if self.journal.copy is not None else None

@@ -66,6 +66,42 @@ def test_sigkill_after_every_create_then_rerun_pays_each_prediction_once(
     assert aws_env.keys("stage", "clips/kill9/") == []  # clips staged before the kill are gone too
 
 
+def test_a_killed_run_run_again_without_its_run_id_collects_what_it_paid_for(
+    job_dir, aws_env, simulator, tmp_path_factory
+):
+    # Killed with 8 predictions in flight, then the same command again, without --run-id
+    # (as one does after a crash, or as the next night's run does): a new run id, which sent
+    # those 8 edits again and paid for each a second time ($4.00 for 12 rows, not $2.40).
+    sim = simulator(latency=8.0, fill="tone")  # slower than the kill
+    write_job(job_dir, sim, aws_env, rows=12, concurrency=8)
+    env = environment(tmp_path_factory.mktemp("prefect"))
+    proc = start(job_dir, env, "killed")
+    wait_for(lambda: len(events(job_dir, "killed", "created")) == 8, 90, "8 acknowledged creates")
+    kill_group(proc)
+    assert sim.stats.accepted == 8
+
+    dry = soundpatch("run", "job.csv", "--config", "job.yaml", "--dry-run", cwd=job_dir, env=env)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert re.search(r"paid earlier, to collect \(no new cost\) +8\s", dry.stdout), dry.stdout
+    assert re.search(r"predictions to send +4\s", dry.stdout) and "$0.80 (budget" in dry.stdout, dry.stdout
+
+    again = soundpatch("run", "job.csv", "--config", "job.yaml", cwd=job_dir, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sim.stats.creates == 12 and sim.stats.accepted == 12  # 4 more, for the rows never sent
+    run_id = re.search(r"Run id (\S+)", again.stdout + again.stderr, re.I).group(1)
+    rows = report(job_dir, run_id)
+    assert list(rows["status"]) == ["succeeded"] * 12
+    assert rows["cost_usd"].sum() == pytest.approx(4 * 0.20)  # the killed run paid for the other 8
+    assert (rows["cost_usd"] == 0).sum() == 8
+    assert all(Path(p).is_file() for p in rows["output"])
+    said = "8 results were made from predictions that run killed paid for and never collected"
+    assert said in again.stdout, again.stdout
+    # And the killed run, taken up again, finds every edit made: nothing more is sent.
+    done = finish(job_dir, env, "killed")
+    assert done.returncode == 0 and sim.stats.creates == 12, done.stdout + done.stderr
+    assert list(report(job_dir, "killed")["status"]) == ["skipped_done"] * 12
+
+
 def test_a_run_resumed_on_a_machine_without_its_journal_neither_pays_twice_nor_passes_its_budget(
     job_dir, aws_env, simulator, tmp_path_factory
 ):
