@@ -1,0 +1,51 @@
+"""What stopped runs on this machine paid for and never collected (soundpatch/left_here.py)."""
+
+from __future__ import annotations
+
+import json
+
+from soundpatch.journal import Journal
+from soundpatch.left_here import LEFT_CACHE, LeftHere
+from soundpatch.locks import RunLock
+
+
+def paid(runs, run: str, row: str, identity: str, prediction: str, used: bool = False) -> None:
+    journal = Journal(runs / run)
+    journal.write("sending", row, provider="eachlabs", request="q-" + identity, identity=identity, clip={})
+    journal.write("creating", row)
+    journal.write("created", row, prediction_id=prediction)
+    if used:
+        journal.write("outcome", row, outcome={"row_id": row, "status": "succeeded", "cost_usd": 0.2})
+    journal.close()
+
+
+def test_a_stopped_runs_unused_predictions_are_found_once_each_and_its_journal_read_once(tmp_path):
+    runs = tmp_path / "runs"
+    paid(runs, "stopped", "r1", "edit-1", "p1")
+    paid(runs, "stopped", "r2", "edit-2", "p2", used=True)  # its result is out: nothing left
+    paid(runs, "going", "r3", "edit-3", "p3")  # a process runs it (this one, here)
+    paid(runs, "new", "r4", "edit-4", "p4")  # the run looking: its own are its own
+    going = RunLock(runs / "going").acquire()
+    try:
+        left = LeftHere(runs, "new")
+    finally:
+        going.release()
+    assert [left.has(i) for i in ("edit-1", "edit-2", "edit-3", "edit-4")] == [True, False, False, False]
+    first = left.left_by("edit-1")
+    assert (first.run, first.prediction_id, first.provider) == ("stopped", "p1", "eachlabs")
+    assert left.left_by("edit-1") is None  # collected once
+    left.was_collected(first)
+    assert left.note().startswith("1 result was made from predictions that run stopped paid for and never collected")
+
+    # What a journal left is kept by its size and time: unchanged, it is not read again ...
+    cache = json.loads((runs / LEFT_CACHE).read_text())
+    assert sorted(cache) == ["stopped"]  # (a run going now is looked at again next time)
+    cache["stopped"]["left"] = {"edit-9": ["p9", "eachlabs"]}
+    (runs / LEFT_CACHE).write_text(json.dumps(cache))
+    assert LeftHere(runs, "new").has("edit-9")
+    # ... and once the run went on (its row used the prediction), it is.
+    journal = Journal(runs / "stopped")
+    journal.write("outcome", "r1", outcome={"row_id": "r1", "status": "succeeded", "cost_usd": 0.2})
+    journal.close()
+    again = LeftHere(runs, "new")
+    assert not again.has("edit-9") and not again.has("edit-1") and again.has("edit-3")
