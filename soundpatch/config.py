@@ -222,8 +222,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if first["type"] == "extra_forbidden":
             message = "is not a known key" + _did_you_mean(first["loc"])
         source = f" in {path}" if path is not None else ""
+        # "... is not a known key" goes on from the key; what is wrong with a value is said after it.
+        after = " " if first["type"] == "extra_forbidden" else ": "
         message = _lower_first(message)
-        raise ConfigError(f"Config key '{where}'{source} {message}{'' if message.endswith('?') else '.'}") from None
+        raise ConfigError(
+            f"Config key '{where}'{source}{after}{message}{'' if message.endswith('?') else '.'}"
+        ) from None
 
 
 def _did_you_mean(loc: tuple) -> str:

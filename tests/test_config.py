@@ -83,18 +83,24 @@ def test_default_yaml_spells_out_exactly_the_defaults():
         ("storage: {s3: {endpoint: x}}\n", "not a known key; did you mean 'storage.s3.endpoint_url'?"),
         ("limit: {concurrency: 3}\n", "c.yaml is not a known key; did you mean 'limits'?"),
         ("colour: blue\n", "c.yaml is not a known key."),
-        ("limits: {concurrency: 0}\n", "limits.concurrency"),
-        ("provider: {name: nosuch}\n", "unknown provider 'nosuch'"),
-        ("output: {format: aac}\n", "output.format"),
+        (
+            "limits: {concurrency: 0}\n",
+            "Config key 'limits.concurrency' in c.yaml: input should be greater than or equal to 1.",
+        ),
+        ("provider: {name: nosuch}\n", "Config key 'provider.name' in c.yaml: unknown provider 'nosuch'"),
+        (
+            "output: {format: aac}\n",
+            "Config key 'output.format' in c.yaml: input should be 'wav', 'flac', 'mp3', 'ogg' or 'same'.",
+        ),
         ("- a\n- b\n", "must be a mapping"),
         ("limits: [\n", "not valid YAML"),
     ],
 )
-def test_bad_configs_say_which_key(tmp_path, text, message):
-    path = tmp_path / "c.yaml"
-    path.write_text(text)
+def test_bad_configs_say_which_key(tmp_path, monkeypatch, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)  # the file named as given: c.yaml
     with pytest.raises(ConfigError) as info:
-        load_config(path)
+        load_config("c.yaml")
     assert message in str(info.value)
 
 
