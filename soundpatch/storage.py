@@ -384,6 +384,8 @@ _UMASK = _read_umask()
 
 def open_store(uri: str, s3: S3) -> OutputStore:
     if uri.startswith("s3://"):
+        if not uri[len("s3://") :].split("/", 1)[0]:
+            raise ConfigError(f"output.uri {uri!r} names no bucket; write it as s3://bucket/prefix/.")
         return S3Prefix(s3, uri)
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", uri):
         raise ConfigError(f"output.uri {uri!r} must be a local folder or s3://bucket/prefix/.")

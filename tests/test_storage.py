@@ -206,6 +206,13 @@ def test_output_store_problems_stop_the_run_before_it_starts(tmp_path, aws_env, 
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "no S3 credentials found" in proc.stderr and "s3://present/x/" in proc.stderr
 
+    # A bucket left out says which key and how to write it ("s3:// names no bucket", before).
+    (tmp_path / "nameless.yaml").write_text("output: {uri: 's3:///x/'}\n")
+    proc = soundpatch("validate", "job.csv", "--config", "nameless.yaml", cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    said = "error: output.uri 's3:///x/' names no bucket; write it as s3://bucket/prefix/."
+    assert proc.stderr.strip() == said, proc.stderr
+
 
 def test_wrong_credentials_are_named_as_such(tmp_path, s3_server_checking_keys, tmp_path_factory, monkeypatch):
     server = s3_server_checking_keys
