@@ -31,6 +31,8 @@ MARGIN_BYTES = 64_000_000
 FULL_BYTES = 16_000_000
 # Errors of a write that mean the disk (or the user's quota on it) is full.
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Failures that say what they are, and it is not room (a small read-only mount was "full").
+NOT_ROOM_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG)
 
 
 class DiskRoom:
@@ -162,6 +164,8 @@ def full_disk(folder: Path, exc: BaseException) -> str | None:
     x is full: 0 B free"), else None."""
     if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
         return f"the disk holding {folder} is full ({exc.strerror})"
+    if isinstance(exc, OSError) and exc.errno in NOT_ROOM_ERRNOS:
+        return None  # a read-only disk or a folder one may not write: whatever room it has
     try:
         free = shutil.disk_usage(_existing(folder)).free
     except OSError:

@@ -436,6 +436,22 @@ def test_a_full_disk_at_the_start_is_one_sentence_and_nothing_is_sent(tmp_path, 
     assert not list(tmp_path.glob("outputs/**/*.wav"))
 
 
+def test_a_read_only_disk_is_not_called_full(tmp_path, small_disk):
+    # A small read-only mount has little room: it was said to be "full (1.0 MB free)".
+    disk = small_disk(1)
+    remounted = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True, text=True)
+    assert remounted.returncode == 0, remounted.stderr
+    (tmp_path / "c.yaml").write_text(f"runs_dir: {disk / 'runs'}\noutput: {{uri: {tmp_path / 'outputs'}}}\n")
+    sf.write(tmp_path / "fx.wav", tape(tmp_path / "t.wav", 2)[:, :1], 44100, subtype="PCM_16")
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nr1,fx.wav,1,1.2,clang\n")
+    proc = soundpatch("run", "m.csv", "--config", "c.yaml", "--run-id", "x", cwd=tmp_path, env=clean_env())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert " ".join(proc.stderr.split()) == (
+        f"error: Nothing was sent: the run's folder {disk / 'runs' / 'x'} cannot be written (Read-only file "
+        "system); set runs_dir to a folder you can write to and run it again."
+    )
+
+
 def test_a_journal_line_cut_short_by_a_full_disk_costs_only_itself(tmp_path, small_disk):
     disk = small_disk(2)
     journal = Journal(disk / "run")
