@@ -333,6 +333,20 @@ def states_from(events: Iterable[dict[str, Any]]) -> dict[str, RowState]:
     return states
 
 
+def paid_unfinished(states: dict[str, RowState]) -> tuple[dict[str, str], dict[str, str]]:
+    """Rows a run stopped on with money out and no outcome: ({row: provider} with a
+    prediction to collect, {row: provider} with a create in doubt)."""
+    to_collect, in_doubt = {}, {}
+    for row, s in states.items():
+        if s.outcome is not None:
+            continue
+        if s.prediction_id or s.answer:
+            to_collect[row] = s.provider or ""
+        elif s.in_doubt:
+            in_doubt[row] = s.provider or ""
+    return to_collect, in_doubt
+
+
 def prediction_seconds(events: Iterable[dict[str, Any]]) -> list[float]:
     """For each prediction that came back (of a journal's events): seconds from its row
     being sent to the result."""

@@ -315,10 +315,37 @@ def test_the_report_of_a_run_that_ended_before_writing_one_is_rendered_from_its_
         o = Outcome(row, "fx.wav", 1.0, 1.5, "a gong", 1, "eachlabs", status=status, cost_usd=0.2, error="boom")
         journal.write("outcome", row, outcome=o.to_dict())
     journal.close()
+    # ... and it was killed with money out: a prediction to collect, a create in doubt. Its
+    # report said "spent $0.40" and nothing of them.
+    journal = Journal(tmp_path / "runs" / "crashed")
+    for row, event in (("c", "created"), ("d", "creating")):
+        journal.write("sending", row, provider="eachlabs", request="q", identity=row, clip={})
+        journal.write("creating", row)
+        if event == "created":
+            journal.write("created", row, prediction_id="p-" + row)
+    journal.close()
     shown = soundpatch("report", "crashed", cwd=tmp_path, env=clean_env())
     assert shown.returncode == 1 and "Traceback" not in shown.stderr, shown.stderr
     assert "spent" in shown.stdout and "$0.40" in shown.stdout and "wall time" not in shown.stdout
     assert (tmp_path / "runs" / "crashed" / "report.html").exists()
+    said = (
+        "note: Run crashed stopped before it finished: 1 row with a prediction paid for and not collected and 1 "
+        "row whose create went out with no answer (it may exist), about $0.40 at price_usd, not in the spent "
+        "above; the same command with --run-id crashed collects what was paid for, at no new cost."
+    )
+    assert said in " ".join(shown.stdout.split()), shown.stdout
+    assert said[6:] in json.loads((tmp_path / "runs" / "crashed" / "report.json").read_text())["summary"]["notes"]
+    again = soundpatch("report", "crashed", cwd=tmp_path, env=clean_env())  # once, however often rendered
+    assert again.returncode == 1 and " ".join(again.stdout.split()).count(said) == 1, again.stdout
+    # While a process runs it, nothing is said of it: what it has out is its own business.
+    from soundpatch.locks import RunLock
+
+    running = RunLock(tmp_path / "runs" / "crashed").acquire()
+    try:
+        shown = soundpatch("report", "crashed", cwd=tmp_path, env=clean_env())
+    finally:
+        running.release()
+    assert shown.returncode == 1 and "stopped before it finished" not in shown.stdout, shown.stdout
 
 
 def test_report_without_a_run_id_renders_the_latest_and_an_unknown_one_names_those_there(tmp_path):
