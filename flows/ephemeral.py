@@ -346,6 +346,24 @@ def isolated_api(server: TemporaryServer | None = None) -> Iterator[None]:
         server.stop()
 
 
+def configured_server_away() -> tuple[str, str] | None:
+    """(its URL, why) when a Prefect server of the user's is configured and does not answer;
+    None when it answers, or none is configured. Only a connection is opened: nothing is
+    sent, no key, and TLS is not verified."""
+    if not api_configured():
+        return None
+    import httpx  # noqa: PLC0415
+    from prefect.settings import PREFECT_API_URL  # noqa: PLC0415
+
+    url = str(PREFECT_API_URL.value()).rstrip("/")
+    try:
+        with httpx.Client(timeout=AWAY_SECONDS, verify=False) as client:  # noqa: S501 - reachability only
+            client.get(f"{url}/health")
+        return None  # it answers, whatever it says
+    except httpx.TransportError as exc:
+        return url, (f"{type(exc).__name__}: {str(exc)[:120]}" if str(exc) else type(exc).__name__)
+
+
 def leave_if_prefect_is_away(code: int) -> None:
     """End the process now, with exit status `code`, when the Prefect server the user
     configured does not answer once the run is over; return otherwise.
@@ -355,19 +373,11 @@ def leave_if_prefect_is_away(code: int) -> None:
     down (an upgrade during the nightly run, a laptop off its VPN), the command went on for
     minutes after its summary. Everything of the run's own is written and flushed by now
     (its journal, report and outputs); what Prefect held for its server is dropped, saying so.
-    The check only opens a connection: nothing is sent, no key, and TLS is not verified."""
-    if not api_configured():
-        return  # a temporary server: its run sent what Prefect held before stopping it
-    import httpx  # noqa: PLC0415
-    from prefect.settings import PREFECT_API_URL  # noqa: PLC0415
-
-    url = str(PREFECT_API_URL.value()).rstrip("/")
-    try:
-        with httpx.Client(timeout=AWAY_SECONDS, verify=False) as client:  # noqa: S501 - reachability only
-            client.get(f"{url}/health")
-        return  # it answers (whatever it says): Prefect sends what it holds
-    except httpx.TransportError as exc:
-        why = f"{type(exc).__name__}: {str(exc)[:120]}" if str(exc) else type(exc).__name__
+    A command that ran nothing (exit 2) held nothing for it: it ends as it would."""
+    away = configured_server_away() if code != EXIT_NOTHING_RAN else None
+    if away is None:
+        return  # (a temporary server: its run sent what Prefect held before stopping it)
+    url, why = away
     sys.stdout.flush()
     sys.stderr.write(
         f"Prefect's server at {url} does not answer ({why}): the events and logs Prefect still held for it "
@@ -377,6 +387,7 @@ def leave_if_prefect_is_away(code: int) -> None:
     os._exit(code)
 
 
+EXIT_NOTHING_RAN = 2  # soundpatch.outcome's: flows/ does not load the core before the command needs it
 # How long the configured Prefect server may take to accept a connection at the end of a run.
 AWAY_SECONDS = 3.0
 

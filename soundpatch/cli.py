@@ -291,12 +291,18 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
         # the first row (whose result came a second and more after the next rows were sent).
         import scipy.signal  # noqa: F401, PLC0415
 
-        from flows.ephemeral import api_configured, isolated_api  # noqa: PLC0415
+        from flows.ephemeral import api_configured, configured_server_away, isolated_api  # noqa: PLC0415
         from flows.inpaint_batch import inpaint_batch  # noqa: PLC0415
         from flows.prefect_messages import condense_prefect_messages  # noqa: PLC0415
         from flows.shared_limits import check_server  # noqa: PLC0415
 
         check_server(cfg)
+        away = configured_server_away()
+        if away is not None:  # Prefect's first call would retry for a minute, then "stopped unexpectedly"
+            raise SoundpatchError(
+                f"Prefect's server at {away[0]} (PREFECT_API_URL) does not answer ({away[1]}); start it, or unset "
+                "PREFECT_API_URL to run on a temporary server of the run's own. Nothing was sent."
+            )
         if not args.verbose:
             condense_prefect_messages()  # its logging is set up by now (importing the flow did it)
     except BaseException:

@@ -294,6 +294,29 @@ def test_unusable_input_exits_2_with_one_sentence(workdir, prefect_home, args, m
     assert len(proc.stderr.strip().splitlines()) == 1  # one sentence, on one line
 
 
+def test_a_configured_prefect_server_that_does_not_answer_is_named_before_anything_runs(workdir, prefect_home):
+    # It was "The run stopped unexpectedly (RuntimeError: Failed to reach API at ...)", with
+    # a pointer to errors.log and to resuming a run that had not begun.
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # (closed again: nothing listens there)
+    env = clean_env(PREFECT_HOME=str(prefect_home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+    before = sorted((workdir / "outputs").rglob("*"))
+    began = time.monotonic()
+    proc = soundpatch("run", "manifests/restoration.csv", "--run-id", "away", cwd=workdir, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (
+        f"error: Prefect's server at http://127.0.0.1:{port}/api (PREFECT_API_URL) does not answer (ConnectError: "
+        "[Errno 111] Connection refused); start it, or unset PREFECT_API_URL to run on a temporary server of the "
+        "run's own. Nothing was sent."
+    )
+    assert time.monotonic() - began < 30
+    assert not (workdir / "runs" / "away" / "journal.jsonl").exists()
+    assert sorted((workdir / "outputs").rglob("*")) == before
+
+
 def test_the_report_of_a_run_that_stopped_before_its_first_row_says_so(tmp_path):
     (tmp_path / "runs" / "early").mkdir(parents=True)  # its folder and lock made, then it stopped
     (tmp_path / "runs" / "early" / "run.lock").touch()
