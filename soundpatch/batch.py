@@ -196,7 +196,9 @@ class Batch:
             if self.bucket_claims is None and not self.force
             else None
         )
-        self._leftovers: BucketClaims | LeftHere | None = self.bucket_claims or self.left_here
+        self._leftovers: BucketClaims | LeftHere | None = (
+            self.bucket_claims if self.bucket_claims is not None else self.left_here
+        )
         self._in_flight: dict[str, threading.Event] = {}  # identity -> set when its owner is done
         self._previews = preview.Quota()  # listening copies kept for the report
         # Results are encoded into files here until published (publish.py); what a run that
