@@ -905,7 +905,9 @@ class Batch:
                 self.ledger.release(reservation)
             raise
         if resume_id:
-            self._told(edit.row_id, claimed, provider.name, "created", {"prediction_id": resume_id, "resumed": True})
+            # (Another run's, `from_run`: tried once here, not offered to later runs again: left_here.py.)
+            taken_up = {"prediction_id": resume_id, "resumed": True, **({"from_run": left.run} if left else {})}
+            self._told(edit.row_id, claimed, provider.name, "created", taken_up)
         if kept is not None and state is not None:  # still kept, should this attempt die too
             self.journal.write("answer_kept", edit.row_id, **(state.answer or {}), resumed=True)
         if not (resume_id or kept):  # a create goes out (collecting what was paid for sends none)

@@ -13,6 +13,10 @@ provider, model, clip and splice settings) collects that prediction at no new co
 instead of paying for another. With the outputs in a bucket, the edit claims there do
 the same across machines (edit_claims.py); this is the same for runs of one machine.
 
+A prediction is offered to one other run only: the run taking it up journals so
+(`created` with `from_run`), and later runs pass it by. One that failed there (its result
+expired at the provider, say) would otherwise fail a row of every run after it.
+
 What each run left is cached in runs_dir/LEFT_CACHE by its journal's size and time, so a
 runs folder of a year of nightly runs is read once, not at every start. `--force` does
 not collect them (it asks for a new prediction).
@@ -26,7 +30,7 @@ import threading
 from pathlib import Path
 
 from soundpatch.edit_claims import Left
-from soundpatch.journal import JOURNAL_FILE, row_states
+from soundpatch.journal import JOURNAL_FILE, read_events, states_from
 from soundpatch.locks import RunLock
 
 LEFT_CACHE = ".left-predictions.json"
@@ -38,9 +42,11 @@ class LeftHere:
         self._left: dict[str, Left] = {}  # identity -> a prediction a stopped run left
         self.collected: dict[str, int] = {}  # run id -> its predictions collected here (no new cost)
         self.uncollectable: dict[str, int] = {}  # run id -> those that failed or could not be seen
-        for run, left in sorted(_left_by_stopped_runs(runs_dir, run_id).items()):
+        left_by, tried = _left_by_stopped_runs(runs_dir, run_id)
+        for run, left in sorted(left_by.items()):
             for identity, (prediction_id, provider) in left.items():
-                self._left.setdefault(identity, Left(run, prediction_id, provider))
+                if prediction_id not in tried:
+                    self._left.setdefault(identity, Left(run, prediction_id, provider))
 
     def has(self, identity: str) -> bool:
         with self._lock:
@@ -83,15 +89,15 @@ def _runs(runs: dict[str, int]) -> str:
     return f"run{'s' if len(named) > 1 else ''} {shown}"
 
 
-def _left_by_stopped_runs(runs_dir: Path, run_id: str) -> dict[str, dict[str, tuple[str, str]]]:
-    """{run id: {identity: (prediction id, provider)}} of the runs in `runs_dir` no process
-    is running, but `run_id`."""
+def _left_by_stopped_runs(runs_dir: Path, run_id: str) -> tuple[dict[str, dict[str, tuple[str, str]]], set[str]]:
+    """({run id: {identity: (prediction id, provider)}} of the runs in `runs_dir` no process
+    is running, but `run_id`; the ids of predictions another run has taken up already)."""
     cache_path = runs_dir / LEFT_CACHE
     try:
         cache = json.loads(cache_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         cache = {}
-    found, fresh = {}, {}
+    found, fresh, tried = {}, {}, set()
     for journal in sorted(runs_dir.glob(f"*/{JOURNAL_FILE}")):
         run = journal.parent.name
         if run == run_id:
@@ -103,7 +109,7 @@ def _left_by_stopped_runs(runs_dir: Path, run_id: str) -> dict[str, dict[str, tu
         stamp = [stat.st_size, stat.st_mtime_ns]
         cached = cache.get(run)
         if isinstance(cached, dict) and cached.get("journal") == stamp:
-            left = cached.get("left") or {}
+            left, taken_up = cached.get("left") or {}, cached.get("tried") or []
         else:
             lock = RunLock(journal.parent)
             try:
@@ -112,12 +118,13 @@ def _left_by_stopped_runs(runs_dir: Path, run_id: str) -> dict[str, dict[str, tu
             except OSError:
                 continue  # not ours to look at
             try:
-                left = _left_in(journal.parent)
+                left, taken_up = _left_in(journal.parent)
             except (OSError, ValueError):
                 continue
             finally:
                 lock.release()
-        fresh[run] = {"journal": stamp, "left": left}
+        fresh[run] = {"journal": stamp, "left": left, "tried": taken_up}
+        tried.update(taken_up)
         if left:
             found[run] = {identity: tuple(pair) for identity, pair in left.items()}
     if fresh != cache:
@@ -127,14 +134,19 @@ def _left_by_stopped_runs(runs_dir: Path, run_id: str) -> dict[str, dict[str, tu
             os.replace(scratch, cache_path)
         except OSError:
             pass  # read again next time
-    return found
+    return found, tried
 
 
-def _left_in(run_dir: Path) -> dict[str, list[str]]:
-    """{identity: [prediction id, provider]} of the predictions a run made and did not use:
-    not those a row of it failed using (kept for that run's own rerun, which says so)."""
-    return {
+def _left_in(run_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """({identity: [prediction id, provider]} of the predictions a run made and did not use,
+    not those a row of it failed using (kept for that run's own rerun, which says so); the
+    ids of other runs' predictions it took up). A prediction taken up once is not offered
+    again: one that failed there (expired at the provider, say) would fail every run after."""
+    events = list(read_events(run_dir))
+    left = {
         s.identity: [s.prediction_id, s.provider or ""]
-        for s in row_states(run_dir).values()
+        for s in states_from(events).values()
         if s.prediction_id and s.identity and not s.settled
     }
+    taken_up = sorted({str(e["prediction_id"]) for e in events if e.get("event") == "created" and e.get("from_run")})
+    return left, taken_up

@@ -49,3 +49,25 @@ def test_a_stopped_runs_unused_predictions_are_found_once_each_and_its_journal_r
     journal.close()
     again = LeftHere(runs, "new")
     assert not again.has("edit-9") and not again.has("edit-1") and again.has("edit-3")
+
+
+def test_a_prediction_another_run_took_up_is_not_offered_again(tmp_path):
+    # Taken up by a run that then failed with it (expired at the provider, say), it would
+    # be offered to every run after, each failing the same way.
+    runs = tmp_path / "runs"
+    paid(runs, "stopped", "r1", "edit-1", "p1")
+    paid(runs, "stopped", "r2", "edit-2", "p2")
+    journal = Journal(runs / "took-it")
+    journal.write("sending", "x", provider="eachlabs", request="q", identity="edit-1", clip={}, settled=True)
+    journal.write("created", "x", prediction_id="p1", resumed=True, from_run="stopped")
+    journal.write("outcome", "x", outcome={"row_id": "x", "status": "failed", "cost_usd": 0.0})
+    journal.close()
+    left = LeftHere(runs, "new")
+    assert not left.has("edit-1") and left.has("edit-2")
+    # A run taking up its own prediction again (a resume) does not count as another's.
+    paid(runs, "resumed", "r3", "edit-3", "p3")
+    journal = Journal(runs / "resumed")
+    journal.write("sending", "r3", provider="eachlabs", request="q-edit-3", identity="edit-3", clip={})
+    journal.write("created", "r3", prediction_id="p3", resumed=True)
+    journal.close()
+    assert LeftHere(runs, "new").has("edit-3")
