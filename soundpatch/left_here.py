@@ -42,10 +42,11 @@ class LeftHere:
         self._left: dict[str, Left] = {}  # identity -> a prediction a stopped run left
         self.collected: dict[str, int] = {}  # run id -> its predictions collected here (no new cost)
         self.uncollectable: dict[str, int] = {}  # run id -> those that failed or could not be seen
-        left_by, tried = _left_by_stopped_runs(runs_dir, run_id)
+        left_by, taken_by = _left_by_stopped_runs(runs_dir, run_id)
         for run, left in sorted(left_by.items()):
             for identity, (prediction_id, provider) in left.items():
-                if prediction_id not in tried:
+                # (A run that took it up and stopped before it was used still offers it.)
+                if not taken_by.get(prediction_id, set()) - {run}:
                     self._left.setdefault(identity, Left(run, prediction_id, provider))
 
     def has(self, identity: str) -> bool:
@@ -89,15 +90,17 @@ def _runs(runs: dict[str, int]) -> str:
     return f"run{'s' if len(named) > 1 else ''} {shown}"
 
 
-def _left_by_stopped_runs(runs_dir: Path, run_id: str) -> tuple[dict[str, dict[str, tuple[str, str]]], set[str]]:
+def _left_by_stopped_runs(
+    runs_dir: Path, run_id: str
+) -> tuple[dict[str, dict[str, tuple[str, str]]], dict[str, set[str]]]:
     """({run id: {identity: (prediction id, provider)}} of the runs in `runs_dir` no process
-    is running, but `run_id`; the ids of predictions another run has taken up already)."""
+    is running, but `run_id`; {prediction id: the runs that took it up from another})."""
     cache_path = runs_dir / LEFT_CACHE
     try:
         cache = json.loads(cache_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         cache = {}
-    found, fresh, tried = {}, {}, set()
+    found, fresh, taken_by = {}, {}, {}
     for journal in sorted(runs_dir.glob(f"*/{JOURNAL_FILE}")):
         run = journal.parent.name
         if run == run_id:
@@ -124,7 +127,8 @@ def _left_by_stopped_runs(runs_dir: Path, run_id: str) -> tuple[dict[str, dict[s
             finally:
                 lock.release()
         fresh[run] = {"journal": stamp, "left": left, "tried": taken_up}
-        tried.update(taken_up)
+        for prediction_id in taken_up:
+            taken_by.setdefault(prediction_id, set()).add(run)
         if left:
             found[run] = {identity: tuple(pair) for identity, pair in left.items()}
     if fresh != cache:
@@ -134,7 +138,7 @@ def _left_by_stopped_runs(runs_dir: Path, run_id: str) -> tuple[dict[str, dict[s
             os.replace(scratch, cache_path)
         except OSError:
             pass  # read again next time
-    return found, tried
+    return found, taken_by
 
 
 def _left_in(run_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
@@ -143,10 +147,11 @@ def _left_in(run_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
     ids of other runs' predictions it took up). A prediction taken up once is not offered
     again: one that failed there (expired at the provider, say) would fail every run after."""
     events = list(read_events(run_dir))
+    failed_with = {str((e.get("kept_paid") or {}).get("prediction_id")) for e in events if e.get("event") == "outcome"}
     left = {
         s.identity: [s.prediction_id, s.provider or ""]
         for s in states_from(events).values()
-        if s.prediction_id and s.identity and not s.settled
+        if s.prediction_id and s.identity and s.prediction_id not in failed_with
     }
     taken_up = sorted({str(e["prediction_id"]) for e in events if e.get("event") == "created" and e.get("from_run")})
     return left, taken_up

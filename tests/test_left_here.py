@@ -25,12 +25,17 @@ def test_a_stopped_runs_unused_predictions_are_found_once_each_and_its_journal_r
     paid(runs, "stopped", "r2", "edit-2", "p2", used=True)  # its result is out: nothing left
     paid(runs, "going", "r3", "edit-3", "p3")  # a process runs it (this one, here)
     paid(runs, "new", "r4", "edit-4", "p4")  # the run looking: its own are its own
+    paid(runs, "stopped", "r5", "edit-5", "p5")  # a row failed using it: kept for that run's rerun
+    journal = Journal(runs / "stopped")
+    kept = {"prediction_id": "p5", "answer": None}
+    journal.write("outcome", "r5", outcome={"row_id": "r5", "status": "failed", "cost_usd": 0.2}, kept_paid=kept)
+    journal.close()
     going = RunLock(runs / "going").acquire()
     try:
         left = LeftHere(runs, "new")
     finally:
         going.release()
-    assert [left.has(i) for i in ("edit-1", "edit-2", "edit-3", "edit-4")] == [True, False, False, False]
+    assert [left.has(i) for i in ("edit-1", "edit-2", "edit-3", "edit-4", "edit-5")] == [True] + [False] * 4
     first = left.left_by("edit-1")
     assert (first.run, first.prediction_id, first.provider) == ("stopped", "p1", "eachlabs")
     assert left.left_by("edit-1") is None  # collected once
@@ -64,6 +69,13 @@ def test_a_prediction_another_run_took_up_is_not_offered_again(tmp_path):
     journal.close()
     left = LeftHere(runs, "new")
     assert not left.has("edit-1") and left.has("edit-2")
+    # Taken up by a run that was killed before it was used: that run offers it.
+    journal = Journal(runs / "took-it-and-died")
+    journal.write("sending", "y", provider="eachlabs", request="q", identity="edit-2", clip={}, settled=True)
+    journal.write("created", "y", prediction_id="p2", resumed=True, from_run="stopped")
+    journal.close()
+    offered = LeftHere(runs, "new").left_by("edit-2")
+    assert (offered.run, offered.prediction_id) == ("took-it-and-died", "p2")
     # A run taking up its own prediction again (a resume) does not count as another's.
     paid(runs, "resumed", "r3", "edit-3", "p3")
     journal = Journal(runs / "resumed")
