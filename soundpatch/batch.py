@@ -37,7 +37,7 @@ from soundpatch.combine import CombinedFile, combined_note, overlay
 from soundpatch.config import Config
 from soundpatch.cpu import AT_ONCE, crunching
 from soundpatch.disk_room import FULL_ERRNOS, DiskRoom, Promise, full_disk
-from soundpatch.edit_claims import BucketClaims, Left
+from soundpatch.edit_claims import BucketClaims
 from soundpatch.errors import ConfigError, OutOfRoom, RowError, SoundpatchError, as_sentence
 from soundpatch.humanize import plural
 from soundpatch.humanize import size as human_size
@@ -56,6 +56,7 @@ from soundpatch.journal import (
 from soundpatch.journal_copy import JournalCopy
 from soundpatch.lease import RunLease, lease_uri
 from soundpatch.left_here import LeftHere
+from soundpatch.leftovers import Left, Leftovers
 from soundpatch.limits import BudgetLedger, Reservation, SharedLimits
 from soundpatch.locks import CLAIMED, STOPPED, WAITED, Claims, RunLock
 from soundpatch.manifest import Edit, Manifest, lookalike_notes
@@ -196,9 +197,7 @@ class Batch:
             if self.bucket_claims is None and not self.force
             else None
         )
-        self._leftovers: BucketClaims | LeftHere | None = (
-            self.bucket_claims if self.bucket_claims is not None else self.left_here
-        )
+        self._leftovers: Leftovers | None = self.bucket_claims if self.bucket_claims is not None else self.left_here
         self._in_flight: dict[str, threading.Event] = {}  # identity -> set when its owner is done
         self._previews = preview.Quota()  # listening copies kept for the report
         # Results are encoded into files here until published (publish.py); what a run that

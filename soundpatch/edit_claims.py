@@ -30,14 +30,13 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 from soundpatch.errors import RowError
 from soundpatch.lease import lease_uri
+from soundpatch.leftovers import Left, Leftovers
 from soundpatch.locks import CLAIMED, STOPPED, WAITED
 from soundpatch.s3 import S3, S3Uri
 
@@ -46,7 +45,7 @@ POLL_SECONDS = 1.0
 _UNCLAIMED = "The edit could not be claimed in the output bucket before the create, so nothing was sent ({})"
 
 
-class BucketClaims:
+class BucketClaims(Leftovers):
     def __init__(
         self,
         s3: S3,
@@ -63,13 +62,11 @@ class BucketClaims:
         self._holder = f"process {os.getpid()} on {socket.gethostname()}"
         self._token = secrets.token_hex(8)
         self._writes = 0
-        self._lock = threading.Lock()
+        super().__init__()  # (its lock guards the claims' state too)
         self.waited_on: dict[str, str] = {}  # run id -> its holder, for runs whose claims rows waited on
         self.taken_over: dict[str, str] = {}  # the same, for runs whose lapsed claims were taken over
         self._etags: dict[str, str] = {}  # identity -> the ETag of this run's claim on it, while held
-        self._left: dict[str, Left] = {}  # identity -> the prediction a claim taken over named
-        self.collected: dict[str, int] = {}  # run id -> predictions of it collected here (no new cost)
-        self.uncollectable: dict[str, int] = {}  # run id -> predictions of it that could not be, made anew
+        # (Leftovers' `_left`: identity -> the prediction a claim taken over named.)
 
     @contextmanager
     def claim(
@@ -131,22 +128,6 @@ class BucketClaims:
             with self._lock:
                 if identity in self._etags:
                     self._etags[identity] = etag
-
-    def left_by(self, identity: str) -> Left | None:
-        """The prediction that the run whose claim on `identity` was taken over had made, for
-        this run to collect."""
-        with self._lock:
-            return self._left.pop(identity, None)
-
-    def was_collected(self, left: Left) -> None:
-        """`left` came back: the edit is made from it at no new cost."""
-        with self._lock:
-            self.collected[left.run] = self.collected.get(left.run, 0) + 1
-
-    def not_collected(self, left: Left) -> None:
-        """`left` turned out failed, or out of this key's sight: the edit is made here anew."""
-        with self._lock:
-            self.uncollectable[left.run] = self.uncollectable.get(left.run, 0) + 1
 
     def _write(self, uri: S3Uri, if_match: str | None, prediction: dict[str, str] | None = None) -> str | None:
         with self._lock:
@@ -215,15 +196,6 @@ class BucketClaims:
                 f"{'it was' if count == 1 else 'they were'} made here."
             )
         return " ".join(parts)
-
-
-@dataclass(frozen=True)
-class Left:
-    """A prediction that a run whose machine died had made for an edit it claimed."""
-
-    run: str
-    prediction_id: str
-    provider: str
 
 
 def _runs(runs: dict[str, str]) -> str:

@@ -26,22 +26,18 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
-from soundpatch.edit_claims import Left
 from soundpatch.journal import JOURNAL_FILE, read_events, states_from
+from soundpatch.leftovers import Left, Leftovers
 from soundpatch.locks import RunLock
 
 LEFT_CACHE = ".left-predictions.json"
 
 
-class LeftHere:
+class LeftHere(Leftovers):
     def __init__(self, runs_dir: Path, run_id: str) -> None:
-        self._lock = threading.Lock()
-        self._left: dict[str, Left] = {}  # identity -> a prediction a stopped run left
-        self.collected: dict[str, int] = {}  # run id -> its predictions collected here (no new cost)
-        self.uncollectable: dict[str, int] = {}  # run id -> those that failed or could not be seen
+        super().__init__()
         left_by, taken_by = _left_by_stopped_runs(runs_dir, run_id)
         for run, left in sorted(left_by.items()):
             for identity, (prediction_id, provider) in left.items():
@@ -52,19 +48,6 @@ class LeftHere:
     def has(self, identity: str) -> bool:
         with self._lock:
             return identity in self._left
-
-    def left_by(self, identity: str) -> Left | None:
-        """The prediction a stopped run made for `identity`, for this row to collect (once)."""
-        with self._lock:
-            return self._left.pop(identity, None)
-
-    def was_collected(self, left: Left) -> None:
-        with self._lock:
-            self.collected[left.run] = self.collected.get(left.run, 0) + 1
-
-    def not_collected(self, left: Left) -> None:
-        with self._lock:
-            self.uncollectable[left.run] = self.uncollectable.get(left.run, 0) + 1
 
     def note(self) -> str:
         parts = []

@@ -420,15 +420,22 @@ def test_a_run_whose_own_disk_fills_up_starts_no_more_rows_says_why_and_pays_for
     assert report["cost_usd"].sum() == pytest.approx(PRICE * len(set(sim.stats.prompts)))
 
 
-def test_a_full_disk_at_the_start_is_one_sentence_and_nothing_is_sent(tmp_path, small_disk):
-    # The run's lock file could not be written: a traceback, before.
-    disk = small_disk(2)
-    fill(disk, leave=0)
-    (tmp_path / "c.yaml").write_text(f"runs_dir: {disk / 'runs'}\noutput: {{uri: {tmp_path / 'outputs'}}}\n")
+def one_row_run(tmp_path: Path, runs: Path) -> subprocess.CompletedProcess:
+    """`soundpatch run` of one local-engine row with its runs folder at `runs`, which it cannot
+    write: exit 2, and no traceback."""
+    (tmp_path / "c.yaml").write_text(f"runs_dir: {runs}\noutput: {{uri: {tmp_path / 'outputs'}}}\n")
     sf.write(tmp_path / "fx.wav", tape(tmp_path / "t.wav", 2)[:, :1], 44100, subtype="PCM_16")
     (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nr1,fx.wav,1,1.2,clang\n")
     proc = soundpatch("run", "m.csv", "--config", "c.yaml", "--run-id", "x", cwd=tmp_path, env=clean_env())
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def test_a_full_disk_at_the_start_is_one_sentence_and_nothing_is_sent(tmp_path, small_disk):
+    # The run's lock file could not be written: a traceback, before.
+    disk = small_disk(2)
+    fill(disk, leave=0)
+    proc = one_row_run(tmp_path, disk / "runs")
     assert " ".join(proc.stderr.split()) == (
         f"error: Nothing was sent: the disk holding {disk / 'runs' / 'x'} is full (No space left on device); free "
         "some space (or set runs_dir to a larger disk) and run it again."
@@ -441,11 +448,7 @@ def test_a_read_only_disk_is_not_called_full(tmp_path, small_disk):
     disk = small_disk(1)
     remounted = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True, text=True)
     assert remounted.returncode == 0, remounted.stderr
-    (tmp_path / "c.yaml").write_text(f"runs_dir: {disk / 'runs'}\noutput: {{uri: {tmp_path / 'outputs'}}}\n")
-    sf.write(tmp_path / "fx.wav", tape(tmp_path / "t.wav", 2)[:, :1], 44100, subtype="PCM_16")
-    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nr1,fx.wav,1,1.2,clang\n")
-    proc = soundpatch("run", "m.csv", "--config", "c.yaml", "--run-id", "x", cwd=tmp_path, env=clean_env())
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    proc = one_row_run(tmp_path, disk / "runs")
     assert " ".join(proc.stderr.split()) == (
         f"error: Nothing was sent: the run's folder {disk / 'runs' / 'x'} cannot be written (Read-only file "
         "system); set runs_dir to a folder you can write to and run it again."
