@@ -298,7 +298,7 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
 
         check_server(cfg)
         away = configured_server_away()
-        if away is not None:  # Prefect's first call would retry for a minute, then "stopped unexpectedly"
+        if away is not None:  # (the flow's first call to it failed the run as "stopped unexpectedly")
             raise SoundpatchError(
                 f"Prefect's server at {away[0]} (PREFECT_API_URL) does not answer ({away[1]}); start it, or unset "
                 "PREFECT_API_URL to run on a temporary server of the run's own. Nothing was sent."

@@ -5,12 +5,11 @@ Ctrl-Cs) has paid for them; `--run-id` with its id collects them. Run again with
 same command, as one does after a crash; or the next night's run), the new run sent each
 of those edits again and paid for it a second time: up to `limits.concurrency`
 predictions a crash. So a run looks, before it starts, through the journals of the runs in
-its runs_dir that no process is running (their run lock is free) for predictions made
-and not used (created, and no outcome since: not one a row failed using, which its own run
-keeps for its rerun), and
-a row of the same edit (the same identity: source content, region, prompt, seed,
-provider, model, clip and splice settings) collects that prediction at no new cost
-instead of paying for another. With the outputs in a bucket, the edit claims there do
+its runs_dir that no process is running (their run lock is free) for predictions made and
+not used (created, and no outcome since; not one a row failed using, which its own run
+keeps for its rerun), and a row of the same edit (the same identity: source content,
+region, prompt, seed, provider, model, clip and splice settings) collects that prediction
+at no new cost instead of paying for another. With the outputs in a bucket, the edit claims there do
 the same across machines (edit_claims.py); this is the same for runs of one machine.
 
 A prediction is offered to one other run only: the run taking it up journals so
@@ -94,17 +93,18 @@ def _left_by_stopped_runs(
             continue
         stamp = [stat.st_size, stat.st_mtime_ns]
         cached = cache.get(run)
-        if isinstance(cached, dict) and cached.get("journal") == stamp:
-            left, taken_up = cached.get("left") or {}, cached.get("tried") or []
+        known = isinstance(cached, dict) and cached.get("journal") == stamp
+        if known and not cached.get("left"):  # nothing to offer: whether it runs now does not matter
+            left, taken_up = {}, cached.get("tried") or []
         else:
             lock = RunLock(journal.parent)
             try:
                 if not lock.take_if_stopped():
-                    continue  # running now: its own claims keep its edits (locks.py)
+                    continue  # running now (again): its own claims keep its edits (locks.py)
             except OSError:
                 continue  # not ours to look at
             try:
-                left, taken_up = _left_in(journal.parent)
+                left, taken_up = (cached["left"], cached.get("tried") or []) if known else _left_in(journal.parent)
             except (OSError, ValueError):
                 continue
             finally:

@@ -48,6 +48,12 @@ def test_a_stopped_runs_unused_predictions_are_found_once_each_and_its_journal_r
     cache["stopped"]["left"] = {"edit-9": ["p9", "eachlabs"]}
     (runs / LEFT_CACHE).write_text(json.dumps(cache))
     assert LeftHere(runs, "new").has("edit-9")
+    # Taken up again by a process (resumed), its journal unchanged yet: not offered meanwhile.
+    resumed = RunLock(runs / "stopped").acquire()
+    try:
+        assert not LeftHere(runs, "new").has("edit-9")
+    finally:
+        resumed.release()
     # ... and once the run went on (its row used the prediction), it is.
     journal = Journal(runs / "stopped")
     journal.write("outcome", "r1", outcome={"row_id": "r1", "status": "succeeded", "cost_usd": 0.2})
