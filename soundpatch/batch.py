@@ -60,6 +60,7 @@ from soundpatch.leftovers import Left, Leftovers
 from soundpatch.limits import BudgetLedger, Reservation, SharedLimits
 from soundpatch.locks import CLAIMED, STOPPED, WAITED, Claims, RunLock
 from soundpatch.manifest import Edit, Manifest, lookalike_notes
+from soundpatch.markup import Markup
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SUCCEEDED, Outcome
 from soundpatch.providers import (
     InpaintRequest,
@@ -232,15 +233,14 @@ class Batch:
         spent += sum(self._list_price(row) for row, s in self.states.items() if s.in_doubt)
         self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=spent)
         self._spent_before = spent
-        # Providers that charged more than the price reserved: (that price, the most charged),
-        # as earlier attempts of this run found (counted from this attempt's first row on), and
-        # as this attempt finds.
-        self._dearer_before = self._found_dearer()
-        for name, (price, most) in self._dearer_before.items():
+        # Providers that charged more than the price reserved, as earlier attempts of this run
+        # found (counted from this attempt's first row on), and as this attempt finds.
+        self.markup = Markup(run_id, lambda name: config.provider.for_provider(name).price, self.states.values())
+        for price, most in self.markup.before.values():
             self.ledger.count_dearer(price, most)
-            if not dry_run:
-                log.warning("%s", self._dearer_note(name, earlier=True))
-        self._dearer: dict[str, tuple[float, float]] = {}
+        if not dry_run:
+            for note in self.markup.notes_before():
+                log.warning("%s", note)
         # Paid for and still to collect: a prediction to poll, or an answer kept on disk
         # (nothing more when a failed outcome counted it already).
         self._held = {
@@ -519,7 +519,7 @@ class Batch:
                 continue
             predictions += 1
             # At the most a prediction cost in earlier attempts, where that is more than the price.
-            cost += self._dearer_before.get(checked.provider.name, (0.0, checked.provider.price_usd))[1]
+            cost += self.markup.expected(checked.provider.name, checked.provider.price_usd)
             within_budget += spent_before + cost <= self.config.limits.budget_usd + 1e-9
             needed = self._room_needed(edit, checked)
             largest = (*needed, edit.row_id) if sum(needed) > sum(largest[:2]) else largest
@@ -552,7 +552,7 @@ class Batch:
             "expected_seconds": round(seconds, 1),
             "errors": errors,
             "notes": lookalike_notes(edits)
-            + [self._dearer_note(name, earlier=True) for name in sorted(self._dearer_before)]
+            + self.markup.notes_before()
             + self._unready(per_provider)
             + self._short_of_disk(*largest),
         }
@@ -969,46 +969,12 @@ class Batch:
         return prediction, provider
 
     def _settle(self, reservation: Reservation, cost_usd: float, provider: Provider) -> None:
-        """Settle the row's reservation at what its prediction cost. A provider charging more
-        than the price reserved (and than earlier attempts found it charging) is said once, as
-        it happens and in the notes (the ledger counts every reservation as dearer from then on)."""
+        """Settle the row's reservation at what its prediction cost; a provider found charging
+        more than the price reserved is said once, as it happens (markup.py)."""
         self.ledger.settle(reservation, cost_usd)
-        expected = max(reservation.amount_usd, self._dearer_before.get(provider.name, (0.0, 0.0))[1])
-        if not reservation.amount_usd or cost_usd <= expected + 1e-9:
-            return
-        with self._lock:
-            first = provider.name not in self._dearer
-            price, most = self._dearer.get(provider.name, (reservation.amount_usd, 0.0))
-            self._dearer[provider.name] = (price, max(most, cost_usd))
-        if first:
-            log.warning("%s", self._dearer_note(provider.name))
-
-    def _found_dearer(self) -> dict[str, tuple[float, float]]:
-        """Providers whose predictions earlier attempts of this run found dearer than their
-        price now: {name: (price, the most one cost)}."""
-        found: dict[str, tuple[float, float]] = {}
-        for state in self.states.values():
-            for name, cost in state.charged.items():
-                price = self.config.provider.for_provider(name).price
-                if price and cost > max(price, found.get(name, (0.0, 0.0))[1]) + 1e-9:
-                    found[name] = (price, cost)
-        return found
-
-    def _dearer_note(self, name: str, earlier: bool = False) -> str:
-        """What a provider charging over price_usd made the budget do: as this attempt found
-        it, or (`earlier`) as earlier attempts of the run did, counted from this one's start."""
-        price, most = (self._dearer_before if earlier else self._dearer)[name]
-        if earlier:
-            charged = f"An earlier attempt of run {self.run_id} found {name} charging up to"
-            since, then = "from this attempt's first row", "."
-        else:
-            charged = f"{name} charged up to"
-            since, then = "from then on", ", so that the cap holds from the first row."
-        return (
-            f"{charged} ${most:.4g} for a prediction reserved at ${price:.4g} (provider.price_usd): the budget "
-            f"counts every prediction as {most / price:.2f} times dearer {since}"
-            f"{'' if earlier else ', those in flight too'}; set price_usd to what {name} charges{then}"
-        )
+        dearer = self.markup.charged(provider.name, reservation.amount_usd, cost_usd)
+        if dearer is not None:
+            log.warning("%s", dearer)
 
     def _spliced(self, work: RowWork, prediction: Prediction, provider: Provider) -> tuple[Encoded, Quality]:
         """The prediction spliced into the recording and encoded as it will be published, with
@@ -1286,8 +1252,7 @@ class Batch:
                 f"attempt's budget of ${self.ledger.budget_usd:.2f}, which counts the whole run: this attempt sent "
                 f"nothing new (a budget above ${self._spent_before:.2f} lets it go on)."
             )
-        notes.extend(self._dearer_note(name, earlier=True) for name in sorted(self._dearer_before))
-        notes.extend(self._dearer_note(name) for name in sorted(self._dearer))
+        notes.extend(self.markup.notes())
         notes.extend(combined_note(self._combined))
         cleared, freed = self._cleared
         if cleared:
