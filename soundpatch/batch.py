@@ -12,7 +12,6 @@ flows/ and tasks/; this module is plain Python.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -33,12 +32,12 @@ from soundpatch import audio as audio_ops
 from soundpatch import preview, tls
 from soundpatch.answers import AnswerShelf
 from soundpatch.audio import Audio, AudioInfo, ReadBack
-from soundpatch.combine import CombinedFile, combined_note, overlay
+from soundpatch.combine import CombinedFile, Combiner, combined_note
 from soundpatch.config import Config
 from soundpatch.cpu import AT_ONCE, crunching
 from soundpatch.disk_room import FULL_ERRNOS, DiskRoom, Promise, full_disk
 from soundpatch.edit_claims import BucketClaims
-from soundpatch.errors import ConfigError, OutOfRoom, RowError, SoundpatchError, as_sentence
+from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
 from soundpatch.humanize import plural
 from soundpatch.humanize import size as human_size
 from soundpatch.identity import edit_identity, request_identity
@@ -74,13 +73,13 @@ from soundpatch.providers import (
 )
 from soundpatch.publish import Encoded, Publisher
 from soundpatch.quality import Quality, context_span, judge
+from soundpatch.runs_folder import SCRATCH_DIR, clear_stopped_runs_scratch, kept_results
 from soundpatch.s3 import S3, NoConditionalWrites, S3Uri
 from soundpatch.sources import SourceReader
-from soundpatch.storage import INDEX_PREFIX, LocalFolder, OutputStore, S3Prefix, local_result_holds, open_store
+from soundpatch.storage import LocalFolder, OutputStore, S3Prefix, local_result_holds, open_store
 from soundpatch.window import answer_bytes_bound
 
 log = logging.getLogger("soundpatch")
-SCRATCH_DIR = "scratch"  # runs/<run_id>/scratch/: results being written (publish.py)
 # Typical seconds per prediction, for the wall-time estimate before a run. The local
 # engine's is a row's time on one core (on this project's 2-core machine, 2,000 rows of
 # 50 ms dropouts took 0.53 s a row a core; of 0.5 s gaps, 0.18 s).
@@ -1149,62 +1148,11 @@ class Batch:
     # ------------------------------------------------------------------ closing
 
     def combine(self, outcomes: list[Outcome]) -> None:
-        """Build the files that rows of one recording share (soundpatch/combine.py), from
-        the rows' results, once the rows are done; sets each row's `combined`."""
-        groups: dict[str, list[Outcome]] = {}
-        for o in outcomes:
-            name = self.publisher.combined.get(o.row_id)
-            if name is not None:
-                groups.setdefault(name, []).append(o)
-        if groups:
-            self.journal.write("combining", files=len(groups))  # for the progress line
-        for name, rows in sorted(groups.items()):  # in the same order whichever row ended first
-            made = CombinedFile(name)
-            rows.sort(key=lambda o: o.start or 0.0)
-            done = [o for o in rows if o.status in (SUCCEEDED, SKIPPED_DONE) and o.output]
-            made.missing = [f"{o.row_id} ({o.status.replace('_', ' ')})" for o in rows if o not in done]
-            if stop_requested():
-                made.error = "The run was stopped first; run again with the same --run-id to make it."
-            elif not done:
-                made.error = "None of its rows finished."
-            else:
-                try:
-                    made.output = self._combine(name, done)
-                    made.rows = [o.row_id for o in done]
-                except OutOfRoom as exc:  # the rows are done and kept: the rerun builds it from them, at no cost
-                    made.error = f"{_sentence(exc).rstrip('.')} with the same --run-id to make it."
-                except (SoundpatchError, OSError) as exc:
-                    made.error = _sentence(exc)
-                except Exception as exc:  # a bug: the rows are paid for; their report still gets written
-                    made.error = f"Unexpected {type(exc).__name__} (details in {self.run_dir / 'errors.log'})."
-                    self._log_traceback(self._edits[done[0].row_id])
-            for o in done if made.output else ():
-                o.combined = made.output
-            self.journal.write("combined", name=name, output=made.output, rows=made.rows, missing=made.missing)
+        """Build the files that rows of one recording share, once the rows are done; sets
+        each row's `combined` (combine.py)."""
+        combiner = Combiner(self.publisher, self.store, self.sources, self.journal, self.run_dir)
+        for made in combiner.build(outcomes, self._edits, self.manifest.resolve_input, self._log_traceback):
             self._combined.append(made)
-
-    def _combine(self, name: str, done: list[Outcome]) -> str:
-        edit = self._edits[done[0].row_id]
-        checked = self.check(edit)
-        original = self.sources.audio(checked.source)
-        parts = []  # each row's region only: a long recording's rows do not each hold all of it
-        for o in done:
-            a, b = audio_ops.region_frames(o.start or 0.0, o.end or 0.0, original.rate, original.frames)
-            with self.store.opened(o.output) as result:
-                parts.append((o.row_id, audio_ops.read_back(result, a, b, o.output), a, b))
-        with crunching():
-            encoded = self.publisher.encode(edit, overlay(original, parts), checked.info, name=name)
-        metadata = {
-            "run_id": self.run_id,
-            "input": edit.input,
-            "rows": ",".join(o.row_id for o in done),
-            "regions": ",".join(f"{o.start:g}-{o.end:g}" for o in done),
-            "source_sha256": self.sources.checksum(checked.source),
-        }
-        try:
-            return self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)
-        finally:
-            encoded.discard()
 
     def notes(self) -> list[str]:
         notes = lookalike_notes(self.manifest.edits)
@@ -1320,44 +1268,6 @@ def _apply(quality: dict, outcome: Outcome) -> None:
     for key in ("checks", "outside_max_diff", "seam_in", "seam_out", "loudness_delta_db", "clipped", "offset_ms"):
         if key in quality:
             setattr(outcome, key, quality[key])
-
-
-def clear_stopped_runs_scratch(runs_dir: Path) -> tuple[list[str], int]:
-    """Remove the scratch folders of runs in `runs_dir` that no process is running (their
-    run lock is free: they were killed, and not resumed since). Results there are of no use
-    (a run that goes on clears its own and makes them again) and may be gigabytes. Returns
-    the runs cleared and the bytes freed."""
-    cleared, freed = [], 0
-    for scratch in sorted(runs_dir.glob(f"*/{SCRATCH_DIR}")):
-        lock = RunLock(scratch.parent)
-        try:
-            if not lock.take_if_stopped():
-                continue  # running (this run's own is held by now)
-        except OSError:
-            continue  # not ours to touch
-        try:
-            files = [f for f in scratch.rglob("*") if f.is_file()]
-            size = sum(f.stat().st_size for f in files)
-            shutil.rmtree(scratch, ignore_errors=True)
-            if files:
-                cleared.append(scratch.parent.name)
-                freed += size
-        except OSError:
-            continue
-        finally:
-            lock.release()
-    return cleared, freed
-
-
-def kept_results(runs_dir: Path) -> dict[str, dict]:
-    """Index records of results kept in runs/*/unpublished/ after their upload failed."""
-    found: dict[str, dict] = {}
-    for path in sorted(runs_dir.glob(f"*/unpublished/{INDEX_PREFIX}/*.json")):
-        try:
-            found[path.stem] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-    return found
 
 
 def _full_disk(exc: Exception, run_dir: Path) -> str | None:

@@ -12,13 +12,22 @@ its region as the input has it, and the run's notes say which.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from soundpatch import audio as audio_ops
 from soundpatch.audio import Audio, Patched, ReadBack
-from soundpatch.errors import RowError
+from soundpatch.cpu import crunching
+from soundpatch.errors import OutOfRoom, RowError, SoundpatchError, as_sentence
 from soundpatch.humanize import plural
+from soundpatch.interrupt import stop_requested
+from soundpatch.journal import Journal
+from soundpatch.manifest import Edit
+from soundpatch.outcome import SKIPPED_DONE, SUCCEEDED, Outcome
+from soundpatch.publish import Publisher
+from soundpatch.sources import SourceReader
+from soundpatch.storage import OutputStore
 
 
 @dataclass
@@ -30,6 +39,84 @@ class CombinedFile:
     rows: list[str] = field(default_factory=list)  # rows whose regions it holds
     missing: list[str] = field(default_factory=list)  # rows of it that did not finish: "id (status)"
     error: str = ""  # why it was not put: one or two sentences
+
+
+class Combiner:
+    """Builds a run's combined files from its rows' results, once the rows are done."""
+
+    def __init__(
+        self, publisher: Publisher, store: OutputStore, sources: SourceReader, journal: Journal, run_dir: Path
+    ) -> None:
+        self.publisher = publisher
+        self.store = store
+        self.sources = sources
+        self.journal = journal
+        self.run_dir = run_dir  # runs/<run_id>/
+
+    def build(
+        self,
+        outcomes: list[Outcome],
+        edits: dict[str, Edit],
+        source_of: Callable[[Edit], str],
+        log_fault: Callable[[Edit], None],
+    ) -> Iterator[CombinedFile]:
+        """Each combined file, made or not, in name order whichever row ended first; sets
+        `combined` on the rows it holds. `edits` by row id; `source_of(edit)`: its input;
+        `log_fault(edit)`: keep the traceback of a bug met making a file of that row's."""
+        groups: dict[str, list[Outcome]] = {}
+        for o in outcomes:
+            name = self.publisher.combined.get(o.row_id)
+            if name is not None:
+                groups.setdefault(name, []).append(o)
+        if groups:
+            self.journal.write("combining", files=len(groups))  # for the progress line
+        for name, rows in sorted(groups.items()):
+            made = CombinedFile(name)
+            rows.sort(key=lambda o: o.start or 0.0)
+            done = [o for o in rows if o.status in (SUCCEEDED, SKIPPED_DONE) and o.output]
+            made.missing = [f"{o.row_id} ({o.status.replace('_', ' ')})" for o in rows if o not in done]
+            if stop_requested():
+                made.error = "The run was stopped first; run again with the same --run-id to make it."
+            elif not done:
+                made.error = "None of its rows finished."
+            else:
+                edit = edits[done[0].row_id]
+                try:
+                    made.output = self._make(name, edit, source_of(edit), done)
+                    made.rows = [o.row_id for o in done]
+                except OutOfRoom as exc:  # the rows are done and kept: the rerun builds it from them, at no cost
+                    made.error = f"{_sentence(exc).rstrip('.')} with the same --run-id to make it."
+                except (SoundpatchError, OSError) as exc:
+                    made.error = _sentence(exc)
+                except Exception as exc:  # a bug: the rows are paid for; their report still gets written
+                    made.error = f"Unexpected {type(exc).__name__} (details in {self.run_dir / 'errors.log'})."
+                    log_fault(edit)
+            for o in done if made.output else ():
+                o.combined = made.output
+            self.journal.write("combined", name=name, output=made.output, rows=made.rows, missing=made.missing)
+            yield made
+
+    def _make(self, name: str, edit: Edit, source: str, done: list[Outcome]) -> str:
+        info = self.sources.info(source)
+        original = self.sources.audio(source)
+        parts = []  # each row's region only: a long recording's rows do not each hold all of it
+        for o in done:
+            a, b = audio_ops.region_frames(o.start or 0.0, o.end or 0.0, original.rate, original.frames)
+            with self.store.opened(o.output) as result:
+                parts.append((o.row_id, audio_ops.read_back(result, a, b, o.output), a, b))
+        with crunching():
+            encoded = self.publisher.encode(edit, overlay(original, parts), info, name=name)
+        metadata = {
+            "run_id": self.run_dir.name,
+            "input": edit.input,
+            "rows": ",".join(o.row_id for o in done),
+            "regions": ",".join(f"{o.start:g}-{o.end:g}" for o in done),
+            "source_sha256": self.sources.checksum(source),
+        }
+        try:
+            return self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)
+        finally:
+            encoded.discard()
 
 
 def overlay(original: Audio, parts: Iterable[tuple[str, ReadBack, int, int]]) -> Patched:
@@ -77,3 +164,7 @@ def combined_note(files: list[CombinedFile]) -> list[str]:
 
 def _listed(rows: list[str]) -> str:
     return ", ".join(rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+
+
+def _sentence(exc: Exception) -> str:
+    return as_sentence(str(exc), fallback=type(exc).__name__)

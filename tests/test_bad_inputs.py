@@ -224,7 +224,7 @@ def test_rows_that_would_overwrite_each_other_are_invalid_before_anything_is_mad
 def test_a_fault_while_combining_a_recording_s_file_costs_that_file_not_the_run(tmp_path, monkeypatch):
     # The rows are done (and, with a hosted model, paid for) when their file is combined:
     # a fault there must leave their outcomes and the report standing, and say what failed.
-    import soundpatch.batch
+    import soundpatch.combine
     from soundpatch.config import load_config
 
     rate = 16000
@@ -236,7 +236,7 @@ def test_a_fault_while_combining_a_recording_s_file_costs_that_file_not_the_run(
     def broken(*_args):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(soundpatch.batch, "overlay", broken)
+    monkeypatch.setattr(soundpatch.combine, "overlay", broken)
     cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
     outcomes, notes, _ = run_in_process(tmp_path / "m.csv", cfg, "fault")
     assert [(o.status, o.combined) for o in outcomes] == [("succeeded", ""), ("succeeded", "")]
