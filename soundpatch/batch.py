@@ -34,10 +34,11 @@ from soundpatch.answers import AnswerShelf
 from soundpatch.audio import Audio, AudioInfo, ReadBack
 from soundpatch.combine import CombinedFile, Combiner, combined_note
 from soundpatch.config import Config
-from soundpatch.cpu import AT_ONCE, crunching
+from soundpatch.cpu import crunching
 from soundpatch.disk_room import FULL_ERRNOS, DiskRoom, Promise, full_disk
 from soundpatch.edit_claims import BucketClaims
-from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence
+from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence, sentence_of
+from soundpatch.estimate import estimate
 from soundpatch.humanize import plural
 from soundpatch.humanize import size as human_size
 from soundpatch.identity import edit_identity, request_identity
@@ -80,10 +81,6 @@ from soundpatch.storage import LocalFolder, OutputStore, S3Prefix, local_result_
 from soundpatch.window import answer_bytes_bound
 
 log = logging.getLogger("soundpatch")
-# Typical seconds per prediction, for the wall-time estimate before a run. The local
-# engine's is a row's time on one core (on this project's 2-core machine, 2,000 rows of
-# 50 ms dropouts took 0.53 s a row a core; of 0.5 s gaps, 0.18 s).
-TYPICAL_SECONDS = {"local": 0.5, "eachlabs": 15.0, "stability": 15.0, "fal": 15.0}
 
 
 def preflight(config: Config) -> None:
@@ -175,7 +172,7 @@ class Batch:
         self.sources = SourceReader(self.s3, config.storage)
         self.manifest = manifest.with_patterns_expanded(self.sources.glob)
         tls.verify()  # a CA bundle (SSL_CERT_FILE) that cannot be read: before any row, in one sentence
-        self._provider(config.provider.name)  # an unusable provider stops the run before it starts
+        self.provider_named(config.provider.name)  # an unusable provider stops the run before it starts
         if not dry_run:
             self.store.ready()  # a missing bucket or unwritable folder: once, before any row
             if self.journal_copy is not None:  # before its journal is read: no one else goes on with it
@@ -215,7 +212,7 @@ class Batch:
         self._name_clashes = self.publisher.clashes(self.manifest.edits, self._info_if_readable)
         self._edits = {e.row_id: e for e in self.manifest.edits}  # by row id
         self._combined: list[CombinedFile] = []  # the files rows of one recording share, once made
-        self._changed: list[str] = []  # rows an earlier attempt finished, changed since
+        self.changed_rows: list[str] = []  # rows an earlier attempt finished, changed since
         self._set_aside: list[str] = []  # rows an earlier attempt paid for, changed since
         self._kept_paid: list[str] = []  # rows that failed using a paid prediction, kept for a rerun
         # Results of the local engine for regions the manifest asks for more than once:
@@ -343,7 +340,9 @@ class Batch:
 
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(finished)))) as pool:
             verdicts = list(pool.map(verdict, finished))
-        self._changed.extend(edit.row_id for (edit, _, _), v in zip(finished, verdicts, strict=True) if v == "changed")
+        self.changed_rows.extend(
+            edit.row_id for (edit, _, _), v in zip(finished, verdicts, strict=True) if v == "changed"
+        )
         return {edit.row_id: o for (edit, o, _), v in zip(finished, verdicts, strict=True) if v == "kept"}
 
     def _still_asked(self, edit: Edit, made_for: dict) -> bool:
@@ -362,7 +361,7 @@ class Batch:
             return True  # its input cannot be read now: the result is all there is of it
         return request_identity(edit, checksum) == made_for["request"]
 
-    def _attempt_for(self, row_id: str, request: str) -> RowState | None:
+    def attempt_for(self, row_id: str, request: str) -> RowState | None:
         """What an earlier attempt of this run left of the row to collect or to doubt, if it
         was for this same request. One for a request the row no longer makes (the manifest
         changed) is set aside: what it cost stays counted, and the row is made anew."""
@@ -370,8 +369,8 @@ class Batch:
         return state if state is None or state.request in (None, request) else None
 
     def _earlier_attempt(self, row_id: str, request: str) -> RowState | None:
-        """`_attempt_for`, saying so in the journal and the notes when an attempt is set aside."""
-        attempt = self._attempt_for(row_id, request)
+        """`attempt_for`, saying so in the journal and the notes when an attempt is set aside."""
+        attempt = self.attempt_for(row_id, request)
         state = self.states.get(row_id)
         if (
             attempt is None
@@ -417,13 +416,13 @@ class Batch:
         if not state.provider or state.provider == provider.name:
             return provider
         try:
-            return self._provider(state.provider)
+            return self.provider_named(state.provider)
         except ConfigError as exc:
             raise RowError(
                 f"The {state.provider} prediction an earlier attempt paid for cannot be collected: {exc}"
             ) from None
 
-    def _provider(self, name: str) -> Provider:
+    def provider_named(self, name: str) -> Provider:
         with self._lock:
             if name not in self.providers:
                 provider = make_provider(self.config, name, self.s3, self.api_keys.get(name), self.shared)
@@ -434,7 +433,7 @@ class Batch:
 
     def provider_for(self, edit: Edit) -> Provider:
         try:
-            return self._provider(edit.provider or self.config.provider.name)
+            return self.provider_named(edit.provider or self.config.provider.name)
         except ConfigError as exc:
             raise RowError(str(exc)) from None
 
@@ -472,111 +471,14 @@ class Batch:
             return None
 
     def estimate(self, edits: list[Edit]) -> dict[str, Any]:
-        """What a run would do and cost, touching no provider: identical rows count once, and
-        rows whose result the output store already holds count as done (unless --force).
-        Resuming a run, what its earlier attempts paid for is collected, not bought again,
-        and a create in doubt is not sent again: neither costs anything more."""
-        predictions, cost, invalid, errors, done, duplicates = 0, 0.0, 0, [], 0, 0
-        largest = (0, 0, "")  # the result that takes the most room on disk: (result, answer, row)
-        to_collect = in_doubt = changed = 0
-        resubmit = self.config.provider.resubmit_in_doubt
-        per_provider: dict[str, int] = {}
-        seen: set[str] = set()
-        # Spent or committed by earlier attempts of this run: it counts against the budget.
-        spent_before = self.ledger.spent_usd + sum(h.amount_usd for h in self._held.values())
-        within_budget = 0  # predictions that fit in the budget, taken in the manifest's order
-        for edit in edits:
-            try:
-                checked = self.check(edit)
-                identity = self.identity(checked)
-            except RowError as exc:
-                invalid += 1
-                errors.append((edit.row_id, edit.line, _sentence(exc)))
-                continue
-            if identity in seen:
-                duplicates += 1
-                continue
-            seen.add(identity)
-            if not self.force and self._earlier(identity) is not None:
-                done += 1
-                continue
-            state = self._attempt_for(edit.row_id, self.request(checked))
-            if state is not None and state.settled and self.config.provider.resubmit_unusable:
-                state = None  # what it could not use is given up: a new prediction
-            elif state is None and edit.row_id in self.states:
-                changed += 1  # a new prediction (what was paid for the old request stays counted)
-            elif edit.row_id in self._changed:
-                changed += 1
-            if state is not None and (state.in_doubt or state.doubted) and not resubmit:
-                in_doubt += 1
-                continue
-            if state is not None and (state.prediction_id or state.answer):
-                to_collect += 1
-                continue
-            if state is None and self.left_here is not None and self.left_here.has(identity):
-                to_collect += 1  # a stopped run's (left_here.py)
-                continue
-            predictions += 1
-            # At the most a prediction cost in earlier attempts, where that is more than the price.
-            cost += self.markup.expected(checked.provider.name, checked.provider.price_usd)
-            within_budget += spent_before + cost <= self.config.limits.budget_usd + 1e-9
-            needed = self._room_needed(edit, checked)
-            largest = (*needed, edit.row_id) if sum(needed) > sum(largest[:2]) else largest
-            per_provider[checked.provider.name] = per_provider.get(checked.provider.name, 0) + 1
-        limits = self.config.limits
-        seconds = 0.0
-        for name, count in per_provider.items():
-            latency = TYPICAL_SECONDS.get(name, 15.0)
-            if self._provider(name).hosted:  # predictions in flight, creates paced at the rate
-                rate_per_s = min(limits.concurrency / latency, limits.requests_per_minute / 60.0)
-            else:  # the local engine sends no request: as many rows at once as it has cores (cpu.py)
-                rate_per_s = min(limits.concurrency, AT_ONCE) / latency
-            seconds += count / rate_per_s
-        return {
-            "rows": len({e.line for e in edits}),
-            "results": len(edits),
-            "predictions": predictions,
-            "invalid": invalid,
-            "already_done": done,
-            "duplicates": duplicates,
-            "to_collect": to_collect,
-            "changed": changed,  # since an earlier attempt of this run made or paid for it
-            "in_doubt": in_doubt,
-            # Files holding several rows' edits of one recording (soundpatch/combine.py).
-            "combined_files": len(set(self.publisher.combined.values())),
-            "spent_before_usd": round(spent_before, 6),
-            "expected_cost_usd": round(cost, 6),
-            "within_budget": within_budget,
-            "budget_usd": limits.budget_usd,
-            "expected_seconds": round(seconds, 1),
-            "errors": errors,
-            "notes": lookalike_notes(edits)
-            + self.markup.notes_before()
-            + self._unready(per_provider)
-            + self._short_of_disk(*largest),
-        }
+        """What a run of `edits` would do and cost, touching no provider (estimate.py)."""
+        return estimate(self, edits)
 
-    def _short_of_disk(self, result_bytes: int, answer_bytes: int, row_id: str) -> list[str]:
-        """What the run would refuse for want of disk space, going by the largest result."""
-        lacking = self.room.lacks(result_bytes, answer_bytes) if row_id else None
-        if lacking is None:
-            return []
-        return [
-            f"The run would refuse row {row_id} before sending it (and any other whose result is as large): "
-            f"{lacking}; free some space, or set runs_dir (or output.uri) to a larger disk."
-        ]
-
-    def _unready(self, providers: dict[str, int]) -> list[str]:
-        """What would stop the run before its first row, for providers it would send to (a
-        key not set, no staging prefix): an estimate touches no provider, so it says so here."""
-        notes = []
-        for name in providers:
-            try:
-                self._provider(name).ready()
-            except ConfigError as exc:
-                why = str(exc).rstrip(".")
-                notes.append(f"The run itself would stop before sending anything: {why[:1].lower()}{why[1:]}.")
-        return notes
+    @property
+    def committed_before(self) -> float:
+        """What earlier attempts of this run spent or committed (predictions still to
+        collect): it counts against the budget."""
+        return self.ledger.spent_usd + sum(h.amount_usd for h in self._held.values())
 
     # ------------------------------------------------------------------ processing
 
@@ -588,10 +490,10 @@ class Batch:
             made_for = self._process(edit, outcome)
         except RowError as exc:
             outcome.status = outcome.status or FAILED
-            outcome.error = _sentence(exc)
+            outcome.error = sentence_of(exc)
         except SoundpatchError as exc:
             outcome.status = FAILED
-            outcome.error = _sentence(exc)
+            outcome.error = sentence_of(exc)
         except Exception as exc:  # a bug or an environment fault: keep the batch going
             outcome.status = FAILED
             full = _full_disk(exc, self.run_dir)
@@ -747,7 +649,7 @@ class Batch:
     def request(self, checked: Checked) -> str:
         return request_identity(checked.edit, self.sources.checksum(checked.source))
 
-    def _earlier(self, identity: str) -> tuple[dict, OutputStore] | None:
+    def earlier_result(self, identity: str) -> tuple[dict, OutputStore] | None:
         """An earlier result with this identity that still exists, and the store holding it:
         the output store, or this machine's results kept after a failed upload."""
         record = self.store.get_record(identity)
@@ -760,7 +662,7 @@ class Batch:
 
     def _reuse(self, edit: Edit, checked: Checked, identity: str, outcome: Outcome) -> bool:
         """Publish an earlier result with this identity under this row's name: skipped_done, cost 0."""
-        earlier = self._earlier(identity)
+        earlier = self.earlier_result(identity)
         if earlier is None:
             return False
         record, store = earlier
@@ -808,9 +710,9 @@ class Batch:
         outcome.status = SUCCEEDED
 
     def _room_for(self, edit: Edit, checked: Checked) -> Promise:
-        return self.room.for_result(*self._room_needed(edit, checked))
+        return self.room.for_result(*self.room_needed(edit, checked))
 
-    def _room_needed(self, edit: Edit, checked: Checked) -> tuple[int, int]:
+    def room_needed(self, edit: Edit, checked: Checked) -> tuple[int, int]:
         """The most the row's result takes on disk, and the answer it is made from when a
         hosted model's answer is kept on disk (answers.py)."""
         region = (edit.end or 0.0) - (edit.start or 0.0)
@@ -1170,11 +1072,11 @@ class Batch:
                 f"({shown}{'; ...' if len(alike) > 3 else ''}): the local engine finds one best fill there whatever "
                 "the seed; a hosted model makes real variations."
             )
-        if self._changed:
+        if self.changed_rows:
+            one = len(self.changed_rows) == 1
             notes.append(
-                f"{_rows(self._changed)} changed in the manifest since an earlier attempt of this run finished "
-                f"{'it' if len(self._changed) == 1 else 'them'}, and {'was' if len(self._changed) == 1 else 'were'} "
-                "done again."
+                f"{_rows(self.changed_rows)} changed in the manifest since an earlier attempt of this run finished "
+                f"{'it' if one else 'them'}, and {'was' if one else 'were'} done again."
             )
         if self._set_aside:
             notes.append(
@@ -1277,7 +1179,3 @@ def _full_disk(exc: Exception, run_dir: Path) -> str | None:
         return None
     named = exc.filename if isinstance(exc.filename, str | os.PathLike) else None
     return full_disk(Path(named).parent if named else run_dir, exc)
-
-
-def _sentence(exc: Exception) -> str:
-    return as_sentence(str(exc), fallback=type(exc).__name__)

@@ -19,7 +19,7 @@ from pathlib import Path
 from soundpatch import audio as audio_ops
 from soundpatch.audio import Audio, Patched, ReadBack
 from soundpatch.cpu import crunching
-from soundpatch.errors import OutOfRoom, RowError, SoundpatchError, as_sentence
+from soundpatch.errors import OutOfRoom, RowError, SoundpatchError, sentence_of
 from soundpatch.humanize import plural
 from soundpatch.interrupt import stop_requested
 from soundpatch.journal import Journal
@@ -85,9 +85,9 @@ class Combiner:
                     made.output = self._make(name, edit, source_of(edit), done)
                     made.rows = [o.row_id for o in done]
                 except OutOfRoom as exc:  # the rows are done and kept: the rerun builds it from them, at no cost
-                    made.error = f"{_sentence(exc).rstrip('.')} with the same --run-id to make it."
+                    made.error = f"{sentence_of(exc).rstrip('.')} with the same --run-id to make it."
                 except (SoundpatchError, OSError) as exc:
-                    made.error = _sentence(exc)
+                    made.error = sentence_of(exc)
                 except Exception as exc:  # a bug: the rows are paid for; their report still gets written
                     made.error = f"Unexpected {type(exc).__name__} (details in {self.run_dir / 'errors.log'})."
                     log_fault(edit)
@@ -164,7 +164,3 @@ def combined_note(files: list[CombinedFile]) -> list[str]:
 
 def _listed(rows: list[str]) -> str:
     return ", ".join(rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
-
-
-def _sentence(exc: Exception) -> str:
-    return as_sentence(str(exc), fallback=type(exc).__name__)

@@ -42,6 +42,11 @@ def as_sentence(text: str, fallback: str = "Unknown error") -> str:
 _LASTING_TLS = ("CERTIFICATE_VERIFY_FAILED", "WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG")
 
 
+def sentence_of(exc: BaseException) -> str:
+    """The error as one sentence, named by its type when it says nothing."""
+    return as_sentence(str(exc), fallback=type(exc).__name__)
+
+
 def lasting_tls_failure(exc: BaseException) -> bool:
     """A connection failed in a TLS handshake that trying again in a few seconds will not
     mend. A handshake cut short (an overloaded server dropping it) is not one of them."""

@@ -13,6 +13,7 @@ import soundfile as sf
 
 from soundpatch import batch as batch_module
 from soundpatch import cpu, preview
+from soundpatch import estimate as estimate_module
 from soundpatch.batch import Batch
 from soundpatch.config import load_config
 from soundpatch.journal import read_events
@@ -149,7 +150,7 @@ def test_the_expected_wall_time_goes_by_the_rate_for_a_hosted_provider_and_by_th
     local = expected("local", rpm=60, concurrency=8)
     assert local == expected("local", rpm=6, concurrency=8) == expected("local", rpm=60, concurrency=64)
     assert local == pytest.approx(expected("local", rpm=60, concurrency=1) / cpu.AT_ONCE)
-    assert local == pytest.approx(60 * batch_module.TYPICAL_SECONDS["local"] / cpu.AT_ONCE) and local < 60
+    assert local == pytest.approx(60 * estimate_module.TYPICAL_SECONDS["local"] / cpu.AT_ONCE) and local < 60
 
 
 def test_a_provider_is_out_of_reach_only_after_creates_in_a_row_come_to_nothing():
