@@ -36,6 +36,7 @@ from soundpatch.combine import CombinedFile, Combiner, combined_note
 from soundpatch.config import Config
 from soundpatch.cpu import crunching
 from soundpatch.disk_room import FULL_ERRNOS, DiskRoom, Promise, full_disk
+from soundpatch.earlier_attempts import read_earlier_attempts
 from soundpatch.edit_claims import BucketClaims
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence, sentence_of
 from soundpatch.estimate import estimate
@@ -46,12 +47,6 @@ from soundpatch.interrupt import stop_requested
 from soundpatch.journal import (
     Journal,
     RowState,
-    lines_here,
-    merge,
-    parse,
-    restore,
-    row_states,
-    states_from,
 )
 from soundpatch.journal_copy import JournalCopy
 from soundpatch.lease import RunLease, lease_uri
@@ -167,7 +162,6 @@ class Batch:
         # With the outputs in a bucket, the journal is copied there: a run resumes elsewhere.
         remote = isinstance(self.store, S3Prefix)
         self.journal_copy = JournalCopy(self.s3, self.store.prefix, run_id) if remote else None
-        self._copy_read = ""  # what the start made of the copy, for the notes
         self._no_lease = ""  # why the run holds no lease, for the notes
         self.sources = SourceReader(self.s3, config.storage)
         self.manifest = manifest.with_patterns_expanded(self.sources.glob)
@@ -182,7 +176,13 @@ class Batch:
             if self.lease is not None
             else None
         )
-        self.states = self._read_states() if earlier_attempts else {}
+        # What earlier attempts of this run left (journal.py), and what the start made of the
+        # journal's copy in the bucket, for the notes.
+        self.states, self._copy_read = (
+            read_earlier_attempts(self.run_dir, run_id, self.journal_copy, self.answers, restore_here=not dry_run)
+            if earlier_attempts
+            else ({}, "")
+        )
         # Results paid for but not published (the upload failed), from any earlier run here.
         self.unpublished = LocalFolder(self.run_dir / "unpublished")
         self._kept = kept_results(Path(config.runs_dir).expanduser())
@@ -270,57 +270,6 @@ class Batch:
                 f"from running {self.run_id} at the same time."
             )
             return None
-
-    def _read_states(self) -> dict[str, RowState]:
-        """What earlier attempts of this run left, as the journal tells it; a paid answer
-        whose kept file is gone is lost, like a create that was never answered."""
-        copied = self._copied_journal()
-        if copied and not self.dry_run:
-            restore(self.run_dir, copied)  # this machine's journal of the run from now on
-        states = states_from(parse(copied)) if copied else row_states(self.run_dir)
-        for s in states.values():
-            if s.answer is not None and not self.answers.exists(s.answer):
-                s.answer = None
-                if s.prediction_id is not None:
-                    continue  # with an id it can still be collected
-                if s.settled:  # its price is in the row's outcome already: counted, not sent again
-                    s.settled, s.doubted = False, True
-                else:
-                    s.in_doubt = True
-        return states
-
-    def _copied_journal(self) -> list[str]:
-        """The run's journal with what its copy in the bucket has and this machine's has not
-        (the run began elsewhere, or in a container that is gone; another machine went on
-        with it since; this machine's disk filled up under it); [] when that is nothing."""
-        if self.journal_copy is None:
-            return []
-        try:
-            there = self.journal_copy.lines()
-        except RowError as exc:
-            self._copy_read = (
-                f"The journal's copy in the bucket could not be read ({exc}); had run {self.run_id} gone on "
-                "another machine, what it paid for there would not be known here."
-            )
-            return []
-        if not there:  # a new run, or one whose outputs were never in this bucket
-            return []
-        here = lines_here(self.run_dir)
-        merged, rows = merge(here, there)
-        if not rows:
-            return []
-        if not here:
-            self._copy_read = (
-                f"This machine had no journal of run {self.run_id}: it went on from the journal's copy in the "
-                f"bucket ({plural(len(rows), 'row')} begun elsewhere)."
-            )
-        else:
-            self._copy_read = (
-                f"The journal's copy in the bucket knew more of {plural(len(rows), 'row')} than this machine's "
-                f"journal of run {self.run_id} (another machine went on with the run, or this one's disk filled up "
-                "under it): the run went on from both, so nothing either says was paid for is paid for again."
-            )
-        return merged
 
     def _carried_outcomes(self) -> dict[str, Outcome]:
         """Rows this run already finished (same --run-id): kept as they were, not redone,
