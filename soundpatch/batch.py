@@ -69,10 +69,11 @@ from soundpatch.providers import (
 )
 from soundpatch.publish import Encoded, Publisher
 from soundpatch.quality import Quality, context_span, judge
-from soundpatch.runs_folder import SCRATCH_DIR, clear_stopped_runs_scratch, kept_results
+from soundpatch.results import KeptUnpublished, Results
+from soundpatch.runs_folder import SCRATCH_DIR, clear_stopped_runs_scratch
 from soundpatch.s3 import S3, NoConditionalWrites, S3Uri
 from soundpatch.sources import SourceReader
-from soundpatch.storage import LocalFolder, OutputStore, S3Prefix, local_result_holds, open_store
+from soundpatch.storage import LocalFolder, OutputStore, S3Prefix, open_store
 from soundpatch.window import answer_bytes_bound
 
 log = logging.getLogger("soundpatch")
@@ -184,8 +185,6 @@ class Batch:
             else ({}, "")
         )
         # Results paid for but not published (the upload failed), from any earlier run here.
-        self.unpublished = LocalFolder(self.run_dir / "unpublished")
-        self._kept = kept_results(Path(config.runs_dir).expanduser())
         # Predictions runs of this machine that stopped had paid for and not used: a row of the
         # same edit collects one rather than paying again (left_here.py). With the outputs in a
         # bucket, the claims there name them (edit_claims.py); --force asks for new ones.
@@ -206,6 +205,8 @@ class Batch:
             # ... nor what runs that stopped and never went on left in theirs (disk_room.py counts free space).
             self._cleared = clear_stopped_runs_scratch(self.run_dir.parent)
         self.publisher = Publisher(self.store, config.output.format, run_id, self.scratch)
+        # Results by identity: in the output store, or kept here after their upload failed.
+        self.results = Results(self.store, self.publisher, Path(config.runs_dir).expanduser(), self.run_dir)
         # Room for each result on the disks it is written to, made sure of before it is paid for.
         outputs = self.store.root if isinstance(self.store, LocalFolder) else None
         self.room = DiskRoom(self.run_dir.parent if dry_run else self.scratch, outputs)  # a dry run's id is made up
@@ -599,44 +600,13 @@ class Batch:
         return request_identity(checked.edit, self.sources.checksum(checked.source))
 
     def earlier_result(self, identity: str) -> tuple[dict, OutputStore] | None:
-        """An earlier result with this identity that still exists, and the store holding it:
-        the output store, or this machine's results kept after a failed upload."""
-        record = self.store.get_record(identity)
-        if record is not None and self.store.holds(record.get("output", ""), identity):
-            return record, self.store
-        kept = self._kept.get(identity)
-        if kept is not None and local_result_holds(Path(kept.get("output", "")), identity):
-            return kept, self.unpublished
-        return None
+        return self.results.earlier(identity)
 
     def _reuse(self, edit: Edit, checked: Checked, identity: str, outcome: Outcome) -> bool:
         """Publish an earlier result with this identity under this row's name: skipped_done, cost 0."""
-        earlier = self.earlier_result(identity)
-        if earlier is None:
+        if not self.results.reuse(edit, checked.info, identity, outcome):
             return False
-        record, store = earlier
-        details = {k: str(record.get(k, "")) for k in RESULT_DETAILS}
-        metadata = self.publisher.metadata(edit, {**details, "identity": identity, "reused_from": record["output"]})
-        name = self.publisher.name(edit, checked.info)
-        if store is self.store and record.get("ext") == self.publisher.ext(checked.info):
-            outcome.output = self.store.copy(record["output"], name, metadata)
-        else:  # another format asked for, or kept locally after a failed upload: encode and put
-            with store.opened(record["output"]) as earlier_file:
-                with crunching():  # read as it is written: a recording hours long is never held whole
-                    earlier_result = audio_ops.stored(earlier_file, record["output"])
-                    encoded = self.publisher.encode(edit, earlier_result, checked.info)
-            try:
-                outcome.output = self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)
-            finally:
-                encoded.discard()
-            if store is not self.store:
-                self.store.put_record(identity, {**record, "output": outcome.output, "ext": encoded.ext})
-        outcome.status = SKIPPED_DONE
-        _apply(record.get("quality") or {}, outcome)
-        outcome.reused_from = record["output"]
-        outcome.prediction_id = str(record.get("prediction_id", ""))
-        outcome.method = str(record.get("method", ""))
-        self.journal.write("reused", edit.row_id, identity=identity, reused_from=record["output"])
+        self.journal.write("reused", edit.row_id, identity=identity, reused_from=outcome.reused_from)
         return True
 
     def _produce(self, checked: Checked, original: Audio, made_for: dict, outcome: Outcome) -> None:
@@ -852,7 +822,7 @@ class Batch:
                 alike.results += 1
                 if len(alike.rows) < 3:
                     alike.rows.append(edit.row_id)
-        _apply(quality.to_dict(), work.outcome)
+        work.outcome.take_checks(quality.to_dict())
         if self._previews.take(flagged=bool(quality.flags)):
             self._save_preview(edit, original, published, a, b)
         return encoded, quality
@@ -882,26 +852,11 @@ class Batch:
             "seed": edit.seed,
             "quality": quality.to_dict(),
         }
-        details = {k: str(record[k]) for k in RESULT_DETAILS}
-        metadata = self.publisher.metadata(edit, {**details, "identity": identity})
         try:
-            outcome.output = self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)
-            self.store.put_record(identity, {**record, "output": outcome.output})
-        except RowError as exc:
-            # Paid for: keep it here so the next run publishes it instead of paying again.
-            try:
-                kept = self.unpublished.put(encoded.name, encoded.path, encoded.content_type, metadata)
-                self.unpublished.put_record(identity, {**record, "output": kept})
-            except RowError as lost:
-                raise RowError(
-                    f"{as_sentence(str(exc)).rstrip('.')}; keeping the result here failed too "
-                    f"({as_sentence(str(lost)).rstrip('.')})"
-                ) from None
+            outcome.output = self.results.publish(edit, record, encoded)
+        except KeptUnpublished:
             self._unused.pop(edit.row_id, None)  # the result itself is kept: the next run publishes it
-            raise RowError(
-                f"{as_sentence(str(exc)).rstrip('.')}; the paid result is kept at {kept} and the next run "
-                "publishes it without paying again"
-            ) from None
+            raise
 
     def _told(self, row_id: str, claimed: str, provider: str, event: str, fields: dict[str, Any]) -> None:
         """What the provider reports as the row goes, journaled; a prediction made (or taken
@@ -1088,10 +1043,6 @@ class Batch:
         self.run_lock.release()
 
 
-# What a result's metadata says of how it was made (also kept in its index record).
-RESULT_DETAILS = ("provider", "model", "prediction_id", "cost_usd", "method", "source_sha256")
-
-
 LOSSLESS = ("wav", "flac", "aiff")
 
 
@@ -1112,13 +1063,6 @@ def _unused(prediction_id: str | None, cost_usd: float, again: bool) -> dict[str
 def _rows(row_ids: list[str]) -> str:
     shown = ", ".join(sorted(row_ids)[:5]) + (", ..." if len(row_ids) > 5 else "")
     return f"{plural(len(row_ids), 'row')} ({shown})"
-
-
-def _apply(quality: dict, outcome: Outcome) -> None:
-    """The quality checks' numbers onto the outcome's report columns."""
-    for key in ("checks", "outside_max_diff", "seam_in", "seam_out", "loudness_delta_db", "clipped", "offset_ms"):
-        if key in quality:
-            setattr(outcome, key, quality[key])
 
 
 def _full_disk(exc: Exception, run_dir: Path) -> str | None:

@@ -54,6 +54,12 @@ class Outcome:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def take_checks(self, quality: dict[str, Any]) -> None:
+        """The quality checks' numbers (quality.py) onto the report's columns."""
+        for key in ("checks", "outside_max_diff", "seam_in", "seam_out", "loudness_delta_db", "clipped", "offset_ms"):
+            if key in quality:
+                setattr(self, key, quality[key])
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Outcome:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}

@@ -1,0 +1,102 @@
+"""Results of edits, by identity (identity.py): an earlier one found and published again
+under a row's name (skipped_done, at no cost), or a new one published with its index
+record. A result the output store refuses is kept on this machine, in
+runs/<run_id>/unpublished/, for the next run to publish: it was paid for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from soundpatch import audio as audio_ops
+from soundpatch.audio import AudioInfo
+from soundpatch.cpu import crunching
+from soundpatch.errors import RowError, as_sentence
+from soundpatch.manifest import Edit
+from soundpatch.outcome import SKIPPED_DONE, Outcome
+from soundpatch.publish import Encoded, Publisher
+from soundpatch.runs_folder import kept_results
+from soundpatch.storage import LocalFolder, OutputStore, local_result_holds
+
+# What a result's metadata says of how it was made (also kept in its index record).
+RESULT_DETAILS = ("provider", "model", "prediction_id", "cost_usd", "method", "source_sha256")
+
+
+class KeptUnpublished(RowError):
+    """The output store refused the result; it is kept on this machine, and the next run
+    publishes it without paying again."""
+
+
+class Results:
+    def __init__(self, store: OutputStore, publisher: Publisher, runs_dir: Path, run_dir: Path) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.unpublished = LocalFolder(run_dir / "unpublished")
+        # From any run here: a later run publishes them.
+        self._kept = kept_results(runs_dir)
+
+    def earlier(self, identity: str) -> tuple[dict, OutputStore] | None:
+        """An earlier result with this identity that still exists, and the store holding it:
+        the output store, or this machine's results kept after a failed upload."""
+        record = self.store.get_record(identity)
+        if record is not None and self.store.holds(record.get("output", ""), identity):
+            return record, self.store
+        kept = self._kept.get(identity)
+        if kept is not None and local_result_holds(Path(kept.get("output", "")), identity):
+            return kept, self.unpublished
+        return None
+
+    def reuse(self, edit: Edit, info: AudioInfo, identity: str, outcome: Outcome) -> bool:
+        """Publish an earlier result with this identity under the row's name, onto `outcome`
+        (skipped_done, cost 0); False when there is none."""
+        earlier = self.earlier(identity)
+        if earlier is None:
+            return False
+        record, store = earlier
+        details = {k: str(record.get(k, "")) for k in RESULT_DETAILS}
+        metadata = self.publisher.metadata(edit, {**details, "identity": identity, "reused_from": record["output"]})
+        name = self.publisher.name(edit, info)
+        if store is self.store and record.get("ext") == self.publisher.ext(info):
+            outcome.output = self.store.copy(record["output"], name, metadata)
+        else:  # another format asked for, or kept locally after a failed upload: encode and put
+            with store.opened(record["output"]) as earlier_file:
+                with crunching():  # read as it is written: a recording hours long is never held whole
+                    earlier_result = audio_ops.stored(earlier_file, record["output"])
+                    encoded = self.publisher.encode(edit, earlier_result, info)
+            try:
+                outcome.output = self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)
+            finally:
+                encoded.discard()
+            if store is not self.store:
+                self.store.put_record(identity, {**record, "output": outcome.output, "ext": encoded.ext})
+        outcome.status = SKIPPED_DONE
+        outcome.take_checks(record.get("quality") or {})
+        outcome.reused_from = record["output"]
+        outcome.prediction_id = str(record.get("prediction_id", ""))
+        outcome.method = str(record.get("method", ""))
+        return True
+
+    def publish(self, edit: Edit, record: dict[str, Any], encoded: Encoded) -> str:
+        """Put the result and its index record (`record`: how it was made, under its identity)
+        into the output store; its URI. Raises KeptUnpublished when the store refused it and
+        it is kept here, RowError when keeping it failed too."""
+        identity = record["identity"]
+        details = {k: str(record[k]) for k in RESULT_DETAILS}
+        metadata = self.publisher.metadata(edit, {**details, "identity": identity})
+        try:
+            output = self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)
+            self.store.put_record(identity, {**record, "output": output})
+            return output
+        except RowError as exc:
+            try:
+                kept = self.unpublished.put(encoded.name, encoded.path, encoded.content_type, metadata)
+                self.unpublished.put_record(identity, {**record, "output": kept})
+            except RowError as lost:
+                raise RowError(
+                    f"{as_sentence(str(exc)).rstrip('.')}; keeping the result here failed too "
+                    f"({as_sentence(str(lost)).rstrip('.')})"
+                ) from None
+            raise KeptUnpublished(
+                f"{as_sentence(str(exc)).rstrip('.')}; the paid result is kept at {kept} and the next run "
+                "publishes it without paying again"
+            ) from None
