@@ -42,7 +42,7 @@ def main() -> None:
             timings.append(time.perf_counter() - t0)
             return out
 
-        for gap in (0.005, 0.02, 0.1, 0.3, 1.0):
+        for gap in (0.005, 0.02, 0.05, 0.1, 0.3, 1.0):
             timings.clear()
             r = compare(x, rate, gap, {"engine": fill, "zero": zero_fill, "linear": linear_fill}, trials=args.trials)
             print(

@@ -27,7 +27,7 @@ def measure(x: np.ndarray, rate: int, gap: float) -> dict[str, float]:
     return compare(x, rate, gap, {"engine": engine_fill(rate), "zero": zero_fill, "linear": linear_fill})
 
 
-@pytest.mark.parametrize(("gap", "margin"), [(0.005, 10.0), (0.020, 10.0), (0.100, 10.0), (1.0, 10.0)])
+@pytest.mark.parametrize(("gap", "margin"), [(0.005, 10.0), (0.020, 10.0), (0.050, 10.0), (0.100, 10.0), (1.0, 10.0)])
 def test_music_gaps_are_restored_far_better_than_zero_or_linear_fill(music_44k, gap, margin):
     r = measure(music_44k, 44100, gap)
     print(
