@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 
 # Typical seconds per prediction, for the wall-time estimate before a run. The local
 # engine's is a row's time on one core (on this project's 2-core machine, 2,000 rows of
-# 50 ms dropouts took 0.53 s a row a core; of 0.5 s gaps, 0.18 s).
+# 50 ms dropouts took 0.53 s a row a core; of 0.5 s gaps, 0.18 s). Since its probes run on
+# the channels' mix, 300 rows of 50 ms dropouts in four recordings take 0.38 s (0.47 s
+# before, same hour): kept at 0.5, the estimate errs on the long side.
 TYPICAL_SECONDS = {"local": 0.5, "eachlabs": 15.0, "stability": 15.0, "fal": 15.0}
 
 
