@@ -286,6 +286,35 @@ def test_rows_left_when_the_provider_is_out_of_reach_stage_nothing_and_cost_noth
     assert sorted(e["row"] for e in staged) == ["r1", "r2", "r3"]
 
 
+def test_rows_waiting_their_turn_at_the_rate_limit_end_once_the_provider_is_out_of_reach(
+    library, aws_env, simulator, monkeypatch
+):
+    # At 20 creates a minute a turn comes every 3 s. Every create turned away: the third
+    # comes to nothing 6 s in, and the provider is out of reach. The rows that took the
+    # slots the first three freed were handed turns at 9, 12 and 15 s; they waited them
+    # out only to be told then that nothing more is sent. They end as the provider is
+    # found out of reach, and the batch with them.
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(error_rate=1.0)
+    twelve = twelve_rows(library)
+    knobs = {"limits.concurrency": 3, "provider.max_retries": 0, "limits.requests_per_minute": 20}
+    cfg = hosted_config(sim, aws_env.endpoint, str(library / "outputs"), library / "runs", **knobs)
+    batch = Batch(load_manifest(twelve), cfg, "slow-outage")
+    began = time.monotonic()
+    try:
+        with ThreadPoolExecutor(batch.rows_at_once) as pool:
+            outcomes = list(pool.map(batch.process, batch.manifest.edits))
+    finally:
+        batch.close()
+    took = time.monotonic() - began
+    assert sim.stats.creates == 3 and all(o.cost_usd == 0 for o in outcomes)
+    assert (
+        sorted(o.error.split(":")[0] for o in outcomes)
+        == ["Each Labs did not take the create after 1 attempt"] * 3 + ["Not sent to Each Labs"] * 9
+    )
+    assert took < 10, f"the batch took {took:.1f} s: rows waited out turns they could not use"
+
+
 def test_rows_left_when_the_staging_bucket_stops_taking_clips_are_not_sent_and_cost_nothing(
     library, aws_env, simulator, fault_proxy, monkeypatch
 ):

@@ -194,8 +194,9 @@ class HostedProvider:
         def once() -> T:
             nonlocal attempts
             self._within_reach(tried=attempts)
-            # A run stopped while this row waits its turn ends the wait; then nothing is sent.
-            self.creates.acquire(give_up=request.stopping)
+            # A run stopped while this row waits its turn ends the wait, and so does the provider
+            # found out of reach by the rows before it: then nothing is sent.
+            self.creates.acquire(give_up=lambda: request.stopping() or self.reach.lost() is not None)
             request.check_may_start()
             # And a provider found out of reach meanwhile (the account out of credit, say, as
             # the rows before it in the queue were refused): then it is not sent either.
