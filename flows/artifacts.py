@@ -5,7 +5,8 @@
   the report has them all);
 - a markdown artifact with the summary and the money (key `soundpatch-summary`).
 
-Artifacts are a view: if the API refuses one, the run goes on and says so in its log.
+Artifacts are a view: if the API refuses one, the run goes on and says so in its log (once
+a minute at most: each refused write waits out the Prefect client's retries).
 """
 
 from __future__ import annotations
@@ -30,43 +31,60 @@ TABLE_COLUMNS = ("row_id", "status", "cost_usd", "checks", "output", "error")
 log = logging.getLogger("soundpatch")
 
 
-class Progress:
-    AWAY_SECONDS = 60.0  # after an update the API refused, the next is tried no sooner
+class RunArtifacts:
+    """A run's artifacts. While Prefect's API refuses them (its server is away), each write
+    waits out the Prefect client's retries: after one is refused none is tried for
+    AWAY_SECONDS, and that is said once, not for every artifact."""
+
+    AWAY_SECONDS = 60.0
 
     def __init__(self, total: int, run_id: str) -> None:
-        self.total, self.done, self._next, self._away = max(total, 1), 0, 0.0, False
-        self._id: UUID | None = _quietly(
+        self.run_id = run_id
+        self.total, self.done, self._next = max(total, 1), 0, 0.0
+        self._away_until = 0.0
+        self._progress: UUID | None = self._quietly(
             lambda: create_progress_artifact(0.0, description=f"soundpatch run {run_id}: results done")
         )
 
     def advance(self, count: int = 1) -> None:
-        """At most once a second; and while the server is away (each update then takes the
-        Prefect client's retries, a minute by default, in the thread that starts the rows),
-        once a minute."""
+        """Progress, at most once a second (and the last of it as it comes)."""
         self.done += count
         now = time.monotonic()
-        if self._id is not None and (now >= self._next or (self.done >= self.total and not self._away)):
-            artifact = self._id
-            done = _quietly(lambda: update_progress_artifact(artifact, 100.0 * min(self.done, self.total) / self.total))
-            self._away = done is None
-            self._next = time.monotonic() + (self.AWAY_SECONDS if self._away else 1.0)
+        if self._progress is not None and (now >= self._next or self.done >= self.total):
+            artifact = self._progress
+            self._quietly(lambda: update_progress_artifact(artifact, 100.0 * min(self.done, self.total) / self.total))
+            self._next = time.monotonic() + 1.0
 
+    def publish(self, outcomes: Sequence[Outcome], summary: dict[str, Any], report_path: str) -> None:
+        """The outcomes' table and the summary, as the run ends."""
+        table = [{k: getattr(o, k) for k in TABLE_COLUMNS} for o in outcomes[:TABLE_ROWS]]
+        shown = f"first {TABLE_ROWS} of {len(outcomes)}" if len(outcomes) > TABLE_ROWS else f"all {len(outcomes)}"
+        self._quietly(
+            lambda: create_table_artifact(
+                table, key="soundpatch-outcomes", description=f"Outcomes of run {self.run_id} ({shown})"
+            )
+        )
+        self._quietly(
+            lambda: create_markdown_artifact(
+                summary_markdown(summary, report_path, by_reason(outcomes)),
+                key="soundpatch-summary",
+                description=f"Summary of run {self.run_id}",
+            )
+        )
 
-def publish(outcomes: Sequence[Outcome], summary: dict[str, Any], report_path: str) -> None:
-    table = [{k: getattr(o, k) for k in TABLE_COLUMNS} for o in outcomes[:TABLE_ROWS]]
-    shown = f"first {TABLE_ROWS} of {len(outcomes)}" if len(outcomes) > TABLE_ROWS else f"all {len(outcomes)}"
-    _quietly(
-        lambda: create_table_artifact(
-            table, key="soundpatch-outcomes", description=f"Outcomes of run {summary['run_id']} ({shown})"
-        )
-    )
-    _quietly(
-        lambda: create_markdown_artifact(
-            summary_markdown(summary, report_path, by_reason(outcomes)),
-            key="soundpatch-summary",
-            description=f"Summary of run {summary['run_id']}",
-        )
-    )
+    def _quietly(self, make):  # noqa: ANN001, ANN202 - a thunk and whatever it returns
+        if time.monotonic() < self._away_until:
+            return None
+        try:
+            return make()
+        except Exception as exc:  # noqa: BLE001 - a view must not stop a paid batch
+            self._away_until = time.monotonic() + self.AWAY_SECONDS
+            log.warning(
+                "Prefect artifact not written: %s: %s; none is tried for a minute (the run's report has it all).",
+                type(exc).__name__,
+                exc,
+            )
+            return None
 
 
 def summary_markdown(
@@ -105,11 +123,3 @@ def summary_markdown(
 def _cell(text: str) -> str:
     """Text as one markdown table cell."""
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
-def _quietly(make):  # noqa: ANN001, ANN202 - a thunk and whatever it returns
-    try:
-        return make()
-    except Exception as exc:  # noqa: BLE001 - a view must not stop a paid batch
-        log.warning("Prefect artifact not written: %s: %s", type(exc).__name__, exc)
-        return None

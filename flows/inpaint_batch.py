@@ -75,9 +75,9 @@ def inpaint_batch(
     try:
         todo, kept = batch.split()
         batch.journal.write("run_started", total=len(todo) + len(kept), kept=len(kept), manifest=manifest)
-        progress = artifacts.Progress(len(todo) + len(kept), run_id)
-        progress.advance(len(kept))
-        outcomes = kept + _fan_out(batch, todo, batch.rows_at_once, progress)
+        shown = artifacts.RunArtifacts(len(todo) + len(kept), run_id)  # in the Prefect UI
+        shown.advance(len(kept))
+        outcomes = kept + _fan_out(batch, todo, batch.rows_at_once, shown)
         batch.combine(outcomes)  # the files several rows of one recording share
     finally:
         batch.close()
@@ -100,7 +100,7 @@ def inpaint_batch(
     )
     paths = publish_reports(batch.run_dir, outcomes, summary, batch.store)
     report = None if summary.get("report_missing") else str(paths["html"])  # None: its disk was full
-    artifacts.publish(outcomes, summary, report or "not written (see the summary's notes)")
+    shown.publish(outcomes, summary, report or "not written (see the summary's notes)")
     result = {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
     if exit_status(outcomes) == EXIT_OK:
         return result
@@ -142,21 +142,21 @@ def _api_keys(cfg: Config) -> dict[str, str]:
     return {cfg.provider.name: str(value)}
 
 
-def _fan_out(batch: Batch, edits: list, window: int, progress: artifacts.Progress) -> list[Outcome]:
+def _fan_out(batch: Batch, edits: list, window: int, shown: artifacts.RunArtifacts) -> list[Outcome]:
     """Submit tasks through a sliding window of `window` futures."""
     outcomes: list[Outcome] = []
     running: list[PrefectFuture[Outcome]] = []
     for i, edit in enumerate(edits):
         if len(running) >= window:
             outcomes.append(_next_done(running))
-            progress.advance()
+            shown.advance()
         if batch.stopping:  # asked to stop, or the journal cannot be written (a full disk)
             outcomes.extend(batch.not_started(e) for e in edits[i:])
             break
         running.append(inpaint_row.submit(batch, edit))
     while running:
         outcomes.append(_next_done(running))
-        progress.advance()
+        shown.advance()
     return outcomes
 
 
