@@ -263,24 +263,31 @@ def test_server_errors_are_retried_then_the_row_fails_without_charge(library, aw
     assert batch.ledger.spent_usd == 0
 
 
+def an_outage(library, aws_env, simulator, monkeypatch, run_id: str, rpm: int):
+    """(the simulator, a Batch of twelve rows, three in flight) of a provider that turns
+    every create away, each tried once."""
+    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
+    sim = simulator(error_rate=1.0)
+    knobs = {"limits.concurrency": 3, "provider.max_retries": 0, "limits.requests_per_minute": rpm}
+    cfg = hosted_config(sim, aws_env.endpoint, str(library / "outputs"), library / "runs", **knobs)
+    return sim, Batch(load_manifest(twelve_rows(library)), cfg, run_id)
+
+
+# Of an outage's twelve rows: three sent and turned away, then none sent.
+OUTAGE_ERRORS = ["Each Labs did not take the create after 1 attempt"] * 3 + ["Not sent to Each Labs"] * 9
+
+
 def test_rows_left_when_the_provider_is_out_of_reach_stage_nothing_and_cost_nothing(
     library, aws_env, simulator, monkeypatch
 ):
     # Every create turned away: once three rows in a row (limits.concurrency) have failed
     # that way, the rows left are not sent, and no clip of theirs is uploaded to staging.
-    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
-    sim = simulator(error_rate=1.0)
-    twelve = twelve_rows(library)
-    knobs = {"limits.concurrency": 3, "provider.max_retries": 0, "limits.requests_per_minute": 6000}
-    cfg = hosted_config(sim, aws_env.endpoint, str(library / "outputs"), library / "runs", **knobs)
-    batch = Batch(load_manifest(twelve), cfg, "outage")
+    sim, batch = an_outage(library, aws_env, simulator, monkeypatch, "outage", rpm=6000)
     try:
         outcomes = [batch.process(e) for e in batch.manifest.edits]
     finally:
         batch.close()
-    assert [o.error.split(":")[0] for o in outcomes] == ["Each Labs did not take the create after 1 attempt"] * 3 + [
-        "Not sent to Each Labs"
-    ] * 9
+    assert [o.error.split(":")[0] for o in outcomes] == OUTAGE_ERRORS
     assert sim.stats.creates == 3 and batch.ledger.spent_usd == 0 and all(o.cost_usd == 0 for o in outcomes)
     staged = [e for e in read_events(batch.run_dir) if e["event"] == "staged"]
     assert sorted(e["row"] for e in staged) == ["r1", "r2", "r3"]
@@ -291,15 +298,10 @@ def test_rows_waiting_their_turn_at_the_rate_limit_end_once_the_provider_is_out_
 ):
     # At 20 creates a minute a turn comes every 3 s. Every create turned away: the third
     # comes to nothing 6 s in, and the provider is out of reach. The rows that took the
-    # slots the first three freed were handed turns at 9, 12 and 15 s; they waited them
-    # out only to be told then that nothing more is sent. They end as the provider is
-    # found out of reach, and the batch with them.
-    monkeypatch.setenv("EACHLABS_API_KEY", KEY)
-    sim = simulator(error_rate=1.0)
-    twelve = twelve_rows(library)
-    knobs = {"limits.concurrency": 3, "provider.max_retries": 0, "limits.requests_per_minute": 20}
-    cfg = hosted_config(sim, aws_env.endpoint, str(library / "outputs"), library / "runs", **knobs)
-    batch = Batch(load_manifest(twelve), cfg, "slow-outage")
+    # slots the first three freed had been handed turns up to 15 s; they waited them out
+    # (12 s in all) only to be told then that nothing more is sent. They end as the
+    # provider is found out of reach, and the batch with them.
+    sim, batch = an_outage(library, aws_env, simulator, monkeypatch, "slow-outage", rpm=20)
     began = time.monotonic()
     try:
         with ThreadPoolExecutor(batch.rows_at_once) as pool:
@@ -308,10 +310,7 @@ def test_rows_waiting_their_turn_at_the_rate_limit_end_once_the_provider_is_out_
         batch.close()
     took = time.monotonic() - began
     assert sim.stats.creates == 3 and all(o.cost_usd == 0 for o in outcomes)
-    assert (
-        sorted(o.error.split(":")[0] for o in outcomes)
-        == ["Each Labs did not take the create after 1 attempt"] * 3 + ["Not sent to Each Labs"] * 9
-    )
+    assert sorted(o.error.split(":")[0] for o in outcomes) == OUTAGE_ERRORS
     assert took < 10, f"the batch took {took:.1f} s: rows waited out turns they could not use"
 
 
