@@ -175,14 +175,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (default: embedded setup)")
 
 
+# The config keys `soundpatch run` sets from its options: {key: (option, argparse's name)}.
+_OPTION_KEYS = {
+    "limits.budget_usd": ("--budget", "budget"),
+    "limits.requests_per_minute": ("--rpm", "rpm"),
+    "limits.concurrency": ("--concurrency", "concurrency"),
+    "provider.name": ("--provider", "provider"),
+}
+
+
 def _config(args: argparse.Namespace) -> Config:
-    overrides = {
-        "limits.budget_usd": getattr(args, "budget", None),
-        "limits.requests_per_minute": getattr(args, "rpm", None),
-        "limits.concurrency": getattr(args, "concurrency", None),
-        "provider.name": getattr(args, "provider", None),
-    }
-    return load_config(args.config, overrides)
+    overrides = {key: getattr(args, name, None) for key, (_, name) in _OPTION_KEYS.items()}
+    return load_config(args.config, overrides, flags={key: option for key, (option, _) in _OPTION_KEYS.items()})
 
 
 # ---------------------------------------------------------------------- validate / dry run

@@ -176,11 +176,14 @@ def _switch_provider(data: dict[str, Any], overrides: dict[str, Any]) -> None:
             section.pop(key, None)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, flags: dict[str, str] | None = None
+) -> Config:
     """Read a YAML config (or none: embedded defaults) and apply dotted-key overrides.
 
     `overrides` maps dotted keys to values, e.g. {"limits.budget_usd": 5}; None values are
-    ignored so that unset CLI flags do not clobber the file.
+    ignored so that unset CLI flags do not clobber the file. `flags`: the command-line
+    option each override came from, named when its value is refused.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -225,9 +228,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         # "... is not a known key" goes on from the key; what is wrong with a value is said after it.
         after = " " if first["type"] == "extra_forbidden" else ": "
         message = _lower_first(message)
-        raise ConfigError(
-            f"Config key '{where}'{source}{after}{message}{'' if message.endswith('?') else '.'}"
-        ) from None
+        end = "" if message.endswith("?") else "."
+        flag = (flags or {}).get(where)
+        if flag is not None and (overrides or {}).get(where) is not None:  # the value came from the command line
+            raise ConfigError(f"Option {flag} ({where}){after}{message}{end}") from None
+        raise ConfigError(f"Config key '{where}'{source}{after}{message}{end}") from None
 
 
 def _did_you_mean(loc: tuple) -> str:

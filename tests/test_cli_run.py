@@ -268,7 +268,10 @@ def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_h
         (["run", "nope.csv"], "does not exist"),
         (["run", "take[2].csv"], "Manifest take[2].csv does not exist"),
         (["run", "manifests/restoration.csv", "--config", "nope.yaml"], "Cannot read config file"),
-        (["run", "manifests/restoration.csv", "--concurrency", "0"], "limits.concurrency"),
+        (
+            ["run", "manifests/restoration.csv", "--concurrency", "0"],
+            "Option --concurrency (limits.concurrency): input should be greater than or equal to 1.",
+        ),
         (
             ["run", "manifests/restoration.csv", "--budget", "lots"],
             "invalid float value: 'lots' (see soundpatch run --help)",
