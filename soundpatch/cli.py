@@ -40,7 +40,7 @@ from soundpatch.outcome import (
 from soundpatch.progress import ProgressWatcher
 from soundpatch.rerender import rerender
 from soundpatch.s3 import S3
-from soundpatch.sources import SourceReader
+from soundpatch.sources import RECORDING_SUFFIXES, SourceReader
 
 if TYPE_CHECKING:
     from flows.ephemeral import TemporaryServer
@@ -157,7 +157,13 @@ def _build_parser() -> argparse.ArgumentParser:
     detect = sub.add_parser(
         "detect", help="find dropouts in recordings and write the manifest that fills them (no cost)"
     )
-    detect.add_argument("inputs", nargs="+", metavar="INPUT", help="files, patterns (audio/*.wav) or s3:// keys")
+    detect.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="files, folders (their recordings, at any depth), patterns (audio/*.wav), s3:// keys, or s3:// "
+        "prefixes (s3://bucket/archive/)",
+    )
     detect.add_argument("--out", default="dropouts.csv", help="the manifest to write (default: dropouts.csv)")
     detect.add_argument("--prompt", default=DETECT_PROMPT, help="the prompt of every row")
     detect.add_argument("--min-ms", type=float, default=5.0, help="shortest dropout to report (default: 5)")
@@ -454,11 +460,16 @@ def cmd_detect(args: argparse.Namespace) -> int:
         raise SoundpatchError("--min-ms must be more than 0.")
     reader = SourceReader(S3(cfg.storage.s3), cfg.storage, cache_bytes=0)  # one recording at a time
     named: dict[str, None] = {}  # in the order given, each once
+    folders = [given for given in args.inputs if not GLOB_CHARS.search(given) and reader.is_folder(given)]
     for given in args.inputs:
-        named.update(dict.fromkeys(reader.glob(given) if GLOB_CHARS.search(given) else [given]))
+        if given in folders:  # an archive's folder: its recordings, at every depth
+            named.update(dict.fromkeys(reader.recordings_in(given)))
+        else:
+            named.update(dict.fromkeys(reader.glob(given) if GLOB_CHARS.search(given) else [given]))
     sources = list(named)
     if not sources:
-        raise SoundpatchError(f"No files match {', '.join(args.inputs)}.")
+        searched = f" (in a folder, its {'/'.join(sorted(RECORDING_SUFFIXES))} files at any depth)" if folders else ""
+        raise SoundpatchError(f"No files match {', '.join(args.inputs)}{searched}.")
     found, unreadable = [], []
     table = Table("recording", "dropouts", "seconds", title="Dropouts found", title_justify="left")
     with err.status("") as status:  # (shown on a terminal only)

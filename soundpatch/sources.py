@@ -35,6 +35,11 @@ from soundpatch.manifest import GLOB_CHARS
 from soundpatch.s3 import S3, S3Uri
 
 DEFAULT_CACHE_BYTES = 1 << 30
+# What a folder given to `soundpatch detect` is searched for, by the files' names: the
+# containers libsndfile reads. (A file that is not what its name says is reported unread.)
+RECORDING_SUFFIXES = frozenset(
+    (".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".aifc", ".w64", ".rf64", ".caf")
+)
 
 
 class SourceReader:
@@ -183,6 +188,22 @@ class SourceReader:
         regex = re.compile(_key_regex(target.key))
         keys = self._s3.keys(S3Uri(target.bucket, fixed))
         return [f"s3://{target.bucket}/{key}" for key in keys if regex.fullmatch(key) and not key.endswith("/")]
+
+    @staticmethod
+    def is_folder(given: str) -> bool:
+        """A local folder, or an s3:// prefix written with its closing slash."""
+        return given.endswith("/") if given.startswith("s3://") else Path(given).is_dir()
+
+    def recordings_in(self, folder: str) -> list[str]:
+        """The recordings (by name: RECORDING_SUFFIXES) in a folder or under an s3:// prefix,
+        at every depth, sorted; not hidden ones (macOS's `._name.wav` copies are not audio)."""
+        pattern = folder.rstrip("/") + "/**" if folder.startswith("s3://") else str(Path(folder) / "**" / "*")
+        return [
+            found
+            for found in self.glob(pattern)
+            if Path(found).suffix.lower() in RECORDING_SUFFIXES
+            and not any(part.startswith(".") for part in Path(found[len(folder) :]).parts)
+        ]
 
     def _local_path(self, uri: str) -> Path:
         path = Path(uri)

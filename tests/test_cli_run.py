@@ -715,6 +715,22 @@ def test_detect_writes_the_manifest_that_fills_an_archive_s_dropouts(workdir, pr
     assert rows["input"].tolist() == ["../manifests/audio/music_damaged.flac"] * 3 + [
         "../manifests/audio/voice_damaged.flac"
     ]
+    # The archive's folder itself: its recordings at every depth, by their names; not the
+    # liner notes, nor macOS's hidden `._` copies (not audio).
+    (workdir / "manifests" / "audio" / "notes.txt").write_text("side A: 1971")
+    (workdir / "manifests" / "audio" / "._music_damaged.flac").write_bytes(b"\x00\x05\x16\x07" + bytes(80))
+    (workdir / "manifests" / "audio" / "box" / "tape").mkdir(parents=True)
+    shutil.copy(workdir / "manifests" / "audio" / "voice_damaged.flac", workdir / "manifests/audio/box/tape/v.FLAC")
+    folder = run(workdir, prefect_home, "detect", "manifests/audio", "--out", "fills/folder.csv")
+    assert folder.returncode == 1 and folder.stderr.count("not read:") == 1, folder.stdout + folder.stderr
+    assert "Wrote 5 rows (3 recordings of 5) to fills/folder.csv" in folder.stdout
+    assert pd.read_csv(workdir / "fills" / "folder.csv")["input"].tolist() == [
+        "../manifests/audio/box/tape/v.FLAC",
+        *rows["input"],
+    ]
+    shutil.rmtree(workdir / "manifests" / "audio" / "box")
+    nothing = run(workdir, prefect_home, "detect", "fills")  # manifests only
+    assert nothing.returncode == 2 and "No files match fills (in a folder, its .aif/" in nothing.stderr
     (workdir / "manifests" / "audio" / "broken.wav").unlink()
     made = run(workdir, prefect_home, "run", "fills/dropouts.csv", "--run-id", "filled")
     assert_clean(made)

@@ -998,3 +998,11 @@ def test_detect_reads_an_archive_in_a_bucket_and_keeps_each_recording_s_place(tm
     )
     assert rows["output"].tolist() == ["{run_id}/one/{stem}"] * 3 + ["{run_id}/two/{stem}"] * 3
     assert rows["start"].tolist()[:3] == [4.19, 5.2999, 9.09] and len(set(rows["id"])) == 6
+    # The prefix itself (the closing slash): its recordings at every depth, not the notes, nor
+    # a hidden macOS copy.
+    put(aws_env, archive, "albums/two/._side_a.flac", b"\x00\x05\x16\x07" + bytes(80))
+    prefix = soundpatch(
+        "detect", f"s3://{archive}/albums/", "--config", "c.yaml", "--out", "all.csv", cwd=tmp_path, env=env
+    )
+    assert prefix.returncode == 0, prefix.stdout + prefix.stderr
+    assert pd.read_csv(tmp_path / "all.csv").equals(rows)
