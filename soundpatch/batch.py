@@ -38,6 +38,7 @@ from soundpatch.cpu import crunching
 from soundpatch.disk_room import FULL_ERRNOS, DiskRoom, Promise, full_disk
 from soundpatch.earlier_attempts import read_earlier_attempts
 from soundpatch.edit_claims import BucketClaims
+from soundpatch.edits import Edit
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence, sentence_of
 from soundpatch.estimate import estimate
 from soundpatch.humanize import plural
@@ -54,7 +55,7 @@ from soundpatch.left_here import LeftHere
 from soundpatch.leftovers import Left, Leftovers
 from soundpatch.limits import BudgetLedger, Reservation, SharedLimits
 from soundpatch.locks import CLAIMED, STOPPED, WAITED, Claims, RunLock
-from soundpatch.manifest import Edit, Manifest, lookalike_notes
+from soundpatch.manifest import Manifest, lookalike_notes
 from soundpatch.markup import Markup
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SUCCEEDED, Outcome
 from soundpatch.providers import (

@@ -19,11 +19,11 @@ from pathlib import Path
 from soundpatch import audio as audio_ops
 from soundpatch.audio import Audio, Patched, ReadBack
 from soundpatch.cpu import crunching
+from soundpatch.edits import Edit
 from soundpatch.errors import OutOfRoom, RowError, SoundpatchError, sentence_of
 from soundpatch.humanize import plural
 from soundpatch.interrupt import stop_requested
 from soundpatch.journal import Journal
-from soundpatch.manifest import Edit
 from soundpatch.outcome import SKIPPED_DONE, SUCCEEDED, Outcome
 from soundpatch.publish import Publisher
 from soundpatch.sources import SourceReader

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from soundpatch.cpu import AT_ONCE
 from soundpatch.disk_room import DiskRoom
+from soundpatch.edits import Edit
 from soundpatch.errors import ConfigError, RowError, sentence_of
-from soundpatch.manifest import Edit, lookalike_notes
+from soundpatch.manifest import lookalike_notes
 
 if TYPE_CHECKING:
     from soundpatch.batch import Batch

@@ -23,7 +23,7 @@ import json
 from typing import Any
 
 from soundpatch.config import Config
-from soundpatch.manifest import Edit
+from soundpatch.edits import Edit
 
 SCHEME = 1  # bump when the fields below change meaning
 

@@ -22,8 +22,8 @@ from pathlib import Path, PurePosixPath
 from soundpatch import audio as audio_ops
 from soundpatch.audio import Audio, AudioInfo, Patched, Stored
 from soundpatch.disk_room import full_disk
+from soundpatch.edits import Edit
 from soundpatch.errors import OutOfRoom, RowError
-from soundpatch.manifest import Edit
 from soundpatch.sources import file_sha256
 from soundpatch.storage import OutputStore, output_name, part_name
 

@@ -11,8 +11,8 @@ from typing import Any
 from soundpatch import audio as audio_ops
 from soundpatch.audio import AudioInfo
 from soundpatch.cpu import crunching
+from soundpatch.edits import Edit
 from soundpatch.errors import RowError, as_sentence
-from soundpatch.manifest import Edit
 from soundpatch.outcome import SKIPPED_DONE, Outcome
 from soundpatch.publish import Encoded, Publisher
 from soundpatch.runs_folder import kept_results

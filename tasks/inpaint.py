@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from soundpatch.batch import Batch
-from soundpatch.manifest import Edit
+from soundpatch.edits import Edit
 from soundpatch.outcome import Outcome
 
 

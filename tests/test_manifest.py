@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from soundpatch.edits import parse_region, parse_time
 from soundpatch.errors import ManifestError
-from soundpatch.manifest import load_manifest, parse_region, parse_time
+from soundpatch.manifest import load_manifest
 
 
 def write(tmp_path: Path, name: str, text: str | bytes) -> Path:

@@ -1,0 +1,286 @@
+"""An edit: one result to produce, a region of one input replaced according to one prompt;
+and how a manifest's row (a record of columns, from CSV or YAML: manifest.py) becomes
+edits: its fields read and checked, its id and seed derived when not given (the same row
+gets the same ones in every run), its variations made one edit each.
+
+A row that cannot be used becomes an edit with `error` set, saying why in one sentence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from soundpatch.config import PROVIDERS
+from soundpatch.errors import as_sentence
+from soundpatch.outcome import REPORT_COLUMNS
+
+KNOWN_COLUMNS = (
+    "id",
+    "input",
+    "start",
+    "end",
+    "region",
+    "prompt",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "variations",
+    "output",
+    "provider",
+)
+MAX_PROMPT_CHARS = 2000
+MAX_VARIATIONS = 1000
+MAX_SEED = 2**32 - 1
+REMOTE_SCHEMES = ("s3://", "https://", "http://")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One result to produce: a region of one input replaced according to one prompt.
+
+    `error` is set when the row is invalid; then other fields hold what could be parsed.
+    """
+
+    row_id: str
+    line: str  # where the row is in the manifest, for messages ("line 7", "row 3")
+    input: str
+    start: float | None
+    end: float | None
+    prompt: str
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    output: str | None = None
+    provider: str | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.error is None
+
+    @property
+    def is_remote(self) -> bool:
+        return self.input.startswith(REMOTE_SCHEMES)
+
+
+_TIMECODE = re.compile(r"^(?:(\d+):)?(\d+):(\d+(?:\.\d*)?)$")
+
+
+def parse_time(value: Any, what: str = "time") -> float:
+    """Seconds from `12.5`, `"12.5"`, `"1:02.5"` (mm:ss.f) or `"1:02:03.25"` (hh:mm:ss.f)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number of seconds, not {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        if not text:
+            raise ValueError(f"{what} is empty")
+        m = _TIMECODE.match(text)
+        if m:
+            hours, minutes, secs = m.groups()
+            if float(secs) >= 60 or (hours is not None and int(minutes) >= 60):
+                raise ValueError(f"{what} {text!r} is not a valid timecode")
+            seconds = int(hours or 0) * 3600 + int(minutes) * 60 + float(secs)
+        else:
+            try:
+                seconds = float(text)
+            except ValueError:
+                hint = " (write decimals with a point, as in 0.5)" if re.search(r"\d,\d", text) else ""
+                raise ValueError(f"{what} {text!r} is not a number of seconds or a mm:ss.f timecode{hint}") from None
+    if not math.isfinite(seconds):
+        raise ValueError(f"{what} must be a finite number of seconds, not {value!r}")
+    if seconds < 0:
+        raise ValueError(f"{what} {value!r} is negative")
+    if seconds > 7 * 24 * 3600:
+        raise ValueError(f"{what} {value!r} is longer than a week of audio")
+    return seconds
+
+
+_REGION = re.compile(r"^\s*([^\s\-–]+)\s*(?:-|–|\.\.)\s*([^\s\-–]+)\s*$")
+
+
+def parse_region(text: Any) -> tuple[float, float]:
+    """`"12.5-15"`, `"0:12.5-0:15"` or `"12.5..15"` into (start, end) seconds."""
+    m = _REGION.match(str(text))
+    if not m:
+        raise ValueError(f"region {text!r} is not of the form start-end, e.g. 12.5-15")
+    return parse_time(m.group(1), "region start"), parse_time(m.group(2), "region end")
+
+
+def expand_rows(records: list[tuple[str, dict[str, Any]]]) -> Iterator[Edit]:
+    """Validate each record and expand `variations`; ids stay stable and unique."""
+    seen_ids: dict[str, str] = {}
+    derived_count: dict[str, int] = {}
+    for where, record in records:
+        for edit in _record_to_edits(where, record):
+            row_id = edit.row_id
+            if row_id in seen_ids:
+                if _has_explicit_id(record):
+                    edit = invalid_copy(edit, f"id {row_id!r} is already used by {seen_ids[row_id]}")
+                    row_id = f"{row_id}@{where.replace(' ', '')}"
+                else:
+                    # Identical rows: keep both, distinguished by occurrence (stable for a
+                    # given manifest); sending them once is the dedup layer's job.
+                    derived_count[row_id] = derived_count.get(row_id, 1) + 1
+                    row_id = f"{row_id}-{derived_count[row_id]}"
+                edit = replace(edit, row_id=row_id)
+            seen_ids[row_id] = where
+            yield edit
+
+
+def _has_explicit_id(record: Mapping[str, Any]) -> bool:
+    return str(record.get("id") or "").strip() != ""
+
+
+def _record_to_edits(where: str, record: dict[str, Any]) -> list[Edit]:
+    record = {str(k).strip(): v for k, v in record.items()}
+    text = {k: ("" if v is None else str(v)).strip() for k, v in record.items()}
+    extra = {}
+    for k, v in text.items():
+        if k not in KNOWN_COLUMNS and not k.startswith("__"):
+            extra[f"manifest_{k}" if k in REPORT_COLUMNS else k] = v
+    row_id = text.get("id") or _derived_id(text)
+    base = Edit(
+        row_id=row_id,
+        line=where,
+        input=text.get("input", ""),
+        start=None,
+        end=None,
+        prompt=text.get("prompt", ""),
+        extra=extra,
+    )
+    if "__error__" in record:
+        return [invalid_copy(base, f"{where} {record['__error__']}")]
+    try:
+        fields = _parse_fields(record, text)
+    except ValueError as exc:
+        return [invalid_copy(replace(base, **_partial_region(record)), str(exc))]
+    variations = fields.pop("variations")
+    base = replace(base, **fields)
+    if variations == 1:
+        seed = base.seed if base.seed is not None else _derived_seed(row_id, 1)
+        return [replace(base, seed=seed)]
+    edits = []
+    for k in range(1, variations + 1):
+        seed = (base.seed + k - 1) % (MAX_SEED + 1) if base.seed is not None else _derived_seed(row_id, k)
+        edits.append(replace(base, row_id=f"{row_id}-v{k}", seed=seed))
+    return edits
+
+
+def _parse_fields(record: dict[str, Any], text: dict[str, str]) -> dict[str, Any]:
+    for column in KNOWN_COLUMNS:  # a YAML list or mapping would be sent as its Python spelling
+        value = record.get(column)
+        if isinstance(value, (list, dict)):
+            kind = "a list" if isinstance(value, list) else "a mapping"
+            hint = "; a list under matrix: makes a row of each" if isinstance(value, list) else ""
+            raise ValueError(f"{column} is {kind} ({text[column][:60]}), not one value{hint}")
+        if isinstance(value, bool) and column in ("id", "input", "prompt", "output", "provider"):
+            raise ValueError(f"{column} reads as {str(value).lower()} in YAML (yes, no, on, off do); put it in quotes")
+    if len(text.get("id", "")) > 128:
+        raise ValueError("id is longer than 128 characters")
+    if any(ord(c) < 32 for c in text.get("id", "")):
+        raise ValueError("id contains control characters")
+    source = text.get("input", "")
+    if not source:
+        raise ValueError("input is empty; give a file path, s3://bucket/key or https:// URL")
+    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", source)
+    if scheme and not source.startswith(REMOTE_SCHEMES):
+        raise ValueError(
+            f"input scheme {scheme.group(1)}:// is not supported; use a file path, s3://bucket/key or https:// URL"
+        )
+    start, end = _region_of(record, text)
+    if end <= start:
+        raise ValueError(f"region end {end:g} s is not after its start {start:g} s")
+    prompt = text.get("prompt", "")
+    if not prompt:
+        raise ValueError("prompt is empty; say what the region should become")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt is {len(prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    provider = text.get("provider") or None
+    if provider is not None and provider not in PROVIDERS:
+        raise ValueError(f"provider {provider!r} is unknown; choose one of {', '.join(PROVIDERS)}")
+    return {
+        "start": start,
+        "end": end,
+        "prompt": prompt,
+        "seed": _int_field(text, "seed", 0, MAX_SEED),
+        "steps": _int_field(text, "steps", 1, 1000),
+        "guidance_scale": _float_field(text, "guidance_scale", 0.0, 100.0),
+        "variations": _int_field(text, "variations", 1, MAX_VARIATIONS) or 1,
+        "output": text.get("output") or None,
+        "provider": provider,
+    }
+
+
+def _region_of(record: dict[str, Any], text: dict[str, str]) -> tuple[float, float]:
+    has_bounds = bool(text.get("start")) or bool(text.get("end"))
+    if text.get("region"):
+        if has_bounds:
+            raise ValueError("give either region or start/end, not both")
+        return parse_region(text["region"])
+    if not text.get("start"):
+        raise ValueError("start is missing; give start and end in seconds or region: a-b")
+    if not text.get("end"):
+        raise ValueError("end is missing; give start and end in seconds or region: a-b")
+    return parse_time(record["start"], "start"), parse_time(record["end"], "end")
+
+
+def _partial_region(record: dict[str, Any]) -> dict[str, float]:
+    """What of the region parses, so an invalid row still shows it in the report."""
+    out = {}
+    for key in ("start", "end"):
+        try:
+            out[key] = parse_time(record.get(key), key)
+        except (ValueError, TypeError):
+            pass
+    return out
+
+
+def _number_field(text: dict[str, str], key: str, low: float, high: float, whole: bool) -> float | None:
+    raw = text.get(key, "")
+    if raw == "":
+        return None
+    kind = "a whole number" if whole else "a number"
+    try:
+        number = float(raw)
+    except ValueError:
+        raise ValueError(f"{key} {raw!r} is not {kind}") from None
+    if not math.isfinite(number) or (whole and number != int(number)):
+        raise ValueError(f"{key} {raw!r} is not {kind}")
+    if not low <= number <= high:
+        bounds = f"{int(low)}..{int(high)}" if whole else f"{low:g}..{high:g}"
+        raise ValueError(f"{key} {raw} is outside {bounds}")
+    return number
+
+
+def _int_field(text: dict[str, str], key: str, low: int, high: int) -> int | None:
+    number = _number_field(text, key, low, high, whole=True)
+    return None if number is None else int(number)
+
+
+def _float_field(text: dict[str, str], key: str, low: float, high: float) -> float | None:
+    return _number_field(text, key, low, high, whole=False)
+
+
+def _derived_id(text: Mapping[str, str]) -> str:
+    """A short id from the row's content: the same row gets the same id in every run."""
+    keys = [c for c in KNOWN_COLUMNS if c != "id"]
+    canonical = json.dumps({k: text.get(k, "") for k in keys}, sort_keys=True)
+    return "r" + hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def _derived_seed(row_id: str, variation: int) -> int:
+    digest = hashlib.sha256(f"{row_id}/{variation}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % (2**31)
+
+
+def invalid_copy(edit: Edit, reason: str) -> Edit:
+    return replace(edit, error=as_sentence(reason))
