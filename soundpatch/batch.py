@@ -45,10 +45,7 @@ from soundpatch.humanize import plural
 from soundpatch.humanize import size as human_size
 from soundpatch.identity import edit_identity, request_identity
 from soundpatch.interrupt import stop_requested
-from soundpatch.journal import (
-    Journal,
-    RowState,
-)
+from soundpatch.journal import Journal, RowState
 from soundpatch.journal_copy import JournalCopy
 from soundpatch.lease import RunLease, lease_uri
 from soundpatch.left_here import LeftHere
@@ -185,7 +182,6 @@ class Batch:
             if earlier_attempts
             else ({}, "")
         )
-        # Results paid for but not published (the upload failed), from any earlier run here.
         # Predictions runs of this machine that stopped had paid for and not used: a row of the
         # same edit collects one rather than paying again (left_here.py). With the outputs in a
         # bucket, the claims there name them (edit_claims.py); --force asks for new ones.
@@ -600,9 +596,6 @@ class Batch:
     def request(self, checked: Checked) -> str:
         return request_identity(checked.edit, self.sources.checksum(checked.source))
 
-    def earlier_result(self, identity: str) -> tuple[dict, OutputStore] | None:
-        return self.results.earlier(identity)
-
     def _reuse(self, edit: Edit, checked: Checked, identity: str, outcome: Outcome) -> bool:
         """Publish an earlier result with this identity under this row's name: skipped_done, cost 0."""
         if not self.results.reuse(edit, checked.info, identity, outcome):
@@ -958,8 +951,7 @@ class Batch:
         """Build the files that rows of one recording share, once the rows are done; sets
         each row's `combined` (combine.py)."""
         combiner = Combiner(self.publisher, self.store, self.sources, self.journal, self.run_dir)
-        for made in combiner.build(outcomes, self._edits, self.manifest.resolve_input, self._log_traceback):
-            self._combined.append(made)
+        self._combined.extend(combiner.build(outcomes, self._edits, self.manifest.resolve_input, self._log_traceback))
 
     def notes(self) -> list[str]:
         notes = lookalike_notes(self.manifest.edits)

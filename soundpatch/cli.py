@@ -23,9 +23,7 @@ from soundpatch.disk_room import full_disk
 from soundpatch.dropouts import find_dropouts, restoration_manifest
 from soundpatch.errors import RowError, SoundpatchError, as_sentence
 from soundpatch.humanize import duration, plural
-from soundpatch.journal import (
-    latest_runs,
-)
+from soundpatch.journal import latest_runs
 from soundpatch.locks import RunLock
 from soundpatch.manifest import GLOB_CHARS, Manifest, load_manifest
 from soundpatch.outcome import (

@@ -50,7 +50,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
             duplicates += 1
             continue
         seen.add(identity)
-        if not batch.force and batch.earlier_result(identity) is not None:
+        if not batch.force and batch.results.earlier(identity) is not None:
             done += 1
             continue
         state = batch.attempt_for(edit.row_id, batch.request(checked))

@@ -197,12 +197,15 @@ class SourceReader:
     def recordings_in(self, folder: str) -> list[str]:
         """The recordings (by name: RECORDING_SUFFIXES) in a folder or under an s3:// prefix,
         at every depth, sorted; not hidden ones (macOS's `._name.wav` copies are not audio)."""
-        pattern = folder.rstrip("/") + "/**" if folder.startswith("s3://") else str(Path(folder) / "**" / "*")
+        if folder.startswith("s3://"):  # (the prefix ends in "/")
+            found = [(uri, uri[len(folder) :]) for uri in self.glob(folder.rstrip("/") + "/**")]
+        else:  # (local patterns pass over hidden names themselves)
+            found = [(path, str(Path(path).relative_to(folder))) for path in self.glob(str(Path(folder) / "**" / "*"))]
         return [
-            found
-            for found in self.glob(pattern)
-            if Path(found).suffix.lower() in RECORDING_SUFFIXES
-            and not any(part.startswith(".") for part in Path(found[len(folder) :]).parts)
+            uri
+            for uri, inside in found
+            if Path(inside).suffix.lower() in RECORDING_SUFFIXES
+            and not any(part.startswith(".") for part in Path(inside).parts)
         ]
 
     def _local_path(self, uri: str) -> Path:
