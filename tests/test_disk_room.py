@@ -386,7 +386,12 @@ def test_a_run_whose_own_disk_fills_up_starts_no_more_rows_says_why_and_pays_for
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if journal.exists() and any(e["event"] == "outcome" for e in read_events(journal.parent)):
+                # The row started next (r2) may be sent while the disk fills; the provider holds
+                # its answer until the disk is full, however long filling takes (seconds, on a
+                # loaded machine: r2 then finished and r3 was sent before).
+                sim.settings.latency = 600
                 fillers.append(fill(disk, leave=0))
+                sim.settings.latency = 0.4
                 return
             time.sleep(0.01)
 
@@ -399,7 +404,7 @@ def test_a_run_whose_own_disk_fills_up_starts_no_more_rows_says_why_and_pays_for
     said = " ".join(proc.stdout.replace("│", " ").split())
     assert fillers and proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr and "Unexpected" not in said
-    assert "succeeded 1 failed 5" in said  # r1 finished before the disk filled
+    assert "succeeded 1 failed 5" in said, said  # r1 finished before the disk filled
     journal_full = f"the run's journal {journal} could not be written: the disk holding {journal.parent} is full"
     assert f"Not started: {journal_full} (No space left on device), so no more rows start" in said
     assert "report not written (see the note below)" in said
