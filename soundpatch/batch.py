@@ -19,22 +19,19 @@ import shutil
 import threading
 import time
 import traceback
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from threadpoolctl import threadpool_limits
 
 from soundpatch import audio as audio_ops
-from soundpatch import preview, tls
+from soundpatch import tls
 from soundpatch.answers import AnswerShelf
-from soundpatch.audio import Audio, AudioInfo, ReadBack
+from soundpatch.audio import Audio, AudioInfo
 from soundpatch.combine import CombinedFile, Combiner, combined_note
 from soundpatch.config import Config
-from soundpatch.cpu import crunching
 from soundpatch.disk_room import FULL_ERRNOS, DiskRoom, Promise, full_disk
 from soundpatch.earlier_attempts import read_earlier_attempts
 from soundpatch.edit_claims import BucketClaims
@@ -65,12 +62,13 @@ from soundpatch.providers import (
     Provider,
     make_provider,
 )
-from soundpatch.publish import Encoded, Publisher
-from soundpatch.quality import Quality, context_span, judge
+from soundpatch.publish import Publisher
 from soundpatch.results import KeptUnpublished, Results
+from soundpatch.row import Checked, RowWork
 from soundpatch.runs_folder import SCRATCH_DIR, clear_stopped_runs_scratch
 from soundpatch.s3 import S3, NoConditionalWrites, S3Uri
 from soundpatch.sources import SourceReader
+from soundpatch.splicing import Splicer
 from soundpatch.storage import LocalFolder, OutputStore, S3Prefix, open_store
 from soundpatch.window import answer_bytes_bound
 
@@ -87,33 +85,6 @@ def preflight(config: Config) -> None:
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
-
-
-@dataclass(frozen=True)
-class Checked:
-    """An edit that passed validation, with what validation learned about its source."""
-
-    edit: Edit
-    source: str
-    info: AudioInfo
-    provider: Provider
-
-
-@dataclass
-class RowWork:
-    """A row's result in the making: the checked edit, its recording, the region's frames
-    a..b, what the result is made for (identity, request, source) and the row's outcome."""
-
-    checked: Checked
-    original: Audio
-    a: int
-    b: int
-    made_for: dict
-    outcome: Outcome
-
-    @property
-    def edit(self) -> Edit:
-        return self.checked.edit
 
 
 class Batch:
@@ -192,7 +163,6 @@ class Batch:
         )
         self._leftovers: Leftovers | None = self.bucket_claims if self.bucket_claims is not None else self.left_here
         self._in_flight: dict[str, threading.Event] = {}  # identity -> set when its owner is done
-        self._previews = preview.Quota()  # listening copies kept for the report
         # Results are encoded into files here until published (publish.py); what a run that
         # stopped left there is of no use to anyone.
         self.scratch = self.run_dir / SCRATCH_DIR
@@ -213,11 +183,16 @@ class Batch:
         self.changed_rows: list[str] = []  # rows an earlier attempt finished, changed since
         self._set_aside: list[str] = []  # rows an earlier attempt paid for, changed since
         self._kept_paid: list[str] = []  # rows that failed using a paid prediction, kept for a rerun
-        # Results of the local engine for regions the manifest asks for more than once:
-        # (source, region, result digest) -> (how many, the first few rows).
-        regions = Counter((e.input, e.start, e.end) for e in self.manifest.edits)
-        self._repeated_regions = {region for region, n in regions.items() if n > 1}
-        self._same_fills: dict[tuple, _Alike] = {}
+        # A prediction made into the row's result, checked and published (splicing.py).
+        self.splicer = Splicer(
+            config.splice.crossfade_ms,
+            self.publisher,
+            self.results,
+            run_id,
+            self.run_dir,
+            self.manifest.edits,
+            self._log_traceback,
+        )
         self._carried = self._carried_outcomes()
         # Money an earlier attempt of this run spent or committed counts against the cap:
         # recorded costs, creates in doubt (at list price), predictions still to collect.
@@ -613,10 +588,13 @@ class Batch:
             if made is None:
                 return  # the budget is reached: not sent
             prediction, provider = made
-            encoded, quality = self._spliced(work, prediction, provider)
+            encoded, quality = self.splicer.splice(work, prediction, provider)
             room.written()
             try:
-                self._publish(work, prediction, provider, encoded, quality)
+                self.splicer.publish(work, prediction, provider, encoded, quality)
+            except KeptUnpublished:
+                self._unused.pop(edit.row_id, None)  # the result itself is kept: the next run publishes it
+                raise
             finally:
                 encoded.discard()
         self._unused.pop(edit.row_id, None)
@@ -790,68 +768,6 @@ class Batch:
         if dearer is not None:
             log.warning("%s", dearer)
 
-    def _spliced(self, work: RowWork, prediction: Prediction, provider: Provider) -> tuple[Encoded, Quality]:
-        """The prediction spliced into the recording and encoded as it will be published, with
-        the quality checks of it as users will read it (on the row, and its report card)."""
-        edit, original, a, b = work.edit, work.original, work.a, work.b
-        fade = prediction.crossfade
-        if fade is None:
-            fade = round(self.config.splice.crossfade_ms / 1000 * original.rate)
-        lo, hi = context_span(a, b, original.rate, original.frames)
-        with crunching():  # the recording is not copied: written to a file a block at a time (audio.py)
-            result = audio_ops.patch(original, prediction.fill, a, b, fade)
-            encoded = self.publisher.encode(edit, result, work.checked.info)
-            try:
-                # Checked as users will read it: decoded back, compared with the original outside the region.
-                published = audio_ops.read_back(encoded.path, lo, hi, encoded.name, against=(original, a, b))
-                quality = judge(original, published, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
-            except BaseException:
-                encoded.discard()
-                raise
-        if not provider.uses_prompt and (edit.input, edit.start, edit.end) in self._repeated_regions:
-            # Variations of a region from an engine that cannot vary much: which came out alike.
-            fill = (work.made_for["source_sha256"], a, b, encoded.sha256())
-            with self._lock:
-                alike = self._same_fills.setdefault(fill, _Alike())
-                alike.results += 1
-                if len(alike.rows) < 3:
-                    alike.rows.append(edit.row_id)
-        work.outcome.take_checks(quality.to_dict())
-        if self._previews.take(flagged=bool(quality.flags)):
-            self._save_preview(edit, original, published, a, b)
-        return encoded, quality
-
-    def _publish(
-        self, work: RowWork, prediction: Prediction, provider: Provider, encoded: Encoded, quality: Quality
-    ) -> None:
-        """The result and its index record into the output store; should the store refuse,
-        kept on this machine for the next run to publish (it is paid for)."""
-        edit, made_for, outcome = work.edit, work.made_for, work.outcome
-        identity = made_for["identity"]
-        record = {
-            "identity": identity,
-            "provider": provider.name,
-            "model": provider.model,
-            "prediction_id": outcome.prediction_id,
-            "cost_usd": f"{prediction.cost_usd:.6f}",
-            "method": prediction.method,
-            "source_sha256": made_for["source_sha256"],
-            "ext": encoded.ext,
-            "run_id": self.run_id,
-            "row_id": edit.row_id,
-            "input": edit.input,
-            "start": edit.start,
-            "end": edit.end,
-            "prompt": edit.prompt,
-            "seed": edit.seed,
-            "quality": quality.to_dict(),
-        }
-        try:
-            outcome.output = self.results.publish(edit, record, encoded)
-        except KeptUnpublished:
-            self._unused.pop(edit.row_id, None)  # the result itself is kept: the next run publishes it
-            raise
-
     def _told(self, row_id: str, claimed: str, provider: str, event: str, fields: dict[str, Any]) -> None:
         """What the provider reports as the row goes, journaled; a prediction made (or taken
         up again) is named on the row's claim in the output bucket too, for a run that
@@ -901,13 +817,6 @@ class Batch:
             self.journal.write("answer_not_kept", row_id, reason=f"{type(exc).__name__}: {exc}")
             return
         self.journal.write("answer_kept", row_id, **kept)
-
-    def _save_preview(self, edit: Edit, original: Audio, published: ReadBack, a: int, b: int) -> None:
-        """Listening copies for the report; a failure here costs the report a card's media, not the row."""
-        try:
-            preview.save(self.run_dir / "previews", edit.row_id, original, published.excerpt, a, b, published.lo)
-        except Exception:  # noqa: BLE001 - the result is published; the preview is a nicety
-            self._log_traceback(edit)
 
     def _may_start(self) -> bool:
         """Whether a new prediction may go out: the run is not stopping, its journal can be
@@ -961,14 +870,9 @@ class Batch:
                     f"The {p.name} engine rebuilds each region from the rest of its recording; "
                     "the prompt is recorded but does not steer it."
                 )
-        alike = sorted((sorted(a.rows), a.results) for a in self._same_fills.values() if a.results > 1)
+        alike = self.splicer.alike_note()
         if alike:
-            shown = "; ".join(" = ".join(rows) + (" = ..." if n > len(rows) else "") for rows, n in alike[:3])
-            notes.append(
-                f"{sum(n for _, n in alike)} results came out identical to another of the same region "
-                f"({shown}{'; ...' if len(alike) > 3 else ''}): the local engine finds one best fill there whatever "
-                "the seed; a hosted model makes real variations."
-            )
+            notes.append(alike)
         if self.changed_rows:
             one = len(self.changed_rows) == 1
             notes.append(
@@ -1034,17 +938,6 @@ class Batch:
         if not self.dry_run:  # a dry run beside the run itself leaves its files alone
             shutil.rmtree(self.scratch, ignore_errors=True)
         self.run_lock.release()
-
-
-LOSSLESS = ("wav", "flac", "aiff")
-
-
-@dataclass
-class _Alike:
-    """Results that came out identical: how many, and the first few rows."""
-
-    results: int = 0
-    rows: list[str] = field(default_factory=list)
 
 
 def _unused(prediction_id: str | None, cost_usd: float, again: bool) -> dict[str, Any]:

@@ -1,0 +1,37 @@
+"""A row as it goes through the batch: checked, then its result in the making."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from soundpatch.audio import Audio, AudioInfo
+from soundpatch.edits import Edit
+from soundpatch.outcome import Outcome
+from soundpatch.providers import Provider
+
+
+@dataclass(frozen=True)
+class Checked:
+    """An edit that passed validation, with what validation learned about its source."""
+
+    edit: Edit
+    source: str
+    info: AudioInfo
+    provider: Provider
+
+
+@dataclass
+class RowWork:
+    """A row's result in the making: the checked edit, its recording, the region's frames
+    a..b, what the result is made for (identity, request, source) and the row's outcome."""
+
+    checked: Checked
+    original: Audio
+    a: int
+    b: int
+    made_for: dict
+    outcome: Outcome
+
+    @property
+    def edit(self) -> Edit:
+        return self.checked.edit
