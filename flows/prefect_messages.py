@@ -7,6 +7,13 @@ it could not give back, again and again for as long as the run lasts, burying th
 own progress and messages (which say what happened in one line, and what to do). On the
 terminal, each such message now appears once, without its traceback, cut to a line;
 `--verbose` shows them all, in full. Prefect's server gets its logs as before.
+
+Prefect's log shipper says it could not send a batch of logs by writing straight to stderr,
+as the logging module does with a handler's own failures when `logging.raiseExceptions` is
+set: "--- Error logging to API ---", then the error with no line end, so that the progress
+line ran on after it. That setting is off for the run, as Python's documentation advises for
+applications (`--verbose` leaves it on): Prefect's events worker says the server cannot be
+reached, once, and the run's last line says what it held was dropped.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class OncePerKind(logging.Filter):
 def condense_prefect_messages() -> None:
     """Put `OncePerKind` on the handlers through which Prefect's messages reach the terminal
     (once Prefect has set up its logging: importing its flow decorator does)."""
+    logging.raiseExceptions = False  # (see above)
     once = OncePerKind()  # each run anew (a notebook may run several in one process)
     for name in ("", "prefect", "prefect._internal"):  # Prefect's console handler is the root logger's
         for handler in logging.getLogger(name).handlers:
