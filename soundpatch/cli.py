@@ -23,6 +23,7 @@ from soundpatch.disk_room import full_disk
 from soundpatch.dropouts import find_dropouts, restoration_manifest
 from soundpatch.errors import RowError, SoundpatchError, as_sentence
 from soundpatch.humanize import duration, plural
+from soundpatch.humanize import size as human_size
 from soundpatch.journal import latest_runs
 from soundpatch.locks import RunLock
 from soundpatch.manifest import GLOB_CHARS, Manifest, load_manifest
@@ -226,6 +227,10 @@ def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
     earlier = f"; ${spent:.2f} spent by earlier attempts" if spent else ""
     table.add_row("expected cost", f"${est['expected_cost_usd']:.2f} (budget ${est['budget_usd']:.2f}{earlier})")
     table.add_row("expected wall time", duration(est["expected_seconds"]))
+    if est.get("results_bytes"):
+        free = est.get("outputs_free")
+        where = f" ({human_size(free[1])} free in {free[0]})" if free else ""
+        table.add_row("results on disk", f"up to {human_size(est['results_bytes'])}{where}")
     table.add_row("provider", cfg.provider.name)
     out.print(table)
     for row_id, line, reason in est["errors"][:20]:

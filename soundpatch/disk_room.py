@@ -49,6 +49,12 @@ class DiskRoom:
         self._promised: dict[int, int] = {}  # disk (st_dev) -> bytes promised to rows in flight
         self._holders: dict[int, int] = {}  # disk -> rows in flight holding room there
 
+    def outputs_free(self) -> tuple[Path, int] | None:
+        """The output folder, when it is a local one, and the free space on its disk now."""
+        if self.outputs is None:
+            return None
+        return self.outputs, shutil.disk_usage(_existing(self.outputs)).free
+
     def for_result(self, result_bytes: int, answer_bytes: int = 0) -> Promise:
         """Room for one row's result of up to `result_bytes` (and its paid answer), to be
         made sure of with `Promise.make()` before the row pays."""

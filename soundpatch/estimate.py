@@ -11,6 +11,7 @@ from soundpatch.cpu import AT_ONCE
 from soundpatch.disk_room import DiskRoom
 from soundpatch.edits import Edit
 from soundpatch.errors import ConfigError, RowError, sentence_of
+from soundpatch.humanize import size as human_size
 from soundpatch.manifest import lookalike_notes
 
 if TYPE_CHECKING:
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 # the channels' mix, 300 rows of 50 ms dropouts in four recordings take 0.38 s (0.47 s
 # before, same hour): kept at 0.5, the estimate errs on the long side.
 TYPICAL_SECONDS = {"local": 0.5, "eachlabs": 15.0, "stability": 15.0, "fal": 15.0}
+# A row's result is a whole copy of its recording, written, read back in part and published:
+# the local engine's rows on a 30-minute stereo tape (318 MB a result) took 3.7 s a row a
+# core where the row's own work is the 0.5 s above, so about 100 MB a second a core.
+WRITTEN_BYTES_PER_SECOND = 100e6
 
 
 def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
@@ -34,6 +39,8 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
     to_collect = in_doubt = changed = 0
     resubmit = batch.config.provider.resubmit_in_doubt
     per_provider: dict[str, int] = {}
+    written: dict[str, int] = {}  # bytes of results, by provider
+    combined: set[str] = set()  # files of several rows' results, counted once each
     seen: set[str] = set()
     # Spent or committed by earlier attempts of this run: it counts against the budget.
     spent_before = batch.committed_before
@@ -75,16 +82,24 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         within_budget += spent_before + cost <= batch.config.limits.budget_usd + 1e-9
         needed = batch.room_needed(edit, checked)
         largest = (*needed, edit.row_id) if sum(needed) > sum(largest[:2]) else largest
-        per_provider[checked.provider.name] = per_provider.get(checked.provider.name, 0) + 1
+        name = checked.provider.name
+        per_provider[name] = per_provider.get(name, 0) + 1
+        written[name] = written.get(name, 0) + needed[0]
+        shared = batch.publisher.combined.get(edit.row_id)
+        if shared is not None and shared not in combined:  # as large as one of its rows' results
+            combined.add(shared)
+            written[name] += needed[0]
     limits = batch.config.limits
     seconds = 0.0
     for name, count in per_provider.items():
         latency = TYPICAL_SECONDS.get(name, 15.0)
         if batch.provider_named(name).hosted:  # predictions in flight, creates paced at the rate
             rate_per_s = min(limits.concurrency / latency, limits.requests_per_minute / 60.0)
+            seconds += count / rate_per_s
         else:  # the local engine sends no request: as many rows at once as it has cores (cpu.py)
-            rate_per_s = min(limits.concurrency, AT_ONCE) / latency
-        seconds += count / rate_per_s
+            busy = count * latency + written[name] / WRITTEN_BYTES_PER_SECOND
+            seconds += busy / min(limits.concurrency, AT_ONCE)
+    results_bytes = sum(written.values())
     return {
         "rows": len({e.line for e in edits}),
         "results": len(edits),
@@ -102,12 +117,36 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         "within_budget": within_budget,
         "budget_usd": limits.budget_usd,
         "expected_seconds": round(seconds, 1),
+        "results_bytes": results_bytes,  # what the results to be made take, at the most
+        "outputs_free": _outputs_free(batch.room),
         "errors": errors,
         "notes": lookalike_notes(edits)
         + batch.markup.notes_before()
         + _unready(batch, per_provider)
-        + _short_of_disk(batch.room, *largest),
+        + _short_of_disk(batch.room, *largest)
+        + _outputs_fill_up(batch.room, results_bytes, largest[0]),
     }
+
+
+def _outputs_free(room: DiskRoom) -> tuple[str, int] | None:
+    free = room.outputs_free()
+    return (str(free[0]), free[1]) if free is not None else None
+
+
+def _outputs_fill_up(room: DiskRoom, results_bytes: int, largest: int) -> list[str]:
+    """Whether the results to be made would fill the output folder's disk before the last
+    of them: each row's result is a whole copy of its recording (a restoration batch's
+    rows of an hour-long tape take an hour's worth of disk each)."""
+    free = room.outputs_free()
+    if free is None or results_bytes <= free[1] - room.margin_bytes:
+        return []
+    folder, nbytes = free
+    return [
+        f"The results would take up to {human_size(results_bytes)} in {folder}, where {human_size(nbytes)} is "
+        f"free (each is a whole copy of its recording, up to {human_size(largest)}): once the disk is full, the "
+        "rows left are refused before they are sent; free some space, or set output.uri to a larger disk "
+        "(or a bucket)."
+    ]
 
 
 def _short_of_disk(room: DiskRoom, result_bytes: int, answer_bytes: int, row_id: str) -> list[str]:

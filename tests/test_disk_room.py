@@ -24,8 +24,11 @@ import yaml
 from soundpatch import audio as audio_ops
 from soundpatch.batch import Batch
 from soundpatch.config import S3Config, load_config
+from soundpatch.cpu import AT_ONCE
 from soundpatch.disk_room import DiskRoom
 from soundpatch.errors import RowError
+from soundpatch.estimate import TYPICAL_SECONDS
+from soundpatch.humanize import size as human_size
 from soundpatch.journal import Journal, JournalUnwritable, read_events
 from soundpatch.manifest import load_manifest
 from soundpatch.outcome import Outcome
@@ -90,6 +93,37 @@ def tape(path: Path, seconds: int, rate: int = 44100) -> np.ndarray:
     samples = np.random.default_rng(1).integers(-3000, 3000, (rate * seconds, 2)).astype(np.int16)
     sf.write(path, samples, rate, subtype="PCM_16")
     return samples
+
+
+def test_validate_says_what_the_results_take_on_disk_and_when_they_would_fill_it(tmp_path, small_disk):
+    # A restoration batch of a long tape: every row's result is a whole copy of the tape (40
+    # dropouts of a 30-minute stereo tape took 13 GB and 76 s, where validate said nothing
+    # of disk and expected 10 s). Validate now says how much the results take, up to, and
+    # where that is more than the output folder's disk has free, that rows would be refused.
+    tape(tmp_path / "tape.wav", 30)  # 5.3 MB of samples
+    rows = "".join(f"d{i},tape.wav,{2 + 2 * i},{2.05 + 2 * i},fill the dropout,restored\n" for i in range(12))
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt,output\n" + rows)
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "estimate", dry_run=True)
+    try:
+        est = batch.estimate(batch.manifest.edits)
+    finally:
+        batch.close()
+    outcomes, _, _ = run_in_process(tmp_path / "m.csv", cfg, "made")
+    assert [o.status for o in outcomes] == ["succeeded"] * 12
+    made = sum(f.stat().st_size for f in (tmp_path / "out").rglob("*.wav"))  # 12 rows' results and the tape restored
+    assert made <= est["results_bytes"] <= 1.05 * made  # as tight as each result's bound is (further down)
+    assert est["outputs_free"][0] == str(tmp_path / "out") and not [n for n in est["notes"] if "would take" in n]
+    assert est["expected_seconds"] > 12 * TYPICAL_SECONDS["local"] / AT_ONCE  # writing them counts too
+
+    disk = small_disk(48)
+    (tmp_path / "c.yaml").write_text(f"output: {{uri: {disk / 'out'}}}\nruns_dir: {tmp_path / 'runs'}\n")
+    proc = soundpatch("validate", "m.csv", "--config", "c.yaml", cwd=tmp_path, env=clean_env())
+    said = " ".join(proc.stdout.split())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"results on disk up to {human_size(est['results_bytes'])} (" in said and "free in" in said
+    assert (f"note: The results would take up to {human_size(est['results_bytes'])} in {disk / 'out'}, where ") in said
+    assert "once the disk is full, the rows left are refused before they are sent" in said
 
 
 def test_rows_whose_results_do_not_fit_are_refused_before_they_are_paid_for(tmp_path, small_disk, aws_env, simulator):
