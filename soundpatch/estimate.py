@@ -5,6 +5,7 @@ provider and spends nothing; it asks the batch the same questions a run's rows d
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from soundpatch.cpu import AT_ONCE
@@ -100,6 +101,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
             busy = count * latency + written[name] / WRITTEN_BYTES_PER_SECOND
             seconds += busy / min(limits.concurrency, AT_ONCE)
     results_bytes = sum(written.values())
+    free = batch.room.outputs_free()  # (the output folder, when a local one, and its disk's free space)
     return {
         "rows": len({e.line for e in edits}),
         "results": len(edits),
@@ -118,27 +120,21 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         "budget_usd": limits.budget_usd,
         "expected_seconds": round(seconds, 1),
         "results_bytes": results_bytes,  # what the results to be made take, at the most
-        "outputs_free": _outputs_free(batch.room),
+        "outputs_free": (str(free[0]), free[1]) if free is not None else None,
         "errors": errors,
         "notes": lookalike_notes(edits)
         + batch.markup.notes_before()
         + _unready(batch, per_provider)
         + _short_of_disk(batch.room, *largest)
-        + _outputs_fill_up(batch.room, results_bytes, largest[0]),
+        + _outputs_fill_up(free, batch.room.margin_bytes, results_bytes, largest[0]),
     }
 
 
-def _outputs_free(room: DiskRoom) -> tuple[str, int] | None:
-    free = room.outputs_free()
-    return (str(free[0]), free[1]) if free is not None else None
-
-
-def _outputs_fill_up(room: DiskRoom, results_bytes: int, largest: int) -> list[str]:
-    """Whether the results to be made would fill the output folder's disk before the last
-    of them: each row's result is a whole copy of its recording (a restoration batch's
-    rows of an hour-long tape take an hour's worth of disk each)."""
-    free = room.outputs_free()
-    if free is None or results_bytes <= free[1] - room.margin_bytes:
+def _outputs_fill_up(free: tuple[Path, int] | None, margin: int, results_bytes: int, largest: int) -> list[str]:
+    """Whether the results to be made would fill the output folder's disk (`free`: it, and
+    its free space) before the last of them: each row's result is a whole copy of its
+    recording (a restoration batch's rows of an hour-long tape take an hour's worth each)."""
+    if free is None or results_bytes <= free[1] - margin:
         return []
     folder, nbytes = free
     return [
