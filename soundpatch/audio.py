@@ -132,6 +132,14 @@ class Patched:
                 yield samples[i : i + size]
             at = a + len(samples)
 
+    def cut(self, lo: int, hi: int) -> Patched:
+        """Its frames [lo, hi) only (the regions must lie within them), still without a copy."""
+        if not all(lo <= a and a + len(samples) <= hi for a, samples in self.regions):
+            raise ValueError(f"frames [{lo}, {hi}) do not hold every region")
+        original = self.original
+        part = Audio(original.samples[lo:hi], original.rate, original.format, original.subtype)
+        return Patched(part, [(a - lo, samples) for a, samples in self.regions])
+
     def audio(self) -> Audio:
         """As one array (a copy of the whole recording)."""
         samples = np.concatenate(list(self.blocks())) if self.frames else self.original.samples.copy()

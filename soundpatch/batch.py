@@ -527,7 +527,7 @@ class Batch:
             "source_stamp": self.sources.stamp(checked.source),
         }
         while True:
-            if not self.force and self._reuse(edit, checked, identity, outcome):
+            if not self.force and self._reuse(edit, checked, identity, outcome, original):
                 return made_for
             with self._lock:
                 owner = self._in_flight.get(identity)
@@ -544,7 +544,8 @@ class Batch:
                 with self._claim_in_bucket(checked.provider, identity, edit.row_id) as across:
                     if across == STOPPED:
                         raise RowError(self._not_started)
-                    if WAITED in (claim, across) and not self.force and self._reuse(edit, checked, identity, outcome):
+                    waited = WAITED in (claim, across)  # for another's result: reused, if it made one
+                    if waited and not self.force and self._reuse(edit, checked, identity, outcome, original):
                         return made_for
                     self._produce(checked, original, made_for, outcome)
         finally:
@@ -571,9 +572,9 @@ class Batch:
     def request(self, checked: Checked) -> str:
         return request_identity(checked.edit, self.sources.checksum(checked.source))
 
-    def _reuse(self, edit: Edit, checked: Checked, identity: str, outcome: Outcome) -> bool:
+    def _reuse(self, edit: Edit, checked: Checked, identity: str, outcome: Outcome, original: Audio) -> bool:
         """Publish an earlier result with this identity under this row's name: skipped_done, cost 0."""
-        if not self.results.reuse(edit, checked.info, identity, outcome):
+        if not self.results.reuse(edit, checked.info, identity, outcome, original):
             return False
         self.journal.write("reused", edit.row_id, identity=identity, reused_from=outcome.reused_from)
         return True
@@ -608,7 +609,7 @@ class Batch:
         hosted model's answer is kept on disk (answers.py)."""
         region = (edit.end or 0.0) - (edit.start or 0.0)
         answer = answer_bytes_bound(region, self._clip_settings["context_seconds"]) if checked.provider.hosted else 0
-        return self.publisher.bytes_bound(checked.info), answer
+        return self.publisher.bytes_bound(checked.info, edit), answer
 
     def _paid_prediction(self, work: RowWork, room: Promise) -> tuple[Prediction, Provider] | None:
         """A new prediction for the row's region, or the one an earlier attempt paid for

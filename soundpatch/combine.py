@@ -4,10 +4,12 @@ Restoration batches list a recording's defects one row each (a click, a dropout,
 and want the recording back once, restored, not one copy per defect. Rows of one input
 whose regions do not overlap may therefore name one output (`output: restored/{stem}`,
 no `{row_id}`). Each row's own result is still made and kept, at
-`restored/<stem>.rows/<row_id>.<ext>` (what a rerun reuses instead of paying again); once
-the rows are done the named file is built from them: the input, with every finished row's
-region taken from that row's result, sample for sample. A row that did not finish leaves
-its region as the input has it, and the run's notes say which.
+`restored/<stem>.rows/<row_id>.<ext>` (what a rerun reuses instead of paying again), as an
+excerpt of the recording: the row's region and a second each side (`Publisher.part_span`),
+not forty copies of a tape for its forty dropouts. Once the rows are done the named file is
+built from them: the input, with every finished row's region taken from that row's result,
+sample for sample. A row that did not finish leaves its region as the input has it, and
+the run's notes say which. Whole results (earlier runs', reused) are taken as well.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class Combiner:
             else:
                 edit = edits[done[0].row_id]
                 try:
-                    made.output = self._make(name, edit, source_of(edit), done)
+                    made.output = self._make(name, edits, source_of(edit), done)
                     made.rows = [o.row_id for o in done]
                 except OutOfRoom as exc:  # the rows are done and kept: the rerun builds it from them, at no cost
                     made.error = f"{sentence_of(exc).rstrip('.')} with the same --run-id to make it."
@@ -96,14 +98,16 @@ class Combiner:
             self.journal.write("combined", name=name, output=made.output, rows=made.rows, missing=made.missing)
             yield made
 
-    def _make(self, name: str, edit: Edit, source: str, done: list[Outcome]) -> str:
+    def _make(self, name: str, edits: dict[str, Edit], source: str, done: list[Outcome]) -> str:
+        edit = edits[done[0].row_id]
         info = self.sources.info(source)
         original = self.sources.audio(source)
         parts = []  # each row's region only: a long recording's rows do not each hold all of it
         for o in done:
             a, b = audio_ops.region_frames(o.start or 0.0, o.end or 0.0, original.rate, original.frames)
+            span = self.publisher.part_span(edits[o.row_id], info)
             with self.store.opened(o.output) as result:
-                parts.append((o.row_id, audio_ops.read_back(result, a, b, o.output), a, b))
+                parts.append((o.row_id, region_of(result, o.output, original, a, b, span), a, b))
         with crunching():
             encoded = self.publisher.encode(edit, overlay(original, parts), info, name=name)
         metadata = {
@@ -117,6 +121,35 @@ class Combiner:
             return self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)
         finally:
             encoded.discard()
+
+
+def excerpt_frames(lo: int, hi: int, frames: int) -> str:
+    """What a row's own result holds of its recording, when only frames [lo, hi) of the
+    `frames` it has (a row of a combined file: `Publisher.part_span`), as its index record
+    and metadata say it: "lo-hi/frames"."""
+    return f"{lo}-{hi}/{frames}"
+
+
+def excerpt_span(text: str | None) -> tuple[int, int] | None:
+    """`excerpt_frames`'s (lo, hi) back; None for a result that is the whole recording."""
+    if not text:
+        return None
+    span, _, _ = str(text).partition("/")
+    lo, _, hi = span.partition("-")
+    return int(lo), int(hi)
+
+
+def region_of(path: Path, name: str, original: Audio, a: int, b: int, span: tuple[int, int] | None) -> ReadBack:
+    """Frames [a, b) of `original` as a row's result at `path` has them, positioned in the
+    recording: the result is the whole recording (as every row's was before results of
+    combined rows were excerpts, and as an earlier whole one reused still is), or an excerpt
+    holding frames `span` of it. A result that is neither is read as a whole one, for
+    `overlay` to refuse with its length named."""
+    frames = audio_ops.stored(path, name).frames
+    excerpt = span is not None and frames != original.frames and frames == span[1] - span[0]
+    at = span[0] if span is not None and excerpt else 0
+    back = audio_ops.read_back(path, a - at, b - at, name)
+    return ReadBack(original.frames if excerpt else back.frames, back.excerpt, a)
 
 
 def overlay(original: Audio, parts: Iterable[tuple[str, ReadBack, int, int]]) -> Patched:
@@ -146,8 +179,8 @@ def combined_note(files: list[CombinedFile]) -> list[str]:
         shown = ", ".join(f"{f.name} ({plural(len(f.rows), 'row')})" for f in made[:3])
         notes.append(
             f"{len(made)} {'file holds' if len(made) == 1 else 'files hold'} the edits of several rows of one "
-            f"recording each: {shown}{', ...' if len(made) > 3 else ''}; each row's own result is beside it "
-            "in <name>.rows/."
+            f"recording each: {shown}{', ...' if len(made) > 3 else ''}; each row's own result (its region and "
+            "a second each side) is beside it in <name>.rows/."
         )
     for f in files:
         if f.output and f.missing:

@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 # the channels' mix, 300 rows of 50 ms dropouts in four recordings take 0.38 s (0.47 s
 # before, same hour): kept at 0.5, the estimate errs on the long side.
 TYPICAL_SECONDS = {"local": 0.5, "eachlabs": 15.0, "stability": 15.0, "fal": 15.0}
-# A row's result is a whole copy of its recording, written, read back in part and published:
-# the local engine's rows on a 30-minute stereo tape (318 MB a result) took 3.7 s a row a
-# core where the row's own work is the 0.5 s above, so about 100 MB a second a core.
+# A row's result is a whole copy of its recording (but for a row of a combined file: an
+# excerpt), written, read back in part and published: the local engine's rows on a
+# 30-minute stereo tape (318 MB a result) took 3.7 s a row a core where the row's own work
+# is the 0.5 s above, so about 100 MB a second a core.
 WRITTEN_BYTES_PER_SECOND = 100e6
 
 
@@ -87,9 +88,9 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         per_provider[name] = per_provider.get(name, 0) + 1
         written[name] = written.get(name, 0) + needed[0]
         shared = batch.publisher.combined.get(edit.row_id)
-        if shared is not None and shared not in combined:  # as large as one of its rows' results
+        if shared is not None and shared not in combined:  # the whole recording (its rows' results: their parts)
             combined.add(shared)
-            written[name] += needed[0]
+            written[name] += batch.publisher.bytes_bound(checked.info)
     limits = batch.config.limits
     seconds = 0.0
     for name, count in per_provider.items():
@@ -132,14 +133,16 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
 
 def _outputs_fill_up(free: tuple[Path, int] | None, margin: int, results_bytes: int, largest: int) -> list[str]:
     """Whether the results to be made would fill the output folder's disk (`free`: it, and
-    its free space) before the last of them: each row's result is a whole copy of its
-    recording (a restoration batch's rows of an hour-long tape take an hour's worth each)."""
+    its free space) before the last of them: a row's result is a whole copy of its
+    recording (a hundred variations of an hour-long tape take a hundred hours' worth), but
+    for rows whose edits go into one file, which keep their region and a second each side."""
     if free is None or results_bytes <= free[1] - margin:
         return []
     folder, nbytes = free
     return [
         f"The results would take up to {human_size(results_bytes)} in {folder}, where {human_size(nbytes)} is "
-        f"free (each is a whole copy of its recording, up to {human_size(largest)}): once the disk is full, the "
+        f"free (a result is a whole copy of its recording, up to {human_size(largest)}, but for rows whose edits "
+        "go into one file, which keep their region and a second each side): once the disk is full, the "
         "rows left are refused before they are sent; free some space, or set output.uri to a larger disk "
         "(or a bucket)."
     ]

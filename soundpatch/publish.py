@@ -16,7 +16,7 @@ import os
 import posixpath
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from soundpatch import audio as audio_ops
@@ -24,6 +24,7 @@ from soundpatch.audio import Audio, AudioInfo, Patched, Stored
 from soundpatch.disk_room import full_disk
 from soundpatch.edits import Edit
 from soundpatch.errors import OutOfRoom, RowError
+from soundpatch.quality import context_span
 from soundpatch.sources import file_sha256
 from soundpatch.storage import OutputStore, output_name, part_name
 
@@ -58,9 +59,22 @@ class Publisher:
         container = self.container(info)
         return audio_ops.EXTENSIONS.get(container, container.lower())
 
-    def bytes_bound(self, info: AudioInfo) -> int:
-        """The most this recording's result weighs as a file (what it takes on disk)."""
-        return audio_ops.encoded_bytes_bound(info, self.container(info))
+    def bytes_bound(self, info: AudioInfo, edit: Edit | None = None) -> int:
+        """The most this recording's result weighs as a file (what it takes on disk); with
+        `edit`, that row's own result (a row of a combined file holds only its `part_span`)."""
+        span = None if edit is None else self.part_span(edit, info)
+        shape = info if span is None else replace(info, frames=span[1] - span[0])
+        return audio_ops.encoded_bytes_bound(shape, self.container(info))
+
+    def part_span(self, edit: Edit, info: AudioInfo) -> tuple[int, int] | None:
+        """The frames of its recording a row's own result holds, when the row's edit goes
+        into a combined file with others': its region and a second each side (what the
+        checks read; the combined file takes the region). None when the result is the whole
+        recording: a long tape's forty dropouts are not forty copies of the tape."""
+        if edit.row_id not in self.combined:
+            return None
+        a, b = audio_ops.region_frames(edit.start or 0.0, edit.end or 0.0, info.rate, info.frames)
+        return context_span(a, b, info.rate, info.frames)
 
     def check_encodable(self, info: AudioInfo) -> None:
         """Raises RowError when the output format cannot hold this recording's layout."""

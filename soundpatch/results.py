@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from soundpatch import audio as audio_ops
-from soundpatch.audio import AudioInfo
+from soundpatch.audio import Audio, AudioInfo
+from soundpatch.combine import excerpt_span, overlay, region_of
 from soundpatch.cpu import crunching
 from soundpatch.edits import Edit
 from soundpatch.errors import RowError, as_sentence
@@ -46,28 +47,37 @@ class Results:
             return kept, self.unpublished
         return None
 
-    def reuse(self, edit: Edit, info: AudioInfo, identity: str, outcome: Outcome) -> bool:
+    def reuse(self, edit: Edit, info: AudioInfo, identity: str, outcome: Outcome, original: Audio) -> bool:
         """Publish an earlier result with this identity under the row's name, onto `outcome`
-        (skipped_done, cost 0); False when there is none."""
+        (skipped_done, cost 0); False when there is none. `original`: the row's recording, to
+        make the whole result again where the earlier one is a combined row's excerpt."""
         earlier = self.earlier(identity)
         if earlier is None:
             return False
         record, store = earlier
-        details = {k: str(record.get(k, "")) for k in RESULT_DETAILS}
-        metadata = self.publisher.metadata(edit, {**details, "identity": identity, "reused_from": record["output"]})
+        excerpt = excerpt_span(record.get("excerpt_frames"))
+        whole_asked = excerpt is not None and self.publisher.part_span(edit, info) is None
+        if whole_asked:  # the record is of what it now publishes: the whole recording
+            record = {k: v for k, v in record.items() if k != "excerpt_frames"}
+        metadata = self.publisher.metadata(
+            edit, {**_details(record), "identity": identity, "reused_from": str(record["output"])}
+        )
         name = self.publisher.name(edit, info)
-        if store is self.store and record.get("ext") == self.publisher.ext(info):
+        if store is self.store and record.get("ext") == self.publisher.ext(info) and not whole_asked:
             outcome.output = self.store.copy(record["output"], name, metadata)
-        else:  # another format asked for, or kept locally after a failed upload: encode and put
+        else:  # another format asked for, the whole of an excerpt, or kept locally after a failed upload
             with store.opened(record["output"]) as earlier_file:
                 with crunching():  # read as it is written: a recording hours long is never held whole
                     earlier_result = audio_ops.stored(earlier_file, record["output"])
+                    if whole_asked and excerpt is not None:  # its region, into the recording it came from
+                        part = region_of(earlier_file, record["output"], original, *excerpt, excerpt)
+                        earlier_result = overlay(original, [(edit.row_id, part, *excerpt)])
                     encoded = self.publisher.encode(edit, earlier_result, info)
             try:
                 outcome.output = self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)
             finally:
                 encoded.discard()
-            if store is not self.store:
+            if store is not self.store and not whole_asked:
                 self.store.put_record(identity, {**record, "output": outcome.output, "ext": encoded.ext})
         outcome.status = SKIPPED_DONE
         outcome.take_checks(record.get("quality") or {})
@@ -81,8 +91,7 @@ class Results:
         into the output store; its URI. Raises KeptUnpublished when the store refused it and
         it is kept here, RowError when keeping it failed too."""
         identity = record["identity"]
-        details = {k: str(record[k]) for k in RESULT_DETAILS}
-        metadata = self.publisher.metadata(edit, {**details, "identity": identity})
+        metadata = self.publisher.metadata(edit, {**_details(record), "identity": identity})
         try:
             output = self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)
             self.store.put_record(identity, {**record, "output": output})
@@ -100,3 +109,12 @@ class Results:
                 f"{as_sentence(str(exc)).rstrip('.')}; the paid result is kept at {kept} and the next run "
                 "publishes it without paying again"
             ) from None
+
+
+def _details(record: dict[str, Any]) -> dict[str, str]:
+    """What a result's metadata says of how it was made (RESULT_DETAILS), and of what it
+    holds of its recording when only a part (a row of a combined file's: combine.py)."""
+    details = {k: str(record.get(k, "")) for k in RESULT_DETAILS}
+    if record.get("excerpt_frames"):
+        details["excerpt_frames"] = str(record["excerpt_frames"])
+    return details

@@ -16,6 +16,7 @@ from pathlib import Path
 from soundpatch import audio as audio_ops
 from soundpatch import preview
 from soundpatch.audio import Audio, ReadBack
+from soundpatch.combine import excerpt_frames
 from soundpatch.cpu import crunching
 from soundpatch.edits import Edit
 from soundpatch.providers import Prediction, Provider
@@ -61,12 +62,13 @@ class Splicer:
         if fade is None:
             fade = round(self.crossfade_ms / 1000 * original.rate)
         lo, hi = context_span(a, b, original.rate, original.frames)
+        part = self.publisher.part_span(edit, work.checked.info)  # a row of a combined file: (lo, hi)
         with crunching():  # the recording is not copied: written to a file a block at a time (audio.py)
             result = audio_ops.patch(original, prediction.fill, a, b, fade)
-            encoded = self.publisher.encode(edit, result, work.checked.info)
+            encoded = self.publisher.encode(edit, result if part is None else result.cut(*part), work.checked.info)
             try:
                 # Checked as users will read it: decoded back, compared with the original outside the region.
-                published = audio_ops.read_back(encoded.path, lo, hi, encoded.name, against=(original, a, b))
+                published = _read_back(encoded, original, a, b, lo, hi, at=0 if part is None else part[0])
                 quality = judge(original, published, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
             except BaseException:
                 encoded.discard()
@@ -108,6 +110,9 @@ class Splicer:
             "seed": edit.seed,
             "quality": quality.to_dict(),
         }
+        part = self.publisher.part_span(edit, work.checked.info)
+        if part is not None:  # what it holds of the recording (combine.py, results.py)
+            record["excerpt_frames"] = excerpt_frames(*part, work.original.frames)
         outcome.output = self.results.publish(edit, record, encoded)
 
     def alike_note(self) -> str | None:
@@ -128,6 +133,18 @@ class Splicer:
             preview.save(self.run_dir / "previews", edit.row_id, original, published.excerpt, a, b, published.lo)
         except Exception:  # noqa: BLE001 - the result is published; the preview is a nicety
             self._log_traceback(edit)
+
+
+def _read_back(encoded: Encoded, original: Audio, a: int, b: int, lo: int, hi: int, at: int) -> ReadBack:
+    """The result as a user will read it, frames [lo, hi) of the recording kept, compared with
+    the original outside [a, b) on the way; `at`: the recording's frame its file starts at
+    (not 0 for a row of a combined file, whose result is an excerpt)."""
+    if at == 0:
+        return audio_ops.read_back(encoded.path, lo, hi, encoded.name, against=(original, a, b))
+    frames = original.samples[at:]  # a view: compared from its start, for as long as the excerpt is
+    view = Audio(frames, original.rate, original.format, original.subtype)
+    back = audio_ops.read_back(encoded.path, lo - at, hi - at, encoded.name, against=(view, a - at, b - at))
+    return ReadBack(back.frames, back.excerpt, lo, back.outside_max_diff)
 
 
 @dataclass

@@ -93,12 +93,16 @@ def test_restoration_example_end_to_end_and_resume(workdir, prefect_home):
     for row in report.itertuples():
         source = workdir / "manifests" / row.input
         before, rate = sf.read(source, dtype="int16", always_2d=True)
-        after, out_rate = sf.read(row.output, dtype="int16", always_2d=True)
-        assert (out_rate, after.shape) == (rate, before.shape)
         a, b = round(row.start * rate), round(row.end * rate)
-        assert np.array_equal(before[:a], after[:a]) and np.array_equal(before[b:], after[b:])
-        assert not np.array_equal(before[a:b], after[a:b])
+        # Each row's own result (its edit goes into the recording's file with the others'):
+        # its region and a second each side, not a copy of the whole recording.
+        lo, hi = max(0, a - rate), min(len(before), b + rate)
         metadata = json.loads(Path(row.output + ".json").read_text())
+        assert metadata["excerpt_frames"] == f"{lo}-{hi}/{len(before)}"
+        after, out_rate = sf.read(row.output, dtype="int16", always_2d=True)
+        assert (out_rate, after.shape) == (rate, before[lo:hi].shape)
+        assert np.array_equal(before[lo:a], after[: a - lo]) and np.array_equal(before[b:hi], after[b - lo :])
+        assert not np.array_equal(before[a:b], after[a - lo : b - lo])
         assert metadata["row_id"] == row.row_id and metadata["region"] == f"{row.start:g}-{row.end:g}"
         assert metadata["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
         assert Path(row.output).parent.name == Path(row.input).stem + ".rows"  # each row's own result
@@ -113,7 +117,9 @@ def test_restoration_example_end_to_end_and_resume(workdir, prefect_home):
         untouched = np.ones(len(before), bool)
         for row in rows.itertuples():
             a, b = round(row.start * rate), round(row.end * rate)
-            assert np.array_equal(after[a:b], sf.read(row.output, dtype="int16", always_2d=True)[0][a:b])
+            lo = max(0, a - rate)
+            own = sf.read(row.output, dtype="int16", always_2d=True)[0]
+            assert np.array_equal(after[a:b], own[a - lo : b - lo])
             untouched[a:b] = False
         assert np.array_equal(before[untouched], after[untouched]) and not np.array_equal(before, after)
         assert json.loads(Path(combined + ".json").read_text())["rows"] == ",".join(rows["row_id"])

@@ -5,12 +5,19 @@ row) and test_storage (a bucket, a hosted model)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+import soundfile as sf
 
 from soundpatch.audio import Audio, ReadBack, encode, read_back
 from soundpatch.combine import CombinedFile, combined_note, overlay
+from soundpatch.config import load_config
 from soundpatch.errors import RowError
+from soundpatch.outcome import Outcome
+from tests.jobs import run_in_process
 
 
 def pcm16(seed: int, frames: int = 1000, channels: int = 2) -> np.ndarray:
@@ -59,9 +66,49 @@ def test_the_notes_say_what_was_made_what_lacks_a_row_and_what_was_not_made():
     )
     assert notes == [
         "2 files hold the edits of several rows of one recording each: fixed/a.wav (2 rows), fixed/b.wav "
-        "(1 row); each row's own result is beside it in <name>.rows/.",
+        "(1 row); each row's own result (its region and a second each side) is beside it in <name>.rows/.",
         "fixed/b.wav holds 1 of its 2 rows' edits: w (failed) did not finish, so its region is as in the "
         "input; mend or run them again with the same --run-id to complete it.",
         "fixed/c.wav was not made. None of its rows finished.",
     ]
     assert combined_note([]) == []
+
+
+def test_a_row_s_own_result_is_its_region_with_a_second_each_side_and_whole_again_where_asked(tmp_path):
+    # A restoration batch's rows each kept a whole copy of their recording beside the file
+    # holding all their edits: 40 dropouts of a 30-minute tape took 13 GB. A row of such a
+    # file now keeps its region and a second each side; the same edit asked for under a
+    # name of its own is made whole again from the recording, bit for bit and at no cost,
+    # and whole results (as earlier runs made them) still go into a combined file.
+    rate = 8000
+    source = np.random.default_rng(5).integers(-9000, 9000, (rate * 10, 2)).astype(np.int16)
+    sf.write(tmp_path / "reel.wav", source, rate, subtype="PCM_16")
+    regions = [(16000, 16400), (52000, 52800)]
+
+    def run(out: str, outputs: str, run_id: str) -> list[Outcome]:
+        rows = [f"hiss,reel.wav,2,2.05,room tone,1,{out}", f"thud,reel.wav,6.5,6.6,room tone,2,{out}"]
+        (tmp_path / "m.csv").write_text("id,input,start,end,prompt,seed,output\n" + "\n".join(rows) + "\n")
+        cfg = load_config(overrides={"output.uri": str(tmp_path / outputs), "runs_dir": str(tmp_path / "runs")})
+        return run_in_process(tmp_path / "m.csv", cfg, run_id)[0]
+
+    combined = run("restored/{stem}", "out", "one")
+    assert [o.status for o in combined] == ["succeeded", "succeeded"], [o.error for o in combined]
+    fixed = sf.read(combined[0].combined, dtype="int16")[0]
+    for o, (a, b) in zip(combined, regions, strict=True):
+        own = sf.read(o.output, dtype="int16")[0]
+        assert np.array_equal(own, np.concatenate([source[a - rate : a], fixed[a:b], source[b : b + rate]]))
+        assert json.loads(Path(o.output + ".json").read_text())["excerpt_frames"] == f"{a - rate}-{b + rate}/80000"
+
+    whole = run("whole/{row_id}", "out", "two")  # the same edits, each under its own name
+    assert [o.status for o in whole] == ["skipped_done", "skipped_done"], [o.error for o in whole]
+    for o, (a, b) in zip(whole, regions, strict=True):
+        own = sf.read(o.output, dtype="int16")[0]
+        assert np.array_equal(own[a:b], fixed[a:b]) and not np.array_equal(own[a:b], source[a:b])
+        assert np.array_equal(own[:a], source[:a]) and np.array_equal(own[b:], source[b:])
+        assert "excerpt_frames" not in json.loads(Path(o.output + ".json").read_text())
+
+    first = run("whole/{row_id}", "elsewhere", "three")  # whole results first, then the file of both
+    assert [o.status for o in first] == ["succeeded", "succeeded"]
+    then = run("restored/{stem}", "elsewhere", "four")
+    assert [o.status for o in then] == ["skipped_done", "skipped_done"], [o.error for o in then]
+    assert np.array_equal(sf.read(then[0].combined, dtype="int16")[0], fixed)

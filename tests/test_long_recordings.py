@@ -55,6 +55,10 @@ def test_a_long_recording_s_rows_and_their_file_hold_no_copy_of_it_each(tmp_path
     changed = np.flatnonzero((fixed != samples).any(axis=1))
     assert {int(f // rate) for f in changed} <= {20 + 40 * i for i in range(5)} and len(changed) > 0
     assert peak < 1.5 * size, f"{peak / size:.2f} recordings' worth allocated at once"
+    # Nor on disk: each row's own result keeps its region and a second each side (5 rows of
+    # a 4-minute tape, 10 s), where each was the whole tape (5 tapes' worth besides the file).
+    kept = sum(f.stat().st_size for f in (tmp_path / "out" / "fixed.rows").glob("*.wav"))
+    assert kept < 0.05 * size, f"the rows' own results take {kept / size:.2f} tapes"
 
 
 def test_rows_of_long_recordings_at_once_hold_their_results_on_disk_not_in_memory(tmp_path):

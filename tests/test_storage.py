@@ -423,7 +423,8 @@ def test_rows_of_one_recording_naming_one_file_get_it_in_the_bucket_with_all_the
     tmp_path, aws_env, simulator, monkeypatch
 ):
     # The restoration case with a hosted model and results in a bucket: each row's own
-    # result under <name>.rows/, then the named file from the input and those results.
+    # result under <name>.rows/ (its region and a second each side), then the named file
+    # from the input and those results.
     monkeypatch.setenv("EACHLABS_API_KEY", "k")
     source = wav_bytes(8.0, channels=2, freq=330.0)
     put(aws_env, "tapes", "reel-1.wav", source)
@@ -449,8 +450,10 @@ def test_rows_of_one_recording_naming_one_file_get_it_in_the_bucket_with_all_the
     untouched = np.ones(len(before), bool)
     for o in outcomes:
         a, b = round(o.start * rate), round(o.end * rate)
-        assert np.array_equal(after[a:b], sf.read(io.BytesIO(get(aws_env, o.output)), dtype="int16")[0][a:b])
-        assert not np.array_equal(after[a:b], before[a:b])
+        own = sf.read(io.BytesIO(get(aws_env, o.output)), dtype="int16")[0]
+        assert len(own) == (b + rate) - (a - rate)
+        assert np.array_equal(after[a:b], own[rate:-rate]) and not np.array_equal(after[a:b], before[a:b])
+        assert np.array_equal(own[:rate], before[a - rate : a]) and np.array_equal(own[-rate:], before[b : b + rate])
         untouched[a:b] = False
     assert np.array_equal(after[untouched], before[untouched])
     head = aws_env.client.head_object(Bucket=out, Key="lib/restored/reel-1.wav")
