@@ -67,6 +67,39 @@ def test_a_region_longer_than_the_rest_of_the_recording_is_looped(music_44k):
     assert np.sqrt(np.mean(fill.fill**2)) > 0.01  # not silence
 
 
+def test_on_a_long_recording_the_probes_look_near_themselves_and_the_region_90_s_each_side(monkeypatch):
+    # A restoration batch of a 30-minute tape's dropouts: the probes (which only choose the
+    # method) searched as far as the region's own fill, 90 s each side, so a row cost three
+    # times a short clip's. They now look 30 s either side of themselves; a clip shorter
+    # than that is probed exactly as before, and the region itself still searches 90 s.
+    from soundpatch.engine import similarity
+
+    rate = 8000
+    x = np.random.default_rng(3).normal(0, 0.1, (rate * 400, 1)).astype(np.float32)
+    searched: list[int] = []
+    real = similarity.find_matches
+
+    def find_matches(mono: np.ndarray, rate: int, a: int, b: int, limit: int = 8):
+        searched.append(len(mono))
+        return real(mono, rate, a, b, limit)
+
+    monkeypatch.setattr(similarity, "find_matches", find_matches)
+    engine = LocalEngine()
+    a = 200 * rate
+    fill = engine.inpaint(InpaintRequest(Audio(x, rate, "WAV", "FLOAT"), a, a + 400, "")).fill  # 50 ms: probed
+    assert fill.shape == (400, 1) and len(searched) >= 2
+    assert all(n <= 62 * rate for n in searched[:2]), [n / rate for n in searched[:2]]
+
+    searched.clear()
+    engine.inpaint(InpaintRequest(Audio(x, rate, "WAV", "FLOAT"), a, a + 2400, ""))  # 300 ms: a passage, unprobed
+    assert searched and searched[0] >= 180 * rate, [n / rate for n in searched]
+
+    searched.clear()
+    short = x[: 40 * rate]
+    engine.inpaint(InpaintRequest(Audio(short, rate, "WAV", "FLOAT"), 20 * rate, 20 * rate + 400, ""))
+    assert searched[:2] == [len(short)] * 2  # all of it, as before
+
+
 def test_seeds_choose_among_equally_good_passages(music_44k):
     # A strictly periodic loop: every period is an equally good source for the gap.
     rate = 8000

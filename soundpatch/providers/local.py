@@ -31,6 +31,8 @@ from soundpatch.providers.base import InpaintRequest, Prediction
 
 AR_ONLY_SECONDS = 0.02
 SHORT_GAP_SECONDS = 0.1
+# The probes (which only choose the method) search for passages this far either side of them.
+PROBE_REACH_SECONDS = 30.0
 # AR order for short gaps: about three times the gap (Janssen's rule of thumb), bounded.
 MAX_AR_ORDER = 1000
 # Seams between the original and a passage are re-interpolated over this long.
@@ -109,9 +111,15 @@ class LocalEngine:
         # as on every channel (bench/local_engine.py and the README: the same mean SNR within
         # 0.3 dB), in two thirds of the time for stereo.
         probed = x if x.shape[1] == 1 else mono(x)[:, None]
-        ar_score = sum(restore_probe(probed, pa, pb, ar_fill) for pa, pb in probes)
+        # ... and on the audio within PROBE_REACH_SECONDS of each probe: on a long recording
+        # the region's own search looks 90 s each side, which made a probe cost 3 times a
+        # 30-second clip's (the same probes where the recording is shorter than that).
+        reach = int(PROBE_REACH_SECONDS * rate)
+        near = [(max(0, pa - reach), min(len(x), pb + reach), pa, pb) for pa, pb in probes]
+        ar_score = sum(restore_probe(probed[lo:hi], pa - lo, pb - lo, ar_fill) for lo, hi, pa, pb in near)
         passage_score = sum(
-            restore_probe(probed, pa, pb, lambda h, i, j: passage_fill(h, i, j, rate, seed)[0]) for pa, pb in probes
+            restore_probe(probed[lo:hi], pa - lo, pb - lo, lambda h, i, j: passage_fill(h, i, j, rate, seed)[0])
+            for lo, hi, pa, pb in near
         )
         if passage_score > ar_score:
             fill, method = passage_fill(x, a, b, rate, seed)
