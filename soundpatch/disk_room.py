@@ -88,11 +88,12 @@ class DiskRoom:
                 self._holders[disk] = self._holders.get(disk, 0) + 1
         return [(disk, nbytes) for disk, _, nbytes in needs]
 
-    def lacks(self, result_bytes: int, answer_bytes: int = 0) -> str | None:
+    def lacks(self, result_bytes: int, answer_bytes: int = 0, what: str = "") -> str | None:
         """Why a result this large would not fit now, with no row in flight ("not enough free
-        disk space for this row's result: ..."); None if it would."""
+        disk space for this row's result: ..."); None if it would. `what`: a file other
+        than a row's result (a combined file), which is written without keeping the margin."""
         with self._changed:
-            short = self._short_of(self._needs(result_bytes, answer_bytes))
+            short = self._short_of(self._needs(result_bytes, answer_bytes), what)
         return short[1] if short is not None else None
 
     def _needs(self, result_bytes: int, answer_bytes: int) -> list[tuple[int, Path, int]]:
@@ -102,15 +103,17 @@ class DiskRoom:
             needs.append((_disk(self.outputs), self.outputs, result_bytes))
         return needs
 
-    def _short_of(self, needs: list[tuple[int, Path, int]]) -> tuple[int, str] | None:
+    def _short_of(self, needs: list[tuple[int, Path, int]], what: str = "") -> tuple[int, str] | None:
         """The first disk lacking the room asked of it, and why; None if all have it."""
+        margin = 0 if what else self.margin_bytes
         for disk, folder, nbytes in needs:
             free = shutil.disk_usage(_existing(folder)).free
-            if free - self._promised.get(disk, 0) - self.margin_bytes < nbytes:
+            if free - self._promised.get(disk, 0) - margin < nbytes:
+                kept = f" and {human_size(margin)} is kept for the run's own files" if margin else ""
+                what = what or "this row's result"
                 return disk, (  # told only when no row holds room there: none of the free space is promised
-                    f"not enough free disk space for this row's result: it takes up to {human_size(nbytes)} in "
-                    f"{folder}, where {human_size(free)} is free and {human_size(self.margin_bytes)} is "
-                    "kept for the run's own files"
+                    f"not enough free disk space for {what}: it takes up to "
+                    f"{human_size(nbytes)} in {folder}, where {human_size(free)} is free{kept}"
                 )
         return None
 

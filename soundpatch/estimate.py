@@ -38,6 +38,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
     and a create in doubt is not sent again: neither costs anything more."""
     predictions, cost, invalid, errors, done, duplicates = 0, 0.0, 0, [], 0, 0
     largest = (0, 0, "")  # the result that takes the most room on disk: (result, answer, row)
+    largest_file = (0, "")  # and the largest file holding several rows' edits: (bytes, name)
     to_collect = in_doubt = changed = 0
     resubmit = batch.config.provider.resubmit_in_doubt
     per_provider: dict[str, int] = {}
@@ -90,7 +91,9 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         shared = batch.publisher.combined.get(edit.row_id)
         if shared is not None and shared not in combined:  # the whole recording (its rows' results: their parts)
             combined.add(shared)
-            written[name] += batch.publisher.bytes_bound(checked.info)
+            whole = batch.publisher.bytes_bound(checked.info)
+            written[name] += whole
+            largest_file = (whole, shared) if whole > largest_file[0] else largest_file
     limits = batch.config.limits
     seconds = 0.0
     for name, count in per_provider.items():
@@ -127,6 +130,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         + batch.markup.notes_before()
         + _unready(batch, per_provider)
         + _short_of_disk(batch.room, *largest)
+        + _file_short_of_disk(batch.room, *largest_file)
         + _outputs_fill_up(free, batch.room.margin_bytes, results_bytes, largest[0]),
     }
 
@@ -156,6 +160,19 @@ def _short_of_disk(room: DiskRoom, result_bytes: int, answer_bytes: int, row_id:
     return [
         f"The run would refuse row {row_id} before sending it (and any other whose result is as large): "
         f"{lacking}; free some space, or set runs_dir (or output.uri) to a larger disk."
+    ]
+
+
+def _file_short_of_disk(room: DiskRoom, nbytes: int, name: str) -> list[str]:
+    """Whether the largest file holding several rows' edits could not be made once its rows
+    are done (it is written whole; the rows' own results are excerpts, far smaller)."""
+    lacking = room.lacks(nbytes, what="the file") if name else None
+    if lacking is None:
+        return []
+    return [
+        f"{name}, the file holding several rows' edits, would not be made once they are done: {lacking}; the "
+        "rows' results are kept, so free some space (or set runs_dir, or output.uri, to a larger disk) and run "
+        "it again with the same --run-id to make it at no cost."
     ]
 
 

@@ -129,6 +129,33 @@ def test_validate_says_what_the_results_take_on_disk_and_when_they_would_fill_it
     assert "once the disk is full, the rows left are refused before they are sent" in said
 
 
+def test_validate_says_when_the_file_of_several_rows_edits_would_not_fit_where_their_own_results_do(
+    tmp_path, small_disk
+):
+    # A restoration batch's rows keep excerpts of the tape (a second each side of each
+    # region); the file holding all their edits is written whole once they are done. Where
+    # only the excerpts fit, validate said nothing (it went by the largest row's result)
+    # and the run then said the file was not made.
+    disk = small_disk(80)  # 84 MB free: 64 MB kept for the run's own files, room for the rows' excerpts
+    tape(tmp_path / "tape.wav", 540)  # 95 MB of samples
+    rows = "".join(f"d{i},tape.wav,{10 + 60 * i},{10.05 + 60 * i},fill the dropout,restored\n" for i in range(3))
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt,output\n" + rows)
+    cfg = load_config(overrides={"output.uri": str(disk / "out"), "runs_dir": str(disk / "runs")})
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "tight", dry_run=True)
+    try:
+        notes = batch.estimate(batch.manifest.edits)["notes"]
+    finally:
+        batch.close()
+    assert not [n for n in notes if "would refuse row" in n], notes  # the rows' own results fit
+    [said] = [n for n in notes if n.startswith("restored.wav, the file holding several rows' edits, would not be")]
+    assert f"not enough free disk space for the file: it takes up to 97 MB in {disk / 'runs'}, where 84 MB is " in said
+    assert said.endswith("run it again with the same --run-id to make it at no cost.")
+
+    outcomes, notes, _ = run_in_process(tmp_path / "m.csv", cfg, "tight")
+    assert [o.status for o in outcomes] == ["succeeded"] * 3, [o.error for o in outcomes]
+    assert any(n.startswith("restored.wav was not made.") for n in notes), notes  # as validate said
+
+
 def test_rows_whose_results_do_not_fit_are_refused_before_they_are_paid_for(tmp_path, small_disk, aws_env, simulator):
     # Results are written whole to the run's folder before they are published. A row whose
     # result the disk cannot take was paid for, then failed with "Unexpected
