@@ -460,6 +460,19 @@ def test_rows_of_one_recording_naming_one_file_get_it_in_the_bucket_with_all_the
     assert head["Metadata"]["rows"] == "thud,hiss" and head["Metadata"]["regions"] == "1-1.25,5-5.5"
     assert any("restored/reel-1.wav (2 rows)" in n for n in notes)
 
+    # The same edits asked for each under its own name: made whole from the input and the
+    # excerpts in the bucket, paying for nothing.
+    (tmp_path / "m.csv").write_text((tmp_path / "m.csv").read_text().replace("restored/{stem}", "whole/{row_id}"))
+    again, _, _ = run_in_process(tmp_path / "m.csv", cfg, "reels-whole")
+    assert [o.status for o in again] == ["skipped_done", "skipped_done"], [o.error for o in again]
+    assert sim.stats.accepted == 2
+    for o in again:
+        a, b = round(o.start * rate), round(o.end * rate)
+        whole = sf.read(io.BytesIO(get(aws_env, o.output)), dtype="int16")[0]
+        assert o.output == f"s3://{out}/lib/whole/{o.row_id}.wav" and len(whole) == len(before)
+        assert np.array_equal(whole[a:b], after[a:b])
+        assert np.array_equal(whole[:a], before[:a]) and np.array_equal(whole[b:], before[b:])
+
 
 def test_metadata_past_s3_s_limit_is_shortened_fairly_and_never_what_identifies_the_result(tmp_path, aws_env):
     # S3 refuses an object whose user metadata passes 2 KB: a long prompt, a long extra
