@@ -29,6 +29,12 @@ TYPICAL_SECONDS = {"local": 0.5, "eachlabs": 15.0, "stability": 15.0, "fal": 15.
 # 30-minute stereo tape (318 MB a result) took 3.7 s a row a core where the row's own work
 # is the 0.5 s above, so about 100 MB a second a core.
 WRITTEN_BYTES_PER_SECOND = 100e6
+# The local engine searches its recording for a passage to fill the region with (90 s each
+# side of it; its probes, 30 s each side of themselves): a recording over a minute gives it
+# more to search, up to twice the work at three minutes and more (bench/local_engine.py: a
+# 4-minute recording's 30-100 ms gaps 0.64-0.87 s an edit, a 30-second clip's 0.32-0.48 s;
+# a 30-minute tape's 40 dropouts took 30 s on two cores, 1.5 s a row a core).
+SEARCHED_FROM_SECONDS, SEARCHED_UP_TO_SECONDS = 60.0, 180.0
 
 
 def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
@@ -42,6 +48,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
     to_collect = in_doubt = changed = 0
     resubmit = batch.config.provider.resubmit_in_doubt
     per_provider: dict[str, int] = {}
+    work: dict[str, float] = {}  # the local engine's seconds of work on one core, by provider
     written: dict[str, int] = {}  # bytes of results, by provider
     combined: set[str] = set()  # files of several rows' results, counted once each
     seen: set[str] = set()
@@ -87,6 +94,8 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         largest = (*needed, edit.row_id) if sum(needed) > sum(largest[:2]) else largest
         name = checked.provider.name
         per_provider[name] = per_provider.get(name, 0) + 1
+        if not checked.provider.hosted:
+            work[name] = work.get(name, 0.0) + _local_row_seconds(checked.info.duration)
         written[name] = written.get(name, 0) + needed[0]
         shared = batch.publisher.combined.get(edit.row_id)
         if shared is not None and shared not in combined:  # the whole recording (its rows' results: their parts)
@@ -102,7 +111,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
             rate_per_s = min(limits.concurrency / latency, limits.requests_per_minute / 60.0)
             seconds += count / rate_per_s
         else:  # the local engine sends no request: as many rows at once as it has cores (cpu.py)
-            busy = count * latency + written[name] / WRITTEN_BYTES_PER_SECOND
+            busy = work.get(name, count * latency) + written[name] / WRITTEN_BYTES_PER_SECOND
             seconds += busy / min(limits.concurrency, AT_ONCE)
     results_bytes = sum(written.values())
     free = batch.room.outputs_free()  # (the output folder, when a local one, and its disk's free space)
@@ -133,6 +142,12 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         + _file_short_of_disk(batch.room, *largest_file)
         + _outputs_fill_up(free, batch.room.margin_bytes, results_bytes, largest[0]),
     }
+
+
+def _local_row_seconds(duration: float) -> float:
+    """A local engine row's work on one core, by how long its recording is."""
+    longer = (duration - SEARCHED_FROM_SECONDS) / (SEARCHED_UP_TO_SECONDS - SEARCHED_FROM_SECONDS)
+    return TYPICAL_SECONDS["local"] * (1 + min(max(longer, 0.0), 1.0))
 
 
 def _outputs_fill_up(free: tuple[Path, int] | None, margin: int, results_bytes: int, largest: int) -> list[str]:

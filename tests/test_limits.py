@@ -159,6 +159,24 @@ def test_the_expected_wall_time_goes_by_the_rate_for_a_hosted_provider_and_by_th
     assert local == pytest.approx(busy / cpu.AT_ONCE, abs=0.05) and local < 60
 
 
+def test_the_local_engine_s_expected_time_grows_with_the_recording_it_searches(tmp_path):
+    # It searches 90 s each side of a region for a passage: a 30-minute tape's 40 dropouts
+    # took 30 s where the estimate said 11.7 (as if each were a 30-second clip).
+    for seconds in (30, 120, 240):
+        sf.write(tmp_path / f"t{seconds}.wav", np.full((seconds * 8000, 1), 0.1, np.float32), 8000)
+    rows = "".join(f"r{s}_{i},t{s}.wav,{10 + i},{10.05 + i},p,{{row_id}}\n" for s in (30, 120, 240) for i in range(4))
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt,output\n" + rows)
+    overrides = {"runs_dir": str(tmp_path / "runs"), "output.uri": str(tmp_path / "o"), "limits.concurrency": 1}
+    batch = Batch(load_manifest(tmp_path / "m.csv"), load_config(overrides=overrides), "estimate", dry_run=True)
+    try:
+        est = batch.estimate(batch.manifest.edits)
+    finally:
+        batch.close()
+    written = est["results_bytes"] / estimate_module.WRITTEN_BYTES_PER_SECOND
+    row = estimate_module.TYPICAL_SECONDS["local"]
+    assert est["expected_seconds"] == pytest.approx(4 * row + 4 * 1.5 * row + 4 * 2 * row + written, abs=0.05)
+
+
 def test_a_provider_is_out_of_reach_only_after_creates_in_a_row_come_to_nothing():
     reach = Reach(after=3)
     for _ in range(10):  # sporadic failures, with creates taken in between, never add up
