@@ -111,7 +111,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
             rate_per_s = min(limits.concurrency / latency, limits.requests_per_minute / 60.0)
             seconds += count / rate_per_s
         else:  # the local engine sends no request: as many rows at once as it has cores (cpu.py)
-            busy = work.get(name, count * latency) + written[name] / WRITTEN_BYTES_PER_SECOND
+            busy = work[name] + written[name] / WRITTEN_BYTES_PER_SECOND
             seconds += busy / min(limits.concurrency, AT_ONCE)
     results_bytes = sum(written.values())
     free = batch.room.outputs_free()  # (the output folder, when a local one, and its disk's free space)
