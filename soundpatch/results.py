@@ -68,10 +68,11 @@ class Results:
         else:  # another format asked for, the whole of an excerpt, or kept locally after a failed upload
             with store.opened(record["output"]) as earlier_file:
                 with crunching():  # read as it is written: a recording hours long is never held whole
-                    earlier_result = audio_ops.stored(earlier_file, record["output"])
                     if whole_asked and excerpt is not None:  # its region, into the recording it came from
                         part = region_of(earlier_file, record["output"], original, *excerpt, excerpt)
                         earlier_result = overlay(original, [(edit.row_id, part, *excerpt)])
+                    else:
+                        earlier_result = audio_ops.stored(earlier_file, record["output"])
                     encoded = self.publisher.encode(edit, earlier_result, info)
             try:
                 outcome.output = self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)

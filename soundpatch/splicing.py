@@ -139,8 +139,6 @@ def _read_back(encoded: Encoded, original: Audio, a: int, b: int, lo: int, hi: i
     """The result as a user will read it, frames [lo, hi) of the recording kept, compared with
     the original outside [a, b) on the way; `at`: the recording's frame its file starts at
     (not 0 for a row of a combined file, whose result is an excerpt)."""
-    if at == 0:
-        return audio_ops.read_back(encoded.path, lo, hi, encoded.name, against=(original, a, b))
     frames = original.samples[at:]  # a view: compared from its start, for as long as the excerpt is
     view = Audio(frames, original.rate, original.format, original.subtype)
     back = audio_ops.read_back(encoded.path, lo - at, hi - at, encoded.name, against=(view, a - at, b - at))
