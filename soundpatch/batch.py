@@ -156,11 +156,10 @@ class Batch:
         # Predictions runs of this machine that stopped had paid for and not used: a row of the
         # same edit collects one rather than paying again (left_here.py). With the outputs in a
         # bucket, the claims there name them (edit_claims.py); --force asks for new ones.
-        self.left_here = (
-            LeftHere(Path(config.runs_dir).expanduser(), run_id)
-            if self.bucket_claims is None and not self.force
-            else None
-        )
+        # What they sent and never heard back from holds whatever the outputs and --force: a
+        # row of such an edit is not sent unless provider.resubmit_in_doubt says to.
+        self.doubts_here = LeftHere(Path(config.runs_dir).expanduser(), run_id)
+        self.left_here = self.doubts_here if self.bucket_claims is None and not self.force else None
         self._leftovers: Leftovers | None = self.bucket_claims if self.bucket_claims is not None else self.left_here
         self._in_flight: dict[str, threading.Event] = {}  # identity -> set when its owner is done
         # Results are encoded into files here until published (publish.py); what a run that
@@ -638,6 +637,7 @@ class Batch:
         resume_id = state.prediction_id if state is not None else None
         kept = self.answers.load(state.answer) if state is not None else None
         clip = self._clip_settings
+        resent: list[str] = []  # stopped runs' creates in doubt for this edit that it sends again
         if state is not None and (resume_id or kept):
             provider = self._maker(state, provider)
             outcome.provider = provider.name
@@ -645,6 +645,7 @@ class Batch:
             clip = state.clip or clip  # cut as it was sent, even if the settings changed since
             made_for["identity"] = state.identity or made_for["identity"]
         else:
+            resent = self._doubted_elsewhere(claimed)
             # Waits while rows in flight hold the room it lacks; raises RowError when it cannot have it.
             waiting = lambda: self.journal.write("waiting_for_disk", edit.row_id)  # noqa: E731 - for the progress line
             if not room.make(give_up=lambda: not self._may_start(), waiting=waiting):
@@ -691,6 +692,7 @@ class Batch:
                 identity=made_for["identity"],
                 clip=clip,
                 **({"settled": True} if settled else {}),
+                **({"resent_doubt": resent} if resent else {}),
             )
         except BaseException:  # not recorded, so not sent
             if reservation.in_flight:  # reserved for it here: rows waiting on the budget count on this
@@ -760,6 +762,19 @@ class Batch:
         # Until its result is out, a failure keeps the prediction for the next attempt.
         self._unused[edit.row_id] = _unused(prediction.prediction_id or resume_id, prediction.cost_usd, settled)
         return prediction, provider
+
+    def _doubted_elsewhere(self, identity: str) -> list[str]:
+        """The stopped runs of this machine that sent a create for this edit and never heard
+        back, whose doubt this row sends again as told to (provider.resubmit_in_doubt); a
+        RowError, at no cost, when not told to (left_here.py)."""
+        runs = self.doubts_here.doubted_by(identity)
+        if runs and not self.config.provider.resubmit_in_doubt:
+            self.doubts_here.not_sent(runs[0])
+            raise RowError(
+                f"A create for this edit went out in run {runs[0]} and its answer never came; the prediction may "
+                "exist and is counted as spent there (set provider.resubmit_in_doubt: true to send it again)"
+            )
+        return runs
 
     def _settle(self, reservation: Reservation, cost_usd: float, provider: Provider) -> None:
         """Settle the row's reservation at what its prediction cost; a provider found charging
@@ -920,6 +935,9 @@ class Batch:
         claimed = self._leftovers.note() if self._leftovers is not None else ""
         if claimed:
             notes.append(claimed)
+        doubted = self.doubts_here.doubt_note()
+        if doubted:
+            notes.append(doubted)
         behind = self.journal.copy.note() if self.journal.copy is not None else None
         if behind:
             notes.append(behind)

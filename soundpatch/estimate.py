@@ -86,6 +86,9 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         if state is None and batch.left_here is not None and batch.left_here.has(identity):
             to_collect += 1  # a stopped run's (left_here.py)
             continue
+        if state is None and batch.doubts_here.doubted_by(identity) and not resubmit:
+            in_doubt += 1  # a stopped run's, not sent again (left_here.py)
+            continue
         predictions += 1
         # At the most a prediction cost in earlier attempts, where that is more than the price.
         cost += batch.markup.expected(checked.provider.name, checked.provider.price_usd)

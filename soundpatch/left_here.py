@@ -16,17 +16,26 @@ A prediction is offered to one other run only: the run taking it up journals so
 (`created` with `from_run`), and later runs pass it by. One that failed there (its result
 expired at the provider, say) would otherwise fail a row of every run after it.
 
+A create a stopped run left **in doubt** (sent, and its answer never came: killed while
+it was out, or timed out) may exist and be billed, with no id to collect it by. Its own
+rerun does not send it again unless `provider.resubmit_in_doubt: true`; nor does a run
+with another id (the next night's): a row of that edit fails at no cost, naming the run,
+until a run told to resubmit sends it (it journals so: `sending` names those runs in
+`resent_doubt`, and their doubt is cleared for the runs after it) or the edit's result is made some other way.
+
 What each run left is cached in runs_dir/LEFT_CACHE by its journal's size and time, so a
 runs folder of a year of nightly runs is read once, not at every start. `--force` does
-not collect them (it asks for a new prediction).
+not collect them (it asks for a new prediction); a create in doubt holds all the same.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from soundpatch.humanize import plural
 from soundpatch.journal import JOURNAL_FILE, read_events, states_from
 from soundpatch.leftovers import Left, Leftovers
 from soundpatch.locks import RunLock
@@ -37,16 +46,42 @@ LEFT_CACHE = ".left-predictions.json"
 class LeftHere(Leftovers):
     def __init__(self, runs_dir: Path, run_id: str) -> None:
         super().__init__()
-        left_by, taken_by = _left_by_stopped_runs(runs_dir, run_id)
-        for run, left in sorted(left_by.items()):
+        found = _left_by_stopped_runs(runs_dir, run_id)
+        for run, left in sorted(found.left.items()):
             for identity, (prediction_id, provider) in left.items():
                 # (A run that took it up and stopped before it was used still offers it.)
-                if not taken_by.get(prediction_id, set()) - {run}:
+                if not found.taken_by.get(prediction_id, set()) - {run}:
                     self._left.setdefault(identity, Left(run, prediction_id, provider))
+        self._doubted: dict[str, list[str]] = {}  # identity -> the stopped runs that left a create for it in doubt
+        for run, identities in sorted(found.doubt.items()):
+            for identity in identities:
+                if (identity, run) not in found.resent:
+                    self._doubted.setdefault(identity, []).append(run)
+        self.refused: dict[str, int] = {}  # run id -> rows not sent here for its creates in doubt
 
     def has(self, identity: str) -> bool:
         with self._lock:
             return identity in self._left
+
+    def doubted_by(self, identity: str) -> list[str]:
+        """The stopped runs that sent a create for `identity` and never heard back (it may
+        exist, and be billed), but for those a run since was told to send again."""
+        return self._doubted.get(identity, [])
+
+    def not_sent(self, run: str) -> None:
+        """A row of an edit `run` left in doubt was not sent here."""
+        with self._lock:
+            self.refused[run] = self.refused.get(run, 0) + 1
+
+    def doubt_note(self) -> str:
+        if not self.refused:
+            return ""
+        count = sum(self.refused.values())
+        return (
+            f"{plural(count, 'row')} of edits that {_runs(self.refused)} sent and never heard back from "
+            f"{'was' if count == 1 else 'were'} not sent again (that run counted {'it' if count == 1 else 'them'} "
+            "as spent; set provider.resubmit_in_doubt: true to send them)."
+        )
 
     def note(self) -> str:
         parts = []
@@ -72,17 +107,25 @@ def _runs(runs: dict[str, int]) -> str:
     return f"run{'s' if len(named) > 1 else ''} {shown}"
 
 
-def _left_by_stopped_runs(
-    runs_dir: Path, run_id: str
-) -> tuple[dict[str, dict[str, tuple[str, str]]], dict[str, set[str]]]:
-    """({run id: {identity: (prediction id, provider)}} of the runs in `runs_dir` no process
-    is running, but `run_id`; {prediction id: the runs that took it up from another})."""
+@dataclass
+class _Found:
+    """What the stopped runs in a runs folder left, by run."""
+
+    left: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)  # run -> {identity: (id, provider)}
+    taken_by: dict[str, set[str]] = field(default_factory=dict)  # prediction id -> the runs that took it up
+    doubt: dict[str, list[str]] = field(default_factory=dict)  # run -> identities it left a create in doubt for
+    resent: set[tuple[str, str]] = field(default_factory=set)  # (identity, run) whose doubt a run sent again
+
+
+def _left_by_stopped_runs(runs_dir: Path, run_id: str) -> _Found:
+    """What the runs in `runs_dir` that no process is running, but `run_id`, left: their
+    predictions not used, and their creates in doubt."""
     cache_path = runs_dir / LEFT_CACHE
     try:
         cache = json.loads(cache_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         cache = {}
-    found, fresh, taken_by = {}, {}, {}
+    found, fresh = _Found(), {}
     for journal in sorted(runs_dir.glob(f"*/{JOURNAL_FILE}")):
         run = journal.parent.name
         if run == run_id:
@@ -93,9 +136,10 @@ def _left_by_stopped_runs(
             continue
         stamp = [stat.st_size, stat.st_mtime_ns]
         cached = cache.get(run)
-        known = isinstance(cached, dict) and cached.get("journal") == stamp
-        if known and not cached.get("left"):  # nothing to offer: whether it runs now does not matter
-            left, taken_up = {}, cached.get("tried") or []
+        known = isinstance(cached, dict) and cached.get("journal") == stamp and "doubt" in cached
+        if known and not cached.get("left") and not cached.get("doubt"):
+            # Nothing to offer, nor to doubt: whether it runs now does not matter.
+            left, taken_up, doubt, resent = {}, cached.get("tried") or [], [], cached.get("resent") or []
         else:
             lock = RunLock(journal.parent)
             try:
@@ -104,16 +148,23 @@ def _left_by_stopped_runs(
             except OSError:
                 continue  # not ours to look at
             try:
-                left, taken_up = (cached["left"], cached.get("tried") or []) if known else _left_in(journal.parent)
-            except (OSError, ValueError):
+                if known:
+                    left, taken_up = cached["left"], cached.get("tried") or []
+                    doubt, resent = cached["doubt"], cached.get("resent") or []
+                else:
+                    left, taken_up, doubt, resent = _left_in(journal.parent)
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
             finally:
                 lock.release()
-        fresh[run] = {"journal": stamp, "left": left, "tried": taken_up}
+        fresh[run] = {"journal": stamp, "left": left, "tried": taken_up, "doubt": doubt, "resent": resent}
         for prediction_id in taken_up:
-            taken_by.setdefault(prediction_id, set()).add(run)
+            found.taken_by.setdefault(prediction_id, set()).add(run)
+        found.resent.update((str(identity), str(doubted)) for identity, doubted in resent)
         if left:
-            found[run] = {identity: tuple(pair) for identity, pair in left.items()}
+            found.left[run] = {identity: tuple(pair) for identity, pair in left.items()}
+        if doubt:
+            found.doubt[run] = list(doubt)
     if fresh != cache:
         try:
             scratch = cache_path.with_name(f"{LEFT_CACHE}.{os.getpid()}")
@@ -121,20 +172,32 @@ def _left_by_stopped_runs(
             os.replace(scratch, cache_path)
         except OSError:
             pass  # read again next time
-    return found, taken_by
+    return found
 
 
-def _left_in(run_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
+def _left_in(run_dir: Path) -> tuple[dict[str, list[str]], list[str], list[str], list[list[str]]]:
     """({identity: [prediction id, provider]} of the predictions a run made and did not use,
     not those a row of it failed using (kept for that run's own rerun, which says so); the
-    ids of other runs' predictions it took up). A prediction taken up once is not offered
-    again: one that failed there (expired at the provider, say) would fail every run after."""
+    ids of other runs' predictions it took up; the identities its last attempts left a
+    create in doubt for; (identity, run) of other runs' doubts it was told to send again). A
+    prediction taken up once is not offered again: one that failed there (expired at the
+    provider, say) would fail every run after."""
     events = list(read_events(run_dir))
     failed_with = {str((e.get("kept_paid") or {}).get("prediction_id")) for e in events if e.get("event") == "outcome"}
+    states = states_from(events).values()
     left = {
         s.identity: [s.prediction_id, s.provider or ""]
-        for s in states_from(events).values()
+        for s in states
         if s.prediction_id and s.identity and s.prediction_id not in failed_with
     }
     taken_up = sorted({str(e["prediction_id"]) for e in events if e.get("event") == "created" and e.get("from_run")})
-    return left, taken_up
+    doubt = sorted(
+        {s.identity for s in states if (s.in_doubt or s.doubted) and s.identity and not (s.prediction_id or s.answer)}
+    )
+    sent_again = {
+        (str(e.get("identity")), str(run))
+        for e in events
+        if e.get("event") == "sending"
+        for run in e.get("resent_doubt") or []
+    }
+    return left, taken_up, doubt, [[identity, run] for identity, run in sorted(sent_again)]  # lists, as JSON keeps them

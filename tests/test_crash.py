@@ -227,6 +227,54 @@ def test_a_create_whose_answer_never_came_is_not_sent_again(job_dir, aws_env, si
     assert sim.stats.accepted == 2
 
 
+def test_a_create_a_killed_run_never_heard_back_from_is_not_sent_by_a_run_with_a_new_id_either(
+    job_dir, aws_env, simulator, tmp_path_factory
+):
+    # Killed with a create out, then the same command without --run-id (or the next night's
+    # run): it sent that edit again, and the prediction may well exist and be billed.
+    sim = simulator(latency=0.2, fill="tone", slow_create_rate=1.0, slow_create_seconds=60)
+    write_job(job_dir, sim, aws_env, rows=2, concurrency=1)
+    env = environment(tmp_path_factory.mktemp("prefect"))
+    proc = start(job_dir, env, "died")
+    wait_for(lambda: sim.stats.accepted == 1 and events(job_dir, "died", "creating"), 60, "the create")
+    kill_group(proc)  # r00's prediction exists; that run never heard of it
+    sim.settings.slow_create_rate = 0.0
+    run = ("run", "job.csv", "--config", "job.yaml")
+
+    dry = soundpatch(*run, "--dry-run", cwd=job_dir, env=env)
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert re.search(r"in doubt from earlier \(not sent again\) +1\s", dry.stdout), dry.stdout
+    assert re.search(r"predictions to send +1\s", dry.stdout), dry.stdout
+
+    again = soundpatch(*run, cwd=job_dir, env=env)
+    assert again.returncode == 1, again.stdout + again.stderr
+    run_id = re.search(r"Run id (\S+)", again.stdout + again.stderr, re.I).group(1)
+    rows = report(job_dir, run_id).set_index("row_id")
+    assert rows.loc["r00", "status"] == "failed" and rows.loc["r00", "cost_usd"] == 0
+    assert "went out in run died and its answer never came" in rows.loc["r00", "error"]
+    assert "resubmit_in_doubt" in rows.loc["r00", "error"]
+    assert rows.loc["r01", "status"] == "succeeded"  # the rest of the batch goes on
+    assert sim.stats.accepted == 2  # r00 once (the killed run's), r01 once
+    assert "1 row of edits that run died sent and never heard back from was not sent again" in again.stdout
+
+    # Told to, a run sends it again; the runs after it, and the killed run's own rerun, find it made.
+    told = job_dir / "told.yaml"
+    told.write_text(
+        (job_dir / "job.yaml")
+        .read_text()
+        .replace("max_poll_seconds: 0.5", "max_poll_seconds: 0.5, resubmit_in_doubt: true")
+    )
+    sent = soundpatch("run", "job.csv", "--config", str(told), cwd=job_dir, env=env)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert sim.stats.accepted == 3
+    after = soundpatch(*run, cwd=job_dir, env=env)
+    assert after.returncode == 0, after.stdout + after.stderr
+    resumed = finish(job_dir, env, "died")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert list(report(job_dir, "died")["status"]) == ["skipped_done"] * 2
+    assert sim.stats.accepted == 3  # nothing more sent
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_lets_work_in_flight_finish_and_the_rerun_does_the_rest(
     job_dir, aws_env, simulator, tmp_path_factory, stop_signal

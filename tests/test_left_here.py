@@ -89,3 +89,57 @@ def test_a_prediction_another_run_took_up_is_not_offered_again(tmp_path):
     journal.write("created", "r3", prediction_id="p3", resumed=True)
     journal.close()
     assert LeftHere(runs, "new").has("edit-3")
+
+
+def sent_unanswered(runs, run: str, row: str, identity: str, ended: bool = False, **sending) -> None:
+    """A create for `identity` went out and its answer never came (the run was killed with
+    it out; or, `ended`, it timed out and the row failed, counted as spent)."""
+    journal = Journal(runs / run)
+    journal.write("sending", row, provider="stability", request="q-" + identity, identity=identity, clip={}, **sending)
+    journal.write("creating", row)
+    if ended:
+        journal.write("outcome", row, outcome={"row_id": row, "status": "failed", "cost_usd": 0.2, "attempts": 1})
+    journal.close()
+
+
+def test_a_stopped_runs_creates_in_doubt_hold_for_every_later_run_until_one_sends_them_again(tmp_path):
+    runs = tmp_path / "runs"
+    sent_unanswered(runs, "killed", "r1", "edit-1")  # killed with the create out
+    sent_unanswered(runs, "timed-out", "r2", "edit-2", ended=True)  # the row failed in doubt; the run ended
+    paid(runs, "answered", "r3", "edit-3", "p3", used=True)  # its answer came: nothing in doubt
+    sent_unanswered(runs, "redone", "r4", "edit-4")  # in doubt, then its own rerun was told to send it again
+    journal = Journal(runs / "redone")
+    journal.write("sending", "r4", provider="stability", request="q-edit-4", identity="edit-4", clip={})
+    journal.write("creating", "r4")
+    journal.write("answered", "r4", status=200)
+    journal.write("outcome", "r4", outcome={"row_id": "r4", "status": "succeeded", "cost_usd": 0.4, "attempts": 2})
+    journal.close()
+    sent_unanswered(runs, "going", "r5", "edit-5")  # a process runs it now: its create is simply out
+    going = RunLock(runs / "going").acquire()
+    try:
+        here = LeftHere(runs, "new")
+    finally:
+        going.release()
+    found = {i: here.doubted_by(i) for i in ("edit-1", "edit-2", "edit-3", "edit-4", "edit-5")}
+    assert found == {"edit-1": ["killed"], "edit-2": ["timed-out"], "edit-3": [], "edit-4": [], "edit-5": []}
+    assert not any(here.has(i) for i in found)  # nothing to collect: no id came back
+    assert here.doubted_by("edit-1") == ["killed"]  # not taken up once like a prediction: it holds
+    assert here.doubt_note() == ""
+    here.not_sent("killed")
+    assert here.doubt_note().startswith("1 row of edits that run killed sent and never heard back from was not sent")
+    assert json.loads((runs / LEFT_CACHE).read_text())["killed"]["doubt"] == ["edit-1"]  # read once
+    # A run's own are its own (its rerun says so itself).
+    assert LeftHere(runs, "killed").doubted_by("edit-1") == []
+
+    # A later run told to send it again (provider.resubmit_in_doubt) clears that run's doubt
+    # for the runs after it.
+    sent_unanswered(runs, "told-to", "x", "edit-1", resent_doubt=["killed"])
+    journal = Journal(runs / "told-to")
+    journal.write("answered", "x", status=200)
+    journal.write("outcome", "x", outcome={"row_id": "x", "status": "succeeded", "cost_usd": 0.2, "attempts": 1})
+    journal.close()
+    after = LeftHere(runs, "newer")
+    assert after.doubted_by("edit-1") == [] and after.doubted_by("edit-2") == ["timed-out"]
+    # Sent again and in doubt once more: that run's own doubt holds.
+    sent_unanswered(runs, "unlucky", "y", "edit-2", resent_doubt=["timed-out"])
+    assert LeftHere(runs, "newest").doubted_by("edit-2") == ["unlucky"]
