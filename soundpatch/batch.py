@@ -545,6 +545,8 @@ class Batch:
                         raise RowError(self._not_started)
                     waited = WAITED in (claim, across)  # for another's result: reused, if it made one
                     if waited and not self.force and self._reuse(edit, checked, identity, outcome, original):
+                        if self.bucket_claims is not None:
+                            self.bucket_claims.no_longer_doubted(identity)
                         return made_for
                     self._produce(checked, original, made_for, outcome)
         finally:
@@ -623,6 +625,8 @@ class Batch:
             self._give_up_unusable(edit.row_id)
             state = None
         if state is not None and (state.in_doubt or state.doubted) and not self.config.provider.resubmit_in_doubt:
+            if self.bucket_claims is not None:  # as it did for the runs on other machines
+                self.bucket_claims.keep_doubt(claimed, self.run_id)
             raise RowError(
                 "A create for this row went out in an earlier attempt that ended before its result was kept; "
                 "the prediction may exist and is counted as spent (set provider.resubmit_in_doubt: true to send "
@@ -712,6 +716,8 @@ class Batch:
         except PredictionFailed as exc:
             # The provider was reached and may have charged: keep what it says is owed.
             owed = 0.0 if settled else exc.cost_usd
+            if exc.in_doubt and self.bucket_claims is not None:  # for runs on other machines to see
+                self.bucket_claims.keep_doubt(claimed, self.run_id)
             self._settle(reservation, owed, provider)
             if left is not None and (exc.unseen or not exc.collectable) and self._may_start():
                 self._not_collected(edit.row_id, left, exc)  # ... and made here, in this same attempt
@@ -764,16 +770,23 @@ class Batch:
         return prediction, provider
 
     def _doubted_elsewhere(self, identity: str) -> list[str]:
-        """The stopped runs of this machine that sent a create for this edit and never heard
-        back, whose doubt this row sends again as told to (provider.resubmit_in_doubt); a
-        RowError, at no cost, when not told to (left_here.py)."""
-        runs = self.doubts_here.doubted_by(identity)
+        """The runs that sent a create for this edit and never heard back (stopped runs of
+        this machine: left_here.py; of any machine, as the edit's claim in the output bucket
+        says: edit_claims.py), whose doubt this row sends again as told to
+        (provider.resubmit_in_doubt); a RowError, at no cost, when not told to."""
+        runs = list(self.doubts_here.doubted_by(identity))
+        elsewhere = self.bucket_claims.doubted_by(identity) if self.bucket_claims is not None else ""
+        runs += [elsewhere] if elsewhere and elsewhere not in runs else []
         if runs and not self.config.provider.resubmit_in_doubt:
             self.doubts_here.not_sent(runs[0])
+            if self.bucket_claims is not None:  # the edit's claim in the bucket says so to every run after
+                self.bucket_claims.keep_doubt(identity, runs[0])
             raise RowError(
                 f"A create for this edit went out in run {runs[0]} and its answer never came; the prediction may "
                 "exist and is counted as spent there (set provider.resubmit_in_doubt: true to send it again)"
             )
+        if elsewhere:
+            self.bucket_claims.no_longer_doubted(identity)
         return runs
 
     def _settle(self, reservation: Reservation, cost_usd: float, provider: Provider) -> None:

@@ -21,6 +21,17 @@ Once the claimant's create is made, the claim names its prediction (`made`), so 
 taking the claim over after that machine died collects the prediction it paid for instead
 of paying for the edit a second time (`left_by`).
 
+A create whose answer never came (it timed out; or the machine died with it out) may exist
+and be billed, with no id to collect it by: no run sends that edit again unless
+provider.resubmit_in_doubt says to, whatever machine it runs on. A row whose create ends
+in doubt leaves its claim in place as it ends, naming its run (`doubt`), instead of letting
+it go; a run that takes over the claim of a dead run that named no prediction reads that
+run's journal's copy in the bucket (journal_copy.py) to learn whether its create went out.
+Either way the row there fails at no cost (`doubted_by`), and the claim stays, naming
+that doubt, until a run told to resubmit sends the edit (or finds its result made) and
+lets the claim go. A claim naming a
+doubt is no one's to wait for: it is taken over at once.
+
 Only with a run lease: a store without conditional writes can keep no claim either. Rows of
 the local engine, which sends nothing, claim nothing.
 """
@@ -35,6 +46,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from soundpatch.errors import RowError
+from soundpatch.journal import parse, states_from
+from soundpatch.journal_copy import JournalCopy
 from soundpatch.lease import lease_uri
 from soundpatch.leftovers import Left, Leftovers
 from soundpatch.locks import CLAIMED, STOPPED, WAITED
@@ -67,6 +80,9 @@ class BucketClaims(Leftovers):
         self.taken_over: dict[str, str] = {}  # the same, for runs whose lapsed claims were taken over
         self._etags: dict[str, str] = {}  # identity -> the ETag of this run's claim on it, while held
         # (Leftovers' `_left`: identity -> the prediction a claim taken over named.)
+        self._doubted: dict[str, str] = {}  # identity -> the run a claim taken over left a create in doubt for
+        self._keep_doubt: dict[str, str] = {}  # identity -> the run whose doubt this run's claim keeps as it ends
+        self._doubts_of: dict[str, set[str]] = {}  # run -> the edits its journal's copy leaves in doubt
 
     @contextmanager
     def claim(
@@ -83,7 +99,8 @@ class BucketClaims(Leftovers):
             there = self._look(uri)
             run = there[2].get("run", "") if there is not None else ""
             holder = there[2].get("holder", "") if there is not None else ""
-            if there is not None and run != self.run_id and self._going(run):
+            doubt = there[2].get("doubt", "") if there is not None else ""
+            if there is not None and run != self.run_id and not doubt and self._going(run):
                 if not told:
                     waiting(run)
                 how, told = WAITED, True
@@ -94,14 +111,20 @@ class BucketClaims(Leftovers):
                     return
                 time.sleep(self.poll_seconds)
                 continue
-            # Let go meanwhile, this run's own (from an earlier process), or its run is gone.
+            # Let go meanwhile, this run's own (from an earlier process), a doubt's, or its run is gone.
+            other = there is not None and run != self.run_id and not doubt
+            if other and not there[2].get("prediction") and self._left_in_doubt(run, identity):
+                doubt = run  # its create went out and no answer came: it may exist
             etag = self._write(uri, if_match=there[0] if there is not None else None)
             how = WAITED  # (its result may be there now)
-            if etag is not None and there is not None and run != self.run_id:
+            if etag is not None and other:
                 with self._lock:
                     self.taken_over.setdefault(run, holder)
                     if there[2].get("prediction"):  # it had paid for the edit: that is to collect
                         self._left[identity] = Left(run, there[2]["prediction"], there[2].get("provider", ""))
+            if etag is not None and doubt and doubt != self.run_id:
+                with self._lock:
+                    self._doubted[identity] = doubt
         with self._lock:
             self._etags[identity] = etag
         try:
@@ -110,7 +133,62 @@ class BucketClaims(Leftovers):
             with self._lock:
                 etag = self._etags.pop(identity, etag)
                 self._left.pop(identity, None)
-            self._let_go(uri, etag)
+                # A doubt found on it is kept unless the row sent the edit again, or found it made.
+                kept = self._keep_doubt.pop(identity, "") or self._doubted.pop(identity, "")
+                self._doubted.pop(identity, None)
+            if kept:
+                self._keep(uri, etag, kept)
+            else:
+                self._let_go(uri, etag)
+
+    def doubted_by(self, identity: str) -> str:
+        """The run that sent a create for the edit held here and never heard back, as the
+        claim this run took over said ("" if none)."""
+        with self._lock:
+            return self._doubted.get(identity, "")
+
+    def no_longer_doubted(self, identity: str) -> None:
+        """The edit held here is sent again as told to (provider.resubmit_in_doubt), or its
+        result turned out made: the doubt its claim named goes with the claim."""
+        with self._lock:
+            self._doubted.pop(identity, None)
+
+    def keep_doubt(self, identity: str, run: str) -> None:
+        """The claim held on `identity` stays in the bucket as it ends, naming `run`'s create
+        in doubt, for every run after to see (until one told to resubmit makes the edit)."""
+        with self._lock:
+            if identity in self._etags:
+                self._keep_doubt[identity] = run
+
+    def _left_in_doubt(self, run: str, identity: str) -> bool:
+        """Whether `run` (its machine gone) left a create for `identity` in doubt, as its
+        journal's copy in the bucket tells: sent, and no prediction id came back (an answer
+        it kept on that machine's disk is gone with it). Read once a run."""
+        with self._lock:
+            known = self._doubts_of.get(run)
+        if known is None:
+            try:
+                lines = JournalCopy(self.s3, self.output, run).lines()
+            except RowError as exc:
+                raise RowError(
+                    f"The edit's claim in the output bucket is run {run}'s, whose machine is gone, and its journal's "
+                    f"copy could not be read to tell whether its create went out, so nothing was sent ({exc})"
+                ) from None
+            known = {
+                s.identity
+                for s in states_from(parse(lines)).values()
+                if s.identity and (s.in_doubt or s.doubted or s.answer) and not s.prediction_id
+            }
+            with self._lock:
+                self._doubts_of[run] = known
+        return identity in known
+
+    def _keep(self, uri: S3Uri, etag: str, doubt: str) -> None:
+        """The claim rewritten to name `doubt`, and left in place (unless taken over meanwhile)."""
+        try:
+            self._write(uri, if_match=etag, extra={"doubt": doubt})
+        except RowError:
+            pass  # (this run's claim, left as it was: taken over once its lease lapses, as a dead run's)
 
     def made(self, identity: str, prediction_id: str, provider: str) -> None:
         """The claim held on `identity` names the prediction its create made (best effort:
@@ -121,7 +199,7 @@ class BucketClaims(Leftovers):
             return
         uri = self.output.child(f"{CLAIMS_PREFIX}/{identity}")
         try:
-            etag = self._write(uri, if_match=etag, prediction={"prediction": prediction_id, "provider": provider})
+            etag = self._write(uri, if_match=etag, extra={"prediction": prediction_id, "provider": provider})
         except RowError:
             return
         if etag is not None:  # (None: taken over meanwhile, this run's lease having lapsed)
@@ -129,11 +207,11 @@ class BucketClaims(Leftovers):
                 if identity in self._etags:
                     self._etags[identity] = etag
 
-    def _write(self, uri: S3Uri, if_match: str | None, prediction: dict[str, str] | None = None) -> str | None:
+    def _write(self, uri: S3Uri, if_match: str | None, extra: dict[str, str] | None = None) -> str | None:
         with self._lock:
             self._writes += 1
             body = f"{self.run_id}\n{self._holder}\n{self._token} {self._writes}\n".encode()  # an ETag of its own
-        metadata = {"run": self.run_id, "holder": self._holder, **(prediction or {})}
+        metadata = {"run": self.run_id, "holder": self._holder, **(extra or {})}
         try:
             return self.s3.put_if(uri, body, metadata, if_match=if_match)
         except RowError as exc:

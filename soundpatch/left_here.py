@@ -66,7 +66,7 @@ class LeftHere(Leftovers):
     def doubted_by(self, identity: str) -> list[str]:
         """The stopped runs that sent a create for `identity` and never heard back (it may
         exist, and be billed), but for those a run since was told to send again."""
-        return self._doubted.get(identity, [])
+        return list(self._doubted.get(identity, []))
 
     def not_sent(self, run: str) -> None:
         """A row of an edit `run` left in doubt was not sent here."""

@@ -352,6 +352,95 @@ def test_an_edit_whose_claimant_died_after_paying_for_nothing_it_can_collect_is_
     assert claims_in(aws_env) == []
 
 
+def doubt_named_on_the_claim(aws_env) -> str:
+    """The run whose create in doubt the edit's claim in the bucket names, if any."""
+    keys = claims_in(aws_env)
+    head = aws_env.client.head_object(Bucket="shared-out", Key=keys[0]) if keys else {}
+    return head.get("Metadata", {}).get("doubt", "")
+
+
+def refused_then_sent_when_told(job: Path, sim, aws_env, doubted: str) -> None:
+    """Run after run, on other machines, the edit `doubted` left in doubt is not sent (at
+    once: no lease to wait for), until a run told to resubmit makes it."""
+    for n in (3, 4):
+        later = machine(job, sim, aws_env, f"worker-{n}", run_id=f"{job.parent.name}-{n}", lease_seconds=6)
+        began = time.monotonic()
+        try:
+            [refused] = [later.process(e) for e in later.manifest.edits]
+        finally:
+            later.close()
+        assert time.monotonic() - began < 4  # (a claim naming a doubt is no one's to wait for)
+        assert refused.status == "failed" and refused.cost_usd == 0 and later.ledger.spent_usd == 0
+        assert f"A create for this edit went out in run {doubted} and its answer never came" in refused.error
+        assert doubt_named_on_the_claim(aws_env) == doubted
+        assert "sent and never heard back from was not sent again" in " ".join(later.notes())
+    creates = sim.stats.creates
+    told = machine(job, sim, aws_env, "worker-5", run_id=f"{job.parent.name}-5", **{"provider.resubmit_in_doubt": True})
+    try:
+        [made] = [told.process(e) for e in told.manifest.edits]
+    finally:
+        told.close()
+    assert made.status == "succeeded" and made.cost_usd == pytest.approx(0.2), made.error
+    assert sim.stats.creates == creates + 1 and claims_in(aws_env) == []
+
+
+def test_an_edit_whose_claimant_died_with_its_create_out_is_not_sent_by_another_machine(job, aws_env, simulator):
+    # The machine died after its create went out and before any answer: the prediction may
+    # exist, and be billed. The run taking the claim over learns so from that run's
+    # journal's copy in the bucket, and sends nothing; nor do the runs after it.
+    sim = simulator(latency=0.05, fill="tone")
+    gone = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1", lease_seconds=6)
+    thawed = threading.Event()
+
+    def out(model_input, request, attempt):
+        thawed.wait(30)
+        raise OSError("this machine is gone")
+
+    gone.provider_for(gone.manifest.edits[0])._send_create = out
+    worker, _ = producing(gone)
+    try:
+        copies = f"takes/.soundpatch/runs/{gone.run_id}/rows/"
+        wait_for(lambda: aws_env.keys("shared-out", copies), 10, "the journal's copy of the create going out")
+        died(gone)
+        other = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2", lease_seconds=6)
+        try:
+            [refused] = [other.process(e) for e in other.manifest.edits]  # once that run's lease lapses
+        finally:
+            other.close()
+    finally:
+        thawed.set()
+        worker.join()
+    assert refused.status == "failed" and refused.cost_usd == 0, refused.error
+    assert f"went out in run {gone.run_id} and its answer never came" in refused.error
+    assert sim.stats.creates == 0 and doubt_named_on_the_claim(aws_env) == gone.run_id
+    refused_then_sent_when_told(job, sim, aws_env, gone.run_id)
+
+
+def test_a_create_that_timed_out_leaves_its_doubt_on_the_edit_s_claim_for_other_machines(job, aws_env, simulator):
+    # No answer came in time: the row failed, counted as spent, and its run ended as usual,
+    # letting its lease go. A run on another machine (the next night's, in a new container)
+    # sent the edit again.
+    sim = simulator(latency=0.05, fill="tone", slow_create_rate=1.0, slow_create_seconds=3)
+    first = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1", **{"provider.timeout_seconds": 1})
+    try:
+        [doubted] = [first.process(e) for e in first.manifest.edits]
+    finally:
+        first.close()
+    assert doubted.status == "failed" and "it may have been created" in doubted.error
+    assert doubted.cost_usd == pytest.approx(0.2) and sim.stats.creates == 1
+    assert doubt_named_on_the_claim(aws_env) == first.run_id
+    sim.settings.slow_create_rate = 0.0
+    # Its own rerun does not send it either (as before), and the claim keeps saying so.
+    again = machine(job, sim, aws_env, "worker-1", run_id=first.run_id)
+    try:
+        [still] = [again.process(e) for e in again.manifest.edits]
+    finally:
+        again.close()
+    assert still.status == "failed" and "counted as spent" in still.error and sim.stats.creates == 1
+    assert doubt_named_on_the_claim(aws_env) == first.run_id
+    refused_then_sent_when_told(job, sim, aws_env, first.run_id)
+
+
 def test_a_run_takes_back_its_own_claim_from_its_crashed_process_at_once(job, aws_env, simulator):
     sim = simulator(latency=0.05, fill="tone")
     crashed = machine(job, sim, aws_env, "server")

@@ -100,7 +100,9 @@ class PredictionFailed(RowError):
     on the way back (polling, downloading, decoding, aligning): its id, or its answer kept
     on disk, is worth collecting again rather than paying for a new one. `unseen`: asked
     for by its id, the provider said it knows no such prediction for this key (401, 403
-    or 404): one another run made, on an account of its own.
+    or 404): one another run made, on an account of its own. `in_doubt`: the create went
+    out and what it made, if anything, can never be collected (no answer came, or one with
+    no prediction id): it is not sent again unless provider.resubmit_in_doubt says to.
     """
 
     def __init__(
@@ -111,9 +113,11 @@ class PredictionFailed(RowError):
         attempts: int = 1,
         collectable: bool = False,
         unseen: bool = False,
+        in_doubt: bool = False,
     ):
         super().__init__(message)
         self.unseen = unseen
+        self.in_doubt = in_doubt
         self.cost_usd = cost_usd
         self.prediction_id = prediction_id
         self.attempts = attempts

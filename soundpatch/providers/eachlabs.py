@@ -47,6 +47,7 @@ class EachLabs(QueuedProvider):
                 self.price_usd,
                 None,
                 attempt,
+                in_doubt=True,
             )
         return str(prediction_id)
 

@@ -47,6 +47,7 @@ class Fal(QueuedProvider):
                 self.price_usd,
                 None,
                 attempt,
+                in_doubt=True,
             )
         return str(request_id)
 

@@ -396,6 +396,7 @@ class HostedProvider:
             self.price_usd,
             prediction_id,
             attempts,
+            in_doubt=True,
         )
 
 
