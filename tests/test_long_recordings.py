@@ -92,6 +92,34 @@ def test_rows_of_long_recordings_at_once_hold_their_results_on_disk_not_in_memor
     assert not list((tmp_path / "out").rglob("*.part"))
 
 
+def test_rows_the_local_engine_fills_from_a_passage_hold_their_windows_a_few_at_a_time(tmp_path):
+    # A 50 ms dropout is filled from a passage searched for up to 90 s each side: each row
+    # works on up to three minutes of the recording as floats, and searches it. Sixteen rows
+    # of a 30-minute tape did so at once (3 GB resident, no sooner done); now as many rows as
+    # there are cores (cpu.py). 6 rows of a 4-minute tape, 6 threads: 28 recordings' worth at
+    # once before, about 12 now.
+    rate = 44100
+    t = np.arange(rate * 240) / rate
+    music = 0.15 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 0.5 * t))
+    samples = (np.stack([music, music], axis=1) * 32767).astype(np.int16)
+    sf.write(tmp_path / "tape.wav", samples, rate, subtype="PCM_16")
+    rows = [f"d{i},tape.wav,{20 + 35 * i},{20.05 + 35 * i},fill the dropout" for i in range(6)]
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\n" + "\n".join(rows) + "\n")
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "passages")
+    tracemalloc.start()
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            outcomes = list(pool.map(batch.process, batch.manifest.edits))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        batch.close()
+    assert [o.status for o in outcomes] == ["succeeded"] * 6
+    assert all(o.method.startswith("similarity (passage") for o in outcomes)  # the search ran
+    assert peak < 16 * samples.nbytes, f"{peak / samples.nbytes:.1f} recordings' worth allocated at once"
+
+
 @pytest.mark.parametrize("container", ["flac", "wav"])  # the format asked for the second time
 def test_an_earlier_result_published_again_in_another_format_is_never_held_whole(tmp_path, container):
     # A result an earlier run made is published again, at no cost, when the same edit is

@@ -23,6 +23,7 @@ import re
 import numpy as np
 
 from soundpatch.audio import mono
+from soundpatch.cpu import crunching
 from soundpatch.engine import autoregressive, similarity
 from soundpatch.engine.evaluation import restore_probe
 from soundpatch.errors import RowError
@@ -72,7 +73,11 @@ class LocalEngine:
     def inpaint(self, request: InpaintRequest) -> Prediction:
         with self.in_flight.slot():
             request.check_may_start()
-            return self._inpaint(request)
+            # All of it is computation, on a window of the recording up to three minutes of
+            # floats: as many rows at once as there are cores (cpu.py). Sixteen rows of a long
+            # tape at once held sixteen windows (3 GB), and finished no sooner.
+            with crunching():
+                return self._inpaint(request)
 
     def _inpaint(self, request: InpaintRequest) -> Prediction:
         audio, a, b = request.audio, request.a, request.b
