@@ -636,7 +636,7 @@ class Batch:
         if self._leftovers is not None and (state is None or not (state.prediction_id or state.answer)):
             left = self._leftovers.left_by(claimed)
             if left is not None:
-                state = self._left_to_collect(edit.row_id, left, claimed)
+                state = self._left_to_collect(edit.row_id, left, claimed) or state
         settled = state is not None and state.settled  # collected at no new cost: counted already
         resume_id = state.prediction_id if state is not None else None
         kept = self.answers.load(state.answer) if state is not None else None
@@ -707,7 +707,9 @@ class Batch:
             taken_up = {"prediction_id": resume_id, "resumed": True, **({"from_run": left.run} if left else {})}
             self._told(edit.row_id, claimed, provider.name, "created", taken_up)
         if kept is not None and state is not None:  # still kept, should this attempt die too
-            self.journal.write("answer_kept", edit.row_id, **(state.answer or {}), resumed=True)
+            # (Another run's, `from_run`: taken up once, as its predictions are: left_here.py.)
+            taken = {"from_run": left.run, "from_file": left.answer.get("file")} if left and left.answer else {}
+            self.journal.write("answer_kept", edit.row_id, **(state.answer or {}), resumed=True, **taken)
         if not (resume_id or kept):  # a create goes out (collecting what was paid for sends none)
             outcome.attempts += 1
         self._sent.pop(edit.row_id, None)
@@ -811,13 +813,31 @@ class Batch:
         if event == "created" and self.bucket_claims is not None and fields.get("prediction_id"):
             self.bucket_claims.made(claimed, str(fields["prediction_id"]), provider)
 
-    def _left_to_collect(self, row_id: str, left: Left, identity: str) -> RowState:
+    def _left_to_collect(self, row_id: str, left: Left, identity: str) -> RowState | None:
         """The prediction a run whose machine died had made for this edit (its claim, taken
         over, named it), or a run of this machine that stopped (its journal): collected as this
-        row's at no new cost (that run paid for it)."""
+        row's at no new cost (that run paid for it). A paid answer that run kept on disk (no
+        id to collect by) is copied into this run's answers first; None if it is gone."""
+        answer = None
+        if left.answer:
+            paid = AnswerShelf(Path(self.config.runs_dir).expanduser() / left.run).load(left.answer)
+            if paid is None:
+                return None  # used by that run since (its rerun), or removed: nothing to collect
+            try:
+                answer = self.answers.keep(row_id, paid)
+            except OSError as exc:
+                raise RowError(
+                    f"The answer run {left.run} paid for and kept could not be copied into this run's folder "
+                    f"({type(exc).__name__}: {exc}); nothing was sent: run {left.run} again with its --run-id "
+                    "to finish the edit from it"
+                ) from None
         self._held[row_id] = self.ledger.hold(0.0)
         return RowState(
-            provider=left.provider or None, prediction_id=left.prediction_id, settled=True, identity=identity
+            provider=left.provider or None,
+            prediction_id=left.prediction_id or None,
+            answer=answer,
+            settled=True,
+            identity=identity,
         )
 
     def _not_collected(self, row_id: str, left: Left, exc: PredictionFailed) -> None:

@@ -14,7 +14,10 @@ the same across machines (edit_claims.py); this is the same for runs of one mach
 
 A prediction is offered to one other run only: the run taking it up journals so
 (`created` with `from_run`), and later runs pass it by. One that failed there (its result
-expired at the provider, say) would otherwise fail a row of every run after it.
+expired at the provider, say) would otherwise fail a row of every run after it. A
+provider that gives no id (Stability) leaves the paid answer the run kept on disk
+(answers.py) instead: offered the same way, copied into the run taking it up (its
+`answer_kept` names `from_run` and `from_file`). One whose file is gone is lost: in doubt.
 
 A create a stopped run left **in doubt** (sent, and its answer never came: killed while
 it was out, or timed out) may exist and be billed, with no id to collect it by. Its own
@@ -34,7 +37,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from soundpatch.answers import AnswerShelf
 from soundpatch.humanize import plural
 from soundpatch.journal import JOURNAL_FILE, read_events, states_from
 from soundpatch.leftovers import Left, Leftovers
@@ -48,10 +53,11 @@ class LeftHere(Leftovers):
         super().__init__()
         found = _left_by_stopped_runs(runs_dir, run_id)
         for run, left in sorted(found.left.items()):
-            for identity, (prediction_id, provider) in left.items():
+            for identity, (prediction_id, provider, *kept) in left.items():
+                answer = kept[0] if kept and isinstance(kept[0], dict) else None
                 # (A run that took it up and stopped before it was used still offers it.)
-                if not found.taken_by.get(prediction_id, set()) - {run}:
-                    self._left.setdefault(identity, Left(run, prediction_id, provider))
+                if not found.taken_by.get(prediction_id or _answer_key(run, answer), set()) - {run}:
+                    self._left.setdefault(identity, Left(run, prediction_id, provider, answer))
         self._doubted: dict[str, list[str]] = {}  # identity -> the stopped runs that left a create for it in doubt
         for run, identities in sorted(found.doubt.items()):
             for identity in identities:
@@ -111,7 +117,7 @@ def _runs(runs: dict[str, int]) -> str:
 class _Found:
     """What the stopped runs in a runs folder left, by run."""
 
-    left: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)  # run -> {identity: (id, provider)}
+    left: dict[str, dict[str, tuple]] = field(default_factory=dict)  # run -> {identity: (id, provider[, answer])}
     taken_by: dict[str, set[str]] = field(default_factory=dict)  # prediction id -> the runs that took it up
     doubt: dict[str, list[str]] = field(default_factory=dict)  # run -> identities it left a create in doubt for
     resent: set[tuple[str, str]] = field(default_factory=set)  # (identity, run) whose doubt a run sent again
@@ -175,29 +181,52 @@ def _left_by_stopped_runs(runs_dir: Path, run_id: str) -> _Found:
     return found
 
 
-def _left_in(run_dir: Path) -> tuple[dict[str, list[str]], list[str], list[str], list[list[str]]]:
+def _left_in(run_dir: Path) -> tuple[dict[str, list], list[str], list[str], list[list[str]]]:
     """({identity: [prediction id, provider]} of the predictions a run made and did not use,
-    not those a row of it failed using (kept for that run's own rerun, which says so); the
-    ids of other runs' predictions it took up; the identities its last attempts left a
+    not those a row of it failed using (kept for that run's own rerun, which says so), or
+    ["", provider, its record] of a paid answer it kept and did not use; the ids of other
+    runs' predictions it took up (and the answers: `_answer_key`); the identities its last attempts left a
     create in doubt for; (identity, run) of other runs' doubts it was told to send again). A
     prediction taken up once is not offered again: one that failed there (expired at the
     provider, say) would fail every run after."""
     events = list(read_events(run_dir))
-    failed_with = {str((e.get("kept_paid") or {}).get("prediction_id")) for e in events if e.get("event") == "outcome"}
-    states = states_from(events).values()
-    left = {
-        s.identity: [s.prediction_id, s.provider or ""]
-        for s in states
-        if s.prediction_id and s.identity and s.prediction_id not in failed_with
+    kept_paid = [e.get("kept_paid") or {} for e in events if e.get("event") == "outcome"]
+    failed_with = {str(k.get("prediction_id")) for k in kept_paid}
+    failed_with |= {str((k.get("answer") or {}).get("file")) for k in kept_paid if k.get("answer")}
+    shelf = AnswerShelf(run_dir)
+    left: dict[str, list] = {}
+    doubt: set[str] = set()
+    for s in states_from(events).values():
+        if not s.identity:
+            continue
+        if s.prediction_id:
+            if s.prediction_id not in failed_with:
+                left[s.identity] = [s.prediction_id, s.provider or ""]
+        elif s.answer:  # paid, and kept here: no id to collect by
+            if str(s.answer.get("file")) in failed_with:
+                continue
+            if shelf.exists(s.answer):
+                left[s.identity] = ["", s.provider or "", s.answer]
+            else:  # its file is gone: lost, as good as in doubt
+                doubt.add(s.identity)
+        elif s.in_doubt or s.doubted:
+            doubt.add(s.identity)
+    taken_up = {str(e["prediction_id"]) for e in events if e.get("event") == "created" and e.get("from_run")}
+    taken_up |= {
+        _answer_key(str(e["from_run"]), {"file": e.get("from_file")})
+        for e in events
+        if e.get("event") == "answer_kept" and e.get("from_run")
     }
-    taken_up = sorted({str(e["prediction_id"]) for e in events if e.get("event") == "created" and e.get("from_run")})
-    doubt = sorted(
-        {s.identity for s in states if (s.in_doubt or s.doubted) and s.identity and not (s.prediction_id or s.answer)}
-    )
     sent_again = {
         (str(e.get("identity")), str(run))
         for e in events
         if e.get("event") == "sending"
         for run in e.get("resent_doubt") or []
     }
-    return left, taken_up, doubt, [[identity, run] for identity, run in sorted(sent_again)]  # lists, as JSON keeps them
+    # Lists, as JSON keeps them.
+    return left, sorted(taken_up), sorted(doubt), [[identity, run] for identity, run in sorted(sent_again)]
+
+
+def _answer_key(run: str, answer: dict[str, Any] | None) -> str:
+    """What names a kept answer among what runs took up (a prediction, by its id)."""
+    return f"answer:{run}/{(answer or {}).get('file')}"

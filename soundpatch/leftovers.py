@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Left:
-    """A prediction that another run made for an edit and did not use."""
+    """A prediction that another run made for an edit and did not use: its id, or (a
+    provider that gives none, Stability) the paid answer that run kept on this machine's
+    disk (its answers.py record)."""
 
     run: str
     prediction_id: str
     provider: str
+    answer: dict[str, Any] | None = None
 
 
 class Leftovers:

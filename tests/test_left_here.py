@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+from soundpatch.answers import AnswerShelf
 from soundpatch.journal import Journal
 from soundpatch.left_here import LEFT_CACHE, LeftHere
 from soundpatch.locks import RunLock
+from soundpatch.providers import PaidAnswer
 
 
 def paid(runs, run: str, row: str, identity: str, prediction: str, used: bool = False) -> None:
@@ -143,3 +145,35 @@ def test_a_stopped_runs_creates_in_doubt_hold_for_every_later_run_until_one_send
     # Sent again and in doubt once more: that run's own doubt holds.
     sent_unanswered(runs, "unlucky", "y", "edit-2", resent_doubt=["timed-out"])
     assert LeftHere(runs, "newest").doubted_by("edit-2") == ["unlucky"]
+
+
+def test_a_paid_answer_a_stopped_run_kept_is_offered_once_while_its_file_is_there(tmp_path):
+    # Stability gives no prediction id: what a killed run paid for is the answer it kept.
+    runs = tmp_path / "runs"
+    for run, row, identity in (("killed", "r1", "edit-1"), ("killed", "r2", "edit-2"), ("used", "r3", "edit-3")):
+        journal = Journal(runs / run)
+        journal.write("sending", row, provider="stability", request="q-" + identity, identity=identity, clip={})
+        journal.write("creating", row)
+        journal.write("answered", row, status=200)
+        kept = AnswerShelf(runs / run).keep(row, PaidAnswer(b"RIFF...", 0.2, None))
+        journal.write("answer_kept", row, **kept)
+        journal.close()
+    AnswerShelf(runs / "killed").discard("r2")  # its file is gone: lost, as good as in doubt
+    journal = Journal(runs / "used")
+    journal.write("outcome", "r3", outcome={"row_id": "r3", "status": "succeeded", "cost_usd": 0.2})
+    journal.close()
+    here = LeftHere(runs, "new")
+    left = here.left_by("edit-1")
+    assert (left.run, left.prediction_id, left.provider) == ("killed", "", "stability")
+    assert AnswerShelf(runs / "killed").load(left.answer).data == b"RIFF..."
+    assert not here.has("edit-2") and here.doubted_by("edit-2") == ["killed"]
+    assert not here.has("edit-3") and here.doubted_by("edit-3") == []
+    # Taken up by a run (a copy in its own answers, journaled with where it came from): not
+    # offered again, but by that run, should it stop before using it.
+    journal = Journal(runs / "took-it")
+    journal.write("sending", "x", provider="stability", request="q", identity="edit-1", clip={}, settled=True)
+    copy = AnswerShelf(runs / "took-it").keep("x", PaidAnswer(b"RIFF...", 0.2, None))
+    journal.write("answer_kept", "x", **copy, resumed=True, from_run="killed", from_file=left.answer["file"])
+    journal.close()
+    offered = LeftHere(runs, "newer").left_by("edit-1")
+    assert offered.run == "took-it" and offered.answer["file"] == copy["file"]

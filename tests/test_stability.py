@@ -8,6 +8,7 @@ masked seconds, so each test can predict the samples that should come back.
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -372,6 +373,41 @@ def test_a_run_that_dies_using_a_paid_answer_finishes_it_on_the_rerun_without_pa
     result = SimpleNamespace(**row._asdict())
     result.output = str(local_library / row.output)
     assert_result_is_right(local_library, None, result, 35)
+
+
+def test_a_paid_answer_a_killed_run_kept_is_used_by_the_next_run_whatever_its_id(local_library, simulator):
+    # The same death as above, then the same command without --run-id (or the next night's
+    # run): Stability's answer has no id to collect by, and the new run paid for the edit a
+    # second time. It takes up the answer the killed run kept instead.
+    sim = simulator(latency=0.1, fill="tone", api_key=KEY)
+    (local_library / "one.csv").write_text("id,input,start,end,prompt,seed\nloop,audio/loop.wav,10,14.5,brass,222\n")
+    (local_library / "sa.yaml").write_text(f"provider: {{name: stability, base_url: '{sim.base_url}'}}\n")
+    env = clean_env(STABILITY_API_KEY=KEY)
+    run = ("run", "one.csv", "--config", "sa.yaml")
+    died = dying(AT_DECODE, *run, "--run-id", "died", cwd=local_library, env=env)
+    assert died.returncode == 137, died.stdout + died.stderr
+    assert sim.stats.creates == 1 and sim.billed() == pytest.approx(PRICE)
+
+    dry = soundpatch(*run, "--dry-run", cwd=local_library, env=env)
+    assert re.search(r"paid earlier, to collect \(no new cost\) +1\s", dry.stdout), dry.stdout
+    again = soundpatch(*run, cwd=local_library, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 result was made from predictions that run died paid for and never collected" in again.stdout
+    run_id = re.search(r"Run id (\S+)", again.stdout + again.stderr, re.I).group(1)
+    report = pd.read_csv(local_library / "runs" / run_id / "report.csv", keep_default_na=False)
+    (row,) = report.itertuples()
+    assert row.status == "succeeded" and row.cost_usd == 0
+    assert sim.stats.creates == 1 and sim.billed() == pytest.approx(PRICE)  # not sent again
+    result = SimpleNamespace(**row._asdict())
+    result.output = str(local_library / row.output)
+    assert_result_is_right(local_library, None, result, 35)  # the model's tone inside, the rest bit for bit
+    assert list((local_library / "runs" / run_id / "answers").iterdir()) == []  # its copy went with its outcome
+
+    # The killed run, run again, finds the edit made.
+    resumed = soundpatch(*run, "--run-id", "died", cwd=local_library, env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert pd.read_csv(local_library / "runs" / "died" / "report.csv")["status"].tolist() == ["skipped_done"]
+    assert sim.stats.creates == 1
 
 
 def test_an_answer_that_failed_its_row_is_kept_and_the_rerun_finishes_from_it(local_library, simulator, monkeypatch):
