@@ -27,6 +27,22 @@ def tape(path, seconds: int, rate: int = 44100) -> np.ndarray:
     return samples
 
 
+def all_at_once(folder, rows: list[str], run_id: str) -> tuple[list, int]:
+    """The manifest `rows` (id,input,start,end,prompt) worked on all at once, one thread
+    each, by the local engine: their outcomes, and the most Python allocated at once."""
+    (folder / "m.csv").write_text("id,input,start,end,prompt\n" + "\n".join(rows) + "\n")
+    cfg = load_config(overrides={"output.uri": str(folder / "out"), "runs_dir": str(folder / "runs")})
+    batch = Batch(load_manifest(folder / "m.csv"), cfg, run_id)
+    tracemalloc.start()
+    try:
+        with ThreadPoolExecutor(len(rows)) as pool:
+            outcomes = list(pool.map(batch.process, batch.manifest.edits))
+        return outcomes, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        batch.close()
+
+
 def test_a_long_recording_s_rows_and_their_file_hold_no_copy_of_it_each(tmp_path):
     # An archive's recordings run for hours (635 MB of samples an hour in 16-bit stereo).
     # A row's result was a copy of the recording, encoded, then decoded again to check it;
@@ -68,17 +84,7 @@ def test_rows_of_long_recordings_at_once_hold_their_results_on_disk_not_in_memor
     # folder, it is linked into place: what the rows hold at once is the recording, once.
     samples = tape(tmp_path / "tape.wav", 180)
     rows = [f"d{i},tape.wav,{15 + 30 * i},{15.02 + 30 * i},fill the dropout" for i in range(5)]
-    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\n" + "\n".join(rows) + "\n")
-    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
-    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "tapes")
-    tracemalloc.start()
-    try:
-        with ThreadPoolExecutor(5) as pool:
-            outcomes = list(pool.map(batch.process, batch.manifest.edits))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-        batch.close()
+    outcomes, peak = all_at_once(tmp_path, rows, "tapes")
     assert [o.status for o in outcomes] == ["succeeded"] * 5
     assert peak < 1.5 * samples.nbytes, f"{peak / samples.nbytes:.2f} recordings' worth allocated at once"
     for i, o in enumerate(outcomes):
@@ -104,17 +110,7 @@ def test_rows_the_local_engine_fills_from_a_passage_hold_their_windows_a_few_at_
     samples = (np.stack([music, music], axis=1) * 32767).astype(np.int16)
     sf.write(tmp_path / "tape.wav", samples, rate, subtype="PCM_16")
     rows = [f"d{i},tape.wav,{20 + 35 * i},{20.05 + 35 * i},fill the dropout" for i in range(6)]
-    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\n" + "\n".join(rows) + "\n")
-    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
-    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "passages")
-    tracemalloc.start()
-    try:
-        with ThreadPoolExecutor(6) as pool:
-            outcomes = list(pool.map(batch.process, batch.manifest.edits))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-        batch.close()
+    outcomes, peak = all_at_once(tmp_path, rows, "passages")
     assert [o.status for o in outcomes] == ["succeeded"] * 6
     assert all(o.method.startswith("similarity (passage") for o in outcomes)  # the search ran
     assert peak < 16 * samples.nbytes, f"{peak / samples.nbytes:.1f} recordings' worth allocated at once"
