@@ -635,8 +635,11 @@ class Batch:
         left = None  # another run's prediction: its claim named it, or its journal here
         if self._leftovers is not None and (state is None or not (state.prediction_id or state.answer)):
             left = self._leftovers.left_by(claimed)
-            if left is not None:
-                state = self._left_to_collect(edit.row_id, left, claimed) or state
+            collected = self._left_to_collect(edit.row_id, left, claimed) if left is not None else None
+            if collected is None:  # (a kept answer gone since: nothing of that run's to fall back on)
+                left = None
+            else:
+                state = collected
         settled = state is not None and state.settled  # collected at no new cost: counted already
         resume_id = state.prediction_id if state is not None else None
         kept = self.answers.load(state.answer) if state is not None else None

@@ -29,8 +29,8 @@ it go; a run that takes over the claim of a dead run that named no prediction re
 run's journal's copy in the bucket (journal_copy.py) to learn whether its create went out.
 Either way the row there fails at no cost (`doubted_by`), and the claim stays, naming
 that doubt, until a run told to resubmit sends the edit (or finds its result made) and
-lets the claim go. A claim naming a
-doubt is no one's to wait for: it is taken over at once.
+lets the claim go. A claim naming a doubt is no one's to wait for: it is taken over at
+once.
 
 Only with a run lease: a store without conditional writes can keep no claim either. Rows of
 the local engine, which sends nothing, claim nothing.

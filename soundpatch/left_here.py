@@ -24,7 +24,8 @@ it was out, or timed out) may exist and be billed, with no id to collect it by. 
 rerun does not send it again unless `provider.resubmit_in_doubt: true`; nor does a run
 with another id (the next night's): a row of that edit fails at no cost, naming the run,
 until a run told to resubmit sends it (it journals so: `sending` names those runs in
-`resent_doubt`, and their doubt is cleared for the runs after it) or the edit's result is made some other way.
+`resent_doubt`, and their doubt is cleared for the runs after it) or the edit's result is
+made some other way.
 
 What each run left is cached in runs_dir/LEFT_CACHE by its journal's size and time, so a
 runs folder of a year of nightly runs is read once, not at every start. `--force` does
@@ -185,10 +186,10 @@ def _left_in(run_dir: Path) -> tuple[dict[str, list], list[str], list[str], list
     """({identity: [prediction id, provider]} of the predictions a run made and did not use,
     not those a row of it failed using (kept for that run's own rerun, which says so), or
     ["", provider, its record] of a paid answer it kept and did not use; the ids of other
-    runs' predictions it took up (and the answers: `_answer_key`); the identities its last attempts left a
-    create in doubt for; (identity, run) of other runs' doubts it was told to send again). A
-    prediction taken up once is not offered again: one that failed there (expired at the
-    provider, say) would fail every run after."""
+    runs' predictions it took up (and their answers: `_answer_key`); the identities its
+    last attempts left a create in doubt for; (identity, run) of other runs' doubts it was
+    told to send again). A prediction taken up once is not offered again: one that failed
+    there (expired at the provider, say) would fail every run after."""
     events = list(read_events(run_dir))
     kept_paid = [e.get("kept_paid") or {} for e in events if e.get("event") == "outcome"]
     failed_with = {str(k.get("prediction_id")) for k in kept_paid}

@@ -410,6 +410,31 @@ def test_a_paid_answer_a_killed_run_kept_is_used_by_the_next_run_whatever_its_id
     assert sim.stats.creates == 1
 
 
+def test_a_kept_answer_gone_before_it_is_taken_up_is_made_anew_once(local_library, simulator, monkeypatch):
+    # Offered when the run began, then gone (the killed run's own rerun used it meanwhile):
+    # the row sends its own create, and one left in doubt is not followed by another as if
+    # it had been the offered answer that failed.
+    sim = simulator(latency=0.1, fill="tone", api_key=KEY)
+    (local_library / "one.csv").write_text("id,input,start,end,prompt,seed\nloop,audio/loop.wav,10,14.5,brass,222\n")
+    (local_library / "sa.yaml").write_text(f"provider: {{name: stability, base_url: '{sim.base_url}'}}\n")
+    args = ("run", "one.csv", "--config", "sa.yaml", "--run-id", "died")
+    died = dying(AT_DECODE, *args, cwd=local_library, env=clean_env(STABILITY_API_KEY=KEY))
+    assert died.returncode == 137 and sim.stats.creates == 1, died.stdout + died.stderr
+    monkeypatch.setenv("STABILITY_API_KEY", KEY)
+    cfg = stability_config(local_library, sim, **{"provider.deadline_seconds": 1.0})
+    batch = Batch(load_manifest(local_library / "one.csv"), cfg, "later")
+    try:
+        assert batch.left_here.has(batch.identity(batch.check(batch.manifest.edits[0])))
+        for kept in (local_library / "runs" / "died" / "answers").iterdir():
+            kept.unlink()
+        sim.settings.slow_create_rate, sim.settings.slow_create_seconds = 1.0, 3.0  # no answer in time
+        [outcome] = [batch.process(e) for e in batch.manifest.edits]
+    finally:
+        batch.close()
+    assert outcome.status == "failed" and "it may have been created" in outcome.error
+    assert sim.stats.creates == 2 and outcome.cost_usd == pytest.approx(PRICE)  # its own, once
+
+
 def test_an_answer_that_failed_its_row_is_kept_and_the_rerun_finishes_from_it(local_library, simulator, monkeypatch):
     # Stability has no prediction id to ask again: its answer, once billed, exists only as
     # the bytes that came back. A row that failed using them (a fault of ours, not a crash)
