@@ -11,7 +11,7 @@ from pathlib import Path
 from soundpatch.answers import AnswerShelf
 from soundpatch.errors import RowError
 from soundpatch.humanize import plural
-from soundpatch.journal import RowState, lines_here, merge, parse, restore, row_states, states_from
+from soundpatch.journal import RowState, lines_here, lose_answers, merge, parse, restore, row_states, states_from
 from soundpatch.journal_copy import JournalCopy
 
 
@@ -26,16 +26,7 @@ def read_earlier_attempts(
     if copied and restore_here:
         restore(run_dir, copied)  # this machine's journal of the run from now on
     states = states_from(parse(copied)) if copied else row_states(run_dir)
-    for s in states.values():
-        if s.answer is not None and not answers.exists(s.answer):
-            s.answer = None
-            if s.prediction_id is not None:
-                continue  # with an id it can still be collected
-            if s.settled:  # its price is in the row's outcome already: counted, not sent again
-                s.settled, s.doubted = False, True
-            else:
-                s.in_doubt = True
-    return states, said
+    return lose_answers(states, answers.exists), said
 
 
 def _copied_journal(run_dir: Path, run_id: str, copy: JournalCopy | None) -> tuple[list[str], str]:

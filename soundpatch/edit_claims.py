@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from soundpatch.errors import RowError
-from soundpatch.journal import parse, states_from
+from soundpatch.journal import lose_answers, parse, states_from
 from soundpatch.journal_copy import JournalCopy
 from soundpatch.lease import lease_uri
 from soundpatch.leftovers import Left, Leftovers
@@ -174,10 +174,9 @@ class BucketClaims(Leftovers):
                     f"The edit's claim in the output bucket is run {run}'s, whose machine is gone, and its journal's "
                     f"copy could not be read to tell whether its create went out, so nothing was sent ({exc})"
                 ) from None
+            gone = lose_answers(states_from(parse(lines)), lambda answer: False)  # with the machine
             known = {
-                s.identity
-                for s in states_from(parse(lines)).values()
-                if s.identity and (s.in_doubt or s.doubted or s.answer) and not s.prediction_id
+                s.identity for s in gone.values() if s.identity and (s.in_doubt or s.doubted) and not s.prediction_id
             }
             with self._lock:
                 self._doubts_of[run] = known

@@ -11,7 +11,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -275,6 +275,28 @@ class RowState:
     staged: list[str] = field(default_factory=list)  # staged clips not cleaned up
     # The most one of the row's predictions cost, by the provider that made it.
     charged: dict[str, float] = field(default_factory=dict)
+
+    def lose_answer(self) -> None:
+        """Its paid answer's kept file is gone (or the machine that kept it): with a
+        prediction id the prediction can still be collected; without one the answer is
+        lost, and the create counts as in doubt, as one never answered (or, when the row's
+        outcome counts its price already, it failed using it, as doubted): either way not
+        paid for again unless told to."""
+        self.answer = None
+        if self.prediction_id is not None:
+            return
+        if self.settled:
+            self.settled, self.doubted = False, True
+        else:
+            self.in_doubt = True
+
+
+def lose_answers(states: dict[str, RowState], kept: Callable[[dict[str, Any]], bool]) -> dict[str, RowState]:
+    """`states`, each paid answer `kept` says is no longer there lost (`RowState.lose_answer`)."""
+    for s in states.values():
+        if s.answer is not None and not kept(s.answer):
+            s.lose_answer()
+    return states
 
 
 def row_states(run_dir: Path) -> dict[str, RowState]:

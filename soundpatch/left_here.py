@@ -27,9 +27,10 @@ until a run told to resubmit sends it (it journals so: `sending` names those run
 `resent_doubt`, and their doubt is cleared for the runs after it) or the edit's result is
 made some other way.
 
-What each run left is cached in runs_dir/LEFT_CACHE by its journal's size and time, so a
-runs folder of a year of nightly runs is read once, not at every start. `--force` does
-not collect them (it asks for a new prediction); a create in doubt holds all the same.
+What each run left is cached in runs_dir/LEFT_CACHE by its journal's size and time (and
+its answers folder's time), so a runs folder of a year of nightly runs is read once, not
+at every start. `--force` does not collect them (it asks for a new prediction); a create
+in doubt holds all the same.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any
 
 from soundpatch.answers import AnswerShelf
 from soundpatch.humanize import plural
-from soundpatch.journal import JOURNAL_FILE, read_events, states_from
+from soundpatch.journal import JOURNAL_FILE, lose_answers, read_events, states_from
 from soundpatch.leftovers import Left, Leftovers
 from soundpatch.locks import RunLock
 
@@ -141,7 +142,8 @@ def _left_by_stopped_runs(runs_dir: Path, run_id: str) -> _Found:
             stat = journal.stat()
         except OSError:
             continue
-        stamp = [stat.st_size, stat.st_mtime_ns]
+        # Its kept answers' folder too: a file gone from there is a paid answer lost.
+        stamp = [stat.st_size, stat.st_mtime_ns, _changed(AnswerShelf(journal.parent).folder)]
         cached = cache.get(run)
         known = isinstance(cached, dict) and cached.get("journal") == stamp and "doubt" in cached
         if known and not cached.get("left") and not cached.get("doubt"):
@@ -182,6 +184,13 @@ def _left_by_stopped_runs(runs_dir: Path, run_id: str) -> _Found:
     return found
 
 
+def _changed(folder: Path) -> int:
+    try:
+        return folder.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 def _left_in(run_dir: Path) -> tuple[dict[str, list], list[str], list[str], list[list[str]]]:
     """({identity: [prediction id, provider]} of the predictions a run made and did not use,
     not those a row of it failed using (kept for that run's own rerun, which says so), or
@@ -197,19 +206,15 @@ def _left_in(run_dir: Path) -> tuple[dict[str, list], list[str], list[str], list
     shelf = AnswerShelf(run_dir)
     left: dict[str, list] = {}
     doubt: set[str] = set()
-    for s in states_from(events).values():
+    for s in lose_answers(states_from(events), shelf.exists).values():
         if not s.identity:
             continue
         if s.prediction_id:
             if s.prediction_id not in failed_with:
                 left[s.identity] = [s.prediction_id, s.provider or ""]
         elif s.answer:  # paid, and kept here: no id to collect by
-            if str(s.answer.get("file")) in failed_with:
-                continue
-            if shelf.exists(s.answer):
+            if str(s.answer.get("file")) not in failed_with:
                 left[s.identity] = ["", s.provider or "", s.answer]
-            else:  # its file is gone: lost, as good as in doubt
-                doubt.add(s.identity)
         elif s.in_doubt or s.doubted:
             doubt.add(s.identity)
     taken_up = {str(e["prediction_id"]) for e in events if e.get("event") == "created" and e.get("from_run")}

@@ -177,3 +177,28 @@ def test_a_paid_answer_a_stopped_run_kept_is_offered_once_while_its_file_is_ther
     journal.close()
     offered = LeftHere(runs, "newer").left_by("edit-1")
     assert offered.run == "took-it" and offered.answer["file"] == copy["file"]
+
+
+def test_a_paid_answer_a_row_failed_using_is_its_runs_own_and_in_doubt_for_all_once_its_file_is_gone(tmp_path):
+    # The row failed using its paid answer (its price is in the outcome), kept for the run's
+    # own rerun: another run is not offered it. Once its file is gone the answer is lost: the
+    # run's own rerun does not pay for the edit again unless told (earlier_attempts.py), and
+    # no other run does either.
+    from soundpatch.earlier_attempts import read_earlier_attempts
+
+    runs = tmp_path / "runs"
+    journal = Journal(runs / "failed")
+    journal.write("sending", "r1", provider="stability", request="q-1", identity="edit-1", clip={})
+    journal.write("creating", "r1")
+    journal.write("answered", "r1", status=200)
+    kept = AnswerShelf(runs / "failed").keep("r1", PaidAnswer(b"RIFF...", 0.2, None))
+    journal.write("answer_kept", "r1", **kept)
+    outcome = {"row_id": "r1", "status": "failed", "cost_usd": 0.2, "attempts": 1}
+    journal.write("outcome", "r1", outcome=outcome, kept_paid={"answer": kept})
+    journal.close()
+    here = LeftHere(runs, "new")
+    assert not here.has("edit-1") and here.doubted_by("edit-1") == []
+    AnswerShelf(runs / "failed").discard("r1")
+    assert LeftHere(runs, "newer").doubted_by("edit-1") == ["failed"]
+    states, _ = read_earlier_attempts(runs / "failed", "failed", None, AnswerShelf(runs / "failed"), False)
+    assert states["r1"].doubted and states["r1"].answer is None and not states["r1"].in_doubt
