@@ -146,6 +146,12 @@ class Batch:
             if self.lease is not None
             else None
         )
+        # A dry run claims nothing, and reads what the edits' claims would tell the run (estimate.py).
+        self.claims_seen = (
+            BucketClaims(self.s3, self.store.prefix, run_id, config.storage.s3.lease_seconds, lambda: False)
+            if dry_run and remote
+            else None
+        )
         # What earlier attempts of this run left (journal.py), and what the start made of the
         # journal's copy in the bucket, for the notes.
         self.states, self._copy_read = (

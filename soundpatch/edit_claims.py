@@ -83,6 +83,7 @@ class BucketClaims(Leftovers):
         self._doubted: dict[str, str] = {}  # identity -> the run a claim taken over left a create in doubt for
         self._keep_doubt: dict[str, str] = {}  # identity -> the run whose doubt this run's claim keeps as it ends
         self._doubts_of: dict[str, set[str]] = {}  # run -> the edits its journal's copy leaves in doubt
+        self._claimed: set[str] | None = None  # the claims' keys, as listed once (`seen`)
 
     @contextmanager
     def claim(
@@ -140,6 +141,27 @@ class BucketClaims(Leftovers):
                 self._keep(uri, etag, kept)
             else:
                 self._let_go(uri, etag)
+
+    def seen(self, identity: str) -> tuple[str, Left | None]:
+        """What the edit's claim would tell a row of this run now, read only (a dry run): the
+        run whose create in doubt it names, or a gone claimant left ("" if none), and the
+        prediction a gone claimant paid for, to collect. One listing of the claims first, so
+        only an edit claimed costs a request more."""
+        with self._lock:
+            if self._claimed is None:
+                self._claimed = set()  # (listed once, read or not)
+                self._claimed = set(self.s3.keys(self.output.child(f"{CLAIMS_PREFIX}/")))
+            claimed = self._claimed
+        uri = self.output.child(f"{CLAIMS_PREFIX}/{identity}")
+        there = self._look(uri) if uri.key in claimed else None
+        if there is None:
+            return "", None
+        run, doubt = there[2].get("run", ""), there[2].get("doubt", "")
+        if doubt or run == self.run_id or self._going(run):
+            return doubt, None  # (a run going now: its result is reused once made)
+        if there[2].get("prediction"):
+            return "", Left(run, there[2]["prediction"], there[2].get("provider", ""))
+        return (run if self._left_in_doubt(run, identity) else ""), None
 
     def doubted_by(self, identity: str) -> str:
         """The run that sent a create for the edit held here and never heard back, as the

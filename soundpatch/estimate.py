@@ -17,6 +17,8 @@ from soundpatch.manifest import lookalike_notes
 
 if TYPE_CHECKING:
     from soundpatch.batch import Batch
+    from soundpatch.edit_claims import BucketClaims
+    from soundpatch.leftovers import Left
 
 # Typical seconds per prediction, for the wall-time estimate before a run. The local
 # engine's is a row's time on one core (on this project's 2-core machine, 2,000 rows of
@@ -35,6 +37,15 @@ WRITTEN_BYTES_PER_SECOND = 100e6
 # 4-minute recording's 30-100 ms gaps 0.64-0.87 s an edit, a 30-second clip's 0.32-0.48 s;
 # a 30-minute tape's 40 dropouts took 30 s on two cores, 1.5 s a row a core).
 SEARCHED_FROM_SECONDS, SEARCHED_UP_TO_SECONDS = 60.0, 180.0
+
+
+def _claim_says(claims: BucketClaims, identity: str) -> tuple[str, Left | None]:
+    """What the edit's claim in the bucket would tell the run; nothing where it cannot be
+    read (the row then counts as a prediction: the estimate errs on the side of cost)."""
+    try:
+        return claims.seen(identity)
+    except RowError:
+        return "", None
 
 
 def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
@@ -89,6 +100,14 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         if state is None and batch.doubts_here.doubted_by(identity) and not resubmit:
             in_doubt += 1  # a stopped run's, not sent again (left_here.py)
             continue
+        if state is None and batch.claims_seen is not None:  # runs' of other machines (edit_claims.py)
+            doubt, left = _claim_says(batch.claims_seen, identity)
+            if doubt and not resubmit:
+                in_doubt += 1
+                continue
+            if left is not None:
+                to_collect += 1
+                continue
         predictions += 1
         # At the most a prediction cost in earlier attempts, where that is more than the price.
         cost += batch.markup.expected(checked.provider.name, checked.provider.price_usd)

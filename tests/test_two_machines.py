@@ -54,6 +54,16 @@ def machine(
     return batch
 
 
+def dry_run(job: Path, sim, aws_env, name: str, run_id: str, **overrides) -> dict:
+    """What `soundpatch run --dry-run` counts on a machine of its own, the edits' claims read."""
+    cfg = hosted_config(sim, aws_env.endpoint, "s3://shared-out/takes/", job.parent / name / "runs", **overrides)
+    batch = Batch(load_manifest(job), cfg, run_id, dry_run=True)
+    try:
+        return batch.estimate(batch.manifest.edits)
+    finally:
+        batch.close()
+
+
 def freeze(batch: Batch) -> None:
     """The machine of `batch` stops (a paused VM, a partitioned worker): its lease is no
     longer renewed."""
@@ -288,6 +298,15 @@ def test_an_edit_whose_claimant_died_after_paying_is_collected_not_paid_again(jo
     # names, instead of paying for the edit again.
     sim = simulator(latency=0.05, fill="tone")
     with died_after_its_create(job, sim, aws_env) as (gone, paid_for):
+        # A dry run meanwhile: while that run's lease holds its result may yet come (a
+        # prediction, should it not); once it lapsed, that run's prediction is to collect.
+        lapses = {"storage.s3.lease_seconds": 6}  # (as the gone run's)
+        est = dry_run(job, sim, aws_env, "worker-2", f"{job.parent.name}-2", **lapses)
+        assert (est["predictions"], est["to_collect"]) == (1, 0)
+        lease = S3Uri("shared-out", f"takes/.soundpatch/runs/{gone.run_id}/lease")
+        wait_for(lambda: gone.s3.age(lease)[1] > 6.0, 15, "the gone run's lease to lapse")
+        est = dry_run(job, sim, aws_env, "worker-2", f"{job.parent.name}-2", **lapses)
+        assert (est["predictions"], est["to_collect"], est["expected_cost_usd"]) == (0, 1, 0)
         other = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2", lease_seconds=6)
         try:
             [collected] = [other.process(e) for e in other.manifest.edits]  # once that run's lease lapses
@@ -363,6 +382,9 @@ def refused_then_sent_when_told(job: Path, sim, aws_env, doubted: str) -> None:
     """Run after run, on other machines, the edit `doubted` left in doubt is not sent (at
     once: no lease to wait for), until a run told to resubmit makes it."""
     for n in (3, 4):
+        # Its dry run says so first: not a prediction to pay for (once: it does not count it).
+        est = dry_run(job, sim, aws_env, f"worker-{n}", f"{job.parent.name}-{n}")
+        assert (est["in_doubt"], est["predictions"], est["expected_cost_usd"]) == (1, 0, 0)
         later = machine(job, sim, aws_env, f"worker-{n}", run_id=f"{job.parent.name}-{n}", lease_seconds=6)
         began = time.monotonic()
         try:
@@ -375,6 +397,9 @@ def refused_then_sent_when_told(job: Path, sim, aws_env, doubted: str) -> None:
         assert doubt_named_on_the_claim(aws_env) == doubted
         assert "sent and never heard back from was not sent again" in " ".join(later.notes())
     creates = sim.stats.creates
+    resubmit = {"provider.resubmit_in_doubt": True}
+    est = dry_run(job, sim, aws_env, "worker-5", f"{job.parent.name}-5", **resubmit)
+    assert (est["in_doubt"], est["predictions"], est["expected_cost_usd"]) == (0, 1, pytest.approx(0.2))
     told = machine(job, sim, aws_env, "worker-5", run_id=f"{job.parent.name}-5", **{"provider.resubmit_in_doubt": True})
     try:
         [made] = [told.process(e) for e in told.manifest.edits]
