@@ -59,12 +59,13 @@ def find_matches(mono: np.ndarray, rate: int, a: int, b: int, limit: int = 8) ->
     q = np.arange(lo, hi + 1)
     score = np.zeros(len(q))
     weight = np.zeros(len(q))
+    windows = _Windows(xs)
     if len(left) >= 8:
-        s, ok = _ncc_at(xs, left, q - len(left))
+        s, ok = windows.ncc_at(left, lo - len(left), len(q))
         score += s
         weight += ok
     if len(right) >= 8:
-        s, ok = _ncc_at(xs, right, q + ms)
+        s, ok = windows.ncc_at(right, lo + ms, len(q))
         score += s
         weight += ok
     # The source itself must not overlap the gap.
@@ -108,39 +109,63 @@ def _dead(x: np.ndarray, shortest: int) -> np.ndarray:
     return np.cumsum(marks[:-1]) > 0
 
 
-def _ncc_at(x: np.ndarray, template: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised cross-correlation of `template` with x[o : o + len] for each offset o."""
-    from scipy.signal import correlate  # scipy.signal takes a second to import: only when a row needs it
+class _Windows:
+    """Normalised cross-correlation of short templates with every window of one signal:
+    its running sums are taken once, and each template is correlated by overlap-add
+    (scipy.signal.oaconvolve: a template of at most a second against minutes of signal,
+    twice as fast as one FFT of the whole)."""
 
-    k = len(template)
-    t = template.astype(np.float64) - template.mean()
-    t_norm = np.sqrt(np.dot(t, t))
-    valid = (offsets >= 0) & (offsets + k <= len(x))
-    out = np.zeros(len(offsets))
-    if t_norm < 1e-9 or not valid.any():
-        return out, valid.astype(float)
-    o_lo, o_hi = int(offsets[valid].min()), int(offsets[valid].max())
-    seg = x[o_lo : o_hi + k].astype(np.float64)
-    num = correlate(seg, t, mode="valid", method="fft")
-    csum = np.concatenate([[0.0], np.cumsum(seg)])
-    csq = np.concatenate([[0.0], np.cumsum(seg * seg)])
-    win_sum = csum[k:] - csum[:-k]
-    win_energy = np.maximum(csq[k:] - csq[:-k] - win_sum**2 / k, 0.0)
-    denom = np.sqrt(win_energy) * t_norm
-    idx = offsets[valid] - o_lo
-    out[valid] = np.where(denom[idx] > 1e-9, num[idx] / np.maximum(denom[idx], 1e-12), 0.0)
-    return out, valid.astype(float)
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x.astype(np.float64)
+        self.csum = np.concatenate([[0.0], np.cumsum(self.x)])
+        self.csq = np.concatenate([[0.0], np.cumsum(self.x * self.x)])
+        self._energy: dict[int, np.ndarray] = {}  # window length -> each window's norm (mean removed)
+
+    def ncc_at(self, template: np.ndarray, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Of `template` with x[o : o + len] for each of the `count` offsets o from `first`
+        on; and which of them are inside x (1.0)."""
+        from scipy.signal import oaconvolve  # scipy.signal takes a second to import: only when a row needs it
+
+        k, x = len(template), self.x
+        out, valid = np.zeros(count), np.zeros(count)
+        o_lo, o_hi = max(first, 0), min(first + count - 1, len(x) - k)  # the offsets inside x
+        t = template.astype(np.float64) - template.mean()
+        t_norm = np.sqrt(np.dot(t, t))
+        if o_hi < o_lo:
+            return out, valid
+        inside = slice(o_lo - first, o_hi - first + 1)
+        valid[inside] = 1.0
+        if t_norm < 1e-9:
+            return out, valid
+        num = oaconvolve(x[o_lo : o_hi + k], t[::-1], mode="valid")
+        if k not in self._energy:
+            win_sum = self.csum[k:] - self.csum[:-k]
+            self._energy[k] = np.sqrt(np.maximum(self.csq[k:] - self.csq[:-k] - win_sum**2 / k, 0.0))
+        denom = self._energy[k][o_lo : o_hi + 1] * t_norm
+        np.divide(num, np.maximum(denom, 1e-12), out=out[inside], where=denom > 1e-9)
+        return out, valid
 
 
 def _distinct_peaks(score: np.ndarray, spacing: int, limit: int) -> list[int]:
-    order = np.argsort(-score)
-    picks: list[int] = []
-    for i in order:
-        if not np.isfinite(score[i]) or len(picks) >= limit:
-            break
-        if all(abs(int(i) - j) >= spacing for j in picks):
-            picks.append(int(i))
-    return picks
+    """Up to `limit` positions, best first, each `spacing` or more from those before it.
+    The best few thousand hold them nearly always: those are sorted, not the whole range
+    (a million positions for three minutes), and more only when they do not."""
+    take = min(len(score), 4096)
+    while True:
+        if take < len(score):
+            top = np.argpartition(-score, take - 1)[:take]
+            order = top[np.argsort(-score[top], kind="stable")]
+        else:
+            order = np.argsort(-score, kind="stable")
+        picks: list[int] = []
+        for i in order:
+            if not np.isfinite(score[i]) or len(picks) >= limit:
+                return picks
+            if all(abs(int(i) - j) >= spacing for j in picks):
+                picks.append(int(i))
+        if take >= len(score):
+            return picks
+        take = min(len(score), take * 8)
 
 
 def _refine(mono: np.ndarray, a: int, b: int, q: int, step: int, c: int) -> Match:
@@ -151,20 +176,26 @@ def _refine(mono: np.ndarray, a: int, b: int, q: int, step: int, c: int) -> Matc
     right = mono[b : b + k]
     lags = np.arange(q - 2 * step, q + 2 * step + 1)
     lags = lags[(lags >= 0) & (lags + m <= len(mono))]
-    best = Match(q, -np.inf)
-    for source in lags:
-        parts = []
-        if len(left) and source - len(left) >= 0:
-            parts.append(_ncc(left, mono[source - len(left) : source]))
-        if len(right) and source + m + len(right) <= len(mono):
-            parts.append(_ncc(right, mono[source + m : source + m + len(right)]))
-        if parts and np.mean(parts) > best.score:
-            best = Match(int(source), float(np.mean(parts)))
-    return best
+    total, parts = np.zeros(len(lags)), np.zeros(len(lags))
+    if len(left):
+        ok = lags - len(left) >= 0
+        total[ok] += _ncc_rows(left, mono, lags[ok] - len(left))
+        parts += ok
+    if len(right):
+        ok = lags + m + len(right) <= len(mono)
+        total[ok] += _ncc_rows(right, mono, lags[ok] + m)
+        parts += ok
+    if not parts.any():
+        return Match(q, -np.inf)
+    mean = np.where(parts > 0, total / np.maximum(parts, 1), -np.inf)
+    best = int(np.argmax(mean))  # the first of the best
+    return Match(int(lags[best]), float(mean[best]))
 
 
-def _ncc(u: np.ndarray, v: np.ndarray) -> float:
+def _ncc_rows(u: np.ndarray, x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Normalised cross-correlation of `u` with x[s : s + len(u)] for each s of `starts`."""
     u = u.astype(np.float64) - u.mean()
-    v = v.astype(np.float64) - v.mean()
-    d = np.sqrt(np.dot(u, u) * np.dot(v, v))
-    return float(np.dot(u, v) / d) if d > 1e-12 else 0.0
+    rows = np.lib.stride_tricks.sliding_window_view(x, len(u))[starts].astype(np.float64)
+    rows -= rows.mean(axis=1, keepdims=True)
+    d = np.sqrt(np.dot(u, u) * np.einsum("ij,ij->i", rows, rows))
+    return np.where(d > 1e-12, rows @ u / np.maximum(d, 1e-300), 0.0)
