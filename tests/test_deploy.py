@@ -40,6 +40,7 @@ def test_the_nightly_deployment_runs_on_a_worker_and_a_retry_resumes_its_run(tmp
     # Nights never overlap: a late one waits for the last instead of paying for the same edits.
     assert deployment["global_concurrency_limit"]["limit"] == 1
     assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    assert deployment["job_variables"]["env"] == {"MALLOC_ARENA_MAX": "2"}  # (soundpatch/entry.py)
     # The flow runs in the checkout it was deployed from, where its manifest's audio is.
     assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
 
