@@ -205,7 +205,9 @@ class Batch:
         self._row_providers = {e.row_id: e.provider or config.provider.name for e in self.manifest.edits}
         spent = sum(s.spent_before for s in self.states.values())
         spent += sum(self._list_price(row) for row, s in self.states.items() if s.in_doubt)
-        self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=spent)
+        # (What a prediction costs, if an earlier attempt saw it: limits.py.)
+        seen = any(cost > 0 for s in self.states.values() for cost in s.charged.values())
+        self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=spent, cost_seen=seen)
         self._spent_before = spent
         # Providers that charged more than the price reserved, as earlier attempts of this run
         # found (counted from this attempt's first row on), and as this attempt finds.
@@ -433,7 +435,7 @@ class Batch:
                 self._log_traceback(edit)
         held = self._held.pop(edit.row_id, None)
         if held is not None:  # paid for before the crash and not collected: still owed
-            self.ledger.settle(held, held.amount_usd)
+            self.ledger.settle(held, held.amount_usd, seen=False)
             outcome.cost_usd += held.amount_usd
         outcome.seconds = round(time.monotonic() - started, 3)
         unused = self._unused.pop(edit.row_id, None)
@@ -729,7 +731,7 @@ class Batch:
             owed = 0.0 if settled else exc.cost_usd
             if exc.in_doubt and self.bucket_claims is not None:  # for runs on other machines to see
                 self.bucket_claims.keep_doubt(claimed, self.run_id)
-            self._settle(reservation, owed, provider)
+            self._settle(reservation, owed, provider, seen=False)  # (what a failure owes: not a price seen)
             if left is not None and (exc.unseen or not exc.collectable) and self._may_start():
                 self._not_collected(edit.row_id, left, exc)  # ... and made here, in this same attempt
                 return self._paid_prediction(work, room)
@@ -759,7 +761,7 @@ class Batch:
             # or while it collected an earlier attempt's: owed as a create in doubt is, and
             # what it made (its id, or its answer kept on disk) is kept for the next attempt.
             owed = 0.0 if settled else reservation.amount_usd
-            self.ledger.settle(reservation, owed)
+            self.ledger.settle(reservation, owed, seen=False)
             outcome.cost_usd += owed
             self._unused[edit.row_id] = _unused(sent or resume_id, reservation.amount_usd, settled)
             raise
@@ -800,10 +802,11 @@ class Batch:
             self.bucket_claims.no_longer_doubted(identity)
         return runs
 
-    def _settle(self, reservation: Reservation, cost_usd: float, provider: Provider) -> None:
-        """Settle the row's reservation at what its prediction cost; a provider found charging
-        more than the price reserved is said once, as it happens (markup.py)."""
-        self.ledger.settle(reservation, cost_usd)
+    def _settle(self, reservation: Reservation, cost_usd: float, provider: Provider, seen: bool = True) -> None:
+        """Settle the row's reservation at what its prediction cost (`seen`: as its provider
+        charged it); a provider found charging more than the price reserved is said once, as
+        it happens (markup.py)."""
+        self.ledger.settle(reservation, cost_usd, seen=seen)
         dearer = self.markup.charged(provider.name, reservation.amount_usd, cost_usd)
         if dearer is not None:
             log.warning("%s", dearer)

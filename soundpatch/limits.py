@@ -12,6 +12,12 @@ A provider that charges more than the price reserved (its price went up, or the 
 is out of date) makes the ledger count every reservation, from then on, as marked up by
 as much: what predictions already in flight will cost is then counted too. (A rerun is
 told what its run's earlier attempts found, and counts it from its first reservation.)
+Until the run has seen what a prediction costs, reservations count half again as dear
+(UNSEEN_MARKUP), so that the predictions in flight before then cannot take the cap over
+either unless the provider charges more than that: a row that fits at the price but not
+at that waits for the first cost to come in (it is not skipped). With nothing in flight
+to wait for, a row that fits at the price is sent: its cost is the one thing that can
+still cross the cap, by what it charges over the price.
 """
 
 from __future__ import annotations
@@ -27,6 +33,11 @@ from typing import Protocol
 _MICRO = 1_000_000
 
 
+# How much dearer than its price a reservation counts until a prediction's cost is seen:
+# as (cost, reserved), as the markup is kept.
+UNSEEN_MARKUP = (3, 2)
+
+
 def _micro(usd: float) -> int:
     return round(usd * _MICRO)
 
@@ -38,7 +49,9 @@ class Reservation:
 
 
 class BudgetLedger:
-    def __init__(self, budget_usd: float, already_spent_usd: float = 0.0) -> None:
+    def __init__(self, budget_usd: float, already_spent_usd: float = 0.0, cost_seen: bool = False) -> None:
+        """`cost_seen`: what a prediction costs is known already (an earlier attempt of the
+        run saw it): reservations count at their price from the first."""
         self._cap = _micro(budget_usd)
         self._spent = _micro(already_spent_usd)
         self._reserved = 0
@@ -46,6 +59,7 @@ class BudgetLedger:
         # The most a prediction has cost over what was reserved for it, as (cost, reserved):
         # reservations count at their amount marked up by as much.
         self._dearer = (1, 1)
+        self._seen = cost_seen  # a prediction's cost came in: UNSEEN_MARKUP no longer counts
         self._changed = threading.Condition()
 
     def reserve(
@@ -63,7 +77,7 @@ class BudgetLedger:
         told = False
         while True:
             with self._changed:
-                while self._spent + self._priced(self._reserved + amount) > self._cap:
+                while not self._fits(amount):
                     unless_free = self._spent + self._priced(self._reserved - self._in_flight + amount)
                     if not self._in_flight or unless_free > self._cap:
                         return None  # even if every prediction in flight cost nothing
@@ -79,6 +93,13 @@ class BudgetLedger:
             told = True
             waiting()
 
+    def _fits(self, amount: int) -> bool:
+        """Whether `amount` more can be reserved now: as dear as UNSEEN_MARKUP makes it until
+        a cost is seen; at its price when nothing is in flight that could show what it is."""
+        if self._spent + self._priced(self._reserved + amount, unseen=True) <= self._cap:
+            return True
+        return not self._in_flight and self._spent + self._priced(self._reserved + amount) <= self._cap
+
     def hold(self, price_usd: float) -> Reservation:
         """Reserve money already committed (a prediction created before a crash), cap or not.
         Rows are not kept waiting for it: it is collected when its own row's turn comes."""
@@ -86,28 +107,34 @@ class BudgetLedger:
             self._reserved += _micro(price_usd)
         return Reservation(price_usd)
 
-    def settle(self, reservation: Reservation, cost_usd: float) -> None:
-        """The prediction happened and cost `cost_usd` (normally the reserved price)."""
+    def settle(self, reservation: Reservation, cost_usd: float, seen: bool = True) -> None:
+        """The prediction happened and cost `cost_usd` (normally the reserved price). `seen`:
+        that is what the provider charged for it (not a price counted for want of an answer)."""
         with self._changed:
             self._let_go(reservation)
             self._spent += _micro(cost_usd)
             self._count_dearer(reservation.amount_usd, cost_usd)
+            self._seen = self._seen or (seen and cost_usd > 0 and reservation.amount_usd > 0)
 
     def count_dearer(self, price_usd: float, cost_usd: float) -> None:
         """A prediction reserved at `price_usd` cost `cost_usd` (an earlier attempt of the run
         saw it): count every reservation as marked up by as much, if that is more."""
         with self._changed:
             self._count_dearer(price_usd, cost_usd)
+            self._seen = True
 
     def _count_dearer(self, price_usd: float, cost_usd: float) -> None:
         amount, cost = _micro(price_usd), _micro(cost_usd)
         if amount and cost * self._dearer[1] > amount * self._dearer[0]:
             self._dearer = (cost, amount)
 
-    def _priced(self, micro: int) -> int:
+    def _priced(self, micro: int, unseen: bool = False) -> int:
         """What `micro` reserved may turn out to cost: marked up by the most a prediction
-        cost over its reservation so far (rounded up)."""
+        cost over its reservation so far (rounded up); and, `unseen`, by UNSEEN_MARKUP at
+        least while no prediction's cost has come in."""
         cost, reserved = self._dearer
+        if unseen and not self._seen and UNSEEN_MARKUP[0] * reserved > cost * UNSEEN_MARKUP[1]:
+            cost, reserved = UNSEEN_MARKUP
         return -(-micro * cost // reserved)
 
     def release(self, reservation: Reservation) -> None:

@@ -111,7 +111,8 @@ def test_a_run_resumed_on_a_machine_without_its_journal_neither_pays_twice_nor_p
     write_job(job_dir, sim, aws_env, rows=12, concurrency=8)
     aws_env.bucket("made")
     aws_env.bucket("stage-moved")  # its own: what it leaves behind, should it fail, is no other test's
-    config = (job_dir / "job.yaml").read_text().replace("budget_usd: 100", "budget_usd: 2.0")
+    # 8 in flight at once: until a cost comes in, each counts half again as dear (limits.py).
+    config = (job_dir / "job.yaml").read_text().replace("budget_usd: 100", "budget_usd: 2.4")
     config = config.replace("s3://stage/clips/", "s3://stage-moved/clips/")
     (job_dir / "job.yaml").write_text(config + "output: {uri: 's3://made/takes/'}\n")
     proc = start(job_dir, environment(tmp_path_factory.mktemp("prefect")), "moved")
@@ -127,7 +128,7 @@ def test_a_run_resumed_on_a_machine_without_its_journal_neither_pays_twice_nor_p
     assert sim.stats.creates == 8
     # Knowing it is gone, one can say so: a lease silent for 3 s is taken up (the test's wait).
     config = (job_dir / "job.yaml").read_text().replace("{s3: {endpoint_url:", "{s3: {lease_seconds: 3, endpoint_url:")
-    (job_dir / "job.yaml").write_text(config)
+    (job_dir / "job.yaml").write_text(config.replace("budget_usd: 2.4", "budget_usd: 2.0"))  # $0.40 left
     lease, s3 = S3Uri("made", "takes/.soundpatch/runs/moved/lease"), S3(S3Config(endpoint_url=aws_env.endpoint))
     wait_for(lambda: s3.age(lease)[1] > 3, 10, "the lost machine's lease to lapse")
     dry = soundpatch("run", "job.csv", "--config", "job.yaml", "--run-id", "moved", "--dry-run", cwd=job_dir, env=env)
