@@ -48,10 +48,6 @@ def _starts_a_run(argv: list[str]) -> bool:
     return bool(argv) and argv[0] == "run" and not {"-h", "--help", "--dry-run"} & set(argv)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _fewer_heaps() -> None:
     """glibc's malloc gives threads heaps of their own ("arenas"), up to eight a core, and
     gives little of them back: the local engine's rows, in turn on every row thread, left
@@ -64,3 +60,7 @@ def _fewer_heaps() -> None:
         ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, max(2, os.cpu_count() or 2))
     except (OSError, AttributeError):
         pass  # not glibc (musl has no arenas to bound)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
