@@ -205,15 +205,15 @@ class Batch:
         self._row_providers = {e.row_id: e.provider or config.provider.name for e in self.manifest.edits}
         spent = sum(s.spent_before for s in self.states.values())
         spent += sum(self._list_price(row) for row, s in self.states.items() if s.in_doubt)
-        # (What a prediction costs, if an earlier attempt saw it: limits.py.)
-        seen = any(cost > 0 for s in self.states.values() for cost in s.charged.values())
-        self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=spent, cost_seen=seen)
+        # (Providers whose prediction's cost an earlier attempt saw: limits.py.)
+        seen = {name for s in self.states.values() for name, cost in s.charged.items() if cost > 0}
+        self.ledger = BudgetLedger(config.limits.budget_usd, already_spent_usd=spent, costs_seen=seen)
         self._spent_before = spent
         # Providers that charged more than the price reserved, as earlier attempts of this run
         # found (counted from this attempt's first row on), and as this attempt finds.
         self.markup = Markup(run_id, lambda name: config.provider.for_provider(name).price, self.states.values())
-        for price, most in self.markup.before.values():
-            self.ledger.count_dearer(price, most)
+        for name, (price, most) in self.markup.before.items():
+            self.ledger.count_dearer(price, most, name)
         if not dry_run:
             for note in self.markup.notes_before():
                 log.warning("%s", note)
@@ -221,7 +221,8 @@ class Batch:
         # (nothing more when a failed outcome counted it already).
         self._held = {
             row: self.ledger.hold(
-                0.0 if s.settled else float(s.answer["cost_usd"] or 0.0) if s.answer else self._list_price(row)
+                0.0 if s.settled else float(s.answer["cost_usd"] or 0.0) if s.answer else self._list_price(row),
+                self._maker_name(row),
             )
             for row, s in self.states.items()
             if s.prediction_id or s.answer
@@ -335,9 +336,12 @@ class Batch:
         """What one prediction costs at the provider an earlier attempt of this row went to
         (else the row's own): creates in doubt and predictions still to collect count
         against the budget at it."""
+        return self.config.provider.for_provider(self._maker_name(row_id)).price
+
+    def _maker_name(self, row_id: str) -> str:
+        """The provider an earlier attempt of this row went to, else the row's own."""
         state = self.states.get(row_id)
-        name = (state.provider if state else None) or self._row_providers.get(row_id, self.config.provider.name)
-        return self.config.provider.for_provider(name).price
+        return (state.provider if state else None) or self._row_providers.get(row_id, self.config.provider.name)
 
     def _maker(self, state: RowState, provider: Provider) -> Provider:
         """The provider that made an earlier attempt's paid prediction: it alone can collect
@@ -670,6 +674,7 @@ class Batch:
                 provider.price_usd,
                 give_up=lambda: not self._may_start(),
                 waiting=lambda: self.journal.write("waiting_for_budget", edit.row_id),  # for the progress line
+                provider=provider.name,
             )
             if reservation is None and not self._may_start():
                 raise RowError(self._not_started)

@@ -12,19 +12,21 @@ A provider that charges more than the price reserved (its price went up, or the 
 is out of date) makes the ledger count every reservation, from then on, as marked up by
 as much: what predictions already in flight will cost is then counted too. (A rerun is
 told what its run's earlier attempts found, and counts it from its first reservation.)
-Until the run has seen what a prediction costs, reservations count half again as dear
-(UNSEEN_MARKUP), so that the predictions in flight before then cannot take the cap over
-either unless the provider charges more than that: a row that fits at the price but not
-at that waits for the first cost to come in (it is not skipped). With nothing in flight
-to wait for, a row that fits at the price is sent: its cost is the one thing that can
-still cross the cap, by what it charges over the price.
+Until the run has seen what a provider's prediction costs, reservations for it count half
+again as dear (UNSEEN_MARKUP), so that the predictions in flight before then cannot take
+the cap over either unless the provider charges more than that: a row that fits at the
+price but not at that waits for the first cost to come in (it is not skipped). Each
+provider's cost is learned apart: a manifest may mix providers, and one charging its
+price says nothing of another. With nothing in flight to wait for, a row that fits at
+the price is sent: its cost is the one thing that can still cross the cap, by what it
+charges over the price.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,20 +48,22 @@ def _micro(usd: float) -> int:
 class Reservation:
     amount_usd: float
     in_flight: bool = False  # reserved for a prediction this run is making now (not held: see `hold`)
+    provider: str = ""  # whose prediction it is for (its cost is learned per provider)
 
 
 class BudgetLedger:
-    def __init__(self, budget_usd: float, already_spent_usd: float = 0.0, cost_seen: bool = False) -> None:
-        """`cost_seen`: what a prediction costs is known already (an earlier attempt of the
-        run saw it): reservations count at their price from the first."""
+    def __init__(self, budget_usd: float, already_spent_usd: float = 0.0, costs_seen: Iterable[str] = ()) -> None:
+        """`costs_seen`: providers whose prediction's cost is known already (an earlier
+        attempt of the run saw it): reservations for them count at their price from the first."""
         self._cap = _micro(budget_usd)
         self._spent = _micro(already_spent_usd)
         self._reserved = 0
+        self._reserved_for: dict[str, int] = {}  # `_reserved`, by provider
         self._in_flight = 0  # of `_reserved`, what reserve() holds for predictions being made now
         # The most a prediction has cost over what was reserved for it, as (cost, reserved):
         # reservations count at their amount marked up by as much.
         self._dearer = (1, 1)
-        self._seen = cost_seen  # a prediction's cost came in: UNSEEN_MARKUP no longer counts
+        self._seen = set(costs_seen)  # providers a prediction's cost came in from: UNSEEN_MARKUP no longer counts
         self._changed = threading.Condition()
 
     def reserve(
@@ -67,17 +71,18 @@ class BudgetLedger:
         price_usd: float,
         give_up: Callable[[], bool] | None = None,
         waiting: Callable[[], None] = lambda: None,
+        provider: str = "",
     ) -> Reservation | None:
-        """Hold `price_usd` against the cap; None if that would cross it. Given `give_up`,
-        while it would cross it only for what other rows' predictions in flight hold, waits
-        for them to settle (`waiting()` told once, as the wait begins): None too if
-        `give_up()` turned true meanwhile. The reservation must be settled or released,
-        whatever happens next."""
+        """Hold `price_usd` against the cap for a prediction of `provider`; None if that would
+        cross it. Given `give_up`, while it would cross it only for what other rows'
+        predictions in flight hold, waits for them to settle (`waiting()` told once, as the
+        wait begins): None too if `give_up()` turned true meanwhile. The reservation must be
+        settled or released, whatever happens next."""
         amount = _micro(price_usd)
         told = False
         while True:
             with self._changed:
-                while not self._fits(amount):
+                while not self._fits(amount, provider):
                     unless_free = self._spent + self._priced(self._reserved - self._in_flight + amount)
                     if not self._in_flight or unless_free > self._cap:
                         return None  # even if every prediction in flight cost nothing
@@ -87,25 +92,34 @@ class BudgetLedger:
                         break  # to say so first, outside the lock: others settle meanwhile
                     self._changed.wait(timeout=1.0)  # (give_up is asked again at least once a second)
                 else:
-                    self._reserved += amount
+                    self._add(amount, provider)
                     self._in_flight += amount
-                    return Reservation(price_usd, in_flight=True)
+                    return Reservation(price_usd, in_flight=True, provider=provider)
             told = True
             waiting()
 
-    def _fits(self, amount: int) -> bool:
-        """Whether `amount` more can be reserved now: as dear as UNSEEN_MARKUP makes it until
-        a cost is seen; at its price when nothing is in flight that could show what it is."""
-        if self._spent + self._priced(self._reserved + amount, unseen=True) <= self._cap:
+    def _fits(self, amount: int, provider: str) -> bool:
+        """Whether `amount` more for `provider` can be reserved now: as dear as UNSEEN_MARKUP
+        makes it (and what is reserved for providers whose cost is not seen yet) until its
+        cost is seen; at its price when nothing is in flight that could show what it is."""
+        unseen = sum(held for name, held in self._reserved_for.items() if name not in self._seen)
+        unseen += amount if provider not in self._seen else 0
+        known = self._reserved + amount - unseen
+        if self._spent + self._priced(known) + self._priced(unseen, unseen=True) <= self._cap:
             return True
         return not self._in_flight and self._spent + self._priced(self._reserved + amount) <= self._cap
 
-    def hold(self, price_usd: float) -> Reservation:
-        """Reserve money already committed (a prediction created before a crash), cap or not.
-        Rows are not kept waiting for it: it is collected when its own row's turn comes."""
+    def _add(self, amount: int, provider: str) -> None:
+        self._reserved += amount
+        self._reserved_for[provider] = self._reserved_for.get(provider, 0) + amount
+
+    def hold(self, price_usd: float, provider: str = "") -> Reservation:
+        """Reserve money already committed (a prediction of `provider` created before a crash),
+        cap or not. Rows are not kept waiting for it: it is collected when its own row's turn
+        comes."""
         with self._changed:
-            self._reserved += _micro(price_usd)
-        return Reservation(price_usd)
+            self._add(_micro(price_usd), provider)
+        return Reservation(price_usd, provider=provider)
 
     def settle(self, reservation: Reservation, cost_usd: float, seen: bool = True) -> None:
         """The prediction happened and cost `cost_usd` (normally the reserved price). `seen`:
@@ -114,14 +128,16 @@ class BudgetLedger:
             self._let_go(reservation)
             self._spent += _micro(cost_usd)
             self._count_dearer(reservation.amount_usd, cost_usd)
-            self._seen = self._seen or (seen and cost_usd > 0 and reservation.amount_usd > 0)
+            if seen and cost_usd > 0 and reservation.amount_usd > 0:
+                self._seen.add(reservation.provider)
 
-    def count_dearer(self, price_usd: float, cost_usd: float) -> None:
-        """A prediction reserved at `price_usd` cost `cost_usd` (an earlier attempt of the run
-        saw it): count every reservation as marked up by as much, if that is more."""
+    def count_dearer(self, price_usd: float, cost_usd: float, provider: str = "") -> None:
+        """A prediction of `provider` reserved at `price_usd` cost `cost_usd` (an earlier
+        attempt of the run saw it): count every reservation as marked up by as much, if that
+        is more."""
         with self._changed:
             self._count_dearer(price_usd, cost_usd)
-            self._seen = True
+            self._seen.add(provider)
 
     def _count_dearer(self, price_usd: float, cost_usd: float) -> None:
         amount, cost = _micro(price_usd), _micro(cost_usd)
@@ -131,9 +147,9 @@ class BudgetLedger:
     def _priced(self, micro: int, unseen: bool = False) -> int:
         """What `micro` reserved may turn out to cost: marked up by the most a prediction
         cost over its reservation so far (rounded up); and, `unseen`, by UNSEEN_MARKUP at
-        least while no prediction's cost has come in."""
+        least (for what is reserved for providers whose cost has not come in)."""
         cost, reserved = self._dearer
-        if unseen and not self._seen and UNSEEN_MARKUP[0] * reserved > cost * UNSEEN_MARKUP[1]:
+        if unseen and UNSEEN_MARKUP[0] * reserved > cost * UNSEEN_MARKUP[1]:
             cost, reserved = UNSEEN_MARKUP
         return -(-micro * cost // reserved)
 
@@ -145,6 +161,7 @@ class BudgetLedger:
     def _let_go(self, reservation: Reservation) -> None:
         amount = _micro(reservation.amount_usd)
         self._reserved -= amount
+        self._reserved_for[reservation.provider] -= amount
         if reservation.in_flight:
             self._in_flight -= amount
         self._changed.notify_all()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from soundpatch import config as config_module
 from soundpatch import cpu, preview, splicing
 from soundpatch import estimate as estimate_module
 from soundpatch.batch import Batch
@@ -52,7 +53,7 @@ def test_the_ledger_never_lets_reservations_cross_the_cap_under_contention():
 
 
 def test_released_reservations_go_back_to_the_budget():
-    ledger = BudgetLedger(0.40, cost_seen=True)
+    ledger = BudgetLedger(0.40, costs_seen=[""])  # (its provider's cost is known: reserve's default, unnamed)
     a, b = ledger.reserve(0.20), ledger.reserve(0.20)
     assert ledger.reserve(0.20) is None
     ledger.release(a)
@@ -61,7 +62,7 @@ def test_released_reservations_go_back_to_the_budget():
 
 
 def test_the_ledger_says_what_stands_against_the_cap():
-    ledger = BudgetLedger(0.40, cost_seen=True)
+    ledger = BudgetLedger(0.40, costs_seen=[""])
     first, second = ledger.reserve(0.20), ledger.reserve(0.20)
     assert ledger.standing() == "$0.00 spent, $0.40 held for predictions in flight"
     ledger.settle(first, 0.20)
@@ -81,7 +82,7 @@ def test_once_a_prediction_costs_more_than_its_reservation_every_reservation_cou
 
 
 def test_a_row_short_of_budget_only_for_predictions_in_flight_waits_for_them():
-    ledger = BudgetLedger(0.60, cost_seen=True)  # (what a prediction costs is known: the next test)
+    ledger = BudgetLedger(0.60, costs_seen=[""])  # (what a prediction costs is known: the next test)
     flying = [ledger.reserve(0.20) for _ in range(3)]
     got: list = []
     asked = threading.Event()
@@ -170,8 +171,20 @@ def test_until_a_prediction_s_cost_comes_in_reservations_count_half_again_as_dea
     assert ledger.reserve(0.20) is not None  # $0.20 spent, $0.30 held
     assert ledger.reserve(0.20, give_up=lambda: True) is None  # $0.20 + 2 x $0.30 (seen, 3 x $0.20 would fit)
     # An earlier attempt of the run saw it: the price counts from the first row.
-    ledger = BudgetLedger(0.40, cost_seen=True)
+    ledger = BudgetLedger(0.40, costs_seen=[""])
     assert ledger.reserve(0.20) is not None and ledger.reserve(0.20) is not None
+    # Each provider's cost is learned apart: one charging its price says nothing of another
+    # (a manifest's rows may name their own). Before, the first's cost let the second's
+    # predictions out at their price, and it charged $0.25: $1.00 on $0.90.
+    ledger = BudgetLedger(0.90)
+    ledger.settle(ledger.reserve(0.20, provider="each"), 0.20)  # $0.20 spent
+    dear = [ledger.reserve(0.20, provider="stability") for _ in range(2)]  # $0.20 + 2 x $0.30
+    assert all(dear) and ledger.reserve(0.20, give_up=lambda: True, provider="stability") is None
+    assert ledger.reserve(0.10, provider="each") is not None  # $0.90: "each" counts at its price
+    ledger = BudgetLedger(0.90, costs_seen=["each"])  # an earlier attempt saw "each"'s, not "stability"'s
+    assert ledger.reserve(0.20, provider="each") and ledger.reserve(0.20, provider="each")
+    assert ledger.reserve(0.20, provider="stability")  # $0.40 + $0.30
+    assert ledger.reserve(0.20, give_up=lambda: True, provider="stability") is None
 
 
 def test_the_expected_wall_time_goes_by_the_rate_for_a_hosted_provider_and_by_the_cores_for_the_local_engine(
@@ -527,6 +540,34 @@ def test_a_provider_charging_more_than_its_price_cannot_take_a_small_budget_over
     assert (statuses.count("succeeded"), statuses.count("skipped_budget")) == (3, 5), statuses
     waited = {e["row"] for e in read_events(tmp_path / "runs" / "small") if e["event"] == "waiting_for_budget"}
     assert waited  # (the progress line says so)
+
+
+def test_a_provider_s_cost_is_learned_apart_from_another_s_in_a_manifest_mixing_them(
+    tmp_path, aws_env, simulator, monkeypatch
+):
+    # Rows may name their own provider. Stability charges its price; Each Labs rows charged
+    # $0.25 where its price is $0.20. Once Stability's first cost came in, the Each Labs rows
+    # were reserved at their price, three went out on the $0.60 left, and the run paid
+    # $1.15 on a budget of $1.00. Each Labs' cost unseen, they count half again as dear.
+    hosted_job(tmp_path, aws_env, monkeypatch, rows=8)
+    monkeypatch.setenv("STABILITY_API_KEY", "k")
+    rows = [f"r{i:02d},fx.wav,1,1.5,p{i:02d},{'' if i < 2 else 'eachlabs'}\n" for i in range(8)]
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt,provider\n" + "".join(rows))
+    stability = simulator(latency=0.05, fill="tone")
+    each = simulator(latency=0.3, fill="tone", price=0.25)
+    monkeypatch.setitem(config_module.DEFAULT_BASE_URLS, "eachlabs", each.base_url)  # the rows' provider's own
+    overrides = {"provider.name": "stability", "provider.base_url": stability.base_url, "limits.budget_usd": 1.0}
+    overrides |= {"limits.concurrency": 5, "limits.requests_per_minute": 100000}
+    cfg = hosted_config(stability, aws_env.endpoint, str(tmp_path / "mixed"), tmp_path / "runs", **overrides)
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "mixed")
+    first = [batch.process(edit) for edit in batch.manifest.edits[:2]]  # Stability's, one after the other
+    with ThreadPoolExecutor(6) as pool:
+        rest = list(pool.map(batch.process, batch.manifest.edits[2:]))
+    batch.close()
+    assert [o.status for o in first] == ["succeeded"] * 2 and stability.billed() == pytest.approx(0.40)
+    statuses = [o.status for o in rest]
+    assert (statuses.count("succeeded"), statuses.count("skipped_budget")) == (2, 4), statuses
+    assert each.billed() == pytest.approx(0.50) == sum(o.cost_usd for o in rest)  # $0.90 in all
 
 
 def test_a_rerun_on_a_budget_below_what_the_run_spent_sends_nothing_and_says_why(
