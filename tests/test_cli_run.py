@@ -6,10 +6,12 @@ stops), so these tests share what they can.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import shutil
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -71,6 +73,18 @@ def journal_events(run_dir: Path, event: str) -> list[dict]:
     return [e for e in map(json.loads, lines) if e["event"] == event]
 
 
+def prefect_task_runs(home: Path, flow_run: str) -> dict[str, str]:
+    """The task runs of the flow run named `flow_run` in the Prefect database under `home`,
+    as {name: state type}."""
+    [database] = home.glob("*.db")
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        rows = db.execute(
+            "SELECT t.name, t.state_type FROM task_run t JOIN flow_run f ON t.flow_run_id = f.id WHERE f.name = ?",
+            (flow_run,),
+        ).fetchall()
+    return dict(rows)
+
+
 def test_restoration_example_end_to_end_and_resume(workdir, prefect_home):
     proc = run(workdir, prefect_home, "run", "manifests/restoration.csv", "--run-id", "e2e")
     assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -124,6 +138,9 @@ def test_restoration_example_end_to_end_and_resume(workdir, prefect_home):
         assert np.array_equal(before[untouched], after[untouched]) and not np.array_equal(before, after)
         assert json.loads(Path(combined + ".json").read_text())["rows"] == ",".join(rows["row_id"])
     assert "2 files hold the edits of several rows of one recording each" in proc.stdout
+    # Prefect's history of the run, kept in PREFECT_HOME's database by the temporary server
+    # (which writes the task runs' states in batches, the last as it stops): every row's.
+    assert prefect_task_runs(prefect_home, "soundpatch e2e") == {f"row {r}": "COMPLETED" for r in report["row_id"]}
 
     sent = len(journal_events(run_dir, "sending"))
     again = run(workdir, prefect_home, "run", "manifests/restoration.csv", "--run-id", "e2e")
