@@ -35,7 +35,7 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import artifacts
-from flows.shared_limits import PrefectSharedLimits, shared_limits
+from flows.shared_limits import AccountLimits, shared_limits
 from soundpatch import interrupt
 from soundpatch.batch import Batch
 from soundpatch.config import Config, load_config
@@ -115,11 +115,11 @@ def _what_went_wrong(outcomes: list[Outcome], report: str | None) -> str:
     return f"{sum(missing.values())} of {len(outcomes)} results are missing ({parts}); {where}"
 
 
-def _shared_waits(shared: PrefectSharedLimits | None) -> dict[str, Any]:
+def _shared_waits(shared: AccountLimits | None) -> dict[str, Any]:
     """How long creates waited for the shared rate limit (its acquisition latency included)."""
-    if shared is None or not shared.create_waits:
+    waits = sorted(shared.create_waits) if shared is not None else []
+    if not waits:
         return {}
-    waits = sorted(shared.create_waits)
     return {
         "shared_create_wait_p50_seconds": round(waits[len(waits) // 2], 3),
         "shared_create_wait_p95_seconds": round(waits[min(len(waits) - 1, int(len(waits) * 0.95))], 3),

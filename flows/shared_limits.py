@@ -187,14 +187,36 @@ class PrefectSharedLimits:
             )
 
 
-def shared_limits(cfg: Config) -> PrefectSharedLimits | None:
+class AccountLimits:
+    """The shared limits of each provider a run's rows go to, by the provider's name: each
+    provider is an account of its own. The config's provider's are made as the run starts
+    (`limits.shared_name`, default soundpatch-<provider>); those of a provider a row names
+    instead, as its first row needs them, as soundpatch-<provider>: the limits a run whose
+    config names that provider shares by default."""
+
+    def __init__(self, cfg: Config) -> None:
+        self._rates = (cfg.limits.requests_per_minute, cfg.limits.concurrency)
+        own = PrefectSharedLimits(cfg.limits.shared_name or f"soundpatch-{cfg.provider.name}", *self._rates)
+        own.check_server()
+        self._by_provider = {cfg.provider.name: own}
+        self._lock = threading.Lock()
+
+    def __call__(self, provider: str) -> PrefectSharedLimits:
+        with self._lock:
+            if provider not in self._by_provider:
+                self._by_provider[provider] = PrefectSharedLimits(f"soundpatch-{provider}", *self._rates)
+            return self._by_provider[provider]
+
+    @property
+    def create_waits(self) -> list[float]:
+        """Seconds each create waited for its provider's shared rate."""
+        with self._lock:
+            return [wait for limits in self._by_provider.values() for wait in limits.create_waits]
+
+
+def shared_limits(cfg: Config) -> AccountLimits | None:
     """The shared limits this run's config asks for, or None."""
-    if not cfg.limits.shared:
-        return None
-    name = cfg.limits.shared_name or f"soundpatch-{cfg.provider.name}"
-    limits = PrefectSharedLimits(name, cfg.limits.requests_per_minute, cfg.limits.concurrency)
-    limits.check_server()
-    return limits
+    return AccountLimits(cfg) if cfg.limits.shared else None
 
 
 def check_server(cfg: Config) -> None:

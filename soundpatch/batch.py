@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -96,13 +97,15 @@ class Batch:
         force: bool = False,
         dry_run: bool = False,
         api_keys: dict[str, str] | None = None,
-        shared: SharedLimits | None = None,
+        shared: Callable[[str], SharedLimits] | None = None,
         earlier_attempts: bool = False,
     ) -> None:
-        """`earlier_attempts`: a dry run reads what earlier attempts of this run id left (to
-        estimate what resuming it costs) only when asked to; a run always does."""
+        """`shared(provider)`: the limits shared with other processes on that provider's
+        account, if they are. `earlier_attempts`: a dry run reads what earlier attempts of
+        this run id left (to estimate what resuming it costs) only when asked to; a run
+        always does."""
         self.api_keys = api_keys or {}
-        self.shared = shared  # limits shared with other processes on the account, if any
+        self.shared = shared  # limits shared with other processes on each provider's account, if any
         self.config = config
         self.run_id = run_id
         self.force = force

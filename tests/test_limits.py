@@ -614,7 +614,8 @@ def test_an_unforeseen_error_after_a_create_keeps_its_cost_against_the_budget_an
     sim = simulator(latency=0.2, fill="tone")
     overrides = {"limits.budget_usd": 0.40, "limits.concurrency": 4, "limits.requests_per_minute": 100000}
     cfg = hosted_config(sim, aws_env.endpoint, str(tmp_path / "faulty"), tmp_path / "runs", **overrides)
-    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "faulty", shared=SlotsNotGivenBack())
+    slots = SlotsNotGivenBack()
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "faulty", shared=lambda _provider: slots)
     with ThreadPoolExecutor(4) as pool:
         outcomes = list(pool.map(batch.process, batch.manifest.edits))
     batch.close()

@@ -197,3 +197,42 @@ def test_a_row_kept_waiting_by_slots_left_held_says_how_to_free_them(tmp_path, p
         assert lines[-1] == "got a slot" and all(n.startswith("A row has waited") for n in lines[:-1]), rest
     finally:
         waiter.kill()
+
+
+def test_rows_naming_another_provider_take_that_provider_s_shared_limits(
+    tmp_path, aws_env, simulator, prefect_server, monkeypatch
+):
+    # With limits.shared, a row naming another provider than the config's took slots of the
+    # config's provider's limits: its creates were spent from that account's rate, and not
+    # counted with other processes sending to its own provider.
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.shared_limits import AccountLimits
+    from soundpatch import config as config_module
+    from soundpatch.batch import Batch
+    from soundpatch.manifest import load_manifest
+    from tests.jobs import hosted_config
+
+    aws_env.bucket("stage")
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    monkeypatch.setenv("STABILITY_API_KEY", "k")
+    each, stability = simulator(latency=0.1, fill="tone"), simulator(latency=0.1, fill="tone")
+    monkeypatch.setitem(config_module.DEFAULT_BASE_URLS, "stability", stability.base_url)  # the rows' provider's own
+    sf.write(tmp_path / "fx.wav", np.full((3 * 8000, 1), 0.1, np.float32), 8000)
+    rows = "".join(f"r{i},fx.wav,1,1.5,p{i},{'stability' if i >= 2 else ''}\n" for i in range(4))
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt,provider\n" + rows)
+    name = f"mixed-{os.getpid()}"
+    overrides = {"limits.shared": True, "limits.shared_name": name, "limits.concurrency": 2}
+    cfg = hosted_config(each, aws_env.endpoint, str(tmp_path / "out"), tmp_path / "runs", **overrides)
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        shared = AccountLimits(cfg)
+        batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "mixed", shared=shared)
+        outcomes = [batch.process(edit) for edit in batch.manifest.edits]
+        batch.close()
+        with get_client(sync_client=True) as client:
+            limits = {limit.name: limit.limit for limit in client.read_global_concurrency_limits(limit=200)}
+    assert [o.status for o in outcomes] == ["succeeded"] * 4 and each.stats.accepted == stability.stats.accepted == 2
+    assert len(shared("eachlabs").create_waits) == len(shared("stability").create_waits) == 2
+    assert limits[f"{name}-predictions"] == limits["soundpatch-stability-predictions"] == 2
+    assert f"{name}-creates" in limits and "soundpatch-stability-creates" in limits

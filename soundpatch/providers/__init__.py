@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from soundpatch.config import Config
 from soundpatch.errors import ConfigError
 from soundpatch.limits import InFlight, RateLimiter, SharedLimits
@@ -33,8 +35,9 @@ def make_provider(
     name: str | None = None,
     s3: S3 | None = None,
     api_key: str | None = None,
-    shared: SharedLimits | None = None,
+    shared: Callable[[str], SharedLimits] | None = None,
 ) -> Provider:
+    """`shared(name)`: the limits shared with other processes on that provider's account."""
     name = name or config.provider.name
     provider_config = config.provider.for_provider(name)
     if name == "local":
@@ -42,12 +45,13 @@ def make_provider(
 
         return LocalEngine(price_usd=provider_config.price, in_flight=InFlight(config.limits.concurrency))
     # Shared by every row of this process on this provider: a 429 slows them all.
+    shared_limits = shared(name) if shared is not None else None
     creates = RateLimiter(
         config.limits.requests_per_minute,
-        shared=shared.create if shared else None,
+        shared=shared_limits.create if shared_limits else None,
         window=config.limits.rate_window_seconds,
     )
-    in_flight = InFlight(config.limits.concurrency, shared)
+    in_flight = InFlight(config.limits.concurrency, shared_limits)
     if name in ("eachlabs", "fal"):
         from soundpatch.staging import Staging
 
