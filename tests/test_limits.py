@@ -175,7 +175,7 @@ def test_until_a_prediction_s_cost_comes_in_reservations_count_half_again_as_dea
     assert ledger.reserve(0.20) is not None and ledger.reserve(0.20) is not None
     # Each provider's cost is learned apart: one charging its price says nothing of another
     # (a manifest's rows may name their own). Before, the first's cost let the second's
-    # predictions out at their price, and it charged $0.25: $1.00 on $0.90.
+    # predictions out at their price (three), and it charged $0.25: $0.95 on $0.90.
     ledger = BudgetLedger(0.90)
     ledger.settle(ledger.reserve(0.20, provider="each"), 0.20)  # $0.20 spent
     dear = [ledger.reserve(0.20, provider="stability") for _ in range(2)]  # $0.20 + 2 x $0.30
