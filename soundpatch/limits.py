@@ -102,10 +102,10 @@ class BudgetLedger:
         """Whether `amount` more for `provider` can be reserved now: as dear as UNSEEN_MARKUP
         makes it (and what is reserved for providers whose cost is not seen yet) until its
         cost is seen; at its price when nothing is in flight that could show what it is."""
-        unseen = sum(held for name, held in self._reserved_for.items() if name not in self._seen)
-        unseen += amount if provider not in self._seen else 0
-        known = self._reserved + amount - unseen
-        if self._spent + self._priced(known) + self._priced(unseen, unseen=True) <= self._cap:
+        cost_unknown = sum(held for name, held in self._reserved_for.items() if name not in self._seen)
+        cost_unknown += amount if provider not in self._seen else 0
+        known = self._reserved + amount - cost_unknown
+        if self._spent + self._priced(known) + self._priced(cost_unknown, unseen=True) <= self._cap:
             return True
         return not self._in_flight and self._spent + self._priced(self._reserved + amount) <= self._cap
 
