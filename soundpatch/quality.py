@@ -13,9 +13,14 @@ audio.read_back), against the original:
   original's own at that spot, whichever is largest (a transient on the edge is not the
   splice's fault). 1 or less means the edge is as smooth as its two sides; a click or a
   step reads well above (flagged past SEAM_LIMIT).
-- `loudness_delta_db`: the region's loudness minus its context's (up to 1 s each side),
-  K-weighted as in ITU-R BS.1770 (pyloudnorm's filters; short regions are measured
-  ungated, so a 10 ms fill has a value too). None when either side is near silence.
+- `loudness_delta_db`: how far the region's loudness lies outside the range of the audio's
+  on its two sides (as long as the region, 100 ms to 1 s each), K-weighted as in ITU-R
+  BS.1770 (pyloudnorm's filters; measured ungated, so a 10 ms fill has a value too): 0 when
+  it lies between them, as a fill does where a sound decays or swells across the region
+  (against the second each side taken together, a perfect fill 1.2 s after a hit read
+  -19 dB). A side in digital silence counts as -70 LUFS: a fade into silence may be as
+  quiet as it likes, and a fill left silent between two audible sides is far below both.
+  None when both sides are near silence.
 - `clipped`: samples at full scale inside the region that the original did not have.
 - `offset_ms`: the misalignment of a provider's result that was found and undone.
 """
@@ -34,6 +39,7 @@ LOUDNESS_LIMIT_DB = 12.0
 SILENCE_LUFS = -70.0
 FULL_SCALE = 0.9999
 CONTEXT_SECONDS = 1.0
+NEAR_SECONDS = 0.1  # the least of each side the loudness is compared with
 
 
 @dataclass
@@ -95,7 +101,8 @@ def judge(original: Audio, back: ReadBack, a: int, b: int, lossless: bool, offse
         if value is not None and value > SEAM_LIMIT:
             q.flags.append(f"discontinuity at the region's {name} ({value:g}x its surroundings)")
     if q.loudness_delta_db is not None and abs(q.loudness_delta_db) > LOUDNESS_LIMIT_DB:
-        q.flags.append(f"region is {q.loudness_delta_db:+g} dB against its context")
+        d = q.loudness_delta_db
+        q.flags.append(f"region is {abs(d):g} dB {'quieter' if d < 0 else 'louder'} than the audio either side of it")
     if clipped:
         q.flags.append(f"{clipped} clipped samples in the region")
     return q
@@ -131,14 +138,17 @@ def _kink(x: np.ndarray) -> float:
 def _loudness_delta(x: np.ndarray, a: int, b: int, rate: int) -> float | None:
     lo, hi = max(0, a - round(CONTEXT_SECONDS * rate)), min(len(x), b + round(CONTEXT_SECONDS * rate))
     weighted = _k_weighted(x[lo:hi], rate)
-    region = weighted[a - lo : b - lo]
-    context = np.concatenate([weighted[: a - lo], weighted[b - lo :]])
-    if len(region) == 0 or len(context) == 0:
+    a, b = a - lo, b - lo
+    near = max(round(NEAR_SECONDS * rate), b - a)  # (at most the second each side read back)
+    sides = [side for side in (weighted[max(0, a - near) : a], weighted[b : b + near]) if len(side)]
+    if b <= a or not sides:
         return None
-    inside, around = _lufs(region), _lufs(context)
-    if inside < SILENCE_LUFS or around < SILENCE_LUFS:
-        return None
-    return inside - around
+    levels = [max(_lufs(side), SILENCE_LUFS) for side in sides]
+    if max(levels) <= SILENCE_LUFS:
+        return None  # a region in silence: nothing to compare it with
+    inside = max(_lufs(weighted[a:b]), SILENCE_LUFS)
+    quietest, loudest = min(levels), max(levels)
+    return inside - quietest if inside < quietest else inside - loudest if inside > loudest else 0.0
 
 
 def _k_weighted(x: np.ndarray, rate: int) -> np.ndarray:

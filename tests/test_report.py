@@ -105,7 +105,7 @@ def test_a_deliberately_broken_splice_is_flagged():
     assert "discontinuity at the region's" in q.checks, q
 
     silence = A.splice(original, np.zeros((b - a, 2), np.float32), a, b, 0)
-    assert "dB against its context" in measure(original, silence, a, b, lossless=True).checks
+    assert "dB quieter than the audio either side of it" in measure(original, silence, a, b, lossless=True).checks
 
     loud = A.splice(original, np.ones((b - a, 2), np.float32), a, b, 0)
     assert "clipped samples in the region" in measure(original, loud, a, b, lossless=True).checks
@@ -132,6 +132,29 @@ def test_a_noisy_fill_meeting_a_smooth_ring_is_a_change_of_texture_not_a_click()
     step = A.to_float(original.samples[a:b]) + 0.1
     q = measure(original, A.splice(original, step, a, b, 0), a, b, lossless=True)
     assert "discontinuity at the region's start" in q.checks and "discontinuity at the region's end" in q.checks, q
+
+
+def test_a_fill_as_loud_as_the_audio_beside_it_is_not_flagged_where_a_sound_decays_around_it():
+    # A hit at 0.5 s ringing away fast (30 dB a second), a region 1.2 s later: the second of
+    # context before the region holds the hit, 20 dB and more above the region and both its
+    # sides. A fill as loud as the audio beside it (here the original itself: the best fill
+    # there is) is fine; the same region silenced, or 20 dB too loud, is not.
+    t = np.arange(3 * RATE) / RATE
+    rng = np.random.default_rng(3)
+    ring = np.where(t >= 0.5, np.exp(-(t - 0.5) * 3.45), 0.0) * (0.6 * np.sin(2 * np.pi * 220 * t))
+    ring += 0.002 * rng.standard_normal(len(t))  # a noise floor, so no side is digital silence
+    original = A.Audio(np.round(ring * 32767).astype(np.int16)[:, None], RATE, "WAV", "PCM_16")
+    a, b = int(1.7 * RATE), int(1.8 * RATE)
+    same = A.to_float(original.samples[a:b])
+    q = measure(original, A.splice(original, same, a, b, 0), a, b, lossless=True)
+    assert q.checks == "ok" and abs(q.loudness_delta_db) < 1, q
+
+    silence = A.splice(original, np.zeros((b - a, 1), np.float32), a, b, 0)
+    q = measure(original, silence, a, b, lossless=True)
+    assert "dB quieter than the audio either side of it" in q.checks and q.loudness_delta_db < -12, q
+    loud = A.splice(original, same * 10, a, b, 0)
+    q = measure(original, loud, a, b, lossless=True)
+    assert q.loudness_delta_db > 12 and "dB louder than the audio either side of it" in q.checks, q
 
 
 # ---------------------------------------------------------------------- the HTML in a browser
