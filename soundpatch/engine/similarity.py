@@ -147,25 +147,20 @@ class _Windows:
 
 
 def _distinct_peaks(score: np.ndarray, spacing: int, limit: int) -> list[int]:
-    """Up to `limit` positions, best first, each `spacing` or more from those before it.
-    The best few thousand hold them nearly always: those are sorted, not the whole range
-    (a million positions for three minutes), and more only when they do not."""
-    take = min(len(score), 4096)
-    while True:
-        if take < len(score):
-            top = np.argpartition(-score, take - 1)[:take]
-            order = top[np.argsort(-score[top], kind="stable")]
-        else:
-            order = np.argsort(-score, kind="stable")
-        picks: list[int] = []
-        for i in order:
-            if not np.isfinite(score[i]) or len(picks) >= limit:
-                return picks
-            if all(abs(int(i) - j) >= spacing for j in picks):
-                picks.append(int(i))
-        if take >= len(score):
-            return picks
-        take = min(len(score), take * 8)
+    """Up to `limit` positions, best first, each `spacing` or more from those before it
+    (the first of equal scores first; -inf is never picked). The best left each time, and
+    what is too near it struck out: `limit` passes over the scores, where a walk down them
+    in order, in Python, took 30-100 ms a row when the best few thousand crowd round one peak."""
+    left = np.where(np.isfinite(score), score, -np.inf)
+    reach = max(spacing, 1)
+    picks: list[int] = []
+    while len(picks) < limit:
+        i = int(np.argmax(left))
+        if left[i] == -np.inf:
+            break
+        picks.append(i)
+        left[max(0, i - reach + 1) : i + reach] = -np.inf
+    return picks
 
 
 def _refine(mono: np.ndarray, a: int, b: int, q: int, step: int, c: int) -> Match:
