@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from soundpatch.audio import Audio
+from soundpatch.engine import toeplitz
 from soundpatch.engine.evaluation import compare, linear_fill, snr_db, zero_fill
 from soundpatch.providers.base import InpaintRequest
 from soundpatch.providers.local import LocalEngine
@@ -158,3 +159,39 @@ def test_variations_the_engine_made_alike_are_named_in_a_note(tmp_path, manifest
     else:
         assert len(said) == 1 and said[0].startswith(alike), said
         assert "(metal-v1 = metal-v2 = wood-v1 = ...; whoosh-tail-v1 = whoosh-tail-v2)" in said[0]
+
+
+def ar_system(rng: np.random.Generator, m: int, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """A least-squares fill's system (autoregressive.py): the autocorrelation of an AR
+    polynomial of order p, banded in an m x m matrix."""
+    a = np.concatenate([[1.0], rng.standard_normal(p) * 0.3 / np.sqrt(p)])
+    column = np.zeros(m)
+    column[: min(m, p + 1)] = np.correlate(a, a, mode="full")[p : p + min(m, p + 1)]
+    return column, rng.standard_normal(m)
+
+
+def test_the_compiled_levinson_solves_the_engines_systems_as_scipy_does():
+    from scipy.linalg import solve_toeplitz
+
+    assert toeplitz._kernel() is not None  # numba is there and compiles: the solves leave the interpreter lock
+    rng = np.random.default_rng(11)
+    for m, p in [(1, 16), (2, 16), (17, 16), (441, 1000), (3000, 1000)]:
+        column, rhs = ar_system(rng, m, p)
+        expected = solve_toeplitz(column, rhs)
+        np.testing.assert_allclose(toeplitz.solve_symmetric_toeplitz(column, rhs), expected, rtol=1e-9, atol=1e-12)
+    # Yule-Walker's, as ar_polynomial sets it up (white-noise corrected autocorrelation of music).
+    x = np.sin(np.arange(4000) * 0.05) + 0.01 * rng.standard_normal(4000)
+    r = np.correlate(x, x, mode="full")[3999 : 3999 + 301]
+    r[0] *= 1 + 1e-5
+    np.testing.assert_allclose(
+        toeplitz.solve_symmetric_toeplitz(r[:300], -r[1:301]), solve_toeplitz(r[:300], -r[1:301]), rtol=1e-6
+    )
+
+
+def test_a_system_the_symmetric_recursion_cannot_solve_is_answered_by_scipy():
+    # Symmetric but not positive definite: the recursion stops (its second leading minor is
+    # negative), and scipy's general Levinson, which needs only nonsingular ones, answers.
+    column, rhs = np.array([1.0, 2.0, 0.5]), np.array([1.0, -1.0, 2.0])
+    assert np.isnan(toeplitz._kernel()(column, rhs)).all()
+    matrix = np.array([[1.0, 2.0, 0.5], [2.0, 1.0, 2.0], [0.5, 2.0, 1.0]])
+    np.testing.assert_allclose(toeplitz.solve_symmetric_toeplitz(column, rhs), np.linalg.solve(matrix, rhs))

@@ -7,13 +7,14 @@ are those that minimise the energy of the prediction error over every error samp
 touch. For a contiguous gap with p known samples on each side, the normal equations are
 a symmetric Toeplitz system (entries are the autocorrelation of the AR polynomial), solved
 with Levinson recursion in O(m^2) whatever the order p, so high orders that capture
-the harmonics of music stay affordable.
+the harmonics of music stay affordable (toeplitz.py: off the interpreter lock).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import solve_toeplitz
+
+from soundpatch.engine.toeplitz import solve_symmetric_toeplitz
 
 # Added to the zero-lag autocorrelation: keeps the Yule-Walker system well conditioned
 # for near-silent or purely tonal context (a "white noise correction").
@@ -34,7 +35,7 @@ def ar_polynomial(segments: list[np.ndarray], order: int) -> np.ndarray:
     if r[0] <= 1e-20:
         return np.concatenate([[1.0], np.zeros(order)])
     r[0] *= 1.0 + _WHITE_NOISE_CORRECTION
-    a = solve_toeplitz(r[:order], -r[1 : order + 1])
+    a = solve_symmetric_toeplitz(r[:order], -r[1 : order + 1])
     return np.concatenate([[1.0], a])
 
 
@@ -48,7 +49,7 @@ def least_squares_fill(before: np.ndarray, after: np.ndarray, m: int, a: np.ndar
     rhs = -np.correlate(errors, a, mode="valid")
     column = np.zeros(m)
     column[: min(m, p + 1)] = np.correlate(a, a, mode="full")[p : p + min(m, p + 1)]
-    return solve_toeplitz(column, rhs)
+    return solve_symmetric_toeplitz(column, rhs)
 
 
 def extrapolate(context: np.ndarray, m: int, order: int, fade: bool = True) -> np.ndarray:
