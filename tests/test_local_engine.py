@@ -114,6 +114,24 @@ def test_seeds_choose_among_equally_good_passages(music_44k):
         assert snr_db(x[a:b], fill) > 40
 
 
+def test_a_passage_from_where_the_music_was_louder_is_brought_to_the_gaps_level(music_44k):
+    # A two-second phrase played six times, the last time 12 dB softer, with a 300 ms gap in
+    # it: its best matches are the loud playings (the match scores shapes, not levels), so
+    # the passage came back 12 dB too loud (-9.3 dB SNR, worse than silence). Brought to the
+    # level of the gap's surroundings, it is the soft playing itself.
+    rate = 44100
+    phrase = music_44k[: 2 * rate]
+    x = np.concatenate([phrase] * 5 + [phrase * 10 ** (-12 / 20)]).astype(np.float32)
+    a, b = int(10.8 * rate), int(11.1 * rate)
+    truth = x[a:b].copy()
+    fill = LocalEngine().inpaint(InpaintRequest(Audio(x, rate, "WAV", "FLOAT"), a, b, "p", 1))
+    assert fill.method.startswith("similarity") and "-12.0 dB to its surroundings" in fill.method, fill.method
+    assert snr_db(truth, fill.fill) > 30, snr_db(truth, fill.fill)
+    # A passage as loud as the gap's surroundings is copied as it is.
+    same = LocalEngine().inpaint(InpaintRequest(Audio(x, rate, "WAV", "FLOAT"), a - 4 * rate, b - 4 * rate, "p", 1))
+    assert "dB to its surroundings" not in same.method and snr_db(x[a - 4 * rate : b - 4 * rate], same.fill) > 60
+
+
 def test_a_dropout_is_not_filled_with_another_dropout(music_44k):
     # An archive's recording with two dropouts, where the passage that fits the first best
     # (its surroundings recur note for note later on) is the second: copying that one would

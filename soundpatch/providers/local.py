@@ -38,6 +38,10 @@ PROBE_REACH_SECONDS = 30.0
 MAX_AR_ORDER = 1000
 # Seams between the original and a passage are re-interpolated over this long.
 SEAM_SECONDS = 0.01
+# A passage is brought to the level of the gap's surroundings (_level_match) when they differ
+# by more than this, by at most the limit.
+LEVEL_TOLERANCE_DB = 0.5
+LEVEL_LIMIT_DB = 20.0
 # Relative error (-26 dB) below which a passage's neighbours count as the gap's own.
 SEAM_TOLERANCE = 10 ** (-26 / 10)
 
@@ -146,6 +150,10 @@ def passage_fill(x: np.ndarray, a: int, b: int, rate: int, seed: int | None) -> 
         q = match.start
         fill = x[q : q + m].copy()
         method = f"similarity (passage at {q / rate:.3f} s, score {match.score:.2f})"
+        gain = _level_match(x, a, b, q, similarity.context_frames(m, rate))
+        if gain != 1.0:
+            fill = (fill * gain).astype(fill.dtype)
+            method = method[:-1] + f", {20 * np.log10(gain):+.1f} dB to its surroundings)"
         # A seam is natural already where the passage's own neighbours are the gap's.
         mend_left = not _continuous(x[max(0, a - 2 * n) : a], x[max(0, q - 2 * n) : q])
         mend_right = not _continuous(x[b : b + 2 * n], x[q + m : q + m + 2 * n])
@@ -154,6 +162,25 @@ def passage_fill(x: np.ndarray, a: int, b: int, rate: int, seed: int | None) -> 
         method = "loop (recording too short for a matching passage)"
         mend_left = mend_right = True
     return _mend_seams(x, a, b, fill, n, mend_left, mend_right), method
+
+
+def _level_match(x: np.ndarray, a: int, b: int, q: int, c: int) -> float:
+    """The gain that brings the passage at q to the level of the gap [a, b): its
+    surroundings' (c frames each side) over the passage's own. The match is scored on
+    their shapes, whatever their levels: a passage from where a sweep or a ring was 10 dB
+    louder came back 10 dB too loud. 1.0 within LEVEL_TOLERANCE_DB (repeated material is
+    copied as it is), at most LEVEL_LIMIT_DB either way."""
+    m = b - a
+
+    def power(lo: int, hi: int) -> float:
+        sides = [side for side in (x[max(0, lo - c) : lo], x[hi : hi + c]) if len(side)]
+        return float(np.mean([np.mean(np.square(side, dtype=np.float64)) for side in sides])) if sides else 0.0
+
+    gap, passage = power(a, b), power(q, q + m)
+    if gap <= 1e-20 or passage <= 1e-20:
+        return 1.0
+    db = float(np.clip(10 * np.log10(gap / passage), -LEVEL_LIMIT_DB, LEVEL_LIMIT_DB))
+    return 1.0 if abs(db) <= LEVEL_TOLERANCE_DB else float(10 ** (db / 20))
 
 
 def _continuous(target: np.ndarray, source: np.ndarray) -> bool:
