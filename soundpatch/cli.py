@@ -293,6 +293,11 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
         # the first row (whose result came a second and more after the next rows were sent).
         import scipy.signal  # noqa: F401, PLC0415
 
+        if "local" in {cfg.provider.name, *(edit.provider for edit in manifest.edits)}:
+            # The local engine's compiled solver likewise (soundpatch/engine/toeplitz.py: 1 s).
+            from soundpatch.engine.toeplitz import prepare  # noqa: PLC0415
+
+            prepare()
         from flows.ephemeral import api_configured, configured_server_away, isolated_api  # noqa: PLC0415
         from flows.inpaint_batch import inpaint_batch  # noqa: PLC0415
         from flows.prefect_messages import condense_prefect_messages  # noqa: PLC0415

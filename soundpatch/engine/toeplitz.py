@@ -35,6 +35,11 @@ def solve_symmetric_toeplitz(column: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     return solve_toeplitz(column, rhs)
 
 
+def prepare() -> None:
+    """Load (or, the first time, compile) the solver now, not in the first row that needs it."""
+    _kernel()
+
+
 @functools.cache
 def _kernel() -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
     try:
