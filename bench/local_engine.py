@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--minutes", type=float, default=4.0, help="the long recording's length")
     args = parser.parse_args()
-    toeplitz._kernel()  # the compiled solver, loaded (or compiled, the first time) before any edit is timed
+    toeplitz.prepare()  # the compiled solver, loaded (or compiled, the first time) before any edit is timed
     every = (0.005, 0.02, 0.05, 0.1, 0.3, 1.0)
     materials = {
         "music 44.1k stereo": (demo_audio.music(30.0, 44100, 2, seed=1), 44100, every),

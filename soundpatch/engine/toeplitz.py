@@ -5,7 +5,7 @@ unknowns for 100 ms at 44.1 kHz. scipy's `solve_toeplitz` solves them with Levin
 recursion for any Toeplitz matrix, holding the interpreter lock throughout (36 ms each):
 a run's two crunching rows (cpu.py) then take turns on one core. Here Levinson's
 symmetric form (Golub & Van Loan, Matrix Computations, algorithm 4.7.2), compiled by
-numba without the lock: a third less work, and both cores busy.
+numba without the lock: half the time on one core (bench/toeplitz.py), and both cores busy.
 
 Where numba is missing (a Python it does not support yet) or the recursion meets a
 matrix it cannot solve (a leading minor not positive, rounding included), scipy's
