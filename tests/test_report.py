@@ -136,9 +136,10 @@ def test_a_noisy_fill_meeting_a_smooth_ring_is_a_change_of_texture_not_a_click()
 
 def test_a_fill_as_loud_as_the_audio_beside_it_is_not_flagged_where_a_sound_decays_around_it():
     # A hit at 0.5 s ringing away fast (30 dB a second), a region 1.2 s later: the second of
-    # context before the region holds the hit, 20 dB and more above the region and both its
-    # sides. A fill as loud as the audio beside it (here the original itself: the best fill
-    # there is) is fine; the same region silenced, or 20 dB too loud, is not.
+    # context before the region holds the ring's loud start, and against the two seconds
+    # pooled the region read -18.8 dB. A fill as loud as the audio beside it (here the
+    # original itself: the best fill there is) is fine; the same region silenced, or 20 dB
+    # too loud, is not.
     t = np.arange(3 * RATE) / RATE
     rng = np.random.default_rng(3)
     ring = np.where(t >= 0.5, np.exp(-(t - 0.5) * 3.45), 0.0) * (0.6 * np.sin(2 * np.pi * 220 * t))
