@@ -44,6 +44,23 @@ BLOCK_FRAMES = 1 << 18  # written and read back this many frames at a time (~1-2
 # Effective bits of integer subtypes, for rounding a float region back to the grid.
 _BITS = {"PCM_S8": 8, "PCM_U8": 8, "PCM_16": 16, "ULAW": 16, "ALAW": 16, "PCM_24": 24, "PCM_32": 32}
 
+# A file cut short (a copy or a transfer broken off, a recorder that lost power) keeps a
+# header promising all of it. libsndfile reads a WAV or AIFF as far as its samples go and
+# says so only in its log: "data : 529200 (should be 317502)", bytes promised and bytes there.
+_DATA_CHUNK = re.compile(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be \d+\)", re.MULTILINE)
+_BEFORE_SAMPLES = {"data": 0, "SSND": 8}  # bytes of the chunk before its samples (AIFF's offset and block size)
+# What writers to a pipe put there, not knowing the length yet (libsndfile, ffmpeg; sox):
+# such a file is not cut short, however little it holds.
+_LENGTH_UNKNOWN = frozenset((0xFFFFFFFF, 0x7FFFFFFF, 0x7FFFF000))
+_BYTES_PER_SAMPLE = {"PCM_S8": 1, "PCM_U8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4}
+_BYTES_PER_SAMPLE |= {"FLOAT": 4, "DOUBLE": 8}
+# Formats whose header gives the length, checked by reading their last frame: a FLAC cut
+# short cannot be read there, an MP3 cut short reads nothing there.
+_LENGTH_IN_HEADER = frozenset(("FLAC", "MP3"))
+# A decoder that stops this much short of its header's length (seconds) says the file is
+# cut short; an MP3 without a frame count has only an estimate of its length.
+SHORT_SECONDS = 0.1
+
 OUTPUT_CONTAINERS = {"wav": "WAV", "flac": "FLAC", "mp3": "MP3", "ogg": "OGG"}
 EXTENSIONS = {
     "WAV": "wav",
@@ -66,6 +83,7 @@ class AudioInfo:
     channels: int
     format: str
     subtype: str
+    promised_frames: int | None = None  # what its header promises, where the file holds less (cut_short)
 
     @property
     def duration(self) -> float:
@@ -80,6 +98,7 @@ class Audio:
     rate: int
     format: str
     subtype: str
+    promised_frames: int | None = None  # as AudioInfo's
 
     @property
     def frames(self) -> int:
@@ -95,7 +114,7 @@ class Audio:
 
     @property
     def info(self) -> AudioInfo:
-        return AudioInfo(self.frames, self.rate, self.channels, self.format, self.subtype)
+        return AudioInfo(self.frames, self.rate, self.channels, self.format, self.subtype, self.promised_frames)
 
     def float_slice(self, start: int, stop: int) -> np.ndarray:
         """Frames [start, stop) as float32 in [-1, 1), whatever the storage type."""
@@ -184,14 +203,48 @@ def from_float(values: np.ndarray, like: Audio) -> np.ndarray:
 def inspect(source: bytes | str, name: str = "audio") -> AudioInfo:
     """Read only the header (of bytes, or of a file by path): enough to check a region
     against the audio's length without decoding it. Bytes go through a BytesIO: a header
-    is a few reads, and soundio would first copy the whole file."""
+    is a few reads, and soundio would first copy the whole file. A FLAC or MP3 is also read
+    at its last frame: one cut short is then decoded, to tell how much of it there is."""
     try:
-        info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else source)
+        with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as f:
+            info = AudioInfo(f.frames, f.samplerate, f.channels, f.format, f.subtype, _promised_frames(f))
+            whole = f.format not in _LENGTH_IN_HEADER or f.frames <= 0 or _last_frame_read(f)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
-    if info.frames <= 0 or info.samplerate <= 0:
+    if not whole:
+        return decode(source if isinstance(source, bytes) else Path(source), name).info
+    if info.frames <= 0 or info.rate <= 0:
         raise RowError(f"{name} holds no audio samples")
-    return AudioInfo(info.frames, info.samplerate, info.channels, info.format, info.subtype)
+    return info
+
+
+def _last_frame_read(f: sf.SoundFile) -> bool:
+    try:
+        f.seek(f.frames - 1)
+        return len(f.read(1)) == 1
+    except (sf.LibsndfileError, RuntimeError):
+        return False
+
+
+def _promised_frames(f: sf.SoundFile, frames: int | None = None) -> int | None:
+    """The frames the header of the file open in `f` promises, where it holds fewer of them
+    (`frames`, if its decoder stopped short of f.frames): None if it holds them all."""
+    found = _DATA_CHUNK.search(f.extra_info)
+    width = _BYTES_PER_SAMPLE.get(f.subtype)
+    if found is not None and width is not None and int(found[2]) not in _LENGTH_UNKNOWN:
+        promised = (int(found[2]) - _BEFORE_SAMPLES[found[1]]) // (width * f.channels)
+        return promised if promised > f.frames else None
+    if frames is not None and f.frames - frames >= SHORT_SECONDS * f.samplerate:
+        return f.frames
+    return None
+
+
+def cut_short(info: AudioInfo) -> str | None:
+    """How much of what its header promises a file cut short holds ('3.600 s of the 6.000 s
+    its header promises'), or None."""
+    if info.promised_frames is None:
+        return None
+    return f"{info.duration:.3f} s of the {info.promised_frames / info.rate:.3f} s its header promises"
 
 
 @dataclass(frozen=True)
@@ -227,17 +280,47 @@ def stored(path: Path, name: str = "audio") -> Stored:
 
 def decode(data: bytes | Path, name: str = "audio") -> Audio:
     """Decode any format libsndfile reads (WAV, FLAC, OGG, MP3, AIFF, ...), from its bytes
-    or from a file by path (then never held as bytes)."""
+    or from a file by path (then never held as bytes). A file cut short is decoded as far
+    as it goes, and says how far (`promised_frames`); one that cannot be decoded past some
+    point (a FLAC cut short or damaged) is refused, saying where: what follows may be lost."""
     try:
         with soundio.open_audio(data) as f:
             dtype = _NATIVE_DTYPE.get(f.subtype, "float32")
-            samples = f.read(dtype=dtype, always_2d=True)
-            rate, fmt, subtype = f.samplerate, f.format, f.subtype
+            samples = np.empty((max(f.frames, 0), f.channels), dtype)
+            got, n = 0, 1
+            while got < len(samples) and n:
+                try:
+                    n = len(f.read(out=samples[got : got + BLOCK_FRAMES]))
+                    got += n
+                except sf.LibsndfileError as exc:
+                    got = _decodable_frames(data, got, dtype)
+                    if got == 0:
+                        raise
+                    at = got / f.samplerate
+                    raise RowError(
+                        f"{name} cannot be decoded past {at:.3f} s of the {f.frames / f.samplerate:.3f} s its header "
+                        f"promises ({_reason(exc)}): it is cut short or damaged there"
+                    ) from None
+            rate, fmt, subtype, promised = f.samplerate, f.format, f.subtype, _promised_frames(f, got)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
-    if samples.shape[0] == 0:
+    if got == 0:
         raise RowError(f"{name} holds no audio samples")
-    return Audio(np.ascontiguousarray(samples), rate, fmt, subtype)
+    samples = samples[:got] if got == len(samples) else samples[:got].copy()  # not a copy of what is there
+    return Audio(samples, rate, fmt, subtype, promised)
+
+
+def _decodable_frames(data: bytes | Path, start: int, dtype: str) -> int:
+    """How far a file that broke off after `start` frames decodes, to a FLAC frame or so."""
+    got = start
+    try:
+        with soundio.open_audio(data) as f:
+            f.seek(start)
+            while len(block := f.read(4096, dtype=dtype, always_2d=True)):
+                got += len(block)
+    except (sf.LibsndfileError, RuntimeError):
+        pass
+    return got
 
 
 def _reason(exc: Exception) -> str:

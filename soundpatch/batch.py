@@ -22,13 +22,14 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from threadpoolctl import threadpool_limits
 
 from soundpatch import audio as audio_ops
-from soundpatch import tls
+from soundpatch import tls, web
 from soundpatch.answers import AnswerShelf
 from soundpatch.audio import Audio, AudioInfo
 from soundpatch.combine import CombinedFile, Combiner, combined_note
@@ -86,6 +87,26 @@ def preflight(config: Config) -> None:
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def _region_in(edit: Edit, info: AudioInfo) -> tuple[int, int]:
+    """The edit's region as frames of its recording (`info`): raises RowError where the
+    recording does not hold it."""
+    assert edit.start is not None and edit.end is not None
+    name = Path(web.shown(edit.input) if "://" in edit.input else edit.input).name  # (no token of a URL's)
+    length = f"is only {info.duration:.3f} s long"
+    if info.promised_frames is not None:
+        length = (
+            f"breaks off at {info.duration:.3f} s of the {info.promised_frames / info.rate:.3f} s its header promises"
+        )
+    if edit.start >= info.duration:
+        raise RowError(f"region starts at {edit.start:g} s but {name} {length}")
+    if edit.end > info.duration + 0.5 / info.rate:  # (half a sample)
+        raise RowError(f"region ends at {edit.end:g} s but {name} {length}")
+    a, b = audio_ops.region_frames(edit.start, edit.end, info.rate, info.frames)
+    if b <= a:
+        raise RowError(f"region {edit.start:g}-{edit.end:g} s is shorter than one sample")
+    return a, b
 
 
 class Batch:
@@ -382,19 +403,7 @@ class Batch:
         provider = self.provider_for(edit)
         source = self.manifest.resolve_input(edit)
         info = self.sources.info(source)
-        assert edit.start is not None and edit.end is not None
-        half_sample = 0.5 / info.rate
-        if edit.start >= info.duration:
-            raise RowError(
-                f"region starts at {edit.start:g} s but {Path(edit.input).name} is only {info.duration:.3f} s long"
-            )
-        if edit.end > info.duration + half_sample:
-            raise RowError(
-                f"region ends at {edit.end:g} s but {Path(edit.input).name} is only {info.duration:.3f} s long"
-            )
-        a, b = audio_ops.region_frames(edit.start, edit.end, info.rate, info.frames)
-        if b <= a:
-            raise RowError(f"region {edit.start:g}-{edit.end:g} s is shorter than one sample")
+        a, b = _region_in(edit, info)
         provider.check(info.frames, info.rate, a, b, edit.steps, edit.guidance_scale)
         self.store.uri(self.publisher.name(edit, info))  # an unusable output name is found now, not after paying
         self.publisher.check_encodable(info)  # and an output format that cannot hold the audio
@@ -529,6 +538,9 @@ class Batch:
         try:
             checked = self.check(edit)
             original = self.sources.audio(checked.source)
+            if original.info != checked.info:  # its header said more than it holds (audio.cut_short)
+                checked = replace(checked, info=original.info)
+                _region_in(edit, checked.info)
         except RowError:
             outcome.status = INVALID
             raise
@@ -932,7 +944,7 @@ class Batch:
         self._combined.extend(combiner.build(outcomes, self._edits, self.manifest.resolve_input, self._log_traceback))
 
     def notes(self) -> list[str]:
-        notes = lookalike_notes(self.manifest.edits)
+        notes = lookalike_notes(self.manifest.edits) + self.sources.cut_short_notes()
         for p in self.providers.values():
             if not p.uses_prompt:
                 notes.append(

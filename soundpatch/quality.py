@@ -23,6 +23,8 @@ audio.read_back), against the original:
   None when both sides are near silence.
 - `clipped`: samples at full scale inside the region that the original did not have.
 - `offset_ms`: the misalignment of a provider's result that was found and undone.
+
+A result of a recording cut short (audio.cut_short) is flagged so: it holds what there is.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from soundpatch.audio import Audio, ReadBack, max_diff, to_float
+from soundpatch.audio import Audio, ReadBack, cut_short, max_diff, to_float
 
 SEAM_LIMIT = 2.5
 LOUDNESS_LIMIT_DB = 12.0
@@ -105,6 +107,9 @@ def judge(original: Audio, back: ReadBack, a: int, b: int, lossless: bool, offse
         q.flags.append(f"region is {abs(d):g} dB {'quieter' if d < 0 else 'louder'} than the audio either side of it")
     if clipped:
         q.flags.append(f"{clipped} clipped samples in the region")
+    short = cut_short(original.info)
+    if short is not None:  # the result holds what there is: the rest was never in the file
+        q.flags.append(f"the input is cut short (it holds {short})")
     return q
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from soundpatch import web
-from soundpatch.audio import Audio, AudioInfo, decode, inspect
+from soundpatch.audio import Audio, AudioInfo, cut_short, decode, inspect
 from soundpatch.config import StorageConfig
 from soundpatch.errors import RowError
 from soundpatch.humanize import over_limit
@@ -93,6 +93,7 @@ class SourceReader:
                 audio = decode(path, f"input file {uri}")
                 if self._current_stamp(uri) != self.stamp(uri):  # read twice: the same version both times
                     raise RowError(f"input file {uri} changed while it was being read; run again once it is written")
+            self._info[uri] = audio.info  # what it holds, where its header says otherwise (audio.cut_short)
             with self._lock:
                 self._checksums[uri] = checksum
                 self._cache[uri] = audio
@@ -101,6 +102,26 @@ class SourceReader:
                     _, old = self._cache.popitem(last=False)
                     self._held -= old.samples.nbytes
             return audio
+
+    def cut_short_notes(self) -> list[str]:
+        """What to say of the sources read so far that hold less than their headers promise."""
+        short = [(uri, text) for uri, info in list(self._info.items()) if (text := cut_short(info)) is not None]
+        if not short:
+            return []
+        shown = [web.shown(uri) if "://" in uri else uri for uri, _ in short]
+        if len(short) == 1:
+            return [
+                f"Input {shown[0]} is cut short: it holds {short[0][1]}; rows within what it holds are done on it "
+                "and flagged, rows past its end are invalid."
+            ]
+        listed = "; ".join(
+            f"{name}: {text.split(' its header')[0]}" for name, (_, text) in zip(shown[:3], short[:3], strict=True)
+        )
+        return [
+            f"{len(short)} inputs are cut short, holding less than their headers promise ({listed}"
+            f"{'; ...' if len(short) > 3 else ''}): rows within what they hold are done on it and flagged, rows "
+            "past their end are invalid."
+        ]
 
     def checksum(self, uri: str) -> str:
         """SHA-256 of the source's bytes, taken when it was read for decoding."""

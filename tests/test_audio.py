@@ -12,9 +12,11 @@ from soundpatch.audio import (
     Audio,
     AudioInfo,
     check_encodable,
+    cut_short,
     decode,
     encode,
     equal_power_ramps,
+    inspect,
     max_diff,
     patch,
     read_back,
@@ -117,6 +119,63 @@ def test_splice_rejects_a_fill_of_the_wrong_shape():
 def test_undecodable_bytes_raise_a_row_error(content):
     with pytest.raises(RowError):
         decode(content, "clip.wav")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "channels"),
+    [
+        ("WAV", "PCM_16", 1),
+        ("WAV", "PCM_24", 2),
+        ("WAV", "FLOAT", 2),
+        ("AIFF", "PCM_16", 2),
+        ("MP3", "MPEG_LAYER_III", 1),
+    ],
+)
+def test_a_file_cut_short_is_read_as_far_as_it_goes_and_says_how_far_that_is(fmt, subtype, channels):
+    """A copy broken off keeps a header promising all of it: libsndfile reads a WAV or AIFF as
+    far as its samples go, and an MP3 until its frames run out, saying nothing of it."""
+    rate = 16000
+    data = file_bytes(tone(6.0, rate, channels), rate, fmt, subtype)
+    whole = decode(data, "take.x")
+    cut = data[: len(data) * 6 // 10]
+    for info in (inspect(cut, "take.x"), decode(cut, "take.x").info):
+        assert info.promised_frames == whole.frames  # within a frame of what the header says
+        assert 0.5 * whole.frames < info.frames < 0.65 * whole.frames
+        said = cut_short(info)
+        assert said == f"{info.duration:.3f} s of the 6.000 s its header promises"
+    short = decode(cut, "take.x")
+    if fmt != "MP3":  # what there is, as it is
+        assert np.array_equal(short.samples, whole.samples[: short.frames])
+    assert inspect(data).promised_frames is None and whole.promised_frames is None and cut_short(whole.info) is None
+
+
+@pytest.mark.parametrize("unknown", [0xFFFFFFFF, 0x7FFFF000])
+def test_a_wav_written_to_a_pipe_is_not_cut_short(unknown):
+    """A writer that did not know the length yet puts a placeholder where the data size goes."""
+    data = bytearray(file_bytes(tone(1.0, 8000, 1), 8000, "WAV", "PCM_16"))
+    at = data.index(b"data") + 4
+    data[at : at + 4] = unknown.to_bytes(4, "little")
+    assert inspect(bytes(data)).promised_frames is None and decode(bytes(data)).promised_frames is None
+    assert decode(bytes(data)).frames == 8000
+
+
+def test_a_flac_cut_short_is_refused_saying_how_far_it_decodes():
+    """libsndfile stops a FLAC at the first frame it cannot decode, with an error; what
+    follows may be good audio (damage, not an end), so the file is refused, not cut there."""
+    rate = 16000
+    data = file_bytes(tone(6.0, rate, 2), rate, "FLAC", "PCM_16")
+    cut = data[: len(data) * 6 // 10]
+    for read in (inspect, decode):
+        with pytest.raises(RowError) as caught:
+            read(cut, "input file take.flac")
+        said = re.fullmatch(
+            r"input file take\.flac cannot be decoded past (\d\.\d{3}) s of the 6\.000 s its header promises "
+            r"\([^)]+\): it is cut short or damaged there",
+            str(caught.value),
+        )
+        assert said is not None, str(caught.value)
+        assert 2.5 < float(said[1]) < 3.6  # 60% of the bytes, less its last partial frame
+    assert inspect(data).frames == 6 * rate
 
 
 def test_in_memory_files_match_soundfile_and_leave_no_descriptor_open():

@@ -34,6 +34,11 @@ def make_files(d: Path, s3) -> None:
     (d / "image.flac").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(2000))
     sf.write(d / "no_frames.wav", np.zeros((0, 1), np.float32), rate)
     (d / "folder.wav").mkdir()
+    # Copies broken off (at 2.5 s of 4 s for the WAV): their headers still promise 4 s.
+    (d / "cut.wav").write_bytes(good[: 44 + round(2.5 * rate) * 2])
+    (d / "cut.flac").write_bytes((d / "good.flac").read_bytes()[: (d / "good.flac").stat().st_size * 6 // 10])
+    sf.write(d / "good.mp3", tone, rate)
+    (d / "cut.mp3").write_bytes((d / "good.mp3").read_bytes()[: (d / "good.mp3").stat().st_size * 6 // 10])
     s3.bucket("bad-inputs")
     s3.client.put_object(Bucket="bad-inputs", Key="notaudio.wav", Body=b"hello")
 
@@ -50,6 +55,9 @@ CORPUS = {
     "a-folder": ("folder.wav", "1", "2", "x", {}, "is not a file"),
     "past-the-end": ("good.wav", "3", "9", "x", {}, "only 4.000 s long"),
     "starts-after-end-of-file": ("good.wav", "5", "6", "x", {}, "only 4.000 s long"),
+    "cut-short-past-its-end": ("cut.wav", "3", "3.5", "x", {}, "breaks off at 2.500 s of the 4.000 s its header"),
+    "cut-short-mp3-past-its-end": ("cut.mp3", "3", "3.5", "x", {}, "s of the 4.000 s its header promises"),
+    "cut-short-flac": ("cut.flac", "1", "1.1", "x", {}, "cut.flac cannot be decoded past 2."),
     "whole-recording-local": ("good.wav", "0", "4", "x", {}, "covers the whole recording"),
     "end-before-start": ("good.wav", "2", "1", "x", {}, "not after its start"),
     "zero-length": ("good.wav", "2", "2", "x", {}, "not after its start"),
@@ -109,6 +117,7 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
         {"id": "good-1", "input": "good.wav", "start": "1", "end": "1.1", "prompt": "fill"},
         {"id": "good-2", "input": "good.flac", "start": "0:02", "end": "0:02.5", "prompt": "fill"},
         {"id": "good-3", "input": "good.wav", "start": "2.5", "end": "2.6", "prompt": "fill", "output": "shared"},
+        {"id": "good-cut", "input": "cut.wav", "start": "1", "end": "1.1", "prompt": "fill"},
     ]
     for row_id, (src, start, end, prompt, extra, _) in CORPUS.items():
         rows.append({"id": row_id, "input": src, "start": start, "end": end, "prompt": prompt, **extra})
@@ -141,15 +150,25 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
     assert long_id["status"].tolist() == ["invalid"] and "longer than 128" in long_id["error"].iloc[0]
     assert kinds + 2 >= 30  # the corpus, the duplicate id and the long id
 
-    for row_id in ("good-1", "good-2", "good-3", "odd-encoding-id\u202e", "dup"):
+    for row_id in ("good-1", "good-2", "good-3", "good-cut", "odd-encoding-id\u202e", "dup"):
         assert report.loc[row_id, "status"] == "succeeded", report.loc[row_id, "error"]
+    # A recording cut short is edited as far as it goes, and says so; nothing else of it changes.
+    cut = report.loc["good-cut"]
+    assert cut["checks"] == "the input is cut short (it holds 2.500 s of the 4.000 s its header promises)"
+    result, _ = sf.read(cut["output"], dtype="int16")
+    before, _ = sf.read(tmp_path / "good.wav", dtype="int16")
+    assert len(result) == 40000 and np.array_equal(result[:16000], before[:16000])
+    assert np.array_equal(result[17600:], before[17600:40000])
+    assert "2 inputs are cut short, holding less than their headers promise (cut.wav: 2.500 s of the 4.000 s" in (
+        " ".join(proc.stdout.split())
+    )
     sent = [
         json.loads(x)["row"]
         for x in (tmp_path / "runs" / "bad" / "journal.jsonl").read_text().splitlines()
         if json.loads(x)["event"] == "sending"
     ]
     # nothing else was sent
-    assert sorted(sent) == sorted(["good-1", "good-2", "good-3", "odd-encoding-id\u202e", "dup"])
+    assert sorted(sent) == sorted(["good-1", "good-2", "good-3", "good-cut", "odd-encoding-id\u202e", "dup"])
 
 
 @pytest.mark.parametrize("output_format", ["wav", "same"])  # same: the name waits for the input's format
