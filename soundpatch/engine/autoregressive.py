@@ -8,6 +8,17 @@ touch. For a contiguous gap with p known samples on each side, the normal equati
 a symmetric Toeplitz system (entries are the autocorrelation of the AR polynomial), solved
 with Levinson recursion in O(m^2) whatever the order p, so high orders that capture
 the harmonics of music stay affordable (toeplitz.py: off the interpreter lock).
+
+That fill is the gap's expected value given its context. Where the context cannot be
+predicted (hiss, rain, a whoosh, a crowd) it fades towards silence mid-gap: 5-11 dB under
+the noise around a 5-100 ms gap, a hole in the hiss. Where it lies more than NOISE_GATE_DB
+under the quieter side of the gap, what it lacks is drawn from the model itself: the gap's
+conditional noise, (A'A)^-1 A'w for innovations w at the context's prediction-error
+variance (one more solve of the same system), enough of it to bring the fill to the
+quieter side's power. Sampling the missing samples rather than taking their expectation
+is Godsill & Rayner's (1998, "Digital Audio Restoration", ch. 5). Where the context is
+predictable (music, speech) the fill is left as it is: it holds its level already, and
+noise would only cost SNR (bench/local_engine.py).
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from soundpatch.engine.toeplitz import solve_symmetric_toeplitz
 # Added to the zero-lag autocorrelation: keeps the Yule-Walker system well conditioned
 # for near-silent or purely tonal context (a "white noise correction").
 _WHITE_NOISE_CORRECTION = 1e-5
+NOISE_GATE_DB = 3.0
 
 
 def ar_polynomial(segments: list[np.ndarray], order: int) -> np.ndarray:
@@ -46,10 +58,33 @@ def least_squares_fill(before: np.ndarray, after: np.ndarray, m: int, a: np.ndar
     # Prediction errors of the known samples (missing ones at zero) for every t touched
     # by a missing sample: t in [p, p + m + p).
     errors = np.convolve(y, a)[p : p + m + p]
-    rhs = -np.correlate(errors, a, mode="valid")
+    return solve_symmetric_toeplitz(_normal_column(a, m), -np.correlate(errors, a, mode="valid"))
+
+
+def _normal_column(a: np.ndarray, m: int) -> np.ndarray:
+    """The first column of A'A, the normal equations' matrix of m missing samples."""
+    p = len(a) - 1
     column = np.zeros(m)
     column[: min(m, p + 1)] = np.correlate(a, a, mode="full")[p : p + min(m, p + 1)]
-    return solve_symmetric_toeplitz(column, rhs)
+    return column
+
+
+def missing_noise(left: np.ndarray, right: np.ndarray, fill: np.ndarray, a: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """What a least-squares `fill` between `left` and `right` lacks of its context's noise
+    (zeros where it lacks less than NOISE_GATE_DB of the quieter side's power): the gap's
+    conditional noise under the AR model `a`, from `unit` (unit white noise, m + p long)."""
+    m, p = len(fill), len(a) - 1
+    quieter = min(float(np.mean(np.square(left))), float(np.mean(np.square(right))))
+    have = float(np.mean(np.square(fill)))
+    if have >= quieter * 10 ** (-NOISE_GATE_DB / 10):
+        return np.zeros(m)
+    residual = np.concatenate([np.convolve(left, a, mode="valid"), np.convolve(right, a, mode="valid")])
+    if len(residual) == 0:
+        return np.zeros(m)
+    w = unit[: m + p] * np.sqrt(np.mean(np.square(residual)))
+    noise = solve_symmetric_toeplitz(_normal_column(a, m), np.correlate(w, a, mode="valid"))
+    power = float(np.mean(np.square(noise)))
+    return noise * np.sqrt(min(1.0, (quieter - have) / power)) if power > 1e-30 else np.zeros(m)
 
 
 def extrapolate(context: np.ndarray, m: int, order: int, fade: bool = True) -> np.ndarray:
@@ -70,12 +105,15 @@ def extrapolate(context: np.ndarray, m: int, order: int, fade: bool = True) -> n
     return predicted * np.linspace(1.0, 0.0, m + 2)[1:-1] if fade else predicted
 
 
-def interpolate(signal: np.ndarray, a: int, b: int, order: int, iterations: int = 2) -> np.ndarray:
+def interpolate(
+    signal: np.ndarray, a: int, b: int, order: int, iterations: int = 2, unit: np.ndarray | None = None
+) -> np.ndarray:
     """Fill frames [a, b) of a 1-D signal from its surroundings; returns b - a samples.
 
     Uses up to `order` coefficients, reduced where the file has little context. The AR
     model is estimated from up to 4 * order known samples on each side, then re-estimated
-    with the gap filled (Janssen's iteration).
+    with the gap filled (Janssen's iteration). Given `unit` (unit white noise, at least
+    b - a + order long), a fill that lacks its context's noise gets it (missing_noise).
     """
     m = b - a
     left_avail, right_avail = a, len(signal) - b
@@ -94,4 +132,4 @@ def interpolate(signal: np.ndarray, a: int, b: int, order: int, iterations: int 
     for _ in range(iterations - 1):
         poly = ar_polynomial([np.concatenate([left, fill, right])], p)
         fill = least_squares_fill(left[-p:], right[:p], m, poly)
-    return fill
+    return fill if unit is None else fill + missing_noise(left, right, fill, poly, unit)
