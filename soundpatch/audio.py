@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,10 @@ _BYTES_PER_SAMPLE |= {"FLOAT": 4, "DOUBLE": 8}
 # Formats whose header gives the length, checked by reading their last frame: a FLAC cut
 # short cannot be read there, an MP3 cut short reads nothing there.
 _LENGTH_IN_HEADER = frozenset(("FLAC", "MP3"))
+# A WAV whose recording was never finished (a recorder that lost power before writing its
+# length) says it holds nothing, "data : 0", with its samples right after that.
+_NOTHING_SAID = re.compile(r"^data\s*:\s*0\s*$", re.MULTILINE)
+_HEAD_BYTES = 1 << 16  # where a WAV's chunks before its samples are looked for
 # A decoder that stops this much short of its header's length (seconds) says the file is
 # cut short; an MP3 without a frame count has only an estimate of its length.
 SHORT_SECONDS = 0.1
@@ -83,7 +88,8 @@ class AudioInfo:
     channels: int
     format: str
     subtype: str
-    promised_frames: int | None = None  # what its header promises, where the file holds less (cut_short)
+    # What its header says it holds, where the file holds less (cut_short) or, 0, more (never_finished).
+    promised_frames: int | None = None
 
     @property
     def duration(self) -> float:
@@ -209,8 +215,13 @@ def inspect(source: bytes | str, name: str = "audio") -> AudioInfo:
         with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as f:
             info = AudioInfo(f.frames, f.samplerate, f.channels, f.format, f.subtype, _promised_frames(f))
             whole = f.format not in _LENGTH_IN_HEADER or f.frames <= 0 or _last_frame_read(f)
+            offset = _unfinished_samples(f, source if isinstance(source, bytes) else Path(source))
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
+    if offset is not None:  # what follows its header, whole frames of it
+        size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
+        frames = (size - offset) // (_BYTES_PER_SAMPLE[info.subtype] * info.channels)
+        info = AudioInfo(frames, info.rate, info.channels, info.format, info.subtype, promised_frames=0)
     if not whole:
         return decode(source if isinstance(source, bytes) else Path(source), name).info
     if info.frames <= 0 or info.rate <= 0:
@@ -239,12 +250,41 @@ def _promised_frames(f: sf.SoundFile, frames: int | None = None) -> int | None:
     return None
 
 
+def _unfinished_samples(f: sf.SoundFile, source: bytes | Path) -> int | None:
+    """Where the samples start of a WAV, open in `f`, whose header was never finished: it
+    says it holds none, yet some follow it. None for any other file."""
+    if f.frames != 0 or f.format not in ("WAV", "WAVEX") or f.subtype not in _BYTES_PER_SAMPLE:
+        return None
+    if not _NOTHING_SAID.search(f.extra_info):
+        return None
+    if isinstance(source, bytes):
+        head = source[:_HEAD_BYTES]
+    else:
+        with open(source, "rb") as file:
+            head = file.read(_HEAD_BYTES)
+    at = 12  # "RIFF", its size, "WAVE"; then chunks: a name, a little-endian size, that many bytes
+    while at + 8 <= len(head):
+        size = int.from_bytes(head[at + 4 : at + 8], "little")
+        if head[at : at + 4] == b"data":
+            return at + 8
+        at += 8 + size + (size & 1)
+    return None
+
+
 def cut_short(info: AudioInfo) -> str | None:
     """How much of what its header promises a file cut short holds ('3.600 s of the 6.000 s
     its header promises'), or None."""
-    if info.promised_frames is None:
+    if not info.promised_frames:
         return None
     return f"{info.duration:.3f} s of the {info.promised_frames / info.rate:.3f} s its header promises"
+
+
+def never_finished(info: AudioInfo) -> str | None:
+    """What a WAV whose header was never finished holds ('it says it holds no samples; the
+    6.000 s that follow it were read'), or None."""
+    if info.promised_frames != 0:
+        return None
+    return f"it says it holds no samples; the {info.duration:.3f} s that follow it were read"
 
 
 @dataclass(frozen=True)
@@ -282,32 +322,44 @@ def decode(data: bytes | Path, name: str = "audio") -> Audio:
     """Decode any format libsndfile reads (WAV, FLAC, OGG, MP3, AIFF, ...), from its bytes
     or from a file by path (then never held as bytes). A file cut short is decoded as far
     as it goes, and says how far (`promised_frames`); one that cannot be decoded past some
-    point (a FLAC cut short or damaged) is refused, saying where: what follows may be lost."""
+    point (a FLAC cut short or damaged) is refused, saying where: what follows may be lost.
+    A WAV whose header was never finished (it says it holds nothing) is read to its end."""
     try:
         with soundio.open_audio(data) as f:
-            dtype = _NATIVE_DTYPE.get(f.subtype, "float32")
-            samples = np.empty((max(f.frames, 0), f.channels), dtype)
-            got, n = 0, 1
-            while got < len(samples) and n:
-                try:
-                    n = len(f.read(out=samples[got : got + BLOCK_FRAMES]))
-                    got += n
-                except sf.LibsndfileError as exc:
-                    got = _decodable_frames(data, got, dtype)
-                    if got == 0:
-                        raise
-                    at = got / f.samplerate
-                    raise RowError(
-                        f"{name} cannot be decoded past {at:.3f} s of the {f.frames / f.samplerate:.3f} s its header "
-                        f"promises ({_reason(exc)}): it is cut short or damaged there"
-                    ) from None
-            rate, fmt, subtype, promised = f.samplerate, f.format, f.subtype, _promised_frames(f, got)
+            offset = _unfinished_samples(f, data)
+            rate, fmt, subtype = f.samplerate, f.format, f.subtype
+            if offset is None:
+                samples = _samples(f, data, name)
+                promised = _promised_frames(f, len(samples))
+            else:
+                with soundio.open_raw(data, offset, rate, f.channels, subtype) as raw:
+                    samples, promised = _samples(raw, data, name), 0
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
-    if got == 0:
+    if len(samples) == 0:
         raise RowError(f"{name} holds no audio samples")
-    samples = samples[:got] if got == len(samples) else samples[:got].copy()  # not a copy of what is there
     return Audio(samples, rate, fmt, subtype, promised)
+
+
+def _samples(f: sf.SoundFile, data: bytes | Path, name: str) -> np.ndarray:
+    """All the samples of the file open in `f` (read from `data`), as far as they go."""
+    dtype = _NATIVE_DTYPE.get(f.subtype, "float32")
+    samples = np.empty((max(f.frames, 0), f.channels), dtype)
+    got, n = 0, 1
+    while got < len(samples) and n:
+        try:
+            n = len(f.read(out=samples[got : got + BLOCK_FRAMES]))
+            got += n
+        except sf.LibsndfileError as exc:
+            got = _decodable_frames(data, got, dtype)
+            if got == 0:
+                raise
+            at = got / f.samplerate
+            raise RowError(
+                f"{name} cannot be decoded past {at:.3f} s of the {f.frames / f.samplerate:.3f} s its header "
+                f"promises ({_reason(exc)}): it is cut short or damaged there"
+            ) from None
+    return samples[:got] if got == len(samples) else samples[:got].copy()  # not a copy of what is there
 
 
 def _decodable_frames(data: bytes | Path, start: int, dtype: str) -> int:

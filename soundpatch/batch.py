@@ -95,7 +95,7 @@ def _region_in(edit: Edit, info: AudioInfo) -> tuple[int, int]:
     assert edit.start is not None and edit.end is not None
     name = Path(web.shown(edit.input) if "://" in edit.input else edit.input).name  # (no token of a URL's)
     length = f"is only {info.duration:.3f} s long"
-    if info.promised_frames is not None:
+    if info.promised_frames:  # cut short (0: a header never finished, which said nothing of its length)
         length = (
             f"breaks off at {info.duration:.3f} s of the {info.promised_frames / info.rate:.3f} s its header promises"
         )
@@ -944,7 +944,7 @@ class Batch:
         self._combined.extend(combiner.build(outcomes, self._edits, self.manifest.resolve_input, self._log_traceback))
 
     def notes(self) -> list[str]:
-        notes = lookalike_notes(self.manifest.edits) + self.sources.cut_short_notes()
+        notes = lookalike_notes(self.manifest.edits) + self.sources.header_notes()
         for p in self.providers.values():
             if not p.uses_prompt:
                 notes.append(

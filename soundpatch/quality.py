@@ -24,7 +24,8 @@ audio.read_back), against the original:
 - `clipped`: samples at full scale inside the region that the original did not have.
 - `offset_ms`: the misalignment of a provider's result that was found and undone.
 
-A result of a recording cut short (audio.cut_short) is flagged so: it holds what there is.
+A result of a recording cut short (audio.cut_short) is flagged so: it holds what there is;
+and so is one of a WAV whose header was never finished (audio.never_finished).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from soundpatch.audio import Audio, ReadBack, cut_short, max_diff, to_float
+from soundpatch.audio import Audio, ReadBack, cut_short, max_diff, never_finished, to_float
 
 SEAM_LIMIT = 2.5
 LOUDNESS_LIMIT_DB = 12.0
@@ -107,9 +108,11 @@ def judge(original: Audio, back: ReadBack, a: int, b: int, lossless: bool, offse
         q.flags.append(f"region is {abs(d):g} dB {'quieter' if d < 0 else 'louder'} than the audio either side of it")
     if clipped:
         q.flags.append(f"{clipped} clipped samples in the region")
-    short = cut_short(original.info)
+    short, unfinished = cut_short(original.info), never_finished(original.info)
     if short is not None:  # the result holds what there is: the rest was never in the file
         q.flags.append(f"the input is cut short (it holds {short})")
+    if unfinished is not None:  # the result holds what followed its header, with a header that says so
+        q.flags.append(f"the input's header was never finished ({unfinished})")
     return q
 
 

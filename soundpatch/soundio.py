@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -73,6 +73,37 @@ def open_audio(source: bytes | Path) -> Iterator[sf.SoundFile]:
     else:
         with open_bytes(source) as f:
             yield f
+
+
+@contextmanager
+def open_raw(source: bytes | Path, offset: int, rate: int, channels: int, subtype: str) -> Iterator[sf.SoundFile]:
+    """The little-endian samples from byte `offset` on of the file in `source`, open for
+    reading as headerless audio: a WAV whose header does not say how many there are."""
+    raw = {"samplerate": rate, "channels": channels, "subtype": subtype, "endian": "LITTLE", "format": "RAW"}
+    if isinstance(source, Path):  # (libsndfile does not read headerless audio from inside a file it opens)
+        with open(source, "rb") as file, sf.SoundFile(_From(file, offset), **raw) as f:
+            yield f
+    else:
+        with _memory_file(memoryview(source)[offset:]) as fd, sf.SoundFile(fd, closefd=False, **raw) as f:
+            yield f
+
+
+class _From:
+    """A file read from byte `offset` on, as if that were its start: read by libsndfile
+    through Python (a few large reads of a rare file: one whose header was never finished)."""
+
+    def __init__(self, file: BinaryIO, offset: int) -> None:
+        self._file, self._offset = file, offset
+        file.seek(offset)
+
+    def seek(self, position: int, whence: int = os.SEEK_SET) -> int:
+        return self._file.seek(position + (self._offset if whence == os.SEEK_SET else 0), whence) - self._offset
+
+    def tell(self) -> int:
+        return self._file.tell() - self._offset
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
 
 
 def read(data: bytes, **kwargs: Any) -> tuple[np.ndarray, int]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from soundpatch import web
-from soundpatch.audio import Audio, AudioInfo, cut_short, decode, inspect
+from soundpatch.audio import Audio, AudioInfo, cut_short, decode, inspect, never_finished
 from soundpatch.config import StorageConfig
 from soundpatch.errors import RowError
 from soundpatch.humanize import over_limit
@@ -103,12 +103,30 @@ class SourceReader:
                     self._held -= old.samples.nbytes
             return audio
 
-    def cut_short_notes(self) -> list[str]:
-        """What to say of the sources read so far that hold less than their headers promise."""
-        short = [(uri, text) for uri, info in list(self._info.items()) if (text := cut_short(info)) is not None]
+    def header_notes(self) -> list[str]:
+        """What to say of the sources read so far that hold other than their headers say."""
+        infos = list(self._info.items())
+        unfinished = [_shown(uri) for uri, info in infos if never_finished(info) is not None]
+        notes = self._cut_short_notes([(uri, text) for uri, info in infos if (text := cut_short(info)) is not None])
+        if len(unfinished) == 1:
+            notes.append(
+                f"Input {unfinished[0]} was never finished: its header says it holds no samples (a recorder that "
+                "stopped before writing its length), and what follows it was read; its rows' results are flagged."
+            )
+        elif unfinished:
+            notes.append(
+                f"{len(unfinished)} inputs were never finished ({', '.join(unfinished[:3])}"
+                f"{', ...' if len(unfinished) > 3 else ''}): their headers say they hold no samples (a recorder "
+                "that stopped before writing the length), and what follows each was read; their rows' results "
+                "are flagged."
+            )
+        return notes
+
+    @staticmethod
+    def _cut_short_notes(short: list[tuple[str, str]]) -> list[str]:
         if not short:
             return []
-        shown = [web.shown(uri) if "://" in uri else uri for uri, _ in short]
+        shown = [_shown(uri) for uri, _ in short]
         if len(short) == 1:
             return [
                 f"Input {shown[0]} is cut short: it holds {short[0][1]}; rows within what it holds are done on it "
@@ -298,3 +316,8 @@ def _key_regex(pattern: str) -> str:
             out.append(re.escape(c))
         i += 1
     return "".join(out)
+
+
+def _shown(uri: str) -> str:
+    """A source as messages show it (a URL without its query: it may hold a token)."""
+    return web.shown(uri) if "://" in uri else uri

@@ -18,6 +18,7 @@ from soundpatch.audio import (
     equal_power_ramps,
     inspect,
     max_diff,
+    never_finished,
     patch,
     read_back,
     region_frames,
@@ -157,6 +158,29 @@ def test_a_wav_written_to_a_pipe_is_not_cut_short(unknown):
     data[at : at + 4] = unknown.to_bytes(4, "little")
     assert inspect(bytes(data)).promised_frames is None and decode(bytes(data)).promised_frames is None
     assert decode(bytes(data)).frames == 8000
+
+
+@pytest.mark.parametrize(("subtype", "channels"), [("PCM_16", 1), ("PCM_24", 2), ("FLOAT", 2), ("PCM_U8", 1)])
+def test_a_wav_whose_header_was_never_finished_is_read_to_its_end(tmp_path, subtype, channels):
+    """A recorder that lost power before writing the length leaves a header saying the file
+    holds nothing (libsndfile: no samples), with the recording after it."""
+    rate = 16000
+    data = file_bytes(tone(3.0, rate, channels), rate, "WAV", subtype)
+    whole = decode(data)
+    unfinished = bytearray(data)
+    at = unfinished.index(b"data") + 4
+    unfinished[at : at + 4] = bytes(4)  # "data : 0"
+    unfinished[4:8] = bytes(4)  # and so the RIFF's size, as such a recorder leaves it
+    (tmp_path / "take.wav").write_bytes(unfinished)
+    for read in (decode(bytes(unfinished)), decode(tmp_path / "take.wav")):
+        assert np.array_equal(read.samples, whole.samples) and read.promised_frames == 0
+        assert never_finished(read.info) == "it says it holds no samples; the 3.000 s that follow it were read"
+        assert cut_short(read.info) is None
+    for info in (inspect(bytes(unfinished)), inspect(str(tmp_path / "take.wav"))):
+        assert (info.frames, info.promised_frames) == (3 * rate, 0)
+    assert never_finished(whole.info) is None and never_finished(inspect(data)) is None
+    with pytest.raises(RowError, match="holds no audio samples"):  # a header, and nothing after it
+        decode(bytes(unfinished[: at + 4]), "take.wav")
 
 
 def test_a_flac_cut_short_is_refused_saying_how_far_it_decodes():

@@ -37,6 +37,9 @@ def make_files(d: Path, s3) -> None:
     # Copies broken off (at 2.5 s of 4 s for the WAV): their headers still promise 4 s.
     (d / "cut.wav").write_bytes(good[: 44 + round(2.5 * rate) * 2])
     (d / "cut.flac").write_bytes((d / "good.flac").read_bytes()[: (d / "good.flac").stat().st_size * 6 // 10])
+    unfinished = bytearray(good)  # a recorder that stopped before writing the length: "data : 0"
+    unfinished[4:8] = unfinished[good.index(b"data") + 4 : good.index(b"data") + 8] = bytes(4)
+    (d / "unfinished.wav").write_bytes(unfinished)
     sf.write(d / "good.mp3", tone, rate)
     (d / "cut.mp3").write_bytes((d / "good.mp3").read_bytes()[: (d / "good.mp3").stat().st_size * 6 // 10])
     s3.bucket("bad-inputs")
@@ -57,6 +60,7 @@ CORPUS = {
     "starts-after-end-of-file": ("good.wav", "5", "6", "x", {}, "only 4.000 s long"),
     "cut-short-past-its-end": ("cut.wav", "3", "3.5", "x", {}, "breaks off at 2.500 s of the 4.000 s its header"),
     "cut-short-mp3-past-its-end": ("cut.mp3", "3", "3.5", "x", {}, "s of the 4.000 s its header promises"),
+    "unfinished-past-its-end": ("unfinished.wav", "4.5", "5", "x", {}, "unfinished.wav is only 4.000 s long"),
     "cut-short-flac": ("cut.flac", "1", "1.1", "x", {}, "cut.flac cannot be decoded past 2."),
     "whole-recording-local": ("good.wav", "0", "4", "x", {}, "covers the whole recording"),
     "end-before-start": ("good.wav", "2", "1", "x", {}, "not after its start"),
@@ -118,6 +122,7 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
         {"id": "good-2", "input": "good.flac", "start": "0:02", "end": "0:02.5", "prompt": "fill"},
         {"id": "good-3", "input": "good.wav", "start": "2.5", "end": "2.6", "prompt": "fill", "output": "shared"},
         {"id": "good-cut", "input": "cut.wav", "start": "1", "end": "1.1", "prompt": "fill"},
+        {"id": "good-unfinished", "input": "unfinished.wav", "start": "1", "end": "1.1", "prompt": "fill"},
     ]
     for row_id, (src, start, end, prompt, extra, _) in CORPUS.items():
         rows.append({"id": row_id, "input": src, "start": start, "end": end, "prompt": prompt, **extra})
@@ -150,7 +155,7 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
     assert long_id["status"].tolist() == ["invalid"] and "longer than 128" in long_id["error"].iloc[0]
     assert kinds + 2 >= 30  # the corpus, the duplicate id and the long id
 
-    for row_id in ("good-1", "good-2", "good-3", "good-cut", "odd-encoding-id\u202e", "dup"):
+    for row_id in ("good-1", "good-2", "good-3", "good-cut", "good-unfinished", "odd-encoding-id\u202e", "dup"):
         assert report.loc[row_id, "status"] == "succeeded", report.loc[row_id, "error"]
     # A recording cut short is edited as far as it goes, and says so; nothing else of it changes.
     cut = report.loc["good-cut"]
@@ -159,16 +164,26 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
     before, _ = sf.read(tmp_path / "good.wav", dtype="int16")
     assert len(result) == 40000 and np.array_equal(result[:16000], before[:16000])
     assert np.array_equal(result[17600:], before[17600:40000])
-    assert "2 inputs are cut short, holding less than their headers promise (cut.wav: 2.500 s of the 4.000 s" in (
-        " ".join(proc.stdout.split())
+    said = " ".join(proc.stdout.split())
+    assert "2 inputs are cut short, holding less than their headers promise (cut.wav: 2.500 s of the 4.000 s" in said
+    # One whose header was never finished is read to its end, and comes back with a header that says so.
+    unfinished = report.loc["good-unfinished"]
+    assert unfinished["checks"] == (
+        "the input's header was never finished (it says it holds no samples; the 4.000 s that follow it were read)"
     )
+    result, _ = sf.read(unfinished["output"], dtype="int16")
+    assert len(result) == len(before) and np.array_equal(result[:16000], before[:16000])
+    assert np.array_equal(result[17600:], before[17600:])
+    assert "Input unfinished.wav was never finished: its header says it holds no samples" in said
     sent = [
         json.loads(x)["row"]
         for x in (tmp_path / "runs" / "bad" / "journal.jsonl").read_text().splitlines()
         if json.loads(x)["event"] == "sending"
     ]
     # nothing else was sent
-    assert sorted(sent) == sorted(["good-1", "good-2", "good-3", "good-cut", "odd-encoding-id\u202e", "dup"])
+    assert sorted(sent) == sorted(
+        ["good-1", "good-2", "good-3", "good-cut", "good-unfinished", "odd-encoding-id\u202e", "dup"]
+    )
 
 
 @pytest.mark.parametrize("output_format", ["wav", "same"])  # same: the name waits for the input's format
