@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -211,19 +210,20 @@ def inspect(source: bytes | str, name: str = "audio") -> AudioInfo:
     against the audio's length without decoding it. Bytes go through a BytesIO: a header
     is a few reads, and soundio would first copy the whole file. A FLAC or MP3 is also read
     at its last frame: one cut short is then decoded, to tell how much of it there is."""
+    data = source if isinstance(source, bytes) else Path(source)
     try:
         with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as f:
             info = AudioInfo(f.frames, f.samplerate, f.channels, f.format, f.subtype, _promised_frames(f))
             whole = f.format not in _LENGTH_IN_HEADER or f.frames <= 0 or _last_frame_read(f)
-            offset = _unfinished_samples(f, source if isinstance(source, bytes) else Path(source))
+            offset = _unfinished_samples(f, data)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
     if offset is not None:  # what follows its header, whole frames of it
-        size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
+        size = len(data) if isinstance(data, bytes) else data.stat().st_size
         frames = (size - offset) // (_BYTES_PER_SAMPLE[info.subtype] * info.channels)
         info = AudioInfo(frames, info.rate, info.channels, info.format, info.subtype, promised_frames=0)
     if not whole:
-        return decode(source if isinstance(source, bytes) else Path(source), name).info
+        return decode(data, name).info
     if info.frames <= 0 or info.rate <= 0:
         raise RowError(f"{name} holds no audio samples")
     return info

@@ -93,7 +93,7 @@ def _region_in(edit: Edit, info: AudioInfo) -> tuple[int, int]:
     """The edit's region as frames of its recording (`info`): raises RowError where the
     recording does not hold it."""
     assert edit.start is not None and edit.end is not None
-    name = Path(web.shown(edit.input) if "://" in edit.input else edit.input).name  # (no token of a URL's)
+    name = Path(web.shown_input(edit.input)).name
     length = f"is only {info.duration:.3f} s long"
     if info.promised_frames:  # cut short (0: a header never finished, which said nothing of its length)
         length = (

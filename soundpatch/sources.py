@@ -106,8 +106,8 @@ class SourceReader:
     def header_notes(self) -> list[str]:
         """What to say of the sources read so far that hold other than their headers say."""
         infos = list(self._info.items())
-        unfinished = [_shown(uri) for uri, info in infos if never_finished(info) is not None]
-        notes = self._cut_short_notes([(uri, text) for uri, info in infos if (text := cut_short(info)) is not None])
+        unfinished = [web.shown_input(uri) for uri, info in infos if never_finished(info) is not None]
+        notes = self._cut_short_notes([(uri, info) for uri, info in infos if cut_short(info) is not None])
         if len(unfinished) == 1:
             notes.append(
                 f"Input {unfinished[0]} was never finished: its header says it holds no samples (a recorder that "
@@ -123,17 +123,18 @@ class SourceReader:
         return notes
 
     @staticmethod
-    def _cut_short_notes(short: list[tuple[str, str]]) -> list[str]:
+    def _cut_short_notes(short: list[tuple[str, AudioInfo]]) -> list[str]:
         if not short:
             return []
-        shown = [_shown(uri) for uri, _ in short]
         if len(short) == 1:
+            uri, info = short[0]
             return [
-                f"Input {shown[0]} is cut short: it holds {short[0][1]}; rows within what it holds are done on it "
-                "and flagged, rows past its end are invalid."
+                f"Input {web.shown_input(uri)} is cut short: it holds {cut_short(info)}; rows within what it holds "
+                "are done on it and flagged, rows past its end are invalid."
             ]
         listed = "; ".join(
-            f"{name}: {text.split(' its header')[0]}" for name, (_, text) in zip(shown[:3], short[:3], strict=True)
+            f"{web.shown_input(uri)}: {info.duration:.3f} s of the {(info.promised_frames or 0) / info.rate:.3f} s"
+            for uri, info in short[:3]
         )
         return [
             f"{len(short)} inputs are cut short, holding less than their headers promise ({listed}"
@@ -316,8 +317,3 @@ def _key_regex(pattern: str) -> str:
             out.append(re.escape(c))
         i += 1
     return "".join(out)
-
-
-def _shown(uri: str) -> str:
-    """A source as messages show it (a URL without its query: it may hold a token)."""
-    return web.shown(uri) if "://" in uri else uri

@@ -42,6 +42,11 @@ def shown(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
 
 
+def shown_input(given: str) -> str:
+    """An input as messages show it: a URL as `shown`, a path as it was given."""
+    return shown(given) if "://" in given else given
+
+
 def check_address(url: str, allow_private: bool) -> None:
     """Raise RowError unless every address the URL's host resolves to may be fetched."""
     parts = urlsplit(url)
