@@ -19,18 +19,24 @@ def _hz(midi: float) -> float:
     return 440.0 * 2 ** ((midi - 69) / 12)
 
 
-def _note(freq: float, dur: float, rate: int, decay: float, bright: float) -> np.ndarray:
+def _note(freq: float, dur: float, rate: int, decay: float, bright: float, release: float = 0.0) -> np.ndarray:
     n = int(dur * rate)
     t = np.arange(n) / rate
     vib = 1 + 0.003 * np.sin(2 * np.pi * 5.5 * t)
     phase = 2 * np.pi * freq * np.cumsum(vib) / rate
     tone = sum((bright**k) / k * np.sin(k * phase) for k in range(1, 7))
     env = np.minimum(1, t / 0.01) * np.exp(-t * decay)
+    if release:  # faded out, where without it the note stops dead: a discontinuity, a click
+        env *= np.minimum(1, (dur - t) / release)
     return tone * env
 
 
-def music(seconds: float, rate: int = 44100, channels: int = 2, seed: int = 0) -> np.ndarray:
-    """A loop-based piece at 120 bpm: chords, bass, melody, hats. Float32, (frames, channels)."""
+def music(seconds: float, rate: int = 44100, channels: int = 2, seed: int = 0, smooth: bool = False) -> np.ndarray:
+    """A loop-based piece at 120 bpm: chords, bass, melody, hats. Float32, (frames, channels).
+
+    Its notes stop dead at their ends, each a small click; `smooth` fades them out over
+    5 ms instead, for measuring a click detector's false alarms (bench/clicks.py)."""
+    release = 0.005 if smooth else 0.0
     rng = np.random.default_rng(seed)
     n = int(seconds * rate)
     out = np.zeros((n + rate, channels))
@@ -46,11 +52,11 @@ def music(seconds: float, rate: int = 44100, channels: int = 2, seed: int = 0) -
         pan = np.linspace(0.3, 0.7, channels) if channels > 1 else np.array([0.5])
         if i % 2 == 0:
             for k, midi in enumerate(chord):
-                tone = 0.08 * vel * _note(_hz(midi), 1.0, rate, 2.5, 0.45)
+                tone = 0.08 * vel * _note(_hz(midi), 1.0, rate, 2.5, 0.45, release)
                 out[s0 : s0 + len(tone)] += tone[:, None] * (pan if k % 2 else pan[::-1])
-        bass = 0.18 * vel * _note(_hz(chord[0] - 12), beat, rate, 3.0, 0.3)
+        bass = 0.18 * vel * _note(_hz(chord[0] - 12), beat, rate, 3.0, 0.3, release)
         out[s0 : s0 + len(bass)] += bass[:, None]
-        lead = 0.1 * rng.uniform(0.85, 1.0) * _note(_hz(melody[i % 8]), beat * 0.9, rate, 2.0, 0.6)
+        lead = 0.1 * rng.uniform(0.85, 1.0) * _note(_hz(melody[i % 8]), beat * 0.9, rate, 2.0, 0.6, release)
         out[s0 : s0 + len(lead)] += lead[:, None] * pan[::-1][None, :]
         h = 0.05 * rng.uniform(0.5, 1.0) * hat
         out[s0 : s0 + len(h)] += h[:, None]
@@ -67,8 +73,11 @@ _VOWELS = {  # formant frequencies (Hz) and bandwidths
 }
 
 
-def voice(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
-    """Formant-synthesised speech-like voice: syllables of jittered glottal pulses."""
+def voice(seconds: float, rate: int = 16000, seed: int = 0, smooth: bool = False) -> np.ndarray:
+    """Formant-synthesised speech-like voice: syllables of jittered glottal pulses.
+
+    Its syllables rise and fall steeply (a square-root envelope) and meet with a tick;
+    `smooth` gives them a sine envelope, which meets the next without one."""
     rng = np.random.default_rng(seed)
     n = int(seconds * rate)
     out = np.zeros(n)
@@ -88,7 +97,7 @@ def voice(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
             r = np.exp(-np.pi * bw / rate)
             theta = 2 * np.pi * f / rate
             sig = lfilter([1 - r], [1, -2 * r * np.cos(theta), r * r], sig)
-        env = np.sin(np.pi * np.arange(syl) / syl) ** 0.5
+        env = np.sin(np.pi * np.arange(syl) / syl) ** (1.0 if smooth else 0.5)
         end = min(n, pos + syl)
         out[pos:end] += (sig * env)[: end - pos]
         pos = end + pause
