@@ -18,9 +18,10 @@ from rich.table import Table
 
 from soundpatch import __version__, interrupt
 from soundpatch.batch import Batch, new_run_id, preflight
+from soundpatch.clicks import find_clicks
 from soundpatch.config import Config, load_config
 from soundpatch.disk_room import full_disk
-from soundpatch.dropouts import find_dropouts, restoration_manifest
+from soundpatch.dropouts import find_dropouts
 from soundpatch.errors import RowError, SoundpatchError, as_sentence
 from soundpatch.humanize import duration, plural
 from soundpatch.humanize import size as human_size
@@ -38,6 +39,7 @@ from soundpatch.outcome import (
 )
 from soundpatch.progress import ProgressWatcher
 from soundpatch.rerender import rerender
+from soundpatch.restoration import restoration_manifest
 from soundpatch.s3 import S3
 from soundpatch.sources import RECORDING_SUFFIXES, SourceReader
 
@@ -154,7 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(handler=cmd_simulate)
 
     detect = sub.add_parser(
-        "detect", help="find dropouts in recordings and write the manifest that fills them (no cost)"
+        "detect", help="find dropouts (and clicks) in recordings and write the manifest that fills them (no cost)"
     )
     detect.add_argument(
         "inputs",
@@ -166,6 +168,9 @@ def _build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--out", default="dropouts.csv", help="the manifest to write (default: dropouts.csv)")
     detect.add_argument("--prompt", default=DETECT_PROMPT, help="the prompt of every row")
     detect.add_argument("--min-ms", type=float, default=5.0, help="shortest dropout to report (default: 5)")
+    detect.add_argument(
+        "--clicks", action="store_true", help="find clicks too: short bursts that stand out from the audio around them"
+    )
     _common(detect)
     detect.set_defaults(handler=cmd_detect)
 
@@ -479,27 +484,33 @@ def cmd_detect(args: argparse.Namespace) -> int:
         searched = f" (in a folder, its {'/'.join(sorted(RECORDING_SUFFIXES))} files at any depth)" if folders else ""
         raise SoundpatchError(f"No files match {', '.join(args.inputs)}{searched}.")
     found, unreadable = [], []
-    table = Table("recording", "dropouts", "seconds", title="Dropouts found", title_justify="left")
+    kinds = ("dropouts", "clicks") if args.clicks else ("dropouts",)
+    title = " and ".join(kinds).capitalize() + " found"
+    table = Table("recording", *kinds, "seconds", title=title, title_justify="left")
     with err.status("") as status:  # (shown on a terminal only)
         for number, source in enumerate(sources, 1):
             status.update(f"reading {number} of {len(sources)}: {escape(source)}")
             try:
-                dropouts = find_dropouts(reader.audio(source), min_seconds=args.min_ms / 1000)
+                audio = reader.audio(source)
+                damage = find_dropouts(audio, min_seconds=args.min_ms / 1000)
+                if args.clicks:
+                    damage += find_clicks(audio)
             except RowError as exc:
                 unreadable.append(as_sentence(str(exc)))
                 continue
-            found.extend((source, d) for d in dropouts)
-            if dropouts and table.row_count < 20:
-                table.add_row(escape(source), str(len(dropouts)), f"{sum(d.end - d.start for d in dropouts):.3f}")
+            found.extend((source, d) for d in damage)
+            if damage and table.row_count < 20:
+                counts = [str(sum(d.kind + "s" == kind for d in damage)) for kind in kinds]
+                table.add_row(escape(source), *counts, f"{sum(d.end - d.start for d in damage):.3f}")
     recordings = len({source for source, _ in found})
     if table.row_count:
         out.print(table)
         if recordings > table.row_count:
-            out.print(f"  ... and {recordings - table.row_count} more recordings with dropouts")
+            out.print(f"  ... and {recordings - table.row_count} more recordings with {' or '.join(kinds)}")
     for line in unreadable:
         err.print(f"[red]not read:[/red] {escape(line)}", soft_wrap=True)
     if not found:
-        out.print(f"No dropouts found in {len(sources) - len(unreadable)} recordings; nothing written.")
+        out.print(f"No {' or '.join(kinds)} found in {len(sources) - len(unreadable)} recordings; nothing written.")
         return EXIT_ROWS_FAILED if unreadable else 0
     target = Path(args.out)
     text = restoration_manifest(found, str(target.resolve().parent), args.prompt, cfg.splice.crossfade_ms / 1000)

@@ -768,3 +768,26 @@ def test_detect_writes_the_manifest_that_fills_an_archive_s_dropouts(workdir, pr
         for start, end in rows.loc[rows["input"].str.contains(name), ["start", "end"]].itertuples(index=False):
             inside[round(start * rate) : round(end * rate)] = True
         assert np.array_equal(before[~inside], after[~inside]) and not np.array_equal(before, after)
+
+
+def test_detect_with_clicks_writes_rows_for_clicks_too_and_the_run_leaves_none(workdir, prefect_home):
+    found = run(workdir, prefect_home, "detect", "manifests/audio", "--clicks", "--out", "fills/all.csv")
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert "Dropouts and clicks found" in found.stdout
+    rows = pd.read_csv(workdir / "fills" / "all.csv")
+    voice = rows[rows["input"].str.contains("voice_damaged")]
+    assert voice["id"].tolist() == ["voice_damaged-dropout-1.700s", "voice_damaged-click-3.050s"]
+    assert voice["note"].tolist()[1].startswith("click of ") and len(rows[rows["id"].str.contains("-click-")]) >= 2
+    made = run(workdir, prefect_home, "run", "fills/all.csv", "--run-id", "declicked")
+    assert_clean(made)
+    assert made.returncode == 0, made.stdout + made.stderr
+    again = run(workdir, prefect_home, "detect", "outputs/declicked/*.wav", "--clicks", "--out", "fills/left.csv")
+    assert again.returncode == 0 and "No dropouts or clicks found in 2 recordings" in again.stdout, again.stdout
+    before, rate = sf.read(workdir / "manifests/audio/voice_damaged.flac", dtype="int16", always_2d=True)
+    after, _ = sf.read(workdir / "outputs/declicked/voice_damaged.wav", dtype="int16", always_2d=True)
+    inside = np.zeros(len(before), dtype=bool)
+    for start, end in voice[["start", "end"]].itertuples(index=False):
+        inside[round(start * rate) : round(end * rate)] = True
+    assert np.array_equal(before[~inside], after[~inside])
+    click = slice(round(3.05 * rate), round(3.055 * rate))  # 5 ms of full-scale crackle, gone
+    assert np.abs(before[click]).max() > 25000 > 4 * np.abs(after[click]).max()

@@ -12,7 +12,8 @@ import pytest
 from manifests.make_samples import MUSIC_DAMAGE, VOICE_DAMAGE
 from soundpatch import demo_audio
 from soundpatch.audio import Audio, decode
-from soundpatch.dropouts import Dropout, find_dropouts, restoration_manifest
+from soundpatch.dropouts import find_dropouts
+from soundpatch.restoration import Damage, restoration_manifest
 
 AUDIO = Path(__file__).resolve().parents[1] / "manifests" / "audio"
 
@@ -49,11 +50,11 @@ def test_silence_at_either_end_short_gaps_and_gaps_in_quiet_audio_are_not_dropou
 
 def test_the_manifest_widens_each_region_by_the_crossfade_and_keeps_each_recording_s_place():
     found = [
-        ("/archive/a/take.wav", Dropout(1.0, 1.05, 10.0)),
-        ("/archive/a/take.wav", Dropout(1.065, 1.07, 10.0)),  # their widened regions meet: one row
-        ("/archive/a/take.wav", Dropout(9.995, 9.999, 10.0)),  # widened to the end, not past it
-        ("/archive/b/take.wav", Dropout(1.0, 1.05, 10.0)),  # another album's take.wav: its own id and file
-        ("s3://bucket/c.flac", Dropout(0.005, 0.2, 3.0)),
+        ("/archive/a/take.wav", Damage(1.0, 1.05, 10.0)),
+        ("/archive/a/take.wav", Damage(1.065, 1.07, 10.0)),  # their widened regions meet: one row
+        ("/archive/a/take.wav", Damage(9.995, 9.999, 10.0)),  # widened to the end, not past it
+        ("/archive/b/take.wav", Damage(1.0, 1.05, 10.0)),  # another album's take.wav: its own id and file
+        ("s3://bucket/c.flac", Damage(0.005, 0.2, 3.0)),
     ]
     text = restoration_manifest(found, "/archive/a", "fill it", margin_seconds=0.01)
     rows = list(csv.DictReader(io.StringIO(text)))

@@ -1,0 +1,111 @@
+"""The restoration manifest: a row filling each dropout and click found in an archive.
+
+`soundpatch detect` finds them (dropouts.py, clicks.py) and writes this manifest;
+`soundpatch run` fills them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+
+@dataclass(frozen=True)
+class Damage:
+    start: float  # seconds
+    end: float
+    recording_seconds: float  # how long the recording it is in is
+    kind: str = "dropout"  # or "click"
+
+
+def restoration_manifest(found: Iterable[tuple[str, Damage]], folder: str, prompt: str, margin_seconds: float) -> str:
+    """CSV rows filling `found` ((input, damage) pairs).
+
+    Each region is widened by `margin_seconds` on each side, so that the splice's
+    crossfades blend real audio, not the silence or the click; damage whose widened
+    regions meet is one row. Local inputs are written relative to `folder`, where the manifest goes (a
+    manifest's paths are read relative to it). Each recording's repairs go into one file,
+    under the run's folder at the recording's place in the archive: `take.wav` of two
+    albums stays two files."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["id", "input", "start", "end", "prompt", "note", "output"])
+    by_source: dict[str, list[Damage]] = {}
+    for source, d in found:
+        by_source.setdefault(source, []).append(d)
+    places = _places(list(by_source))
+    taken: set[str] = set()
+    for source, damage in by_source.items():
+        for group in _meeting(damage, margin_seconds):
+            first, last = group[0], group[-1]
+            start = max(0.0, math.floor(round((first.start - margin_seconds) * 10_000, 3)) / 10_000)
+            end = min(last.recording_seconds, math.ceil(round((last.end + margin_seconds) * 10_000, 3)) / 10_000)
+            row_id = base = f"{PurePosixPath(source).stem}-{first.kind}-{first.start:.3f}s"
+            n = 1
+            while row_id in taken:
+                n += 1
+                row_id = f"{base}-{n}"
+            taken.add(row_id)
+            shown = source if "://" in source else os.path.relpath(source, folder)
+            writer.writerow(
+                [
+                    row_id,
+                    shown,
+                    f"{start:.4f}",
+                    f"{end:.4f}",
+                    prompt,
+                    f"{_note(group)} at {first.start:.3f} s",
+                    places[source],
+                ]
+            )
+    return text.getvalue()
+
+
+def _note(group: list[Damage]) -> str:
+    """`dropout of 50 ms`, `click of 0.9 ms`, `2 dropouts and 1 click, 61 ms in all,`."""
+    ms = 1000 * sum(d.end - d.start for d in group)
+    shown = f"{ms:.0f}" if ms >= 2 else f"{ms:.1f}" if ms >= 1 else f"{ms:.2f}"
+    if len(group) == 1:
+        return f"{group[0].kind} of {shown} ms"
+    kinds = {kind: sum(d.kind == kind for d in group) for kind in dict.fromkeys(d.kind for d in group)}
+    counted = " and ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in kinds.items())
+    return f"{counted}, {shown} ms in all,"
+
+
+def _meeting(damage: list[Damage], margin: float) -> list[list[Damage]]:
+    groups: list[list[Damage]] = []
+    for d in sorted(damage, key=lambda d: d.start):
+        if groups and d.start - margin <= groups[-1][-1].end + margin:
+            groups[-1].append(d)
+        else:
+            groups.append([d])
+    return groups
+
+
+def _places(sources: list[str]) -> dict[str, str]:
+    """Each source's output template: `{run_id}/`, its folder below what all the sources
+    (local ones, or objects of one bucket) share, and `{stem}`."""
+    where = {source: _where(source) for source in sources}
+    folders: dict[str, list[str]] = {}
+    for scheme, folder in where.values():
+        folders.setdefault(scheme, []).append(folder)
+    roots = {scheme: os.path.commonpath(paths) or "." for scheme, paths in folders.items()}
+    places = {}
+    for source, (scheme, folder) in where.items():
+        below = os.path.relpath(folder, roots[scheme]).replace(os.sep, "/")
+        below = "" if below == "." else below.replace("{", "{{").replace("}", "}}") + "/"
+        places[source] = "{run_id}/" + below + "{stem}"
+    return places
+
+
+def _where(source: str) -> tuple[str, str]:
+    """(scheme, folder) of an input: ("s3", "bucket/albums/one"), ("", "/archive/one")."""
+    if "://" in source:
+        scheme, rest = source.split("://", 1)
+        return scheme, str(PurePosixPath(rest).parent)
+    return "", os.path.dirname(os.path.abspath(source))
