@@ -112,15 +112,17 @@ def test_a_click_on_a_chunk_s_edge_is_found_once(monkeypatch):
     assert len(spans) == 3 and all(near(spans, t) for t in at)
 
 
-def test_a_drum_hit_s_level_change_or_a_sound_s_end_is_not_a_click():
+def test_a_drum_hit_a_rimshot_or_a_sound_s_end_is_not_a_click():
     rate = 44100
     t = np.arange(rate) / rate
     hum = 0.1 * np.sin(2 * np.pi * 220 * t)
     hit = hum.copy()
     hit[rate // 2 :] += 0.6 * np.random.default_rng(1).standard_normal(rate // 2) * np.exp(-t[: rate // 2] * 20)
+    rim = hum.copy()  # a ringing tick: one burst of error as it starts, as a click's; its ring is what differs
+    rim[rate // 2 :] += 0.3 * np.sin(2 * np.pi * 1800 * t[: rate // 2]) * np.exp(-t[: rate // 2] / 0.004)
     ends = hum.copy()
     ends[rate // 2 :] = 0.0  # the sound stops dead
-    for x in (hit, ends):
+    for x in (hit, rim, ends):
         assert found(np.stack([x, x], axis=1), rate) == []
 
 
