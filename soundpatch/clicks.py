@@ -37,6 +37,7 @@ alarms on clean music, speech, drums and a sound effect).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
@@ -64,65 +65,77 @@ def order_for(rate: int) -> int:
     return int(np.clip(round(rate / 1000), 12, 48))
 
 
+@dataclass(frozen=True)
+class _Frames:
+    """The detector's lengths, in frames at one sample rate."""
+
+    order: int  # the AR model's
+    block: int
+    near: int  # the neighbourhood a click stands out from
+    guard: int
+    level: int
+    onset: int
+    longest: int  # a click's burst of error, trail included
+
+    @classmethod
+    def at(cls, rate: int, max_seconds: float) -> _Frames:
+        order = order_for(rate)
+        return cls(
+            order=order,
+            block=1 << round(math.log2(BLOCK_SECONDS * rate)),
+            near=round(NEIGHBOURHOOD_SECONDS * rate),
+            guard=max(1, round(GUARD_SECONDS * rate)),
+            level=round(LEVEL_SECONDS * rate),
+            onset=round(ONSET_SECONDS * rate),
+            longest=round(max_seconds * rate) + order,
+        )
+
+
 def find_clicks(audio: Audio, max_seconds: float = 0.006) -> list[Damage]:
     """The clicks of one recording, in time order."""
     rate, frames = audio.rate, audio.frames
-    p = order_for(rate)
-    block = 1 << round(math.log2(BLOCK_SECONDS * rate))
-    near, guard = round(NEIGHBOURHOOD_SECONDS * rate), max(1, round(GUARD_SECONDS * rate))
-    level = round(LEVEL_SECONDS * rate)
-    longest = round(max_seconds * rate) + p
-    margin = block + max(near, level) + longest  # what a chunk reads past its own frames
+    n = _Frames.at(rate, max_seconds)
+    margin = n.block + max(n.near, n.level) + n.longest  # what a chunk reads past its own frames
     found: list[Damage] = []
     for lo in range(0, frames, CHUNK_FRAMES):
         hi = min(frames, lo + CHUNK_FRAMES)
         start = max(0, lo - margin)
         x = np.asarray(audio.float_slice(start, min(frames, hi + margin)), np.float64)
-        errors = [_prediction_error(x[:, c], p, block) for c in range(x.shape[1])]
+        errors = [_prediction_error(x[:, c], n.order, n.block) for c in range(x.shape[1])]
         error = np.max([e for e, _ in errors], axis=0)
         score = np.max([e / typical for e, typical in errors], axis=0)
         score[error < ERROR_FLOOR] = 0.0
         power = np.mean(np.square(x), axis=1)
-        for a, b in _clicks(score, error, power, lo - start, hi - start, p, near, guard, level, longest):
+        for a, b in _clicks(score, error, power, lo - start, hi - start, n):
             found.append(Damage((start + a) / rate, (start + b) / rate, frames / rate, "click"))
     return found
 
 
 def _clicks(
-    score: np.ndarray,
-    error: np.ndarray,
-    power: np.ndarray,
-    lo: int,
-    hi: int,
-    p: int,
-    near: int,
-    guard: int,
-    level: int,
-    longest: int,
+    score: np.ndarray, error: np.ndarray, power: np.ndarray, lo: int, hi: int, n: _Frames
 ) -> list[tuple[int, int]]:
     """The [a, b) spans of `score` that are clicks, for those starting in [lo, hi). A burst
-    is errors over THRESHOLD no more than the model's order `p` apart; it stands out by its
+    is errors over THRESHOLD no more than the model's order apart; it stands out by its
     `error` itself, which does not jump where one block's typical error gives way to the next's."""
     over = np.flatnonzero(score > THRESHOLD)
     if not len(over):
         return []
-    bursts = np.split(over, np.flatnonzero(np.diff(over) > p) + 1)
+    bursts = np.split(over, np.flatnonzero(np.diff(over) > n.order) + 1)
     clicks = []
     for a, b in ((int(g[0]), int(g[-1]) + 1) for g in bursts):
-        if not lo <= a < hi or b - a > longest:
+        if not lo <= a < hi or b - a > n.longest:
             continue
-        w0, w1 = max(0, a - near), min(len(score), b + near)
+        w0, w1 = max(0, a - n.near), min(len(score), b + n.near)
         around = error[w0:w1].copy()
-        around[max(0, a - guard - w0) : b + guard - w0] = 0.0
+        around[max(0, a - n.guard - w0) : b + n.guard - w0] = 0.0
         if error[a:b].max() < STANDOUT * around.max(initial=0.0):
             continue
-        before, after = power[max(0, a - level) : max(0, a - guard)], power[b + guard : b + level]
-        if len(before) < guard or len(after) < guard:
+        before, after = power[max(0, a - n.level) : max(0, a - n.guard)], power[b + n.guard : b + n.level]
+        if len(before) < n.guard or len(after) < n.guard:
             continue  # at either end of the recording: nothing to compare with
         if abs(_db(after) - _db(before)) > STEP_DB:
             continue
-        onset = round(ONSET_SECONDS * level / LEVEL_SECONDS)
-        if _peak_db(power[b : b + onset]) - _peak_db(power[max(0, a - onset) : a]) > ONSET_DB:
+        if _peak_db(power[b : b + n.onset]) - _peak_db(power[max(0, a - n.onset) : a]) > ONSET_DB:
             continue
         clicks.append((a, b))
     return clicks
@@ -142,7 +155,7 @@ def _prediction_error(x: np.ndarray, p: int, block: int) -> tuple[np.ndarray, np
     """Each sample's AR prediction error (its size), and its block's typical one.
 
     Blocks of `block` samples, each modelled from the 2 * block samples centred on it
-    (Hann-windowed), all blocks at once."""
+    (Hann-windowed); the models of all blocks are found at once."""
     n = len(x)
     count = -(-n // block)
     half = block // 2
