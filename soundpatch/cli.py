@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import sys
@@ -517,8 +519,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
     config = f" --config {args.config}" if args.config else ""
+    rows = sum(1 for _ in csv.reader(io.StringIO(text))) - 1  # what meets is one row
     out.print(
-        f"Wrote {len(found)} rows ({recordings} recordings of {len(sources)}) to {target}. "
+        f"Wrote {plural(rows, 'row')} ({recordings} recordings of {len(sources)}) to {target}. "
         f"What filling them costs: soundpatch validate {target}{config}",
         soft_wrap=True,
     )

@@ -775,6 +775,7 @@ def test_detect_with_clicks_writes_rows_for_clicks_too_and_the_run_leaves_none(w
     assert found.returncode == 0, found.stdout + found.stderr
     assert "Dropouts and clicks found" in found.stdout
     rows = pd.read_csv(workdir / "fills" / "all.csv")
+    assert f"Wrote {len(rows)} rows (2 recordings of 3) to fills/all.csv" in found.stdout
     voice = rows[rows["input"].str.contains("voice_damaged")]
     assert voice["id"].tolist() == ["voice_damaged-dropout-1.700s", "voice_damaged-click-3.050s"]
     assert voice["note"].tolist()[1].startswith("click of ") and len(rows[rows["id"].str.contains("-click-")]) >= 2
