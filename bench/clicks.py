@@ -3,7 +3,8 @@
     python bench/clicks.py [--seconds 60] [--clicks 60]
 
 Clean material (music, speech at two rates, dense drums, a sound effect) has clicks
-punched into it: 0.05-5 ms of windowed noise, at random times, in three bands of level
+punched into it: 0.05-5 ms of windowed noise (and apart, pops: smooth bumps of 0.2-1 ms,
++10 to +20 dB), at random times, in three bands of level
 over the audio around them (in a pause, over a level 20 dB under the material's). For
 each material and band: clicks found (a span found overlaps it, give or take 3 ms), false alarms (found where none was
 put), and, on the clean material alone, false alarms a minute. The same table for a
@@ -24,6 +25,7 @@ from soundpatch.audio import Audio
 from soundpatch.clicks import find_clicks
 
 BANDS = ((-10, 0), (0, 10), (10, 20))  # dB over the audio around the click
+POPS = (10, 20)
 
 
 def drums(seconds: float, rate: int, seed: int) -> np.ndarray:
@@ -48,15 +50,17 @@ def drums(seconds: float, rate: int, seed: int) -> np.ndarray:
 
 
 def punch(
-    x: np.ndarray, rate: int, count: int, band: tuple[int, int], rng
+    x: np.ndarray, rate: int, count: int, band: tuple[int, int], rng, smooth: bool = False
 ) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """`x` with `count` clicks: crackle (windowed noise, 0.05-5 ms), or with `smooth`, pops
+    (a raised-cosine bump, 0.2-1 ms, which a model predicts once it has begun)."""
     y, spans = x.copy(), []
     at = np.sort(rng.choice(np.arange(rate // 2, len(x) - rate // 2), count, replace=False))
     quietest = 0.1 * np.sqrt(np.mean(np.square(x)))  # in a pause, 20 dB under the material's level
     for a in at:
-        w = max(1, int(rng.uniform(0.05, 5.0) / 1000 * rate))
+        w = max(1, int(rng.uniform(*((0.2, 1.0) if smooth else (0.05, 5.0))) / 1000 * rate))
         level = max(quietest, np.sqrt(np.mean(np.square(x[max(0, a - rate // 50) : a + rate // 50]))))
-        shape = rng.standard_normal(w) * np.hanning(w + 2)[1:-1] if w > 2 else np.ones(w)
+        shape = (np.ones(w) if smooth else rng.standard_normal(w)) * np.hanning(w + 2)[1:-1] if w > 2 else np.ones(w)
         shape *= level * 10 ** (rng.uniform(*band) / 20) * rng.choice([-1, 1]) / np.abs(shape).max()
         y[a : a + w] += shape[:, None] * rng.uniform(0.5, 1.0, x.shape[1])[None, :]
         spans.append((a / rate, (a + w) / rate))
@@ -100,8 +104,9 @@ def main() -> None:
     }
     detectors = {"soundpatch": soundpatch_clicks, "difference": difference_threshold}
     bands = " | ".join(f"{lo:+d}..{hi:+d} dB" for lo, hi in BANDS)
-    print(f"| material | detector | found (false alarms), clicks at {bands} | false alarms/min, clean | CPU s/min |")
-    print("|---|---|" + "---|" * (len(BANDS) + 2))
+    head = f"found (false alarms), clicks at {bands} | pops at {POPS[0]:+d}..{POPS[1]:+d} dB"
+    print(f"| material | detector | {head} | false alarms/min, clean | CPU s/min |")
+    print("|---|---|" + "---|" * (len(BANDS) + 3))
     for name, (x, rate) in materials.items():
         x = x.astype(np.float64)
         minutes = len(x) / rate / 60
@@ -116,6 +121,9 @@ def main() -> None:
                 y, at = punch(x, rate, count, band, rng)
                 hit, false = tally(detect(y, rate), at)
                 cells.append(f"{hit}/{count} ({false})")
+            y, at = punch(x, rate, count, POPS, rng, smooth=True)
+            hit, false = tally(detect(y, rate), at)
+            cells.append(f"{hit}/{count} ({false})")
             print(f"| {name} | {label} | {' | '.join(cells)} | {len(clean) / minutes:.1f} | {cpu:.2f} |", flush=True)
 
 
