@@ -486,7 +486,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         searched = f" (in a folder, its {'/'.join(sorted(RECORDING_SUFFIXES))} files at any depth)" if folders else ""
         raise SoundpatchError(f"No files match {', '.join(args.inputs)}{searched}.")
     found, unreadable = [], []
-    kinds = ("dropouts", "clicks") if args.clicks else ("dropouts",)
+    kinds = ("dropouts", "clicks") if args.clicks else ("dropouts",)  # as Damage.kind, plural
     title = " and ".join(kinds).capitalize() + " found"
     table = Table("recording", *kinds, "seconds", title=title, title_justify="left")
     with err.status("") as status:  # (shown on a terminal only)
@@ -502,8 +502,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 continue
             found.extend((source, d) for d in damage)
             if damage and table.row_count < 20:
-                counts = [str(sum(d.kind + "s" == kind for d in damage)) for kind in kinds]
-                table.add_row(escape(source), *counts, f"{sum(d.end - d.start for d in damage):.3f}")
+                counts = Counter(f"{d.kind}s" for d in damage)
+                table.add_row(
+                    escape(source),
+                    *(str(counts[kind]) for kind in kinds),
+                    f"{sum(d.end - d.start for d in damage):.3f}",
+                )
     recordings = len({source for source, _ in found})
     if table.row_count:
         out.print(table)
