@@ -30,13 +30,11 @@ CHUNK_FRAMES = 1 << 20  # read as floats a chunk at a time: memory stays small f
 def find_dropouts(audio: Audio, min_seconds: float = 0.005, max_seconds: float = 10.0) -> list[Damage]:
     """The dropouts of one recording, in time order."""
     rate, frames = audio.rate, audio.frames
-    quiet = np.concatenate(
-        [
-            np.all(np.abs(audio.float_slice(lo, lo + CHUNK_FRAMES)) < SILENT, axis=1)
-            for lo in range(0, frames, CHUNK_FRAMES)
-        ]
-    )
-    edges = np.diff(np.concatenate([[0], quiet.astype(np.int8), [0]]))
+    quiet = np.zeros(frames + 2, np.int8)  # a byte a frame, 0 at both ends
+    for lo in range(0, frames, CHUNK_FRAMES):
+        chunk = audio.float_slice(lo, lo + CHUNK_FRAMES)
+        quiet[1 + lo : 1 + lo + len(chunk)] = np.all(np.abs(chunk) < SILENT, axis=1)
+    edges = np.diff(quiet)  # in bytes too: a list's 0s around it made this 8 bytes a frame, twice
     side, edge = round(SIDE_SECONDS * rate), max(1, round(EDGE_SECONDS * rate))
     found = []
     for a, b in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True):
