@@ -120,6 +120,7 @@ class LocalFolder:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
+        self._folders: dict[str, Path] = {}
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"output.uri {self.root} is a file, not a folder.")
 
@@ -132,10 +133,24 @@ class LocalFolder:
             raise ConfigError(f"The output folder {self.root} is not writable.")
 
     def _path(self, name: str) -> Path:
-        path = (self.root / name).resolve()
+        folder, _, leaf = name.rpartition("/")
+        path = self._folder(folder) / leaf
+        if leaf in ("", ".", "..") or path.is_symlink():
+            path = path.resolve()
         if self.root not in path.parents:
             raise RowError(f"output name {name!r} would leave the output folder")
         return path
+
+    def _folder(self, folder: str) -> Path:
+        """`folder` (a name's folders) resolved under the root, remembered: a manifest's
+        rows share a few folders, and resolving each row's whole path took a quarter of
+        `validate` on 100,000 rows."""
+        resolved = self._folders.get(folder)
+        if resolved is None:
+            if len(self._folders) >= 4096:
+                self._folders.clear()
+            resolved = self._folders[folder] = (self.root / folder).resolve() if folder else self.root
+        return resolved
 
     def put(self, name: str, data: bytes | Path, content_type: str, metadata: dict[str, str]) -> str:
         return self._put(name, data, content_type, metadata, link=True)

@@ -28,8 +28,9 @@ import trustme
 
 from soundpatch.batch import Batch
 from soundpatch.config import load_config
-from soundpatch.errors import ConfigError
+from soundpatch.errors import ConfigError, RowError
 from soundpatch.manifest import load_manifest
+from soundpatch.storage import LocalFolder
 from tests.jobs import clean_env, run_in_process, seeded_prefect_home, soundpatch
 
 
@@ -1022,3 +1023,25 @@ def test_detect_reads_an_archive_in_a_bucket_and_keeps_each_recording_s_place(tm
     )
     assert prefix.returncode == 0, prefix.stdout + prefix.stderr
     assert pd.read_csv(tmp_path / "all.csv").equals(rows)
+
+
+def test_a_result_s_name_cannot_leave_the_output_folder_through_a_link(tmp_path):
+    # Names are made safe (output_name); what is left is the folder itself: a link in it
+    # that points elsewhere, as a folder on the way or as the file.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    store = LocalFolder(tmp_path / "outputs")
+    store.ready()
+    (tmp_path / "outputs" / "linked").symlink_to(elsewhere)
+    (tmp_path / "outputs" / "run").mkdir()
+    (tmp_path / "outputs" / "run" / "take.wav").symlink_to(elsewhere / "take.wav")
+    for name in ("linked/take.wav", "linked/deeper/take.wav", "run/take.wav", "run/../../x.wav", "run/.."):
+        with pytest.raises(RowError, match="would leave the output folder"):
+            store.uri(name)
+    inside = tmp_path / "outputs" / "run"
+    (inside / "within.wav").symlink_to(inside / "real.wav")  # a link that stays inside is followed
+    assert store.uri("run/other.wav") == str(inside.resolve() / "other.wav")
+    assert store.uri("run/within.wav") == str(inside.resolve() / "real.wav")
+    assert store.uri("run/other.wav") == str(inside.resolve() / "other.wav")  # the folder remembered
+    store.put("run/new.wav", b"RIFF", "audio/wav", {})
+    assert (inside / "new.wav").read_bytes() == b"RIFF" and not (elsewhere / "new.wav").exists()
