@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from soundpatch.audio import Audio
+from soundpatch.engine.autoregressive import WHITE_NOISE_CORRECTION
 from soundpatch.restoration import Damage
 
 THRESHOLD = 8.0  # a candidate's prediction error, in multiples of its block's typical one
@@ -61,7 +62,6 @@ ONSET_DB = 9.0
 SETTLED_DB = 1.5  # ... unless, once the longest click would be over, it is back to within this
 BLOCK_SECONDS = 0.046
 CHUNK_FRAMES = 1 << 20  # read as floats a chunk at a time: memory stays small for long files
-_WHITE_NOISE_CORRECTION = 1e-5  # as autoregressive.py: near-silent or tonal blocks stay well conditioned
 
 
 def order_for(rate: int) -> int:
@@ -173,7 +173,7 @@ def _prediction_error(x: np.ndarray, p: int, block: int) -> tuple[np.ndarray, np
     size = scipy.fft.next_fast_len(2 * block + p, real=True)  # lags up to p without wrapping round
     spectrum = scipy.fft.rfft(windows, size, axis=1)
     r = scipy.fft.irfft(spectrum * np.conj(spectrum), size, axis=1)[:, : p + 1]
-    r[:, 0] *= 1.0 + _WHITE_NOISE_CORRECTION
+    r[:, 0] *= 1.0 + WHITE_NOISE_CORRECTION  # as the engine's: near-silent or tonal blocks stay well conditioned
     a = _levinson(r)
     history = np.zeros(count * block + p)
     history[p : p + n] = x

@@ -29,7 +29,7 @@ from soundpatch.engine.toeplitz import solve_symmetric_toeplitz
 
 # Added to the zero-lag autocorrelation: keeps the Yule-Walker system well conditioned
 # for near-silent or purely tonal context (a "white noise correction").
-_WHITE_NOISE_CORRECTION = 1e-5
+WHITE_NOISE_CORRECTION = 1e-5
 NOISE_GATE_DB = 3.0
 
 
@@ -46,7 +46,7 @@ def ar_polynomial(segments: list[np.ndarray], order: int) -> np.ndarray:
         r += np.fft.irfft(spec * np.conj(spec), nfft)[: order + 1]
     if r[0] <= 1e-20:
         return np.concatenate([[1.0], np.zeros(order)])
-    r[0] *= 1.0 + _WHITE_NOISE_CORRECTION
+    r[0] *= 1.0 + WHITE_NOISE_CORRECTION
     a = solve_symmetric_toeplitz(r[:order], -r[1 : order + 1])
     return np.concatenate([[1.0], a])
 
