@@ -172,6 +172,45 @@ def simulator():
         sim.stop()
 
 
+@dataclass
+class SimulatorProcess:
+    base_url: str
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.base_url}/_sim/stats", timeout=10).json()
+
+
+@pytest.fixture
+def simulator_process():
+    """Start `soundpatch simulate OPTIONS...` in a process of its own, as a provider is, not a
+    thread of the test's: where timing is what is tested, the server does not wait on the
+    test's threads for the interpreter lock before it counts a request. All stopped after."""
+    started = []
+
+    def start(*options: str) -> SimulatorProcess:
+        port = _free_port()
+        process = subprocess.Popen(
+            [str(SCRIPT), "simulate", "--port", str(port), *options],
+            stdout=subprocess.DEVNULL,
+            env=clean_env(),
+        )
+        started.append(process)
+        sim = SimulatorProcess(f"http://127.0.0.1:{port}")
+        for _ in range(300):
+            try:
+                sim.stats()
+                return sim
+            except httpx.TransportError:
+                assert process.poll() is None, "soundpatch simulate exited"
+                time.sleep(0.05)
+        raise AssertionError("soundpatch simulate did not answer in 15 s")
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 @pytest.fixture
 def job_dir(tmp_path, aws_env):
     """A folder with a 3 s effect (fx.wav) and a staging bucket, for whole hosted jobs."""

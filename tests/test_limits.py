@@ -378,11 +378,13 @@ def run_hosted(tmp_path, aws_env, sim, run_id: str, threads: int | None = None, 
     return outcomes, batch
 
 
-def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulator, monkeypatch):
+def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulator_process, monkeypatch):
     hosted_job(tmp_path, aws_env, monkeypatch, rows=24)
     results = {}
     for label, rpm in (("paced", 240), ("unpaced", 100000)):
-        sim = simulator(latency=0.05, fill="tone", rpm=240, rate_window=2.0)  # 8 per 2 s
+        sim = simulator_process(
+            "--latency", "0.05", "--fill", "tone", "--rpm", "240", "--rate-window", "2"
+        )  # 8 per 2 s
         outcomes, _ = run_hosted(
             tmp_path,
             aws_env,
@@ -393,13 +395,17 @@ def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulat
             **{"limits.requests_per_minute": rpm, "limits.rate_window_seconds": 2, "limits.concurrency": 24},
         )
         assert [o.status for o in outcomes] == ["succeeded"] * 24
-        results[label] = sim.stats.rate_limited
+        results[label] = sim.stats()["rate_limited"]
     # Unpaced, 24 rows against 8 per 2 s draw some ten 429s; with 12 rows the shared Retry-After
     # wait after the first one spread the other four out, and one 429 in all came up in CI.
     # Paced, a 429 is a matter of timing: with 1% of the window to spare (20 ms of 2 s), a
     # thread that a busy 2-core machine woke late drew one or two; with 50 ms to spare, none
-    # came up beside two busy processes. The share of 429s is measured where timing belongs,
-    # in bench/limits.py; here, pacing must avoid nearly all of them.
+    # came up beside two busy processes, but two did once in CI with the simulator a thread
+    # of the test's process (most likely: it counts a request when it gets the interpreter
+    # lock, which 24 client threads want too, not when the request comes); the provider now
+    # runs in a process of its own, as it does in use. The share of 429s is measured where
+    # timing belongs, in bench/limits.py; here, pacing must avoid nearly all of them.
+    assert results["unpaced"] >= 4, results  # the provider limits, and its count is read
     assert results["paced"] <= 1 and 4 * results["paced"] <= results["unpaced"], results
 
 
