@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -202,6 +203,12 @@ class RateLimiter:
     # window, no 429 beside two busy processes where 20 ms drew one, and 0.976 of the rate.)
     HEADROOM = 0.99
     MARGIN_SECONDS = 0.05
+    # Pacing gives each request its turn; what comes between the turn and the wire (a create's
+    # journal line waits for the disk) can hold one past it, and the request a window's count
+    # later would then arrive within the same window. So each send is written down as it
+    # goes (`sending`), and no more than the provider counts in a window go out within one
+    # window and GUARD_SECONDS (for what still comes between that and the provider).
+    GUARD_SECONDS = 0.025
 
     def __init__(
         self,
@@ -223,6 +230,9 @@ class RateLimiter:
         spare = (1.0 - share) * per_minute / 60.0 * window - 1.0
         self.burst = burst if burst is not None else max(1.0, min(4.0, spare))
         self._clock, self._sleep = clock, sleep
+        self._window = window
+        # When the last requests went out, as many as the provider takes in a window.
+        self._sent: deque[float] = deque(maxlen=max(1, int(per_minute * window / 60.0 + 1e-9)))
         # The earliest send time not yet given to a caller. The first caller gets no burst:
         # a provider counting over a sliding window may still hold a full window's worth
         # from an earlier run.
@@ -273,6 +283,22 @@ class RateLimiter:
                     waited = self._clock() - began
                     self.waited += waited
                     return waited
+
+    def sending(self) -> float:
+        """The request whose turn `acquire` gave goes out now, all that must come first done:
+        it waits, if need be, until the provider's count for a window has not all gone out
+        within the last window (and GUARD_SECONDS). Returns how long it waited."""
+        began = self._clock()
+        while True:
+            with self._lock:
+                now = self._clock()
+                full = len(self._sent) == self._sent.maxlen
+                free = self._sent[0] + self._window + self.GUARD_SECONDS if full else now
+                if now >= free:
+                    self._sent.append(now)
+                    self.waited += now - began
+                    return now - began
+            self._sleep(free - now)
 
     def throttled(self, retry_after: float | None) -> None:
         """The server said 429: everyone waits, and the pace drops.

@@ -16,7 +16,7 @@ from soundpatch import cpu, preview, splicing
 from soundpatch import estimate as estimate_module
 from soundpatch.batch import Batch
 from soundpatch.config import load_config
-from soundpatch.journal import read_events
+from soundpatch.journal import Journal, read_events
 from soundpatch.limits import BudgetLedger, RateLimiter
 from soundpatch.manifest import load_manifest
 from soundpatch.providers import hosted
@@ -298,6 +298,24 @@ def test_a_short_window_is_paced_with_50_ms_to_spare():
     assert RateLimiter(600).configured == pytest.approx(10 * 0.99)
 
 
+def test_a_request_held_past_its_turn_holds_back_the_one_a_window_later():
+    # 8 per 2 s, paced 0.25625 s apart. The first request's journal line waited 0.1 s for the
+    # disk, so it went out at 0.1; the ninth's turn comes 1.95 s after that, within the window.
+    clock = FakeClock()
+    limiter = RateLimiter(240, window=2, clock=clock, sleep=clock.sleep)
+    went, waits = [], []
+    for i in range(12):
+        limiter.acquire()
+        if i == 0:
+            clock.now += 0.1
+        waits.append(limiter.sending())
+        went.append(clock.now)
+    assert went[8] == pytest.approx(0.1 + 2 + limiter.GUARD_SECONDS)
+    assert all(later - first >= 2 + limiter.GUARD_SECONDS - 1e-9 for first, later in zip(went, went[8:], strict=False))
+    # Only the ninth waited: the others went at their turns, the tenth at its own (not pushed back).
+    assert [i for i, w in enumerate(waits) if w > 0] == [8] and went[9] == pytest.approx(9 * 2.05 / 8)
+
+
 def test_callers_waiting_together_get_their_own_turns_and_a_late_waker_costs_nobody_theirs():
     clock = FakeClock()
     slept: list[float] = []
@@ -407,6 +425,34 @@ def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulat
     # timing belongs, in bench/limits.py; here, pacing must avoid nearly all of them.
     assert results["unpaced"] >= 4, results  # the provider limits, and its count is read
     assert results["paced"] <= 1 and 4 * results["paced"] <= results["unpaced"], results
+
+
+def test_creates_the_disk_held_past_their_turns_draw_no_429s(tmp_path, aws_env, simulator_process, monkeypatch):
+    # A create's journal line is on disk before it goes out; a busy disk can take 150 ms for it
+    # (CI drew two 429s so). Three of the 24 are held that long here: sent as paced, the create
+    # a window's count after each would arrive within the held one's window (2 429s in 2 runs).
+    hosted_job(tmp_path, aws_env, monkeypatch, rows=24)
+    sim = simulator_process("--latency", "0.05", "--fill", "tone", "--rpm", "240", "--rate-window", "2")
+    append, held = Journal._append, []
+
+    def slow_disk(journal, data: bytes, durable: bool) -> None:
+        append(journal, data, durable)
+        if b'"creating"' in data:
+            held.append(data)
+            if len(held) in (1, 10, 19):
+                time.sleep(0.15)
+
+    monkeypatch.setattr(Journal, "_append", slow_disk)
+    outcomes, _ = run_hosted(
+        tmp_path,
+        aws_env,
+        sim,
+        "held",
+        threads=24,
+        **{"limits.requests_per_minute": 240, "limits.rate_window_seconds": 2, "limits.concurrency": 24},
+    )
+    assert [o.status for o in outcomes] == ["succeeded"] * 24 and len(held) >= 19  # all three were held
+    assert sim.stats()["rate_limited"] <= 1  # as in the test above: timing's own jitter may draw one
 
 
 def test_the_budget_holds_at_concurrency_32_under_5xx_timeouts_and_429_bursts(

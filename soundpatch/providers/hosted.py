@@ -207,6 +207,8 @@ class HostedProvider:
                 request.tell("creating", attempt=attempts + 1)
             except JournalUnwritable as exc:
                 raise NotStarted(str(exc)) from None
+            # The disk may have held it past its turn: not within a window of the rows before.
+            self.creates.sending()
             attempts += 1
             try:
                 return send(attempts)
