@@ -421,8 +421,10 @@ def test_pacing_at_the_providers_rate_avoids_its_429s(tmp_path, aws_env, simulat
     # came up beside two busy processes, but two did once in CI with the simulator a thread
     # of the test's process (most likely: it counts a request when it gets the interpreter
     # lock, which 24 client threads want too, not when the request comes); the provider now
-    # runs in a process of its own, as it does in use. The share of 429s is measured where
-    # timing belongs, in bench/limits.py; here, pacing must avoid nearly all of them.
+    # runs in a process of its own, as it does in use. Two came up again so in CI: a create's
+    # journal line held it past its turn (the next test), which sends now make up for. The
+    # share of 429s is measured where timing belongs, in bench/limits.py; here, pacing must
+    # avoid nearly all of them.
     assert results["unpaced"] >= 4, results  # the provider limits, and its count is read
     assert results["paced"] <= 1 and 4 * results["paced"] <= results["unpaced"], results
 
