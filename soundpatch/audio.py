@@ -27,6 +27,7 @@ import soundfile as sf
 from soundpatch import soundio
 from soundpatch.errors import RowError
 from soundpatch.humanize import plural
+from soundpatch.mp3_length import LengthUnknown, given_length
 
 # How soundfile should hand each subtype over so that writing it back is lossless.
 _NATIVE_DTYPE = {
@@ -213,11 +214,15 @@ def inspect(source: bytes | str, name: str = "audio") -> AudioInfo:
     data = source if isinstance(source, bytes) else Path(source)
     try:
         with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as f:
-            info = AudioInfo(f.frames, f.samplerate, f.channels, f.format, f.subtype, _promised_frames(f))
-            whole = f.format not in _LENGTH_IN_HEADER or f.frames <= 0 or _last_frame_read(f)
-            offset = _unfinished_samples(f, data)
+            told = given_length(f, data)
+            if told is None:
+                info = AudioInfo(f.frames, f.samplerate, f.channels, f.format, f.subtype, _promised_frames(f))
+                whole = f.format not in _LENGTH_IN_HEADER or f.frames <= 0 or _last_frame_read(f)
+                offset = _unfinished_samples(f, data)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
+        raise _unreadable(name, exc) from None
+    if told is not None:  # an MP3 that does not say its length, read through a copy that does
+        return inspect(told, name)
     if offset is not None:  # what follows its header, whole frames of it
         size = len(data) if isinstance(data, bytes) else data.stat().st_size
         frames = (size - offset) // (_BYTES_PER_SAMPLE[info.subtype] * info.channels)
@@ -312,7 +317,7 @@ def stored(path: Path, name: str = "audio") -> Stored:
         with soundio.open_audio(path) as f:
             found = Stored(path, f.samplerate, f.format, f.subtype, f.frames, f.channels)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
+        raise _unreadable(name, exc) from None
     if found.frames == 0:
         raise RowError(f"{name} holds no audio samples")
     return found
@@ -335,7 +340,7 @@ def decode(data: bytes | Path, name: str = "audio") -> Audio:
                 with soundio.open_raw(data, offset, rate, f.channels, subtype) as raw:
                     samples, promised = _samples(raw, data, name), 0
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
+        raise _unreadable(name, exc) from None
     if len(samples) == 0:
         raise RowError(f"{name} holds no audio samples")
     return Audio(samples, rate, fmt, subtype, promised)
@@ -373,6 +378,13 @@ def _decodable_frames(data: bytes | Path, start: int, dtype: str) -> int:
     except (sf.LibsndfileError, RuntimeError):
         pass
     return got
+
+
+def _unreadable(name: str, exc: Exception) -> RowError:
+    """What a file that libsndfile cannot read (or not whole) is refused with."""
+    if isinstance(exc, LengthUnknown):
+        return RowError(f"{name} cannot be read whole: {exc}")
+    return RowError(f"{name} is not audio that can be decoded ({_reason(exc)})")
 
 
 def _reason(exc: Exception) -> str:
@@ -570,7 +582,7 @@ def read_back(
                             worst = max(worst, max_diff(original.samples[x:y], block[x - at : y - at]))
                 at = end
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise RowError(f"{name} is not audio that can be decoded ({_reason(exc)})") from None
+        raise _unreadable(name, exc) from None
     if at == 0:
         raise RowError(f"{name} holds no audio samples")
     excerpt = np.concatenate(kept) if kept else np.zeros((0, channels), dtype)

@@ -27,6 +27,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import soundfile as sf
 
+from soundpatch.mp3_length import given_length
+
 
 @contextmanager
 def _memory_file(data: bytes = b"") -> Iterator[int]:
@@ -70,8 +72,14 @@ def _read_on(f: sf.SoundFile) -> sf.SoundFile:
 
 @contextmanager
 def open_bytes(data: bytes) -> Iterator[sf.SoundFile]:
-    """The audio file in `data`, open for reading (raises what soundfile raises)."""
+    """The audio file in `data`, open for reading (raises what soundfile raises). An MP3
+    that does not say its length is read whole all the same (mp3_length)."""
     with _memory_file(data) as fd, sf.SoundFile(fd, closefd=False) as f:
+        told = given_length(f, data)
+        if told is None:
+            yield _read_on(f)
+            return
+    with _memory_file(told) as fd, sf.SoundFile(fd, closefd=False) as f:
         yield _read_on(f)
 
 
@@ -80,7 +88,12 @@ def open_audio(source: bytes | Path) -> Iterator[sf.SoundFile]:
     """The audio file in `source` (its bytes, or a file by path), open for reading."""
     if isinstance(source, Path):
         with sf.SoundFile(str(source)) as f:
-            yield _read_on(f)
+            told = given_length(f, source)
+            if told is None:
+                yield _read_on(f)
+                return
+        with open_bytes(told) as f:
+            yield f
     else:
         with open_bytes(source) as f:
             yield f
