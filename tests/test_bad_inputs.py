@@ -6,6 +6,7 @@ the good rows still complete, and no traceback reaches the user.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ import pytest
 import soundfile as sf
 
 from tests.jobs import clean_env, run_in_process, seeded_prefect_home, soundpatch
+from tests.test_mp3 import frame_starts, loud_then_quiet
 
 SCRIPT = Path(sys.executable).parent / "soundpatch"
 
@@ -42,6 +44,12 @@ def make_files(d: Path, s3) -> None:
     (d / "unfinished.wav").write_bytes(unfinished)
     sf.write(d / "good.mp3", tone, rate)
     (d / "cut.mp3").write_bytes((d / "good.mp3").read_bytes()[: (d / "good.mp3").stat().st_size * 6 // 10])
+    # MP3s without the tag that says their length: one from its start (read whole: libsndfile
+    # alone read 0.648 s of it), one cut out of a stream at a frame whose data begins before it.
+    for name, loud, frame in (("untagged.mp3", 0.05, 1), ("stream_cut.mp3", 1.5, 20)):
+        tagged = io.BytesIO()
+        sf.write(tagged, loud_then_quiet(4.0, rate, 1, loud), rate, format="MP3")
+        (d / name).write_bytes(tagged.getvalue()[frame_starts(tagged.getvalue())[frame] :])
     s3.bucket("bad-inputs")
     s3.client.put_object(Bucket="bad-inputs", Key="notaudio.wav", Body=b"hello")
 
@@ -62,6 +70,7 @@ CORPUS = {
     "cut-short-mp3-past-its-end": ("cut.mp3", "3", "3.5", "x", {}, "s of the 4.000 s its header promises"),
     "unfinished-past-its-end": ("unfinished.wav", "4.5", "5", "x", {}, "unfinished.wav is only 4.000 s long"),
     "cut-short-flac": ("cut.flac", "1", "1.1", "x", {}, "cut.flac cannot be decoded past 2."),
+    "mp3-cut-from-a-stream": ("stream_cut.mp3", "1", "1.1", "x", {}, "cannot be read whole: it is an MP3 cut out"),
     "whole-recording-local": ("good.wav", "0", "4", "x", {}, "covers the whole recording"),
     "end-before-start": ("good.wav", "2", "1", "x", {}, "not after its start"),
     "zero-length": ("good.wav", "2", "2", "x", {}, "not after its start"),
@@ -123,6 +132,7 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
         {"id": "good-3", "input": "good.wav", "start": "2.5", "end": "2.6", "prompt": "fill", "output": "shared"},
         {"id": "good-cut", "input": "cut.wav", "start": "1", "end": "1.1", "prompt": "fill"},
         {"id": "good-unfinished", "input": "unfinished.wav", "start": "1", "end": "1.1", "prompt": "fill"},
+        {"id": "good-untagged", "input": "untagged.mp3", "start": "3", "end": "3.1", "prompt": "fill"},
     ]
     for row_id, (src, start, end, prompt, extra, _) in CORPUS.items():
         rows.append({"id": row_id, "input": src, "start": start, "end": end, "prompt": prompt, **extra})
@@ -155,8 +165,13 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
     assert long_id["status"].tolist() == ["invalid"] and "longer than 128" in long_id["error"].iloc[0]
     assert kinds + 2 >= 30  # the corpus, the duplicate id and the long id
 
-    for row_id in ("good-1", "good-2", "good-3", "good-cut", "good-unfinished", "odd-encoding-id\u202e", "dup"):
+    good = ["good-1", "good-2", "good-3", "good-cut", "good-unfinished", "good-untagged"]
+    good += ["odd-encoding-id\u202e", "dup"]
+    for row_id in good:
         assert report.loc[row_id, "status"] == "succeeded", report.loc[row_id, "error"]
+    # An MP3 without the tag that says its length is edited whole: its 4.104 s, all of it there.
+    untagged = report.loc["good-untagged"]
+    assert untagged["checks"] == "ok" and sf.info(untagged["output"]).frames == round(4.104 * 16000)
     # A recording cut short is edited as far as it goes, and says so; nothing else of it changes.
     cut = report.loc["good-cut"]
     assert cut["checks"] == "the input is cut short (it holds 2.500 s of the 4.000 s its header promises)"
@@ -181,9 +196,7 @@ def test_each_kind_of_bad_input_is_reported_and_the_rest_completes(tmp_path, aws
         if json.loads(x)["event"] == "sending"
     ]
     # nothing else was sent
-    assert sorted(sent) == sorted(
-        ["good-1", "good-2", "good-3", "good-cut", "good-unfinished", "odd-encoding-id\u202e", "dup"]
-    )
+    assert sorted(sent) == sorted(good)
 
 
 @pytest.mark.parametrize("output_format", ["wav", "same"])  # same: the name waits for the input's format
