@@ -11,6 +11,7 @@ import sys
 import time
 import traceback
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,7 @@ from soundpatch.outcome import (
 )
 from soundpatch.progress import ProgressWatcher
 from soundpatch.rerender import rerender
-from soundpatch.restoration import restoration_manifest
+from soundpatch.restoration import Damage, restoration_manifest
 from soundpatch.s3 import S3
 from soundpatch.sources import RECORDING_SUFFIXES, SourceReader
 
@@ -87,8 +88,10 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None, server: TemporaryServer | None = None) -> int:
     """`server`: Prefect's temporary server, if already started for a run (soundpatch.entry)."""
     parser = _build_parser()
+    command = None
     try:
         args = parser.parse_args(argv)
+        command = getattr(args, "command", None)
         if not getattr(args, "command", None):
             parser.print_help()
             return EXIT_NOTHING_RAN
@@ -98,7 +101,9 @@ def main(argv: list[str] | None = None, server: TemporaryServer | None = None) -
         err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # one line, whatever the width
         return EXIT_NOTHING_RAN
     except KeyboardInterrupt:
-        err.print("Interrupted. Run the same command with --run-id to resume where it stopped.")
+        # Only a run has anything to resume (detect, validate and report write nothing until done).
+        resume = " Run the same command with --run-id to resume where it stopped." if command == "run" else ""
+        err.print(f"Interrupted.{resume}")
         return 130
 
 
@@ -467,6 +472,10 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
 # ---------------------------------------------------------------------- detect
 
 DETECT_PROMPT = "the same sound as around it, continuing seamlessly"
+# Recordings read and searched at once: a second overlaps one's decoding and numpy work
+# with the other's Python (1.5 times as fast on 2 cores); each more holds one more
+# recording in memory (0.7 GB for 30 minutes of stereo) for less and less.
+DETECT_AT_ONCE = 2
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -489,25 +498,33 @@ def cmd_detect(args: argparse.Namespace) -> int:
     kinds = ("dropouts", "clicks") if args.clicks else ("dropouts",)  # as Damage.kind, plural
     title = " and ".join(kinds).capitalize() + " found"
     table = Table("recording", *kinds, "seconds", title=title, title_justify="left")
-    with err.status("") as status:  # (shown on a terminal only)
-        for number, source in enumerate(sources, 1):
-            status.update(f"reading {number} of {len(sources)}: {escape(source)}")
-            try:
-                audio = reader.audio(source)
-                damage = find_dropouts(audio, min_seconds=args.min_ms / 1000)
-                if args.clicks:
-                    damage += find_clicks(audio)
-            except RowError as exc:
-                unreadable.append(as_sentence(str(exc)))
-                continue
-            found.extend((source, d) for d in damage)
-            if damage and table.row_count < 20:
-                counts = Counter(f"{d.kind}s" for d in damage)
-                table.add_row(
-                    escape(source),
-                    *(str(counts[kind]) for kind in kinds),
-                    f"{sum(d.end - d.start for d in damage):.3f}",
-                )
+
+    def damage_in(source: str) -> list[Damage] | RowError:
+        try:
+            audio = reader.audio(source)
+            damage = find_dropouts(audio, min_seconds=args.min_ms / 1000)
+            return damage + find_clicks(audio) if args.clicks else damage
+        except RowError as exc:
+            return exc
+
+    pool = ThreadPoolExecutor(DETECT_AT_ONCE, thread_name_prefix="detect")
+    try:
+        with err.status(f"reading {plural(len(sources), 'recording')}") as status:  # (on a terminal only)
+            for number, (source, damage) in enumerate(zip(sources, pool.map(damage_in, sources), strict=True), 1):
+                status.update(f"read {number} of {len(sources)}: {escape(source)}")
+                if isinstance(damage, RowError):
+                    unreadable.append(as_sentence(str(damage)))
+                    continue
+                found.extend((source, d) for d in damage)
+                if damage and table.row_count < 20:
+                    counts = Counter(f"{d.kind}s" for d in damage)
+                    table.add_row(
+                        escape(source),
+                        *(str(counts[kind]) for kind in kinds),
+                        f"{sum(d.end - d.start for d in damage):.3f}",
+                    )
+    finally:  # (stopped, what has not begun is not begun)
+        pool.shutdown(cancel_futures=True)
     recordings = len({source for source, _ in found})
     if table.row_count:
         out.print(table)

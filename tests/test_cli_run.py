@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import time
@@ -24,8 +25,9 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
+from soundpatch import demo_audio
 from soundpatch.journal import JOURNAL_FILE
-from tests.jobs import SCRIPT, clean_env, soundpatch
+from tests.jobs import SCRIPT, clean_env, soundpatch, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_COLUMNS = [
@@ -768,6 +770,35 @@ def test_detect_writes_the_manifest_that_fills_an_archive_s_dropouts(workdir, pr
         for start, end in rows.loc[rows["input"].str.contains(name), ["start", "end"]].itertuples(index=False):
             inside[round(start * rate) : round(end * rate)] = True
         assert np.array_equal(before[~inside], after[~inside]) and not np.array_equal(before, after)
+
+
+def test_detect_stopped_with_ctrl_c_ends_within_the_recordings_it_is_reading(tmp_path):
+    # 40 recordings, two read at a time: stopped once it is reading, what has not begun is
+    # not begun (it took the rest of the archive), and nothing is written.
+    music = (demo_audio.music(20.0, seed=4, smooth=True) * 20000).astype(np.int16)
+    (tmp_path / "archive").mkdir()
+    sf.write(tmp_path / "archive" / "take00.flac", music, 44100)
+    for number in range(1, 40):
+        shutil.copy(tmp_path / "archive" / "take00.flac", tmp_path / "archive" / f"take{number:02d}.flac")
+    command = [str(SCRIPT), "detect", "archive", "--clicks", "--out", "fills.csv"]
+    with subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # (as a terminal's would be)
+    ) as detect:
+        threads = Path(f"/proc/{detect.pid}/task")
+        wait_for(lambda: len(list(threads.iterdir())) >= 3, 60, "its two readers")
+        time.sleep(0.5)
+        assert detect.poll() is None  # still reading
+        detect.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        out, said = detect.communicate(timeout=60)
+    assert detect.returncode == 130 and said.strip() == "Interrupted.", out + said
+    assert time.monotonic() - stopped < 4.0 and not (tmp_path / "fills.csv").exists()
 
 
 def test_detect_with_clicks_writes_rows_for_clicks_too_and_the_run_leaves_none(workdir, prefect_home):
