@@ -50,6 +50,13 @@ _BITS = {"PCM_S8": 8, "PCM_U8": 8, "PCM_16": 16, "ULAW": 16, "ALAW": 16, "PCM_24
 # says so only in its log: "data : 529200 (should be 317502)", bytes promised and bytes there.
 _DATA_CHUNK = re.compile(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be \d+\)", re.MULTILINE)
 _BEFORE_SAMPLES = {"data": 0, "SSND": 8}  # bytes of the chunk before its samples (AIFF's offset and block size)
+# Sony's Wave64 and the EBU's RF64 (WAVs over 4 GB, as broadcast and field recorders write
+# them) are read as far as their samples go too, and their logs say what was promised, not
+# "should be": W64's data chunk counts its own 24-byte header; RF64's size is in its ds64.
+_PROMISED_BYTES = {
+    "W64": (re.compile(r"^data\s*:\s*(\d+)\s*$", re.MULTILINE), 24),
+    "RF64": (re.compile(r"^\s*Data size\s*:\s*(\d+)\s*$", re.MULTILINE), 0),
+}
 # What writers to a pipe put there, not knowing the length yet (libsndfile, ffmpeg; sox):
 # such a file is not cut short, however little it holds.
 _LENGTH_UNKNOWN = frozenset((0xFFFFFFFF, 0x7FFFFFFF, 0x7FFFF000))
@@ -245,8 +252,14 @@ def _last_frame_read(f: sf.SoundFile) -> bool:
 def _promised_frames(f: sf.SoundFile, frames: int | None = None) -> int | None:
     """The frames the header of the file open in `f` promises, where it holds fewer of them
     (`frames`, if its decoder stopped short of f.frames): None if it holds them all."""
-    found = _DATA_CHUNK.search(f.extra_info)
     width = _BYTES_PER_SAMPLE.get(f.subtype)
+    if f.format in _PROMISED_BYTES:
+        pattern, before = _PROMISED_BYTES[f.format]
+        said = pattern.search(f.extra_info)
+        if said is not None and width is not None and int(said[1]) not in _LENGTH_UNKNOWN:
+            promised = (int(said[1]) - before) // (width * f.channels)
+            return promised if promised > f.frames else None
+    found = _DATA_CHUNK.search(f.extra_info)
     if found is not None and width is not None and int(found[2]) not in _LENGTH_UNKNOWN:
         promised = (int(found[2]) - _BEFORE_SAMPLES[found[1]]) // (width * f.channels)
         return promised if promised > f.frames else None

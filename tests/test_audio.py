@@ -129,6 +129,9 @@ def test_undecodable_bytes_raise_a_row_error(content):
         ("WAV", "PCM_24", 2),
         ("WAV", "FLOAT", 2),
         ("AIFF", "PCM_16", 2),
+        ("W64", "PCM_24", 2),
+        ("RF64", "PCM_16", 1),
+        ("RF64", "FLOAT", 2),
         ("MP3", "MPEG_LAYER_III", 1),
     ],
 )
