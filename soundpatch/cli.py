@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None, server: TemporaryServer | None = None) -
     try:
         args = parser.parse_args(argv)
         command = getattr(args, "command", None)
-        if not getattr(args, "command", None):
+        if not command:
             parser.print_help()
             return EXIT_NOTHING_RAN
         args.server = server

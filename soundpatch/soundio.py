@@ -79,8 +79,8 @@ def open_bytes(data: bytes) -> Iterator[sf.SoundFile]:
         if told is None:
             yield _read_on(f)
             return
-    with _memory_file(told) as fd, sf.SoundFile(fd, closefd=False) as f:
-        yield _read_on(f)
+    with open_bytes(told) as f:  # (which says its length)
+        yield f
 
 
 @contextmanager

@@ -176,8 +176,8 @@ def simulator():
 class SimulatorProcess:
     base_url: str
 
-    def stats(self, times: bool = False) -> dict:
-        return httpx.get(f"{self.base_url}/_sim/stats" + ("?times=1" if times else ""), timeout=10).json()
+    def stats(self) -> dict:
+        return httpx.get(f"{self.base_url}/_sim/stats", timeout=10).json()
 
 
 @pytest.fixture
