@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from soundpatch import soundio
+from soundpatch import metadata, soundio
 from soundpatch.errors import RowError
 from soundpatch.humanize import plural
+from soundpatch.metadata import Carried
 from soundpatch.mp3_length import LengthUnknown, given_length
 
 # How soundfile should hand each subtype over so that writing it back is lossless.
@@ -112,6 +113,7 @@ class Audio:
     format: str
     subtype: str
     promised_frames: int | None = None  # as AudioInfo's
+    carried: Carried | None = None  # what its file holds besides its audio, for its results
 
     @property
     def frames(self) -> int:
@@ -153,6 +155,7 @@ class Patched:
     frames = property(lambda self: self.original.frames)
     channels = property(lambda self: self.original.channels)
     info = property(lambda self: self.original.info)
+    carried = property(lambda self: self.original.carried)
 
     def blocks(self, size: int | None = None) -> Iterator[np.ndarray]:
         size = size or BLOCK_FRAMES
@@ -316,6 +319,7 @@ class Stored:
     subtype: str
     frames: int
     channels: int
+    carried: Carried | None = None
 
     def blocks(self, size: int | None = None) -> Iterator[np.ndarray]:
         with soundio.open_audio(self.path) as f:
@@ -328,7 +332,7 @@ def stored(path: Path, name: str = "audio") -> Stored:
     """The recording in the file at `path`, to be read as it is written (`Stored`)."""
     try:
         with soundio.open_audio(path) as f:
-            found = Stored(path, f.samplerate, f.format, f.subtype, f.frames, f.channels)
+            found = Stored(path, f.samplerate, f.format, f.subtype, f.frames, f.channels, metadata.read(f, path))
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         raise _unreadable(name, exc) from None
     if found.frames == 0:
@@ -346,6 +350,7 @@ def decode(data: bytes | Path, name: str = "audio") -> Audio:
         with soundio.open_audio(data) as f:
             offset = _unfinished_samples(f, data)
             rate, fmt, subtype = f.samplerate, f.format, f.subtype
+            carried = metadata.read(f, data)
             if offset is None:
                 samples = _samples(f, data, name)
                 promised = _promised_frames(f, len(samples))
@@ -356,7 +361,7 @@ def decode(data: bytes | Path, name: str = "audio") -> Audio:
         raise _unreadable(name, exc) from None
     if len(samples) == 0:
         raise RowError(f"{name} holds no audio samples")
-    return Audio(samples, rate, fmt, subtype, promised)
+    return Audio(samples, rate, fmt, subtype, promised, carried)
 
 
 def _samples(f: sf.SoundFile, data: bytes | Path, name: str) -> np.ndarray:
@@ -546,9 +551,13 @@ def encode(audio: Audio | Patched, container: str) -> bytes:
 
 
 def encode_file(audio: Audio | Patched | Stored, container: str, path: Path) -> None:
-    """`encode`, into the file at `path`: a long recording is never held encoded in memory."""
+    """`encode`, into the file at `path`: a long recording is never held encoded in memory.
+    What its file holds besides its audio goes with it (metadata.py)."""
     blocks, subtype = _encodable(audio, container)
-    soundio.write_file(path, blocks, audio.rate, audio.channels, container, subtype)
+    carried = audio.carried
+    tags = metadata.tags_for(carried, container)
+    soundio.write_file(path, blocks, audio.rate, audio.channels, container, subtype, tags)
+    metadata.put_into(path, container, carried)
 
 
 def _encodable(audio: Audio | Patched | Stored, container: str) -> tuple[Iterator[np.ndarray], str]:

@@ -161,9 +161,21 @@ def write_blocks(
 
 
 def write_file(
-    path: Path, blocks: Iterable[np.ndarray], rate: int, channels: int, format: str, subtype: str | None = None
+    path: Path,
+    blocks: Iterable[np.ndarray],
+    rate: int,
+    channels: int,
+    format: str,
+    subtype: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> None:
-    """An audio file at `path` written from `blocks` of frames (frames, channels), in order."""
+    """An audio file at `path` written from `blocks` of frames (frames, channels), in order,
+    with `tags` (title, artist... as soundfile names them) where the format holds them."""
     with sf.SoundFile(str(path), "w", rate, channels, subtype, format=format) as f:
+        for name, value in (tags or {}).items():
+            try:
+                setattr(f, name, value)
+            except (sf.LibsndfileError, RuntimeError):
+                pass  # a tag this format does not hold
         for block in blocks:
             f.write(block)

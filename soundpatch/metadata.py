@@ -1,0 +1,291 @@
+"""What a recording's file holds besides its audio, carried into its result.
+
+An archive's files say where they come from: a broadcast WAV's `bext` chunk (its
+description, originator, and the time reference that syncs it with picture), a field
+recorder's `iXML` (scene, take, track names), cue points and their labels, loop points, a
+FLAC's tags and cover art. A result that is the same recording with one region redone
+keeps all of that, as it keeps the audio outside the region:
+
+- into the same kind of file (a WAV family input into a WAV, an AIFF into an AIFF, a FLAC
+  into a FLAC), the file's own chunks or metadata blocks are written into the result as
+  they are, byte for byte, except those that describe the audio's bytes rather than the
+  recording (sizes, format, checksums such as `md5 `, peak levels, padding, a FLAC's
+  seek table): libsndfile writes those anew for the result;
+- into another kind (a FLAC into a WAV, a WAV into an MP3...), the tags libsndfile knows
+  in both (title, artist, album, date, comment, copyright, ...) are written as the
+  result's own.
+
+The result holds as many samples as its recording, so cue points, loop points and the
+time reference still point where they did. A row's own result beside a file of several
+rows' edits (`<name>.rows/`) is an excerpt and carries nothing: its sample positions are
+not the recording's.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import soundfile as sf
+
+MAX_CARRIED_BYTES = 16 << 20  # of chunks or blocks from one file; what is past it is left out
+# Chunks that describe the audio's bytes, not the recording: libsndfile writes its own, or
+# they would be wrong for the result (a checksum of the samples, a peak envelope, padding).
+_RIFF_OWN = {b"fmt ", b"data", b"fact", b"PEAK", b"ds64", b"JUNK", b"junk", b"PAD ", b"FLLR", b"md5 ", b"levl", b"r64m"}
+_AIFF_OWN = {b"COMM", b"SSND", b"FVER", b"PEAK"}
+# FLAC metadata blocks carried: APPLICATION, VORBIS_COMMENT, CUESHEET, PICTURE (not
+# STREAMINFO, PADDING or SEEKTABLE, whose contents are the result's own).
+_FLAC_CARRIED = {2, 4, 5, 6}
+_FLAC_VORBIS_COMMENT = 4
+_FAMILY = {"WAV": "RIFF", "WAVEX": "RIFF", "RF64": "RIFF", "AIFF": "AIFF", "FLAC": "FLAC"}
+log = logging.getLogger("soundpatch")
+
+
+@dataclass(frozen=True)
+class Carried:
+    """A file's metadata: `parts`, its chunks or FLAC blocks as they are ((id, body): a
+    chunk's four-byte id, or a FLAC block's type as one byte), for a result of the same
+    `family` ("RIFF", "AIFF", "FLAC"); `tags`, the ones libsndfile reads, for any other."""
+
+    family: str
+    parts: tuple[tuple[bytes, bytes], ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.parts or self.tags)
+
+
+def read(f: sf.SoundFile, source: bytes | Path) -> Carried | None:
+    """The metadata of the file open in `f` (whose bytes, or path, are `source`), or None
+    when it has none to carry."""
+    family = _FAMILY.get(f.format, "")
+    try:
+        tags = tuple(sorted(f.copy_metadata().items()))
+    except (sf.LibsndfileError, RuntimeError):
+        tags = ()
+    parts: tuple[tuple[bytes, bytes], ...] = ()
+    if family:
+        with _opened(source) as raw:
+            try:
+                parts = tuple(_PARTS[family](raw))
+            except (OSError, struct.error, ValueError):
+                parts = ()  # a header it cannot follow: libsndfile read the audio anyway
+    carried = Carried(family, parts, tags)
+    return carried or None
+
+
+def tags_for(carried: Carried | None, container: str) -> dict[str, str]:
+    """The tags to give a result in `container`: none where its parts are carried whole."""
+    if carried is None or (carried.parts and _FAMILY.get(container) == carried.family):
+        return {}
+    return dict(carried.tags)
+
+
+def put_into(path: Path, container: str, carried: Carried | None) -> None:
+    """Write `carried`'s parts into the result libsndfile wrote at `path` in `container`,
+    when it is of their family."""
+    if carried is None or not carried.parts or _FAMILY.get(container) != carried.family:
+        return
+    if carried.family == "FLAC":
+        _put_flac_blocks(path, carried.parts)
+    else:
+        _append_chunks(path, carried.parts, *_CHUNKED[carried.family])
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+@contextmanager
+def _opened(source: bytes | Path) -> Iterator[BinaryIO]:
+    if isinstance(source, bytes):
+        yield io.BytesIO(source)
+    else:
+        with open(source, "rb") as f:
+            yield f
+
+
+def _size_of(f: BinaryIO) -> int:
+    at = f.tell()
+    size = f.seek(0, os.SEEK_END)
+    f.seek(at)
+    return size
+
+
+def _chunks(f: BinaryIO, start: int, end: int, endian: str) -> Iterator[tuple[bytes, int, int]]:
+    """(id, where its body begins, its size) of each chunk from `start` to `end`, stopping at
+    one that runs past the file (audio cut short, or a header never finished)."""
+    at = start
+    while at + 8 <= end:
+        f.seek(at)
+        cid, size = struct.unpack(f"{endian}4sI", f.read(8))
+        yield cid, at + 8, size
+        if at + 8 + size > end:
+            return
+        at += 8 + size + (size & 1)
+
+
+def _riff_parts(f: BinaryIO) -> Iterator[tuple[bytes, bytes]]:
+    end = _size_of(f)
+    kind, _, form = struct.unpack("<4sI4s", f.read(12))
+    if kind not in (b"RIFF", b"RF64", b"BW64") or form != b"WAVE":
+        return
+    data_size = None  # an RF64's, from its ds64 chunk
+    budget = MAX_CARRIED_BYTES
+    for cid, body, size in _chunks(f, 12, end, "<"):
+        if cid == b"ds64" and size >= 16:
+            f.seek(body + 8)
+            data_size = struct.unpack("<Q", f.read(8))[0]
+        if cid == b"data":
+            if size == 0xFFFFFFFF and data_size is not None:
+                yield from _riff_after(f, body + data_size + (data_size & 1), end, budget)
+            elif size not in (0, 0xFFFFFFFF):
+                yield from _riff_after(f, body + size + (size & 1), end, budget)
+            return  # an unfinished header's data runs to the end
+        taken = _taken(f, cid, body, size, end, budget, _RIFF_OWN)
+        if taken is not None:
+            budget -= len(taken)
+            yield cid, taken
+
+
+def _riff_after(f: BinaryIO, start: int, end: int, budget: int) -> Iterator[tuple[bytes, bytes]]:
+    """The chunks after the audio (a LIST INFO is often there)."""
+    for cid, body, size in _chunks(f, start, end, "<"):
+        taken = _taken(f, cid, body, size, end, budget, _RIFF_OWN)
+        if taken is not None:
+            budget -= len(taken)
+            yield cid, taken
+
+
+def _taken(f: BinaryIO, cid: bytes, body: int, size: int, end: int, budget: int, own: set[bytes]) -> bytes | None:
+    """A chunk's body, unless it is not carried (one of `own`, past the file, past the budget)."""
+    if cid in own or body + size > end:
+        return None
+    if size > budget:
+        log.info("a %d-byte %r chunk is not carried into the result (over %d bytes)", size, cid, MAX_CARRIED_BYTES)
+        return None
+    f.seek(body)
+    taken = f.read(size)
+    if cid == b"LIST" and taken[:4] == b"wavl":  # a list of audio data, not of metadata
+        return None
+    return taken
+
+
+def _aiff_parts(f: BinaryIO) -> Iterator[tuple[bytes, bytes]]:
+    end = _size_of(f)
+    kind, _, form = struct.unpack(">4sI4s", f.read(12))
+    if kind != b"FORM" or form not in (b"AIFF", b"AIFC"):
+        return
+    budget = MAX_CARRIED_BYTES
+    for cid, body, size in _chunks(f, 12, end, ">"):
+        taken = _taken(f, cid, body, size, end, budget, _AIFF_OWN)
+        if taken is not None:
+            budget -= len(taken)
+            yield cid, taken
+
+
+def _flac_blocks(f: BinaryIO) -> Iterator[tuple[int, int, int, bool]]:
+    """(type, where its body begins, its size, whether it is the last) of each metadata
+    block of the FLAC stream in `f` (after an ID3 tag some writers put first)."""
+    end = _size_of(f)
+    at = 0
+    head = f.read(10)
+    if head[:3] == b"ID3" and len(head) == 10:
+        at = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(head[6:10]))
+        f.seek(at)
+        head = f.read(4)
+    if head[:4] != b"fLaC":
+        return
+    at += 4
+    last = False
+    while not last and at + 4 <= end:
+        f.seek(at)
+        flags, size = struct.unpack(">B3s", f.read(4))
+        size = int.from_bytes(size, "big")
+        last = bool(flags & 0x80)
+        yield flags & 0x7F, at + 4, size, last
+        at += 4 + size
+
+
+def _flac_parts(f: BinaryIO) -> Iterator[tuple[bytes, bytes]]:
+    end = _size_of(f)
+    budget = MAX_CARRIED_BYTES
+    for kind, body, size, _ in list(_flac_blocks(f)):
+        if kind in _FLAC_CARRIED and body + size <= end:
+            if size > budget:
+                log.info("a %d-byte FLAC metadata block is not carried into the result", size)
+                continue
+            f.seek(body)
+            budget -= size
+            yield bytes([kind]), f.read(size)
+
+
+_PARTS = {"RIFF": _riff_parts, "AIFF": _aiff_parts, "FLAC": _flac_parts}
+
+
+# ---------------------------------------------------------------------------- writing
+
+_CHUNKED = {"RIFF": ("<", b"RIFF"), "AIFF": (">", b"FORM")}
+
+
+def _chunk(cid: bytes, body: bytes, endian: str) -> bytes:
+    return struct.pack(f"{endian}4sI", cid, len(body)) + body + (b"\0" if len(body) & 1 else b"")
+
+
+def _append_chunks(path: Path, parts: tuple[tuple[bytes, bytes], ...], endian: str, kind: bytes) -> None:
+    """The chunks go after the audio, where the file is written in place: the result of an
+    hour-long recording is not copied for them (readers look for chunks throughout a file,
+    and libsndfile itself puts its tags there when they come after the samples)."""
+    added = b"".join(_chunk(cid, body, endian) for cid, body in parts)
+    with path.open("r+b") as f:
+        if f.read(4) != kind:
+            return
+        end = f.seek(0, os.SEEK_END)
+        pad = end & 1  # chunks begin on even bytes; an odd-sized audio chunk may lack its pad
+        if end + pad + len(added) - 8 > 0xFFFFFFFF:
+            log.info("the metadata of %s is not carried: the result would be over 4 GB with it", path.name)
+            return
+        f.write(b"\0" * pad + added)
+        f.seek(4)
+        f.write(struct.pack(f"{endian}I", end + pad + len(added) - 8))
+
+
+def _put_flac_blocks(path: Path, parts: tuple[tuple[bytes, bytes], ...]) -> None:
+    """A FLAC's metadata comes before its audio: the file is written again beside itself,
+    with them, and put in its place (a FLAC result weighs half a WAV's, or less)."""
+    with path.open("rb") as src:
+        blocks = list(_flac_blocks(src))
+        if not blocks or blocks[0][0] != 0:
+            return
+        carried_kinds = {cid[0] for cid, _ in parts}
+        kept = []
+        for kind, body, size, _ in blocks:
+            # libsndfile's own comment block (its vendor string) gives way to the recording's:
+            # a FLAC holds one at most. Padding is left out.
+            if kind == 1 or (kind == _FLAC_VORBIS_COMMENT and kind in carried_kinds):
+                continue
+            src.seek(body)
+            kept.append((kind, src.read(size)))
+        kept += [(cid[0], body) for cid, body in parts]
+        head = bytearray(b"fLaC")
+        for i, (kind, body) in enumerate(kept):
+            head += bytes([(0x80 if i == len(kept) - 1 else 0) | kind]) + len(body).to_bytes(3, "big") + body
+        _, body, size, _ = blocks[-1]
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".carried.")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(head)
+                src.seek(body + size)
+                shutil.copyfileobj(src, out, 1 << 20)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

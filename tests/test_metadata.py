@@ -1,0 +1,242 @@
+"""What a recording's file holds besides its audio comes back in its result (metadata.py).
+
+An archive's broadcast WAVs say when and where they were recorded (bext), a field
+recorder's say scene and take (iXML), cue points mark what an editor found; a FLAC's tags
+and cover art name the release. Before, every result was written with none of it.
+
+The files here are built chunk by chunk (and block by block) by this test's own helpers,
+and the results are read back by the same helpers and by Python's own `wave` module.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from soundpatch import metadata
+from soundpatch.audio import Patched, decode, encode_file
+from soundpatch.config import load_config
+from tests.jobs import clean_env, run_in_process, seeded_prefect_home, soundpatch
+
+RATE = 8000
+BEXT = b"Reel 12, side A".ljust(256, b"\0") + b"Radio archive".ljust(32, b"\0") + b"R12A".ljust(32, b"\0")
+BEXT += b"1987-05-04" + b"10:30:00" + struct.pack("<Q", 28_800_000) + struct.pack("<H", 1) + bytes(254)
+BEXT += b"A=ANALOGUE,M=stereo,T=Studer A80\r\nA=PCM,F=8000,W=16,M=stereo,T=digitized\r\n"
+IXML = b'<?xml version="1.0"?><BWFXML><SCENE>12</SCENE><TAKE>3</TAKE></BWFXML>'
+CUE = struct.pack("<I", 1) + struct.pack("<II4sIII", 1, 6000, b"data", 0, 0, 6000)
+ADTL = b"adtl" + b"labl" + struct.pack("<I", 10) + struct.pack("<I", 1) + b"crack\0"
+INFO = b"INFO" + b"INAM" + struct.pack("<I", 10) + b"Interview" + b"\0"
+
+
+def pcm(seconds: float, channels: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-9000, 9000, (int(seconds * RATE), channels)).astype(np.int16)
+
+
+def chunk(cid: bytes, body: bytes, endian: str = "<") -> bytes:
+    return struct.pack(f"{endian}4sI", cid, len(body)) + body + (b"\0" if len(body) & 1 else b"")
+
+
+def chunks(data: bytes, endian: str = "<") -> list[tuple[bytes, bytes]]:
+    """(id, body) of every chunk of a RIFF or AIFF file, checking its sizes add up."""
+    assert struct.unpack(f"{endian}I", data[4:8])[0] == len(data) - 8
+    found, at = [], 12
+    while at < len(data):
+        cid, size = struct.unpack(f"{endian}4sI", data[at : at + 8])
+        found.append((cid, data[at + 8 : at + 8 + size]))
+        at += 8 + size + (size & 1)
+    assert at == len(data)
+    return found
+
+
+def with_chunks(plain: bytes, before: list[tuple[bytes, bytes]], after: list[tuple[bytes, bytes]], endian="<") -> bytes:
+    """The file libsndfile wrote (`plain`), with chunks before its audio and after it."""
+    audio_id = b"data" if endian == "<" else b"SSND"
+    own = chunks(plain, endian)
+    body = b"".join(chunk(c, b, endian) for c, b in own if c != audio_id)
+    body += b"".join(chunk(c, b, endian) for c, b in before)
+    body += b"".join(chunk(c, b, endian) for c, b in own if c == audio_id)
+    body += b"".join(chunk(c, b, endian) for c, b in after)
+    return plain[:4] + struct.pack(f"{endian}I", 4 + len(body)) + plain[8:12] + body
+
+
+def flac_blocks(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """The metadata blocks (type, body) of a FLAC, checking only the last says so, and its frames."""
+    assert data[:4] == b"fLaC"
+    found, at, last = [], 4, False
+    while not last:
+        last, kind, size = bool(data[at] & 0x80), data[at] & 0x7F, int.from_bytes(data[at + 1 : at + 4], "big")
+        found.append((kind, data[at + 4 : at + 4 + size]))
+        at += 4 + size
+    return found, data[at:]
+
+
+def flac_with(plain: bytes, blocks: list[tuple[int, bytes]]) -> bytes:
+    """libsndfile's FLAC (`plain`) with `blocks` in place of all but its STREAMINFO."""
+    own, frames = flac_blocks(plain)
+    every = own[:1] + blocks
+    head = b"".join(
+        bytes([(0x80 if i == len(every) - 1 else 0) | k]) + len(b).to_bytes(3, "big") + b
+        for i, (k, b) in enumerate(every)
+    )
+    return b"fLaC" + head + frames
+
+
+def comments(vendor: bytes, *fields: str) -> bytes:
+    body = struct.pack("<I", len(vendor)) + vendor + struct.pack("<I", len(fields))
+    return body + b"".join(struct.pack("<I", len(f.encode())) + f.encode() for f in fields)
+
+
+PICTURE = struct.pack(">II", 3, 9) + b"image/png" + struct.pack(">I", 5) + b"cover" + bytes(16) + struct.pack(">I", 8)
+PICTURE += b"\x89PNG\r\n\x1a\n"
+
+
+def wav_bytes(samples: np.ndarray, subtype: str = "PCM_16", format: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, RATE, subtype=subtype, format=format)
+    return buf.getvalue()
+
+
+def run_rows(tmp_path: Path, rows: list[str], **overrides: str) -> list:
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt,output\n" + "\n".join(rows) + "\n")
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs"), **overrides})
+    outcomes = run_in_process(tmp_path / "m.csv", cfg, "meta")[0]
+    assert [o.status for o in outcomes] == ["succeeded"] * len(rows), [o.error for o in outcomes]
+    return outcomes
+
+
+def outside_is_the_same(result: Path, source: np.ndarray, a: float, b: float) -> None:
+    out = sf.read(result, dtype="int16", always_2d=True)[0]
+    assert out.shape == source.shape
+    assert np.array_equal(out[: int(a * RATE)], source[: int(a * RATE)])
+    assert np.array_equal(out[int(b * RATE) :], source[int(b * RATE) :])
+
+
+def test_a_broadcast_wav_run_as_users_run_it_keeps_its_chunks_and_not_those_of_its_old_samples(tmp_path):
+    source = pcm(3.0)
+    before = [
+        (b"bext", BEXT),
+        (b"iXML", IXML),
+        (b"cue ", CUE),
+        (b"LIST", ADTL),
+        (b"md5 ", bytes(16)),
+        (b"JUNK", bytes(30)),
+    ]
+    (tmp_path / "reel.wav").write_bytes(with_chunks(wav_bytes(source), before, [(b"LIST", INFO)]))
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nclick,reel.wav,1.0,1.2,room tone\n")
+    env = clean_env(PREFECT_HOME=str(seeded_prefect_home(tmp_path / "prefect")))
+    done = soundpatch("run", "m.csv", "--run-id", "bwf", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    [result] = (tmp_path / "outputs" / "bwf").glob("reel*.wav")
+
+    found = chunks(result.read_bytes())
+    kept = [(c, b) for c, b in found if c not in (b"fmt ", b"data")]
+    # Every chunk about the recording, byte for byte and in its order; not the checksum of
+    # the old samples (md5), nor padding.
+    assert kept == [(b"bext", BEXT), (b"iXML", IXML), (b"cue ", CUE), (b"LIST", ADTL), (b"LIST", INFO)]
+    outside_is_the_same(result, source, 1.0, 1.2)
+    with sf.SoundFile(result) as f:
+        assert f.title == "Interview"
+    with wave.open(str(result)) as w:  # another reader of its own
+        assert (w.getnframes(), w.getnchannels(), w.getsampwidth()) == (len(source), 2, 2)
+
+
+def test_an_rf64_recording_s_chunks_go_into_its_wav_result(tmp_path):
+    source = pcm(2.0, 1)
+    plain = wav_bytes(source, format="RF64")
+    at = plain.index(b"data")  # libsndfile's RF64 says its data's size in its ds64 chunk
+    (tmp_path / "long.wav").write_bytes(plain[:at] + chunk(b"bext", BEXT) + plain[at:] + chunk(b"iXML", IXML))
+    [o] = run_rows(tmp_path, ["x,long.wav,0.5,0.6,silence,"])
+    found = chunks(Path(o.output).read_bytes())
+    assert [(c, b) for c, b in found if c in (b"bext", b"iXML")] == [(b"bext", BEXT), (b"iXML", IXML)]
+    outside_is_the_same(Path(o.output), source, 0.5, 0.6)
+
+
+def test_an_aiff_and_a_flac_keep_their_own_with_output_format_same(tmp_path):
+    source = pcm(2.0)
+    aiff_chunks = [
+        (b"NAME", b"Take 3"),
+        (b"ANNO", b"hum from 0:01"),
+        (b"MARK", struct.pack(">HHI", 1, 1, 8000) + b"\x01m"),
+    ]
+    (tmp_path / "take.aiff").write_bytes(with_chunks(wav_bytes(source, format="AIFF"), aiff_chunks, [], ">"))
+    tags = comments(b"archiver 1.0", "TITLE=Night train", "ARTIST=Field unit", "ISRC=GBAYE8700001", "NOTE=ü")
+    flac_source = [(3, bytes(18)), (4, tags), (6, PICTURE), (2, b"riff" + b"payload"), (1, bytes(100))]
+    (tmp_path / "night.flac").write_bytes(flac_with(wav_bytes(source, format="FLAC"), flac_source))
+    a, b = run_rows(tmp_path, ["a,take.aiff,1.0,1.1,fill,", "b,night.flac,0.2,0.4,fill,"], **{"output.format": "same"})
+
+    assert Path(a.output).suffix == ".aiff"
+    kept = [(c, b) for c, b in chunks(Path(a.output).read_bytes(), ">") if c not in (b"COMM", b"SSND")]
+    assert kept == aiff_chunks
+    outside_is_the_same(Path(a.output), source, 1.0, 1.1)
+
+    blocks, _ = flac_blocks(Path(b.output).read_bytes())
+    assert blocks[0][0] == 0  # STREAMINFO first, libsndfile's own: the result's MD5 and length
+    # Its comments and picture and application block as they were, one comment block (not
+    # also libsndfile's), and not the source's seek table or padding.
+    assert [k for k, _ in blocks[1:]] == [4, 6, 2]
+    assert blocks[1:] == [(4, tags), (6, PICTURE), (2, b"riffpayload")]
+    outside_is_the_same(Path(b.output), source, 0.2, 0.4)
+    with sf.SoundFile(b.output) as f:
+        assert (f.title, f.artist) == ("Night train", "Field unit")
+
+
+def test_into_another_format_the_tags_go_along(tmp_path):
+    source = pcm(2.0)
+    tags = comments(b"archiver 1.0", "TITLE=Night train", "ARTIST=Field unit", "DATE=1987")
+    (tmp_path / "night.flac").write_bytes(flac_with(wav_bytes(source, format="FLAC"), [(4, tags), (6, PICTURE)]))
+    [wav] = run_rows(tmp_path, ["w,night.flac,0.2,0.4,fill,"])  # output.format: wav, the default
+    with sf.SoundFile(wav.output) as f:
+        assert f.copy_metadata() == {"title": "Night train", "artist": "Field unit", "date": "1987"}
+    outside_is_the_same(Path(wav.output), source, 0.2, 0.4)
+    # A WAV's LIST INFO goes into an Ogg's comments.
+    (tmp_path / "talk.wav").write_bytes(with_chunks(wav_bytes(source), [], [(b"LIST", INFO)]))
+    [ogg] = run_rows(tmp_path, ["o,talk.wav,0.2,0.4,fill,"], **{"output.format": "ogg"})
+    with sf.SoundFile(ogg.output) as f:
+        assert f.title == "Interview"
+
+
+def test_a_file_of_several_rows_edits_keeps_them_and_the_rows_own_excerpts_do_not(tmp_path):
+    source = pcm(4.0)
+    (tmp_path / "reel.wav").write_bytes(with_chunks(wav_bytes(source), [(b"bext", BEXT), (b"cue ", CUE)], []))
+    a, b = run_rows(tmp_path, ["a,reel.wav,0.5,0.6,fill,fixed/{stem}", "b,reel.wav,2.5,2.6,fill,fixed/{stem}"])
+    assert a.combined == b.combined
+    found = chunks(Path(a.combined).read_bytes())
+    assert [(c, x) for c, x in found if c not in (b"fmt ", b"data")] == [(b"bext", BEXT), (b"cue ", CUE)]
+    # A row's own result is its region and a second each side: the cue's position (and the
+    # bext's time reference) would say the wrong place in it.
+    assert [c for c, _ in chunks(Path(a.output).read_bytes())] == [b"fmt ", b"data"]
+
+
+def test_chunks_after_an_odd_sized_audio_chunk_begin_where_readers_look_for_them(tmp_path):
+    source = pcm(1.0, 1)[:7999]  # as 7,999 bytes of 8-bit mono: an odd-sized data chunk
+    plain = wav_bytes(source, subtype="PCM_U8")
+    odd = with_chunks(plain, [(b"bext", BEXT)], [])
+    audio = decode(odd)
+    assert audio.carried is not None and audio.carried.parts == ((b"bext", BEXT),)
+    out = tmp_path / "out.wav"
+    encode_file(Patched(audio, []), "WAV", out)
+    found = chunks(out.read_bytes())
+    assert [c for c, _ in found] == [b"fmt ", b"data", b"bext"] and len(found[1][1]) == 7999
+    assert np.array_equal(sf.read(out, dtype="int16")[0], sf.read(io.BytesIO(plain), dtype="int16")[0])
+    with wave.open(str(out)) as w:
+        assert w.getnframes() == 7999
+
+
+def test_a_chunk_over_the_cap_is_left_out_and_the_rest_carried(tmp_path, monkeypatch):
+    monkeypatch.setattr(metadata, "MAX_CARRIED_BYTES", 1000)
+    big = bytes(2000)
+    audio = decode(with_chunks(wav_bytes(pcm(0.5)), [(b"bext", BEXT), (b"iXML", big), (b"cue ", CUE)], []))
+    assert audio.carried is not None and [c for c, _ in audio.carried.parts] == [b"bext", b"cue "]
+
+
+@pytest.mark.parametrize("cut", [0.6, 0.95])
+def test_a_file_cut_short_gives_the_chunks_before_its_audio(tmp_path, cut):
+    whole = with_chunks(wav_bytes(pcm(2.0)), [(b"bext", BEXT)], [(b"LIST", INFO)])
+    audio = decode(whole[: int(len(whole) * cut)])
+    assert audio.carried is not None and audio.carried.parts == ((b"bext", BEXT),)
