@@ -468,16 +468,52 @@ def _sample_dtype(audio: Audio | Patched | Stored) -> np.dtype:
 
 def output_subtype(audio: Audio | Patched | Stored, container: str) -> str:
     """Keep the input's subtype when the container can hold it; otherwise the closest lossless-ish one."""
+    return _subtype_for(audio.subtype, _sample_dtype(audio).kind == "f", container)
+
+
+def rounded_in(info: AudioInfo, container: str) -> str | None:
+    """What a lossless `container` does to the samples of a recording shaped like `info`
+    where it cannot hold them as they are ('32-bit float: rounded to 24 bits, and anything
+    over full scale clipped'); None where it holds them, and for lossy containers (lossy
+    by choice)."""
+    if container in ("MP3", "OGG"):
+        return None
+    target = _subtype_for(info.subtype, np.dtype(_NATIVE_DTYPE.get(info.subtype, "float32")).kind == "f", container)
+    held = _BITS.get(target)
+    if held is None:  # a float subtype holds whatever comes
+        return None
+    if info.subtype in _FLOAT_VALUED:
+        what = _FLOAT_VALUED[info.subtype]
+        return f"{what}: rounded to {held} bits, and anything over full scale clipped"
+    bits = _BITS.get(info.subtype) or _CODEC_BITS.get(info.subtype, 16)
+    return f"{bits}-bit: rounded to {held} bits" if bits > held else None
+
+
+# Subtypes whose samples are not on an integer grid (what each is, for a sentence) ...
+_FLOAT_VALUED = {
+    "FLOAT": "32-bit float",
+    "DOUBLE": "64-bit float",
+    "VORBIS": "Vorbis",
+    "OPUS": "Opus",
+    "MPEG_LAYER_I": "MPEG audio",
+    "MPEG_LAYER_II": "MPEG audio",
+    "MPEG_LAYER_III": "MP3",
+}
+# ... and the bits of the grid of those decoded as floats that are (others: 16 at the most).
+_CODEC_BITS = {"ALAC_20": 20, "ALAC_24": 24, "ALAC_32": 32, "DWVW_24": 24, "DWVW_N": 32, "NMS_ADPCM_24": 24}
+
+
+def _subtype_for(subtype: str, decoded_as_float: bool, container: str) -> str:
     available = _subtypes(container)
     if container in ("MP3", "OGG"):
-        if audio.subtype in available:
-            return audio.subtype
-    elif audio.subtype in available and audio.subtype in _NATIVE_DTYPE:
+        if subtype in available:
+            return subtype
+    elif subtype in available and subtype in _NATIVE_DTYPE:
         # Only PCM and float carry over into a lossless container (libsndfile also
         # lists MP3-in-WAV, which it cannot write).
-        return audio.subtype
+        return subtype
     if container == "WAV":
-        return "FLOAT" if _sample_dtype(audio).kind == "f" else "PCM_32"
+        return "FLOAT" if decoded_as_float else "PCM_32"
     if container in ("FLAC", "AIFF"):
         return "PCM_24"
     if container == "MP3":

@@ -943,8 +943,13 @@ class Batch:
         combiner = Combiner(self.publisher, self.store, self.sources, self.journal, self.run_dir)
         self._combined.extend(combiner.build(outcomes, self._edits, self.manifest.resolve_input, self._log_traceback))
 
+    def input_notes(self) -> list[str]:
+        """What to say of the inputs read so far: what they hold other than their headers say,
+        and what the output format cannot hold of them."""
+        return self.sources.header_notes() + self.publisher.rounding_notes(self.sources.infos())
+
     def notes(self) -> list[str]:
-        notes = lookalike_notes(self.manifest.edits) + self.sources.header_notes()
+        notes = lookalike_notes(self.manifest.edits) + self.input_notes()
         for p in self.providers.values():
             if not p.uses_prompt:
                 notes.append(

@@ -158,7 +158,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         "outputs_free": (str(free[0]), free[1]) if free is not None else None,
         "errors": errors,
         "notes": lookalike_notes(edits)
-        + batch.sources.header_notes()
+        + batch.input_notes()
         + batch.markup.notes_before()
         + _unready(batch, per_provider)
         + _short_of_disk(batch.room, *largest)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import posixpath
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -24,6 +24,7 @@ from soundpatch.audio import Audio, AudioInfo, Patched, Stored
 from soundpatch.disk_room import full_disk
 from soundpatch.edits import Edit
 from soundpatch.errors import OutOfRoom, RowError
+from soundpatch.humanize import plural
 from soundpatch.quality import context_span
 from soundpatch.sources import file_sha256
 from soundpatch.storage import OutputStore, output_name, part_name
@@ -79,6 +80,24 @@ class Publisher:
     def check_encodable(self, info: AudioInfo) -> None:
         """Raises RowError when the output format cannot hold this recording's layout."""
         audio_ops.check_encodable(info, self.container(info))
+
+    def rounding_notes(self, infos: Iterable[tuple[str, AudioInfo]]) -> list[str]:
+        """What to say of inputs whose samples the output format cannot hold as they are (a
+        32-bit float WAV into a FLAC): said before anything is spent, as their rows' results
+        will differ from them outside the regions too (and be flagged for it)."""
+        found = ((shown, audio_ops.rounded_in(info, self.container(info))) for shown, info in infos)
+        rounded = sorted((shown, why) for shown, why in found if why)
+        if not rounded:
+            return []
+        one = len(rounded) == 1
+        listed = "; ".join(f"{shown} ({why})" for shown, why in rounded[:3]) + ("; ..." if len(rounded) > 3 else "")
+        container = self.container(None) if self.output_format != "same" else "its format"
+        return [
+            f"{plural(len(rounded), 'input')} cannot be held in {container} as {'it is' if one else 'they are'}: "
+            f"{listed}. Outside the regions {'its' if one else 'their'} results will not be the input's bit for "
+            f"bit, and {'its rows are' if one else 'their rows are'} flagged so; output.format: wav keeps "
+            f"{'it' if one else 'them'} as {'it is' if one else 'they are'}."
+        ]
 
     def name(self, edit: Edit, info: AudioInfo | None) -> str:
         """The result's name under the output prefix; raises RowError for an unusable template.

@@ -32,15 +32,17 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from soundpatch.audio import Audio, ReadBack, cut_short, max_diff, never_finished, to_float
+from soundpatch.audio import Audio, ReadBack, cut_short, max_diff, never_finished, read_back, to_float
 
 SEAM_LIMIT = 2.5
 LOUDNESS_LIMIT_DB = 12.0
 SILENCE_LUFS = -70.0
 FULL_SCALE = 0.9999
+LOSSLESS = ("wav", "flac", "aiff")  # extensions of the outputs whose audio outside the region must be the input's
 CONTEXT_SECONDS = 1.0
 NEAR_SECONDS = 0.1  # the least of each side the loudness is compared with
 
@@ -67,6 +69,16 @@ class Quality:
 def context_span(a: int, b: int, rate: int, frames: int) -> tuple[int, int]:
     """The frames the checks look at: the region [a, b) and up to CONTEXT_SECONDS each side."""
     return max(0, a - round(CONTEXT_SECONDS * rate)), min(frames, b + round(CONTEXT_SECONDS * rate))
+
+
+def published(path: Path, name: str, original: Audio, a: int, b: int, lo: int, hi: int, at: int) -> ReadBack:
+    """A result's file (at `path`) as a user will read it, frames [lo, hi) of the recording
+    kept, compared with the original outside [a, b) on the way; `at`: the recording's frame
+    its file starts at (not 0 for a row of a combined file, whose result is an excerpt)."""
+    frames = original.samples[at:]  # a view: compared from its start, for as long as the excerpt is
+    view = Audio(frames, original.rate, original.format, original.subtype)
+    back = read_back(path, lo - at, hi - at, name, against=(view, a - at, b - at))
+    return ReadBack(back.frames, back.excerpt, lo, back.outside_max_diff)
 
 
 def measure(original: Audio, result: Audio, a: int, b: int, lossless: bool, offset_ms: float = 0.0) -> Quality:

@@ -16,6 +16,7 @@ from soundpatch.edits import Edit
 from soundpatch.errors import RowError, as_sentence
 from soundpatch.outcome import SKIPPED_DONE, Outcome
 from soundpatch.publish import Encoded, Publisher
+from soundpatch.quality import LOSSLESS, context_span, judge, published
 from soundpatch.runs_folder import kept_results
 from soundpatch.storage import LocalFolder, OutputStore, local_result_holds
 
@@ -74,18 +75,37 @@ class Results:
                     else:
                         earlier_result = audio_ops.stored(earlier_file, record["output"])
                     encoded = self.publisher.encode(edit, earlier_result, info)
+                    try:
+                        checks = self._checks(edit, info, original, encoded, record.get("quality") or {})
+                    except BaseException:
+                        encoded.discard()
+                        raise
             try:
                 outcome.output = self.store.put(encoded.name, encoded.path, encoded.content_type, metadata)
             finally:
                 encoded.discard()
             if store is not self.store and not whole_asked:
-                self.store.put_record(identity, {**record, "output": outcome.output, "ext": encoded.ext})
+                republished = {**record, "output": outcome.output, "ext": encoded.ext, "quality": checks}
+                self.store.put_record(identity, republished)
+            record = {**record, "quality": checks}
         outcome.status = SKIPPED_DONE
         outcome.take_checks(record.get("quality") or {})
         outcome.reused_from = record["output"]
         outcome.prediction_id = str(record.get("prediction_id", ""))
         outcome.method = str(record.get("method", ""))
         return True
+
+    def _checks(self, edit: Edit, info: AudioInfo, original: Audio, encoded: Encoded, earlier: dict) -> dict:
+        """The quality checks of an earlier result written again (in another format, or made
+        whole again from its excerpt), as users will read it: another format may not hold
+        the recording as its input did (a float WAV's peaks over full scale, clipped in a
+        FLAC), and the earlier checks were of the earlier file."""
+        a, b = audio_ops.region_frames(edit.start or 0.0, edit.end or 0.0, info.rate, original.frames)
+        lo, hi = context_span(a, b, original.rate, original.frames)
+        part = self.publisher.part_span(edit, info)
+        back = published(encoded.path, encoded.name, original, a, b, lo, hi, 0 if part is None else part[0])
+        offset_ms = float(earlier.get("offset_ms") or 0.0)  # the provider's misalignment undone when it was made
+        return judge(original, back, a, b, encoded.ext in LOSSLESS, offset_ms).to_dict()
 
     def publish(self, edit: Edit, record: dict[str, Any], encoded: Encoded) -> str:
         """Put the result and its index record (`record`: how it was made, under its identity)

@@ -103,6 +103,10 @@ class SourceReader:
                     self._held -= old.samples.nbytes
             return audio
 
+    def infos(self) -> list[tuple[str, AudioInfo]]:
+        """(the input as messages show it, what it holds) of each source read so far."""
+        return [(web.shown_input(uri), info) for uri, info in list(self._info.items())]
+
     def header_notes(self) -> list[str]:
         """What to say of the sources read so far that hold other than their headers say."""
         infos = list(self._info.items())

@@ -21,11 +21,9 @@ from soundpatch.cpu import crunching
 from soundpatch.edits import Edit
 from soundpatch.providers import Prediction, Provider
 from soundpatch.publish import Encoded, Publisher
-from soundpatch.quality import Quality, context_span, judge
+from soundpatch.quality import LOSSLESS, Quality, context_span, judge, published
 from soundpatch.results import Results
 from soundpatch.row import RowWork
-
-LOSSLESS = ("wav", "flac", "aiff")
 
 
 class Splicer:
@@ -68,8 +66,9 @@ class Splicer:
             encoded = self.publisher.encode(edit, result if part is None else result.cut(*part), work.checked.info)
             try:
                 # Checked as users will read it: decoded back, compared with the original outside the region.
-                published = _read_back(encoded, original, a, b, lo, hi, at=0 if part is None else part[0])
-                quality = judge(original, published, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
+                at = 0 if part is None else part[0]
+                back = published(encoded.path, encoded.name, original, a, b, lo, hi, at)
+                quality = judge(original, back, a, b, encoded.ext in LOSSLESS, prediction.offset_ms)
             except BaseException:
                 encoded.discard()
                 raise
@@ -83,7 +82,7 @@ class Splicer:
                     alike.rows.append(edit.row_id)
         work.outcome.take_checks(quality.to_dict())
         if self._previews.take(flagged=bool(quality.flags)):
-            self._save_preview(edit, original, published, a, b)
+            self._save_preview(edit, original, back, a, b)
         return encoded, quality
 
     def publish(
@@ -133,16 +132,6 @@ class Splicer:
             preview.save(self.run_dir / "previews", edit.row_id, original, published.excerpt, a, b, published.lo)
         except Exception:  # noqa: BLE001 - the result is published; the preview is a nicety
             self._log_traceback(edit)
-
-
-def _read_back(encoded: Encoded, original: Audio, a: int, b: int, lo: int, hi: int, at: int) -> ReadBack:
-    """The result as a user will read it, frames [lo, hi) of the recording kept, compared with
-    the original outside [a, b) on the way; `at`: the recording's frame its file starts at
-    (not 0 for a row of a combined file, whose result is an excerpt)."""
-    frames = original.samples[at:]  # a view: compared from its start, for as long as the excerpt is
-    view = Audio(frames, original.rate, original.format, original.subtype)
-    back = audio_ops.read_back(encoded.path, lo - at, hi - at, encoded.name, against=(view, a - at, b - at))
-    return ReadBack(back.frames, back.excerpt, lo, back.outside_max_diff)
 
 
 @dataclass

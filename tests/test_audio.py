@@ -289,3 +289,22 @@ def test_reading_back_finds_a_change_outside_the_region_in_any_block(monkeypatch
     back = read_back(encode(Audio(changed, rate, "WAV", "PCM_16"), "WAV"), a, b, against=(original, a, b))
     assert back.outside_max_diff == pytest.approx(3 / 2**15)
     assert back.excerpt.frames == b - a
+
+
+@pytest.mark.parametrize(
+    ("subtype", "container", "said"),
+    [
+        ("FLOAT", "FLAC", "32-bit float: rounded to 24 bits, and anything over full scale clipped"),
+        ("PCM_32", "FLAC", "32-bit: rounded to 24 bits"),
+        ("MPEG_LAYER_III", "AIFF", "MP3: rounded to 24 bits, and anything over full scale clipped"),
+        ("PCM_24", "FLAC", None),
+        ("PCM_U8", "FLAC", None),
+        ("IMA_ADPCM", "FLAC", None),  # decoded as floats, on a 16-bit grid
+        ("DOUBLE", "WAV", None),
+        ("VORBIS", "WAV", None),  # into a float WAV
+        ("FLOAT", "MP3", None),  # lossy by choice
+    ],
+)
+def test_what_an_output_format_does_to_samples_it_cannot_hold(subtype, container, said):
+    info = audio_module.AudioInfo(100, 44100, 2, "WAV", subtype)
+    assert audio_module.rounded_in(info, container) == said

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import soundfile as sf
 from PIL import Image
 
 from soundpatch import audio as A
@@ -26,7 +27,7 @@ from soundpatch.providers.base import InpaintRequest
 from soundpatch.providers.local import LocalEngine
 from soundpatch.quality import measure
 from soundpatch.report import summarize, write_reports
-from tests.jobs import clean_env, seeded_prefect_home
+from tests.jobs import clean_env, run_in_process, seeded_prefect_home
 
 RATE = 44100
 
@@ -115,6 +116,38 @@ def test_a_deliberately_broken_splice_is_flagged():
     q = measure(original, touched, a, b, lossless=True)
     assert "audio outside the region changed" in q.checks and q.outside_max_diff > 0
     assert measure(original, touched, a, b, lossless=False).checks == "ok"  # lossy formats differ anyway
+
+
+def test_an_earlier_result_written_in_a_format_that_cannot_hold_its_input_is_checked_as_written(tmp_path):
+    # A 32-bit float WAV with peaks over full scale, done once into a WAV, then asked for as
+    # FLAC (24-bit): the earlier result is written again, and FLAC clips its peaks. Its row
+    # said "ok" (the checks of the WAV), over a file that lost half of full scale outside
+    # the region. And the run and the dry run now say beforehand what FLAC does to it.
+    t = np.arange(3 * 8000) / 8000
+    hot = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)[:, None]
+    hot[4000:4100] *= 5  # 1.5 at most: a float WAV holds it
+    sf.write(tmp_path / "hot.wav", hot, 8000, subtype="FLOAT")
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nx,hot.wav,2.0,2.2,fill\n")
+
+    def run(fmt: str, run_id: str) -> tuple[Outcome, list[str]]:
+        cfg = load_config(
+            overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs"), "output.format": fmt}
+        )
+        outcomes, notes, _ = run_in_process(tmp_path / "m.csv", cfg, run_id)
+        return outcomes[0], notes
+
+    wav, notes = run("wav", "one")
+    assert wav.status == "succeeded" and wav.checks == "ok" and not any("cannot be held" in n for n in notes)
+    flac, notes = run("flac", "two")
+    assert flac.status == "skipped_done" and flac.output.endswith(".flac")
+    assert flac.outside_max_diff == pytest.approx(0.5, abs=1e-3)
+    assert "audio outside the region changed (max 0.5)" in flac.checks
+    assert np.abs(sf.read(flac.output)[0]).max() <= 1.0
+    assert (
+        f"1 input cannot be held in FLAC as it is: {tmp_path / 'hot.wav'} (32-bit float: rounded to 24 bits, "
+        "and anything over full scale clipped). Outside the regions its results will not be the input's bit "
+        "for bit, and its rows are flagged so; output.format: wav keeps it as it is."
+    ) in notes
 
 
 def test_a_noisy_fill_meeting_a_smooth_ring_is_a_change_of_texture_not_a_click():
