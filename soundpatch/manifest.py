@@ -142,8 +142,10 @@ def load_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"Manifest {p} is a folder, not a CSV or YAML file.") from None
     except OSError as exc:
         raise ManifestError(f"Cannot read manifest {p}: {exc.strerror or exc}.") from None
+    # UTF-16 with its byte-order mark is what Excel's "Unicode Text" writes (tab-separated).
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode(encoding)
     except UnicodeDecodeError as exc:
         raise ManifestError(
             f"Manifest {p} is not UTF-8 text (bad byte at position {exc.start}); save it as UTF-8 and try again."

@@ -174,6 +174,16 @@ def test_semicolon_csv_and_bom_are_read(tmp_path):
     assert m.edits[0].valid and m.edits[0].start == 1.0
 
 
+def test_excel_unicode_text_is_read(tmp_path):
+    # Excel's "Unicode Text" export: UTF-16 with its byte-order mark, tab-separated, CRLF.
+    text = "input\tstart\tend\tprompt\r\nrue/café.wav\t1.5\t2\train on a café awning\r\n"
+    for encoding in ("utf-16-le", "utf-16-be"):
+        raw = ("\ufeff" + text).encode(encoding)
+        [edit] = load_manifest(write(tmp_path, "m.txt", raw)).edits
+        assert edit.error is None and edit.prompt == "rain on a café awning"
+        assert edit.input.endswith("rue/café.wav") and (edit.start, edit.end) == (1.5, 2.0)
+
+
 def test_semicolon_csv_reads_decimal_commas_as_a_spreadsheet_writes_them(tmp_path):
     text = (
         "input;start;end;prompt;guidance_scale;note\n"
