@@ -24,6 +24,7 @@ not the recording's.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import shutil
@@ -38,6 +39,7 @@ from typing import BinaryIO
 import soundfile as sf
 
 MAX_CARRIED_BYTES = 16 << 20  # of chunks or blocks from one file; what is past it is left out
+MAX_CARRIED_PARTS = 1024  # chunks or blocks (a file of a million empty chunks is not copied into each result)
 # Chunks that describe the audio's bytes, not the recording: libsndfile writes its own, or
 # they would be wrong for the result (a checksum of the samples, a peak envelope, padding).
 _RIFF_OWN = {b"fmt ", b"data", b"fact", b"PEAK", b"ds64", b"JUNK", b"junk", b"PAD ", b"FLLR", b"md5 ", b"levl", b"r64m"}
@@ -76,7 +78,7 @@ def read(f: sf.SoundFile, source: bytes | Path) -> Carried | None:
     if family:
         with _opened(source) as raw:
             try:
-                parts = tuple(_PARTS[family](raw))
+                parts = tuple(itertools.islice(_PARTS[family](raw), MAX_CARRIED_PARTS))
             except (OSError, struct.error, ValueError):
                 parts = ()  # a header it cannot follow: libsndfile read the audio anyway
     carried = Carried(family, parts, tags)

@@ -233,6 +233,9 @@ def test_a_chunk_over_the_cap_is_left_out_and_the_rest_carried(tmp_path, monkeyp
     big = bytes(2000)
     audio = decode(with_chunks(wav_bytes(pcm(0.5)), [(b"bext", BEXT), (b"iXML", big), (b"cue ", CUE)], []))
     assert audio.carried is not None and [c for c, _ in audio.carried.parts] == [b"bext", b"cue "]
+    many = [(b"note", b"")] * 5000  # a file of thousands of empty chunks: the first 1,024
+    audio = decode(with_chunks(wav_bytes(pcm(0.5)), many, []))
+    assert audio.carried is not None and len(audio.carried.parts) == metadata.MAX_CARRIED_PARTS
 
 
 @pytest.mark.parametrize("cut", [0.6, 0.95])
