@@ -591,6 +591,10 @@ def encode_file(audio: Audio | Patched | Stored, container: str, path: Path) -> 
     What its file holds besides its audio goes with it (metadata.py)."""
     blocks, subtype = _encodable(audio, container)
     carried = audio.carried
+    if isinstance(audio, Patched):  # a broadcast WAV's coding history says what was done
+        spans = [(a / audio.rate, (a + len(samples)) / audio.rate) for a, samples in audio.regions]
+        bits = _BITS.get(subtype) or (64 if subtype == "DOUBLE" else 32)
+        carried = metadata.noting_edits(carried, spans, audio.rate, audio.channels, bits)
     tags = metadata.tags_for(carried, container)
     soundio.write_file(path, blocks, audio.rate, audio.channels, container, subtype, tags)
     metadata.put_into(path, container, carried)

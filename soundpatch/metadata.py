@@ -32,7 +32,7 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -48,6 +48,7 @@ _AIFF_OWN = {b"COMM", b"SSND", b"FVER", b"PEAK"}
 # STREAMINFO, PADDING or SEEKTABLE, whose contents are the result's own).
 _FLAC_CARRIED = {2, 4, 5, 6}
 _FLAC_VORBIS_COMMENT = 4
+_BEXT_FIXED = 602  # bytes of a bext chunk before its coding history (EBU Tech 3285)
 _FAMILY = {"WAV": "RIFF", "WAVEX": "RIFF", "RF64": "RIFF", "AIFF": "AIFF", "FLAC": "FLAC"}
 log = logging.getLogger("soundpatch")
 
@@ -83,6 +84,28 @@ def read(f: sf.SoundFile, source: bytes | Path) -> Carried | None:
                 parts = ()  # a header it cannot follow: libsndfile read the audio anyway
     carried = Carried(family, parts, tags)
     return carried or None
+
+
+def noting_edits(carried: Carried | None, spans: list[tuple[float, float]], rate: int, channels: int, bits: int):
+    """`carried` with a line added to a broadcast WAV's coding history (the end of its `bext`
+    chunk) saying what was done to it, as EBU R 98 asks of each process that changes the
+    audio: `A=PCM,F=48000,W=24,M=stereo,T=soundpatch inpaint 12.500-15.000 s`. `spans`: the
+    seconds replaced. Other files, and a result of no edit, are given nothing."""
+    if carried is None or not spans or not any(cid == b"bext" for cid, _ in carried.parts):
+        return carried
+    shown = "; ".join(f"{a:.3f}-{b:.3f} s" for a, b in spans[:5])
+    more = f" (and {len(spans) - 5} more)" if len(spans) > 5 else ""
+    mode = {1: "mono", 2: "stereo"}.get(channels)
+    line = f"A=PCM,F={rate},W={bits},{f'M={mode},' if mode else ''}T=soundpatch inpaint {shown}{more}\r\n"
+    parts = []
+    for cid, body in carried.parts:
+        if cid == b"bext" and len(body) >= _BEXT_FIXED:
+            history = body[_BEXT_FIXED:].rstrip(b"\0")
+            if history and not history.endswith(b"\n"):
+                history += b"\r\n"
+            body = body[:_BEXT_FIXED] + history + line.encode("ascii")
+        parts.append((cid, body))
+    return replace(carried, parts=tuple(parts))
 
 
 def tags_for(carried: Carried | None, container: str) -> dict[str, str]:

@@ -34,6 +34,11 @@ ADTL = b"adtl" + b"labl" + struct.pack("<I", 10) + struct.pack("<I", 1) + b"crac
 INFO = b"INFO" + b"INAM" + struct.pack("<I", 10) + b"Interview" + b"\0"
 
 
+def noted(mode: str, *spans: str) -> bytes:
+    """BEXT with the line a result's coding history gains: what soundpatch did to it."""
+    return BEXT + f"A=PCM,F=8000,W=16,M={mode},T=soundpatch inpaint {'; '.join(spans)}\r\n".encode()
+
+
 def pcm(seconds: float, channels: int = 2, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(-9000, 9000, (int(seconds * RATE), channels)).astype(np.int16)
 
@@ -136,9 +141,11 @@ def test_a_broadcast_wav_run_as_users_run_it_keeps_its_chunks_and_not_those_of_i
 
     found = chunks(result.read_bytes())
     kept = [(c, b) for c, b in found if c not in (b"fmt ", b"data")]
-    # Every chunk about the recording, byte for byte and in its order; not the checksum of
-    # the old samples (md5), nor padding.
-    assert kept == [(b"bext", BEXT), (b"iXML", IXML), (b"cue ", CUE), (b"LIST", ADTL), (b"LIST", INFO)]
+    # Every chunk about the recording, byte for byte and in its order (the coding history
+    # gains a line saying what was done, as EBU R 98 asks); not the checksum of the old
+    # samples (md5), nor padding.
+    bext = noted("stereo", "1.000-1.200 s")
+    assert kept == [(b"bext", bext), (b"iXML", IXML), (b"cue ", CUE), (b"LIST", ADTL), (b"LIST", INFO)]
     outside_is_the_same(result, source, 1.0, 1.2)
     with sf.SoundFile(result) as f:
         assert f.title == "Interview"
@@ -153,7 +160,10 @@ def test_an_rf64_recording_s_chunks_go_into_its_wav_result(tmp_path):
     (tmp_path / "long.wav").write_bytes(plain[:at] + chunk(b"bext", BEXT) + plain[at:] + chunk(b"iXML", IXML))
     [o] = run_rows(tmp_path, ["x,long.wav,0.5,0.6,silence,"])
     found = chunks(Path(o.output).read_bytes())
-    assert [(c, b) for c, b in found if c in (b"bext", b"iXML")] == [(b"bext", BEXT), (b"iXML", IXML)]
+    assert [(c, b) for c, b in found if c in (b"bext", b"iXML")] == [
+        (b"bext", noted("mono", "0.500-0.600 s")),
+        (b"iXML", IXML),
+    ]
     outside_is_the_same(Path(o.output), source, 0.5, 0.6)
 
 
@@ -207,7 +217,8 @@ def test_a_file_of_several_rows_edits_keeps_them_and_the_rows_own_excerpts_do_no
     a, b = run_rows(tmp_path, ["a,reel.wav,0.5,0.6,fill,fixed/{stem}", "b,reel.wav,2.5,2.6,fill,fixed/{stem}"])
     assert a.combined == b.combined
     found = chunks(Path(a.combined).read_bytes())
-    assert [(c, x) for c, x in found if c not in (b"fmt ", b"data")] == [(b"bext", BEXT), (b"cue ", CUE)]
+    bext = noted("stereo", "0.500-0.600 s", "2.500-2.600 s")
+    assert [(c, x) for c, x in found if c not in (b"fmt ", b"data")] == [(b"bext", bext), (b"cue ", CUE)]
     # A row's own result is its region and a second each side: the cue's position (and the
     # bext's time reference) would say the wrong place in it.
     assert [c for c, _ in chunks(Path(a.output).read_bytes())] == [b"fmt ", b"data"]
@@ -243,3 +254,16 @@ def test_a_file_cut_short_gives_the_chunks_before_its_audio(tmp_path, cut):
     whole = with_chunks(wav_bytes(pcm(2.0)), [(b"bext", BEXT)], [(b"LIST", INFO)])
     audio = decode(whole[: int(len(whole) * cut)])
     assert audio.carried is not None and audio.carried.parts == ((b"bext", BEXT),)
+
+
+def test_a_coding_history_gains_one_line_however_it_ended(tmp_path):
+    fixed = BEXT[:602]
+    for history, kept in ((b"", b""), (b"A=ANALOGUE\r\n\0\0\0", b"A=ANALOGUE\r\n"), (b"A=ANALOGUE", b"A=ANALOGUE\r\n")):
+        carried = metadata.Carried("RIFF", ((b"bext", fixed + history),))
+        spans = [(i + 0.5, i + 0.75) for i in range(7)]
+        [(_, body)] = metadata.noting_edits(carried, spans, 48000, 6, 24).parts
+        line = b"A=PCM,F=48000,W=24,T=soundpatch inpaint 0.500-0.750 s; 1.500-1.750 s; 2.500-2.750 s; "
+        assert body == fixed + kept + line + b"3.500-3.750 s; 4.500-4.750 s (and 2 more)\r\n"
+    assert metadata.noting_edits(metadata.Carried("RIFF", ((b"iXML", IXML),)), [(1, 2)], 8000, 1, 16).parts == (
+        (b"iXML", IXML),
+    )
