@@ -22,7 +22,7 @@ import soundfile as sf
 from soundpatch import metadata
 from soundpatch.audio import Patched, decode, encode_file
 from soundpatch.config import load_config
-from tests.jobs import clean_env, run_in_process, seeded_prefect_home, soundpatch
+from tests.jobs import clean_env, hosted_config, run_in_process, seeded_prefect_home, soundpatch
 
 RATE = 8000
 BEXT = b"Reel 12, side A".ljust(256, b"\0") + b"Radio archive".ljust(32, b"\0") + b"R12A".ljust(32, b"\0")
@@ -165,6 +165,28 @@ def test_an_rf64_recording_s_chunks_go_into_its_wav_result(tmp_path):
         (b"iXML", IXML),
     ]
     outside_is_the_same(Path(o.output), source, 0.5, 0.6)
+
+
+def test_a_broadcast_wav_from_a_bucket_through_a_hosted_model_into_a_bucket_keeps_its_chunks(
+    tmp_path, aws_env, simulator, monkeypatch
+):
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    source = pcm(3.0)
+    aws_env.client.put_object(
+        Bucket=aws_env.bucket("tapes"), Key="reel.wav", Body=with_chunks(wav_bytes(source), [(b"bext", BEXT)], [])
+    )
+    aws_env.bucket("stage")
+    out = aws_env.bucket("restored")
+    (tmp_path / "m.csv").write_text("id,input,start,end,prompt\nx,s3://tapes/reel.wav,1.0,1.5,room tone\n")
+    sim = simulator(latency=0.05, fill="tone")
+    cfg = hosted_config(sim, aws_env.endpoint, f"s3://{out}/lib/", tmp_path / "runs")
+    [o] = run_in_process(tmp_path / "m.csv", cfg, "hosted")[0]
+    assert o.status == "succeeded" and o.output.startswith(f"s3://{out}/lib/"), o.error
+    result = tmp_path / "result.wav"
+    aws_env.client.download_file(out, o.output.split("/", 3)[3], str(result))
+    found = chunks(result.read_bytes())
+    assert [(c, b) for c, b in found if c == b"bext"] == [(b"bext", noted("stereo", "1.000-1.500 s"))]
+    outside_is_the_same(result, source, 1.0, 1.5)
 
 
 def test_an_aiff_and_a_flac_keep_their_own_with_output_format_same(tmp_path):
