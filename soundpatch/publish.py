@@ -12,6 +12,7 @@ it into place; a bucket uploads it in parts), and the file is removed once publi
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import tempfile
@@ -219,6 +220,7 @@ def _combinable(a: Edit, b: Edit) -> bool:
     return same_recording and (a.end <= b.start or b.end <= a.start)
 
 
+@functools.lru_cache(maxsize=4096)  # a manifest's rows share a few inputs; asked twice a row
 def _stem(source: str) -> str:
     """The input's file name without extension, for s3:// and https:// inputs too."""
     return PurePosixPath(source.split("?", 1)[0].rstrip("/")).stem or "input"
