@@ -499,7 +499,7 @@ _FLOAT_VALUED = {
     "MPEG_LAYER_II": "MPEG audio",
     "MPEG_LAYER_III": "MP3",
 }
-# ... and the bits of the grid of those decoded as floats that are (others: 16 at the most).
+# ... and of the codecs decoded as floats whose samples are on one, how fine it is (others: 16 bits).
 _CODEC_BITS = {"ALAC_20": 20, "ALAC_24": 24, "ALAC_32": 32, "DWVW_24": 24, "DWVW_N": 32, "NMS_ADPCM_24": 24}
 
 

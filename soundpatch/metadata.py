@@ -79,14 +79,16 @@ def read(f: sf.SoundFile, source: bytes | Path) -> Carried | None:
     if family:
         with _opened(source) as raw:
             try:
-                parts = tuple(itertools.islice(_PARTS[family](raw), MAX_CARRIED_PARTS))
+                parts = tuple(itertools.islice(_carried_parts(raw, family), MAX_CARRIED_PARTS))
             except (OSError, struct.error, ValueError):
                 parts = ()  # a header it cannot follow: libsndfile read the audio anyway
     carried = Carried(family, parts, tags)
     return carried or None
 
 
-def noting_edits(carried: Carried | None, spans: list[tuple[float, float]], rate: int, channels: int, bits: int):
+def noting_edits(
+    carried: Carried | None, spans: list[tuple[float, float]], rate: int, channels: int, bits: int
+) -> Carried | None:
     """`carried` with a line added to a broadcast WAV's coding history (the end of its `bext`
     chunk) saying what was done to it, as EBU R 98 asks of each process that changes the
     audio: `A=PCM,F=48000,W=24,M=stereo,T=soundpatch inpaint 12.500-15.000 s`. `spans`: the
@@ -158,63 +160,30 @@ def _chunks(f: BinaryIO, start: int, end: int, endian: str) -> Iterator[tuple[by
         at += 8 + size + (size & 1)
 
 
-def _riff_parts(f: BinaryIO) -> Iterator[tuple[bytes, bytes]]:
-    end = _size_of(f)
+def _riff_chunks(f: BinaryIO, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """The chunks of a WAV, RF64 or BW64 before its audio and after it."""
     kind, _, form = struct.unpack("<4sI4s", f.read(12))
     if kind not in (b"RIFF", b"RF64", b"BW64") or form != b"WAVE":
         return
     data_size = None  # an RF64's, from its ds64 chunk
-    budget = MAX_CARRIED_BYTES
     for cid, body, size in _chunks(f, 12, end, "<"):
         if cid == b"ds64" and size >= 16:
             f.seek(body + 8)
             data_size = struct.unpack("<Q", f.read(8))[0]
         if cid == b"data":
             if size == 0xFFFFFFFF and data_size is not None:
-                yield from _riff_after(f, body + data_size + (data_size & 1), end, budget)
-            elif size not in (0, 0xFFFFFFFF):
-                yield from _riff_after(f, body + size + (size & 1), end, budget)
-            return  # an unfinished header's data runs to the end
-        taken = _taken(f, cid, body, size, end, budget, _RIFF_OWN)
-        if taken is not None:
-            budget -= len(taken)
-            yield cid, taken
+                size = data_size
+            elif size in (0, 0xFFFFFFFF):
+                return  # an unfinished header's data runs to the end
+            yield from _chunks(f, body + size + (size & 1), end, "<")  # a LIST INFO is often there
+            return
+        yield cid, body, size
 
 
-def _riff_after(f: BinaryIO, start: int, end: int, budget: int) -> Iterator[tuple[bytes, bytes]]:
-    """The chunks after the audio (a LIST INFO is often there)."""
-    for cid, body, size in _chunks(f, start, end, "<"):
-        taken = _taken(f, cid, body, size, end, budget, _RIFF_OWN)
-        if taken is not None:
-            budget -= len(taken)
-            yield cid, taken
-
-
-def _taken(f: BinaryIO, cid: bytes, body: int, size: int, end: int, budget: int, own: set[bytes]) -> bytes | None:
-    """A chunk's body, unless it is not carried (one of `own`, past the file, past the budget)."""
-    if cid in own or body + size > end:
-        return None
-    if size > budget:
-        log.info("a %d-byte %r chunk is not carried into the result (over %d bytes)", size, cid, MAX_CARRIED_BYTES)
-        return None
-    f.seek(body)
-    taken = f.read(size)
-    if cid == b"LIST" and taken[:4] == b"wavl":  # a list of audio data, not of metadata
-        return None
-    return taken
-
-
-def _aiff_parts(f: BinaryIO) -> Iterator[tuple[bytes, bytes]]:
-    end = _size_of(f)
+def _aiff_chunks(f: BinaryIO, end: int) -> Iterator[tuple[bytes, int, int]]:
     kind, _, form = struct.unpack(">4sI4s", f.read(12))
-    if kind != b"FORM" or form not in (b"AIFF", b"AIFC"):
-        return
-    budget = MAX_CARRIED_BYTES
-    for cid, body, size in _chunks(f, 12, end, ">"):
-        taken = _taken(f, cid, body, size, end, budget, _AIFF_OWN)
-        if taken is not None:
-            budget -= len(taken)
-            yield cid, taken
+    if kind == b"FORM" and form in (b"AIFF", b"AIFC"):
+        yield from _chunks(f, 12, end, ">")
 
 
 def _flac_blocks(f: BinaryIO) -> Iterator[tuple[int, int, int, bool]]:
@@ -240,20 +209,36 @@ def _flac_blocks(f: BinaryIO) -> Iterator[tuple[int, int, int, bool]]:
         at += 4 + size
 
 
-def _flac_parts(f: BinaryIO) -> Iterator[tuple[bytes, bytes]]:
-    end = _size_of(f)
-    budget = MAX_CARRIED_BYTES
+def _flac_parts(f: BinaryIO, end: int) -> Iterator[tuple[bytes, int, int]]:
     for kind, body, size, _ in list(_flac_blocks(f)):
-        if kind in _FLAC_CARRIED and body + size <= end:
-            if size > budget:
-                log.info("a %d-byte FLAC metadata block is not carried into the result", size)
-                continue
-            f.seek(body)
-            budget -= size
-            yield bytes([kind]), f.read(size)
+        yield bytes([kind]), body, size
 
 
-_PARTS = {"RIFF": _riff_parts, "AIFF": _aiff_parts, "FLAC": _flac_parts}
+# For each family: its parts (id, where the body begins, its size), and which are carried.
+_PARTS = {
+    "RIFF": (_riff_chunks, lambda cid: cid not in _RIFF_OWN),
+    "AIFF": (_aiff_chunks, lambda cid: cid not in _AIFF_OWN),
+    "FLAC": (_flac_parts, lambda cid: cid[0] in _FLAC_CARRIED),
+}
+
+
+def _carried_parts(f: BinaryIO, family: str) -> Iterator[tuple[bytes, bytes]]:
+    """The parts of the file in `f` that are carried, read, within MAX_CARRIED_BYTES."""
+    end = _size_of(f)
+    walk, carried = _PARTS[family]
+    budget = MAX_CARRIED_BYTES
+    for cid, body, size in walk(f, end):
+        if not carried(cid) or body + size > end:
+            continue
+        if size > budget:
+            log.info("a %d-byte %r part is not carried into the result (over %d bytes)", size, cid, MAX_CARRIED_BYTES)
+            continue
+        f.seek(body)
+        taken = f.read(size)
+        if cid == b"LIST" and taken[:4] == b"wavl":  # a list of audio data, not of metadata
+            continue
+        budget -= size
+        yield cid, taken
 
 
 # ---------------------------------------------------------------------------- writing
