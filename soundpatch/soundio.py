@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import unicodedata
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -173,9 +174,18 @@ def write_file(
     with `tags` (title, artist... as soundfile names them) where the format holds them."""
     with sf.SoundFile(str(path), "w", rate, channels, subtype, format=format) as f:
         for name, value in (tags or {}).items():
+            if format == "MP3":  # its ID3 frames say Latin-1 and get the UTF-8 bytes: 'CafÃ©'
+                value = _ascii_folded(value)
             try:
-                setattr(f, name, value)
+                if value:
+                    setattr(f, name, value)
             except (sf.LibsndfileError, RuntimeError):
                 pass  # a tag this format does not hold
         for block in blocks:
             f.write(block)
+
+
+def _ascii_folded(text: str) -> str:
+    """`text` in ASCII, accents taken off ('Café' -> 'Cafe'); what has no ASCII form left out."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return decomposed.encode("ascii", "ignore").decode().strip()

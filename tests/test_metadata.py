@@ -226,6 +226,15 @@ def test_into_another_format_the_tags_go_along(tmp_path):
     with sf.SoundFile(wav.output) as f:
         assert f.copy_metadata() == {"title": "Night train", "artist": "Field unit", "date": "1987"}
     outside_is_the_same(Path(wav.output), source, 0.2, 0.4)
+    # An MP3's ID3 frames, as libsndfile writes them, say Latin-1 and would hold UTF-8:
+    # 'CafÃ© del Mar' in players. Accents are taken off instead, and what has no ASCII
+    # form is left out rather than written garbled.
+    tags = comments(b"archiver 1.0", "TITLE=Café del Mar", "ARTIST=東京", "ALBUM=Ölgemälde")
+    (tmp_path / "cafe.flac").write_bytes(flac_with(wav_bytes(source, format="FLAC"), [(4, tags)]))
+    [mp3] = run_rows(tmp_path, ["m,cafe.flac,0.2,0.4,fill,"], **{"output.format": "mp3"})
+    data = Path(mp3.output).read_bytes()
+    assert b"Cafe del Mar" in data and b"Olgemalde" in data
+    assert "Café".encode() not in data and "東京".encode() not in data and "Café".encode("latin-1") not in data
     # A WAV's LIST INFO goes into an Ogg's comments.
     (tmp_path / "talk.wav").write_bytes(with_chunks(wav_bytes(source), [], [(b"LIST", INFO)]))
     [ogg] = run_rows(tmp_path, ["o,talk.wav,0.2,0.4,fill,"], **{"output.format": "ogg"})
