@@ -42,6 +42,23 @@ _NATIVE_DTYPE = {
     "FLOAT": "float32",
     "DOUBLE": "float64",
 }
+# Codecs libsndfile decodes to 16-bit integers: read so, they are written back as 16-bit
+# PCM, exactly (read as floats, they were written as 32-bit floats, twice the size).
+_SIXTEEN_BIT_CODECS = {
+    "IMA_ADPCM",
+    "MS_ADPCM",
+    "VOX_ADPCM",
+    "NMS_ADPCM_16",
+    "GSM610",
+    "G721_32",
+    "G723_24",
+    "G723_40",
+    "DWVW_12",
+    "DWVW_16",
+    "DPCM_8",
+    "DPCM_16",
+    "ALAC_16",
+}
 BLOCK_FRAMES = 1 << 18  # written and read back this many frames at a time (~1-2 MB a channel)
 # Effective bits of integer subtypes, for rounding a float region back to the grid.
 _BITS = {"PCM_S8": 8, "PCM_U8": 8, "PCM_16": 16, "ULAW": 16, "ALAW": 16, "PCM_24": 24, "PCM_32": 32}
@@ -323,7 +340,7 @@ class Stored:
 
     def blocks(self, size: int | None = None) -> Iterator[np.ndarray]:
         with soundio.open_audio(self.path) as f:
-            dtype = _NATIVE_DTYPE.get(f.subtype, "float32")
+            dtype = _read_dtype(f.subtype)
             while len(block := f.read(size or BLOCK_FRAMES, dtype=dtype, always_2d=True)):
                 yield block
 
@@ -366,7 +383,7 @@ def decode(data: bytes | Path, name: str = "audio") -> Audio:
 
 def _samples(f: sf.SoundFile, data: bytes | Path, name: str) -> np.ndarray:
     """All the samples of the file open in `f` (read from `data`), as far as they go."""
-    dtype = _NATIVE_DTYPE.get(f.subtype, "float32")
+    dtype = _read_dtype(f.subtype)
     samples = np.empty((max(f.frames, 0), f.channels), dtype)
     got, n = 0, 1
     while got < len(samples) and n:
@@ -462,13 +479,13 @@ def patch(original: Audio, fill: np.ndarray, a: int, b: int, crossfade: int) -> 
 def _sample_dtype(audio: Audio | Patched | Stored) -> np.dtype:
     """The type its samples are (or will be, read from their file) in memory."""
     if isinstance(audio, Stored):
-        return np.dtype(_NATIVE_DTYPE.get(audio.subtype, "float32"))
+        return np.dtype(_read_dtype(audio.subtype))
     return (audio.original if isinstance(audio, Patched) else audio).samples.dtype
 
 
 def output_subtype(audio: Audio | Patched | Stored, container: str) -> str:
     """Keep the input's subtype when the container can hold it; otherwise the closest lossless-ish one."""
-    return _subtype_for(audio.subtype, _sample_dtype(audio).kind == "f", container)
+    return _subtype_for(audio.subtype, _sample_dtype(audio), container)
 
 
 def rounded_in(info: AudioInfo, container: str) -> str | None:
@@ -478,7 +495,7 @@ def rounded_in(info: AudioInfo, container: str) -> str | None:
     by choice)."""
     if container in ("MP3", "OGG"):
         return None
-    target = _subtype_for(info.subtype, np.dtype(_NATIVE_DTYPE.get(info.subtype, "float32")).kind == "f", container)
+    target = _subtype_for(info.subtype, np.dtype(_read_dtype(info.subtype)), container)
     held = _BITS.get(target)
     if held is None:  # a float subtype holds whatever comes
         return None
@@ -503,7 +520,15 @@ _FLOAT_VALUED = {
 _CODEC_BITS = {"ALAC_20": 20, "ALAC_24": 24, "ALAC_32": 32, "DWVW_24": 24, "DWVW_N": 32, "NMS_ADPCM_24": 24}
 
 
-def _subtype_for(subtype: str, decoded_as_float: bool, container: str) -> str:
+def _read_dtype(subtype: str) -> str:
+    """How soundfile should hand a subtype's samples over (see _NATIVE_DTYPE, _SIXTEEN_BIT_CODECS)."""
+    return _NATIVE_DTYPE.get(subtype) or ("int16" if subtype in _SIXTEEN_BIT_CODECS else "float32")
+
+
+def _subtype_for(subtype: str, dtype: np.dtype, container: str) -> str:
+    """What to write samples of `subtype`, held as `dtype`, as in `container`: the subtype
+    itself where it is PCM or float and the container holds it, or else what holds `dtype`'s
+    values as they are (or as nearly as the container can)."""
     available = _subtypes(container)
     if container in ("MP3", "OGG"):
         if subtype in available:
@@ -512,10 +537,11 @@ def _subtype_for(subtype: str, decoded_as_float: bool, container: str) -> str:
         # Only PCM and float carry over into a lossless container (libsndfile also
         # lists MP3-in-WAV, which it cannot write).
         return subtype
+    sixteen = dtype.kind == "i" and dtype.itemsize == 2
     if container == "WAV":
-        return "FLOAT" if decoded_as_float else "PCM_32"
+        return "FLOAT" if dtype.kind == "f" else "PCM_16" if sixteen else "PCM_32"
     if container in ("FLAC", "AIFF"):
-        return "PCM_24"
+        return "PCM_16" if sixteen else "PCM_24"
     if container == "MP3":
         return "MPEG_LAYER_III"
     if container == "OGG":
@@ -570,7 +596,7 @@ def _encoding_refused(container: str, subtype: str, channels: int, rate: int) ->
     most = _MAX_CHANNELS.get(container)
     if most is not None and channels > most:
         return f"it holds at most {most} channels"
-    silence = np.zeros((64, channels), dtype=_NATIVE_DTYPE.get(subtype, "float32"))
+    silence = np.zeros((64, channels), dtype=_read_dtype(subtype))
     try:
         encode(Audio(silence, rate, container, subtype), container)
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
@@ -628,7 +654,7 @@ def read_back(
     worst, kept, at = 0.0, [], 0
     try:
         with soundio.open_audio(data) as f:
-            dtype = _NATIVE_DTYPE.get(f.subtype, "float32")
+            dtype = _read_dtype(f.subtype)
             rate, fmt, subtype, channels = f.samplerate, f.format, f.subtype, f.channels
             while True:
                 block = f.read(BLOCK_FRAMES, dtype=dtype, always_2d=True)

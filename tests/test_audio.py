@@ -308,3 +308,22 @@ def test_reading_back_finds_a_change_outside_the_region_in_any_block(monkeypatch
 def test_what_an_output_format_does_to_samples_it_cannot_hold(subtype, container, said):
     info = audio_module.AudioInfo(100, 44100, 2, "WAV", subtype)
     assert audio_module.rounded_in(info, container) == said
+
+
+@pytest.mark.parametrize("subtype", ["IMA_ADPCM", "MS_ADPCM", "GSM610"])
+@pytest.mark.parametrize(("container", "written"), [("WAV", "PCM_16"), ("FLAC", "PCM_16")])
+def test_a_codec_on_a_16_bit_grid_comes_back_as_16_bit_pcm_with_the_rest_as_it_decodes(subtype, container, written):
+    # Voice recorders' IMA ADPCM WAVs and the like decode to 16-bit integers. They were read
+    # as floats and written as 32-bit float WAVs: exact, and twice the size.
+    rate = 8000
+    data = file_bytes(tone(2.0, rate, 1), rate, "WAV", subtype)
+    original = decode(data)
+    assert original.samples.dtype == np.int16
+    a, b = region_frames(0.7, 1.3, rate, original.frames)
+    result = splice(original, tone((b - a) / rate, rate, 1, freq=1234.0)[: b - a], a, b, crossfade=80)
+    written_bytes = encode(result, container)
+    assert sf.info(io.BytesIO(written_bytes)).subtype == written
+    before = sf.read(io.BytesIO(data), dtype="int16")[0]
+    after = sf.read(io.BytesIO(written_bytes), dtype="int16")[0]
+    assert len(after) == len(before)
+    assert np.array_equal(before[:a], after[:a]) and np.array_equal(before[b:], after[b:])
