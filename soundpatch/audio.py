@@ -300,12 +300,10 @@ def _unfinished_samples(f: sf.SoundFile, source: bytes | Path) -> int | None:
     else:
         with open(source, "rb") as file:
             head = file.read(_HEAD_BYTES)
-    at = 12  # "RIFF", its size, "WAVE"; then chunks: a name, a little-endian size, that many bytes
-    while at + 8 <= len(head):
-        size = int.from_bytes(head[at + 4 : at + 8], "little")
-        if head[at : at + 4] == b"data":
-            return at + 8
-        at += 8 + size + (size & 1)
+    # "RIFF", its size, "WAVE"; then chunks: a name, a little-endian size, that many bytes
+    for cid, body, _ in metadata.chunks(io.BytesIO(head), 12, len(head), "<"):
+        if cid == b"data":
+            return body
     return None
 
 

@@ -147,9 +147,10 @@ def _size_of(f: BinaryIO) -> int:
     return size
 
 
-def _chunks(f: BinaryIO, start: int, end: int, endian: str) -> Iterator[tuple[bytes, int, int]]:
-    """(id, where its body begins, its size) of each chunk from `start` to `end`, stopping at
-    one that runs past the file (audio cut short, or a header never finished)."""
+def chunks(f: BinaryIO, start: int, end: int, endian: str) -> Iterator[tuple[bytes, int, int]]:
+    """(id, where its body begins, its size) of each chunk of a RIFF or AIFF file (`endian`
+    "<" or ">") from `start` to `end`, stopping at one that runs past the file (audio cut
+    short, or a header never finished)."""
     at = start
     while at + 8 <= end:
         f.seek(at)
@@ -166,7 +167,7 @@ def _riff_chunks(f: BinaryIO, end: int) -> Iterator[tuple[bytes, int, int]]:
     if kind not in (b"RIFF", b"RF64", b"BW64") or form != b"WAVE":
         return
     data_size = None  # an RF64's, from its ds64 chunk
-    for cid, body, size in _chunks(f, 12, end, "<"):
+    for cid, body, size in chunks(f, 12, end, "<"):
         if cid == b"ds64" and size >= 16:
             f.seek(body + 8)
             data_size = struct.unpack("<Q", f.read(8))[0]
@@ -175,7 +176,7 @@ def _riff_chunks(f: BinaryIO, end: int) -> Iterator[tuple[bytes, int, int]]:
                 size = data_size
             elif size in (0, 0xFFFFFFFF):
                 return  # an unfinished header's data runs to the end
-            yield from _chunks(f, body + size + (size & 1), end, "<")  # a LIST INFO is often there
+            yield from chunks(f, body + size + (size & 1), end, "<")  # a LIST INFO is often there
             return
         yield cid, body, size
 
@@ -183,7 +184,7 @@ def _riff_chunks(f: BinaryIO, end: int) -> Iterator[tuple[bytes, int, int]]:
 def _aiff_chunks(f: BinaryIO, end: int) -> Iterator[tuple[bytes, int, int]]:
     kind, _, form = struct.unpack(">4sI4s", f.read(12))
     if kind == b"FORM" and form in (b"AIFF", b"AIFC"):
-        yield from _chunks(f, 12, end, ">")
+        yield from chunks(f, 12, end, ">")
 
 
 def _flac_blocks(f: BinaryIO) -> Iterator[tuple[int, int, int, bool]]:
