@@ -147,9 +147,7 @@ def load_manifest(path: str | Path) -> Manifest:
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise ManifestError(
-            f"Manifest {p} is not UTF-8 text (bad byte at position {exc.start}); save it as UTF-8 and try again."
-        ) from None
+        raise ManifestError(_not_text(p, raw, exc, encoding)) from None
     suffix = p.suffix.lower()
     if suffix in (".yaml", ".yml"):
         records = list(_yaml_records(text, p))
@@ -225,6 +223,27 @@ def _check_header(columns: list[str], path: Path) -> None:
     dupes = sorted({c for c in columns if c and columns.count(c) > 1})
     if dupes:
         raise ManifestError(f"Manifest {path} names the column {dupes[0]!r} twice.")
+
+
+def _not_text(p: Path, raw: bytes, exc: UnicodeDecodeError, encoding: str) -> str:
+    """Why the manifest is refused, pointing at where, and at the likely cause: a spreadsheet
+    saved as "CSV (Comma delimited)", in Windows' own code page (an em dash or a curly quote
+    that autocorrect typed, an accent), not UTF-8."""
+    if encoding == "utf-16":
+        return f"Manifest {p} starts as UTF-16 text but is cut short or broken; save it again and try again."
+    line = raw.count(b"\n", 0, exc.start) + 1
+    line_start = raw.rfind(b"\n", 0, exc.start) + 1
+    before = raw[max(line_start, exc.start - 30) : exc.start].decode("utf-8", "replace").strip()
+    where = f"line {line}, after '{before}'" if before else f"line {line}"
+    bad = raw[exc.start : exc.end]
+    try:
+        meant = f", which is '{bad.decode('cp1252')}' in Windows-1252"
+    except UnicodeDecodeError:
+        meant = ""
+    how = "UTF-8"
+    if p.suffix.lower() in (".csv", ".tsv", ".txt"):
+        how += ' (a spreadsheet\'s "CSV UTF-8", not "CSV (Comma delimited)")'
+    return f"Manifest {p} is not UTF-8 text (byte 0x{bad.hex()} on {where}{meant}); save it as {how} and try again."
 
 
 def _yaml_records(text: str, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -247,6 +247,24 @@ def test_unreadable_manifests_raise_one_clear_sentence(tmp_path, name, content, 
     assert str(info.value).endswith(".")
 
 
+def test_a_manifest_a_spreadsheet_saved_in_windows_code_page_says_where_and_how_to_save_it(tmp_path):
+    # Excel's "CSV (Comma delimited)" writes Windows-1252: autocorrect's em dash is byte 0x97.
+    path = tmp_path / "m.csv"
+    path.write_bytes("input,start,end,prompt\na.wav,1,2,rain\nb.wav,1,2,rain on a roof \u2014 far\n".encode("cp1252"))
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    said = str(info.value)
+    assert "byte 0x97 on line 3, after 'b.wav,1,2,rain on a roof'" in said
+    assert "'\u2014' in Windows-1252" in said and '"CSV UTF-8"' in said
+    (tmp_path / "m.yaml").write_bytes(b"rows:\n  - {input: a.wav, region: 1-2, prompt: caf\xe9}\n")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(tmp_path / "m.yaml")
+    assert "line 2" in str(info.value) and "CSV" not in str(info.value)
+    (tmp_path / "u.csv").write_bytes(b"\xff\xfei\x00n\x00p")  # UTF-16 cut mid-character
+    with pytest.raises(ManifestError, match="UTF-16 text but is cut short"):
+        load_manifest(tmp_path / "u.csv")
+
+
 def test_columns_soundpatch_does_not_read_that_look_like_one_it_does_are_pointed_out(tmp_path):
     from soundpatch.manifest import lookalike_columns
 
