@@ -549,7 +549,7 @@ def _subtype_for(subtype: str, dtype: np.dtype, container: str) -> str:
 
 def check_encodable(info: AudioInfo, container: str) -> None:
     """Raises RowError when `container` cannot hold audio shaped like `info` (MP3 holds at
-    most two channels, at nine sample rates from 8 to 48 kHz; FLAC at most eight; WAV
+    most two channels, at nine sample rates from 8 to 48 kHz; FLAC at most eight; AIFF
     under 4 GB...): found while validating, not after the row was paid for."""
     reason = _encoding_refused(container, info.subtype, info.channels, info.rate)
     size = info.frames * info.channels * _SAMPLE_BYTES.get(info.subtype, 4)
@@ -583,7 +583,8 @@ def _subtypes(container: str) -> dict[str, str]:
 
 _MAX_CHANNELS = {"MP3": 2, "FLAC": 8}
 # Containers whose sizes are 32-bit (less their header); bytes a sample of each subtype takes.
-_SIZE_LIMITED = {"WAV": 2**32 - 2**20, "AIFF": 2**32 - 2**20}
+_SIZED_32 = 2**32 - 2**20
+_SIZE_LIMITED = {"AIFF": _SIZED_32}  # (a WAV past it is written as RF64: encode_file)
 _SAMPLE_BYTES = {"PCM_S8": 1, "PCM_U8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "DOUBLE": 8}
 
 
@@ -620,8 +621,19 @@ def encode_file(audio: Audio | Patched | Stored, container: str, path: Path) -> 
         bits = _BITS.get(subtype) or (64 if subtype == "DOUBLE" else 32)
         carried = metadata.noting_edits(carried, spans, audio.rate, audio.channels, bits)
     tags = metadata.tags_for(carried, container)
-    soundio.write_file(path, blocks, audio.rate, audio.channels, container, subtype, tags)
-    metadata.put_into(path, container, carried)
+    written = container
+    if container == "WAV" and _wav_bytes(audio.frames, audio.channels, subtype, carried) > _SIZED_32:
+        # A WAV's sizes are 32-bit: libsndfile writes one past 4 GB all the same, saying
+        # 0xFFFFFFFF, and readers (libsndfile too) then stop at 4 GB. The EBU's RF64 is the
+        # WAV of 64-bit sizes, read by libsndfile, ffmpeg, sox and audio editors alike.
+        written = "RF64"
+    soundio.write_file(path, blocks, audio.rate, audio.channels, written, subtype, tags)
+    metadata.put_into(path, written, carried)
+
+
+def _wav_bytes(frames: int, channels: int, subtype: str, carried: Carried | None) -> int:
+    """What a WAV of these samples and chunks weighs, less its header."""
+    return frames * channels * _SAMPLE_BYTES.get(subtype, 4) + metadata.chunks_bytes(carried)
 
 
 def _encodable(audio: Audio | Patched | Stored, container: str) -> tuple[Iterator[np.ndarray], str]:

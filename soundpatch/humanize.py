@@ -32,7 +32,7 @@ def size(nbytes: float) -> str:
 def over_limit(what: str, max_bytes: int, nbytes: float | None = None) -> str:
     """`x.wav is 3000 MB, over the 2048 MB limit`: in the MB the limits are set in
     (`storage.max_input_mb`: 2**20 bytes), so that the limit reads as it was set."""
-    limit = f"the {_mb(max_bytes)} MB limit"
+    limit = f"the {_mb(max_bytes)} MB limit (storage.max_input_mb)"
     return f"{what} is over {limit}" if nbytes is None else f"{what} is {_mb(nbytes)} MB, over {limit}"
 
 

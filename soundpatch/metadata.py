@@ -257,16 +257,28 @@ def _append_chunks(path: Path, parts: tuple[tuple[bytes, bytes], ...], endian: s
     and libsndfile itself puts its tags there when they come after the samples)."""
     added = b"".join(_chunk(cid, body, endian) for cid, body in parts)
     with path.open("r+b") as f:
-        if f.read(4) != kind:
+        head = f.read(16)
+        # An RF64's size is in its ds64 chunk, which libsndfile writes first (its header's
+        # own says 0xFFFFFFFF: look there).
+        rf64 = kind == b"RIFF" and head[:4] == b"RF64" and head[12:16] == b"ds64"
+        if head[:4] != kind and not rf64:
             return
         end = f.seek(0, os.SEEK_END)
         pad = end & 1  # chunks begin on even bytes; an odd-sized audio chunk may lack its pad
-        if end + pad + len(added) - 8 > 0xFFFFFFFF:
+        size = end + pad + len(added) - 8
+        if size > 0xFFFFFFFF and not rf64:
             log.info("the metadata of %s is not carried: the result would be over 4 GB with it", path.name)
             return
         f.write(b"\0" * pad + added)
-        f.seek(4)
-        f.write(struct.pack(f"{endian}I", end + pad + len(added) - 8))
+        f.seek(20 if rf64 else 4)
+        f.write(struct.pack("<Q", size) if rf64 else struct.pack(f"{endian}I", size))
+
+
+def chunks_bytes(carried: Carried | None) -> int:
+    """What `carried`'s parts take as chunks appended to a WAV or AIFF."""
+    if carried is None:
+        return 0
+    return sum(8 + len(body) + (len(body) & 1) for _, body in carried.parts)
 
 
 def _put_flac_blocks(path: Path, parts: tuple[tuple[bytes, bytes], ...]) -> None:

@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 
 from soundpatch import metadata
-from soundpatch.audio import Patched, decode, encode_file
+from soundpatch.audio import Audio, Patched, decode, encode_file, stored
 from soundpatch.config import load_config
 from tests.jobs import clean_env, hosted_config, run_in_process, seeded_prefect_home, soundpatch
 
@@ -268,6 +268,36 @@ def test_chunks_after_an_odd_sized_audio_chunk_begin_where_readers_look_for_them
     assert np.array_equal(sf.read(out, dtype="int16")[0], sf.read(io.BytesIO(plain), dtype="int16")[0])
     with wave.open(str(out)) as w:
         assert w.getnframes() == 7999
+
+
+def test_a_wav_result_past_4_gb_is_an_rf64_read_back_whole_with_its_chunks(tmp_path):
+    # 3.4 hours of a 96 kHz 24-bit stereo transfer pass 4 GB; here 2**31 + 3 s of 8 kHz 16-bit
+    # mono. A WAV's sizes say at most 4 GB: libsndfile wrote one all the same, and read it
+    # back 10,000,000 frames short (its header said 0xFFFFFFFF bytes).
+    frames = 2**31 + 3 * RATE
+    silence = np.zeros((frames, 1), np.int16)  # pages never written to are not in memory
+    filled = pcm(1.0, 1)
+    carried = metadata.Carried("RIFF", ((b"bext", BEXT), (b"iXML", IXML)))
+    out = tmp_path / "tape.wav"
+    try:
+        encode_file(
+            Patched(Audio(silence, RATE, "WAV", "PCM_16", carried=carried), [(frames - 2 * RATE, filled)]), "WAV", out
+        )
+        with sf.SoundFile(out) as f:
+            assert (f.format, f.frames) == ("RF64", frames)
+            f.seek(frames - 2 * RATE - 10)
+            around = f.read(RATE + 20, dtype="int16", always_2d=True)
+        assert np.array_equal(around[10:-10], filled) and not around[:10].any() and not around[-10:].any()
+        with out.open("rb") as raw:
+            head = raw.read(28)
+        assert head[:4] == b"RF64" and struct.unpack("<Q", head[20:28])[0] == out.stat().st_size - 8
+        back = stored(out).carried
+        assert back is not None and [c for c, _ in back.parts] == [b"bext", b"iXML"] and back.parts[1][1] == IXML
+        assert back.parts[0][1].startswith(BEXT) and back.parts[0][1].endswith(
+            b"T=soundpatch inpaint 268436.456-268437.456 s\r\n"
+        )
+    finally:
+        out.unlink(missing_ok=True)  # (pytest keeps the last runs' folders)
 
 
 def test_a_chunk_over_the_cap_is_left_out_and_the_rest_carried(tmp_path, monkeypatch):

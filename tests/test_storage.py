@@ -724,7 +724,8 @@ def test_an_input_over_the_size_limit_is_refused_naming_the_limit_as_it_was_set(
     cfg = load_config(overrides={"storage.max_input_mb": 0.5, "runs_dir": str(tmp_path / "runs")})
     [refused], _, _ = run_in_process(tmp_path / "m.csv", cfg, "big")
     assert refused.status == "invalid" and refused.cost_usd == 0
-    assert refused.error == f"Input file {tmp_path / 'big.wav'} is 1.1 MB, over the 0.5 MB limit."
+    said = f"Input file {tmp_path / 'big.wav'} is 1.1 MB, over the 0.5 MB limit (storage.max_input_mb)."
+    assert refused.error == said
 
 
 def unusable_bundles_stop_the_run(variable: str, tmp_path: Path, cfg, monkeypatch) -> None:
