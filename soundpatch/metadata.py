@@ -23,6 +23,7 @@ not the recording's.
 
 from __future__ import annotations
 
+import errno
 import io
 import itertools
 import logging
@@ -309,6 +310,14 @@ def _put_flac_blocks(path: Path, parts: tuple[tuple[bytes, bytes], ...]) -> None
                 src.seek(body + size)
                 shutil.copyfileobj(src, out, 1 << 20)
             os.replace(tmp, path)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The result itself is whole and paid for: it goes on without them.
+            log.warning(
+                "the metadata of %s is not carried: its disk has no room to write it again with them", path.name
+            )
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -10,6 +10,7 @@ and the results are read back by the same helpers and by Python's own `wave` mod
 
 from __future__ import annotations
 
+import errno
 import io
 import struct
 import wave
@@ -298,6 +299,27 @@ def test_a_wav_result_past_4_gb_is_an_rf64_read_back_whole_with_its_chunks(tmp_p
         )
     finally:
         out.unlink(missing_ok=True)  # (pytest keeps the last runs' folders)
+
+
+def test_a_flac_result_its_disk_has_no_room_to_write_again_with_its_blocks_is_kept_without_them(tmp_path, monkeypatch):
+    # A FLAC's blocks come before its audio: it is written a second time with them. The
+    # result is paid for by then; a full disk at that moment must not cost it.
+    source = pcm(1.0)
+    audio = decode(flac_with(wav_bytes(source, format="FLAC"), [(6, PICTURE)]))
+    assert audio.carried is not None and audio.carried.family == "FLAC"
+
+    def no_room(src, dst, length=0):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metadata.shutil, "copyfileobj", no_room)
+    out = tmp_path / "out.flac"
+    encode_file(Patched(audio, []), "FLAC", out)
+    assert np.array_equal(sf.read(out, dtype="int16")[0], source)
+    assert 6 not in [kind for kind, _ in flac_blocks(out.read_bytes())[0]]
+    assert [f.name for f in tmp_path.iterdir()] == ["out.flac"]  # no half-written copy beside it
+    monkeypatch.undo()
+    encode_file(Patched(audio, []), "FLAC", out)  # with room, as before
+    assert (6, PICTURE) in flac_blocks(out.read_bytes())[0]
 
 
 def test_a_chunk_over_the_cap_is_left_out_and_the_rest_carried(tmp_path, monkeypatch):
