@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -108,6 +109,8 @@ class Publisher:
         container follows the input's own (output.format: same)."""
         ext = "same" if info is None and self.output_format == "same" else self.ext(info)
         fields = {"run_id": self.run_id, "row_id": edit.row_id, "stem": _stem(edit.input), "seed": str(edit.seed)}
+        if edit.output and "{" in edit.output:
+            fields = {**_template_fields(edit), **fields}
         name = output_name(edit.output, {**fields, "ext": ext})
         return part_name(name, edit.row_id) if edit.row_id in self.combined else name
 
@@ -218,6 +221,21 @@ def _combinable(a: Edit, b: Edit) -> bool:
     assert a.start is not None and a.end is not None and b.start is not None and b.end is not None
     same_recording = a.input == b.input or posixpath.normpath(a.input) == posixpath.normpath(b.input)
     return same_recording and (a.end <= b.start or b.end <= a.start)
+
+
+def _template_fields(edit: Edit) -> dict[str, str]:
+    """What else a row's `output` template may name: the row's own columns (`{category}`),
+    its prompt in a few words (`distant-thunder-rolling`) and its region (`{start}`, `{end}`)."""
+    fields = {name: str(value) for name, value in edit.extra.items() if name.isidentifier()}
+    words = _NOT_WORDS.sub("-", edit.prompt).strip("-")
+    fields["prompt"] = words[:PROMPT_IN_NAME].rstrip("-") or "prompt"
+    fields["start"] = "" if edit.start is None else f"{edit.start:g}"
+    fields["end"] = "" if edit.end is None else f"{edit.end:g}"
+    return fields
+
+
+_NOT_WORDS = re.compile(r"[\W_]+")
+PROMPT_IN_NAME = 60  # characters of a prompt in a result's name ({prompt})
 
 
 @functools.lru_cache(maxsize=4096)  # a manifest's rows share a few inputs; asked twice a row

@@ -75,7 +75,7 @@ INDEX_PREFIX = ".soundpatch/results"  # user names cannot start with "." (see ou
 
 
 def output_name(template: str | None, fields: dict[str, str]) -> str:
-    """Render a name template ({run_id}, {row_id}, {stem}, {seed}, {ext}) into a safe relative path.
+    """Render a name template ({run_id}, {row_id}, {stem}, {seed}, {ext}, ...) into a safe relative path.
 
     A row's `output` without placeholders is taken as a name; the extension is added
     when missing. Each path part is reduced to letters and digits (of any script, composed
@@ -85,10 +85,15 @@ def output_name(template: str | None, fields: dict[str, str]) -> str:
     template = template or DEFAULT_TEMPLATE
     try:
         rendered = template.format(**fields)
-    except (KeyError, IndexError, ValueError) as exc:
+    except KeyError as exc:
+        raise RowError(
+            f"output template {template!r} names {{{exc.args[0]}}}, which is not a column of this row nor one of "
+            "{run_id}, {row_id}, {stem}, {seed}, {ext}, {prompt}, {start}, {end}"
+        ) from None
+    except (IndexError, ValueError) as exc:
         raise RowError(
             f"output template {template!r} is not valid ({exc}); use {{run_id}}, {{row_id}}, "
-            "{stem}, {seed}, {ext}"
+            "{stem}, {seed}, {ext}, {prompt}, {start}, {end} or a column of the manifest"
         ) from None
     parts = []
     for part in _path_parts(rendered.replace("\\", "/")):

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
+from soundpatch.config import load_config
 from tests.jobs import clean_env, run_in_process, seeded_prefect_home, soundpatch
 from tests.test_mp3 import frame_starts, loud_then_quiet
 
@@ -266,6 +267,36 @@ def test_rows_that_would_overwrite_each_other_are_invalid_before_anything_is_mad
         ["takes/door.wav", "takes/wind.wav", *(f"takes/wind-{seed}.wav" for seed in seeds)]
         + [f"takes/door.rows/{row}.wav" for row in ("one", "two", "same")]
     )
+
+
+def test_an_output_template_names_results_by_the_row_s_own_columns_prompt_and_region(tmp_path):
+    # A dataset sorted by a column of the manifest, named by what was asked for: the
+    # prompt as words (nothing in it makes a folder or climbs out), the region, the seed.
+    rate = 16000
+    sf.write(tmp_path / "door.wav", 0.2 * np.sin(2 * np.pi * 220 * np.arange(4 * rate) / rate), rate)
+    (tmp_path / "m.yaml").write_text(
+        "defaults: {input: door.wav, region: '1-1.5', seed: 7}\n"
+        "rows:\n"
+        "  - {id: a, prompt: 'Distant thunder, rolling \u2014 low', category: weather,"
+        "     output: '{category}/{stem}-{prompt}-{seed}'}\n"
+        "  - {id: b, prompt: '../../etc/passwd', category: foley, output: '{category}/{prompt}-{start}-{end}'}\n"
+        "  - {id: c, prompt: '\u65e5\u672c\u306e \u592a\u9f13', category: drums, output: '{category}/{prompt}'}\n"
+        "  - {id: d, prompt: wind, output: '{category}/{stem}'}\n"  # no such column on this row
+        f"  - {{id: e, prompt: '{'long ' * 30}', output: 'long/{{prompt}}'}}\n"
+    )
+    [a, b, c, d, e], _, _ = run_in_process(
+        tmp_path / "m.yaml",
+        load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")}),
+        "names",
+    )
+    assert [o.status for o in (a, b, c, e)] == ["succeeded"] * 4
+    out = tmp_path / "out"
+    assert a.output == str(out / "weather" / "door-Distant-thunder-rolling-low-7.wav")
+    assert b.output == str(out / "foley" / "etc-passwd-1-1.5.wav")
+    assert c.output == str(out / "drums" / "\u65e5\u672c\u306e-\u592a\u9f13.wav")
+    assert e.output == str(out / "long" / ("long-" * 12).rstrip("-")) + ".wav"  # 60 characters of it
+    assert d.status == "invalid" and d.cost_usd == 0
+    assert "names {category}, which is not a column of this row" in d.error
 
 
 def test_a_fault_while_combining_a_recording_s_file_costs_that_file_not_the_run(tmp_path, monkeypatch):
