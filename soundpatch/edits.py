@@ -33,6 +33,7 @@ KNOWN_COLUMNS = (
     "variations",
     "output",
     "provider",
+    "fps",
 )
 MAX_PROMPT_CHARS = 2000
 MAX_VARIATIONS = 1000
@@ -73,8 +74,56 @@ class Edit:
 _TIMECODE = re.compile(r"^(?:(\d+):)?(\d+):(\d+(?:\.\d*)?)$")
 
 
-def parse_time(value: Any, what: str = "time") -> float:
-    """Seconds from `12.5`, `"12.5"`, `"1:02.5"` (mm:ss.f) or `"1:02:03.25"` (hh:mm:ss.f)."""
+# SMPTE timecode, hours:minutes:seconds:frames; `;` before the frames says drop-frame.
+_SMPTE = re.compile(r"^(\d+):(\d{1,2}):(\d{1,2})([:;])(\d{1,2})$")
+_NTSC = {"23.976": 24, "23.98": 24, "29.97": 30, "47.952": 48, "59.94": 60}  # 1000/1001 of the whole rate
+
+
+def frame_rate(text: str) -> tuple[int, float, bool]:
+    """(frames counted a second, frames a second, drop-frame) of an `fps` column: `25`,
+    `29.97` (NTSC: 30 counted, 30000/1001 a second), `29.97df` (drop-frame counting)."""
+    raw = text.strip().lower().replace(" ", "")
+    drop = raw.endswith(("df", "drop"))
+    number = raw.removesuffix("drop").removesuffix("df").removesuffix("fps")
+    if number in _NTSC:
+        counted = _NTSC[number]
+        return counted, counted * 1000 / 1001, drop
+    if not number.isdigit() or not 1 <= int(number) <= 120 or drop:
+        raise ValueError(
+            f"fps {text!r} is not a frame rate; give 24, 25, 30, 50, 60, or the NTSC 23.976, 29.97, 59.94 "
+            "(29.97df for drop-frame timecode)"
+        )
+    return int(number), float(number), False
+
+
+def _smpte_seconds(m: re.Match, text: str, what: str, fps: str | None) -> float:
+    """Seconds from the start of the recording to timecode `text` at the row's `fps`."""
+    if not fps:
+        raise ValueError(
+            f"{what} {text!r} is a timecode with frames (hh:mm:ss:ff); give its frame rate in an fps column "
+            "(25, 29.97, ...) or write it in seconds"
+        )
+    counted, rate, drop = frame_rate(fps)
+    hours, minutes, secs, mark, frames = int(m[1]), int(m[2]), int(m[3]), m[4], int(m[5])
+    drop = drop or mark == ";"
+    if minutes >= 60 or secs >= 60 or frames >= counted:
+        raise ValueError(f"{what} {text!r} is not a valid timecode at {fps} fps")
+    total = ((hours * 60 + minutes) * 60 + secs) * counted + frames
+    if drop:
+        if counted not in (30, 60) or rate == counted:
+            raise ValueError(f"{what} {text!r} is drop-frame timecode, which only 29.97 and 59.94 fps use")
+        # Two frame numbers (four at 59.94) are skipped each minute but every tenth.
+        skipped = counted // 15
+        if secs == 0 and frames < skipped and minutes % 10:
+            raise ValueError(f"{what} {text!r} is a frame number drop-frame timecode skips")
+        every = hours * 60 + minutes
+        total -= skipped * (every - every // 10)
+    return total / rate
+
+
+def parse_time(value: Any, what: str = "time", fps: str | None = None) -> float:
+    """Seconds from `12.5`, `"12.5"`, `"1:02.5"` (mm:ss.f), `"1:02:03.25"` (hh:mm:ss.f), or
+    with the row's `fps` SMPTE timecode `"00:01:02:12"` (hh:mm:ss:ff; `;` for drop-frame)."""
     if isinstance(value, bool):
         raise ValueError(f"{what} must be a number of seconds, not {value!r}")
     if isinstance(value, (int, float)):
@@ -84,7 +133,10 @@ def parse_time(value: Any, what: str = "time") -> float:
         if not text:
             raise ValueError(f"{what} is empty")
         m = _TIMECODE.match(text)
-        if m:
+        smpte = None if m else _SMPTE.match(text)
+        if smpte:
+            seconds = _smpte_seconds(smpte, text, what, fps)
+        elif m:
             hours, minutes, secs = m.groups()
             if float(secs) >= 60 or (hours is not None and int(minutes) >= 60):
                 raise ValueError(f"{what} {text!r} is not a valid timecode")
@@ -107,12 +159,12 @@ def parse_time(value: Any, what: str = "time") -> float:
 _REGION = re.compile(r"^\s*([^\s\-–]+)\s*(?:-|–|\.\.)\s*([^\s\-–]+)\s*$")
 
 
-def parse_region(text: Any) -> tuple[float, float]:
+def parse_region(text: Any, fps: str | None = None) -> tuple[float, float]:
     """`"12.5-15"`, `"0:12.5-0:15"` or `"12.5..15"` into (start, end) seconds."""
     m = _REGION.match(str(text))
     if not m:
         raise ValueError(f"region {text!r} is not of the form start-end, e.g. 12.5-15")
-    return parse_time(m.group(1), "region start"), parse_time(m.group(2), "region end")
+    return parse_time(m.group(1), "region start", fps), parse_time(m.group(2), "region end", fps)
 
 
 def expand_rows(records: list[tuple[str, dict[str, Any]]]) -> Iterator[Edit]:
@@ -222,15 +274,16 @@ def _parse_fields(record: dict[str, Any], text: dict[str, str]) -> dict[str, Any
 
 def _region_of(record: dict[str, Any], text: dict[str, str]) -> tuple[float, float]:
     has_bounds = bool(text.get("start")) or bool(text.get("end"))
+    fps = text.get("fps") or None
     if text.get("region"):
         if has_bounds:
             raise ValueError("give either region or start/end, not both")
-        return parse_region(text["region"])
+        return parse_region(text["region"], fps)
     if not text.get("start"):
         raise ValueError("start is missing; give start and end in seconds or region: a-b")
     if not text.get("end"):
         raise ValueError("end is missing; give start and end in seconds or region: a-b")
-    return parse_time(record["start"], "start"), parse_time(record["end"], "end")
+    return parse_time(record["start"], "start", fps), parse_time(record["end"], "end", fps)
 
 
 def _partial_region(record: dict[str, Any]) -> dict[str, float]:
@@ -238,7 +291,7 @@ def _partial_region(record: dict[str, Any]) -> dict[str, float]:
     out = {}
     for key in ("start", "end"):
         try:
-            out[key] = parse_time(record.get(key), key)
+            out[key] = parse_time(record.get(key), key, str(record.get("fps") or "") or None)
         except (ValueError, TypeError):
             pass
     return out
@@ -272,8 +325,11 @@ def _float_field(text: dict[str, str], key: str, low: float, high: float) -> flo
 
 def _derived_id(text: Mapping[str, str]) -> str:
     """A short id from the row's content: the same row gets the same id in every run."""
-    keys = [c for c in KNOWN_COLUMNS if c != "id"]
-    canonical = json.dumps({k: text.get(k, "") for k in keys}, sort_keys=True)
+    keys = [c for c in KNOWN_COLUMNS if c not in ("id", "fps")]
+    fields = {k: text.get(k, "") for k in keys}
+    if text.get("fps"):  # (only where given: the ids of rows without it stay what they were)
+        fields["fps"] = text["fps"]
+    canonical = json.dumps(fields, sort_keys=True)
     return "r" + hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
 

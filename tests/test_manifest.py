@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,53 @@ def test_times_accept_seconds_and_timecodes(text, seconds):
 def test_bad_times_are_refused_with_a_reason(text):
     with pytest.raises(ValueError):
         parse_time(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "fps", "seconds"),
+    [
+        ("00:00:01:12", "25", 1 + 12 / 25),
+        ("00:00:10:00", "24", 10.0),
+        # NTSC counts 30 frames a second at 30000/1001 a second: an hour of counted
+        # timecode is 3603.6 s; drop-frame skips frame numbers to keep to the clock.
+        ("01:00:00:00", "29.97", 3603.6),
+        ("00:10:00;00", "29.97", 17982 * 1001 / 30000),
+        ("00:10:00:00", "29.97df", 17982 * 1001 / 30000),
+        ("00:01:00;02", "29.97", 1800 * 1001 / 30000),
+        ("00:00:10:00", "23.976", 10.01),
+        ("00:01:00;04", "59.94", 3600 * 1001 / 60000),
+    ],
+)
+def test_smpte_timecodes_count_frames_at_the_row_s_frame_rate(text, fps, seconds):
+    assert parse_time(text, "start", fps) == pytest.approx(seconds, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("text", "fps", "message"),
+    [
+        ("00:00:01:12", None, "is a timecode with frames (hh:mm:ss:ff); give its frame rate in an fps column"),
+        ("00:00:01:25", "25", "is not a valid timecode at 25 fps"),
+        ("00:01:00;00", "29.97", "is a frame number drop-frame timecode skips"),
+        ("00:00:01;00", "25", "drop-frame timecode, which only 29.97 and 59.94 fps use"),
+        ("00:00:01:00", "25df", "fps '25df' is not a frame rate"),
+        ("00:00:01:00", "PAL", "fps 'PAL' is not a frame rate"),
+    ],
+)
+def test_smpte_timecodes_that_cannot_be_counted_say_why(text, fps, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_time(text, "start", fps)
+
+
+def test_a_manifest_s_fps_column_reads_its_timecodes_and_leaves_other_rows_ids_alone(tmp_path):
+    rows = "a.wav,00:00:01:12,00:00:02:00,rain,25\nb.wav,1.5,2,rain,\nc.wav,00:00:01:12,00:00:02:00,rain,\n"
+    timed = load_manifest(write(tmp_path, "m.csv", "input,start,end,prompt,fps\n" + rows)).edits
+    assert (timed[0].start, timed[0].end, timed[0].error) == (1.48, 2.0, None)
+    assert "give its frame rate in an fps column" in timed[2].error
+    plain = load_manifest(write(tmp_path, "p.csv", "input,start,end,prompt\nb.wav,1.5,2,rain\n")).edits
+    assert timed[1].row_id == plain[0].row_id and "fps" not in timed[0].extra
+    yaml = "defaults: {fps: 29.97df, prompt: hiss}\nrows:\n  - {input: a.wav, region: '00:09:59;28-00:10:00;00'}\n"
+    [dropped] = load_manifest(write(tmp_path, "m.yaml", yaml)).edits
+    assert (dropped.start, dropped.end) == pytest.approx((17980 * 1001 / 30000, 17982 * 1001 / 30000))
 
 
 def test_region_strings():
