@@ -18,7 +18,9 @@
 
 Parameters are plain values so the flow runs the same from the CLI, a deployment
 schedule, or a worker (deploy/prefect.yaml). `config` is the config as a mapping (what
-the CLI passes) or a config file's path (what a deployment names).
+the CLI passes) or a config file's path (what a deployment names); `overrides`, dotted
+keys over it ({"limits.budget_usd": 50}), are what a run of a deployment changes for
+itself (the UI's custom run, `prefect deployment run --param`) without a file of its own.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from flows import artifacts
 from flows.shared_limits import AccountLimits, shared_limits
 from soundpatch import interrupt
 from soundpatch.batch import Batch
-from soundpatch.config import Config, load_config
+from soundpatch.config import Config, config_from, load_config
 from soundpatch.errors import ConfigError
 from soundpatch.journal import prediction_seconds, read_events
 from soundpatch.manifest import load_manifest
@@ -65,10 +67,14 @@ def inpaint_batch(
     config: dict[str, Any] | str | None = None,
     run_id: str | None = None,
     force: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any] | State:
     started = time.time()
     interrupt.reassert()  # Ctrl-C / SIGTERM: stop submitting, finish what is in flight
-    cfg = load_config(config) if isinstance(config, str) else Config.model_validate(config or {})
+    if isinstance(config, str):
+        cfg = load_config(config, overrides)
+    else:
+        cfg = config_from(config or {}, overrides) if overrides else Config.model_validate(config or {})
     run_id = run_id or _run_id_of_this_flow_run()
     shared = shared_limits(cfg)  # other processes on the same account, through the Prefect server
     batch = Batch(load_manifest(manifest), cfg, run_id, force=force, api_keys=_api_keys(cfg), shared=shared)

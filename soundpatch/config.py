@@ -7,6 +7,7 @@ limit at its default.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -203,6 +204,18 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"Config file {p} must be a mapping of sections, not a list or value.")
         data = loaded
+    return config_from(data, overrides, flags, path)
+
+
+def config_from(
+    data: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+    flags: dict[str, str] | None = None,
+    path: str | Path | None = None,
+) -> Config:
+    """A config from its sections as a mapping (`data`, left as it is) and dotted-key
+    `overrides`, as load_config; `path`: the file it came from, for messages."""
+    data = copy.deepcopy(data)
     _switch_provider(data, overrides or {})
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -230,8 +243,9 @@ def load_config(
         message = _lower_first(message)
         end = "" if message.endswith("?") else "."
         flag = (flags or {}).get(where)
-        if flag is not None and (overrides or {}).get(where) is not None:  # the value came from the command line
-            raise ConfigError(f"Option {flag} ({where}){after}{message}{end}") from None
+        if (overrides or {}).get(where) is not None:  # the value came from the command line, or a flow's overrides
+            said = f"Option {flag} ({where})" if flag is not None else f"Override '{where}'"
+            raise ConfigError(f"{said}{after}{message}{end}") from None
         raise ConfigError(f"Config key '{where}'{source}{after}{message}{end}") from None
 
 

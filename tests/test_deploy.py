@@ -72,3 +72,31 @@ def test_the_nightly_deployment_runs_on_a_worker_and_a_retry_resumes_its_run(tmp
     starts = [e for e in events if e["event"] == "run_started"]
     assert [(s["total"], s["kept"]) for s in starts] == [(8, 0), (8, 8)]
     assert sum(e["event"] == "outcome" for e in events) == 8  # each row done once
+
+    # One night run with other settings than its config file's (the UI's custom run):
+    # dotted keys over it, no file of its own on the worker's machine.
+    elsewhere = tmp_path / "elsewhere"
+    overrides = json.dumps({"output.uri": f"{elsewhere}/", "limits.budget_usd": 0.5})
+    created = prefect(
+        env, "deployment", "run", DEPLOYMENT, "--param", f"config={config}", "--param", f"overrides={overrides}"
+    )
+    custom_id = next(line.split()[-1] for line in created.splitlines() if "UUID" in line)
+    prefect(env, "worker", "start", "--pool", "soundpatch", "--run-once")
+    assert api.get(f"/flow_runs/{custom_id}").json()["state_type"] == "COMPLETED"
+    (custom_dir,) = (p for p in (tmp_path / "runs").iterdir() if p.name.endswith("-" + custom_id[:8]))
+    summary = json.loads((custom_dir / "report.json").read_text())["summary"]
+    assert summary["budget_usd"] == 0.5 and summary["output_uri"] == f"{elsewhere}/"
+    assert len(list((elsewhere / "dataset").rglob("*.wav"))) == 8
+
+    # A key misspelt there fails the flow run before anything is sent, saying which.
+    typo = json.dumps({"limits.budget": 5})
+    created = prefect(
+        env, "deployment", "run", DEPLOYMENT, "--param", f"config={config}", "--param", f"overrides={typo}"
+    )
+    typo_id = next(line.split()[-1] for line in created.splitlines() if "UUID" in line)
+    prefect(env, "worker", "start", "--pool", "soundpatch", "--run-once")
+    failed = api.get(f"/flow_runs/{typo_id}").json()
+    assert failed["state_type"] == "FAILED"
+    assert (
+        "Override 'limits.budget' is not a known key; did you mean 'limits.budget_usd'?" in failed["state"]["message"]
+    )
