@@ -107,3 +107,15 @@ def test_bad_configs_say_which_key(tmp_path, monkeypatch, text, message):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="Cannot read config file"):
         load_config("/nonexistent/c.yaml")
+
+
+def test_overrides_go_over_a_config_given_as_a_mapping_and_leave_it_as_it_was():
+    # What the command hands its flow (the config as a mapping), with a run's own overrides.
+    from soundpatch.config import config_from
+
+    given = load_config(overrides={"provider.name": "eachlabs", "limits.budget_usd": 5}).model_dump()
+    cfg = config_from(given, {"limits.budget_usd": 50, "provider.name": "fal"})
+    assert cfg.limits.budget_usd == 50 and cfg.provider.name == "fal"
+    assert given["limits"]["budget_usd"] == 5 and given["provider"]["name"] == "eachlabs"
+    with pytest.raises(ConfigError, match=r"^Override 'limits.concurrency': "):
+        config_from(given, {"limits.concurrency": 0})
