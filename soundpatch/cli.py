@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -190,6 +191,13 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (default: embedded setup)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config key for this command, over the file's (output.uri=s3://bucket/x/); repeatable",
+    )
 
 
 # The config keys `soundpatch run` sets from its options: {key: (option, argparse's name)}.
@@ -202,8 +210,31 @@ _OPTION_KEYS = {
 
 
 def _config(args: argparse.Namespace) -> Config:
-    overrides = {key: getattr(args, name, None) for key, (_, name) in _OPTION_KEYS.items()}
-    return load_config(args.config, overrides, flags={key: option for key, (option, _) in _OPTION_KEYS.items()})
+    flags = {key: option for key, (option, _) in _OPTION_KEYS.items()}
+    overrides: dict[str, object] = {}
+    for setting in args.set:
+        key, equals, value = setting.partition("=")
+        key = key.strip()
+        if not equals or not key:
+            raise _UsageError(f"--set {setting} is not KEY=VALUE, as in --set limits.budget_usd=50.")
+        overrides[key] = _setting_value(setting, value)
+        flags[key] = f"--set {setting}"
+    for key, (_, name) in _OPTION_KEYS.items():  # (what an option says goes over --set)
+        if getattr(args, name, None) is not None:
+            overrides[key] = getattr(args, name)
+    return load_config(args.config, overrides, flags=flags)
+
+
+def _setting_value(setting: str, text: str) -> object:
+    """`--set`'s value as the config file would read it (50 a number, true a yes, a list in
+    [...]); text YAML cannot read stays the text it is."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if value is None:
+        raise _UsageError(f"--set {setting} gives no value; a key left out of the config takes its default.")
+    return value
 
 
 # ---------------------------------------------------------------------- validate / dry run
@@ -479,7 +510,7 @@ DETECT_AT_ONCE = 2
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = _config(args)
     if args.min_ms <= 0:
         raise SoundpatchError("--min-ms must be more than 0.")
     reader = SourceReader(S3(cfg.storage.s3), cfg.storage, cache_bytes=0)  # one recording at a time
@@ -540,6 +571,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
     config = f" --config {args.config}" if args.config else ""
+    config += "".join(f" --set {setting}" for setting in args.set)
     rows = sum(1 for _ in csv.reader(io.StringIO(text))) - 1  # what meets is one row
     out.print(
         f"Wrote {plural(rows, 'row')} ({recordings} recordings of {len(sources)}) to {target}. "

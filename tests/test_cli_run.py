@@ -235,6 +235,22 @@ def test_budget_cap_skips_rows_and_exits_3(workdir, prefect_home):
     assert sorted(report["status"]) == ["skipped_budget"] * 3 + ["succeeded"] * 2
     assert report["cost_usd"].sum() == pytest.approx(1.0)
     assert (report.loc[report.status == "skipped_budget", "cost_usd"] == 0).all()
+    # The same limits set on the command line, key by key, with the results elsewhere and as
+    # FLAC (--set); an option (--budget) goes over a --set of the same key.
+    proc = run(
+        workdir,
+        prefect_home,
+        "run",
+        "five.csv",
+        *("--set", "provider.price_usd=0.5", "--set", "limits.budget_usd=0.2", "--budget", "1.5"),
+        *("--set", f"output.uri={workdir / 'elsewhere'}/", "--set", "output.format=flac", "--run-id", "set"),
+    )
+    assert proc.returncode == 3, proc.stderr
+    report = pd.read_csv(workdir / "runs" / "set" / "report.csv")
+    assert sorted(report["status"]) == ["skipped_budget"] * 2 + ["succeeded"] * 3
+    assert sorted(p.name for p in (workdir / "elsewhere" / "set").glob("*.flac")) == sorted(
+        Path(o).name for o in report["output"].dropna()
+    )
 
 
 def test_a_run_whose_output_is_no_longer_read_goes_on_to_its_end_and_its_exit_status(workdir, prefect_home):
@@ -306,6 +322,11 @@ def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_h
         (["run", "manifests/restoration.csv", "--runs-dir", "x"], "--runs-dir x (see soundpatch run --help)."),
         (["validate", "manifests/restoration.csv", "--nope"], "--nope (see soundpatch validate --help)."),
         (["--nope"], "Unrecognized arguments: --nope (see soundpatch --help)."),
+        (
+            ["run", "manifests/restoration.csv", "--set", "limits.budgt=1"],
+            "Option --set limits.budgt=1 (limits.budgt) is not a known key.",
+        ),
+        (["validate", "manifests/restoration.csv", "--set", "output.uri"], "--set output.uri is not KEY=VALUE"),
         (["run", "manifests/restoration.csv", "--run-id", "../escape"], "Run id"),
         (["report", "no-such-run"], "No run 'no-such-run'"),
         (
