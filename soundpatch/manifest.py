@@ -231,11 +231,13 @@ def _not_text(p: Path, raw: bytes, exc: UnicodeDecodeError, encoding: str) -> st
     that autocorrect typed, an accent), not UTF-8."""
     if encoding == "utf-16":
         return f"Manifest {p} starts as UTF-16 text but is cut short or broken; save it again and try again."
-    line = raw.count(b"\n", 0, exc.start) + 1
-    line_start = raw.rfind(b"\n", 0, exc.start) + 1
-    before = raw[max(line_start, exc.start - 30) : exc.start].decode("utf-8", "replace").strip()
+    skipped = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # (the error counts from after a byte-order mark)
+    start, end = exc.start + skipped, exc.end + skipped
+    line = raw.count(b"\n", 0, start) + 1
+    line_start = raw.rfind(b"\n", 0, start) + 1
+    before = raw[max(line_start, start - 30) : start].decode("utf-8", "replace").strip()
     where = f"line {line}, after '{before}'" if before else f"line {line}"
-    bad = raw[exc.start : exc.end]
+    bad = raw[start:end]
     try:
         meant = f", which is '{bad.decode('cp1252')}' in Windows-1252"
     except UnicodeDecodeError:

@@ -304,6 +304,9 @@ def test_a_manifest_a_spreadsheet_saved_in_windows_code_page_says_where_and_how_
     said = str(info.value)
     assert "byte 0x97 on line 3, after 'b.wav,1,2,rain on a roof'" in said
     assert "'\u2014' in Windows-1252" in said and '"CSV UTF-8"' in said
+    path.write_bytes(b"\xef\xbb\xbfinput,start,end,prompt\na.wav,1,2,caf\xe9 noise\n")  # after Excel's mark
+    with pytest.raises(ManifestError, match="byte 0xe9 on line 2, after 'a.wav,1,2,caf', which is '\u00e9'"):
+        load_manifest(path)
     (tmp_path / "m.yaml").write_bytes(b"rows:\n  - {input: a.wav, region: 1-2, prompt: caf\xe9}\n")
     with pytest.raises(ManifestError) as info:
         load_manifest(tmp_path / "m.yaml")
