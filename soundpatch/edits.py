@@ -61,6 +61,7 @@ class Edit:
     provider: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
     error: str | None = None
+    variation: int = 1  # which of its row's `variations` (1 when it has one)
 
     @property
     def valid(self) -> bool:
@@ -223,7 +224,7 @@ def _record_to_edits(where: str, record: dict[str, Any]) -> list[Edit]:
     edits = []
     for k in range(1, variations + 1):
         seed = (base.seed + k - 1) % (MAX_SEED + 1) if base.seed is not None else _derived_seed(row_id, k)
-        edits.append(replace(base, row_id=f"{row_id}-v{k}", seed=seed))
+        edits.append(replace(base, row_id=f"{row_id}-v{k}", seed=seed, variation=k))
     return edits
 
 

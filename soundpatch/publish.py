@@ -225,12 +225,14 @@ def _combinable(a: Edit, b: Edit) -> bool:
 
 def _template_fields(edit: Edit) -> dict[str, str]:
     """What else a row's `output` template may name: the row's own columns (`{category}`),
-    its prompt in a few words (`distant-thunder-rolling`) and its region (`{start}`, `{end}`)."""
+    its prompt in a few words (`distant-thunder-rolling`), its region (`{start}`, `{end}`) and
+    which of the row's variations it is (`{variation}`: 1, 2, ...)."""
     fields = {name: str(value) for name, value in edit.extra.items() if name.isidentifier()}
     words = _NOT_WORDS.sub("-", edit.prompt).strip("-")
     fields["prompt"] = words[:PROMPT_IN_NAME].rstrip("-") or "prompt"
     fields["start"] = "" if edit.start is None else f"{edit.start:g}"
     fields["end"] = "" if edit.end is None else f"{edit.end:g}"
+    fields["variation"] = str(edit.variation)
     return fields
 
 

@@ -283,8 +283,9 @@ def test_an_output_template_names_results_by_the_row_s_own_columns_prompt_and_re
         "  - {id: c, prompt: '\u65e5\u672c\u306e \u592a\u9f13', category: drums, output: '{category}/{prompt}'}\n"
         "  - {id: d, prompt: wind, output: '{category}/{stem}'}\n"  # no such column on this row
         f"  - {{id: e, prompt: '{'long ' * 30}', output: 'long/{{prompt}}'}}\n"
+        "  - {id: f, prompt: gong, variations: 2, seed: 40, output: 'takes/{prompt}-{variation}'}\n"
     )
-    [a, b, c, d, e], _, _ = run_in_process(
+    [a, b, c, d, e, f1, f2], _, _ = run_in_process(
         tmp_path / "m.yaml",
         load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")}),
         "names",
@@ -295,6 +296,12 @@ def test_an_output_template_names_results_by_the_row_s_own_columns_prompt_and_re
     assert b.output == str(out / "foley" / "etc-passwd-1-1.5.wav")
     assert c.output == str(out / "drums" / "\u65e5\u672c\u306e-\u592a\u9f13.wav")
     assert e.output == str(out / "long" / ("long-" * 12).rstrip("-")) + ".wav"  # 60 characters of it
+    assert (f1.output, f1.seed, f2.output, f2.seed) == (
+        str(out / "takes/gong-1.wav"),
+        40,
+        str(out / "takes/gong-2.wav"),
+        41,
+    )
     assert d.status == "invalid" and d.cost_usd == 0
     assert "names {category}, which is not a column of this row" in d.error
 
