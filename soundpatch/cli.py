@@ -19,6 +19,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from soundpatch import __version__, interrupt
 from soundpatch.batch import Batch, new_run_id, preflight
@@ -244,11 +245,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     batch = Batch(load_manifest(args.manifest), cfg, run_id="validate", dry_run=True)
     est = batch.estimate(batch.manifest.edits)
-    _print_estimate(est, cfg)
+    _print_estimate(est, cfg, made_up_run_id="validate")
     return EXIT_ROWS_FAILED if est["invalid"] else 0
 
 
-def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
+def _print_estimate(est: dict[str, Any], cfg: Config, made_up_run_id: str | None = None) -> None:
+    """`made_up_run_id`: the run id the estimate was made under, when the run's own is not known yet."""
     table = Table(show_header=False, box=None)
     table.add_row("manifest rows", str(est["rows"]))
     table.add_row("results (variations counted)", str(est["results"]))
@@ -274,6 +276,13 @@ def _print_estimate(est: dict[str, Any], cfg: Config) -> None:
         free = est.get("outputs_free")
         where = f" ({human_size(free[1])} free in {free[0]})" if free else ""
         table.add_row("results on disk", f"up to {human_size(est['results_bytes'])}{where}")
+    if est.get("first_output"):
+        first = est["first_output"]
+        if made_up_run_id:  # a new run's id is made when it starts
+            first = "/".join("<run id>" if part == made_up_run_id else part for part in first.split("/"))
+        more = est["result_files"] - 1
+        shown = Text(first + (f" (and {more} more)" if more > 0 else ""), overflow="fold")  # whole, however narrow
+        table.add_row("first result goes to", shown)  # (so a template is seen at work before any money is)
     table.add_row("provider", cfg.provider.name)
     out.print(table)
     for row_id, line, reason in est["errors"][:20]:
@@ -302,7 +311,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         batch = Batch(manifest, cfg, run_id=args.run_id or "dry-run", dry_run=True, earlier_attempts=bool(args.run_id))
         est = batch.estimate(batch.manifest.edits)
         out.print("[bold]Dry run[/bold]: nothing is sent and nothing is spent.")
-        _print_estimate(est, cfg)
+        _print_estimate(est, cfg, made_up_run_id=None if args.run_id else "dry-run")
         return EXIT_ROWS_FAILED if est["invalid"] else 0
     preflight(cfg)  # no key, no staging: one sentence now, not a failed flow later
     run_id = args.run_id or new_run_id()

@@ -66,6 +66,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
     # Spent or committed by earlier attempts of this run: it counts against the budget.
     spent_before = batch.committed_before
     within_budget = 0  # predictions that fit in the budget, taken in the manifest's order
+    first_output = ""  # where the first valid row's result goes, to check a template by
     for edit in edits:
         try:
             checked = batch.check(edit)
@@ -74,6 +75,9 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
             invalid += 1
             errors.append((edit.row_id, edit.line, sentence_of(exc)))
             continue
+        if not first_output:  # (a row whose edit goes into a file with others': that file)
+            name = batch.publisher.combined.get(edit.row_id) or batch.publisher.name(edit, checked.info)
+            first_output = batch.store.uri(name)
         if identity in seen:
             duplicates += 1
             continue
@@ -137,6 +141,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
             seconds += busy / min(limits.concurrency, AT_ONCE)
     results_bytes = sum(written.values())
     free = batch.room.outputs_free()  # (the output folder, when a local one, and its disk's free space)
+    shared_files = batch.publisher.combined  # row -> the file its edit goes into with others'
     return {
         "rows": len({e.line for e in edits}),
         "results": len(edits),
@@ -156,6 +161,9 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         "expected_seconds": round(seconds, 1),
         "results_bytes": results_bytes,  # what the results to be made take, at the most
         "outputs_free": (str(free[0]), free[1]) if free is not None else None,
+        "first_output": first_output,
+        # Files the results make: one each, but one for the rows whose edits go into one file.
+        "result_files": len(edits) - invalid - len(shared_files) + len(set(shared_files.values())),
         "errors": errors,
         "notes": lookalike_notes(edits)
         + batch.input_notes()

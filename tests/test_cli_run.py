@@ -285,6 +285,12 @@ def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_h
     assert "about 5 of 9 predictions fit in it" in " ".join(dry.stdout.split())
     restoration = run(workdir, prefect_home, "validate", "manifests/restoration.csv")
     assert restoration.returncode == 0 and "files holding several rows' edits  2" in restoration.stdout
+    # Where the results go, as the template makes it (its rows' edits go into two files; the
+    # run id is made when the run starts), so that a name is seen before anything is paid.
+    unwrapped = "".join(restoration.stdout.split())
+    assert f"firstresultgoesto{workdir}/outputs/<runid>/music_damaged.wav(and1more)" in unwrapped
+    named = run(workdir, prefect_home, "run", "manifests/sfx_variations.yaml", "--dry-run", "--run-id", "night-1")
+    assert f"{workdir}/outputs/night-1/whoosh_impact-metal-v1.wav(and8more)" in "".join(named.stdout.split())
     (workdir / "manifests" / "typo.csv").write_text(
         "id,input,start,end,prompt,sead\nt,audio/whoosh_impact.wav,1,1.2,a gong,4\n"
     )
