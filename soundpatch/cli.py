@@ -211,7 +211,7 @@ _OPTION_KEYS = {
 
 
 def _config(args: argparse.Namespace) -> Config:
-    flags = {key: option for key, (option, _) in _OPTION_KEYS.items()}
+    flags = {key: f"Option {option} ({key})" for key, (option, _) in _OPTION_KEYS.items()}
     overrides: dict[str, object] = {}
     for setting in args.set:
         key, equals, value = setting.partition("=")
@@ -219,7 +219,7 @@ def _config(args: argparse.Namespace) -> Config:
         if not equals or not key:
             raise _UsageError(f"--set {setting} is not KEY=VALUE, as in --set limits.budget_usd=50.")
         overrides[key] = _setting_value(setting, value)
-        flags[key] = f"--set {setting}"
+        flags[key] = f"--set {key}"  # (not its value, which may be a secret mistyped as a key)
     for key, (_, name) in _OPTION_KEYS.items():  # (what an option says goes over --set)
         if getattr(args, name, None) is not None:
             overrides[key] = getattr(args, name)

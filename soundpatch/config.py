@@ -183,8 +183,9 @@ def load_config(
     """Read a YAML config (or none: embedded defaults) and apply dotted-key overrides.
 
     `overrides` maps dotted keys to values, e.g. {"limits.budget_usd": 5}; None values are
-    ignored so that unset CLI flags do not clobber the file. `flags`: the command-line
-    option each override came from, named when its value is refused.
+    ignored so that unset CLI flags do not clobber the file. `flags`: what to call the
+    command-line option each override came from when its value is refused ("Option
+    --budget (limits.budget_usd)").
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -244,7 +245,7 @@ def config_from(
         end = "" if message.endswith("?") else "."
         flag = (flags or {}).get(where)
         if (overrides or {}).get(where) is not None:  # the value came from the command line, or a flow's overrides
-            said = f"Option {flag} ({where})" if flag is not None else f"Override '{where}'"
+            said = flag if flag is not None else f"Override '{where}'"
             raise ConfigError(f"{said}{after}{message}{end}") from None
         raise ConfigError(f"Config key '{where}'{source}{after}{message}{end}") from None
 
