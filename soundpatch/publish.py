@@ -228,7 +228,9 @@ def _template_fields(edit: Edit) -> dict[str, str]:
     its prompt in a few words (`distant-thunder-rolling`), its region (`{start}`, `{end}`) and
     which of the row's variations it is (`{variation}`: 1, 2, ...)."""
     fields = {name: str(value) for name, value in edit.extra.items() if name.isidentifier()}
-    words = _NOT_WORDS.sub("-", edit.prompt).strip("-")
+    # In lower case: prompts that differ only in case ("Thunder", "thunder") would name one
+    # file twice on macOS's and Windows' disks, which do not tell them apart.
+    words = _NOT_WORDS.sub("-", edit.prompt.lower()).strip("-")
     fields["prompt"] = words[:PROMPT_IN_NAME].rstrip("-") or "prompt"
     fields["start"] = "" if edit.start is None else f"{edit.start:g}"
     fields["end"] = "" if edit.end is None else f"{edit.end:g}"

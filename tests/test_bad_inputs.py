@@ -292,7 +292,7 @@ def test_an_output_template_names_results_by_the_row_s_own_columns_prompt_and_re
     )
     assert [o.status for o in (a, b, c, e)] == ["succeeded"] * 4
     out = tmp_path / "out"
-    assert a.output == str(out / "weather" / "door-Distant-thunder-rolling-low-7.wav")
+    assert a.output == str(out / "weather" / "door-distant-thunder-rolling-low-7.wav")
     assert b.output == str(out / "foley" / "etc-passwd-1-1.5.wav")
     assert c.output == str(out / "drums" / "\u65e5\u672c\u306e-\u592a\u9f13.wav")
     assert e.output == str(out / "long" / ("long-" * 12).rstrip("-")) + ".wav"  # 60 characters of it
