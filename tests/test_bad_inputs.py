@@ -284,8 +284,9 @@ def test_an_output_template_names_results_by_the_row_s_own_columns_prompt_and_re
         "  - {id: d, prompt: wind, output: '{category}/{stem}'}\n"  # no such column on this row
         f"  - {{id: e, prompt: '{'long ' * 30}', output: 'long/{{prompt}}'}}\n"
         "  - {id: f, prompt: gong, variations: 2, seed: 40, output: 'takes/{prompt}-{variation}'}\n"
+        "  - {id: g, prompt: gong, status: final, output: '{status}/{prompt}'}\n"  # named as a report column
     )
-    [a, b, c, d, e, f1, f2], _, _ = run_in_process(
+    [a, b, c, d, e, f1, f2, g], _, _ = run_in_process(
         tmp_path / "m.yaml",
         load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")}),
         "names",
@@ -302,6 +303,7 @@ def test_an_output_template_names_results_by_the_row_s_own_columns_prompt_and_re
         str(out / "takes/gong-2.wav"),
         41,
     )
+    assert g.output == str(out / "final" / "gong.wav") and g.extra["manifest_status"] == "final"
     assert d.status == "invalid" and d.cost_usd == 0
     assert "names {category}, which is not a column of this row" in d.error
 
