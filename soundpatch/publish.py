@@ -123,30 +123,34 @@ class Publisher:
         edits are combined into that one file (`combined`), each row's own result kept
         beside it (`part_name`). `info_of` is asked only where the name follows the input's
         own format (output.format: same) and two rows might share it."""
+        key = self.store.name_key  # names one file in the output store
         candidates: dict[str, list[Edit]] = {}
         for edit in edits:
             if edit.error:
                 continue
             try:
-                candidates.setdefault(self.name(edit, None), []).append(edit)
+                candidates.setdefault(key(self.name(edit, None)), []).append(edit)
             except RowError:
                 continue  # its own check says what is wrong with its name
         reasons: dict[str, str] = {}
         for group in candidates.values():
-            sharing: dict[str, list[Edit]] = {}  # name -> the rows sharing it, distinct asks
-            members: dict[str, list[Edit]] = {}  # name -> every row that gets it
+            sharing: dict[str, list[Edit]] = {}  # file -> the rows sharing it, distinct asks
+            members: dict[str, list[Edit]] = {}  # file -> every row that gets it
+            names: dict[str, str] = {}  # file -> its name, as its first row gives it
             for edit in group if len(group) > 1 else ():
                 info = info_of(edit) if self.output_format == "same" else None
                 if self.output_format == "same" and info is None:
                     continue  # unreadable: invalid for its own reason
                 name = self.name(edit, info)
-                owners = sharing.setdefault(name, [])
+                file = names.setdefault(key(name), name)
+                owners = sharing.setdefault(file, [])
                 if owners and not any(_asks(o) == _asks(edit) for o in owners):
                     if not all(_combinable(o, edit) for o in owners):
                         first = owners[0]
+                        same = "" if file == name else f", {file} on a disk that does not tell upper from lower case"
                         reasons[edit.row_id] = (
                             f"its output name {name} is also the name of row {first.row_id}'s result "
-                            f"({first.line}), which it would replace; give each row its own name (with "
+                            f"({first.line}){same}, which it would replace; give each row its own name (with "
                             "{row_id} or {seed} in output), or name one file for regions of one recording "
                             "that do not overlap"
                         )
@@ -154,10 +158,10 @@ class Publisher:
                     owners.append(edit)
                 elif not owners:
                     owners.append(edit)
-                members.setdefault(name, []).append(edit)
-            for name, owners in sharing.items():
+                members.setdefault(file, []).append(edit)
+            for file, owners in sharing.items():
                 if len(owners) > 1:
-                    self.combined.update({e.row_id: name for e in members[name]})
+                    self.combined.update({e.row_id: file for e in members[file]})
         return reasons
 
     def encode(self, edit: Edit, result: Audio | Patched | Stored, info: AudioInfo, name: str | None = None) -> Encoded:

@@ -7,6 +7,7 @@ a file, and a crash leaves the old file or none.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -57,6 +58,11 @@ class OutputStore(Protocol):
         ...
 
     def uri(self, name: str) -> str: ...
+
+    def name_key(self, name: str) -> str:
+        """What two names that are one file here have in common: the name itself, or where
+        upper and lower case are one (macOS's and Windows' usual disks) the name case-folded."""
+        ...
 
     def holds(self, uri: str, identity: str | None) -> bool:
         """Whether a result this store returned from put() is still there, and still the
@@ -206,6 +212,13 @@ class LocalFolder:
     def uri(self, name: str) -> str:
         return str(self._path(name))
 
+    def name_key(self, name: str) -> str:
+        return name.casefold() if self._blind_to_case else name
+
+    @functools.cached_property
+    def _blind_to_case(self) -> bool:
+        return blind_to_case(self.root)
+
     def holds(self, uri: str, identity: str | None) -> bool:
         return local_result_holds(Path(uri), identity)
 
@@ -218,6 +231,23 @@ class LocalFolder:
 
     def put_record(self, identity: str, record: dict) -> None:
         _write(self.root / INDEX_PREFIX / f"{identity}.json", json.dumps(record, indent=2).encode())
+
+
+def blind_to_case(folder: Path) -> bool:
+    """Whether names differing only in case are one file in `folder` (or, not made yet, in
+    the nearest folder above it): asked of the disk with a file of its own, as APFS, NTFS
+    and a case-folding ext4 folder tell it no other way. False when that cannot be asked."""
+    made_in = next((p for p in (folder, *folder.parents) if p.is_dir()), None)
+    try:
+        fd, made = tempfile.mkstemp(prefix=".soundpatch-case-", dir=made_in)  # in lower case
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        head, tail = os.path.split(made)
+        return os.path.exists(os.path.join(head, tail.upper()))
+    finally:
+        os.unlink(made)
 
 
 def _write(path: Path, data: bytes | Path, link: bool = False) -> None:
@@ -283,6 +313,9 @@ class S3Prefix:
 
     def uri(self, name: str) -> str:
         return str(self._uri(name))
+
+    def name_key(self, name: str) -> str:
+        return name  # S3 keys differing in case are two objects
 
     def holds(self, uri: str, identity: str | None) -> bool:
         head = self.s3.head(S3Uri.parse(uri)) if uri.startswith("s3://") else None

@@ -269,6 +269,50 @@ def test_rows_that_would_overwrite_each_other_are_invalid_before_anything_is_mad
     )
 
 
+@pytest.mark.parametrize("blind", [False, True], ids=["case-sensitive disk", "case-blind disk"])
+def test_names_differing_only_in_case_clash_on_a_disk_blind_to_case(tmp_path, monkeypatch, blind):
+    # Take1.wav and take1.wav are two files on Linux and in a bucket, one on macOS's and
+    # Windows' usual disks: there the second result would replace the first, paid for and
+    # lost (and a rerun, finding the first's result gone, would pay for it again). Whether
+    # the disk tells case apart is asked of the disk itself; this one does, and a case-blind
+    # one is stood in for by saying so (no such file system can be mounted here).
+    from soundpatch import storage
+    from soundpatch.batch import Batch
+    from soundpatch.manifest import load_manifest
+
+    assert storage.blind_to_case(tmp_path / "not-made" / "yet") is False  # this disk: ext4
+    assert list(tmp_path.iterdir()) == []  # the file it asked with is gone
+    rate = 16000
+    for name, hz in (("Take1.wav", 220), ("take1.wav", 330)):
+        sf.write(tmp_path / name, 0.2 * np.sin(2 * np.pi * hz * np.arange(2 * rate) / rate), rate)
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt,seed,output\n"
+        "upper,Take1.wav,0.5,1,door,5,{stem}\n"
+        "lower,take1.wav,0.5,1,door,5,{stem}\n"
+        "again,Take1.wav,1.2,1.5,door,5,{stem}\n"  # another region of the first: one file with it
+    )
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    monkeypatch.setattr(storage, "blind_to_case", lambda folder: blind)  # what the output folder's disk says
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "case")
+    try:
+        outcomes = {o.row_id: o for o in map(batch.process, batch.manifest.edits)}
+        batch.combine(list(outcomes.values()))
+    finally:
+        batch.close()
+    statuses = {row: o.status for row, o in outcomes.items()}
+    if not blind:
+        assert statuses == {"upper": "succeeded", "lower": "succeeded", "again": "succeeded"}, statuses
+        return
+    assert statuses == {"upper": "succeeded", "lower": "invalid", "again": "succeeded"}, statuses
+    assert outcomes["lower"].cost_usd == 0
+    assert outcomes["lower"].error == (
+        "Its output name take1.wav is also the name of row upper's result (line 2), Take1.wav on a disk that "
+        "does not tell upper from lower case, which it would replace; give each row its own name (with "
+        "{row_id} or {seed} in output), or name one file for regions of one recording that do not overlap."
+    )
+    assert outcomes["upper"].combined == outcomes["again"].combined == str(tmp_path / "out" / "Take1.wav")
+
+
 def test_an_output_template_names_results_by_the_row_s_own_columns_prompt_and_region(tmp_path):
     # A dataset sorted by a column of the manifest, named by what was asked for: the
     # prompt as words (nothing in it makes a folder or climbs out), the region, the seed.
