@@ -48,23 +48,18 @@ from soundpatch.journal import Journal, RowState
 from soundpatch.journal_copy import JournalCopy
 from soundpatch.lease import RunLease, lease_uri
 from soundpatch.left_here import LeftHere
-from soundpatch.leftovers import Left, Leftovers
-from soundpatch.limits import BudgetLedger, Reservation, SharedLimits
+from soundpatch.leftovers import Leftovers
+from soundpatch.limits import BudgetLedger, SharedLimits
 from soundpatch.locks import CLAIMED, STOPPED, WAITED, Claims, RunLock
 from soundpatch.manifest import Manifest, lookalike_notes
 from soundpatch.markup import Markup
-from soundpatch.outcome import FAILED, INVALID, SKIPPED_BUDGET, SKIPPED_DONE, SUCCEEDED, Outcome
+from soundpatch.outcome import FAILED, INVALID, SKIPPED_DONE, SUCCEEDED, Outcome
 from soundpatch.providers import (
-    InpaintRequest,
-    NotStarted,
-    OutOfReach,
-    PaidAnswer,
-    Prediction,
-    PredictionFailed,
     Provider,
     make_provider,
 )
 from soundpatch.publish import Publisher
+from soundpatch.purchase import Purchases
 from soundpatch.results import KeptUnpublished, Results
 from soundpatch.row import Checked, RowWork
 from soundpatch.runs_folder import SCRATCH_DIR, clear_stopped_runs_scratch
@@ -243,7 +238,7 @@ class Batch:
                 log.warning("%s", note)
         # Paid for and still to collect: a prediction to poll, or an answer kept on disk
         # (nothing more when a failed outcome counted it already).
-        self._held = {
+        held = {
             row: self.ledger.hold(
                 0.0 if s.settled else float(s.answer["cost_usd"] or 0.0) if s.answer else self._list_price(row),
                 self._maker_name(row),
@@ -251,13 +246,25 @@ class Batch:
             for row, s in self.states.items()
             if s.prediction_id or s.answer
         }
-        # Rows holding a paid prediction their result is not out of yet (not published, nor
-        # kept unpublished): should the row fail, it is kept for the next attempt.
-        self._unused: dict[str, dict[str, Any]] = {}
-        # Rows whose create went out this attempt (the provider told "creating"), with the
-        # prediction's id once it is known: what an unforeseen error then leaves owed.
-        self._sent: dict[str, str] = {}
         self.journal = Journal(self.run_dir, None if dry_run else self.journal_copy)
+        # Each row's prediction, paid for once (purchase.py).
+        self.purchases = Purchases(
+            config,
+            run_id,
+            self.ledger,
+            self.journal,
+            self.answers,
+            self.markup,
+            held,
+            leftovers=self._leftovers,
+            doubts_here=self.doubts_here,
+            bucket_claims=self.bucket_claims,
+            earlier_attempt=self._earlier_attempt,
+            maker=self._maker,
+            may_start=self._may_start,
+            not_started=lambda: self._not_started,
+            should_cancel=self._should_cancel,
+        )
         # Rows run on many threads at once. BLAS's own threads on top of them fight for the
         # same cores: with 40 rows a dot product or a solve took 100-300x longer. One each.
         self._blas = threadpool_limits(limits=1, user_api="blas")
@@ -335,10 +342,6 @@ class Batch:
             with self._lock:
                 self._set_aside.append(row_id)
         return attempt
-
-    @property
-    def _clip_settings(self) -> dict[str, Any]:
-        return {"context_seconds": self.config.provider.context_seconds, "pad": self.config.provider.pad}
 
     @property
     def rows_at_once(self) -> int:
@@ -423,7 +426,7 @@ class Batch:
     def committed_before(self) -> float:
         """What earlier attempts of this run spent or committed (predictions still to
         collect): it counts against the budget."""
-        return self.ledger.spent_usd + sum(h.amount_usd for h in self._held.values())
+        return self.ledger.spent_usd + sum(h.amount_usd for h in self.purchases.held.values())
 
     # ------------------------------------------------------------------ processing
 
@@ -449,12 +452,12 @@ class Batch:
                     f"Unexpected {type(exc).__name__}: {str(exc)[:200]} (details in {self.run_dir / 'errors.log'})."
                 )
                 self._log_traceback(edit)
-        held = self._held.pop(edit.row_id, None)
+        held = self.purchases.held.pop(edit.row_id, None)
         if held is not None:  # paid for before the crash and not collected: still owed
             self.ledger.settle(held, held.amount_usd, seen=False)
             outcome.cost_usd += held.amount_usd
         outcome.seconds = round(time.monotonic() - started, 3)
-        unused = self._unused.pop(edit.row_id, None)
+        unused = self.purchases.unused.pop(edit.row_id, None)
         kept = self._to_collect_again(edit.row_id, unused) if unused and outcome.status == FAILED else None
         failed = outcome.error.rstrip(".")
         if kept is not None:
@@ -613,7 +616,7 @@ class Batch:
         a, b = audio_ops.region_frames(edit.start or 0.0, edit.end or 0.0, original.rate, original.frames)
         work = RowWork(checked, original, a, b, made_for, outcome)
         with self._room_for(edit, checked) as room:
-            made = self._paid_prediction(work, room)
+            made = self.purchases.prediction(work, room)
             if made is None:
                 return  # the budget is reached: not sent
             prediction, provider = made
@@ -622,11 +625,11 @@ class Batch:
             try:
                 self.splicer.publish(work, prediction, provider, encoded, quality)
             except KeptUnpublished:
-                self._unused.pop(edit.row_id, None)  # the result itself is kept: the next run publishes it
+                self.purchases.unused.pop(edit.row_id, None)  # the result itself is kept: the next run publishes it
                 raise
             finally:
                 encoded.discard()
-        self._unused.pop(edit.row_id, None)
+        self.purchases.unused.pop(edit.row_id, None)
         outcome.status = SUCCEEDED
 
     def _room_for(self, edit: Edit, checked: Checked) -> Promise:
@@ -636,268 +639,9 @@ class Batch:
         """The most the row's result takes on disk, and the answer it is made from when a
         hosted model's answer is kept on disk (answers.py)."""
         region = (edit.end or 0.0) - (edit.start or 0.0)
-        answer = answer_bytes_bound(region, self._clip_settings["context_seconds"]) if checked.provider.hosted else 0
+        context = self.purchases.clip_settings["context_seconds"]
+        answer = answer_bytes_bound(region, context) if checked.provider.hosted else 0
         return self.publisher.bytes_bound(checked.info, edit), answer
-
-    def _paid_prediction(self, work: RowWork, room: Promise) -> tuple[Prediction, Provider] | None:
-        """A new prediction for the row's region, or the one an earlier attempt paid for
-        (then `made_for` takes the identity it was made under), with what it cost on the
-        ledger and the row; None if the budget does not allow it. A new one is sent only
-        once `room` is made sure of on disk for its result."""
-        edit, made_for, outcome = work.edit, work.made_for, work.outcome
-        provider = work.checked.provider
-        claimed = made_for["identity"]  # what the row's claims are on
-        state = self._earlier_attempt(edit.row_id, made_for["request"])
-        if state is not None and state.settled and self.config.provider.resubmit_unusable:
-            self._give_up_unusable(edit.row_id)
-            state = None
-        if state is not None and (state.in_doubt or state.doubted) and not self.config.provider.resubmit_in_doubt:
-            if self.bucket_claims is not None:  # as it did for the runs on other machines
-                self.bucket_claims.keep_doubt(claimed, self.run_id)
-            raise RowError(
-                "A create for this row went out in an earlier attempt that ended before its result was kept; "
-                "the prediction may exist and is counted as spent (set provider.resubmit_in_doubt: true to send "
-                "it again)"
-            )
-        left = None  # another run's prediction: its claim named it, or its journal here
-        if self._leftovers is not None and (state is None or not (state.prediction_id or state.answer)):
-            left = self._leftovers.left_by(claimed)
-            collected = self._left_to_collect(edit.row_id, left, claimed) if left is not None else None
-            if collected is None:  # (a kept answer gone since: nothing of that run's to fall back on)
-                left = None
-            else:
-                state = collected
-        settled = state is not None and state.settled  # collected at no new cost: counted already
-        resume_id = state.prediction_id if state is not None else None
-        kept = self.answers.load(state.answer) if state is not None else None
-        clip = self._clip_settings
-        resent: list[str] = []  # stopped runs' creates in doubt for this edit that it sends again
-        if state is not None and (resume_id or kept):
-            provider = self._maker(state, provider)
-            outcome.provider = provider.name
-            reservation = self._held.pop(edit.row_id)  # paid already: collect it, never recreate
-            clip = state.clip or clip  # cut as it was sent, even if the settings changed since
-            made_for["identity"] = state.identity or made_for["identity"]
-        else:
-            resent = self._doubted_elsewhere(claimed)
-            # Waits while rows in flight hold the room it lacks; raises RowError when it cannot have it.
-            waiting = lambda: self.journal.write("waiting_for_disk", edit.row_id)  # noqa: E731 - for the progress line
-            if not room.make(give_up=lambda: not self._may_start(), waiting=waiting):
-                raise RowError(self._not_started)
-            # Waits while predictions in flight hold what it lacks (they may cost less).
-            reservation = self.ledger.reserve(
-                provider.price_usd,
-                give_up=lambda: not self._may_start(),
-                waiting=lambda: self.journal.write("waiting_for_budget", edit.row_id),  # for the progress line
-                provider=provider.name,
-            )
-            if reservation is None and not self._may_start():
-                raise RowError(self._not_started)
-        if reservation is None:
-            outcome.status = SKIPPED_BUDGET
-            outcome.error = (
-                f"Budget of ${self.ledger.budget_usd:.2f} reached ({self.ledger.standing()}); this row was not sent."
-            )
-            return None
-        request = InpaintRequest(
-            work.original,
-            work.a,
-            work.b,
-            edit.prompt,
-            edit.seed,
-            edit.steps,
-            edit.guidance_scale,
-            source=work.checked.source,
-            staging_folder=self.run_id,
-            notify=lambda event, fields: self._told(edit.row_id, claimed, provider.name, event, fields),
-            resume_prediction_id=resume_id,
-            kept_answer=kept,
-            context_seconds=clip["context_seconds"],
-            pad=clip["pad"],
-            keep_answer=lambda answer: self._keep_answer(edit.row_id, answer),
-            should_cancel=self._should_cancel,
-            may_start=self._may_start,
-        )
-        try:
-            self.journal.write(
-                "sending",
-                edit.row_id,
-                provider=provider.name,
-                request=made_for["request"],
-                identity=made_for["identity"],
-                clip=clip,
-                **({"settled": True} if settled else {}),
-                **({"resent_doubt": resent} if resent else {}),
-            )
-        except BaseException:  # not recorded, so not sent
-            if reservation.in_flight:  # reserved for it here: rows waiting on the budget count on this
-                self.ledger.release(reservation)
-            raise
-        if resume_id:
-            # (Another run's, `from_run`: tried once here, not offered to later runs again: left_here.py.)
-            taken_up = {"prediction_id": resume_id, "resumed": True, **({"from_run": left.run} if left else {})}
-            self._told(edit.row_id, claimed, provider.name, "created", taken_up)
-        if kept is not None and state is not None:  # still kept, should this attempt die too
-            # (Another run's, `from_run`: taken up once, as its predictions are: left_here.py.)
-            taken = {"from_run": left.run, "from_file": left.answer.get("file")} if left and left.answer else {}
-            self.journal.write("answer_kept", edit.row_id, **(state.answer or {}), resumed=True, **taken)
-        if not (resume_id or kept):  # a create goes out (collecting what was paid for sends none)
-            outcome.attempts += 1
-        self._sent.pop(edit.row_id, None)
-        try:
-            prediction = provider.inpaint(request)  # holds one of limits.concurrency slots while in flight
-        except PredictionFailed as exc:
-            # The provider was reached and may have charged: keep what it says is owed.
-            owed = 0.0 if settled else exc.cost_usd
-            if exc.in_doubt and self.bucket_claims is not None:  # for runs on other machines to see
-                self.bucket_claims.keep_doubt(claimed, self.run_id)
-            self._settle(reservation, owed, provider, seen=False)  # (what a failure owes: not a price seen)
-            if left is not None and (exc.unseen or not exc.collectable) and self._may_start():
-                self._not_collected(edit.row_id, left, exc)  # ... and made here, in this same attempt
-                return self._paid_prediction(work, room)
-            outcome.cost_usd += owed
-            outcome.provider_cost_usd += owed
-            outcome.prediction_id = exc.prediction_id or ""
-            outcome.attempts = max(outcome.attempts, exc.attempts)
-            if exc.collectable:
-                self._unused[edit.row_id] = _unused(exc.prediction_id or resume_id, exc.cost_usd, settled)
-            raise
-        except OutOfReach as exc:
-            self.ledger.release(reservation)
-            outcome.attempts = max(outcome.attempts - 1, exc.sent)  # counts creates sent, not turns
-            again = f"run it again with --run-id {self.run_id} once {exc.until}"
-            raise RowError(f"{exc}; no more are sent this run: {again}") from None
-        except NotStarted as exc:
-            self.ledger.release(reservation)
-            outcome.attempts = max(outcome.attempts - 1, exc.sent)
-            raise RowError(self._not_started) from None
-        except BaseException:
-            sent = self._sent.get(edit.row_id)
-            if sent is None and reservation.in_flight:
-                # Refused before a prediction existed (or never sent): nothing is owed.
-                self.ledger.release(reservation)
-                raise
-            # Something unforeseen (a fault of ours) ended the row once its create went out,
-            # or while it collected an earlier attempt's: owed as a create in doubt is, and
-            # what it made (its id, or its answer kept on disk) is kept for the next attempt.
-            owed = 0.0 if settled else reservation.amount_usd
-            self.ledger.settle(reservation, owed, seen=False)
-            outcome.cost_usd += owed
-            self._unused[edit.row_id] = _unused(sent or resume_id, reservation.amount_usd, settled)
-            raise
-        finally:
-            self._sent.pop(edit.row_id, None)
-        paid_now = 0.0 if settled else prediction.cost_usd
-        self._settle(reservation, paid_now, provider)
-        if left is not None:
-            assert self._leftovers is not None
-            self._leftovers.was_collected(left)
-        outcome.cost_usd += paid_now
-        outcome.provider_cost_usd += paid_now
-        outcome.prediction_id = prediction.prediction_id or ""
-        outcome.method = prediction.method
-        outcome.attempts = max(outcome.attempts, prediction.attempts)
-        self.journal.write("predicted", edit.row_id, prediction_id=outcome.prediction_id, cost_usd=prediction.cost_usd)
-        # Until its result is out, a failure keeps the prediction for the next attempt.
-        self._unused[edit.row_id] = _unused(prediction.prediction_id or resume_id, prediction.cost_usd, settled)
-        return prediction, provider
-
-    def _doubted_elsewhere(self, identity: str) -> list[str]:
-        """The runs that sent a create for this edit and never heard back (stopped runs of
-        this machine: left_here.py; of any machine, as the edit's claim in the output bucket
-        says: edit_claims.py), whose doubt this row sends again as told to
-        (provider.resubmit_in_doubt); a RowError, at no cost, when not told to."""
-        runs = list(self.doubts_here.doubted_by(identity))
-        elsewhere = self.bucket_claims.doubted_by(identity) if self.bucket_claims is not None else ""
-        runs += [elsewhere] if elsewhere and elsewhere not in runs else []
-        if runs and not self.config.provider.resubmit_in_doubt:
-            self.doubts_here.not_sent(runs[0])
-            if self.bucket_claims is not None:  # the edit's claim in the bucket says so to every run after
-                self.bucket_claims.keep_doubt(identity, runs[0])
-            raise RowError(
-                f"A create for this edit went out in run {runs[0]} and its answer never came; the prediction may "
-                "exist and is counted as spent there (set provider.resubmit_in_doubt: true to send it again)"
-            )
-        if elsewhere:
-            self.bucket_claims.no_longer_doubted(identity)
-        return runs
-
-    def _settle(self, reservation: Reservation, cost_usd: float, provider: Provider, seen: bool = True) -> None:
-        """Settle the row's reservation at what its prediction cost (`seen`: as its provider
-        charged it); a provider found charging more than the price reserved is said once, as
-        it happens (markup.py)."""
-        self.ledger.settle(reservation, cost_usd, seen=seen)
-        dearer = self.markup.charged(provider.name, reservation.amount_usd, cost_usd)
-        if dearer is not None:
-            log.warning("%s", dearer)
-
-    def _told(self, row_id: str, claimed: str, provider: str, event: str, fields: dict[str, Any]) -> None:
-        """What the provider reports as the row goes, journaled; a prediction made (or taken
-        up again) is named on the row's claim in the output bucket too, for a run that
-        would take the claim over should this machine die."""
-        self.journal.write(event, row_id, **fields)
-        if event == "creating":
-            self._sent.setdefault(row_id, "")
-        elif event == "create_refused" and not self._sent.get(row_id):
-            self._sent.pop(row_id, None)  # turned away: nothing was made
-        elif event == "created":
-            self._sent[row_id] = str(fields.get("prediction_id") or "")
-        if event == "created" and self.bucket_claims is not None and fields.get("prediction_id"):
-            self.bucket_claims.made(claimed, str(fields["prediction_id"]), provider)
-
-    def _left_to_collect(self, row_id: str, left: Left, identity: str) -> RowState | None:
-        """The prediction a run whose machine died had made for this edit (its claim, taken
-        over, named it), or a run of this machine that stopped (its journal): collected as this
-        row's at no new cost (that run paid for it). A paid answer that run kept on disk (no
-        id to collect by) is copied into this run's answers first; None if it is gone."""
-        answer = None
-        if left.answer:
-            paid = AnswerShelf(Path(self.config.runs_dir).expanduser() / left.run).load(left.answer)
-            if paid is None:
-                return None  # used by that run since (its rerun), or removed: nothing to collect
-            try:
-                answer = self.answers.keep(row_id, paid)
-            except OSError as exc:
-                raise RowError(
-                    f"The answer run {left.run} paid for and kept could not be copied into this run's folder "
-                    f"({type(exc).__name__}: {exc}); nothing was sent: run {left.run} again with its --run-id "
-                    "to finish the edit from it"
-                ) from None
-        self._held[row_id] = self.ledger.hold(0.0)
-        return RowState(
-            provider=left.provider or None,
-            prediction_id=left.prediction_id or None,
-            answer=answer,
-            settled=True,
-            identity=identity,
-        )
-
-    def _not_collected(self, row_id: str, left: Left, exc: PredictionFailed) -> None:
-        """The prediction another run had made for this edit failed, or this key cannot see
-        it (another account's): there is nothing to collect, and the row pays for its own."""
-        assert self._leftovers is not None
-        self._leftovers.not_collected(left)
-        self.journal.write("not_collected", row_id, prediction_id=left.prediction_id, reason=str(exc)[:300])
-
-    def _give_up_unusable(self, row_id: str) -> None:
-        """provider.resubmit_unusable: the paid prediction earlier attempts could not use is
-        given up (what it cost stays on the row) and a new one is made."""
-        held = self._held.pop(row_id, None)
-        if held is not None:
-            self.ledger.release(held)  # it held nothing: the price is in the row's earlier outcome
-        self.answers.discard(row_id)
-        self.journal.write("set_aside", row_id, reason="its paid prediction could not be used (resubmit_unusable)")
-
-    def _keep_answer(self, row_id: str, answer: PaidAnswer) -> None:
-        """A paid answer on disk before it is used (see soundpatch/answers.py). A disk that
-        will not take it does not stop the row: the answer is used all the same, only
-        unprotected from a crash meanwhile."""
-        try:
-            kept = self.answers.keep(row_id, answer)
-        except OSError as exc:
-            self.journal.write("answer_not_kept", row_id, reason=f"{type(exc).__name__}: {exc}")
-            return
-        self.journal.write("answer_kept", row_id, **kept)
 
     def _may_start(self) -> bool:
         """Whether a new prediction may go out: the run is not stopping, its journal can be
@@ -1027,12 +771,6 @@ class Batch:
         if not self.dry_run:  # a dry run beside the run itself leaves its files alone
             shutil.rmtree(self.scratch, ignore_errors=True)
         self.run_lock.release()
-
-
-def _unused(prediction_id: str | None, cost_usd: float, again: bool) -> dict[str, Any]:
-    """A paid prediction a row holds and has not used yet (Batch._unused); `again`: an
-    earlier attempt already failed using it."""
-    return {"prediction_id": prediction_id, "cost_usd": cost_usd, "again": again}
 
 
 def _rows(row_ids: list[str]) -> str:

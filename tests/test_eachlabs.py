@@ -658,8 +658,8 @@ def test_an_unexpected_error_with_a_paid_result_keeps_its_cost_and_the_rerun_col
     # and must not lose what was paid for: once the fault is gone (a fix, a mended disk),
     # the rerun finishes the row from the kept answer, or polls the prediction again.
     from soundpatch import audio
-    from soundpatch.batch import Batch
     from soundpatch.providers import eachlabs, hosted
+    from soundpatch.purchase import Purchases
 
     def broken(*args, **kwargs):
         raise OSError("simulated fault")
@@ -668,7 +668,7 @@ def test_an_unexpected_error_with_a_paid_result_keeps_its_cost_and_the_rerun_col
         if stage == "_download":
             m.setattr(eachlabs.EachLabs, "_download", broken)
         elif stage == "keep_answer":  # a fault past the disk's own errors, keeping the answer
-            m.setattr(Batch, "_keep_answer", broken)
+            m.setattr(Purchases, "_keep_answer", broken)
         elif stage == "recover_region":
             m.setattr(hosted, "recover_region", broken)  # every hosted provider's answer
         else:
