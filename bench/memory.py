@@ -2,6 +2,7 @@
 
     python bench/memory.py [--rows 250,1000,2500]
     python bench/memory.py --minutes 10,30,60 [--rows 6]
+    python bench/memory.py --tapes 16 --minutes 5 [--limit-mb 200]
 
 Runs `soundpatch run` (the embedded local engine, default config: 8 predictions in flight,
 16 rows worked on at once) on manifests of each length: one 6 s clip, a 5 ms region per
@@ -14,6 +15,11 @@ samples a minute), `--rows` 20 ms dropouts spread over it, every row naming one 
 file (the restored recording, made from the rows' results, each row's own result beside
 it). Prints the peak of the soundpatch process as a ratio to the recording's samples:
 what a row holds of a recording, not how many rows there are, sets it.
+
+With `--tapes N`: N recordings of `--minutes` each, a row each, worked on 16 at once (the
+default concurrency, 8). Run twice: with `limits.inputs_memory_mb` past all of them (as
+every row held its recording before that key) and at `--limit-mb`. Prints both peaks and
+wall times, and their ratios.
 
 Prefect's database is created (and migrated) by a one-row run first, not measured.
 """
@@ -67,12 +73,12 @@ def server_of(pid: int) -> int | None:
     return None
 
 
-def measured_run(work: Path, env: dict[str, str], manifest: str, run_id: str) -> dict[str, float]:
+def measured_run(work: Path, env: dict[str, str], manifest: str, run_id: str, *options: str) -> dict[str, float]:
     """Run the command; its wall time and the peaks of both processes' resident memory."""
     script = Path(sys.executable).parent / "soundpatch"
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [str(script), "run", manifest, "--run-id", run_id],
+        [str(script), "run", manifest, "--run-id", run_id, *options],
         cwd=work,
         env=env,
         stdout=subprocess.PIPE,
@@ -135,11 +141,52 @@ def long_recordings(minutes: list[int], rows: int) -> None:
         )
 
 
+def many_tapes(count: int, minutes: int, limit_mb: float) -> None:
+    rate = 44100
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env["PREFECT_HOME"] = str(work / "prefect")
+        header = "id,input,start,end,prompt\n"
+        sf.write(work / "w.wav", np.zeros((rate, 2), np.int16), rate, subtype="PCM_16")
+        (work / "one.csv").write_text(header + "w,w.wav,0.5,0.52,warm\n")
+        measured_run(work, env, "one.csv", "warm")
+        rng = np.random.default_rng(0)
+        minute = rng.integers(-3000, 3000, (60 * rate, 2), dtype=np.int16)
+        for k in range(count):
+            with sf.SoundFile(work / f"tape{k}.wav", "w", rate, 2, "PCM_16") as f:
+                for _ in range(minutes):
+                    f.write(minute)
+        middle = minutes * 30
+        rows = [f"t{k},tape{k}.wav,{middle},{middle + 0.02},fill" for k in range(count)]
+        (work / "tapes.csv").write_text(header + "\n".join(rows) + "\n")
+        samples_mb = minutes * 60 * rate * 4 / 2**20
+        runs = {}
+        for label, limit in (("unlimited", 10 * count * samples_mb), (f"{limit_mb:g} MB", limit_mb)):
+            runs[label] = measured_run(
+                work, env, "tapes.csv", f"tapes-{len(runs)}", "--set", f"limits.inputs_memory_mb={limit}"
+            )
+            print(f"  {label} done in {runs[label]['wall']:.1f} s", file=sys.stderr)
+    print(f"{count} recordings of {minutes} min ({samples_mb:.0f} MB of samples each), a row each")
+    print(f"{'inputs_memory_mb':>17} {'wall s':>8} {'soundpatch MB':>14} {'peak ratio':>11} {'wall ratio':>11}")
+    first = next(iter(runs.values()))
+    for label, r in runs.items():
+        print(
+            f"{label:>17} {r['wall']:8.1f} {r['soundpatch']:14.0f} {r['soundpatch'] / first['soundpatch']:11.2f} "
+            f"{r['wall'] / first['wall']:11.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default=None, help="manifest lengths, comma-separated (with --minutes: one)")
     parser.add_argument("--minutes", default=None, help="recording lengths in minutes, comma-separated")
+    parser.add_argument("--tapes", type=int, default=None, help="that many recordings of --minutes, a row each")
+    parser.add_argument("--limit-mb", type=float, default=200.0, help="with --tapes: limits.inputs_memory_mb")
     args = parser.parse_args()
+    if args.tapes:
+        many_tapes(args.tapes, int(args.minutes or 5), args.limit_mb)
+        return
     if args.minutes:
         long_recordings(sorted(int(n) for n in args.minutes.split(",")), int(args.rows or 6))
         return

@@ -518,6 +518,11 @@ _FLOAT_VALUED = {
 _CODEC_BITS = {"ALAC_20": 20, "ALAC_24": 24, "ALAC_32": 32, "DWVW_24": 24, "DWVW_N": 32, "NMS_ADPCM_24": 24}
 
 
+def decoded_bytes(info: AudioInfo) -> int:
+    """What a recording shaped like `info` takes in memory, decoded (`decode`)."""
+    return max(info.frames, 0) * info.channels * np.dtype(_read_dtype(info.subtype)).itemsize
+
+
 def _read_dtype(subtype: str) -> str:
     """How soundfile should hand a subtype's samples over (see _NATIVE_DTYPE, _SIXTEEN_BIT_CODECS)."""
     return _NATIVE_DTYPE.get(subtype) or ("int16" if subtype in _SIXTEEN_BIT_CODECS else "float32")

@@ -53,6 +53,7 @@ from soundpatch.limits import BudgetLedger, SharedLimits
 from soundpatch.locks import CLAIMED, STOPPED, WAITED, Claims, RunLock
 from soundpatch.manifest import Manifest, lookalike_notes
 from soundpatch.markup import Markup
+from soundpatch.memory_room import MemoryRoom, NotAdmitted, default_limit_bytes
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_DONE, SUCCEEDED, Outcome
 from soundpatch.providers import (
     Provider,
@@ -152,7 +153,10 @@ class Batch:
         remote = isinstance(self.store, S3Prefix)
         self.journal_copy = JournalCopy(self.s3, self.store.prefix, run_id) if remote else None
         self._no_lease = ""  # why the run holds no lease, for the notes
-        self.sources = SourceReader(self.s3, config.storage)
+        # Recordings rows hold decoded, within limits.inputs_memory_mb (memory_room.py).
+        limit_mb = config.limits.inputs_memory_mb
+        self.memory = MemoryRoom(int(limit_mb * 2**20) if limit_mb else default_limit_bytes())
+        self.sources = SourceReader(self.s3, config.storage, room=self.memory)
         self.manifest = manifest.with_patterns_expanded(self.sources.glob)
         tls.verify()  # a CA bundle (SSL_CERT_FILE) that cannot be read: before any row, in one sentence
         self.provider_named(config.provider.name)  # an unusable provider stops the run before it starts
@@ -537,7 +541,20 @@ class Batch:
 
     def _process(self, edit: Edit, outcome: Outcome) -> dict[str, Any]:
         """Do the row; returns what its result was made for (kept with its outcome, so that
-        a rerun can tell whether the row still asks for the same)."""
+        a rerun can tell whether the row still asks for the same). Its recording is held
+        decoded meanwhile, once there is room for it in memory (memory_room.py)."""
+        source = None if edit.error else self.manifest.resolve_input(edit)
+
+        def waiting(still: bool) -> None:  # for the progress line
+            self.journal.write("waiting_for_memory" if still else "memory_granted", edit.row_id)
+
+        try:
+            with self.memory.holding(source, give_up=lambda: self.stopping, waiting=waiting):
+                return self._process_held(edit, outcome)
+        except NotAdmitted:
+            raise RowError(self._not_started) from None
+
+    def _process_held(self, edit: Edit, outcome: Outcome) -> dict[str, Any]:
         try:
             checked = self.check(edit)
             original = self.sources.audio(checked.source)

@@ -108,6 +108,9 @@ class LimitsConfig(_Section):
     # otherwise); a shorter one leaves no room for a burst.
     rate_window_seconds: float = Field(default=60.0, gt=0, le=3600)
     budget_usd: float = Field(default=10.0, ge=0)
+    # The recordings rows hold decoded at once (memory_room.py); None: half the machine's
+    # memory (or its container's). One larger than this on its own is still done, alone.
+    inputs_memory_mb: float | None = Field(default=None, gt=0)
     # No longer used: results are written to disk until published, not held in memory
     # (publish.py). Still accepted, so that configs written for the version that used it load.
     results_memory_mb: float | None = Field(default=None, gt=0)

@@ -49,6 +49,7 @@ class ProgressWatcher:
         self._waiting: set[str] = set()  # rows waiting for another run making the same edit
         self._short_of_disk: set[str] = set()  # rows waiting for room on disk for their result
         self._short_of_budget: set[str] = set()  # rows waiting for predictions in flight to settle
+        self._short_of_memory: set[str] = set()  # rows waiting for room to decode their recording
         self._files = self._files_made = self._files_not_made = 0  # files of several rows (combine.py)
         self.pace = Pace()
 
@@ -59,7 +60,7 @@ class ProgressWatcher:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def _state(self) -> tuple[int, int, float, int, int, int, int]:
+    def _state(self) -> tuple[int, int, float, int, int, int, int, int]:
         for e in self._tail.poll():
             kind, row = e.get("event"), e.get("row")
             if kind == "waiting":
@@ -68,10 +69,15 @@ class ProgressWatcher:
                 self._short_of_disk.add(row)
             elif kind == "waiting_for_budget":
                 self._short_of_budget.add(row)
+            elif kind == "waiting_for_memory":
+                self._short_of_memory.add(row)
+            elif kind == "memory_granted":
+                self._short_of_memory.discard(row)
             elif kind == "sending":
                 self._waiting.discard(row)
                 self._short_of_disk.discard(row)
                 self._short_of_budget.discard(row)
+                self._short_of_memory.discard(row)
                 self._sent.add(row)
                 self.pace.sent(e["t"])
                 if e.get("provider") == "local":  # makes no prediction: worked on from here
@@ -84,6 +90,7 @@ class ProgressWatcher:
                 self._waiting.discard(row)
                 self._short_of_disk.discard(row)
                 self._short_of_budget.discard(row)
+                self._short_of_memory.discard(row)
                 self._flying.discard(row)
                 if row in self._sent:
                     self._sent.discard(row)
@@ -107,7 +114,7 @@ class ProgressWatcher:
                 self._to_redo.clear()
                 self._sent.clear()  # an earlier attempt's rows that never ended are sent again
                 self._flying.clear()
-                for waiting in (self._waiting, self._short_of_disk, self._short_of_budget):
+                for waiting in (self._waiting, self._short_of_disk, self._short_of_budget, self._short_of_memory):
                     waiting.clear()  # ... and those that were waiting then start over
                 self.pace.restarted()
             elif kind == "combining":
@@ -116,7 +123,7 @@ class ProgressWatcher:
                 self._files_made += 1
             elif kind == "combined":  # none of its rows finished, or it could not be written: a note says why
                 self._files_not_made += 1
-        waited = len(self._waiting), len(self._short_of_disk), len(self._short_of_budget)
+        waited = len(self._waiting), len(self._short_of_disk), len(self._short_of_budget), len(self._short_of_memory)
         return min(self._done, self.total), self._bad, self._spent, len(self._flying), *waited
 
     def _loop(self) -> None:
@@ -147,7 +154,16 @@ class ProgressWatcher:
         self._print_line(final=True)
 
     def _live_line(
-        self, width: int, done: int, bad: int, spent: float, flying: int, waiting: int, short: int, on_budget: int
+        self,
+        width: int,
+        done: int,
+        bad: int,
+        spent: float,
+        flying: int,
+        waiting: int,
+        short: int,
+        on_budget: int,
+        on_memory: int = 0,
     ) -> tuple[int, str]:
         """The bar's width and what the live line says beside it, to fit `width` columns: on
         a narrow terminal the bar shrinks first, then each part is said shorter, then the
@@ -168,6 +184,7 @@ class ProgressWatcher:
                 (3, f"{waiting} waiting for another run", f"{waiting} waiting") if waiting else (3, "", ""),
                 (3, f"{short} waiting for disk space", f"{short} need disk") if short else (3, "", ""),
                 (3, f"{on_budget} waiting on the budget", f"{on_budget} on budget") if on_budget else (3, "", ""),
+                (3, f"{on_memory} waiting for memory", f"{on_memory} need memory") if on_memory else (3, "", ""),
                 (4, f"files of several rows {files}", f"files {files}") if self._files else (4, "", ""),
                 (2, self._left(done, "about {} left"), self._left(done, "~{} left")),
             ]
@@ -182,7 +199,7 @@ class ProgressWatcher:
         return max(MIN_BAR, min(MAX_BAR, width - fixed - len(detail))), detail
 
     def _print_line(self, final: bool = False) -> None:
-        done, bad, spent, flying, waiting, short, on_budget = self._state()
+        done, bad, spent, flying, waiting, short, on_budget, on_memory = self._state()
         if not self._begun:  # and when the flow never began, the error says why, not this
             if not final:
                 self.console.print(f"progress: {self._starting}", soft_wrap=True)
@@ -192,6 +209,8 @@ class ProgressWatcher:
         line += f", {short} waiting for disk space for their results" if short else ""
         if on_budget:
             line += f", {on_budget} waiting on the budget until predictions in flight settle what they cost"
+        if on_memory:
+            line += f", {on_memory} waiting for memory to read their recordings in"
         line += f", files of several rows made: {self._files_line()}" if self._files else ""
         line += self._left(done, ", about {} left")
         self.console.print(line, soft_wrap=True)  # one line in a log, however long

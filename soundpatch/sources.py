@@ -22,16 +22,18 @@ import hashlib
 import re
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO
 
 from soundpatch import web
-from soundpatch.audio import Audio, AudioInfo, cut_short, decode, inspect, never_finished
+from soundpatch.audio import Audio, AudioInfo, cut_short, decode, decoded_bytes, inspect, never_finished
 from soundpatch.config import StorageConfig
 from soundpatch.errors import RowError
 from soundpatch.humanize import over_limit
 from soundpatch.manifest import GLOB_CHARS
+from soundpatch.memory_room import MemoryRoom
 from soundpatch.s3 import S3, S3Uri
 
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -44,12 +46,19 @@ RECORDING_SUFFIXES = frozenset(
 
 class SourceReader:
     def __init__(
-        self, s3: S3 | None = None, storage: StorageConfig | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES
+        self,
+        s3: S3 | None = None,
+        storage: StorageConfig | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        room: MemoryRoom | None = None,
     ) -> None:
+        """`room`: where a recording rows hold waits for room before it is decoded (memory_room.py)."""
         self._s3 = s3
+        self._room = room
         self._storage = storage or StorageConfig()
         self._max_bytes = int(self._storage.max_input_mb * 1024 * 1024)
         self._cache: OrderedDict[str, Audio] = OrderedDict()
+        self._alive: weakref.WeakValueDictionary[str, Audio] = weakref.WeakValueDictionary()  # decoded, still held
         self._cache_bytes = cache_bytes
         self._held = 0
         self._lock = threading.Lock()
@@ -74,14 +83,13 @@ class SourceReader:
 
     def audio(self, uri: str) -> Audio:
         with self._lock:
-            hit = self._cache.get(uri)
+            hit = self._known(uri)
             if hit is not None:
-                self._cache.move_to_end(uri)
                 return hit
             key_lock = self._key_locks.setdefault(uri, threading.Lock())
         with key_lock:
             with self._lock:
-                hit = self._cache.get(uri)
+                hit = self._known(uri)
                 if hit is not None:
                     return hit
             self._stamp_before_reading(uri)
@@ -90,6 +98,7 @@ class SourceReader:
             else:  # by its path: an hour-long recording is never held as bytes beside its samples
                 path = self._local_path(uri)
                 checksum = file_sha256(path)
+                self._make_room(uri, self.info(uri))
                 audio = decode(path, f"input file {uri}")
                 if self._current_stamp(uri) != self.stamp(uri):  # read twice: the same version both times
                     raise RowError(f"input file {uri} changed while it was being read; run again once it is written")
@@ -97,11 +106,24 @@ class SourceReader:
             with self._lock:
                 self._checksums[uri] = checksum
                 self._cache[uri] = audio
+                self._alive[uri] = audio
                 self._held += audio.samples.nbytes
                 while self._held > self._cache_bytes and len(self._cache) > 1:
                     _, old = self._cache.popitem(last=False)
                     self._held -= old.samples.nbytes
             return audio
+
+    def _known(self, uri: str) -> Audio | None:
+        """`uri` decoded already: in the cache, or no longer there but still held by a row
+        (decoding it again would hold it twice). A row holding it now counts it in the room."""
+        hit = self._cache.get(uri)
+        if hit is not None:
+            self._cache.move_to_end(uri)
+        else:
+            hit = self._alive.get(uri)
+        if hit is not None and self._room is not None:
+            self._room.admit(uri, hit.samples.nbytes, wait=False)  # held by this row now: counted
+        return hit
 
     def infos(self) -> list[tuple[str, AudioInfo]]:
         """(the input as messages show it, what it holds) of each source read so far."""
@@ -218,7 +240,21 @@ class SourceReader:
             if sink.size == 0:
                 raise RowError(f"{name} is empty (0 bytes)")
             spool.flush()
+            self._make_room(uri, inspect(spool.name, name))
             return decode(Path(spool.name), name), sink.digest.hexdigest()
+
+    def _make_room(self, uri: str, info: AudioInfo) -> None:
+        """Before `uri` is decoded: its turn for room in memory, when rows hold it
+        (memory_room.py), and room in the cache, whose recordings no row may hold any more."""
+        nbytes = decoded_bytes(info)
+        cache_bytes = self._cache_bytes
+        if self._room is not None:
+            self._room.admit(uri, nbytes)
+            cache_bytes = min(cache_bytes, self._room.limit_bytes - self._room.in_use)  # ... within the limit too
+        with self._lock:
+            while self._cache and self._held + nbytes > cache_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._held -= old.samples.nbytes
 
     def glob(self, pattern: str) -> list[str]:
         """The inputs a pattern names, sorted: local paths, or s3:// keys (`*` and `?` stay

@@ -646,6 +646,13 @@ def test_the_live_line_fits_the_terminal_and_says_less_before_it_loses_the_count
     assert shown(100)[0] == f"1 failed · $1.60/$100.00 · 3 on budget · ~{left} left"
     for width in (200, 120, 100, 80, 60, 45):
         assert shown(width)[1] < width
+    # Rows of long recordings waiting for room to read theirs in (memory_room.py), until they have it.
+    for row in range(43, 45):
+        event("waiting_for_memory", f"r{row}")
+    event("memory_granted", "r43")
+    assert shown(200)[0] == full.replace(" · about", " · 1 waiting for memory · about")
+    event("memory_granted", "r44")
+    assert shown(200)[0] == full
 
 
 def test_the_progress_line_says_prefect_is_starting_until_this_attempts_flow_begins(tmp_path, capsys, monkeypatch):
