@@ -107,17 +107,24 @@ def measured_run(work: Path, env: dict[str, str], manifest: str, run_id: str, *o
     return {"wall": time.perf_counter() - t0, "flow": summary["wall_seconds"], **peaks}
 
 
+def warmed_up(work: Path, rate: int) -> dict[str, str]:
+    """The environment of the measured runs, a Prefect home of their own in `work`, whose
+    database a one-row run made first (not measured)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(work / "prefect")
+    sf.write(work / "w.wav", np.zeros((rate, 2), np.int16), rate, subtype="PCM_16")
+    (work / "one.csv").write_text("id,input,start,end,prompt\nw,w.wav,0.5,0.52,warm\n")
+    measured_run(work, env, "one.csv", "warm")
+    return env
+
+
 def long_recordings(minutes: list[int], rows: int) -> None:
     rate = 44100
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env["PREFECT_HOME"] = str(work / "prefect")
+        env = warmed_up(work, rate)
         header = "id,input,start,end,prompt,output\n"
-        sf.write(work / "w.wav", np.zeros((rate, 2), np.int16), rate, subtype="PCM_16")
-        (work / "one.csv").write_text(header + "w,w.wav,0.5,0.52,warm,w\n")
-        measured_run(work, env, "one.csv", "warm")
         rng = np.random.default_rng(0)
         for length in minutes:
             with sf.SoundFile(work / f"tape{length}.wav", "w", rate, 2, "PCM_16") as f:
@@ -145,12 +152,8 @@ def many_tapes(count: int, minutes: int, limit_mb: float) -> None:
     rate = 44100
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env["PREFECT_HOME"] = str(work / "prefect")
+        env = warmed_up(work, rate)
         header = "id,input,start,end,prompt\n"
-        sf.write(work / "w.wav", np.zeros((rate, 2), np.int16), rate, subtype="PCM_16")
-        (work / "one.csv").write_text(header + "w,w.wav,0.5,0.52,warm\n")
-        measured_run(work, env, "one.csv", "warm")
         rng = np.random.default_rng(0)
         minute = rng.integers(-3000, 3000, (60 * rate, 2), dtype=np.int16)
         for k in range(count):
