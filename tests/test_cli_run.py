@@ -512,22 +512,31 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     for row in ("a", "b", "c"):
         journal.write("sending", row, provider="local")
     outcome("a", "failed", 0.2)
-    assert watcher._state() == (1, 1, 0.2, 2, 0, 0, 0)  # done, failed, spent, in flight, waiting (run, disk, budget)
+    assert watcher._state() == (
+        1,
+        1,
+        0.2,
+        2,
+        0,
+        0,
+        0,
+        0,
+    )  # done, failed, spent, in flight, waiting (run, disk, budget, memory)
     outcome("b", "succeeded", 0.2)
     # A resumed run: row a again, its outcome carries the row's running total.
     journal.write("sending", "a", provider="local")
-    assert watcher._state() == (2, 1, 0.4, 2, 0, 0, 0)
+    assert watcher._state() == (2, 1, 0.4, 2, 0, 0, 0, 0)
     outcome("a", "succeeded", 0.4)
     outcome("c", "invalid", 0.0)
-    done, bad, spent, flying, waiting, short, on_budget = watcher._state()
-    assert (done, bad, round(spent, 9), flying, waiting, short, on_budget) == (3, 1, 0.6, 0, 0, 0, 0)
+    done, bad, spent, flying, waiting, short, on_budget, on_memory = watcher._state()
+    assert (done, bad, round(spent, 9), flying, waiting, short, on_budget, on_memory) == (3, 1, 0.6, 0, 0, 0, 0, 0)
     # Rows waiting for another machine's run that is making the same edit (edit_claims.py).
     journal.write("waiting", "d", on="nightly-2")
     journal.write("waiting", "e", on="nightly-2")
-    assert watcher._state()[3:] == (0, 2, 0, 0)
+    assert watcher._state()[3:] == (0, 2, 0, 0, 0)
     journal.write("sending", "d", provider="local")  # its claim was let go without a result: made here
     outcome("e", "skipped_done", 0.0)  # reused
-    assert watcher._state()[3:] == (1, 0, 0, 0)
+    assert watcher._state()[3:] == (1, 0, 0, 0, 0)
     # Rows waiting for room on disk while rows in flight hold it (disk_room.py).
     journal.write("waiting_for_disk", "f")
     journal.write("waiting_for_disk", "g")
@@ -535,7 +544,7 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     assert capsys.readouterr().err.strip().endswith("1 in flight, 2 waiting for disk space for their results")
     journal.write("sending", "f", provider="local")
     outcome("g", "failed", 0.0)  # refused: no room came
-    assert watcher._state()[3:] == (2, 0, 0, 0)
+    assert watcher._state()[3:] == (2, 0, 0, 0, 0)
     outcome("f", "succeeded", 0.0)
     # Rows waiting while predictions in flight hold what is left of the budget (limits.py).
     journal.write("waiting_for_budget", "h")
@@ -545,8 +554,20 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     assert said.endswith("1 in flight, 2 waiting on the budget until predictions in flight settle what they cost")
     journal.write("sending", "h", provider="local")  # one cost nothing: its money came back
     outcome("i", "skipped_budget", 0.0)  # the others cost their price: none left for it
-    assert watcher._state()[3:] == (2, 0, 0, 0)
+    assert watcher._state()[3:] == (2, 0, 0, 0, 0)
     outcome("h", "succeeded", 0.0)
+    # Rows waiting for room to decode their recordings while other rows hold theirs (memory_room.py).
+    for row in ("m", "n", "o"):
+        journal.write("waiting_for_memory", row)
+    watcher._print_line()
+    said = capsys.readouterr().err.strip()
+    assert said.endswith("1 in flight, 3 waiting for memory to read their recordings in")
+    journal.write("memory_granted", "m")  # room came: read in, not yet sent
+    journal.write("sending", "n", provider="local")
+    outcome("o", "failed", 0.0)  # its recording could not be read in
+    assert watcher._state()[3:] == (2, 0, 0, 0, 0)
+    outcome("m", "succeeded", 0.0)
+    outcome("n", "succeeded", 0.0)
     # Then the files several rows of one recording share are made (combine.py).
     journal.write("combining", files=2)
     journal.write("combined", name="fixed/a.wav", output="/o/fixed/a.wav", rows=["a"], missing=[])
@@ -556,11 +577,16 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     watcher._print_line()
     assert capsys.readouterr().err.strip().endswith("1 in flight, files of several rows made: 1/2 (1 not made)")
     # An attempt that ended while rows waited: the next attempt starts them over.
-    for kind, row in (("waiting", "j"), ("waiting_for_disk", "k"), ("waiting_for_budget", "l")):
+    for kind, row in (
+        ("waiting", "j"),
+        ("waiting_for_disk", "k"),
+        ("waiting_for_budget", "l"),
+        ("waiting_for_memory", "p"),
+    ):
         journal.write(kind, row)
-    assert watcher._state()[4:] == (1, 1, 1)
+    assert watcher._state()[4:] == (1, 1, 1, 1)
     journal.write("run_started", total=3, kept=0)
-    assert watcher._state()[3:] == (0, 0, 0, 0)
+    assert watcher._state()[3:] == (0, 0, 0, 0, 0)
     journal.close()
 
 
