@@ -158,6 +158,8 @@ class Batch:
         self.memory = MemoryRoom(int(limit_mb * 2**20) if limit_mb else default_limit_bytes())
         self.sources = SourceReader(self.s3, config.storage, room=self.memory)
         self.manifest = manifest.with_patterns_expanded(self.sources.glob)
+        # Times given as a recording's own timecode, counted from its first sample from here on.
+        self.manifest = self.manifest.with_times_from_stamps(self.sources.time_stamp)
         tls.verify()  # a CA bundle (SSL_CERT_FILE) that cannot be read: before any row, in one sentence
         self.provider_named(config.provider.name)  # an unusable provider stops the run before it starts
         if not dry_run:

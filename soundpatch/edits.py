@@ -34,6 +34,7 @@ KNOWN_COLUMNS = (
     "output",
     "provider",
     "fps",
+    "timecode",
 )
 MAX_PROMPT_CHARS = 2000
 MAX_VARIATIONS = 1000
@@ -62,6 +63,9 @@ class Edit:
     extra: Mapping[str, str] = field(default_factory=dict)
     error: str | None = None
     variation: int = 1  # which of its row's `variations` (1 when it has one)
+    # `timecode: source`: start and end are the recording's own timecode, which begins at its
+    # time stamp; made seconds from its first sample (from_time_stamp) before the run uses them.
+    source_timecode: bool = False
 
     @property
     def valid(self) -> bool:
@@ -158,6 +162,52 @@ def parse_time(value: Any, what: str = "time", fps: str | None = None) -> float:
 
 
 _REGION = re.compile(r"^\s*([^\s\-–]+)\s*(?:-|–|\.\.)\s*([^\s\-–]+)\s*$")
+
+
+def _source_timecode(text: str) -> bool:
+    """A `timecode` column: `elapsed` (the default), times counted from the recording's
+    first sample; `source`, its own timecode, as an edit decision list's source in and out."""
+    value = text.strip().lower()
+    if value not in ("", "elapsed", "source"):
+        raise ValueError(
+            f"timecode {text!r} is neither elapsed (counted from the recording's first sample) nor source "
+            "(the recording's own timecode, from its time stamp)"
+        )
+    return value == "source"
+
+
+def from_time_stamp(edit: Edit, stamp: float | None, duration: float, name: str) -> Edit:
+    """An edit whose times are its recording's own timecode (`source_timecode`) with them
+    counted from its first sample instead: `stamp` is when that sample was recorded (seconds
+    since midnight; None: the file does not say), `duration` how long it is. A region before
+    the stamp is after midnight, where the recording runs past it. Other edits as they are."""
+    if not edit.source_timecode or edit.error:
+        return edit
+    if stamp is None:
+        return invalid_copy(
+            edit,
+            f"its times are source timecode (timecode: source) but {name} has no time stamp to count them from "
+            "(a broadcast WAV's bext time reference); give them from its first sample (timecode: elapsed)",
+        )
+    assert edit.start is not None and edit.end is not None
+    start, end = edit.start - stamp, edit.end - stamp
+    if start < 0 and start + _DAY < duration:  # recorded through midnight, and this after it
+        start, end = start + _DAY, end + _DAY
+    if start < 0:
+        return invalid_copy(
+            edit, f"region starts at {clock(edit.start)}, before {name} begins at {clock(stamp)} (its time stamp)"
+        )
+    # (to the nanosecond: 3601.48 - 3600 is 1.4800000000000182, which a report should not show)
+    return replace(edit, start=round(start, 9), end=round(end, 9), source_timecode=False)
+
+
+_DAY = 24 * 3600.0
+
+
+def clock(seconds: float) -> str:
+    """Seconds since midnight as a time of day, `01:00:12.200`."""
+    millis = round(seconds * 1000)
+    return f"{millis // 3_600_000:02d}:{millis // 60_000 % 60:02d}:{millis // 1000 % 60:02d}.{millis % 1000:03d}"
 
 
 def parse_region(text: Any, fps: str | None = None) -> tuple[float, float]:
@@ -270,6 +320,7 @@ def _parse_fields(record: dict[str, Any], text: dict[str, str]) -> dict[str, Any
         "variations": _int_field(text, "variations", 1, MAX_VARIATIONS) or 1,
         "output": text.get("output") or None,
         "provider": provider,
+        "source_timecode": _source_timecode(text.get("timecode", "")),
     }
 
 
@@ -326,10 +377,11 @@ def _float_field(text: dict[str, str], key: str, low: float, high: float) -> flo
 
 def _derived_id(text: Mapping[str, str]) -> str:
     """A short id from the row's content: the same row gets the same id in every run."""
-    keys = [c for c in KNOWN_COLUMNS if c not in ("id", "fps")]
+    keys = [c for c in KNOWN_COLUMNS if c not in ("id", "fps", "timecode")]
     fields = {k: text.get(k, "") for k in keys}
-    if text.get("fps"):  # (only where given: the ids of rows without it stay what they were)
-        fields["fps"] = text["fps"]
+    for later in ("fps", "timecode"):  # (only where given: the ids of rows without them stay what they were)
+        if text.get(later):
+            fields[later] = text[later]
     canonical = json.dumps(fields, sort_keys=True)
     return "r" + hashlib.sha256(canonical.encode()).hexdigest()[:10]
 

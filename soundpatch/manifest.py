@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from soundpatch.edits import KNOWN_COLUMNS, REMOTE_SCHEMES, Edit, expand_rows, invalid_copy
+from soundpatch import web
+from soundpatch.edits import KNOWN_COLUMNS, REMOTE_SCHEMES, Edit, expand_rows, from_time_stamp, invalid_copy
 from soundpatch.errors import ManifestError, SoundpatchError
 
 
@@ -116,6 +117,22 @@ class Manifest:
                 name = found[len(fixed) :] if found.startswith(fixed) else found
                 suffix = _UNSAFE_ID.sub("_", name.rsplit(".", 1)[0]).strip("_") or "file"
                 edits.append(replace(edit, input=self._as_given(found), row_id=f"{edit.row_id}-{suffix}"))
+        return Manifest(self.path, edits)
+
+    def with_times_from_stamps(self, stamp_of: Callable[[str], tuple[float | None, float]]) -> Manifest:
+        """Rows whose times are their recording's own timecode (`timecode: source`) with them
+        counted from its first sample instead (edits.from_time_stamp). `stamp_of(input)`: its
+        time stamp (seconds since midnight, or None) and its length in seconds."""
+        edits: list[Edit] = []
+        for edit in self.edits:
+            if edit.source_timecode and not edit.error:
+                try:
+                    stamp, duration = stamp_of(self.resolve_input(edit))
+                except SoundpatchError as exc:
+                    edit = invalid_copy(edit, str(exc))
+                else:
+                    edit = from_time_stamp(edit, stamp, duration, Path(web.shown_input(edit.input)).name)
+            edits.append(edit)
         return Manifest(self.path, edits)
 
     def _as_given(self, found: str) -> str:

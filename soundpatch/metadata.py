@@ -243,6 +243,62 @@ def _carried_parts(f: BinaryIO, family: str) -> Iterator[tuple[bytes, bytes]]:
         yield cid, taken
 
 
+_BEXT_TIME_REFERENCE = 338  # where a bext chunk's TimeReference (samples since midnight, 64 bits) is
+
+
+def time_reference(carried: Carried | None) -> int | None:
+    """When a recording's first sample was recorded, in samples since midnight: a broadcast
+    WAV's bext time reference, or the TIME_REFERENCE tag a FLAC made from one keeps it in
+    (as ffmpeg and BWF MetaEdit write it). None where its file does not say."""
+    for cid, body in carried.parts if carried is not None else ():
+        if cid == b"bext" and len(body) >= _BEXT_TIME_REFERENCE + 8:
+            return struct.unpack_from("<Q", body, _BEXT_TIME_REFERENCE)[0]
+        if cid == bytes([_FLAC_VORBIS_COMMENT]):
+            said = _vorbis_comments(body).get("TIME_REFERENCE", "").strip()
+            if said.isdigit():
+                return int(said)
+    return None
+
+
+def file_time_reference(path: Path) -> int | None:
+    """time_reference() of the file at `path`, from its bext chunk or FLAC tags alone."""
+    wanted = {b"bext", bytes([_FLAC_VORBIS_COMMENT])}
+    with open(path, "rb") as f:
+        head = f.read(4)
+        flac = head == b"fLaC" or head[:3] == b"ID3"
+        family = "RIFF" if head in (b"RIFF", b"RF64", b"BW64") else "FLAC" if flac else ""
+        if not family:
+            return None
+        f.seek(0)
+        end = _size_of(f)
+        parts = []
+        try:
+            for cid, body, size in _PARTS[family][0](f, end):
+                if cid in wanted and body + size <= end and size <= MAX_CARRIED_BYTES:
+                    f.seek(body)
+                    parts.append((cid, f.read(size)))
+        except (OSError, struct.error, ValueError):
+            pass  # a header it cannot follow: what was found before it
+    return time_reference(Carried(family, tuple(parts)))
+
+
+def _vorbis_comments(body: bytes) -> dict[str, str]:
+    """A FLAC's Vorbis comments (upper-case names; the first of a name repeated)."""
+    found: dict[str, str] = {}
+    try:
+        at = 4 + struct.unpack_from("<I", body, 0)[0]  # past the vendor string
+        (count,) = struct.unpack_from("<I", body, at)
+        at += 4
+        for _ in range(count):
+            (size,) = struct.unpack_from("<I", body, at)
+            name, _, value = body[at + 4 : at + 4 + size].decode("utf-8", "replace").partition("=")
+            found.setdefault(name.upper(), value)
+            at += 4 + size
+    except struct.error:
+        pass  # cut short: what came before
+    return found
+
+
 # ---------------------------------------------------------------------------- writing
 
 _CHUNKED = {"RIFF": ("<", b"RIFF"), "AIFF": (">", b"FORM")}

@@ -34,6 +34,7 @@ from soundpatch.errors import RowError
 from soundpatch.humanize import over_limit
 from soundpatch.manifest import GLOB_CHARS
 from soundpatch.memory_room import MemoryRoom
+from soundpatch.metadata import file_time_reference, time_reference
 from soundpatch.s3 import S3, S3Uri
 
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -80,6 +81,17 @@ class SourceReader:
             info = inspect(str(path), f"input file {uri}")
         self._info[uri] = info
         return info
+
+    def time_stamp(self, uri: str) -> tuple[float | None, float]:
+        """When the recording's first sample was recorded, in seconds since midnight (its
+        bext time reference: metadata.time_reference), None where its file does not say;
+        and how long it is."""
+        info = self.info(uri)
+        if uri.startswith(("s3://", "http://", "https://")):
+            samples = time_reference(self.audio(uri).carried)  # (read for its info already)
+        else:
+            samples = file_time_reference(self._local_path(uri))
+        return (None if samples is None else samples / info.rate), info.duration
 
     def audio(self, uri: str) -> Audio:
         with self._lock:
