@@ -166,3 +166,20 @@ def test_validate_says_where_source_timecode_lands_and_why_a_row_cannot_be_place
     said = " ".join(done.stdout.split()).lower()
     assert "invalid 1" in said and "predictions to send 1" in said, said
     assert "invalid b (line 3): region starts at 5 s but reel.wav is only 3.000 s long" in said, said
+
+
+def test_the_example_edl_restores_its_reel_where_its_timecode_says(tmp_path):
+    manifest = Path(__file__).parent.parent / "manifests" / "reel_edl.csv"
+    reel, rate = sf.read(manifest.parent / "audio" / "reel_interview.wav", dtype="int16", always_2d=True)
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    outcomes = run_in_process(manifest, cfg, "edl")[0]
+    assert [(o.row_id, o.status, o.start, o.end) for o in outcomes] == [
+        ("reel3-dropout", "succeeded", 1.68, 1.76),  # 10:00:01:17-10:00:01:19 at 25 fps, from 10:00:00:00
+        ("reel3-click", "succeeded", 3.04, 3.08),
+    ], [o.error for o in outcomes]
+    output = tmp_path / "out" / "edl" / "reel_interview.wav"  # both edits in one file of the reel
+    result = sf.read(output, dtype="int16", always_2d=True)[0]
+    outside = np.ones(len(reel), bool)
+    outside[round(1.68 * rate) : round(1.76 * rate)] = outside[round(3.04 * rate) : round(3.08 * rate)] = False
+    assert result.shape == reel.shape and np.array_equal(result[outside], reel[outside])
+    assert metadata.file_time_reference(output) == 10 * 3600 * rate  # its bext came with it
