@@ -65,6 +65,7 @@ class SourceReader:
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
         self._info: dict[str, AudioInfo] = {}
+        self._time_references: dict[str, int | None] = {}  # samples since midnight (time_stamp)
         self._checksums: dict[str, str] = {}
         self._stamps: dict[str, str | None] = {}
 
@@ -87,10 +88,13 @@ class SourceReader:
         bext time reference: metadata.time_reference), None where its file does not say;
         and how long it is."""
         info = self.info(uri)
-        if uri.startswith(("s3://", "http://", "https://")):
-            samples = time_reference(self.audio(uri).carried)  # (read for its info already)
-        else:
-            samples = file_time_reference(self._local_path(uri))
+        if uri not in self._time_references:  # (asked once for each of its rows)
+            if uri.startswith(("s3://", "http://", "https://")):
+                samples = time_reference(self.audio(uri).carried)  # (read for its info already)
+            else:
+                samples = file_time_reference(self._local_path(uri))
+            self._time_references[uri] = samples
+        samples = self._time_references[uri]
         return (None if samples is None else samples / info.rate), info.duration
 
     def audio(self, uri: str) -> Audio:
