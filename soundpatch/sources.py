@@ -92,7 +92,10 @@ class SourceReader:
             if uri.startswith(("s3://", "http://", "https://")):
                 samples = time_reference(self.audio(uri).carried)  # (read for its info already)
             else:
-                samples = file_time_reference(self._local_path(uri))
+                try:
+                    samples = file_time_reference(self._local_path(uri))
+                except OSError as exc:  # (its header was read a moment ago)
+                    raise RowError(f"input file {uri} cannot be read ({exc.strerror})") from None
             self._time_references[uri] = samples
         samples = self._time_references[uri]
         return (None if samples is None else samples / info.rate), info.duration
