@@ -1,4 +1,5 @@
-"""Regenerate the sample audio under manifests/audio/ (committed, so this is optional).
+"""Regenerate the sample audio under manifests/audio/ and manifests/reels/ (committed, so
+this is optional).
 
     python manifests/make_samples.py
 
@@ -16,6 +17,7 @@ import soundfile as sf
 from soundpatch import demo_audio, metadata
 
 HERE = Path(__file__).parent / "audio"
+REELS = Path(__file__).parent / "reels"  # apart from audio/, the archive folder `detect` is shown on
 
 # Damage punched into the restoration examples: (start s, end s, kind).
 MUSIC_DAMAGE = [
@@ -47,8 +49,9 @@ def main() -> None:
     sf.write(HERE / "music_damaged.flac", damaged(music, music_rate, MUSIC_DAMAGE), music_rate, subtype="PCM_16")
     sf.write(HERE / "voice_damaged.flac", damaged(voice, voice_rate, VOICE_DAMAGE), voice_rate, subtype="PCM_16")
     sf.write(HERE / "whoosh_impact.wav", demo_audio.effect(2.5, 48000, seed=7), 48000, subtype="PCM_16")
-    write_reel(HERE / "reel_interview.wav", damaged(voice, voice_rate, VOICE_DAMAGE), voice_rate)
-    for p in sorted(HERE.iterdir()):
+    REELS.mkdir(exist_ok=True)
+    write_reel(REELS / "reel_interview.wav", damaged(voice, voice_rate, VOICE_DAMAGE), voice_rate)
+    for p in sorted([*HERE.iterdir(), *REELS.iterdir()]):
         print(f"{p.relative_to(HERE.parent.parent)}  {p.stat().st_size / 1024:.0f} KiB")
 
 

@@ -170,7 +170,7 @@ def test_validate_says_where_source_timecode_lands_and_why_a_row_cannot_be_place
 
 def test_the_example_edl_restores_its_reel_where_its_timecode_says(tmp_path):
     manifest = Path(__file__).parent.parent / "manifests" / "reel_edl.csv"
-    reel, rate = sf.read(manifest.parent / "audio" / "reel_interview.wav", dtype="int16", always_2d=True)
+    reel, rate = sf.read(manifest.parent / "reels" / "reel_interview.wav", dtype="int16", always_2d=True)
     cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
     outcomes = run_in_process(manifest, cfg, "edl")[0]
     assert [(o.row_id, o.status, o.start, o.end) for o in outcomes] == [
