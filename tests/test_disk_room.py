@@ -448,12 +448,17 @@ def test_a_run_whose_own_disk_fills_up_starts_no_more_rows_says_why_and_pays_for
 
     def fill_after_the_first_outcome() -> None:
         deadline = time.monotonic() + 120
+        held = False
         while time.monotonic() < deadline:
-            if journal.exists() and any(e["event"] == "outcome" for e in read_events(journal.parent)):
-                # The row started next (r2) may be sent while the disk fills; the provider holds
-                # its answer until the disk is full, however long filling takes (seconds, on a
-                # loaded machine: r2 then finished and r3 was sent before).
+            events = read_events(journal.parent) if journal.exists() else []
+            if not held and any(e["event"] == "predicted" for e in events):
+                # r1 has its answer, and its slot goes to the row sent next (r2): the provider
+                # holds r2's answer until the disk is full, however long r1 takes to finish and
+                # filling takes. Held only from r1's outcome on, r2 had sometimes been answered
+                # by then (a loaded CI machine: r2 finished and r3 was sent, twice).
                 sim.settings.latency = 600
+                held = True
+            if held and any(e["event"] == "outcome" for e in events):
                 fillers.append(fill(disk, leave=0))
                 sim.settings.latency = 0.4
                 return
@@ -476,6 +481,8 @@ def test_a_run_whose_own_disk_fills_up_starts_no_more_rows_says_why_and_pays_for
     assert f"note: {journal_full[:1].upper()}{journal_full[1:]}" in said
     sent = list(sim.stats.prompts)
     assert 1 <= len(sent) <= 2 and set(sent) <= {"clang r1", "clang r2"}  # r3 on: never sent
+    recorded = {f"clang {e['row']}" for e in read_events(journal.parent) if e["event"] == "creating"}
+    assert set(sent) <= recorded, (sent, recorded)  # nothing went out that the journal had not recorded first
 
     fillers[0].unlink()
     again = soundpatch(*args, cwd=tmp_path, env=env)
