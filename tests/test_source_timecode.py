@@ -21,7 +21,7 @@ import soundfile as sf
 from soundpatch import metadata
 from soundpatch.config import load_config
 from tests.jobs import clean_env, run_in_process, soundpatch
-from tests.test_metadata import BEXT, RATE, chunk, flac_with, outside_is_the_same, pcm, wav_bytes, with_chunks
+from tests.test_metadata import BEXT, RATE, chunk, comments, flac_with, outside_is_the_same, pcm, wav_bytes, with_chunks
 
 ONE_HOUR = 3600 * RATE  # BEXT's time reference: its first sample was recorded at 01:00:00
 
@@ -29,12 +29,6 @@ ONE_HOUR = 3600 * RATE  # BEXT's time reference: its first sample was recorded a
 def bext_at(samples: int) -> bytes:
     """BEXT with another time reference."""
     return BEXT[:338] + struct.pack("<Q", samples) + BEXT[346:]
-
-
-def vorbis_comments(*comments: str) -> bytes:
-    vendor = b"reference libFLAC"
-    body = struct.pack("<I", len(vendor)) + vendor + struct.pack("<I", len(comments))
-    return body + b"".join(struct.pack("<I", len(c.encode())) + c.encode() for c in comments)
 
 
 def run(tmp_path: Path, rows: list[str], **overrides: str) -> dict:
@@ -55,7 +49,8 @@ def test_rows_in_a_recording_s_own_timecode_are_edited_where_its_time_stamp_puts
     flac.write(source)
     flac.close()
     tagged = flac_with(
-        (tmp_path / "tmp.flac").read_bytes(), [(4, vorbis_comments("TITLE=Reel", "time_reference=28800000"))]
+        (tmp_path / "tmp.flac").read_bytes(),
+        [(4, comments(b"reference libFLAC", "TITLE=Reel", "time_reference=28800000"))],
     )
     (tmp_path / "reel.flac").write_bytes(tagged)
 
@@ -123,9 +118,13 @@ def test_a_time_stamp_is_read_from_a_file_s_bext_or_flac_tags_and_none_from_othe
     (tmp_path / "plain.wav").write_bytes(wav_bytes(source))
     (tmp_path / "plain.aiff").write_bytes(wav_bytes(source, format="AIFF"))
     plain_flac = wav_bytes(source, format="FLAC")
-    (tmp_path / "tagged.flac").write_bytes(flac_with(plain_flac, [(4, vorbis_comments("Time_Reference=96000"))]))
-    (tmp_path / "untagged.flac").write_bytes(flac_with(plain_flac, [(4, vorbis_comments("TITLE=x"))]))
-    (tmp_path / "cut.flac").write_bytes(flac_with(plain_flac, [(4, vorbis_comments("TIME_REFERENCE=5")[:-3])]))
+    (tmp_path / "tagged.flac").write_bytes(
+        flac_with(plain_flac, [(4, comments(b"reference libFLAC", "Time_Reference=96000"))])
+    )
+    (tmp_path / "untagged.flac").write_bytes(flac_with(plain_flac, [(4, comments(b"reference libFLAC", "TITLE=x"))]))
+    (tmp_path / "cut.flac").write_bytes(
+        flac_with(plain_flac, [(4, comments(b"reference libFLAC", "TIME_REFERENCE=5")[:-3])])
+    )
 
     found = {p.name: metadata.file_time_reference(p) for p in sorted(tmp_path.iterdir())}
     assert found == {
