@@ -23,8 +23,6 @@ from soundpatch.config import load_config
 from tests.jobs import clean_env, run_in_process, soundpatch
 from tests.test_metadata import BEXT, RATE, chunk, comments, flac_with, outside_is_the_same, pcm, wav_bytes, with_chunks
 
-ONE_HOUR = 3600 * RATE  # BEXT's time reference: its first sample was recorded at 01:00:00
-
 
 def bext_at(samples: int) -> bytes:
     """BEXT with another time reference."""
@@ -45,12 +43,8 @@ def test_rows_in_a_recording_s_own_timecode_are_edited_where_its_time_stamp_puts
     night = pcm(60.0, 1, seed=1)
     (tmp_path / "night.wav").write_bytes(with_chunks(wav_bytes(night), [(b"bext", bext_at(86_370 * RATE))], []))
     # A FLAC made from a broadcast WAV keeps its time reference as a tag.
-    flac = sf.SoundFile(tmp_path / "tmp.flac", "w", RATE, 2, "PCM_16", format="FLAC")
-    flac.write(source)
-    flac.close()
     tagged = flac_with(
-        (tmp_path / "tmp.flac").read_bytes(),
-        [(4, comments(b"reference libFLAC", "TITLE=Reel", "time_reference=28800000"))],
+        wav_bytes(source, format="FLAC"), [(4, comments(b"reference libFLAC", "TITLE=Reel", "time_reference=28800000"))]
     )
     (tmp_path / "reel.flac").write_bytes(tagged)
 
