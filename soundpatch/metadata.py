@@ -260,25 +260,30 @@ def time_reference(carried: Carried | None) -> int | None:
     return None
 
 
-def file_time_reference(path: Path) -> int | None:
-    """time_reference() of the file at `path`, from its bext chunk or FLAC tags alone."""
+def file_time_reference(source: Path | BinaryIO) -> int | None:
+    """time_reference() of the file at a path, or open (a remote one read by ranges:
+    ranged.py), from its bext chunk or FLAC tags alone."""
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            return file_time_reference(f)
+    f = source
     wanted = {b"bext", bytes([_FLAC_VORBIS_COMMENT])}
-    with open(path, "rb") as f:
-        head = f.read(4)
-        flac = head == b"fLaC" or head[:3] == b"ID3"
-        family = "RIFF" if head in (b"RIFF", b"RF64", b"BW64") else "FLAC" if flac else ""
-        if not family:
-            return None
-        f.seek(0)
-        end = _size_of(f)
-        parts = []
-        try:
-            for cid, body, size in _PARTS[family][0](f, end):
-                if cid in wanted and body + size <= end and size <= MAX_CARRIED_BYTES:
-                    f.seek(body)
-                    parts.append((cid, f.read(size)))
-        except (OSError, struct.error, ValueError):
-            pass  # a header it cannot follow: what was found before it
+    f.seek(0)
+    head = f.read(4)
+    flac = head == b"fLaC" or head[:3] == b"ID3"
+    family = "RIFF" if head in (b"RIFF", b"RF64", b"BW64") else "FLAC" if flac else ""
+    if not family:
+        return None
+    f.seek(0)
+    end = _size_of(f)
+    parts = []
+    try:
+        for cid, body, size in _PARTS[family][0](f, end):
+            if cid in wanted and body + size <= end and size <= MAX_CARRIED_BYTES:
+                f.seek(body)
+                parts.append((cid, f.read(size)))
+    except (OSError, struct.error, ValueError):
+        pass  # a header it cannot follow: what was found before it
     return time_reference(Carried(family, tuple(parts)))
 
 
