@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -83,6 +84,8 @@ _BYTES_PER_SAMPLE |= {"FLOAT": 4, "DOUBLE": 8}
 # Formats whose header gives the length, checked by reading their last frame: a FLAC cut
 # short cannot be read there, an MP3 cut short reads nothing there.
 _LENGTH_IN_HEADER = frozenset(("FLAC", "MP3"))
+# Formats whose header says what inspect() does, read without the rest of the file.
+_SAID_BY_HEADER = frozenset(("WAV", "WAVEX", "RF64", "W64", "AIFF", "FLAC", "CAF", "AU", "OGG"))
 # A WAV whose recording was never finished (a recorder that lost power before writing its
 # length) says it holds nothing, "data : 0", with its samples right after that.
 _NOTHING_SAID = re.compile(r"^data\s*:\s*0\s*$", re.MULTILINE)
@@ -258,6 +261,23 @@ def inspect(source: bytes | str, name: str = "audio") -> AudioInfo:
         return decode(data, name).info
     if info.frames <= 0 or info.rate <= 0:
         raise RowError(f"{name} holds no audio samples")
+    return info
+
+
+def header_info(file: BinaryIO) -> AudioInfo | None:
+    """What inspect() says of a file open for reading (a remote one read by ranges:
+    ranged.py), where its header alone tells: None where only reading it all does (an MP3,
+    whose length may be an estimate; a WAV never finished; a FLAC cut short) or it cannot
+    be read (reading it all says why)."""
+    try:
+        with sf.SoundFile(file) as f:
+            if f.format not in _SAID_BY_HEADER or f.frames <= 0 or f.samplerate <= 0:
+                return None
+            info = AudioInfo(f.frames, f.samplerate, f.channels, f.format, f.subtype, _promised_frames(f))
+            if f.format in _LENGTH_IN_HEADER and not _last_frame_read(f):
+                return None
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        return None
     return info
 
 

@@ -65,7 +65,8 @@ from soundpatch.results import KeptUnpublished, Results
 from soundpatch.row import Checked, RowWork
 from soundpatch.runs_folder import SCRATCH_DIR, clear_stopped_runs_scratch
 from soundpatch.s3 import S3, NoConditionalWrites, S3Uri
-from soundpatch.sources import SourceReader
+from soundpatch.source_records import SourceRecords
+from soundpatch.sources import SourceReader, remote
 from soundpatch.splicing import Splicer
 from soundpatch.storage import LocalFolder, OutputStore, S3Prefix, open_store
 from soundpatch.window import answer_bytes_bound
@@ -157,6 +158,7 @@ class Batch:
         limit_mb = config.limits.inputs_memory_mb
         self.memory = MemoryRoom(int(limit_mb * 2**20) if limit_mb else default_limit_bytes())
         self.sources = SourceReader(self.s3, config.storage, room=self.memory)
+        self.source_records = SourceRecords(self.store, self.sources)
         self.manifest = manifest.with_patterns_expanded(self.sources.glob)
         # Times given as a recording's own timecode, counted from its first sample from here on.
         self.manifest = self.manifest.with_times_from_stamps(self.sources.time_stamp)
@@ -568,6 +570,7 @@ class Batch:
             raise
         identity = self.identity(checked)
         checksum = self.sources.checksum(checked.source)
+        self.source_records.remember(checked.source)  # (a later estimate need not download it)
         made_for = {
             "request": self.request(checked),
             "identity": identity,
@@ -614,13 +617,24 @@ class Batch:
             waiting=lambda run: self.journal.write("waiting", row_id, on=run),  # for the progress line
         )
 
-    def identity(self, checked: Checked) -> str:
+    def identity(self, checked: Checked, estimating: bool = False) -> str:
         provider = checked.provider
-        checksum = self.sources.checksum(checked.source)
+        checksum = self._checksum(checked, estimating)
         return edit_identity(checked.edit, checksum, provider.name, provider.model, self.config)
 
-    def request(self, checked: Checked) -> str:
-        return request_identity(checked.edit, self.sources.checksum(checked.source))
+    def request(self, checked: Checked, estimating: bool = False) -> str:
+        return request_identity(checked.edit, self._checksum(checked, estimating))
+
+    def _checksum(self, checked: Checked, estimating: bool) -> str:
+        """The SHA-256 of the row's recording. `estimating`: a remote recording is not
+        downloaded for it where no run writing here has read that version of it (nothing
+        here can be of it: source_records.py), unless this run has an attempt of the row."""
+        source = checked.source
+        if estimating and remote(source) and checked.edit.row_id not in self.states:
+            self.source_records.vouch(source)
+            known = self.sources.known_checksum(source)
+            return known if known is not None else f"not read: {source}"
+        return self.sources.checksum(source)
 
     def _reuse(self, edit: Edit, checked: Checked, identity: str, outcome: Outcome, original: Audio) -> bool:
         """Publish an earlier result with this identity under this row's name: skipped_done, cost 0."""

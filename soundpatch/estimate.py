@@ -70,7 +70,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
     for edit in edits:
         try:
             checked = batch.check(edit)
-            identity = batch.identity(checked)
+            identity = batch.identity(checked, estimating=True)
         except RowError as exc:
             invalid += 1
             errors.append((edit.row_id, edit.line, sentence_of(exc)))
@@ -85,7 +85,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         if not batch.force and batch.results.earlier(identity) is not None:
             done += 1
             continue
-        state = batch.attempt_for(edit.row_id, batch.request(checked))
+        state = batch.attempt_for(edit.row_id, batch.request(checked, estimating=True))
         if state is not None and state.settled and batch.config.provider.resubmit_unusable:
             state = None  # what it could not use is given up: a new prediction
         elif state is None and edit.row_id in batch.states:

@@ -24,17 +24,29 @@ import tempfile
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from soundpatch import web
-from soundpatch.audio import Audio, AudioInfo, cut_short, decode, decoded_bytes, inspect, never_finished
+from soundpatch.audio import (
+    Audio,
+    AudioInfo,
+    cut_short,
+    decode,
+    decoded_bytes,
+    header_info,
+    inspect,
+    never_finished,
+)
 from soundpatch.config import StorageConfig
 from soundpatch.errors import RowError
 from soundpatch.humanize import over_limit
 from soundpatch.manifest import GLOB_CHARS
 from soundpatch.memory_room import MemoryRoom
 from soundpatch.metadata import file_time_reference, time_reference
+from soundpatch.ranged import RangedFile
 from soundpatch.s3 import S3, S3Uri
 
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -43,6 +55,11 @@ DEFAULT_CACHE_BYTES = 1 << 30
 RECORDING_SUFFIXES = frozenset(
     (".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".aifc", ".w64", ".rf64", ".caf")
 )
+
+
+def remote(uri: str) -> bool:
+    """Whether an input is read from a bucket or a web server (else, from a local path)."""
+    return uri.startswith(("s3://", "http://", "https://"))
 
 
 class SourceReader:
@@ -74,14 +91,50 @@ class SourceReader:
         cached = self._info.get(uri)
         if cached is not None:
             return cached
-        if uri.startswith(("s3://", "http://", "https://")):
-            # A remote header costs a request anyway: fetch and decode once, keep it.
-            info = self.audio(uri).info
+        if remote(uri):
+            with self._key_lock(uri):  # (rows of one recording ask at once: read once)
+                info = self._info.get(uri) or self._remote_header(uri)  # its header by ranges (ranged.py)
+            info = info or self.audio(uri).info  # else fetched and decoded once, and kept
         else:
             path = self._local_path(uri)
             info = inspect(str(path), f"input file {uri}")
         self._info[uri] = info
         return info
+
+    def _remote_header(self, uri: str) -> AudioInfo | None:
+        """What the header of a remote recording says, and its time stamp, read by ranges
+        (ranged.py): None where that does not tell, or the server cannot say (the download
+        then does, or says why not)."""
+        with self._byte_ranges(uri) as ranges:
+            if ranges is None or not 0 < ranges[0] <= self._max_bytes:
+                return None
+            file = RangedFile(*ranges)
+            info = header_info(file)
+            samples = file_time_reference(file) if info is not None else None
+        if info is None or file.failure is not None:
+            return None
+        self._time_references[uri] = samples
+        return info
+
+    @contextmanager
+    def _byte_ranges(self, uri: str) -> Iterator[tuple[int, Callable[[int, int], bytes]] | None]:
+        """The length of a remote recording, and a fetch of its byte ranges of that version."""
+        if not uri.startswith("s3://"):
+            with web.byte_ranges(uri, self._storage.http) as ranges:
+                yield ranges
+            return
+        target = S3Uri.parse(uri)
+        try:
+            head = self._s3.head(target) if self._s3 is not None else None
+        except RowError:
+            head = None
+        if not head or not head.get("ETag"):
+            yield None
+            return
+        yield (
+            int(head.get("ContentLength") or 0),
+            lambda start, stop: self._s3.read_range(target, start, stop, head["ETag"]),
+        )
 
     def time_stamp(self, uri: str) -> tuple[float | None, float]:
         """When the recording's first sample was recorded, in seconds since midnight (its
@@ -89,8 +142,8 @@ class SourceReader:
         and how long it is."""
         info = self.info(uri)
         if uri not in self._time_references:  # (asked once for each of its rows)
-            if uri.startswith(("s3://", "http://", "https://")):
-                samples = time_reference(self.audio(uri).carried)  # (read for its info already)
+            if remote(uri):
+                samples = time_reference(self.audio(uri).carried)  # (downloaded for its info already)
             else:
                 try:
                     samples = file_time_reference(self._local_path(uri))
@@ -105,14 +158,13 @@ class SourceReader:
             hit = self._known(uri)
             if hit is not None:
                 return hit
-            key_lock = self._key_locks.setdefault(uri, threading.Lock())
-        with key_lock:
+        with self._key_lock(uri):
             with self._lock:
                 hit = self._known(uri)
                 if hit is not None:
                     return hit
             self._stamp_before_reading(uri)
-            if uri.startswith(("s3://", "http://", "https://")):
+            if remote(uri):
                 audio, checksum = self._download(uri)
             else:  # by its path: an hour-long recording is never held as bytes beside its samples
                 path = self._local_path(uri)
@@ -131,6 +183,11 @@ class SourceReader:
                     _, old = self._cache.popitem(last=False)
                     self._held -= old.samples.nbytes
             return audio
+
+    def _key_lock(self, uri: str) -> threading.Lock:
+        """What rows reading `uri` take turns by, so that it is read once."""
+        with self._lock:
+            return self._key_locks.setdefault(uri, threading.Lock())
 
     def _known(self, uri: str) -> Audio | None:
         """`uri` decoded already: in the cache, or no longer there but still held by a row
@@ -191,7 +248,7 @@ class SourceReader:
         """SHA-256 of the source's bytes, taken when it was read for decoding."""
         with self._lock:
             known = self._checksums.get(uri)
-        if known is None and not uri.startswith(("s3://", "http://", "https://")):
+        if known is None and not remote(uri):
             self._stamp_before_reading(uri)
             known = file_sha256(self._local_path(uri))
             with self._lock:
@@ -201,6 +258,11 @@ class SourceReader:
             with self._lock:
                 known = self._checksums[uri]
         return known
+
+    def known_checksum(self, uri: str) -> str | None:
+        """checksum() where it is known without reading `uri` (read already, or vouched for)."""
+        with self._lock:
+            return self._checksums.get(uri)
 
     def stamp(self, uri: str) -> str | None:
         """The stamp of the version whose checksum was taken (None: no stamp to be had)."""

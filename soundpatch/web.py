@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit, urlunsplit
@@ -89,6 +89,50 @@ def stamp(url: str, config: HttpConfig) -> str | None:
         return None
 
 
+@contextmanager
+def byte_ranges(url: str, config: HttpConfig) -> Iterator[tuple[int, Callable[[int, int], bytes]] | None]:
+    """The length of `url` and a fetch of its bytes `start` to `stop` - 1 (ranged.py), each
+    of the version a HEAD found (If-Range: a server with another, or one that does not give
+    ranges, answers with all of it, which is refused unread), on one connection, addresses
+    checked as for a fetch. None where the server names no length or no version."""
+    with _client(config) as client:
+        try:
+            with _answer(client, "HEAD", url, config) as head:
+                length, validator = head.headers.get("content-length", ""), _validator(head)
+                found = head.status_code == 200 and length.isdigit() and validator is not None
+        except httpx.ConnectError as exc:
+            if lasting_tls_failure(exc):  # as the download would say, without trying again
+                raise RowError(f"Cannot fetch {shown(url)}: {network_reason(exc)}") from None
+            found = False
+        except (httpx.HTTPError, RowError):
+            found = False  # the download tries again, or says why not
+        if not found:
+            yield None
+            return
+
+        def fetch(start: int, stop: int) -> bytes:
+            asked = {"Range": f"bytes={start}-{stop - 1}", "If-Range": validator}
+            with _answer(client, "GET", url, config, asked) as response:
+                if response.status_code != 206:
+                    raise OSError(f"asked for a range of {shown(url)}, the server answered HTTP {response.status_code}")
+                data = bytearray()
+                for chunk in response.iter_bytes():
+                    data += chunk
+                    if len(data) > stop - start:
+                        raise OSError(f"asked for {stop - start} bytes of {shown(url)}, the server sent more")
+                return bytes(data)
+
+        yield int(length), fetch
+
+
+def _validator(response: httpx.Response) -> str | None:
+    """What names this version in an If-Range: a strong ETag, else Last-Modified."""
+    etag = response.headers.get("etag", "")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return response.headers.get("last-modified") or None
+
+
 def version(response: httpx.Response) -> str | None:
     """What names this version of a resource: a strong ETag, else its Last-Modified time,
     each with its length. None when the server gives neither."""
@@ -110,13 +154,15 @@ def _client(config: HttpConfig) -> httpx.Client:
 
 
 @contextmanager
-def _answer(client: httpx.Client, method: str, url: str, config: HttpConfig) -> Iterator[httpx.Response]:
+def _answer(
+    client: httpx.Client, method: str, url: str, config: HttpConfig, headers: dict[str, str] | None = None
+) -> Iterator[httpx.Response]:
     """The server's answer to `method url` once redirects are followed by hand, each hop's
     host checked first (its body not read yet)."""
     current = url
     for _ in range(MAX_REDIRECTS + 1):
         check_address(current, config.allow_private_addresses)
-        with client.stream(method, current) as response:
+        with client.stream(method, current, headers=headers) as response:
             if not response.is_redirect:
                 yield response
                 return

@@ -235,6 +235,7 @@ class FaultProxy:
         target = urlsplit(upstream)
 
         self.faults = 0
+        self.answers: list[tuple[str, str, int, int]] = []  # (method, path, status, body bytes) passed through
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -265,11 +266,13 @@ class FaultProxy:
                     status, headers, data = r.status, r.getheaders(), r.read()
                 finally:
                     conn.close()
+                proxy.answers.append((self.command, self.path, status, len(data)))
                 self.send_response(status)
                 for k, v in headers:
                     if k.lower() not in ("content-length", "transfer-encoding", "connection", "date", "server"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                length = r.getheader("Content-Length") if self.command == "HEAD" else None  # the object's, to HEAD
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -279,6 +282,10 @@ class FaultProxy:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def served(self, method: str = "GET") -> int:
+        """Bytes of the bodies the server sent back to `method` requests, so far."""
+        return sum(size for m, _, _, size in list(self.answers) if m == method)
 
     @property
     def throttled(self) -> int:
