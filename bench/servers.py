@@ -1,15 +1,20 @@
 """The servers a bench talks to, each in its own process as it would be in use: S3 (moto)
-and the provider (`soundpatch simulate`). Started on free loopback ports, stopped after."""
+and the provider (`soundpatch simulate`). Started on free loopback ports, stopped after.
+And a link in front of S3 passing answers on at a network's pace, counting them."""
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import boto3
 import httpx
@@ -64,3 +69,64 @@ def simulator(*options: str) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait()
+
+
+class Meter:
+    """What a metered link passed on: bytes of answers' bodies, and requests."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.requests = 0
+        self.lock = threading.Lock()
+
+
+@contextmanager
+def metered_link(upstream: str, mb_per_second: float) -> Iterator[tuple[str, Meter]]:
+    """An endpoint in front of `upstream` (an S3 server) passing each answer's body on at
+    `mb_per_second` a connection, as a network does (loopback passes gigabytes a second),
+    and counting what it passed: (its URL, its Meter)."""
+    target = urlsplit(upstream)
+    meter = Meter()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def _forward(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+            try:
+                conn.request(self.command, self.path, body=body or None, headers=dict(self.headers.items()))
+                answer = conn.getresponse()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "date", "server"):
+                        self.send_header(key, value)
+                self.end_headers()
+                with meter.lock:
+                    meter.requests += 1
+                started, sent = time.monotonic(), 0
+                while self.command != "HEAD" and (chunk := answer.read(1 << 16)):
+                    self.wfile.write(chunk)
+                    sent += len(chunk)
+                    with meter.lock:
+                        meter.bytes += len(chunk)
+                    ahead = sent / (mb_per_second * 1e6) - (time.monotonic() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client had what it wanted
+            finally:
+                conn.close()
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", meter
+    finally:
+        server.shutdown()
+        server.server_close()
