@@ -66,7 +66,7 @@ from soundpatch.row import Checked, RowWork
 from soundpatch.runs_folder import SCRATCH_DIR, clear_stopped_runs_scratch
 from soundpatch.s3 import S3, NoConditionalWrites, S3Uri
 from soundpatch.source_records import SourceRecords
-from soundpatch.sources import SourceReader, remote
+from soundpatch.sources import HEADERS_AT_ONCE, SourceReader, remote
 from soundpatch.splicing import Splicer
 from soundpatch.storage import LocalFolder, OutputStore, S3Prefix, open_store
 from soundpatch.window import answer_bytes_bound
@@ -146,13 +146,13 @@ class Batch:
         self.claims = Claims(config.output.uri)
         self.answers = AnswerShelf(self.run_dir)  # paid answers in use, kept until their outcome
         self.dry_run = dry_run
-        self.s3 = S3(config.storage.s3, connections=self.rows_at_once + 4)
+        self.s3 = S3(config.storage.s3, connections=max(self.rows_at_once, HEADERS_AT_ONCE) + 4)
         self.providers: dict[str, Provider] = {}
         self._lock = threading.Lock()
         self.store: OutputStore = open_store(config.output.uri, self.s3)
         # With the outputs in a bucket, the journal is copied there: a run resumes elsewhere.
-        remote = isinstance(self.store, S3Prefix)
-        self.journal_copy = JournalCopy(self.s3, self.store.prefix, run_id) if remote else None
+        in_bucket = isinstance(self.store, S3Prefix)
+        self.journal_copy = JournalCopy(self.s3, self.store.prefix, run_id) if in_bucket else None
         self._no_lease = ""  # why the run holds no lease, for the notes
         # Recordings rows hold decoded, within limits.inputs_memory_mb (memory_room.py).
         limit_mb = config.limits.inputs_memory_mb
@@ -160,6 +160,8 @@ class Batch:
         self.sources = SourceReader(self.s3, config.storage, room=self.memory)
         self.source_records = SourceRecords(self.store, self.sources)
         self.manifest = manifest.with_patterns_expanded(self.sources.glob)
+        # What its remote recordings are, read at once rather than one after another as asked.
+        self.sources.read_headers(self.manifest.resolve_input(e) for e in self.manifest.edits if not e.error)
         # Times given as a recording's own timecode, counted from its first sample from here on.
         self.manifest = self.manifest.with_times_from_stamps(self.sources.time_stamp)
         tls.verify()  # a CA bundle (SSL_CERT_FILE) that cannot be read: before any row, in one sentence
@@ -176,7 +178,7 @@ class Batch:
         # A dry run claims nothing, and reads what the edits' claims would tell the run (estimate.py).
         self.claims_seen = (
             BucketClaims(self.s3, self.store.prefix, run_id, config.storage.s3.lease_seconds, lambda: False)
-            if dry_run and remote
+            if dry_run and in_bucket
             else None
         )
         # What earlier attempts of this run left (journal.py), and what the start made of the

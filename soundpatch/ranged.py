@@ -7,8 +7,8 @@ whole for that (600 MB a tape, and again for its rows) costs hours and the bucke
 
 A `RangedFile` is a remote object as a file whose bytes are fetched a block at a time as
 they are read (libsndfile seeks to what it needs: a WAV's chunks, a FLAC's last frame): at
-most `budget` bytes in all, every block of the one version first looked up (the fetch
-passes its ETag as If-Match). libsndfile reads it through callbacks, where an exception
+most `budget` bytes in all, every block of the one version first looked up (S3's If-Match,
+HTTP's If-Range: sources.SourceReader._byte_ranges). libsndfile reads it through callbacks, where an exception
 cannot pass: a failed or refused fetch reads as the end of the file and is kept in
 `failure`, and whoever reads the header then downloads the recording whole instead.
 """
@@ -44,8 +44,13 @@ class RangedFile(io.RawIOBase):
         self._blocks: dict[int, bytes] = {}
         self._at = 0
         self.fetched = 0  # bytes fetched so far
-        self.requests = 0
         self.failure: Exception | None = None
+
+    def fetch_head(self) -> None:
+        """Its first block, fetched now, before libsndfile reads it: reads through its Python
+        callbacks were seen to go one file at a time in a process, so headers read at once
+        waited for each other's round trips there (a WAV's needs no more than this block)."""
+        self._block_at(0)
 
     def readable(self) -> bool:
         return True
@@ -89,7 +94,6 @@ class RangedFile(io.RawIOBase):
             if self.fetched + stop - start > self._budget:
                 raise OverBudget(f"its header needs more than {self._budget} bytes read")
             data = self._fetch(start, stop)
-            self.requests += 1
             self.fetched += len(data)
             if len(data) != stop - start:
                 raise OSError(f"asked for {stop - start} bytes at {start}, got {len(data)}")

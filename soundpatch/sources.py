@@ -24,7 +24,8 @@ import tempfile
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -50,6 +51,7 @@ from soundpatch.ranged import RangedFile
 from soundpatch.s3 import S3, S3Uri
 
 DEFAULT_CACHE_BYTES = 1 << 30
+HEADERS_AT_ONCE = 16  # remote recordings' headers read at once (read_headers)
 # What a folder given to `soundpatch detect` is searched for, by the files' names: the
 # containers libsndfile reads. (A file that is not what its name says is reported unread.)
 RECORDING_SUFFIXES = frozenset(
@@ -101,6 +103,25 @@ class SourceReader:
         self._info[uri] = info
         return info
 
+    def read_headers(self, uris: Iterable[str]) -> None:
+        """The headers of remote recordings, read by ranges several at once (an archive's
+        hundreds of tapes, each a HEAD and a range or two away), for info() and time_stamp()
+        to answer from. One whose header does not tell is downloaded only when asked."""
+        todo = sorted({uri for uri in uris if remote(uri) and uri not in self._info})
+
+        def read(uri: str) -> None:
+            with self._key_lock(uri):
+                try:
+                    info = self._info.get(uri) or self._remote_header(uri)
+                except RowError:
+                    return  # said again when asked
+                if info is not None:
+                    self._info[uri] = info
+
+        if todo:
+            with ThreadPoolExecutor(max_workers=min(HEADERS_AT_ONCE, len(todo))) as pool:
+                list(pool.map(read, todo))
+
     def _remote_header(self, uri: str) -> AudioInfo | None:
         """What the header of a remote recording says, and its time stamp, read by ranges
         (ranged.py): None where that does not tell, or the server cannot say (the download
@@ -109,6 +130,7 @@ class SourceReader:
             if ranges is None or not 0 < ranges[0] <= self._max_bytes:
                 return None
             file = RangedFile(*ranges)
+            file.fetch_head()
             info = header_info(file)
             samples = file_time_reference(file) if info is not None else None
         if info is None or file.failure is not None:

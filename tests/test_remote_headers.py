@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import itertools
 import re
 import struct
 import threading
@@ -309,3 +310,24 @@ def test_a_web_recording_replaced_while_its_header_is_read_is_then_downloaded_as
     info = reader.info(f"{server.base}/take.wav")
     assert (info.frames, info.channels, info.format) == (20 * RATE, 1, "FLAC")  # what it is now, whole
     assert [(method, status) for method, _, status, _ in server.answers] == [("HEAD", 200), ("GET", 200), ("GET", 200)]
+
+
+def test_the_headers_of_an_archive_s_recordings_are_read_several_at_once(web_server):
+    # Hundreds of tapes, each a HEAD and a range or two away: one after another, a run's
+    # opening checks and validate waited for every round trip in turn.
+    arrived, gets = threading.Barrier(4, timeout=10), itertools.count()
+
+    def together(path: str) -> None:
+        if next(gets) < 4:
+            arrived.wait()  # the first four ranges are answered only once all four are asked for
+
+    server = web_server(before_get=together)
+    for i in range(8):
+        server.files[f"/tape{i}.wav"] = encoded(recording(10.0, 1, seed=i), "WAV", "PCM_16")
+    reader = SourceReader(storage=StorageConfig(http={"allow_private_addresses": True}))
+    urls = [f"{server.base}/tape{i}.wav" for i in range(8)]
+    reader.read_headers(urls)
+    assert [(method, status) for method, _, status, _ in server.answers].count(("GET", 206)) == 8, server.answers
+    asked = len(server.answers)
+    assert {reader.info(url).frames for url in urls} == {10 * RATE}
+    assert len(server.answers) == asked  # known since: nothing asked again
