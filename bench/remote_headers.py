@@ -3,12 +3,13 @@
 validate needs of each recording what its header says; it reads that by byte ranges
 (soundpatch/ranged.py). Before, it downloaded each tape whole: the baseline here is that
 download alone (boto3, one tape after another, as validate read them). Both go to the same
-S3 server (moto, its own process on loopback) through a link passing answers on at
-`--mb-per-second` a connection, as a network would (loopback passes gigabytes a second),
-which counts the bytes each took. Also shown: validate on local copies of the same tapes
-(it reads each whole to hash it, for the rows' identities).
+S3 server (moto, its own process on loopback) through a link answering each request
+`--latency-ms` late and passing answers on at `--mb-per-second` a connection, as a network
+would (loopback passes gigabytes a second, at once), which counts the bytes each took.
+Also shown: validate on local copies of the same tapes (it reads each whole to hash it, for
+the rows' identities).
 
-    python bench/remote_headers.py [--tapes 6] [--minutes 5] [--mb-per-second 50]
+    python bench/remote_headers.py [--tapes 6] [--minutes 5] [--mb-per-second 50] [--latency-ms 20]
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--tapes", type=int, default=6)
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--mb-per-second", type=float, default=50.0)
+    parser.add_argument("--latency-ms", type=float, default=20.0)
     args = parser.parse_args()
     env = {
         **os.environ,
@@ -79,7 +81,7 @@ def main() -> None:
             rows.append(f"t{i},s3://tapes/{path.name},30,30.2,tape hiss")
             local_rows.append(f"t{i},{path.name},30,30.2,tape hiss")
 
-        with metered_link(endpoint, args.mb_per_second) as (link, meter):
+        with metered_link(endpoint, args.mb_per_second, args.latency_ms) as (link, meter):
             slow = boto3.client("s3", endpoint_url=link, region_name="us-east-1")
             started = time.perf_counter()
             for i in range(args.tapes):  # what validate read before: every tape, whole
@@ -95,7 +97,7 @@ def main() -> None:
 
     print(
         f"{args.tapes} tapes of {args.minutes:g} minutes (16-bit stereo WAV), {total / 1e6:.0f} MB, in a bucket "
-        f"{args.mb_per_second:g} MB/s away"
+        f"{args.mb_per_second:g} MB/s and {args.latency_ms:g} ms away"
     )
     print(f"{'measure':<52} {'seconds':>8} {'ratio':>6} {'MB read':>9}")
     print(f"{'baseline: downloading every tape (boto3)':<52} {download:8.2f} {1.0:6.2f} {downloaded / 1e6:9.1f}")

@@ -81,10 +81,10 @@ class Meter:
 
 
 @contextmanager
-def metered_link(upstream: str, mb_per_second: float) -> Iterator[tuple[str, Meter]]:
-    """An endpoint in front of `upstream` (an S3 server) passing each answer's body on at
-    `mb_per_second` a connection, as a network does (loopback passes gigabytes a second),
-    and counting what it passed: (its URL, its Meter)."""
+def metered_link(upstream: str, mb_per_second: float, latency_ms: float = 0.0) -> Iterator[tuple[str, Meter]]:
+    """An endpoint in front of `upstream` (an S3 server) answering each request `latency_ms`
+    late and passing its body on at `mb_per_second` a connection, as a network does
+    (loopback passes gigabytes a second, at once), counting what it passed: (its URL, its Meter)."""
     target = urlsplit(upstream)
     meter = Meter()
 
@@ -96,6 +96,7 @@ def metered_link(upstream: str, mb_per_second: float) -> Iterator[tuple[str, Met
 
         def _forward(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            time.sleep(latency_ms / 1000)
             conn = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
             try:
                 conn.request(self.command, self.path, body=body or None, headers=dict(self.headers.items()))
