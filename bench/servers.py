@@ -124,7 +124,10 @@ def metered_link(upstream: str, mb_per_second: float, latency_ms: float = 0.0) -
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(http.server.ThreadingHTTPServer):
+        request_queue_size = 128  # (5 by default: connections opened at once were dropped, retried 1 s later)
+
+    server = Server(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", meter
