@@ -561,16 +561,18 @@ class Batch:
             raise RowError(self._not_started) from None
 
     def _process_held(self, edit: Edit, outcome: Outcome) -> dict[str, Any]:
+        original: Audio | None = None
         try:
             checked = self.check(edit)
-            original = self.sources.audio(checked.source)
-            if original.info != checked.info:  # its header said more than it holds (audio.cut_short)
-                checked = replace(checked, info=original.info)
-                _region_in(edit, checked.info)
+            # A remote recording an earlier run read is known by its version (source_records.py):
+            # a row done already is then reused without downloading it. Any other is read now.
+            self.source_records.vouch(checked.source)
+            if self.sources.known_checksum(checked.source) is None:
+                checked, original = self._decoded(checked, outcome)
+            identity = self.identity(checked)
         except RowError:
             outcome.status = INVALID
             raise
-        identity = self.identity(checked)
         checksum = self.sources.checksum(checked.source)
         self.source_records.remember(checked.source)  # (a later estimate need not download it)
         made_for = {
@@ -589,6 +591,8 @@ class Batch:
                     break
             owner.wait()  # an identical row is being produced: wait, then reuse its result
         try:
+            if original is None:
+                checked, original = self._decoded(checked, outcome)
             # Another process writing the same outputs may be producing it too: wait for it.
             with self.claims.claim(identity, give_up=stop_requested) as claim:
                 if claim == STOPPED:
@@ -638,9 +642,28 @@ class Batch:
             return known if known is not None else f"not read: {source}"
         return self.sources.checksum(source)
 
-    def _reuse(self, edit: Edit, checked: Checked, identity: str, outcome: Outcome, original: Audio) -> bool:
-        """Publish an earlier result with this identity under this row's name: skipped_done, cost 0."""
-        if not self.results.reuse(edit, checked.info, identity, outcome, original):
+    def _decoded(self, checked: Checked, outcome: Outcome) -> tuple[Checked, Audio]:
+        """The row's recording, decoded; with its region checked again where its header
+        said it holds more than it does (audio.cut_short)."""
+        try:
+            original = self.sources.audio(checked.source)
+            if original.info != checked.info:
+                checked = replace(checked, info=original.info)
+                _region_in(checked.edit, checked.info)
+        except RowError:
+            outcome.status = INVALID
+            raise
+        return checked, original
+
+    def _reuse(self, edit: Edit, checked: Checked, identity: str, outcome: Outcome, original: Audio | None) -> bool:
+        """Publish an earlier result with this identity under this row's name: skipped_done,
+        cost 0. The recording, if not decoded yet, is decoded only where that takes it
+        (results.Results.reuse)."""
+
+        def decoded() -> Audio:
+            return original if original is not None else self._decoded(checked, outcome)[1]
+
+        if not self.results.reuse(edit, checked.info, identity, outcome, decoded):
             return False
         self.journal.write("reused", edit.row_id, identity=identity, reused_from=outcome.reused_from)
         return True

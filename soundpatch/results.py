@@ -5,6 +5,7 @@ runs/<run_id>/unpublished/, for the next run to publish: it was paid for."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,13 @@ class Results:
             return kept, self.unpublished
         return None
 
-    def reuse(self, edit: Edit, info: AudioInfo, identity: str, outcome: Outcome, original: Audio) -> bool:
+    def reuse(
+        self, edit: Edit, info: AudioInfo, identity: str, outcome: Outcome, original: Callable[[], Audio]
+    ) -> bool:
         """Publish an earlier result with this identity under the row's name, onto `outcome`
-        (skipped_done, cost 0); False when there is none. `original`: the row's recording, to
-        make the whole result again where the earlier one is a combined row's excerpt."""
+        (skipped_done, cost 0); False when there is none. `original()`: the row's recording,
+        decoded, to make the result again in another format or whole from a combined row's
+        excerpt (a copy in the store takes none of it: a rerun downloads nothing for it)."""
         earlier = self.earlier(identity)
         if earlier is None:
             return False
@@ -67,16 +71,17 @@ class Results:
         if store is self.store and record.get("ext") == self.publisher.ext(info) and not whole_asked:
             outcome.output = self.store.copy(record["output"], name, metadata)
         else:  # another format asked for, the whole of an excerpt, or kept locally after a failed upload
+            recording = original()
             with store.opened(record["output"]) as earlier_file:
                 with crunching():  # read as it is written: a recording hours long is never held whole
                     if whole_asked and excerpt is not None:  # its region, into the recording it came from
-                        part = region_of(earlier_file, record["output"], original, *excerpt, excerpt)
-                        earlier_result = overlay(original, [(edit.row_id, part, *excerpt)])
+                        part = region_of(earlier_file, record["output"], recording, *excerpt, excerpt)
+                        earlier_result = overlay(recording, [(edit.row_id, part, *excerpt)])
                     else:
                         earlier_result = audio_ops.stored(earlier_file, record["output"])
                     encoded = self.publisher.encode(edit, earlier_result, info)
                     try:
-                        checks = self._checks(edit, info, original, encoded, record.get("quality") or {})
+                        checks = self._checks(edit, info, recording, encoded, record.get("quality") or {})
                     except BaseException:
                         encoded.discard()
                         raise

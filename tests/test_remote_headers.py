@@ -156,7 +156,7 @@ def test_validate_on_an_archive_in_a_bucket_reads_headers_only_and_says_what_eac
     assert proxy.served() < MB, proxy.served()  # of 28 MB in the bucket
 
 
-def test_validate_after_a_run_knows_its_rows_are_done_by_the_run_s_record_of_each_recording(
+def test_validate_and_runs_after_a_run_know_its_rows_done_by_the_run_s_record_of_each_recording(
     tmp_path, aws_env, fault_proxy
 ):
     # A result's identity counts its recording's SHA-256. The run records it, with the
@@ -183,6 +183,11 @@ def test_validate_after_a_run_knows_its_rows_are_done_by_the_run_s_record_of_eac
     said, served = validate()
     assert "already done (reused, no cost) 2" in said and "predictions to send 0" in said, said
     assert served < MB, served
+    # ... and so does a run under a new id: its rows are copies of the first run's results.
+    served = proxy.served()
+    again = run_in_process(tmp_path / "m.csv", load_config(overrides=settings), "second")[0]
+    assert [o.status for o in again] == ["skipped_done"] * 2, [o.error for o in again]
+    assert proxy.served() - served < MB, proxy.served() - served
 
     # Another version of the tape under the same name: its rows are to be made anew.
     put(aws_env, tmp_path, "side_a.wav", encoded(recording(60.0, seed=1), "WAV", "PCM_16"))
