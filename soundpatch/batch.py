@@ -160,8 +160,14 @@ class Batch:
         self.sources = SourceReader(self.s3, config.storage, room=self.memory)
         self.source_records = SourceRecords(self.store, self.sources)
         self.manifest = manifest.with_patterns_expanded(self.sources.glob)
-        # What its remote recordings are, read at once rather than one after another as asked.
-        self.sources.read_headers(self.manifest.resolve_input(e) for e in self.manifest.edits if not e.error)
+        # What its remote recordings are, read at once where asked before any row starts (by
+        # validate and --dry-run for every row; for rows in a recording's own timecode), rather
+        # than one after another. A run's rows ask as each starts, several at once themselves.
+        self.sources.read_headers(
+            self.manifest.resolve_input(e)
+            for e in self.manifest.edits
+            if not e.error and (dry_run or e.source_timecode)
+        )
         # Times given as a recording's own timecode, counted from its first sample from here on.
         self.manifest = self.manifest.with_times_from_stamps(self.sources.time_stamp)
         tls.verify()  # a CA bundle (SSL_CERT_FILE) that cannot be read: before any row, in one sentence

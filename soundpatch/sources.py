@@ -85,6 +85,7 @@ class SourceReader:
         self._key_locks: dict[str, threading.Lock] = {}
         self._info: dict[str, AudioInfo] = {}
         self._time_references: dict[str, int | None] = {}  # samples since midnight (time_stamp)
+        self._unreadable: dict[str, RowError] = {}  # why read_headers could not read one
         self._checksums: dict[str, str] = {}
         self._stamps: dict[str, str | None] = {}
 
@@ -95,6 +96,8 @@ class SourceReader:
             return cached
         if remote(uri):
             with self._key_lock(uri):  # (rows of one recording ask at once: read once)
+                if uri in self._unreadable:
+                    raise self._unreadable[uri]
                 info = self._info.get(uri) or self._remote_header(uri)  # its header by ranges (ranged.py)
             info = info or self.audio(uri).info  # else fetched and decoded once, and kept
         else:
@@ -113,8 +116,9 @@ class SourceReader:
             with self._key_lock(uri):
                 try:
                     info = self._info.get(uri) or self._remote_header(uri)
-                except RowError:
-                    return  # said again when asked
+                except RowError as exc:  # (an untrusted certificate): said when asked, not asked again
+                    self._unreadable[uri] = exc
+                    return
                 if info is not None:
                     self._info[uri] = info
 

@@ -92,14 +92,15 @@ def stamp(url: str, config: HttpConfig) -> str | None:
 @contextmanager
 def byte_ranges(url: str, config: HttpConfig) -> Iterator[tuple[int, Callable[[int, int], bytes]] | None]:
     """The length of `url` and a fetch of its bytes `start` to `stop` - 1 (ranged.py), each
-    of the version a HEAD found (If-Range: a server with another, or one that does not give
-    ranges, answers with all of it, which is refused unread), on one connection, addresses
-    checked as for a fetch. None where the server names no length or no version."""
+    of the version a HEAD found (If-Range: a server with another answers with all of it,
+    which is refused unread), on one connection, addresses checked as for a fetch. None
+    where the server names no length or no version, or does not say it gives ranges."""
     with _client(config) as client:
         try:
             with _answer(client, "HEAD", url, config) as head:
                 length, validator = head.headers.get("content-length", ""), _validator(head)
-                found = head.status_code == 200 and length.isdigit() and validator is not None
+                ranges = head.headers.get("accept-ranges", "").strip().lower() == "bytes"
+                found = head.status_code == 200 and ranges and length.isdigit() and validator is not None
         except httpx.ConnectError as exc:
             if lasting_tls_failure(exc):  # as the download would say, without trying again
                 raise RowError(f"Cannot fetch {shown(url)}: {network_reason(exc)}") from None
