@@ -210,10 +210,11 @@ def nested(flat: dict[str, str]) -> dict:
 
 class WebServer:
     """A web server on loopback serving `files` (path -> bytes) as nginx or a CDN does: an
-    ETag of each, and byte ranges (If-Range honoured: for another version, all of it). Each
-    answer is kept in `answers`: (method, path, status, body bytes)."""
+    ETag of each, and byte ranges (If-Range honoured: for another version, all of it); with
+    `ranges=False`, as one that gives none and does not say so. Each answer is kept in
+    `answers`: (method, path, status, body bytes)."""
 
-    def __init__(self, before_get=lambda path: None) -> None:
+    def __init__(self, before_get=lambda path: None, ranges: bool = True) -> None:
         self.files: dict[str, bytes] = {}
         self.answers: list[tuple[str, str, int, int]] = []
         server = self
@@ -242,10 +243,14 @@ class WebServer:
                 etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
                 asked = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
                 same = self.headers.get("If-Range") in (None, etag)
-                status, part = (206, data[int(asked[1]) : int(asked[2]) + 1]) if asked and same else (200, data)
+                if asked and same and ranges:
+                    status, part = 206, data[int(asked[1]) : int(asked[2]) + 1]
+                else:
+                    status, part = 200, data
                 self.send_response(status)
                 self.send_header("ETag", etag)
-                self.send_header("Accept-Ranges", "bytes")
+                if ranges:
+                    self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Length", str(len(part)))
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {asked[1]}-{int(asked[1]) + len(part) - 1}/{len(data)}")
@@ -336,3 +341,12 @@ def test_the_headers_of_an_archive_s_recordings_are_read_several_at_once(web_ser
     asked = len(server.answers)
     assert {reader.info(url).frames for url in urls} == {10 * RATE}
     assert len(server.answers) == asked  # known since: nothing asked again
+
+
+def test_a_web_server_that_does_not_say_it_gives_ranges_is_not_asked_for_one(web_server):
+    # Asked anyway, it would start sending all of the recording, to be cut off unread.
+    server = web_server(ranges=False)
+    server.files["/take.wav"] = encoded(recording(5.0, 1), "WAV", "PCM_16")
+    reader = SourceReader(storage=StorageConfig(http={"allow_private_addresses": True}))
+    assert reader.info(f"{server.base}/take.wav").frames == 5 * RATE
+    assert [(method, status) for method, _, status, _ in server.answers] == [("HEAD", 200), ("GET", 200)]
