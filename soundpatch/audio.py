@@ -29,7 +29,7 @@ from soundpatch import metadata, soundio
 from soundpatch.errors import RowError
 from soundpatch.humanize import plural
 from soundpatch.metadata import Carried
-from soundpatch.mp3_length import LengthUnknown, given_length
+from soundpatch.mp3_length import LengthUnknown, given_length, whole_as_tagged
 
 # How soundfile should hand each subtype over so that writing it back is lossless.
 _NATIVE_DTYPE = {
@@ -82,9 +82,11 @@ _LENGTH_UNKNOWN = frozenset((0xFFFFFFFF, 0x7FFFFFFF, 0x7FFFF000))
 _BYTES_PER_SAMPLE = {"PCM_S8": 1, "PCM_U8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4}
 _BYTES_PER_SAMPLE |= {"FLOAT": 4, "DOUBLE": 8}
 # Formats whose header gives the length, checked by reading their last frame: a FLAC cut
-# short cannot be read there, an MP3 cut short reads nothing there.
+# short cannot be read there, an MP3 cut short reads nothing there (an MP3 read by ranges is
+# checked by its tag's byte count instead: its last frame is found by decoding all of it).
 _LENGTH_IN_HEADER = frozenset(("FLAC", "MP3"))
-# Formats whose header says what inspect() does, read without the rest of the file.
+# Formats whose header says what inspect() does, read without the rest of the file (and an
+# MP3 whose tag says its length: mp3_length.whole_as_tagged).
 _SAID_BY_HEADER = frozenset(("WAV", "WAVEX", "RF64", "W64", "AIFF", "FLAC", "CAF", "AU", "OGG"))
 # A WAV whose recording was never finished (a recorder that lost power before writing its
 # length) says it holds nothing, "data : 0", with its samples right after that.
@@ -266,15 +268,16 @@ def inspect(source: bytes | str, name: str = "audio") -> AudioInfo:
 
 def header_info(file: BinaryIO) -> AudioInfo | None:
     """What inspect() says of a file open for reading (a remote one read by ranges:
-    ranged.py), where its header alone tells: None where only reading it all does (an MP3,
-    whose length may be an estimate; a WAV never finished; a FLAC cut short) or it cannot
-    be read (reading it all says why)."""
+    ranged.py), where its header alone tells: None where only reading it all does
+    (an MP3 whose tag does not say its length, or says more than it holds; a WAV never
+    finished; a FLAC cut short) or it cannot be read (reading it all says why)."""
     try:
         with sf.SoundFile(file) as f:
-            if f.format not in _SAID_BY_HEADER or f.frames <= 0 or f.samplerate <= 0:
+            mp3 = f.format == "MP3" and f.subtype == "MPEG_LAYER_III"
+            if (f.format not in _SAID_BY_HEADER and not mp3) or f.frames <= 0 or f.samplerate <= 0:
                 return None
             info = AudioInfo(f.frames, f.samplerate, f.channels, f.format, f.subtype, _promised_frames(f))
-            if f.format in _LENGTH_IN_HEADER and not _last_frame_read(f):
+            if f.format in _LENGTH_IN_HEADER and not (whole_as_tagged(file) if mp3 else _last_frame_read(f)):
                 return None
     except (sf.LibsndfileError, RuntimeError, TypeError):
         return None

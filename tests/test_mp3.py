@@ -11,9 +11,10 @@ import soundfile as sf
 
 from soundpatch import audio as audio_module
 from soundpatch import soundio
-from soundpatch.audio import decode, inspect, read_back
+from soundpatch.audio import decode, header_info, inspect, read_back
 from soundpatch.errors import RowError
 from soundpatch.mp3_length import given_length
+from soundpatch.ranged import BLOCK_BYTES, RangedFile
 
 # LAME's encoder delay and libmpg123's decoder delay: where a tagged file's first sample is
 # in a decode that knows neither.
@@ -172,3 +173,30 @@ def test_an_mp3_without_its_tag_whose_first_frame_is_cheap_is_not_taken_for_cut_
         assert info.frames == (len(starts) - 1) * 1152 and info.promised_frames is None
     whole = decode(untagged).samples[DELAYS : DELAYS + len(x)]
     assert np.allclose(whole, decode(tagged).samples, rtol=0, atol=5e-7)  # (a float's last bit, as above)
+
+
+def test_an_mp3_s_header_read_by_ranges_tells_its_length_only_where_its_tag_says_it_whole():
+    # What a remote MP3's header tells, read a block at a time (ranged.py): its tag's frames,
+    # where the tag counts its bytes too and the file holds them all; else None (downloaded).
+    def encoded(rate: int, channels: int, **options: str) -> bytes:
+        out = io.BytesIO()
+        with sf.SoundFile(out, "w", rate, channels, format="MP3", **options) as f:
+            f.write(loud_then_quiet(10.0, rate, channels))
+        return out.getvalue()
+
+    cbr = encoded(44100, 2, bitrate_mode="CONSTANT")  # an "Info" tag
+    mono = encoded(22050, 1)  # MPEG-2, a "Xing" tag
+    size = 70_000  # an ID3v2 tag (cover art) before the first frame: more than a block
+    syncsafe = bytes(((size >> 21) & 0x7F, (size >> 14) & 0x7F, (size >> 7) & 0x7F, size & 0x7F))
+    with_id3 = b"ID3\x04\x00\x00" + syncsafe + bytes(size) + cbr
+    told = {"cbr": cbr, "mono": mono, "id3": with_id3}
+    untold = {"untagged": mono[frame_starts(mono)[1] :], "cut": cbr[:-5000], "id3 cut": with_id3[:-5000]}
+    for name, data in {**told, **untold}.items():
+        file = RangedFile(len(data), lambda start, stop, data=data: data[start:stop])
+        said = header_info(file)
+        if name in told:
+            assert said == inspect(data) and said.frames == 10 * (22050 if name == "mono" else 44100), name
+            assert file.fetched < len(data) or len(data) < 2 * BLOCK_BYTES, name
+        else:
+            assert said is None, name
+    assert inspect(untold["cut"]).promised_frames == 441000  # (decoding it says it is cut short)

@@ -29,6 +29,7 @@ from soundpatch.s3 import S3
 from soundpatch.sources import SourceReader
 from tests.jobs import clean_env, run_in_process, soundpatch
 from tests.test_metadata import BEXT, chunks, comments, flac_with, with_chunks
+from tests.test_mp3 import frame_starts
 from tests.test_source_timecode import bext_at
 
 RATE = 44100
@@ -91,22 +92,36 @@ def test_a_bucket_s_recordings_are_known_by_their_headers_read_by_ranges_not_dow
     assert len(gets) <= 3 * len(files), gets
 
 
-def test_an_mp3_or_a_header_too_large_to_read_by_ranges_is_downloaded_whole(tmp_path, aws_env, fault_proxy):
-    # An MP3 without a frame count gives only an estimate of its length in its header; a
-    # FLAC's 6 MB cover art is more than a header read takes (ranged.HEADER_BUDGET_BYTES).
+def test_an_mp3_whose_tag_says_its_length_is_read_by_ranges_and_a_header_not_telling_is_downloaded(
+    tmp_path, aws_env, fault_proxy
+):
+    # An MP3's tag (Xing or Info) counts its frames and bytes: a whole one is known by its
+    # first and last blocks, as it would be by decoding it all. Without the tag, its header
+    # gives an estimate; cut short, it holds fewer bytes than its tag says; and a FLAC's 6 MB
+    # cover art is more than a header read takes (ranged.HEADER_BUDGET_BYTES): those three
+    # are downloaded whole.
     proxy = fault_proxy(lambda method, path, signed: None)
+    tagged = encoded(recording(60.0), "MP3", "MPEG_LAYER_III")
+    assert tagged[36:40] == b"Xing"  # (libsndfile's encoder, LAME, writes one)
     cover = struct.pack(">II", 3, 9) + b"image/png" + struct.pack(">I", 0) + bytes(16) + struct.pack(">I", 6 * MB)
     files = {
-        "take.mp3": encoded(recording(20.0, 1), "MP3", "MPEG_LAYER_III"),
+        "take.mp3": tagged,
+        "stream.mp3": tagged[frame_starts(tagged)[1] :],  # the tag's frame left out
+        "cut.mp3": tagged[: len(tagged) // 2],
         "album.flac": flac_with(encoded(recording(20.0), "FLAC", "PCM_16"), [(6, cover + bytes(6 * MB))]),
     }
     reader = SourceReader(S3(S3Config(endpoint_url=proxy.endpoint)))
     for key, data in files.items():
         path = put(aws_env, tmp_path, key, data)
+        served = proxy.served()
         assert reader.info(f"s3://tapes/{key}") == inspect(str(path)), key
-        last = [(p, status, size) for method, p, status, size in proxy.answers if method == "GET"][-1]
-        assert last == (f"/tapes/{key}", 200, len(data)), last  # the whole of it, last
-    assert proxy.served() < sum(map(len, files.values())) + 5 * MB  # (and no more than 4 MB before it)
+        gets = [(p, status, size) for method, p, status, size in proxy.answers if method == "GET" and p.endswith(key)]
+        if key == "take.mp3":
+            assert {status for _, status, _ in gets} == {206} and proxy.served() - served < 200_000, gets
+        else:
+            assert gets[-1] == (f"/tapes/{key}", 200, len(data)), gets  # the whole of it, last
+    assert reader.info("s3://tapes/cut.mp3").promised_frames == len(recording(60.0))  # said to be cut short
+    assert proxy.served() < sum(map(len, files.values())) - len(tagged) + 5 * MB  # (and no more than 4 MB before it)
 
 
 def test_a_recording_replaced_while_its_header_is_read_is_then_read_whole_as_it_now_is(tmp_path, aws_env, fault_proxy):
