@@ -10,6 +10,7 @@ Also shown: validate on local copies of the same tapes (it reads each whole to h
 the rows' identities).
 
     python bench/remote_headers.py [--tapes 6] [--minutes 5] [--mb-per-second 50] [--latency-ms 20]
+                                   [--format wav|flac|mp3]
 """
 
 from __future__ import annotations
@@ -33,10 +34,14 @@ RATE = 44100
 COMMAND = Path(sys.executable).parent / "soundpatch"
 
 
-def tape(path: Path, minutes: float, seed: int) -> None:
-    """A tape of noise, 16-bit stereo, written a minute at a time."""
+FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III")}
+
+
+def tape(path: Path, minutes: float, seed: int, format: str = "wav") -> None:
+    """A tape of noise, 16-bit stereo (or an MP3 of it), written a minute at a time."""
     rng = np.random.default_rng(seed)
-    with sf.SoundFile(path, "w", RATE, 2, "PCM_16") as f:
+    container, subtype = FORMATS[format]
+    with sf.SoundFile(path, "w", RATE, 2, subtype, format=container) as f:
         for _ in range(int(minutes)):
             f.write(rng.integers(-9000, 9000, (60 * RATE, 2), dtype=np.int16))
 
@@ -59,6 +64,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--mb-per-second", type=float, default=50.0)
     parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--format", choices=sorted(FORMATS), default="wav")
     args = parser.parse_args()
     env = {
         **os.environ,
@@ -74,8 +80,8 @@ def main() -> None:
         local_rows = list(rows)
         total = 0
         for i in range(args.tapes):
-            path = folder / f"tape{i}.wav"
-            tape(path, args.minutes, i)
+            path = folder / f"tape{i}.{args.format}"
+            tape(path, args.minutes, i, args.format)
             total += path.stat().st_size
             s3.upload_file(str(path), "tapes", path.name)
             rows.append(f"t{i},s3://tapes/{path.name},30,30.2,tape hiss")
@@ -85,7 +91,7 @@ def main() -> None:
             slow = boto3.client("s3", endpoint_url=link, region_name="us-east-1")
             started = time.perf_counter()
             for i in range(args.tapes):  # what validate read before: every tape, whole
-                body = slow.get_object(Bucket="tapes", Key=f"tape{i}.wav")["Body"]
+                body = slow.get_object(Bucket="tapes", Key=f"tape{i}.{args.format}")["Body"]
                 while body.read(1 << 20):
                     pass
             download, downloaded = time.perf_counter() - started, meter.bytes
@@ -96,7 +102,8 @@ def main() -> None:
         local = validate(folder, "{}\n", env)
 
     print(
-        f"{args.tapes} tapes of {args.minutes:g} minutes (16-bit stereo WAV), {total / 1e6:.0f} MB, in a bucket "
+        f"{args.tapes} tapes of {args.minutes:g} minutes (16-bit stereo {FORMATS[args.format][0]}), "
+        f"{total / 1e6:.0f} MB, in a bucket "
         f"{args.mb_per_second:g} MB/s and {args.latency_ms:g} ms away"
     )
     print(f"{'measure':<52} {'seconds':>8} {'ratio':>6} {'MB read':>9}")
