@@ -95,22 +95,23 @@ def _has_info_tag(data: bytes | memoryview, at: int, first: _Frame) -> bool:
 
 
 def whole_as_tagged(file: BinaryIO) -> bool:
-    """Whether the MP3 open in `file` says its frames and its bytes in an info
-    tag (Xing or Info, as LAME writes them) and holds all the bytes it says: then its header
-    tells its length as decoding it all would, and a remote one is known by a few ranges
-    (ranged.py). A file cut short holds fewer bytes than its tag says; one with no tag, or a
-    tag without both counts, says no more than an estimate. Reads the first frame only."""
+    """Whether the MP3 open in `file` counts its frames and bytes in an info tag (Xing or
+    Info, as LAME writes them) and holds all the bytes it counts: then its header tells its
+    length as decoding it all would, and a remote one is known by a few ranges (ranged.py).
+    A file cut short holds fewer bytes than its tag counts; one with no such tag says no
+    more than an estimate. Reads the first frame only."""
     size = file.seek(0, os.SEEK_END)
     file.seek(0)
     at = _first_frame(file.read(10))
     file.seek(at)
     head = file.read(64)
     first = _frame(head, 0)
-    if first is None or not _has_info_tag(head, 0, first) or bytes(head[36:40]) == b"VBRI":
+    if first is None:
         return False
     tag = 4 + first.side_info
     flags, frames, said = (int.from_bytes(head[tag + i : tag + i + 4], "big") for i in (4, 8, 12))
-    return flags & 3 == 3 and frames > 0 and 0 < said <= size - at  # (frames and bytes both counted)
+    counted = bytes(head[tag : tag + 4]) in (b"Xing", b"Info") and flags & 3 == 3  # frames and bytes
+    return counted and frames > 0 and 0 < said <= size - at
 
 
 def _frames(data: bytes | memoryview, at: int, first: _Frame) -> tuple[int, int]:
