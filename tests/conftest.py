@@ -22,18 +22,6 @@ from soundpatch import demo_audio
 from tests.jobs import SCRIPT, clean_env, seeded_prefect_home, synth
 
 
-@pytest.fixture
-def write_audio(tmp_path: Path):
-    """Write float samples to tmp_path/name in the given subtype; returns the path."""
-
-    def write(name: str, samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> Path:
-        path = tmp_path / name
-        sf.write(path, samples, rate, subtype=subtype)
-        return path
-
-    return write
-
-
 @pytest.fixture(scope="session")
 def music_44k() -> np.ndarray:
     return demo_audio.music(20.0, 44100, channels=2, seed=1)
