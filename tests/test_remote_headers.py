@@ -307,20 +307,24 @@ def test_validate_on_recordings_on_a_web_server_reads_their_headers_by_ranges(tm
     tape = encoded(recording(120.0), "WAV", "PCM_16")
     server.files["/archive/side_a.wav"] = with_chunks(tape, [(b"bext", bext_at(3600 * RATE))], [])
     server.files["/archive/side_b.flac"] = encoded(recording(120.0, seed=1), "FLAC", "PCM_16")
+    server.files["/archive/copy.mp3"] = encoded(recording(90.0, seed=2), "MP3", "MPEG_LAYER_III")  # (tagged)
     (tmp_path / "m.csv").write_text(
         "id,input,start,end,prompt,timecode\n"
         f"a1,{server.base}/archive/side_a.wav?token=secret,01:01:30,01:01:30.2,tape hiss,source\n"
         f"a2,{server.base}/archive/side_a.wav?token=secret,125,126,tape hiss,\n"
         f"b1,{server.base}/archive/side_b.flac,100,100.2,tape hiss,\n"
+        f"c1,{server.base}/archive/copy.mp3,80,80.2,tape hiss,\n"
+        f"c2,{server.base}/archive/copy.mp3,95,96,tape hiss,\n"
     )
     (tmp_path / "c.yaml").write_text("storage: {http: {allow_private_addresses: true}}\n")
     done = soundpatch("validate", "m.csv", "--config", "c.yaml", cwd=tmp_path, env=clean_env())
     assert done.returncode == 1, done.stdout + done.stderr  # a2 is invalid
     said = " ".join(done.stdout.split())
     assert "invalid a2 (line 3): Region starts at 125 s but side_a.wav is only 120.000 s long." in said, said
-    assert "predictions to send 2" in said.lower() and "secret" not in said, said
+    assert "invalid c2 (line 6): Region starts at 95 s but copy.mp3 is only 90.000 s long." in said, said
+    assert "predictions to send 3" in said.lower() and "secret" not in said, said
     assert {status for method, _, status, _ in server.answers if method == "GET"} == {206}, server.answers
-    assert server.served() < MB, server.served()  # of 40 MB
+    assert server.served() < MB, server.served()  # of 42 MB
 
 
 def test_a_web_recording_replaced_while_its_header_is_read_is_then_downloaded_as_it_now_is(web_server):
