@@ -9,7 +9,8 @@ will take is counted against the free space of each disk it will be written to, 
 rows already in flight were promised and a margin for the run's journal, kept answers and
 report. A row that does not fit waits while rows in flight hold room on that disk (what
 they give back may be enough), and is refused, before anything is spent and in one
-sentence, when none do.
+sentence, when none do. Its room is looked at again as its create goes out (`Promise.gone`):
+something else may have filled the disk while the row waited its turn.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class DiskRoom:
 
     def _take(
         self, result_bytes: int, answer_bytes: int, give_up: Callable[[], bool], waiting: Callable[[], None]
-    ) -> list[tuple[int, int]] | None:
-        """(disk, bytes) promised on each disk, the scratch folder's first; None if `give_up()`
+    ) -> list[tuple[int, Path, int]] | None:
+        """(disk, a folder on it, bytes) promised on each disk, the scratch folder's first; None if `give_up()`
         turned true while waiting. Where a disk lacks the room, waits while other rows hold
         room there (they give it back as they end: a result uploaded from the scratch folder
         is removed from it); raises RowError when none do."""
@@ -86,7 +87,22 @@ class DiskRoom:
             for disk, _, nbytes in needs:
                 self._promised[disk] = self._promised.get(disk, 0) + nbytes
                 self._holders[disk] = self._holders.get(disk, 0) + 1
-        return [(disk, nbytes) for disk, _, nbytes in needs]
+        return needs
+
+    def _gone(self, held: list[tuple[int, Path, int]]) -> str | None:
+        """Why room promised (`held`) is no longer on its disk: the disk has less free than it
+        and what the other rows in flight were promised there (the margin aside: the run's
+        own files may have used it since). None while it is there."""
+        with self._changed:
+            for disk, folder, nbytes in held:
+                free = shutil.disk_usage(_existing(folder)).free
+                if nbytes and free - (self._promised.get(disk, 0) - nbytes) < nbytes:
+                    return (
+                        f"the disk holding {folder} filled up while this row waited its turn: its result takes up "
+                        f"to {human_size(nbytes)} there, where {human_size(free)} is free; nothing was sent: free "
+                        "some space and run it again"
+                    )
+        return None
 
     def lacks(self, result_bytes: int, answer_bytes: int = 0, what: str = "") -> str | None:
         """Why a result this large would not fit now, with no row in flight ("not enough free
@@ -132,7 +148,7 @@ class Promise:
         self._room = room
         self._result_bytes = result_bytes
         self._answer_bytes = answer_bytes
-        self._held: list[tuple[int, int]] | None = None  # (disk, bytes), once made
+        self._held: list[tuple[int, Path, int]] | None = None  # (disk, a folder on it, bytes), once made
         self._written = False
 
     def make(self, give_up: Callable[[], bool] = lambda: False, waiting: Callable[[], None] = lambda: None) -> bool:
@@ -147,17 +163,23 @@ class Promise:
             self._held = held
         return True
 
+    def gone(self) -> str | None:
+        """Why the room made is no longer there, as the row's create is about to go out (the
+        disk filled up while it waited its turn: sent now, it would be paid for and fail);
+        None while it is, or before it is made."""
+        return self._room._gone(self._held) if self._held else None
+
     def written(self) -> None:
         """The result is in the scratch folder, where it now takes its room itself."""
         if self._held and not self._written:
             self._written = True
-            disk, nbytes = self._held[0]
+            disk, folder, nbytes = self._held[0]
             self._room._give_back(disk, self._result_bytes, last=False)
-            self._held[0] = (disk, nbytes - self._result_bytes)
+            self._held[0] = (disk, folder, nbytes - self._result_bytes)
 
     def close(self) -> None:
         """The row is done with the disk: whatever is still promised is free again."""
-        for disk, nbytes in self._held or ():
+        for disk, _, nbytes in self._held or ():
             self._room._give_back(disk, nbytes, last=True)
         self._held = []
 

@@ -37,6 +37,7 @@ from soundpatch.providers import (
     Prediction,
     PredictionFailed,
     Provider,
+    RoomGone,
 )
 from soundpatch.row import RowWork
 
@@ -176,6 +177,7 @@ class Purchases:
             keep_answer=lambda answer: self._keep_answer(edit.row_id, answer),
             should_cancel=self._should_cancel,
             may_start=self._may_start,
+            room_gone=room.gone,
         )
         try:
             self.journal.write(
@@ -229,7 +231,7 @@ class Purchases:
         except NotStarted as exc:
             self.ledger.release(reservation)
             outcome.attempts = max(outcome.attempts - 1, exc.sent)
-            raise RowError(self._not_started()) from None
+            raise RowError(str(exc) if isinstance(exc, RoomGone) else self._not_started()) from None
         except BaseException:
             sent = self._sent.get(edit.row_id)
             if sent is None and reservation.in_flight:

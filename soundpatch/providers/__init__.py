@@ -15,6 +15,7 @@ from soundpatch.providers.base import (
     Prediction,
     PredictionFailed,
     Provider,
+    RoomGone,
 )
 from soundpatch.s3 import S3
 
@@ -26,6 +27,7 @@ __all__ = [
     "Prediction",
     "PredictionFailed",
     "Provider",
+    "RoomGone",
     "make_provider",
 ]
 

@@ -58,6 +58,9 @@ class InpaintRequest:
     should_cancel: Callable[[], bool] | None = None
     # Asked once a slot is free, before a new prediction is made: may it still start?
     may_start: Callable[[], bool] | None = None
+    # Asked then too: why the room on disk made sure of for its result is gone since (the
+    # disk filled up while it waited its turn), or None while it is there.
+    room_gone: Callable[[], str | None] | None = None
 
     def stopping(self) -> bool:
         """The run was asked to stop: no new prediction may start."""
@@ -66,6 +69,9 @@ class InpaintRequest:
     def check_may_start(self) -> None:
         if self.stopping():
             raise NotStarted("the run is stopping")
+        gone = self.room_gone() if self.room_gone is not None else None
+        if gone is not None:
+            raise RoomGone(gone)
 
     def keep(self, answer: PaidAnswer, replaces: bool = False) -> None:
         """Hand a paid answer to the caller to keep; one already kept is not kept again,
@@ -129,6 +135,11 @@ class NotStarted(RowError):
     was sent, nothing is owed."""
 
     sent = 0  # creates this row sent before it was stopped (each turned away)
+
+
+class RoomGone(NotStarted):
+    """The disk its result is to be written to filled up while the row waited for a slot:
+    nothing was sent, nothing is owed."""
 
 
 class OutOfReach(NotStarted):
