@@ -180,14 +180,13 @@ def from_time_stamp(edit: Edit, stamp: float | None, duration: float, name: str)
     """An edit whose times are its recording's own timecode (`source_timecode`) with them
     counted from its first sample instead: `stamp` is when that sample was recorded (seconds
     since midnight; None: the file does not say), `duration` how long it is. A region before
-    the stamp is after midnight, where the recording runs past it. Other edits as they are."""
-    if not edit.source_timecode or edit.error:
-        return edit
+    the stamp is after midnight, where the recording runs past it."""
     if stamp is None:
         return invalid_copy(
             edit,
             f"its times are source timecode (timecode: source) but {name} has no time stamp to count them from "
-            "(a broadcast WAV's bext time reference); give them from its first sample (timecode: elapsed)",
+            "(a broadcast WAV's bext time reference, or a field recorder's iXML time stamp); give them from its "
+            "first sample (timecode: elapsed)",
         )
     assert edit.start is not None and edit.end is not None
     start, end = edit.start - stamp, edit.end - stamp

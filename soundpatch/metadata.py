@@ -28,6 +28,7 @@ import io
 import itertools
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -244,30 +245,62 @@ def _carried_parts(f: BinaryIO, family: str) -> Iterator[tuple[bytes, bytes]]:
 
 
 _BEXT_TIME_REFERENCE = 338  # where a bext chunk's TimeReference (samples since midnight, 64 bits) is
+# An iXML's time stamp, as (high 32 bits, low 32 bits) of samples since midnight: its copy
+# of the bext time reference, then its own (at TIMESTAMP_SAMPLE_RATE where that is given).
+_IXML_STAMPS = (
+    ("BWF_TIME_REFERENCE_HIGH", "BWF_TIME_REFERENCE_LOW"),
+    ("TIMESTAMP_SAMPLES_SINCE_MIDNIGHT_HI", "TIMESTAMP_SAMPLES_SINCE_MIDNIGHT_LO"),
+)
 
 
 def time_reference(carried: Carried | None) -> int | None:
     """When a recording's first sample was recorded, in samples since midnight: a broadcast
     WAV's bext time reference, or the TIME_REFERENCE tag a FLAC made from one keeps it in
-    (as ffmpeg and BWF MetaEdit write it). None where its file does not say."""
+    (as ffmpeg and BWF MetaEdit write it), or else a field recorder's iXML time stamp. None
+    where its file does not say."""
+    said: dict[bytes, int | None] = {}
     for cid, body in carried.parts if carried is not None else ():
         if cid == b"bext" and len(body) >= _BEXT_TIME_REFERENCE + 8:
-            return struct.unpack_from("<Q", body, _BEXT_TIME_REFERENCE)[0]
-        if cid == bytes([_FLAC_VORBIS_COMMENT]):
-            said = _vorbis_comments(body).get("TIME_REFERENCE", "").strip()
-            if said.isdigit():
-                return int(said)
+            said.setdefault(cid, struct.unpack_from("<Q", body, _BEXT_TIME_REFERENCE)[0])
+        elif cid == bytes([_FLAC_VORBIS_COMMENT]):
+            tag = _vorbis_comments(body).get("TIME_REFERENCE", "").strip()
+            said.setdefault(cid, int(tag) if tag.isdigit() else None)
+        elif cid == b"iXML":
+            said.setdefault(cid, _ixml_time_stamp(body))
+    for cid in (b"bext", bytes([_FLAC_VORBIS_COMMENT]), b"iXML"):  # the first that says, in this order
+        if said.get(cid) is not None:
+            return said[cid]
+    return None
+
+
+def _ixml_time_stamp(body: bytes) -> int | None:
+    """An iXML chunk's time stamp, in samples since midnight at the file's sample rate
+    (iXML 1.5: its SPEED's TIMESTAMP_SAMPLE_RATE may differ from FILE_SAMPLE_RATE, where
+    the file was pulled up or down). Read field by field: recorders write XML loosely."""
+    text = body.decode("utf-8", "replace")
+
+    def number(name: str) -> int | None:
+        found = re.search(rf"<{name}>\s*(\d+)\s*</{name}>", text)
+        return int(found.group(1)) if found else None
+
+    for high, low in _IXML_STAMPS:
+        if (samples := number(low)) is not None:
+            samples += (number(high) or 0) << 32
+            at, rate = number("TIMESTAMP_SAMPLE_RATE"), number("FILE_SAMPLE_RATE")
+            if low.startswith("TIMESTAMP") and at and rate and at != rate:
+                samples = round(samples * rate / at)
+            return samples
     return None
 
 
 def file_time_reference(source: Path | BinaryIO) -> int | None:
     """time_reference() of the file at a path, or open (a remote one read by ranges:
-    ranged.py), from its bext chunk or FLAC tags alone."""
+    ranged.py), from its bext and iXML chunks or FLAC tags alone."""
     if isinstance(source, Path):
         with open(source, "rb") as f:
             return file_time_reference(f)
     f = source
-    wanted = {b"bext", bytes([_FLAC_VORBIS_COMMENT])}
+    wanted = {b"bext", b"iXML", bytes([_FLAC_VORBIS_COMMENT])}
     f.seek(0)
     head = f.read(4)
     flac = head == b"fLaC" or head[:3] == b"ID3"

@@ -164,8 +164,8 @@ class SourceReader:
 
     def time_stamp(self, uri: str) -> tuple[float | None, float]:
         """When the recording's first sample was recorded, in seconds since midnight (its
-        bext time reference: metadata.time_reference), None where its file does not say;
-        and how long it is."""
+        bext time reference, or its iXML's: metadata.time_reference), None where its file
+        does not say; and how long it is."""
         info = self.info(uri)
         if uri not in self._time_references:  # (asked once for each of its rows)
             if remote(uri):

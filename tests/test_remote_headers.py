@@ -30,7 +30,7 @@ from soundpatch.sources import SourceReader
 from tests.jobs import clean_env, run_in_process, soundpatch
 from tests.test_metadata import BEXT, chunks, comments, flac_with, with_chunks
 from tests.test_mp3 import frame_starts
-from tests.test_source_timecode import bext_at
+from tests.test_source_timecode import bext_at, ixml
 
 RATE = 44100
 MB = 1 << 20
@@ -72,6 +72,12 @@ def test_a_bucket_s_recordings_are_known_by_their_headers_read_by_ranges_not_dow
         "reel.flac": flac_with(
             encoded(minute, "FLAC", "PCM_16"), [(4, comments(b"reference libFLAC", "TIME_REFERENCE=1587600000"))]
         ),
+        # A field recorder's take, with no bext: its iXML (after its samples) has the time stamp.
+        "take.wav": with_chunks(
+            encoded(minute, "WAV", "PCM_16"),
+            [],
+            [(b"iXML", ixml(("SPEED", "TIMESTAMP_SAMPLES_SINCE_MIDNIGHT_LO", 3600 * RATE)))],
+        ),
     }
     whole = encoded(minute, "WAV", "PCM_16")
     files["cut.wav"] = whole[: len(whole) // 2]  # a transfer broken off: its header promises a minute
@@ -83,6 +89,7 @@ def test_a_bucket_s_recordings_are_known_by_their_headers_read_by_ranges_not_dow
     assert reader.info("s3://tapes/cut.wav").promised_frames == len(minute)  # said to be cut short
     assert reader.time_stamp("s3://tapes/reel.wav") == (28_800_000 / RATE, 60.0)  # BEXT's, in samples
     assert reader.time_stamp("s3://tapes/reel.flac") == (1_587_600_000 / RATE, 60.0)  # 10:00:00
+    assert reader.time_stamp("s3://tapes/take.wav") == (3600.0, 60.0)  # 01:00:00, from its iXML
     assert reader.time_stamp("s3://tapes/tape.wav") == (None, 60.0)
 
     gets = [(path, status) for method, path, status, _ in proxy.answers if method == "GET"]

@@ -1,10 +1,11 @@
 """Regions in a recording's own timecode (`timecode: source`), as edit lists give them.
 
 A broadcast WAV says when its first sample was recorded: its bext chunk's time reference,
-in samples since midnight. An edit decision list, or a restorer's notes taken against a
-DAW's session, gives a dropout at `01:00:12:05` of a reel whose first sample is at
-`01:00:00:00`: twelve seconds in, not an hour. Before, such times were counted from the
-file's first sample only, and a user had to subtract each file's start by hand.
+in samples since midnight (a field recorder's iXML chunk says it too, where a file has no
+bext). An edit decision list, or a restorer's notes taken against a DAW's session, gives
+a dropout at `01:00:12:05` of a reel whose first sample is at `01:00:00:00`: twelve
+seconds in, not an hour. Before, such times were counted from the file's first sample
+only, and a user had to subtract each file's start by hand.
 
 The recordings here are built chunk by chunk (tests/test_metadata.py's helpers) and run
 through the batch as `soundpatch run` runs it.
@@ -29,6 +30,17 @@ def bext_at(samples: int) -> bytes:
     return BEXT[:338] + struct.pack("<Q", samples) + BEXT[346:]
 
 
+def ixml(*fields: tuple[str, str, int], padded: int = 0) -> bytes:
+    """An iXML chunk as a field recorder writes one: its fields grouped under their sections
+    ((section, name, value)), besides scene and take, null-padded to leave room for edits."""
+    sections: dict[str, str] = {}
+    for section, name, value in fields:
+        sections[section] = sections.get(section, "") + f"<{name}>{value}</{name}>\n"
+    inner = "".join(f"<{section}>\n{body}</{section}>\n" for section, body in sections.items())
+    text = f'<?xml version="1.0" encoding="UTF-8"?>\n<BWFXML>\n<SCENE>12</SCENE>\n{inner}</BWFXML>\n'
+    return text.encode() + bytes(padded)
+
+
 def run(tmp_path: Path, rows: list[str], **overrides: str) -> dict:
     (tmp_path / "m.csv").write_text("id,input,start,end,prompt,fps,timecode,output\n" + "\n".join(rows) + "\n")
     cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs"), **overrides})
@@ -47,6 +59,11 @@ def test_rows_in_a_recording_s_own_timecode_are_edited_where_its_time_stamp_puts
         wav_bytes(source, format="FLAC"), [(4, comments(b"reference libFLAC", "TITLE=Reel", "time_reference=28800000"))]
     )
     (tmp_path / "reel.flac").write_bytes(tagged)
+    # A field recorder's file with no bext: its iXML's time stamp, stamped 01:00:00:00.
+    field_stamp = ixml(
+        ("SPEED", "TIMESTAMP_SAMPLES_SINCE_MIDNIGHT_LO", 3600 * RATE), ("SPEED", "TIMESTAMP_SAMPLE_RATE", RATE)
+    )
+    (tmp_path / "field.wav").write_bytes(with_chunks(wav_bytes(source), [(b"iXML", field_stamp)], []))
 
     outcomes = run(
         tmp_path,
@@ -59,6 +76,7 @@ def test_rows_in_a_recording_s_own_timecode_are_edited_where_its_time_stamp_puts
             "unknown,reel.wav,1.0,1.5,room tone,,session,f",
             "after_midnight,night.wav,00:00:10,00:00:10.5,room tone,,source,g",  # 40.0-40.5 s into it
             "flac,reel.flac,01:00:02.0,01:00:02.25,room tone,,source,h",
+            "ixml,field.wav,01:00:00:10,01:00:00:20,room tone,25,source,i",  # 0.4-0.8 s into it
         ],
     )
 
@@ -69,10 +87,12 @@ def test_rows_in_a_recording_s_own_timecode_are_edited_where_its_time_stamp_puts
         "elapsed": ("succeeded", 0.5, 0.6),
         "after_midnight": ("succeeded", 40.0, 40.5),
         "flac": ("succeeded", 2.0, 2.25),
+        "ixml": ("succeeded", 0.4, 0.8),
     }
     outside_is_the_same(Path(outcomes["frames"].output), source, 1.0, 1.48)
     outside_is_the_same(Path(outcomes["seconds"].output), source, 2.0, 2.5)
     outside_is_the_same(Path(outcomes["flac"].output), source, 2.0, 2.25)
+    outside_is_the_same(Path(outcomes["ixml"].output), source, 0.4, 0.8)
     edited = sf.read(outcomes["frames"].output, dtype="int16", always_2d=True)[0]
     assert not np.array_equal(edited[8000:11840], source[8000:11840])  # the region itself was redone
     result = sf.read(outcomes["after_midnight"].output, dtype="int16", always_2d=True)[0]
@@ -91,7 +111,8 @@ def test_rows_in_a_recording_s_own_timecode_are_edited_where_its_time_stamp_puts
             "invalid",
             0.0,
             "Its times are source timecode (timecode: source) but plain.wav has no time stamp to count them from "
-            "(a broadcast WAV's bext time reference); give them from its first sample (timecode: elapsed).",
+            "(a broadcast WAV's bext time reference, or a field recorder's iXML time stamp); give them from its "
+            "first sample (timecode: elapsed).",
         ),
         "unknown": (
             "invalid",
@@ -120,9 +141,35 @@ def test_a_time_stamp_is_read_from_a_file_s_bext_or_flac_tags_and_none_from_othe
         flac_with(plain_flac, [(4, comments(b"reference libFLAC", "TIME_REFERENCE=5")[:-3])])
     )
 
+    # A field recorder's iXML, where the file has no bext: its copy of the bext time
+    # reference, or its own time stamp (in samples at its TIMESTAMP_SAMPLE_RATE: 48048 Hz,
+    # a file pulled down to 48000 Hz, is 1001 of its samples to 1000 of the file's).
+    stamp = [("SPEED", "TIMESTAMP_SAMPLES_SINCE_MIDNIGHT_HI", 1), ("SPEED", "TIMESTAMP_SAMPLES_SINCE_MIDNIGHT_LO", 5)]
+    pulled = [("SPEED", "FILE_SAMPLE_RATE", 48000), ("SPEED", "TIMESTAMP_SAMPLE_RATE", 48048)]
+    bwf_copy = [("BEXT", "BWF_TIME_REFERENCE_LOW", 960000), ("BEXT", "BWF_TIME_REFERENCE_HIGH", 0)]
+    ixml_files = {
+        "ixml.wav": ixml(*stamp, padded=4000),
+        "ixml_bext_copy.wav": ixml(("SPEED", "TIMESTAMP_SAMPLES_SINCE_MIDNIGHT_LO", 77), *bwf_copy),
+        "ixml_pulled.wav": ixml(("SPEED", "TIMESTAMP_SAMPLES_SINCE_MIDNIGHT_LO", 48048 * 3600), *pulled),
+        "ixml_no_stamp.wav": ixml(
+            ("SPEED", "TIMECODE_RATE", "25/1"), ("SPEED", "TIMESTAMP_SAMPLES_SINCE_MIDNIGHT_LO", "")
+        ),
+    }
+    for name, body in ixml_files.items():
+        (tmp_path / name).write_bytes(with_chunks(wav_bytes(source), [], [(b"iXML", body)]))
+    # Both: the bext's time reference is the one (the iXML only copies it).
+    (tmp_path / "both.wav").write_bytes(
+        with_chunks(wav_bytes(source), [(b"iXML", ixml(*stamp)), (b"bext", bext_at(9))], [])
+    )
+
     found = {p.name: metadata.file_time_reference(p) for p in sorted(tmp_path.iterdir())}
     assert found == {
+        "both.wav": 9,
         "bwf.wav": 12345,
+        "ixml.wav": (1 << 32) + 5,
+        "ixml_bext_copy.wav": 960000,
+        "ixml_no_stamp.wav": None,
+        "ixml_pulled.wav": 48000 * 3600,
         "cut.flac": None,
         "plain.aiff": None,
         "plain.wav": None,
