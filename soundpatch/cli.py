@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import io
 import json
 import os
@@ -42,6 +43,7 @@ from soundpatch.outcome import (
     by_reason,
     exit_status,
 )
+from soundpatch.past_runs import past_runs
 from soundpatch.progress import ProgressWatcher
 from soundpatch.rerender import rerender
 from soundpatch.restoration import Damage, restoration_manifest
@@ -187,6 +189,14 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_id", nargs="?", help="the run (default: the latest in runs_dir)")
     _common(report)
     report.set_defaults(handler=cmd_report)
+
+    runs = sub.add_parser("runs", help="list the runs in runs_dir: what each made and spent, and whether it finished")
+    runs.add_argument(
+        "--since", help="only runs begun on or after this day or time, UTC (2026-12-01, 2026-12-01T18:00)"
+    )
+    runs.add_argument("--json", action="store_true", help="print them as JSON, for scripts")
+    _common(runs)
+    runs.set_defaults(handler=cmd_runs)
     return parser
 
 
@@ -653,6 +663,58 @@ def cmd_report(args: argparse.Namespace) -> int:
     outcomes, summary = rerender(args.run_id, run_dir, cfg, s3, say=lambda text: out.print(text, soft_wrap=True))
     _print_summary(summary, outcomes, run_dir)
     return exit_status(outcomes)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    since = _utc_time(args.since) if args.since else None
+    runs = past_runs(Path(cfg.runs_dir).expanduser(), cfg, since)
+    if args.json:
+        print(json.dumps([run.as_dict() for run in runs], indent=2))
+        return 0
+    after = f" begun since {args.since}" if args.since else ""
+    if not runs:
+        out.print(f"No runs in {Path(cfg.runs_dir)}{after}.", soft_wrap=True)
+        return 0
+    out.print(f"Runs in {Path(cfg.runs_dir)}{after}, the latest first:", soft_wrap=True)
+    width = max(len(run.run_id) for run in runs)
+    for run in runs:
+        counts = [f"{run.by_status[s]} {s}" for s in STATUSES if run.by_status[s]]
+        if run.done < run.results:
+            counts.append(f"{run.results - run.done} not done")
+        state = {"going": "[yellow]going[/yellow]", "finished": "[green]finished[/green]"}.get(run.state)
+        if state is None:
+            state = "[red]stopped[/red]" + (f" (about ${run.out.price_usd:.2f} out)" if run.out.rows else "")
+        began = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(run.started))
+        spent = f"${run.spent_usd:.2f}"
+        out.print(
+            f"  {run.run_id:<{width}}  {began}  {spent:>8}  {state}: {', '.join(counts) or 'no results'}",
+            soft_wrap=True,
+        )
+        what = ", ".join(filter(None, (escape(run.manifest), ", ".join(run.providers))))
+        out.print(f"  {'':<{width}}  [dim]{what}[/dim]", soft_wrap=True)
+    out.print(f"{plural(len(runs), 'run')}: ${sum(r.spent_usd for r in runs):.2f} spent.", soft_wrap=True)
+    for run in runs:
+        if run.state == "stopped" and run.out.rows:
+            out.print(
+                f"[dim]note: Run {run.run_id} stopped with {plural(run.out.rows, 'prediction')} paid for (or maybe "
+                f"paid for) and not collected, about ${run.out.price_usd:.2f} not in its spent: soundpatch run "
+                f"{escape(run.manifest)} with the options it had and --run-id {run.run_id} collects them at no new "
+                "cost.[/dim]",
+                soft_wrap=True,
+            )
+    return 0
+
+
+def _utc_time(text: str) -> float:
+    """`--since` (a day, or a day and time, in UTC) as seconds since the epoch."""
+    try:
+        when = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise _UsageError(
+            f"--since {text} is not a day or time, as in --since 2026-12-01 or 2026-12-01T18:00."
+        ) from None
+    return when.replace(tzinfo=when.tzinfo or datetime.UTC).timestamp()
 
 
 if __name__ == "__main__":

@@ -107,6 +107,19 @@ class RunLock:
                 os.close(entry[0])  # closing the last descriptor drops the lock
 
 
+def run_going(run_dir: Path) -> bool:
+    """Whether a process (this one included) is running the run now: its lock is held. A
+    run folder one may not lock is taken to be going."""
+    lock = RunLock(run_dir)
+    try:
+        taken = lock.take_if_stopped()
+    except OSError:
+        return True
+    if taken:
+        lock.release()
+    return not taken
+
+
 class Claims:
     """Who produces which edit, among this machine's processes writing one output store."""
 

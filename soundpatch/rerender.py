@@ -18,14 +18,13 @@ from soundpatch.journal import (
     latest_runs,
     lines_here,
     merge,
-    paid_unfinished,
     parse,
     prediction_seconds,
-    states_from,
 )
 from soundpatch.journal_copy import JournalCopy
-from soundpatch.locks import RunLock
+from soundpatch.locks import run_going
 from soundpatch.outcome import Outcome
+from soundpatch.past_runs import money_out
 from soundpatch.report import parse_report, publish_reports, summarize, write_reports
 from soundpatch.s3 import S3, S3Uri
 from soundpatch.storage import open_store
@@ -56,7 +55,7 @@ def rerender(run_id: str, run_dir: Path, cfg: Config, s3: S3, say: Say) -> tuple
         outcomes.sort(key=lambda o: order.get(o.row_id, len(order)))
     summary = summarize(outcomes, meta, prediction_seconds(events))
     # (Of a run made elsewhere, whether it goes on there is not known here.)
-    stopped = _stopped_with_money_out(events, cfg, run_id) if here and _stopped(run_dir) else ""
+    stopped = _stopped_with_money_out(events, cfg, run_id) if here and not run_going(run_dir) else ""
     # Said anew each time (an earlier rendering's may be out of date): the run went on since.
     notes = [n for n in summary.get("notes", []) if not n.startswith(_STOPPED.format(run_id=run_id))]
     summary["notes"] = [*notes, stopped] if stopped else notes
@@ -67,35 +66,20 @@ def rerender(run_id: str, run_dir: Path, cfg: Config, s3: S3, say: Say) -> tuple
     return outcomes, summary
 
 
-def _stopped(run_dir: Path) -> bool:
-    """Whether no process runs the run (its lock is free): it ended, or was killed."""
-    lock = RunLock(run_dir)
-    try:
-        taken = lock.take_if_stopped()
-    except OSError:
-        return False
-    if taken:
-        lock.release()
-    return taken
-
-
 def _stopped_with_money_out(events: list[dict[str, Any]], cfg: Config, run_id: str) -> str:
     """What a run that stopped before its rows' outcomes has out: paid for and not in the
     report's spent (which counts outcomes); "" when nothing is."""
-    to_collect, in_doubt = paid_unfinished(states_from(events))
-    if not (to_collect or in_doubt):
+    out = money_out(events, cfg)
+    if not out.rows:
         return ""
-    price = sum(
-        cfg.provider.for_provider(p or cfg.provider.name).price for p in [*to_collect.values(), *in_doubt.values()]
-    )
     parts = []
-    if to_collect:
-        parts.append(f"{plural(len(to_collect), 'row')} with a prediction paid for and not collected")
-    if in_doubt:
-        parts.append(f"{plural(len(in_doubt), 'row')} whose create went out with no answer (it may exist)")
+    if out.to_collect:
+        parts.append(f"{plural(out.to_collect, 'row')} with a prediction paid for and not collected")
+    if out.in_doubt:
+        parts.append(f"{plural(out.in_doubt, 'row')} whose create went out with no answer (it may exist)")
     return (
-        f"{_STOPPED.format(run_id=run_id)}{' and '.join(parts)}, about ${price:.2f} at price_usd, not in the spent "
-        f"above; the same command with --run-id {run_id} collects what was paid for, at no new cost."
+        f"{_STOPPED.format(run_id=run_id)}{' and '.join(parts)}, about ${out.price_usd:.2f} at price_usd, not in the "
+        f"spent above; the same command with --run-id {run_id} collects what was paid for, at no new cost."
     )
 
 

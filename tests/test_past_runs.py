@@ -1,0 +1,82 @@
+"""`soundpatch runs`: what the runs in the runs folder made and spent, one killed with money out among them.
+
+Whole commands as users run them, against the provider simulator over HTTP and an S3
+server on loopback: a finished run, a run killed the moment its first paid answer came in
+(paid for, not collected), then resumed.
+"""
+
+from __future__ import annotations
+
+import json
+
+from soundpatch.locks import RunLock
+from tests.jobs import AT_DECODE, dying, environment, soundpatch, write_job
+
+
+def shown(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_runs_says_what_each_run_made_and_spent_and_what_a_killed_one_has_out(
+    job_dir, aws_env, simulator, tmp_path_factory
+):
+    sim = simulator(latency=0.2, fill="tone")
+    write_job(job_dir, sim, aws_env, rows=2, concurrency=1)
+    env = environment(tmp_path_factory.mktemp("prefect"))
+    job = ("job.csv", "--config", "job.yaml")
+    done = soundpatch("run", *job, "--run-id", "night-1", cwd=job_dir, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The first row again, forced: killed as its paid answer is decoded ($0.20 out).
+    (job_dir / "first.csv").write_text("".join((job_dir / "job.csv").read_text().splitlines(keepends=True)[:2]))
+    died = dying(
+        AT_DECODE, "run", "first.csv", "--config", "job.yaml", "--run-id", "night-2", "--force", cwd=job_dir, env=env
+    )
+    assert died.returncode == 137, died.stdout + died.stderr
+    assert sim.stats.accepted == 3
+
+    listed = soundpatch("runs", "--config", "job.yaml", cwd=job_dir, env=env)
+    assert listed.returncode == 0 and not listed.stderr, listed.stderr
+    lines = [shown(line) for line in listed.stdout.splitlines()]
+    assert lines[0] == "Runs in runs, the latest first:"
+    assert lines[1].startswith("night-2 ") and lines[1].endswith("$0.00 stopped (about $0.20 out): 1 not done"), lines
+    assert lines[2] == "first.csv, eachlabs"
+    assert lines[3].startswith("night-1 ") and lines[3].endswith("$0.40 finished: 2 succeeded"), lines
+    assert lines[5] == "2 runs: $0.40 spent."
+    assert shown(listed.stdout).endswith(
+        "note: Run night-2 stopped with 1 prediction paid for (or maybe paid for) and not collected, about $0.20 "
+        "not in its spent: soundpatch run first.csv with the options it had and --run-id night-2 collects them at no "
+        "new cost."
+    )
+
+    as_json = soundpatch("runs", "--config", "job.yaml", "--json", cwd=job_dir, env=env)
+    runs = {r["run_id"]: r for r in json.loads(as_json.stdout)}
+    assert runs["night-1"]["state"] == "finished" and runs["night-1"]["spent_usd"] == 0.4
+    assert runs["night-1"]["by_status"]["succeeded"] == 2 and runs["night-1"]["results"] == 2
+    assert runs["night-2"]["state"] == "stopped" and runs["night-2"]["spent_usd"] == 0.0
+    assert (runs["night-2"]["out_rows"], runs["night-2"]["out_usd"]) == (1, 0.2)
+    assert runs["night-2"]["started_at"] > runs["night-1"]["started_at"]
+
+    # While a process runs it, it is going: what it has out is in flight.
+    holding = RunLock(job_dir / "runs" / "night-2").acquire()
+    try:
+        going = soundpatch("runs", "--config", "job.yaml", cwd=job_dir, env=env)
+    finally:
+        holding.release()
+    assert "$0.00 going: 1 not done" in shown(going.stdout) and "note:" not in going.stdout, going.stdout
+
+    # Resumed: the paid answer is collected at no new cost, and the run is finished.
+    resumed = soundpatch(
+        "run", "first.csv", "--config", "job.yaml", "--run-id", "night-2", "--force", cwd=job_dir, env=env
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert sim.stats.accepted == 3  # what was paid for before is collected, not created again
+    again = shown(soundpatch("runs", "--config", "job.yaml", cwd=job_dir, env=env).stdout)
+    assert "night-2 " in again and "$0.20 finished: 1 succeeded first.csv, eachlabs night-1" in again, again
+    assert again.endswith("2 runs: $0.60 spent."), again
+
+    later = soundpatch("runs", "--config", "job.yaml", "--since", "2999-01-01", cwd=job_dir, env=env)
+    assert later.returncode == 0 and shown(later.stdout) == "No runs in runs begun since 2999-01-01."
+    bad = soundpatch("runs", "--config", "job.yaml", "--since", "last week", cwd=job_dir, env=env)
+    assert bad.returncode == 2 and shown(bad.stderr) == (
+        "error: --since last week is not a day or time, as in --since 2026-12-01 or 2026-12-01T18:00."
+    )
