@@ -668,20 +668,27 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     cfg = _config(args)
     since = _utc_time(args.since) if args.since else None
-    runs = past_runs(Path(cfg.runs_dir).expanduser(), cfg, since)
+    in_bucket = cfg.output.uri.startswith("s3://")
+    try:
+        runs = past_runs(Path(cfg.runs_dir).expanduser(), cfg, since, S3(cfg.storage.s3) if in_bucket else None)
+    except RowError as exc:
+        raise SoundpatchError(
+            f"The runs' journals in {cfg.output.uri} could not be read: {str(exc).rstrip('.')}."
+        ) from None
     if args.json:
         print(json.dumps([run.as_dict() for run in runs], indent=2))
         return 0
     after = f" begun since {args.since}" if args.since else ""
+    where = f"{Path(cfg.runs_dir)}" + (f" and {cfg.output.uri}" if in_bucket else "")
     if not runs:
-        out.print(f"No runs in {Path(cfg.runs_dir)}{after}.", soft_wrap=True)
+        out.print(f"No runs in {where}{after}.", soft_wrap=True)
         return 0
-    out.print(f"Runs in {Path(cfg.runs_dir)}{after}, the latest first:", soft_wrap=True)
+    out.print(f"Runs in {where}{after}, the latest first:", soft_wrap=True)
     width = max(len(run.run_id) for run in runs)
     for run in runs:
         counts = [f"{run.by_status[s]} {s}" for s in STATUSES if run.by_status[s]]
-        if run.done < run.results:
-            counts.append(f"{run.results - run.done} not done")
+        if run.not_done:
+            counts.append(f"{run.not_done} not done")
         state = {"going": "[yellow]going[/yellow]", "finished": "[green]finished[/green]"}.get(run.state)
         if state is None:
             state = "[red]stopped[/red]" + (f" (about ${run.out.price_usd:.2f} out)" if run.out.rows else "")
@@ -691,7 +698,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
             f"  {run.run_id:<{width}}  {began}  {spent:>8}  {state}: {', '.join(counts) or 'no results'}",
             soft_wrap=True,
         )
-        what = ", ".join(filter(None, (escape(run.manifest), ", ".join(run.providers))))
+        elsewhere = "made on another machine: its journal's copy in the bucket" if run.elsewhere else ""
+        what = ", ".join(filter(None, (escape(run.manifest), ", ".join(run.providers), elsewhere)))
         out.print(f"  {'':<{width}}  [dim]{what}[/dim]", soft_wrap=True)
     out.print(f"{plural(len(runs), 'run')}: ${sum(r.spent_usd for r in runs):.2f} spent.", soft_wrap=True)
     for run in runs:
@@ -699,8 +707,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
             out.print(
                 f"[dim]note: Run {run.run_id} stopped with {plural(run.out.rows, 'prediction')} paid for (or maybe "
                 f"paid for) and not collected, about ${run.out.price_usd:.2f} not in its spent: soundpatch run "
-                f"{escape(run.manifest)} with the options it had and --run-id {run.run_id} collects them at no new "
-                "cost.[/dim]",
+                f"{escape(run.manifest) or 'its manifest'} with the options it had and --run-id {run.run_id} collects "
+                "them at no new cost.[/dim]",
                 soft_wrap=True,
             )
     return 0

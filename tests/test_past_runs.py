@@ -8,6 +8,7 @@ server on loopback: a finished run, a run killed the moment its first paid answe
 from __future__ import annotations
 
 import json
+import time
 
 from soundpatch.locks import RunLock
 from tests.jobs import AT_DECODE, dying, environment, soundpatch, write_job
@@ -80,3 +81,46 @@ def test_runs_says_what_each_run_made_and_spent_and_what_a_killed_one_has_out(
     assert bad.returncode == 2 and shown(bad.stderr) == (
         "error: --since last week is not a day or time, as in --since 2026-12-01 or 2026-12-01T18:00."
     )
+
+
+def test_runs_made_by_a_worker_elsewhere_are_listed_from_their_journal_s_copy_in_the_bucket(
+    job_dir, aws_env, simulator, tmp_path_factory
+):
+    # A nightly deployment's worker (its own machine, its own runs/) writes into a bucket; the
+    # user lists the nights from a laptop that never ran any.
+    sim = simulator(latency=0.2, fill="tone")
+    write_job(job_dir, sim, aws_env, rows=2, concurrency=1)
+    aws_env.bucket("nightly")
+    config = (job_dir / "job.yaml").read_text().replace("{s3: {endpoint_url:", "{s3: {lease_seconds: 3, endpoint_url:")
+    (job_dir / "job.yaml").write_text(config + "output: {uri: 's3://nightly/takes/'}\n")
+    env = environment(tmp_path_factory.mktemp("prefect"))
+    done = soundpatch("run", "job.csv", "--config", "job.yaml", "--run-id", "night-1", cwd=job_dir, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (job_dir / "first.csv").write_text("".join((job_dir / "job.csv").read_text().splitlines(keepends=True)[:2]))
+    args = ("run", "first.csv", "--config", "job.yaml", "--run-id", "night-2", "--force")
+    died = dying(AT_DECODE, *args, cwd=job_dir, env=env)  # paid for its answer, then killed
+    assert died.returncode == 137, died.stdout + died.stderr
+
+    laptop = tmp_path_factory.mktemp("laptop")
+    (laptop / "job.yaml").write_text((job_dir / "job.yaml").read_text())
+    listed = soundpatch("runs", "--config", "job.yaml", cwd=laptop, env=env)
+    assert listed.returncode == 0 and not listed.stderr, listed.stderr
+    text = shown(listed.stdout)
+    assert text.startswith("Runs in runs and s3://nightly/takes/, the latest first:"), text
+    elsewhere = "made on another machine: its journal's copy in the bucket"
+    # The killed run's lease (3 s) has not lapsed yet: as far as anyone can tell, it goes on.
+    assert f"$0.00 going: no results eachlabs, {elsewhere} night-1 " in text, text
+    assert f"$0.40 finished: 2 succeeded job.csv, eachlabs, {elsewhere} 2 runs: $0.40 spent." in text, text
+    assert not (laptop / "runs").exists()  # only read
+
+    time.sleep(3.5)
+    later = shown(soundpatch("runs", "--config", "job.yaml", cwd=laptop, env=env).stdout)
+    assert f"$0.00 stopped (about $0.20 out): no results eachlabs, {elsewhere}" in later, later
+    assert "note: Run night-2 stopped with 1 prediction paid for" in later, later
+
+    # On the worker, the same run is one run, from both journals.
+    here = json.loads(soundpatch("runs", "--config", "job.yaml", "--json", cwd=job_dir, env=env).stdout)
+    assert [(r["run_id"], r["journal"], r["state"], r["results"], r["out_rows"]) for r in here] == [
+        ("night-2", "here", "stopped", 1, 1),
+        ("night-1", "here", "finished", 2, 0),
+    ]
