@@ -3,11 +3,11 @@
 A nightly deployment, a week of restoration batches, or a user's own retries leave one
 folder a run in `runs_dir` (and, where the outputs go to a bucket, a copy of each run's
 journal there: a worker's runs are known from anywhere); each one's report says what that
-run spent. This says it of
-all of them at once, from their journals (what a report is made from, so a run killed
-before it wrote its report is counted too): when each began, its manifest, its results by
-status, what it spent, and whether it is still going, finished, or stopped with money out
-(predictions paid for and not collected, which resuming it collects at no new cost).
+run spent. This says it of all of them at once, from their journals (what a report is
+made from, so a run killed before it wrote its report is counted too): when each began,
+its manifest, its results by status, what it spent, and whether it is still going,
+finished, or stopped with money out (predictions paid for and not collected, which
+resuming it collects at no new cost).
 """
 
 from __future__ import annotations
@@ -72,6 +72,14 @@ class PastRun:
         """Results with no outcome yet; None where the run's count of them is not known."""
         return None if self.results is None else max(0, self.results - self.done)
 
+    @property
+    def state(self) -> str:
+        """`going`, `finished` (every result has an outcome), or `stopped`."""
+        if self.going:
+            return "going"
+        whole = self.results is not None and self.done >= self.results
+        return "finished" if whole and not self.out.rows else "stopped"
+
     def as_dict(self) -> dict[str, Any]:
         """For `soundpatch runs --json`."""
         return {
@@ -88,14 +96,6 @@ class PastRun:
             "out_usd": round(self.out.price_usd, 6),
         }
 
-    @property
-    def state(self) -> str:
-        """`going`, `finished` (every result has an outcome), or `stopped`."""
-        if self.going:
-            return "going"
-        whole = self.results is not None and self.done >= self.results
-        return "finished" if whole and not self.out.rows else "stopped"
-
 
 def past_runs(runs_dir: Path, cfg: Config, since: float | None = None, s3: S3 | None = None) -> list[PastRun]:
     """The runs in `runs_dir`, and with `s3`, those whose journal is copied to the output
@@ -108,13 +108,12 @@ def past_runs(runs_dir: Path, cfg: Config, since: float | None = None, s3: S3 | 
     found = []
     for run_id in sorted(set(here) | there):
         lines = lines_here(here[run_id]) if run_id in here else []
+        going = run_going(here[run_id]) if run_id in here else False
         if run_id in there:
-            assert s3 is not None and output is not None
+            assert s3 is not None and output is not None  # (there is nothing there without them)
             copy = JournalCopy(s3, output, run_id).lines()
             lines = merge(lines, copy)[0] if lines else copy
-        going = run_going(here[run_id]) if run_id in here else False
-        if not going and run_id in there:
-            going = _leased(s3, output, run_id, cfg.storage.s3.lease_seconds)
+            going = going or _leased(s3, output, run_id, cfg.storage.s3.lease_seconds)
         run = _past_run(run_id, list(parse(lines)), cfg, going, elsewhere=run_id not in here)
         if run is not None and (since is None or run.started >= since):
             found.append(run)
@@ -128,9 +127,9 @@ def _runs_in_bucket(s3: S3, output: S3Uri) -> set[str]:
     return {k[len(folder.key) :].split("/", 1)[0] for k in keys if k.endswith(".jsonl")}
 
 
-def _leased(s3: S3 | None, output: S3Uri | None, run_id: str, seconds: float) -> bool:
+def _leased(s3: S3, output: S3Uri, run_id: str, seconds: float) -> bool:
     """Whether a machine holds the run's lease in the bucket (lease.py): it goes on there."""
-    there = s3.age(lease_uri(output, run_id)) if s3 is not None and output is not None else None
+    there = s3.age(lease_uri(output, run_id))
     return there is not None and there[1] < seconds
 
 
