@@ -292,7 +292,7 @@ def throttled_s3(aws_env):
 
     rng = random.Random(1)
     proxy = FaultProxy(
-        aws_env.endpoint, lambda method, path, signed: (503, "SlowDown") if signed and rng.random() < 0.3 else None
+        aws_env.endpoint, lambda method, path, signed: (503, "SlowDown") if signed and rng.random() < 0.15 else None
     )
     yield proxy
     proxy.stop()
