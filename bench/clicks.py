@@ -1,6 +1,6 @@
 """How many clicks `soundpatch detect --clicks` finds, and how many it finds where there are none.
 
-    python bench/clicks.py [--seconds 60] [--clicks 60]
+    python bench/clicks.py [--seconds 60] [--clicks 60] [--crackle 20 80]
 
 Clean material (music, speech at two rates, dense drums, a sound effect) has clicks
 punched into it: 0.05-5 ms of windowed noise (and apart, pops: smooth bumps of 0.2-1 ms,
@@ -10,7 +10,11 @@ each material and band: clicks found (a span found overlaps it, give or take 3 m
 put), and, on the clean material alone, false alarms a minute. The same table for a
 baseline measured in the same run: a threshold on the first difference (|x[n] - x[n-1]|
 over 8 times its median in the surrounding 46 ms), the simplest click detector there is.
-Last column: seconds of CPU a minute of audio.
+Then crackle: ticks of 0.05-1 ms, 0 to +20 dB over the audio around them, at random
+(Poisson) all through each material, `--crackle` a second: ticks found (false alarms), and
+the rows `detect` would write for them (found ticks whose regions, widened by the splice's
+10 ms crossfade, meet are one row) with the longest of them. Last column of the first
+table: seconds of CPU a minute of audio.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 from soundpatch import demo_audio
 from soundpatch.audio import Audio
 from soundpatch.clicks import find_clicks
+from soundpatch.restoration import Damage, _meeting
 
 BANDS = ((-10, 0), (0, 10), (10, 20))  # dB over the audio around the click
 POPS = (10, 20)
@@ -67,6 +72,28 @@ def punch(
     return np.clip(y, -1, 1), spans
 
 
+def crackle(x: np.ndarray, rate: int, per_second: float, rng) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """`x` with crackle all through it: `per_second` ticks of 0.05-1 ms of windowed noise
+    on average, at random times, 0 to +20 dB over the audio around each."""
+    y, spans = x.copy(), []
+    count = rng.poisson(per_second * (len(x) / rate - 1))
+    quietest = 0.1 * np.sqrt(np.mean(np.square(x)))
+    for a in np.sort(rng.integers(rate // 2, len(x) - rate // 2, count)):
+        w = max(1, int(rng.uniform(0.05, 1.0) / 1000 * rate))
+        level = max(quietest, np.sqrt(np.mean(np.square(x[max(0, a - rate // 50) : a + rate // 50]))))
+        shape = rng.standard_normal(w) * np.hanning(w + 2)[1:-1] if w > 2 else np.ones(w)
+        shape *= level * 10 ** (rng.uniform(0, 20) / 20) * rng.choice([-1, 1]) / np.abs(shape).max()
+        y[a : a + w] += shape[:, None]
+        spans.append((a / rate, (a + w) / rate))
+    return np.clip(y, -1, 1), spans
+
+
+def rows(found: list[tuple[float, float]], margin: float = 0.01) -> tuple[int, float]:
+    """(rows detect writes for `found`, the longest row's seconds): as restoration.py groups them."""
+    groups = _meeting([Damage(a, b, 0.0, "click") for a, b in found], margin)
+    return len(groups), max((g[-1].end - g[0].start + 2 * margin for g in groups), default=0.0)
+
+
 def soundpatch_clicks(x: np.ndarray, rate: int) -> list[tuple[float, float]]:
     return [(d.start, d.end) for d in find_clicks(Audio(x.astype(np.float32), rate, "WAV", "FLOAT"))]
 
@@ -93,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each material")
     parser.add_argument("--clicks", type=int, default=60, help="clicks punched in, per material and band")
+    parser.add_argument("--crackle", type=float, nargs="*", default=[20.0, 80.0], help="crackle's ticks a second")
     args = parser.parse_args()
     s = args.seconds
     materials = {
@@ -125,6 +153,22 @@ def main() -> None:
             hit, false = tally(detect(y, rate), at)
             cells.append(f"{hit}/{count} ({false})")
             print(f"| {name} | {label} | {' | '.join(cells)} | {len(clean) / minutes:.1f} | {cpu:.2f} |", flush=True)
+    if not args.crackle:
+        return
+    print()
+    heads = " | ".join(f"crackle {r:g}/s: found (false alarms) | rows, longest" for r in args.crackle)
+    print(f"| material | {heads} |")
+    print("|---|" + "---|---|" * len(args.crackle))
+    for name, (x, rate) in materials.items():
+        x = x.astype(np.float64)
+        cells = []
+        for per_second in args.crackle:
+            y, at = crackle(x, rate, per_second, np.random.default_rng(2))
+            found = soundpatch_clicks(y, rate)
+            hit, false = tally(found, at)
+            count, longest = rows(found)
+            cells += [f"{hit}/{len(at)} ({false})", f"{count}, {1000 * longest:.0f} ms"]
+        print(f"| {name} | {' | '.join(cells)} |", flush=True)
 
 
 if __name__ == "__main__":
