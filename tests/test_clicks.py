@@ -150,3 +150,42 @@ def test_the_manifest_names_clicks_and_dropouts_and_joins_those_that_meet():
         ("take-click-1.000s", "0.9900", "1.0600", "2 clicks and 1 dropout, 32 ms in all, at 1.000 s"),
         ("take-click-5.000s", "4.9900", "5.0115", "click of 1.5 ms at 5.000 s"),
     ]
+
+
+def crackled(x: np.ndarray, rate: int, per_second: float, start: float, end: float, seed: int = 0):
+    """`x` with crackle from `start` to `end` s: ticks of 0.05-1 ms, `per_second` on average
+    at random, 0 to +20 dB over the audio around each; and where they are."""
+    rng = np.random.default_rng(seed)
+    ticks = np.sort(rng.uniform(start, end, rng.poisson(per_second * (end - start))))
+    y = np.array(x, np.float64)
+    for t in ticks:
+        a, w = round(t * rate), max(1, round(rng.uniform(0.05, 1.0) / 1000 * rate))
+        level = np.sqrt(np.mean(np.square(y[a - rate // 50 : a + rate // 50]))) + 1e-4
+        shape = rng.standard_normal(w) * np.hanning(w + 2)[1:-1] if w > 2 else np.ones(w)
+        y[a : a + w] += (shape * level * 10 ** (rng.uniform(0, 20) / 20) / np.abs(shape).max())[:, None]
+    return np.clip(y, -1.0, 1.0), list(ticks)
+
+
+@pytest.mark.parametrize(("material", "rate", "share"), [("music", 44100, 0.6), ("voice", 44100, 0.2)])
+def test_where_a_recording_crackles_ticks_close_together_are_found_and_a_voice_s_pulses_are_not(material, rate, share):
+    # Two ticks within 12 ms of each other each hide the other from the rule that finds a
+    # single click (it stands out from all around it). Where ticks come thick and fast, the
+    # recording crackles, and such ticks are clicks too; but a voice's glottal pulses are
+    # such bursts as well, evenly spaced, and are left alone (with the ticks among them that
+    # fall in step with them: fewer are found over a voice). Before, 22% of the close ticks
+    # were found over the music, 19% over the voice; without telling pulses apart, 648 of
+    # 931 spans found over the voice were its pulses.
+    x = (
+        demo_audio.music(20.0, rate, 2, seed=5, smooth=True)
+        if material == "music"
+        else demo_audio.voice(20.0, rate, 6, True)
+    )
+    y, ticks = crackled(x, rate, 30.0, 4.0, 16.0)
+    spans = found(y, rate)
+    close = [t for i, t in enumerate(ticks) if min(abs(t - u) for u in ticks[:i] + ticks[i + 1 :]) < 0.012]
+    assert len(close) > 100
+    close_found = sum(near(spans, t, 0.003) for t in close)
+    false = [a for a, b in spans if not any(a - 0.003 <= t <= b + 0.003 for t in ticks)]
+    assert close_found >= share * len(close), (close_found, len(close))
+    assert len(false) <= 0.03 * len(spans), (len(false), len(spans))
+    assert all(4.0 - 0.3 < a < 16.0 + 0.3 for a, _ in spans)  # none where it does not crackle
