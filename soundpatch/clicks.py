@@ -145,12 +145,8 @@ def _clicks(
     is errors over THRESHOLD no more than the model's order apart; it stands out by its
     `error` itself, which does not jump where one block's typical error gives way to the next's.
     A burst hidden by a neighbour is a click where the recording crackles (CRACKLE_CLICKS)."""
-    over = np.flatnonzero(score > THRESHOLD)
-    if not len(over):
-        return []
-    bursts = np.split(over, np.flatnonzero(np.diff(over) > n.order) + 1)
     clear, hidden = [], []
-    for a, b in ((int(g[0]), int(g[-1]) + 1) for g in bursts):
+    for a, b in ((int(g[0]), int(g[-1]) + 1) for g in _bursts(score, THRESHOLD, n)):
         if b - a <= n.longest and _like_a_click(power, a, b, n):
             (clear if _stands_out(error, a, b, n) else hidden).append((a, b))
     starts = np.array([a for a, _ in clear], dtype=np.int64)
@@ -194,10 +190,8 @@ def _in_series(score: np.ndarray, error: np.ndarray, a: int, b: int, n: _Frames)
     from it. Not every pulse of a series is its own burst: one a click beside it is
     merged into, or one under LESSER, is not."""
     w0, w1 = max(0, a - n.series_window), min(len(score), b + n.series_window)
-    over = np.flatnonzero(score[w0:w1] > LESSER) + w0
-    groups = np.split(over, np.flatnonzero(np.diff(over) > n.order) + 1) if len(over) else []
     own = a + int(np.argmax(error[a:b]))
-    away = [abs(int(g[np.argmax(error[g])]) - own) for g in groups]
+    away = [abs(w0 + int(g[np.argmax(error[w0 + g])]) - own) for g in _bursts(score[w0:w1], LESSER, n)]
     away = [d for d in away if d > n.order]
     for i, d in enumerate(away):
         for k in range(1, SERIES_MULTIPLES + 1):
@@ -216,10 +210,16 @@ def _over_the_rest(score: np.ndarray, error: np.ndarray, a: int, b: int, n: _Fra
     """Whether the burst [a, b) is STANDOUT times the error between the bursts near it (in
     crackle, the music between the ticks; in a noisy sound, its noise)."""
     w0, w1 = max(0, a - n.near), min(len(error), b + n.near)
-    between = error[w0:w1].copy()
-    for i in np.flatnonzero(score[w0:w1] > LESSER):
-        between[max(0, i - n.order) : i + n.order + 1] = 0.0
+    reach = np.ones(2 * n.order + 1)  # a burst's samples and the model's order either side
+    in_bursts = np.convolve(score[w0:w1] > LESSER, reach, mode="same") > 0
+    between = np.where(in_bursts, 0.0, error[w0:w1])
     return bool(error[a:b].max() >= STANDOUT * between.max(initial=0.0))
+
+
+def _bursts(score: np.ndarray, threshold: float, n: _Frames) -> list[np.ndarray]:
+    """The indices of `score` over `threshold`, in runs no more than the model's order apart."""
+    over = np.flatnonzero(score > threshold)
+    return np.split(over, np.flatnonzero(np.diff(over) > n.order) + 1) if len(over) else []
 
 
 def _peak_db(power: np.ndarray) -> float:
