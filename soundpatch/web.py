@@ -126,23 +126,24 @@ def byte_ranges(url: str, config: HttpConfig) -> Iterator[tuple[int, Callable[[i
         yield int(length), fetch
 
 
+def _strong_etag(response: httpx.Response) -> str | None:
+    """The answer's ETag, where it is a strong one: a weak one (W/) may stay the same for other bytes."""
+    etag = response.headers.get("etag", "")
+    return etag if etag and not etag.startswith("W/") else None
+
+
 def _validator(response: httpx.Response) -> str | None:
     """What names this version in an If-Range: a strong ETag, else Last-Modified."""
-    etag = response.headers.get("etag", "")
-    if etag and not etag.startswith("W/"):
-        return etag
-    return response.headers.get("last-modified") or None
+    return _strong_etag(response) or response.headers.get("last-modified") or None
 
 
 def version(response: httpx.Response) -> str | None:
     """What names this version of a resource: a strong ETag, else its Last-Modified time,
     each with its length. None when the server gives neither."""
-    headers = response.headers
-    length = headers.get("content-length", "")
-    etag = headers.get("etag", "")
-    if etag and not etag.startswith("W/"):  # a weak one may stay the same for other bytes
+    length = response.headers.get("content-length", "")
+    if etag := _strong_etag(response):
         return f"etag {etag} {length}"
-    modified = headers.get("last-modified", "")
+    modified = response.headers.get("last-modified", "")
     return f"modified {modified} {length}" if modified and length else None
 
 
