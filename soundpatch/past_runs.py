@@ -12,6 +12,8 @@ resuming it collects at no new cost).
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -107,6 +109,8 @@ def past_runs(runs_dir: Path, cfg: Config, since: float | None = None, s3: S3 | 
     there = _runs_in_bucket(s3, output) if s3 is not None and output is not None else set()
     found = []
     for run_id in sorted(set(here) | there):
+        if since is not None and run_id not in there and _began(here[run_id]) < since:
+            continue  # (a year of nights: only this month's journals are read through)
         lines = lines_here(here[run_id]) if run_id in here else []
         going = run_going(here[run_id]) if run_id in here else False
         if run_id in there:
@@ -118,6 +122,17 @@ def past_runs(runs_dir: Path, cfg: Config, since: float | None = None, s3: S3 | 
         if run is not None and (since is None or run.started >= since):
             found.append(run)
     return sorted(found, key=lambda r: r.started, reverse=True)
+
+
+def _began(run_dir: Path) -> float:
+    """When the run in `run_dir` first began, by its journal's first line (`inf` where that
+    does not say: the run is read through)."""
+    try:
+        with open(run_dir / JOURNAL_FILE, encoding="utf-8", errors="replace") as f:
+            first = json.loads(f.readline())
+        return float(first["t"]) if first.get("event") == "run_started" else math.inf
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return math.inf
 
 
 def _runs_in_bucket(s3: S3, output: S3Uri) -> set[str]:
