@@ -18,7 +18,7 @@ from typing import Any
 
 from soundpatch.config import PROVIDERS
 from soundpatch.errors import as_sentence
-from soundpatch.outcome import REPORT_COLUMNS
+from soundpatch.outcome import carried_name
 
 KNOWN_COLUMNS = (
     "id",
@@ -248,7 +248,7 @@ def _record_to_edits(where: str, record: dict[str, Any]) -> list[Edit]:
     extra = {}
     for k, v in text.items():
         if k not in KNOWN_COLUMNS and not k.startswith("__"):
-            extra[f"manifest_{k}" if k in REPORT_COLUMNS else k] = v
+            extra[carried_name(k)] = v
     row_id = text.get("id") or _derived_id(text)
     base = Edit(
         row_id=row_id,

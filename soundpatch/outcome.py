@@ -91,3 +91,15 @@ def by_reason(outcomes: Iterable[Outcome]) -> list[tuple[str, str, list[str]]]:
 # The report's columns, in order: every Outcome field but `extra` (which becomes the
 # manifest's own columns after these).
 REPORT_COLUMNS = tuple(name for name in Outcome.__dataclass_fields__ if name != "extra")
+
+
+def carried_name(column: str) -> str:
+    """A manifest's own column as the report (and a result's metadata) names it: as it is,
+    or `manifest_<name>` where the report has a column of that name (`status`)."""
+    return f"manifest_{column}" if column in REPORT_COLUMNS else column
+
+
+def written_name(carried: str) -> str:
+    """The manifest's own name of a column `carried_name` gave `carried`."""
+    own = carried.removeprefix("manifest_")
+    return own if own != carried and own in REPORT_COLUMNS else carried

@@ -27,7 +27,7 @@ from soundpatch.disk_room import full_disk
 from soundpatch.edits import Edit
 from soundpatch.errors import OutOfRoom, RowError
 from soundpatch.humanize import plural
-from soundpatch.outcome import REPORT_COLUMNS
+from soundpatch.outcome import written_name
 from soundpatch.quality import context_span
 from soundpatch.sources import file_sha256
 from soundpatch.storage import OutputStore, output_name, part_name
@@ -234,8 +234,8 @@ def _template_fields(edit: Edit) -> dict[str, str]:
     which of the row's variations it is (`{variation}`: 1, 2, ...)."""
     fields = {name: str(value) for name, value in edit.extra.items() if name.isidentifier()}
     for name, value in edit.extra.items():  # a column named as a report's is manifest_<name> there
-        own = name.removeprefix("manifest_")
-        if own != name and own in REPORT_COLUMNS and own.isidentifier():
+        own = written_name(name)
+        if own != name and own.isidentifier():
             fields.setdefault(own, str(value))
     # In lower case: prompts that differ only in case ("Thunder", "thunder") would name one
     # file twice on macOS's and Windows' disks, which do not tell them apart.
