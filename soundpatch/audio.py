@@ -248,7 +248,7 @@ def inspect(source: bytes | str, name: str = "audio") -> AudioInfo:
         with sf.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as f:
             told = given_length(f, data)
             if told is None:
-                info = AudioInfo(f.frames, f.samplerate, f.channels, f.format, f.subtype, _promised_frames(f))
+                info = _header_says(f)
                 whole = f.format not in _LENGTH_IN_HEADER or f.frames <= 0 or _last_frame_read(f)
                 offset = _unfinished_samples(f, data)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
@@ -276,12 +276,17 @@ def header_info(file: BinaryIO) -> AudioInfo | None:
             mp3 = f.format == "MP3" and f.subtype == "MPEG_LAYER_III"
             if (f.format not in _SAID_BY_HEADER and not mp3) or f.frames <= 0 or f.samplerate <= 0:
                 return None
-            info = AudioInfo(f.frames, f.samplerate, f.channels, f.format, f.subtype, _promised_frames(f))
+            info = _header_says(f)
             if f.format in _LENGTH_IN_HEADER and not (whole_as_tagged(file) if mp3 else _last_frame_read(f)):
                 return None
     except (sf.LibsndfileError, RuntimeError, TypeError):
         return None
     return info
+
+
+def _header_says(f: sf.SoundFile) -> AudioInfo:
+    """What the header of the file open in `f` says of it."""
+    return AudioInfo(f.frames, f.samplerate, f.channels, f.format, f.subtype, _promised_frames(f))
 
 
 def _last_frame_read(f: sf.SoundFile) -> bool:
