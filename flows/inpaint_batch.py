@@ -85,6 +85,7 @@ def inpaint_batch(
         shown.advance(len(kept))
         outcomes = kept + _fan_out(batch, todo, batch.rows_at_once, shown)
         batch.combine(outcomes)  # the files several rows of one recording share
+        batch.add_to_index(outcomes)  # output.index: the dataset's CSV
     finally:
         batch.close()
     order = {e.row_id: i for i, e in enumerate(batch.manifest.edits)}

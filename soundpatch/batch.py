@@ -29,7 +29,7 @@ from typing import Any
 from threadpoolctl import threadpool_limits
 
 from soundpatch import audio as audio_ops
-from soundpatch import tls, web
+from soundpatch import dataset_index, tls, web
 from soundpatch.answers import AnswerShelf
 from soundpatch.audio import Audio, AudioInfo
 from soundpatch.combine import CombinedFile, Combiner, combined_note
@@ -220,6 +220,7 @@ class Batch:
         self._name_clashes = self.publisher.clashes(self.manifest.edits, self._info_if_readable)
         self._edits = {e.row_id: e for e in self.manifest.edits}  # by row id
         self._combined: list[CombinedFile] = []  # the files rows of one recording share, once made
+        self._index_note: list[str] = []  # why the dataset's index was not updated
         self.changed_rows: list[str] = []  # rows an earlier attempt finished, changed since
         self._set_aside: list[str] = []  # rows an earlier attempt paid for, changed since
         self._kept_paid: list[str] = []  # rows that failed using a paid prediction, kept for a rerun
@@ -751,6 +752,14 @@ class Batch:
         combiner = Combiner(self.publisher, self.store, self.sources, self.journal, self.run_dir)
         self._combined.extend(combiner.build(outcomes, self._edits, self.manifest.resolve_input, self._log_traceback))
 
+    def add_to_index(self, outcomes: list[Outcome]) -> None:
+        """The run's results into the dataset's index, where output.index names one."""
+        name = self.config.output.index
+        if name is not None and not self.dry_run:
+            note = dataset_index.update(self.store, name, outcomes, self.run_id)
+            if note is not None:
+                self._index_note.append(note)
+
     def input_notes(self) -> list[str]:
         """What to say of the inputs read so far: what they hold other than their headers say,
         and what the output format cannot hold of them."""
@@ -799,6 +808,7 @@ class Batch:
             )
         notes.extend(self.markup.notes())
         notes.extend(combined_note(self._combined))
+        notes.extend(self._index_note)
         cleared, freed = self._cleared
         if cleared:
             notes.append(

@@ -152,6 +152,18 @@ class OutputConfig(_Section):
     uri: str = "./outputs/"
     # `same` keeps each input's own container (an extension of interfaces.md).
     format: Literal["wav", "flac", "mp3", "ogg", "same"] = "wav"
+    # A CSV under `uri` that each run adds its results to, a line each (dataset_index.py).
+    index: str | None = None
+
+    @field_validator("index")
+    @classmethod
+    def _index_name(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        parts = name.split("/")
+        if not name.endswith(".csv") or name.startswith("/") or "" in parts or ".." in parts or name.startswith("."):
+            raise ValueError(f"{name!r} is not a CSV's name under output.uri, such as metadata.csv")
+        return name
 
 
 class SpliceConfig(_Section):

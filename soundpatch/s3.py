@@ -215,13 +215,15 @@ class S3:
         except BotoCoreError as exc:
             raise ConfigError(as_config_sentence(describe(exc, uri, "reach"), purpose)) from None
 
-    def put_if(self, uri: S3Uri, data: bytes, metadata: dict[str, str], if_match: str | None) -> str | None:
+    def put_if(
+        self, uri: S3Uri, data: bytes, metadata: dict[str, str], if_match: str | None, content_type: str = "text/plain"
+    ) -> str | None:
         """A conditional PUT: only if there is no such object (`if_match` None), or only if it
         still has the ETag `if_match`. The new ETag, or None if the condition did not hold."""
         condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
         try:
             response = self.client.put_object(
-                Bucket=uri.bucket, Key=uri.key, Body=data, ContentType="text/plain", Metadata=metadata, **condition
+                Bucket=uri.bucket, Key=uri.key, Body=data, ContentType=content_type, Metadata=metadata, **condition
             )
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

@@ -7,7 +7,9 @@ a file, and a crash leaves the old file or none.
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import json
 import os
 import re
@@ -23,7 +25,7 @@ from urllib.parse import quote
 
 from soundpatch.disk_room import full_disk
 from soundpatch.errors import ConfigError, OutOfRoom, RowError
-from soundpatch.s3 import S3, S3Uri
+from soundpatch.s3 import S3, NoConditionalWrites, S3Uri
 
 DEFAULT_TEMPLATE = "{run_id}/{stem}-{row_id}.{ext}"
 _UNSAFE = re.compile(r"[^\w.\-]+")  # \w: letters and digits of any script, and _
@@ -46,6 +48,16 @@ class OutputStore(Protocol):
 
     def put_file(self, name: str, data: bytes, content_type: str) -> str:
         """A plain file under the prefix (a report), without result metadata."""
+        ...
+
+    def read_file(self, name: str, max_bytes: int) -> tuple[bytes, str] | None:
+        """A plain file under the prefix (a dataset's index) and a tag of its version, for
+        `put_file_if`; None if there is none. RowError if it is over `max_bytes`."""
+        ...
+
+    def put_file_if(self, name: str, data: bytes, content_type: str, version: str | None) -> bool:
+        """`put_file`, only if the file is still at `version` (`read_file`'s; None: there is
+        none yet); False if another process wrote it meanwhile."""
         ...
 
     def copy(self, uri: str, name: str, metadata: dict[str, str]) -> str:
@@ -195,6 +207,33 @@ class LocalFolder:
         atomic_write(path, data)
         return str(path)
 
+    def read_file(self, name: str, max_bytes: int) -> tuple[bytes, str] | None:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+        except FileNotFoundError:
+            return None
+        if len(data) > max_bytes:
+            raise RowError(f"{path} is over {max_bytes >> 20} MB")
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_file_if(self, name: str, data: bytes, content_type: str, version: str | None) -> bool:
+        path = self._path(name)
+        lock = self.root / ".soundpatch" / "files.lock"  # other processes writing here wait
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            try:
+                with open(path, "rb") as f:
+                    now: str | None = hashlib.file_digest(f, "sha256").hexdigest()
+            except FileNotFoundError:
+                now = None
+            if now != version:
+                return False
+            atomic_write(path, data)
+        return True
+
     def copy(self, uri: str, name: str, metadata: dict[str, str]) -> str:
         source = Path(uri)
         if self._path(name) == source.resolve():
@@ -296,6 +335,19 @@ class S3Prefix:
         target = self._uri(name)
         self.s3.upload(target, data, content_type, {})
         return str(target)
+
+    def read_file(self, name: str, max_bytes: int) -> tuple[bytes, str] | None:
+        target = self._uri(name)
+        seen = self.s3.age(target)  # its ETag first: one written after it fails put_file_if
+        data = None if seen is None else self.s3.get(target, max_bytes)
+        return None if seen is None or data is None else (data, seen[0])
+
+    def put_file_if(self, name: str, data: bytes, content_type: str, version: str | None) -> bool:
+        try:
+            return self.s3.put_if(self._uri(name), data, {}, version, content_type) is not None
+        except NoConditionalWrites:  # a store without them: the last writer's stands
+            self.put_file(name, data, content_type)
+            return True
 
     def copy(self, uri: str, name: str, metadata: dict[str, str]) -> str:
         target = self._uri(name)

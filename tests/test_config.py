@@ -92,6 +92,10 @@ def test_default_yaml_spells_out_exactly_the_defaults():
             "output: {format: aac}\n",
             "Config key 'output.format' in c.yaml: input should be 'wav', 'flac', 'mp3', 'ogg' or 'same'.",
         ),
+        (
+            "output: {index: ../metadata.csv}\n",
+            "Config key 'output.index' in c.yaml: '../metadata.csv' is not a CSV's name under output.uri",
+        ),
         ("- a\n- b\n", "must be a mapping"),
         ("limits: [\n", "not valid YAML"),
     ],

@@ -29,7 +29,9 @@ def prefect(env: dict[str, str], *args: str, timeout: float = 300) -> str:
 def test_the_nightly_deployment_runs_on_a_worker_and_a_retry_resumes_its_run(tmp_path, prefect_server):
     env = clean_env(PREFECT_API_URL=prefect_server, PREFECT_HOME=str(tmp_path / "home"))
     config = tmp_path / "nightly.yaml"
-    config.write_text(f"output: {{uri: '{tmp_path / 'dataset'}/'}}\nruns_dir: '{tmp_path / 'runs'}'\n")
+    config.write_text(
+        f"output: {{uri: '{tmp_path / 'dataset'}/', index: dataset/metadata.csv}}\nruns_dir: '{tmp_path / 'runs'}'\n"
+    )
 
     prefect(env, "work-pool", "create", "soundpatch", "--type", "process")
     prefect(env, "deploy", "--all", "--prefect-file", "deploy/prefect.yaml")
@@ -58,6 +60,10 @@ def test_the_nightly_deployment_runs_on_a_worker_and_a_retry_resumes_its_run(tmp
     report = pd.read_csv(run_dir / "report.csv")
     assert list(report["status"]) == ["succeeded"] * 8  # 2 sources x 2 prompts x 2 seeds
     assert len(list((tmp_path / "dataset" / "dataset").rglob("*.wav"))) == 8
+    index = pd.read_csv(tmp_path / "dataset" / "dataset" / "metadata.csv")  # the dataset's, a line a result
+    assert sorted(index["file_name"]) == sorted(
+        str(p.relative_to(tmp_path / "dataset" / "dataset")) for p in (tmp_path / "dataset" / "dataset").rglob("*.wav")
+    )
 
     # Retry the same flow run (what the UI's Retry does): the run is resumed, nothing redone.
     retried = api.post(
