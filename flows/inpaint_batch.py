@@ -98,6 +98,7 @@ def inpaint_batch(
             "provider": cfg.provider.name,
             "budget_usd": cfg.limits.budget_usd,
             "output_uri": cfg.output.uri,
+            **({"index_uri": batch.index_uri} if batch.index_uri else {}),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
             "wall_seconds": round(time.time() - started, 3),
             "notes": batch.notes(),

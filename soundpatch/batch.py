@@ -221,6 +221,7 @@ class Batch:
         self._edits = {e.row_id: e for e in self.manifest.edits}  # by row id
         self._combined: list[CombinedFile] = []  # the files rows of one recording share, once made
         self._index_note: list[str] = []  # why the dataset's index was not updated
+        self.index_uri: str | None = None  # the dataset's index, once this run's results are in it
         self.changed_rows: list[str] = []  # rows an earlier attempt finished, changed since
         self._set_aside: list[str] = []  # rows an earlier attempt paid for, changed since
         self._kept_paid: list[str] = []  # rows that failed using a paid prediction, kept for a rerun
@@ -759,6 +760,8 @@ class Batch:
             note = dataset_index.update(self.store, name, outcomes, self.run_id)
             if note is not None:
                 self._index_note.append(note)
+            else:
+                self.index_uri = self.store.uri(name)
 
     def input_notes(self) -> list[str]:
         """What to say of the inputs read so far: what they hold other than their headers say,

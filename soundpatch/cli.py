@@ -489,6 +489,8 @@ def _finished_anyway(run_dir: Path, began: float) -> dict[str, Any] | None:
 def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Path) -> None:
     counts = Counter(o.status for o in outcomes)
     table = Table(title=f"soundpatch run {summary['run_id']}", show_header=False, title_justify="left")
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a long path wraps whole (in a log, 80 columns), never cut short
     for status in STATUSES:
         if counts.get(status):
             style = {"succeeded": "green", "failed": "red", "invalid": "red"}.get(status, "yellow")
@@ -501,6 +503,8 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
     if summary.get("wall_seconds") is not None:  # (unknown for a run that ended before its report)
         table.add_row("wall time", duration(summary["wall_seconds"]))
     table.add_row("outputs", str(summary.get("output_uri", "")))
+    if summary.get("index_uri"):
+        table.add_row("dataset index", str(summary["index_uri"]))
     missing = summary.get("report_missing")  # its disk was full: a note says so
     table.add_row("report", "not written (see the note below)" if missing else str(run_dir / "report.html"))
     if summary.get("report_uri"):

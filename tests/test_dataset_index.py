@@ -60,7 +60,11 @@ def test_nightly_runs_grow_one_index_of_the_dataset_with_a_line_a_result(tmp_pat
             return (tmp_path / "out" / "dataset" / name).is_file()
         return f"lib/dataset/{name}" in aws_env.keys("takes", "lib/dataset/")
 
-    night(tmp_path, [1, 2], "n1", env)
+    said = night(tmp_path, [1, 2], "n1", env)
+    shown = (
+        tmp_path / "out" / "dataset" / "metadata.csv" if where == "folder" else "s3://takes/lib/dataset/metadata.csv"
+    )
+    assert f"datasetindex{shown}" in said.replace(" ", "")  # (a long path wraps in its cell)
     first = index()
     assert sorted(first.index) == [f"foley/{p}-{s}.wav" for p in ("creak", "slam") for s in (1, 2)]
     assert all(stored(name) for name in first.index)  # named as the CSV's folder holds them
@@ -68,7 +72,7 @@ def test_nightly_runs_grow_one_index_of_the_dataset_with_a_line_a_result(tmp_pat
     assert first.loc["foley/slam-2.wav", columns].tolist() == ["slam", "2", "foley", "n1", "door.wav", "0.5", "0.8"]
 
     said = night(tmp_path, [2, 3], "n2", env)  # seed 2 is reused at $0, seed 3 is new
-    assert "skipped_done 2" in said and "dataset index" not in said
+    assert "skipped_done 2" in said and "was not updated" not in said
     second = index()
     assert len(second) == 6
     assert second.loc["foley/creak-3.wav", "run_id"] == "n2"
