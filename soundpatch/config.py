@@ -160,8 +160,8 @@ class OutputConfig(_Section):
     def _index_name(cls, name: str | None) -> str | None:
         if name is None:
             return None
-        parts = name.split("/")
-        if not name.endswith(".csv") or name.startswith("/") or "" in parts or ".." in parts or name.startswith("."):
+        parts = name.split("/")  # ("/x.csv" has an empty first part)
+        if not name.endswith(".csv") or "" in parts or ".." in parts or name.startswith("."):
             raise ValueError(f"{name!r} is not a CSV's name under output.uri, such as metadata.csv")
         return name
 
