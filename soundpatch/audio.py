@@ -462,6 +462,23 @@ def region_frames(start: float, end: float, rate: int, frames: int) -> tuple[int
     return a, b
 
 
+def damaged_frames(spans: Sequence[tuple[float, float]], rate: int, a: int, b: int) -> tuple[tuple[int, int], ...]:
+    """A row's damaged spans (seconds) as frame ranges inside its region [a, b): each widened to
+    the whole samples it touches (a sample half damaged is damaged), those that come to touch
+    made one."""
+    frames: list[tuple[int, int]] = []
+    for start, end in spans:
+        lo = min(max(a, math.floor(start * rate + 1e-6)), b)
+        hi = min(max(lo, math.ceil(end * rate - 1e-6)), b)
+        if hi <= lo:
+            continue
+        if frames and lo <= frames[-1][1]:
+            frames[-1] = (frames[-1][0], max(frames[-1][1], hi))
+        else:
+            frames.append((lo, hi))
+    return tuple(frames)
+
+
 def equal_power_ramps(n: int) -> tuple[np.ndarray, np.ndarray]:
     """(fade_out, fade_in) of length n with fade_out^2 + fade_in^2 == 1 at every sample.
 

@@ -56,6 +56,7 @@ from soundpatch.markup import Markup
 from soundpatch.memory_room import MemoryRoom, NotAdmitted, default_limit_bytes
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_DONE, SUCCEEDED, Outcome
 from soundpatch.providers import (
+    MENDING_DAMAGED,
     Provider,
     make_provider,
 )
@@ -170,6 +171,10 @@ class Batch:
         )
         # Times given as a recording's own timecode, counted from its first sample from here on.
         self.manifest = self.manifest.with_times_from_stamps(self.sources.time_stamp)
+        # Damaged spans are the local engine's to rebuild alone; a hosted model replaces the region.
+        self.manifest, self._damaged_dropped = self.manifest.with_damaged_mended_by(
+            lambda edit: (edit.provider or config.provider.name) in MENDING_DAMAGED
+        )
         tls.verify()  # a CA bundle (SSL_CERT_FILE) that cannot be read: before any row, in one sentence
         self.provider_named(config.provider.name)  # an unusable provider stops the run before it starts
         if not dry_run:
@@ -776,6 +781,13 @@ class Batch:
                     f"The {p.name} engine rebuilds each region from the rest of its recording; "
                     "the prompt is recorded but does not steer it."
                 )
+        if self._damaged_dropped:
+            one = len(self._damaged_dropped) == 1
+            notes.append(
+                f"{_rows(self._damaged_dropped)} {'names' if one else 'name'} damaged spans, which only the local "
+                f"engine rebuilds alone: {'its' if one else 'their'} provider replaces {'its' if one else 'each'} "
+                "whole region."
+            )
         alike = self.splicer.alike_note()
         if alike:
             notes.append(alike)

@@ -35,11 +35,15 @@ KNOWN_COLUMNS = (
     "provider",
     "fps",
     "timecode",
+    "damaged",
 )
 MAX_PROMPT_CHARS = 2000
 MAX_VARIATIONS = 1000
 MAX_SEED = 2**32 - 1
 REMOTE_SCHEMES = ("s3://", "https://", "http://")
+# A `damaged` span is a click or a short gap, which the local engine rebuilds from the samples
+# around it (its AR interpolation alone: providers/local.py's AR_ONLY_SECONDS).
+MAX_DAMAGED_SECONDS = 0.02
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class Edit:
     # `timecode: source`: start and end are the recording's own timecode, which begins at its
     # time stamp; made seconds from its first sample (from_time_stamp) before the run uses them.
     source_timecode: bool = False
+    # `damaged`: the spans (start, end seconds, in order, apart) inside the region that are
+    # damaged, where the rest of it is sound: the local engine rebuilds those alone.
+    damaged: tuple[tuple[float, float], ...] = ()
 
     @property
     def valid(self) -> bool:
@@ -196,8 +203,10 @@ def from_time_stamp(edit: Edit, stamp: float | None, duration: float, name: str)
         return invalid_copy(
             edit, f"region starts at {clock(edit.start)}, before {name} begins at {clock(stamp)} (its time stamp)"
         )
+    shift = start - edit.start
+    damaged = tuple((round(a + shift, 9), round(b + shift, 9)) for a, b in edit.damaged)
     # (to the nanosecond: 3601.48 - 3600 is 1.4800000000000182, which a report should not show)
-    return replace(edit, start=round(start, 9), end=round(end, 9), source_timecode=False)
+    return replace(edit, start=round(start, 9), end=round(end, 9), source_timecode=False, damaged=damaged)
 
 
 _DAY = 24 * 3600.0
@@ -215,6 +224,38 @@ def parse_region(text: Any, fps: str | None = None) -> tuple[float, float]:
     if not m:
         raise ValueError(f"region {text!r} is not of the form start-end, e.g. 12.5-15")
     return parse_time(m.group(1), "region start", fps), parse_time(m.group(2), "region end", fps)
+
+
+def parse_damaged(value: Any, start: float, end: float, fps: str | None = None) -> tuple[tuple[float, float], ...]:
+    """A `damaged` column: spans `a-b` (as a region is written) apart by spaces, or a YAML list
+    of them, each inside the region [start, end] and at most MAX_DAMAGED_SECONDS long. Spans
+    that overlap or touch are one span; they come back in order."""
+    items = value if isinstance(value, list) else str(value).split()
+    spans = []
+    for item in items:
+        if isinstance(item, (list, dict)):
+            raise ValueError(f"damaged holds {item!r}; give its spans as start-end, e.g. 12.3451-12.3462")
+        try:
+            a, b = parse_region(item, fps)
+        except ValueError:
+            raise ValueError(f"damaged span {str(item)!r} is not of the form start-end, e.g. 12.3451-12.3462") from None
+        if b <= a:
+            raise ValueError(f"damaged span {item} ends before it starts")
+        if a < start or b > end:
+            raise ValueError(f"damaged span {item} is not inside the region {start:g}-{end:g} s")
+        if b - a > MAX_DAMAGED_SECONDS + 1e-9:
+            raise ValueError(
+                f"damaged span {item} is {1000 * (b - a):.1f} ms long, over the {1000 * MAX_DAMAGED_SECONDS:.0f} ms a "
+                "click or short gap may be; give a longer gap a row of its own"
+            )
+        spans.append((a, b))
+    joined: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if joined and a <= joined[-1][1]:
+            joined[-1] = (joined[-1][0], max(joined[-1][1], b))
+        else:
+            joined.append((a, b))
+    return tuple(joined)
 
 
 def expand_rows(records: list[tuple[str, dict[str, Any]]]) -> Iterator[Edit]:
@@ -280,6 +321,8 @@ def _record_to_edits(where: str, record: dict[str, Any]) -> list[Edit]:
 def _parse_fields(record: dict[str, Any], text: dict[str, str]) -> dict[str, Any]:
     for column in KNOWN_COLUMNS:  # a YAML list or mapping would be sent as its Python spelling
         value = record.get(column)
+        if isinstance(value, list) and column == "damaged":
+            continue  # (a list of spans)
         if isinstance(value, (list, dict)):
             kind = "a list" if isinstance(value, list) else "a mapping"
             hint = "; a list under matrix: makes a row of each" if isinstance(value, list) else ""
@@ -320,6 +363,9 @@ def _parse_fields(record: dict[str, Any], text: dict[str, str]) -> dict[str, Any
         "output": text.get("output") or None,
         "provider": provider,
         "source_timecode": _source_timecode(text.get("timecode", "")),
+        "damaged": parse_damaged(record["damaged"], start, end, text.get("fps") or None)
+        if text.get("damaged") and record.get("damaged")
+        else (),
     }
 
 
@@ -376,9 +422,9 @@ def _float_field(text: dict[str, str], key: str, low: float, high: float) -> flo
 
 def _derived_id(text: Mapping[str, str]) -> str:
     """A short id from the row's content: the same row gets the same id in every run."""
-    keys = [c for c in KNOWN_COLUMNS if c not in ("id", "fps", "timecode")]
+    keys = [c for c in KNOWN_COLUMNS if c not in ("id", "fps", "timecode", "damaged")]
     fields = {k: text.get(k, "") for k in keys}
-    for later in ("fps", "timecode"):  # (only where given: the ids of rows without them stay what they were)
+    for later in ("fps", "timecode", "damaged"):  # (only where given: the ids of rows without them stay what they were)
         if text.get(later):
             fields[later] = text[later]
     canonical = json.dumps(fields, sort_keys=True)

@@ -1,10 +1,11 @@
 """What makes two edits the same edit, so a paid result is never paid for again.
 
 An edit's identity is a SHA-256 over everything that decides the audio it produces: the
-input's content (not its name or place), the region, the prompt, the model parameters and
-seed, the provider and model version, and the settings that shape the clip sent and the
-splice made. Two rows, two runs or two machines with the same identity want the same
-result; the output store indexes results by it (storage.INDEX_PREFIX).
+input's content (not its name or place), the region (and the damaged spans in it, which the
+local engine rebuilds alone), the prompt, the model parameters and seed, the provider and
+model version, and the settings that shape the clip sent and the splice made. Two rows,
+two runs or two machines with the same identity want the same result; the output store
+indexes results by it (storage.INDEX_PREFIX).
 
 The output container is not part of it: a result is re-encoded when a rerun asks for
 another format.
@@ -54,6 +55,8 @@ def _asked(edit: Edit, source_sha256: str) -> dict[str, Any]:
         "seed": edit.seed,
         "steps": edit.steps,
         "guidance_scale": edit.guidance_scale,
+        # (only where given: the identities of rows without it stay what they were)
+        **({"damaged": [[repr(a), repr(b)] for a, b in edit.damaged]} if edit.damaged else {}),
     }
 
 

@@ -135,6 +135,19 @@ class Manifest:
             edits.append(edit)
         return Manifest(self.path, edits)
 
+    def with_damaged_mended_by(self, mends: Callable[[Edit], bool]) -> tuple[Manifest, list[str]]:
+        """Rows' `damaged` spans kept only where their provider mends them alone (`mends(edit)`);
+        elsewhere a model replaces the whole region, and the spans, which would change nothing of
+        its result, are dropped (so they are no part of what it is paid for: identity.py). Also
+        the ids of the rows they were dropped from."""
+        edits, dropped = [], []
+        for edit in self.edits:
+            if edit.damaged and not mends(edit):
+                edit = replace(edit, damaged=())
+                dropped.append(edit.row_id)
+            edits.append(edit)
+        return Manifest(self.path, edits), dropped
+
     def _as_given(self, found: str) -> str:
         """A matched local file relative to the manifest's folder when it is inside it."""
         if found.startswith(REMOTE_SCHEMES):
@@ -213,7 +226,7 @@ def _csv_records(text: str, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise ManifestError(f"Manifest {path} is not valid CSV near line {reader.line_num}: {exc}.") from None
 
 
-_NUMBERS = ("start", "end", "region", "guidance_scale")
+_NUMBERS = ("start", "end", "region", "guidance_scale", "damaged")
 _DECIMAL_COMMA = re.compile(r"(?<=\d),(?=\d)")
 
 

@@ -167,6 +167,7 @@ class Purchases:
             edit.seed,
             edit.steps,
             edit.guidance_scale,
+            damaged=work.damaged,
             source=work.checked.source,
             staging_folder=self.run_id,
             notify=lambda event, fields: self._told(edit.row_id, claimed, provider.name, event, fields),

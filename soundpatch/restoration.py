@@ -14,6 +14,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+# A click's span is where its prediction error rose over the threshold (clicks.py); its
+# quieter tails are still there. Rebuilding 0.25 ms more each side restored crackle 1-6 dB
+# better (SNR over the rows, music and voices) than the spans as found, and no worse at 80
+# ticks a second; 0.5 ms was worse on music.
+CLICK_PAD_SECONDS = 0.00025
+
 
 @dataclass(frozen=True)
 class Damage:
@@ -28,13 +34,15 @@ def restoration_manifest(found: Iterable[tuple[str, Damage]], folder: str, promp
 
     Each region is widened by `margin_seconds` on each side, so that the splice's
     crossfades blend real audio, not the silence or the click; damage whose widened
-    regions meet is one row. Local inputs are written relative to `folder`, where the manifest goes (a
-    manifest's paths are read relative to it). Each recording's repairs go into one file,
+    regions meet is one row. A row of clicks also names them (`damaged`): the local engine
+    rebuilds those spans alone, where a hosted model replaces the whole region. Local inputs
+    are written relative to `folder`, where the manifest goes (a manifest's paths are read
+    relative to it). Each recording's repairs go into one file,
     under the run's folder at the recording's place in the archive: `take.wav` of two
     albums stays two files."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["id", "input", "start", "end", "prompt", "note", "output"])
+    writer.writerow(["id", "input", "start", "end", "damaged", "prompt", "note", "output"])
     by_source: dict[str, list[Damage]] = {}
     for source, d in found:
         by_source.setdefault(source, []).append(d)
@@ -58,12 +66,28 @@ def restoration_manifest(found: Iterable[tuple[str, Damage]], folder: str, promp
                     shown,
                     f"{start:.4f}",
                     f"{end:.4f}",
+                    _damaged(group, start, end),
                     prompt,
                     f"{_note(group)} at {first.start:.3f} s",
                     places[source],
                 ]
             )
     return text.getvalue()
+
+
+def _damaged(group: list[Damage], start: float, end: float) -> str:
+    """A row of clicks' `damaged` column: each click's span, CLICK_PAD_SECONDS wider each side,
+    for the local engine to rebuild alone and keep the audio between them. Empty for a row with
+    a dropout (its region is rebuilt whole, margins and all: the sound at a dropout's edges may
+    be cut or faded too)."""
+    if any(d.kind != "click" for d in group):
+        return ""
+    spans = []
+    for d in group:
+        a = max(start, math.floor(round((d.start - CLICK_PAD_SECONDS) * 100_000, 3)) / 100_000)
+        b = min(end, math.ceil(round((d.end + CLICK_PAD_SECONDS) * 100_000, 3)) / 100_000)
+        spans.append(f"{a:.5f}-{b:.5f}")
+    return " ".join(spans)
 
 
 def _note(group: list[Damage]) -> str:

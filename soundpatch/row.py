@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from soundpatch.audio import Audio, AudioInfo
+from soundpatch.audio import Audio, AudioInfo, damaged_frames
 from soundpatch.edits import Edit
 from soundpatch.outcome import Outcome
 from soundpatch.providers import Provider
@@ -35,3 +35,8 @@ class RowWork:
     @property
     def edit(self) -> Edit:
         return self.checked.edit
+
+    @property
+    def damaged(self) -> tuple[tuple[int, int], ...]:
+        """The frames of the edit's damaged spans, inside a..b (empty: all of the region)."""
+        return damaged_frames(self.edit.damaged, self.original.rate, self.a, self.b)

@@ -27,6 +27,9 @@ import numpy as np
 
 from soundpatch.engine.toeplitz import solve_symmetric_toeplitz
 
+# Damaged frames solved for at once (a dense system, this many squared): past it, a cluster of
+# spans is filled as one gap from its first damaged frame to its last (Levinson, O(m^2)).
+MAX_JOINT_FRAMES = 2048
 # Added to the zero-lag autocorrelation: keeps the Yule-Walker system well conditioned
 # for near-silent or purely tonal context (a "white noise correction").
 WHITE_NOISE_CORRECTION = 1e-5
@@ -133,3 +136,80 @@ def interpolate(
         poly = ar_polynomial([np.concatenate([left, fill, right])], p)
         fill = least_squares_fill(left[-p:], right[:p], m, poly)
     return fill if unit is None else fill + missing_noise(left, right, fill, poly, unit)
+
+
+def interpolate_spans(
+    signal: np.ndarray, spans: list[tuple[int, int]], order: int, units: list[np.ndarray | None] | None = None
+) -> np.ndarray:
+    """`signal` (1-D) with the frames of each span [a, b) (in order, apart) rebuilt, and every
+    other frame as it was: a row's damaged spans (clicks, crackle), where the audio between
+    them is sound. Least squares as `interpolate`, with the missing samples scattered
+    (Janssen et al.'s formulation allows any set; Godsill & Rayner, ch. 5, mend clicks so):
+    the AR model is estimated from the sound frames around them only, and spans within
+    `order` frames of each other, whose prediction errors overlap, are solved for at once.
+    `units[i]`: unit noise (as `interpolate`'s) for span i, used where no other span is near it."""
+    out = signal.astype(np.float64, copy=True)
+    damaged = np.zeros(len(out), bool)
+    for a, b in spans:
+        damaged[a:b] = True
+    context = 4 * order
+    for cluster in _clusters(spans, order):
+        first, last = spans[cluster[0]][0], spans[cluster[-1]][1]
+        lo, hi = max(0, first - context), min(len(out), last + context)
+        p = max(1, min(order, first - lo, hi - last, max(first - lo, hi - last) // 4))
+        ours = np.zeros(hi - lo, bool)
+        for i in cluster:
+            ours[spans[i][0] - lo : spans[i][1] - lo] = True
+        if first - lo < p or hi - last < p or int(ours.sum()) > MAX_JOINT_FRAMES:
+            out[first:last] = interpolate(out, first, last, order)  # at an end of the file, or too many at once
+        else:
+            window = out[lo:hi]  # (a view: filled in place)
+            poly = _fill_scattered(window, ours, damaged[lo:hi] & ~ours, p)
+            unit = units[cluster[0]] if units is not None and len(cluster) == 1 else None
+            if unit is not None:
+                s, e = first - lo, last - lo
+                window[s:e] += missing_noise(window[:s], window[e:], window[s:e], poly, unit)
+        damaged[first:last] = False  # rebuilt: context for the clusters after it
+    return out
+
+
+def _clusters(spans: list[tuple[int, int]], order: int) -> list[list[int]]:
+    """The spans' indices, those whose gaps are at most `order` frames together."""
+    clusters: list[list[int]] = []
+    for i, (a, _) in enumerate(spans):
+        if clusters and a - spans[clusters[-1][-1]][1] <= order:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    return clusters
+
+
+def _fill_scattered(
+    window: np.ndarray, ours: np.ndarray, others: np.ndarray, p: int, iterations: int = 2
+) -> np.ndarray:
+    """Fill `window`'s frames under `ours` in place, least squares under an AR(p) model of its
+    frames under neither mask (`others`: damaged frames left for later); returns the model.
+    Every frame of `ours` is at least p frames from the window's ends."""
+    u = np.flatnonzero(ours)
+    window[u] = 0.0
+    poly = ar_polynomial(_sound_runs(window, ours | others, p), p)
+    for step in range(iterations):
+        # A'A over the missing frames: the AR polynomial's autocorrelation at their distances.
+        r = np.correlate(poly, poly, mode="full")[p:]
+        apart = np.abs(u[:, None] - u[None, :])
+        normal = np.where(apart <= p, r[np.minimum(apart, p)], 0.0)
+        errors = np.convolve(window, poly)  # errors[t] = sum_k a_k x[t - k], missing frames at 0
+        errors[:p] = 0.0  # (before the window: not errors of its own)
+        errors[len(window) :] = 0.0
+        rhs = -np.correlate(errors, poly, mode="valid")[u]
+        window[u] = np.linalg.solve(normal, rhs)
+        if step + 1 < iterations:  # Janssen's iteration: the model again, with the gaps filled
+            poly = ar_polynomial(_sound_runs(window, others, p), p)
+            window[u] = 0.0
+    return poly
+
+
+def _sound_runs(x: np.ndarray, masked: np.ndarray, p: int) -> list[np.ndarray]:
+    """The runs of `x` outside `masked` longer than p frames (what an AR(p) model is fitted to)."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[True], masked, [True]]).astype(np.int8)))
+    return [x[a:b] for a, b in zip(edges[::2], edges[1::2], strict=True) if b - a > p]

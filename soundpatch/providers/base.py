@@ -41,6 +41,9 @@ class InpaintRequest:
     seed: int | None = None
     steps: int | None = None
     guidance_scale: float | None = None
+    # Frame ranges [a, b) inside the region that are damaged (a row's `damaged`), where the rest
+    # of the region is sound: the local engine rebuilds these alone. Empty: all of the region.
+    damaged: tuple[tuple[int, int], ...] = ()
     source: str | None = None  # where the audio came from (an s3:// input can be shared as is)
     staging_folder: str = "clips"  # where clips for this run are staged (one per distinct clip)
     notify: Notify | None = None
