@@ -49,10 +49,8 @@ def restoration_manifest(found: Iterable[tuple[str, Damage]], folder: str, promp
     places = _places(list(by_source))
     taken: set[str] = set()
     for source, damage in by_source.items():
-        for group in _meeting(damage, margin_seconds):
-            first, last = group[0], group[-1]
-            start = max(0.0, math.floor(round((first.start - margin_seconds) * 10_000, 3)) / 10_000)
-            end = min(last.recording_seconds, math.ceil(round((last.end + margin_seconds) * 10_000, 3)) / 10_000)
+        for group, start, end in _rows(damage, margin_seconds):
+            first = group[0]
             row_id = base = f"{PurePosixPath(source).stem}-{first.kind}-{first.start:.3f}s"
             n = 1
             while row_id in taken:
@@ -99,6 +97,23 @@ def _note(group: list[Damage]) -> str:
     kinds = {kind: sum(d.kind == kind for d in group) for kind in dict.fromkeys(d.kind for d in group)}
     counted = " and ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in kinds.items())
     return f"{counted}, {shown} ms in all,"
+
+
+def _rows(damage: list[Damage], margin: float) -> list[tuple[list[Damage], float, float]]:
+    """The damage of one recording a row each: (damage, start, end), the region as written
+    (rounded outwards to 0.1 ms). Damage whose widened regions meet is one row; so is damage
+    whose regions meet only once rounded. Apart, 16.28685 s ended one row at 16.2869 and began
+    the next at 16.2868: regions that overlap, which one file cannot hold (the second row was
+    invalid, its click left in)."""
+    rows: list[tuple[list[Damage], float, float]] = []
+    for group in _meeting(damage, margin):
+        start = max(0.0, math.floor(round((group[0].start - margin) * 10_000, 3)) / 10_000)
+        end = min(group[-1].recording_seconds, math.ceil(round((group[-1].end + margin) * 10_000, 3)) / 10_000)
+        if rows and start < rows[-1][2]:
+            before, start, _ = rows.pop()
+            group = before + group
+        rows.append((group, start, end))
+    return rows
 
 
 def _meeting(damage: list[Damage], margin: float) -> list[list[Damage]]:

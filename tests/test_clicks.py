@@ -152,6 +152,20 @@ def test_the_manifest_names_clicks_and_dropouts_and_joins_those_that_meet():
     ]
 
 
+def test_damage_whose_regions_meet_only_once_rounded_is_one_row_not_two_that_overlap():
+    # Widened by 10 ms, the first ends at 1.01003 s and the second begins at 1.01004 s: apart.
+    # Written to 0.1 ms outwards, they were 1.0101 and 1.0100: two rows that overlap, the second
+    # refused by the run (one file cannot hold both), its click left in.
+    found_ = [
+        ("/a/take.wav", Damage(1.0, 1.00003, 10.0, "click")),
+        ("/a/take.wav", Damage(1.02004, 1.0201, 10.0, "click")),
+    ]
+    rows = list(csv.DictReader(io.StringIO(restoration_manifest(found_, "/a", "fill it", margin_seconds=0.01))))
+    assert [(r["start"], r["end"], r["note"]) for r in rows] == [
+        ("0.9900", "1.0301", "2 clicks, 0.09 ms in all, at 1.000 s")
+    ]
+
+
 def crackled(x: np.ndarray, rate: int, per_second: float, start: float, end: float, seed: int = 0):
     """`x` with crackle from `start` to `end` s: ticks of 0.05-1 ms, `per_second` on average
     at random, 0 to +20 dB over the audio around each; and where they are."""
