@@ -33,7 +33,7 @@ from soundpatch import dataset_index, tls, web
 from soundpatch.answers import AnswerShelf
 from soundpatch.audio import Audio, AudioInfo
 from soundpatch.combine import CombinedFile, Combiner, combined_note
-from soundpatch.config import Config
+from soundpatch.config import MENDING_DAMAGED, Config
 from soundpatch.disk_room import FULL_ERRNOS, DiskRoom, Promise, full_disk
 from soundpatch.earlier_attempts import read_earlier_attempts
 from soundpatch.edit_claims import BucketClaims
@@ -56,7 +56,6 @@ from soundpatch.markup import Markup
 from soundpatch.memory_room import MemoryRoom, NotAdmitted, default_limit_bytes
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_DONE, SUCCEEDED, Outcome
 from soundpatch.providers import (
-    MENDING_DAMAGED,
     Provider,
     make_provider,
 )
@@ -773,6 +772,17 @@ class Batch:
         and what the output format cannot hold of them."""
         return self.sources.header_notes() + self.publisher.rounding_notes(self.sources.infos())
 
+    def damaged_notes(self) -> list[str]:
+        """What to say of rows naming damaged spans that their provider does not mend alone."""
+        if not self._damaged_dropped:
+            return []
+        one = len(self._damaged_dropped) == 1
+        return [
+            f"{_rows(self._damaged_dropped)} {'names' if one else 'name'} damaged spans, which only the local "
+            f"engine rebuilds alone: {'its' if one else 'their'} provider replaces {'its' if one else 'each'} "
+            "whole region."
+        ]
+
     def notes(self) -> list[str]:
         notes = lookalike_notes(self.manifest.edits) + self.input_notes()
         for p in self.providers.values():
@@ -781,13 +791,7 @@ class Batch:
                     f"The {p.name} engine rebuilds each region from the rest of its recording; "
                     "the prompt is recorded but does not steer it."
                 )
-        if self._damaged_dropped:
-            one = len(self._damaged_dropped) == 1
-            notes.append(
-                f"{_rows(self._damaged_dropped)} {'names' if one else 'name'} damaged spans, which only the local "
-                f"engine rebuilds alone: {'its' if one else 'their'} provider replaces {'its' if one else 'each'} "
-                "whole region."
-            )
+        notes += self.damaged_notes()
         alike = self.splicer.alike_note()
         if alike:
             notes.append(alike)

@@ -25,7 +25,7 @@ from rich.text import Text
 from soundpatch import __version__, interrupt
 from soundpatch.batch import Batch, new_run_id, preflight
 from soundpatch.clicks import find_clicks
-from soundpatch.config import Config, load_config
+from soundpatch.config import MENDING_DAMAGED, Config, load_config
 from soundpatch.disk_room import full_disk
 from soundpatch.dropouts import find_dropouts
 from soundpatch.errors import RowError, SoundpatchError, as_sentence
@@ -46,7 +46,7 @@ from soundpatch.outcome import (
 from soundpatch.past_runs import past_runs
 from soundpatch.progress import ProgressWatcher
 from soundpatch.rerender import rerender
-from soundpatch.restoration import Damage, restoration_manifest
+from soundpatch.restoration import JOIN_CLICKS_SECONDS, ROW_OF_CLICKS_SECONDS, Damage, restoration_manifest
 from soundpatch.s3 import S3
 from soundpatch.sources import RECORDING_SUFFIXES, SourceReader
 
@@ -590,18 +590,34 @@ def cmd_detect(args: argparse.Namespace) -> int:
         out.print(f"No {' or '.join(kinds)} found in {len(sources) - len(unreadable)} recordings; nothing written.")
         return EXIT_ROWS_FAILED if unreadable else 0
     target = Path(args.out)
-    text = restoration_manifest(found, str(target.resolve().parent), args.prompt, cfg.splice.crossfade_ms / 1000)
+    margin = cfg.splice.crossfade_ms / 1000
+    # The local engine rebuilds a row's clicks alone: crackle is a few rows a minute for it.
+    join = args.clicks and cfg.provider.name in MENDING_DAMAGED
+    text = restoration_manifest(found, str(target.resolve().parent), args.prompt, margin, join_clicks=join)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
     config = f" --config {args.config}" if args.config else ""
     config += "".join(f" --set {setting}" for setting in args.set)
-    rows = sum(1 for _ in csv.reader(io.StringIO(text))) - 1  # what meets is one row
+    rows = _rows_in(text)  # what meets is one row
+    apart = _rows_in(restoration_manifest(found, ".", args.prompt, margin)) if join else rows
+    if apart > rows:
+        out.print(
+            f"Clicks less than {JOIN_CLICKS_SECONDS:g} s apart are one row, of up to {ROW_OF_CLICKS_SECONDS:g} s "
+            f"({plural(rows, 'row')} where apart they would be {apart}): the {cfg.provider.name} engine rebuilds "
+            "their spans alone. For a hosted provider, detect with its config: its model makes each row's whole "
+            "region anew.",
+            soft_wrap=True,
+        )
     out.print(
         f"Wrote {plural(rows, 'row')} ({recordings} recordings of {len(sources)}) to {target}. "
         f"What filling them costs: soundpatch validate {target}{config}",
         soft_wrap=True,
     )
     return EXIT_ROWS_FAILED if unreadable else 0
+
+
+def _rows_in(manifest: str) -> int:
+    return sum(1 for _ in csv.reader(io.StringIO(manifest))) - 1
 
 
 # ---------------------------------------------------------------------- simulate

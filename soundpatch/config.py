@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from soundpatch.errors import ConfigError
 
 PROVIDERS = ("local", "eachlabs", "stability", "fal")
+# Providers that rebuild a row's `damaged` spans alone, keeping the rest of its region as it
+# was; a hosted model generates the whole region (its mask), whatever the spans.
+MENDING_DAMAGED = ("local",)
 
 # What each provider charges per prediction when the config does not say.
 DEFAULT_PRICES_USD = {"local": 0.0, "eachlabs": 0.20, "stability": 0.20, "fal": 0.20}

@@ -19,6 +19,9 @@ from pathlib import PurePosixPath
 # better (SNR over the rows, music and voices) than the spans as found, and no worse at 80
 # ticks a second; 0.5 ms was worse on music.
 CLICK_PAD_SECONDS = 0.00025
+# For the local engine, clicks this close are one row, of up to this long (_rows).
+JOIN_CLICKS_SECONDS = 1.0
+ROW_OF_CLICKS_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -29,13 +32,17 @@ class Damage:
     kind: str = "dropout"  # or "click"
 
 
-def restoration_manifest(found: Iterable[tuple[str, Damage]], folder: str, prompt: str, margin_seconds: float) -> str:
+def restoration_manifest(
+    found: Iterable[tuple[str, Damage]], folder: str, prompt: str, margin_seconds: float, join_clicks: bool = False
+) -> str:
     """CSV rows filling `found` ((input, damage) pairs).
 
     Each region is widened by `margin_seconds` on each side, so that the splice's
     crossfades blend real audio, not the silence or the click; damage whose widened
     regions meet is one row. A row of clicks also names them (`damaged`): the local engine
-    rebuilds those spans alone, where a hosted model replaces the whole region. Local inputs
+    rebuilds those spans alone, where a hosted model replaces the whole region. With
+    `join_clicks` (for the local engine), rows of clicks near each other are one row too
+    (`_rows`). Local inputs
     are written relative to `folder`, where the manifest goes (a manifest's paths are read
     relative to it). Each recording's repairs go into one file,
     under the run's folder at the recording's place in the archive: `take.wav` of two
@@ -49,7 +56,7 @@ def restoration_manifest(found: Iterable[tuple[str, Damage]], folder: str, promp
     places = _places(list(by_source))
     taken: set[str] = set()
     for source, damage in by_source.items():
-        for group, start, end in _rows(damage, margin_seconds):
+        for group, start, end in _rows(damage, margin_seconds, join_clicks):
             first = group[0]
             row_id = base = f"{PurePosixPath(source).stem}-{first.kind}-{first.start:.3f}s"
             n = 1
@@ -99,21 +106,33 @@ def _note(group: list[Damage]) -> str:
     return f"{counted}, {shown} ms in all,"
 
 
-def _rows(damage: list[Damage], margin: float) -> list[tuple[list[Damage], float, float]]:
+def _rows(damage: list[Damage], margin: float, join_clicks: bool = False) -> list[tuple[list[Damage], float, float]]:
     """The damage of one recording a row each: (damage, start, end), the region as written
     (rounded outwards to 0.1 ms). Damage whose widened regions meet is one row; so is damage
     whose regions meet only once rounded. Apart, 16.28685 s ended one row at 16.2869 and began
     the next at 16.2868: regions that overlap, which one file cannot hold (the second row was
-    invalid, its click left in)."""
+    invalid, its click left in).
+
+    With `join_clicks`, rows of clicks alone within JOIN_CLICKS_SECONDS of each other are one
+    row too, of up to ROW_OF_CLICKS_SECONDS: the local engine rebuilds their damaged spans and
+    keeps the sound between, so a longer row changes nothing of the result, and crackle is
+    a few rows a minute instead of a thousand (each a task, a report card and an excerpt of
+    its region and a second each side)."""
     rows: list[tuple[list[Damage], float, float]] = []
     for group in _meeting(damage, margin):
         start = max(0.0, math.floor(round((group[0].start - margin) * 10_000, 3)) / 10_000)
         end = min(group[-1].recording_seconds, math.ceil(round((group[-1].end + margin) * 10_000, 3)) / 10_000)
-        if rows and start < rows[-1][2]:
+        if rows and (start < rows[-1][2] or (join_clicks and _joins(rows[-1], group, start, end))):
             before, start, _ = rows.pop()
             group = before + group
         rows.append((group, start, end))
     return rows
+
+
+def _joins(row: tuple[list[Damage], float, float], group: list[Damage], start: float, end: float) -> bool:
+    """Whether rows of clicks alone, `row` and then `group` (start..end), are one row."""
+    clicks = all(d.kind == "click" for d in row[0]) and all(d.kind == "click" for d in group)
+    return clicks and start - row[2] <= JOIN_CLICKS_SECONDS and end - row[1] <= ROW_OF_CLICKS_SECONDS
 
 
 def _meeting(damage: list[Damage], margin: float) -> list[list[Damage]]:

@@ -29,12 +29,7 @@ __all__ = [
     "Provider",
     "RoomGone",
     "make_provider",
-    "MENDING_DAMAGED",
 ]
-
-# Providers that rebuild a row's `damaged` spans alone, keeping the rest of its region as it
-# was; a hosted model generates the whole region (its mask), whatever the spans.
-MENDING_DAMAGED = ("local",)
 
 
 def make_provider(
