@@ -188,39 +188,40 @@ def main() -> None:
             print(f"| {name} | {label} | {' | '.join(cells)} | {len(clean) / minutes:.1f} | {cpu:.2f} |", flush=True)
     if not args.crackle:
         return
+
+    def found_and_rows(x: np.ndarray, y: np.ndarray, at: list, rate: int) -> list[str]:
+        found = soundpatch_clicks(y, rate)
+        hit, false = tally(found, at)
+        count, longest = rows(found)
+        return [f"{hit}/{len(at)} ({false})", f"{count}, {1000 * longest:.0f} ms"]
+
+    def restoring(x: np.ndarray, y: np.ndarray, at: list, rate: int) -> list[str]:
+        (untouched, _), (whole, whole_cpu), (spans, spans_cpu) = restored(x, y, rate).values()
+        return [f"{untouched:.1f}, {whole:.1f}, **{spans:.1f}** ({whole_cpu:.1f}, {spans_cpu:.1f})"]
+
+    crackle_table(materials, args.crackle, "material", "found (false alarms) | rows, longest", found_and_rows)
+    if args.restore_seconds:
+        head = f"material, first {args.restore_seconds:g} s: SNR dB over the rows"
+        cells = "as it is, whole, spans (CPU s whole, spans)"
+        crackle_table(materials, args.crackle, head, cells, restoring, args.restore_seconds)
+
+
+def crackle_table(
+    materials: dict, rates: list[float], head: str, cells: str, cell, seconds: float | None = None
+) -> None:
+    """A table of a row a material and `cell(clean, crackly, ticks, rate)`'s columns for each
+    crackle rate, over the first `seconds` of each material (all of it: None)."""
     print()
-    heads = " | ".join(f"crackle {r:g}/s: found (false alarms) | rows, longest" for r in args.crackle)
-    print(f"| material | {heads} |")
-    print("|---|" + "---|---|" * len(args.crackle))
+    print(f"| {head} | " + " | ".join(f"crackle {r:g}/s: {cells}" for r in rates) + " |")
+    print("|---|" + "---|" * (len(rates) * (cells.count("|") + 1)))
     for name, (x, rate) in materials.items():
-        x = x.astype(np.float64)
-        cells = []
-        for per_second in args.crackle:
+        x = x.astype(np.float64)[: None if seconds is None else int(seconds * rate)]
+        x = x if x.ndim == 2 else x[:, None]
+        row = []
+        for per_second in rates:
             y, at = crackle(x, rate, per_second, np.random.default_rng(2))
-            found = soundpatch_clicks(y, rate)
-            hit, false = tally(found, at)
-            count, longest = rows(found)
-            cells += [f"{hit}/{len(at)} ({false})", f"{count}, {1000 * longest:.0f} ms"]
-        print(f"| {name} | {' | '.join(cells)} |", flush=True)
-    if not args.restore_seconds:
-        return
-    print()
-    heads = " | ".join(f"crackle {r:g}/s: as it is, whole, spans (CPU s whole, spans)" for r in args.crackle)
-    print(f"| material, first {args.restore_seconds:g} s: SNR dB over the rows | {heads} |")
-    print("|---|" + "---|" * len(args.crackle))
-    for name, (x, rate) in materials.items():
-        x = x.astype(np.float64)[: int(args.restore_seconds * rate)]
-        if x.ndim == 1:
-            x = x[:, None]
-        cells = []
-        for per_second in args.crackle:
-            y, _ = crackle(x, rate, per_second, np.random.default_rng(2))
-            r = restored(x, y, rate)
-            cells.append(
-                f"{r['as it is'][0]:.1f}, {r['whole'][0]:.1f}, **{r['spans'][0]:.1f}** "
-                f"({r['whole'][1]:.1f}, {r['spans'][1]:.1f})"
-            )
-        print(f"| {name} | {' | '.join(cells)} |", flush=True)
+            row += cell(x, y, at, rate)
+        print(f"| {name} | {' | '.join(row)} |", flush=True)
 
 
 if __name__ == "__main__":
