@@ -429,7 +429,9 @@ class Batch:
         source = self.manifest.resolve_input(edit)
         info = self.sources.info(source)
         a, b = _region_in(edit, info)
-        provider.check(info.frames, info.rate, a, b, edit.steps, edit.guidance_scale)
+        if not edit.damaged:  # (damaged spans are kept for the local engine alone, which rebuilds
+            # them from the rest of the region: even a region over the whole recording leaves that)
+            provider.check(info.frames, info.rate, a, b, edit.steps, edit.guidance_scale)
         self.store.uri(self.publisher.name(edit, info))  # an unusable output name is found now, not after paying
         self.publisher.check_encodable(info)  # and an output format that cannot hold the audio
         return Checked(edit, source, info, provider)

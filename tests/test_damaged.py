@@ -155,6 +155,28 @@ def test_a_run_keeps_the_audio_between_the_spans_of_a_reel_in_its_own_timecode(t
     assert not any("damaged" in note for note in notes)
 
 
+def test_a_row_of_clicks_over_a_whole_short_clip_is_mended_not_refused(tmp_path):
+    # A crackly 3 s effect: its clicks joined into one row, from its first sample to its last.
+    # Without spans such a region leaves the local engine nothing to rebuild it from (invalid);
+    # with them, the rest of the clip is what it rebuilds them from.
+    t = np.arange(3 * RATE) / RATE
+    clip = (6000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)[:, None]
+    crackly = clip.copy()
+    for i in (40, 9000, 23900):
+        crackly[i : i + 3, 0] = [25000, -25000, 20000]
+    sf.write(tmp_path / "fx.wav", crackly, RATE, subtype="PCM_16")
+    spans = " ".join(f"{(i - 1) / RATE:.6f}-{(i + 4) / RATE:.6f}" for i in (40, 9000, 23900))
+    (tmp_path / "m.csv").write_text(
+        f"id,input,start,end,damaged,prompt\nall,fx.wav,0,3,{spans},x\nbare,fx.wav,0,3,,x\n"
+    )
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    mended, bare = run_in_process(tmp_path / "m.csv", cfg, "short")[0]
+    assert mended.status == "succeeded", mended.error
+    assert bare.status == "invalid" and "covers the whole recording" in bare.error
+    result = sf.read(mended.output, dtype="int16", always_2d=True)[0]
+    assert np.abs(result.astype(int) - clip).max() < 60  # the clicks gone, the tone as it was
+
+
 def test_a_hosted_model_replaces_the_whole_region_and_is_not_paid_again_for_spans(library, aws_env, simulator):
     # A model generates its mask whole: the spans change nothing of what it makes, so they are
     # no part of what it is paid for, and the run says they were not used.
