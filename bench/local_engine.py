@@ -9,6 +9,10 @@ milliseconds per edit. On hiss no fill can predict the samples (SNR at 0 dB or u
 whatever it does): there the level says whether the gap was left a hole.
 The last material is a long recording (`--minutes`, 0 for none), at the gaps where the
 engine probes which method to use: a row of a long tape searches 90 s either side.
+
+Then dropouts as `detect` writes their rows: the region is the dropout and the splice's
+10 ms each side; mean SNR over the region with all of it rebuilt (before rows named their
+`damaged` spans) and with the dropout alone (its span), same dropouts.
 """
 
 from __future__ import annotations
@@ -65,6 +69,35 @@ def main() -> None:
                 f"{name:20s} {gap * 1000:5.0f}ms {r['engine']:10.1f} {r['zero']:8.1f} {r['linear']:10.1f} "
                 f"{r['engine'] - r['linear']:+10.1f} {np.mean(levels):+9.1f} {np.mean(timings) * 1000:8.0f}"
             )
+
+    print()
+    print(f"{'dropout rows':20s} {'dropout':>7s} {'region dB':>10s} {'dropout alone dB':>17s}")
+    for name, (x, rate, _) in list(materials.items())[:2]:
+        for gap in (0.005, 0.01, 0.02):
+            region, alone = dropout_rows(x if x.ndim == 2 else x[:, None], rate, gap, args.trials * 2)
+            print(f"{name:20s} {gap * 1000:5.0f}ms {region:10.1f} {alone:17.1f}")
+
+
+def dropout_rows(x: np.ndarray, rate: int, gap: float, trials: int, margin: float = 0.01) -> tuple[float, float]:
+    """SNR (dB) over `trials` dropout rows' regions where the material is heard (its energy
+    over theirs, summed): rebuilt whole, and the dropout alone."""
+    engine, m, pad = LocalEngine(), round(gap * rate), round(margin * rate)
+    signal, error = 0.0, {"region": 0.0, "alone": 0.0}
+    for at in np.random.default_rng(7).integers(rate, len(x) - rate, 4 * trials):
+        a, b = at - pad, at + m + pad
+        truth = x[a:b].astype(np.float64)
+        if np.mean(truth**2) < 1e-5:  # a pause: no dropout there to speak of (-50 dBFS)
+            continue
+        holed = x.astype(np.float32)
+        holed[at : at + m] = 0.0
+        signal += float(np.sum(truth**2))
+        for way, damaged in (("region", ()), ("alone", ((at, at + m),))):
+            fill = engine.inpaint(InpaintRequest(Audio(holed, rate, "WAV", "FLOAT"), a, b, "", damaged=damaged)).fill
+            error[way] += float(np.sum((truth - fill) ** 2))
+        trials -= 1
+        if not trials:
+            break
+    return 10 * np.log10(signal / error["region"]), 10 * np.log10(signal / error["alone"])
 
 
 if __name__ == "__main__":

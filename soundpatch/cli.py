@@ -28,6 +28,7 @@ from soundpatch.clicks import find_clicks
 from soundpatch.config import MENDING_DAMAGED, Config, load_config
 from soundpatch.disk_room import full_disk
 from soundpatch.dropouts import find_dropouts
+from soundpatch.edits import MAX_DAMAGED_SECONDS
 from soundpatch.errors import RowError, SoundpatchError, as_sentence
 from soundpatch.humanize import duration, plural
 from soundpatch.humanize import size as human_size
@@ -591,8 +592,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         return EXIT_ROWS_FAILED if unreadable else 0
     target = Path(args.out)
     margin = cfg.splice.crossfade_ms / 1000
-    # The local engine rebuilds a row's clicks alone: crackle is a few rows a minute for it.
-    join = args.clicks and cfg.provider.name in MENDING_DAMAGED
+    # The local engine rebuilds a row's clicks and short dropouts alone: crackle is a few rows a minute for it.
+    join = cfg.provider.name in MENDING_DAMAGED
     text = restoration_manifest(found, str(target.resolve().parent), args.prompt, margin, join_clicks=join)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
@@ -602,10 +603,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
     apart = _rows_in(restoration_manifest(found, ".", args.prompt, margin)) if join else rows
     if apart > rows:
         out.print(
-            f"Clicks less than {JOIN_CLICKS_SECONDS:g} s apart are one row, of up to {ROW_OF_CLICKS_SECONDS:g} s "
-            f"({plural(rows, 'row')} where apart they would be {apart}): the {cfg.provider.name} engine rebuilds "
-            "their spans alone. For a hosted provider, detect with its config: its model makes each row's whole "
-            "region anew.",
+            f"Clicks and dropouts of up to {1000 * MAX_DAMAGED_SECONDS:g} ms less than {JOIN_CLICKS_SECONDS:g} s "
+            f"apart are one row, of up to {ROW_OF_CLICKS_SECONDS:g} s ({plural(rows, 'row')} where apart they "
+            f"would be {apart}): the {cfg.provider.name} engine rebuilds them alone. For a hosted provider, detect "
+            "with its config: its model makes each row's whole region anew.",
             soft_wrap=True,
         )
     out.print(
