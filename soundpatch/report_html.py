@@ -71,6 +71,8 @@ def _summary_html(summary: dict[str, Any], outcomes: Sequence[Outcome], with_med
     ]
     if summary.get("report_uri"):
         facts.append(("report in bucket", str(summary["report_uri"])))
+    if summary.get("index_uri"):
+        facts.append(("dataset index", str(summary["index_uri"])))
     table = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)
     notes = "".join(f'<p class="note">{esc(str(n))}</p>' for n in summary.get("notes", []))
     more = ""

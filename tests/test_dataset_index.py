@@ -65,6 +65,8 @@ def test_nightly_runs_grow_one_index_of_the_dataset_with_a_line_a_result(tmp_pat
         tmp_path / "out" / "dataset" / "metadata.csv" if where == "folder" else "s3://takes/lib/dataset/metadata.csv"
     )
     assert f"datasetindex{shown}" in said.replace(" ", "")  # (a long path wraps in its cell)
+    report = (tmp_path / "runs" / "n1" / "report.html").read_text()
+    assert f"<tr><th>dataset index</th><td>{shown}</td></tr>" in report  # and the report says where too
     first = index()
     assert sorted(first.index) == [f"foley/{p}-{s}.wav" for p in ("creak", "slam") for s in (1, 2)]
     assert all(stored(name) for name in first.index)  # named as the CSV's folder holds them
