@@ -23,12 +23,14 @@ noise would only cost SNR (bench/local_engine.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from soundpatch.engine.toeplitz import solve_symmetric_toeplitz
 
-# Damaged frames solved for at once (a dense system, this many squared): past it, a cluster of
-# spans is filled as one gap from its first damaged frame to its last (Levinson, O(m^2)).
+# Damaged frames solved for at once (a dense system, this many squared): a cluster of spans
+# over it is parted, and a single span over it is filled as a gap (Levinson, O(m^2)).
 MAX_JOINT_FRAMES = 2048
 # Added to the zero-lag autocorrelation: keeps the Yule-Walker system well conditioned
 # for near-silent or purely tonal context (a "white noise correction").
@@ -139,29 +141,35 @@ def interpolate(
 
 
 def interpolate_spans(
-    signal: np.ndarray, spans: list[tuple[int, int]], order: int, units: list[np.ndarray | None] | None = None
+    signal: np.ndarray,
+    spans: list[tuple[int, int]],
+    order_for: Callable[[int], int],
+    units: list[np.ndarray | None] | None = None,
 ) -> np.ndarray:
     """`signal` (1-D) with the frames of each span [a, b) (in order, apart) rebuilt, and every
     other frame as it was: a row's damaged spans (clicks, crackle), where the audio between
     them is sound. Least squares as `interpolate`, with the missing samples scattered
     (Janssen et al.'s formulation allows any set; Godsill & Rayner, ch. 5, mend clicks so):
-    the AR model is estimated from the sound frames around them only, and spans within
-    `order` frames of each other, whose prediction errors overlap, are solved for at once.
-    `units[i]`: unit noise (as `interpolate`'s) for span i, used where no other span is near it."""
+    the AR model is estimated from the sound frames around them only, and spans within its
+    order of each other, whose prediction errors overlap, are solved for at once. The order
+    is `order_for(the longest span's frames)` of each such cluster: a short dropout in a row
+    of ticks does not make every tick's model its size. `units[i]`: unit noise (as
+    `interpolate`'s, at least the span's frames and the order long) for span i, used where
+    no other span is near it."""
     out = signal.astype(np.float64, copy=True)
     damaged = np.zeros(len(out), bool)
     for a, b in spans:
         damaged[a:b] = True
-    context = 4 * order
-    for cluster in _clusters(spans, order):
+    for cluster in _clusters(spans, order_for):
         first, last = spans[cluster[0]][0], spans[cluster[-1]][1]
-        lo, hi = max(0, first - context), min(len(out), last + context)
+        order = order_for(max(spans[i][1] - spans[i][0] for i in cluster))
+        lo, hi = max(0, first - 4 * order), min(len(out), last + 4 * order)
         p = max(1, min(order, first - lo, hi - last, max(first - lo, hi - last) // 4))
         ours = np.zeros(hi - lo, bool)
         for i in cluster:
             ours[spans[i][0] - lo : spans[i][1] - lo] = True
         if first - lo < p or hi - last < p or int(ours.sum()) > MAX_JOINT_FRAMES:
-            out[first:last] = interpolate(out, first, last, order)  # at an end of the file, or too many at once
+            out[first:last] = interpolate(out, first, last, order)  # at an end of the file, or one span too long
         else:
             window = out[lo:hi]  # (a view: filled in place)
             poly = _fill_scattered(window, ours, damaged[lo:hi] & ~ours, p)
@@ -173,15 +181,31 @@ def interpolate_spans(
     return out
 
 
-def _clusters(spans: list[tuple[int, int]], order: int) -> list[list[int]]:
-    """The spans' indices, those whose gaps are at most `order` frames together."""
+def _clusters(spans: list[tuple[int, int]], order_for: Callable[[int], int]) -> list[list[int]]:
+    """The spans' indices, those within the order of each other together (the order of the
+    longest of them), in clusters of at most MAX_JOINT_FRAMES frames: one over it is parted
+    where its spans are furthest apart (solved one after the other, each the next's context)."""
     clusters: list[list[int]] = []
-    for i, (a, _) in enumerate(spans):
-        if clusters and a - spans[clusters[-1][-1]][1] <= order:
+    longest = 0
+    for i, (a, b) in enumerate(spans):
+        if clusters and a - spans[clusters[-1][-1]][1] <= order_for(max(longest, b - a)):
             clusters[-1].append(i)
+            longest = max(longest, b - a)
         else:
             clusters.append([i])
-    return clusters
+            longest = b - a
+    parted: list[list[int]] = []
+    for cluster in clusters:
+        whole = [cluster]
+        while whole:
+            part = whole.pop()
+            if len(part) == 1 or sum(spans[i][1] - spans[i][0] for i in part) <= MAX_JOINT_FRAMES:
+                parted.append(part)
+                continue
+            gaps = [spans[j][0] - spans[i][1] for i, j in zip(part, part[1:], strict=False)]
+            cut = 1 + int(np.argmax(gaps))
+            whole += [part[cut:], part[:cut]]  # (the earlier part next)
+    return parted
 
 
 def _fill_scattered(

@@ -123,7 +123,7 @@ class LocalEngine:
         units = [unit_noise(x, start, end, order) for start, end in local]
         mended = np.stack(
             [
-                autoregressive.interpolate_spans(x[:, ch], local, order, [unit[:, ch] for unit in units])
+                autoregressive.interpolate_spans(x[:, ch], local, ar_order, [unit[:, ch] for unit in units])
                 for ch in range(x.shape[1])
             ],
             axis=1,
