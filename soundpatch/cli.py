@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import io
 import json
 import os
 import sys
@@ -47,7 +45,13 @@ from soundpatch.outcome import (
 from soundpatch.past_runs import past_runs
 from soundpatch.progress import ProgressWatcher
 from soundpatch.rerender import rerender
-from soundpatch.restoration import JOIN_CLICKS_SECONDS, ROW_OF_CLICKS_SECONDS, Damage, restoration_manifest
+from soundpatch.restoration import (
+    JOIN_SPANS_SECONDS,
+    ROW_OF_SPANS_SECONDS,
+    Damage,
+    restoration_manifest,
+    row_count,
+)
 from soundpatch.s3 import S3
 from soundpatch.sources import RECORDING_SUFFIXES, SourceReader
 
@@ -594,17 +598,17 @@ def cmd_detect(args: argparse.Namespace) -> int:
     margin = cfg.splice.crossfade_ms / 1000
     # The local engine rebuilds a row's clicks and short dropouts alone: crackle is a few rows a minute for it.
     join = cfg.provider.name in MENDING_DAMAGED
-    text = restoration_manifest(found, str(target.resolve().parent), args.prompt, margin, join_clicks=join)
+    text = restoration_manifest(found, str(target.resolve().parent), args.prompt, margin, join_spans=join)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
     config = f" --config {args.config}" if args.config else ""
     config += "".join(f" --set {setting}" for setting in args.set)
-    rows = _rows_in(text)  # what meets is one row
-    apart = _rows_in(restoration_manifest(found, ".", args.prompt, margin)) if join else rows
+    rows = row_count(found, margin, join)  # what meets is one row
+    apart = row_count(found, margin) if join else rows
     if apart > rows:
         out.print(
-            f"Clicks and dropouts of up to {1000 * MAX_DAMAGED_SECONDS:g} ms less than {JOIN_CLICKS_SECONDS:g} s "
-            f"apart are one row, of up to {ROW_OF_CLICKS_SECONDS:g} s ({plural(rows, 'row')} where apart they "
+            f"Clicks and dropouts of up to {1000 * MAX_DAMAGED_SECONDS:g} ms less than {JOIN_SPANS_SECONDS:g} s "
+            f"apart are one row, of up to {ROW_OF_SPANS_SECONDS:g} s ({plural(rows, 'row')} where apart they "
             f"would be {apart}): the {cfg.provider.name} engine rebuilds them alone. For a hosted provider, detect "
             "with its config: its model makes each row's whole region anew.",
             soft_wrap=True,
@@ -615,10 +619,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
         soft_wrap=True,
     )
     return EXIT_ROWS_FAILED if unreadable else 0
-
-
-def _rows_in(manifest: str) -> int:
-    return sum(1 for _ in csv.reader(io.StringIO(manifest))) - 1
 
 
 # ---------------------------------------------------------------------- simulate

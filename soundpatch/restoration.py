@@ -22,8 +22,8 @@ from soundpatch.edits import MAX_DAMAGED_SECONDS
 # ticks a second; 0.5 ms was worse on music.
 CLICK_PAD_SECONDS = 0.00025
 # For the local engine, rows of damaged spans this close are one row, of up to this long (_rows).
-JOIN_CLICKS_SECONDS = 1.0
-ROW_OF_CLICKS_SECONDS = 5.0
+JOIN_SPANS_SECONDS = 1.0
+ROW_OF_SPANS_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Damage:
 
 
 def restoration_manifest(
-    found: Iterable[tuple[str, Damage]], folder: str, prompt: str, margin_seconds: float, join_clicks: bool = False
+    found: Iterable[tuple[str, Damage]], folder: str, prompt: str, margin_seconds: float, join_spans: bool = False
 ) -> str:
     """CSV rows filling `found` ((input, damage) pairs).
 
@@ -43,22 +43,19 @@ def restoration_manifest(
     crossfades blend real audio, not the silence or the click; damage whose widened
     regions meet is one row. A row of clicks and short dropouts also names them (`damaged`):
     the local engine rebuilds those spans alone, where a hosted model replaces the whole
-    region. With `join_clicks` (for the local engine), such rows near each other are one row
-    too (`_rows`). Local inputs
-    are written relative to `folder`, where the manifest goes (a manifest's paths are read
-    relative to it). Each recording's repairs go into one file,
-    under the run's folder at the recording's place in the archive: `take.wav` of two
-    albums stays two files."""
+    region. With `join_spans` (for the local engine), such rows near each other are one row
+    too (`_rows`). Local inputs are written relative to `folder`, where the manifest goes (a
+    manifest's paths are read relative to it). Each recording's repairs go into one file,
+    under the run's folder at the recording's place in the archive: `take.wav` of two albums
+    stays two files."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["id", "input", "start", "end", "damaged", "prompt", "note", "output"])
-    by_source: dict[str, list[Damage]] = {}
-    for source, d in found:
-        by_source.setdefault(source, []).append(d)
+    by_source = _by_source(found)
     places = _places(list(by_source))
     taken: set[str] = set()
     for source, damage in by_source.items():
-        for group, start, end in _rows(damage, margin_seconds, join_clicks):
+        for group, start, end in _rows(damage, margin_seconds, join_spans):
             first = group[0]
             row_id = base = f"{PurePosixPath(source).stem}-{first.kind}-{first.start:.3f}s"
             n = 1
@@ -82,6 +79,18 @@ def restoration_manifest(
     return text.getvalue()
 
 
+def row_count(found: Iterable[tuple[str, Damage]], margin_seconds: float, join_spans: bool = False) -> int:
+    """How many rows `restoration_manifest` writes for `found`."""
+    return sum(len(_rows(damage, margin_seconds, join_spans)) for damage in _by_source(found).values())
+
+
+def _by_source(found: Iterable[tuple[str, Damage]]) -> dict[str, list[Damage]]:
+    by_source: dict[str, list[Damage]] = {}
+    for source, d in found:
+        by_source.setdefault(source, []).append(d)
+    return by_source
+
+
 def _damaged(group: list[Damage], start: float, end: float) -> str:
     """A row's `damaged` column (empty where it has none: `_spans`)."""
     return " ".join(f"{a:.5f}-{b:.5f}" for a, b in _spans(group, start, end) or ())
@@ -93,8 +102,8 @@ def _spans(group: list[Damage], start: float, end: float) -> list[tuple[float, f
     each dropout's (digital silence, the sound cut at both its edges: those are sound). None
     where one is longer than a span may be (a dropout of over 20 ms): that row's region is
     rebuilt whole, from a passage elsewhere where it is long. Rebuilt alone, a dropout of 5
-    to 20 ms came back 6 to 23 dB closer to the clean audio than with the region's 10 ms
-    margins rebuilt too."""
+    to 20 ms came back 3.5 to 24 dB closer to the clean audio than with the region's 10 ms
+    margins rebuilt too (bench/local_engine.py)."""
     spans = []
     for d in group:
         pad = CLICK_PAD_SECONDS if d.kind == "click" else 0.0
@@ -117,15 +126,15 @@ def _note(group: list[Damage]) -> str:
     return f"{counted}, {shown} ms in all,"
 
 
-def _rows(damage: list[Damage], margin: float, join_clicks: bool = False) -> list[tuple[list[Damage], float, float]]:
+def _rows(damage: list[Damage], margin: float, join_spans: bool = False) -> list[tuple[list[Damage], float, float]]:
     """The damage of one recording a row each: (damage, start, end), the region as written
     (rounded outwards to 0.1 ms). Damage whose widened regions meet is one row; so is damage
     whose regions meet only once rounded. Apart, 16.28685 s ended one row at 16.2869 and began
     the next at 16.2868: regions that overlap, which one file cannot hold (the second row was
     invalid, its click left in).
 
-    With `join_clicks`, rows of damaged spans alone (clicks, short dropouts) within
-    JOIN_CLICKS_SECONDS of each other are one row too, of up to ROW_OF_CLICKS_SECONDS: the
+    With `join_spans`, rows of damaged spans alone (clicks, short dropouts) within
+    JOIN_SPANS_SECONDS of each other are one row too, of up to ROW_OF_SPANS_SECONDS: the
     local engine rebuilds their spans and keeps the sound between, so a longer row changes
     nothing of the result, and crackle is a few rows a minute instead of a thousand (each a
     task, a report card and an excerpt of its region and a second each side)."""
@@ -133,7 +142,7 @@ def _rows(damage: list[Damage], margin: float, join_clicks: bool = False) -> lis
     for group in _meeting(damage, margin):
         start = max(0.0, math.floor(round((group[0].start - margin) * 10_000, 3)) / 10_000)
         end = min(group[-1].recording_seconds, math.ceil(round((group[-1].end + margin) * 10_000, 3)) / 10_000)
-        if rows and (start < rows[-1][2] or (join_clicks and _joins(rows[-1], group, start, end))):
+        if rows and (start < rows[-1][2] or (join_spans and _joins(rows[-1], group, start, end))):
             before, start, _ = rows.pop()
             group = before + group
         rows.append((group, start, end))
@@ -143,7 +152,7 @@ def _rows(damage: list[Damage], margin: float, join_clicks: bool = False) -> lis
 def _joins(row: tuple[list[Damage], float, float], group: list[Damage], start: float, end: float) -> bool:
     """Whether `row` and then `group` (start..end), rows of damaged spans alone, are one row."""
     spans = _spans(row[0], row[1], row[2]) is not None and _spans(group, start, end) is not None
-    return spans and start - row[2] <= JOIN_CLICKS_SECONDS and end - row[1] <= ROW_OF_CLICKS_SECONDS
+    return spans and start - row[2] <= JOIN_SPANS_SECONDS and end - row[1] <= ROW_OF_SPANS_SECONDS
 
 
 def _meeting(damage: list[Damage], margin: float) -> list[list[Damage]]:

@@ -273,7 +273,7 @@ def test_for_the_local_engine_clicks_under_a_second_apart_are_one_row_of_up_to_5
     found += [(take, Damage(14.0, 14.0005, 20.0, "click"))]  # 2 s after the last
 
     def rows(join: bool) -> list[tuple[str, str, str]]:
-        text = restoration_manifest(found, "/a", "x", 0.01, join_clicks=join)
+        text = restoration_manifest(found, "/a", "x", 0.01, join_spans=join)
         return [(r.start, r.end, r.note) for r in pd.read_csv(pd.io.common.StringIO(text), dtype=str).itertuples()]
 
     assert rows(True) == [
