@@ -141,7 +141,8 @@ def _rows(damage: list[Damage], margin: float, join_spans: bool = False) -> list
     rows: list[tuple[list[Damage], float, float]] = []
     for group in _meeting(damage, margin):
         start = max(0.0, math.floor(round((group[0].start - margin) * 10_000, 3)) / 10_000)
-        end = min(group[-1].recording_seconds, math.ceil(round((group[-1].end + margin) * 10_000, 3)) / 10_000)
+        last = max(d.end for d in group)  # (not the last to begin: a click found inside a dropout ends first)
+        end = min(group[-1].recording_seconds, math.ceil(round((last + margin) * 10_000, 3)) / 10_000)
         if rows and (start < rows[-1][2] or (join_spans and _joins(rows[-1], group, start, end))):
             before, start, _ = rows.pop()
             group = before + group
@@ -156,12 +157,16 @@ def _joins(row: tuple[list[Damage], float, float], group: list[Damage], start: f
 
 
 def _meeting(damage: list[Damage], margin: float) -> list[list[Damage]]:
+    """The damage, in order, in groups whose regions (each widened by `margin`) meet."""
     groups: list[list[Damage]] = []
+    ends = -math.inf  # where the last group's damage ends, the latest of it
     for d in sorted(damage, key=lambda d: d.start):
-        if groups and d.start - margin <= groups[-1][-1].end + margin:
+        if groups and d.start - margin <= ends + margin:
             groups[-1].append(d)
         else:
             groups.append([d])
+            ends = -math.inf
+        ends = max(ends, d.end)
     return groups
 
 

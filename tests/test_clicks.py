@@ -166,6 +166,22 @@ def test_damage_whose_regions_meet_only_once_rounded_is_one_row_not_two_that_ove
     ]
 
 
+def test_a_click_found_inside_a_dropout_does_not_cut_the_dropout_s_row_short():
+    # A sound stopped dead is a discontinuity the click search may find just inside the
+    # silence. Sorted by start, the click came last, and the row ended where the click did:
+    # 30 ms of the dropout outside its row, left silent; and a click after it within the
+    # dropout's margin began a row of its own.
+    found_ = [
+        ("/a/take.wav", Damage(2.0, 2.05, 10.0, "dropout")),
+        ("/a/take.wav", Damage(2.0001, 2.0003, 10.0, "click")),
+        ("/a/take.wav", Damage(2.065, 2.0652, 10.0, "click")),
+    ]
+    rows = list(csv.DictReader(io.StringIO(restoration_manifest(found_, "/a", "fill it", margin_seconds=0.01))))
+    assert [(r["start"], r["end"], r["note"]) for r in rows] == [
+        ("1.9900", "2.0752", "1 dropout and 2 clicks, 50 ms in all, at 2.000 s")
+    ]
+
+
 def crackled(x: np.ndarray, rate: int, per_second: float, start: float, end: float, seed: int = 0):
     """`x` with crackle from `start` to `end` s: ticks of 0.05-1 ms, `per_second` on average
     at random, 0 to +20 dB over the audio around each; and where they are."""
