@@ -298,7 +298,12 @@ def _print_estimate(est: dict[str, Any], cfg: Config, made_up_run_id: str | None
         more = est["result_files"] - 1
         shown = Text(first + (f" (and {more} more)" if more > 0 else ""), overflow="fold")  # whole, however narrow
         table.add_row("first result goes to", shown)  # (so a template is seen at work before any money is)
-    table.add_row("provider", cfg.provider.name)
+    by_provider = est.get("predictions_by_provider", {})
+    if set(by_provider) - {cfg.provider.name}:  # rows naming their own provider: each's predictions to send
+        ordered = sorted(by_provider.items(), key=lambda item: (item[0] != cfg.provider.name, item[0]))
+        table.add_row("provider", ", ".join(f"{name}: {count}" for name, count in ordered))
+    else:
+        table.add_row("provider", cfg.provider.name)
     out.print(table)
     for row_id, line, reason in est["errors"][:20]:
         out.print(f"  [red]invalid[/red] {escape(row_id)} ({line}): {escape(reason)}", soft_wrap=True)

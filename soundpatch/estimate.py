@@ -155,6 +155,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         "rows": len({e.line for e in edits}),
         "results": len(edits),
         "predictions": predictions,
+        "predictions_by_provider": per_provider,  # (a manifest may name a row's provider)
         "invalid": invalid,
         "already_done": done,
         "duplicates": duplicates,
