@@ -50,7 +50,7 @@ from soundpatch.restoration import (
     ROW_OF_SPANS_SECONDS,
     Damage,
     restoration_manifest,
-    row_count,
+    row_counts,
 )
 from soundpatch.s3 import S3
 from soundpatch.sources import RECORDING_SUFFIXES, SourceReader
@@ -186,6 +186,12 @@ def _build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--min-ms", type=float, default=5.0, help="shortest dropout to report (default: 5)")
     detect.add_argument(
         "--clicks", action="store_true", help="find clicks too: short bursts that stand out from the audio around them"
+    )
+    detect.add_argument(
+        "--all-to-provider",
+        action="store_true",
+        help="with a hosted provider, send it every row; by default rows of clicks and dropouts of up to 20 ms go to "
+        "the local engine, which rebuilds their damaged samples alone, for $0",
     )
     _common(detect)
     detect.set_defaults(handler=cmd_detect)
@@ -601,21 +607,34 @@ def cmd_detect(args: argparse.Namespace) -> int:
         return EXIT_ROWS_FAILED if unreadable else 0
     target = Path(args.out)
     margin = cfg.splice.crossfade_ms / 1000
-    # The local engine rebuilds a row's clicks and short dropouts alone: crackle is a few rows a minute for it.
-    join = cfg.provider.name in MENDING_DAMAGED
-    text = restoration_manifest(found, str(target.resolve().parent), args.prompt, margin, join_spans=join)
+    # The local engine rebuilds a row's clicks and short dropouts alone, for nothing, and closer
+    # to what was there than a model making the whole region anew: with a hosted provider in the
+    # config, those rows name it (unless --all-to-provider). Crackle is then a few rows a minute.
+    hosted = cfg.provider.name not in MENDING_DAMAGED
+    mender = MENDING_DAMAGED[0] if hosted and not args.all_to_provider else ""
+    join = not hosted or bool(mender)
+    text = restoration_manifest(found, str(target.resolve().parent), args.prompt, margin, join, mender)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
     config = f" --config {args.config}" if args.config else ""
     config += "".join(f" --set {setting}" for setting in args.set)
-    rows = row_count(found, margin, join)  # what meets is one row
-    apart = row_count(found, margin) if join else rows
+    rows, span_rows = row_counts(found, margin, join)  # what meets is one row
+    apart = row_counts(found, margin)[0] if join else rows
     if apart > rows:
         out.print(
             f"Clicks and dropouts of up to {1000 * MAX_DAMAGED_SECONDS:g} ms less than {JOIN_SPANS_SECONDS:g} s "
             f"apart are one row, of up to {ROW_OF_SPANS_SECONDS:g} s ({plural(rows, 'row')} where apart they "
-            f"would be {apart}): the {cfg.provider.name} engine rebuilds them alone. For a hosted provider, detect "
-            "with its config: its model makes each row's whole region anew.",
+            f"would be {apart}): the local engine rebuilds them alone."
+            + ("" if hosted else " For a hosted provider, detect with its config: its model makes a region whole."),
+            soft_wrap=True,
+        )
+    if mender and span_rows:
+        name, others = cfg.provider.name, rows - span_rows
+        out.print(
+            f"{plural(span_rows, 'row')} of clicks and short dropouts name the local engine in their provider column: "
+            f"it rebuilds their damaged samples alone, for $0, where {name} would make each whole region anew, "
+            f"at ${cfg.provider.price:.2f} a row. {plural(others, 'row')} {'goes' if others == 1 else 'go'} to "
+            f"{name} (--all-to-provider sends it every row).",
             soft_wrap=True,
         )
     out.print(

@@ -35,7 +35,12 @@ class Damage:
 
 
 def restoration_manifest(
-    found: Iterable[tuple[str, Damage]], folder: str, prompt: str, margin_seconds: float, join_spans: bool = False
+    found: Iterable[tuple[str, Damage]],
+    folder: str,
+    prompt: str,
+    margin_seconds: float,
+    join_spans: bool = False,
+    spans_provider: str = "",
 ) -> str:
     """CSV rows filling `found` ((input, damage) pairs).
 
@@ -44,13 +49,16 @@ def restoration_manifest(
     regions meet is one row. A row of clicks and short dropouts also names them (`damaged`):
     the local engine rebuilds those spans alone, where a hosted model replaces the whole
     region. With `join_spans` (for the local engine), such rows near each other are one row
-    too (`_rows`). Local inputs are written relative to `folder`, where the manifest goes (a
-    manifest's paths are read relative to it). Each recording's repairs go into one file,
+    too (`_rows`). With `spans_provider`, those rows name it in a `provider` column (the local
+    engine, where the others go to a hosted model: it mends them for nothing). Local inputs
+    are written relative to `folder`, where the manifest goes (a manifest's paths are read
+    relative to it). Each recording's repairs go into one file,
     under the run's folder at the recording's place in the archive: `take.wav` of two albums
     stays two files."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["id", "input", "start", "end", "damaged", "prompt", "note", "output"])
+    routed = ["provider"] if spans_provider else []
+    writer.writerow(["id", "input", "start", "end", "damaged", *routed, "prompt", "note", "output"])
     by_source = _by_source(found)
     places = _places(list(by_source))
     taken: set[str] = set()
@@ -64,13 +72,15 @@ def restoration_manifest(
                 row_id = f"{base}-{n}"
             taken.add(row_id)
             shown = source if "://" in source else os.path.relpath(source, folder)
+            damaged = _damaged(group, start, end)
             writer.writerow(
                 [
                     row_id,
                     shown,
                     f"{start:.4f}",
                     f"{end:.4f}",
-                    _damaged(group, start, end),
+                    damaged,
+                    *([spans_provider if damaged else ""] if spans_provider else []),
                     prompt,
                     f"{_note(group)} at {first.start:.3f} s",
                     places[source],
@@ -79,9 +89,15 @@ def restoration_manifest(
     return text.getvalue()
 
 
-def row_count(found: Iterable[tuple[str, Damage]], margin_seconds: float, join_spans: bool = False) -> int:
-    """How many rows `restoration_manifest` writes for `found`."""
-    return sum(len(_rows(damage, margin_seconds, join_spans)) for damage in _by_source(found).values())
+def row_counts(found: Iterable[tuple[str, Damage]], margin_seconds: float, join_spans: bool = False) -> tuple[int, int]:
+    """How many rows `restoration_manifest` writes for `found`, and how many of them name
+    damaged spans."""
+    rows = spans = 0
+    for damage in _by_source(found).values():
+        for group, start, end in _rows(damage, margin_seconds, join_spans):
+            rows += 1
+            spans += _spans(group, start, end) is not None
+    return rows, spans
 
 
 def _by_source(found: Iterable[tuple[str, Damage]]) -> dict[str, list[Damage]]:

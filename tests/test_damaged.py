@@ -309,6 +309,7 @@ def test_detect_joins_a_crackly_record_s_clicks_into_a_few_rows_the_local_engine
         "apart.csv",
         "--set",
         "provider.name=eachlabs",
+        "--all-to-provider",  # (by default, rows of clicks would name the local engine, joined)
         cwd=tmp_path,
         env=env,
     )
@@ -350,3 +351,78 @@ def test_detect_joins_a_crackly_record_s_clicks_into_a_few_rows_the_local_engine
 
     print(f"\n{len(rows)} rows: crackly {snr(crackly):.1f} dB, restored {snr(restored):.1f} dB")
     assert snr(restored) >= snr(crackly) + 5.0  # measured: 14.7 -> 24.3 dB
+
+
+def test_detect_for_a_hosted_provider_gives_it_the_long_dropouts_and_the_local_engine_the_clicks(
+    library, aws_env, simulator, tmp_path_factory
+):
+    # A model makes a row's whole region anew, at $0.20 a row: for a click, money spent to make
+    # the 20 ms around it further from what was there than the local engine, which rebuilds the
+    # click's samples alone, for nothing. With a hosted provider in its config, detect names the
+    # local engine on rows of clicks and short dropouts; only the longer dropouts go to the model.
+    rate = 44100
+    clean = demo_audio.music(12.0, rate, 2, seed=3, smooth=True).astype(np.float64)
+    crackly, _ = crackled(clean, rate, 5.0, 0.5, 11.5, seed=5)
+    for at in (4.31, 9.27):  # two dropouts of 60 ms (off the beat, where the sound is cut): a model's to fill
+        crackly[round(at * rate) : round((at + 0.06) * rate)] = 0.0
+    sf.write(library / "record.flac", crackly, rate, subtype="PCM_16")
+    sim = simulator(latency=0.1, fill="tone")
+    (library / "hosted.yaml").write_text(
+        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.1}}\n"
+        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+    )
+    env = clean_env(
+        PREFECT_HOME=str(seeded_prefect_home(tmp_path_factory.mktemp("prefect-home-hosted-detect"))),
+        EACHLABS_API_KEY=KEY,
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+    )
+    hosted = ("--config", "hosted.yaml")
+    found = soundpatch("detect", "record.flac", "--clicks", *hosted, "--out", "fills.csv", cwd=library, env=env)
+    every = soundpatch(
+        "detect", "record.flac", "--clicks", *hosted, "--all-to-provider", "--out", "every.csv", cwd=library, env=env
+    )
+    assert found.returncode == 0 and every.returncode == 0, found.stderr + every.stderr
+    rows = pd.read_csv(library / "fills.csv", dtype=str, keep_default_na=False)
+    long, mended = rows[rows["damaged"] == ""], rows[rows["damaged"] != ""]
+    assert len(long) == 2 and set(long["provider"]) == {""}  # the config's: eachlabs
+    assert len(mended) >= 2 and set(mended["provider"]) == {"local"}
+    said = found.stdout.replace("\n", " ")
+    assert f"{len(mended)} rows of clicks and short dropouts name the local engine in their provider column" in said
+    assert "2 rows go to eachlabs (--all-to-provider sends it every row)" in said
+    # Sent to the model, each click a row of its own, as small a region as it can have.
+    apart = pd.read_csv(library / "every.csv", dtype=str, keep_default_na=False)
+    assert "provider" not in apart.columns and len(apart) > len(rows), (len(apart), len(rows))
+    assert "name the local engine" not in every.stdout.replace("\n", " ")
+
+    estimate = soundpatch("validate", "fills.csv", *hosted, cwd=library, env=env)
+    assert re.search(r"expected cost\s+\$0\.40 ", estimate.stdout), estimate.stdout
+    assert re.search(rf"provider\s+eachlabs: 2, local: {len(mended)}\b", estimate.stdout), estimate.stdout
+    everything = soundpatch("validate", "every.csv", *hosted, cwd=library, env=env)
+    assert re.search(rf"expected cost\s+\${0.2 * len(apart):.2f} ", everything.stdout), everything.stdout
+
+    made = soundpatch("run", "fills.csv", *hosted, "--run-id", "r", cwd=library, env=env)
+    assert made.returncode == 0, made.stdout + made.stderr
+    report = pd.read_csv(library / "runs" / "r" / "report.csv", keep_default_na=False)
+    assert set(report["status"]) == {"succeeded"} and sim.stats.accepted == 2
+    assert report["cost_usd"].sum() == pytest.approx(0.40)
+    assert set(report.loc[report["provider"] == "local", "cost_usd"]) == {0.0}
+
+    source = sf.read(library / "record.flac", dtype="int16", always_2d=True)[0]
+    result = sf.read(library / "outputs" / "r" / "record.wav", dtype="int16", always_2d=True)[0]
+    spans = np.zeros(len(source), bool)  # the local engine's to rebuild
+    for damaged in mended["damaged"]:
+        for span in damaged.split():
+            lo, hi = damaged_frames([tuple(map(float, span.split("-")))], rate, 0, len(source))[0]
+            spans[lo:hi] = True
+    touched = spans.copy()  # where a row may change the recording
+    for row in long.itertuples():
+        a, b = round(float(row.start) * rate), round(float(row.end) * rate)
+        touched[a:b] = True
+        inner = slice(a + 441, b - 441)  # past the splice's 10 ms fades: the model's tone
+        assert np.mean(result[inner] != source[inner]) > 0.95
+    assert np.array_equal(result[~touched], source[~touched])
+    truth = np.round(clean * 32767).astype(np.int64)  # (as written: PCM_16)
+    before = np.sum((source[spans] - truth[spans]) ** 2.0)  # the clicks found ...
+    after = np.sum((result[spans] - truth[spans]) ** 2.0)  # ... are gone
+    assert after < before / 10, (before, after)
