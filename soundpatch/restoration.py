@@ -122,13 +122,24 @@ def _spans(group: list[Damage], start: float, end: float) -> list[tuple[float, f
     margins rebuilt too (bench/local_engine.py)."""
     spans = []
     for d in group:
-        pad = CLICK_PAD_SECONDS if d.kind == "click" else 0.0
-        a = max(start, math.floor(round((d.start - pad) * 100_000, 3)) / 100_000)
-        b = min(end, math.ceil(round((d.end + pad) * 100_000, 3)) / 100_000)
+        a, b = _padded(d)
+        a, b = max(start, a), min(end, b)
         if b - a > MAX_DAMAGED_SECONDS + 1e-9:
             return None
         spans.append((a, b))
     return spans
+
+
+def _padded(d: Damage) -> tuple[float, float]:
+    """The span of `d` before a row's region cuts it: a click's with its pad, to 10 µs outwards."""
+    pad = CLICK_PAD_SECONDS if d.kind == "click" else 0.0
+    a = math.floor(round((d.start - pad) * 100_000, 3)) / 100_000
+    return a, math.ceil(round((d.end + pad) * 100_000, 3)) / 100_000
+
+
+def _fit(damage: Iterable[Damage], start: float, end: float) -> bool:
+    """Whether each of `damage` is a span in a row of start..end (`_spans` is not None)."""
+    return all(min(end, b) - max(start, a) <= MAX_DAMAGED_SECONDS + 1e-9 for a, b in map(_padded, damage))
 
 
 def _note(group: list[Damage]) -> str:
@@ -154,22 +165,49 @@ def _rows(damage: list[Damage], margin: float, join_spans: bool = False) -> list
     local engine rebuilds their spans and keeps the sound between, so a longer row changes
     nothing of the result, and crackle is a few rows a minute instead of a thousand (each a
     task, a report card and an excerpt of its region and a second each side)."""
-    rows: list[tuple[list[Damage], float, float]] = []
+    rows: list[_Row] = []
     for group in _meeting(damage, margin):
         start = max(0.0, math.floor(round((group[0].start - margin) * 10_000, 3)) / 10_000)
         last = max(d.end for d in group)  # (not the last to begin: a click found inside a dropout ends first)
         end = min(group[-1].recording_seconds, math.ceil(round((last + margin) * 10_000, 3)) / 10_000)
-        if rows and (start < rows[-1][2] or (join_spans and _joins(rows[-1], group, start, end))):
-            before, start, _ = rows.pop()
-            group = before + group
-        rows.append((group, start, end))
-    return rows
+        row = rows[-1] if rows else None
+        if row is not None and (start < row.end or (join_spans and row.joins(group, start, end))):
+            row.take(group, end)
+        else:
+            rows.append(_Row(list(group), start, end, _fit(group, start, end), list(group)).cut_at(end))
+    return [(row.group, row.start, row.end) for row in rows]
 
 
-def _joins(row: tuple[list[Damage], float, float], group: list[Damage], start: float, end: float) -> bool:
-    """Whether `row` and then `group` (start..end), rows of damaged spans alone, are one row."""
-    spans = _spans(row[0], row[1], row[2]) is not None and _spans(group, start, end) is not None
-    return spans and start - row[2] <= JOIN_SPANS_SECONDS and end - row[1] <= ROW_OF_SPANS_SECONDS
+@dataclass
+class _Row:
+    """A row as `_rows` makes it, group by group. Joining rows asks whether each's damage is
+    a span; asked of a whole growing row at each join, an hour of dense crackle took 19 s
+    (quadratic in a row's damage). A row's region widening only lengthens its damage's
+    spans, and only theirs that it cut short (`tail`): those and a new group's are asked."""
+
+    group: list[Damage]
+    start: float
+    end: float
+    spans: bool  # whether each of its damage is a span in start..end (`_spans`)
+    tail: list[Damage]  # its damage start..end cuts short at its end
+
+    def joins(self, group: list[Damage], start: float, end: float) -> bool:
+        """Whether this row and then `group` (start..end), rows of damaged spans alone, are one row."""
+        near = start - self.end <= JOIN_SPANS_SECONDS and end - self.start <= ROW_OF_SPANS_SECONDS
+        return near and self.spans and _fit(group, start, end)
+
+    def take(self, group: list[Damage], end: float) -> None:
+        """`group` and the region up to `end` joined to this row."""
+        self.spans = self.spans and _fit(self.tail + group, self.start, end)
+        self.group.extend(group)
+        self.tail += group
+        self.end = end
+        self.cut_at(end)
+
+    def cut_at(self, end: float) -> _Row:
+        """Kept in `tail`: the damage that a region ending at `end` cuts short."""
+        self.tail = [d for d in self.tail if _padded(d)[1] > end]
+        return self
 
 
 def _meeting(damage: list[Damage], margin: float) -> list[list[Damage]]:
