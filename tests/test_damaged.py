@@ -445,6 +445,8 @@ def test_detect_for_a_hosted_provider_gives_it_the_long_dropouts_and_the_local_e
     assert set(report["status"]) == {"succeeded"} and sim.stats.accepted == 2
     assert report["cost_usd"].sum() == pytest.approx(0.40)
     assert set(report.loc[report["provider"] == "local", "cost_usd"]) == {0.0}
+    page = (library / "runs" / "r" / "report.html").read_text()
+    assert f"<th>provider</th><td>eachlabs: 2 rows, local: {len(mended)} rows</td>" in page
 
     source = sf.read(library / "record.flac", dtype="int16", always_2d=True)[0]
     result = sf.read(library / "outputs" / "r" / "record.wav", dtype="int16", always_2d=True)[0]
