@@ -52,9 +52,8 @@ def restoration_manifest(
     too (`_rows`). With `spans_provider`, those rows name it in a `provider` column (the local
     engine, where the others go to a hosted model: it mends them for nothing). Local inputs
     are written relative to `folder`, where the manifest goes (a manifest's paths are read
-    relative to it). Each recording's repairs go into one file,
-    under the run's folder at the recording's place in the archive: `take.wav` of two albums
-    stays two files."""
+    relative to it). Each recording's repairs go into one file, under the run's folder at the
+    recording's place in the archive: `take.wav` of two albums stays two files."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     routed = ["provider"] if spans_provider else []
@@ -174,7 +173,7 @@ def _rows(damage: list[Damage], margin: float, join_spans: bool = False) -> list
         if row is not None and (start < row.end or (join_spans and row.joins(group, start, end))):
             row.take(group, end)
         else:
-            rows.append(_Row(list(group), start, end, _fit(group, start, end), list(group)).cut_at(end))
+            rows.append(_Row(list(group), start, end, _fit(group, start, end), list(group)).cut())
     return [(row.group, row.start, row.end) for row in rows]
 
 
@@ -202,11 +201,11 @@ class _Row:
         self.group.extend(group)
         self.tail += group
         self.end = end
-        self.cut_at(end)
+        self.cut()
 
-    def cut_at(self, end: float) -> _Row:
-        """Kept in `tail`: the damage that a region ending at `end` cuts short."""
-        self.tail = [d for d in self.tail if _padded(d)[1] > end]
+    def cut(self) -> _Row:
+        """Kept in `tail`: the damage that the region, as it ends now, cuts short."""
+        self.tail = [d for d in self.tail if _padded(d)[1] > self.end]
         return self
 
 
