@@ -38,9 +38,10 @@ busy mix, a clave, a tick of a clock (dense drums: about 3 false alarms a minute
 note stopped dead, or a bad splice, is a discontinuity, which it finds (and which is worth
 mending).
 
-Conservative on purpose, as `dropouts.py`: each click found is a row, and on a hosted
-provider a paid prediction. Measured in bench/clicks.py (clicks found, and false
-alarms on clean music, speech, drums and a sound effect).
+Conservative on purpose, as `dropouts.py`: each click found is rebuilt (by the local
+engine, even where a hosted provider fills the longer dropouts; with `detect
+--all-to-provider`, each row of them is a paid prediction). Measured in bench/clicks.py
+(clicks found, and false alarms on clean music, speech, drums and a sound effect).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ audio on each side of it is heard (-50 dBFS or more over 20 ms), and it stops an
 mid-sound (its last and first 2 ms are within 12 dB of those 20 ms). A pause, which sound
 fades into and rises out of, is not one; nor is silence at either end of a file.
 
-Conservative on purpose: each region found is a paid prediction on a hosted provider.
+Conservative on purpose: on a hosted provider, each dropout found of over 20 ms is a paid
+prediction (shorter ones the local engine rebuilds, for nothing: restoration.py).
 Clicks are looked for apart, and only when asked (clicks.py).
 """
 
