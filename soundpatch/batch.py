@@ -782,7 +782,8 @@ class Batch:
         return [
             f"{_rows(self._damaged_dropped)} {'names' if one else 'name'} damaged spans, which only the local "
             f"engine rebuilds alone: {'its' if one else 'their'} provider replaces {'its' if one else 'each'} "
-            "whole region."
+            "whole region. A provider column of local sends such rows to it, for $0 (soundpatch detect with "
+            "this config writes one)."
         ]
 
     def notes(self) -> list[str]:

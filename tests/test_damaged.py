@@ -372,7 +372,9 @@ def test_detect_joins_a_crackly_record_s_clicks_into_a_few_rows_the_local_engine
     # Filled by a hosted model instead, each row would be made anew whole: validate says so first.
     hosted = soundpatch("validate", "joined.csv", "--set", "provider.name=eachlabs", cwd=tmp_path, env=env)
     assert f"{len(rows)} rows (record-click-" in hosted.stdout, hosted.stdout
-    assert "name damaged spans, which only the local engine rebuilds alone" in hosted.stdout.replace("\n", " ")
+    said = hosted.stdout.replace("\n", " ")
+    assert "name damaged spans, which only the local engine rebuilds alone" in said
+    assert "A provider column of local sends such rows to it, for $0 (soundpatch detect with this config" in said
 
     made = soundpatch("run", "joined.csv", "--run-id", "r", cwd=tmp_path, env=env)
     assert made.returncode == 0, made.stdout + made.stderr
