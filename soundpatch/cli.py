@@ -638,7 +638,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
             soft_wrap=True,
         )
     out.print(
-        f"Wrote {plural(rows, 'row')} ({recordings} recordings of {len(sources)}) to {target}. "
+        f"Wrote {plural(rows, 'row')} ({plural(recordings, 'recording')} of {len(sources)}) to {target}. "
         f"What filling them costs: soundpatch validate {target}{config}",
         soft_wrap=True,
     )

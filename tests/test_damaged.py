@@ -430,6 +430,7 @@ def test_detect_for_a_hosted_provider_gives_it_the_long_dropouts_and_the_local_e
     said = found.stdout.replace("\n", " ")
     assert f"{len(mended)} rows of clicks and short dropouts name the local engine in their provider column" in said
     assert "2 rows go to eachlabs (--all-to-provider sends it every row)" in said
+    assert f"Wrote {len(rows)} rows (1 recording of 1) to fills.csv" in said
     # Sent to the model, each click a row of its own, as small a region as it can have.
     apart = pd.read_csv(library / "every.csv", dtype=str, keep_default_na=False)
     assert "provider" not in apart.columns and len(apart) > len(rows), (len(apart), len(rows))
