@@ -27,9 +27,14 @@ if TYPE_CHECKING:
 # before, same hour): kept at 0.5, the estimate errs on the long side.
 TYPICAL_SECONDS = {"local": 0.5, "eachlabs": 15.0, "stability": 15.0, "fal": 15.0}
 # ... but a row whose damaged spans alone it rebuilds (clicks, short dropouts) is some ms a
-# span, all told: a minute of crackle's 736 spans ran in 16 s on two cores as 736 rows, and in
-# 3.2 s as 12 rows (as detect joins them for it).
-SPANS_ROW_SECONDS, SPAN_SECONDS = 0.035, 0.009
+# span, all told. The engine's own work is about 3 ms a span (one thread, music); in a run
+# (flow wall time on two cores, 2026-12-04), a minute of crackle at 20 ticks a second took
+# 20.4 s as 767 rows of a tick each and 2.6 s as 12 rows of 991 spans (as detect joins them
+# for the local engine); at 80 a second, 32.2 s as 1,116 rows and 5.4 s as 12 rows of 2,025
+# spans. This fits all four within 10% (it was 0.035 and 0.009: joined rows came out 1.8
+# times as long as they took); a 30-minute tape of 60,813 spans in 360 rows took 120 s,
+# estimated 164 s (284 s before).
+SPANS_ROW_SECONDS, SPAN_SECONDS = 0.045, 0.005
 # A row's result is a whole copy of its recording (but for a row of a combined file: an
 # excerpt), written, read back in part and published: the local engine's rows on a
 # 30-minute stereo tape (318 MB a result) took 3.7 s a row a core where the row's own work
