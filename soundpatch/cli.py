@@ -28,7 +28,7 @@ from soundpatch.disk_room import full_disk
 from soundpatch.dropouts import find_dropouts
 from soundpatch.edits import MAX_DAMAGED_SECONDS
 from soundpatch.errors import RowError, SoundpatchError, as_sentence
-from soundpatch.humanize import duration, plural
+from soundpatch.humanize import counts_by_name, duration, plural
 from soundpatch.humanize import size as human_size
 from soundpatch.journal import latest_runs
 from soundpatch.locks import RunLock
@@ -304,12 +304,8 @@ def _print_estimate(est: dict[str, Any], cfg: Config, made_up_run_id: str | None
         more = est["result_files"] - 1
         shown = Text(first + (f" (and {more} more)" if more > 0 else ""), overflow="fold")  # whole, however narrow
         table.add_row("first result goes to", shown)  # (so a template is seen at work before any money is)
-    by_provider = est.get("predictions_by_provider", {})
-    if set(by_provider) - {cfg.provider.name}:  # rows naming their own provider: each's predictions to send
-        ordered = sorted(by_provider.items(), key=lambda item: (item[0] != cfg.provider.name, item[0]))
-        table.add_row("provider", ", ".join(f"{name}: {count}" for name, count in ordered))
-    else:
-        table.add_row("provider", cfg.provider.name)
+    # (rows naming their own provider: each's predictions to send)
+    table.add_row("provider", counts_by_name(est.get("predictions_by_provider", {}), cfg.provider.name))
     out.print(table)
     for row_id, line, reason in est["errors"][:20]:
         out.print(f"  [red]invalid[/red] {escape(row_id)} ({line}): {escape(reason)}", soft_wrap=True)

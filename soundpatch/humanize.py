@@ -39,3 +39,12 @@ def over_limit(what: str, max_bytes: int, nbytes: float | None = None) -> str:
 def _mb(nbytes: float) -> str:
     value = nbytes / 2**20
     return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
+
+def counts_by_name(counts: dict[str, int], first: str, noun: str = "") -> str:
+    """`first` where `counts` names nothing else; otherwise each name with its count, `first`
+    first: `eachlabs: 2, local: 7` (with `noun`: `eachlabs: 2 rows, local: 7 rows`)."""
+    if not set(counts) - {first}:
+        return first
+    ordered = sorted(counts.items(), key=lambda item: (item[0] != first, item[0]))
+    return ", ".join(f"{name}: {plural(count, noun) if noun else count}" for name, count in ordered)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from soundpatch import preview
-from soundpatch.humanize import duration, plural
+from soundpatch.humanize import counts_by_name, duration, plural
 from soundpatch.outcome import STATUSES, Outcome, by_reason
 
 MEDIA_CARDS = preview.KEEP
@@ -55,12 +55,8 @@ def render(outcomes: Sequence[Outcome], summary: dict[str, Any], previews_dir: P
 def _providers(summary: dict[str, Any], outcomes: Sequence[Outcome]) -> str:
     """The run's provider; where rows named others (a manifest's `provider` column), each
     with the rows it made or failed: `eachlabs: 2 rows, local: 7 rows`."""
-    name = str(summary.get("provider", ""))
     made = Counter(o.provider for o in outcomes if o.provider and o.status in ("succeeded", "failed"))
-    if not set(made) - {name}:
-        return name
-    ordered = sorted(made.items(), key=lambda item: (item[0] != name, item[0]))
-    return ", ".join(f"{provider}: {plural(count, 'row')}" for provider, count in ordered)
+    return counts_by_name(made, str(summary.get("provider", "")), "row")
 
 
 def _summary_html(summary: dict[str, Any], outcomes: Sequence[Outcome], with_media: int) -> str:
