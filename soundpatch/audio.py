@@ -519,6 +519,24 @@ def patch(original: Audio, fill: np.ndarray, a: int, b: int, crossfade: int) -> 
     return Patched(original, ((a, from_float(region, original)),))
 
 
+def patch_spans(
+    original: Audio, fill: np.ndarray, a: int, b: int, spans: Sequence[tuple[int, int]], crossfade: int
+) -> Patched:
+    """`fill` (float32, the region [a, b)'s) put into frames `spans` of the region alone (in
+    order, apart), each as `patch` puts a region: every other frame, those between the spans
+    too, is `original` bit for bit."""
+    if fill.ndim == 1:
+        fill = fill[:, None]
+    if fill.shape != (b - a, original.channels):
+        raise ValueError(f"fill has shape {fill.shape}, expected {(b - a, original.channels)} for region [{a}, {b})")
+    pieces: list[tuple[int, np.ndarray]] = []
+    for lo, hi in spans:
+        if not a <= lo < hi <= b:
+            raise ValueError(f"span [{lo}, {hi}) is not inside the region [{a}, {b})")
+        pieces.extend(patch(original, fill[lo - a : hi - a], lo, hi, crossfade).regions)
+    return Patched(original, tuple(pieces))
+
+
 def _sample_dtype(audio: Audio | Patched | Stored) -> np.dtype:
     """The type its samples are (or will be, read from their file) in memory."""
     if isinstance(audio, Stored):

@@ -37,7 +37,7 @@ from soundpatch.config import MENDING_DAMAGED, Config
 from soundpatch.disk_room import FULL_ERRNOS, DiskRoom, Promise, full_disk
 from soundpatch.earlier_attempts import read_earlier_attempts
 from soundpatch.edit_claims import BucketClaims
-from soundpatch.edits import Edit
+from soundpatch.edits import MAX_DAMAGED_SECONDS, Edit
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence, sentence_of
 from soundpatch.estimate import estimate
 from soundpatch.humanize import plural
@@ -170,9 +170,10 @@ class Batch:
         )
         # Times given as a recording's own timecode, counted from its first sample from here on.
         self.manifest = self.manifest.with_times_from_stamps(self.sources.time_stamp)
-        # Damaged spans are the local engine's to rebuild alone; a hosted model replaces the region.
-        self.manifest, self._damaged_dropped = self.manifest.with_damaged_mended_by(
-            lambda edit: (edit.provider or config.provider.name) in MENDING_DAMAGED
+        # Damaged spans as a hosted model's audio goes into them: with the splice's crossfades.
+        self.manifest = self.manifest.with_damaged_for_models(
+            lambda edit: (edit.provider or config.provider.name) not in MENDING_DAMAGED,
+            config.splice.crossfade_ms / 1000,
         )
         tls.verify()  # a CA bundle (SSL_CERT_FILE) that cannot be read: before any row, in one sentence
         self.provider_named(config.provider.name)  # an unusable provider stops the run before it starts
@@ -429,8 +430,11 @@ class Batch:
         source = self.manifest.resolve_input(edit)
         info = self.sources.info(source)
         a, b = _region_in(edit, info)
-        if not edit.damaged:  # (damaged spans are kept for the local engine alone, which rebuilds
-            # them from the rest of the region: even a region over the whole recording leaves that)
+        if edit.damaged and provider.name in MENDING_DAMAGED:
+            # The local engine rebuilds its spans from the rest of the region (even a region over
+            # the whole recording leaves that), by AR interpolation, which is for short spans.
+            _spans_rebuilt_alone(edit)
+        else:
             provider.check(info.frames, info.rate, a, b, edit.steps, edit.guidance_scale)
         self.store.uri(self.publisher.name(edit, info))  # an unusable output name is found now, not after paying
         self.publisher.check_encodable(info)  # and an output format that cannot hold the audio
@@ -774,18 +778,6 @@ class Batch:
         and what the output format cannot hold of them."""
         return self.sources.header_notes() + self.publisher.rounding_notes(self.sources.infos())
 
-    def damaged_notes(self) -> list[str]:
-        """What to say of rows naming damaged spans that their provider does not mend alone."""
-        if not self._damaged_dropped:
-            return []
-        one = len(self._damaged_dropped) == 1
-        return [
-            f"{_rows(self._damaged_dropped)} {'names' if one else 'name'} damaged spans, which only the local "
-            f"engine rebuilds alone: {'its' if one else 'their'} provider replaces {'its' if one else 'each'} "
-            "whole region. A provider column of local sends such rows to it, for $0 (soundpatch detect with "
-            "this config writes one)."
-        ]
-
     def notes(self) -> list[str]:
         notes = lookalike_notes(self.manifest.edits) + self.input_notes()
         for p in self.providers.values():
@@ -794,7 +786,6 @@ class Batch:
                     f"The {p.name} engine rebuilds each region from the rest of its recording; "
                     "the prompt is recorded but does not steer it."
                 )
-        notes += self.damaged_notes()
         alike = self.splicer.alike_note()
         if alike:
             notes.append(alike)
@@ -867,6 +858,17 @@ class Batch:
         if not self.dry_run:  # a dry run beside the run itself leaves its files alone
             shutil.rmtree(self.scratch, ignore_errors=True)
         self.run_lock.release()
+
+
+def _spans_rebuilt_alone(edit: Edit) -> None:
+    """Raise RowError where a span of `edit` is too long for the local engine to rebuild alone."""
+    for a, b in edit.damaged:
+        if b - a > MAX_DAMAGED_SECONDS + 1e-9:
+            raise RowError(
+                f"Damaged span {a:g}-{b:g} is {1000 * (b - a):.1f} ms long, over the {1000 * MAX_DAMAGED_SECONDS:.0f} "
+                "ms the local engine rebuilds alone; give a longer gap a row of its own, or send the row to a "
+                "hosted model (its provider column)"
+            )
 
 
 def _rows(row_ids: list[str]) -> str:

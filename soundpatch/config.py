@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from soundpatch.errors import ConfigError
 
 PROVIDERS = ("local", "eachlabs", "stability", "fal")
-# Providers that rebuild a row's `damaged` spans alone, keeping the rest of its region as it
-# was; a hosted model generates the whole region (its mask), whatever the spans.
+# Providers that rebuild a row's `damaged` spans alone, from the audio around them; a hosted
+# model generates the whole region (its mask), and its audio goes into the spans and their
+# crossfades alone (edits.spans_for_a_model).
 MENDING_DAMAGED = ("local",)
 
 # What each provider charges per prediction when the config does not say.

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,9 +41,12 @@ MAX_PROMPT_CHARS = 2000
 MAX_VARIATIONS = 1000
 MAX_SEED = 2**32 - 1
 REMOTE_SCHEMES = ("s3://", "https://", "http://")
-# A `damaged` span is a click or a short gap, which the local engine rebuilds from the samples
-# around it (its AR interpolation alone: providers/local.py's AR_ONLY_SECONDS).
+# The local engine rebuilds a `damaged` span (a click or a short gap) from the samples around
+# it, by its AR interpolation alone (providers/local.py's AR_ONLY_SECONDS): up to this long.
+# A hosted model's audio goes into spans of any length (spans_for_a_model).
 MAX_DAMAGED_SECONDS = 0.02
+# A span a model's audio goes into that comes this close to its region's edge reaches it.
+SPAN_REACHES_EDGE_SECONDS = 0.001
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,8 @@ class Edit:
     # time stamp; made seconds from its first sample (from_time_stamp) before the run uses them.
     source_timecode: bool = False
     # `damaged`: the spans (start, end seconds, in order, apart) inside the region that are
-    # damaged, where the rest of it is sound: the local engine rebuilds those alone.
+    # damaged, where the rest of it is sound: only those are replaced (the local engine
+    # rebuilds them; a model's audio goes into them and its crossfades: spans_for_a_model).
     damaged: tuple[tuple[float, float], ...] = ()
 
     @property
@@ -228,8 +232,8 @@ def parse_region(text: Any, fps: str | None = None) -> tuple[float, float]:
 
 def parse_damaged(value: Any, start: float, end: float, fps: str | None = None) -> tuple[tuple[float, float], ...]:
     """A `damaged` column: spans `a-b` (as a region is written) apart by spaces, or a YAML list
-    of them, each inside the region [start, end] and at most MAX_DAMAGED_SECONDS long. Spans
-    that overlap or touch are one span; they come back in order."""
+    of them, each inside the region [start, end]. Spans that overlap or touch are one span;
+    they come back in order. (How long one may be is the provider's to say: Batch.check.)"""
     items = value if isinstance(value, list) else str(value).split()
     spans = []
     for item in items:
@@ -243,11 +247,6 @@ def parse_damaged(value: Any, start: float, end: float, fps: str | None = None) 
             raise ValueError(f"damaged span {item} ends before it starts")
         if a < start or b > end:
             raise ValueError(f"damaged span {item} is not inside the region {start:g}-{end:g} s")
-        if b - a > MAX_DAMAGED_SECONDS + 1e-9:
-            raise ValueError(
-                f"damaged span {item} is {1000 * (b - a):.1f} ms long, over the {1000 * MAX_DAMAGED_SECONDS:.0f} ms a "
-                "click or short gap may be; give a longer gap a row of its own"
-            )
         spans.append((a, b))
     joined: list[tuple[float, float]] = []
     for a, b in sorted(spans):
@@ -256,6 +255,27 @@ def parse_damaged(value: Any, start: float, end: float, fps: str | None = None) 
         else:
             joined.append((a, b))
     return tuple(joined)
+
+
+def spans_for_a_model(
+    spans: Sequence[tuple[float, float]], start: float, end: float, margin: float
+) -> tuple[tuple[float, float], ...]:
+    """A row's damaged spans as a hosted model's audio goes into them: each `margin` (the
+    splice's crossfade, over which its audio is faded in and out) wider each side, so that the
+    fades blend sound, not the damage; those that meet made one, and one within
+    SPAN_REACHES_EDGE_SECONDS of the region's edge taken to it. () where they cover the whole
+    region: the model's audio goes into all of it, as in a row without spans (the same edit)."""
+    wide: list[tuple[float, float]] = []
+    for a, b in spans:
+        a = start if a - margin - start < SPAN_REACHES_EDGE_SECONDS else a - margin
+        b = end if end - b - margin < SPAN_REACHES_EDGE_SECONDS else b + margin
+        if wide and a <= wide[-1][1]:
+            wide[-1] = (wide[-1][0], max(wide[-1][1], b))
+        else:
+            wide.append((a, b))
+    if wide == [(start, end)]:
+        return ()
+    return tuple((round(a, 9), round(b, 9)) for a, b in wide)
 
 
 def expand_rows(records: list[tuple[str, dict[str, Any]]]) -> Iterator[Edit]:

@@ -183,7 +183,6 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         "notes": lookalike_notes(edits)
         + batch.input_notes()
         + batch.markup.notes_before()
-        + batch.damaged_notes()
         + _unready(batch, per_provider)
         + _short_of_disk(batch.room, *largest)
         + _file_short_of_disk(batch.room, *largest_file)

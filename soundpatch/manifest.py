@@ -25,7 +25,15 @@ from typing import Any
 import yaml
 
 from soundpatch import web
-from soundpatch.edits import KNOWN_COLUMNS, REMOTE_SCHEMES, Edit, expand_rows, from_time_stamp, invalid_copy
+from soundpatch.edits import (
+    KNOWN_COLUMNS,
+    REMOTE_SCHEMES,
+    Edit,
+    expand_rows,
+    from_time_stamp,
+    invalid_copy,
+    spans_for_a_model,
+)
 from soundpatch.errors import ManifestError, SoundpatchError
 
 
@@ -135,18 +143,17 @@ class Manifest:
             edits.append(edit)
         return Manifest(self.path, edits)
 
-    def with_damaged_mended_by(self, mends: Callable[[Edit], bool]) -> tuple[Manifest, list[str]]:
-        """Rows' `damaged` spans kept only where their provider mends them alone (`mends(edit)`);
-        elsewhere a model replaces the whole region, and the spans, which would change nothing of
-        its result, are dropped (so they are no part of what it is paid for: identity.py). Also
-        the ids of the rows they were dropped from."""
-        edits, dropped = [], []
+    def with_damaged_for_models(self, to_a_model: Callable[[Edit], bool], margin: float) -> Manifest:
+        """Rows' `damaged` spans, for rows whose provider is a hosted model (`to_a_model(edit)`),
+        as its audio goes into them (edits.spans_for_a_model: `margin` wider each side). Spans
+        that come to cover the whole region are dropped: the model's audio goes into all of it,
+        as in the same row without them, which is the same edit (identity.py)."""
+        edits = []
         for edit in self.edits:
-            if edit.damaged and not mends(edit):
-                edit = replace(edit, damaged=())
-                dropped.append(edit.row_id)
+            if edit.damaged and edit.start is not None and edit.end is not None and to_a_model(edit):
+                edit = replace(edit, damaged=spans_for_a_model(edit.damaged, edit.start, edit.end, margin))
             edits.append(edit)
-        return Manifest(self.path, edits), dropped
+        return Manifest(self.path, edits)
 
     def _as_given(self, found: str) -> str:
         """A matched local file relative to the manifest's folder when it is inside it."""

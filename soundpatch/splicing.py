@@ -62,7 +62,10 @@ class Splicer:
         lo, hi = context_span(a, b, original.rate, original.frames)
         part = self.publisher.part_span(edit, work.checked.info)  # a row of a combined file: (lo, hi)
         with crunching():  # the recording is not copied: written to a file a block at a time (audio.py)
-            result = audio_ops.patch(original, prediction.fill, a, b, fade)
+            if work.damaged:  # its spans alone (the local engine's rebuilt, or a model's audio faded in)
+                result = audio_ops.patch_spans(original, prediction.fill, a, b, work.damaged, fade)
+            else:
+                result = audio_ops.patch(original, prediction.fill, a, b, fade)
             encoded = self.publisher.encode(edit, result if part is None else result.cut(*part), work.checked.info)
             try:
                 # Checked as users will read it: decoded back, compared with the original outside the region.

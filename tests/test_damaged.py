@@ -60,10 +60,7 @@ def test_the_damaged_column_is_read_as_spans_inside_the_region(tmp_path):
     assert edits["timecodes"].damaged == ((1.01, 1.011),)
     assert edits["none"].damaged == () and edits["none"].valid
     assert edits["outside"].error == "Damaged span 0.99-1.001 is not inside the region 1-1.1 s."
-    assert edits["long"].error == (
-        "Damaged span 1.01-1.05 is 40.0 ms long, over the 20 ms a click or short gap may be; give a longer gap a "
-        "row of its own."
-    )
+    assert edits["long"].damaged == ((1.01, 1.05),) and edits["long"].valid  # a model's: its provider says (below)
     assert edits["backwards"].error == "Damaged span 1.02-1.01 ends before it starts."
     assert edits["garbled"].error == "Damaged span '1.01..' is not of the form start-end, e.g. 12.3451-12.3462."
     # A YAML list of spans; a spreadsheet's decimal commas in a semicolon-separated CSV.
@@ -207,27 +204,68 @@ def test_a_row_of_clicks_over_a_whole_short_clip_is_mended_not_refused(tmp_path)
     assert np.abs(result.astype(int) - clip).max() < 60  # the clicks gone, the tone as it was
 
 
-def test_a_hosted_model_replaces_the_whole_region_and_is_not_paid_again_for_spans(library, aws_env, simulator):
-    # A model generates its mask whole: the spans change nothing of what it makes, so they are
-    # no part of what it is paid for, and the run says they were not used.
-    sim = simulator(latency=0.1, fill="tone")
-    (library / "spans.csv").write_text(
-        "id,input,start,end,damaged,prompt,seed\nfx,audio/fx.wav,1.20,1.65,1.30-1.301 1.5-1.51,metal clang,11\n"
+def test_between_the_spans_a_64_bit_float_recording_comes_back_to_the_bit(tmp_path):
+    # The engine's fill is 32-bit floats; the samples between the spans were taken from it.
+    x = np.random.default_rng(3).normal(0, 0.1, (RATE * 2, 2)) + 1e-9
+    sf.write(tmp_path / "fx.wav", x, RATE, subtype="DOUBLE")
+    (tmp_path / "m.csv").write_text("id,input,start,end,damaged,prompt\nr,fx.wav,0.5,0.9,0.55-0.551 0.8-0.8005,x\n")
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    (row,) = run_in_process(tmp_path / "m.csv", cfg, "f64")[0]
+    assert row.status == "succeeded", row.error
+    after = sf.read(row.output, dtype="float64", always_2d=True)[0]
+    changed = np.flatnonzero(np.any(after != x, axis=1))
+    assert set(changed) <= set(range(*damaged_frames([(0.55, 0.551)], RATE, 0, len(x))[0])) | set(
+        range(*damaged_frames([(0.8, 0.8005)], RATE, 0, len(x))[0])
     )
-    (library / "plain.csv").write_text("id,input,start,end,prompt,seed\nfx,audio/fx.wav,1.20,1.65,metal clang,11\n")
+    assert len(changed) > 0
+
+
+def test_a_span_too_long_for_the_local_engine_to_rebuild_alone_makes_its_row_invalid(tmp_path):
+    sf.write(tmp_path / "fx.wav", np.zeros((RATE, 1), np.int16), RATE, subtype="PCM_16")
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,damaged,prompt\nlong,fx.wav,0.2,0.4,0.25-0.29,x\nshort,fx.wav,0.5,0.7,0.55-0.57,x\n"
+    )
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    long, short = run_in_process(tmp_path / "m.csv", cfg, "local")[0]
+    assert long.status == "invalid" and long.cost_usd == 0.0
+    assert long.error == (
+        "Damaged span 0.25-0.29 is 40.0 ms long, over the 20 ms the local engine rebuilds alone; give a longer gap "
+        "a row of its own, or send the row to a hosted model (its provider column)."
+    )
+    assert short.status == "succeeded", short.error
+
+
+def test_a_hosted_model_s_audio_goes_into_the_spans_and_their_crossfades_alone(library, aws_env, simulator):
+    # A model generates its mask whole; the row's spans say where its audio goes, each with the
+    # splice's 10 ms each side to fade over: between them the region is the recording's own.
+    sim = simulator(latency=0.1, fill="tone")
+    row = "fx,audio/fx.wav,1.20,1.65,{},metal clang,11\n"
+    for name, spans in (("spans", "1.30-1.301 1.5-1.51"), ("plain", ""), ("covering", "1.205-1.3 1.31-1.645")):
+        (library / f"{name}.csv").write_text("id,input,start,end,damaged,prompt,seed\n" + row.format(spans))
     cfg = hosted_config(sim, aws_env.endpoint, str(library / "outputs"), library / "runs")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EACHLABS_API_KEY", KEY)
-        (paid,), notes, _ = run_in_process(library / "spans.csv", cfg, "first")
-        (again,), _, _ = run_in_process(library / "plain.csv", cfg, "second")
-    assert paid.status == "succeeded" and paid.cost_usd == pytest.approx(0.20), paid.error
-    assert "1 row (fx) names damaged spans, which only the local engine rebuilds alone" in " ".join(notes)
-    assert again.status == "skipped_done" and again.cost_usd == 0.0 and sim.stats.accepted == 1
-    # The region is the model's, across the spans and between them (past the splice's 10 ms fades).
+        (spanned,), notes, _ = run_in_process(library / "spans.csv", cfg, "first")
+        (plain,), _, _ = run_in_process(library / "plain.csv", cfg, "second")
+        (covering,), _, _ = run_in_process(library / "covering.csv", cfg, "third")
+    assert spanned.status == "succeeded" and spanned.cost_usd == pytest.approx(0.20), spanned.error
+    assert not any("damaged" in note for note in notes)
+    # Another result, so another edit; spans that with their fades cover the region are the row without them.
+    assert plain.status == "succeeded" and plain.cost_usd == pytest.approx(0.20), plain.error
+    assert covering.status == "skipped_done" and covering.cost_usd == 0.0 and sim.stats.accepted == 2
     before = sf.read(library / "audio" / "fx.wav", dtype="int16", always_2d=True)[0]
-    after = sf.read(paid.output, dtype="int16", always_2d=True)[0]
-    inside = slice(round(1.22 * 48000), round(1.63 * 48000))
-    assert np.mean(after[inside] != before[inside]) > 0.95
+    after = sf.read(spanned.output, dtype="int16", always_2d=True)[0]
+    whole = sf.read(plain.output, dtype="int16", always_2d=True)[0]
+    changed = np.flatnonzero(np.any(after != before, axis=1))
+    at = round(1.29 * 48000), round(1.311 * 48000), round(1.49 * 48000), round(1.52 * 48000)
+    assert changed.min() >= at[0] and changed.max() < at[3]
+    assert not np.any((changed >= at[1]) & (changed < at[2]))  # between the spans: the recording's own
+    # In the spans, past their fades, the model's audio, as the row without spans has it there.
+    for lo, hi in ((1.2975, 1.3035), (1.4975, 1.5125)):
+        core = slice(round(lo * 48000), round(hi * 48000))
+        assert np.array_equal(after[core], whole[core]) and np.mean(after[core] != before[core]) > 0.9
+    between = slice(round(1.32 * 48000), round(1.48 * 48000))
+    assert np.mean(whole[between] != before[between]) > 0.9  # where the row without spans has the model's
 
 
 def test_detect_names_each_click_s_span_and_each_short_dropout_s_and_rows_with_a_longer_dropout_none():
@@ -369,12 +407,10 @@ def test_detect_joins_a_crackly_record_s_clicks_into_a_few_rows_the_local_engine
     seconds = re.search(r"expected wall time\s+([\d.]+) s\b", estimate.stdout)
     assert seconds and float(seconds[1]) < 0.1 * len(separate), estimate.stdout
 
-    # Filled by a hosted model instead, each row would be made anew whole: validate says so first.
+    # Filled by a hosted model instead, a row is a prediction (its audio goes into the spans).
     hosted = soundpatch("validate", "joined.csv", "--set", "provider.name=eachlabs", cwd=tmp_path, env=env)
-    assert f"{len(rows)} rows (record-click-" in hosted.stdout, hosted.stdout
-    said = hosted.stdout.replace("\n", " ")
-    assert "name damaged spans, which only the local engine rebuilds alone" in said
-    assert "A provider column of local sends such rows to it, for $0 (soundpatch detect with this config" in said
+    assert f"expected cost                      ${0.2 * len(rows):.2f}" in hosted.stdout, hosted.stdout
+    assert "invalid                            0" in hosted.stdout
 
     made = soundpatch("run", "joined.csv", "--run-id", "r", cwd=tmp_path, env=env)
     assert made.returncode == 0, made.stdout + made.stderr
