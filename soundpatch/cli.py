@@ -47,6 +47,7 @@ from soundpatch.progress import ProgressWatcher
 from soundpatch.rerender import rerender
 from soundpatch.restoration import (
     JOIN_SPANS_SECONDS,
+    ROW_FOR_A_MODEL_SECONDS,
     ROW_OF_SPANS_SECONDS,
     Damage,
     restoration_manifest,
@@ -190,8 +191,8 @@ def _build_parser() -> argparse.ArgumentParser:
     detect.add_argument(
         "--all-to-provider",
         action="store_true",
-        help="with a hosted provider, send it every row; by default rows of clicks and dropouts of up to 20 ms go to "
-        "the local engine, which rebuilds their damaged samples alone, for $0",
+        help="with a hosted provider, send it every row (those within 1 s in all one row); by default rows of clicks "
+        "and dropouts of up to 20 ms go to the local engine, which rebuilds their damaged samples alone, for $0",
     )
     _common(detect)
     detect.set_defaults(handler=cmd_detect)
@@ -606,22 +607,34 @@ def cmd_detect(args: argparse.Namespace) -> int:
     # The local engine rebuilds a row's clicks and short dropouts alone, for nothing, and closer
     # to what was there than a model making the whole region anew: with a hosted provider in the
     # config, those rows name it (unless --all-to-provider). Crackle is then a few rows a minute.
+    # The model's rows within a second are one prediction's.
     hosted = cfg.provider.name not in MENDING_DAMAGED
     mender = MENDING_DAMAGED[0] if hosted and not args.all_to_provider else ""
     join = not hosted or bool(mender)
-    text = restoration_manifest(found, str(target.resolve().parent), args.prompt, margin, join, mender)
+    text = restoration_manifest(found, str(target.resolve().parent), args.prompt, margin, join, mender, hosted)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
     config = f" --config {args.config}" if args.config else ""
     config += "".join(f" --set {setting}" for setting in args.set)
-    rows, span_rows = row_counts(found, margin, join)  # what meets is one row
-    apart = row_counts(found, margin)[0] if join else rows
-    if apart > rows:
+    rows, span_rows = row_counts(found, margin, join, hosted)  # what meets is one row
+    apart, apart_span_rows = row_counts(found, margin) if join or hosted else (rows, span_rows)
+    joined_spans = (span_rows, apart_span_rows) if mender else (rows, apart)
+    if join and joined_spans[1] > joined_spans[0]:
         out.print(
             f"Clicks and dropouts of up to {1000 * MAX_DAMAGED_SECONDS:g} ms less than {JOIN_SPANS_SECONDS:g} s "
-            f"apart are one row, of up to {ROW_OF_SPANS_SECONDS:g} s ({plural(rows, 'row')} where apart they "
-            f"would be {apart}): the local engine rebuilds them alone."
+            f"apart are one row, of up to {ROW_OF_SPANS_SECONDS:g} s ({plural(joined_spans[0], 'row')} where apart "
+            f"they would be {joined_spans[1]}): the local engine rebuilds them alone."
             + ("" if hosted else " For a hosted provider, detect with its config: its model makes a region whole."),
+            soft_wrap=True,
+        )
+    model_rows = (rows - span_rows, apart - apart_span_rows) if mender else (rows, apart)
+    if hosted and model_rows[1] > model_rows[0]:
+        what = f"Dropouts of over {1000 * MAX_DAMAGED_SECONDS:g} ms" if mender else "Clicks and dropouts"
+        out.print(
+            f"{what} within {ROW_FOR_A_MODEL_SECONDS:g} s in all are one row for {cfg.provider.name}, which "
+            f"generates a second at the least whatever the row: its audio goes into each of them and "
+            f"{cfg.splice.crossfade_ms:g} ms around it ({plural(model_rows[0], 'row')} where apart they would be "
+            f"{model_rows[1]}).",
             soft_wrap=True,
         )
     if mender and span_rows:

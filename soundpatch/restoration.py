@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from soundpatch.edits import MAX_DAMAGED_SECONDS
+from soundpatch.edits import MAX_DAMAGED_SECONDS, spans_for_a_model
 
 # A click's span is where its prediction error rose over the threshold (clicks.py); its
 # quieter tails are still there. Rebuilding 0.25 ms more each side restored crackle 1-6 dB
@@ -24,6 +24,9 @@ CLICK_PAD_SECONDS = 0.00025
 # For the local engine, rows of damaged spans this close are one row, of up to this long (_rows).
 JOIN_SPANS_SECONDS = 1.0
 ROW_OF_SPANS_SECONDS = 5.0
+# For a hosted model, rows this long in all are one row: it generates a second of its clip at
+# the least (its mask is whole seconds), so one prediction makes what each would have made.
+ROW_FOR_A_MODEL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ def restoration_manifest(
     margin_seconds: float,
     join_spans: bool = False,
     spans_provider: str = "",
+    join_for_a_model: bool = False,
 ) -> str:
     """CSV rows filling `found` ((input, damage) pairs).
 
@@ -50,7 +54,10 @@ def restoration_manifest(
     the local engine rebuilds those spans alone, where a hosted model replaces the whole
     region. With `join_spans` (for the local engine), such rows near each other are one row
     too (`_rows`). With `spans_provider`, those rows name it in a `provider` column (the local
-    engine, where the others go to a hosted model: it mends them for nothing). Local inputs
+    engine, where the others go to a hosted model: it mends them for nothing). With
+    `join_for_a_model`, rows for a hosted model within ROW_FOR_A_MODEL_SECONDS in all are one
+    row, naming its damage as spans (its audio goes into those and their crossfades alone:
+    edits.spans_for_a_model); with `join_spans` too, those of a longer dropout alone. Local inputs
     are written relative to `folder`, where the manifest goes (a manifest's paths are read
     relative to it). Each recording's repairs go into one file, under the run's folder at the
     recording's place in the archive: `take.wav` of two albums stays two files."""
@@ -62,7 +69,7 @@ def restoration_manifest(
     places = _places(list(by_source))
     taken: set[str] = set()
     for source, damage in by_source.items():
-        for group, start, end in _rows(damage, margin_seconds, join_spans):
+        for group, start, end in _rows(damage, margin_seconds, join_spans, join_for_a_model):
             first = group[0]
             row_id = base = f"{PurePosixPath(source).stem}-{first.kind}-{first.start:.3f}s"
             n = 1
@@ -71,7 +78,8 @@ def restoration_manifest(
                 row_id = f"{base}-{n}"
             taken.add(row_id)
             shown = source if "://" in source else os.path.relpath(source, folder)
-            damaged = _damaged(group, start, end)
+            spans = _spans(group, start, end)
+            damaged = _shown(spans if spans is not None else _model_spans(group, start, end, margin_seconds))
             writer.writerow(
                 [
                     row_id,
@@ -79,7 +87,7 @@ def restoration_manifest(
                     f"{start:.4f}",
                     f"{end:.4f}",
                     damaged,
-                    *([spans_provider if damaged else ""] if spans_provider else []),
+                    *([spans_provider if spans is not None else ""] if spans_provider else []),
                     prompt,
                     f"{_note(group)} at {first.start:.3f} s",
                     places[source],
@@ -88,12 +96,14 @@ def restoration_manifest(
     return text.getvalue()
 
 
-def row_counts(found: Iterable[tuple[str, Damage]], margin_seconds: float, join_spans: bool = False) -> tuple[int, int]:
+def row_counts(
+    found: Iterable[tuple[str, Damage]], margin_seconds: float, join_spans: bool = False, join_for_a_model: bool = False
+) -> tuple[int, int]:
     """How many rows `restoration_manifest` writes for `found`, and how many of them name
-    damaged spans."""
+    damaged spans the local engine can rebuild alone."""
     rows = spans = 0
     for damage in _by_source(found).values():
-        for group, start, end in _rows(damage, margin_seconds, join_spans):
+        for group, start, end in _rows(damage, margin_seconds, join_spans, join_for_a_model):
             rows += 1
             spans += _spans(group, start, end) is not None
     return rows, spans
@@ -106,9 +116,16 @@ def _by_source(found: Iterable[tuple[str, Damage]]) -> dict[str, list[Damage]]:
     return by_source
 
 
-def _damaged(group: list[Damage], start: float, end: float) -> str:
-    """A row's `damaged` column (empty where it has none: `_spans`)."""
-    return " ".join(f"{a:.5f}-{b:.5f}" for a, b in _spans(group, start, end) or ())
+def _shown(spans: list[tuple[float, float]]) -> str:
+    """A row's `damaged` column."""
+    return " ".join(f"{a:.5f}-{b:.5f}" for a, b in spans)
+
+
+def _model_spans(group: list[Damage], start: float, end: float, margin: float) -> list[tuple[float, float]]:
+    """The spans of a row with a longer dropout, for a model's audio to go into: none where,
+    with their crossfades, they are all of the row (a row of damage whose regions meet)."""
+    spans = [(max(start, a), min(end, b)) for a, b in map(_padded, group)]
+    return spans if spans_for_a_model(spans, start, end, margin) else []
 
 
 def _spans(group: list[Damage], start: float, end: float) -> list[tuple[float, float]] | None:
@@ -152,7 +169,9 @@ def _note(group: list[Damage]) -> str:
     return f"{counted}, {shown} ms in all,"
 
 
-def _rows(damage: list[Damage], margin: float, join_spans: bool = False) -> list[tuple[list[Damage], float, float]]:
+def _rows(
+    damage: list[Damage], margin: float, join_spans: bool = False, join_for_a_model: bool = False
+) -> list[tuple[list[Damage], float, float]]:
     """The damage of one recording a row each: (damage, start, end), the region as written
     (rounded outwards to 0.1 ms). Damage whose widened regions meet is one row; so is damage
     whose regions meet only once rounded. Apart, 16.28685 s ended one row at 16.2869 and began
@@ -163,14 +182,23 @@ def _rows(damage: list[Damage], margin: float, join_spans: bool = False) -> list
     JOIN_SPANS_SECONDS of each other are one row too, of up to ROW_OF_SPANS_SECONDS: the
     local engine rebuilds their spans and keeps the sound between, so a longer row changes
     nothing of the result, and crackle is a few rows a minute instead of a thousand (each a
-    task, a report card and an excerpt of its region and a second each side)."""
+    task, a report card and an excerpt of its region and a second each side).
+
+    With `join_for_a_model`, rows within ROW_FOR_A_MODEL_SECONDS in all are one row too (with
+    `join_spans`, rows of a longer dropout alone: the others are the local engine's): a hosted
+    model makes a second at the least whatever the row, and its audio goes into the damage
+    alone, so one prediction does the work of several."""
     rows: list[_Row] = []
     for group in _meeting(damage, margin):
         start = max(0.0, math.floor(round((group[0].start - margin) * 10_000, 3)) / 10_000)
         last = max(d.end for d in group)  # (not the last to begin: a click found inside a dropout ends first)
         end = min(group[-1].recording_seconds, math.ceil(round((last + margin) * 10_000, 3)) / 10_000)
         row = rows[-1] if rows else None
-        if row is not None and (start < row.end or (join_spans and row.joins(group, start, end))):
+        if row is not None and (
+            start < row.end
+            or (join_spans and row.joins(group, start, end))
+            or (join_for_a_model and row.shares_a_prediction(group, start, end, join_spans))
+        ):
             row.take(group, end)
         else:
             rows.append(_Row(list(group), start, end, _fit(group, start, end), list(group)).cut())
@@ -194,6 +222,12 @@ class _Row:
         """Whether this row and then `group` (start..end), rows of damaged spans alone, are one row."""
         near = start - self.end <= JOIN_SPANS_SECONDS and end - self.start <= ROW_OF_SPANS_SECONDS
         return near and self.spans and _fit(group, start, end)
+
+    def shares_a_prediction(self, group: list[Damage], start: float, end: float, spans_apart: bool) -> bool:
+        """Whether this row and then `group` (start..end) are one row for a hosted model; with
+        `spans_apart`, rows of damaged spans alone are not (the local engine's)."""
+        near = end - self.start <= ROW_FOR_A_MODEL_SECONDS
+        return near and not (spans_apart and (self.spans or _fit(group, start, end)))
 
     def take(self, group: list[Damage], end: float) -> None:
         """`group` and the region up to `end` joined to this row."""

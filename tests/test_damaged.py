@@ -25,6 +25,7 @@ from soundpatch import demo_audio
 from soundpatch.audio import Audio, damaged_frames
 from soundpatch.clicks import find_clicks
 from soundpatch.config import load_config
+from soundpatch.dropouts import find_dropouts
 from soundpatch.manifest import load_manifest
 from soundpatch.providers.base import InpaintRequest
 from soundpatch.providers.local import LocalEngine
@@ -332,9 +333,11 @@ def test_for_the_local_engine_clicks_under_a_second_apart_are_one_row_of_up_to_5
     assert len(rows(False)) == len(found)  # for a hosted model, as small a region as each can have
 
 
-def _rows_asking_whole_rows(damage: list[Damage], margin: float) -> list[tuple[list[Damage], float, float]]:
-    """`_rows` with join_spans as first written: at each join, the whole row is asked whether
-    each of its damage is a span (quadratic in a row's damage: 19 s for an hour of crackle)."""
+def _rows_asking_whole_rows(
+    damage: list[Damage], margin: float, join_spans: bool = True, for_a_model: bool = False
+) -> list[tuple[list[Damage], float, float]]:
+    """`_rows` as first written: at each join, the whole row is asked whether each of its
+    damage is a span (quadratic in a row's damage: 19 s for an hour of crackle)."""
     rows: list[tuple[list[Damage], float, float]] = []
     for group in _meeting(damage, margin):
         start = max(0.0, math.floor(round((group[0].start - margin) * 10_000, 3)) / 10_000)
@@ -343,18 +346,22 @@ def _rows_asking_whole_rows(damage: list[Damage], margin: float) -> list[tuple[l
         )
         if rows:
             before, at, until = rows[-1]
-            spans = _spans(before, at, until) is not None and _spans(group, start, end) is not None
-            if start < until or (spans and start - until <= 1.0 and end - at <= 5.0):
+            row_spans, group_spans = _spans(before, at, until) is not None, _spans(group, start, end) is not None
+            local = join_spans and row_spans and group_spans and start - until <= 1.0 and end - at <= 5.0
+            model = for_a_model and end - at <= 1.0 and not (join_spans and (row_spans or group_spans))
+            if start < until or local or model:
                 rows[-1] = (before + group, at, end)
                 continue
         rows.append((group, start, end))
     return rows
 
 
-def test_rows_of_spans_are_joined_as_when_each_join_asked_the_whole_row():
+@pytest.mark.parametrize("join_spans, for_a_model", [(True, False), (True, True), (False, True)])
+def test_rows_of_spans_are_joined_as_when_each_join_asked_the_whole_row(join_spans, for_a_model):
     # A row's region widening lengthens only the spans it cut short at its end, and the new
     # group's: those alone are asked. With no crossfade, a dropout of exactly 20 ms is a span
-    # in its own region but not in a wider one: such cases are among these.
+    # in its own region but not in a wider one: such cases are among these. For a hosted model,
+    # rows within a second in all are one (with join_spans, those of a longer dropout alone).
     rng = random.Random(7)
     for _ in range(1500):
         seconds, margin = rng.choice([2.0, 10.0, 30.0]), rng.choice([0.0, 0.0, 0.005, 0.01])
@@ -364,8 +371,11 @@ def test_rows_of_spans_are_joined_as_when_each_join_asked_the_whole_row():
             at = round(rng.uniform(0, seconds), rng.choice([3, 4, 5, 7]))
             lengths = [5e-5, 0.01, 0.0199999, 0.02, 0.02000001, 0.025] if kind == "dropout" else [5e-5, 5e-4, 6e-3]
             damage.append(Damage(at, min(seconds, at + rng.choice(lengths)), seconds, kind))
-        expected = [(g, a, b, _spans(g, a, b)) for g, a, b in _rows_asking_whole_rows(damage, margin)]
-        assert [(g, a, b, _spans(g, a, b)) for g, a, b in _rows(damage, margin, join_spans=True)] == expected
+        expected = [
+            (g, a, b, _spans(g, a, b)) for g, a, b in _rows_asking_whole_rows(damage, margin, join_spans, for_a_model)
+        ]
+        made = _rows(damage, margin, join_spans, for_a_model)
+        assert [(g, a, b, _spans(g, a, b)) for g, a, b in made] == expected
 
 
 def test_detect_joins_a_crackly_record_s_clicks_into_a_few_rows_the_local_engine_restores(tmp_path):
@@ -377,23 +387,15 @@ def test_detect_joins_a_crackly_record_s_clicks_into_a_few_rows_the_local_engine
     crackly, _ = crackled(clean, rate, 20.0, 0.5, 11.5, seed=5)
     sf.write(tmp_path / "record.flac", crackly, rate, subtype="PCM_16")
     env = clean_env(PREFECT_HOME=str(seeded_prefect_home(tmp_path / "prefect")))
-    apart = soundpatch(
-        "detect",
-        "record.flac",
-        "--clicks",
-        "--out",
-        "apart.csv",
-        "--set",
-        "provider.name=eachlabs",
-        "--all-to-provider",  # (by default, rows of clicks would name the local engine, joined)
-        cwd=tmp_path,
-        env=env,
-    )
+    # The rows as they were before they were joined: a click each, but for those whose regions meet.
+    audio = Audio(sf.read(tmp_path / "record.flac", dtype="int16", always_2d=True)[0], rate, "FLAC", "PCM_16")
+    found = [("record.flac", d) for d in find_dropouts(audio) + find_clicks(audio)]
+    (tmp_path / "apart.csv").write_text(restoration_manifest(found, str(tmp_path), "x", 0.01))
     joined = soundpatch("detect", "record.flac", "--clicks", "--out", "joined.csv", cwd=tmp_path, env=env)
-    assert apart.returncode == 0 and joined.returncode == 0, apart.stderr + joined.stderr
+    assert joined.returncode == 0, joined.stderr
     separate, rows = pd.read_csv(tmp_path / "apart.csv"), pd.read_csv(tmp_path / "joined.csv")
     assert len(separate) > 100 and 3 <= len(rows) <= 6, (len(separate), len(rows))
-    assert (rows["end"] - rows["start"]).max() <= 5.0 and "less than 1 s apart are one row" not in apart.stdout
+    assert (rows["end"] - rows["start"]).max() <= 5.0
     assert (
         f"Clicks and dropouts of up to 20 ms less than 1 s apart are one row, of up to 5 s ({len(rows)} rows where "
         f"apart they would be {len(separate)})" in joined.stdout.replace("\n", " ")
@@ -467,10 +469,17 @@ def test_detect_for_a_hosted_provider_gives_it_the_long_dropouts_and_the_local_e
     assert f"{len(mended)} rows of clicks and short dropouts name the local engine in their provider column" in said
     assert "2 rows go to eachlabs (--all-to-provider sends it every row)" in said
     assert f"Wrote {len(rows)} rows (1 recording of 1) to fills.csv" in said
-    # Sent to the model, each click a row of its own, as small a region as it can have.
+    # Sent to the model, the clicks and dropouts within a second in all are a row (its audio goes
+    # into them and 10 ms around each): one prediction makes what each would have made.
     apart = pd.read_csv(library / "every.csv", dtype=str, keep_default_na=False)
     assert "provider" not in apart.columns and len(apart) > len(rows), (len(apart), len(rows))
-    assert "name the local engine" not in every.stdout.replace("\n", " ")
+    assert (apart["end"].astype(float) - apart["start"].astype(float)).max() <= 1.0
+    every_said = every.stdout.replace("\n", " ")
+    assert "name the local engine" not in every_said
+    joined = re.search(
+        r"Clicks and dropouts within 1 s in all are one row for eachlabs, .* \((\d+) rows where apart", every_said
+    )
+    assert joined and int(joined[1]) == len(apart), every_said
 
     estimate = soundpatch("validate", "fills.csv", *hosted, cwd=library, env=env)
     assert re.search(r"expected cost\s+\$0\.40 ", estimate.stdout), estimate.stdout
@@ -505,3 +514,56 @@ def test_detect_for_a_hosted_provider_gives_it_the_long_dropouts_and_the_local_e
     before = np.sum((source[spans] - truth[spans]) ** 2.0)  # the clicks found ...
     after = np.sum((result[spans] - truth[spans]) ** 2.0)  # ... are gone
     assert after < before / 10, (before, after)
+
+
+def test_for_a_hosted_model_dropouts_within_a_second_are_one_prediction_whose_audio_goes_into_them_alone(
+    library, aws_env, simulator, tmp_path_factory
+):
+    # A model generates a second of its clip at the least (its mask is whole seconds), so three
+    # dropouts within one were three predictions each making what one makes. Joined, the row names
+    # them as spans, and the model's audio goes into those and the 10 ms around each alone.
+    rate = 44100
+    clean = demo_audio.music(9.0, rate, 2, seed=3, smooth=True).astype(np.float64)
+    for at in (2.31, 2.62, 2.93, 5.41, 6.51, 7.63):  # 40 ms each; the last three 1.16 s apart in all
+        clean[round(at * rate) : round((at + 0.04) * rate)] = 0.0
+    sf.write(library / "tape.flac", clean, rate, subtype="PCM_16")
+    sim = simulator(latency=0.1, fill="tone")
+    (library / "hosted.yaml").write_text(
+        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.1}}\n"
+        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+    )
+    env = clean_env(
+        PREFECT_HOME=str(seeded_prefect_home(tmp_path_factory.mktemp("prefect-home-model-rows"))),
+        EACHLABS_API_KEY=KEY,
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+    )
+    hosted = ("--config", "hosted.yaml")
+    found = soundpatch("detect", "tape.flac", *hosted, "--out", "fills.csv", cwd=library, env=env)
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert (
+        "Dropouts of over 20 ms within 1 s in all are one row for eachlabs, which generates a second at the least "
+        "whatever the row: its audio goes into each of them and 10 ms around it (4 rows where apart they would be 6)."
+    ) in found.stdout.replace("\n", " ")
+    rows = pd.read_csv(library / "fills.csv", dtype=str, keep_default_na=False)
+    assert rows["start"].tolist() == ["2.3000", "5.4000", "6.5000", "7.6200"]
+    assert rows["end"].tolist() == ["2.9800", "5.4600", "6.5600", "7.6800"]
+    assert rows["damaged"].tolist() == ["2.31000-2.35000 2.62000-2.66000 2.93000-2.97000", "", "", ""]
+    assert set(rows["provider"]) == {""}  # the config's: no clicks and short dropouts for the local engine
+    estimate = soundpatch("validate", "fills.csv", *hosted, cwd=library, env=env)
+    assert re.search(r"expected cost\s+\$0\.80 ", estimate.stdout), estimate.stdout
+
+    made = soundpatch("run", "fills.csv", *hosted, "--run-id", "r", cwd=library, env=env)
+    assert made.returncode == 0, made.stdout + made.stderr
+    report = pd.read_csv(library / "runs" / "r" / "report.csv", keep_default_na=False)
+    assert set(report["status"]) == {"succeeded"} and sim.stats.accepted == 4
+    assert report["cost_usd"].sum() == pytest.approx(0.80)
+    source = sf.read(library / "tape.flac", dtype="int16", always_2d=True)[0]
+    result = sf.read(library / "outputs" / "r" / "tape.wav", dtype="int16", always_2d=True)[0]
+    touched = np.zeros(len(source), bool)  # each dropout and 10 ms each side: the model's, faded in
+    for at in (2.31, 2.62, 2.93, 5.41, 6.51, 7.63):
+        a, b = round((at - 0.01) * rate), round((at + 0.05) * rate)
+        touched[a:b] = True
+        gap = slice(round(at * rate), round((at + 0.04) * rate))
+        assert np.mean(result[gap] != 0) > 0.95  # filled
+    assert np.array_equal(result[~touched], source[~touched])  # between the joined dropouts too
