@@ -431,6 +431,33 @@ def test_detect_joins_a_crackly_record_s_clicks_into_a_few_rows_the_local_engine
     assert snr(restored) >= snr(crackly) + 5.0  # measured: 14.7 -> 24.3 dB
 
 
+def _hosted_config_file(library, sim, aws_env, prefect_home) -> tuple[tuple[str, str], dict]:
+    """`--config hosted.yaml` (Each Labs from the simulator, clips staged in the S3 server), and
+    the environment the commands run in."""
+    (library / "hosted.yaml").write_text(
+        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.1}}\n"
+        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+    )
+    env = clean_env(
+        PREFECT_HOME=str(seeded_prefect_home(prefect_home)),
+        EACHLABS_API_KEY=KEY,
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+    )
+    return ("--config", "hosted.yaml"), env
+
+
+def _filled(library, hosted: tuple[str, str], env: dict, sim, predictions: int) -> pd.DataFrame:
+    """The report of `soundpatch run fills.csv` (run id r), every row succeeded with `predictions`
+    sent to the model at $0.20 each."""
+    made = soundpatch("run", "fills.csv", *hosted, "--run-id", "r", cwd=library, env=env)
+    assert made.returncode == 0, made.stdout + made.stderr
+    report = pd.read_csv(library / "runs" / "r" / "report.csv", keep_default_na=False)
+    assert set(report["status"]) == {"succeeded"} and sim.stats.accepted == predictions
+    assert report["cost_usd"].sum() == pytest.approx(0.20 * predictions)
+    return report
+
+
 def test_detect_for_a_hosted_provider_gives_it_the_long_dropouts_and_the_local_engine_the_clicks(
     library, aws_env, simulator, tmp_path_factory
 ):
@@ -445,17 +472,7 @@ def test_detect_for_a_hosted_provider_gives_it_the_long_dropouts_and_the_local_e
         crackly[round(at * rate) : round((at + 0.06) * rate)] = 0.0
     sf.write(library / "record.flac", crackly, rate, subtype="PCM_16")
     sim = simulator(latency=0.1, fill="tone")
-    (library / "hosted.yaml").write_text(
-        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.1}}\n"
-        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
-    )
-    env = clean_env(
-        PREFECT_HOME=str(seeded_prefect_home(tmp_path_factory.mktemp("prefect-home-hosted-detect"))),
-        EACHLABS_API_KEY=KEY,
-        AWS_ACCESS_KEY_ID="test",
-        AWS_SECRET_ACCESS_KEY="test",
-    )
-    hosted = ("--config", "hosted.yaml")
+    hosted, env = _hosted_config_file(library, sim, aws_env, tmp_path_factory.mktemp("prefect-home-hosted-detect"))
     found = soundpatch("detect", "record.flac", "--clicks", *hosted, "--out", "fills.csv", cwd=library, env=env)
     every = soundpatch(
         "detect", "record.flac", "--clicks", *hosted, "--all-to-provider", "--out", "every.csv", cwd=library, env=env
@@ -487,11 +504,7 @@ def test_detect_for_a_hosted_provider_gives_it_the_long_dropouts_and_the_local_e
     everything = soundpatch("validate", "every.csv", *hosted, cwd=library, env=env)
     assert re.search(rf"expected cost\s+\${0.2 * len(apart):.2f} ", everything.stdout), everything.stdout
 
-    made = soundpatch("run", "fills.csv", *hosted, "--run-id", "r", cwd=library, env=env)
-    assert made.returncode == 0, made.stdout + made.stderr
-    report = pd.read_csv(library / "runs" / "r" / "report.csv", keep_default_na=False)
-    assert set(report["status"]) == {"succeeded"} and sim.stats.accepted == 2
-    assert report["cost_usd"].sum() == pytest.approx(0.40)
+    report = _filled(library, hosted, env, sim, predictions=2)
     assert set(report.loc[report["provider"] == "local", "cost_usd"]) == {0.0}
     page = (library / "runs" / "r" / "report.html").read_text()
     assert f"<th>provider</th><td>eachlabs: 2 rows, local: {len(mended)} rows</td>" in page
@@ -528,17 +541,7 @@ def test_for_a_hosted_model_dropouts_within_a_second_are_one_prediction_whose_au
         clean[round(at * rate) : round((at + 0.04) * rate)] = 0.0
     sf.write(library / "tape.flac", clean, rate, subtype="PCM_16")
     sim = simulator(latency=0.1, fill="tone")
-    (library / "hosted.yaml").write_text(
-        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.1}}\n"
-        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
-    )
-    env = clean_env(
-        PREFECT_HOME=str(seeded_prefect_home(tmp_path_factory.mktemp("prefect-home-model-rows"))),
-        EACHLABS_API_KEY=KEY,
-        AWS_ACCESS_KEY_ID="test",
-        AWS_SECRET_ACCESS_KEY="test",
-    )
-    hosted = ("--config", "hosted.yaml")
+    hosted, env = _hosted_config_file(library, sim, aws_env, tmp_path_factory.mktemp("prefect-home-model-rows"))
     found = soundpatch("detect", "tape.flac", *hosted, "--out", "fills.csv", cwd=library, env=env)
     assert found.returncode == 0, found.stdout + found.stderr
     assert (
@@ -553,11 +556,7 @@ def test_for_a_hosted_model_dropouts_within_a_second_are_one_prediction_whose_au
     estimate = soundpatch("validate", "fills.csv", *hosted, cwd=library, env=env)
     assert re.search(r"expected cost\s+\$0\.80 ", estimate.stdout), estimate.stdout
 
-    made = soundpatch("run", "fills.csv", *hosted, "--run-id", "r", cwd=library, env=env)
-    assert made.returncode == 0, made.stdout + made.stderr
-    report = pd.read_csv(library / "runs" / "r" / "report.csv", keep_default_na=False)
-    assert set(report["status"]) == {"succeeded"} and sim.stats.accepted == 4
-    assert report["cost_usd"].sum() == pytest.approx(0.80)
+    _filled(library, hosted, env, sim, predictions=4)
     source = sf.read(library / "tape.flac", dtype="int16", always_2d=True)[0]
     result = sf.read(library / "outputs" / "r" / "tape.wav", dtype="int16", always_2d=True)[0]
     touched = np.zeros(len(source), bool)  # each dropout and 10 ms each side: the model's, faded in
