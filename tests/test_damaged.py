@@ -251,6 +251,7 @@ def test_a_hosted_model_s_audio_goes_into_the_spans_and_their_crossfades_alone(l
         (covering,), _, _ = run_in_process(library / "covering.csv", cfg, "third")
     assert spanned.status == "succeeded" and spanned.cost_usd == pytest.approx(0.20), spanned.error
     assert not any("damaged" in note for note in notes)
+    assert spanned.method.endswith(", into 2 damaged spans of the region alone") and "damaged" not in plain.method
     # Another result, so another edit; spans that with their fades cover the region are the row without them.
     assert plain.status == "succeeded" and plain.cost_usd == pytest.approx(0.20), plain.error
     assert covering.status == "skipped_done" and covering.cost_usd == 0.0 and sim.stats.accepted == 2

@@ -42,7 +42,8 @@ class InpaintRequest:
     steps: int | None = None
     guidance_scale: float | None = None
     # Frame ranges [a, b) inside the region that are damaged (a row's `damaged`), where the rest
-    # of the region is sound: the local engine rebuilds these alone. Empty: all of the region.
+    # of the region is sound: the local engine rebuilds these alone, and a model's audio is put
+    # into these alone (splicing.py). Empty: all of the region.
     damaged: tuple[tuple[int, int], ...] = ()
     source: str | None = None  # where the audio came from (an s3:// input can be shared as is)
     staging_folder: str = "clips"  # where clips for this run are staged (one per distinct clip)

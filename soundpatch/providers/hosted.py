@@ -342,6 +342,8 @@ class HostedProvider:
             f"{self.model_name} via {self.display} (window {window.offset_seconds:.2f}+{window.seconds_total} s, "
             f"mask {window.mask_start}-{window.mask_end} s, aligned {offset} samples)"
         )
+        if request.damaged:  # (the splice puts it there: splicing.py)
+            method += f", into {plural(len(request.damaged), 'damaged span')} of the region alone"
         return Prediction(
             fill=fill,
             cost_usd=cost,
