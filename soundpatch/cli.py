@@ -646,6 +646,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
             f"{name} (--all-to-provider sends it every row).",
             soft_wrap=True,
         )
+    if args.all_to_provider and not hosted:
+        out.print(
+            "[yellow]note: --all-to-provider changes nothing here: the config's provider is the local engine, "
+            "which is given every row anyway; give the config of a hosted provider to send it every row.[/yellow]",
+            soft_wrap=True,
+        )
     out.print(
         f"Wrote {plural(rows, 'row')} ({plural(recordings, 'recording')} of {len(sources)}) to {target}. "
         f"What filling them costs: soundpatch validate {target}{config}",

@@ -394,6 +394,11 @@ def test_detect_joins_a_crackly_record_s_clicks_into_a_few_rows_the_local_engine
     (tmp_path / "apart.csv").write_text(restoration_manifest(found, str(tmp_path), "x", 0.01))
     joined = soundpatch("detect", "record.flac", "--clicks", "--out", "joined.csv", cwd=tmp_path, env=env)
     assert joined.returncode == 0, joined.stderr
+    every = soundpatch(
+        "detect", "record.flac", "--clicks", "--all-to-provider", "--out", "every.csv", cwd=tmp_path, env=env
+    )
+    assert (tmp_path / "every.csv").read_text() == (tmp_path / "joined.csv").read_text()  # the local engine's anyway
+    assert "note: --all-to-provider changes nothing here: the config's provider is the local engine" in every.stdout
     separate, rows = pd.read_csv(tmp_path / "apart.csv"), pd.read_csv(tmp_path / "joined.csv")
     assert len(separate) > 100 and 3 <= len(rows) <= 6, (len(separate), len(rows))
     assert (rows["end"] - rows["start"]).max() <= 5.0
