@@ -617,7 +617,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     config = f" --config {args.config}" if args.config else ""
     config += "".join(f" --set {setting}" for setting in args.set)
     rows, span_rows = row_counts(found, margin, join, hosted)  # what meets is one row
-    apart, apart_span_rows = row_counts(found, margin) if join or hosted else (rows, span_rows)
+    apart, apart_span_rows = row_counts(found, margin)  # none joined but what meets
     joined_spans = (span_rows, apart_span_rows) if mender else (rows, apart)
     if join and joined_spans[1] > joined_spans[0]:
         out.print(
