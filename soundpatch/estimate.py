@@ -5,6 +5,7 @@ provider and spends nothing; it asks the batch the same questions a run's rows d
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,15 +145,17 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
             written[name] += whole
             largest_file = (whole, shared) if whole > largest_file[0] else largest_file
     limits = batch.config.limits
+    # Rows of several providers (a manifest's provider column) are in flight together: the
+    # local engine's work is done while the hosted rows wait for their answers.
     seconds = 0.0
     for name, count in per_provider.items():
-        latency = TYPICAL_SECONDS.get(name, 15.0)
-        if batch.provider_named(name).hosted:  # predictions in flight, creates paced at the rate
-            rate_per_s = min(limits.concurrency / latency, limits.requests_per_minute / 60.0)
-            seconds += count / rate_per_s
+        if batch.provider_named(name).hosted:
+            latency = TYPICAL_SECONDS.get(name, 15.0)
+            took = _hosted_seconds(count, latency, limits.concurrency, limits.requests_per_minute)
         else:  # the local engine sends no request: as many rows at once as it has cores (cpu.py)
             busy = work[name] + written[name] / WRITTEN_BYTES_PER_SECOND
-            seconds += busy / min(limits.concurrency, AT_ONCE)
+            took = busy / min(limits.concurrency, AT_ONCE)
+        seconds = max(seconds, took)
     results_bytes = sum(written.values())
     free = batch.room.outputs_free()  # (the output folder, when a local one, and its disk's free space)
     shared_files = batch.publisher.combined  # row -> the file its edit goes into with others'
@@ -188,6 +191,14 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         + _file_short_of_disk(batch.room, *largest_file)
         + _outputs_fill_up(free, batch.room.margin_bytes, results_bytes, largest[0]),
     }
+
+
+def _hosted_seconds(predictions: int, latency: float, concurrency: int, per_minute: int) -> float:
+    """A hosted provider's predictions, `concurrency` of them in flight and creates paced at
+    the rate: the slower of waves of predictions a latency each, and the last create's turn
+    and its latency (two predictions take one latency, not two fortieths of it)."""
+    waves = math.ceil(predictions / concurrency) * latency
+    return max(waves, (predictions - 1) / (per_minute / 60.0) + latency)
 
 
 def _local_row_seconds(duration: float) -> float:

@@ -209,9 +209,12 @@ def test_the_expected_wall_time_goes_by_the_rate_for_a_hosted_provider_and_by_th
     def expected(provider: str, rpm: int, concurrency: int) -> float:
         return estimate(provider, rpm, concurrency)["expected_seconds"]
 
-    # A hosted provider: 60 creates paced at the rate, or 40 predictions of ~15 s at a time.
-    assert expected("stability", rpm=60, concurrency=40) == 60.0
-    assert expected("stability", rpm=6000, concurrency=40) == 22.5
+    # A hosted provider: 60 creates paced at the rate, the last one's answer ~15 s after it ...
+    assert expected("stability", rpm=60, concurrency=40) == 59.0 + 15.0
+    # ... or 40 predictions of ~15 s at a time: a second wave for the last 20 (it said 22.5 s,
+    # 60 predictions at 40 / 15 s each as if the last did not have to wait 15 s too).
+    assert expected("stability", rpm=6000, concurrency=40) == 30.0
+    assert expected("stability", rpm=6000, concurrency=60) == 15.6  # (the 60th create's turn: 0.6 s)
     # The local engine: the rate does not hold it back, nor do more rows at once than its cores.
     local = expected("local", rpm=60, concurrency=8)
     assert local == expected("local", rpm=6, concurrency=8) == expected("local", rpm=60, concurrency=64)
@@ -221,6 +224,38 @@ def test_the_expected_wall_time_goes_by_the_rate_for_a_hosted_provider_and_by_th
     assert 0 < written < 0.1
     busy = 60 * estimate_module.TYPICAL_SECONDS["local"] + written
     assert local == pytest.approx(busy / cpu.AT_ONCE, abs=0.05) and local < 60
+
+
+def test_rows_of_a_hosted_model_and_of_the_local_engine_are_expected_to_take_the_longer_of_the_two(
+    tmp_path, monkeypatch
+):
+    # A restoration manifest from `detect` with a hosted config: most rows the local
+    # engine's, some the model's (its provider column). They run together, the local rows
+    # while the model's wait for their answers; the estimate added the two.
+    monkeypatch.setenv("EACHLABS_API_KEY", "k")
+    sf.write(tmp_path / "fx.wav", np.full((3 * 8000, 1), 0.1, np.float32), 8000)
+
+    def expected(local_rows: int, model_rows: int) -> float:
+        rows = [f"l{i:03d},fx.wav,1,1.5,p{i},local\n" for i in range(local_rows)]
+        rows += [f"m{i:03d},fx.wav,1,1.5,p{i},eachlabs\n" for i in range(model_rows)]
+        (tmp_path / "m.csv").write_text("id,input,start,end,prompt,provider\n" + "".join(rows))
+        overrides = {"provider.name": "eachlabs", "runs_dir": str(tmp_path / "runs"), "output.uri": str(tmp_path / "o")}
+        batch = Batch(load_manifest(tmp_path / "m.csv"), load_config(overrides=overrides), "estimate", dry_run=True)
+        try:
+            est = batch.estimate(batch.manifest.edits)
+        finally:
+            batch.close()
+        sent = {"local": local_rows, "eachlabs": model_rows}
+        assert est["predictions_by_provider"] == {name: n for name, n in sent.items() if n}
+        return est["expected_seconds"]
+
+    # Two predictions: a latency after the second create's turn, not two fortieths of one.
+    model = expected(0, 2)
+    assert model == estimate_module.TYPICAL_SECONDS["eachlabs"] + 60 / load_config().limits.requests_per_minute
+    few, many = expected(20, 0), expected(100, 0)
+    assert few < model < many
+    assert expected(20, 2) == model  # the local rows' 5 s are done while the model's run
+    assert expected(100, 2) == many  # and the model's 15 s while the local rows' 25 s run
 
 
 def test_the_local_engine_s_expected_time_grows_with_the_recording_it_searches(tmp_path):
