@@ -616,9 +616,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     target.write_text(text, encoding="utf-8")
     config = f" --config {args.config}" if args.config else ""
     config += "".join(f" --set {setting}" for setting in args.set)
-    rows, span_rows = row_counts(found, margin, join, hosted)  # what meets is one row
-    apart, apart_span_rows = row_counts(found, margin)  # none joined but what meets
-    joined_spans = (span_rows, apart_span_rows) if mender else (rows, apart)
+    rows, span_rows, span_rows_apart, among = row_counts(found, margin, join, hosted)  # what meets is one row
+    apart, apart_span_rows, _, _ = row_counts(found, margin)  # none joined but what meets
+    joined_spans = (span_rows, span_rows_apart) if mender else (rows, apart)
     if join and joined_spans[1] > joined_spans[0]:
         out.print(
             f"Clicks and dropouts of up to {1000 * MAX_DAMAGED_SECONDS:g} ms less than {JOIN_SPANS_SECONDS:g} s "
@@ -634,7 +634,14 @@ def cmd_detect(args: argparse.Namespace) -> int:
             f"{what} within {ROW_FOR_A_MODEL_SECONDS:g} s in all are one row for {cfg.provider.name}, which "
             f"generates a second at the least whatever the row: its audio goes into each of them and "
             f"{cfg.splice.crossfade_ms:g} ms around it ({plural(model_rows[0], 'row')} where apart they would be "
-            f"{model_rows[1]}).",
+            f"{model_rows[1]})."
+            + (
+                f" {among} {'click or short dropout' if among == 1 else 'clicks and short dropouts'} among them "
+                f"{'goes' if among == 1 else 'go'} to {cfg.provider.name} in the same prediction: a row of the local "
+                "engine's between two of them would keep those apart."
+                if mender and among
+                else ""
+            ),
             soft_wrap=True,
         )
     if mender and span_rows:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import NamedTuple
 
 from soundpatch.edits import MAX_DAMAGED_SECONDS, spans_for_a_model
 
@@ -57,10 +58,11 @@ def restoration_manifest(
     engine, where the others go to a hosted model: it mends them for nothing). With
     `join_for_a_model`, rows for a hosted model within ROW_FOR_A_MODEL_SECONDS in all are one
     row, naming its damage as spans (its audio goes into those and their crossfades alone:
-    edits.spans_for_a_model); with `join_spans` too, those of a longer dropout alone. Local inputs
-    are written relative to `folder`, where the manifest goes (a manifest's paths are read
-    relative to it). Each recording's repairs go into one file, under the run's folder at the
-    recording's place in the archive: `take.wav` of two albums stays two files."""
+    edits.spans_for_a_model); with `join_spans` too, those of a longer dropout alone (and the
+    clicks and short dropouts between two of them). Local inputs are written relative to
+    `folder`, where the manifest goes (a manifest's paths are read relative to it). Each
+    recording's repairs go into one file, under the run's folder at the recording's place in
+    the archive: `take.wav` of two albums stays two files."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     routed = ["provider"] if spans_provider else []
@@ -96,17 +98,29 @@ def restoration_manifest(
     return text.getvalue()
 
 
+class RowCounts(NamedTuple):
+    rows: int
+    span_rows: int  # rows naming damaged spans the local engine can rebuild alone
+    span_rows_apart: int  # how many rows their damage would be, none joined but what meets
+    short_in_model_rows: int  # clicks and short dropouts in the other rows (a model's)
+
+
 def row_counts(
     found: Iterable[tuple[str, Damage]], margin_seconds: float, join_spans: bool = False, join_for_a_model: bool = False
-) -> tuple[int, int]:
-    """How many rows `restoration_manifest` writes for `found`, and how many of them name
-    damaged spans the local engine can rebuild alone."""
-    rows = spans = 0
+) -> RowCounts:
+    """How many rows `restoration_manifest` writes for `found`, how many of them name damaged
+    spans the local engine can rebuild alone, and how many clicks and short dropouts the
+    others hold (beside a longer dropout, or between two that are one row for a model)."""
+    rows = spans = apart = short = 0
     for damage in _by_source(found).values():
         for group, start, end in _rows(damage, margin_seconds, join_spans, join_for_a_model):
             rows += 1
-            spans += _spans(group, start, end) is not None
-    return rows, spans
+            if _spans(group, start, end) is not None:
+                spans += 1
+                apart += len(_rows(group, margin_seconds))
+            else:
+                short += sum(_fit([d], start, end) for d in group)
+    return RowCounts(rows, spans, apart, short)
 
 
 def _by_source(found: Iterable[tuple[str, Damage]]) -> dict[str, list[Damage]]:
@@ -185,9 +199,10 @@ def _rows(
     task, a report card and an excerpt of its region and a second each side).
 
     With `join_for_a_model`, rows within ROW_FOR_A_MODEL_SECONDS in all are one row too (with
-    `join_spans`, rows of a longer dropout alone: the others are the local engine's): a hosted
-    model makes a second at the least whatever the row, and its audio goes into the damage
-    alone, so one prediction does the work of several."""
+    `join_spans`, rows of a longer dropout alone, with the clicks and short dropouts between
+    them, `_across_clicks`: the others are the local engine's): a hosted model makes a second
+    at the least whatever the row, and its audio goes into the damage alone, so one
+    prediction does the work of several."""
     rows: list[_Row] = []
     for group in _meeting(damage, margin):
         start = max(0.0, math.floor(round((group[0].start - margin) * 10_000, 3)) / 10_000)
@@ -200,9 +215,24 @@ def _rows(
             or (join_for_a_model and row.shares_a_prediction(group, start, end, join_spans))
         ):
             row.take(group, end)
+        elif join_spans and join_for_a_model and _across_clicks(rows, group, start, end):
+            between = rows.pop()  # the local engine's clicks between two of the model's dropouts
+            rows[-1].take(between.group, between.end)
+            rows[-1].take(group, end)
         else:
             rows.append(_Row(list(group), start, end, _fit(group, start, end), list(group)).cut())
     return [(row.group, row.start, row.end) for row in rows]
+
+
+def _across_clicks(rows: list[_Row], group: list[Damage], start: float, end: float) -> bool:
+    """Whether `group` (start..end), a longer dropout, and the model's row before the last
+    row, of clicks and short dropouts (the local engine's) between the two, are one row for
+    the model within ROW_FOR_A_MODEL_SECONDS in all: the clicks go to the model with them.
+    Apart, the model made two seconds for two dropouts in one (crackle between dropouts
+    kept every pair apart), at twice the price."""
+    if len(rows) < 2 or not rows[-1].spans or rows[-2].spans or end - rows[-2].start > ROW_FOR_A_MODEL_SECONDS:
+        return False
+    return not _fit(group, start, end)
 
 
 @dataclass
