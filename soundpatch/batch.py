@@ -37,7 +37,7 @@ from soundpatch.config import MENDING_DAMAGED, Config
 from soundpatch.disk_room import FULL_ERRNOS, DiskRoom, Promise, full_disk
 from soundpatch.earlier_attempts import read_earlier_attempts
 from soundpatch.edit_claims import BucketClaims
-from soundpatch.edits import MAX_DAMAGED_SECONDS, Edit
+from soundpatch.edits import MAX_DAMAGED_SECONDS, Edit, spans_text
 from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentence, sentence_of
 from soundpatch.estimate import estimate
 from soundpatch.humanize import plural
@@ -560,6 +560,7 @@ class Batch:
             status="",
             cost_usd=previous_cost,
             provider_cost_usd=reported,
+            damaged=spans_text(edit.damaged),
             extra=dict(edit.extra),
         )
 

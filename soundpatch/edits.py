@@ -257,6 +257,15 @@ def parse_damaged(value: Any, start: float, end: float, fps: str | None = None) 
     return tuple(joined)
 
 
+def spans_text(spans: Sequence[tuple[float, float]]) -> str:
+    """Spans as a `damaged` column writes them, `1.29975-1.30075 2.8-2.81` (to the µs)."""
+
+    def seconds(x: float) -> str:
+        return f"{x:.6f}".rstrip("0").rstrip(".")
+
+    return " ".join(f"{seconds(a)}-{seconds(b)}" for a, b in spans)
+
+
 def spans_for_a_model(
     spans: Sequence[tuple[float, float]], start: float, end: float, margin: float
 ) -> tuple[tuple[float, float], ...]:

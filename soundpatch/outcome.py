@@ -49,6 +49,9 @@ class Outcome:
     clipped: int | None = None
     offset_ms: float | None = None
     combined: str = ""  # the file this row's edit went into with other rows' (soundpatch/combine.py)
+    # The spans of its region the row replaced, where it named them (`damaged`): a hosted
+    # model's as its audio went in, with its crossfades (edits.spans_for_a_model).
+    damaged: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

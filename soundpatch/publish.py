@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from soundpatch import audio as audio_ops
 from soundpatch.audio import Audio, AudioInfo, Patched, Stored
 from soundpatch.disk_room import full_disk
-from soundpatch.edits import Edit
+from soundpatch.edits import Edit, spans_text
 from soundpatch.errors import OutOfRoom, RowError
 from soundpatch.humanize import plural
 from soundpatch.outcome import written_name
@@ -196,6 +196,7 @@ class Publisher:
             "run_id": self.run_id,
             "input": edit.input,
             "region": f"{edit.start:g}-{edit.end:g}",
+            **({"damaged": spans_text(edit.damaged)} if edit.damaged else {}),
             "prompt": edit.prompt,
             "seed": str(edit.seed),
             **details,

@@ -130,6 +130,7 @@ _CARD_FIELDS = (
     "input",
     "start",
     "end",
+    "damaged",
     "prompt",
     "seed",
     "provider",

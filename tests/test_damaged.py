@@ -15,6 +15,7 @@ import json
 import math
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -255,6 +256,10 @@ def test_a_hosted_model_s_audio_goes_into_the_spans_and_their_crossfades_alone(l
     # Another result, so another edit; spans that with their fades cover the region are the row without them.
     assert plain.status == "succeeded" and plain.cost_usd == pytest.approx(0.20), plain.error
     assert covering.status == "skipped_done" and covering.cost_usd == 0.0 and sim.stats.accepted == 2
+    # The report and the result's metadata say which spans the model's audio went into, fades and all.
+    assert (spanned.damaged, plain.damaged, covering.damaged) == ("1.29-1.311 1.49-1.52", "", "")
+    assert json.loads(Path(spanned.output + ".json").read_text())["damaged"] == "1.29-1.311 1.49-1.52"
+    assert "damaged" not in json.loads(Path(plain.output + ".json").read_text())
     before = sf.read(library / "audio" / "fx.wav", dtype="int16", always_2d=True)[0]
     after = sf.read(spanned.output, dtype="int16", always_2d=True)[0]
     whole = sf.read(plain.output, dtype="int16", always_2d=True)[0]
@@ -487,6 +492,11 @@ def _hosted_config_file(library, sim, aws_env, prefect_home) -> tuple[tuple[str,
     return ("--config", "hosted.yaml"), env
 
 
+def _spans_as_given(damaged: str) -> str:
+    """A manifest's `damaged` spans as the report writes them (to the µs, no trailing zeros)."""
+    return " ".join("-".join(f"{float(t):.6f}".rstrip("0").rstrip(".") for t in s.split("-")) for s in damaged.split())
+
+
 def _filled(library, hosted: tuple[str, str], env: dict, sim, predictions: int) -> pd.DataFrame:
     """The report of `soundpatch run fills.csv` (run id r), every row succeeded with `predictions`
     sent to the model at $0.20 each."""
@@ -548,6 +558,12 @@ def test_detect_for_a_hosted_provider_gives_it_the_long_dropouts_and_the_local_e
     assert set(report.loc[report["provider"] == "local", "cost_usd"]) == {0.0}
     page = (library / "runs" / "r" / "report.html").read_text()
     assert f"<th>provider</th><td>eachlabs: 2 rows, local: {len(mended)} rows</td>" in page
+    # The report names the spans each row rebuilt, as the manifest did (to the µs); a model's
+    # rows of one dropout each, none: their whole region.
+    assert report["damaged"].tolist() == [_spans_as_given(d) for d in rows["damaged"]]
+    assert report.loc[report["provider"] == "eachlabs", "damaged"].tolist() == ["", ""]
+    first = report.loc[report["damaged"] != ""].iloc[0]
+    assert json.dumps(first["damaged"]) in page  # on the row's card
 
     source = sf.read(library / "record.flac", dtype="int16", always_2d=True)[0]
     result = sf.read(library / "outputs" / "r" / "record.wav", dtype="int16", always_2d=True)[0]
@@ -600,7 +616,10 @@ def test_for_a_hosted_model_dropouts_within_a_second_are_one_prediction_whose_au
     estimate = soundpatch("validate", "fills.csv", *hosted, cwd=library, env=env)
     assert re.search(r"expected cost\s+\$0\.80 ", estimate.stdout), estimate.stdout
 
-    _filled(library, hosted, env, sim, predictions=4)
+    report = _filled(library, hosted, env, sim, predictions=4)
+    # The spans the model's audio went into, each with 10 ms either side (the first and last
+    # reach the region's edges): the report says so, to the sample.
+    assert report["damaged"].tolist() == ["2.3-2.36 2.61-2.67 2.79-2.82 2.92-2.98", "", "", ""]
     source = sf.read(library / "tape.flac", dtype="int16", always_2d=True)[0]
     result = sf.read(library / "outputs" / "r" / "tape.wav", dtype="int16", always_2d=True)[0]
     touched = np.zeros(len(source), bool)  # each dropout and 10 ms each side: the model's, faded in

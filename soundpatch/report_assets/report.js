@@ -26,6 +26,11 @@
     const add = (k, v, cls) => { if (v === null || v === undefined || v === '') return; dl.append(el('dt', null, k), el('dd', cls, v)); };
     add('prompt', r.prompt);
     add('input', r.input + '  [' + num(r.start, 3) + ' - ' + num(r.end, 3) + ' s]');
+    if (r.damaged) {
+      const spans = r.damaged.split(' ');
+      add('damaged', spans.length <= 6 ? r.damaged
+        : spans.slice(0, 6).join(' ') + ' and ' + (spans.length - 6) + ' more spans (report.csv lists them all)');
+    }
     add('seed', r.seed);
     add('provider', r.provider + (r.prediction_id ? ' (prediction ' + r.prediction_id + ')' : ''));
     add('cost', '$' + num(r.cost_usd, 4) + (r.attempts > 1 ? ' after ' + r.attempts + ' attempts' : ''));
