@@ -27,6 +27,7 @@ from soundpatch.audio import Audio, damaged_frames
 from soundpatch.clicks import find_clicks
 from soundpatch.config import load_config
 from soundpatch.dropouts import find_dropouts
+from soundpatch.edits import spans_text
 from soundpatch.manifest import load_manifest
 from soundpatch.providers.base import InpaintRequest
 from soundpatch.providers.local import LocalEngine
@@ -492,11 +493,6 @@ def _hosted_config_file(library, sim, aws_env, prefect_home) -> tuple[tuple[str,
     return ("--config", "hosted.yaml"), env
 
 
-def _spans_as_given(damaged: str) -> str:
-    """A manifest's `damaged` spans as the report writes them (to the µs, no trailing zeros)."""
-    return " ".join("-".join(f"{float(t):.6f}".rstrip("0").rstrip(".") for t in s.split("-")) for s in damaged.split())
-
-
 def _filled(library, hosted: tuple[str, str], env: dict, sim, predictions: int) -> pd.DataFrame:
     """The report of `soundpatch run fills.csv` (run id r), every row succeeded with `predictions`
     sent to the model at $0.20 each."""
@@ -560,7 +556,8 @@ def test_detect_for_a_hosted_provider_gives_it_the_long_dropouts_and_the_local_e
     assert f"<th>provider</th><td>eachlabs: 2 rows, local: {len(mended)} rows</td>" in page
     # The report names the spans each row rebuilt, as the manifest did (to the µs); a model's
     # rows of one dropout each, none: their whole region.
-    assert report["damaged"].tolist() == [_spans_as_given(d) for d in rows["damaged"]]
+    given = [[tuple(map(float, span.split("-"))) for span in d.split()] for d in rows["damaged"]]
+    assert report["damaged"].tolist() == [spans_text(spans) for spans in given]
     assert report.loc[report["provider"] == "eachlabs", "damaged"].tolist() == ["", ""]
     first = report.loc[report["damaged"] != ""].iloc[0]
     assert json.dumps(first["damaged"]) in page  # on the row's card
