@@ -42,10 +42,11 @@ from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentenc
 from soundpatch.estimate import estimate
 from soundpatch.humanize import plural
 from soundpatch.humanize import size as human_size
-from soundpatch.identity import edit_identity, request_identity
+from soundpatch.identity import answer_identity, edit_identity, request_identity, sent_identity
 from soundpatch.interrupt import stop_requested
 from soundpatch.journal import Journal, RowState
 from soundpatch.journal_copy import JournalCopy
+from soundpatch.kept_answers import KeptAnswers
 from soundpatch.lease import RunLease, lease_uri
 from soundpatch.left_here import LeftHere
 from soundpatch.leftovers import Leftovers
@@ -59,6 +60,7 @@ from soundpatch.providers import (
     Provider,
     make_provider,
 )
+from soundpatch.providers.hosted import MAX_RESULT_BYTES
 from soundpatch.publish import Publisher
 from soundpatch.purchase import Purchases
 from soundpatch.results import KeptUnpublished, Results
@@ -207,6 +209,9 @@ class Batch:
         self.doubts_here = LeftHere(Path(config.runs_dir).expanduser(), run_id)
         self.left_here = self.doubts_here if self.bucket_claims is None and not self.force else None
         self._leftovers: Leftovers | None = self.bucket_claims if self.bucket_claims is not None else self.left_here
+        # A model's answers that rows with damaged spans were made from, kept with the results
+        # for rows asking for them again with other spans (kept_answers.py); --force pays anew.
+        self.kept_answers = None if self.force else KeptAnswers(self.store, run_id, MAX_RESULT_BYTES)
         self._in_flight: dict[str, threading.Event] = {}  # identity -> set when its owner is done
         # Results are encoded into files here until published (publish.py); what a run that
         # stopped left there is of no use to anyone.
@@ -282,6 +287,7 @@ class Batch:
             leftovers=self._leftovers,
             doubts_here=self.doubts_here,
             bucket_claims=self.bucket_claims,
+            kept_answers=self.kept_answers,
             earlier_attempt=self._earlier_attempt,
             maker=self._maker,
             may_start=self._may_start,
@@ -345,16 +351,19 @@ class Batch:
             return True  # its input cannot be read now: the result is all there is of it
         return request_identity(edit, checksum) == made_for["request"]
 
-    def attempt_for(self, row_id: str, request: str) -> RowState | None:
+    def attempt_for(self, row_id: str, request: str, sent: str) -> RowState | None:
         """What an earlier attempt of this run left of the row to collect or to doubt, if it
-        was for this same request. One for a request the row no longer makes (the manifest
-        changed) is set aside: what it cost stays counted, and the row is made anew."""
+        was for this same request, or one sent the same (other damaged spans: identity.py).
+        One for a request the row no longer makes (the manifest changed) is set aside: what
+        it cost stays counted, and the row is made anew."""
         state = self.states.get(row_id)
-        return state if state is None or state.request in (None, request) else None
+        if state is None or state.request in (None, request) or state.sent == sent:
+            return state
+        return None
 
-    def _earlier_attempt(self, row_id: str, request: str) -> RowState | None:
+    def _earlier_attempt(self, row_id: str, request: str, sent: str) -> RowState | None:
         """`attempt_for`, saying so in the journal and the notes when an attempt is set aside."""
-        attempt = self.attempt_for(row_id, request)
+        attempt = self.attempt_for(row_id, request, sent)
         state = self.states.get(row_id)
         if (
             attempt is None
@@ -594,8 +603,10 @@ class Batch:
             raise
         checksum = self.sources.checksum(checked.source)
         self.source_records.remember(checked.source)  # (a later estimate need not download it)
+        request, sent = self.request(checked)
         made_for = {
-            "request": self.request(checked),
+            "request": request,
+            "sent": sent,
             "identity": identity,
             "source_sha256": checksum,
             "source_stamp": self.sources.stamp(checked.source),
@@ -647,8 +658,19 @@ class Batch:
         checksum = self._checksum(checked, estimating)
         return edit_identity(checked.edit, checksum, provider.name, provider.model, self.config)
 
-    def request(self, checked: Checked, estimating: bool = False) -> str:
-        return request_identity(checked.edit, self._checksum(checked, estimating))
+    def request(self, checked: Checked, estimating: bool = False) -> tuple[str, str]:
+        """The row's request identity, and that of what it sends (identity.sent_identity)."""
+        checksum = self._checksum(checked, estimating)
+        return request_identity(checked.edit, checksum), sent_identity(checked.edit, checksum)
+
+    def answer_kept(self, checked: Checked, sent: str) -> bool:
+        """Whether a model's answer for what the row sends is kept with the results (for an
+        estimate: the row is then spliced from it at no new cost)."""
+        provider = checked.provider
+        if self.kept_answers is None or not provider.hosted:
+            return False
+        clip = self.purchases.clip_settings
+        return self.kept_answers.holds(answer_identity(sent, provider.name, provider.model, clip))
 
     def _checksum(self, checked: Checked, estimating: bool) -> str:
         """The SHA-256 of the row's recording. `estimating`: a remote recording is not
@@ -706,6 +728,7 @@ class Batch:
                 raise
             finally:
                 encoded.discard()
+            self.purchases.keep_with_results(work, prediction, provider)
         self.purchases.unused.pop(edit.row_id, None)
         outcome.status = SUCCEEDED
 
@@ -837,6 +860,9 @@ class Batch:
         claimed = self._leftovers.note() if self._leftovers is not None else ""
         if claimed:
             notes.append(claimed)
+        spliced_again = self.kept_answers.note() if self.kept_answers is not None else ""
+        if spliced_again:
+            notes.append(spliced_again)
         doubted = self.doubts_here.doubt_note()
         if doubted:
             notes.append(doubted)

@@ -95,7 +95,8 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         if not batch.force and batch.results.earlier(identity) is not None:
             done += 1
             continue
-        state = batch.attempt_for(edit.row_id, batch.request(checked, estimating=True))
+        request, sent = batch.request(checked, estimating=True)
+        state = batch.attempt_for(edit.row_id, request, sent)
         if state is not None and state.settled and batch.config.provider.resubmit_unusable:
             state = None  # what it could not use is given up: a new prediction
         elif state is None and edit.row_id in batch.states:
@@ -110,6 +111,9 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
             continue
         if state is None and batch.left_here is not None and batch.left_here.has(identity):
             to_collect += 1  # a stopped run's (left_here.py)
+            continue
+        if not (state is not None and state.in_doubt) and batch.answer_kept(checked, sent):
+            to_collect += 1  # the model's answer, kept with the results (kept_answers.py)
             continue
         if state is None and batch.doubts_here.doubted_by(identity) and not resubmit:
             in_doubt += 1  # a stopped run's, not sent again (left_here.py)

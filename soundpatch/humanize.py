@@ -20,6 +20,13 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def named_runs(runs: dict[str, int]) -> str:
+    """`run night-1`, `runs a, b, c and 2 more`: the runs a count is kept by."""
+    named = sorted(runs)
+    shown = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+    return f"run{'s' if len(named) > 1 else ''} {shown}"
+
+
 def size(nbytes: float) -> str:
     """`812 kB`, `64 MB`, `1.3 GB` (decimal units, as the size limits are given)."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):

@@ -15,12 +15,19 @@ prompt, seed, steps, guidance), without the settings of how it is made (provider
 clip and splice settings). A rerun with the same run id compares it to what the earlier
 attempt recorded: a row asking for something else is done again, while a changed setting
 does not undo work already paid for (--force or a new run id does that).
+
+What a hosted model is sent does not depend on a row's damaged spans: they only say where
+its audio goes in the splice. So what an attempt paid for is matched by the request without
+them (`sent_identity`), and a model's paid answer kept with the results is named by that and
+by what shaped the clip it was sent (`answer_identity`, kept_answers.py): changing the spans,
+or the crossfade, splices it again rather than paying for it again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from typing import Any
 
 from soundpatch.config import Config
@@ -29,13 +36,18 @@ from soundpatch.edits import Edit
 SCHEME = 1  # bump when the fields below change meaning
 
 
-def edit_identity(edit: Edit, source_sha256: str, provider: str, model: str, config: Config) -> str:
+def edit_identity(
+    edit: Edit, source_sha256: str, provider: str, model: str, config: Config, clip: dict[str, Any] | None = None
+) -> str:
+    """`clip`: the clip settings ({"context_seconds", "pad"}) the model was sent the row
+    with, where not the config's (an earlier attempt's, collected)."""
+    clip = clip or {"context_seconds": config.provider.context_seconds, "pad": config.provider.pad}
     fields: dict[str, Any] = {
         **_asked(edit, source_sha256),
         "provider": provider,
         "model": model,
-        "context_seconds": config.provider.context_seconds,
-        "pad": config.provider.pad,
+        "context_seconds": clip["context_seconds"],
+        "pad": clip["pad"],
         "crossfade_ms": config.splice.crossfade_ms,
     }
     return _digest(fields)
@@ -43,6 +55,18 @@ def edit_identity(edit: Edit, source_sha256: str, provider: str, model: str, con
 
 def request_identity(edit: Edit, source_sha256: str) -> str:
     return _digest({**_asked(edit, source_sha256), "of": "request"})
+
+
+def sent_identity(edit: Edit, source_sha256: str) -> str:
+    """The request without the row's damaged spans (for a row without, its request identity)."""
+    return request_identity(replace(edit, damaged=()), source_sha256)
+
+
+def answer_identity(sent: str, provider: str, model: str, clip: dict[str, Any]) -> str:
+    """What a hosted model's answer was made for: the request it was sent (`sent_identity`),
+    the provider and model, and the clip settings it was cut with."""
+    fields = {"scheme": SCHEME, "of": "answer", "sent": sent, "provider": provider, "model": model}
+    return _digest({**fields, "context_seconds": clip["context_seconds"], "pad": clip["pad"]})
 
 
 def _asked(edit: Edit, source_sha256: str) -> dict[str, Any]:

@@ -251,6 +251,9 @@ class RowState:
     # what it paid for is collected only for the same request, cut with those settings.
     request: str | None = None
     identity: str | None = None
+    # ... and the request without its damaged spans (identity.sent_identity): a hosted model
+    # is sent the same whichever spans the row names, so what it made is collected for either.
+    sent: str | None = None
     clip: dict[str, Any] | None = None
     # What the last outcome was for: {"request", "identity", "source_sha256", "source_stamp"}.
     made_for: dict[str, Any] | None = None
@@ -313,7 +316,8 @@ def states_from(events: Iterable[dict[str, Any]]) -> dict[str, RowState]:
         kind = e.get("event")
         if kind == "sending":  # a new attempt at the row
             s.outcome, s.in_doubt, s.doubted, s.answered, s.answer = None, False, False, False, None
-            s.provider, s.request, s.identity, s.clip = (e.get(k) for k in ("provider", "request", "identity", "clip"))
+            fields = ("provider", "request", "identity", "clip", "sent")
+            s.provider, s.request, s.identity, s.clip, s.sent = (e.get(k) for k in fields)
             s.settled = bool(e.get("settled"))
         elif kind == "creating":
             s.in_doubt = True

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from soundpatch.answers import AnswerShelf
-from soundpatch.humanize import plural
+from soundpatch.humanize import named_runs, plural
 from soundpatch.journal import JOURNAL_FILE, lose_answers, read_events, states_from
 from soundpatch.leftovers import Left, Leftovers
 from soundpatch.locks import RunLock
@@ -86,7 +86,7 @@ class LeftHere(Leftovers):
             return ""
         count = sum(self.refused.values())
         return (
-            f"{plural(count, 'row')} of edits that {_runs(self.refused)} sent and never heard back from "
+            f"{plural(count, 'row')} of edits that {named_runs(self.refused)} sent and never heard back from "
             f"{'was' if count == 1 else 'were'} not sent again (that run counted {'it' if count == 1 else 'them'} "
             "as spent; set provider.resubmit_in_doubt: true to send them)."
         )
@@ -97,22 +97,16 @@ class LeftHere(Leftovers):
             count = sum(self.collected.values())
             parts.append(
                 f"{count} {'result was' if count == 1 else 'results were'} made from predictions that "
-                f"{_runs(self.collected)} paid for and never collected (stopped before they came back), at no "
+                f"{named_runs(self.collected)} paid for and never collected (stopped before they came back), at no "
                 "new cost here."
             )
         if self.uncollectable:
             count = sum(self.uncollectable.values())
             parts.append(
-                f"{count} of the predictions {_runs(self.uncollectable)} left had failed, or could not be seen "
+                f"{count} of the predictions {named_runs(self.uncollectable)} left had failed, or could not be seen "
                 f"with this key, so {'its edit was' if count == 1 else 'their edits were'} paid for here."
             )
         return " ".join(parts)
-
-
-def _runs(runs: dict[str, int]) -> str:
-    named = sorted(runs)
-    shown = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
-    return f"run{'s' if len(named) > 1 else ''} {shown}"
 
 
 @dataclass

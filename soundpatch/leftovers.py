@@ -1,7 +1,9 @@
 """Predictions other runs paid for and left uncollected, for rows of this run to collect.
 
 Two places name them: the edit claims in an output bucket (edit_claims.py: runs whose
-machine died) and the journals of stopped runs on this machine (left_here.py). Either way
+machine died) and the journals of stopped runs on this machine (left_here.py); and a
+model's answers that rows with damaged spans used are kept with the results for rows asking
+for the same answer with other spans (kept_answers.py). Either way
 a row of the same edit takes one up once, at no new cost, and the run's notes count what
 came of them.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from typing import Any
+
+from soundpatch.providers.base import PaidAnswer
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class Left:
     prediction_id: str
     provider: str
     answer: dict[str, Any] | None = None
+    paid: PaidAnswer | None = None  # the answer itself, where it is not on this disk (kept_answers.py)
 
 
 class Leftovers:

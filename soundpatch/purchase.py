@@ -4,7 +4,9 @@ A create goes out only once its price is reserved on the ledger (limits.py): a r
 budget does not allow is `skipped_budget`, not sent. What an earlier attempt of this run
 paid for (a prediction to poll, an answer kept on disk), and what a run that stopped left
 uncollected (a run of this machine: left_here.py; of any machine writing the same bucket:
-edit_claims.py), is collected at no new cost rather than made again. A create that went out
+edit_claims.py), is collected at no new cost rather than made again; and so is a model's
+answer kept with the results for a row that asks for it again with other damaged spans
+(kept_answers.py). A create that went out
 and was never answered may exist and is counted as spent: its edit is not sent again unless
 `provider.resubmit_in_doubt` says so. Whatever happens to the create, what it owes stays
 on the ledger and the row, and what it made is kept for the next attempt until the row's
@@ -22,8 +24,10 @@ from soundpatch.answers import AnswerShelf
 from soundpatch.config import Config
 from soundpatch.disk_room import Promise
 from soundpatch.edit_claims import BucketClaims
-from soundpatch.errors import RowError
+from soundpatch.errors import RowError, SoundpatchError
+from soundpatch.identity import answer_identity, edit_identity
 from soundpatch.journal import Journal, RowState
+from soundpatch.kept_answers import KeptAnswers
 from soundpatch.left_here import LeftHere
 from soundpatch.leftovers import Left, Leftovers
 from soundpatch.limits import BudgetLedger, Reservation
@@ -60,15 +64,17 @@ class Purchases:
         leftovers: Leftovers | None,
         doubts_here: LeftHere,
         bucket_claims: BucketClaims | None,
-        earlier_attempt: Callable[[str, str], RowState | None],
+        kept_answers: KeptAnswers | None,
+        earlier_attempt: Callable[[str, str, str], RowState | None],
         maker: Callable[[RowState, Provider], Provider],
         may_start: Callable[[], bool],
         not_started: Callable[[], str],
         should_cancel: Callable[[], bool],
     ) -> None:
         """`held`: what earlier attempts paid for and rows still have to collect, by row,
-        reserved on the ledger. `earlier_attempt(row, request)`: what an earlier attempt of
-        this run left of the row for this request; `maker(state, provider)`: the provider
+        reserved on the ledger. `earlier_attempt(row, request, sent)`: what an earlier attempt
+        of this run left of the row for this request (or one sent the same: identity.py);
+        `kept_answers`: None under --force. `maker(state, provider)`: the provider
         that made it. `may_start()`: whether a new prediction may go out now, and
         `not_started()` the row's reason when not; `should_cancel()`: whether predictions
         in flight are to be cancelled (provider.on_interrupt)."""
@@ -82,6 +88,7 @@ class Purchases:
         self._leftovers = leftovers
         self.doubts_here = doubts_here
         self.bucket_claims = bucket_claims
+        self.kept_answers = kept_answers
         self._earlier_attempt = earlier_attempt
         self._maker = maker
         self._may_start = may_start
@@ -107,7 +114,7 @@ class Purchases:
         edit, made_for, outcome = work.edit, work.made_for, work.outcome
         provider = work.checked.provider
         claimed = made_for["identity"]  # what the row's claims are on
-        state = self._earlier_attempt(edit.row_id, made_for["request"])
+        state = self._earlier_attempt(edit.row_id, made_for["request"], made_for["sent"])
         if state is not None and state.settled and self.config.provider.resubmit_unusable:
             self._give_up_unusable(edit.row_id)
             state = None
@@ -127,6 +134,11 @@ class Purchases:
                 left = None
             else:
                 state = collected
+        offered_by: Leftovers | None = self._leftovers if left is not None else None
+        if left is None and (state is None or not (state.prediction_id or state.answer)):
+            left, collected = self._kept_with_results(work, provider, claimed)
+            if collected is not None:
+                state, offered_by = collected, self.kept_answers
         settled = state is not None and state.settled  # collected at no new cost: counted already
         resume_id = state.prediction_id if state is not None else None
         kept = self.answers.load(state.answer) if state is not None else None
@@ -137,7 +149,10 @@ class Purchases:
             outcome.provider = provider.name
             reservation = self.held.pop(edit.row_id)  # paid already: collect it, never recreate
             clip = state.clip or clip  # cut as it was sent, even if the settings changed since
-            made_for["identity"] = state.identity or made_for["identity"]
+            if state.request in (None, made_for["request"]):
+                made_for["identity"] = state.identity or made_for["identity"]
+            else:  # sent the same, for other damaged spans: the result is of the spans asked now
+                made_for["identity"] = self._identity(work, provider, clip)
         else:
             resent = self._doubted_elsewhere(claimed)
             # Waits while rows in flight hold the room it lacks; raises RowError when it cannot have it.
@@ -153,6 +168,7 @@ class Purchases:
             )
             if reservation is None and not self._may_start():
                 raise RowError(self._not_started())
+        work.answer = answer_identity(made_for["sent"], provider.name, provider.model, clip)
         if reservation is None:
             outcome.status = SKIPPED_BUDGET
             outcome.error = (
@@ -186,6 +202,7 @@ class Purchases:
                 edit.row_id,
                 provider=provider.name,
                 request=made_for["request"],
+                sent=made_for["sent"],
                 identity=made_for["identity"],
                 clip=clip,
                 **({"settled": True} if settled else {}),
@@ -214,8 +231,10 @@ class Purchases:
             if exc.in_doubt and self.bucket_claims is not None:  # for runs on other machines to see
                 self.bucket_claims.keep_doubt(claimed, self.run_id)
             self._settle(reservation, owed, provider, seen=False)  # (what a failure owes: not a price seen)
-            if left is not None and (exc.unseen or not exc.collectable) and self._may_start():
-                self._not_collected(edit.row_id, left, exc)  # ... and made here, in this same attempt
+            # (A kept answer that will not do is not kept for the row's next attempt either.)
+            unusable = exc.unseen or not exc.collectable or offered_by is self.kept_answers
+            if left is not None and offered_by is not None and unusable and self._may_start():
+                self._not_collected(edit.row_id, left, exc, offered_by)  # ... and made here, in this same attempt
                 return self.prediction(work, room)
             outcome.cost_usd += owed
             outcome.provider_cost_usd += owed
@@ -251,13 +270,15 @@ class Purchases:
             self._sent.pop(edit.row_id, None)
         paid_now = 0.0 if settled else prediction.cost_usd
         self._settle(reservation, paid_now, provider)
-        if left is not None:
-            assert self._leftovers is not None
-            self._leftovers.was_collected(left)
+        if left is not None and offered_by is not None:
+            offered_by.was_collected(left)
         outcome.cost_usd += paid_now
         outcome.provider_cost_usd += paid_now
         outcome.prediction_id = prediction.prediction_id or ""
         outcome.method = prediction.method
+        if left is not None and offered_by is self.kept_answers:
+            work.answer_from = left.run
+            outcome.method += f"; from the answer run {left.run} paid for, kept with the results: no new cost"
         outcome.attempts = max(outcome.attempts, prediction.attempts)
         self.journal.write("predicted", edit.row_id, prediction_id=outcome.prediction_id, cost_usd=prediction.cost_usd)
         # Until its result is out, a failure keeps the prediction for the next attempt.
@@ -314,7 +335,7 @@ class Purchases:
         id to collect by) is copied into this run's answers first; None if it is gone."""
         answer = None
         if left.answer:
-            paid = AnswerShelf(Path(self.config.runs_dir).expanduser() / left.run).load(left.answer)
+            paid = left.paid or AnswerShelf(Path(self.config.runs_dir).expanduser() / left.run).load(left.answer)
             if paid is None:
                 return None  # used by that run since (its rerun), or removed: nothing to collect
             try:
@@ -334,12 +355,49 @@ class Purchases:
             identity=identity,
         )
 
-    def _not_collected(self, row_id: str, left: Left, exc: PredictionFailed) -> None:
+    def _not_collected(self, row_id: str, left: Left, exc: PredictionFailed, offered_by: Leftovers) -> None:
         """The prediction another run had made for this edit failed, or this key cannot see
-        it (another account's): there is nothing to collect, and the row pays for its own."""
-        assert self._leftovers is not None
-        self._leftovers.not_collected(left)
+        it (another account's), or the answer kept with the results will not do: there is
+        nothing to collect, and the row pays for its own."""
+        offered_by.not_collected(left)
         self.journal.write("not_collected", row_id, prediction_id=left.prediction_id, reason=str(exc)[:300])
+
+    def _kept_with_results(
+        self, work: RowWork, provider: Provider, claimed: str
+    ) -> tuple[Left | None, RowState | None]:
+        """The model's answer kept with the results for what the row sends (kept_answers.py),
+        to collect at no new cost (it comes to the row as another run's prediction left
+        does: `_left_to_collect`); (None, None) if none is kept, or cannot be had."""
+        if self.kept_answers is None or not provider.hosted:
+            return None, None
+        sent = answer_identity(work.made_for["sent"], provider.name, provider.model, self.clip_settings)
+        left = self.kept_answers.find(sent)
+        collected = self._left_to_collect(work.edit.row_id, left, claimed) if left is not None else None
+        return (left, collected) if collected is not None else (None, None)
+
+    def keep_with_results(self, work: RowWork, prediction: Prediction, provider: Provider) -> None:
+        """The model's answer a row with damaged spans was made from, kept with the results
+        once its result is out (kept_answers.py), unless it came from there. A store that
+        will not take it costs the row nothing: the journal says so."""
+        if self.kept_answers is None or not provider.hosted or not work.damaged or not work.answer:
+            return
+        if work.answer_from:
+            return
+        row_id = work.edit.row_id
+        try:
+            data = self.answers.file_for(row_id).read_bytes()
+        except OSError:
+            return  # never kept on disk (answer_not_kept): it was used as it came
+        try:
+            paid = PaidAnswer(data, prediction.cost_usd, prediction.prediction_id)
+            self.kept_answers.keep(work.answer, provider.name, paid)
+        except (SoundpatchError, OSError) as exc:
+            self.journal.write("answer_not_kept_with_results", row_id, reason=f"{type(exc).__name__}: {exc}"[:300])
+
+    def _identity(self, work: RowWork, maker: Provider, clip: dict[str, Any]) -> str:
+        """The row's identity as `maker` made it, cut with `clip` (identity.py)."""
+        edit, sha = work.edit, work.made_for["source_sha256"]
+        return edit_identity(edit, sha, maker.name, maker.model, self.config, clip)
 
     def _give_up_unusable(self, row_id: str) -> None:
         """provider.resubmit_unusable: the paid prediction earlier attempts could not use is

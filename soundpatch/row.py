@@ -31,6 +31,10 @@ class RowWork:
     b: int
     made_for: dict
     outcome: Outcome
+    # What the model's answer is made for (identity.answer_identity), once known; and the run
+    # that paid for the answer kept with the results it was made from (kept_answers.py).
+    answer: str = ""
+    answer_from: str = ""
 
     @property
     def edit(self) -> Edit:

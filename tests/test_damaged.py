@@ -254,9 +254,11 @@ def test_a_hosted_model_s_audio_goes_into_the_spans_and_their_crossfades_alone(l
     assert spanned.status == "succeeded" and spanned.cost_usd == pytest.approx(0.20), spanned.error
     assert not any("damaged" in note for note in notes)
     assert spanned.method.endswith(", into 2 damaged spans of the region alone") and "damaged" not in plain.method
-    # Another result, so another edit; spans that with their fades cover the region are the row without them.
-    assert plain.status == "succeeded" and plain.cost_usd == pytest.approx(0.20), plain.error
-    assert covering.status == "skipped_done" and covering.cost_usd == 0.0 and sim.stats.accepted == 2
+    # Another result, so another edit, of the same prediction: the model's answer kept with the
+    # results is spliced again (kept_answers.py). Spans that with their fades cover the region
+    # are the row without them.
+    assert plain.status == "succeeded" and plain.cost_usd == 0.0, plain.error
+    assert covering.status == "skipped_done" and covering.cost_usd == 0.0 and sim.stats.accepted == 1
     # The report and the result's metadata say which spans the model's audio went into, fades and all.
     assert (spanned.damaged, plain.damaged, covering.damaged) == ("1.29-1.311 1.49-1.52", "", "")
     assert json.loads(Path(spanned.output + ".json").read_text())["damaged"] == "1.29-1.311 1.49-1.52"

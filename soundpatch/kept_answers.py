@@ -1,0 +1,112 @@
+"""Hosted models' paid answers for rows with damaged spans, kept with the results:
+<output.uri>/.soundpatch/answers/.
+
+For a row with damaged spans the model still makes the whole region, and only the spans
+(and their crossfades) of it go into the result: the rest of what was paid for is not in
+any file. A restorer who hears a span missed, widens one or changes the crossfade asks for
+another result from the very same prediction (identity.sent_identity). So once such a row's
+result is published, the model's answer is kept here, named by what it was made for
+(identity.answer_identity); a later row asking for the same answer (any run, any machine
+writing the same outputs) is spliced from it at no new cost instead of being sent again.
+
+One file an answer: a line of JSON (the provider, its prediction id, what it cost, the run
+that paid for it), then the answer's bytes as the provider gave them. No key or secret is
+in it. An answer is offered once a run: should it not be usable, the row pays for its own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from soundpatch.errors import SoundpatchError
+from soundpatch.humanize import named_runs, plural
+from soundpatch.leftovers import Left, Leftovers
+from soundpatch.providers.base import PaidAnswer
+from soundpatch.storage import OutputStore
+
+ANSWERS_PREFIX = ".soundpatch/answers"  # user names cannot start with "." (storage.output_name)
+RECORD_BYTES = 4096  # the most its first line takes
+CONTENT_TYPE = "application/octet-stream"
+
+
+class KeptAnswers(Leftovers):
+    """Paid answers in the output store, by answer identity, each offered once a run."""
+
+    def __init__(self, store: OutputStore, run_id: str, max_bytes: int) -> None:
+        super().__init__()
+        self.store = store
+        self.run_id = run_id
+        self.max_bytes = max_bytes  # the most an answer may weigh (a provider's download limit)
+        self._offered: set[str] = set()
+
+    def _name(self, answer: str) -> str:
+        return f"{ANSWERS_PREFIX}/{answer}.answer"
+
+    def find(self, answer: str) -> Left | None:
+        """The answer kept for `answer`, as another run's prediction to collect (once a run);
+        None if there is none, or it cannot be read (the row then pays for its own)."""
+        with self._lock:
+            if answer in self._offered:
+                return None
+            self._offered.add(answer)
+        try:
+            found = self.store.read_file(self._name(answer), self.max_bytes + RECORD_BYTES)
+        except (SoundpatchError, OSError):
+            return None
+        if found is None:
+            return None
+        head, newline, data = found[0].partition(b"\n")
+        try:
+            record = json.loads(head) if newline else None
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not data:
+            return None  # not one of ours, or cut short
+        prediction_id = str(record.get("prediction_id") or "")
+        paid = PaidAnswer(data, float(record.get("cost_usd") or 0.0), prediction_id or None)
+        return Left(
+            run=str(record.get("run") or ""),
+            prediction_id=prediction_id,
+            provider=str(record.get("provider") or ""),
+            answer={"file": self._name(answer)},
+            paid=paid,
+        )
+
+    def holds(self, answer: str) -> bool:
+        """Whether an answer is kept for `answer` (for an estimate: nothing is read)."""
+        try:
+            return self.store.holds(self.store.uri(self._name(answer)), None)
+        except (SoundpatchError, OSError):
+            return False
+
+    def keep(self, answer: str, provider: str, paid: PaidAnswer) -> None:
+        """Keep a paid answer under `answer` (written whole, or not at all). Raises
+        SoundpatchError or OSError if the store will not take it."""
+        record: dict[str, Any] = {
+            "provider": provider,
+            "prediction_id": paid.prediction_id or "",
+            "cost_usd": paid.cost_usd,
+            "run": self.run_id,
+            "kept_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        head = json.dumps(record, sort_keys=True).encode()
+        self.store.put_file(self._name(answer), head + b"\n" + paid.data, CONTENT_TYPE)
+
+    def note(self) -> str:
+        parts = []
+        if self.collected:
+            count = sum(self.collected.values())
+            parts.append(
+                f"{count} {'result was' if count == 1 else 'results were'} spliced again from the model's answer "
+                f"{named_runs(self.collected)} paid for and kept with the results (only the damaged spans or the "
+                "crossfade changed), at no new cost here."
+            )
+        if self.uncollectable:
+            count = sum(self.uncollectable.values())
+            parts.append(
+                f"{plural(count, 'answer')} kept with the results could not be used, so "
+                f"{'its row was' if count == 1 else 'their rows were'} paid for here."
+            )
+        return " ".join(parts)
