@@ -80,7 +80,10 @@ def inpaint_batch(
     batch = Batch(load_manifest(manifest), cfg, run_id, force=force, api_keys=_api_keys(cfg), shared=shared)
     try:
         todo, kept = batch.split()
-        batch.journal.write("run_started", total=len(todo) + len(kept), kept=len(kept), manifest=manifest)
+        by_provider = batch.rows_by_provider(todo)  # for the time left (pace.py)
+        batch.journal.write(
+            "run_started", total=len(todo) + len(kept), kept=len(kept), manifest=manifest, providers=by_provider
+        )
         shown = artifacts.RunArtifacts(len(todo) + len(kept), run_id)  # in the Prefect UI
         shown.advance(len(kept))
         outcomes = kept + _fan_out(batch, todo, batch.rows_at_once, shown)

@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -390,6 +391,10 @@ class Batch:
             else:
                 todo.append(edit)
         return todo, kept
+
+    def rows_by_provider(self, edits: list[Edit]) -> dict[str, int]:
+        """How many of `edits` go to each provider (as the manifest and config name it)."""
+        return dict(Counter(self._row_providers.get(edit.row_id, self.config.provider.name) for edit in edits))
 
     def _list_price(self, row_id: str) -> float:
         """What one prediction costs at the provider an earlier attempt of this row went to

@@ -2,13 +2,19 @@
 
 Rows that end without being sent (invalid, already done, over budget) end at once and
 would make a batch look faster than it is, so only rows that went to a provider count.
+
+Nor do providers share a pace: the local engine ends a row in a fraction of a second, a
+hosted model in some 15 s, and both go on at once. Where the run says how many rows each
+provider has (`run_started`'s `providers`), each keeps its own pace, and the rows left take
+as long as the slowest provider's: the local engine's quick ends no longer promise that the
+model's last rows end soon. Until a provider with rows left has a pace, nothing is said.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 
 class Pace:
@@ -16,27 +22,48 @@ class Pace:
 
     def __init__(self, window_seconds: float = 60.0, clock: Callable[[], float] = time.time) -> None:
         self.window, self._clock = window_seconds, clock
-        self._first_sent: float | None = None
-        self._ends: deque[float] = deque()  # when sent rows ended, within the window
+        self._first_sent: dict[str, float] = {}  # by provider
+        self._ends: dict[str, deque[float]] = {}  # when its sent rows ended, within the window
+        self._left: dict[str, int] | None = None  # rows yet to end, by provider, where the run said
 
-    def restarted(self) -> None:
-        """A new attempt at the run (a resumed run reads its earlier attempts first)."""
-        self._first_sent = None
+    def restarted(self, rows: Mapping[str, int] | None = None) -> None:
+        """A new attempt at the run (a resumed run reads its earlier attempts first), with
+        the rows it has to do by provider, where it says."""
+        self._first_sent.clear()
         self._ends.clear()
+        self._left = {str(p): int(n) for p, n in rows.items()} if rows else None
 
-    def sent(self, at: float) -> None:
-        if self._first_sent is None:
-            self._first_sent = at
+    def sent(self, at: float, provider: str = "") -> None:
+        self._first_sent.setdefault(provider, at)
 
-    def ended(self, at: float) -> None:
-        self._ends.append(at)
+    def ended(self, at: float, provider: str = "", sent: bool = True) -> None:
+        """A row of `provider` ended; one `sent` to it counts towards its pace."""
+        if self._left is not None and provider in self._left:
+            self._left[provider] -= 1
+        if sent:
+            self._ends.setdefault(provider, deque()).append(at)
 
     def seconds_left(self, rows_left: int, at_least: int = 3) -> float | None:
-        """None until `at_least` sent rows ended within the window (no pace to go by yet)."""
+        """None until `at_least` sent rows ended within the window (no pace to go by yet);
+        by provider, until each with rows left has one."""
         now = self._clock()
-        while self._ends and self._ends[0] < now - self.window:
-            self._ends.popleft()
-        if rows_left <= 0 or self._first_sent is None or len(self._ends) < at_least:
+        for ends in self._ends.values():
+            while ends and ends[0] < now - self.window:
+                ends.popleft()
+        if rows_left <= 0:
             return None
-        span = min(self.window, now - self._first_sent)
-        return rows_left * span / len(self._ends)
+        left = {p: n for p, n in (self._left or {}).items() if n > 0}
+        if not left:  # the run did not say, or its count went astray: one pace for all
+            ends = sum(len(e) for e in self._ends.values())
+            first = min(self._first_sent.values(), default=None)
+            return self._at_pace(rows_left, first, ends, now, at_least)
+        times = [
+            self._at_pace(n, self._first_sent.get(p), len(self._ends.get(p, ())), now, at_least)
+            for p, n in left.items()
+        ]
+        return None if None in times else max(t for t in times if t is not None)
+
+    def _at_pace(self, rows: int, first_sent: float | None, ends: int, now: float, at_least: int) -> float | None:
+        if first_sent is None or ends < at_least:
+            return None
+        return rows * min(self.window, now - first_sent) / ends

@@ -79,7 +79,7 @@ class ProgressWatcher:
                 self._short_of_budget.discard(row)
                 self._short_of_memory.discard(row)
                 self._sent.add(row)
-                self.pace.sent(e["t"])
+                self.pace.sent(e["t"], e.get("provider") or "")
                 if e.get("provider") == "local":  # makes no prediction: worked on from here
                     self._flying.add(row)
             elif kind in ("creating", "created"):  # a prediction in flight (or taken up again)
@@ -92,9 +92,8 @@ class ProgressWatcher:
                 self._short_of_budget.discard(row)
                 self._short_of_memory.discard(row)
                 self._flying.discard(row)
-                if row in self._sent:
-                    self._sent.discard(row)
-                    self.pace.ended(e["t"])
+                self.pace.ended(e["t"], e["outcome"].get("provider") or "", sent=row in self._sent)
+                self._sent.discard(row)
                 status = e["outcome"]["status"]
                 now = (int(bool(status)), int(status in (FAILED, INVALID)), e["outcome"].get("cost_usd") or 0.0)
                 was = self._last.get(row, (0, 0, 0.0))  # an earlier attempt's, on a resumed run
@@ -116,7 +115,7 @@ class ProgressWatcher:
                 self._flying.clear()
                 for waiting in (self._waiting, self._short_of_disk, self._short_of_budget, self._short_of_memory):
                     waiting.clear()  # ... and those that were waiting then start over
-                self.pace.restarted()
+                self.pace.restarted(e.get("providers"))
             elif kind == "combining":
                 self._files, self._files_made, self._files_not_made = int(e.get("files") or 0), 0, 0
             elif kind == "combined" and e.get("output"):

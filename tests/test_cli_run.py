@@ -627,6 +627,51 @@ def test_the_time_left_goes_by_the_pace_sent_rows_have_been_ending_at_lately(tmp
     assert line().endswith("1 in flight")
 
 
+def test_the_time_left_of_a_local_engine_and_a_hosted_model_together_is_the_slower_one_s(tmp_path, capsys):
+    # A restoration batch: 20 rows of clicks for the local engine, ended within a second, and
+    # 6 of dropouts for a model, some 15 s each. One pace for both said "about 2.0 s left"
+    # with 3 of the model's rows 15 s from ending.
+    from soundpatch.pace import Pace
+    from soundpatch.progress import ProgressWatcher
+
+    watcher = ProgressWatcher(tmp_path, total=26, budget=50.0)
+    now = [time.time()]
+    watcher.pace = Pace(window_seconds=60, clock=lambda: now[0])
+    event = journal_writer(tmp_path, now)
+
+    def line() -> str:
+        watcher._print_line()
+        return capsys.readouterr().err.strip()
+
+    event("run_started", total=26, providers={"local": 20, "eachlabs": 6})
+    for row in range(6):
+        event("sending", f"m{row}", provider="eachlabs")
+        event("creating", f"m{row}")
+    for row in range(20):
+        event("sending", f"c{row}", provider="local")
+    now[0] += 1
+    for row in range(20):
+        event("outcome", f"c{row}", outcome={"status": "succeeded", "provider": "local"})
+    assert line().endswith("6 in flight")  # the model's rows have no pace yet: nothing said
+    now[0] += 14  # 15 s in, 3 of the model's rows ended: 5 s a row at that pace, 3 to go
+    for row in range(3):
+        event("predicted", f"m{row}")
+        event("outcome", f"m{row}", outcome={"status": "succeeded", "provider": "eachlabs", "cost_usd": 0.2})
+    assert line().endswith("3 in flight, about 15.0 s left")
+    # A run whose journal does not say its providers (an older flow): one pace for all, as before.
+    event("run_started", total=26)
+    for row in range(3, 6):
+        event("sending", f"m{row}", provider="eachlabs")
+    now[0] += 6
+    for row in range(3, 5):
+        event("outcome", f"m{row}", outcome={"status": "succeeded", "provider": "eachlabs", "cost_usd": 0.2})
+    for row in range(20):
+        event("outcome", f"c{row}", outcome={"status": "invalid", "provider": "local"})  # not sent: no pace
+    event("outcome", "m5", outcome={"status": "failed", "provider": "eachlabs"})
+    watcher._state()  # (the journal read)
+    assert watcher.pace.seconds_left(1) == pytest.approx(6 / 3)
+
+
 def test_the_live_line_fits_the_terminal_and_says_less_before_it_loses_the_count(tmp_path):
     # At 80 columns rich cut the line from its start: "inp… 0 failed or invalid · $0.00 of
     # $10.00 · 0 in flight · files of several ro…", without the bar or the rows done.
