@@ -112,7 +112,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         if state is None and batch.left_here is not None and batch.left_here.has(identity):
             to_collect += 1  # a stopped run's (left_here.py)
             continue
-        if not (state is not None and state.in_doubt) and batch.answer_kept(checked, sent):
+        if batch.answer_kept(checked, sent):  # (looked for after what earlier attempts left, as a run does)
             to_collect += 1  # the model's answer, kept with the results (kept_answers.py)
             continue
         if state is None and batch.doubts_here.doubted_by(identity) and not resubmit:
