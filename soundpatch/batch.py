@@ -43,7 +43,7 @@ from soundpatch.errors import ConfigError, RowError, SoundpatchError, as_sentenc
 from soundpatch.estimate import estimate
 from soundpatch.humanize import plural
 from soundpatch.humanize import size as human_size
-from soundpatch.identity import answer_identity, edit_identity, request_identity, sent_identity
+from soundpatch.identity import edit_identity, request_identity, sent_identity
 from soundpatch.interrupt import stop_requested
 from soundpatch.journal import Journal, RowState
 from soundpatch.journal_copy import JournalCopy
@@ -671,11 +671,8 @@ class Batch:
     def answer_kept(self, checked: Checked, sent: str) -> bool:
         """Whether a model's answer for what the row sends is kept with the results (for an
         estimate: the row is then spliced from it at no new cost)."""
-        provider = checked.provider
-        if self.kept_answers is None or not provider.hosted:
-            return False
-        clip = self.purchases.clip_settings
-        return self.kept_answers.holds(answer_identity(sent, provider.name, provider.model, clip))
+        answer = self.purchases.answer_looked_for(sent, checked.provider)
+        return self.kept_answers is not None and answer is not None and self.kept_answers.holds(answer)
 
     def _checksum(self, checked: Checked, estimating: bool) -> str:
         """The SHA-256 of the row's recording. `estimating`: a remote recording is not

@@ -368,12 +368,18 @@ class Purchases:
         """The model's answer kept with the results for what the row sends (kept_answers.py),
         to collect at no new cost (it comes to the row as another run's prediction left
         does: `_left_to_collect`); (None, None) if none is kept, or cannot be had."""
-        if self.kept_answers is None or not provider.hosted:
-            return None, None
-        sent = answer_identity(work.made_for["sent"], provider.name, provider.model, self.clip_settings)
-        left = self.kept_answers.find(sent)
+        answer = self.answer_looked_for(work.made_for["sent"], provider)
+        left = self.kept_answers.find(answer) if self.kept_answers is not None and answer is not None else None
         collected = self._left_to_collect(work.edit.row_id, left, claimed) if left is not None else None
         return (left, collected) if collected is not None else (None, None)
+
+    def answer_looked_for(self, sent: str, provider: Provider) -> str | None:
+        """The answer identity a row sending `sent` to `provider` looks for among the answers
+        kept with the results (as a run does, and an estimate counts); None where it looks
+        for none (--force, the local engine)."""
+        if self.kept_answers is None or not provider.hosted:
+            return None
+        return answer_identity(sent, provider.name, provider.model, self.clip_settings)
 
     def keep_with_results(self, work: RowWork, prediction: Prediction, provider: Provider) -> None:
         """The model's answer a row with damaged spans was made from, kept with the results
