@@ -450,10 +450,12 @@ def _float_field(text: dict[str, str], key: str, low: float, high: float) -> flo
 
 
 def _derived_id(text: Mapping[str, str]) -> str:
-    """A short id from the row's content: the same row gets the same id in every run."""
+    """A short id from the row's content: the same row gets the same id in every run. Not
+    from its damaged spans: a row whose spans change is the same row (its derived seed, and so
+    what a hosted model is sent, stay; what an earlier attempt or run paid for is collected)."""
     keys = [c for c in KNOWN_COLUMNS if c not in ("id", "fps", "timecode", "damaged")]
     fields = {k: text.get(k, "") for k in keys}
-    for later in ("fps", "timecode", "damaged"):  # (only where given: the ids of rows without them stay what they were)
+    for later in ("fps", "timecode"):  # (only where given: the ids of rows without them stay what they were)
         if text.get(later):
             fields[later] = text[later]
     canonical = json.dumps(fields, sort_keys=True)

@@ -131,3 +131,20 @@ def test_a_kept_answer_that_will_not_do_and_force_each_pay_for_a_new_one(library
     assert b.cost_usd == pytest.approx(0.20) and c.cost_usd == pytest.approx(0.20) and sim.stats.creates == 3
     assert any("1 answer kept with the results could not be used, so its row was paid for here" in n for n in notes)
     assert a.damaged == "1.295-1.306"  # the 5 ms crossfade
+
+
+def test_a_row_without_an_id_or_seed_keeps_them_when_its_spans_change(library, aws_env, simulator):
+    # Both are derived from the row: not from its spans, or widening one would send the model
+    # another seed (and pay again) and make the row another row.
+    sim = simulator(latency=0.1, fill="tone")
+    row = "input,start,end,damaged,prompt\naudio/fx.wav,1.20,1.65,{},metal clang\n"
+    (library / "first.csv").write_text(row.format("1.30-1.301"))
+    (library / "second.csv").write_text(row.format("1.30-1.302 1.5-1.51"))
+    cfg = hosted_config(sim, aws_env.endpoint, str(library / "outputs"), library / "runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EACHLABS_API_KEY", KEY)
+        (first,), _, _ = run_in_process(library / "first.csv", cfg, "first")
+        (second,), _, _ = run_in_process(library / "second.csv", cfg, "second")
+    assert first.status == second.status == "succeeded", (first.error, second.error)
+    assert (first.row_id, first.seed) == (second.row_id, second.seed)
+    assert second.cost_usd == 0.0 and sim.stats.creates == 1
