@@ -47,7 +47,7 @@ from soundpatch.identity import edit_identity, request_identity, sent_identity
 from soundpatch.interrupt import stop_requested
 from soundpatch.journal import Journal, RowState
 from soundpatch.journal_copy import JournalCopy
-from soundpatch.kept_answers import KeptAnswers
+from soundpatch.kept_answers import KeptAnswers, asked_again
 from soundpatch.lease import RunLease, lease_uri
 from soundpatch.left_here import LeftHere
 from soundpatch.leftovers import Leftovers
@@ -212,8 +212,13 @@ class Batch:
         self._leftovers: Leftovers | None = self.bucket_claims if self.bucket_claims is not None else self.left_here
         # A model's answers that rows with damaged spans were made from, kept with the results
         # for rows asking for them again with other spans (kept_answers.py); --force pays anew.
-        self.kept_answers = None if self.force else KeptAnswers(self.store, run_id, MAX_RESULT_BYTES)
-        self._in_flight: dict[str, threading.Event] = {}  # identity -> set when its owner is done
+        # Rows of this manifest sending the same with other spans share one (asked_again).
+        provider_of = lambda e: e.provider or config.provider.name  # noqa: E731
+        twins = asked_again(self.manifest.edits, self.manifest.resolve_input, provider_of)
+        self.kept_answers = None if self.force else KeptAnswers(self.store, run_id, MAX_RESULT_BYTES, twins)
+        # Identity (or, for a row that would look for a kept answer, the answer identity: rows
+        # sending the same share one) -> set when the row producing it is done.
+        self._in_flight: dict[str, threading.Event] = {}
         # Results are encoded into files here until published (publish.py); what a run that
         # stopped left there is of no use to anyone.
         self.scratch = self.run_dir / SCRATCH_DIR
@@ -616,15 +621,18 @@ class Batch:
             "source_sha256": checksum,
             "source_stamp": self.sources.stamp(checked.source),
         }
+        # An identical row being produced is waited for, then its result reused; so is a row
+        # sending the same with other spans, then its answer kept with the results spliced again.
+        producing = self.purchases.answer_looked_for(sent, checked.provider) or identity
         while True:
             if not self.force and self._reuse(edit, checked, identity, outcome, original):
                 return made_for
             with self._lock:
-                owner = self._in_flight.get(identity)
+                owner = self._in_flight.get(producing)
                 if owner is None:
-                    self._in_flight[identity] = threading.Event()
+                    self._in_flight[producing] = threading.Event()
                     break
-            owner.wait()  # an identical row is being produced: wait, then reuse its result
+            owner.wait()
         try:
             if original is None:
                 checked, original = self._decoded(checked, outcome)
@@ -644,7 +652,7 @@ class Batch:
                     self._produce(checked, original, made_for, outcome)
         finally:
             with self._lock:
-                self._in_flight.pop(identity).set()
+                self._in_flight.pop(producing).set()
         return made_for
 
     def _claim_in_bucket(self, provider: Provider, identity: str, row_id: str) -> AbstractContextManager[str]:

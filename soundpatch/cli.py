@@ -282,6 +282,8 @@ def _print_estimate(est: dict[str, Any], cfg: Config, made_up_run_id: str | None
         table.add_row("already done (reused, no cost)", str(est["already_done"]))
     if est.get("duplicates"):
         table.add_row("identical to another row (sent once)", str(est["duplicates"]))
+    if est.get("twins"):
+        table.add_row("other spans of another row's request (sent once)", str(est["twins"]))
     if est.get("combined_files"):
         table.add_row("files holding several rows' edits", str(est["combined_files"]))
     if est.get("to_collect"):

@@ -64,6 +64,9 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
     Resuming a run, what its earlier attempts paid for is collected, not bought again,
     and a create in doubt is not sent again: neither costs anything more."""
     predictions, cost, invalid, errors, done, duplicates = 0, 0.0, 0, [], 0, 0
+    # Rows sending what an earlier row sends, with other damaged spans: spliced from its answer
+    # once it is kept (kept_answers.py), where that row is to get one (bought, or collected).
+    twins, answered = 0, set()
     largest = (0, 0, "")  # the result that takes the most room on disk: (result, answer, row)
     largest_file = (0, "")  # and the largest file holding several rows' edits: (bytes, name)
     to_collect = in_doubt = changed = 0
@@ -96,6 +99,10 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
             done += 1
             continue
         request, sent = batch.request(checked, estimating=True)
+        answer = batch.purchases.answer_looked_for(sent, checked.provider)
+        if answer is not None and answer in answered:
+            twins += 1
+            continue
         state = batch.attempt_for(edit.row_id, request, sent)
         if state is not None and state.settled and batch.config.provider.resubmit_unusable:
             state = None  # what it could not use is given up: a new prediction
@@ -108,12 +115,15 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
             continue
         if state is not None and (state.prediction_id or state.answer):
             to_collect += 1
+            answered.add(answer)
             continue
         if state is None and batch.left_here is not None and batch.left_here.has(identity):
             to_collect += 1  # a stopped run's (left_here.py)
+            answered.add(answer)
             continue
         if batch.answer_kept(checked, sent):  # (looked for after what earlier attempts left, as a run does)
             to_collect += 1  # the model's answer, kept with the results (kept_answers.py)
+            answered.add(answer)
             continue
         if state is None and batch.doubts_here.doubted_by(identity) and not resubmit:
             in_doubt += 1  # a stopped run's, not sent again (left_here.py)
@@ -125,8 +135,10 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
                 continue
             if left is not None:
                 to_collect += 1
+                answered.add(answer)
                 continue
         predictions += 1
+        answered.add(answer)
         # At the most a prediction cost in earlier attempts, where that is more than the price.
         cost += batch.markup.expected(checked.provider.name, checked.provider.price_usd)
         within_budget += spent_before + cost <= batch.config.limits.budget_usd + 1e-9
@@ -171,6 +183,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         "invalid": invalid,
         "already_done": done,
         "duplicates": duplicates,
+        "twins": twins,  # sending what another row sends, with other damaged spans
         "to_collect": to_collect,
         "changed": changed,  # since an earlier attempt of this run made or paid for it
         "in_doubt": in_doubt,

@@ -9,17 +9,24 @@ result is published, the model's answer is kept here, named by what it was made 
 (identity.answer_identity); a later row asking for the same answer (any run, any machine
 writing the same outputs) is spliced from it at no new cost instead of being sent again.
 
+Rows of one manifest may ask for the same answer too (spans compared side by side, a row
+with spans beside the row without): they are made one after another (batch.py), the first
+keeps its answer whatever its spans, and the others are spliced from it (`asked_again`).
+
 One file an answer: a line of JSON (the provider, its prediction id, what it cost, the run
 that paid for it), then the answer's bytes as the provider gave them. No key or secret is
-in it. An answer is offered once a run: should it not be usable, the row pays for its own.
+in it. An answer is offered to a row once: should it not be usable, the row pays for its own
+(and keeps that, for the rows after).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from soundpatch.edits import Edit
 from soundpatch.errors import SoundpatchError
 from soundpatch.humanize import named_runs, plural
 from soundpatch.leftovers import Left, Leftovers
@@ -34,23 +41,30 @@ CONTENT_TYPE = "application/octet-stream"
 class KeptAnswers(Leftovers):
     """Paid answers in the output store, by answer identity, each offered once a run."""
 
-    def __init__(self, store: OutputStore, run_id: str, max_bytes: int) -> None:
+    def __init__(self, store: OutputStore, run_id: str, max_bytes: int, asked_again: set[str] | None = None) -> None:
+        """`asked_again`: the rows whose answer another row of this run asks for (`asked_again`)."""
         super().__init__()
         self.store = store
         self.run_id = run_id
         self.max_bytes = max_bytes  # the most an answer may weigh (a provider's download limit)
-        self._offered: set[str] = set()
+        self.asked_again = asked_again or set()
+        self._offered: set[tuple[str, str]] = set()  # (answer identity, row id)
+
+    def wanted(self, row_id: str, spans_partial: bool) -> bool:
+        """Whether the model's answer a row was made from is to be kept: where its result holds
+        only some of it (its damaged spans'), or another row of this run asks for it."""
+        return spans_partial or row_id in self.asked_again
 
     def _name(self, answer: str) -> str:
         return f"{ANSWERS_PREFIX}/{answer}.answer"
 
-    def find(self, answer: str) -> Left | None:
-        """The answer kept for `answer`, as another run's prediction to collect (once a run);
-        None if there is none, or it cannot be read (the row then pays for its own)."""
+    def find(self, answer: str, row_id: str) -> Left | None:
+        """The answer kept for `answer`, as another run's prediction for row `row_id` to collect
+        (once); None if there is none, or it cannot be read (the row then pays for its own)."""
         with self._lock:
-            if answer in self._offered:
+            if (answer, row_id) in self._offered:
                 return None
-            self._offered.add(answer)
+            self._offered.add((answer, row_id))
         try:
             found = self.store.read_file(self._name(answer), self.max_bytes + RECORD_BYTES)
         except (SoundpatchError, OSError):
@@ -110,3 +124,21 @@ class KeptAnswers(Leftovers):
                 f"{'its row was' if count == 1 else 'their rows were'} paid for here."
             )
         return " ".join(parts)
+
+
+def asked_again(edits: Sequence[Edit], input_of: Callable[[Edit], str], provider_of: Callable[[Edit], str]) -> set[str]:
+    """The rows that send what another row sends, with other damaged spans: same recording,
+    region, prompt, seed, steps, guidance and provider (identity.sent_identity). A model makes
+    their answer once; each of them keeps it for the others."""
+    groups: dict[tuple, list[Edit]] = {}
+    for edit in edits:
+        if edit.error:
+            continue
+        sent = (input_of(edit), edit.start, edit.end, edit.prompt, edit.seed, edit.steps, edit.guidance_scale)
+        groups.setdefault((*sent, provider_of(edit)), []).append(edit)
+    return {
+        edit.row_id
+        for group in groups.values()
+        if len({edit.damaged for edit in group}) > 1  # (identical rows are sent once anyway)
+        for edit in group
+    }

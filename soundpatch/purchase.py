@@ -368,9 +368,9 @@ class Purchases:
         """The model's answer kept with the results for what the row sends (kept_answers.py),
         to collect at no new cost (it comes to the row as another run's prediction left
         does: `_left_to_collect`); (None, None) if none is kept, or cannot be had."""
-        answer = self.answer_looked_for(work.made_for["sent"], provider)
-        left = self.kept_answers.find(answer) if self.kept_answers is not None and answer is not None else None
-        collected = self._left_to_collect(work.edit.row_id, left, claimed) if left is not None else None
+        row_id, answer = work.edit.row_id, self.answer_looked_for(work.made_for["sent"], provider)
+        left = self.kept_answers.find(answer, row_id) if self.kept_answers is not None and answer is not None else None
+        collected = self._left_to_collect(row_id, left, claimed) if left is not None else None
         return (left, collected) if collected is not None else (None, None)
 
     def answer_looked_for(self, sent: str, provider: Provider) -> str | None:
@@ -382,10 +382,12 @@ class Purchases:
         return answer_identity(sent, provider.name, provider.model, self.clip_settings)
 
     def keep_with_results(self, work: RowWork, prediction: Prediction, provider: Provider) -> None:
-        """The model's answer a row with damaged spans was made from, kept with the results
-        once its result is out (kept_answers.py), unless it came from there. A store that
-        will not take it costs the row nothing: the journal says so."""
-        if self.kept_answers is None or not provider.hosted or not work.damaged or not work.answer:
+        """The model's answer a row with damaged spans (or one another row of this run asks for)
+        was made from, kept with the results once its result is out (kept_answers.py), unless it
+        came from there. A store that will not take it costs the row nothing: the journal says so."""
+        if self.kept_answers is None or not provider.hosted or not work.answer:
+            return
+        if not self.kept_answers.wanted(work.edit.row_id, bool(work.damaged)):
             return
         if work.answer_from:
             return

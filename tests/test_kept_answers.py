@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -131,6 +132,53 @@ def test_a_kept_answer_that_will_not_do_and_force_each_pay_for_a_new_one(library
     assert b.cost_usd == pytest.approx(0.20) and c.cost_usd == pytest.approx(0.20) and sim.stats.creates == 3
     assert any("1 answer kept with the results could not be used, so its row was paid for here" in n for n in notes)
     assert a.damaged == "1.295-1.306"  # the 5 ms crossfade
+
+
+def test_rows_of_one_run_sending_the_same_with_other_spans_pay_once(library, aws_env, simulator):
+    # A restorer compares span choices side by side, beside the row without spans: the model
+    # is sent the same clip for all three. The rows go at once, as a run's do: one pays, the
+    # others wait for its answer and are spliced from it (the first has no spans, yet keeps it).
+    sim = simulator(latency=0.3, fill="tone")
+    rows = ROW.format("") + "".join(
+        f"fx-{n},audio/fx.wav,1.20,1.65,{spans},metal clang,11\n"
+        for n, spans in (("a", "1.30-1.301 1.5-1.51"), ("b", "1.30-1.302 1.4-1.41"))
+    )
+    (library / "side_by_side.csv").write_text(rows)
+    cfg = hosted_config(sim, aws_env.endpoint, str(library / "outputs"), library / "runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EACHLABS_API_KEY", KEY)
+        est = estimated(library / "side_by_side.csv", cfg, "compare")
+        assert (est["predictions"], est["twins"], est["expected_cost_usd"]) == (1, 2, pytest.approx(0.20))
+        batch = Batch(load_manifest(library / "side_by_side.csv"), cfg, "compare")
+        try:
+            with ThreadPoolExecutor(3) as pool:
+                whole, a, b = pool.map(batch.process, batch.manifest.edits)
+            notes = batch.notes()
+        finally:
+            batch.close()
+    assert whole.status == a.status == b.status == "succeeded", (whole.error, a.error, b.error)
+    assert sim.stats.creates == 1 and whole.cost_usd + a.cost_usd + b.cost_usd == pytest.approx(0.20)
+    assert whole.prediction_id == a.prediction_id == b.prediction_id != ""
+    assert sorted([whole.cost_usd, a.cost_usd, b.cost_usd]) == [0.0, 0.0, pytest.approx(0.20)]
+    spliced = [o for o in (whole, a, b) if o.cost_usd == 0.0]
+    assert all("from the answer run compare paid for, kept with the results: no new cost" in o.method for o in spliced)
+    assert any("2 results were spliced again from the model's answer run compare paid for" in n for n in notes), notes
+
+    before = sf.read(library / "audio" / "fx.wav", dtype="int16", always_2d=True)[0]
+    model = sf.read(whole.output, dtype="int16", always_2d=True)[0]
+    for outcome, cores in ((a, ((1.30, 1.301), (1.50, 1.51))), (b, ((1.30, 1.302), (1.40, 1.41)))):
+        after = sf.read(outcome.output, dtype="int16", always_2d=True)[0]
+        for lo, hi in cores:  # past the fades: the one answer's audio
+            core = slice(*frames(lo, hi))
+            assert np.array_equal(after[core], model[core]) and np.mean(after[core] != before[core]) > 0.9
+        assert np.array_equal(after[: frames(1.28)[0]], before[: frames(1.28)[0]])  # before the spans: to the bit
+
+    # One after another in the manifest's order, the row without spans first: it keeps its answer too.
+    (library / "in_order.csv").write_text(rows.replace(",metal clang,11", ",metal clang,12"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EACHLABS_API_KEY", KEY)
+        outcomes, _, _ = run_in_process(library / "in_order.csv", cfg, "in-order")
+    assert [o.cost_usd for o in outcomes] == [pytest.approx(0.20), 0.0, 0.0] and sim.stats.creates == 2
 
 
 def test_a_row_without_an_id_or_seed_keeps_them_when_its_spans_change(library, aws_env, simulator):
