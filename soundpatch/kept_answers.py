@@ -108,13 +108,19 @@ class KeptAnswers(Leftovers):
         head = json.dumps(record, sort_keys=True).encode()
         self.store.put_file(self._name(answer), head + b"\n" + paid.data, CONTENT_TYPE)
 
+    def paid_by(self, runs: dict[str, int]) -> str:
+        """`run night-1`, `this run`, `this run and run night-1`: who paid for answers used."""
+        others = {run: n for run, n in runs.items() if run != self.run_id}
+        named = [*(["this run"] if self.run_id in runs else []), *([named_runs(others)] if others else [])]
+        return " and ".join(named)
+
     def note(self) -> str:
         parts = []
         if self.collected:
             count = sum(self.collected.values())
             parts.append(
                 f"{count} {'result was' if count == 1 else 'results were'} spliced again from the model's answer "
-                f"{named_runs(self.collected)} paid for and kept with the results (only the damaged spans or the "
+                f"{self.paid_by(self.collected)} paid for and kept with the results (only the damaged spans or the "
                 "crossfade changed), at no new cost here."
             )
         if self.uncollectable:

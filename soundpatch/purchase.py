@@ -278,7 +278,8 @@ class Purchases:
         outcome.method = prediction.method
         if left is not None and offered_by is self.kept_answers:
             work.answer_from = left.run
-            outcome.method += f"; from the answer run {left.run} paid for, kept with the results: no new cost"
+            paid_by = self.kept_answers.paid_by({left.run: 1})
+            outcome.method += f"; from the answer {paid_by} paid for, kept with the results: no new cost"
         outcome.attempts = max(outcome.attempts, prediction.attempts)
         self.journal.write("predicted", edit.row_id, prediction_id=outcome.prediction_id, cost_usd=prediction.cost_usd)
         # Until its result is out, a failure keeps the prediction for the next attempt.

@@ -161,8 +161,8 @@ def test_rows_of_one_run_sending_the_same_with_other_spans_pay_once(library, aws
     assert whole.prediction_id == a.prediction_id == b.prediction_id != ""
     assert sorted([whole.cost_usd, a.cost_usd, b.cost_usd]) == [0.0, 0.0, pytest.approx(0.20)]
     spliced = [o for o in (whole, a, b) if o.cost_usd == 0.0]
-    assert all("from the answer run compare paid for, kept with the results: no new cost" in o.method for o in spliced)
-    assert any("2 results were spliced again from the model's answer run compare paid for" in n for n in notes), notes
+    assert all("from the answer this run paid for, kept with the results: no new cost" in o.method for o in spliced)
+    assert any("2 results were spliced again from the model's answer this run paid for" in n for n in notes), notes
 
     before = sf.read(library / "audio" / "fx.wav", dtype="int16", always_2d=True)[0]
     model = sf.read(whole.output, dtype="int16", always_2d=True)[0]
