@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from soundpatch.estimate import TYPICAL_SECONDS
 from soundpatch.humanize import duration
 from soundpatch.journal import JournalTail
 from soundpatch.outcome import FAILED, INVALID, SKIPPED_DONE, SUCCEEDED
@@ -51,7 +52,7 @@ class ProgressWatcher:
         self._short_of_budget: set[str] = set()  # rows waiting for predictions in flight to settle
         self._short_of_memory: set[str] = set()  # rows waiting for room to decode their recording
         self._files = self._files_made = self._files_not_made = 0  # files of several rows (combine.py)
-        self.pace = Pace()
+        self.pace = Pace(typical=TYPICAL_SECONDS)
 
     def start(self) -> None:
         self._thread.start()
@@ -79,7 +80,7 @@ class ProgressWatcher:
                 self._short_of_budget.discard(row)
                 self._short_of_memory.discard(row)
                 self._sent.add(row)
-                self.pace.sent(e["t"], e.get("provider") or "")
+                self.pace.sent(e["t"], e.get("provider") or "", row)
                 if e.get("provider") == "local":  # makes no prediction: worked on from here
                     self._flying.add(row)
             elif kind in ("creating", "created"):  # a prediction in flight (or taken up again)
@@ -92,7 +93,7 @@ class ProgressWatcher:
                 self._short_of_budget.discard(row)
                 self._short_of_memory.discard(row)
                 self._flying.discard(row)
-                self.pace.ended(e["t"], e["outcome"].get("provider") or "", sent=row in self._sent)
+                self.pace.ended(e["t"], e["outcome"].get("provider") or "", sent=row in self._sent, row=row)
                 self._sent.discard(row)
                 status = e["outcome"]["status"]
                 now = (int(bool(status)), int(status in (FAILED, INVALID)), e["outcome"].get("cost_usd") or 0.0)

@@ -636,7 +636,7 @@ def test_the_time_left_of_a_local_engine_and_a_hosted_model_together_is_the_slow
 
     watcher = ProgressWatcher(tmp_path, total=26, budget=50.0)
     now = [time.time()]
-    watcher.pace = Pace(window_seconds=60, clock=lambda: now[0])
+    watcher.pace = Pace(window_seconds=60, clock=lambda: now[0], typical={"eachlabs": 15.0})
     event = journal_writer(tmp_path, now)
 
     def line() -> str:
@@ -652,7 +652,9 @@ def test_the_time_left_of_a_local_engine_and_a_hosted_model_together_is_the_slow
     now[0] += 1
     for row in range(20):
         event("outcome", f"c{row}", outcome={"status": "succeeded", "provider": "local"})
-    assert line().endswith("6 in flight")  # the model's rows have no pace yet: nothing said
+    # The model's rows have no pace yet, but all of them are out: the last sent has what a
+    # prediction typically takes left to go.
+    assert line().endswith("6 in flight, about 14.0 s left")
     now[0] += 14  # 15 s in, 3 of the model's rows ended: 5 s a row at that pace, 3 to go
     for row in range(3):
         event("predicted", f"m{row}")
@@ -670,6 +672,35 @@ def test_the_time_left_of_a_local_engine_and_a_hosted_model_together_is_the_slow
     event("outcome", "m5", outcome={"status": "failed", "provider": "eachlabs"})
     watcher._state()  # (the journal read)
     assert watcher.pace.seconds_left(1) == pytest.approx(6 / 3)
+
+
+def test_a_few_rows_for_a_model_have_a_time_left_by_what_its_rows_took_so_far(tmp_path, capsys):
+    # Four rows of dropouts for a model, two at a time: too few ends for a pace. Once the last
+    # two are out, they take what the first two took (sent to ended), not the typical time.
+    from soundpatch.pace import Pace
+    from soundpatch.progress import ProgressWatcher
+
+    watcher = ProgressWatcher(tmp_path, total=4, budget=50.0)
+    now = [time.time()]
+    watcher.pace = Pace(window_seconds=60, clock=lambda: now[0], typical={"eachlabs": 15.0})
+    event = journal_writer(tmp_path, now)
+
+    def line() -> str:
+        watcher._print_line()
+        return capsys.readouterr().err.strip()
+
+    event("run_started", total=4, providers={"eachlabs": 4})
+    for row in range(2):
+        event("sending", f"m{row}", provider="eachlabs")
+    assert line().endswith("0 in flight")  # two rows not sent yet: nothing said
+    now[0] += 24
+    for row in range(2):
+        event("outcome", f"m{row}", outcome={"status": "succeeded", "provider": "eachlabs", "cost_usd": 0.2})
+        event("sending", f"m{row + 2}", provider="eachlabs")
+    now[0] += 4
+    assert line().endswith("about 20.0 s left")  # 24 s a row, the last sent 4 s ago
+    now[0] += 30  # running late: nothing rather than something wrong
+    assert line().endswith("0 in flight")
 
 
 def test_the_live_line_fits_the_terminal_and_says_less_before_it_loses_the_count(tmp_path):
