@@ -39,7 +39,7 @@ CONTENT_TYPE = "application/octet-stream"
 
 
 class KeptAnswers(Leftovers):
-    """Paid answers in the output store, by answer identity, each offered once a run."""
+    """Paid answers in the output store, by answer identity, each offered to a row once."""
 
     def __init__(self, store: OutputStore, run_id: str, max_bytes: int, asked_again: set[str] | None = None) -> None:
         """`asked_again`: the rows whose answer another row of this run asks for (`asked_again`)."""
