@@ -137,6 +137,7 @@ _CARD_FIELDS = (
     "cost_usd",
     "output",
     "prediction_id",
+    "method",
     "attempts",
     "error",
     "checks",

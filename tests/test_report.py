@@ -3,6 +3,8 @@ browser (Debian's chromium, headless), and the Prefect artifacts on a real Prefe
 
 from __future__ import annotations
 
+import csv
+import html
 import json
 import os
 import shutil
@@ -265,6 +267,10 @@ def test_the_html_report_in_a_real_browser(tmp_path):
     assert "succeeded" in dom and "invalid" in dom and "spent" in dom and "provider reported" in dom
     assert dom.count("<img") == 3 and dom.count("<audio") == 6  # media for each published result
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom and "<b>not bold</b>" not in dom
+    # How each result was made, as report.csv has it (the local engine's method, here).
+    methods = [r["method"] for r in csv.DictReader((report.parent / "report.csv").open()) if r["method"]]
+    assert len(methods) == 3 and dom.count("<dt>method</dt>") == 3
+    assert all(f"<dd>{html.escape(m, quote=False)}</dd>" in dom for m in methods)
 
     shot = tmp_path / "shot.png"
     taken = browse(report, tmp_path, "--screenshot=" + str(shot), "--window-size=1200,1600", "--hide-scrollbars")

@@ -34,6 +34,7 @@
     add('seed', r.seed);
     add('provider', r.provider + (r.prediction_id ? ' (prediction ' + r.prediction_id + ')' : ''));
     add('cost', '$' + num(r.cost_usd, 4) + (r.attempts > 1 ? ' after ' + r.attempts + ' attempts' : ''));
+    add('method', r.method);  // how it was made (from what, when it cost nothing)
     add('output', r.output);
     add('reused from', r.reused_from);
     add('combined into', r.combined);
