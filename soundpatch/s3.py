@@ -59,6 +59,10 @@ class NoConditionalWrites(RowError):
     """The store does not do conditional writes (If-Match, If-None-Match on PUT)."""
 
 
+class NoSuchObject(RowError):
+    """The bucket answered that it holds no object under the key (NoSuchKey)."""
+
+
 class S3:
     """One boto3 client per process (clients are thread-safe), created on first use.
 
@@ -115,7 +119,8 @@ class S3:
         except (ClientError, BotoCoreError) as exc:
             if _whole_bucket(exc):
                 self._unreachable[uri.bucket] = exc
-            raise RowError(describe(exc, uri, "read")) from None
+            missing = isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") == "NoSuchKey"
+            raise (NoSuchObject if missing else RowError)(describe(exc, uri, "read")) from None
 
     def read_range(self, uri: S3Uri, start: int, stop: int, etag: str) -> bytes:
         """Bytes `start` to `stop` - 1 of the object, of its version `etag` alone (a changed
@@ -176,9 +181,12 @@ class S3:
             raise RowError(describe(exc, uri, "look up")) from None
 
     def get(self, uri: S3Uri, max_bytes: int) -> bytes | None:
-        """An object's bytes, or None if there is no such object."""
+        """An object's bytes, or None if there is no such object (as the GET said, else as a
+        HEAD then says: a store may answer a missing key's GET otherwise)."""
         try:
             return self.read(uri, max_bytes)
+        except NoSuchObject:
+            return None
         except RowError:
             if self.head(uri) is None:
                 return None
