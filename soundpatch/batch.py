@@ -676,12 +676,6 @@ class Batch:
         checksum = self._checksum(checked, estimating)
         return request_identity(checked.edit, checksum), sent_identity(checked.edit, checksum)
 
-    def answer_kept(self, checked: Checked, sent: str) -> bool:
-        """Whether a model's answer for what the row sends is kept with the results (for an
-        estimate: the row is then spliced from it at no new cost)."""
-        answer = self.purchases.answer_looked_for(sent, checked.provider)
-        return self.kept_answers is not None and answer is not None and self.kept_answers.holds(answer)
-
     def _checksum(self, checked: Checked, estimating: bool) -> str:
         """The SHA-256 of the row's recording. `estimating`: a remote recording is not
         downloaded for it where no run writing here has read that version of it (nothing

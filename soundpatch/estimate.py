@@ -6,6 +6,8 @@ provider and spends nothing; it asks the batch the same questions a run's rows d
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,11 +17,13 @@ from soundpatch.edits import Edit
 from soundpatch.errors import ConfigError, RowError, sentence_of
 from soundpatch.humanize import size as human_size
 from soundpatch.manifest import lookalike_notes
+from soundpatch.sources import HEADERS_AT_ONCE
 
 if TYPE_CHECKING:
     from soundpatch.batch import Batch
     from soundpatch.edit_claims import BucketClaims
     from soundpatch.leftovers import Left
+    from soundpatch.row import Checked
 
 # Typical seconds per prediction, for the wall-time estimate before a run. The local
 # engine's is a row's time on one core (on this project's 2-core machine, 2,000 rows of
@@ -47,6 +51,9 @@ WRITTEN_BYTES_PER_SECOND = 100e6
 # 4-minute recording's 30-100 ms gaps 0.64-0.87 s an edit, a 30-second clip's 0.32-0.48 s;
 # a 30-minute tape's 40 dropouts took 30 s on two cores, 1.5 s a row a core).
 SEARCHED_FROM_SECONDS, SEARCHED_UP_TO_SECONDS = 60.0, 180.0
+# Rows' results and kept answers looked for in the output store at once (as many as the
+# remote recordings' headers read at once: the S3 client's connections are sized for them).
+LOOKUPS_AT_ONCE = HEADERS_AT_ONCE
 
 
 def _claim_says(claims: BucketClaims, identity: str) -> tuple[str, Left | None]:
@@ -56,6 +63,50 @@ def _claim_says(claims: BucketClaims, identity: str) -> tuple[str, Left | None]:
         return claims.seen(identity)
     except RowError:
         return "", None
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A valid row as the estimate counts it: its identity (identity.py), its request's and
+    what it sends, and the answer kept with the results it would look for (None: none)."""
+
+    edit: Edit
+    checked: Checked
+    identity: str
+    request: str
+    sent: str
+    answer: str | None
+
+
+def _prepared(batch: Batch, edit: Edit) -> _Row | tuple[Edit, str]:
+    """The row checked, with its identities; or why it is invalid."""
+    try:
+        checked = batch.check(edit)
+        identity = batch.identity(checked, estimating=True)
+    except RowError as exc:
+        return edit, sentence_of(exc)
+    request, sent = batch.request(checked, estimating=True)
+    return _Row(edit, checked, identity, request, sent, batch.purchases.answer_looked_for(sent, checked.provider))
+
+
+def _looked_up(batch: Batch, rows: list[_Row]) -> tuple[set[str], set[str]]:
+    """Of `rows`, the identities whose result the output store holds (none under --force) and
+    the answers kept with the results: asked LOOKUPS_AT_ONCE at a time, as each is a request
+    or two to a bucket (one after another, a dataset of thousands of rows waited minutes)."""
+    identities = [] if batch.force else list({row.identity for row in rows})
+    answers = list({row.answer for row in rows if row.answer is not None})
+    kept_answers = batch.kept_answers
+
+    def made(identity: str) -> bool:
+        return batch.results.earlier(identity) is not None
+
+    def kept(answer: str) -> bool:
+        return kept_answers is not None and kept_answers.holds(answer)
+
+    with ThreadPoolExecutor(max_workers=LOOKUPS_AT_ONCE) as pool:
+        made_ones = [i for i, yes in zip(identities, pool.map(made, identities), strict=True) if yes]
+        kept_ones = [a for a, yes in zip(answers, pool.map(kept, answers), strict=True) if yes]
+    return set(made_ones), set(kept_ones)
 
 
 def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
@@ -80,14 +131,15 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
     spent_before = batch.committed_before
     within_budget = 0  # predictions that fit in the budget, taken in the manifest's order
     first_output = ""  # where the first valid row's result goes, to check a template by
-    for edit in edits:
-        try:
-            checked = batch.check(edit)
-            identity = batch.identity(checked, estimating=True)
-        except RowError as exc:
+    rows = [_prepared(batch, edit) for edit in edits]
+    made, kept = _looked_up(batch, [row for row in rows if isinstance(row, _Row)])
+    for row in rows:
+        if not isinstance(row, _Row):
+            edit, reason = row
             invalid += 1
-            errors.append((edit.row_id, edit.line, sentence_of(exc)))
+            errors.append((edit.row_id, edit.line, reason))
             continue
+        edit, checked, identity, answer = row.edit, row.checked, row.identity, row.answer
         if not first_output:  # (a row whose edit goes into a file with others': that file)
             name = batch.publisher.combined.get(edit.row_id) or batch.publisher.name(edit, checked.info)
             first_output = batch.store.uri(name)
@@ -95,15 +147,13 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
             duplicates += 1
             continue
         seen.add(identity)
-        if not batch.force and batch.results.earlier(identity) is not None:
+        if identity in made:
             done += 1
             continue
-        request, sent = batch.request(checked, estimating=True)
-        answer = batch.purchases.answer_looked_for(sent, checked.provider)
         if answer is not None and answer in answered:
             twins += 1
             continue
-        state = batch.attempt_for(edit.row_id, request, sent)
+        state = batch.attempt_for(edit.row_id, row.request, row.sent)
         if state is not None and state.settled and batch.config.provider.resubmit_unusable:
             state = None  # what it could not use is given up: a new prediction
         elif state is None and edit.row_id in batch.states:
@@ -121,7 +171,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
             to_collect += 1  # a stopped run's (left_here.py)
             answered.add(answer)
             continue
-        if batch.answer_kept(checked, sent):  # (looked for after what earlier attempts left, as a run does)
+        if answer in kept:  # (looked for after what earlier attempts left, as a run does)
             to_collect += 1  # the model's answer, kept with the results (kept_answers.py)
             answered.add(answer)
             continue
