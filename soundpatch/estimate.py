@@ -90,9 +90,10 @@ def _prepared(batch: Batch, edit: Edit) -> _Row | tuple[Edit, str]:
 
 
 def _looked_up(batch: Batch, rows: list[_Row]) -> tuple[set[str], set[str]]:
-    """Of `rows`, the identities whose result the output store holds (none under --force) and
-    the answers kept with the results: asked LOOKUPS_AT_ONCE at a time, as each is a request
-    or two to a bucket (one after another, a dataset of thousands of rows waited minutes)."""
+    """Of `rows`, the identities whose result the output store holds (none under --force),
+    asked LOOKUPS_AT_ONCE at a time, as each is a request to a bucket (one after another, a
+    dataset of thousands of rows waited minutes); and the answers kept with the results (one
+    listing of them)."""
     identities = [] if batch.force else list({row.identity for row in rows})
     answers = list({row.answer for row in rows if row.answer is not None})
     kept_answers = batch.kept_answers
@@ -105,8 +106,7 @@ def _looked_up(batch: Batch, rows: list[_Row]) -> tuple[set[str], set[str]]:
 
     with ThreadPoolExecutor(max_workers=LOOKUPS_AT_ONCE) as pool:
         made_ones = [i for i, yes in zip(identities, pool.map(made, identities), strict=True) if yes]
-        kept_ones = [a for a, yes in zip(answers, pool.map(kept, answers), strict=True) if yes]
-    return set(made_ones), set(kept_ones)
+    return set(made_ones), {answer for answer in answers if kept(answer)}
 
 
 def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:

@@ -49,6 +49,7 @@ class KeptAnswers(Leftovers):
         self.max_bytes = max_bytes  # the most an answer may weigh (a provider's download limit)
         self.asked_again = asked_again or set()
         self._offered: set[tuple[str, str]] = set()  # (answer identity, row id)
+        self._listed: set[str] | None = None  # the answers' file names, for `holds` (listed once)
 
     def wanted(self, row_id: str, spans_partial: bool) -> bool:
         """Whether the model's answer a row was made from is to be kept: where its result holds
@@ -89,11 +90,15 @@ class KeptAnswers(Leftovers):
         )
 
     def holds(self, answer: str) -> bool:
-        """Whether an answer is kept for `answer` (for an estimate: nothing is read)."""
-        try:
-            return self.store.holds(self.store.uri(self._name(answer)), None)
-        except (SoundpatchError, OSError):
-            return False
+        """Whether an answer is kept for `answer`, as the answers were when first asked (for an
+        estimate, of every row at once: one listing, not a request a row; nothing is read)."""
+        with self._lock:
+            if self._listed is None:
+                try:
+                    self._listed = self.store.names(ANSWERS_PREFIX)
+                except (SoundpatchError, OSError):
+                    self._listed = set()  # (none to be had: the estimate errs on the side of cost)
+            return f"{answer}.answer" in self._listed
 
     def keep(self, answer: str, provider: str, paid: PaidAnswer) -> None:
         """Keep a paid answer under `answer` (written whole, or not at all). Raises

@@ -60,6 +60,11 @@ class OutputStore(Protocol):
         none yet); False if another process wrote it meanwhile."""
         ...
 
+    def names(self, folder: str) -> set[str]:
+        """The names of the plain files right in `folder` under the prefix (the answers kept
+        with the results), listed at once: a bucket's thousand a request."""
+        ...
+
     def copy(self, uri: str, name: str, metadata: dict[str, str]) -> str:
         """A result this store holds, copied under a new name with new metadata."""
         ...
@@ -234,6 +239,12 @@ class LocalFolder:
             atomic_write(path, data)
         return True
 
+    def names(self, folder: str) -> set[str]:
+        try:
+            return {entry.name for entry in os.scandir(self.root / folder) if entry.is_file()}
+        except FileNotFoundError:
+            return set()
+
     def copy(self, uri: str, name: str, metadata: dict[str, str]) -> str:
         source = Path(uri)
         if self._path(name) == source.resolve():
@@ -348,6 +359,11 @@ class S3Prefix:
         except NoConditionalWrites:  # a store without them: the last writer's stands
             self.put_file(name, data, content_type)
             return True
+
+    def names(self, folder: str) -> set[str]:
+        under = self.prefix.child(folder.rstrip("/") + "/")
+        leaves = (key[len(under.key) :] for key in self.s3.keys(under))
+        return {leaf for leaf in leaves if leaf and "/" not in leaf}
 
     def copy(self, uri: str, name: str, metadata: dict[str, str]) -> str:
         target = self._uri(name)

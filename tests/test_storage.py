@@ -596,6 +596,34 @@ def test_a_batch_s_rows_share_s3_connections_instead_of_opening_new_ones(aws_env
     assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
 
 
+def test_a_missing_object_costs_one_request_and_a_folder_s_files_are_listed_at_once(tmp_path, aws_env):
+    # Each row looks for its result's index record before anything else: where none is there,
+    # the GET's NoSuchKey says so (a HEAD after it doubled a bucket's requests a row). And
+    # validate lists the answers kept with the results once, rather than asking a row at a time.
+    from soundpatch.config import S3Config
+    from soundpatch.s3 import S3, S3Uri
+
+    bucket = aws_env.bucket("looked")
+    s3 = S3(S3Config(endpoint_url=aws_env.endpoint), connections=4)
+    calls: list[str] = []
+    s3.client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    assert s3.get(S3Uri(bucket, "out/.soundpatch/results/none.json"), 1 << 20) is None
+    assert calls == ["GetObject"]
+
+    bucketed = storage.S3Prefix(s3, f"s3://{bucket}/out/")
+    folder = LocalFolder(tmp_path / "out")
+    for store in (bucketed, folder):
+        assert store.names(".soundpatch/answers") == set()  # none yet
+        store.put_file(".soundpatch/answers/a.answer", b"{}\nA", "application/octet-stream")
+        store.put_file(".soundpatch/answers/b.answer", b"{}\nB", "application/octet-stream")
+        store.put_file(".soundpatch/answers/deeper/c.answer", b"{}\nC", "application/octet-stream")
+        store.put_file(".soundpatch/other/d.answer", b"{}\nD", "application/octet-stream")
+        assert store.names(".soundpatch/answers") == {"a.answer", "b.answer"}
+    calls.clear()
+    bucketed.names(".soundpatch/answers")
+    assert calls == ["ListObjectsV2"]
+
+
 def test_patterns_expand_into_rows_and_identical_rows_are_sent_once(tmp_path):
     audio = tmp_path / "library"
     audio.mkdir()
