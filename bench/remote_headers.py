@@ -16,7 +16,6 @@ the rows' identities).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import numpy as np
 import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from servers import metered_link, s3_server  # noqa: E402
+from servers import bench_credentials, metered_link, s3_server  # noqa: E402
 
 RATE = 44100
 COMMAND = Path(sys.executable).parent / "soundpatch"
@@ -46,11 +45,12 @@ def tape(path: Path, minutes: float, seed: int, format: str = "wav") -> None:
             f.write(rng.integers(-9000, 9000, (60 * RATE, 2), dtype=np.int16))
 
 
-def validate(folder: Path, config: str, env: dict[str, str]) -> float:
+def validate(folder: Path, config: str, env: dict[str, str], manifest: str = "m.csv") -> float:
+    """Seconds `soundpatch validate` took on `manifest` in `folder`, with `config` (YAML)."""
     (folder / "c.yaml").write_text(config)
     started = time.perf_counter()
     done = subprocess.run(
-        [str(COMMAND), "validate", "m.csv", "--config", "c.yaml"], cwd=folder, env=env, capture_output=True, text=True
+        [str(COMMAND), "validate", manifest, "--config", "c.yaml"], cwd=folder, env=env, capture_output=True, text=True
     )
     seconds = time.perf_counter() - started
     if done.returncode != 0 or "predictions to send" not in " ".join(done.stdout.split()).lower():
@@ -66,13 +66,7 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--format", choices=sorted(FORMATS), default="wav")
     args = parser.parse_args()
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    os.environ.update(env)
+    env = bench_credentials()
     with tempfile.TemporaryDirectory() as tmp, s3_server("tapes") as endpoint:
         folder = Path(tmp)
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import os
 import socket
 import subprocess
 import sys
@@ -24,6 +25,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def bench_credentials() -> dict[str, str]:
+    """Made-up AWS credentials for the S3 server (moto takes any), set in this process too:
+    the environment a bench's `soundpatch` commands get."""
+    made_up = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(made_up)
+    return dict(os.environ)
 
 
 @contextmanager

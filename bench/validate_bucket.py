@@ -14,38 +14,23 @@ a local folder, where each look is a file opened: the ratio is what the bucket a
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from servers import metered_link, s3_server  # noqa: E402
+from remote_headers import validate  # noqa: E402
+from servers import bench_credentials, metered_link, s3_server  # noqa: E402
 
 RATE = 44100
-COMMAND = Path(sys.executable).parent / "soundpatch"
 CONFIG = """provider: {{name: eachlabs, base_url: "http://127.0.0.1:9"}}
 storage: {{staging: "s3://dataset/clips/", s3: {{endpoint_url: "{endpoint}"}}}}
 output: {{uri: "{output}"}}
 limits: {{budget_usd: 100000}}
 """
-
-
-def validate(folder: Path, endpoint: str, output: str, env: dict[str, str]) -> float:
-    (folder / "c.yaml").write_text(CONFIG.format(endpoint=endpoint, output=output))
-    started = time.perf_counter()
-    done = subprocess.run(
-        [str(COMMAND), "validate", "m.yaml", "--config", "c.yaml"], cwd=folder, env=env, capture_output=True, text=True
-    )
-    seconds = time.perf_counter() - started
-    if done.returncode != 0 or "predictions to send" not in " ".join(done.stdout.split()).lower():
-        raise SystemExit(f"validate failed:\n{done.stdout}\n{done.stderr}")
-    return seconds
 
 
 def main() -> None:
@@ -55,13 +40,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     args = parser.parse_args()
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    os.environ.update(env)
+    env = bench_credentials()
     rows = args.sources * args.prompts * args.seeds
     with tempfile.TemporaryDirectory() as tmp, s3_server("dataset") as endpoint:
         folder = Path(tmp)
@@ -75,9 +54,9 @@ def main() -> None:
             f'defaults: {{region: "2.0-4.0"}}\nmatrix:\n  input: [{sources}]\n  prompt: [{prompts}]\n'
             f"  seed: [{seeds}]\n"
         )
-        local = validate(folder, endpoint, str(folder / "outputs"), env)
+        local = validate(folder, CONFIG.format(endpoint=endpoint, output=folder / "outputs"), env, "m.yaml")
         with metered_link(endpoint, 1000.0, args.latency_ms) as (link, meter):
-            bucket = validate(folder, link, "s3://dataset/night/", env)
+            bucket = validate(folder, CONFIG.format(endpoint=link, output="s3://dataset/night/"), env, "m.yaml")
             requests = meter.requests
 
     print(f"{rows} rows for a hosted model ({args.sources} sources x {args.prompts} prompts x {args.seeds} seeds)")

@@ -499,6 +499,23 @@ def journal_writer(run_dir: Path, now: list[float]) -> Callable[..., None]:
     return event
 
 
+def watched_line(tmp_path: Path, capsys, total: int, typical: dict[str, float] | None = None):
+    """A progress watcher of the run in `tmp_path`, its clock `now[0]`: (its journal's event
+    writer, the clock, the live line as it would print now, the watcher)."""
+    from soundpatch.pace import Pace
+    from soundpatch.progress import ProgressWatcher
+
+    watcher = ProgressWatcher(tmp_path, total=total, budget=50.0)
+    now = [time.time()]  # this attempt's events come after the watcher began
+    watcher.pace = Pace(window_seconds=60, clock=lambda: now[0], typical=typical)
+
+    def line() -> str:
+        watcher._print_line()
+        return capsys.readouterr().err.strip()
+
+    return journal_writer(tmp_path, now), now, line, watcher
+
+
 def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tmp_path, capsys):
     from soundpatch.journal import Journal
     from soundpatch.progress import ProgressWatcher
@@ -591,19 +608,7 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
 
 
 def test_the_time_left_goes_by_the_pace_sent_rows_have_been_ending_at_lately(tmp_path, capsys):
-    from soundpatch.pace import Pace
-    from soundpatch.progress import ProgressWatcher
-
-    watcher = ProgressWatcher(tmp_path, total=100, budget=50.0)
-    now = [time.time()]  # this attempt's events come after the watcher began
-    watcher.pace = Pace(window_seconds=60, clock=lambda: now[0])
-
-    event = journal_writer(tmp_path, now)
-
-    def line() -> str:
-        watcher._print_line()
-        return capsys.readouterr().err.strip()
-
+    event, now, line, _ = watched_line(tmp_path, capsys, total=100)
     event("run_started", total=100)
     for row in range(20):  # rows already done or invalid end at once: no pace to go by
         event("outcome", f"skip{row}", outcome={"status": "skipped_done" if row % 2 else "invalid"})
@@ -631,18 +636,7 @@ def test_the_time_left_of_a_local_engine_and_a_hosted_model_together_is_the_slow
     # A restoration batch: 20 rows of clicks for the local engine, ended within a second, and
     # 6 of dropouts for a model, some 15 s each. One pace for both said "about 2.0 s left"
     # with 3 of the model's rows 15 s from ending.
-    from soundpatch.pace import Pace
-    from soundpatch.progress import ProgressWatcher
-
-    watcher = ProgressWatcher(tmp_path, total=26, budget=50.0)
-    now = [time.time()]
-    watcher.pace = Pace(window_seconds=60, clock=lambda: now[0], typical={"eachlabs": 15.0})
-    event = journal_writer(tmp_path, now)
-
-    def line() -> str:
-        watcher._print_line()
-        return capsys.readouterr().err.strip()
-
+    event, now, line, watcher = watched_line(tmp_path, capsys, total=26, typical={"eachlabs": 15.0})
     event("run_started", total=26, providers={"local": 20, "eachlabs": 6})
     for row in range(6):
         event("sending", f"m{row}", provider="eachlabs")
@@ -677,18 +671,7 @@ def test_the_time_left_of_a_local_engine_and_a_hosted_model_together_is_the_slow
 def test_a_few_rows_for_a_model_have_a_time_left_by_what_its_rows_took_so_far(tmp_path, capsys):
     # Four rows of dropouts for a model, two at a time: too few ends for a pace. Once the last
     # two are out, they take what the first two took (sent to ended), not the typical time.
-    from soundpatch.pace import Pace
-    from soundpatch.progress import ProgressWatcher
-
-    watcher = ProgressWatcher(tmp_path, total=4, budget=50.0)
-    now = [time.time()]
-    watcher.pace = Pace(window_seconds=60, clock=lambda: now[0], typical={"eachlabs": 15.0})
-    event = journal_writer(tmp_path, now)
-
-    def line() -> str:
-        watcher._print_line()
-        return capsys.readouterr().err.strip()
-
+    event, now, line, _ = watched_line(tmp_path, capsys, total=4, typical={"eachlabs": 15.0})
     event("run_started", total=4, providers={"eachlabs": 4})
     for row in range(2):
         event("sending", f"m{row}", provider="eachlabs")
