@@ -51,8 +51,8 @@ WRITTEN_BYTES_PER_SECOND = 100e6
 # 4-minute recording's 30-100 ms gaps 0.64-0.87 s an edit, a 30-second clip's 0.32-0.48 s;
 # a 30-minute tape's 40 dropouts took 30 s on two cores, 1.5 s a row a core).
 SEARCHED_FROM_SECONDS, SEARCHED_UP_TO_SECONDS = 60.0, 180.0
-# Rows' results and kept answers looked for in the output store at once (as many as the
-# remote recordings' headers read at once: the S3 client's connections are sized for them).
+# Rows' results looked for in the output store at once (as many as the remote recordings'
+# headers read at once: the S3 client's connections are sized for them).
 LOOKUPS_AT_ONCE = HEADERS_AT_ONCE
 
 
