@@ -19,6 +19,16 @@ from soundpatch.memory_room import MemoryRoom, NotAdmitted, default_limit_bytes,
 MB = 2**20
 
 
+def until(condition, seconds: float = 10.0) -> bool:
+    """Whether `condition()` came true within `seconds` (asked every 10 ms)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_recordings_are_let_in_while_they_fit_first_asked_first_and_one_too_large_alone():
     room = MemoryRoom(100 * MB)
     order: list[str] = []
@@ -32,20 +42,26 @@ def test_recordings_are_let_in_while_they_fit_first_asked_first_and_one_too_larg
             release[name].wait(10)
 
     threads = {}
-    for name, nbytes in (("a", 60 * MB), ("b", 30 * MB), ("big", 250 * MB), ("c", 10 * MB)):
+    # Asked in this order: each asks once the one before is let in, or says it waits (as
+    # sleeping a tenth of a second between them was not always enough on a busy machine).
+    for name, nbytes, asked in (
+        ("a", 60 * MB, lambda: order == ["a"]),
+        ("b", 30 * MB, lambda: order == ["a", "b"]),
+        ("big", 250 * MB, lambda: ("big", True) in told),
+        ("c", 10 * MB, lambda: ("c", True) in told),
+    ):
         threads[name] = threading.Thread(target=row, args=(name, nbytes))
         threads[name].start()
-        time.sleep(0.1)  # asked in this order
+        assert until(asked), (name, order, told)
     assert order == ["a", "b"] and room.in_use == 90 * MB  # c would fit, but big asked first
     release["a"].set()
     time.sleep(0.3)
     assert order == ["a", "b"]  # big waits for the room to be empty
     release["b"].set()
-    time.sleep(0.3)
-    assert order == ["a", "b", "big"] and room.in_use == 250 * MB
+    assert until(lambda: order == ["a", "b", "big"]), order
+    assert room.in_use == 250 * MB
     release["big"].set()
-    time.sleep(0.3)
-    assert order == ["a", "b", "big", "c"]
+    assert until(lambda: order == ["a", "b", "big", "c"]), order
     release["c"].set()
     for t in threads.values():
         t.join(5)
