@@ -29,6 +29,7 @@ from typing import Any
 from soundpatch.edits import Edit
 from soundpatch.errors import SoundpatchError
 from soundpatch.humanize import named_runs, plural
+from soundpatch.identity import sent_identity
 from soundpatch.leftovers import Left, Leftovers
 from soundpatch.providers.base import PaidAnswer
 from soundpatch.storage import OutputStore
@@ -138,15 +139,14 @@ class KeptAnswers(Leftovers):
 
 
 def asked_again(edits: Sequence[Edit], input_of: Callable[[Edit], str], provider_of: Callable[[Edit], str]) -> set[str]:
-    """The rows that send what another row sends, with other damaged spans: same recording,
-    region, prompt, seed, steps, guidance and provider (identity.sent_identity). A model makes
-    their answer once; each of them keeps it for the others."""
-    groups: dict[tuple, list[Edit]] = {}
+    """The rows that send what another row sends, with other damaged spans: same recording
+    (named the same), request without spans (identity.sent_identity) and provider. A model
+    makes their answer once; each of them keeps it for the others."""
+    groups: dict[tuple[str, str], list[Edit]] = {}
     for edit in edits:
         if edit.error:
             continue
-        sent = (input_of(edit), edit.start, edit.end, edit.prompt, edit.seed, edit.steps, edit.guidance_scale)
-        groups.setdefault((*sent, provider_of(edit)), []).append(edit)
+        groups.setdefault((sent_identity(edit, input_of(edit)), provider_of(edit)), []).append(edit)
     return {
         edit.row_id
         for group in groups.values()
