@@ -98,9 +98,10 @@ class S3:
         self.read_into(uri, max_bytes, body)
         return body.getvalue()
 
-    def read_into(self, uri: S3Uri, max_bytes: int, sink: BinaryIO) -> None:
+    def read_into(self, uri: S3Uri, max_bytes: int, sink: BinaryIO) -> str:
         """The object's bytes, a megabyte at a time into `sink` (an input hours long is never
-        held as bytes), or RowError with one sentence; over `max_bytes`, refused."""
+        held as bytes), or RowError with one sentence; over `max_bytes`, refused. Returns the
+        ETag of the version read."""
         known = self._unreachable.get(uri.bucket)
         if known is not None:
             raise RowError(describe(known, uri, "read"))
@@ -116,6 +117,7 @@ class S3:
                     if size > max_bytes:
                         raise RowError(over_limit(str(uri), max_bytes))
                     sink.write(chunk)
+            return str(response.get("ETag") or "")
         except (ClientError, BotoCoreError) as exc:
             if _whole_bucket(exc):
                 self._unreachable[uri.bucket] = exc
@@ -181,16 +183,24 @@ class S3:
             raise RowError(describe(exc, uri, "look up")) from None
 
     def get(self, uri: S3Uri, max_bytes: int) -> bytes | None:
-        """An object's bytes, or None if there is no such object (as the GET said, else as a
-        HEAD then says: a store may answer a missing key's GET otherwise)."""
+        """An object's bytes, or None if there is no such object."""
+        got = self.get_tagged(uri, max_bytes)
+        return None if got is None else got[0]
+
+    def get_tagged(self, uri: S3Uri, max_bytes: int) -> tuple[bytes, str] | None:
+        """An object's bytes and the ETag of that version, from one GET; None if there is no
+        such object (as the GET said, else as a HEAD then says: a store may answer a missing
+        key's GET otherwise)."""
+        body = io.BytesIO()
         try:
-            return self.read(uri, max_bytes)
+            etag = self.read_into(uri, max_bytes, body)
         except NoSuchObject:
             return None
         except RowError:
             if self.head(uri) is None:
                 return None
             raise
+        return body.getvalue(), etag
 
     def keys(self, prefix: S3Uri) -> list[str]:
         """Every key under a prefix, in the order S3 lists them (lexicographic)."""

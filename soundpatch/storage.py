@@ -348,10 +348,9 @@ class S3Prefix:
         return str(target)
 
     def read_file(self, name: str, max_bytes: int) -> tuple[bytes, str] | None:
-        target = self._uri(name)
-        seen = self.s3.age(target)  # its ETag first: one written after it fails put_file_if
-        data = None if seen is None else self.s3.get(target, max_bytes)
-        return None if seen is None or data is None else (data, seen[0])
+        # One GET: its ETag is the version of the bytes it brought (a HEAD before it cost a
+        # request more, each kept answer a row found); one written since fails put_file_if.
+        return self.s3.get_tagged(self._uri(name), max_bytes)
 
     def put_file_if(self, name: str, data: bytes, content_type: str, version: str | None) -> bool:
         try:

@@ -596,9 +596,10 @@ def test_a_batch_s_rows_share_s3_connections_instead_of_opening_new_ones(aws_env
     assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
 
 
-def test_a_missing_object_costs_one_request_and_a_folder_s_files_are_listed_at_once(tmp_path, aws_env):
+def test_an_object_read_costs_one_request_and_a_folder_s_files_are_listed_at_once(tmp_path, aws_env):
     # Each row looks for its result's index record before anything else: where none is there,
-    # the GET's NoSuchKey says so (a HEAD after it doubled a bucket's requests a row). And
+    # the GET's NoSuchKey says so (a HEAD after it doubled a bucket's requests a row), and a
+    # file that is there is read by its GET alone (a HEAD before it, for its version, too). And
     # validate lists the answers kept with the results once, rather than asking a row at a time.
     from soundpatch.config import S3Config
     from soundpatch.s3 import S3, S3Uri
@@ -622,6 +623,14 @@ def test_a_missing_object_costs_one_request_and_a_folder_s_files_are_listed_at_o
     calls.clear()
     bucketed.names(".soundpatch/answers")
     assert calls == ["ListObjectsV2"]
+    # A file that is there (a kept answer a row found, a dataset's index) costs one GET too, and
+    # the version it names is the one read: a write since then is not overwritten.
+    calls.clear()
+    held = bucketed.read_file(".soundpatch/answers/a.answer", 1 << 20)
+    assert calls == ["GetObject"] and held is not None and held[0] == b"{}\nA", (calls, held)
+    assert bucketed.put_file_if(".soundpatch/answers/a.answer", b"{}\nA2", "text/plain", held[1])
+    assert not bucketed.put_file_if(".soundpatch/answers/a.answer", b"{}\nA3", "text/plain", held[1])
+    assert bucketed.read_file(".soundpatch/answers/a.answer", 1 << 20)[0] == b"{}\nA2"
 
 
 def test_patterns_expand_into_rows_and_identical_rows_are_sent_once(tmp_path):
