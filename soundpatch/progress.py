@@ -85,6 +85,7 @@ class ProgressWatcher:
                     self._flying.add(row)
             elif kind in ("creating", "created"):  # a prediction in flight (or taken up again)
                 self._flying.add(row)
+                self.pace.created(e["t"], row)
             elif kind == "predicted":
                 self._flying.discard(row)
             elif kind == "outcome":

@@ -686,6 +686,26 @@ def test_a_few_rows_for_a_model_have_a_time_left_by_what_its_rows_took_so_far(tm
     assert line().endswith("0 in flight")
 
 
+def test_a_batch_s_first_wave_has_a_time_left_by_what_a_prediction_typically_takes(tmp_path, capsys):
+    # 100 rows for a model, 16 predictions at a time: until 3 had ended (some 15 s) the line
+    # said nothing of the time left. Now the first in flight ends when a prediction typically
+    # does, and the 84 rows behind them go 16 at a time.
+    event, now, line, _ = watched_line(tmp_path, capsys, total=100, typical={"eachlabs": 15.0})
+    event("run_started", total=100, providers={"eachlabs": 100})
+    for row in range(40):  # sent; 16 have their create out (limits.concurrency), the rest wait for a slot
+        event("sending", f"r{row}", provider="eachlabs")
+    assert line().endswith("0 in flight")  # none in flight yet: nothing to go by
+    for row in range(16):
+        event("creating", f"r{row}")
+    now[0] += 5
+    assert line().endswith("16 in flight, about 1 min 29 s left")  # 10 s + 84 x 15 s / 16
+    now[0] += 11  # the first is late: nothing rather than something wrong
+    assert line().endswith("16 in flight")
+    for row in range(3):  # three ended: the pace they ended at from here on, as before
+        event("outcome", f"r{row}", outcome={"status": "succeeded", "provider": "eachlabs", "cost_usd": 0.2})
+    assert line().endswith("13 in flight, about 8 min 37 s left")  # 97 rows at 3 in 16 s
+
+
 def test_the_live_line_fits_the_terminal_and_says_less_before_it_loses_the_count(tmp_path):
     # At 80 columns rich cut the line from its start: "inp… 0 failed or invalid · $0.00 of
     # $10.00 · 0 in flight · files of several ro…", without the bar or the rows done.
