@@ -463,9 +463,9 @@ def test_a_run_whose_own_disk_fills_up_starts_no_more_rows_says_why_and_pays_for
         # The first prediction made is answered; the second, made once the first's slot is
         # free, is held by the provider while the disk fills, and answered after. Nothing of
         # this waits on timing: before, the second was held from when the test saw the first's
-        # answer, and on a loaded CI machine it had sometimes been answered by then (it was
-        # publishing as the disk filled; its answer, removed as it failed, gave the journal
-        # room again, and the rows after were told the disk was full, not the journal).
+        # answer, and on a loaded CI machine it had sometimes been answered by then. The rows
+        # after were then told of the full disk in other true words than the journal's (made
+        # to happen with the test's thread 1.5 s late: "succeeded 2 failed 4").
         deadline = time.monotonic() + 120
         let_through = False
         try:
