@@ -93,11 +93,6 @@ class S3:
                 )
             return self._client
 
-    def read(self, uri: S3Uri, max_bytes: int) -> bytes:
-        body = io.BytesIO()
-        self.read_into(uri, max_bytes, body)
-        return body.getvalue()
-
     def read_into(self, uri: S3Uri, max_bytes: int, sink: BinaryIO) -> str:
         """The object's bytes, a megabyte at a time into `sink` (an input hours long is never
         held as bytes), or RowError with one sentence; over `max_bytes`, refused. Returns the
