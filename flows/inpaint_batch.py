@@ -81,8 +81,17 @@ def inpaint_batch(
     try:
         todo, kept = batch.split()
         by_provider = batch.rows_by_provider(todo)  # for the time left (pace.py)
+        limits = {
+            "concurrency": cfg.limits.concurrency,
+            "per_minute": cfg.limits.requests_per_minute,
+        }  # (each provider's)
         batch.journal.write(
-            "run_started", total=len(todo) + len(kept), kept=len(kept), manifest=manifest, providers=by_provider
+            "run_started",
+            total=len(todo) + len(kept),
+            kept=len(kept),
+            manifest=manifest,
+            providers=by_provider,
+            limits=limits,
         )
         shown = artifacts.RunArtifacts(len(todo) + len(kept), run_id)  # in the Prefect UI
         shown.advance(len(kept))

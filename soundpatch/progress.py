@@ -83,6 +83,7 @@ class ProgressWatcher:
                 self.pace.sent(e["t"], e.get("provider") or "", row)
                 if e.get("provider") == "local":  # makes no prediction: worked on from here
                     self._flying.add(row)
+                    self.pace.created(e["t"], row)
             elif kind in ("creating", "created"):  # a prediction in flight (or taken up again)
                 self._flying.add(row)
                 self.pace.created(e["t"], row)
@@ -117,7 +118,7 @@ class ProgressWatcher:
                 self._flying.clear()
                 for waiting in (self._waiting, self._short_of_disk, self._short_of_budget, self._short_of_memory):
                     waiting.clear()  # ... and those that were waiting then start over
-                self.pace.restarted(e.get("providers"))
+                self.pace.restarted(e.get("providers"), e.get("limits"))
             elif kind == "combining":
                 self._files, self._files_made, self._files_not_made = int(e.get("files") or 0), 0, 0
             elif kind == "combined" and e.get("output"):

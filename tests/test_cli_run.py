@@ -670,20 +670,24 @@ def test_the_time_left_of_a_local_engine_and_a_hosted_model_together_is_the_slow
 
 def test_a_few_rows_for_a_model_have_a_time_left_by_what_its_rows_took_so_far(tmp_path, capsys):
     # Four rows of dropouts for a model, two at a time: too few ends for a pace. Once the last
-    # two are out, they take what the first two took (sent to ended), not the typical time.
+    # two are out, they take what the first two took (create to ended), not the typical time.
     event, now, line, _ = watched_line(tmp_path, capsys, total=4, typical={"eachlabs": 15.0})
     event("run_started", total=4, providers={"eachlabs": 4})
     for row in range(2):
         event("sending", f"m{row}", provider="eachlabs")
-    assert line().endswith("0 in flight")  # two rows not sent yet: nothing said
+        event("creating", f"m{row}")
+    assert line().endswith("2 in flight, about 30.0 s left")  # a first wave: 15 s, then 2 more, 2 at a time
     now[0] += 24
     for row in range(2):
         event("outcome", f"m{row}", outcome={"status": "succeeded", "provider": "eachlabs", "cost_usd": 0.2})
         event("sending", f"m{row + 2}", provider="eachlabs")
+    assert line().endswith("0 in flight")  # sent, waiting for their turn: nothing to go by
+    for row in range(2, 4):
+        event("creating", f"m{row}")
     now[0] += 4
-    assert line().endswith("about 20.0 s left")  # 24 s a row, the last sent 4 s ago
+    assert line().endswith("about 20.0 s left")  # 24 s a row, the last out 4 s ago
     now[0] += 30  # running late: nothing rather than something wrong
-    assert line().endswith("0 in flight")
+    assert line().endswith("2 in flight")
 
 
 def test_a_batch_s_first_wave_has_a_time_left_by_what_a_prediction_typically_takes(tmp_path, capsys):
@@ -704,6 +708,48 @@ def test_a_batch_s_first_wave_has_a_time_left_by_what_a_prediction_typically_tak
     for row in range(3):  # three ended: the pace they ended at from here on, as before
         event("outcome", f"r{row}", outcome={"status": "succeeded", "provider": "eachlabs", "cost_usd": 0.2})
     assert line().endswith("13 in flight, about 8 min 37 s left")  # 97 rows at 3 in 16 s
+
+
+def test_a_batch_held_back_by_the_rate_limit_has_the_time_its_creates_take_to_go_out(tmp_path, capsys):
+    # 100 rows, 40 predictions allowed in flight, creates at 60 a minute: one goes out a
+    # second, each answered 15 s later. 5 s in only 5 are in flight: going 5 at a time, the
+    # line said "about 4 min 55 s left" (10 s + 95 x 15 s / 5). The last create goes out at
+    # 99 s, its answer 15 s on.
+    event, now, line, _ = watched_line(tmp_path, capsys, total=100, typical={"eachlabs": 15.0})
+    event("run_started", total=100, providers={"eachlabs": 100}, limits={"concurrency": 40, "per_minute": 60})
+    for row in range(80):  # rows at once: twice the predictions in flight
+        event("sending", f"r{row}", provider="eachlabs")
+    for second in range(27):
+        if second == 5:
+            assert line().endswith("5 in flight, about 1 min 50 s left")  # 95 creates at 1 a second + 15 s
+        event("creating", f"r{second}")
+        if second >= 15:
+            event("outcome", f"r{second - 15}", outcome={"status": "succeeded", "provider": "eachlabs"})
+        now[0] += 1
+    # 27 s in, 12 rows have ended, one a second since the first did: 88 to go at that pace.
+    # Counted from the first row sent, the line said "about 3 min 18 s left" (88 x 27 s / 12).
+    assert line().endswith("15 in flight, about 1 min 28 s left")
+
+
+def test_a_batch_held_back_by_its_concurrency_goes_that_many_at_a_time(tmp_path, capsys):
+    # 40 rows, 8 predictions in flight, creates at 100 a second: a wave of 8 at a time.
+    event, now, line, _ = watched_line(tmp_path, capsys, total=40, typical={"eachlabs": 15.0})
+    event("run_started", total=40, providers={"eachlabs": 40}, limits={"concurrency": 8, "per_minute": 6000})
+    for row in range(16):
+        event("sending", f"r{row}", provider="eachlabs")
+    for row in range(3):  # not all in flight yet: 8 at a time after the first ends, not 3
+        event("creating", f"r{row}")
+    now[0] += 5
+    assert line().endswith("3 in flight, about 1 min 19 s left")  # 10 s + 37 x 15 s / 8
+    for row in range(3, 8):
+        event("creating", f"r{row}")
+    now[0] += 10
+    for row in range(8):  # the first wave ends together
+        event("outcome", f"r{row}", outcome={"status": "succeeded", "provider": "eachlabs"})
+    now[0] += 0.5
+    # 8 ends in half a second is not the pace of the 32 rows after them: 8 at a time at most,
+    # each taking what these took (11.9 s: 3 of 15 s, 5 of 10 s). Without that, "about 2.0 s left".
+    assert line().endswith("0 in flight, about 47.5 s left")  # 32 x 11.875 s / 8
 
 
 def test_the_live_line_fits_the_terminal_and_says_less_before_it_loses_the_count(tmp_path):
