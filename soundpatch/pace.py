@@ -154,9 +154,10 @@ class Pace:
         if first_ends <= 0:
             return None
         after = rows - len(in_flight)  # rows whose create is yet to go out
-        at_once = max(self._at_once or 0, len(in_flight))
+        hosted = provider != LOCAL  # (the local engine's rows are held by the machine's cores, not the limits)
+        at_once = max(self._at_once or 0, len(in_flight)) if hosted else len(in_flight)
         left = first_ends + after * each / at_once
-        if self._per_second and after:  # the last create's turn, then its prediction
+        if hosted and self._per_second and after:  # the last create's turn, then its prediction
             left = max(left, after / self._per_second + each)
         return left
 

@@ -752,6 +752,19 @@ def test_a_batch_held_back_by_its_concurrency_goes_that_many_at_a_time(tmp_path,
     assert line().endswith("0 in flight, about 47.5 s left")  # 32 x 11.875 s / 8
 
 
+def test_the_local_engine_s_time_left_is_not_held_to_the_limits_of_a_hosted_model():
+    # The local engine sends no create: 60 creates a minute do not make its 100 rows take 96 s.
+    from soundpatch.pace import Pace
+
+    now = [1000.0]
+    pace = Pace(clock=lambda: now[0], typical={"local": 0.5})
+    pace.restarted({"local": 100}, {"concurrency": 8, "per_minute": 60})
+    for row in range(4):  # worked on as its cores allow
+        pace.sent(now[0], "local", f"c{row}")
+        pace.created(now[0], f"c{row}")
+    assert pace.seconds_left(100) == pytest.approx(0.5 + 96 * 0.5 / 4)
+
+
 def test_the_live_line_fits_the_terminal_and_says_less_before_it_loses_the_count(tmp_path):
     # At 80 columns rich cut the line from its start: "inp… 0 failed or invalid · $0.00 of
     # $10.00 · 0 in flight · files of several ro…", without the bar or the rows done.
