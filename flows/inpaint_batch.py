@@ -11,7 +11,8 @@
 4. Write the report (runs/<run_id>/report.csv, .json, .html; also under
    <output.uri>/<run_id>/ when the outputs are in a bucket), show it on the flow run as
    Prefect artifacts (progress while it goes, then outcomes and money), and return the
-   summary. The flow run ends Completed when every result is there, and Failed, saying
+   summary. While it goes, the progress line is in the flow run's log too, once a minute
+   and as the rows end (for a deployment's run, which no terminal shows). The flow run ends Completed when every result is there, and Failed, saying
    how many and why, when rows failed, were invalid or were stopped by the budget: what
    the command's exit status says, the Prefect UI and its automations see too (a nightly
    deployment that lost rows alerts instead of looking fine).
@@ -25,11 +26,12 @@ itself (the UI's custom run, `prefect deployment run --param`) without a file of
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
@@ -45,8 +47,22 @@ from soundpatch.errors import ConfigError
 from soundpatch.journal import prediction_seconds, read_events
 from soundpatch.manifest import load_manifest
 from soundpatch.outcome import EXIT_OK, SKIPPED_DONE, SUCCEEDED, Outcome, exit_status
+from soundpatch.progress import ProgressWatcher
 from soundpatch.report import publish_reports, summarize
 from tasks.inpaint import inpaint_row
+
+LOGGED_EVERY_SECONDS = 60.0  # the progress line in a flow run's log (a nightly run of hours: 60 lines an hour)
+
+
+def _progress_log(batch: Batch, total: int, budget: float) -> ProgressWatcher | None:
+    """The progress line in the flow run's log (rows done, failed, spent, in flight, time
+    left) every LOGGED_EVERY_SECONDS and as the rows end, for a run no terminal shows: a
+    deployment's, on a worker, whose log the Prefect UI shows. None where that log takes
+    no INFO: the `soundpatch` command (flows/ephemeral.py) shows its own line."""
+    logger = get_run_logger()
+    if not logger.isEnabledFor(logging.INFO):
+        return None
+    return ProgressWatcher(batch.run_dir, total=total, budget=budget, say=logger.info, every=LOGGED_EVERY_SECONDS)
 
 
 def _flow_run_name() -> str:
@@ -78,6 +94,7 @@ def inpaint_batch(
     run_id = run_id or _run_id_of_this_flow_run()
     shared = shared_limits(cfg)  # other processes on the same account, through the Prefect server
     batch = Batch(load_manifest(manifest), cfg, run_id, force=force, api_keys=_api_keys(cfg), shared=shared)
+    logged = None
     try:
         todo, kept = batch.split()
         by_provider = batch.rows_by_provider(todo)  # for the time left (pace.py)
@@ -85,6 +102,7 @@ def inpaint_batch(
             "concurrency": cfg.limits.concurrency,
             "per_minute": cfg.limits.requests_per_minute,
         }  # (each provider's)
+        logged = _progress_log(batch, len(todo) + len(kept), cfg.limits.budget_usd)
         batch.journal.write(
             "run_started",
             total=len(todo) + len(kept),
@@ -93,12 +111,16 @@ def inpaint_batch(
             providers=by_provider,
             limits=limits,
         )
+        if logged is not None:
+            logged.start()
         shown = artifacts.RunArtifacts(len(todo) + len(kept), run_id)  # in the Prefect UI
         shown.advance(len(kept))
         outcomes = kept + _fan_out(batch, todo, batch.rows_at_once, shown)
         batch.combine(outcomes)  # the files several rows of one recording share
         batch.add_to_index(outcomes)  # output.index: the dataset's CSV
     finally:
+        if logged is not None:
+            logged.stop()  # (its last line: the rows' outcomes and what they spent)
         batch.close()
     order = {e.row_id: i for i, e in enumerate(batch.manifest.edits)}
     outcomes.sort(key=lambda o: order.get(o.row_id, len(order)))

@@ -1,10 +1,13 @@
 """The run's progress, read from its journal as it grows: a live line in a terminal (a bar,
-rows done, failed, money spent, in flight, time left), a plain line every 10 s in a log."""
+rows done, failed, money spent, in flight, time left), a plain line every 10 s in a log, or
+every so often to a logger of the caller's (`say`: the flow run's log in Prefect's UI, for
+a run no terminal shows)."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -23,12 +26,22 @@ class ProgressWatcher:
     """Shows rows done / failed / spent by reading the run's journal as it grows."""
 
     def __init__(
-        self, run_dir: Path, total: int, budget: float, new_database: bool = False, console: Console | None = None
+        self,
+        run_dir: Path,
+        total: int,
+        budget: float,
+        new_database: bool = False,
+        console: Console | None = None,
+        say: Callable[[str], None] | None = None,
+        every: float = 10.0,
     ) -> None:
         """`new_database`: Prefect's temporary server makes its database first (a first run
-        here). `console`: where the line goes (standard error by default)."""
+        here). `console`: where the line goes (standard error by default); or `say`, a
+        plain line every `every` seconds and one at the end."""
         self.run_dir, self.total, self.budget = run_dir, total, budget
         self.console = console or Console(stderr=True, highlight=False)
+        self._say = say or (lambda line: self.console.print(line, soft_wrap=True))  # one line in a log, however long
+        self._live, self._every = say is None and self.console.is_terminal, every
         # Until the flow begins (this attempt's run_started), Prefect is starting: seconds,
         # more on a first run. What an earlier attempt of the run wrote came before `_since`.
         self._since, self._begun = time.time() - 0.01, False
@@ -129,7 +142,7 @@ class ProgressWatcher:
         return min(self._done, self.total), self._bad, self._spent, len(self._flying), *waited
 
     def _loop(self) -> None:
-        if self.console.is_terminal:
+        if self._live:
             gauge = BarColumn()
             columns = [
                 TextColumn("[progress.description]{task.description}"),
@@ -147,10 +160,10 @@ class ProgressWatcher:
                     gauge.bar_width, detail = self._live_line(self.console.width, done, *state)
                     bar.update(task, completed=done, total=self.total, detail=detail)
             return
-        # Not a terminal (CI, a log file): a plain line every 10 s and one at the end.
+        # Not a terminal (CI, a log file, a logger): a plain line every so often and one at the end.
         last = time.time()
         while not self._stop.wait(1.0):
-            if time.time() - last >= 10:
+            if time.time() - last >= self._every:
                 self._print_line()
                 last = time.time()
         self._print_line(final=True)
@@ -204,7 +217,7 @@ class ProgressWatcher:
         done, bad, spent, flying, waiting, short, on_budget, on_memory = self._state()
         if not self._begun:  # and when the flow never began, the error says why, not this
             if not final:
-                self.console.print(f"progress: {self._starting}", soft_wrap=True)
+                self._say(f"progress: {self._starting}")
             return
         line = f"progress: {done}/{self.total} done, {bad} failed or invalid, ${spent:.2f} spent, {flying} in flight"
         line += f", {waiting} waiting for another run making the same edits" if waiting else ""
@@ -215,7 +228,7 @@ class ProgressWatcher:
             line += f", {on_memory} waiting for memory to read their recordings in"
         line += f", files of several rows made: {self._files_line()}" if self._files else ""
         line += self._left(done, ", about {} left")
-        self.console.print(line, soft_wrap=True)  # one line in a log, however long
+        self._say(line)
 
     def _files_line(self) -> str:
         not_made = f" ({self._files_not_made} not made)" if self._files_not_made else ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,18 @@ def prefect(env: dict[str, str], *args: str, timeout: float = 300) -> str:
     )
     assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
+
+
+def flow_run_log(api: httpx.Client, flow_run_id: str) -> list[str]:
+    """The messages of a flow run's log, as the Prefect UI shows them (the worker's flow run
+    process sends them as it exits; a moment more is allowed for them to be written)."""
+    deadline = time.monotonic() + 20
+    while True:
+        logs = api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
+        messages = [log["message"] for log in logs.json()]
+        if any(m.startswith("progress:") for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.5)
 
 
 def test_the_nightly_deployment_runs_on_a_worker_and_a_retry_resumes_its_run(tmp_path, prefect_server):
@@ -64,6 +77,11 @@ def test_the_nightly_deployment_runs_on_a_worker_and_a_retry_resumes_its_run(tmp
     assert sorted(index["file_name"]) == sorted(
         str(p.relative_to(tmp_path / "dataset" / "dataset")) for p in (tmp_path / "dataset" / "dataset").rglob("*.wav")
     )
+
+    # The flow run's log, which the Prefect UI shows, has the run's progress: no terminal
+    # shows a deployment's. Its last line comes as the rows end.
+    said = flow_run_log(api, flow_run_id)
+    assert "progress: 8/8 done, 0 failed or invalid, $0.00 spent, 0 in flight" in said, said
 
     # Retry the same flow run (what the UI's Retry does): the run is resumed, nothing redone.
     retried = api.post(
