@@ -12,10 +12,11 @@
    <output.uri>/<run_id>/ when the outputs are in a bucket), show it on the flow run as
    Prefect artifacts (progress while it goes, then outcomes and money), and return the
    summary. While it goes, the progress line is in the flow run's log too, once a minute
-   and as the rows end (for a deployment's run, which no terminal shows). The flow run ends Completed when every result is there, and Failed, saying
-   how many and why, when rows failed, were invalid or were stopped by the budget: what
-   the command's exit status says, the Prefect UI and its automations see too (a nightly
-   deployment that lost rows alerts instead of looking fine).
+   and as the rows end (for a deployment's run, which no terminal shows). The flow run
+   ends Completed when every result is there, and Failed, saying how many and why, when
+   rows failed, were invalid or were stopped by the budget: what the command's exit status
+   says, the Prefect UI and its automations see too (a nightly deployment that lost rows
+   alerts instead of looking fine).
 
 Parameters are plain values so the flow runs the same from the CLI, a deployment
 schedule, or a worker (deploy/prefect.yaml). `config` is the config as a mapping (what
@@ -62,7 +63,9 @@ def _progress_log(batch: Batch, total: int, budget: float) -> ProgressWatcher | 
     logger = get_run_logger()
     if not logger.isEnabledFor(logging.INFO):
         return None
-    return ProgressWatcher(batch.run_dir, total=total, budget=budget, say=logger.info, every=LOGGED_EVERY_SECONDS)
+    watcher = ProgressWatcher(batch.run_dir, total=total, budget=budget, say=logger.info, every=LOGGED_EVERY_SECONDS)
+    watcher.start()  # (before the run's run_started, which it waits for to say anything)
+    return watcher
 
 
 def _flow_run_name() -> str:
@@ -111,8 +114,6 @@ def inpaint_batch(
             providers=by_provider,
             limits=limits,
         )
-        if logged is not None:
-            logged.start()
         shown = artifacts.RunArtifacts(len(todo) + len(kept), run_id)  # in the Prefect UI
         shown.advance(len(kept))
         outcomes = kept + _fan_out(batch, todo, batch.rows_at_once, shown)
