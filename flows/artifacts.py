@@ -1,6 +1,7 @@
 """What the Prefect UI shows for a run: progress while it goes, then outcomes and money.
 
-- a progress artifact, updated as results complete (at most once a second);
+- a progress artifact, updated as results complete (at most once a second), its
+  description saying how many ended, failed and what they spent;
 - a table artifact of outcomes (key `soundpatch-outcomes`; the first TABLE_ROWS results,
   the report has them all);
 - a markdown artifact with the summary and the money (key `soundpatch-summary`).
@@ -24,7 +25,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from soundpatch.outcome import STATUSES, Outcome, by_reason
+from soundpatch.outcome import FAILED, INVALID, STATUSES, Outcome, by_reason
 
 TABLE_ROWS = 1000
 TABLE_COLUMNS = ("row_id", "status", "cost_usd", "checks", "output", "error")
@@ -38,22 +39,30 @@ class RunArtifacts:
 
     AWAY_SECONDS = 60.0
 
-    def __init__(self, total: int, run_id: str) -> None:
-        self.run_id = run_id
-        self.total, self.done, self._next = max(total, 1), 0, 0.0
+    def __init__(self, total: int, run_id: str, budget_usd: float) -> None:
+        self.run_id, self.budget = run_id, budget_usd
+        self.total, self.done, self.bad, self.spent, self._next = max(total, 1), 0, 0, 0.0, 0.0
         self._away_until = 0.0
         self._progress: UUID | None = self._quietly(
-            lambda: create_progress_artifact(0.0, description=f"soundpatch run {run_id}: results done")
+            lambda: create_progress_artifact(0.0, description=self._description())
         )
 
-    def advance(self, count: int = 1) -> None:
+    def advance(self, outcomes: Sequence[Outcome]) -> None:
         """Progress, at most once a second (and the last of it as it comes)."""
-        self.done += count
+        self.done += len(outcomes)
+        self.bad += sum(o.status in (FAILED, INVALID) for o in outcomes)
+        self.spent += sum(o.cost_usd or 0.0 for o in outcomes)
         now = time.monotonic()
         if self._progress is not None and (now >= self._next or self.done >= self.total):
-            artifact = self._progress
-            self._quietly(lambda: update_progress_artifact(artifact, 100.0 * min(self.done, self.total) / self.total))
+            artifact, progress = self._progress, 100.0 * min(self.done, self.total) / self.total
+            self._quietly(lambda: update_progress_artifact(artifact, progress, description=self._description()))
             self._next = time.monotonic() + 1.0
+
+    def _description(self) -> str:
+        return (
+            f"soundpatch run {self.run_id}: {min(self.done, self.total)}/{self.total} results ended, "
+            f"{self.bad} failed or invalid, ${self.spent:.2f} of ${self.budget:.2f} spent"
+        )
 
     def publish(self, outcomes: Sequence[Outcome], summary: dict[str, Any], report_path: str) -> None:
         """The outcomes' table and the summary, as the run ends."""

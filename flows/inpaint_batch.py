@@ -114,8 +114,8 @@ def inpaint_batch(
             providers=by_provider,
             limits=limits,
         )
-        shown = artifacts.RunArtifacts(len(todo) + len(kept), run_id)  # in the Prefect UI
-        shown.advance(len(kept))
+        shown = artifacts.RunArtifacts(len(todo) + len(kept), run_id, cfg.limits.budget_usd)  # in the Prefect UI
+        shown.advance(kept)
         outcomes = kept + _fan_out(batch, todo, batch.rows_at_once, shown)
         batch.combine(outcomes)  # the files several rows of one recording share
         batch.add_to_index(outcomes)  # output.index: the dataset's CSV
@@ -192,14 +192,16 @@ def _fan_out(batch: Batch, edits: list, window: int, shown: artifacts.RunArtifac
     for i, edit in enumerate(edits):
         if len(running) >= window:
             outcomes.append(_next_done(running))
-            shown.advance()
+            shown.advance(outcomes[-1:])
         if batch.stopping:  # asked to stop, or the journal cannot be written (a full disk)
-            outcomes.extend(batch.not_started(e) for e in edits[i:])
+            left = [batch.not_started(e) for e in edits[i:]]
+            outcomes.extend(left)
+            shown.advance(left)
             break
         running.append(inpaint_row.submit(batch, edit))
     while running:
         outcomes.append(_next_done(running))
-        shown.advance()
+        shown.advance(outcomes[-1:])
     return outcomes
 
 

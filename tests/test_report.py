@@ -361,7 +361,10 @@ def test_the_prefect_ui_tells_the_same_story(tmp_path):
                 artifacts = client.read_artifacts(
                     flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
                 )
-                print(json.dumps([{{"key": a.key, "type": a.type, "data": a.data}} for a in artifacts]))
+                shown = [
+                    {{"key": a.key, "type": a.type, "data": a.data, "description": a.description}} for a in artifacts
+                ]
+                print(json.dumps(shown))
         """
     )
     home = seeded_prefect_home(tmp_path / "prefect")
@@ -388,6 +391,9 @@ def test_the_prefect_ui_tells_the_same_story(tmp_path):
     by_type = {a["type"]: a for a in artifacts}
     assert set(by_type) >= {"progress", "table", "markdown"}, artifacts
     assert float(by_type["progress"]["data"]) == 100.0
+    # What the rows came to, beside the bar: not only how far along.
+    said = by_type["progress"]["description"]
+    assert said == "soundpatch run ui: 7/7 results ended, 1 failed or invalid, $0.00 of $10.00 spent", said
 
     table = by_type["table"]["data"]
     table = json.loads(table) if isinstance(table, str) else table
