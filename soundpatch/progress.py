@@ -5,6 +5,7 @@ a run no terminal shows)."""
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable
@@ -51,7 +52,10 @@ class ProgressWatcher:
             else "starting Prefect..."
         )
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        # The line is read and said in the context the watcher was made in: a logger of the
+        # caller's may need it (a Prefect flow run's sends to the API its settings name, which
+        # a new thread's context lacks: Prefect then started a server of its own to send to).
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._loop,), daemon=True)
         self._tail = JournalTail(run_dir)
         # Only what the line shows, kept up to date event by event: a long run's journal is
         # neither kept in memory nor added up again four times a second.
