@@ -101,10 +101,8 @@ def inpaint_batch(
     try:
         todo, kept = batch.split()
         by_provider = batch.rows_by_provider(todo)  # for the time left (pace.py)
-        limits = {
-            "concurrency": cfg.limits.concurrency,
-            "per_minute": cfg.limits.requests_per_minute,
-        }  # (each provider's)
+        # Each provider's, for the time left (pace.py).
+        limits = {"concurrency": cfg.limits.concurrency, "per_minute": cfg.limits.requests_per_minute}
         logged = _progress_log(batch, len(todo) + len(kept), cfg.limits.budget_usd)
         batch.journal.write(
             "run_started",

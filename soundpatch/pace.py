@@ -12,7 +12,7 @@ model's last rows end soon.
 A hosted model's pace is counted from its first row's end, where the run says its limits
 (`run_started`'s `limits`): the time its first prediction took, when nothing could end, is
 no part of it. Counted from the first row sent, 12 rows ended 27 s into a batch held to 60
-creates a minute said "about 3 min 19 s left" of 88 rows going at one a second. Nor is a
+creates a minute said "about 3 min 18 s left" of 88 rows going at one a second. Nor is a
 pace faster than those limits let rows end (`limits.concurrency` predictions of the time
 its rows took at once, and one a create the rate limit lets out): a wave of predictions
 ending together is not the pace of the rows after it.
@@ -61,9 +61,8 @@ class Pace:
         self._ends: dict[str, deque[float]] = {}  # when its sent rows ended, within the window
         self._left: dict[str, int] | None = None  # rows yet to end, by provider, where the run said
         self._out: dict[str, dict[str, float]] = {}  # by provider: its rows sent and not ended, when sent
-        self._took: dict[
-            str, deque[float]
-        ] = {}  # by provider: how long its last rows took, their create (else sent) to ended
+        # By provider: how long its last rows took, their create (else sent) to ended.
+        self._took: dict[str, deque[float]] = {}
         self._created: dict[str, float] = {}  # rows sent whose prediction is in flight: when its create went out
         self._at_once: int | None = None  # predictions a provider may have in flight (limits.concurrency)
         self._per_second: float | None = None  # creates a provider may be sent a second (limits.requests_per_minute)
