@@ -126,15 +126,21 @@ class Pace:
             times.append(self._at_pace(n, since, ends, now, at_least, most) or self._at_typical(p, n, now))
         return None if None in times else max(t for t in times if t is not None)
 
+    def _limits(self, provider: str) -> tuple[int | None, float | None]:
+        """A provider's predictions in flight at once and creates a second, where the run said
+        them; none for the local engine, whose rows are held by the machine's cores instead."""
+        return (None, None) if provider == LOCAL else (self._at_once, self._per_second)
+
     def _most_a_second(self, provider: str) -> float | None:
         """The most rows a second a hosted provider's limits let end, where the run said
         them: `limits.concurrency` predictions of the time its rows take at once, and no
         more than the creates the rate limit lets out."""
         took = self._took.get(provider)
-        if provider == LOCAL or not self._at_once or not took:
+        at_once, per_second = self._limits(provider)
+        if not at_once or not took:
             return None
-        most = self._at_once / max(fmean(took), 1e-3)
-        return min(most, self._per_second) if self._per_second else most
+        most = at_once / max(fmean(took), 1e-3)
+        return min(most, per_second) if per_second else most
 
     def _at_typical(self, provider: str, rows: int, now: float) -> float | None:
         """The time left of a provider's `rows` left at its typical time a row (no pace yet)."""
@@ -153,11 +159,10 @@ class Pace:
         if first_ends <= 0:
             return None
         after = rows - len(in_flight)  # rows whose create is yet to go out
-        hosted = provider != LOCAL  # (the local engine's rows are held by the machine's cores, not the limits)
-        at_once = max(self._at_once or 0, len(in_flight)) if hosted else len(in_flight)
-        left = first_ends + after * each / at_once
-        if hosted and self._per_second and after:  # the last create's turn, then its prediction
-            left = max(left, after / self._per_second + each)
+        at_once, per_second = self._limits(provider)
+        left = first_ends + after * each / max(at_once or 0, len(in_flight))
+        if per_second and after:  # the last create's turn, then its prediction
+            left = max(left, after / per_second + each)
         return left
 
     def _at_pace(
