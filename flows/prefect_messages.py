@@ -14,6 +14,11 @@ set: "--- Error logging to API ---", then the error with no line end, so that th
 line ran on after it. That setting is off for the run, as Python's documentation advises for
 applications (`--verbose` leaves it on): Prefect's events worker says the server cannot be
 reached, once, and the run's last line says what it held was dropped.
+
+The run sends what Prefect's events and log workers still hold before its temporary server
+stops (flows/ephemeral.py). When they held any, the events worker said "WARNING |
+EventsWorker - Still processing items: 3 items remaining..." on a run that went well (most
+reruns of a finished run did): that is not shown either.
 """
 
 from __future__ import annotations
@@ -22,11 +27,16 @@ import logging
 import threading
 
 MAX_CHARACTERS = 300
+# Prefect's background services log under their class names, outside "prefect".
+PREFECT_SERVICES = ("EventsWorker", "APILogWorker")
+# What they say while they are made to send what they hold: a note on their way, not a fault.
+STILL_SENDING = "Still processing items"
 
 
 class OncePerKind(logging.Filter):
     """Lets a Prefect warning or error through the first time its message template (per
-    logger) is seen, as one line; later ones of the same kind are not shown."""
+    logger) is seen, as one line; later ones of the same kind are not shown, nor its
+    services' notes that they are still sending what they hold."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -34,7 +44,10 @@ class OncePerKind(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING or not record.name.startswith("prefect"):
+        if record.name in PREFECT_SERVICES and str(record.msg).startswith(STILL_SENDING):
+            return False
+        prefects = record.name.startswith("prefect") or record.name in PREFECT_SERVICES
+        if record.levelno < logging.WARNING or not prefects:
             return True
         kind = (record.name, str(record.msg))
         with self._lock:

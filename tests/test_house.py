@@ -300,3 +300,44 @@ def test_prefects_own_warnings_reach_the_terminal_once_each_on_one_line():
         "soundpatch.t WARNING a slot of ours 2",
         "prefect.task_runs.t INFO an info line 2",
     ]
+
+
+def test_prefects_events_worker_sending_what_it_held_at_the_end_of_a_run_is_not_shown_as_a_warning():
+    # The run makes Prefect's workers send what they hold before its temporary server stops;
+    # when they held any, a run that went well ended with "WARNING | EventsWorker - Still
+    # processing items: 3 items remaining..." (most reruns of a finished run did).
+    import asyncio
+    import io
+    import logging
+
+    from prefect.events import Event
+    from prefect.events.clients import NullEventsClient
+    from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.prefect_messages import OncePerKind
+
+    class SlowServer(NullEventsClient):  # each event takes a while to send, as over a network
+        async def emit(self, event: Event) -> None:
+            await asyncio.sleep(0.2)
+
+    shown = io.StringIO()
+    handler = logging.StreamHandler(shown)
+    handler.addFilter(OncePerKind())
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)  # where Prefect's console handler is
+    failing = logging.getLogger("EventsWorker")
+    try:
+        with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+            worker = EventsWorker.instance(SlowServer)
+            for n in range(3):
+                worker.send(Event(event="soundpatch.test", resource={"prefect.resource.id": f"soundpatch.row.{n}"}))
+            EventsWorker.drain_all(timeout=10)
+        # Its other warnings are shown, once each, as Prefect's are.
+        for _ in range(2):
+            failing.warning("Service %r queue is full (%d items), dropping item", "EventsWorker", 50000)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert shown.getvalue().splitlines() == [
+        "EventsWorker WARNING Service 'EventsWorker' queue is full (50000 items), dropping item"
+    ]
