@@ -69,6 +69,7 @@ class ProgressWatcher:
         self._short_of_budget: set[str] = set()  # rows waiting for predictions in flight to settle
         self._short_of_memory: set[str] = set()  # rows waiting for room to decode their recording
         self._files = self._files_made = self._files_not_made = 0  # files of several rows (combine.py)
+        self._said = ""  # the last plain line said (the one at the end is not said twice)
         self.pace = Pace(typical=TYPICAL_SECONDS)
 
     def start(self) -> None:
@@ -232,6 +233,9 @@ class ProgressWatcher:
             line += f", {on_memory} waiting for memory to read their recordings in"
         line += f", files of several rows made: {self._files_line()}" if self._files else ""
         line += self._left(done, ", about {} left")
+        if final and line == self._said:  # the rows ended just before the last line: it said so
+            return
+        self._said = line
         self._say(line)
 
     def _files_line(self) -> str:

@@ -849,6 +849,11 @@ def test_the_progress_line_says_prefect_is_starting_until_this_attempts_flow_beg
     journal.write("outcome", "b", outcome={"row_id": "b", "status": "succeeded", "cost_usd": 0.4})
     watcher._print_line()
     assert capsys.readouterr().err.strip() == "progress: 2/2 done, 0 failed or invalid, $0.60 spent, 0 in flight"
+    watcher._print_line(final=True)  # the run's end, with nothing new since: not said twice
+    assert capsys.readouterr().err == ""
+    journal.write("outcome", "b", outcome={"row_id": "b", "status": "failed", "cost_usd": 0.4})
+    watcher._print_line(final=True)
+    assert capsys.readouterr().err.strip() == "progress: 2/2 done, 1 failed or invalid, $0.60 spent, 0 in flight"
     journal.close()
 
     (tmp_path / "prefect").mkdir()
