@@ -271,6 +271,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_ROWS_FAILED if est["invalid"] else 0
 
 
+# Counts of the estimate shown only when there are any: (key, what the line says).
+ESTIMATE_COUNTS = (
+    ("already_done", "already done (reused, no cost)"),
+    ("duplicates", "identical to another row (sent once)"),
+    ("twins", "other spans of another row's request (sent once)"),
+    ("combined_files", "files holding several rows' edits"),
+    ("to_collect", "paid earlier, to collect (no new cost)"),
+    ("in_doubt", "in doubt from earlier (not sent again)"),
+    ("changed", "changed since an earlier attempt (made anew)"),
+)
+
+
 def _print_estimate(est: dict[str, Any], cfg: Config, made_up_run_id: str | None = None) -> None:
     """`made_up_run_id`: the run id the estimate was made under, when the run's own is not known yet."""
     table = Table(show_header=False, box=None)
@@ -278,20 +290,9 @@ def _print_estimate(est: dict[str, Any], cfg: Config, made_up_run_id: str | None
     table.add_row("results (variations counted)", str(est["results"]))
     table.add_row("predictions to send", str(est["predictions"]))
     table.add_row("invalid", str(est["invalid"]))
-    if est.get("already_done"):
-        table.add_row("already done (reused, no cost)", str(est["already_done"]))
-    if est.get("duplicates"):
-        table.add_row("identical to another row (sent once)", str(est["duplicates"]))
-    if est.get("twins"):
-        table.add_row("other spans of another row's request (sent once)", str(est["twins"]))
-    if est.get("combined_files"):
-        table.add_row("files holding several rows' edits", str(est["combined_files"]))
-    if est.get("to_collect"):
-        table.add_row("paid earlier, to collect (no new cost)", str(est["to_collect"]))
-    if est.get("in_doubt"):
-        table.add_row("in doubt from earlier (not sent again)", str(est["in_doubt"]))
-    if est.get("changed"):
-        table.add_row("changed since an earlier attempt (made anew)", str(est["changed"]))
+    for key, said in ESTIMATE_COUNTS:
+        if est.get(key):
+            table.add_row(said, str(est[key]))
     spent = est.get("spent_before_usd", 0.0)
     earlier = f"; ${spent:.2f} spent by earlier attempts" if spent else ""
     table.add_row("expected cost", f"${est['expected_cost_usd']:.2f} (budget ${est['budget_usd']:.2f}{earlier})")
