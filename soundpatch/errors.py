@@ -6,6 +6,8 @@ traceback; anything else escaping is a bug.
 
 from __future__ import annotations
 
+import re
+
 
 class SoundpatchError(Exception):
     """A problem the user can fix; the message is one clear sentence."""
@@ -30,11 +32,20 @@ class OutOfRoom(RowError):
 
 
 def as_sentence(text: str, fallback: str = "Unknown error") -> str:
-    """One sentence for a row's `error` column: capitalised, one closing full stop."""
+    """One sentence for a row's `error` column: capitalised, one closing full stop. One that
+    begins with a path, a URL or a name (`http://host/x.wav is ...`, `take_2.wav ...`) is
+    left as it begins: a capital there would name another file."""
     text = text.strip().rstrip(".")
     if not text:
         text = fallback
+    if _NAMED_FIRST.match(text):
+        return text + "."
     return text[:1].upper() + text[1:] + "."
+
+
+# A first word that is a path, a URL, a file or a key's name: it has a slash, an underscore
+# or a dot inside it.
+_NAMED_FIRST = re.compile(r"\S*([/\\_]|\.\S)")
 
 
 # OpenSSL's names for a handshake that no retry will mend: a certificate not trusted here

@@ -196,12 +196,12 @@ def _body(response: httpx.Response, url: str, max_bytes: int, deadline: float, s
         raise RowError(f"Cannot fetch {shown(url)}: the server answered HTTP {status}")
     declared = response.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise RowError(over_limit(shown(url), max_bytes, int(declared)))
+        raise RowError(over_limit(f"input {shown(url)}", max_bytes, int(declared)))
     size = 0
     for chunk in response.iter_bytes():
         size += len(chunk)
         if size > max_bytes:
-            raise RowError(over_limit(shown(url), max_bytes))
+            raise RowError(over_limit(f"input {shown(url)}", max_bytes))
         if time.monotonic() > deadline:
             raise RowError(f"Cannot fetch {shown(url)}: the download took too long")
         sink.write(chunk)

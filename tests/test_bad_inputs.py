@@ -377,3 +377,19 @@ def test_a_fault_while_combining_a_recording_s_file_costs_that_file_not_the_run(
     )
     assert "ValueError: a bug" in (tmp_path / "runs" / "fault" / "errors.log").read_text()
     assert not (tmp_path / "out" / "fixed.wav").exists() and (tmp_path / "out" / "fixed.rows" / "one.wav").exists()
+
+
+def test_a_reason_that_begins_with_a_file_or_a_url_keeps_its_name_as_it_was_given():
+    # A row's reason is made a sentence with a capital: "Http://host/clip.wav is 0.08 MB, over
+    # ..." named a URL that is not the row's (paths and keys are case-sensitive too).
+    from soundpatch.errors import as_sentence
+
+    assert (
+        as_sentence("http://host/clip.wav is 0.08 MB, over the limit")
+        == "http://host/clip.wav is 0.08 MB, over the limit."
+    )
+    assert as_sentence("s3://bucket/take.wav holds no audio samples") == "s3://bucket/take.wav holds no audio samples."
+    assert as_sentence("take_2.wav is empty (0 bytes).") == "take_2.wav is empty (0 bytes)."
+    assert as_sentence("audio/take.wav could not be written") == "audio/take.wav could not be written."
+    assert as_sentence("region end 2 s is not after its start 3 s") == "Region end 2 s is not after its start 3 s."
+    assert as_sentence("  ") == "Unknown error."

@@ -750,7 +750,10 @@ def test_web_inputs_are_fetched_with_a_cap_and_local_addresses_refused_by_defaul
     assert missing.status == "invalid" and "HTTP 404" in missing.error
 
     capped = run(tmp_path / "m.csv", load_config(overrides={**allowed, "storage.max_input_mb": 0.01}), "capped")
-    assert capped[0].status == "invalid" and "over the 0.01 MB limit" in capped[0].error  # as it was set
+    # The limit as it was set; the URL as it is (it was "Http://127.0.0.1:.../clip.wav is ...").
+    assert capped[0].status == "invalid" and capped[0].error == (
+        f"Input {base}/clip.wav is 0.084 MB, over the 0.01 MB limit (storage.max_input_mb)."
+    )
 
 
 def test_an_input_over_the_size_limit_is_refused_naming_the_limit_as_it_was_set(tmp_path):
