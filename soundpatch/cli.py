@@ -6,6 +6,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -204,7 +205,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="list the runs in runs_dir: what each made and spent, and whether it finished")
     runs.add_argument(
-        "--since", help="only runs begun on or after this day or time, UTC (2026-12-01, 2026-12-01T18:00)"
+        "--since",
+        help="only runs begun on or after this day or time, UTC (2026-12-01, 2026-12-01T18:00, today, yesterday), "
+        "or this long ago (7d, 12h)",
     )
     runs.add_argument("--json", action="store_true", help="print them as JSON, for scripts")
     _common(runs)
@@ -748,7 +751,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([run.as_dict() for run in runs], indent=2))
         return 0
-    after = f" begun since {args.since}" if args.since else ""
+    after = ""
+    if args.since:
+        back = re.fullmatch(SINCE_BACK, args.since.strip().lower())
+        after = f" begun in the last {args.since.strip()}" if back else f" begun since {args.since.strip()}"
     where = f"{Path(cfg.runs_dir)}" + (f" and {cfg.output.uri}" if in_bucket else "")
     if not runs:
         out.print(f"No runs in {where}{after}.", soft_wrap=True)
@@ -784,13 +790,28 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _utc_time(text: str) -> float:
-    """`--since` (a day, or a day and time, in UTC) as seconds since the epoch."""
+SINCE_BACK = r"(\d+(?:\.\d+)?)\s*([wdhm])"  # `--since 7d`: a time back from now
+SINCE_UNITS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60}  # seconds in each of its units
+
+
+def _utc_time(text: str, now: float | None = None) -> float:
+    """`--since` as seconds since the epoch: a day, or a day and time, in UTC (2026-12-01,
+    2026-12-01T18:00); `today` or `yesterday` (from midnight, UTC); or a time back from now
+    (`7d`, `12h`, `30m`, `2w`)."""
+    now = time.time() if now is None else now
+    said = text.strip().lower()
+    midnight = datetime.datetime.fromtimestamp(now, datetime.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if said in ("today", "yesterday"):
+        return (midnight - datetime.timedelta(days=1 if said == "yesterday" else 0)).timestamp()
+    back = re.fullmatch(SINCE_BACK, said)
+    if back:
+        return now - float(back.group(1)) * SINCE_UNITS[back.group(2)]
     try:
         when = datetime.datetime.fromisoformat(text.strip())
     except ValueError:
         raise _UsageError(
-            f"--since {text} is not a day or time, as in --since 2026-12-01 or 2026-12-01T18:00."
+            f"--since {text} is not a day or time, as in --since 2026-12-01, 2026-12-01T18:00, today, yesterday, "
+            "or a time back from now: 7d, 12h, 30m."
         ) from None
     return when.replace(tzinfo=when.tzinfo or datetime.UTC).timestamp()
 

@@ -77,10 +77,36 @@ def test_runs_says_what_each_run_made_and_spent_and_what_a_killed_one_has_out(
 
     later = soundpatch("runs", "--config", "job.yaml", "--since", "2999-01-01", cwd=job_dir, env=env)
     assert later.returncode == 0 and shown(later.stdout) == "No runs in runs begun since 2999-01-01."
+    # A time back from now, as a user asks for what the last day or week cost.
+    lately = shown(soundpatch("runs", "--config", "job.yaml", "--since", "1h", cwd=job_dir, env=env).stdout)
+    assert lately.startswith("Runs in runs begun in the last 1h, the latest first:") and lately.endswith(
+        "2 runs: $0.60 spent."
+    ), lately
+    none = soundpatch("runs", "--config", "job.yaml", "--since", "0m", cwd=job_dir, env=env)
+    assert shown(none.stdout) == "No runs in runs begun in the last 0m."
     bad = soundpatch("runs", "--config", "job.yaml", "--since", "last week", cwd=job_dir, env=env)
     assert bad.returncode == 2 and shown(bad.stderr) == (
-        "error: --since last week is not a day or time, as in --since 2026-12-01 or 2026-12-01T18:00."
+        "error: --since last week is not a day or time, as in --since 2026-12-01, 2026-12-01T18:00, today, "
+        "yesterday, or a time back from now: 7d, 12h, 30m."
     )
+
+
+def test_since_takes_a_day_a_time_today_yesterday_or_a_time_back_from_now():
+    import datetime
+
+    from soundpatch.cli import _utc_time
+
+    now = datetime.datetime(2026, 12, 5, 10, 30, tzinfo=datetime.UTC).timestamp()
+    midnight = datetime.datetime(2026, 12, 5, tzinfo=datetime.UTC).timestamp()
+    assert _utc_time("2026-12-01", now) == datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC).timestamp()
+    assert _utc_time("2026-12-01T18:00", now) == datetime.datetime(2026, 12, 1, 18, tzinfo=datetime.UTC).timestamp()
+    assert _utc_time("today", now) == midnight
+    assert _utc_time(" Yesterday ", now) == midnight - 86400
+    assert _utc_time("7d", now) == now - 7 * 86400
+    assert _utc_time("2w", now) == now - 14 * 86400
+    assert _utc_time("12h", now) == now - 12 * 3600
+    assert _utc_time("30 m", now) == now - 1800
+    assert _utc_time("1.5d", now) == now - 1.5 * 86400
 
 
 def test_runs_made_by_a_worker_elsewhere_are_listed_from_their_journal_s_copy_in_the_bucket(
