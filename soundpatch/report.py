@@ -59,7 +59,14 @@ def frame(outcomes: Sequence[Outcome]) -> pd.DataFrame:
             if k not in extra_cols and k not in BASE_COLUMNS:
                 extra_cols.append(k)
         rows.append({**d, **extra})
-    return pd.DataFrame(rows, columns=BASE_COLUMNS + extra_cols)
+    table = pd.DataFrame(rows, columns=BASE_COLUMNS + extra_cols)
+    for column in table.columns:
+        # Whole numbers some rows lack (the seed of an invalid row) stay whole: pandas made
+        # the column floats, and report.csv said "896505003.0".
+        given = [row.get(column) for row in rows if row.get(column) is not None]
+        if given and len(given) < len(rows) and all(type(v) is int for v in given):
+            table[column] = table[column].astype("Int64")
+    return table
 
 
 def write_reports(run_dir: Path, outcomes: Sequence[Outcome], summary: dict[str, Any]) -> dict[str, Path]:

@@ -287,6 +287,24 @@ def test_the_browser_check_does_see_console_errors(tmp_path):
     assert console_errors(browse(page, tmp_path, "--dump-dom").stderr)
 
 
+def test_report_csv_keeps_seeds_whole_when_an_invalid_row_has_none(tmp_path):
+    # With a row that never got a seed (its own was not a number), pandas made the column
+    # floats: report.csv said "896505003.0", which a script passing it back as a seed refuses.
+    made = Outcome(
+        row_id="ok", input="a.wav", start=1.0, end=1.5, prompt="x", seed=896505003, provider="local", status="succeeded"
+    )
+    bad = Outcome(
+        row_id="bad", input="a.wav", start=1.0, end=1.5, prompt="x", seed=None, provider="local", status="invalid"
+    )
+    summary = summarize([made, bad], {"run_id": "seeds", "budget_usd": 1})
+    report = write_reports(tmp_path / "runs" / "seeds", [made, bad], summary)["csv"]
+    rows = list(csv.DictReader(report.open()))
+    assert [(r["row_id"], r["seed"], r["start"], r["attempts"]) for r in rows] == [
+        ("ok", "896505003", "1.0", "0"),
+        ("bad", "", "1.0", "0"),
+    ]
+
+
 def test_a_10000_result_report_opens_without_freezing(tmp_path):
     outcomes = [
         Outcome(
