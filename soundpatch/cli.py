@@ -29,7 +29,7 @@ from soundpatch.disk_room import full_disk
 from soundpatch.dropouts import find_dropouts
 from soundpatch.edits import MAX_DAMAGED_SECONDS
 from soundpatch.errors import RowError, SoundpatchError, as_sentence
-from soundpatch.humanize import counts_by_name, duration, plural
+from soundpatch.humanize import counts_by_name, duration, plural, some_rows
 from soundpatch.humanize import size as human_size
 from soundpatch.journal import latest_runs
 from soundpatch.locks import RunLock
@@ -533,8 +533,7 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
     # common reasons, the rest in the report.
     reasons = by_reason(outcomes)
     for status, error, rows in reasons[:8]:
-        which = ", ".join(rows[:3]) + (f" and {plural(len(rows) - 3, 'more row')}" if len(rows) > 3 else "")
-        out.print(f"  [red]{status}[/red] {escape(which)}: {escape(error)}", soft_wrap=True)
+        out.print(f"  [red]{status}[/red] {escape(some_rows(rows))}: {escape(error)}", soft_wrap=True)
     if len(reasons) > 8:
         unshown = sum(len(rows) for _, _, rows in reasons[8:])
         out.print(f"  ... {plural(unshown, 'more row')} in {run_dir / 'report.csv'}", soft_wrap=True)

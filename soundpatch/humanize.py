@@ -20,6 +20,11 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
+def some_rows(rows: list[str], shown: int = 3) -> str:
+    """`a, b, c and 13 more rows`: the first rows of a list, and how many more."""
+    return ", ".join(rows[:shown]) + (f" and {plural(len(rows) - shown, 'more row')}" if len(rows) > shown else "")
+
+
 def named_runs(runs: dict[str, int]) -> str:
     """`run night-1`, `runs a, b, c and 2 more`: the runs a count is kept by."""
     named = sorted(runs)

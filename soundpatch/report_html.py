@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from soundpatch import preview
-from soundpatch.humanize import counts_by_name, duration, plural
+from soundpatch.humanize import counts_by_name, duration, plural, some_rows
 from soundpatch.outcome import STATUSES, Outcome, by_reason
 
 MEDIA_CARDS = preview.KEEP
@@ -93,14 +93,15 @@ def _summary_html(summary: dict[str, Any], outcomes: Sequence[Outcome], with_med
 
 
 def _reasons_html(outcomes: Sequence[Outcome], shown: int = 10) -> str:
-    """Why results did not succeed, the most common reason first, with how many it ended."""
+    """Why results did not succeed, the most common reason first, with how many it ended
+    and which (the first few: the Find box finds a row's card)."""
     reasons = by_reason(outcomes)
     if not reasons:
         return ""
     esc = html.escape
     lines = "".join(
         f'<tr><td class="count">{len(rows)}</td><td><span class="badge {status}">{status}</span> '
-        f"{esc(reason)}</td></tr>"
+        f'{esc(reason)} <span class="rows">({esc(some_rows(rows))})</span></td></tr>'
         for status, reason, rows in reasons[:shown]
     )
     rest = sum(len(rows) for _, _, rows in reasons[shown:])

@@ -332,6 +332,8 @@ def test_a_10000_result_report_opens_without_freezing(tmp_path):
     reasons = report.read_text().split('<table class="reasons">')[1].split("</table>")[0]
     assert reasons.count("<tr>") == 1
     assert '<td class="count">3333</td>' in reasons and "The provider answered 500 three times." in reasons
+    # ... and which they are, the first few (the Find box finds each one's card).
+    assert 'three times. <span class="rows">(row00001, row00004, row00007 and 3330 more rows)</span>' in reasons
 
     shown = browse(report, tmp_path, "--dump-dom")
     assert shown.returncode == 0 and console_errors(shown.stderr) == [], shown.stderr[-2000:]
