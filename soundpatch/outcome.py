@@ -82,13 +82,20 @@ def exit_status(outcomes: Iterable[Outcome]) -> int:
 def by_reason(outcomes: Iterable[Outcome]) -> list[tuple[str, str, list[str]]]:
     """The results that did not succeed, gathered by what ended them: (status, reason, row
     ids), the most common first (a refused key, or a provider out of reach, is one reason
-    for hundreds of rows)."""
-    alike: dict[tuple[str, str], list[str]] = {}
+    for hundreds of rows). A reason naming the row's own prediction ("Each Labs reports
+    prediction 9318de8c... failed: ...") is one with the others like it but for that id,
+    said with `<id>` in its place when it ended more than one row."""
+    alike: dict[tuple[str, str], tuple[str, list[str]]] = {}
     for o in outcomes:
         if o.status not in (SUCCEEDED, SKIPPED_DONE):
-            alike.setdefault((o.status, o.error), []).append(o.row_id)
-    ranked = sorted(alike.items(), key=lambda item: -len(item[1]))
-    return [(status, reason, rows) for (status, reason), rows in ranked]
+            own_id = o.prediction_id if len(o.prediction_id or "") >= MIN_ID_CHARACTERS else ""
+            key = (o.status, o.error.replace(own_id, "<id>") if own_id else o.error)
+            alike.setdefault(key, (o.error, []))[1].append(o.row_id)
+    ranked = sorted(alike.items(), key=lambda item: -len(item[1][1]))
+    return [(status, reason if len(rows) > 1 else first, rows) for (status, reason), (first, rows) in ranked]
+
+
+MIN_ID_CHARACTERS = 8  # a prediction id shorter than this is not taken out of a reason (it may be a word)
 
 
 # The report's columns, in order: every Outcome field but `extra` (which becomes the

@@ -305,6 +305,27 @@ def test_report_csv_keeps_seeds_whole_when_an_invalid_row_has_none(tmp_path):
     ]
 
 
+def test_failures_that_differ_only_in_their_prediction_s_id_are_one_reason():
+    # 300 predictions the model could not process were 300 reasons, one row each: the
+    # summary showed eight and the report ten, each naming one prediction.
+    from soundpatch.outcome import by_reason
+
+    def failed(row: str, prediction: str, why: str = "the model could not process this input") -> Outcome:
+        error = f"Each Labs reports prediction {prediction} failed: {why}."
+        return Outcome(
+            row_id=row, input="a.wav", start=1.0, end=1.5, prompt="x", seed=1, provider="eachlabs",
+            status="failed", prediction_id=prediction, error=error,
+        )  # fmt: skip
+
+    outcomes = [failed(f"r{i}", f"{i:032x}") for i in range(5)]
+    outcomes.append(failed("odd", "f" * 32, why="the input is silent"))
+    assert by_reason(outcomes) == [
+        ("failed", "Each Labs reports prediction <id> failed: the model could not process this input.",
+         ["r0", "r1", "r2", "r3", "r4"]),
+        ("failed", f"Each Labs reports prediction {'f' * 32} failed: the input is silent.", ["odd"]),
+    ]  # fmt: skip
+
+
 def test_a_10000_result_report_opens_without_freezing(tmp_path):
     outcomes = [
         Outcome(
