@@ -41,12 +41,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import artifacts
 from flows.shared_limits import AccountLimits, shared_limits
-from soundpatch import interrupt
+from soundpatch import interrupt, web
 from soundpatch.batch import Batch
 from soundpatch.config import Config, config_from, load_config
 from soundpatch.errors import ConfigError
 from soundpatch.journal import prediction_seconds, read_events
-from soundpatch.manifest import load_manifest
+from soundpatch.manifest_source import read_manifest
 from soundpatch.outcome import EXIT_OK, SKIPPED_DONE, SUCCEEDED, Outcome, exit_status
 from soundpatch.progress import ProgressWatcher
 from soundpatch.report import publish_reports, summarize
@@ -96,7 +96,9 @@ def inpaint_batch(
         cfg = config_from(config or {}, overrides) if overrides else Config.model_validate(config or {})
     run_id = run_id or _run_id_of_this_flow_run()
     shared = shared_limits(cfg)  # other processes on the same account, through the Prefect server
-    batch = Batch(load_manifest(manifest), cfg, run_id, force=force, api_keys=_api_keys(cfg), shared=shared)
+    batch = Batch(
+        read_manifest(manifest, cfg.storage), cfg, run_id, force=force, api_keys=_api_keys(cfg), shared=shared
+    )
     logged = None
     try:
         todo, kept = batch.split()
@@ -108,7 +110,7 @@ def inpaint_batch(
             "run_started",
             total=len(todo) + len(kept),
             kept=len(kept),
-            manifest=manifest,
+            manifest=web.shown_input(manifest),  # (a URL's query may hold a token)
             providers=by_provider,
             limits=limits,
         )
@@ -127,7 +129,7 @@ def inpaint_batch(
         outcomes,
         {
             "run_id": run_id,
-            "manifest": manifest,
+            "manifest": web.shown_input(manifest),
             "provider": cfg.provider.name,
             "budget_usd": cfg.limits.budget_usd,
             "output_uri": cfg.output.uri,

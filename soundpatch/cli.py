@@ -33,7 +33,8 @@ from soundpatch.humanize import counts_by_name, duration, plural, some_rows
 from soundpatch.humanize import size as human_size
 from soundpatch.journal import latest_runs
 from soundpatch.locks import RunLock
-from soundpatch.manifest import GLOB_CHARS, Manifest, load_manifest
+from soundpatch.manifest import GLOB_CHARS, Manifest
+from soundpatch.manifest_source import read_manifest
 from soundpatch.outcome import (
     EXIT_INTERRUPTED,
     EXIT_NOTHING_RAN,
@@ -56,6 +57,7 @@ from soundpatch.restoration import (
 )
 from soundpatch.s3 import S3
 from soundpatch.sources import RECORDING_SUFFIXES, SourceReader
+from soundpatch.web import shown_input
 
 if TYPE_CHECKING:
     from flows.ephemeral import TemporaryServer
@@ -268,7 +270,7 @@ def _setting_value(setting: str, text: str) -> object:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    batch = Batch(load_manifest(args.manifest), cfg, run_id="validate", dry_run=True)
+    batch = Batch(read_manifest(args.manifest, cfg.storage), cfg, run_id="validate", dry_run=True)
     est = batch.estimate(batch.manifest.edits)
     _print_estimate(est, cfg, made_up_run_id="validate")
     return EXIT_ROWS_FAILED if est["invalid"] else 0
@@ -334,7 +336,7 @@ def _print_estimate(est: dict[str, Any], cfg: Config, made_up_run_id: str | None
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    manifest = load_manifest(args.manifest)  # fail fast (exit 2) before starting Prefect
+    manifest = read_manifest(args.manifest, cfg.storage)  # fail fast (exit 2) before starting Prefect
     if args.dry_run:
         # With --run-id, what resuming that run costs (what its earlier attempts paid counts).
         batch = Batch(manifest, cfg, run_id=args.run_id or "dry-run", dry_run=True, earlier_attempts=bool(args.run_id))
@@ -358,7 +360,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str, run_dir: Path) -> int:
-    out.print(f"run id [bold]{run_id}[/bold]  ({len(manifest.edits)} results from {escape(str(args.manifest))})")
+    shown = escape(shown_input(str(args.manifest)))
+    out.print(f"run id [bold]{run_id}[/bold]  ({len(manifest.edits)} results from {shown})")
 
     from flows.ephemeral import TemporaryServer, quiet_prefect  # noqa: PLC0415 - Prefect loads only from here on
 

@@ -16,11 +16,13 @@ import csv
 import difflib
 import io
 import itertools
+import posixpath
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import yaml
 
@@ -89,17 +91,24 @@ def is_pattern(source: str) -> bool:
 class Manifest:
     path: Path
     edits: list[Edit]
+    uri: str = ""  # where it was read from, when that is a bucket or a web server (s3://, https://)
 
     @property
     def base_dir(self) -> Path:
         return self.path.parent
 
     def resolve_input(self, edit: Edit) -> str:
-        """Local paths are relative to the manifest's folder, so a manifest travels with its audio."""
+        """Local paths are relative to the manifest's folder, so a manifest travels with its
+        audio: a manifest in a bucket or on a web server, its inputs' names are relative to
+        where it is there (`audio/a.wav` beside `s3://b/jobs/m.csv` is `s3://b/jobs/audio/a.wav`)."""
         if edit.is_remote:
             return edit.input
         p = Path(edit.input).expanduser()
-        return str(p if p.is_absolute() else (self.base_dir / p))
+        if p.is_absolute():
+            return str(p)
+        if self.uri:
+            return beside(self.uri, edit.input)
+        return str(self.base_dir / p)
 
     def with_patterns_expanded(self, glob: Callable[[str], list[str]]) -> Manifest:
         """Rows whose input is a pattern (`audio/*.wav`, `s3://bucket/archive/*.wav`) become one
@@ -125,7 +134,7 @@ class Manifest:
                 name = found[len(fixed) :] if found.startswith(fixed) else found
                 suffix = _UNSAFE_ID.sub("_", name.rsplit(".", 1)[0]).strip("_") or "file"
                 edits.append(replace(edit, input=self._as_given(found), row_id=f"{edit.row_id}-{suffix}"))
-        return Manifest(self.path, edits)
+        return Manifest(self.path, edits, self.uri)
 
     def with_times_from_stamps(self, stamp_of: Callable[[str], tuple[float | None, float]]) -> Manifest:
         """Rows whose times are their recording's own timecode (`timecode: source`) with them
@@ -141,7 +150,7 @@ class Manifest:
                 else:
                     edit = from_time_stamp(edit, stamp, duration, Path(web.shown_input(edit.input)).name)
             edits.append(edit)
-        return Manifest(self.path, edits)
+        return Manifest(self.path, edits, self.uri)
 
     def with_damaged_for_models(self, to_a_model: Callable[[Edit], bool], margin: float) -> Manifest:
         """Rows' `damaged` spans, for rows whose provider is a hosted model (`to_a_model(edit)`),
@@ -153,11 +162,11 @@ class Manifest:
             if edit.damaged and edit.start is not None and edit.end is not None and to_a_model(edit):
                 edit = replace(edit, damaged=spans_for_a_model(edit.damaged, edit.start, edit.end, margin))
             edits.append(edit)
-        return Manifest(self.path, edits)
+        return Manifest(self.path, edits, self.uri)
 
     def _as_given(self, found: str) -> str:
         """A matched local file relative to the manifest's folder when it is inside it."""
-        if found.startswith(REMOTE_SCHEMES):
+        if found.startswith(REMOTE_SCHEMES) or self.uri:
             return found
         try:
             return str(Path(found).relative_to(self.base_dir))
@@ -168,36 +177,59 @@ class Manifest:
 # --------------------------------------------------------------------------- reading
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Read and validate a manifest; raises ManifestError only when it cannot be read at all."""
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"Manifest {p} does not exist.") from None
-    except IsADirectoryError:
-        raise ManifestError(f"Manifest {p} is a folder, not a CSV or YAML file.") from None
-    except OSError as exc:
-        raise ManifestError(f"Cannot read manifest {p}: {exc.strerror or exc}.") from None
+def load_manifest(path: str | Path, fetch: Callable[[str], bytes] | None = None) -> Manifest:
+    """Read and validate a manifest; raises ManifestError only when it cannot be read at all.
+    `path`: a local file, or an s3:// or http(s):// one that `fetch(uri)` reads (raising
+    ManifestError: manifest_source.py's)."""
+    uri = str(path) if str(path).startswith(REMOTE_SCHEMES) else ""
+    if uri:
+        name, p = web.shown(uri), Path(PurePosixPath(urlsplit(uri).path).name)
+        if fetch is None:
+            raise ManifestError(f"Manifest {name} is not a local file, and no way to read it from there was given.")
+        raw = fetch(uri)
+    else:
+        p = Path(path)
+        name = str(p)
+        try:
+            raw = p.read_bytes()
+        except FileNotFoundError:
+            raise ManifestError(f"Manifest {p} does not exist.") from None
+        except IsADirectoryError:
+            raise ManifestError(f"Manifest {p} is a folder, not a CSV or YAML file.") from None
+        except OSError as exc:
+            raise ManifestError(f"Cannot read manifest {p}: {exc.strerror or exc}.") from None
     # UTF-16 with its byte-order mark is what Excel's "Unicode Text" writes (tab-separated).
     encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise ManifestError(_not_text(p, raw, exc, encoding)) from None
-    suffix = p.suffix.lower()
+        raise ManifestError(_not_text(name, raw, exc, encoding)) from None
+    suffix = _suffix(name)
     if suffix in (".yaml", ".yml"):
-        records = list(_yaml_records(text, p))
+        records = list(_yaml_records(text, name))
     elif suffix in (".csv", ".tsv", ".txt"):
-        records = list(_csv_records(text, p))
+        records = list(_csv_records(text, name))
     else:
-        raise ManifestError(f"Manifest {p} must end in .csv, .yaml or .yml.")
+        raise ManifestError(f"Manifest {name} must end in .csv, .yaml or .yml.")
     if not records:
-        raise ManifestError(f"Manifest {p} has no rows.")
-    return Manifest(path=p, edits=list(expand_rows(records)))
+        raise ManifestError(f"Manifest {name} has no rows.")
+    return Manifest(path=p, edits=list(expand_rows(records)), uri=uri)
 
 
-def _csv_records(text: str, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def beside(uri: str, name: str) -> str:
+    """`name` (a relative path) beside the s3:// or http(s):// file `uri`."""
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        return f"s3://{bucket}/" + posixpath.normpath(posixpath.join(posixpath.dirname(key), name)).lstrip("/")
+    return urljoin(uri, name)
+
+
+def _suffix(name: str) -> str:
+    """The file name's extension, of a path or a URL (its query left out), lower-cased."""
+    return PurePosixPath(urlsplit(name).path if "://" in name else name).suffix.lower()
+
+
+def _csv_records(text: str, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     first_line = text.split("\n", 1)[0]
     delimiter = ","
     if "," not in first_line:
@@ -248,7 +280,7 @@ def _decimal_points(record: dict[str, str]) -> dict[str, str]:
     return record
 
 
-def _check_header(columns: list[str], path: Path) -> None:
+def _check_header(columns: list[str], path: str) -> None:
     missing = [c for c in ("input", "prompt") if c not in columns]
     if "region" not in columns and not {"start", "end"} <= set(columns):
         missing.append("start/end or region")
@@ -262,7 +294,7 @@ def _check_header(columns: list[str], path: Path) -> None:
         raise ManifestError(f"Manifest {path} names the column {dupes[0]!r} twice.")
 
 
-def _not_text(p: Path, raw: bytes, exc: UnicodeDecodeError, encoding: str) -> str:
+def _not_text(p: str, raw: bytes, exc: UnicodeDecodeError, encoding: str) -> str:
     """Why the manifest is refused, pointing at where, and at the likely cause: a spreadsheet
     saved as "CSV (Comma delimited)", in Windows' own code page (an em dash or a curly quote
     that autocorrect typed, an accent), not UTF-8."""
@@ -280,12 +312,12 @@ def _not_text(p: Path, raw: bytes, exc: UnicodeDecodeError, encoding: str) -> st
     except UnicodeDecodeError:
         meant = ""
     how = "UTF-8"
-    if p.suffix.lower() in (".csv", ".tsv", ".txt"):
+    if _suffix(p) in (".csv", ".tsv", ".txt"):
         how += ' (a spreadsheet\'s "CSV UTF-8", not "CSV (Comma delimited)")'
     return f"Manifest {p} is not UTF-8 text (byte 0x{bad.hex()} on {where}{meant}); save it as {how} and try again."
 
 
-def _yaml_records(text: str, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _yaml_records(text: str, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -324,7 +356,7 @@ def _yaml_records(text: str, path: Path) -> Iterator[tuple[str, dict[str, Any]]]
         yield from _matrix_records(matrix, defaults, path)
 
 
-def _matrix_records(matrix: Any, defaults: dict[str, Any], path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _matrix_records(matrix: Any, defaults: dict[str, Any], path: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """`matrix: {input: [...], prompt: [...], seed: [...]}` -> the cartesian product as rows."""
     if not isinstance(matrix, dict) or not matrix:
         raise ManifestError(f"Manifest {path}: 'matrix' must map columns to lists of values.")

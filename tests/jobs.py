@@ -46,13 +46,14 @@ def write_job(
     )
 
 
-def run_in_process(manifest: Path, cfg: Config, run_id: str) -> tuple[list, list[str], Any]:
+def run_in_process(manifest: Path | str, cfg: Config, run_id: str) -> tuple[list, list[str], Any]:
     """A run's rows in this process, in manifest order, then what the flow does after them
-    (the files rows of one recording share); returns (outcomes, the run's notes, the batch)."""
+    (the files rows of one recording share); returns (outcomes, the run's notes, the batch).
+    `manifest`: a file, or an s3:// or http(s):// one."""
     from soundpatch.batch import Batch
-    from soundpatch.manifest import load_manifest
+    from soundpatch.manifest_source import read_manifest
 
-    batch = Batch(load_manifest(manifest), cfg, run_id)
+    batch = Batch(read_manifest(str(manifest), cfg.storage), cfg, run_id)
     try:
         outcomes = [batch.process(e) for e in batch.manifest.edits]
         batch.combine(outcomes)

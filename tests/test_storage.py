@@ -660,6 +660,111 @@ def test_patterns_expand_into_rows_and_identical_rows_are_sent_once(tmp_path):
     assert len(sent) == 3  # a.wav, b.wav and c.flac once
 
 
+# ---------------------------------------------------------------------- a manifest in a bucket or on the web
+
+
+def test_a_manifest_in_a_bucket_names_its_inputs_beside_it_there(tmp_path, aws_env, tmp_path_factory):
+    # A nightly deployment's manifest kept with its audio, to be changed there without
+    # deploying again: `soundpatch run s3://jobs/nightly/job.csv`.
+    put(aws_env, "jobs", "nightly/audio/take.wav", wav_bytes(3.0, freq=300))
+    for i in range(2):
+        put(aws_env, "jobs", f"nightly/archive/old{i}.wav", wav_bytes(3.0, freq=400 + 100 * i))
+    put(aws_env, "library", "bank/door.wav", wav_bytes(3.0, freq=500))
+    put(
+        aws_env,
+        "jobs",
+        "nightly/job.csv",
+        b"id,input,start,end,prompt\n"
+        b"take,audio/take.wav,1.0,1.5,fill\n"  # beside the manifest
+        b"old,archive/*.wav,1.0,1.5,fill\n"  # a pattern beside it
+        b"door,s3://library/bank/door.wav,1.0,1.5,fill\n"  # anywhere else
+        b"gone,audio/missing.wav,1.0,1.5,fill\n",
+    )
+    (tmp_path / "job.yaml").write_text(f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}}}\n")
+    env = clean_env(
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+        PREFECT_HOME=str(seeded_prefect_home(tmp_path_factory.mktemp("prefect"))),
+    )
+    ran = soundpatch(
+        "run", "s3://jobs/nightly/job.csv", "--config", "job.yaml", "--run-id", "n1", cwd=tmp_path, env=env
+    )
+    assert ran.returncode == 1, ran.stdout + ran.stderr  # the missing input's row
+    report = pd.read_csv(tmp_path / "runs" / "n1" / "report.csv", keep_default_na=False).set_index("row_id")
+    assert report["status"].to_dict() == {
+        "take": "succeeded",
+        "old-old0": "succeeded",
+        "old-old1": "succeeded",
+        "door": "succeeded",
+        "gone": "invalid",
+    }, report[["status", "error"]]
+    assert report.loc["gone", "error"] == "Cannot read s3://jobs/nightly/audio/missing.wav: no such object."
+    assert report.loc["old-old1", "input"] == "s3://jobs/nightly/archive/old1.wav"
+    # Each result is its own source's, outside the region to the bit.
+    for row, key in (("take", "nightly/audio/take.wav"), ("old-old1", "nightly/archive/old1.wav")):
+        source, _ = sf.read(io.BytesIO(get(aws_env, f"s3://jobs/{key}")), dtype="int16")
+        result, _ = sf.read(report.loc[row, "output"], dtype="int16")
+        assert np.array_equal(source[: int(0.9 * 22050)], result[: int(0.9 * 22050)])
+        assert np.array_equal(source[int(1.6 * 22050) :], result[int(1.6 * 22050) :])
+    listed = soundpatch("runs", "--config", "job.yaml", cwd=tmp_path, env=env).stdout
+    assert "s3://jobs/nightly/job.csv, local" in " ".join(listed.split()), listed
+
+    missing = soundpatch("validate", "s3://jobs/nightly/none.csv", "--config", "job.yaml", cwd=tmp_path, env=env)
+    assert (
+        missing.returncode == 2
+        and missing.stderr.strip() == "error: Manifest s3://jobs/nightly/none.csv does not exist."
+    )
+
+
+def test_a_manifest_on_a_web_server_is_fetched_as_an_input_is(tmp_path, web_server, tmp_path_factory):
+    from soundpatch.errors import ManifestError
+    from soundpatch.manifest_source import fetch_manifest, read_manifest
+
+    root, base = web_server
+    (root / "jobs" / "audio").mkdir(parents=True)
+    (root / "jobs" / "audio" / "take.wav").write_bytes(wav_bytes(3.0))
+    (root / "jobs" / "job.yaml").write_text(
+        "rows:\n  - {id: take, input: audio/take.wav, region: 1.0-1.5, prompt: fill}\n"
+    )
+    url = f"{base}/jobs/job.yaml?token=secret"
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+
+    # Loopback is refused by default, as for an input; the token is not repeated.
+    with pytest.raises(ManifestError) as refused:
+        read_manifest(url, cfg.storage)
+    assert str(refused.value) == (
+        f"Cannot read manifest {base}/jobs/job.yaml: 127.0.0.1 is a private or local address (127.0.0.1); "
+        "set storage.http.allow_private_addresses: true to allow it."
+    )
+    allowed = load_config(
+        overrides={
+            "storage.http.allow_private_addresses": True,
+            "output.uri": str(tmp_path / "out"),
+            "runs_dir": str(tmp_path / "runs"),
+        }
+    )
+    [take], _, _ = run_in_process(url, allowed, "web")
+    assert take.status == "succeeded" and take.input == "audio/take.wav", take.error
+    with pytest.raises(ManifestError, match=r"jobs/job.yaml is over 10 B, more than a manifest is read whole"):
+        fetch_manifest(url, allowed.storage, max_bytes=10)
+    with pytest.raises(ManifestError, match=r"^Cannot read manifest .*/jobs/none.yaml: the server answered HTTP 404.$"):
+        read_manifest(f"{base}/jobs/none.yaml", allowed.storage)
+
+    # Run as users run it: the URL's token is in none of what the run writes or says.
+    env = clean_env(PREFECT_HOME=str(seeded_prefect_home(tmp_path_factory.mktemp("prefect"))))
+    ran = soundpatch(
+        "run", url, "--set", "storage.http.allow_private_addresses=true", "--run-id", "w", cwd=tmp_path, env=env
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert f"results from {base}/jobs/job.yaml)" in ran.stdout
+    written = [
+        p for p in (tmp_path / "runs" / "w").rglob("*") if p.is_file() and p.suffix in (".jsonl", ".json", ".csv")
+    ]
+    assert len(written) >= 3 and f"{base}/jobs/job.yaml" in (tmp_path / "runs" / "w" / "report.json").read_text()
+    for said in [ran.stdout, ran.stderr, *(p.read_text() for p in written)]:
+        assert "secret" not in said
+
+
 # ---------------------------------------------------------------------- https inputs
 
 
