@@ -87,6 +87,7 @@ def inpaint_batch(
     run_id: str | None = None,
     force: bool = False,
     overrides: dict[str, Any] | None = None,
+    rows: list[str] | None = None,
 ) -> dict[str, Any] | State:
     started = time.time()
     interrupt.reassert()  # Ctrl-C / SIGTERM: stop submitting, finish what is in flight
@@ -97,7 +98,13 @@ def inpaint_batch(
     run_id = run_id or _run_id_of_this_flow_run()
     shared = shared_limits(cfg)  # other processes on the same account, through the Prefect server
     batch = Batch(
-        read_manifest(manifest, cfg.storage), cfg, run_id, force=force, api_keys=_api_keys(cfg), shared=shared
+        read_manifest(manifest, cfg.storage),
+        cfg,
+        run_id,
+        force=force,
+        api_keys=_api_keys(cfg),
+        shared=shared,
+        rows=rows or (),
     )
     logged = None
     try:

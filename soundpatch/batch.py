@@ -20,7 +20,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
@@ -120,11 +120,12 @@ class Batch:
         api_keys: dict[str, str] | None = None,
         shared: Callable[[str], SharedLimits] | None = None,
         earlier_attempts: bool = False,
+        rows: Sequence[str] = (),
     ) -> None:
         """`shared(provider)`: the limits shared with other processes on that provider's
         account, if they are. `earlier_attempts`: a dry run reads what earlier attempts of
         this run id left (to estimate what resuming it costs) only when asked to; a run
-        always does."""
+        always does. `rows`: only the rows whose ids match these patterns (a trial of a few)."""
         self.api_keys = api_keys or {}
         self.shared = shared  # limits shared with other processes on each provider's account, if any
         self.config = config
@@ -138,14 +139,22 @@ class Batch:
         if not dry_run:
             self.run_lock.acquire()
         try:
-            self._open(manifest, config, run_id, dry_run, earlier_attempts or not dry_run)
+            self._open(manifest, config, run_id, dry_run, earlier_attempts or not dry_run, rows)
         except BaseException:
             if self.lease is not None:
                 self.lease.give_back()
             self.run_lock.release()  # nothing will run: the run is free again
             raise
 
-    def _open(self, manifest: Manifest, config: Config, run_id: str, dry_run: bool, earlier_attempts: bool) -> None:
+    def _open(
+        self,
+        manifest: Manifest,
+        config: Config,
+        run_id: str,
+        dry_run: bool,
+        earlier_attempts: bool,
+        rows: Sequence[str],
+    ) -> None:
         self.claims = Claims(config.output.uri)
         self.answers = AnswerShelf(self.run_dir)  # paid answers in use, kept until their outcome
         self.dry_run = dry_run
@@ -163,6 +172,8 @@ class Batch:
         self.sources = SourceReader(self.s3, config.storage, room=self.memory)
         self.source_records = SourceRecords(self.store, self.sources)
         self.manifest = manifest.with_patterns_expanded(self.sources.glob)
+        if rows:  # (ids are known once patterns are expanded: `old-take1`)
+            self.manifest = self.manifest.only(rows)
         # What its remote recordings are, read at once where asked before any row starts (by
         # validate and --dry-run for every row; for rows in a recording's own timecode), rather
         # than one after another. A run's rows ask as each starts, several at once themselves.

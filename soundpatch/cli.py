@@ -139,12 +139,14 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--provider", help="provider for rows that do not name one (provider.name)")
     run.add_argument("--dry-run", action="store_true", help="validate and estimate; spend nothing")
     run.add_argument("--force", action="store_true", help="redo rows whose result already exists")
+    _rows_option(run)
     run.add_argument("--verbose", action="store_true", help="show Prefect's own logs")
     run.set_defaults(handler=cmd_run)
 
     validate = sub.add_parser("validate", help="check rows and audio, print the cost estimate")
     validate.add_argument("manifest")
     _common(validate)
+    _rows_option(validate)
     validate.set_defaults(handler=cmd_validate)
 
     sim = sub.add_parser("simulate", help="a local server speaking Each Labs', Stability AI's and fal's APIs ($0)")
@@ -217,6 +219,21 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rows_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rows",
+        action="append",
+        default=[],
+        metavar="IDS",
+        help="only the rows with these ids (commas between; shell patterns such as 'glass-*'): a trial of a few",
+    )
+
+
+def _rows(args: argparse.Namespace) -> list[str]:
+    """`--rows a,b --rows 'c-*'` as patterns."""
+    return [p.strip() for given in args.rows for p in given.split(",") if p.strip()]
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (default: embedded setup)")
     p.add_argument(
@@ -270,7 +287,7 @@ def _setting_value(setting: str, text: str) -> object:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    batch = Batch(read_manifest(args.manifest, cfg.storage), cfg, run_id="validate", dry_run=True)
+    batch = Batch(read_manifest(args.manifest, cfg.storage), cfg, "validate", dry_run=True, rows=_rows(args))
     est = batch.estimate(batch.manifest.edits)
     _print_estimate(est, cfg, made_up_run_id="validate")
     return EXIT_ROWS_FAILED if est["invalid"] else 0
@@ -339,7 +356,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.manifest, cfg.storage)  # fail fast (exit 2) before starting Prefect
     if args.dry_run:
         # With --run-id, what resuming that run costs (what its earlier attempts paid counts).
-        batch = Batch(manifest, cfg, run_id=args.run_id or "dry-run", dry_run=True, earlier_attempts=bool(args.run_id))
+        run_id = args.run_id or "dry-run"
+        batch = Batch(manifest, cfg, run_id, dry_run=True, earlier_attempts=bool(args.run_id), rows=_rows(args))
         est = batch.estimate(batch.manifest.edits)
         out.print("[bold]Dry run[/bold]: nothing is sent and nothing is spent.")
         _print_estimate(est, cfg, made_up_run_id=None if args.run_id else "dry-run")
@@ -361,7 +379,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str, run_dir: Path) -> int:
     shown = escape(shown_input(str(args.manifest)))
-    out.print(f"run id [bold]{run_id}[/bold]  ({len(manifest.edits)} results from {shown})")
+    which = "the rows of --rows" if args.rows else f"{len(manifest.edits)} results"
+    out.print(f"run id [bold]{run_id}[/bold]  ({which} from {shown})")
 
     from flows.ephemeral import TemporaryServer, quiet_prefect  # noqa: PLC0415 - Prefect loads only from here on
 
@@ -415,7 +434,12 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
             # Failed when rows did not succeed (what Prefect's UI shows); the exit status below
             # says the same in the command's terms.
             state = inpaint_batch(
-                manifest=str(args.manifest), config=cfg.model_dump(), run_id=run_id, force=args.force, return_state=True
+                manifest=str(args.manifest),
+                config=cfg.model_dump(),
+                run_id=run_id,
+                force=args.force,
+                rows=_rows(args),
+                return_state=True,
             )
             result = state.result(raise_on_failure=False)
             if isinstance(result, BaseException):  # the flow itself failed

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import fnmatch
 import io
 import itertools
 import posixpath
@@ -37,6 +38,7 @@ from soundpatch.edits import (
     spans_for_a_model,
 )
 from soundpatch.errors import ManifestError, SoundpatchError
+from soundpatch.humanize import some_rows
 
 
 def lookalike_columns(edits: Iterable[Edit]) -> dict[str, str]:
@@ -163,6 +165,18 @@ class Manifest:
                 edit = replace(edit, damaged=spans_for_a_model(edit.damaged, edit.start, edit.end, margin))
             edits.append(edit)
         return Manifest(self.path, edits, self.uri)
+
+    def only(self, patterns: Iterable[str]) -> Manifest:
+        """The rows whose ids match one of `patterns` (`metal-v1`, `glass-*`: shell-style, as
+        ids are after variations and input patterns are expanded); ManifestError naming a
+        pattern no row matches (a misspelt id would otherwise run nothing, silently)."""
+        patterns = [p.strip() for p in patterns if p.strip()]
+        kept = [e for e in self.edits if any(fnmatch.fnmatchcase(e.row_id, p) for p in patterns)]
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(e.row_id, pattern) for e in self.edits):
+                ids = some_rows([e.row_id for e in self.edits])
+                raise ManifestError(f"No row of the manifest has an id matching {pattern!r} (--rows); its rows: {ids}.")
+        return Manifest(self.path, kept, self.uri)
 
     def _as_given(self, found: str) -> str:
         """A matched local file relative to the manifest's folder when it is inside it."""

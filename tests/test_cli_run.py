@@ -1031,3 +1031,40 @@ def test_detect_with_clicks_writes_rows_for_clicks_too_and_the_run_leaves_none(w
     assert np.array_equal(before[~inside], after[~inside])
     click = slice(round(3.05 * rate), round(3.055 * rate))  # 5 ms of full-scale crackle, gone
     assert np.abs(before[click]).max() > 25000 > 4 * np.abs(after[click]).max()
+
+
+def test_a_trial_of_a_few_rows_then_the_whole_batch_pays_for_each_result_once(
+    workdir, prefect_home, aws_env, simulator
+):
+    # "Try the glass ones before paying for all of them": --rows, then the whole manifest;
+    # what the trial made is reused at $0.
+    sim = simulator(latency=0.05, fill="tone", price=0.2)
+    aws_env.bucket("stage")
+    (workdir / "job.yaml").write_text(
+        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.05}}\n"
+        "limits: {requests_per_minute: 6000}\n"
+        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+    )
+    env = clean_env(
+        PREFECT_HOME=str(prefect_home), EACHLABS_API_KEY="k", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test"
+    )
+    job = ("manifests/sfx_variations.yaml", "--config", "job.yaml")
+    guess = soundpatch("validate", *job, "--rows", "glass-*,wod-*", cwd=workdir, env=env)
+    assert guess.returncode == 2 and guess.stderr.strip() == (
+        "error: No row of the manifest has an id matching 'wod-*' (--rows); its rows: metal-v1, metal-v2, wood-v1 "
+        "and 6 more rows."
+    )
+    trial = soundpatch(
+        "run", *job, "--rows", "glass-*", "--rows", "metal-v1", "--run-id", "trial", cwd=workdir, env=env
+    )
+    assert trial.returncode == 0, trial.stdout + trial.stderr
+    tried = pd.read_csv(workdir / "runs" / "trial" / "report.csv")
+    assert sorted(tried["row_id"]) == ["glass-v1", "glass-v2", "glass-v3", "metal-v1"]
+    assert sim.stats.accepted == 4 and tried["cost_usd"].sum() == pytest.approx(0.8)
+
+    whole = soundpatch("run", *job, "--run-id", "whole", cwd=workdir, env=env)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    report = pd.read_csv(workdir / "runs" / "whole" / "report.csv").set_index("row_id")
+    assert len(report) == 9 and sim.stats.accepted == 9  # the five the trial did not make
+    assert set(report.index[report["status"] == "skipped_done"]) == set(tried["row_id"])
+    assert report["cost_usd"].sum() == pytest.approx(1.0)
