@@ -56,7 +56,7 @@ from soundpatch.locks import CLAIMED, STOPPED, WAITED, Claims, RunLock
 from soundpatch.manifest import Manifest, lookalike_notes
 from soundpatch.markup import Markup
 from soundpatch.memory_room import MemoryRoom, NotAdmitted, default_limit_bytes
-from soundpatch.outcome import FAILED, INVALID, SKIPPED_DONE, SUCCEEDED, Outcome
+from soundpatch.outcome import FAILED, INVALID, NOT_STARTED, SKIPPED_DONE, SUCCEEDED, Outcome
 from soundpatch.providers import (
     Provider,
     make_provider,
@@ -773,13 +773,13 @@ class Batch:
     @property
     def _not_started(self) -> str:
         if self.lease is not None and not self.lease.holds():
-            return f"Not started: {self.lease.why_not()}, so nothing more is sent from this machine"
+            return f"{NOT_STARTED}{self.lease.why_not()}, so nothing more is sent from this machine"
         if self.journal.broken is not None:
             return (
-                f"Not started: {self.journal.broken}, so no more rows start; run it again with --run-id "
+                f"{NOT_STARTED}{self.journal.broken}, so no more rows start; run it again with --run-id "
                 f"{self.run_id} once it can be written"
             )
-        return f"Not started: the run was interrupted; run it again with --run-id {self.run_id}"
+        return f"{NOT_STARTED}the run was interrupted; run it again with --run-id {self.run_id}"
 
     def _should_cancel(self) -> bool:
         return self.config.provider.on_interrupt == "cancel" and stop_requested()

@@ -69,6 +69,11 @@ class Outcome:
         return cls(**known)
 
 
+# How the reason of a row a stopping run never started begins (it is `failed`, at no cost):
+# `soundpatch runs` counts such rows as not done, not as failed.
+NOT_STARTED = "Not started: "
+
+
 def exit_status(outcomes: Iterable[Outcome]) -> int:
     """0 all succeeded or already done; 1 any failed or invalid; 3 only the budget stopped rows."""
     counts = Counter(o.status for o in outcomes)

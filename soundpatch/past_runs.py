@@ -26,7 +26,7 @@ from soundpatch.journal import JOURNAL_FILE, latest_outcomes, lines_here, merge,
 from soundpatch.journal_copy import RUNS_PREFIX, JournalCopy
 from soundpatch.lease import lease_uri
 from soundpatch.locks import run_going
-from soundpatch.outcome import STATUSES
+from soundpatch.outcome import NOT_STARTED, STATUSES
 from soundpatch.s3 import S3, S3Uri
 
 
@@ -153,7 +153,9 @@ def _past_run(run_id: str, events: list[dict[str, Any]], cfg: Config, going: boo
         return None
     starts = [e for e in events if e.get("event") == "run_started"]
     outcomes = latest_outcomes(events)
-    by_status = Counter({s: n for s in STATUSES if (n := sum(o.get("status") == s for o in outcomes.values()))})
+    # Rows a stopping run never started are left to do, not failed (their reason says so).
+    ended = [o for o in outcomes.values() if not str(o.get("error") or "").startswith(NOT_STARTED)]
+    by_status = Counter({s: n for s in STATUSES if (n := sum(o.get("status") == s for o in ended))})
     providers = {o.get("provider") or "" for o in outcomes.values()} | {
         e.get("provider") or "" for e in events if e.get("event") == "sending"
     }

@@ -11,7 +11,7 @@ import json
 import time
 
 from soundpatch.locks import RunLock
-from tests.jobs import AT_DECODE, dying, environment, soundpatch, write_job
+from tests.jobs import AT_DECODE, clean_env, dying, environment, soundpatch, write_job
 
 
 def shown(text: str) -> str:
@@ -153,3 +153,31 @@ def test_runs_made_by_a_worker_elsewhere_are_listed_from_their_journal_s_copy_in
         ("night-2", "here", "stopped", 1, 1),
         ("night-1", "here", "finished", 2, 0),
     ]
+
+
+def test_an_interrupted_run_s_rows_it_never_started_are_not_done_not_failed(tmp_path):
+    # Ctrl-C as a run began: its 20 rows end `failed` with "Not started: the run was
+    # interrupted; ...", and `runs` said "finished: 20 failed" of a night that tried nothing.
+    from soundpatch.config import load_config
+    from soundpatch.journal import Journal
+    from soundpatch.past_runs import past_runs
+
+    runs = tmp_path / "runs"
+    journal = Journal(runs / "night")
+    journal.write("run_started", total=3, kept=0, manifest="nightly.yaml", providers={"local": 3})
+    journal.write("outcome", "a", outcome={"row_id": "a", "status": "succeeded", "cost_usd": 0.0, "provider": "local"})
+    never = "Not started: the run was interrupted; run it again with --run-id night"  # (as the run says it)
+    for row in ("b", "c"):
+        journal.write("outcome", row, outcome={"row_id": row, "status": "failed", "error": never})
+    journal.close()
+    [night] = past_runs(runs, load_config(overrides={"runs_dir": str(runs)}))
+    assert (night.state, night.by_status["succeeded"], night.by_status["failed"], night.not_done) == (
+        "stopped",
+        1,
+        0,
+        2,
+    )
+
+    (tmp_path / "job.yaml").write_text(f"runs_dir: {runs}\n")
+    listed = soundpatch("runs", "--config", "job.yaml", cwd=tmp_path, env=clean_env())
+    assert "$0.00 stopped: 1 succeeded, 2 not done" in shown(listed.stdout), listed.stdout + listed.stderr
