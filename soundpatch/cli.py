@@ -33,7 +33,7 @@ from soundpatch.humanize import counts_by_name, duration, plural, some_rows
 from soundpatch.humanize import size as human_size
 from soundpatch.journal import latest_runs
 from soundpatch.locks import RunLock
-from soundpatch.manifest import GLOB_CHARS, Manifest
+from soundpatch.manifest import GLOB_CHARS, Manifest, is_pattern
 from soundpatch.manifest_source import read_manifest
 from soundpatch.outcome import (
     EXIT_INTERRUPTED,
@@ -354,6 +354,8 @@ def _print_estimate(est: dict[str, Any], cfg: Config, made_up_run_id: str | None
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     manifest = read_manifest(args.manifest, cfg.storage)  # fail fast (exit 2) before starting Prefect
+    if _rows(args) and not any(is_pattern(e.input) for e in manifest.edits):  # (else ids are known in the run)
+        manifest = manifest.only(_rows(args))  # an id no row has: exit 2 now too
     if args.dry_run:
         # With --run-id, what resuming that run costs (what its earlier attempts paid counts).
         run_id = args.run_id or "dry-run"
@@ -379,7 +381,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str, run_dir: Path) -> int:
     shown = escape(shown_input(str(args.manifest)))
-    which = "the rows of --rows" if args.rows else f"{len(manifest.edits)} results"
+    patterns = any(is_pattern(e.input) for e in manifest.edits)
+    which = "the rows of --rows" if args.rows and patterns else f"{len(manifest.edits)} results"
     out.print(f"run id [bold]{run_id}[/bold]  ({which} from {shown})")
 
     from flows.ephemeral import TemporaryServer, quiet_prefect  # noqa: PLC0415 - Prefect loads only from here on
