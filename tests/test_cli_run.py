@@ -1054,6 +1054,9 @@ def test_a_trial_of_a_few_rows_then_the_whole_batch_pays_for_each_result_once(
         "error: No row of the manifest has an id matching 'wod-*' (--rows); its rows: metal-v1, metal-v2, wood-v1 "
         "and 6 more rows."
     )
+    misspelt = soundpatch("run", *job, "--rows", "wod-*", "--run-id", "typo", cwd=workdir, env=env)
+    assert misspelt.returncode == 2 and "matching 'wod-*'" in misspelt.stderr  # before Prefect starts
+    assert not (workdir / "runs" / "typo").exists() and sim.stats.accepted == 0
     trial = soundpatch(
         "run", *job, "--rows", "glass-*", "--rows", "metal-v1", "--run-id", "trial", cwd=workdir, env=env
     )
