@@ -130,7 +130,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     run = sub.add_parser("run", help="process a manifest")
-    run.add_argument("manifest")
+    run.add_argument("manifest", help=MANIFEST_HELP)
     _common(run)
     run.add_argument("--run-id", help="name the run; the same id again resumes it")
     run.add_argument("--budget", type=float, help="hard cap in USD for this run (limits.budget_usd)")
@@ -144,7 +144,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     validate = sub.add_parser("validate", help="check rows and audio, print the cost estimate")
-    validate.add_argument("manifest")
+    validate.add_argument("manifest", help=MANIFEST_HELP)
     _common(validate)
     _rows_option(validate)
     validate.set_defaults(handler=cmd_validate)
@@ -217,6 +217,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _common(runs)
     runs.set_defaults(handler=cmd_runs)
     return parser
+
+
+MANIFEST_HELP = "a CSV or YAML manifest: a file, or an s3:// or https:// one (its inputs named beside it)"
 
 
 def _rows_option(parser: argparse.ArgumentParser) -> None:
