@@ -55,7 +55,7 @@ from soundpatch.restoration import (
     restoration_manifest,
     row_counts,
 )
-from soundpatch.s3 import S3
+from soundpatch.s3 import S3, S3Uri
 from soundpatch.sources import RECORDING_SUFFIXES, SourceReader
 from soundpatch.web import shown_input
 
@@ -187,7 +187,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="files, folders (their recordings, at any depth), patterns (audio/*.wav), s3:// keys, or s3:// "
         "prefixes (s3://bucket/archive/)",
     )
-    detect.add_argument("--out", default="dropouts.csv", help="the manifest to write (default: dropouts.csv)")
+    detect.add_argument(
+        "--out", default="dropouts.csv", help="the manifest to write: a file (default: dropouts.csv) or an s3:// key"
+    )
     detect.add_argument("--prompt", default=DETECT_PROMPT, help="the prompt of every row")
     detect.add_argument("--min-ms", type=float, default=5.0, help="shortest dropout to report (default: 5)")
     detect.add_argument(
@@ -587,7 +589,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.min_ms <= 0:
         raise SoundpatchError("--min-ms must be more than 0.")
-    reader = SourceReader(S3(cfg.storage.s3), cfg.storage, cache_bytes=0)  # one recording at a time
+    s3 = S3(cfg.storage.s3)
+    if args.out.startswith(("http://", "https://")):
+        raise SoundpatchError(f"--out {args.out}: the manifest goes to a file or an s3:// key, not to a web server.")
+    in_bucket = S3Uri.parse(args.out) if args.out.startswith("s3://") else None
+    if in_bucket is not None:  # before the archive is read through, not after
+        s3.check_bucket(in_bucket, "--out")
+    reader = SourceReader(s3, cfg.storage, cache_bytes=0)  # one recording at a time
     named: dict[str, None] = {}  # in the order given, each once
     folders = [given for given in args.inputs if not GLOB_CHARS.search(given) and reader.is_folder(given)]
     for given in args.inputs:
@@ -640,7 +648,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if not found:
         out.print(f"No {' or '.join(kinds)} found in {len(sources) - len(unreadable)} recordings; nothing written.")
         return EXIT_ROWS_FAILED if unreadable else 0
-    target = Path(args.out)
+    target = Path(args.out)  # (a local one)
+    written = args.out if in_bucket is not None else str(target)
     margin = cfg.splice.crossfade_ms / 1000
     # The local engine rebuilds a row's clicks and short dropouts alone, for nothing, and closer
     # to what was there than a model making the whole region anew: with a hosted provider in the
@@ -649,9 +658,17 @@ def cmd_detect(args: argparse.Namespace) -> int:
     hosted = cfg.provider.name not in MENDING_DAMAGED
     mender = MENDING_DAMAGED[0] if hosted and not args.all_to_provider else ""
     join = not hosted or bool(mender)
-    text = restoration_manifest(found, str(target.resolve().parent), args.prompt, margin, join, mender, hosted)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text, encoding="utf-8")
+    # Local inputs are named relative to a local manifest's folder; in a bucket's, as they are here.
+    folder = str(target.resolve().parent) if in_bucket is None else None
+    text = restoration_manifest(found, folder, args.prompt, margin, join, mender, hosted)
+    if in_bucket is not None:
+        try:
+            s3.write(in_bucket, text.encode("utf-8"), "text/csv; charset=utf-8")
+        except RowError as exc:
+            raise SoundpatchError(f"The manifest was not written: {str(exc).rstrip('.')}.") from None
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
     config = f" --config {args.config}" if args.config else ""
     config += "".join(f" --set {setting}" for setting in args.set)
     rows, span_rows, span_rows_apart, among = row_counts(found, margin, join, hosted)  # what meets is one row
@@ -698,8 +715,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
             soft_wrap=True,
         )
     out.print(
-        f"Wrote {plural(rows, 'row')} ({plural(recordings, 'recording')} of {len(sources)}) to {target}. "
-        f"What filling them costs: soundpatch validate {target}{config}",
+        f"Wrote {plural(rows, 'row')} ({plural(recordings, 'recording')} of {len(sources)}) to {written}. "
+        f"What filling them costs: soundpatch validate {written}{config}",
         soft_wrap=True,
     )
     return EXIT_ROWS_FAILED if unreadable else 0

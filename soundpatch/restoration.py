@@ -40,7 +40,7 @@ class Damage:
 
 def restoration_manifest(
     found: Iterable[tuple[str, Damage]],
-    folder: str,
+    folder: str | None,
     prompt: str,
     margin_seconds: float,
     join_spans: bool = False,
@@ -60,7 +60,8 @@ def restoration_manifest(
     row, naming its damage as spans (its audio goes into those and their crossfades alone:
     edits.spans_for_a_model); with `join_spans` too, those of a longer dropout alone (and the
     clicks and short dropouts between two of them). Local inputs are written relative to
-    `folder`, where the manifest goes (a manifest's paths are read relative to it). Each
+    `folder`, where the manifest goes (a manifest's paths are read relative to it), or whole
+    where it has none here (it goes to a bucket). Each
     recording's repairs go into one file, under the run's folder at the recording's place in
     the archive: `take.wav` of two albums stays two files."""
     text = io.StringIO()
@@ -79,7 +80,9 @@ def restoration_manifest(
                 n += 1
                 row_id = f"{base}-{n}"
             taken.add(row_id)
-            shown = source if "://" in source else os.path.relpath(source, folder)
+            shown = (
+                source if "://" in source else os.path.relpath(source, folder) if folder else os.path.abspath(source)
+            )
             spans = _spans(group, start, end)
             damaged = _shown(spans if spans is not None else _model_spans(group, start, end, margin_seconds))
             writer.writerow(

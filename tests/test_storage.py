@@ -1172,6 +1172,39 @@ def test_detect_reads_an_archive_in_a_bucket_and_keeps_each_recording_s_place(tm
     assert prefix.returncode == 0, prefix.stdout + prefix.stderr
     assert pd.read_csv(tmp_path / "all.csv").equals(rows)
 
+    # The manifest written beside the archive, in the bucket (it was a local file under
+    # ./s3:/archive-detect/, said to be "s3:/archive-detect/fills.csv"), and run from there.
+    there = f"s3://{archive}/fills.csv"
+    written = soundpatch(
+        "detect", f"s3://{archive}/albums/", "--config", "c.yaml", "--out", there, cwd=tmp_path, env=env
+    )
+    assert written.returncode == 0, written.stdout + written.stderr
+    assert f"to {there}. What filling them costs: soundpatch validate {there} --config c.yaml" in " ".join(
+        written.stdout.split()
+    )
+    assert not (tmp_path / "s3:").exists()
+    assert pd.read_csv(io.BytesIO(get(aws_env, there))).equals(rows)
+    checked = soundpatch("validate", there, "--config", "c.yaml", cwd=tmp_path, env=env)
+    assert checked.returncode == 0 and re.search(r"predictions to send +6\s", checked.stdout), checked.stdout
+    # A local recording's manifest in a bucket names it whole (relative, it would be read
+    # beside the manifest there).
+    (tmp_path / "tapes").mkdir()
+    (tmp_path / "tapes" / "side_b.flac").write_bytes(damaged)
+    local = soundpatch("detect", "tapes", "--config", "c.yaml", "--out", there, cwd=tmp_path, env=env)
+    assert local.returncode == 0, local.stdout + local.stderr
+    named = pd.read_csv(io.BytesIO(get(aws_env, there)))["input"]
+    assert set(named) == {str(tmp_path / "tapes" / "side_b.flac")}
+    # A bucket that is not there, or a web server, is said before the archive is read.
+    for out, said in (
+        ("s3://no-such-bucket-here/fills.csv", "bucket 'no-such-bucket-here' does not exist"),
+        ("https://example.com/fills.csv", "the manifest goes to a file or an s3:// key, not to a web server"),
+    ):
+        refused = soundpatch(
+            "detect", f"s3://{archive}/albums/", "--config", "c.yaml", "--out", out, cwd=tmp_path, env=env
+        )
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+        assert "Dropouts found" not in refused.stdout
+
 
 def test_output_names_are_split_into_folders_as_posix_paths_are():
     # output_name splits a rendered name as PurePosixPath did, without making one for
