@@ -227,16 +227,12 @@ MANIFEST_HELP = "a CSV or YAML manifest: a file, or an s3:// or https:// one (it
 def _rows_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rows",
-        action="append",
+        action="extend",  # `--rows a,b --rows 'c-*'`: ["a", "b", "c-*"]
+        type=lambda given: [p.strip() for p in given.split(",") if p.strip()],
         default=[],
         metavar="IDS",
         help="only the rows with these ids (commas between; shell patterns such as 'glass-*'): a trial of a few",
     )
-
-
-def _rows(args: argparse.Namespace) -> list[str]:
-    """`--rows a,b --rows 'c-*'` as patterns."""
-    return [p.strip() for given in args.rows for p in given.split(",") if p.strip()]
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -292,7 +288,7 @@ def _setting_value(setting: str, text: str) -> object:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    batch = Batch(read_manifest(args.manifest, cfg.storage), cfg, "validate", dry_run=True, rows=_rows(args))
+    batch = Batch(read_manifest(args.manifest, cfg.storage), cfg, "validate", dry_run=True, rows=args.rows)
     est = batch.estimate(batch.manifest.edits)
     _print_estimate(est, cfg, made_up_run_id="validate")
     return EXIT_ROWS_FAILED if est["invalid"] else 0
@@ -359,12 +355,12 @@ def _print_estimate(est: dict[str, Any], cfg: Config, made_up_run_id: str | None
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     manifest = read_manifest(args.manifest, cfg.storage)  # fail fast (exit 2) before starting Prefect
-    if _rows(args) and not any(is_pattern(e.input) for e in manifest.edits):  # (else ids are known in the run)
-        manifest = manifest.only(_rows(args))  # an id no row has: exit 2 now too
+    if args.rows and not any(is_pattern(e.input) for e in manifest.edits):  # (else ids are known in the run)
+        manifest = manifest.only(args.rows)  # an id no row has: exit 2 now too
     if args.dry_run:
         # With --run-id, what resuming that run costs (what its earlier attempts paid counts).
         run_id = args.run_id or "dry-run"
-        batch = Batch(manifest, cfg, run_id, dry_run=True, earlier_attempts=bool(args.run_id), rows=_rows(args))
+        batch = Batch(manifest, cfg, run_id, dry_run=True, earlier_attempts=bool(args.run_id), rows=args.rows)
         est = batch.estimate(batch.manifest.edits)
         out.print("[bold]Dry run[/bold]: nothing is sent and nothing is spent.")
         _print_estimate(est, cfg, made_up_run_id=None if args.run_id else "dry-run")
@@ -446,7 +442,7 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
                 config=cfg.model_dump(),
                 run_id=run_id,
                 force=args.force,
-                rows=_rows(args),
+                rows=args.rows,
                 return_state=True,
             )
             result = state.result(raise_on_failure=False)

@@ -80,9 +80,7 @@ def restoration_manifest(
                 n += 1
                 row_id = f"{base}-{n}"
             taken.add(row_id)
-            shown = (
-                source if "://" in source else os.path.relpath(source, folder) if folder else os.path.abspath(source)
-            )
+            shown = _named(source, folder)
             spans = _spans(group, start, end)
             damaged = _shown(spans if spans is not None else _model_spans(group, start, end, margin_seconds))
             writer.writerow(
@@ -288,6 +286,14 @@ def _meeting(damage: list[Damage], margin: float) -> list[list[Damage]]:
             ends = -math.inf
         ends = max(ends, d.end)
     return groups
+
+
+def _named(source: str, folder: str | None) -> str:
+    """An input as the manifest names it: a URI as it is; a local file relative to `folder`,
+    or whole without one."""
+    if "://" in source:
+        return source
+    return os.path.relpath(source, folder) if folder else os.path.abspath(source)
 
 
 def _places(sources: list[str]) -> dict[str, str]:
