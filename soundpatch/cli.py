@@ -355,7 +355,8 @@ def _print_estimate(est: dict[str, Any], cfg: Config, made_up_run_id: str | None
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     manifest = read_manifest(args.manifest, cfg.storage)  # fail fast (exit 2) before starting Prefect
-    if args.rows and not any(is_pattern(e.input) for e in manifest.edits):  # (else ids are known in the run)
+    patterns = any(is_pattern(e.input) for e in manifest.edits)  # (the rows' ids are known only in the run)
+    if args.rows and not patterns:
         manifest = manifest.only(args.rows)  # an id no row has: exit 2 now too
     if args.dry_run:
         # With --run-id, what resuming that run costs (what its earlier attempts paid counts).
@@ -375,14 +376,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise SoundpatchError(f"Nothing was sent: {_unwritable(run_dir, exc)}") from None
     try:
-        return _run(args, cfg, manifest, run_id, run_dir)
+        return _run(args, cfg, manifest, run_id, run_dir, patterns)
     finally:
         run_lock.release()
 
 
-def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str, run_dir: Path) -> int:
+def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str, run_dir: Path, patterns: bool) -> int:
     shown = escape(shown_input(str(args.manifest)))
-    patterns = any(is_pattern(e.input) for e in manifest.edits)
     which = "the rows of --rows" if args.rows and patterns else f"{len(manifest.edits)} results"
     out.print(f"run id [bold]{run_id}[/bold]  ({which} from {shown})")
 
@@ -785,7 +785,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    since = _utc_time(args.since) if args.since else None
+    since, after = _since(args.since) if args.since else (None, "")
     in_bucket = cfg.output.uri.startswith("s3://")
     try:
         runs = past_runs(Path(cfg.runs_dir).expanduser(), cfg, since, S3(cfg.storage.s3) if in_bucket else None)
@@ -796,10 +796,6 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([run.as_dict() for run in runs], indent=2))
         return 0
-    after = ""
-    if args.since:
-        back = re.fullmatch(SINCE_BACK, args.since.strip().lower())
-        after = f" begun in the last {args.since.strip()}" if back else f" begun since {args.since.strip()}"
     where = f"{Path(cfg.runs_dir)}" + (f" and {cfg.output.uri}" if in_bucket else "")
     if not runs:
         out.print(f"No runs in {where}{after}.", soft_wrap=True)
@@ -839,18 +835,19 @@ SINCE_BACK = r"(\d+(?:\.\d+)?)\s*([wdhm])"  # `--since 7d`: a time back from now
 SINCE_UNITS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60}  # seconds in each of its units
 
 
-def _utc_time(text: str, now: float | None = None) -> float:
-    """`--since` as seconds since the epoch: a day, or a day and time, in UTC (2026-12-01,
-    2026-12-01T18:00); `today` or `yesterday` (from midnight, UTC); or a time back from now
-    (`7d`, `12h`, `30m`, `2w`)."""
+def _since(text: str, now: float | None = None) -> tuple[float, str]:
+    """`--since` as seconds since the epoch, and the words that say it (" begun in the last
+    7d"): a day, or a day and time, in UTC (2026-12-01, 2026-12-01T18:00); `today` or
+    `yesterday` (from midnight, UTC); or a time back from now (`7d`, `12h`, `30m`, `2w`)."""
     now = time.time() if now is None else now
     said = text.strip().lower()
+    since = f" begun since {text.strip()}"
     midnight = datetime.datetime.fromtimestamp(now, datetime.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     if said in ("today", "yesterday"):
-        return (midnight - datetime.timedelta(days=1 if said == "yesterday" else 0)).timestamp()
+        return (midnight - datetime.timedelta(days=1 if said == "yesterday" else 0)).timestamp(), since
     back = re.fullmatch(SINCE_BACK, said)
     if back:
-        return now - float(back.group(1)) * SINCE_UNITS[back.group(2)]
+        return now - float(back.group(1)) * SINCE_UNITS[back.group(2)], f" begun in the last {text.strip()}"
     try:
         when = datetime.datetime.fromisoformat(text.strip())
     except ValueError:
@@ -858,7 +855,7 @@ def _utc_time(text: str, now: float | None = None) -> float:
             f"--since {text} is not a day or time, as in --since 2026-12-01, 2026-12-01T18:00, today, yesterday, "
             "or a time back from now: 7d, 12h, 30m."
         ) from None
-    return when.replace(tzinfo=when.tzinfo or datetime.UTC).timestamp()
+    return when.replace(tzinfo=when.tzinfo or datetime.UTC).timestamp(), since
 
 
 if __name__ == "__main__":

@@ -94,19 +94,22 @@ def test_runs_says_what_each_run_made_and_spent_and_what_a_killed_one_has_out(
 def test_since_takes_a_day_a_time_today_yesterday_or_a_time_back_from_now():
     import datetime
 
-    from soundpatch.cli import _utc_time
+    from soundpatch.cli import _since
 
     now = datetime.datetime(2026, 12, 5, 10, 30, tzinfo=datetime.UTC).timestamp()
     midnight = datetime.datetime(2026, 12, 5, tzinfo=datetime.UTC).timestamp()
-    assert _utc_time("2026-12-01", now) == datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC).timestamp()
-    assert _utc_time("2026-12-01T18:00", now) == datetime.datetime(2026, 12, 1, 18, tzinfo=datetime.UTC).timestamp()
-    assert _utc_time("today", now) == midnight
-    assert _utc_time(" Yesterday ", now) == midnight - 86400
-    assert _utc_time("7d", now) == now - 7 * 86400
-    assert _utc_time("2w", now) == now - 14 * 86400
-    assert _utc_time("12h", now) == now - 12 * 3600
-    assert _utc_time("30 m", now) == now - 1800
-    assert _utc_time("1.5d", now) == now - 1.5 * 86400
+    assert _since("2026-12-01", now)[0] == datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC).timestamp()
+    assert _since("2026-12-01T18:00", now)[0] == datetime.datetime(2026, 12, 1, 18, tzinfo=datetime.UTC).timestamp()
+    assert _since("today", now)[0] == midnight
+    assert _since(" Yesterday ", now)[0] == midnight - 86400
+    assert _since("7d", now)[0] == now - 7 * 86400
+    assert _since("2w", now)[0] == now - 14 * 86400
+    assert _since("12h", now)[0] == now - 12 * 3600
+    assert _since("30 m", now)[0] == now - 1800
+    assert _since("1.5d", now)[0] == now - 1.5 * 86400
+    assert _since(" 7d ", now)[1] == " begun in the last 7d"
+    assert _since("yesterday", now)[1] == " begun since yesterday"
+    assert _since("2026-12-01", now)[1] == " begun since 2026-12-01"
 
 
 def test_runs_made_by_a_worker_elsewhere_are_listed_from_their_journal_s_copy_in_the_bucket(
