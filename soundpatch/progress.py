@@ -99,10 +99,8 @@ class ProgressWatcher:
                 self._short_of_memory.discard(row)
                 self._sent.add(row)
                 self.pace.sent(e["t"], e.get("provider") or "", row)
-                if e.get("provider") == "local":  # makes no prediction: worked on from here
-                    self._flying.add(row)
-                    self.pace.created(e["t"], row)
-            elif kind in ("creating", "created"):  # a prediction in flight (or taken up again)
+            elif kind in ("creating", "created", "computing"):  # a prediction in flight (or taken up
+                # again); the local engine's row, worked on once it has its slot (limits.concurrency)
                 self._flying.add(row)
                 self.pace.created(e["t"], row)
             elif kind == "predicted":

@@ -528,6 +528,9 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     journal.write("run_started", total=3, kept=0)
     for row in ("a", "b", "c"):
         journal.write("sending", row, provider="local")
+    assert watcher._state()[3] == 0  # the local engine's rows wait for a slot (limits.concurrency) ...
+    for row in ("a", "b", "c"):
+        journal.write("computing", row)  # ... and are in flight once they have one
     outcome("a", "failed", 0.2)
     assert watcher._state() == (
         1,
@@ -542,6 +545,7 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     outcome("b", "succeeded", 0.2)
     # A resumed run: row a again, its outcome carries the row's running total.
     journal.write("sending", "a", provider="local")
+    journal.write("computing", "a")
     assert watcher._state() == (2, 1, 0.4, 2, 0, 0, 0, 0)
     outcome("a", "succeeded", 0.4)
     outcome("c", "invalid", 0.0)
@@ -552,6 +556,7 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     journal.write("waiting", "e", on="nightly-2")
     assert watcher._state()[3:] == (0, 2, 0, 0, 0)
     journal.write("sending", "d", provider="local")  # its claim was let go without a result: made here
+    journal.write("computing", "d")
     outcome("e", "skipped_done", 0.0)  # reused
     assert watcher._state()[3:] == (1, 0, 0, 0, 0)
     # Rows waiting for room on disk while rows in flight hold it (disk_room.py).
@@ -560,6 +565,7 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     watcher._print_line()
     assert capsys.readouterr().err.strip().endswith("1 in flight, 2 waiting for disk space for their results")
     journal.write("sending", "f", provider="local")
+    journal.write("computing", "f")
     outcome("g", "failed", 0.0)  # refused: no room came
     assert watcher._state()[3:] == (2, 0, 0, 0, 0)
     outcome("f", "succeeded", 0.0)
@@ -570,6 +576,7 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     said = capsys.readouterr().err.strip()
     assert said.endswith("1 in flight, 2 waiting on the budget until predictions in flight settle what they cost")
     journal.write("sending", "h", provider="local")  # one cost nothing: its money came back
+    journal.write("computing", "h")
     outcome("i", "skipped_budget", 0.0)  # the others cost their price: none left for it
     assert watcher._state()[3:] == (2, 0, 0, 0, 0)
     outcome("h", "succeeded", 0.0)
@@ -581,6 +588,7 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     assert said.endswith("1 in flight, 3 waiting for memory to read their recordings in")
     journal.write("memory_granted", "m")  # room came: read in, not yet sent
     journal.write("sending", "n", provider="local")
+    journal.write("computing", "n")
     outcome("o", "failed", 0.0)  # its recording could not be read in
     assert watcher._state()[3:] == (2, 0, 0, 0, 0)
     outcome("m", "succeeded", 0.0)

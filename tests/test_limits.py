@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -738,6 +739,51 @@ def test_predictions_in_flight_never_pass_limits_concurrency_while_more_rows_are
     assert batch.rows_at_once == 6  # two rows per prediction slot
     assert [o.status for o in outcomes] == ["succeeded"] * 18
     assert sim.stats.max_in_flight == 3
+
+
+def test_the_local_engine_s_rows_in_flight_on_the_progress_line_never_pass_limits_concurrency(tmp_path, monkeypatch):
+    # The progress line counted the local engine's rows in flight from when they were sent:
+    # up to twice limits.concurrency, the rest of them waiting for a slot. Now from the slot.
+    from soundpatch.progress import ProgressWatcher
+    from soundpatch.providers.local import LocalEngine
+
+    sf.write(tmp_path / "fx.wav", np.full((3 * 8000, 1), 0.1, np.float32), 8000)
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt\n" + "".join(f"r{i:02d},fx.wav,1,1.5,p{i:02d}\n" for i in range(12))
+    )
+    inpaint = LocalEngine._inpaint
+
+    def slow(self, request):
+        time.sleep(0.05)  # time enough for the rows behind it to be sent and wait for a slot
+        return inpaint(self, request)
+
+    monkeypatch.setattr(LocalEngine, "_inpaint", slow)
+    cfg = load_config(
+        overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs"), "limits.concurrency": 2}
+    )
+    batch = Batch(load_manifest(tmp_path / "m.csv"), cfg, "local")
+    with ThreadPoolExecutor(batch.rows_at_once) as pool:
+        outcomes = list(pool.map(batch.process, batch.manifest.edits))
+    batch.close()
+    assert [o.status for o in outcomes] == ["succeeded"] * 12
+    # The run's journal, read by the progress line one event at a time.
+    (tmp_path / "watched").mkdir()
+    watcher = ProgressWatcher(tmp_path / "watched", total=12, budget=10.0)
+    watcher._since = 0.0  # (its events came before the watcher began)
+    in_flight, sent, most_sent = [], set(), 0
+    with (tmp_path / "watched" / "journal.jsonl").open("w") as journal:
+        for line in (tmp_path / "runs" / "local" / "journal.jsonl").read_text().splitlines(keepends=True):
+            journal.write(line)
+            journal.flush()
+            in_flight.append(watcher._state()[3])
+            event = json.loads(line)
+            if event["event"] == "sending":
+                sent.add(event["row"])
+            elif event["event"] == "outcome":
+                sent.discard(event["row"])
+            most_sent = max(most_sent, len(sent))
+    assert most_sent > 2  # rows were sent while two others had the slots
+    assert max(in_flight) == 2 and in_flight[-1] == 0
 
 
 def test_rows_crunch_their_audio_a_few_at_a_time_so_creates_and_polls_are_not_kept_waiting(

@@ -78,6 +78,7 @@ class LocalEngine:
     def inpaint(self, request: InpaintRequest) -> Prediction:
         with self.in_flight.slot():
             request.check_may_start()
+            request.tell("computing")  # in flight from here (the progress line's count): at most limits.concurrency
             # All of it is computation, on a window of the recording up to three minutes of
             # floats: as many rows at once as there are cores (cpu.py). Sixteen rows of a long
             # tape at once held sixteen windows (3 GB), and finished no sooner.
