@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -260,6 +261,8 @@ def config_from(
         source = f" in {path}" if path is not None else ""
         # "... is not a known key" goes on from the key; what is wrong with a value is said after it.
         after = " " if first["type"] == "extra_forbidden" else ": "
+        if message.startswith("Input should "):  # pydantic's: the value given says more than "input"
+            message = f"{_as_given(first.get('input'))} {message[len('Input ') :]}"
         message = _lower_first(message)
         end = "" if message.endswith("?") else "."
         flag = (flags or {}).get(where)
@@ -281,6 +284,14 @@ def _did_you_mean(loc: tuple) -> str:
         return ""
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.75)
     return f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+
+
+def _as_given(value: Any) -> str:
+    """A config value as YAML spells it, briefly: true, null, 'aac', 8."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    shown = repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 def _lower_first(text: str) -> str:

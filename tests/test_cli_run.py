@@ -317,7 +317,7 @@ def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_h
         (["run", "manifests/restoration.csv", "--config", "nope.yaml"], "Cannot read config file"),
         (
             ["run", "manifests/restoration.csv", "--concurrency", "0"],
-            "Option --concurrency (limits.concurrency): input should be greater than or equal to 1.",
+            "Option --concurrency (limits.concurrency): 0 should be greater than or equal to 1.",
         ),
         (
             ["run", "manifests/restoration.csv", "--budget", "lots"],

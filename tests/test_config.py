@@ -85,12 +85,17 @@ def test_default_yaml_spells_out_exactly_the_defaults():
         ("colour: blue\n", "c.yaml is not a known key."),
         (
             "limits: {concurrency: 0}\n",
-            "Config key 'limits.concurrency' in c.yaml: input should be greater than or equal to 1.",
+            "Config key 'limits.concurrency' in c.yaml: 0 should be greater than or equal to 1.",
         ),
         ("provider: {name: nosuch}\n", "Config key 'provider.name' in c.yaml: unknown provider 'nosuch'"),
         (
             "output: {format: aac}\n",
-            "Config key 'output.format' in c.yaml: input should be 'wav', 'flac', 'mp3', 'ogg' or 'same'.",
+            "Config key 'output.format' in c.yaml: 'aac' should be 'wav', 'flac', 'mp3', 'ogg' or 'same'.",
+        ),
+        ("output: {index: true}\n", "Config key 'output.index' in c.yaml: true should be a valid string."),
+        (
+            "limits: {concurrency: eight}\n",
+            "Config key 'limits.concurrency' in c.yaml: 'eight' should be a valid integer, unable to parse",
         ),
         (
             "output: {index: ../metadata.csv}\n",
