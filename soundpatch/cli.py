@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 import sys
@@ -39,6 +40,7 @@ from soundpatch.outcome import (
     EXIT_INTERRUPTED,
     EXIT_NOTHING_RAN,
     EXIT_ROWS_FAILED,
+    SKIPPED_BUDGET,
     STATUSES,
     Outcome,
     by_reason,
@@ -475,7 +477,7 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
     finally:
         watcher.stop()
     outcomes = [Outcome.from_dict(r) for r in result["rows"]]
-    _print_summary(result["summary"], outcomes, run_dir)
+    _print_summary(result["summary"], outcomes, run_dir, cfg)
     if interrupt.stop_requested():
         err.print(f"Interrupted. Run the same command with --run-id {run_id} to finish the rest.", soft_wrap=True)
         return EXIT_INTERRUPTED
@@ -536,7 +538,7 @@ def _finished_anyway(run_dir: Path, began: float) -> dict[str, Any] | None:
         return None
 
 
-def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Path) -> None:
+def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Path, cfg: Config) -> None:
     counts = Counter(o.status for o in outcomes)
     table = Table(title=f"soundpatch run {summary['run_id']}", show_header=False, title_justify="left")
     table.add_column(no_wrap=True)
@@ -570,6 +572,25 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
         out.print(f"  ... {plural(unshown, 'more row')} in {run_dir / 'report.csv'}", soft_wrap=True)
     for note in summary.get("notes", []):
         out.print(f"[dim]note: {escape(note)}[/dim]", soft_wrap=True)
+    finishing = _finishing_for_more(summary, outcomes, cfg)
+    if finishing:
+        out.print(f"[yellow]{escape(finishing)}[/yellow]", soft_wrap=True)
+
+
+def _finishing_for_more(summary: dict[str, Any], outcomes: list[Outcome], cfg: Config) -> str:
+    """What the results the budget stopped would cost, and the command that makes them:
+    the same run, so what is done is kept and not paid for again."""
+    stopped = [o for o in outcomes if o.status == SKIPPED_BUDGET]
+    more = sum(cfg.provider.for_provider(o.provider or cfg.provider.name).price for o in stopped)
+    if not more:
+        return ""
+    budget = math.ceil(round((summary["spent_usd"] + more) * 100, 6)) / 100
+    manifest = summary.get("manifest") or "its manifest"
+    return (
+        f"The {plural(len(stopped), 'result')} the budget stopped would cost about ${more:.2f} more: soundpatch run "
+        f"{manifest} with the options it had, --run-id {summary['run_id']} and --budget {budget:.2f} makes them, "
+        "keeping what is done."
+    )
 
 
 # ---------------------------------------------------------------------- detect
@@ -779,7 +800,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         out.print(f"Run {args.run_id}, the latest in {Path(cfg.runs_dir)}.", soft_wrap=True)
     run_dir = Path(cfg.runs_dir).expanduser() / args.run_id
     outcomes, summary = rerender(args.run_id, run_dir, cfg, s3, say=lambda text: out.print(text, soft_wrap=True))
-    _print_summary(summary, outcomes, run_dir)
+    _print_summary(summary, outcomes, run_dir, cfg)
     return exit_status(outcomes)
 
 

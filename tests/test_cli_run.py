@@ -235,6 +235,21 @@ def test_budget_cap_skips_rows_and_exits_3(workdir, prefect_home):
     assert sorted(report["status"]) == ["skipped_budget"] * 3 + ["succeeded"] * 2
     assert report["cost_usd"].sum() == pytest.approx(1.0)
     assert (report.loc[report.status == "skipped_budget", "cost_usd"] == 0).all()
+    # What finishing costs, and how: the run's command, as it says, makes the three and pays
+    # for nothing twice.
+    said = " ".join(proc.stdout.split())
+    assert (
+        "The 3 results the budget stopped would cost about $1.50 more: soundpatch run five.csv with the options it "
+        "had, --run-id money and --budget 2.50 makes them, keeping what is done."
+    ) in said
+    proc = run(
+        workdir, prefect_home, "run", "five.csv", "--config", "priced.yaml", "--run-id", "money", "--budget", "2.50"
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    report = pd.read_csv(workdir / "runs" / "money" / "report.csv")
+    assert sorted(report["status"]) == ["succeeded"] * 5 and report["cost_usd"].sum() == pytest.approx(2.5)
+    assert len(journal_events(workdir / "runs" / "money", "sending")) == 5
+    assert "the budget stopped" not in proc.stdout
     # The same limits set on the command line, key by key, with the results elsewhere and as
     # FLAC (--set); an option (--budget) goes over a --set of the same key.
     proc = run(
