@@ -40,6 +40,8 @@ from soundpatch.outcome import (
     EXIT_INTERRUPTED,
     EXIT_NOTHING_RAN,
     EXIT_ROWS_FAILED,
+    FAILED,
+    NOT_STARTED,
     SKIPPED_BUDGET,
     STATUSES,
     Outcome,
@@ -572,25 +574,31 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
         out.print(f"  ... {plural(unshown, 'more row')} in {run_dir / 'report.csv'}", soft_wrap=True)
     for note in summary.get("notes", []):
         out.print(f"[dim]note: {escape(note)}[/dim]", soft_wrap=True)
-    finishing = _finishing_for_more(summary, outcomes, cfg)
-    if finishing:
-        out.print(f"[yellow]{escape(finishing)}[/yellow]", soft_wrap=True)
+    for step in _next_steps(summary, outcomes, cfg):
+        out.print(f"[yellow]{escape(step)}[/yellow]", soft_wrap=True)
 
 
-def _finishing_for_more(summary: dict[str, Any], outcomes: list[Outcome], cfg: Config) -> str:
-    """What the results the budget stopped would cost, and the command that makes them:
-    the same run, so what is done is kept and not paid for again."""
+def _next_steps(summary: dict[str, Any], outcomes: list[Outcome], cfg: Config) -> list[str]:
+    """The commands that finish a run: the same run again (what is done is kept and not paid
+    for again) tries its failed results anew, and with a larger budget makes those the budget
+    stopped, whose cost it says."""
+    again = f"soundpatch run {summary.get('manifest') or 'its manifest'} with the options it had"
+    steps = []
+    failed = sum(o.status == FAILED and not o.error.startswith(NOT_STARTED) for o in outcomes)
+    if failed:
+        steps.append(
+            f"{again} and --run-id {summary['run_id']} tries the {plural(failed, 'failed result')} again, keeping "
+            "what is done."
+        )
     stopped = [o for o in outcomes if o.status == SKIPPED_BUDGET]
     more = sum(cfg.provider.for_provider(o.provider or cfg.provider.name).price for o in stopped)
-    if not more:
-        return ""
-    budget = math.ceil(round((summary["spent_usd"] + more) * 100, 6)) / 100
-    manifest = summary.get("manifest") or "its manifest"
-    return (
-        f"The {plural(len(stopped), 'result')} the budget stopped would cost about ${more:.2f} more: soundpatch run "
-        f"{manifest} with the options it had, --run-id {summary['run_id']} and --budget {budget:.2f} makes them, "
-        "keeping what is done."
-    )
+    if more:
+        budget = math.ceil(round((summary["spent_usd"] + more) * 100, 6)) / 100
+        steps.append(
+            f"The {plural(len(stopped), 'result')} the budget stopped would cost about ${more:.2f} more: {again}, "
+            f"--run-id {summary['run_id']} and --budget {budget:.2f} makes them, keeping what is done."
+        )
+    return steps
 
 
 # ---------------------------------------------------------------------- detect

@@ -1094,3 +1094,37 @@ def test_a_trial_of_a_few_rows_then_the_whole_batch_pays_for_each_result_once(
     assert len(report) == 9 and sim.stats.accepted == 9  # the five the trial did not make
     assert set(report.index[report["status"] == "skipped_done"]) == set(tried["row_id"])
     assert report["cost_usd"].sum() == pytest.approx(1.0)
+
+
+def test_a_run_whose_predictions_failed_says_how_to_try_them_again_and_that_pays_only_for_what_is_made(
+    workdir, prefect_home, aws_env, simulator
+):
+    # "failed 2" and the reasons, then what? The command that tries them again, as the run's
+    # end says it: the same run id, what was done kept.
+    sim = simulator(latency=0.05, fill="tone", price=0.2, fail_rate=1.0)
+    aws_env.bucket("stage")
+    (workdir / "job.yaml").write_text(
+        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.05}}\n"
+        "limits: {requests_per_minute: 6000}\n"
+        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
+    )
+    env = clean_env(
+        PREFECT_HOME=str(prefect_home), EACHLABS_API_KEY="k", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test"
+    )
+    job = ("run", "manifests/sfx_variations.yaml", "--config", "job.yaml", "--rows", "metal-*", "--run-id", "flaky")
+    first = soundpatch(*job, cwd=workdir, env=env)
+    assert first.returncode == 1, first.stdout + first.stderr
+    said = " ".join(first.stdout.split())
+    assert (
+        "soundpatch run manifests/sfx_variations.yaml with the options it had and --run-id flaky tries the 2 failed "
+        "results again, keeping what is done."
+    ) in said
+    assert "the budget stopped" not in said
+    assert sim.stats.accepted == 2 and sim.billed() == 0.0
+    sim.settings.fail_rate = 0.0
+    again = soundpatch(*job, cwd=workdir, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    report = pd.read_csv(workdir / "runs" / "flaky" / "report.csv")
+    assert list(report["status"]) == ["succeeded"] * 2 and report["cost_usd"].sum() == pytest.approx(0.4)
+    assert sim.stats.accepted == 4 and sim.billed() == pytest.approx(0.4)
+    assert "tries the" not in again.stdout
