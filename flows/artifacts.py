@@ -25,7 +25,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from soundpatch.outcome import FAILED, INVALID, STATUSES, Outcome, by_reason
+from soundpatch.humanize import plural
+from soundpatch.outcome import FAILED, INVALID, STATUSES, Outcome, ToFinish, by_reason
 
 TABLE_ROWS = 1000
 TABLE_COLUMNS = ("row_id", "status", "cost_usd", "checks", "output", "error")
@@ -64,8 +65,11 @@ class RunArtifacts:
             f"{self.bad} failed or invalid, ${self.spent:.2f} of ${self.budget:.2f} spent"
         )
 
-    def publish(self, outcomes: Sequence[Outcome], summary: dict[str, Any], report_path: str) -> None:
-        """The outcomes' table and the summary, as the run ends."""
+    def publish(
+        self, outcomes: Sequence[Outcome], summary: dict[str, Any], report_path: str, finish: ToFinish | None = None
+    ) -> None:
+        """The outcomes' table and the summary, as the run ends; `finish`: what running it
+        again would do (outcome.to_finish)."""
         table = [{k: getattr(o, k) for k in TABLE_COLUMNS} for o in outcomes[:TABLE_ROWS]]
         shown = f"first {TABLE_ROWS} of {len(outcomes)}" if len(outcomes) > TABLE_ROWS else f"all {len(outcomes)}"
         self._quietly(
@@ -75,7 +79,7 @@ class RunArtifacts:
         )
         self._quietly(
             lambda: create_markdown_artifact(
-                summary_markdown(summary, report_path, by_reason(outcomes)),
+                summary_markdown(summary, report_path, by_reason(outcomes), finish),
                 key="soundpatch-summary",
                 description=f"Summary of run {self.run_id}",
             )
@@ -97,9 +101,13 @@ class RunArtifacts:
 
 
 def summary_markdown(
-    summary: dict[str, Any], report_path: str, reasons: Sequence[tuple[str, str, list[str]]] = ()
+    summary: dict[str, Any],
+    report_path: str,
+    reasons: Sequence[tuple[str, str, list[str]]] = (),
+    finish: ToFinish | None = None,
 ) -> str:
-    """`reasons`: why results did not succeed (soundpatch.outcome.by_reason), the first ten shown."""
+    """`reasons`: why results did not succeed (soundpatch.outcome.by_reason), the first ten
+    shown; `finish`: what running the flow again with the run's id would do."""
     by_status = summary.get("by_status", {})
     lines = [
         f"# soundpatch run `{summary['run_id']}`",
@@ -123,10 +131,27 @@ def summary_markdown(
         if len(reasons) > 10:
             lines.append(f"| {sum(len(rows) for *_, rows in reasons[10:])} | other reasons (see the report) |")
         lines.append("")
+    lines += _finishing(summary["run_id"], finish)
     lines.append(f"Report: `{report_path}`")
     if summary.get("report_uri"):
         lines.append(f"In the bucket: `{summary['report_uri']}`")
     return "\n".join(lines) + "\n"
+
+
+def _finishing(run_id: str, finish: ToFinish | None) -> list[str]:
+    """How to finish the run from Prefect (a deployment's run, say): the flow again, with the
+    run's id among its parameters."""
+    again = f"run the flow again with the parameter `run_id` set to `{run_id}`"
+    lines = []
+    if finish is not None and finish.failed:
+        lines.append(f"To try the {plural(finish.failed, 'failed result')} again, {again}; what is done is kept.")
+    if finish is not None and finish.stopped:
+        lines.append(
+            f"The {plural(finish.stopped, 'result')} the budget stopped would cost about ${finish.more_usd:.2f} "
+            f"more: {again} and `overrides` holding `limits.budget_usd: {finish.budget_usd:.2f}`; what is done is "
+            "kept."
+        )
+    return [part for line in lines for part in (line, "")]  # (each a paragraph)
 
 
 def _cell(text: str) -> str:

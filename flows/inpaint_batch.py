@@ -47,7 +47,7 @@ from soundpatch.config import Config, config_from, load_config
 from soundpatch.errors import ConfigError
 from soundpatch.journal import prediction_seconds, read_events
 from soundpatch.manifest_source import read_manifest
-from soundpatch.outcome import EXIT_OK, SKIPPED_DONE, SUCCEEDED, Outcome, exit_status
+from soundpatch.outcome import EXIT_OK, SKIPPED_DONE, SUCCEEDED, Outcome, exit_status, to_finish
 from soundpatch.progress import ProgressWatcher
 from soundpatch.report import publish_reports, summarize
 from tasks.inpaint import inpaint_row
@@ -150,7 +150,8 @@ def inpaint_batch(
     )
     paths = publish_reports(batch.run_dir, outcomes, summary, batch.store)
     report = None if summary.get("report_missing") else str(paths["html"])  # None: its disk was full
-    shown.publish(outcomes, summary, report or "not written (see the summary's notes)")
+    finish = to_finish(outcomes, summary["spent_usd"], lambda name: cfg.provider.for_provider(name).price)
+    shown.publish(outcomes, summary, report or "not written (see the summary's notes)", finish)
     result = {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
     if exit_status(outcomes) == EXIT_OK:
         return result

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import re
 import sys
@@ -40,13 +39,11 @@ from soundpatch.outcome import (
     EXIT_INTERRUPTED,
     EXIT_NOTHING_RAN,
     EXIT_ROWS_FAILED,
-    FAILED,
-    NOT_STARTED,
-    SKIPPED_BUDGET,
     STATUSES,
     Outcome,
     by_reason,
     exit_status,
+    to_finish,
 )
 from soundpatch.past_runs import past_runs
 from soundpatch.progress import ProgressWatcher
@@ -579,24 +576,20 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
 
 
 def _next_steps(summary: dict[str, Any], outcomes: list[Outcome], cfg: Config) -> list[str]:
-    """The commands that finish a run: the same run again (what is done is kept and not paid
-    for again) tries its failed results anew, and with a larger budget makes those the budget
-    stopped, whose cost it says."""
+    """The commands that finish a run (outcome.to_finish)."""
+    finish = to_finish(outcomes, summary["spent_usd"], lambda name: cfg.provider.for_provider(name).price)
     again = f"soundpatch run {summary.get('manifest') or 'its manifest'} with the options it had"
     steps = []
-    failed = sum(o.status == FAILED and not o.error.startswith(NOT_STARTED) for o in outcomes)
-    if failed:
+    if finish.failed:
         steps.append(
-            f"{again} and --run-id {summary['run_id']} tries the {plural(failed, 'failed result')} again, keeping "
-            "what is done."
+            f"{again} and --run-id {summary['run_id']} tries the {plural(finish.failed, 'failed result')} again, "
+            "keeping what is done."
         )
-    stopped = [o for o in outcomes if o.status == SKIPPED_BUDGET]
-    more = sum(cfg.provider.for_provider(o.provider or cfg.provider.name).price for o in stopped)
-    if more:
-        budget = math.ceil(round((summary["spent_usd"] + more) * 100, 6)) / 100
+    if finish.stopped:
         steps.append(
-            f"The {plural(len(stopped), 'result')} the budget stopped would cost about ${more:.2f} more: {again}, "
-            f"--run-id {summary['run_id']} and --budget {budget:.2f} makes them, keeping what is done."
+            f"The {plural(finish.stopped, 'result')} the budget stopped would cost about ${finish.more_usd:.2f} more: "
+            f"{again}, --run-id {summary['run_id']} and --budget {finish.budget_usd:.2f} makes them, keeping what "
+            "is done."
         )
     return steps
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -118,3 +119,30 @@ def written_name(carried: str) -> str:
     """The manifest's own name of a column `carried_name` gave `carried`."""
     own = carried.removeprefix("manifest_")
     return own if own != carried and own in REPORT_COLUMNS else carried
+
+
+@dataclass(frozen=True)
+class ToFinish:
+    """What running a run again (its run id: what is done is kept, not paid for again) would
+    do: try its failed results anew, and make those the budget stopped, given a budget of
+    `budget_usd` (what it spent and `more_usd`, their price)."""
+
+    failed: int
+    stopped: int
+    more_usd: float
+    budget_usd: float
+
+
+def to_finish(outcomes: Iterable[Outcome], spent_usd: float, price_of: Callable[[str], float]) -> ToFinish:
+    """`price_of(provider)`: what one of its predictions costs. Rows a stopping run never
+    started are not counted as failed (that run was interrupted: resuming it is said apart)."""
+    failed = stopped = 0
+    more = 0.0
+    for o in outcomes:
+        if o.status == FAILED and not o.error.startswith(NOT_STARTED):
+            failed += 1
+        elif o.status == SKIPPED_BUDGET:
+            stopped += 1
+            more += price_of(o.provider)
+    budget = math.ceil(round((spent_usd + more) * 100, 6)) / 100  # (in cents, up)
+    return ToFinish(failed, stopped if more else 0, more, budget)

@@ -447,8 +447,43 @@ def test_the_prefect_ui_tells_the_same_story(tmp_path):
     assert "| succeeded | 6 |" in markdown and "| invalid | 1 |" in markdown and "spent" in markdown
     [why] = [line for line in markdown.splitlines() if line.startswith("| 1 invalid | ")]
     assert "missing.wav" in why, markdown
+    assert "run the flow again" not in markdown  # an invalid row is not tried again: its input is to mend
     report = pd.read_csv(tmp_path / "runs" / "ui" / "report.csv")
     assert (report["status"] == "succeeded").sum() == 6
+
+
+def test_what_running_a_run_again_would_do_is_counted_and_said_in_its_prefect_summary():
+    from flows.artifacts import summary_markdown
+    from soundpatch.outcome import NOT_STARTED, to_finish
+
+    def row(row_id: str, status: str, provider: str = "eachlabs", error: str = "") -> Outcome:
+        return Outcome(row_id, "x.wav", 1.0, 2.0, "p", None, provider, status, error=error)
+
+    rows = [
+        row("a", "succeeded"),
+        row("b", "failed", error="Each Labs reports prediction 1 failed"),
+        row("c", "failed", error=NOT_STARTED + "the run was interrupted"),  # resuming is said apart
+        row("d", "invalid", error="Start '-1' is negative."),
+        row("e", "skipped_budget"),
+        row("f", "skipped_budget", provider="fal"),
+        row("g", "skipped_budget", provider="local"),  # at $0
+    ]
+    prices = {"eachlabs": 0.2, "fal": 0.25, "local": 0.0}
+    finish = to_finish(rows, 0.4, prices.__getitem__)
+    assert (finish.failed, finish.stopped, round(finish.more_usd, 9), finish.budget_usd) == (1, 3, 0.45, 0.85)
+    assert to_finish(rows, 0.401, prices.__getitem__).budget_usd == 0.86  # in cents, up: never short
+    assert to_finish(rows[:4], 0.4, prices.__getitem__) == to_finish([row("b", "failed")], 0.4, prices.__getitem__)
+    nothing = to_finish([row("a", "succeeded"), row("g", "skipped_budget", provider="local")], 0.0, prices.get)
+    assert (nothing.failed, nothing.stopped) == (0, 0)
+
+    summary = {"run_id": "night4", "spent_usd": 0.4, "budget_usd": 0.5, "by_status": {}}
+    markdown = summary_markdown(summary, "runs/night4/report.html", (), finish)
+    assert (
+        "To try the 1 failed result again, run the flow again with the parameter `run_id` set to `night4`; what is "
+        "done is kept.\n\nThe 3 results the budget stopped would cost about $0.45 more: run the flow again with the "
+        "parameter `run_id` set to `night4` and `overrides` holding `limits.budget_usd: 0.85`; what is done is kept."
+    ) in markdown
+    assert "run the flow again" not in summary_markdown(summary, "r.html", (), nothing)
 
 
 def test_a_flow_run_whose_report_could_not_be_written_does_not_point_at_it():
