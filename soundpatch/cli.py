@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import sys
 import time
 import traceback
@@ -578,7 +579,8 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
 def _next_steps(summary: dict[str, Any], outcomes: list[Outcome], cfg: Config) -> list[str]:
     """The commands that finish a run (outcome.to_finish)."""
     finish = to_finish(outcomes, summary["spent_usd"], lambda name: cfg.provider.for_provider(name).price)
-    again = f"soundpatch run {summary.get('manifest') or 'its manifest'} with the options it had"
+    manifest = shlex.quote(summary["manifest"]) if summary.get("manifest") else "its manifest"
+    again = f"soundpatch run {manifest} with the options it had"
     steps = []
     if finish.failed:
         steps.append(
