@@ -482,6 +482,7 @@ def test_report_without_a_run_id_renders_the_latest_and_an_unknown_one_names_tho
 
 def test_the_summary_puts_rows_that_ended_for_the_same_reason_on_one_line(tmp_path, capsys):
     from soundpatch.cli import _print_summary
+    from soundpatch.config import load_config
     from soundpatch.outcome import Outcome
 
     def ended(row: str, status: str, error: str = "") -> Outcome:
@@ -492,8 +493,9 @@ def test_the_summary_puts_rows_that_ended_for_the_same_reason_on_one_line(tmp_pa
     outcomes += [ended("late", "failed", "Could not download the result."), ended("odd", "invalid", refused)]
     outcomes += [ended(f"x{i}", "invalid", f"Reason {i}.") for i in range(8)]
     summary = {"run_id": "grouped", "spent_usd": 0.0, "budget_usd": 10.0, "output_uri": "./outputs/"}
-    _print_summary(summary, outcomes, tmp_path)
-    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    _print_summary(summary, outcomes, tmp_path, load_config())
+    said = capsys.readouterr().out
+    lines = [line.strip() for line in said.splitlines() if line.startswith("  ")]
     assert lines == [
         f"failed r0, r1, r2 and 27 more rows: {refused}",
         "failed late: Could not download the result.",
@@ -501,6 +503,11 @@ def test_the_summary_puts_rows_that_ended_for_the_same_reason_on_one_line(tmp_pa
         *(f"invalid x{i}: Reason {i}." for i in range(5)),
         f"... 3 more rows in {tmp_path / 'report.csv'}",
     ]
+    # Then how to try the failed ones again (the invalid ones are the manifest's to mend).
+    assert " ".join(said.split()).endswith(
+        "soundpatch run its manifest with the options it had and --run-id grouped tries the 31 failed results "
+        "again, keeping what is done."
+    )
 
 
 def journal_writer(run_dir: Path, now: list[float]) -> Callable[..., None]:
@@ -1056,21 +1063,27 @@ def test_detect_with_clicks_writes_rows_for_clicks_too_and_the_run_leaves_none(w
     assert np.abs(before[click]).max() > 25000 > 4 * np.abs(after[click]).max()
 
 
-def test_a_trial_of_a_few_rows_then_the_whole_batch_pays_for_each_result_once(
-    workdir, prefect_home, aws_env, simulator
-):
-    # "Try the glass ones before paying for all of them": --rows, then the whole manifest;
-    # what the trial made is reused at $0.
-    sim = simulator(latency=0.05, fill="tone", price=0.2)
+def simulated_job(workdir: Path, prefect_home: Path, aws_env, sim) -> dict[str, str]:
+    """job.yaml: Each Labs at the simulator `sim`, clips staged in the S3 server's s3://stage/clips/;
+    returns the environment a command runs in (a key, S3 credentials)."""
     aws_env.bucket("stage")
     (workdir / "job.yaml").write_text(
         f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.05}}\n"
         "limits: {requests_per_minute: 6000}\n"
         f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
     )
-    env = clean_env(
+    return clean_env(
         PREFECT_HOME=str(prefect_home), EACHLABS_API_KEY="k", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test"
     )
+
+
+def test_a_trial_of_a_few_rows_then_the_whole_batch_pays_for_each_result_once(
+    workdir, prefect_home, aws_env, simulator
+):
+    # "Try the glass ones before paying for all of them": --rows, then the whole manifest;
+    # what the trial made is reused at $0.
+    sim = simulator(latency=0.05, fill="tone", price=0.2)
+    env = simulated_job(workdir, prefect_home, aws_env, sim)
     job = ("manifests/sfx_variations.yaml", "--config", "job.yaml")
     guess = soundpatch("validate", *job, "--rows", "glass-*,wod-*", cwd=workdir, env=env)
     assert guess.returncode == 2 and guess.stderr.strip() == (
@@ -1102,15 +1115,7 @@ def test_a_run_whose_predictions_failed_says_how_to_try_them_again_and_that_pays
     # "failed 2" and the reasons, then what? The command that tries them again, as the run's
     # end says it: the same run id, what was done kept.
     sim = simulator(latency=0.05, fill="tone", price=0.2, fail_rate=1.0)
-    aws_env.bucket("stage")
-    (workdir / "job.yaml").write_text(
-        f"provider: {{name: eachlabs, base_url: '{sim.base_url}', poll_seconds: 0.05}}\n"
-        "limits: {requests_per_minute: 6000}\n"
-        f"storage: {{s3: {{endpoint_url: '{aws_env.endpoint}'}}, staging: 's3://stage/clips/'}}\n"
-    )
-    env = clean_env(
-        PREFECT_HOME=str(prefect_home), EACHLABS_API_KEY="k", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test"
-    )
+    env = simulated_job(workdir, prefect_home, aws_env, sim)
     job = ("run", "manifests/sfx_variations.yaml", "--config", "job.yaml", "--rows", "metal-*", "--run-id", "flaky")
     first = soundpatch(*job, cwd=workdir, env=env)
     assert first.returncode == 1, first.stdout + first.stderr
