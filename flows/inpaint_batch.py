@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -148,9 +149,10 @@ def inpaint_batch(
         },
         prediction_seconds(read_events(batch.run_dir)),
     )
+    finish = to_finish(outcomes, summary["spent_usd"], lambda name: cfg.provider.for_provider(name).price)
+    summary["to_finish"] = asdict(finish)  # (report.json, report.html)
     paths = publish_reports(batch.run_dir, outcomes, summary, batch.store)
     report = None if summary.get("report_missing") else str(paths["html"])  # None: its disk was full
-    finish = to_finish(outcomes, summary["spent_usd"], lambda name: cfg.provider.for_provider(name).price)
     shown.publish(outcomes, summary, report or "not written (see the summary's notes)", finish)
     result = {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
     if exit_status(outcomes) == EXIT_OK:

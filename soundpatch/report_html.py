@@ -89,7 +89,27 @@ def _summary_html(summary: dict[str, Any], outcomes: Sequence[Outcome], with_med
             f'<p class="note">Waveforms and players are shown for {with_media} of {len(outcomes)} results '
             "(flagged ones first); every card links to its output.</p>"
         )
-    return f'<div class="tiles">{tiles}</div><table class="facts">{table}</table>{_reasons_html(outcomes)}{notes}{more}'
+    finish = _finishing_html(summary)
+    return (
+        f'<div class="tiles">{tiles}</div><table class="facts">{table}</table>{_reasons_html(outcomes)}{finish}'
+        f"{notes}{more}"
+    )
+
+
+def _finishing_html(summary: dict[str, Any]) -> str:
+    """How to finish the run (outcome.to_finish): run it again with its run id."""
+    finish = summary.get("to_finish") or {}
+    run_id, manifest = summary.get("run_id", ""), summary.get("manifest") or "its manifest"
+    again = f"soundpatch run {manifest} with the options it had and --run-id {run_id} (or the flow, run_id {run_id})"
+    lines = []
+    if finish.get("failed"):
+        lines.append(f"{again} tries the {plural(finish['failed'], 'failed result')} again, keeping what is done.")
+    if finish.get("stopped"):
+        lines.append(
+            f"The {plural(finish['stopped'], 'result')} the budget stopped would cost about "
+            f"${finish['more_usd']:.2f} more: {again}, with a budget of ${finish['budget_usd']:.2f}, makes them."
+        )
+    return "".join(f'<p class="finish">{html.escape(line)}</p>' for line in lines)
 
 
 def _reasons_html(outcomes: Sequence[Outcome], shown: int = 10) -> str:

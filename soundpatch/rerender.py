@@ -6,6 +6,7 @@ and saying what a run that was killed has out: paid for, not in its spent."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from soundpatch.journal import (
 )
 from soundpatch.journal_copy import JournalCopy
 from soundpatch.locks import run_going
-from soundpatch.outcome import Outcome
+from soundpatch.outcome import Outcome, to_finish
 from soundpatch.past_runs import money_out
 from soundpatch.report import parse_report, publish_reports, summarize, write_reports
 from soundpatch.s3 import S3, S3Uri
@@ -59,6 +60,8 @@ def rerender(run_id: str, run_dir: Path, cfg: Config, s3: S3, say: Say) -> tuple
     # Said anew each time (an earlier rendering's may be out of date): the run went on since.
     notes = [n for n in summary.get("notes", []) if not n.startswith(_STOPPED.format(run_id=run_id))]
     summary["notes"] = [*notes, stopped] if stopped else notes
+    finish = to_finish(outcomes, summary["spent_usd"], lambda name: cfg.provider.for_provider(name).price)
+    summary["to_finish"] = asdict(finish)
     if here:
         publish_reports(run_dir, outcomes, summary, open_store(cfg.output.uri, s3))
     else:  # the report in the bucket is the one its machine made, with its cards' pictures: kept

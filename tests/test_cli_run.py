@@ -242,6 +242,21 @@ def test_budget_cap_skips_rows_and_exits_3(workdir, prefect_home):
         "The 3 results the budget stopped would cost about $1.50 more: soundpatch run five.csv with the options it "
         "had, --run-id money and --budget 2.50 makes them, keeping what is done."
     ) in said
+    # So do the report (for scripts, report.json; for people, report.html) and its rendering again.
+    run_dir = workdir / "runs" / "money"
+    finish = json.loads((run_dir / "report.json").read_text())["summary"]["to_finish"]
+    assert finish == {"failed": 0, "stopped": 3, "more_usd": pytest.approx(1.5), "budget_usd": 2.5}
+    page = (run_dir / "report.html").read_text()
+    assert (
+        '<p class="finish">The 3 results the budget stopped would cost about $1.50 more: soundpatch run five.csv with '
+        "the options it had and --run-id money (or the flow, run_id money), with a budget of $2.50, makes them.</p>"
+    ) in page
+    for made in ("report.html", "report.json"):
+        (run_dir / made).unlink()
+    rendered = run(workdir, prefect_home, "report", "money", "--config", "priced.yaml")
+    assert rendered.returncode == 3 and "--budget 2.50 makes them" in " ".join(rendered.stdout.split())
+    assert 'class="finish"' in (run_dir / "report.html").read_text()
+    assert json.loads((run_dir / "report.json").read_text())["summary"]["to_finish"] == finish
     proc = run(
         workdir, prefect_home, "run", "five.csv", "--config", "priced.yaml", "--run-id", "money", "--budget", "2.50"
     )
@@ -250,6 +265,7 @@ def test_budget_cap_skips_rows_and_exits_3(workdir, prefect_home):
     assert sorted(report["status"]) == ["succeeded"] * 5 and report["cost_usd"].sum() == pytest.approx(2.5)
     assert len(journal_events(workdir / "runs" / "money", "sending")) == 5
     assert "the budget stopped" not in proc.stdout
+    assert 'class="finish"' not in (run_dir / "report.html").read_text()
     # The same limits set on the command line, key by key, with the results elsewhere and as
     # FLAC (--set); an option (--budget) goes over a --set of the same key.
     proc = run(
