@@ -44,7 +44,6 @@ from soundpatch.outcome import (
     Outcome,
     by_reason,
     exit_status,
-    to_finish,
 )
 from soundpatch.past_runs import past_runs
 from soundpatch.progress import ProgressWatcher
@@ -477,7 +476,7 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
     finally:
         watcher.stop()
     outcomes = [Outcome.from_dict(r) for r in result["rows"]]
-    _print_summary(result["summary"], outcomes, run_dir, cfg)
+    _print_summary(result["summary"], outcomes, run_dir)
     if interrupt.stop_requested():
         err.print(f"Interrupted. Run the same command with --run-id {run_id} to finish the rest.", soft_wrap=True)
         return EXIT_INTERRUPTED
@@ -538,7 +537,7 @@ def _finished_anyway(run_dir: Path, began: float) -> dict[str, Any] | None:
         return None
 
 
-def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Path, cfg: Config) -> None:
+def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Path) -> None:
     counts = Counter(o.status for o in outcomes)
     table = Table(title=f"soundpatch run {summary['run_id']}", show_header=False, title_justify="left")
     table.add_column(no_wrap=True)
@@ -572,26 +571,27 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
         out.print(f"  ... {plural(unshown, 'more row')} in {run_dir / 'report.csv'}", soft_wrap=True)
     for note in summary.get("notes", []):
         out.print(f"[dim]note: {escape(note)}[/dim]", soft_wrap=True)
-    for step in _next_steps(summary, outcomes, cfg):
+    for step in _next_steps(summary):
         out.print(f"[yellow]{escape(step)}[/yellow]", soft_wrap=True)
 
 
-def _next_steps(summary: dict[str, Any], outcomes: list[Outcome], cfg: Config) -> list[str]:
-    """The commands that finish a run (outcome.to_finish)."""
-    finish = to_finish(outcomes, summary["spent_usd"], lambda name: cfg.provider.for_provider(name).price)
+def _next_steps(summary: dict[str, Any]) -> list[str]:
+    """The commands that finish a run: what its flow (or rendering again) counted
+    (summary.to_finish, outcome.to_finish)."""
+    finish = summary.get("to_finish") or {}
     manifest = shlex.quote(summary["manifest"]) if summary.get("manifest") else "its manifest"
     again = f"soundpatch run {manifest} with the options it had"
     steps = []
-    if finish.failed:
+    if finish.get("failed"):
         steps.append(
-            f"{again} and --run-id {summary['run_id']} tries the {plural(finish.failed, 'failed result')} again, "
+            f"{again} and --run-id {summary['run_id']} tries the {plural(finish['failed'], 'failed result')} again, "
             "keeping what is done."
         )
-    if finish.stopped:
+    if finish.get("stopped"):
         steps.append(
-            f"The {plural(finish.stopped, 'result')} the budget stopped would cost about ${finish.more_usd:.2f} more: "
-            f"{again}, --run-id {summary['run_id']} and --budget {finish.budget_usd:.2f} makes them, keeping what "
-            "is done."
+            f"The {plural(finish['stopped'], 'result')} the budget stopped would cost about ${finish['more_usd']:.2f} "
+            f"more: {again}, --run-id {summary['run_id']} and --budget {finish['budget_usd']:.2f} makes them, keeping "
+            "what is done."
         )
     return steps
 
@@ -803,7 +803,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         out.print(f"Run {args.run_id}, the latest in {Path(cfg.runs_dir)}.", soft_wrap=True)
     run_dir = Path(cfg.runs_dir).expanduser() / args.run_id
     outcomes, summary = rerender(args.run_id, run_dir, cfg, s3, say=lambda text: out.print(text, soft_wrap=True))
-    _print_summary(summary, outcomes, run_dir, cfg)
+    _print_summary(summary, outcomes, run_dir)
     return exit_status(outcomes)
 
 

@@ -497,9 +497,11 @@ def test_report_without_a_run_id_renders_the_latest_and_an_unknown_one_names_tho
 
 
 def test_the_summary_puts_rows_that_ended_for_the_same_reason_on_one_line(tmp_path, capsys):
+    from dataclasses import asdict
+
     from soundpatch.cli import _print_summary
     from soundpatch.config import load_config
-    from soundpatch.outcome import Outcome
+    from soundpatch.outcome import Outcome, to_finish
 
     def ended(row: str, status: str, error: str = "") -> Outcome:
         return Outcome(row, "fx.wav", 1.0, 1.5, "a gong", 1, "stability", status=status, error=error)
@@ -509,7 +511,8 @@ def test_the_summary_puts_rows_that_ended_for_the_same_reason_on_one_line(tmp_pa
     outcomes += [ended("late", "failed", "Could not download the result."), ended("odd", "invalid", refused)]
     outcomes += [ended(f"x{i}", "invalid", f"Reason {i}.") for i in range(8)]
     summary = {"run_id": "grouped", "spent_usd": 0.0, "budget_usd": 10.0, "output_uri": "./outputs/"}
-    _print_summary(summary, outcomes, tmp_path, load_config())
+    summary["to_finish"] = asdict(to_finish(outcomes, 0.0, lambda name: load_config().provider.price))  # as the flow
+    _print_summary(summary, outcomes, tmp_path)
     said = capsys.readouterr().out
     lines = [line.strip() for line in said.splitlines() if line.startswith("  ")]
     assert lines == [
