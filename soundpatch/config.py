@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +81,19 @@ class ProviderConfig(_Section):
     def _known_provider(cls, name: str) -> str:
         if name not in PROVIDERS:
             raise ValueError(f"unknown provider {name!r}; choose one of {', '.join(PROVIDERS)}")
+        return name
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_variable_s_name(cls, name: str | None) -> str | None:
+        # A key written here in its variable's place (sk-..., a UUID, fal's id:secret) is not
+        # said back: "set the environment variable sk-..." would print it wherever the run's
+        # output goes.
+        if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(
+                "the value given is not an environment variable's name (such as EACHLABS_API_KEY); it names the "
+                "variable holding the key, never the key itself"
+            )
         return name
 
     @property
@@ -255,9 +270,12 @@ def config_from(
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "config"
+        # The override the error is in: `where` itself, or a key under it (a misspelt section).
+        given = {key for key, value in (overrides or {}).items() if value is not None}
+        written = next((key for key in given if key == where or key.startswith(f"{where}.")), None)
         message = first["msg"]
         if first["type"] == "extra_forbidden":
-            message = "is not a known key" + _did_you_mean(first["loc"])
+            message = "is not a known key" + _what_was_meant(written or where)
         source = f" in {path}" if path is not None else ""
         # "... is not a known key" goes on from the key; what is wrong with a value is said after it.
         after = " " if first["type"] == "extra_forbidden" else ": "
@@ -265,25 +283,57 @@ def config_from(
             message = f"{_as_given(first.get('input'))} {message[len('Input ') :]}"
         message = _lower_first(message)
         end = "" if message.endswith("?") else "."
-        flag = (flags or {}).get(where)
-        if (overrides or {}).get(where) is not None:  # the value came from the command line, or a flow's overrides
-            said = flag if flag is not None else f"Override '{where}'"
+        if written is not None:  # the value came from the command line, or a flow's overrides
+            said = (flags or {}).get(written) or f"Override '{written}'"
             raise ConfigError(f"{said}{after}{message}{end}") from None
         raise ConfigError(f"Config key '{where}'{source}{after}{message}{end}") from None
 
 
-def _did_you_mean(loc: tuple) -> str:
-    """`; did you mean 'limits.concurrency'?` for a misspelt key, when one is close."""
-    model: Any = Config
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return ""
-        model = field.annotation
-    if not (isinstance(model, type) and issubclass(model, BaseModel)):
-        return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.75)
-    return f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+# Keys users reach for by another name: the command line's option, or a shorter word.
+_OTHER_NAMES = {"rpm": "requests_per_minute", "budget": "budget_usd", "price": "price_usd", "endpoint": "endpoint_url"}
+# Keys under which a secret itself may have been written: where it goes is said instead.
+_API_KEY_WORDS = {"api_key", "apikey", "key", "token", "api_token", "secret", "password"}
+_WHERE_API_KEYS_GO = (
+    ": API keys never live in config files; put the key in an environment variable and name that variable "
+    "in 'provider.api_key_env', or a Prefect Secret's name in 'provider.api_key_secret'"
+)
+_WHERE_S3_CREDENTIALS_GO = (
+    ": S3 credentials never live in config files; boto3 reads them from AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY, a profile (AWS_PROFILE) or the machine's role"
+)
+
+
+def _what_was_meant(written: str) -> str:
+    """What follows "is not a known key" for the dotted key written: `; did you mean
+    'limits.concurrency'?` when a key is close (the same word misspelt, another name for it,
+    or the key in another section), or where a secret goes instead ("" if nothing helps)."""
+    parent, _, leaf = written.rpartition(".")
+    low = leaf.lower()
+    if parent.split(".")[0] == "provider" and low in _API_KEY_WORDS:
+        return _WHERE_API_KEYS_GO
+    if parent.split(".")[0] == "storage" and ("access_key" in low or "secret" in low):
+        return _WHERE_S3_CREDENTIALS_GO
+    paths = list(_key_paths(Config))
+    beside = [path.rpartition(".")[2] for path in paths if path.rpartition(".")[0] == parent]
+    named = _OTHER_NAMES.get(leaf, leaf)
+    close = difflib.get_close_matches(named, beside, n=1, cutoff=0.75)
+    elsewhere = [path for path in paths if path.rpartition(".")[2] == named]
+    if close:
+        meant = f"{parent}.{close[0]}" if parent else close[0]
+    elif len(elsewhere) == 1:
+        meant = elsewhere[0]
+    else:
+        meant = next(iter(difflib.get_close_matches(written, paths, n=1, cutoff=0.8)), "")
+    return f"; did you mean '{meant}'?" if meant else ""
+
+
+def _key_paths(model: type[BaseModel], parent: str = "") -> Iterator[str]:
+    """Every key of a config section, dotted (`limits`, `limits.concurrency`, ...)."""
+    for name, field in model.model_fields.items():
+        path = f"{parent}.{name}" if parent else name
+        yield path
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _key_paths(field.annotation, path)
 
 
 def _as_given(value: Any) -> str:

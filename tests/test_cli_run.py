@@ -359,14 +359,22 @@ def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_h
         (["run", "manifests/restoration.csv", "--runs-dir", "x"], "--runs-dir x (see soundpatch run --help)."),
         (["validate", "manifests/restoration.csv", "--nope"], "--nope (see soundpatch validate --help)."),
         (["--nope"], "Unrecognized arguments: --nope (see soundpatch --help)."),
+        (["run", "manifests/restoration.csv", "--set", "colour=blue"], "--set colour is not a known key."),
         (
-            ["run", "manifests/restoration.csv", "--set", "limits.budgt=1"],
-            "--set limits.budgt is not a known key.",
+            # A misspelt section: the key as set is named, not "Config key 'limit'" (no file has it).
+            ["run", "manifests/restoration.csv", "--set", "limit.budget_usd=1"],
+            "--set limit.budget_usd is not a known key; did you mean 'limits.budget_usd'?",
         ),
         (
             # What is set is not said back: a key set by mistake may be a secret.
             ["validate", "manifests/restoration.csv", "--set", "provider.api_key=sk-live-4242"],
-            "--set provider.api_key is not a known key; did you mean 'provider.api_key_env'?",
+            "--set provider.api_key is not a known key: API keys never live in config files; put the key in an "
+            "environment variable and name that variable in 'provider.api_key_env'",
+        ),
+        (
+            # The key itself where its variable's name goes: "set the environment variable sk-live-..." printed it.
+            ["run", "manifests/restoration.csv", "--provider", "eachlabs", "--set", "provider.api_key_env=sk-live-42"],
+            "--set provider.api_key_env: the value given is not an environment variable's name",
         ),
         (["validate", "manifests/restoration.csv", "--set", "output.uri"], "--set output.uri is not KEY=VALUE"),
         (["run", "manifests/restoration.csv", "--run-id", "../escape"], "Run id"),

@@ -83,6 +83,18 @@ def test_default_yaml_spells_out_exactly_the_defaults():
         ("storage: {s3: {endpoint: x}}\n", "not a known key; did you mean 'storage.s3.endpoint_url'?"),
         ("limit: {concurrency: 3}\n", "c.yaml is not a known key; did you mean 'limits'?"),
         ("colour: blue\n", "c.yaml is not a known key."),
+        # Another name for a key (the command line's option), or the key in another section.
+        ("limits: {rpm: 30}\n", "not a known key; did you mean 'limits.requests_per_minute'?"),
+        ("budget_usd: 5\n", "'budget_usd' in c.yaml is not a known key; did you mean 'limits.budget_usd'?"),
+        ("provider: {concurrency: 4}\n", "not a known key; did you mean 'limits.concurrency'?"),
+        ("output: {staging: 's3://b/s/'}\n", "not a known key; did you mean 'storage.staging'?"),
+        # A secret written into the file: where it goes instead (and it is not said back: below).
+        ("provider: {api_key: sk-live-4242}\n", "'provider.api_key' in c.yaml is not a known key: API keys never"),
+        ("storage: {s3: {aws_secret_access_key: sk-live-4242}}\n", "not a known key: S3 credentials never live"),
+        (
+            "provider: {api_key_env: sk-live-4242}\n",
+            "Config key 'provider.api_key_env' in c.yaml: the value given is not an environment variable's name",
+        ),
         (
             "limits: {concurrency: 0}\n",
             "Config key 'limits.concurrency' in c.yaml: 0 should be greater than or equal to 1.",
@@ -110,7 +122,7 @@ def test_bad_configs_say_which_key(tmp_path, monkeypatch, text, message):
     monkeypatch.chdir(tmp_path)  # the file named as given: c.yaml
     with pytest.raises(ConfigError) as info:
         load_config("c.yaml")
-    assert message in str(info.value)
+    assert message in str(info.value) and "sk-live" not in str(info.value)
 
 
 def test_missing_config_file():
