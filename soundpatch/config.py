@@ -96,6 +96,16 @@ class ProviderConfig(_Section):
             )
         return name
 
+    @field_validator("api_key_secret")
+    @classmethod
+    def _a_block_s_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"[a-z0-9-]+", name):  # (Prefect's rule for block names)
+            raise ValueError(
+                "the value given is not a Prefect Secret block's name (lowercase letters, digits and dashes); it "
+                "names the block holding the key, never the key itself"
+            )
+        return name
+
     @property
     def price(self) -> float:
         return self.price_usd if self.price_usd is not None else DEFAULT_PRICES_USD[self.name]

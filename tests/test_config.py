@@ -96,6 +96,10 @@ def test_default_yaml_spells_out_exactly_the_defaults():
             "Config key 'provider.api_key_env' in c.yaml: the value given is not an environment variable's name",
         ),
         (
+            "provider: {api_key_secret: sk-live-4242AbC}\n",
+            "Config key 'provider.api_key_secret' in c.yaml: the value given is not a Prefect Secret block's name",
+        ),
+        (
             "limits: {concurrency: 0}\n",
             "Config key 'limits.concurrency' in c.yaml: 0 should be greater than or equal to 1.",
         ),
