@@ -64,6 +64,7 @@ class ProgressWatcher:
         self._done, self._bad, self._spent = 0, 0, 0.0
         self._sent: set[str] = set()  # rows sent and not yet ended
         self._flying: set[str] = set()  # of which, predictions in flight (limits.concurrency)
+        self._finishing: set[str] = set()  # of which, predictions back, their results spliced and saved
         self._waiting: set[str] = set()  # rows waiting for another run making the same edit
         self._short_of_disk: set[str] = set()  # rows waiting for room on disk for their result
         self._short_of_budget: set[str] = set()  # rows waiting for predictions in flight to settle
@@ -79,7 +80,7 @@ class ProgressWatcher:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def _state(self) -> tuple[int, int, float, int, int, int, int, int]:
+    def _state(self) -> tuple[int, int, float, int, int, int, int, int, int]:
         for e in self._tail.poll():
             kind, row = e.get("event"), e.get("row")
             if kind == "waiting":
@@ -105,12 +106,14 @@ class ProgressWatcher:
                 self.pace.created(e["t"], row)
             elif kind == "predicted":
                 self._flying.discard(row)
+                self._finishing.add(row)
             elif kind == "outcome":
                 self._waiting.discard(row)
                 self._short_of_disk.discard(row)
                 self._short_of_budget.discard(row)
                 self._short_of_memory.discard(row)
                 self._flying.discard(row)
+                self._finishing.discard(row)
                 self.pace.ended(e["t"], e["outcome"].get("provider") or "", sent=row in self._sent, row=row)
                 self._sent.discard(row)
                 status = e["outcome"]["status"]
@@ -132,6 +135,7 @@ class ProgressWatcher:
                 self._to_redo.clear()
                 self._sent.clear()  # an earlier attempt's rows that never ended are sent again
                 self._flying.clear()
+                self._finishing.clear()
                 for waiting in (self._waiting, self._short_of_disk, self._short_of_budget, self._short_of_memory):
                     waiting.clear()  # ... and those that were waiting then start over
                 self.pace.restarted(e.get("providers"), e.get("limits"))
@@ -142,7 +146,8 @@ class ProgressWatcher:
             elif kind == "combined":  # none of its rows finished, or it could not be written: a note says why
                 self._files_not_made += 1
         waited = len(self._waiting), len(self._short_of_disk), len(self._short_of_budget), len(self._short_of_memory)
-        return min(self._done, self.total), self._bad, self._spent, len(self._flying), *waited
+        done = min(self._done, self.total)
+        return done, self._bad, self._spent, len(self._flying), *waited, len(self._finishing)
 
     def _loop(self) -> None:
         if self._live:
@@ -182,6 +187,7 @@ class ProgressWatcher:
         short: int,
         on_budget: int,
         on_memory: int = 0,
+        finishing: int = 0,
     ) -> tuple[int, str]:
         """The bar's width and what the live line says beside it, to fit `width` columns: on
         a narrow terminal the bar shrinks first, then each part is said shorter, then the
@@ -199,6 +205,8 @@ class ProgressWatcher:
                 (0, f"{bad} failed or invalid", f"{bad} failed"),
                 (1, f"${spent:.2f} of ${self.budget:.2f}", f"${spent:.2f}/${self.budget:.2f}"),
                 (5, f"{flying} in flight", f"{flying} in flight"),
+                # (in flight no more: the last rows' results, spliced and saved, are what is left)
+                (5, f"{finishing} splicing and saving", f"{finishing} saving") if finishing else (5, "", ""),
                 (3, f"{waiting} waiting for another run", f"{waiting} waiting") if waiting else (3, "", ""),
                 (3, f"{short} waiting for disk space", f"{short} need disk") if short else (3, "", ""),
                 (3, f"{on_budget} waiting on the budget", f"{on_budget} on budget") if on_budget else (3, "", ""),
@@ -217,12 +225,13 @@ class ProgressWatcher:
         return max(MIN_BAR, min(MAX_BAR, width - fixed - len(detail))), detail
 
     def _print_line(self, final: bool = False) -> None:
-        done, bad, spent, flying, waiting, short, on_budget, on_memory = self._state()
+        done, bad, spent, flying, waiting, short, on_budget, on_memory, finishing = self._state()
         if not self._begun:  # and when the flow never began, the error says why, not this
             if not final:
                 self._say(f"progress: {self._starting}")
             return
         line = f"progress: {done}/{self.total} done, {bad} failed or invalid, ${spent:.2f} spent, {flying} in flight"
+        line += f", {finishing} being spliced and saved" if finishing else ""
         line += f", {waiting} waiting for another run making the same edits" if waiting else ""
         line += f", {short} waiting for disk space for their results" if short else ""
         if on_budget:

@@ -590,24 +590,41 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
         0,
         0,
         0,
-    )  # done, failed, spent, in flight, waiting (run, disk, budget, memory)
+        0,
+    )  # done, failed, spent, in flight, waiting (run, disk, budget, memory), being spliced and saved
+    # Its prediction back, a row is no longer in flight: its result is spliced and saved. The
+    # last rows' were "0 in flight" with the run not done, and nothing said what it was doing.
+    journal.write("predicted", "b", prediction_id="", cost_usd=0.0)
+    assert watcher._state()[3:] == (1, 0, 0, 0, 0, 1)
+    watcher._print_line()
+    assert capsys.readouterr().err.strip().endswith("$0.20 spent, 1 in flight, 1 being spliced and saved")
     outcome("b", "succeeded", 0.2)
     # A resumed run: row a again, its outcome carries the row's running total.
     journal.write("sending", "a", provider="local")
     journal.write("computing", "a")
-    assert watcher._state() == (2, 1, 0.4, 2, 0, 0, 0, 0)
+    assert watcher._state() == (2, 1, 0.4, 2, 0, 0, 0, 0, 0)
     outcome("a", "succeeded", 0.4)
     outcome("c", "invalid", 0.0)
-    done, bad, spent, flying, waiting, short, on_budget, on_memory = watcher._state()
-    assert (done, bad, round(spent, 9), flying, waiting, short, on_budget, on_memory) == (3, 1, 0.6, 0, 0, 0, 0, 0)
+    done, bad, spent, flying, waiting, short, on_budget, on_memory, finishing = watcher._state()
+    assert (done, bad, round(spent, 9), flying, waiting, short, on_budget, on_memory, finishing) == (
+        3,
+        1,
+        0.6,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
     # Rows waiting for another machine's run that is making the same edit (edit_claims.py).
     journal.write("waiting", "d", on="nightly-2")
     journal.write("waiting", "e", on="nightly-2")
-    assert watcher._state()[3:] == (0, 2, 0, 0, 0)
+    assert watcher._state()[3:8] == (0, 2, 0, 0, 0)
     journal.write("sending", "d", provider="local")  # its claim was let go without a result: made here
     journal.write("computing", "d")
     outcome("e", "skipped_done", 0.0)  # reused
-    assert watcher._state()[3:] == (1, 0, 0, 0, 0)
+    assert watcher._state()[3:8] == (1, 0, 0, 0, 0)
     # Rows waiting for room on disk while rows in flight hold it (disk_room.py).
     journal.write("waiting_for_disk", "f")
     journal.write("waiting_for_disk", "g")
@@ -616,7 +633,7 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     journal.write("sending", "f", provider="local")
     journal.write("computing", "f")
     outcome("g", "failed", 0.0)  # refused: no room came
-    assert watcher._state()[3:] == (2, 0, 0, 0, 0)
+    assert watcher._state()[3:8] == (2, 0, 0, 0, 0)
     outcome("f", "succeeded", 0.0)
     # Rows waiting while predictions in flight hold what is left of the budget (limits.py).
     journal.write("waiting_for_budget", "h")
@@ -627,7 +644,7 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     journal.write("sending", "h", provider="local")  # one cost nothing: its money came back
     journal.write("computing", "h")
     outcome("i", "skipped_budget", 0.0)  # the others cost their price: none left for it
-    assert watcher._state()[3:] == (2, 0, 0, 0, 0)
+    assert watcher._state()[3:8] == (2, 0, 0, 0, 0)
     outcome("h", "succeeded", 0.0)
     # Rows waiting for room to decode their recordings while other rows hold theirs (memory_room.py).
     for row in ("m", "n", "o"):
@@ -639,7 +656,7 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
     journal.write("sending", "n", provider="local")
     journal.write("computing", "n")
     outcome("o", "failed", 0.0)  # its recording could not be read in
-    assert watcher._state()[3:] == (2, 0, 0, 0, 0)
+    assert watcher._state()[3:8] == (2, 0, 0, 0, 0)
     outcome("m", "succeeded", 0.0)
     outcome("n", "succeeded", 0.0)
     # Then the files several rows of one recording share are made (combine.py).
@@ -658,9 +675,9 @@ def test_the_progress_line_counts_each_rows_last_outcome_as_the_journal_grows(tm
         ("waiting_for_memory", "p"),
     ):
         journal.write(kind, row)
-    assert watcher._state()[4:] == (1, 1, 1, 1)
+    assert watcher._state()[4:8] == (1, 1, 1, 1)
     journal.write("run_started", total=3, kept=0)
-    assert watcher._state()[3:] == (0, 0, 0, 0, 0)
+    assert watcher._state()[3:8] == (0, 0, 0, 0, 0)
     journal.close()
 
 
@@ -874,6 +891,15 @@ def test_the_live_line_fits_the_terminal_and_says_less_before_it_loses_the_count
     assert shown(200)[0] == full.replace(" · about", " · 1 waiting for memory · about")
     event("memory_granted", "r44")
     assert shown(200)[0] == full
+    # Predictions back, their results being spliced and saved: out of flight, and said so.
+    for row in range(8, 10):
+        event("predicted", f"r{row}")
+    saving = full.replace("32 in flight", "30 in flight · 2 splicing and saving")
+    assert shown(200)[0] == saving
+    assert shown(120)[0] == f"1 failed · $1.60/$100.00 · 30 in flight · 2 saving · 3 on budget · ~{left} left"
+    assert shown(100)[0] == f"1 failed · $1.60/$100.00 · 3 on budget · ~{left} left"  # (with "in flight")
+    for width in (200, 120, 100, 80, 60, 45):
+        assert shown(width)[1] < width
 
 
 def test_the_progress_line_says_prefect_is_starting_until_this_attempts_flow_begins(tmp_path, capsys, monkeypatch):
