@@ -131,7 +131,9 @@ def inpaint_batch(
         if logged is not None:
             logged.stop()  # (its last line: the rows' outcomes and what they spent)
         batch.close()
-    order = {e.row_id: i for i, e in enumerate(batch.manifest.edits)}
+    ran = outcomes  # (what the exit status, the flow run's state and what to finish go by)
+    outcomes = ran + batch.left_out  # the run's report: with the rows --rows left out, as they were
+    order = {row_id: i for i, row_id in enumerate(batch.row_order)}
     outcomes.sort(key=lambda o: order.get(o.row_id, len(order)))
     summary = summarize(
         outcomes,
@@ -149,15 +151,16 @@ def inpaint_batch(
         },
         prediction_seconds(read_events(batch.run_dir)),
     )
-    finish = to_finish(outcomes, summary["spent_usd"], lambda name: cfg.provider.for_provider(name).price)
+    # The same command again finishes the rows it ran; the budget counts the whole run's spent.
+    finish = to_finish(ran, summary["spent_usd"], lambda name: cfg.provider.for_provider(name).price)
     summary["to_finish"] = asdict(finish)  # (report.json, report.html)
     paths = publish_reports(batch.run_dir, outcomes, summary, batch.store)
     report = None if summary.get("report_missing") else str(paths["html"])  # None: its disk was full
     shown.publish(outcomes, summary, report or "not written (see the summary's notes)", finish)
-    result = {"summary": summary, "rows": [o.to_dict() for o in outcomes]}
-    if exit_status(outcomes) == EXIT_OK:
+    result = {"summary": summary, "rows": [o.to_dict() for o in outcomes], "ran": [o.row_id for o in ran]}
+    if exit_status(ran) == EXIT_OK:
         return result
-    return Failed(message=_what_went_wrong(outcomes, report), data=result)
+    return Failed(message=_what_went_wrong(ran, report), data=result)
 
 
 def _what_went_wrong(outcomes: list[Outcome], report: str | None) -> str:

@@ -172,6 +172,8 @@ class Batch:
         self.sources = SourceReader(self.s3, config.storage, room=self.memory)
         self.source_records = SourceRecords(self.store, self.sources)
         self.manifest = manifest.with_patterns_expanded(self.sources.glob)
+        # Every row of the manifest, in its order: the run's report holds those --rows leaves out too.
+        self.row_order = [e.row_id for e in self.manifest.edits]
         if rows:  # (ids are known once patterns are expanded: `old-take1`)
             self.manifest = self.manifest.only(rows)
         # What its remote recordings are, read at once where asked before any row starts (by
@@ -263,6 +265,7 @@ class Batch:
             self._log_traceback,
         )
         self._carried = self._carried_outcomes()
+        self.left_out = self._left_out() if rows else []
         # Money an earlier attempt of this run spent or committed counts against the cap:
         # recorded costs, creates in doubt (at list price), predictions still to collect.
         # At each row's own provider's price: a manifest may mix providers.
@@ -351,6 +354,17 @@ class Batch:
             edit.row_id for (edit, _, _), v in zip(finished, verdicts, strict=True) if v == "changed"
         )
         return {edit.row_id: o for (edit, o, _), v in zip(finished, verdicts, strict=True) if v == "kept"}
+
+    def _left_out(self) -> list[Outcome]:
+        """The rows of the manifest --rows leaves out of this attempt that an earlier attempt
+        of the run ended, as it left them: the report is the run's (its spent counts them, as
+        its budget does), not only this attempt's."""
+        left_out = set(self.row_order) - set(self._edits)
+        return [
+            Outcome.from_dict(state.outcome)
+            for row_id, state in self.states.items()
+            if state.outcome is not None and row_id in left_out
+        ]
 
     def _still_asked(self, edit: Edit, made_for: dict) -> bool:
         """Whether the row asks for what its earlier result was made for (identity.py): the
@@ -857,6 +871,11 @@ class Batch:
                 f"Earlier attempts of run {self.run_id} spent or committed ${self._spent_before:.2f}, more than this "
                 f"attempt's budget of ${self.ledger.budget_usd:.2f}, which counts the whole run: this attempt sent "
                 f"nothing new (a budget above ${self._spent_before:.2f} lets it go on)."
+            )
+        if self.left_out:
+            notes.append(
+                f"--rows ran {plural(len(self._edits), 'row')} of run {self.run_id}; the report also holds the "
+                f"{plural(len(self.left_out), 'other row')} an earlier attempt ended, as it left them."
             )
         notes.extend(self.markup.notes())
         notes.extend(combined_note(self._combined))

@@ -480,7 +480,9 @@ def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str,
     if interrupt.stop_requested():
         err.print(f"Interrupted. Run the same command with --run-id {run_id} to finish the rest.", soft_wrap=True)
         return EXIT_INTERRUPTED
-    return exit_status(outcomes)
+    # The rows it ran: the report also holds the rows of the run --rows left out, as they were.
+    ran = set(result.get("ran", [o.row_id for o in outcomes]))
+    return exit_status([o for o in outcomes if o.row_id in ran])
 
 
 def _unwritable(run_dir: Path, exc: OSError) -> str:

@@ -1186,3 +1186,47 @@ def test_a_run_whose_predictions_failed_says_how_to_try_them_again_and_that_pays
     assert list(report["status"]) == ["succeeded"] * 2 and report["cost_usd"].sum() == pytest.approx(0.4)
     assert sim.stats.accepted == 4 and sim.billed() == pytest.approx(0.4)
     assert "tries the" not in again.stdout
+
+
+def test_rows_run_again_under_a_run_s_id_leave_its_other_rows_in_its_report(workdir, prefect_home, aws_env, simulator):
+    # The report is the run's record of what it made and spent. `--rows metal-*` under the id
+    # of a run that had made the glass rows wrote a report of the metal rows alone: the glass
+    # ones, and the $0.60 they cost, were gone from it (and from the "spent" its budget counts).
+    sim = simulator(latency=0.05, fill="tone", price=0.2)
+    env = simulated_job(workdir, prefect_home, aws_env, sim)
+    job = ("run", "manifests/sfx_variations.yaml", "--config", "job.yaml", "--run-id", "night")
+    glass = soundpatch(*job, "--rows", "glass-*", cwd=workdir, env=env)
+    assert glass.returncode == 0, glass.stdout + glass.stderr
+    assert "--rows ran" not in glass.stdout  # (nothing of the run was left out: it had no other rows)
+    sim.settings.fail_rate = 1.0
+    metal = soundpatch(*job, "--rows", "metal-*", cwd=workdir, env=env)
+    assert metal.returncode == 1, metal.stdout + metal.stderr  # the rows it ran failed
+    report = pd.read_csv(workdir / "runs" / "night" / "report.csv")
+    assert list(report["row_id"]) == [
+        "metal-v1",
+        "metal-v2",
+        "glass-v1",
+        "glass-v2",
+        "glass-v3",
+    ]  # the manifest's order
+    assert list(report["status"]) == ["failed"] * 2 + ["succeeded"] * 3
+    assert report["cost_usd"].sum() == pytest.approx(0.6) and sim.billed() == pytest.approx(0.6)
+    said = " ".join(metal.stdout.split())
+    assert "--rows ran 2 rows of run night; the report also holds the 3 other rows an earlier attempt ended" in said
+    assert "$0.60 of $10.00 budget" in said and "tries the 2 failed results again" in said
+    summary = json.loads((workdir / "runs" / "night" / "report.json").read_text())["summary"]
+    assert summary["spent_usd"] == pytest.approx(0.6) and summary["to_finish"]["failed"] == 2
+
+    # One of them again: its exit status is of the row it ran; metal-v2 stays in the report as it was.
+    sim.settings.fail_rate = 0.0
+    one = soundpatch(*job, "--rows", "metal-v1", cwd=workdir, env=env)
+    assert one.returncode == 0, one.stdout + one.stderr
+    report = pd.read_csv(workdir / "runs" / "night" / "report.csv").set_index("row_id")
+    assert report.loc["metal-v1", "status"] == "succeeded" and report.loc["metal-v2", "status"] == "failed"
+    assert len(report) == 5 and report["cost_usd"].sum() == pytest.approx(0.8) and sim.stats.accepted == 6
+    assert "tries the" not in one.stdout  # (the same command has nothing more to try)
+    # Rendered again from the journal, the report holds the same rows.
+    again = soundpatch("report", "night", "--config", "job.yaml", cwd=workdir, env=env)
+    assert again.returncode == 1, again.stdout + again.stderr  # (the run's: it holds a failed row)
+    rendered = pd.read_csv(workdir / "runs" / "night" / "report.csv").set_index("row_id")
+    assert sorted(rendered.index) == sorted(report.index) and rendered["cost_usd"].sum() == pytest.approx(0.8)
