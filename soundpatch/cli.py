@@ -34,7 +34,7 @@ from soundpatch.humanize import counts_by_name, duration, plural, some_rows
 from soundpatch.humanize import size as human_size
 from soundpatch.journal import latest_runs
 from soundpatch.locks import RunLock
-from soundpatch.manifest import GLOB_CHARS, Manifest, is_pattern
+from soundpatch.manifest import GLOB_CHARS, Manifest
 from soundpatch.manifest_source import read_manifest
 from soundpatch.outcome import (
     EXIT_INTERRUPTED,
@@ -356,9 +356,6 @@ def _print_estimate(est: dict[str, Any], cfg: Config, made_up_run_id: str | None
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     manifest = read_manifest(args.manifest, cfg.storage)  # fail fast (exit 2) before starting Prefect
-    patterns = any(is_pattern(e.input) for e in manifest.edits)  # (the rows' ids are known only in the run)
-    if args.rows and not patterns:
-        manifest = manifest.only(args.rows)  # an id no row has: exit 2 now too
     if args.dry_run:
         # With --run-id, what resuming that run costs (what its earlier attempts paid counts).
         run_id = args.run_id or "dry-run"
@@ -368,6 +365,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_estimate(est, cfg, made_up_run_id=None if args.run_id else "dry-run")
         return EXIT_ROWS_FAILED if est["invalid"] else 0
     preflight(cfg)  # no key, no staging: one sentence now, not a failed flow later
+    # The rows as the run has them, input patterns listed (`take-music`; listed again as the run
+    # starts): their count, and an id of --rows no row has stopping the command now (exit 2), not
+    # once Prefect has started.
+    manifest = manifest.with_patterns_expanded(SourceReader(S3(cfg.storage.s3), cfg.storage, cache_bytes=0).glob)
+    if args.rows:
+        manifest = manifest.only(args.rows)
     run_id = args.run_id or new_run_id()
     if args.run_id and not _safe_run_id(run_id):
         raise SoundpatchError(f"Run id {run_id!r} may only hold letters, digits, '.', '_' and '-'.")
@@ -377,15 +380,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise SoundpatchError(f"Nothing was sent: {_unwritable(run_dir, exc)}") from None
     try:
-        return _run(args, cfg, manifest, run_id, run_dir, patterns)
+        return _run(args, cfg, manifest, run_id, run_dir)
     finally:
         run_lock.release()
 
 
-def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str, run_dir: Path, patterns: bool) -> int:
+def _run(args: argparse.Namespace, cfg: Config, manifest: Manifest, run_id: str, run_dir: Path) -> int:
     shown = escape(shown_input(str(args.manifest)))
-    which = "the rows of --rows" if args.rows and patterns else f"{len(manifest.edits)} results"
-    out.print(f"run id [bold]{run_id}[/bold]  ({which} from {shown})")
+    out.print(f"run id [bold]{run_id}[/bold]  ({plural(len(manifest.edits), 'result')} from {shown})")
 
     from flows.ephemeral import TemporaryServer, quiet_prefect  # noqa: PLC0415 - Prefect loads only from here on
 

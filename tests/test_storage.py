@@ -686,10 +686,27 @@ def test_a_manifest_in_a_bucket_names_its_inputs_beside_it_there(tmp_path, aws_e
         AWS_SECRET_ACCESS_KEY="test",
         PREFECT_HOME=str(seeded_prefect_home(tmp_path_factory.mktemp("prefect"))),
     )
+    # An id no row has, among the rows the pattern makes: refused before Prefect starts, as for
+    # any manifest (it was refused by the flow, a run folder made for nothing).
+    typo = soundpatch(
+        "run",
+        "s3://jobs/nightly/job.csv",
+        "--config",
+        "job.yaml",
+        "--rows",
+        "old-old2",
+        "--run-id",
+        "t",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert typo.returncode == 2 and "No row of the manifest has an id matching 'old-old2'" in typo.stderr, typo.stderr
+    assert "take, old-old0, old-old1" in typo.stderr and not (tmp_path / "runs" / "t").exists()
     ran = soundpatch(
         "run", "s3://jobs/nightly/job.csv", "--config", "job.yaml", "--run-id", "n1", cwd=tmp_path, env=env
     )
     assert ran.returncode == 1, ran.stdout + ran.stderr  # the missing input's row
+    assert "(5 results from s3://jobs/nightly/job.csv)" in ran.stdout  # the pattern's rows counted (it said 4)
     report = pd.read_csv(tmp_path / "runs" / "n1" / "report.csv", keep_default_na=False).set_index("row_id")
     assert report["status"].to_dict() == {
         "take": "succeeded",
@@ -756,7 +773,7 @@ def test_a_manifest_on_a_web_server_is_fetched_as_an_input_is(tmp_path, web_serv
         "run", url, "--set", "storage.http.allow_private_addresses=true", "--run-id", "w", cwd=tmp_path, env=env
     )
     assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert f"results from {base}/jobs/job.yaml)" in ran.stdout
+    assert f"(1 result from {base}/jobs/job.yaml)" in ran.stdout
     written = [
         p for p in (tmp_path / "runs" / "w").rglob("*") if p.is_file() and p.suffix in (".jsonl", ".json", ".csv")
     ]
