@@ -281,7 +281,7 @@ def config_from(
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "config"
         # The override the error is in: `where` itself, or a key under it (a misspelt section).
-        given = {key for key, value in (overrides or {}).items() if value is not None}
+        given = [key for key, value in (overrides or {}).items() if value is not None]  # (in the order given)
         written = next((key for key in given if key == where or key.startswith(f"{where}.")), None)
         message = first["msg"]
         if first["type"] == "extra_forbidden":
