@@ -661,8 +661,9 @@ class Batch:
         try:
             if original is None:
                 checked, original = self._decoded(checked, outcome)
-            # Another process writing the same outputs may be producing it too: wait for it.
-            with self.claims.claim(identity, give_up=stop_requested) as claim:
+            # Another process writing the same outputs may be producing it too, or sending the
+            # same with other spans (its answer is then kept with the results): wait for it.
+            with self.claims.claim(producing, give_up=stop_requested) as claim:
                 if claim == STOPPED:
                     raise RowError(self._not_started)
                 # ... and so may a run on another machine writing the same bucket.

@@ -6,7 +6,9 @@
   with one sentence naming the first.
 - `Claims`: one producer at a time per edit identity among the processes writing the same
   output store, whatever their run ids (two runs of overlapping manifests at once). The
-  second waits, then reuses the first one's result at no cost.
+  second waits, then reuses the first one's result at no cost. Rows sending a hosted model
+  the same clip for other damaged spans claim the model's answer instead (batch.py): the
+  second is spliced from the answer the first kept with the results.
 
 Both are `flock` locks: the kernel drops them when their process ends, however it ends
 (kill -9 included), so a crash never leaves a stale lock behind. They hold among processes

@@ -7,9 +7,22 @@ manifests run side by side): each edit is made by one of them and reused by the 
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
-from tests.jobs import environment, events, finish, finish_every_row, kill_group, report, start, wait_for, write_job
+from tests.jobs import (
+    SCRIPT,
+    environment,
+    events,
+    finish,
+    finish_every_row,
+    kill_group,
+    report,
+    start,
+    wait_for,
+    write_job,
+)
 
 
 def test_a_run_already_going_is_refused_and_is_free_again_once_its_process_is_gone(
@@ -45,3 +58,37 @@ def test_two_runs_over_the_same_rows_at_once_pay_for_each_edit_once(job_dir, aws
     for row in range(8):  # made by one run, reused by the other
         assert sorted([one["status"][row], two["status"][row]]) == ["skipped_done", "succeeded"]
     assert one["cost_usd"].sum() + two["cost_usd"].sum() == pytest.approx(8 * 0.20)
+
+
+def test_two_runs_sending_the_same_clip_for_other_spans_at_once_pay_for_it_once(
+    job_dir, aws_env, simulator, tmp_path_factory
+):
+    # Two restorers (or two workers of one archive) mend the same passage side by side, one
+    # of them with a click more in its spans: the model is sent the same clip either way, so
+    # one run pays for it and the other splices the answer it kept, however they overlap.
+    sim = simulator(latency=3.0, fill="tone")
+    write_job(job_dir, sim, aws_env, rows=0, concurrency=2)
+    row = "id,input,start,end,damaged,prompt,seed\nfx,fx.wav,1.0,1.5,{},clean continuation,7\n"
+    (job_dir / "one.csv").write_text(row.format("1.1-1.11"))
+    (job_dir / "two.csv").write_text(row.format("1.1-1.11 1.3-1.305"))
+    env = environment(tmp_path_factory.mktemp("prefect"))
+    runs = {
+        name: subprocess.Popen(
+            [str(SCRIPT), "run", f"{name}.csv", "--config", "job.yaml", "--run-id", name],
+            cwd=job_dir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("one", "two")
+    }
+    for name, proc in runs.items():
+        out, err_text = proc.communicate(timeout=180)
+        assert proc.returncode == 0, f"{name}: {out}{err_text}"
+    one, two = report(job_dir, "one"), report(job_dir, "two")
+    assert list(one["status"]) == list(two["status"]) == ["succeeded"]
+    assert sim.stats.creates == 1
+    assert sorted([one["cost_usd"][0], two["cost_usd"][0]]) == pytest.approx([0.0, 0.20])
+    assert one["prediction_id"][0] == two["prediction_id"][0]
+    assert {one["damaged"][0], two["damaged"][0]} == {"1.09-1.12", "1.09-1.12 1.29-1.315"}
