@@ -152,7 +152,7 @@ def inpaint_batch(
         prediction_seconds(read_events(batch.run_dir)),
     )
     # The same command again finishes the rows it ran; the budget counts the whole run's spent.
-    finish = to_finish(ran, summary["spent_usd"], lambda name: cfg.provider.for_provider(name).price)
+    finish = to_finish(ran, summary["spent_usd"], cfg.provider.price_of)
     summary["to_finish"] = asdict(finish)  # (report.json, report.html)
     paths = publish_reports(batch.run_dir, outcomes, summary, batch.store)
     report = None if summary.get("report_missing") else str(paths["html"])  # None: its disk was full

@@ -278,7 +278,7 @@ class Batch:
         self._spent_before = spent
         # Providers that charged more than the price reserved, as earlier attempts of this run
         # found (counted from this attempt's first row on), and as this attempt finds.
-        self.markup = Markup(run_id, lambda name: config.provider.for_provider(name).price, self.states.values())
+        self.markup = Markup(run_id, config.provider.price_of, self.states.values())
         for name, (price, most) in self.markup.before.items():
             self.ledger.count_dearer(price, most, name)
         if not dry_run:
@@ -430,7 +430,7 @@ class Batch:
         """What one prediction costs at the provider an earlier attempt of this row went to
         (else the row's own): creates in doubt and predictions still to collect count
         against the budget at it."""
-        return self.config.provider.for_provider(self._maker_name(row_id)).price
+        return self.config.provider.price_of(self._maker_name(row_id))
 
     def _maker_name(self, row_id: str) -> str:
         """The provider an earlier attempt of this row went to, else the row's own."""

@@ -122,6 +122,10 @@ class ProviderConfig(_Section):
     def key_env(self) -> str:
         return self.api_key_env or DEFAULT_KEY_ENVS[self.name]
 
+    def price_of(self, name: str) -> float:
+        """What one prediction of provider `name` costs, under these settings."""
+        return self.for_provider(name).price
+
     def for_provider(self, name: str) -> ProviderConfig:
         """These settings for another provider (a row may name one): that provider's own
         price, address and key rather than ones meant for another service."""

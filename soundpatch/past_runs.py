@@ -48,7 +48,7 @@ def money_out(events: Iterable[dict[str, Any]], cfg: Config) -> MoneyOut:
     """What a run's journal (its events) shows paid for and not yet in an outcome."""
     to_collect, in_doubt = paid_unfinished(states_from(events))
     providers = [*to_collect.values(), *in_doubt.values()]
-    price = sum(cfg.provider.for_provider(p or cfg.provider.name).price for p in providers)
+    price = sum(cfg.provider.price_of(p or cfg.provider.name) for p in providers)
     return MoneyOut(len(to_collect), len(in_doubt), price)
 
 

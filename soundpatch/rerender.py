@@ -60,7 +60,7 @@ def rerender(run_id: str, run_dir: Path, cfg: Config, s3: S3, say: Say) -> tuple
     # Said anew each time (an earlier rendering's may be out of date): the run went on since.
     notes = [n for n in summary.get("notes", []) if not n.startswith(_STOPPED.format(run_id=run_id))]
     summary["notes"] = [*notes, stopped] if stopped else notes
-    finish = to_finish(outcomes, summary["spent_usd"], lambda name: cfg.provider.for_provider(name).price)
+    finish = to_finish(outcomes, summary["spent_usd"], cfg.provider.price_of)
     summary["to_finish"] = asdict(finish)
     if here:
         publish_reports(run_dir, outcomes, summary, open_store(cfg.output.uri, s3))
