@@ -25,7 +25,6 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from soundpatch.humanize import plural
 from soundpatch.outcome import FAILED, INVALID, STATUSES, Outcome, ToFinish, by_reason
 
 TABLE_ROWS = 1000
@@ -141,16 +140,13 @@ def summary_markdown(
 def _finishing(run_id: str, finish: ToFinish | None) -> list[str]:
     """How to finish the run from Prefect (a deployment's run, say): the flow again, with the
     run's id among its parameters."""
-    again = f"run the flow again with the parameter `run_id` set to `{run_id}`"
-    lines = []
-    if finish is not None and finish.failed:
-        lines.append(f"To try the {plural(finish.failed, 'failed result')} again, {again}; what is done is kept.")
-    if finish is not None and finish.stopped:
-        lines.append(
-            f"The {plural(finish.stopped, 'result')} the budget stopped would cost about ${finish.more_usd:.2f} "
-            f"more: {again} and `overrides` holding `limits.budget_usd: {finish.budget_usd:.2f}`; what is done is "
-            "kept."
-        )
+    if finish is None:
+        return []
+    again = f"the flow run again with the parameter `run_id` set to `{run_id}`"
+    lines = finish.sentences(
+        again[:1].upper() + again[1:],
+        lambda budget: f"{again} and `overrides` holding `limits.budget_usd: {budget:.2f}`",
+    )
     return [part for line in lines for part in (line, "")]  # (each a paragraph)
 
 

@@ -42,6 +42,7 @@ from soundpatch.outcome import (
     EXIT_ROWS_FAILED,
     STATUSES,
     Outcome,
+    ToFinish,
     by_reason,
     exit_status,
 )
@@ -582,22 +583,12 @@ def _print_summary(summary: dict[str, Any], outcomes: list[Outcome], run_dir: Pa
 def _next_steps(summary: dict[str, Any]) -> list[str]:
     """The commands that finish a run: what its flow (or rendering again) counted
     (summary.to_finish, outcome.to_finish)."""
-    finish = summary.get("to_finish") or {}
     manifest = shlex.quote(summary["manifest"]) if summary.get("manifest") else "its manifest"
     again = f"soundpatch run {manifest} with the options it had"
-    steps = []
-    if finish.get("failed"):
-        steps.append(
-            f"{again} and --run-id {summary['run_id']} tries the {plural(finish['failed'], 'failed result')} again, "
-            "keeping what is done."
-        )
-    if finish.get("stopped"):
-        steps.append(
-            f"The {plural(finish['stopped'], 'result')} the budget stopped would cost about ${finish['more_usd']:.2f} "
-            f"more: {again}, --run-id {summary['run_id']} and --budget {finish['budget_usd']:.2f} makes them, keeping "
-            "what is done."
-        )
-    return steps
+    run_id = summary.get("run_id", "")
+    return ToFinish.of(summary).sentences(
+        f"{again} and --run-id {run_id}", lambda budget: f"{again}, --run-id {run_id} and --budget {budget:.2f}"
+    )
 
 
 # ---------------------------------------------------------------------- detect

@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from soundpatch.humanize import plural
+
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 INVALID = "invalid"
@@ -131,6 +133,26 @@ class ToFinish:
     stopped: int
     more_usd: float
     budget_usd: float
+
+    @classmethod
+    def of(cls, summary: dict[str, Any]) -> ToFinish:
+        """As a report's summary records it (`to_finish`; nothing, in a report without one)."""
+        kept = summary.get("to_finish") or {}
+        return cls(*(kept.get(name) or 0 for name in ("failed", "stopped", "more_usd", "budget_usd")))
+
+    def sentences(self, again: str, with_budget: Callable[[float], str]) -> list[str]:
+        """What finishing the run takes, a sentence each. `again`: what runs it again (a
+        command, a flow run) in the words of where it is said; `with_budget(usd)`: the same,
+        given the budget it needs."""
+        said = []
+        if self.failed:
+            said.append(f"{again} tries the {plural(self.failed, 'failed result')} again, keeping what is done.")
+        if self.stopped:
+            said.append(
+                f"The {plural(self.stopped, 'result')} the budget stopped would cost about ${self.more_usd:.2f} more: "
+                f"{with_budget(self.budget_usd)} makes them, keeping what is done."
+            )
+        return said
 
 
 def to_finish(outcomes: Iterable[Outcome], spent_usd: float, price_of: Callable[[str], float]) -> ToFinish:

@@ -28,7 +28,7 @@ import numpy as np
 
 from soundpatch import preview
 from soundpatch.humanize import counts_by_name, duration, plural, some_rows
-from soundpatch.outcome import STATUSES, Outcome, by_reason
+from soundpatch.outcome import STATUSES, Outcome, ToFinish, by_reason
 
 MEDIA_CARDS = preview.KEEP
 PAGE_SIZE = 50
@@ -98,17 +98,9 @@ def _summary_html(summary: dict[str, Any], outcomes: Sequence[Outcome], with_med
 
 def _finishing_html(summary: dict[str, Any]) -> str:
     """How to finish the run (outcome.to_finish): run it again with its run id."""
-    finish = summary.get("to_finish") or {}
     run_id, manifest = summary.get("run_id", ""), summary.get("manifest") or "its manifest"
     again = f"soundpatch run {manifest} with the options it had and --run-id {run_id} (or the flow, run_id {run_id})"
-    lines = []
-    if finish.get("failed"):
-        lines.append(f"{again} tries the {plural(finish['failed'], 'failed result')} again, keeping what is done.")
-    if finish.get("stopped"):
-        lines.append(
-            f"The {plural(finish['stopped'], 'result')} the budget stopped would cost about "
-            f"${finish['more_usd']:.2f} more: {again}, with a budget of ${finish['budget_usd']:.2f}, makes them."
-        )
+    lines = ToFinish.of(summary).sentences(again, lambda budget: f"{again}, with a budget of ${budget:.2f},")
     return "".join(f'<p class="finish">{html.escape(line)}</p>' for line in lines)
 
 

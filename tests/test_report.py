@@ -479,11 +479,12 @@ def test_what_running_a_run_again_would_do_is_counted_and_said_in_its_prefect_su
     summary = {"run_id": "night4", "spent_usd": 0.4, "budget_usd": 0.5, "by_status": {}}
     markdown = summary_markdown(summary, "runs/night4/report.html", (), finish)
     assert (
-        "To try the 1 failed result again, run the flow again with the parameter `run_id` set to `night4`; what is "
-        "done is kept.\n\nThe 3 results the budget stopped would cost about $0.45 more: run the flow again with the "
-        "parameter `run_id` set to `night4` and `overrides` holding `limits.budget_usd: 0.85`; what is done is kept."
+        "The flow run again with the parameter `run_id` set to `night4` tries the 1 failed result again, keeping "
+        "what is done.\n\nThe 3 results the budget stopped would cost about $0.45 more: the flow run again with the "
+        "parameter `run_id` set to `night4` and `overrides` holding `limits.budget_usd: 0.85` makes them, keeping "
+        "what is done."
     ) in markdown
-    assert "run the flow again" not in summary_markdown(summary, "r.html", (), nothing)
+    assert "flow run again" not in summary_markdown(summary, "r.html", (), nothing)
 
 
 def test_a_flow_run_whose_report_could_not_be_written_does_not_point_at_it():
