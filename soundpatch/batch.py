@@ -667,10 +667,14 @@ class Batch:
                 if claim == STOPPED:
                     raise RowError(self._not_started)
                 # ... and so may a run on another machine writing the same bucket.
-                with self._claim_in_bucket(checked.provider, identity, edit.row_id) as across:
-                    if across == STOPPED:
+                twins = producing if producing != identity and checked.edit.damaged else None
+                with (
+                    self._claim_in_bucket(checked.provider, twins, edit.row_id) as twin,
+                    self._claim_in_bucket(checked.provider, identity, edit.row_id) as across,
+                ):
+                    if STOPPED in (twin, across):
                         raise RowError(self._not_started)
-                    waited = WAITED in (claim, across)  # for another's result: reused, if it made one
+                    waited = WAITED in (claim, twin, across)  # for another's result: reused, if it made one
                     if waited and not self.force and self._reuse(edit, checked, identity, outcome, original):
                         if self.bucket_claims is not None:
                             self.bucket_claims.no_longer_doubted(identity)
@@ -681,10 +685,16 @@ class Batch:
                 self._in_flight.pop(producing).set()
         return made_for
 
-    def _claim_in_bucket(self, provider: Provider, identity: str, row_id: str) -> AbstractContextManager[str]:
+    def _claim_in_bucket(self, provider: Provider, identity: str | None, row_id: str) -> AbstractContextManager[str]:
         """The edit claimed among the machines writing the output bucket (edit_claims.py),
-        when a hosted model makes it (a create: money) and the run holds a lease there."""
-        if self.bucket_claims is None or not provider.hosted:
+        when a hosted model makes it (a create: money) and the run holds a lease there.
+
+        Also, first, for a row with damaged spans, the answer it looks for (`identity`: an
+        answer identity; None, for a row without spans): a run on another machine sending the
+        same clip for other spans keeps that answer with the results, and the row waiting for
+        it is spliced from it. That claim only makes rows wait: the edit's own says what was
+        paid for, and what is in doubt."""
+        if self.bucket_claims is None or not provider.hosted or identity is None:
             return nullcontext(CLAIMED)
         return self.bucket_claims.claim(
             identity,

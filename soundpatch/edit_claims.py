@@ -32,6 +32,12 @@ that doubt, until a run told to resubmit sends the edit (or finds its result mad
 lets the claim go. A claim naming a doubt is no one's to wait for: it is taken over at
 once.
 
+A row with damaged spans claims the model's answer it looks for (identity.answer_identity)
+the same way, before its edit (batch.py): a run elsewhere sending the same clip for other
+spans keeps that answer with the results (kept_answers.py), and the row that waited for it
+is spliced from it. Such a claim only makes rows wait: it never names a prediction or a
+doubt (those are the edit's).
+
 Only with a run lease: a store without conditional writes can keep no claim either. Rows of
 the local engine, which sends nothing, claim nothing.
 """

@@ -249,8 +249,8 @@ def test_budget_cap_skips_rows_and_exits_3(workdir, prefect_home):
     page = (run_dir / "report.html").read_text()
     assert (
         '<p class="finish">The 3 results the budget stopped would cost about $1.50 more: soundpatch run five.csv with '
-        "the options it had and --run-id money (or the flow, run_id money), with a budget of $2.50, makes them, keeping "
-        "what is done.</p>"
+        "the options it had and --run-id money (or the flow, run_id money), with a budget of $2.50, makes them, "
+        "keeping what is done.</p>"
     ) in page
     for made in ("report.html", "report.json"):
         (run_dir / made).unlink()

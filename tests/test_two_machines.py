@@ -232,6 +232,33 @@ def test_two_runs_on_two_machines_pay_once_for_an_edit_both_ask_for(job, aws_env
     assert claims_in(aws_env) == []  # let go as the rows ended
 
 
+def test_two_machines_sending_the_same_clip_for_other_spans_pay_for_it_once(job, aws_env, simulator):
+    # Two restorers on two machines mend the same passage at once, one with a click more in
+    # its spans: the model is sent the same clip either way. The second waits for the answer
+    # the first keeps with the results and is spliced from it.
+    sim = simulator(latency=3.0, fill="tone")
+    row = "id,input,start,end,damaged,prompt,seed\nfx,fx.wav,1.0,1.5,{},clean continuation (%s),7\n"
+    for name, spans in (("one", "1.1-1.11"), ("two", "1.1-1.11 1.3-1.305")):  # (an edit of this test's own)
+        (job.parent / f"{name}.csv").write_text(row.format(spans).replace("%s", job.parent.name))
+    first = machine(job.parent / "one.csv", sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1")
+    second = machine(job.parent / "two.csv", sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2")
+    try:
+        worker, made = producing(first)
+        wait_for(lambda: sim.stats.creates == 1, 10, "the first run's create")
+        [spliced] = [second.process(e) for e in second.manifest.edits]  # while the first still polls
+        worker.join()
+    finally:
+        first.close()
+        second.close()
+    assert made[0].status == spliced.status == "succeeded", (made[0].error, spliced.error)
+    assert made[0].cost_usd == pytest.approx(0.2) and spliced.cost_usd == 0
+    assert sim.stats.creates == 1 and spliced.prediction_id == made[0].prediction_id
+    assert spliced.damaged == "1.09-1.12 1.29-1.315"
+    waits = [json.loads(line) for line in (second.run_dir / "journal.jsonl").read_text().splitlines()]
+    assert [(e["row"], e["on"]) for e in waits if e["event"] == "waiting"] == [("fx", first.run_id)]
+    assert claims_in(aws_env) == []  # let go as the rows ended
+
+
 def test_an_edit_claimed_by_a_run_whose_machine_died_is_made_once_its_lease_lapses(job, aws_env, simulator):
     sim = simulator(latency=0.05, fill="tone")
     gone = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1", lease_seconds=6)
