@@ -190,7 +190,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "prefixes (s3://bucket/archive/)",
     )
     detect.add_argument(
-        "--out", default="dropouts.csv", help="the manifest to write: a file (default: dropouts.csv) or an s3:// key"
+        "-o",
+        "--out",
+        default="dropouts.csv",
+        help="the manifest to write: a file (default: dropouts.csv) or an s3:// key",
     )
     detect.add_argument("--prompt", default=DETECT_PROMPT, help="the prompt of every row")
     detect.add_argument("--min-ms", type=float, default=5.0, help="shortest dropout to report (default: 5)")

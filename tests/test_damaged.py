@@ -434,7 +434,7 @@ def test_detect_joins_a_crackly_record_s_clicks_into_a_few_rows_the_local_engine
     audio = Audio(sf.read(tmp_path / "record.flac", dtype="int16", always_2d=True)[0], rate, "FLAC", "PCM_16")
     found = [("record.flac", d) for d in find_dropouts(audio) + find_clicks(audio)]
     (tmp_path / "apart.csv").write_text(restoration_manifest(found, str(tmp_path), "x", 0.01))
-    joined = soundpatch("detect", "record.flac", "--clicks", "--out", "joined.csv", cwd=tmp_path, env=env)
+    joined = soundpatch("detect", "record.flac", "--clicks", "-o", "joined.csv", cwd=tmp_path, env=env)
     assert joined.returncode == 0, joined.stderr
     every = soundpatch(
         "detect", "record.flac", "--clicks", "--all-to-provider", "--out", "every.csv", cwd=tmp_path, env=env
