@@ -135,10 +135,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("manifest", help=MANIFEST_HELP)
     _common(run)
     run.add_argument("--run-id", help="name the run; the same id again resumes it")
-    run.add_argument("--budget", type=float, help="hard cap in USD for this run (limits.budget_usd)")
-    run.add_argument("--rpm", type=float, help="creates per minute (limits.requests_per_minute)")
-    run.add_argument("--concurrency", type=int, help="predictions in flight (limits.concurrency)")
-    run.add_argument("--provider", help="provider for rows that do not name one (provider.name)")
+    _limits_options(run)
     run.add_argument("--dry-run", action="store_true", help="validate and estimate; spend nothing")
     run.add_argument("--force", action="store_true", help="redo rows whose result already exists")
     _rows_option(run)
@@ -148,6 +145,7 @@ def _build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check rows and audio, print the cost estimate")
     validate.add_argument("manifest", help=MANIFEST_HELP)
     _common(validate)
+    _limits_options(validate)  # (what the estimate is of: its cost, its time at the pace)
     _rows_option(validate)
     validate.set_defaults(handler=cmd_validate)
 
@@ -227,6 +225,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 MANIFEST_HELP = "a CSV or YAML manifest: a file, or an s3:// or https:// one (its inputs named beside it)"
+
+
+def _limits_options(parser: argparse.ArgumentParser) -> None:
+    """The options `_OPTION_KEYS` sets config keys from."""
+    parser.add_argument("--budget", type=float, help="hard cap in USD for this run (limits.budget_usd)")
+    parser.add_argument("--rpm", type=float, help="creates per minute (limits.requests_per_minute)")
+    parser.add_argument("--concurrency", type=int, help="predictions in flight (limits.concurrency)")
+    parser.add_argument("--provider", help="provider for rows that do not name one (provider.name)")
 
 
 def _rows_option(parser: argparse.ArgumentParser) -> None:

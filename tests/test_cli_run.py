@@ -338,6 +338,15 @@ def test_dry_run_and_validate_spend_nothing_and_write_nothing(workdir, prefect_h
         "note: The run itself would stop before sending anything: the stability provider needs an API key: "
         "set the environment variable STABILITY_API_KEY"
     ) in keyless.stdout
+    # The same options as run's: what the estimate is of, given the way the run would be given it.
+    given = run(
+        workdir, prefect_home, "validate", "manifests/sfx_variations.yaml", "--provider", "stability", "--rpm", "3",
+        "--concurrency", "2", "--budget", "1",
+    )  # fmt: skip
+    assert given.returncode == 0, given.stderr
+    said = " ".join(given.stdout.split())
+    assert "$1.80 (budget $1.00)" in said and "provider stability" in said and "about 5 of 9 predictions" in said
+    assert "expected wall time 2 min 55 s" in said  # 9 creates at 3 a minute, the last one 15 s
     assert not (workdir / "runs").exists() and not (workdir / "outputs").exists()
 
 
