@@ -615,7 +615,7 @@ def _subtype_for(subtype: str, dtype: np.dtype, container: str) -> str:
     return sf.default_subtype(container)
 
 
-def check_encodable(info: AudioInfo, container: str) -> None:
+def check_encodable(info: AudioInfo, container: str, remedy: str = "choose another output.format for it") -> None:
     """Raises RowError when `container` cannot hold audio shaped like `info` (MP3 holds at
     most two channels, at nine sample rates from 8 to 48 kHz; FLAC at most eight; AIFF
     under 4 GB...): found while validating, not after the row was paid for."""
@@ -626,7 +626,7 @@ def check_encodable(info: AudioInfo, container: str) -> None:
     if reason:
         raise RowError(
             f"the output format {container} cannot hold this recording ({plural(info.channels, 'channel')} at "
-            f"{info.rate} Hz): {reason}; choose another output.format for it"
+            f"{info.rate} Hz): {reason}; {remedy}"
         )
 
 

@@ -481,7 +481,7 @@ class Batch:
         else:
             provider.check(info.frames, info.rate, a, b, edit.steps, edit.guidance_scale)
         self.store.uri(self.publisher.name(edit, info))  # an unusable output name is found now, not after paying
-        self.publisher.check_encodable(info)  # and an output format that cannot hold the audio
+        self.publisher.check_encodable(info, edit)  # and an output format that cannot hold the audio
         return Checked(edit, source, info, provider)
 
     def _info_if_readable(self, edit: Edit) -> AudioInfo | None:

@@ -207,7 +207,7 @@ def estimate(batch: Batch, edits: list[Edit]) -> dict[str, Any]:
         shared = batch.publisher.combined.get(edit.row_id)
         if shared is not None and shared not in combined:  # the whole recording (its rows' results: their parts)
             combined.add(shared)
-            whole = batch.publisher.bytes_bound(checked.info)
+            whole = batch.publisher.bytes_bound(checked.info, edit, whole=True)
             written[name] += whole
             largest_file = (whole, shared) if whole > largest_file[0] else largest_file
     limits = batch.config.limits

@@ -1,8 +1,9 @@
 """Putting a finished result where users find it: encoded, named, described, stored.
 
-The container follows `output.format` (or the input's own with `same`); the sample
-format follows the input wherever the container allows it, which is what keeps the
-audio outside the region identical to the input.
+The container follows `output.format` (or the input's own with `same`), or a row's own
+`output` name where it ends in one (`takes/{stem}-{seed}.mp3`); the sample format follows
+the input wherever the container allows it, which is what keeps the audio outside the
+region identical to the input.
 
 A result is encoded into a file of the run's scratch folder, not into memory: the file
 of an hour-long recording is 635 MB, and rows of several at once would each hold theirs
@@ -52,23 +53,28 @@ class Publisher:
         # Rows of one recording that name one file: row id -> that file's name (see clashes).
         self.combined: dict[str, str] = {}
 
-    def container(self, info: AudioInfo | None) -> str:
-        """`info` is needed only with output.format: same."""
+    def container(self, info: AudioInfo | None, edit: Edit | None = None) -> str:
+        """`info` is needed only with output.format: same; `edit`: a row whose own `output`
+        name may say the container (`.mp3`), over output.format."""
+        named = named_container(edit.output) if edit is not None else None
+        if named is not None:
+            return named
         if self.output_format == "same":
             assert info is not None
             return info.format if info.format in WRITABLE_CONTAINERS else "WAV"
         return audio_ops.OUTPUT_CONTAINERS[self.output_format]
 
-    def ext(self, info: AudioInfo | None) -> str:
-        container = self.container(info)
+    def ext(self, info: AudioInfo | None, edit: Edit | None = None) -> str:
+        container = self.container(info, edit)
         return audio_ops.EXTENSIONS.get(container, container.lower())
 
-    def bytes_bound(self, info: AudioInfo, edit: Edit | None = None) -> int:
+    def bytes_bound(self, info: AudioInfo, edit: Edit | None = None, whole: bool = False) -> int:
         """The most this recording's result weighs as a file (what it takes on disk); with
-        `edit`, that row's own result (a row of a combined file holds only its `part_span`)."""
-        span = None if edit is None else self.part_span(edit, info)
+        `edit`, that row's own result (a row of a combined file holds only its `part_span`),
+        unless `whole` (the combined file the row names)."""
+        span = None if edit is None or whole else self.part_span(edit, info)
         shape = info if span is None else replace(info, frames=span[1] - span[0])
-        return audio_ops.encoded_bytes_bound(shape, self.container(info))
+        return audio_ops.encoded_bytes_bound(shape, self.container(info, edit))
 
     def part_span(self, edit: Edit, info: AudioInfo) -> tuple[int, int] | None:
         """The frames of its recording a row's own result holds, when the row's edit goes
@@ -80,9 +86,13 @@ class Publisher:
         a, b = audio_ops.region_frames(edit.start or 0.0, edit.end or 0.0, info.rate, info.frames)
         return context_span(a, b, info.rate, info.frames)
 
-    def check_encodable(self, info: AudioInfo) -> None:
-        """Raises RowError when the output format cannot hold this recording's layout."""
-        audio_ops.check_encodable(info, self.container(info))
+    def check_encodable(self, info: AudioInfo, edit: Edit | None = None) -> None:
+        """Raises RowError when the output format (the row's) cannot hold this recording's layout."""
+        named = named_container(edit.output) if edit is not None else None
+        if named is None:
+            audio_ops.check_encodable(info, self.container(info))
+        else:
+            audio_ops.check_encodable(info, named, "end the row's output name in another container's extension")
 
     def rounding_notes(self, infos: Iterable[tuple[str, AudioInfo]]) -> list[str]:
         """What to say of inputs whose samples the output format cannot hold as they are (a
@@ -108,7 +118,8 @@ class Publisher:
         Checked while validating, before any money is spent, not first when publishing.
         Without `info` (the input not read yet) the extension is a stand-in when the
         container follows the input's own (output.format: same)."""
-        ext = "same" if info is None and self.output_format == "same" else self.ext(info)
+        unknown = info is None and self.output_format == "same" and named_container(edit.output) is None
+        ext = "same" if unknown else self.ext(info, edit)
         fields = {"run_id": self.run_id, "row_id": edit.row_id, "stem": _stem(edit.input), "seed": str(edit.seed)}
         if edit.output and "{" in edit.output:
             fields = {**_template_fields(edit), **fields}
@@ -167,7 +178,7 @@ class Publisher:
     def encode(self, edit: Edit, result: Audio | Patched | Stored, info: AudioInfo, name: str | None = None) -> Encoded:
         """The row's result, as the file named for it (or `name`: a combined file), written
         to the scratch folder; `Encoded.discard()` removes it once it is no longer needed."""
-        ext = self.ext(info)
+        ext = self.ext(info, edit)
         what = f"the file {name}" if name else "this row's result"
         name = name or self.name(edit, info)
         path = None
@@ -176,7 +187,7 @@ class Publisher:
             fd, written = tempfile.mkstemp(dir=self.scratch, prefix="result.", suffix=f".{ext}")
             os.close(fd)
             path = Path(written)
-            audio_ops.encode_file(result, self.container(info), path)
+            audio_ops.encode_file(result, self.container(info, edit), path)
         except BaseException as exc:
             if path is not None:
                 path.unlink(missing_ok=True)
@@ -229,10 +240,23 @@ def _combinable(a: Edit, b: Edit) -> bool:
     return same_recording and (a.end <= b.start or b.end <= a.start)
 
 
+# A row's `output` name ending in one of these is written in that container, whatever
+# output.format says (a name's own extension is what its user expects the file to be).
+NAMED_CONTAINERS = {".wav": "WAV", ".flac": "FLAC", ".mp3": "MP3", ".ogg": "OGG", ".aiff": "AIFF", ".aif": "AIFF"}
+
+
+def named_container(output: str | None) -> str | None:
+    """The container a row's `output` name (or template) ends in, if one soundpatch writes."""
+    if not output:
+        return None
+    return NAMED_CONTAINERS.get(posixpath.splitext(output.rstrip())[1].lower())
+
+
 def _template_fields(edit: Edit) -> dict[str, str]:
     """What else a row's `output` template may name: the row's own columns (`{category}`),
-    its prompt in a few words (`distant-thunder-rolling`), its region (`{start}`, `{end}`) and
-    which of the row's variations it is (`{variation}`: 1, 2, ...)."""
+    its prompt in a few words (`distant-thunder-rolling`), its region (`{start}`, `{end}`),
+    which of the row's variations it is (`{variation}`: 1, 2, ...), its `{id}`, `{steps}` and
+    `{guidance_scale}`."""
     fields = {name: str(value) for name, value in edit.extra.items() if name.isidentifier()}
     for name, value in edit.extra.items():  # a column named as a report's is manifest_<name> there
         own = written_name(name)
@@ -245,6 +269,11 @@ def _template_fields(edit: Edit) -> dict[str, str]:
     fields["start"] = "" if edit.start is None else f"{edit.start:g}"
     fields["end"] = "" if edit.end is None else f"{edit.end:g}"
     fields["variation"] = str(edit.variation)
+    # The manifest's own columns by their names: `id` (the row's id, as {row_id}) and the
+    # model's settings a dataset's matrix may sweep ("" where the row leaves them to the model).
+    fields["id"] = edit.row_id
+    fields["steps"] = "" if edit.steps is None else str(edit.steps)
+    fields["guidance_scale"] = "" if edit.guidance_scale is None else f"{edit.guidance_scale:g}"
     return fields
 
 

@@ -68,7 +68,7 @@ class Results:
             edit, {**_details(record), "identity": identity, "reused_from": str(record["output"])}
         )
         name = self.publisher.name(edit, info)
-        if store is self.store and record.get("ext") == self.publisher.ext(info) and not whole_asked:
+        if store is self.store and record.get("ext") == self.publisher.ext(info, edit) and not whole_asked:
             outcome.output = self.store.copy(record["output"], name, metadata)
         else:  # another format asked for, the whole of an excerpt, or kept locally after a failed upload
             recording = original()

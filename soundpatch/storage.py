@@ -111,12 +111,14 @@ def output_name(template: str | None, fields: dict[str, str]) -> str:
     except KeyError as exc:
         raise RowError(
             f"output template {template!r} names {{{exc.args[0]}}}, which is not a column of this row nor one of "
-            "{run_id}, {row_id}, {stem}, {seed}, {ext}, {prompt}, {start}, {end}, {variation}"
+            "{run_id}, {row_id} (or {id}), {stem}, {seed}, {steps}, {guidance_scale}, {ext}, {prompt}, {start}, {end}, "
+            "{variation}"
         ) from None
     except (IndexError, ValueError) as exc:
         raise RowError(
             f"output template {template!r} is not valid ({exc}); use {{run_id}}, {{row_id}}, "
-            "{stem}, {seed}, {ext}, {prompt}, {start}, {end}, {variation} or a column of the manifest"
+            "{stem}, {seed}, {steps}, {guidance_scale}, {ext}, {prompt}, {start}, {end}, {variation} or a column of "
+            "the manifest"
         ) from None
     parts = []
     for part in _path_parts(rendered.replace("\\", "/")):

@@ -329,8 +329,11 @@ def test_an_output_template_names_results_by_the_row_s_own_columns_prompt_and_re
         f"  - {{id: e, prompt: '{'long ' * 30}', output: 'long/{{prompt}}'}}\n"
         "  - {id: f, prompt: gong, variations: 2, seed: 40, output: 'takes/{prompt}-{variation}'}\n"
         "  - {id: g, prompt: gong, status: final, output: '{status}/{prompt}'}\n"  # named as a report column
+        # The manifest's own columns by name: a matrix sweeping the model's settings.
+        "  - {id: h, prompt: gong, steps: 6, guidance_scale: 7.5, output: 'sweep/{id}-{steps}-{guidance_scale}'}\n"
+        "  - {id: i, prompt: gong, output: 'sweep/{id}-{steps}'}\n"  # left to the model: empty
     )
-    [a, b, c, d, e, f1, f2, g], _, _ = run_in_process(
+    [a, b, c, d, e, f1, f2, g, h, i], _, _ = run_in_process(
         tmp_path / "m.yaml",
         load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")}),
         "names",
@@ -348,8 +351,39 @@ def test_an_output_template_names_results_by_the_row_s_own_columns_prompt_and_re
         41,
     )
     assert g.output == str(out / "final" / "gong.wav") and g.extra["manifest_status"] == "final"
+    assert (h.output, i.output) == (str(out / "sweep" / "h-6-7.5.wav"), str(out / "sweep" / "i-.wav"))
     assert d.status == "invalid" and d.cost_usd == 0
     assert "names {category}, which is not a column of this row" in d.error
+
+
+def test_an_output_name_ending_in_a_container_s_extension_is_written_in_that_container(tmp_path):
+    # `takes/{stem}-{seed}.mp3`: the user asked for MP3s, whatever output.format says (they
+    # were WAVs named take.mp3.wav). An extension soundpatch does not write is left to it.
+    rate = 48000
+    tone = 0.2 * np.sin(2 * np.pi * 220 * np.arange(3 * rate) / rate)
+    sf.write(tmp_path / "door.wav", tone, rate, subtype="PCM_16")
+    sf.write(tmp_path / "surround.wav", np.stack([tone] * 3, 1), rate, subtype="PCM_16")
+    (tmp_path / "m.csv").write_text(
+        "id,input,start,end,prompt,output\n"
+        "a,door.wav,1,1.5,x,takes/{stem}-{id}.mp3\n"
+        "b,door.wav,1,1.5,y,takes/{stem}-{id}.OGG\n"
+        "c,door.wav,1,1.5,z,takes/b-side.flac\n"
+        "d,door.wav,1,1.5,w,takes/{stem}-{id}.m4a\n"  # not one it writes: output.format's
+        "e,surround.wav,1,1.5,v,takes/{stem}.mp3\n"  # MP3 holds two channels at most
+    )
+    cfg = load_config(overrides={"output.uri": str(tmp_path / "out"), "runs_dir": str(tmp_path / "runs")})
+    a, b, c, d, e = run_in_process(tmp_path / "m.csv", cfg, "named")[0]
+    takes = tmp_path / "out" / "takes"
+    assert [o.output for o in (a, b, c, d)] == [
+        str(takes / name) for name in ("door-a.mp3", "door-b.OGG", "b-side.flac", "door-d.m4a.wav")
+    ]
+    assert [sf.info(o.output).format for o in (a, b, c, d)] == ["MP3", "OGG", "FLAC", "WAV"]
+    before = sf.read(tmp_path / "door.wav", dtype="int16")[0]
+    outside = np.r_[0:rate, int(1.5 * rate) + 2400 : 3 * rate]  # (past the crossfade)
+    assert np.array_equal(sf.read(c.output, dtype="int16")[0][outside], before[outside])  # lossless: to the bit
+    assert e.status == "invalid" and e.cost_usd == 0
+    assert "The output format MP3 cannot hold this recording (3 channels" in e.error
+    assert "end the row's output name in another container's extension" in e.error
 
 
 def test_a_fault_while_combining_a_recording_s_file_costs_that_file_not_the_run(tmp_path, monkeypatch):
