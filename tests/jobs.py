@@ -145,9 +145,9 @@ def dying(where: str, *args: str, cwd: Path, env: dict[str, str]) -> subprocess.
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def start(workdir: Path, env: dict[str, str], run_id: str) -> subprocess.Popen:
+def start(workdir: Path, env: dict[str, str], run_id: str, manifest: str = "job.csv") -> subprocess.Popen:
     return subprocess.Popen(
-        [str(SCRIPT), "run", "job.csv", "--config", "job.yaml", "--run-id", run_id],
+        [str(SCRIPT), "run", manifest, "--config", "job.yaml", "--run-id", run_id],
         cwd=workdir,
         env=env,
         stdout=subprocess.PIPE,

@@ -205,6 +205,20 @@ def producing(batch: Batch) -> tuple[threading.Thread, list]:
     return worker, outcomes
 
 
+def side_by_side(first: Batch, second: Batch, sim) -> tuple[list, list]:
+    """Both machines' rows, the second's going once the first's create is out (while it
+    polls); their outcomes. Both machines are closed after."""
+    try:
+        worker, made = producing(first)
+        wait_for(lambda: sim.stats.creates == 1, 10, "the first run's create")
+        later = [second.process(e) for e in second.manifest.edits]
+        worker.join()
+    finally:
+        first.close()
+        second.close()
+    return made, later
+
+
 def claims_in(aws_env) -> list[str]:
     return aws_env.keys("shared-out", "takes/.soundpatch/claims/")
 
@@ -214,14 +228,7 @@ def test_two_runs_on_two_machines_pay_once_for_an_edit_both_ask_for(job, aws_env
     sim = simulator(latency=3.0, fill="tone")  # the second reaches the edit while the first polls
     first = machine(job, sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1")
     second = machine(job, sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2")
-    try:
-        worker, made = producing(first)
-        wait_for(lambda: sim.stats.creates == 1, 10, "the first run's create")
-        [waited] = [second.process(e) for e in second.manifest.edits]  # while the first still polls
-        worker.join()
-    finally:
-        first.close()
-        second.close()
+    made, [waited] = side_by_side(first, second, sim)
     assert made[0].status == "succeeded" and made[0].cost_usd == pytest.approx(0.2)
     assert waited.status == "skipped_done" and waited.cost_usd == 0 and waited.reused_from == made[0].output
     assert sim.stats.creates == 1
@@ -242,14 +249,7 @@ def test_two_machines_sending_the_same_clip_for_other_spans_pay_for_it_once(job,
         (job.parent / f"{name}.csv").write_text(row.format(spans).replace("%s", job.parent.name))
     first = machine(job.parent / "one.csv", sim, aws_env, "worker-1", run_id=f"{job.parent.name}-1")
     second = machine(job.parent / "two.csv", sim, aws_env, "worker-2", run_id=f"{job.parent.name}-2")
-    try:
-        worker, made = producing(first)
-        wait_for(lambda: sim.stats.creates == 1, 10, "the first run's create")
-        [spliced] = [second.process(e) for e in second.manifest.edits]  # while the first still polls
-        worker.join()
-    finally:
-        first.close()
-        second.close()
+    made, [spliced] = side_by_side(first, second, sim)
     assert made[0].status == spliced.status == "succeeded", (made[0].error, spliced.error)
     assert made[0].cost_usd == pytest.approx(0.2) and spliced.cost_usd == 0
     assert sim.stats.creates == 1 and spliced.prediction_id == made[0].prediction_id

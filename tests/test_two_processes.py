@@ -7,22 +7,9 @@ manifests run side by side): each edit is made by one of them and reused by the 
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-from tests.jobs import (
-    SCRIPT,
-    environment,
-    events,
-    finish,
-    finish_every_row,
-    kill_group,
-    report,
-    start,
-    wait_for,
-    write_job,
-)
+from tests.jobs import environment, events, finish, finish_every_row, kill_group, report, start, wait_for, write_job
 
 
 def test_a_run_already_going_is_refused_and_is_free_again_once_its_process_is_gone(
@@ -72,17 +59,7 @@ def test_two_runs_sending_the_same_clip_for_other_spans_at_once_pay_for_it_once(
     (job_dir / "one.csv").write_text(row.format("1.1-1.11"))
     (job_dir / "two.csv").write_text(row.format("1.1-1.11 1.3-1.305"))
     env = environment(tmp_path_factory.mktemp("prefect"))
-    runs = {
-        name: subprocess.Popen(
-            [str(SCRIPT), "run", f"{name}.csv", "--config", "job.yaml", "--run-id", name],
-            cwd=job_dir,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name in ("one", "two")
-    }
+    runs = {name: start(job_dir, env, name, f"{name}.csv") for name in ("one", "two")}
     for name, proc in runs.items():
         out, err_text = proc.communicate(timeout=180)
         assert proc.returncode == 0, f"{name}: {out}{err_text}"
